@@ -1,0 +1,86 @@
+"""The attention interface every backend implements, and the exact merge of partial results.
+
+Paged KV layout, per layer and worker (vLLM's flash layout):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Flat slot = block_id * block_size + offset.
+
+`forward` returns (out, lse): out [num_tokens, num_heads, head_dim] in the query dtype and
+lse [num_tokens, num_heads] float32, the natural-log sum of exp(scaled scores) over the KV
+the query saw. Two results over disjoint KV shards merge exactly with `merge_partials`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from fapool.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    name: str = "abstract"
+
+    @abstractmethod
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = not stored on this worker
+    ) -> None:
+        """Scatter the step's new K/V into their slots."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention of the queries over the paged KV -> (out, lse)."""
+
+
+def merge_partials(
+    outs: list[torch.Tensor], lses: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention results over disjoint KV shards exactly (log-sum-exp weights).
+
+    outs[i]: [..., head_dim], lses[i]: [...] float32. Shards a query did not see carry
+    lse = -inf and contribute nothing; a query that saw no KV at all gets out 0, lse -inf.
+    """
+    if len(outs) != len(lses) or not outs:
+        raise ValueError("merge_partials needs one lse per output and at least one pair")
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse = torch.stack([x.float() for x in lses])  # [n, ...]
+    lse_max = lse.max(dim=0).values
+    safe_max = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
+    weights = torch.exp(lse - safe_max)  # exp(-inf) = 0 for unseen shards
+    total = weights.sum(dim=0)
+    out = torch.zeros_like(outs[0], dtype=torch.float32)
+    for w, o in zip(weights, outs):
+        out += w.unsqueeze(-1) * o.float()
+    nonzero = total > 0
+    out = torch.where(nonzero.unsqueeze(-1), out / total.clamp_min(1e-38).unsqueeze(-1), out)
+    merged_lse = torch.where(nonzero, safe_max + torch.log(total.clamp_min(1e-38)), lse_max)
+    return out.to(outs[0].dtype), merged_lse
+
+
+def merge_tree(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], fan_in: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge many partials pairwise in a tree (same result as one flat merge up to rounding);
+    the shape the attention pool uses when results arrive from many workers."""
+    pairs = list(zip(outs, lses))
+    while len(pairs) > 1:
+        nxt = []
+        for i in range(0, len(pairs), fan_in):
+            group = pairs[i : i + fan_in]
+            o, l = merge_partials([g[0] for g in group], [g[1] for g in group])
+            nxt.append((o, l))
+        pairs = nxt
+    return pairs[0]

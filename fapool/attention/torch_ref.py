@@ -1,0 +1,91 @@
+"""Reference attention in plain PyTorch: the CPU backend and the oracle for GPU kernels.
+
+Computes in float32. Decode tokens (one query per sequence) are batched together over a
+padded gather of their blocks; sequences with several queries (prefill chunks) go one by one,
+so memory stays O(query_len * kv_len) per sequence rather than for the padded batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.attention.metadata import AttentionMetadata
+
+
+def write_kv_torch(k_cache, v_cache, key, value, slot_mapping) -> None:
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[num_blocks, bs, H, D] gathered through `table` ([..., nb]) -> [..., kv_len, H, D]."""
+    block_size = cache.shape[1]
+    nb = (kv_len + block_size - 1) // block_size
+    g = cache[table[..., :nb].long()]  # [..., nb, bs, H, D]
+    g = g.flatten(-4, -3)
+    return g[..., :kv_len, :, :]
+
+
+def _attend(q, k, v, q_pos, k_pos, valid, scale):
+    """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], q_pos [B, Tq], k_pos [B, L], valid [B, L]."""
+    scores = torch.einsum("bqhgd,blhd->bhgql", q.float(), k.float()) * scale
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [B, Tq, L]
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Tq]
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))
+    out = torch.einsum("bhgql,blhd->bqhgd", probs, v.float())
+    return out, lse.permute(0, 3, 1, 2)  # lse -> [B, Tq, Hkv, G]
+
+
+class TorchReferenceBackend(AttentionBackend):
+    name = "torch"
+
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+        write_kv_torch(k_cache, v_cache, key, value, slot_mapping)
+
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        num_tokens, num_heads, head_dim = query.shape
+        num_kv_heads = k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        out = torch.zeros((num_tokens, num_heads, head_dim), dtype=torch.float32, device=query.device)
+        lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=query.device)
+        q = query.view(num_tokens, num_kv_heads, group, head_dim)
+        starts = meta.query_start_loc.tolist()
+        q_pos0 = meta.query_pos_start.tolist()
+        kv_start = meta.kv_start.tolist()
+        decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1 and meta.kv_lens_cpu[s] > 0]
+        multi = [s for s, n in enumerate(meta.query_lens_cpu) if n > 1 and meta.kv_lens_cpu[s] > 0]
+
+        if decode:
+            idx = torch.tensor(decode, device=query.device)
+            max_len = max(meta.kv_lens_cpu[s] for s in decode)
+            k = _gather(k_cache, meta.block_tables[idx], max_len)
+            v = _gather(v_cache, meta.block_tables[idx], max_len)
+            ar = torch.arange(max_len, device=query.device)
+            lens = meta.kv_lens[idx].long()
+            k_pos = meta.kv_start[idx].long()[:, None] + ar[None]
+            valid = ar[None] < lens[:, None]
+            tok = torch.tensor([starts[s] for s in decode], device=query.device)
+            q_pos = meta.query_pos_start[idx].long()[:, None]
+            o, l = _attend(q[tok].unsqueeze(1), k, v, q_pos, k_pos, valid, scale)
+            out[tok] = o[:, 0].reshape(len(decode), num_heads, head_dim)
+            lse[tok] = l[:, 0].reshape(len(decode), num_heads)
+
+        for s in multi:
+            a, b = starts[s], starts[s + 1]
+            kv_len = meta.kv_lens_cpu[s]
+            k = _gather(k_cache, meta.block_tables[s], kv_len).unsqueeze(0)
+            v = _gather(v_cache, meta.block_tables[s], kv_len).unsqueeze(0)
+            k_pos = (kv_start[s] + torch.arange(kv_len, device=query.device))[None]
+            q_pos = (q_pos0[s] + torch.arange(b - a, device=query.device))[None]
+            valid = torch.ones_like(k_pos, dtype=torch.bool)
+            o, l = _attend(q[a:b].unsqueeze(0), k, v, q_pos, k_pos, valid, scale)
+            out[a:b] = o[0].reshape(b - a, num_heads, head_dim)
+            lse[a:b] = l[0].reshape(b - a, num_heads)
+        return out.to(query.dtype), lse

@@ -1,0 +1,227 @@
+"""The engine's one configuration tree: frozen dataclasses passed down, no globals.
+
+Derived numbers are properties or returned by functions; nothing is written back.
+Low layers (kernels, block pool) take plain scalars, not these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "seed-gelu")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+
+class ConfigError(ValueError):
+    """A model or engine configuration that cannot be served."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-embedding frequency scaling. Only 'llama3' changes frequencies here;
+    'default' (or None) means plain RoPE."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder. Field names follow Hugging Face's config.json
+    where one exists, so readers can map them one to one."""
+
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    hidden_act: str = "silu"
+    gated_mlp: bool = True  # SwiGLU (gate * up) vs a plain up -> act -> down FFN
+    attention_bias: bool = False  # Qwen2: bias on q, k, v projections
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # recorded; full attention is used when None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {self.architecture!r}; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model config field {name} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("default", "llama3"):
+            raise ConfigError(
+                f"unsupported rope_scaling type {self.rope_scaling.rope_type!r}; supported: default, llama3"
+            )
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of K and V one token occupies across all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+    def num_parameters(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        ffn = (3 if self.gated_mlp else 2) * h * f
+        per_layer = attn + ffn + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + emb + h
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Memory budget for K/V. On GPU, gpu_memory_utilization of the card's memory minus what
+    # weights and activations take; on CPU, kv_cache_memory bytes (default 1 GiB).
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None  # explicit override, mostly for tests
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """FA Pool (seed 000): attention of long sequences moves onto a pool of attention workers."""
+
+    attention_workers: int = 0  # 0 disables the pool
+    pool_threshold: int = 4096  # tokens; a sequence's KV stays local below this
+    tokens_per_pool_worker: int = 4096  # one more pool worker per this many tokens past the threshold
+    pool_mode: str = "shard"  # "shard" (split KV, merge by LSE) | "replicate" (seed's query split) | "head"
+
+    def __post_init__(self) -> None:
+        if self.attention_workers < 0:
+            raise ConfigError(f"attention_workers must be >= 0, got {self.attention_workers}")
+        if self.pool_threshold < 1 or self.tokens_per_pool_worker < 1:
+            raise ConfigError("pool_threshold and tokens_per_pool_worker must be >= 1")
+        if self.pool_mode not in ("shard", "replicate", "head"):
+            raise ConfigError(f"pool_mode must be shard, replicate or head, got {self.pool_mode!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.scheduler.max_model_len is not None and self.scheduler.max_model_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len ({self.scheduler.max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len or self.model.max_position_embeddings
+
+
+def seed000_model_config(vocab_size: int = 32000) -> ModelConfig:
+    """The FA Pool paper's benchmark model: 4 layers, hidden 4096, 32 heads, FFN 16384,
+    GELU (non-gated), pre-norm RMSNorm. Random weights; used by benchmarks and the simulator."""
+    return ModelConfig(
+        architecture="seed-gelu",
+        vocab_size=vocab_size,
+        hidden_size=4096,
+        intermediate_size=16384,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="gelu",
+        gated_mlp=False,
+    )
+
+
+PRESETS = {"seed000": seed000_model_config}

@@ -1,0 +1,127 @@
+"""The reference backend against dense SDPA, and the exact merge of KV shards."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials, merge_tree
+
+
+def _paged_case(seq_specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=0):
+    """seq_specs: list of (context_len, query_len). Builds a shuffled paged cache holding the
+    context plus the new tokens, and dense copies for the oracle."""
+    g = torch.Generator().manual_seed(seed)
+    total_blocks = sum(math.ceil((c + q) / block_size) for c, q in seq_specs) + 3
+    perm = torch.randperm(total_blocks, generator=g).tolist()
+    k_cache = torch.zeros(total_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    tables, dense, queries, slots = [], [], [], []
+    for ctx, ql in seq_specs:
+        n = ctx + ql
+        nb = math.ceil(n / block_size)
+        table = [perm.pop() for _ in range(nb)]
+        k = torch.randn(n, num_kv_heads, head_dim, generator=g)
+        v = torch.randn(n, num_kv_heads, head_dim, generator=g)
+        for i in range(n):
+            k_cache[table[i // block_size], i % block_size] = k[i]
+            v_cache[table[i // block_size], i % block_size] = v[i]
+        tables.append(table)
+        dense.append((k, v))
+        queries.append(torch.randn(ql, num_heads, head_dim, generator=g))
+        slots += [table[i // block_size] * block_size + i % block_size for i in range(ctx, n)]
+    meta = AttentionMetadata.build(
+        query_lens=[q for _, q in seq_specs],
+        query_pos_start=[c for c, _ in seq_specs],
+        kv_lens=[c + q for c, q in seq_specs],
+        block_tables=tables,
+        slot_mapping=slots,
+    )
+    return torch.cat(queries), k_cache, v_cache, meta, dense, queries
+
+
+def _sdpa_oracle(q, k, v, ctx, scale):
+    """Dense causal attention where query j sits at position ctx + j."""
+    ql, n = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    mask = torch.arange(n)[None, :] <= (ctx + torch.arange(ql))[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    ).transpose(0, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1).transpose(0, 1)
+    return out, lse
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_reference_matches_sdpa_mixed_batch(block_size):
+    specs = [(0, 7), (13, 1), (5, 1), (0, 1), (16, 9), (31, 1)]
+    q, kc, vc, meta, dense, queries = _paged_case(specs, block_size=block_size)
+    scale = 16**-0.5
+    out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, scale)
+    starts = meta.query_start_loc.tolist()
+    for s, (ctx, _) in enumerate(specs):
+        ref_out, ref_lse = _sdpa_oracle(queries[s], *dense[s], ctx, scale)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[starts[s] : starts[s + 1]], ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_write_kv_scatters_into_slots_and_skips_minus_one():
+    kc = torch.zeros(3, 4, 1, 2)
+    vc = torch.zeros_like(kc)
+    key = torch.arange(6, dtype=torch.float32).view(3, 1, 2)
+    TorchReferenceBackend().write_kv(kc, vc, key, -key, torch.tensor([5, -1, 11]))
+    assert torch.equal(kc.view(-1, 1, 2)[5], key[0]) and torch.equal(kc.view(-1, 1, 2)[11], key[2])
+    assert torch.equal(vc.view(-1, 1, 2)[11], -key[2])
+    assert kc.abs().sum() == key[0].sum() + key[2].sum()
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 5])
+def test_shards_merge_to_the_whole(num_shards):
+    """Split each sequence's KV into contiguous position ranges (as the pool does), attend per
+    shard with kv_start set, and merge: equals attention over the whole KV."""
+    block_size = 4
+    specs = [(21, 1), (9, 6), (40, 1)]
+    q, kc, vc, meta, _, _ = _paged_case(specs, block_size=block_size)
+    backend = TorchReferenceBackend()
+    whole_out, whole_lse = backend.forward(q, kc, vc, meta, 0.25)
+    tables = meta.block_tables.tolist()
+    outs, lses = [], []
+    for shard in range(num_shards):
+        sub_tables, kv_lens, kv_start = [], [], []
+        for s, (ctx, ql) in enumerate(specs):
+            nb = math.ceil((ctx + ql) / block_size)
+            lo = nb * shard // num_shards
+            hi = nb * (shard + 1) // num_shards
+            sub_tables.append(tables[s][lo:hi])
+            kv_start.append(lo * block_size)
+            kv_lens.append(max(0, min(ctx + ql, hi * block_size) - lo * block_size))
+        sub = AttentionMetadata.build(
+            query_lens=[ql for _, ql in specs],
+            query_pos_start=[c for c, _ in specs],
+            kv_lens=kv_lens,
+            block_tables=sub_tables,
+            slot_mapping=meta.slot_mapping.tolist(),
+            kv_start=kv_start,
+        )
+        o, l = backend.forward(q, kc, vc, sub, 0.25)
+        outs.append(o)
+        lses.append(l)
+    for merge in (merge_partials, merge_tree):
+        out, lse = merge(outs, lses)
+        torch.testing.assert_close(out, whole_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_ignores_unseen_shards():
+    out = torch.randn(3, 2, 4)
+    lse = torch.randn(3, 2)
+    empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
+    m_out, m_lse = merge_partials([out, empty_out], [lse, empty_lse])
+    torch.testing.assert_close(m_out, out)
+    torch.testing.assert_close(m_lse, lse)
+    z_out, z_lse = merge_partials([empty_out, empty_out], [empty_lse, empty_lse])
+    assert torch.equal(z_out, empty_out) and torch.isneginf(z_lse).all()
