@@ -1,0 +1,54 @@
+"""The Triton attention backend (GPU): paged decode, paged prefill, and the KV write.
+
+Triton is imported only when a kernel is first needed, so this module imports on machines
+without Triton or a GPU (CI); `triton_available()` says whether the kernels can run.
+
+Dispatch: a decode-only batch (every sequence has one query token) goes to the split-KV
+decode kernel. A batch with longer query chunks goes to the prefill kernel; if it also holds
+decode sequences, those go to the decode kernel and the prefill kernel skips them, so both
+write disjoint rows of one output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.attention.metadata import AttentionMetadata
+
+
+def triton_available() -> bool:
+    """True when Triton is installed and a CUDA device is visible."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, num_splits: int | None = None) -> None:
+        # num_splits pins the decode split count (CUDA graphs need a fixed grid); None chooses
+        # it per call from the batch and the longest context.
+        self.num_splits = num_splits
+
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+        from fapool.attention.triton_kv_write import write_kv
+
+        write_kv(k_cache, v_cache, key, value, slot_mapping)
+
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        from fapool.attention.triton_decode import paged_decode
+        from fapool.attention.triton_prefill import paged_prefill
+
+        num_tokens, num_heads, _ = query.shape
+        out = torch.empty_like(query)
+        lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)
+        if num_tokens == 0:
+            return out, lse
+        if meta.is_decode_only:
+            return paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits)
+        has_decode = any(n == 1 for n in meta.query_lens_cpu)
+        if has_decode:
+            paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits)
+        return paged_prefill(query, k_cache, v_cache, meta, scale, out, lse, skip_decode=has_decode)

@@ -1,0 +1,258 @@
+"""Paged decode attention in Triton: split-KV flash-decoding with an LSE output, GQA-aware.
+
+One query token per sequence. Stage 1 runs one program per (sequence, KV head, split): it loads
+the `group` query heads that share the KV head as one [BLOCK_H, D] tile (padded to 16 rows for
+the tensor cores), so each KV page is read from memory once for all of them, and streams its
+share of the sequence's pages with an online softmax. Stage 2 merges the splits with LSE
+weights, exactly as `merge_partials` merges shards. With one split, stage 1 writes the final
+result and stage 2 is skipped.
+
+Split count: enough (sequence, KV head, split) programs to fill the SMs a few times over, but
+never splits shorter than MIN_TILES_PER_SPLIT tiles (the stage-2 traffic and the per-split
+prologue stop paying off). The count is a runtime argument, so CUDA graphs can pin it.
+
+Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
+tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Tunables (benchmarks/bench_attention_kernels.py sweeps them).
+DEFAULT_BLOCK_N = 64
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 3
+PROGRAMS_PER_SM = 4
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, OUT, LSE, MID_O, MID_LSE,
+    query_start_loc, query_pos_start, kv_lens, kv_start, block_tables,
+    qk_scale, num_splits,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_lt,
+    stride_ms, stride_mh, stride_mk,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = tl.load(query_start_loc + seq)
+    if tl.load(query_start_loc + seq + 1) - tok != 1:
+        return  # not a decode sequence (mixed batch): the prefill kernel owns it
+
+    # Visible KV entries: i < kv_len and kv_start + i <= q_pos  ->  i < n_kv.
+    q_pos = tl.load(query_pos_start + seq)
+    n_kv = tl.minimum(tl.load(kv_lens + seq), q_pos - tl.load(kv_start + seq) + 1)
+    n_kv = tl.maximum(n_kv, 0)
+    num_tiles = tl.cdiv(n_kv, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + tok * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table = block_tables + seq * stride_bt
+    k_base = K + kvh * stride_kh + offs_d[None, :]
+    v_base = V + kvh * stride_vh + offs_d[None, :]
+
+    for t in range(tile_lo, tile_hi):
+        pos = t * BLOCK_N + offs_n
+        n_mask = pos < n_kv
+        if BLOCK_N <= PAGE:
+            # The whole tile lies in one page: one table read.
+            page = tl.load(table + (t * BLOCK_N) // PAGE).to(tl.int64)
+            k_rows = page * stride_kb + (pos % PAGE) * stride_kt
+            v_rows = page * stride_vb + (pos % PAGE) * stride_vt
+        else:
+            page = tl.load(table + pos // PAGE, mask=n_mask, other=0).to(tl.int64)
+            k_rows = page * stride_kb + (pos % PAGE) * stride_kt
+            v_rows = page * stride_vb + (pos % PAGE) * stride_vt
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))  # log2 units
+    if SINGLE_SPLIT:
+        tl.store(
+            OUT + tok * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(OUT.dtype.element_ty),
+            mask=h_mask[:, None] & d_mask[None, :],
+        )
+        tl.store(LSE + tok * stride_lt + heads, lse2 * LN2, mask=h_mask)
+    else:
+        mid = seq * stride_ms + heads * stride_mh + split * stride_mk
+        tl.store(MID_O + mid[:, None] + offs_d[None, :], o, mask=h_mask[:, None] & d_mask[None, :])
+        tl.store(MID_LSE + mid // BLOCK_D, lse2, mask=h_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    OUT, LSE, MID_O, MID_LSE, query_start_loc, num_splits,
+    stride_ot, stride_oh, stride_lt,
+    stride_ms, stride_mh, stride_mk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(query_start_loc + seq)
+    if tl.load(query_start_loc + seq + 1) - tok != 1:
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    mid = seq * stride_ms + head * stride_mh + offs_s * stride_mk
+    lse2 = tl.load(MID_LSE + mid // BLOCK_D, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse2 - m_safe)  # 0 for empty splits
+    total = tl.sum(w, 0)
+    o = tl.load(MID_O + mid[:, None] + offs_d[None, :], mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    seen = total > 0.0
+    total_safe = tl.where(seen, total, 1.0)
+    out = tl.sum(o * w[:, None], 0) / total_safe
+    tl.store(OUT + tok * stride_ot + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + tok * stride_lt + head, tl.where(seen, (m_safe + tl.log2(total_safe)) * LN2, float("-inf")))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, num_sms: int) -> int:
+    """Splits per (sequence, KV head): fill the SMs PROGRAMS_PER_SM times, keep splits long."""
+    base = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, base)
+    longest = max(1, triton.cdiv(triton.cdiv(max_kv_len, block_n), MIN_TILES_PER_SPLIT))
+    return max(1, min(want, longest, MAX_SPLITS))
+
+
+def _check(query, k_cache, v_cache, meta) -> None:
+    if query.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected query [T,H,D] and caches [blocks,block_size,Hkv,D], got {query.shape}, {k_cache.shape}, {v_cache.shape}")
+    num_heads, head_dim = query.shape[1:]
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"head mismatch: query {query.shape}, cache {k_cache.shape}")
+    if page < 16 or page & (page - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {page}")
+    if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the head dimension of query and caches must be contiguous")
+    if query.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"dtype mismatch: {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if meta.block_tables.dtype != torch.int32 or meta.query_start_loc.dtype != torch.int32:
+        raise ValueError("block_tables and query_start_loc must be int32")
+
+
+def paged_decode(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta,
+    scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    num_stages: int = DEFAULT_NUM_STAGES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
+
+    Only sequences with exactly one query token are computed; the rows of the others are left
+    untouched in `out`/`lse` (in a mixed batch the prefill kernel writes them).
+    """
+    _check(query, k_cache, v_cache, meta)
+    num_tokens, num_heads, head_dim = query.shape
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = meta.num_seqs
+    if out is None:
+        out = torch.empty_like(query)
+    if lse is None:
+        lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)
+    if num_seqs == 0 or num_tokens == 0:
+        return out, lse
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = max(16, triton.next_power_of_2(group))
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_kv_len, block_n, _num_sms(query.device.index or 0))
+    single = num_splits == 1
+    if single:
+        mid_o = mid_lse = out  # unused
+        strides_m = (0, 0, 0)
+    else:
+        mid_o = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device)
+        # mid_lse shares mid_o's index divided by block_d, hence its [seqs, heads, splits] shape.
+        mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        strides_m = mid_o.stride()[:3]
+    grid = (num_seqs, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
+        query, k_cache, v_cache, out, lse, mid_o, mid_lse,
+        meta.query_start_loc, meta.query_pos_start, meta.kv_lens, meta.kv_start, meta.block_tables,
+        scale * LOG2E, num_splits,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        meta.block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        lse.stride(0),
+        *strides_m,
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=block_n,
+        SINGLE_SPLIT=single,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not single:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, lse, mid_o, mid_lse, meta.query_start_loc, num_splits,
+            out.stride(0), out.stride(1), lse.stride(0),
+            *strides_m,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out, lse

@@ -1,0 +1,137 @@
+"""Request-level KV cache API over a BlockPool: prefix-cache lookup, slot allocation with
+copy-on-write, fork for parallel sampling, and free.
+
+Block table of a request, tokens laid out left to right (block_size 4 here):
+
+    | b0: t0 t1 t2 t3 | b1: t4 t5 t6 t7 | b2: t8 t9 __ __ |
+      full, hashed      full, hashed      partial: the only block new tokens are written into
+
+Only the partial tail block can be written, so only it needs copy-on-write when shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fapool.core.block_pool import BlockPool, KVBlock, hash_block_tokens
+from fapool.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.block_tables: dict[str, list[KVBlock]] = {}
+        self._num_hashed: dict[str, int] = {}  # leading blocks of each request already hashed
+        self._hashes: dict[str, list[int]] = {}  # their chained hashes
+        self._pending_copies: list[tuple[int, int]] = []  # (src, dst) block ids, CoW
+
+    # Queries ------------------------------------------------------------------------------
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.block_tables.get(request_id, [])]
+
+    def usage(self) -> float:
+        return self.pool.num_used_blocks / self.pool.num_blocks
+
+    # Allocation ---------------------------------------------------------------------------
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest run of the request's full blocks found in the prefix cache. At least one
+        token is always left to compute (its logits give the next token), so a fully cached
+        prompt gives back its last block."""
+        if not self.pool.enable_caching or request.request_id in self.block_tables:
+            return [], 0
+        tokens = request.all_token_ids
+        hits: list[KVBlock] = []
+        parent = None
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+            parent = hash_block_tokens(parent, tokens[start : start + self.block_size])
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            hits.append(block)
+        if hits and len(hits) * self.block_size >= len(tokens):
+            hits.pop()
+        self.pool.num_cache_queries += cdiv(len(tokens), self.block_size)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock] = ()
+    ) -> bool:
+        """Make room for num_new_tokens more tokens after request.num_computed_tokens (plus any
+        prefix-cache hits, which must be passed on the request's first allocation). Returns
+        False, changing nothing, when the pool cannot supply the blocks."""
+        table = self.block_tables.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = max(0, self.num_blocks_needed(total) - len(table) - len(computed_blocks))
+        # The block the first new token lands in: if it exists and is shared, copy it first.
+        tail_idx = num_computed // self.block_size
+        cow = num_new_tokens > 0 and tail_idx < len(table) and table[tail_idx].ref_cnt > 1
+        # Cached hits sitting in the free queue stop being free once touched.
+        num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks + int(cow) + num_revived > self.pool.num_free_blocks:
+            return False
+
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            table = list(computed_blocks)
+            self._hashes[request.request_id] = [b.block_hash for b in computed_blocks]  # type: ignore[misc]
+            self._num_hashed[request.request_id] = len(computed_blocks)
+            self.pool.num_cache_hits += len(computed_blocks)
+        if cow:
+            (fresh,) = self.pool.get_new_blocks(1)
+            shared = table[tail_idx]
+            self._pending_copies.append((shared.block_id, fresh.block_id))
+            self.pool.free_blocks([shared])
+            table[tail_idx] = fresh
+        table.extend(self.pool.get_new_blocks(num_new_blocks))
+        self.block_tables[request.request_id] = table
+        self._cache_full_blocks(request, table, total)
+        return True
+
+    def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_tokens: int) -> None:
+        """Hash blocks that become full once the step's known tokens are written. Writes land
+        before any read in the same step (every layer writes K/V before attending), so a
+        request admitted in the same step may already share them."""
+        rid = request.request_id
+        done = self._num_hashed.get(rid, 0)
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        if num_full <= done:
+            return
+        hashes = self._hashes.setdefault(rid, [])
+        tokens = request.all_token_ids
+        parent = hashes[-1] if hashes else None
+        for i in range(done, num_full):
+            parent = hash_block_tokens(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            hashes.append(parent)
+            self.pool.cache_block(table[i], parent)
+        self._num_hashed[rid] = num_full
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """The child shares every block of the parent (ref counts up); a shared partial tail
+        is copied on the first write (allocate_slots)."""
+        table = self.block_tables[parent.request_id]
+        self.pool.touch(table)
+        self.block_tables[child.request_id] = list(table)
+        self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
+        self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
+
+    def free(self, request: Request) -> None:
+        table = self.block_tables.pop(request.request_id, [])
+        self._num_hashed.pop(request.request_id, None)
+        self._hashes.pop(request.request_id, None)
+        self.pool.free_blocks(list(reversed(table)))
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self._pending_copies = self._pending_copies, []
+        return copies

@@ -1,0 +1,103 @@
+"""EngineArgs: the user-facing engine options in one place, shared by LLM(), the CLI and the
+server, turned into the frozen EngineConfig once the model's config is known."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from fapool.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    PoolConfig,
+    SchedulerConfig,
+)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # HF folder, .gguf file, "preset:seed000"; None: embedded SmolLM2
+    device: str | None = None  # default: cuda if present, else cpu
+    dtype: str | None = None  # default: float32 on CPU, bfloat16 on GPU
+    attention_backend: str | None = None  # "torch" | "triton"; default: triton on GPU
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    attention_workers: int = 0
+    pool_threshold: int = 4096
+    tokens_per_pool_worker: int = 4096
+    pool_mode: str = "shard"
+
+    def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
+        device = self.device or default_device()
+        dtype = self.dtype or ("float32" if device == "cpu" else "bfloat16")
+        return EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory=self.kv_cache_memory,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_blocks=self.num_kv_blocks,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size),
+            pool=PoolConfig(
+                attention_workers=self.attention_workers,
+                pool_threshold=self.pool_threshold,
+                tokens_per_pool_worker=self.tokens_per_pool_worker,
+                pool_mode=self.pool_mode,
+            ),
+            device=device,
+            dtype=dtype,
+            seed=self.seed,
+        )
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=None, help="HF folder, .gguf file or preset:seed000 (default: embedded SmolLM2)")
+        g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+        g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
+        g.add_argument("--block-size", type=int, default=16)
+        g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        g.add_argument("--num-kv-blocks", type=int, default=None)
+        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        g.add_argument("--max-num-seqs", type=int, default=128)
+        g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--tp", dest="tensor_parallel_size", type=int, default=1)
+        g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=1)
+        g.add_argument("--attention-workers", type=int, default=0)
+        g.add_argument("--pool-threshold", type=int, default=4096)
+        g.add_argument("--tokens-per-pool-worker", type=int, default=4096)
+        g.add_argument("--pool-mode", default="shard", choices=["shard", "replicate", "head"])
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})

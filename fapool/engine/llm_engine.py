@@ -1,0 +1,215 @@
+"""The engine: admit requests, then step() = schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.config import EngineConfig
+from fapool.core.block_pool import BlockPool
+from fapool.core.kv_cache_manager import KVCacheManager
+from fapool.core.scheduler import Scheduler
+from fapool.engine.output_processor import OutputProcessor
+from fapool.layers.sampler import SampleRow, sample
+from fapool.outputs import RequestOutput
+from fapool.request import Request, RequestStatus
+from fapool.sampling_params import SamplingParams
+from fapool.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (bad prompt, too long, cannot fit the KV cache)."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_tokens_used: int  # tokens whose KV is stored in used blocks (a shared block counts once)
+    block_size: int
+    num_preemptions: int
+    prefix_cache_hit_blocks: int
+    prefix_cache_query_blocks: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+    @property
+    def kv_utilisation(self) -> float:
+        """Stored tokens / tokens the used blocks could hold (seed 001's waste measure)."""
+        cap = self.kv_blocks_used * self.block_size
+        return 0.0 if cap == 0 else self.kv_tokens_used / cap
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: torch.nn.Module,
+        backend: AttentionBackend,
+        tokenizer=None,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, model, backend)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        pool = BlockPool(num_blocks, enable_caching=config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(pool, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
+        self.outputs = OutputProcessor(tokenizer)
+        self.groups: dict[str, list[Request]] = {}
+        self._ids = itertools.count()
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self.eos_token_ids = tuple(config.model.eos_token_ids)
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv.pool.num_blocks
+
+    # Admission ----------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and queue a request; raises RequestError (a ValueError) with the reason."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: pass prompt_token_ids instead of text")
+            text = prompt
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.config.model.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            raise RequestError(f"prompt token ids must be ints in [0, {vocab})")
+        max_len = self.config.max_model_len
+        if len(token_ids) >= max_len:
+            raise RequestError(
+                f"the prompt has {len(token_ids)} tokens; max_model_len is {max_len}, leaving no room to generate"
+            )
+        room = max_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        needed = self.kv.num_blocks_needed(len(token_ids) + max_tokens)
+        if needed > self.num_kv_blocks:
+            raise RequestError(
+                f"the request needs {needed} KV blocks ({len(token_ids)} prompt + {max_tokens} new tokens) "
+                f"but the whole cache has {self.num_kv_blocks}; lower max_tokens or raise the KV budget"
+            )
+        req = Request(
+            request_id,
+            token_ids,
+            params,
+            max_tokens,
+            self.eos_token_ids,
+            prompt=text,
+            arrival_time=arrival_time,
+        )
+        self.groups[request_id] = [req]
+        self.scheduler.add(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        for req in self.groups.pop(request_id, []):
+            if not req.finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self.outputs.forget(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # The step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits, due = self.runner.execute(sched)
+        for s in sched.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        touched: dict[str, None] = {s.request.group_id: None for s in sched.scheduled}
+        if due:
+            self._sample_and_update(logits, due)
+        return [self._finalize(gid) for gid in touched if gid in self.groups]
+
+    def _sample_and_update(self, logits: torch.Tensor, due) -> None:
+        targets: list[Request] = []
+        rows: list[SampleRow] = []
+        for row, s in enumerate(due):
+            req = s.request
+            for r in [req, *self._fork_siblings(req)]:
+                targets.append(r)
+                rows.append(SampleRow(row, r.params, r.generator))
+        tokens, logprobs = sample(logits, rows, self._generator)
+        for req, tok, lp in zip(targets, tokens, logprobs):
+            status = self.outputs.on_token(req, tok, lp)
+            if status is not None:
+                self.scheduler.finish(req, status)
+
+    def _fork_siblings(self, req: Request) -> list[Request]:
+        """When a request with n > 1 finishes its prompt, its n - 1 siblings share its blocks."""
+        if req.num_pending_forks == 0:
+            return []
+        siblings = []
+        for i in range(1, req.num_pending_forks + 1):
+            child = req.fork(i, f"{req.group_id}#{i}")
+            self.kv.fork(req, child)
+            self.scheduler.add_running(child)
+            self.groups[req.group_id].append(child)
+            siblings.append(child)
+        req.num_pending_forks = 0
+        return siblings
+
+    def _finalize(self, group_id: str) -> RequestOutput:
+        group = self.groups[group_id]
+        out = self.outputs.make_output(group)
+        if out.finished:
+            for r in group:
+                self.outputs.forget(r)
+            del self.groups[group_id]
+        return out
+
+    # Introspection ------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        pool = self.kv.pool
+        running = self.scheduler.running
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=pool.num_used_blocks,
+            kv_blocks_total=pool.num_blocks,
+            kv_tokens_used=self._stored_tokens(),
+            block_size=self.config.cache.block_size,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_blocks=pool.num_cache_hits,
+            prefix_cache_query_blocks=pool.num_cache_queries,
+        )
+
+    def _stored_tokens(self) -> int:
+        """Tokens held in used blocks, each block counted once (shared blocks are one block)."""
+        bs = self.config.cache.block_size
+        fill: dict[int, int] = {}
+        for req in self.scheduler.running:
+            for i, bid in enumerate(self.kv.block_ids(req.request_id)):
+                fill[bid] = max(fill.get(bid, 0), min(bs, req.num_computed_tokens - i * bs))
+        return sum(max(0, v) for v in fill.values())

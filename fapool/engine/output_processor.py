@@ -1,0 +1,72 @@
+"""After each step: append sampled tokens, detokenize, check stop conditions, and build the
+RequestOutput of each request group (a prompt with n completions)."""
+
+from __future__ import annotations
+
+import time
+
+from fapool.detokenizer import DetokenizerState, IncrementalDetokenizer, find_stop
+from fapool.outputs import CompletionOutput, Logprob, RequestOutput
+from fapool.request import Request, RequestStatus
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._detok: dict[str, tuple[IncrementalDetokenizer, DetokenizerState]] = {}
+
+    def on_token(self, req: Request, token: int, logprobs: list[Logprob] | None) -> RequestStatus | None:
+        """Record one sampled token; returns the finishing status if the request is done."""
+        now = time.monotonic()
+        req.append_token(token, logprobs)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        status = req.check_stop()
+        stops = req.params.stop
+        if self.tokenizer is not None:
+            detok, state = self._detok.setdefault(
+                req.request_id, (IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens), DetokenizerState())
+            )
+            new = detok.step(state, req.output_token_ids)
+            req.text = state.text
+            if stops and new:
+                hit = find_stop(req.text, len(new), stops)
+                if hit is not None:
+                    idx, stop = hit
+                    req.text = req.text[: idx + len(stop)] if req.params.include_stop_str_in_output else req.text[:idx]
+                    req.stop_reason = stop
+                    status = RequestStatus.FINISHED_STOPPED
+        return status
+
+    def forget(self, req: Request) -> None:
+        self._detok.pop(req.request_id, None)
+
+    @staticmethod
+    def make_output(group: list[Request]) -> RequestOutput:
+        first = group[0]
+        outs = [
+            CompletionOutput(
+                index=r.index,
+                text=r.text,
+                token_ids=list(r.output_token_ids),
+                finish_reason=r.status.value if r.finished else None,
+                stop_reason=r.stop_reason,
+                logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None,
+            )
+            for r in sorted(group, key=lambda r: r.index)
+        ]
+        # A group is done when all n completions are; a parent that ended before forking its
+        # siblings (error, abort) ends the group alone.
+        finished = all(r.finished for r in group) and (len(group) == first.params.n or first.num_pending_forks > 0)
+        if finished and first.metrics.finished_time is None:
+            first.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            request_id=first.group_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            metrics=first.metrics,
+            error=next((r.error for r in group if r.error), None),
+        )

@@ -1,0 +1,174 @@
+"""The offline Python API, shaped like vLLM's: LLM(...).generate(prompts, SamplingParams)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.attention.torch_ref import TorchReferenceBackend
+from fapool.engine.arg_utils import EngineArgs
+from fapool.engine.llm_engine import LLMEngine, RequestError
+from fapool.models.loader import iter_weights, load_model_config, load_tokenizer, resolve_model
+from fapool.models.registry import build_model
+from fapool.outputs import RequestMetrics, RequestOutput
+from fapool.sampling_params import SamplingParams
+from fapool.worker.model_runner import DTYPES
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | Sequence[int] | dict[str, Any]
+
+
+def make_backend(name: str | None, device: str) -> AttentionBackend:
+    if name is None:
+        name = "triton" if device.startswith("cuda") else "torch"
+    if name == "torch":
+        return TorchReferenceBackend()
+    if name == "triton":
+        from fapool.attention.triton_backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose torch or triton")
+
+
+def build_engine(args: EngineArgs) -> LLMEngine:
+    """Resolve the model, load config, weights and tokenizer, and build the engine."""
+    src = resolve_model(args.model)
+    model_config = load_model_config(src)
+    config = args.create_engine_config(model_config)
+    backend = make_backend(args.attention_backend, config.device)
+    model = build_model(model_config, backend, DTYPES[config.dtype], config.device)
+    if src.format == "preset":
+        model.init_random_weights(config.seed)
+    else:
+        model.load_weights(iter_weights(src))
+    model.eval()
+    tokenizer = load_tokenizer(src)
+    return LLMEngine(config, model, backend, tokenizer)
+
+
+class LLM:
+    """Generate from a model. `LLM()` loads the embedded SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        self.engine_args = EngineArgs(model=model, **engine_kwargs)
+        self.engine = build_engine(self.engine_args)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Outputs in the order of the prompts. A prompt the engine rejects gets an output
+        with finish_reason "error" and the reason in .error; the others still run."""
+        items = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, SamplingParams):
+            if len(sampling_params) != len(items):
+                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(items)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(items)
+
+        results: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        for item, params in zip(items, params_list):
+            try:
+                rid = self.engine.add_request(_prompt_of(item), params)
+            except RequestError as e:
+                rid = f"rejected-{len(order)}"
+                results[rid] = _error_output(rid, item, str(e))
+            order.append(rid)
+        self._run(results, len(order), use_tqdm)
+        return [results[rid] for rid in order]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [
+            {
+                "prompt_token_ids": _token_ids(
+                    self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True)
+                )
+            }
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, results: dict[str, RequestOutput], total: int, use_tqdm: bool) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="generating", disable=not use_tqdm, unit="req")
+        bar.update(len(results))
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single list of token ids
+    return list(prompts)
+
+
+def _prompt_of(item: PromptType) -> str | list[int]:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        if "prompt_token_ids" in item:
+            return list(item["prompt_token_ids"])
+        if "prompt" in item:
+            return item["prompt"]
+        raise RequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(item, Sequence):
+        return list(item)
+    raise RequestError(f"unsupported prompt type {type(item).__name__}")
+
+
+def _token_ids(encoded) -> list[int]:
+    """apply_chat_template returns a list, or a BatchEncoding in newer transformers."""
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    if isinstance(encoded, torch.Tensor):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        encoded = encoded[0]
+    return list(encoded)
+
+
+def _error_output(rid: str, item: PromptType, message: str) -> RequestOutput:
+    import time
+
+    prompt = item if isinstance(item, str) else None
+    ids = list(item["prompt_token_ids"]) if isinstance(item, dict) and "prompt_token_ids" in item else []
+    return RequestOutput(
+        request_id=rid,
+        prompt=prompt,
+        prompt_token_ids=ids,
+        outputs=[],
+        finished=True,
+        metrics=RequestMetrics(arrival_time=time.monotonic()),
+        error=message,
+    )

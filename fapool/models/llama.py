@@ -1,0 +1,227 @@
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 and the non-gated GELU FFN
+of the FA Pool paper ("seed-gelu"), in GQA or MHA.
+
+Tokens are flat: every tensor is [T, ...] over all sequences of the step, no batch dim and
+no padding; `AttentionMetadata` says which tokens belong to which sequence. Module names
+mirror Hugging Face's (model.layers.{i}.self_attn...), except that q/k/v and gate/up are
+fused into one linear each at load time.
+
+    input_ids, positions [T] -> embed -> N x DecoderLayer -> norm -> hidden [T, hidden]
+    DecoderLayer: x + Attention(RMSNorm(x)), then h + MLP(RMSNorm(h))
+    Attention:    qkv_proj -> rotary(q, k) -> attend (write_kv + backend.forward) -> o_proj
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fapool.attention.backend import AttentionBackend
+from fapool.attention.metadata import AttentionMetadata
+from fapool.config import ModelConfig
+from fapool.layers.activation import Activation
+from fapool.layers.linear import MergedLinear
+from fapool.layers.norm import RMSNorm
+from fapool.layers.rotary import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+
+# Checkpoint projection -> (our fused module, its part name).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, layer_idx: int) -> None:
+        super().__init__()
+        self.backend = backend
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, (q_size, kv_size, kv_size), ("q", "k", "v"), bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, D/2]
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.attend(q, k, v, kv_cache, meta)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Store this step's K/V, then attend over the paged cache. The one place attention
+        runs: the attention pool overrides it to send long sequences elsewhere."""
+        k_cache, v_cache = kv_cache
+        self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out, _lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
+        return out
+
+
+class MLP(nn.Module):
+    """SwiGLU-style `down(act(gate(x)) * up(x))`, or `down(act(up(x)))` when not gated."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_up_proj = MergedLinear(h, (f, f), ("gate", "up"), bias=False)
+        else:
+            self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+        self.act = Activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, backend, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)  # looked up once, shared by all layers
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[KVCache],  # one (k_cache, v_cache) per layer
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden] of every token; the caller picks the rows
+        it needs logits for and passes them to `compute_logits`."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    # --- weights -------------------------------------------------------------------------
+
+    def _checkpoint_names(self) -> set[str]:
+        """Every Hugging Face tensor name this model needs (fused params expanded)."""
+        names = set()
+        for name, _ in self.named_parameters():  # shared (tied) params listed once
+            module, _, param = name.rpartition(".")
+            prefix, _, leaf = module.rpartition(".")
+            if leaf in ("qkv_proj", "gate_up_proj"):
+                names.update(
+                    f"{prefix}.{hf}.{param}" for hf, (ours, _) in _FUSED.items() if ours == leaf
+                )
+            else:
+                names.add(name)
+        return names
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in (cast to the parameter dtype and device).
+
+        Raises ValueError on a name the model does not have, a shape mismatch, or, at the
+        end, on parameters the checkpoint did not provide."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        expected = self._checkpoint_names()
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # old checkpoints store it; we rebuild it from the config
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # shares embed_tokens, which the checkpoint also holds
+            if name not in expected:
+                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture} model")
+            module_name, _, param = name.rpartition(".")
+            prefix, _, proj = module_name.rpartition(".")
+            fused, part = _FUSED.get(proj, (None, None))
+            if fused is not None and f"{prefix}.{fused}" in modules:
+                modules[f"{prefix}.{fused}"].load_shard(part, param, tensor)
+            else:
+                target = params[name]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ValueError(
+                        f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                        f"model {tuple(target.shape)}"
+                    )
+                target.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise ValueError(f"checkpoint is missing weights: {shown}")
+
+    @torch.no_grad()
+    def init_random_weights(self, seed: int) -> None:
+        """Random weights for presets and benchmarks: N(0, 0.02) matrices, zero biases,
+        norm weights 1. Same seed, same device type -> same weights."""
+        generator = None
+        for name, p in self.named_parameters():
+            if generator is None:
+                generator = torch.Generator(device=p.device).manual_seed(seed)
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=generator)

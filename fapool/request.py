@@ -1,0 +1,133 @@
+"""A request as the scheduler sees it: token ids, how many have KV computed, and its status.
+
+One Request is one sequence. A prompt with SamplingParams.n > 1 starts as one Request; when its
+prompt is computed it samples n first tokens and forks n - 1 siblings that share its KV blocks
+(copy-on-write), so the prompt is computed once.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from fapool.outputs import Logprob, RequestMetrics
+from fapool.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        eos_token_ids: tuple[int, ...] = (),
+        prompt: str | None = None,
+        group_id: str | None = None,
+        index: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.group_id = group_id or request_id
+        self.index = index  # which of the group's n completions this is
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[list[Logprob]] = []
+        self.params = params
+        self.max_tokens = max_tokens
+        self.eos_token_ids = eos_token_ids
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        # Siblings still to be forked when the prompt finishes (n - 1 for a fresh group).
+        self.num_pending_forks = params.n - 1 if index == 0 else 0
+        self.metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed + index)
+        # Set by the output processor: detokenized text so far.
+        self.text = ""
+
+    # Token bookkeeping -------------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int, logprobs: list[Logprob] | None = None) -> None:
+        self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+
+    def fork(self, index: int, request_id: str) -> Request:
+        """A sibling that shares everything computed so far (its KV blocks are forked by the
+        KV cache manager); it gets its own generator so its samples differ."""
+        child = Request(
+            request_id,
+            self.prompt_token_ids,
+            self.params,
+            self.max_tokens,
+            self.eos_token_ids,
+            prompt=self.prompt,
+            group_id=self.group_id,
+            index=index,
+            arrival_time=self.metrics.arrival_time,
+        )
+        child.num_computed_tokens = self.num_computed_tokens
+        child.status = self.status
+        child.metrics.first_scheduled_time = self.metrics.first_scheduled_time
+        child.metrics.num_cached_tokens = self.metrics.num_cached_tokens
+        return child
+
+    def check_stop(self) -> RequestStatus | None:
+        """Token-level stop conditions after the last appended token (stop strings are checked
+        on text by the detokenizer)."""
+        last = self.output_token_ids[-1]
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            self.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
+        if last in self.params.stop_token_ids:
+            self.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )
