@@ -158,8 +158,10 @@ def _decode_reduce_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, num_sms: int) -> int:
@@ -220,14 +222,14 @@ def paged_decode(
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(16, triton.next_power_of_2(group))
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_kv_len, block_n, _num_sms(query.device.index or 0))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_kv_len, block_n, _num_sms(query.device))
     single = num_splits == 1
     if single:
         mid_o = mid_lse = out  # unused
         strides_m = (0, 0, 0)
     else:
         mid_o = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device)
-        # mid_lse shares mid_o's index divided by block_d, hence its [seqs, heads, splits] shape.
+        # The kernels index mid_lse with mid_o's row offset // block_d: both contiguous.
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
         strides_m = mid_o.stride()[:3]
     grid = (num_seqs, num_kv_heads, num_splits)

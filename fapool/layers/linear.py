@@ -25,9 +25,7 @@ class MergedLinear(nn.Linear):
         offsets = [0]
         for n in output_sizes:
             offsets.append(offsets[-1] + n)
-        self._ranges = {
-            name: (offsets[i], offsets[i + 1]) for i, name in enumerate(shard_names)
-        }
+        self._ranges = {name: (offsets[i], offsets[i + 1]) for i, name in enumerate(shard_names)}
 
     def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor (`param` is "weight" or "bias") into its rows."""

@@ -123,7 +123,8 @@ def _config_of(reader: Any, path: str) -> ModelConfig:
 def _config(reader: Any) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ConfigError(f"unsupported architecture {arch!r}; supported GGUF: {', '.join(GGUF_ARCHITECTURES)}")
+        supported = ", ".join(GGUF_ARCHITECTURES)
+        raise ConfigError(f"unsupported architecture {arch!r}; supported GGUF: {supported}")
 
     def key(suffix: str, default: Any = _MISSING) -> Any:
         return _field(reader, f"{arch}.{suffix}", default)

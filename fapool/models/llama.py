@@ -168,9 +168,7 @@ class LlamaForCausalLM(nn.Module):
             module, _, param = name.rpartition(".")
             prefix, _, leaf = module.rpartition(".")
             if leaf in ("qkv_proj", "gate_up_proj"):
-                names.update(
-                    f"{prefix}.{hf}.{param}" for hf, (ours, _) in _FUSED.items() if ours == leaf
-                )
+                names.update(f"{prefix}.{hf}.{param}" for hf, (ours, _) in _FUSED.items() if ours == leaf)
             else:
                 names.add(name)
         return names

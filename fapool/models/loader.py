@@ -67,7 +67,7 @@ def resolve_model(model: str | None) -> ModelSource:
         )
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ConfigError(f"model file {path} is not a .gguf file; pass the folder for a Hugging Face model")
+            raise ConfigError(f"model file {path} is not a .gguf file; pass a Hugging Face model's folder")
         return ModelSource(path, "gguf")
     if os.path.isfile(os.path.join(path, "config.json")):
         return ModelSource(path, "hf")

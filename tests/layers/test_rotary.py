@@ -31,7 +31,7 @@ def _hf_config(head_dim, theta, rope_scaling, max_pos=512):
         (500000.0, LLAMA3),
         (10000.0, LLAMA3),
         (500000.0, dict(LLAMA3, original_max_position_embeddings=8192)),
-        (10000.0, dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=128)),
+        (10000.0, dict(LLAMA3, factor=32.0, original_max_position_embeddings=128)),
     ],
 )
 def test_llama3_inv_freq_matches_transformers(theta, scaling):

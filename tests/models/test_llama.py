@@ -103,8 +103,6 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(1 + 0.2 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.2 * noise)
-            elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(noise)
             else:
                 p.copy_(noise / math.sqrt(p.shape[-1]) * 1.5)
 
@@ -147,7 +145,10 @@ class PagedRunner:
         return list(logits.split(qlens))
 
 
-@pytest.fixture(scope="module", params=[_llama, _qwen2, _mistral], ids=["llama3-gqa", "qwen2-tied", "mistral-mha"])
+ARCHS = dict(params=[_llama, _qwen2, _mistral], ids=["llama3-gqa", "qwen2-tied", "mistral-mha"])
+
+
+@pytest.fixture(scope="module", **ARCHS)
 def pair(request):
     """(our model, HF model, prompts) with the same weights."""
     torch.manual_seed(0)
@@ -236,7 +237,7 @@ def _random_checkpoint(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     def w(*shape):
         return torch.randn(shape, generator=g) / math.sqrt(shape[-1]) * 1.5
 
-    sd = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, h, generator=g)}
+    sd = {"model.embed_tokens.weight": w(cfg.vocab_size, h)}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         sd |= {
@@ -315,7 +316,8 @@ def test_load_weights_errors_and_ignores():
     with pytest.raises(ValueError, match="unexpected weight 'model.layers.0.mlp.gate_proj.weight'"):
         model.load_weights([*sd.items(), ("model.layers.0.mlp.gate_proj.weight", torch.ones(128, 64))])
     partial = {k: v for k, v in sd.items() if "k_proj" not in k and k != "model.norm.weight"}
-    with pytest.raises(ValueError, match=r"missing.*model.layers.0.self_attn.k_proj.weight.*model.norm.weight"):
+    missing = r"missing.*model.layers.0.self_attn.k_proj.weight.*model.norm.weight"
+    with pytest.raises(ValueError, match=missing):
         model.load_weights(partial.items())
     bad = dict(sd, **{"model.layers.0.self_attn.v_proj.weight": torch.ones(3, 64)})
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -350,3 +352,14 @@ def test_build_model_dtype_and_random_init():
     runner.kv_caches = [(k.bfloat16(), v.bfloat16()) for k, v in runner.kv_caches]
     (logits,) = runner.step({0: [1, 2, 3, 4, 5]})
     assert logits.shape == (5, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("make", ARCHS["params"], ids=ARCHS["ids"])
+def test_hand_config_agrees_with_hf_loader(make):
+    """The hand-built configs above describe the same model the checkpoint loader reads."""
+    from fapool.models.hf_loader import config_from_dict
+
+    arch, _, hf_cfg = make()
+    loaded = config_from_dict(hf_cfg.to_dict())
+    ours = _model_config(arch, hf_cfg)
+    assert loaded.replace(bos_token_id=None, eos_token_ids=(), sliding_window=None) == ours

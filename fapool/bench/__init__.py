@@ -1,0 +1,1 @@
+"""`fapool bench ...`: latency and throughput of the engine beside Hugging Face transformers."""

@@ -1,0 +1,209 @@
+"""Roofline cost model: seconds for each part of a decode/prefill step on one device.
+
+Every time is `overhead + max(flops / flop_rate, bytes / byte_rate)` (a roofline), with the
+rates taken from a HardwareProfile (preset or calibrated). Functions accept numpy arrays as
+well as scalars, so the simulator can price every attention group of a step at once.
+Collectives use the ring formula; point-to-point is latency + bytes / bandwidth.
+
+Sizes are per *layer* unless a name says otherwise; callers multiply by the layers they run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fapool.config import PRESETS, ConfigError, ModelConfig
+from fapool.sim.errors import SimInputError
+from fapool.sim.hardware import HardwareProfile
+
+_HF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name (e.g. 'seed000') or a path to a Hugging Face config.json.
+
+    Only the shape fields are read; anything the cost model does not need is ignored.
+    """
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SimInputError(
+            f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) and no config.json at that path"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SimInputError(f"cannot read model config {path}: {exc}") from exc
+    arch = _HF_ARCHS.get(str(raw.get("model_type", "")).lower())
+    if arch is None:
+        raise SimInputError(
+            f"{path}: model_type {raw.get('model_type')!r} not supported; supported: {', '.join(_HF_ARCHS)}"
+        )
+    try:
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            hidden_act=str(raw.get("hidden_act", "silu")),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2",
+        )
+    except KeyError as exc:
+        raise SimInputError(f"{path}: missing field {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise SimInputError(f"{path}: {exc}") from exc
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    model: ModelConfig
+    hw: HardwareProfile
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def dtype_bytes(self) -> int:
+        return self.hw.dtype_bytes
+
+    def kv_bytes_per_token_layer(self) -> int:
+        m = self.model
+        return 2 * m.num_key_value_heads * m.head_dim * self.dtype_bytes
+
+    def kv_bytes_per_token(self) -> int:
+        return self.model.kv_bytes_per_token(self.dtype_bytes)
+
+    def hidden_bytes(self, tokens) -> float:
+        return tokens * self.model.hidden_size * self.dtype_bytes
+
+    def query_bytes(self, tokens, head_fraction: float = 1.0):
+        """One layer's queries for `tokens`, as sent to a remote attention worker."""
+        m = self.model
+        return tokens * m.num_attention_heads * m.head_dim * self.dtype_bytes * head_fraction
+
+    def partial_bytes(self, tokens, head_fraction: float = 1.0):
+        """One layer's partial attention result (out + float32 lse) coming back."""
+        m = self.model
+        return tokens * m.num_attention_heads * (m.head_dim * self.dtype_bytes + 4) * head_fraction
+
+    def weight_bytes(self, part: str = "all") -> float:
+        """'attn' (qkv + o, all layers), 'ffn' (all layers), 'embed' (embedding + lm head), 'all'."""
+        m = self.model
+        q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+        attn = m.num_hidden_layers * (m.hidden_size * (q + 2 * kv) + q * m.hidden_size)
+        ffn = m.num_hidden_layers * (3 if m.gated_mlp else 2) * m.hidden_size * m.intermediate_size
+        embed = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+        parts = {"attn": attn, "ffn": ffn, "embed": embed, "all": attn + ffn + embed}
+        if part not in parts:
+            raise ValueError(f"unknown weight part {part!r}")
+        return parts[part] * self.dtype_bytes
+
+    # ---- compute -----------------------------------------------------------------------
+    def gemm(self, m, n: int, k: int):
+        """[m, k] @ [k, n]; zero when m == 0."""
+        m = np.asarray(m, dtype=np.float64)
+        d = self.dtype_bytes
+        flops = 2.0 * m * n * k
+        nbytes = (m * k + k * n + m * n) * d
+        t = self.hw.kernel_overhead + np.maximum(flops / self.hw.gemm_flops, nbytes / self.hw.gemm_bandwidth)
+        return np.where(m > 0, t, 0.0)[()]
+
+    def qkv_proj(self, tokens, tp: int = 1):
+        m = self.model
+        n = (_ceil_div(m.num_attention_heads, tp) + 2 * _ceil_div(m.num_key_value_heads, tp)) * m.head_dim
+        return self.gemm(tokens, n, m.hidden_size)
+
+    def o_proj(self, tokens, tp: int = 1):
+        m = self.model
+        return self.gemm(tokens, m.hidden_size, _ceil_div(m.num_attention_heads, tp) * m.head_dim)
+
+    def ffn(self, tokens, tp: int = 1):
+        m = self.model
+        f = _ceil_div(m.intermediate_size, tp)
+        up = self.gemm(tokens, f, m.hidden_size) * (2 if m.gated_mlp else 1)
+        return up + self.gemm(tokens, m.hidden_size, f)
+
+    def elementwise(self, nbytes):
+        """Memory-bound pass (norms, residual adds, rotary, the LSE merge)."""
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        return np.where(nbytes > 0, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth, 0.0)[()]
+
+    def layer_misc(self, tokens, tp: int = 1):
+        """Two RMSNorms, rotary and two residual adds: ~8 passes over the hidden state."""
+        return self.elementwise(8 * self.hidden_bytes(tokens) / max(1, tp))
+
+    def attention(self, kv_read_tokens, qk_pairs, num_queries, head_fraction: float = 1.0):
+        """Attention of `num_queries` query tokens that together read `kv_read_tokens` cached
+        tokens and score `qk_pairs` (query, key) pairs, over `head_fraction` of the heads.
+
+        Decode: qk_pairs == kv_read_tokens (one query per sequence). Prefill of a chunk of c
+        tokens after p cached ones: kv_read = p + c, qk_pairs = c * (p + (c + 1) / 2).
+        """
+        m = self.model
+        kv_read = np.asarray(kv_read_tokens, dtype=np.float64)
+        pairs = np.asarray(qk_pairs, dtype=np.float64)
+        nq = np.asarray(num_queries, dtype=np.float64)
+        flops = 4.0 * m.num_attention_heads * m.head_dim * pairs * head_fraction
+        nbytes = (
+            kv_read * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(nq)
+        ) * head_fraction
+        t = self.hw.attn_overhead + np.maximum(flops / self.hw.attn_flops, nbytes / self.hw.attn_bandwidth)
+        return np.where((kv_read > 0) | (nq > 0), t, 0.0)[()]
+
+    def decode_attention(self, kv_tokens, num_seqs, head_fraction: float = 1.0):
+        return self.attention(kv_tokens, kv_tokens, num_seqs, head_fraction)
+
+    def lm_head(self, num_seqs, tp: int = 1):
+        m = self.model
+        return self.gemm(num_seqs, _ceil_div(m.vocab_size, tp), m.hidden_size)
+
+    # ---- communication -----------------------------------------------------------------
+    def allreduce(self, nbytes, n: int, same_node: bool = True):
+        """Ring all-reduce of `nbytes` over n ranks: one launch latency, 2(n-1) ring steps."""
+        if n <= 1:
+            return 0.0
+        link = self.hw.link(same_node)
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        t = link.latency + 2 * (n - 1) * link.hop_latency + 2 * (n - 1) / n * nbytes / link.bandwidth
+        return np.where(nbytes > 0, t, 0.0)[()]
+
+    def p2p(self, nbytes, same_node: bool = False):
+        """One send (or receive) of `nbytes`; arrays allowed (one entry per link)."""
+        link = self.hw.link(same_node)
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)[()]
+
+    # ---- composites used by strategies and the planner ---------------------------------
+    def dense_layer(self, tokens, tp: int = 1, same_node: bool = True) -> tuple[float, float]:
+        """(compute, all-reduce) seconds of one layer's non-attention work on one TP rank."""
+        compute = self.qkv_proj(tokens, tp) + self.o_proj(tokens, tp) + self.ffn(tokens, tp)
+        compute = compute + self.layer_misc(tokens, tp)
+        comm = 2 * self.allreduce(self.hidden_bytes(tokens), tp, same_node)
+        return float(compute), float(comm)
+
+    def step_overhead(self) -> float:
+        """Fixed per-step host work outside the layers (sampling, scheduling, launch)."""
+        return 20 * self.hw.kernel_overhead
+
+
+def kv_capacity_tokens(free_bytes: float, kv_bytes_per_token: float) -> int:
+    """Tokens of KV that fit in `free_bytes` (0 when nothing fits)."""
+    return max(0, int(math.floor(free_bytes / kv_bytes_per_token)))

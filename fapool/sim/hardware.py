@@ -1,0 +1,132 @@
+"""Hardware profiles: the numbers the roofline cost model needs, with presets.
+
+A profile holds *effective* rates (what kernels reach), not datasheet peaks. Presets derive
+them from public peak figures times an efficiency; a calibration JSON written by
+`fapool calibrate` replaces them with fitted numbers for the device it ran on.
+
+Preset sources (datasheet figures, dense bf16, no sparsity):
+  H100 SXM5: 989 TFLOP/s, HBM3 3.35 TB/s, 80 GB; NVLink 4 900 GB/s bidirectional
+             (450 GB/s a direction); one 400 Gb/s NDR NIC per GPU (50 GB/s).
+  H200 SXM:  989 TFLOP/s, HBM3e 4.8 TB/s, 141 GB; same NVLink and NIC.
+The efficiencies (GEMM 0.70, attention 0.75 of HBM, NVLink 0.80, NIC 0.80), latencies and
+$/GPU-hour are assumptions, stated here so a reader can change them; they are not fitted
+to any paper's figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fapool.sim.errors import SimInputError
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """One class of link: effective bandwidth a direction (bytes/s), per-message latency (s)
+    and the extra latency each further ring step of a collective adds (s)."""
+
+    bandwidth: float
+    latency: float
+    hop_latency: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.bandwidth <= 0 or self.latency < 0:
+            raise SimInputError(f"link needs bandwidth > 0 and latency >= 0, got {self}")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    memory_bytes: float  # device memory
+    gemm_flops: float  # effective FLOP/s of a large GEMM in `dtype_bytes` precision
+    gemm_bandwidth: float  # effective bytes/s when a GEMM is memory-bound (small batch)
+    attn_flops: float  # effective FLOP/s of attention (prefill, compute-bound)
+    attn_bandwidth: float  # effective bytes/s of decode attention streaming KV
+    kernel_overhead: float  # fixed seconds per GEMM launch (launch + tail)
+    attn_overhead: float  # fixed seconds per attention call
+    intra_node: LinkProfile  # NVLink (or shared memory on CPU)
+    inter_node: LinkProfile  # NIC (IB / RoCE)
+    gpus_per_node: int = 8
+    dtype_bytes: int = 2  # bf16 on GPUs, float32 on CPU
+    memory_utilization: float = 0.9  # fraction of memory the engine may use
+    reserved_bytes: float = 2e9  # activations, workspace, CUDA context
+    cost_per_hour: float = 1.0  # $ per device-hour (assumption; for per-GPU cost only)
+    source: str = "preset"  # "preset" or the calibration file it came from
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise SimInputError(f"hardware field {name} must be > 0, got {getattr(self, name)}")
+        if self.gpus_per_node < 1 or self.dtype_bytes not in (1, 2, 4):
+            raise SimInputError("gpus_per_node must be >= 1 and dtype_bytes 1, 2 or 4")
+
+    @property
+    def kv_budget_bytes(self) -> float:
+        """Bytes a device can give to weights + KV."""
+        return self.memory_bytes * self.memory_utilization - self.reserved_bytes
+
+    def link(self, same_node: bool) -> LinkProfile:
+        return self.intra_node if same_node else self.inter_node
+
+    def replace(self, **changes) -> HardwareProfile:
+        return dataclasses.replace(self, **changes)
+
+
+def _gpu(name: str, peak_flops: float, hbm: float, memory: float, cost: float) -> HardwareProfile:
+    return HardwareProfile(
+        name=name,
+        memory_bytes=memory,
+        gemm_flops=0.70 * peak_flops,
+        gemm_bandwidth=0.80 * hbm,
+        attn_flops=0.50 * peak_flops,  # flash-attention forward reaches ~50-60% of peak on Hopper
+        attn_bandwidth=0.75 * hbm,
+        kernel_overhead=4e-6,
+        attn_overhead=6e-6,
+        intra_node=LinkProfile(bandwidth=0.80 * 450e9, latency=8e-6, hop_latency=1e-6),
+        inter_node=LinkProfile(bandwidth=0.80 * 50e9, latency=15e-6, hop_latency=4e-6),
+        gpus_per_node=8,
+        dtype_bytes=2,
+        cost_per_hour=cost,
+    )
+
+
+def _presets() -> dict[str, HardwareProfile]:
+    return {
+        "h100": _gpu("h100", 989e12, 3.35e12, 80e9, cost=2.50),
+        "h200": _gpu("h200", 989e12, 4.8e12, 141e9, cost=3.20),
+        # A CPU "device" = one engine worker process: float32, shared-memory transport (gloo).
+        # Rough; run `fapool calibrate` for real numbers.
+        "cpu": HardwareProfile(
+            name="cpu",
+            memory_bytes=16e9,
+            gemm_flops=2e11,
+            gemm_bandwidth=2e10,
+            attn_flops=5e10,
+            attn_bandwidth=1e10,
+            kernel_overhead=2e-5,
+            attn_overhead=5e-5,
+            intra_node=LinkProfile(bandwidth=2e9, latency=1e-4, hop_latency=2e-5),
+            inter_node=LinkProfile(bandwidth=1e9, latency=2e-4, hop_latency=5e-5),
+            gpus_per_node=64,
+            dtype_bytes=4,
+            reserved_bytes=0.5e9,
+            cost_per_hour=0.05,
+        ),
+    }
+
+
+ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "h200-sxm": "h200"}
+
+
+def hardware_names() -> list[str]:
+    return sorted(_presets())
+
+
+def get_hardware(name: str) -> HardwareProfile:
+    """A preset by name (h100, h200, cpu); SimInputError names the choices otherwise."""
+    key = ALIASES.get(name.lower(), name.lower())
+    presets = _presets()
+    if key not in presets:
+        raise SimInputError(f"unknown hardware {name!r}; choose one of: {', '.join(sorted(presets))}")
+    return presets[key]

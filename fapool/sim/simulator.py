@@ -1,0 +1,343 @@
+"""Discrete-event simulator of a cluster serving a request stream.
+
+Events are whole batch steps of one instance (not tokens, not GPUs): an instance admits
+waiting requests into free slots (FCFS, KV permitting), builds a step of decode tokens plus
+prefill chunks under a token budget (continuous batching with chunked prefill), makes room
+for the step's new KV tokens by preempting the youngest request when needed (recompute), and
+schedules the step's end at now + the strategy's step time. Per-slot state is held in numpy
+arrays, so a step costs a few array operations whatever the batch size.
+
+Deterministic: the only randomness is the workload's, drawn from its seed; ties between
+events at the same time are broken by a sequence number.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from fapool.sim.cost_model import CostModel
+from fapool.sim.errors import SimInputError
+from fapool.sim.results import SimResult, build_result
+from fapool.sim.strategies import StepBatch, Strategy
+from fapool.sim.workload import Workload
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    prefill: str = "chunked"  # "chunked": prompts are prefilled here; "skip": they arrive prefilled
+    max_num_batched_tokens: int = 8192  # per-step token budget (decode tokens + prefill chunks)
+    max_sim_time: float = math.inf  # stop the clock here (unfinished requests are reported)
+    warmup: float = 0.0  # seconds excluded from throughput and utilisation
+    progress: bool = False
+    timeline_points: int = 2000  # per instance, for plots
+
+    def __post_init__(self) -> None:
+        if self.prefill not in ("chunked", "skip"):
+            raise SimInputError(f"prefill must be 'chunked' or 'skip', got {self.prefill!r}")
+        if self.max_num_batched_tokens < 1:
+            raise SimInputError("max_num_batched_tokens must be >= 1")
+
+
+class _Requests:
+    """Column store of every request the run has seen (grows for closed loops)."""
+
+    def __init__(self, batch):
+        n = len(batch)
+        self.n = n
+        self.arrival = batch.arrival.astype(np.float64).copy()
+        self.prompt = batch.prompt_len.astype(np.int64).copy()
+        self.output = batch.output_len.astype(np.int64).copy()
+        self.generated = batch.generated.astype(np.int64).copy()
+        self.start_generated = self.generated.copy()
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.preemptions = np.zeros(n, np.int64)
+        self.client = batch.client.astype(np.int64).copy()
+        self.warm = batch.warm.copy() if batch.warm is not None else self.generated > 0
+
+    def append(self, arrival: float, prompt: int, output: int, client: int) -> int:
+        i = self.n
+        if i >= len(self.arrival):
+            grow = max(16, len(self.arrival))
+            for name in ("arrival", "prompt", "output", "generated", "start_generated", "first_token",
+                         "finish", "preemptions", "client", "warm"):
+                arr = getattr(self, name)
+                fill = np.nan if arr.dtype == np.float64 and name in ("first_token", "finish") else 0
+                setattr(self, name, np.concatenate([arr, np.full(grow, fill, dtype=arr.dtype)]))
+        self.arrival[i], self.prompt[i], self.output[i], self.client[i] = arrival, prompt, output, client
+        self.generated[i] = self.start_generated[i] = self.preemptions[i] = 0
+        self.warm[i] = False
+        self.n += 1
+        return i
+
+
+class _Instance:
+    def __init__(self, idx: int, strategy: Strategy, cost: CostModel, config: SimConfig):
+        self.idx = idx
+        self.num_groups = strategy.num_groups()
+        spg = strategy.slots_per_group()
+        n = self.num_groups * spg
+        self.group = np.repeat(np.arange(self.num_groups), spg)
+        self.req = np.full(n, -1, np.int64)
+        self.ctx = np.zeros(n, np.int64)
+        self.pre_left = np.zeros(n, np.int64)
+        self.out_left = np.zeros(n, np.int64)
+        self.order = np.zeros(n, np.int64)  # admission counter: larger = younger
+        self.free_slots = [list(range(g * spg + spg - 1, g * spg - 1, -1)) for g in range(self.num_groups)]
+        self.ledger = strategy.make_ledger(cost, n, self.group)
+        self.waiting: deque[int] = deque()
+        self.busy = False
+        self.pending: tuple | None = None  # (new, emit-candidates) of the step in flight
+        g = strategy.num_gpus()
+        self.gpu_busy = np.zeros(g)
+        self.gpu_comm = np.zeros(g)
+        self.gpu_active = np.zeros(g)  # seconds a GPU held any KV or ran a step (for 'active' cost)
+        self.steps = 0
+        self.timeline: list[tuple[float, int, float, float]] = []
+        self.stride = 1
+
+    def outstanding(self) -> int:
+        return int((self.req >= 0).sum()) + len(self.waiting)
+
+
+class Simulator:
+    def __init__(self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None):
+        strategy.validate(cost)
+        self.strategy = strategy
+        self.cost = cost
+        self.workload = workload
+        self.config = config or SimConfig()
+
+    # ---- public ----------------------------------------------------------------------
+    def run(self) -> SimResult:
+        cfg = self.config
+        first = self.workload.initial()
+        if len(first) == 0:
+            raise SimInputError("workload has no requests")
+        self.reqs = _Requests(first)
+        self.insts = [_Instance(i, self.strategy, self.cost, cfg) for i in range(self.strategy.replicas)]
+        self.client_inst: dict[int, int] = {}
+        self.events: list[tuple[float, int, int]] = []
+        self.seq = 0
+        self.tokens_out = 0
+        self.tokens_window = 0
+        self.now = 0.0
+        order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
+        arrivals = deque(int(i) for i in order)
+        total = self._expected_requests()
+        progress = _Progress(total, cfg.progress, self.strategy.describe())
+        done_before = 0
+        while True:
+            t_arr = self.reqs.arrival[arrivals[0]] if arrivals else math.inf
+            t_evt = self.events[0][0] if self.events else math.inf
+            t = min(t_arr, t_evt)
+            if math.isinf(t) or t > cfg.max_sim_time:
+                break
+            self.now = t
+            if t_arr <= t_evt:
+                rid = arrivals.popleft()
+                inst = self._route(rid)
+                inst.waiting.append(rid)
+                if not inst.busy:
+                    self._start_step(inst)
+            else:
+                _, _, idx = heapq.heappop(self.events)
+                inst = self.insts[idx]
+                self._finish_step(inst)
+                self._start_step(inst)
+            done = self._finished_count
+            if done - done_before >= 64:
+                progress.update(done)
+                done_before = done
+        progress.close(self._finished_count)
+        end = min(self.now, cfg.max_sim_time) if not math.isinf(cfg.max_sim_time) else self.now
+        return build_result(self, end)
+
+    # ---- internals -------------------------------------------------------------------
+    _finished_count = 0
+
+    def _expected_requests(self) -> int:
+        wl = self.workload
+        return int(getattr(wl, "num_requests", len(self.reqs.arrival[: self.reqs.n])))
+
+    def _route(self, rid: int) -> _Instance:
+        client = int(self.reqs.client[rid])
+        if client >= 0 and client in self.client_inst:
+            return self.insts[self.client_inst[client]]
+        inst = min(self.insts, key=lambda x: (x.outstanding(), x.idx))
+        if client >= 0:
+            self.client_inst[client] = inst.idx
+        return inst
+
+    def _admit(self, inst: _Instance) -> None:
+        prefilled = self.config.prefill == "skip"
+        while inst.waiting:
+            rid = inst.waiting[0]
+            groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
+            if not groups:
+                return
+            need = int(self.reqs.prompt[rid] + self.reqs.generated[rid])
+            committed = inst.ctx + inst.pre_left
+            if len(groups) > 1:
+                usage = np.bincount(inst.group, weights=committed * (inst.req >= 0), minlength=inst.num_groups)
+                groups.sort(key=lambda g: (usage[g], g))
+            g = groups[0]
+            if not inst.ledger.can_admit(g, need + 1, committed * (inst.req >= 0)):
+                return
+            slot = inst.free_slots[g][-1]
+            warm = bool(self.reqs.warm[rid]) and self.reqs.preemptions[rid] == 0
+            if prefilled or warm:
+                new = np.zeros_like(inst.ctx)
+                new[slot] = need
+                if inst.ledger.try_allocate(inst.ctx, new) is not None:
+                    return
+                inst.ctx[slot] = need
+                inst.pre_left[slot] = 0
+            else:
+                inst.ctx[slot] = 0
+                inst.pre_left[slot] = need
+            inst.free_slots[g].pop()
+            inst.waiting.popleft()
+            inst.req[slot] = rid
+            inst.out_left[slot] = self.reqs.output[rid] - self.reqs.generated[rid]
+            inst.order[slot] = self.seq
+            self.seq += 1
+
+    def _plan_tokens(self, inst: _Instance) -> tuple[np.ndarray, np.ndarray]:
+        active = inst.req >= 0
+        decode = active & (inst.pre_left == 0)
+        new = decode.astype(np.int64)
+        budget = self.config.max_num_batched_tokens - int(new.sum())
+        prefilling = np.flatnonzero(active & (inst.pre_left > 0))
+        if len(prefilling):
+            for s in prefilling[np.argsort(inst.order[prefilling], kind="stable")]:
+                if budget <= 0:
+                    break
+                c = int(min(inst.pre_left[s], budget))
+                new[s] = c
+                budget -= c
+        return new, decode
+
+    def _start_step(self, inst: _Instance) -> None:
+        if inst.busy:
+            return
+        self._admit(inst)
+        while True:
+            new, decode = self._plan_tokens(inst)
+            if not new.any():
+                inst.busy = False
+                return
+            domain = inst.ledger.try_allocate(inst.ctx, new)
+            if domain is None:
+                break
+            held = inst.ledger.holds(domain) & (inst.req >= 0)
+            if not held.any():
+                held = inst.req >= 0
+            victims = np.flatnonzero(held)
+            self._preempt(inst, int(victims[np.argmax(inst.order[victims])]))
+        batch = StepBatch(inst.ctx.copy(), new, decode, inst.group)
+        sc = self.strategy.step_cost(self.cost, batch, inst.ledger)
+        if not sc.duration > 0 or not math.isfinite(sc.duration):
+            raise RuntimeError(f"non-positive step time {sc.duration} from {self.strategy.describe()}")
+        if self.now >= self.config.warmup:
+            inst.gpu_busy += sc.busy
+            inst.gpu_comm += sc.comm
+            holds_kv = np.ones(len(sc.busy), bool)
+            if hasattr(inst.ledger, "load"):
+                nb = len(sc.busy) - len(inst.ledger.load)
+                holds_kv[nb:] = inst.ledger.load > 0
+            inst.gpu_active += sc.duration * holds_kv
+        inst.steps += 1
+        if inst.steps % inst.stride == 0:
+            inst.timeline.append((self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration))
+            if len(inst.timeline) >= 2 * self.config.timeline_points:
+                inst.timeline = inst.timeline[::2]
+                inst.stride *= 2
+        inst.pending = (new, self.now)
+        inst.busy = True
+        heapq.heappush(self.events, (self.now + sc.duration, self._next_seq(), inst.idx))
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _preempt(self, inst: _Instance, slot: int) -> None:
+        rid = int(inst.req[slot])
+        self.reqs.preemptions[rid] += 1
+        self._free(inst, slot)
+        inst.waiting.appendleft(rid)
+
+    def _free(self, inst: _Instance, slot: int) -> None:
+        inst.ledger.free(slot)
+        inst.req[slot] = -1
+        inst.ctx[slot] = inst.pre_left[slot] = inst.out_left[slot] = 0
+        inst.free_slots[int(inst.group[slot])].append(slot)
+
+    def _finish_step(self, inst: _Instance) -> None:
+        new, started = inst.pending
+        inst.pending = None
+        inst.busy = False
+        now = self.now
+        active = new > 0
+        was_prefill = inst.pre_left > 0
+        inst.ctx += new
+        inst.pre_left -= np.where(was_prefill, new, 0)
+        emit = active & (inst.pre_left == 0)
+        slots = np.flatnonzero(emit)
+        if not len(slots):
+            return
+        rids = inst.req[slots]
+        r = self.reqs
+        r.generated[rids] += 1
+        first = np.isnan(r.first_token[rids])
+        r.first_token[rids[first]] = now
+        inst.out_left[slots] -= 1
+        n = len(slots)
+        self.tokens_out += n
+        if started >= self.config.warmup:
+            self.tokens_window += n
+        for s in slots[inst.out_left[slots] <= 0]:
+            rid = int(inst.req[s])
+            r.finish[rid] = now
+            self._finished_count += 1
+            self._free(inst, int(s))
+            client = int(r.client[rid])
+            if self.workload.closed_loop and client >= 0:
+                nxt = self.workload.replenish(client, now)
+                if nxt is not None:
+                    new_rid = r.append(now, nxt[0], nxt[1], client)
+                    inst.waiting.append(new_rid)
+
+
+class _Progress:
+    """A rich progress bar over finished requests (no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(label[:60], total=total)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+
+    def close(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+            self.bar.stop()
+
+
+def simulate(strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None) -> SimResult:
+    return Simulator(strategy, cost, workload, config).run()

@@ -1,0 +1,416 @@
+"""Deployment strategies: how one serving instance's GPUs split a step's work, and what a
+decode/prefill step costs on them.
+
+  StaticTPPP   tp x pp GPUs; pp micro-batches circulate through the stages.
+  FAPool       seed 000: base_tp GPUs run every dense part and attend to the first `threshold`
+               tokens of each sequence; pool workers attend to the rest and return (out, lse)
+               for an exact merge. Placement 'spread' | 'pack' | 'head'. With overlap, two
+               micro-batches ping-pong so the pool's attention hides the base's dense work.
+  AFD          seed 002: r attention GPUs (QKV, attention, O over their own sequences' KV)
+               feed one FFN instance of f_tp GPUs; ping-pong micro-batches when overlapped.
+  head_parallel  Lamina (seed 004): FAPool with threshold 0 and head placement -- every
+               sequence's KV is split by head over the attention workers.
+
+A StepBatch holds per-slot arrays; `step_cost` returns the step's wall time and each GPU's
+compute and communication seconds. Every formula is in the cost model's terms, so a
+calibration moves all strategies consistently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fapool.config import ParallelConfig, PoolConfig
+from fapool.sim.cost_model import CostModel, kv_capacity_tokens
+from fapool.sim.errors import SimInputError
+from fapool.sim.ledger import GroupLedger, PoolLedger
+
+
+@dataclass
+class StepBatch:
+    ctx: np.ndarray  # tokens already in KV, per slot
+    new: np.ndarray  # tokens this step adds (1 decode, chunk for prefill, 0 idle)
+    decode: np.ndarray  # bool: slot decodes (emits a token from a cached context)
+    group: np.ndarray  # attention group per slot
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.new > 0
+
+
+@dataclass
+class StepCost:
+    duration: float
+    busy: np.ndarray  # compute seconds per GPU of the instance
+    comm: np.ndarray  # communication seconds per GPU
+
+
+def _attn_terms(b: StepBatch, cap: float | None = None):
+    """(kv_read, qk_pairs, queries) summed over slots; `cap` limits each slot's context (the
+    part held locally under FA Pool)."""
+    end = b.ctx + b.new
+    mid = b.ctx + (b.new + 1) / 2.0
+    if cap is not None:
+        end = np.minimum(end, cap)
+        mid = np.minimum(mid, cap)
+    return float(end[b.active].sum()), float((b.new * mid).sum()), float(b.new.sum())
+
+
+class Strategy:
+    name = "strategy"
+    replicas = 1
+
+    def validate(self, cost: CostModel) -> None: ...
+    def num_gpus(self) -> int: ...
+    def gpu_labels(self) -> list[str]: ...
+    def num_groups(self) -> int:
+        return 1
+
+    def slots_per_group(self) -> int: ...
+    def make_ledger(self, cost: CostModel, num_slots: int, group_of_slot: np.ndarray): ...
+    def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost: ...
+    def describe(self) -> str: ...
+
+    def total_gpus(self) -> int:
+        return self.num_gpus() * self.replicas
+
+
+@dataclass
+class StaticTPPP(Strategy):
+    tp: int = 8
+    pp: int = 1
+    replicas: int = 1
+    max_batch: int = 256
+    name: str = "static"
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, **kw) -> StaticTPPP:
+        return cls(tp=parallel.tensor_parallel_size, pp=parallel.pipeline_parallel_size, **kw)
+
+    def validate(self, cost: CostModel) -> None:
+        m = cost.model
+        if self.tp < 1 or self.pp < 1 or self.replicas < 1 or self.max_batch < 1:
+            raise SimInputError("static strategy needs tp, pp, replicas, max_batch >= 1")
+        if self.pp > m.num_hidden_layers:
+            raise SimInputError(f"pp={self.pp} exceeds the model's {m.num_hidden_layers} layers")
+        if self.tp > m.num_attention_heads:
+            raise SimInputError(f"tp={self.tp} exceeds the model's {m.num_attention_heads} heads")
+        if self.kv_capacity(cost) < 1:
+            raise SimInputError(f"{self.describe()}: the weights leave no room for KV on {cost.hw.name}")
+
+    def num_gpus(self) -> int:
+        return self.tp * self.pp
+
+    def gpu_labels(self) -> list[str]:
+        return [f"s{s}r{r}" for s in range(self.pp) for r in range(self.tp)]
+
+    def slots_per_group(self) -> int:
+        return self.max_batch
+
+    def kv_capacity(self, cost: CostModel) -> int:
+        m = cost.model
+        per_gpu_weights = cost.weight_bytes("all") / (self.tp * self.pp)
+        kv_heads_frac = math.ceil(m.num_key_value_heads / self.tp) / m.num_key_value_heads
+        per_token = cost.kv_bytes_per_token() / self.pp * kv_heads_frac
+        return kv_capacity_tokens(cost.hw.kv_budget_bytes - per_gpu_weights, per_token)
+
+    def make_ledger(self, cost, num_slots, group_of_slot):
+        return GroupLedger(self.kv_capacity(cost), 1, group_of_slot)
+
+    def _links(self, cost: CostModel) -> tuple[bool, bool]:
+        gpn = cost.hw.gpus_per_node
+        tp_same = self.tp <= gpn
+        pp_same = all((s * self.tp) // gpn == ((s + 1) * self.tp) // gpn for s in range(self.pp - 1))
+        return tp_same, pp_same
+
+    def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
+        m = cost.model
+        n_seqs = int(b.active.sum())
+        n_mb = max(1, min(self.pp, n_seqs))
+        kv, pairs, tokens = _attn_terms(b)
+        lps = math.ceil(m.num_hidden_layers / self.pp)
+        tp_same, pp_same = self._links(cost)
+        t_mb = tokens / n_mb
+        dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
+        attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
+        stage_c = lps * (dense_c + attn)
+        stage_comm = lps * dense_ar + (float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0)
+        lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
+        period = self.pp * (stage_c + stage_comm + lm / self.pp) + cost.step_overhead()
+        busy = np.full(self.num_gpus(), n_mb * stage_c)
+        busy[-self.tp :] += n_mb * lm  # last stage runs the LM head
+        comm = np.full(self.num_gpus(), n_mb * stage_comm)
+        return StepCost(period, busy, comm)
+
+    def describe(self) -> str:
+        rep = f" x{self.replicas}" if self.replicas > 1 else ""
+        return f"static TP{self.tp}xPP{self.pp}{rep} ({self.total_gpus()} GPUs)"
+
+
+@dataclass
+class FAPool(Strategy):
+    base_tp: int = 8
+    pool_size: int = 24
+    threshold: int = 4096
+    tokens_per_worker: int = 4096
+    placement: str = "spread"  # spread | pack | head
+    overlap: bool = True
+    replicas: int = 1
+    max_batch: int = 1024
+    name: str = "fapool"
+
+    @classmethod
+    def from_config(cls, pool: PoolConfig, parallel: ParallelConfig, **kw) -> FAPool:
+        if pool.pool_mode == "replicate":
+            raise SimInputError(
+                "pool_mode 'replicate' is not simulated: the seed's query split needs every pool GPU to hold "
+                "the whole KV of the sequences it serves; use 'shard' (spread placement) or 'head'"
+            )
+        placement = "head" if pool.pool_mode == "head" else "spread"
+        return cls(
+            base_tp=parallel.tensor_parallel_size,
+            pool_size=pool.attention_workers,
+            threshold=pool.pool_threshold,
+            tokens_per_worker=pool.tokens_per_pool_worker,
+            placement=placement,
+            **kw,
+        )
+
+    def validate(self, cost: CostModel) -> None:
+        m = cost.model
+        if self.placement not in ("spread", "pack", "head"):
+            raise SimInputError(f"placement must be spread, pack or head, got {self.placement!r}")
+        if self.base_tp < 1 or self.pool_size < 0 or self.replicas < 1 or self.max_batch < 1:
+            raise SimInputError("fapool needs base_tp >= 1, pool_size >= 0, replicas >= 1, max_batch >= 1")
+        if self.threshold < 0 or self.tokens_per_worker < 1:
+            raise SimInputError("fapool needs threshold >= 0 and tokens_per_worker >= 1")
+        if self.placement == "head" and self.pool_size > m.num_key_value_heads:
+            raise SimInputError(
+                f"head placement over {self.pool_size} workers needs at least that many KV heads "
+                f"(model has {m.num_key_value_heads})"
+            )
+        if self.threshold == 0 and self.pool_size == 0:
+            raise SimInputError("threshold 0 needs a pool (pool_size >= 1)")
+        if self.base_capacity(cost) < 1:
+            raise SimInputError(f"{self.describe()}: the weights leave no room for KV on the base GPUs")
+
+    def num_gpus(self) -> int:
+        return self.base_tp + self.pool_size
+
+    def gpu_labels(self) -> list[str]:
+        return [f"base{i}" for i in range(self.base_tp)] + [f"pool{i}" for i in range(self.pool_size)]
+
+    def slots_per_group(self) -> int:
+        return self.max_batch
+
+    def base_capacity(self, cost: CostModel) -> int:
+        m = cost.model
+        frac = math.ceil(m.num_key_value_heads / self.base_tp) / m.num_key_value_heads
+        free = cost.hw.kv_budget_bytes - cost.weight_bytes("all") / self.base_tp
+        return kv_capacity_tokens(free, cost.kv_bytes_per_token() * frac)
+
+    def worker_capacity(self, cost: CostModel) -> int:
+        return kv_capacity_tokens(cost.hw.kv_budget_bytes, cost.kv_bytes_per_token())
+
+    def head_share(self, cost: CostModel) -> np.ndarray:
+        """Fraction of KV heads each pool worker holds (head placement)."""
+        h = cost.model.num_key_value_heads
+        counts = np.array([h // self.pool_size + (1 if i < h % self.pool_size else 0) for i in range(self.pool_size)])
+        return counts / h
+
+    def make_ledger(self, cost, num_slots, group_of_slot):
+        return PoolLedger(
+            num_slots,
+            self.base_capacity(cost),
+            self.worker_capacity(cost),
+            self.pool_size,
+            self.threshold,
+            self.tokens_per_worker,
+            self.placement,
+            self.head_share(cost) if self.placement == "head" else None,
+        )
+
+    def step_cost(self, cost: CostModel, b: StepBatch, ledger: PoolLedger) -> StepCost:
+        m = cost.model
+        L, tp = m.num_hidden_layers, self.base_tp
+        n_seqs = int(b.active.sum())
+        kv_loc, pairs_loc, tokens = _attn_terms(b, cap=self.threshold)
+        local = float(cost.attention(kv_loc, pairs_loc, tokens, 1.0 / tp))
+        pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
+        P = self.pool_size
+        attn_w = np.zeros(P)
+        q_bytes_w = np.zeros(P)
+        ret_bytes_w = np.zeros(P)
+        if P and pool_tok.any():
+            if self.placement == "head":
+                share = self.head_share(cost)
+                in_pool = pool_tok > 0
+                queries = float(b.new[in_pool].sum())
+                pairs = float((b.new * np.minimum(pool_tok, np.maximum(b.ctx + (b.new + 1) / 2 - self.threshold, 0))).sum())
+                attn_w = np.array([float(cost.attention(pool_tok.sum(), pairs, queries, s)) for s in share])
+                q_bytes_w = cost.query_bytes(queries, 1.0) * share
+                ret_bytes_w = cost.partial_bytes(queries, 1.0) * share
+            else:
+                holds = ledger.owned > 0  # [slots, workers]
+                queries_w = b.new @ holds
+                pairs_w = b.new @ ledger.owned
+                attn_w = np.asarray(cost.attention(ledger.load, pairs_w, queries_w))
+                q_bytes_w = cost.query_bytes(queries_w)
+                ret_bytes_w = cost.partial_bytes(queries_w)
+            q_bytes_w = q_bytes_w + ledger.placed * cost.kv_bytes_per_token_layer()
+        same = self.num_gpus() <= cost.hw.gpus_per_node
+        pool_used = bool(attn_w.any())
+        if pool_used:
+            send_base = float(cost.p2p(q_bytes_w.sum() / tp, same))
+            recv_base = float(cost.p2p(ret_bytes_w.sum() / tp, same))
+            recv_w = np.asarray(cost.p2p(q_bytes_w, same))
+            send_w = np.asarray(cost.p2p(ret_bytes_w, same))
+            pool_path = max(send_base, recv_w.max()) + attn_w.max() + max(recv_base, send_w.max())
+            merge = float(cost.elementwise(3 * ret_bytes_w.sum() / tp))
+        else:
+            send_base = recv_base = 0.0
+            recv_w = send_w = np.zeros(P)
+            pool_path = merge = 0.0
+        if self.overlap and pool_used:
+            # Two micro-batches ping-pong: the base works on one while the pool attends to the
+            # other. Per layer the slower side sets the pace, or one micro-batch's own chain.
+            dc, dar = cost.dense_layer(tokens / 2, tp)
+            dense_c, dense_ar = 2 * dc, 2 * dar
+            base_layer = dense_c + dense_ar + local + merge
+            chain = (base_layer + max(local, pool_path) - local) / 2
+            layer = max(base_layer, pool_path, chain)
+        else:
+            dense_c, dense_ar = cost.dense_layer(tokens, tp)
+            layer = dense_c + dense_ar + max(local, pool_path) + merge
+        lm = float(cost.lm_head(n_seqs, tp))
+        duration = L * layer + lm + cost.step_overhead()
+        busy = np.concatenate([np.full(tp, L * (dense_c + local + merge) + lm), L * attn_w])
+        comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
+        return StepCost(duration, busy, comm)
+
+    def describe(self) -> str:
+        rep = f" x{self.replicas}" if self.replicas > 1 else ""
+        ov = "overlap" if self.overlap else "no overlap"
+        if self.name == "head-parallel":
+            return f"head-parallel TP{self.base_tp} + {self.pool_size} attn GPUs, {ov}{rep} ({self.total_gpus()} GPUs)"
+        return (
+            f"FA Pool TP{self.base_tp} + {self.pool_size} pool, threshold {self.threshold}, "
+            f"{self.placement}, {ov}{rep} ({self.total_gpus()} GPUs)"
+        )
+
+
+def head_parallel(dense_tp: int = 8, attn_workers: int = 8, overlap: bool = True, **kw) -> FAPool:
+    """Lamina-style attention offload: all KV on attention workers, split by head."""
+    return FAPool(
+        base_tp=dense_tp,
+        pool_size=attn_workers,
+        threshold=0,
+        tokens_per_worker=1 << 30,
+        placement="head",
+        overlap=overlap,
+        name="head-parallel",
+        **kw,
+    )
+
+
+@dataclass
+class AFD(Strategy):
+    """An rA-1F bundle: r attention GPUs, one FFN instance of f_tp GPUs."""
+
+    r: int = 8
+    f_tp: int = 1
+    max_batch_per_attn: int = 64
+    overlap: bool = True
+    replicas: int = 1
+    name: str = "afd"
+
+    def validate(self, cost: CostModel) -> None:
+        if self.r < 1 or self.f_tp < 1 or self.max_batch_per_attn < 1 or self.replicas < 1:
+            raise SimInputError("afd needs r, f_tp, max_batch_per_attn, replicas >= 1")
+        if self.attn_capacity(cost) < 1:
+            raise SimInputError(f"{self.describe()}: attention weights leave no room for KV")
+        if cost.hw.kv_budget_bytes < (cost.weight_bytes("ffn") + cost.weight_bytes("embed")) / self.f_tp:
+            raise SimInputError(f"{self.describe()}: FFN weights do not fit on {self.f_tp} GPU(s)")
+
+    def num_gpus(self) -> int:
+        return self.r + self.f_tp
+
+    def gpu_labels(self) -> list[str]:
+        return [f"attn{i}" for i in range(self.r)] + [f"ffn{i}" for i in range(self.f_tp)]
+
+    def num_groups(self) -> int:
+        return self.r
+
+    def slots_per_group(self) -> int:
+        return self.max_batch_per_attn
+
+    def attn_capacity(self, cost: CostModel) -> int:
+        return kv_capacity_tokens(cost.hw.kv_budget_bytes - cost.weight_bytes("attn"), cost.kv_bytes_per_token())
+
+    def make_ledger(self, cost, num_slots, group_of_slot):
+        return GroupLedger(self.attn_capacity(cost), self.r, group_of_slot)
+
+    def same_node(self, cost: CostModel) -> bool:
+        return self.num_gpus() <= cost.hw.gpus_per_node
+
+    def attn_layer(self, cost: CostModel, tokens, kv_read, pairs):
+        """Per attention GPU, one layer: (compute, network) seconds. Arrays allowed."""
+        split = 2 if self.overlap else 1
+        gemm = split * (cost.qkv_proj(np.asarray(tokens) / split) + cost.o_proj(np.asarray(tokens) / split))
+        compute = gemm + cost.attention(kv_read, pairs, tokens) + cost.layer_misc(tokens)
+        net = cost.p2p(cost.hidden_bytes(tokens), self.same_node(cost))
+        return compute, net
+
+    def ffn_layer(self, cost: CostModel, tokens: float) -> tuple[float, float, float]:
+        """The FFN instance, one layer: (compute, all-reduce, network) seconds."""
+        split = 2 if self.overlap else 1
+        compute = split * float(cost.ffn(tokens / split, self.f_tp))
+        ar = split * float(cost.allreduce(cost.hidden_bytes(tokens / split), self.f_tp))
+        net = float(cost.p2p(cost.hidden_bytes(tokens), self.same_node(cost)))
+        return compute, ar, net
+
+    def combine(self, cost: CostModel, a_compute, a_net, f: tuple[float, float, float], n_seqs: float):
+        """Step time from one layer's per-GPU parts (shared by simulator and planner)."""
+        f_compute, f_ar, f_net = f
+        L = cost.model.num_hidden_layers
+        a_side = np.maximum(a_compute, a_net) if self.overlap else a_compute
+        f_side = max(f_compute + f_ar, f_net) if self.overlap else f_compute + f_ar
+        lat = cost.hw.link(self.same_node(cost)).latency
+        if self.overlap:
+            # Ping-pong: attention of one micro-batch overlaps the FFN of the other; the slower
+            # side sets the pace, or one micro-batch's own chain (half of each side + 2 hops).
+            layer = np.maximum(np.maximum(a_side, f_side), (a_side + f_side) / 2 + 2 * lat)
+        else:
+            layer = a_side + f_side + 2 * np.maximum(f_net, a_net)
+        lm = float(cost.lm_head(n_seqs, self.f_tp))
+        return L * layer + lm + cost.step_overhead()
+
+    def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
+        L = cost.model.num_hidden_layers
+        act = b.active
+        end = (b.ctx + b.new) * act
+        mid = b.new * (b.ctx + (b.new + 1) / 2.0)
+        kv_a = np.bincount(b.group, weights=end, minlength=self.r)
+        pairs_a = np.bincount(b.group, weights=mid, minlength=self.r)
+        tok_a = np.bincount(b.group, weights=b.new, minlength=self.r)
+        a_compute, a_net = self.attn_layer(cost, tok_a, kv_a, pairs_a)
+        a_compute, a_net = np.asarray(a_compute), np.asarray(a_net)
+        tokens = float(tok_a.sum())
+        f = self.ffn_layer(cost, tokens)
+        a_max = np.max(np.maximum(a_compute, a_net) if self.overlap else a_compute)
+        duration = float(self.combine(cost, a_max, a_net.max(), f, float(act.sum())))
+        lm = float(cost.lm_head(float(act.sum()), self.f_tp))
+        busy = np.concatenate([L * a_compute, np.full(self.f_tp, L * f[0] + lm)])
+        comm = np.concatenate([L * 2 * a_net, np.full(self.f_tp, L * (f[1] + 2 * f[2]))])
+        return StepCost(duration, busy, comm)
+
+    def describe(self) -> str:
+        rep = f" x{self.replicas}" if self.replicas > 1 else ""
+        ov = "overlap" if self.overlap else "no overlap"
+        return (
+            f"AFD {self.r}A-1F(TP{self.f_tp}), {self.max_batch_per_attn} seqs/attn GPU, {ov}{rep} "
+            f"({self.total_gpus()} GPUs)"
+        )

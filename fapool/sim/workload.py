@@ -1,0 +1,221 @@
+"""Request streams for the simulator: Poisson arrivals with length distributions, an Azure
+trace, or a closed loop of clients that keeps a fixed number of requests in flight.
+
+A length distribution is a short spec string (see LengthDist.parse):
+    "4096"  "fixed:4096"  "uniform:512,16384"  "lognormal:2048,1.0"  "exp:256"  "choice:512,2048,8192"
+The built-in default workload (no trace needed) is DEFAULT_PROMPT / DEFAULT_OUTPUT.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fapool.sim.errors import SimInputError
+from fapool.sim.traces import Trace
+
+DEFAULT_PROMPT = "lognormal:4096,1.0"  # median 4K tokens, long tail (clipped to max_len)
+DEFAULT_OUTPUT = "lognormal:256,0.8"
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    kind: str
+    params: tuple[float, ...]
+    lo: int = 1
+    hi: int = 1 << 20
+
+    @classmethod
+    def parse(cls, spec: str, lo: int = 1, hi: int = 1 << 20) -> LengthDist:
+        text = str(spec).strip()
+        kind, _, rest = text.partition(":")
+        if not rest:
+            kind, rest = "fixed", kind
+        kind = kind.lower()
+        try:
+            params = tuple(float(x) for x in rest.split(",") if x.strip())
+        except ValueError:
+            raise SimInputError(f"bad length distribution {spec!r}: parameters must be numbers") from None
+        arity = {"fixed": (1, 1), "uniform": (2, 2), "lognormal": (2, 2), "exp": (1, 1), "choice": (1, 64)}
+        if kind not in arity:
+            raise SimInputError(f"bad length distribution {spec!r}: kind must be one of {', '.join(arity)}")
+        lo_n, hi_n = arity[kind]
+        if not lo_n <= len(params) <= hi_n or any(p <= 0 for p in params):
+            raise SimInputError(f"bad length distribution {spec!r}: needs {lo_n}..{hi_n} positive parameters")
+        if kind == "uniform" and params[0] > params[1]:
+            raise SimInputError(f"bad length distribution {spec!r}: low > high")
+        if lo < 1 or hi < lo:
+            raise SimInputError(f"bad length clip [{lo}, {hi}]")
+        return cls(kind, params, lo, hi)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        p = self.params
+        if self.kind == "fixed":
+            x = np.full(n, p[0])
+        elif self.kind == "uniform":
+            x = rng.integers(int(p[0]), int(p[1]) + 1, size=n)
+        elif self.kind == "lognormal":  # median p[0], log-sd p[1]
+            x = np.exp(rng.normal(math.log(p[0]), p[1], size=n))
+        elif self.kind == "exp":
+            x = rng.exponential(p[0], size=n)
+        else:
+            x = rng.choice(np.asarray(p), size=n)
+        return np.clip(np.rint(x), self.lo, self.hi).astype(np.int64)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{','.join(f'{v:g}' for v in self.params)}"
+
+
+@dataclass(frozen=True)
+class RequestBatch:
+    """Requests as columns. `generated` > 0 marks a request that enters mid-decode (the
+    closed loop's stationary start): its context already holds prompt + generated tokens."""
+
+    arrival: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    generated: np.ndarray
+    client: np.ndarray  # closed-loop client id, -1 for open workloads
+    warm: np.ndarray | None = None  # True: already decoding at t=0 (KV present, no latency stats)
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+
+class Workload(ABC):
+    closed_loop: bool = False
+
+    @abstractmethod
+    def initial(self) -> RequestBatch:
+        """Requests known at the start (all of an open workload)."""
+
+    def replenish(self, client: int, now: float) -> tuple[int, int] | None:
+        """Closed loop: the next (prompt_len, output_len) of `client`, or None to stop."""
+        return None
+
+    @abstractmethod
+    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_len, output_len) samples for the planner's workload statistics."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+@dataclass
+class PoissonWorkload(Workload):
+    prompt: LengthDist
+    output: LengthDist
+    rate: float  # requests/s; math.inf = all arrive at t=0
+    num_requests: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.num_requests < 1:
+            raise SimInputError("Poisson workload needs rate > 0 and num_requests >= 1")
+
+    def initial(self) -> RequestBatch:
+        rng = np.random.default_rng([self.seed, 1])
+        n = self.num_requests
+        if math.isinf(self.rate):
+            arrival = np.zeros(n)
+        else:
+            arrival = np.cumsum(rng.exponential(1.0 / self.rate, size=n))
+            arrival -= arrival[0]
+        return RequestBatch(
+            arrival, self.prompt.sample(rng, n), self.output.sample(rng, n), np.zeros(n, np.int64), np.full(n, -1)
+        )
+
+    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 2])
+        return self.prompt.sample(rng, n), self.output.sample(rng, n)
+
+    def describe(self) -> str:
+        rate = "burst" if math.isinf(self.rate) else f"{self.rate:g} req/s"
+        return f"Poisson {rate}, {self.num_requests} requests, prompt {self.prompt}, output {self.output}"
+
+
+@dataclass
+class TraceWorkload(Workload):
+    trace: Trace
+    speedup: float = 1.0  # arrivals come this many times faster than recorded
+    name: str = "trace"
+
+    def initial(self) -> RequestBatch:
+        n = len(self.trace)
+        return RequestBatch(
+            self.trace.arrival / self.speedup,
+            self.trace.prompt_len.copy(),
+            self.trace.output_len.copy(),
+            np.zeros(n, np.int64),
+            np.full(n, -1),
+        )
+
+    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        return self.trace.prompt_len, self.trace.output_len
+
+    def describe(self) -> str:
+        span = float(self.trace.arrival[-1]) / self.speedup
+        return f"{self.name}: {len(self.trace)} requests over {span:.0f} s (speedup {self.speedup:g})"
+
+
+@dataclass
+class ClosedLoopWorkload(Workload):
+    """`concurrency` clients, each sending its next request when the last one finishes, until
+    `num_requests` have been sent. With stationary=True the first requests start mid-decode,
+    drawn from the steady state (length-biased by output length, uniform progress), so the
+    system is in steady state from t=0 and no warm-up is needed. Each client has its own random
+    stream: runs with more clients share the first clients' requests (common random numbers)."""
+
+    prompt: LengthDist
+    output: LengthDist
+    concurrency: int
+    num_requests: int
+    stationary: bool = True
+    seed: int = 0
+    closed_loop: bool = True
+    _rngs: list = field(default_factory=list, init=False, repr=False)
+    _sent: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.num_requests < self.concurrency:
+            raise SimInputError("closed loop needs concurrency >= 1 and num_requests >= concurrency")
+
+    def initial(self) -> RequestBatch:
+        self._rngs = [np.random.default_rng([self.seed, 3, c]) for c in range(self.concurrency)]
+        self._sent = self.concurrency
+        c = self.concurrency
+        prompt = np.empty(c, np.int64)
+        output = np.empty(c, np.int64)
+        generated = np.zeros(c, np.int64)
+        for i, rng in enumerate(self._rngs):
+            if self.stationary:
+                # Sampling-importance-resampling: a slot in steady state holds a request with
+                # probability proportional to its output length (it occupies the slot that long).
+                cand_p, cand_d = self.prompt.sample(rng, 256), self.output.sample(rng, 256)
+                j = rng.choice(256, p=cand_d / cand_d.sum())
+                prompt[i], output[i] = cand_p[j], cand_d[j]
+                generated[i] = rng.integers(0, cand_d[j])
+            else:
+                prompt[i], output[i] = self.prompt.sample(rng, 1)[0], self.output.sample(rng, 1)[0]
+        warm = np.full(c, self.stationary)
+        return RequestBatch(np.zeros(c), prompt, output, generated, np.arange(c), warm)
+
+    def replenish(self, client: int, now: float) -> tuple[int, int] | None:
+        if self._sent >= self.num_requests:
+            return None
+        self._sent += 1
+        rng = self._rngs[client]
+        return int(self.prompt.sample(rng, 1)[0]), int(self.output.sample(rng, 1)[0])
+
+    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 2])
+        return self.prompt.sample(rng, n), self.output.sample(rng, n)
+
+    def describe(self) -> str:
+        return (
+            f"closed loop, {self.concurrency} in flight, {self.num_requests} requests, "
+            f"prompt {self.prompt}, output {self.output}"
+        )

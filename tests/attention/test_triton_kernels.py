@@ -1,0 +1,221 @@
+"""Triton kernels (paged decode, paged prefill, KV write) against the torch reference backend.
+
+Runs on a CUDA GPU; elsewhere the kernel tests skip. `TRITON_INTERPRET=1` runs them through
+Triton's interpreter on CPU tensors (slow, for kernel debugging without a GPU).
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials
+from fapool.attention.torch_ref import write_kv_torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(
+    not ((torch.cuda.is_available() or INTERPRET) and HAVE_TRITON), reason="needs a CUDA GPU (triton kernels)"
+)
+# Triton's interpreter computes through numpy, which has no bfloat16: it stands in with float16.
+BF16 = torch.float16 if INTERPRET and not torch.cuda.is_available() else torch.bfloat16
+DTYPES = sorted({BF16, torch.float16}, key=str)
+# Kernel tolerances per dtype: bf16 keeps 8 mantissa bits, fp16 11 (P is rounded to it for P@V).
+TOL = {torch.bfloat16: dict(atol=1.5e-2, rtol=1.5e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+POISON = 100.0  # fills the slots no sequence owns: reading one by mistake swamps the result
+
+
+def _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """specs: list of (context_len, query_len). A shuffled paged cache that holds each sequence's
+    context plus its new tokens, the queries, and metadata with kv_start = 0."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(math.ceil((c + q) / block_size) for c, q in specs) + 5
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), POISON)
+    v_cache = torch.full_like(k_cache, POISON)
+    tables, slots, queries = [], [], []
+    for ctx, ql in specs:
+        n = ctx + ql
+        table = [perm.pop() for _ in range(math.ceil(n / block_size))]
+        pos = torch.arange(n)
+        flat = torch.tensor(table)[pos // block_size] * block_size + pos % block_size
+        k_cache.view(-1, num_kv_heads, head_dim)[flat] = torch.randn(n, num_kv_heads, head_dim, generator=g)
+        v_cache.view(-1, num_kv_heads, head_dim)[flat] = torch.randn(n, num_kv_heads, head_dim, generator=g)
+        tables.append(table)
+        slots += flat[ctx:].tolist()
+        queries.append(torch.randn(ql, num_heads, head_dim, generator=g))
+    meta = AttentionMetadata.build(
+        query_lens=[q for _, q in specs],
+        query_pos_start=[c for c, _ in specs],
+        kv_lens=[c + q for c, q in specs],
+        block_tables=tables,
+        slot_mapping=slots,
+        device=DEVICE,
+    )
+    to = dict(device=DEVICE, dtype=dtype)
+    return torch.cat(queries).to(**to), k_cache.to(**to), v_cache.to(**to), meta
+
+
+def _assert_matches_reference(out, lse, q, kc, vc, meta, scale, dtype):
+    ref_out, ref_lse = TorchReferenceBackend().forward(q, kc, vc, meta, scale)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref_out.float(), **TOL[dtype])
+    rel = (out.float() - ref_out.float()).norm() / ref_out.float().norm().clamp_min(1e-12)
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-3, rtol=1e-3)
+
+
+def _boundary_lengths(block_size):
+    """Odd lengths and lengths on and around page and tile boundaries."""
+    return sorted({1, 2, 7, block_size - 1, block_size, block_size + 1, 2 * block_size, 63, 64, 65, 3 * block_size + 5, 127, 129, 257, 1000})
+
+
+HEADS = [(8, 2, 128), (4, 4, 128), (32, 8, 128), (8, 1, 64)]  # (num_heads, num_kv_heads, head_dim)
+
+
+def test_backend_imports_without_triton():
+    from fapool.attention.triton_backend import TritonBackend, triton_available
+
+    assert TritonBackend.name == "triton"
+    assert isinstance(triton_available(), bool)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_decode_matches_reference(dtype, block_size, heads):
+    from fapool.attention.triton_backend import TritonBackend
+
+    num_heads, num_kv_heads, head_dim = heads
+    specs = [(n - 1, 1) for n in _boundary_lengths(block_size)]
+    q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=block_size)
+    scale = head_dim**-0.5
+    out, lse = TritonBackend().forward(q, kc, vc, meta, scale)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, scale, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 16, 200])
+def test_decode_forced_split_counts(num_splits):
+    """One split (direct write), uneven splits, and more splits than tiles (empty splits)."""
+    from fapool.attention.triton_decode import paged_decode
+
+    dtype = BF16
+    specs = [(0, 1), (16, 1), (999, 1), (4100, 1), (63, 1)]
+    q, kc, vc, meta = _paged_case(specs, 32, 8, 128, 16, dtype, seed=num_splits)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    paged_decode(q, kc, vc, meta, 0.1, out, lse, num_splits=num_splits)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("heads", HEADS[:3], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_mixed_batch_matches_reference(dtype, block_size, heads):
+    """Fresh prompts, prefix-cached chunks, decode tokens in one batch; odd and boundary sizes."""
+    from fapool.attention.triton_backend import TritonBackend
+
+    num_heads, num_kv_heads, head_dim = heads
+    bs = block_size
+    specs = [(0, 7), (0, 129), (37, 64), (bs, bs), (200, 301), (15, 1), (0, 1), (bs - 1, bs + 1), (1000, 17), (2 * bs, 1)]
+    q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=7 + bs)
+    scale = head_dim**-0.5
+    out, lse = TritonBackend().forward(q, kc, vc, meta, scale)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, scale, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_prefill_long_prompt_and_prefix(block_m):
+    """A long prompt (many causal tiles), and a chunk over a long cached prefix; every row written."""
+    from fapool.attention.triton_prefill import paged_prefill
+
+    dtype = BF16
+    specs = [(0, 1500), (3000, 333), (5, 2)]
+    q, kc, vc, meta = _paged_case(specs, 16, 4, 128, 16, dtype, seed=block_m)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    paged_prefill(q, kc, vc, meta, 0.09, out, lse, block_m=block_m)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, 0.09, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_shards_with_kv_start_merge_to_the_whole(block_size, num_shards):
+    """The attention pool's placement: each sequence's pages split into contiguous position ranges
+    (kv_start > 0), some of which a chunk's early queries cannot see. Each shard matches the
+    reference, and the LSE merge of the shards matches attention over the whole KV."""
+    from fapool.attention.triton_backend import TritonBackend
+
+    dtype = BF16
+    specs = [(21, 1), (9, 6), (700, 1), (300, 90), (0, 50)]
+    q, kc, vc, meta = _paged_case(specs, 8, 2, 128, block_size, dtype, seed=num_shards)
+    backend = TritonBackend()
+    whole_out, whole_lse = backend.forward(q, kc, vc, meta, 0.1)
+    _assert_matches_reference(whole_out, whole_lse, q, kc, vc, meta, 0.1, dtype)
+    tables = meta.block_tables.tolist()
+    outs, lses = [], []
+    for shard in range(num_shards):
+        sub_tables, kv_lens, kv_start = [], [], []
+        for s, (ctx, ql) in enumerate(specs):
+            nb = math.ceil((ctx + ql) / block_size)
+            lo, hi = nb * shard // num_shards, nb * (shard + 1) // num_shards
+            sub_tables.append(tables[s][lo:hi])
+            kv_start.append(lo * block_size)
+            kv_lens.append(max(0, min(ctx + ql, hi * block_size) - lo * block_size))
+        sub = AttentionMetadata.build(
+            query_lens=[ql for _, ql in specs],
+            query_pos_start=[c for c, _ in specs],
+            kv_lens=kv_lens,
+            block_tables=sub_tables,
+            slot_mapping=meta.slot_mapping.tolist(),
+            kv_start=kv_start,
+            device=DEVICE,
+        )
+        o, l = backend.forward(q, kc, vc, sub, 0.1)
+        _assert_matches_reference(o, l, q, kc, vc, sub, 0.1, dtype)
+        outs.append(o)
+        lses.append(l)
+    assert any(torch.isneginf(l).any() for l in lses), "some shard should be invisible to some query"
+    out, lse = merge_partials(outs, lses)
+    torch.testing.assert_close(out.float(), whole_out.float(), **TOL[dtype])
+    torch.testing.assert_close(lse, whole_lse, atol=2e-3, rtol=1e-3)
+
+
+@needs_gpu
+def test_empty_kv_gives_zero_and_minus_inf():
+    from fapool.attention.triton_backend import TritonBackend
+
+    q, kc, vc, meta = _paged_case([(40, 1), (40, 5)], 8, 2, 128, 16, BF16)
+    empty = AttentionMetadata.build([1, 5], [40, 40], [0, 0], [[], []], [-1] * 6, device=DEVICE)
+    out, lse = TritonBackend().forward(q, kc, vc, empty, 0.1)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_write_kv_matches_torch(dtype, block_size):
+    from fapool.attention.triton_backend import TritonBackend
+
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, num_kv_heads, head_dim, num_tokens = 9, 8, 128, 37
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[::5] = -1
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    expect = [c.clone() for c in caches]
+    slots = slots.to(DEVICE)
+    TritonBackend().write_kv(caches[0], caches[1], key, value, slots)
+    write_kv_torch(expect[0], expect[1], key, value, slots)
+    assert torch.equal(caches[0], expect[0]) and torch.equal(caches[1], expect[1])

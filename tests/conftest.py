@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_models.py
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{arch: (folder, transformers model)} for llama (GQA, llama3 rope), qwen2 (bias, tied),
+    mistral (MHA)."""
+    from tiny_models import ARCHS, make_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: (str(root / arch), make_checkpoint(str(root / arch), arch, seed=i)) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2-135M-Instruct through fapool (float32, CPU)."""
+    from fapool import LLM
+
+    return LLM(device="cpu", dtype="float32", kv_cache_memory=256 << 20)
