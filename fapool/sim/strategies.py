@@ -126,11 +126,11 @@ class StaticTPPP(Strategy):
         pp_same = all((s * self.tp) // gpn == ((s + 1) * self.tp) // gpn for s in range(self.pp - 1))
         return tp_same, pp_same
 
-    def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
+    def timing(self, cost: CostModel, n_seqs: float, tokens: float, kv: float, pairs: float):
+        """(period, per-GPU compute, per-GPU comm, lm head) of one step: pp micro-batches
+        circulate through the stages, so every sequence advances once per period."""
         m = cost.model
-        n_seqs = int(b.active.sum())
-        n_mb = max(1, min(self.pp, n_seqs))
-        kv, pairs, tokens = _attn_terms(b)
+        n_mb = max(1, min(self.pp, int(math.ceil(n_seqs))))
         lps = math.ceil(m.num_hidden_layers / self.pp)
         tp_same, pp_same = self._links(cost)
         t_mb = tokens / n_mb
@@ -140,10 +140,14 @@ class StaticTPPP(Strategy):
         stage_comm = lps * dense_ar + (float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0)
         lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
         period = self.pp * (stage_c + stage_comm + lm / self.pp) + cost.step_overhead()
-        busy = np.full(self.num_gpus(), n_mb * stage_c)
-        busy[-self.tp :] += n_mb * lm  # last stage runs the LM head
-        comm = np.full(self.num_gpus(), n_mb * stage_comm)
-        return StepCost(period, busy, comm)
+        return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
+
+    def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
+        kv, pairs, tokens = _attn_terms(b)
+        period, compute, comm, lm = self.timing(cost, float(b.active.sum()), tokens, kv, pairs)
+        busy = np.full(self.num_gpus(), compute)
+        busy[-self.tp :] += lm  # last stage runs the LM head
+        return StepCost(period, busy, np.full(self.num_gpus(), comm))
 
     def describe(self) -> str:
         rep = f" x{self.replicas}" if self.replicas > 1 else ""
@@ -274,22 +278,27 @@ class FAPool(Strategy):
             send_base = recv_base = 0.0
             recv_w = send_w = np.zeros(P)
             pool_path = merge = 0.0
-        if self.overlap and pool_used:
+        layer, dense_c, dense_ar = self.layer_time(cost, tokens, local, pool_path, merge)
+        lm = float(cost.lm_head(n_seqs, tp))
+        duration = L * layer + lm + cost.step_overhead()
+        busy = np.concatenate([np.full(tp, L * (dense_c + local + merge) + lm), L * attn_w])
+        comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
+        return StepCost(duration, busy, comm)
+
+    def layer_time(self, cost: CostModel, tokens: float, local: float, pool_path: float, merge: float):
+        """(layer seconds, base dense compute, base all-reduce) given the base's local attention
+        and the pool's path (send queries, attend, return partials). Shared with the planner."""
+        tp = self.base_tp
+        if self.overlap and pool_path > 0:
             # Two micro-batches ping-pong: the base works on one while the pool attends to the
             # other. Per layer the slower side sets the pace, or one micro-batch's own chain.
             dc, dar = cost.dense_layer(tokens / 2, tp)
             dense_c, dense_ar = 2 * dc, 2 * dar
             base_layer = dense_c + dense_ar + local + merge
             chain = (base_layer + max(local, pool_path) - local) / 2
-            layer = max(base_layer, pool_path, chain)
-        else:
-            dense_c, dense_ar = cost.dense_layer(tokens, tp)
-            layer = dense_c + dense_ar + max(local, pool_path) + merge
-        lm = float(cost.lm_head(n_seqs, tp))
-        duration = L * layer + lm + cost.step_overhead()
-        busy = np.concatenate([np.full(tp, L * (dense_c + local + merge) + lm), L * attn_w])
-        comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
-        return StepCost(duration, busy, comm)
+            return max(base_layer, pool_path, chain), dense_c, dense_ar
+        dense_c, dense_ar = cost.dense_layer(tokens, tp)
+        return dense_c + dense_ar + max(local, pool_path) + merge, dense_c, dense_ar
 
     def describe(self) -> str:
         rep = f" x{self.replicas}" if self.replicas > 1 else ""
