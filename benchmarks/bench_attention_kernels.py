@@ -24,13 +24,35 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DECODE_SHAPES = [(b, l) for b in (16, 32, 64) for l in (2048, 8192, 32768)]
+DECODE_SHAPES = [(b, n) for b in (16, 32, 64) for n in (2048, 8192, 32768)]
 PREFILL_LENS = (4096, 16384)
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+DECODE_SWEEP_SHAPES = ((16, 2048), (16, 8192), (16, 32768), (32, 2048), (64, 2048), (32, 8192))
+DECODE_SWEEP_CONFIGS = (  # block_n, num_warps, num_stages, k_transposed
+    (64, 4, 3, False),
+    (64, 4, 3, True),
+    (64, 4, 2, True),
+    (32, 4, 3, True),
+    (128, 4, 3, False),
+    (128, 4, 3, True),
+)
+DECODE_SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 16)
+PREFILL_SWEEP_CONFIGS = (  # block_m, block_n, num_warps, num_stages
+    (128, 128, 8, 3),
+    (128, 128, 8, 4),
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 32, 4, 3),
+    (128, 128, 4, 3),
+    (128, 64, 4, 3),
+    (64, 64, 4, 4),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+)
 
 
 def _commit() -> str:
@@ -45,7 +67,9 @@ def _commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel tile/warp/stage/split settings")
-    ap.add_argument("--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results, benchmarks/plots)")
+    ap.add_argument(
+        "--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results, benchmarks/plots)"
+    )
     ap.add_argument("--plot", default=None, help="only draw the plot from an existing results JSON")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
@@ -71,19 +95,17 @@ def run(args) -> dict:
     import torch
     import torch.nn.functional as F
     import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     from fapool.attention import AttentionMetadata
     from fapool.attention import triton_decode as td
-    from fapool.attention.torch_ref import write_kv_torch
-    from fapool.attention.triton_kv_write import write_kv
-    from fapool.attention.triton_prefill import paged_prefill
+    from fapool.attention import triton_prefill as tp
 
     dev = "cuda"
     bf16 = torch.bfloat16
 
     def bench(fn) -> float:  # median ms, L2 flushed before each call
-        return triton.testing.do_bench(fn, warmup=10, rep=80, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
     def rel_err(a, b) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -93,18 +115,29 @@ def run(args) -> dict:
         "num_sms": torch.cuda.get_device_properties(0).multi_processor_count,
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": _commit(),
         "timing": "triton.testing.do_bench median, L2 flushed before each call",
         "defaults": {
-            "decode": dict(block_n=td.DEFAULT_BLOCK_N, num_warps=td.DEFAULT_NUM_WARPS, num_stages=td.DEFAULT_NUM_STAGES,
-                           programs_per_sm=td.PROGRAMS_PER_SM, min_tiles_per_split=td.MIN_TILES_PER_SPLIT),
+            "decode": dict(
+                block_n=td.DEFAULT_BLOCK_N,
+                num_warps=td.DEFAULT_NUM_WARPS,
+                num_stages=td.DEFAULT_NUM_STAGES,
+                program_cost_tiles=td.PROGRAM_COST_TILES,
+                reduce_cost_tiles=td.REDUCE_COST_TILES,
+            ),
+            "prefill": dict(
+                block_m=tp.DEFAULT_BLOCK_M,
+                block_n=tp.DEFAULT_BLOCK_N,
+                num_warps=tp.DEFAULT_NUM_WARPS,
+                num_stages=tp.DEFAULT_NUM_STAGES,
+            ),
         },
     }
-    x = torch.randn(1024**3, dtype=bf16, device=dev)
-    y = torch.empty_like(x)
-    res["copy_TBps"] = 2 * x.numel() * 2 / bench(lambda: y.copy_(x)) / 1e9
-    del x, y
+    src = torch.randn(1024**3, dtype=bf16, device=dev)  # 2 GiB
+    dst = torch.empty_like(src)
+    res["copy_TBps"] = 2 * src.nbytes / bench(lambda: dst.copy_(src)) / 1e9
+    src = dst = None
     print(f"{res['gpu']}  copy {res['copy_TBps']:.2f} TB/s", flush=True)
 
     def sdpa(backend, *a, **kw):
@@ -124,8 +157,10 @@ def run(args) -> dict:
             pool = torch.empty(B * nb, PAGE, NUM_KV_HEADS, HEAD_DIM, dtype=bf16, device=dev)
             pool[table.flatten()] = rows.view(B * nb, PAGE, NUM_KV_HEADS, HEAD_DIM)
             pools[name] = (pool, rows)
-        mk = lambda tables: AttentionMetadata.build(  # noqa: E731
-            [1] * B, [L - 1] * B, [L] * B, tables, [-1] * B, device=dev)
+
+        def mk(tables):
+            return AttentionMetadata.build([1] * B, [L - 1] * B, [L] * B, tables, [-1] * B, device=dev)
+
         metas = {
             "paged": mk(table.int().tolist()),
             "identity": mk([list(range(b * nb, (b + 1) * nb)) for b in range(B)]),
@@ -133,146 +168,336 @@ def run(args) -> dict:
         }
         caches = {
             "paged": (pools["k"][0], pools["v"][0]),
-            "identity": (pools["k"][1].view(B * nb, PAGE, NUM_KV_HEADS, HEAD_DIM), pools["v"][1].view(B * nb, PAGE, NUM_KV_HEADS, HEAD_DIM)),
+            "identity": (
+                pools["k"][1].view(B * nb, PAGE, NUM_KV_HEADS, HEAD_DIM),
+                pools["v"][1].view(B * nb, PAGE, NUM_KV_HEADS, HEAD_DIM),
+            ),
             "contiguous": (pools["k"][1], pools["v"][1]),  # [B, L, Hkv, D]: one page of L tokens each
         }
         return q, k, v, metas, caches
 
     scale = HEAD_DIM**-0.5
     if not args.skip_decode:
-        rows, sweep = [], []
-        for B, L in DECODE_SHAPES:
-            q, k, v, metas, caches = decode_case(B, L)
-            kv_bytes = 2 * B * L * NUM_KV_HEADS * HEAD_DIM * 2
-            tbps = lambda ms: kv_bytes / ms / 1e9  # noqa: E731
-            out = torch.empty_like(q)
-            lse = torch.empty(B, NUM_HEADS, dtype=torch.float32, device=dev)
-            row = {"batch": B, "context": L, "kv_bytes": kv_bytes,
-                   "num_splits": td.choose_num_splits(B, NUM_KV_HEADS, L, td.DEFAULT_BLOCK_N, res["num_sms"])}
-            ref = sdpa(SDPBackend.FLASH_ATTENTION, q[:, :, None], k, v, scale=scale, enable_gqa=True)[:, :, 0]
-            for name in ("paged", "identity", "contiguous"):
-                kc, vc = caches[name]
-                meta = metas[name]
-                td.paged_decode(q, kc, vc, meta, scale, out, lse)
-                row[f"ours_{name}_rel_err_vs_flash"] = rel_err(out, ref)
-                row[f"ours_{name}_TBps"] = tbps(bench(lambda: td.paged_decode(q, kc, vc, meta, scale, out, lse)))
-            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                try:
-                    q4 = q[:, :, None]
-                    row[f"sdpa_{name}_TBps"] = tbps(bench(lambda: sdpa(be, q4, k, v, scale=scale, enable_gqa=True)))
-                except Exception as ex:  # a backend may refuse the shape on some builds
-                    row[f"sdpa_{name}_TBps"] = None
-                    row[f"sdpa_{name}_error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
-            row["ratio_vs_flash"] = row["ours_paged_TBps"] / row["sdpa_flash_TBps"] if row["sdpa_flash_TBps"] else None
-            row["ratio_vs_copy"] = row["ours_paged_TBps"] / res["copy_TBps"]
-            row["paging_overhead"] = row["ours_contiguous_TBps"] / row["ours_paged_TBps"] - 1
-            rows.append(row)
-            print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
-
-            if args.sweep and (B, L) in ((16, 32768), (64, 2048), (32, 8192), (16, 2048)):
-                kc, vc = caches["paged"]
-                meta = metas["paged"]
-                for bn, nw, ns in ((64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4), (32, 4, 3), (128, 4, 2),
-                                   (128, 4, 3), (128, 8, 3), (64, 8, 3), (16, 4, 4)):
-                    base = td.choose_num_splits(B, NUM_KV_HEADS, L, bn, res["num_sms"])
-                    for splits in sorted({1, max(1, base // 2), base, base * 2, base * 4}):
-                        try:
-                            fn = lambda: td.paged_decode(q, kc, vc, meta, scale, out, lse, num_splits=splits,  # noqa: E731
-                                                         block_n=bn, num_warps=nw, num_stages=ns)
-                            fn()
-                            err = rel_err(out, ref)
-                            r = {"batch": B, "context": L, "block_n": bn, "num_warps": nw, "num_stages": ns,
-                                 "num_splits": splits, "TBps": tbps(bench(fn)), "rel_err": err}
-                        except Exception as ex:
-                            r = {"batch": B, "context": L, "block_n": bn, "num_warps": nw, "num_stages": ns,
-                                 "num_splits": splits, "error": f"{type(ex).__name__}: {str(ex)[:160]}"}
-                        sweep.append(r)
-                        print("sweep", r, flush=True)
-            del q, k, v, metas, caches, ref
-            torch.cuda.empty_cache()
-        res["decode"] = {"shape": dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bf16", page=PAGE),
-                         "rows": rows, "sweep": sweep}
-
-    # ---------------- prefill ----------------
+        res["decode"] = decode_section(args, res, bench, rel_err, sdpa, decode_case, scale)
     if not args.skip_prefill:
-        rows, sweep = [], []
-        for S in PREFILL_LENS:
-            flops = 4 * NUM_HEADS * S * S * HEAD_DIM / 2
-            tflops = lambda ms: flops / ms / 1e9  # noqa: E731
-            q = torch.randn(1, NUM_HEADS, S, HEAD_DIM, dtype=bf16, device=dev)
-            k = torch.randn_like(q)
-            v = torch.randn_like(q)
-            nb = S // PAGE
-            table = torch.randperm(nb, device=dev)
-            kc = torch.empty(nb, PAGE, NUM_HEADS, HEAD_DIM, dtype=bf16, device=dev)
-            vc = torch.empty_like(kc)
-            kc[table] = k[0].transpose(0, 1).reshape(nb, PAGE, NUM_HEADS, HEAD_DIM)
-            vc[table] = v[0].transpose(0, 1).reshape(nb, PAGE, NUM_HEADS, HEAD_DIM)
-            qt = q[0].transpose(0, 1).contiguous()  # [S, H, D]
-            meta = AttentionMetadata.build([S], [0], [S], [table.int().tolist()], [-1] * S, device=dev)
-            out = torch.empty_like(qt)
-            lse = torch.empty(S, NUM_HEADS, dtype=torch.float32, device=dev)
-            ref = sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
-            row = {"seq_len": S, "flops": flops}
-            paged_prefill(qt, kc, vc, meta, scale, out, lse)
-            row["ours_rel_err_vs_flash"] = rel_err(out, ref)
-            row["ours_paged_TFLOPs"] = tflops(bench(lambda: paged_prefill(qt, kc, vc, meta, scale, out, lse)))
-            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                             ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-                try:
-                    row[f"sdpa_{name}_TFLOPs"] = tflops(bench(lambda: sdpa(be, q, k, v, is_causal=True, scale=scale)))
-                except Exception as ex:
-                    row[f"sdpa_{name}_TFLOPs"] = None
-                    row[f"sdpa_{name}_error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
-            row["ratio_vs_flash"] = row["ours_paged_TFLOPs"] / row["sdpa_flash_TFLOPs"]
-            rows.append(row)
-            print(row, flush=True)
-            if args.sweep:
-                for bm, bn, nw, ns in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
-                                       (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                       (64, 128, 4, 3), (128, 128, 16, 2)):
-                    try:
-                        fn = lambda: paged_prefill(qt, kc, vc, meta, scale, out, lse, block_m=bm, block_n=bn,  # noqa: E731
-                                                   num_warps=nw, num_stages=ns)
-                        fn()
-                        r = {"seq_len": S, "block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns,
-                             "TFLOPs": tflops(bench(fn)), "rel_err": rel_err(out, ref)}
-                    except Exception as ex:
-                        r = {"seq_len": S, "block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns,
-                             "error": f"{type(ex).__name__}: {str(ex)[:160]}"}
+        res["prefill"] = prefill_section(args, bench, rel_err, sdpa, scale)
+    res["kv_write"] = kv_write_section(bench)
+    res["compiled"] = compiled_kernels()
+    return res
+
+
+def _try(fn, *a, **kw):
+    """fn's result, or None and the error text (a backend may refuse a shape on some builds)."""
+    try:
+        return fn(*a, **kw), None
+    except Exception as ex:
+        return None, f"{type(ex).__name__}: {str(ex)[:160]}"
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph: timing its replay measures GPU time, not Python and launch
+    overhead (which dominates kernels of tens of microseconds, as in decode at batch 16 x 2K;
+    the engine replays decode steps from graphs)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def host_us(fn, n: int = 300) -> float:
+    """Host time per call of fn on a problem too small for the GPU to be the bottleneck."""
+    import time
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from fapool.attention import triton_decode as td
+
+    rows, sweep = [], []
+    for B, L in DECODE_SHAPES:
+        q, k, v, metas, caches = decode_case(B, L)
+        kv_bytes = 2 * B * L * NUM_KV_HEADS * HEAD_DIM * 2
+        out = torch.empty_like(q)
+        lse = torch.empty(B, NUM_HEADS, dtype=torch.float32, device=q.device)
+        row = {
+            "batch": B,
+            "context": L,
+            "kv_bytes": kv_bytes,
+            "num_splits": td.auto_num_splits(B, NUM_KV_HEADS, L, HEAD_DIM, 2, q.device),
+        }
+        q4 = q[:, :, None]
+        ref = sdpa(SDPBackend.FLASH_ATTENTION, q4, k, v, scale=scale, enable_gqa=True)[:, :, 0]
+        for name in ("paged", "identity", "contiguous"):
+            fn = partial(td.paged_decode, q, *caches[name], metas[name], scale, out, lse)
+            fn()
+            row[f"ours_{name}_rel_err_vs_flash"] = rel_err(out, ref)
+            graph = graphed(fn)
+            row[f"ours_{name}_TBps"] = kv_bytes / bench(graph.replay) / 1e9
+            if name == "paged":
+                row["ours_paged_eager_TBps"] = kv_bytes / bench(fn) / 1e9
+            del graph
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            fn = partial(sdpa, be, q4, k, v, scale=scale, enable_gqa=True)
+            graph, err = _try(graphed, fn)
+            ms, err = (None, err) if err else _try(bench, graph.replay)
+            row[f"sdpa_{name}_TBps"] = kv_bytes / ms / 1e9 if ms else None
+            if err:
+                row[f"sdpa_{name}_error"] = err
+            ms, err = _try(bench, fn)
+            row[f"sdpa_{name}_eager_TBps"] = kv_bytes / ms / 1e9 if ms else None
+            del graph
+        # A copy moving the same bytes (read + write = the KV bytes): the ceiling at this size.
+        src = torch.empty(kv_bytes // 4, dtype=torch.bfloat16, device=q.device).normal_()
+        dst = torch.empty_like(src)
+        graph = graphed(partial(dst.copy_, src))
+        row["copy_same_bytes_TBps"] = kv_bytes / bench(graph.replay) / 1e9
+        del graph, src, dst
+        flash = row["sdpa_flash_TBps"]
+        row["ratio_vs_flash"] = row["ours_paged_TBps"] / flash if flash else None
+        row["ratio_vs_copy"] = row["ours_paged_TBps"] / res["copy_TBps"]
+        row["ratio_vs_copy_same_bytes"] = row["ours_paged_TBps"] / row["copy_same_bytes_TBps"]
+        row["paging_overhead"] = row["ours_contiguous_TBps"] / row["ours_paged_TBps"] - 1
+        rows.append(row)
+        print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+        if args.sweep and (B, L) in DECODE_SWEEP_SHAPES:
+            for bn, nw, ns, kt in DECODE_SWEEP_CONFIGS:
+                auto = td.auto_num_splits(B, NUM_KV_HEADS, L, HEAD_DIM, 2, q.device, bn, nw)
+                for splits in sorted(set(DECODE_SWEEP_SPLITS) | {auto}):
+                    fn = partial(
+                        td.paged_decode,
+                        q,
+                        *caches["paged"],
+                        metas["paged"],
+                        scale,
+                        out,
+                        lse,
+                        num_splits=splits,
+                        block_n=bn,
+                        num_warps=nw,
+                        num_stages=ns,
+                        k_transposed=kt,
+                    )
+                    r = {
+                        "batch": B,
+                        "context": L,
+                        "block_n": bn,
+                        "num_warps": nw,
+                        "num_stages": ns,
+                        "k_transposed": kt,
+                        "num_splits": splits,
+                        "auto": splits == auto,
+                    }
+                    graph, err = _try(graphed, fn)
+                    ms, err = (None, err) if err else _try(bench, graph.replay)
+                    if err:
+                        r["error"] = err
+                    else:
+                        r["TBps"] = kv_bytes / ms / 1e9
+                        r["rel_err"] = rel_err(out, ref)
+                    del graph
                     sweep.append(r)
                     print("sweep", r, flush=True)
-            del q, k, v, kc, vc, qt, ref
-            torch.cuda.empty_cache()
-        res["prefill"] = {"shape": dict(num_heads=NUM_HEADS, num_kv_heads=NUM_HEADS, head_dim=HEAD_DIM, dtype="bf16",
-                                        page=PAGE, causal=True), "rows": rows, "sweep": sweep}
+        del q, k, v, metas, caches, ref
+        torch.cuda.empty_cache()
+    # Host cost per call (Python, checks, launches) on a problem the GPU finishes quickly.
+    q, k, v, metas, caches = decode_case(1, 64)
+    out, lse = torch.empty_like(q), torch.empty(1, NUM_HEADS, dtype=torch.float32, device=q.device)
+    host = {
+        "ours_paged_decode_us": host_us(
+            partial(td.paged_decode, q, *caches["paged"], metas["paged"], scale, out, lse)
+        ),
+        "sdpa_flash_us": host_us(
+            partial(sdpa, SDPBackend.FLASH_ATTENTION, q[:, :, None], k, v, scale=scale, enable_gqa=True)
+        ),
+    }
+    print("host", host, flush=True)
+    shape = dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bf16", page=PAGE)
+    timing = (
+        "CUDA-graph replay (GPU time) for the main figures and the sweep; *_eager_* without a graph, "
+        "where Python and launch overhead can exceed the kernel at small sizes"
+    )
+    return {"shape": shape, "timing": timing, "rows": rows, "sweep": sweep, "host_overhead": host}
 
-    # ---------------- KV write ----------------
+
+def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from fapool.attention import AttentionMetadata
+    from fapool.attention.triton_prefill import paged_prefill
+
+    bf16, dev = torch.bfloat16, "cuda"
+    rows, sweep = [], []
+    for S in PREFILL_LENS:
+        flops = 4 * NUM_HEADS * S * S * HEAD_DIM / 2
+        q = torch.randn(1, NUM_HEADS, S, HEAD_DIM, dtype=bf16, device=dev)
+        k = torch.randn_like(q)
+        v = torch.randn_like(q)
+        nb = S // PAGE
+        table = torch.randperm(nb, device=dev)
+        kc = torch.empty(nb, PAGE, NUM_HEADS, HEAD_DIM, dtype=bf16, device=dev)
+        vc = torch.empty_like(kc)
+        kc[table] = k[0].transpose(0, 1).reshape(nb, PAGE, NUM_HEADS, HEAD_DIM)
+        vc[table] = v[0].transpose(0, 1).reshape(nb, PAGE, NUM_HEADS, HEAD_DIM)
+        k_rows = k[0].transpose(0, 1).contiguous()[None]  # [1 page of S tokens, S, H, D]
+        v_rows = v[0].transpose(0, 1).contiguous()[None]
+        qt = q[0].transpose(0, 1).contiguous()  # [S, H, D]
+        meta = AttentionMetadata.build([S], [0], [S], [table.int().tolist()], [-1] * S, device=dev)
+        meta_contig = AttentionMetadata.build([S], [0], [S], [[0]], [-1] * S, device=dev)
+        out = torch.empty_like(qt)
+        lse = torch.empty(S, NUM_HEADS, dtype=torch.float32, device=dev)
+        ref = sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
+        row = {"seq_len": S, "flops": flops}
+        for name, args_ in (("paged", (kc, vc, meta)), ("contiguous", (k_rows, v_rows, meta_contig))):
+            fn = partial(paged_prefill, qt, *args_[:2], args_[2], scale, out, lse)
+            fn()
+            row[f"ours_{name}_rel_err_vs_flash"] = rel_err(out, ref)
+            row[f"ours_{name}_TFLOPs"] = flops / bench(fn) / 1e9
+        for name, be in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ):
+            ms, err = _try(bench, partial(sdpa, be, q, k, v, is_causal=True, scale=scale))
+            row[f"sdpa_{name}_TFLOPs"] = flops / ms / 1e9 if ms else None
+            if err:
+                row[f"sdpa_{name}_error"] = err
+        row["ratio_vs_flash"] = row["ours_paged_TFLOPs"] / row["sdpa_flash_TFLOPs"]
+        rows.append(row)
+        print(row, flush=True)
+        if args.sweep:
+            for bm, bn, nw, ns in PREFILL_SWEEP_CONFIGS:
+                fn = partial(
+                    paged_prefill,
+                    qt,
+                    kc,
+                    vc,
+                    meta,
+                    scale,
+                    out,
+                    lse,
+                    block_m=bm,
+                    block_n=bn,
+                    num_warps=nw,
+                    num_stages=ns,
+                )
+                r = {"seq_len": S, "block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns}
+                ms, err = _try(bench, fn)
+                if err:
+                    r["error"] = err
+                else:
+                    r["TFLOPs"] = flops / ms / 1e9
+                    r["rel_err"] = rel_err(out, ref)
+                sweep.append(r)
+                print("sweep", r, flush=True)
+        del q, k, v, kc, vc, qt, ref, k_rows, v_rows
+        torch.cuda.empty_cache()
+    shape = dict(
+        num_heads=NUM_HEADS,
+        num_kv_heads=NUM_HEADS,
+        head_dim=HEAD_DIM,
+        dtype="bf16",
+        page=PAGE,
+        causal=True,
+        batch=1,
+    )
+    return {"shape": shape, "rows": rows, "sweep": sweep}
+
+
+def kv_write_section(bench) -> dict:
+    import torch
+
+    from fapool.attention.torch_ref import write_kv_torch
+    from fapool.attention.triton_kv_write import write_kv
+
+    bf16, dev = torch.bfloat16, "cuda"
     rows = []
     num_blocks = 16384
     kc = torch.randn(num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM, dtype=bf16, device=dev)
     vc = torch.randn_like(kc)
+    fk, fv = kc.view(-1, NUM_KV_HEADS, HEAD_DIM), vc.view(-1, NUM_KV_HEADS, HEAD_DIM)
     for T in (64, 16384):
         key = torch.randn(T, NUM_KV_HEADS, HEAD_DIM, dtype=bf16, device=dev)
         val = torch.randn_like(key)
         slots = torch.randperm(num_blocks * PAGE, device=dev)[:T]
         moved = 2 * 2 * key.numel() * 2  # K and V, read + write
-        fk, fv = kc.view(-1, NUM_KV_HEADS, HEAD_DIM), vc.view(-1, NUM_KV_HEADS, HEAD_DIM)
 
-        def torch_index_copy():
+        def index_copy(key=key, val=val, slots=slots):
             fk.index_copy_(0, slots, key)
             fv.index_copy_(0, slots, val)
 
         row = {"tokens": T, "bytes": moved}
-        for name, fn in (("triton", lambda: write_kv(kc, vc, key, val, slots)), ("torch_index_copy", torch_index_copy),
-                         ("torch_ref_with_host_filter", lambda: write_kv_torch(kc, vc, key, val, slots))):
+        for name, fn in (
+            ("triton", partial(write_kv, kc, vc, key, val, slots)),
+            ("torch_index_copy", index_copy),
+            ("torch_ref_with_host_filter", partial(write_kv_torch, kc, vc, key, val, slots)),
+        ):
             ms = bench(fn)
             row[f"{name}_us"] = ms * 1e3
             row[f"{name}_TBps"] = moved / ms / 1e9
+            if name != "torch_ref_with_host_filter":  # syncs with the host: not capturable
+                graph = graphed(fn)
+                row[f"{name}_graph_us"] = bench(graph.replay) * 1e3
+                del graph
         rows.append(row)
         print(row, flush=True)
-    res["kv_write"] = {"shape": dict(num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, page=PAGE, dtype="bf16"), "rows": rows}
-    return res
+    return {
+        "shape": dict(num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, page=PAGE, dtype="bf16"),
+        "rows": rows,
+    }
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers, shared memory and launch settings of every kernel variant compiled in this run."""
+    from fapool.attention import triton_decode, triton_kv_write, triton_prefill
+
+    found = []
+    for fn in (
+        triton_decode._decode_split_kernel,
+        triton_decode._decode_reduce_kernel,
+        triton_prefill._prefill_kernel,
+        triton_kv_write._write_kv_kernel,
+    ):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for ck in caches[0].values():
+                md = ck.metadata
+                consts = {
+                    str(k): v
+                    for k, v in getattr(ck.src, "constants", {}).items()
+                    if isinstance(v, (int, bool)) and not isinstance(k, tuple)
+                }
+                found.append(
+                    {
+                        "kernel": md.name,
+                        "num_warps": md.num_warps,
+                        "num_stages": md.num_stages,
+                        "shared": md.shared,
+                        "n_regs": getattr(ck, "n_regs", None),
+                        "n_spills": getattr(ck, "n_spills", None),
+                        "constants": consts,
+                    }
+                )
+    return found
 
 
 def plot(res: dict, out_dir: str) -> None:
@@ -286,11 +511,13 @@ def plot(res: dict, out_dir: str) -> None:
     rows = res["decode"]["rows"]
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), sharey=True)
-    series = (("ours_paged_TBps", "fapool Triton, 16-token pages (random)", "C0", "-o"),
-              ("ours_contiguous_TBps", "fapool Triton, contiguous KV", "C0", "--s"),
-              ("sdpa_flash_TBps", "SDPA flash, contiguous", "C1", "-^"),
-              ("sdpa_cudnn_TBps", "SDPA cuDNN, contiguous", "C2", "-v"))
-    for ax, B in zip(axes, batches):
+    series = (
+        ("ours_paged_TBps", "fapool Triton, 16-token pages (random)", "C0", "-o"),
+        ("ours_contiguous_TBps", "fapool Triton, contiguous KV", "C0", "--s"),
+        ("sdpa_flash_TBps", "SDPA flash, contiguous", "C1", "-^"),
+        ("sdpa_cudnn_TBps", "SDPA cuDNN, contiguous", "C2", "-v"),
+    )
+    for ax, B in zip(axes, batches, strict=True):
         rs = sorted((r for r in rows if r["batch"] == B), key=lambda r: r["context"])
         ctx = [r["context"] for r in rs]
         for key, label, color, style in series:
@@ -306,7 +533,9 @@ def plot(res: dict, out_dir: str) -> None:
     axes[0].set_ylabel("effective KV bandwidth (TB/s)")
     axes[0].set_ylim(bottom=0)
     axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"GQA 32/8, head dim 128, bf16 — {res['gpu']}, {res['date'][:10]}, {res['commit'][:10]}", fontsize=9)
+    fig.suptitle(
+        f"GQA 32/8, head dim 128, bf16 — {res['gpu']}, {res['date'][:10]}, {res['commit'][:10]}", fontsize=9
+    )
     fig.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "kernels_decode_bandwidth.png")
@@ -314,23 +543,56 @@ def plot(res: dict, out_dir: str) -> None:
     print("wrote", path)
 
 
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if x is not None else "n/a"
+
+
 def summary(res: dict) -> None:
     print(f"\n{res['gpu']}  copy {res['copy_TBps']:.2f} TB/s  commit {res['commit'][:10]}")
     if "decode" in res:
-        print("decode B   L      paged  ident  contig flash  cudnn  x_flash x_copy paging splits")
+        print("decode TB/s (graph replay; eager in the last two columns)")
+        print(
+            "   B   L      paged  ident  contig flash  cudnn  x_flash x_copy paging splits  eager: ours flash"
+        )
+        keys = (
+            "ours_paged_TBps",
+            "ours_identity_TBps",
+            "ours_contiguous_TBps",
+            "sdpa_flash_TBps",
+            "sdpa_cudnn_TBps",
+        )
         for r in res["decode"]["rows"]:
-            f = lambda k: f"{r[k]:6.2f}" if r.get(k) is not None else "   n/a"  # noqa: E731
-            print(f"      {r['batch']:<3} {r['context']:<6} {f('ours_paged_TBps')} {f('ours_identity_TBps')} "
-                  f"{f('ours_contiguous_TBps')} {f('sdpa_flash_TBps')} {f('sdpa_cudnn_TBps')}  "
-                  f"{r['ratio_vs_flash']:.3f}   {r['ratio_vs_copy']:.3f}  {r['paging_overhead']:+.3f} {r['num_splits']}")
+            cells = " ".join(_fmt(r.get(k), "6.2f") for k in keys)
+            print(
+                f"   {r['batch']:<3} {r['context']:<6} {cells}  {_fmt(r['ratio_vs_flash'], '.3f')}   "
+                f"{r['ratio_vs_copy']:.3f}  {r['paging_overhead']:+.3f}  {r['num_splits']:<3}        "
+                f"{_fmt(r.get('ours_paged_eager_TBps'), '5.2f')} "
+                f"{_fmt(r.get('sdpa_flash_eager_TBps'), '5.2f')}"
+            )
+        if "host_overhead" in res["decode"]:
+            print("   host us/call:", {k: round(v, 1) for k, v in res["decode"]["host_overhead"].items()})
     if "prefill" in res:
-        print("prefill S      ours   flash  cudnn  x_flash  rel_err")
+        print("prefill TFLOP/s  S      paged  contig flash  cudnn  x_flash  rel_err")
         for r in res["prefill"]["rows"]:
-            print(f"        {r['seq_len']:<6} {r['ours_paged_TFLOPs']:6.1f} {r['sdpa_flash_TFLOPs'] or 0:6.1f} "
-                  f"{r['sdpa_cudnn_TFLOPs'] or 0:6.1f}  {r['ratio_vs_flash']:.3f}   {r['ours_rel_err_vs_flash']:.1e}")
+            cells = [
+                _fmt(r.get(k), "6.1f")
+                for k in (
+                    "ours_paged_TFLOPs",
+                    "ours_contiguous_TFLOPs",
+                    "sdpa_flash_TFLOPs",
+                    "sdpa_cudnn_TFLOPs",
+                )
+            ]
+            print(
+                f"                {r['seq_len']:<6} {' '.join(cells)}  {r['ratio_vs_flash']:.3f}   "
+                f"{r['ours_paged_rel_err_vs_flash']:.1e}"
+            )
     for r in res.get("kv_write", {}).get("rows", []):
-        print(f"kv_write T={r['tokens']:<6} triton {r['triton_us']:.1f} us  index_copy {r['torch_index_copy_us']:.1f} us  "
-              f"ref+filter {r['torch_ref_with_host_filter_us']:.1f} us")
+        print(
+            f"kv_write T={r['tokens']:<6} triton {r['triton_us']:.1f} us  "
+            f"index_copy {r['torch_index_copy_us']:.1f} us  "
+            f"ref+filter {r['torch_ref_with_host_filter_us']:.1f} us"
+        )
 
 
 if __name__ == "__main__":

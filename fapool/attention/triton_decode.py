@@ -7,9 +7,14 @@ share of the sequence's pages with an online softmax. Stage 2 merges the splits 
 weights, exactly as `merge_partials` merges shards. With one split, stage 1 writes the final
 result and stage 2 is skipped.
 
-Split count: enough (sequence, KV head, split) programs to fill the SMs a few times over, but
-never splits shorter than MIN_TILES_PER_SPLIT tiles (the stage-2 traffic and the per-split
-prologue stop paying off). The count is a runtime argument, so CUDA graphs can pin it.
+Split count (`choose_num_splits`): the launch runs in waves of `resident programs per SM x SMs`
+programs, and a wave lasts as long as its longest split. More splits shorten each split but add
+waves, a fixed per-program cost (prologue, pipeline fill, epilogue) and the stage-2 pass, so the
+count minimises  waves(S) * (tiles_per_split(S) + PROGRAM_COST_TILES) + REDUCE_COST_TILES*[S>1].
+A nearly empty last wave is what the model avoids: on an H100 (4 programs per SM, 528 at once),
+16 sequences x 8 KV heads x 32K tokens ran at 2.66 TB/s with 5 splits (640 programs, 1.2 waves)
+and 2.95 TB/s with 4 (one full wave). The count is a runtime argument, so CUDA graphs can pin it;
+choosing it costs a cached lookup, since host time per call matters at small batch.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -24,33 +29,59 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 
 # Tunables (benchmarks/bench_attention_kernels.py sweeps them).
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
-PROGRAMS_PER_SM = 4
-MIN_TILES_PER_SPLIT = 4
+DEFAULT_K_TRANSPOSED = False
+PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
+REDUCE_COST_TILES = 1  # stage 2 (second launch, mid-buffer round trip)
 MAX_SPLITS = 64
+SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200)
+REGS_PER_SM = 65536
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, OUT, LSE, MID_O, MID_LSE,
-    query_start_loc, query_pos_start, kv_lens, kv_start, block_tables,
-    qk_scale, num_splits,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    MID_O,
+    MID_LSE,
+    query_start_loc,
+    query_pos_start,
+    kv_lens,
+    kv_start,
+    block_tables,
+    qk_scale,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     stride_bt,
-    stride_ot, stride_oh,
+    stride_ot,
+    stride_oh,
     stride_lt,
-    stride_ms, stride_mh, stride_mk,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    K_TRANSPOSED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -84,8 +115,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = block_tables + seq * stride_bt
-    k_base = K + kvh * stride_kh + offs_d[None, :]
     v_base = V + kvh * stride_vh + offs_d[None, :]
+    if K_TRANSPOSED:
+        k_base = K + kvh * stride_kh + offs_d[:, None]  # K^T tile [BLOCK_D, BLOCK_N]
+    else:
+        k_base = K + kvh * stride_kh + offs_d[None, :]
 
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
@@ -99,9 +133,16 @@ def _decode_split_kernel(
             page = tl.load(table + pos // PAGE, mask=n_mask, other=0).to(tl.int64)
             k_rows = page * stride_kb + (pos % PAGE) * stride_kt
             v_rows = page * stride_vb + (pos % PAGE) * stride_vt
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = n_mask[:, None]
+        else:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+        if K_TRANSPOSED:
+            k_t = tl.load(k_base + k_rows[None, :], mask=tl.trans(kv_mask), other=0.0)
+            qk = tl.dot(q, k_t) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        else:
+            k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -130,10 +171,21 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    OUT, LSE, MID_O, MID_LSE, query_start_loc, num_splits,
-    stride_ot, stride_oh, stride_lt,
-    stride_ms, stride_mh, stride_mk,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    OUT,
+    LSE,
+    MID_O,
+    MID_LSE,
+    query_start_loc,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -149,12 +201,20 @@ def _decode_reduce_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse2 - m_safe)  # 0 for empty splits
     total = tl.sum(w, 0)
-    o = tl.load(MID_O + mid[:, None] + offs_d[None, :], mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    o = tl.load(
+        MID_O + mid[:, None] + offs_d[None, :], mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0
+    )
     seen = total > 0.0
     total_safe = tl.where(seen, total, 1.0)
     out = tl.sum(o * w[:, None], 0) / total_safe
-    tl.store(OUT + tok * stride_ot + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    tl.store(LSE + tok * stride_lt + head, tl.where(seen, (m_safe + tl.log2(total_safe)) * LN2, float("-inf")))
+    tl.store(
+        OUT + tok * stride_ot + head * stride_oh + offs_d,
+        out.to(OUT.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+    tl.store(
+        LSE + tok * stride_lt + head, tl.where(seen, (m_safe + tl.log2(total_safe)) * LN2, float("-inf"))
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -164,17 +224,57 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, num_sms: int) -> int:
-    """Splits per (sequence, KV head): fill the SMs PROGRAMS_PER_SM times, keep splits long."""
-    base = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, base)
-    longest = max(1, triton.cdiv(triton.cdiv(max_kv_len, block_n), MIN_TILES_PER_SPLIT))
-    return max(1, min(want, longest, MAX_SPLITS))
+def resident_programs_per_sm(block_n: int, block_d: int, num_warps: int, elem_size: int) -> int:
+    """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiled on an
+    H100 for head dim 128 (bench JSON, "compiled"): one K and one V tile in shared memory plus
+    ~8 KB (39 KB at BLOCK_N 64), and about 64 + BLOCK_N registers a thread (115-123 at 64): so 4
+    programs per SM at BLOCK_N 64, 2 at 128, 5 at 32."""
+    smem = 2 * block_n * block_d * elem_size + 8192
+    regs = (64 + block_n * block_d // 128) * 32 * num_warps
+    return max(1, min(SMEM_PER_SM // smem, REGS_PER_SM // regs, 64 // num_warps))
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_num_splits(num_pairs: int, num_tiles: int, capacity: int) -> int:
+    """Splits for `num_pairs` (sequence, KV head) pairs of up to `num_tiles` KV tiles, with
+    `capacity` programs resident on the GPU. For w waves the best count is the largest that
+    still fits in w waves, so only those candidates are costed."""
+    limit = max(1, min(MAX_SPLITS, num_tiles))
+    candidates = {1} | {max(1, min(limit, w * capacity // num_pairs)) for w in range(1, 9)}
+    best, best_cost = 1, None
+    for splits in sorted(candidates):
+        waves = triton.cdiv(num_pairs * splits, capacity)
+        cost = waves * (triton.cdiv(num_tiles, splits) + PROGRAM_COST_TILES) + REDUCE_COST_TILES * (
+            splits > 1
+        )
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
+
+
+def auto_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_kv_len: int,
+    head_dim: int,
+    elem_size: int,
+    device: torch.device,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> int:
+    """The split count paged_decode picks when none is given."""
+    per_sm = resident_programs_per_sm(block_n, triton.next_power_of_2(head_dim), num_warps, elem_size)
+    return choose_num_splits(
+        max(1, num_seqs * num_kv_heads), max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device)
+    )
 
 
 def _check(query, k_cache, v_cache, meta) -> None:
     if query.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected query [T,H,D] and caches [blocks,block_size,Hkv,D], got {query.shape}, {k_cache.shape}, {v_cache.shape}")
+        raise ValueError(
+            "expected query [T,H,D] and caches [blocks,block_size,Hkv,D], "
+            f"got {tuple(query.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
     num_heads, head_dim = query.shape[1:]
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
@@ -202,6 +302,7 @@ def paged_decode(
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int = DEFAULT_NUM_STAGES,
+    k_transposed: bool = DEFAULT_K_TRANSPOSED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
 
@@ -222,39 +323,82 @@ def paged_decode(
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(16, triton.next_power_of_2(group))
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_kv_len, block_n, _num_sms(query.device))
+        num_splits = auto_num_splits(
+            num_seqs,
+            num_kv_heads,
+            meta.max_kv_len,
+            head_dim,
+            query.element_size(),
+            query.device,
+            block_n,
+            num_warps,
+        )
     single = num_splits == 1
     if single:
         mid_o = mid_lse = out  # unused
         strides_m = (0, 0, 0)
     else:
-        mid_o = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device)
+        mid_o = torch.empty(
+            (num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device
+        )
         # The kernels index mid_lse with mid_o's row offset // block_d: both contiguous.
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
         strides_m = mid_o.stride()[:3]
     grid = (num_seqs, num_kv_heads, num_splits)
     _decode_split_kernel[grid](
-        query, k_cache, v_cache, out, lse, mid_o, mid_lse,
-        meta.query_start_loc, meta.query_pos_start, meta.kv_lens, meta.kv_start, meta.block_tables,
-        scale * LOG2E, num_splits,
-        query.stride(0), query.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        query,
+        k_cache,
+        v_cache,
+        out,
+        lse,
+        mid_o,
+        mid_lse,
+        meta.query_start_loc,
+        meta.query_pos_start,
+        meta.kv_lens,
+        meta.kv_start,
+        meta.block_tables,
+        scale * LOG2E,
+        num_splits,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         meta.block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         lse.stride(0),
         *strides_m,
-        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=block_n,
+        GROUP=group,
+        BLOCK_H=block_h,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE=page,
+        BLOCK_N=block_n,
         SINGLE_SPLIT=single,
-        num_warps=num_warps, num_stages=num_stages,
+        K_TRANSPOSED=k_transposed,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, lse, mid_o, mid_lse, meta.query_start_loc, num_splits,
-            out.stride(0), out.stride(1), lse.stride(0),
+            out,
+            lse,
+            mid_o,
+            mid_lse,
+            meta.query_start_loc,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
             *strides_m,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
     return out, lse

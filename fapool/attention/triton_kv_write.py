@@ -18,11 +18,25 @@ import triton.language as tl
 
 @triton.jit
 def _write_kv_kernel(
-    KEY, VALUE, K_CACHE, V_CACHE, slot_mapping,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_ct, stride_ch,
-    stride_db, stride_dt, stride_dh,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr,
+    KEY,
+    VALUE,
+    K_CACHE,
+    V_CACHE,
+    slot_mapping,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
@@ -36,8 +50,16 @@ def _write_kv_kernel(
     mask = h < NUM_KV_HEADS
     k = tl.load(KEY + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(VALUE + t * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(K_CACHE + page * stride_cb + off * stride_ct + h * stride_ch + d, k.to(K_CACHE.dtype.element_ty), mask=mask)
-    tl.store(V_CACHE + page * stride_db + off * stride_dt + h * stride_dh + d, v.to(V_CACHE.dtype.element_ty), mask=mask)
+    tl.store(
+        K_CACHE + page * stride_cb + off * stride_ct + h * stride_ch + d,
+        k.to(K_CACHE.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        V_CACHE + page * stride_db + off * stride_dt + h * stride_dh + d,
+        v.to(V_CACHE.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def write_kv(
@@ -49,9 +71,13 @@ def write_kv(
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     if value.shape != key.shape or k_cache.shape[2:] != key.shape[1:] or v_cache.shape != k_cache.shape:
-        raise ValueError(f"shape mismatch: key {key.shape}, value {value.shape}, caches {k_cache.shape}/{v_cache.shape}")
+        raise ValueError(
+            f"shape mismatch: key {key.shape}, value {value.shape}, caches {k_cache.shape}/{v_cache.shape}"
+        )
     if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"slot_mapping must be [num_tokens] int64, got {slot_mapping.shape} {slot_mapping.dtype}")
+        raise ValueError(
+            f"slot_mapping must be [num_tokens] int64, got {slot_mapping.shape} {slot_mapping.dtype}"
+        )
     if key.stride(2) != 1 or value.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("head_dim must be the contiguous dimension of key, value and caches")
     if num_tokens == 0:
@@ -60,10 +86,24 @@ def write_kv(
     if head_dim & (head_dim - 1):
         raise ValueError(f"write_kv needs a power-of-two head_dim, got {head_dim}")
     _write_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK=block, PAGE=k_cache.shape[1],
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK=block,
+        PAGE=k_cache.shape[1],
         num_warps=4,
     )

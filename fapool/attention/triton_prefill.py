@@ -19,16 +19,34 @@ import triton.language as tl
 
 from fapool.attention.triton_decode import LN2, LOG2E, _check
 
+# Swept on an H100 (benchmarks/bench_attention_kernels.py --sweep, 16-token pages, two runs):
+# BLOCK_M 128 / BLOCK_N 128 / 8 warps / 3 stages ran 333-334 and 330-374 TFLOP/s at 4K and 16K
+# tokens; 128/32/4/3 318 and 347-362; 128/64/8/3 291-293 and 328-333. Query chunks of at most
+# 64 tokens use 64-row tiles (64/64/4/4: 318 and 298 on the full prompts).
 DEFAULT_BLOCK_M = 128
-DEFAULT_BLOCK_N = 64
+DEFAULT_BLOCK_N = 128
 DEFAULT_NUM_WARPS = 8
 DEFAULT_NUM_STAGES = 3
+SMALL_CONFIG = dict(block_m=64, block_n=64, num_warps=4, num_stages=4)
 
 
 @triton.jit
-def _kv_tile(K, V, table, start, offs_n, offs_d, kv_len,
-             stride_kb, stride_kt, stride_vb, stride_vt,
-             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _kv_tile(
+    K,
+    V,
+    table,
+    start,
+    offs_n,
+    offs_d,
+    kv_len,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     pos = start + offs_n
     if BLOCK_N <= PAGE:
         page = tl.load(table + start // PAGE).to(tl.int64)
@@ -50,17 +68,34 @@ def _kv_tile(K, V, table, start, offs_n, offs_d, kv_len,
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, OUT, LSE,
-    query_start_loc, query_pos_start, kv_lens, kv_start, block_tables,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    query_start_loc,
+    query_pos_start,
+    kv_lens,
+    kv_start,
+    block_tables,
     qk_scale,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     stride_bt,
-    stride_ot, stride_oh,
+    stride_ot,
+    stride_oh,
     stride_lt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -71,9 +106,8 @@ def _prefill_kernel(
     m_start = m_blk * BLOCK_M
     if m_start >= q_len:
         return
-    if SKIP_DECODE:
-        if q_len == 1:
-            return
+    if SKIP_DECODE and q_len == 1:  # the decode kernel owns it
+        return
     # Row j sees KV entries i with i < kv_len and i <= diag + j.
     diag = tl.load(query_pos_start + seq) - tl.load(kv_start + seq)
     kv_len = tl.load(kv_lens + seq)
@@ -86,7 +120,11 @@ def _prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < q_len
-    q = tl.load(Q + (q0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    q = tl.load(
+        Q + (q0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
 
     kvh = head // GROUP
     K = K + kvh * stride_kh
@@ -97,8 +135,22 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     for start in range(0, full, BLOCK_N):
-        k, v = _kv_tile(K, V, table, start, offs_n, offs_d, kv_len, stride_kb, stride_kt, stride_vb, stride_vt,
-                        PAGE, BLOCK_N, False)
+        k, v = _kv_tile(
+            K,
+            V,
+            table,
+            start,
+            offs_n,
+            offs_d,
+            kv_len,
+            stride_kb,
+            stride_kt,
+            stride_vb,
+            stride_vt,
+            PAGE,
+            BLOCK_N,
+            False,
+        )
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -108,8 +160,22 @@ def _prefill_kernel(
         m_i = m_new
 
     for start in range(full, hi, BLOCK_N):
-        k, v = _kv_tile(K, V, table, start, offs_n, offs_d, kv_len, stride_kb, stride_kt, stride_vb, stride_vt,
-                        PAGE, BLOCK_N, True)
+        k, v = _kv_tile(
+            K,
+            V,
+            table,
+            start,
+            offs_n,
+            offs_d,
+            kv_len,
+            stride_kb,
+            stride_kt,
+            stride_vb,
+            stride_vt,
+            PAGE,
+            BLOCK_N,
+            True,
+        )
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         pos = start + offs_n
         visible = (pos[None, :] <= (diag + offs_m)[:, None]) & (pos < kv_len)[None, :]
@@ -125,8 +191,11 @@ def _prefill_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
     tok = q0 + offs_m
-    tl.store(OUT + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty),
-             mask=m_mask[:, None])
+    tl.store(
+        OUT + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        o.to(OUT.dtype.element_ty),
+        mask=m_mask[:, None],
+    )
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     tl.store(LSE + tok * stride_lt + head, lse, mask=m_mask)
 
@@ -142,9 +211,9 @@ def paged_prefill(
     *,
     skip_decode: bool = False,
     block_m: int | None = None,
-    block_n: int = DEFAULT_BLOCK_N,
-    num_warps: int = DEFAULT_NUM_WARPS,
-    num_stages: int = DEFAULT_NUM_STAGES,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each sequence's query chunk over its paged KV -> (out, lse).
 
@@ -163,21 +232,46 @@ def paged_prefill(
     if meta.num_seqs == 0 or num_tokens == 0:
         return out, lse
     if block_m is None:
-        block_m = DEFAULT_BLOCK_M if meta.max_query_len > 64 else 64
+        block_m = DEFAULT_BLOCK_M if meta.max_query_len > 64 else SMALL_CONFIG["block_m"]
+    small = block_m < DEFAULT_BLOCK_M
+    if block_n is None:
+        block_n = SMALL_CONFIG["block_n"] if small else DEFAULT_BLOCK_N
+    if num_warps is None:
+        num_warps = SMALL_CONFIG["num_warps"] if small else DEFAULT_NUM_WARPS
+    if num_stages is None:
+        num_stages = SMALL_CONFIG["num_stages"] if small else DEFAULT_NUM_STAGES
     grid = (num_heads, triton.cdiv(meta.max_query_len, block_m), meta.num_seqs)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, out, lse,
-        meta.query_start_loc, meta.query_pos_start, meta.kv_lens, meta.kv_start, meta.block_tables,
+        query,
+        k_cache,
+        v_cache,
+        out,
+        lse,
+        meta.query_start_loc,
+        meta.query_pos_start,
+        meta.kv_lens,
+        meta.kv_start,
+        meta.block_tables,
         scale * LOG2E,
-        query.stride(0), query.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         meta.block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         lse.stride(0),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         SKIP_DECODE=skip_decode,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, lse

@@ -7,6 +7,9 @@ Block table of a request, tokens laid out left to right (block_size 4 here):
       full, hashed      full, hashed      partial: the only block new tokens are written into
 
 Only the partial tail block can be written, so only it needs copy-on-write when shared.
+
+With an attention pool, the local table stops at the pool threshold and the PoolManager
+places the rest on attention workers; this class keeps both in step (all or nothing).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fapool.core.block_pool import BlockPool, KVBlock, hash_block_tokens
+from fapool.core.pool_manager import PoolManager, Segment
 from fapool.request import Request
 
 
@@ -22,9 +26,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, pool_manager: PoolManager | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
+        self.pool_manager = pool_manager
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._num_hashed: dict[str, int] = {}  # leading blocks of each request already hashed
         self._hashes: dict[str, list[int]] = {}  # their chained hashes
@@ -35,7 +40,21 @@ class KVCacheManager:
         return cdiv(num_tokens, self.block_size)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
-        return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
+        pm = self.pool_manager
+        if pm is None or not pm.enabled:
+            return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
+        local = self.num_blocks_needed(min(num_tokens, pm.pool_start))
+        return local <= self.pool.num_blocks and pm.can_ever_fit(num_tokens)
+
+    def _local_limit(self, request_id: str) -> int | None:
+        """Positions at or past this go to the attention pool (None: everything local)."""
+        pm = self.pool_manager
+        if pm is None or not (pm.enabled or request_id in pm.segments):
+            return None
+        return pm.pool_start
+
+    def pool_segments(self, request_id: str) -> list[Segment]:
+        return self.pool_manager.snapshot(request_id) if self.pool_manager is not None else []
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.block_tables.get(request_id, [])]
@@ -73,14 +92,29 @@ class KVCacheManager:
         table = self.block_tables.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_new_blocks = max(0, self.num_blocks_needed(total) - len(table) - len(computed_blocks))
+        limit = self._local_limit(request.request_id)
+        local_total = total if limit is None else min(total, limit)
+        num_new_blocks = max(0, self.num_blocks_needed(local_total) - len(table) - len(computed_blocks))
         # The block the first new token lands in: if it exists and is shared, copy it first.
         tail_idx = num_computed // self.block_size
-        cow = num_new_tokens > 0 and tail_idx < len(table) and table[tail_idx].ref_cnt > 1
+        writes_local = num_new_tokens > 0 and (limit is None or num_computed < limit)
+        cow = writes_local and tail_idx < len(table) and table[tail_idx].ref_cnt > 1
         # Cached hits sitting in the free queue stop being free once touched.
         num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + int(cow) + num_revived > self.pool.num_free_blocks:
             return False
+        if limit is not None and total > limit:
+            # Pool side first: its copy-on-write and allocation each leave a valid state
+            # when they fail, and nothing local has changed yet.
+            pm = self.pool_manager
+            assert pm is not None
+            if num_new_tokens > 0 and num_computed >= limit and pm.write_position_needs_copy(
+                request.request_id, num_computed
+            ):
+                if not pm.copy_on_write(request.request_id, num_computed):
+                    return False
+            if not pm.allocate(request.request_id, total):
+                return False
 
         if computed_blocks:
             self.pool.touch(computed_blocks)
@@ -96,7 +130,7 @@ class KVCacheManager:
             table[tail_idx] = fresh
         table.extend(self.pool.get_new_blocks(num_new_blocks))
         self.block_tables[request.request_id] = table
-        self._cache_full_blocks(request, table, total)
+        self._cache_full_blocks(request, table, local_total)
         return True
 
     def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_tokens: int) -> None:
@@ -125,13 +159,20 @@ class KVCacheManager:
         self.block_tables[child.request_id] = list(table)
         self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
         self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
+        if self.pool_manager is not None:
+            self.pool_manager.fork(parent.request_id, child.request_id)
 
     def free(self, request: Request) -> None:
         table = self.block_tables.pop(request.request_id, [])
         self._num_hashed.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
         self.pool.free_blocks(list(reversed(table)))
+        if self.pool_manager is not None:
+            self.pool_manager.free(request.request_id)
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self._pending_copies = self._pending_copies, []
         return copies
+
+    def take_pool_copies(self) -> list[tuple[int, int, int]]:
+        return self.pool_manager.take_pending_copies() if self.pool_manager is not None else []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fapool.config import SchedulerConfig
 from fapool.core.kv_cache_manager import KVCacheManager
+from fapool.core.pool_manager import Segment
 from fapool.request import Request, RequestStatus
 
 
@@ -22,7 +23,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     num_computed_tokens: int  # before this step
-    block_ids: list[int]
+    block_ids: list[int]  # local blocks
+    segments: list[Segment] = field(default_factory=list)  # KV on attention workers, if any
 
     @property
     def completes_known_tokens(self) -> bool:
@@ -35,6 +37,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), CoW
+    pool_block_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (worker, src, dst)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -81,7 +84,7 @@ class Scheduler:
                 continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
@@ -114,12 +117,18 @@ class Scheduler:
             budget -= num_new
 
         out.block_copies = self.kv.take_pending_copies()
+        out.pool_block_copies = self.kv.take_pool_copies()
+        if self.kv.pool_manager is not None:
+            self.kv.pool_manager.step += 1
         return out
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(req, num_new, req.num_computed_tokens, self.kv.block_ids(req.request_id))
+        rid = req.request_id
+        return ScheduledRequest(
+            req, num_new, req.num_computed_tokens, self.kv.block_ids(rid), self.kv.pool_segments(rid)
+        )
 
-    def _preempt(self, req: Request) -> None:
+    def preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop its blocks (full ones stay in the prefix cache),
         put it at the head of the queue."""
         self.running.remove(req)

@@ -13,6 +13,7 @@ from fapool.attention.backend import AttentionBackend
 from fapool.config import EngineConfig
 from fapool.core.block_pool import BlockPool
 from fapool.core.kv_cache_manager import KVCacheManager
+from fapool.core.pool_manager import PoolManager
 from fapool.core.scheduler import Scheduler
 from fapool.engine.output_processor import OutputProcessor
 from fapool.layers.sampler import SampleRow, sample
@@ -61,17 +62,26 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, model, backend)
+        pool_manager = None
+        if config.pool.attention_workers > 0:
+            from fapool.worker.pool_runner import PoolModelRunner
+
+            self.runner: ModelRunner = PoolModelRunner(config, model, backend)
+            pool_manager = PoolManager(config.pool, config.cache.block_size, self.runner.worker_num_blocks)
+        else:
+            self.runner = ModelRunner(config, model, backend)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         pool = BlockPool(num_blocks, enable_caching=config.cache.enable_prefix_caching)
-        self.kv = KVCacheManager(pool, config.cache.block_size)
+        self.kv = KVCacheManager(pool, config.cache.block_size, pool_manager)
+        self.pool_manager = pool_manager
         self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
         self.outputs = OutputProcessor(tokenizer)
         self.groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
         self._generator = torch.Generator().manual_seed(config.seed)
         self.eos_token_ids = tuple(config.model.eos_token_ids)
+        self.worker_failures: list[tuple[int, str]] = []
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
 
     @property
@@ -111,8 +121,8 @@ class LLMEngine:
             )
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        needed = self.kv.num_blocks_needed(len(token_ids) + max_tokens)
-        if needed > self.num_kv_blocks:
+        if not self.kv.can_ever_fit(len(token_ids) + max_tokens):
+            needed = self.kv.num_blocks_needed(len(token_ids) + max_tokens)
             raise RequestError(
                 f"the request needs {needed} KV blocks ({len(token_ids)} prompt + {max_tokens} new tokens) "
                 f"but the whole cache has {self.num_kv_blocks}; lower max_tokens or raise the KV budget"
@@ -145,12 +155,43 @@ class LLMEngine:
         if sched.is_empty:
             return []
         logits, due = self.runner.execute(sched)
+        lost = self._handle_worker_failures()
+        if lost:
+            keep = [i for i, s in enumerate(due) if s.request.request_id not in lost]
+            due = [due[i] for i in keep]
+            logits = logits[keep] if logits is not None and keep else None
         for s in sched.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+            if s.request.request_id not in lost:
+                s.request.num_computed_tokens += s.num_new_tokens
+        self._record_pool_stats()
         touched: dict[str, None] = {s.request.group_id: None for s in sched.scheduled}
         if due:
             self._sample_and_update(logits, due)
         return [self._finalize(gid) for gid in touched if gid in self.groups]
+
+    def _handle_worker_failures(self) -> set[str]:
+        """Attention workers that died or hung this step: stop placing KV on them and
+        recompute (preempt) every request that had KV there. Their results from this step
+        are dropped, so no token is lost and none is computed from missing KV."""
+        take = getattr(self.runner, "take_failures", None)
+        failures = take() if take is not None else []
+        lost: set[str] = set()
+        for worker, why in failures:
+            assert self.pool_manager is not None
+            self.worker_failures.append((worker, why))
+            affected = set(self.pool_manager.mark_dead(worker))
+            logger.error("attention worker %d lost (%s); recomputing %d request(s)", worker, why, len(affected))
+            lost |= affected
+        for req in list(self.scheduler.running):
+            if req.request_id in lost:
+                self.scheduler.preempt(req)
+        return lost
+
+    def _record_pool_stats(self) -> None:
+        history = getattr(self.runner, "step_stats", None)
+        if history and self.pool_manager is not None:
+            history[-1].pool_size = len(self.pool_manager.active_workers())
+            history[-1].kv_tokens_per_worker = self.pool_manager.kv_tokens_per_worker()
 
     def _sample_and_update(self, logits: torch.Tensor, due) -> None:
         targets: list[Request] = []
@@ -188,6 +229,12 @@ class LLMEngine:
                 self.outputs.forget(r)
             del self.groups[group_id]
         return out
+
+    def shutdown(self) -> None:
+        """Stop worker processes (a no-op for a single-process engine)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     # Introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:

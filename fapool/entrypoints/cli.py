@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fapool.bench import engine_bench
 
     engine_bench.add_parser(bench_sub)
+    from fapool.bench import serve_bench
+
+    serve_bench.add_parser(bench_sub)
+    from fapool.entrypoints.server import register_serve
+
+    register_serve(sub)
 
     try:
         from fapool.sim import cli as sim_cli

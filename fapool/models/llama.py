@@ -13,7 +13,7 @@ fused into one linear each at load time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Generator, Iterable
 
 import torch
 from torch import nn
@@ -54,6 +54,18 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """[T, hidden] -> q [T, H, D], k, v [T, Hkv, D], rotary applied."""
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention result [T, H, D] -> [T, hidden]."""
+        return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
+
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
@@ -62,13 +74,8 @@ class Attention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attend(q, k, v, kv_cache, meta)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        q, k, v = self.project(x, cos, sin)
+        return self.output(self.attend(q, k, v, kv_cache, meta))
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -111,6 +118,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """One layer on its own (tests, tools); LlamaModel.forward_steps runs the same
+        sequence split at the attention call."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -126,13 +135,77 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        if len(kv_caches) != len(self.layers):
-            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        x = self.embed_tokens(input_ids)
+        return run_steps(self.forward_steps(input_ids, positions, kv_caches, LocalAttend(self.layers, meta)))
+
+    def forward_steps(
+        self,
+        x: torch.Tensor,  # input ids [T] on the first stage, else hidden [T, hidden]
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],  # one per layer in `layers`
+        attend: AttendFn,
+        layers: range | None = None,  # a pipeline stage's layers; default all
+    ) -> Generator[None, None, torch.Tensor]:
+        """The layer loop as a generator that yields while attention is in flight, so a
+        driver can interleave micro-batches: the dense work of one runs while the attention
+        of another is computed elsewhere (seed 000's asynchronous execution, seed 004's
+        ping-pong). Returns hidden [T, hidden], final-normed on the last stage."""
+        layers = layers if layers is not None else range(len(self.layers))
+        if len(kv_caches) != len(layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} layers")
+        if layers.start == 0:
+            x = self.embed_tokens(x)
         cos, sin = self.rotary_emb(positions)  # looked up once, shared by all layers
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+        for i, kv_cache in zip(layers, kv_caches):
+            layer = self.layers[i]
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+            pending = attend(i, q, k, v, kv_cache)
+            if pending.in_flight:
+                yield
+            x = x + layer.self_attn.output(pending.result())
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x) if layers.stop == len(self.layers) else x
+
+
+class Pending:
+    """An attention result, ready now or once its `finish` callable has run."""
+
+    __slots__ = ("_value", "_finish")
+
+    def __init__(self, value: torch.Tensor | None = None, finish: Callable[[], torch.Tensor] | None = None):
+        self._value = value
+        self._finish = finish
+
+    @property
+    def in_flight(self) -> bool:
+        return self._finish is not None
+
+    def result(self) -> torch.Tensor:
+        if self._finish is not None:
+            self._value, self._finish = self._finish(), None
+        return self._value  # type: ignore[return-value]
+
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, KVCache], Pending]
+
+
+class LocalAttend:
+    """All KV on this worker: each layer's own Attention.attend, synchronously."""
+
+    def __init__(self, layers: nn.ModuleList, meta: AttentionMetadata) -> None:
+        self.layers = layers
+        self.meta = meta
+
+    def __call__(self, layer_idx: int, q, k, v, kv_cache: KVCache) -> Pending:
+        return Pending(self.layers[layer_idx].self_attn.attend(q, k, v, kv_cache, self.meta))
+
+
+def run_steps(steps: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """Drive one forward generator to completion."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class LlamaForCausalLM(nn.Module):

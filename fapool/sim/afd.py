@@ -1,20 +1,20 @@
 """Closed-form sizing of AFD rA-1F bundles (seed 002); derivation in docs/afd_ratio.md.
 
 One bundle: r attention GPUs, each holding b decoding sequences, and one FFN instance of
-f_tp GPUs that runs every layer's FFN on the r*b tokens. A step's layer takes
+f_tp GPUs that runs every layer's FFN (and the LM head) on the r*b tokens. With ping-pong
+micro-batches a decode step takes
 
-    overlap (ping-pong):  E[ max(A_max(r), F(r b)) ]
-    no overlap:           E[ A_max(r) ] + F(r b) + 2 * network
+    step(r) = max( L * A_max(r),  L * F(r b) + LM(r b),  chain )
 
-where A_max(r) is the slowest attention GPU's layer time (each GPU's attention time is
-affine in S, the KV tokens it reads; S is about normal, see queueing.py) and F(n) is the FFN
-instance's layer time on n tokens. Throughput per GPU is
+where A_max(r) is the slowest attention GPU's layer time (affine in the KV tokens S it reads;
+the distribution of max_r S is in queueing.py), F(n) the FFN instance's layer time on n tokens and
+`chain` one micro-batch's own dependency chain. Throughput per GPU is
 
     Theta(r) = r b / ( E[step(r)] * (r + f_tp) ),
 
-and the optimal ratio is its argmax over integers r, found by scanning Theta (a closed-form
-expression, so the scan costs microseconds per r). `balance_ratio` and `ffn_bound_ratio` give
-the two analytic landmarks the argmax lies near.
+and the optimal ratio is its argmax over integers r. E[step] is a closed-form expression
+averaged over a discretised distribution of max_r S, so scanning r costs microseconds each. `balance_ratio` (A = F on average) and `ffn_bound_ratio` (the sqrt rule when the FFN side
+binds) are the analytic landmarks; the argmax lies at or below the balance point.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.queueing import ContextMoments, expected_max_with_constant, max_normal_moments
+from fapool.sim.queueing import ContextMoments, max_of_sums_distribution
 from fapool.sim.strategies import AFD
 
 
@@ -33,9 +35,9 @@ class AFDPoint:
     r: int
     step_time: float  # expected seconds per decode step (= TPOT in steady state)
     throughput_per_gpu: float  # tokens/s/GPU
-    attn_layer_mean: float  # mean attention-GPU layer time (one GPU)
-    attn_layer_max: float  # expected slowest of r
-    ffn_layer: float
+    attn_total_mean: float  # L * mean attention-GPU layer time
+    attn_total_max: float  # L * expected slowest of the r
+    ffn_total: float  # L * FFN layer + LM head
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class AFDPlan:
     b: int
     f_tp: int
     overlap: bool
-    balance_ratio: float  # r where mean attention time == FFN time
-    ffn_bound_ratio: float  # optimum if FFN-bound from the start (sqrt rule)
+    balance_ratio: float  # r where the mean attention total equals the FFN total
+    ffn_bound_ratio: float  # optimum if the FFN side bound from r = 1 (sqrt rule)
     curve: list[AFDPoint]
 
 
@@ -56,61 +58,66 @@ class AFDModel:
         if b < 1 or f_tp < 1:
             raise SimInputError("AFD needs b >= 1 sequences per attention GPU and f_tp >= 1")
         self.cost, self.m, self.b, self.f_tp, self.overlap = cost, moments, b, f_tp, overlap
-        self.template = AFD(r=1, f_tp=f_tp, max_batch_per_attn=b, overlap=overlap)
+        self.L = cost.model.num_hidden_layers
         s0 = b * moments.mean
         self.sum_sd = moments.sd * math.sqrt(b)
-        # Attention side is affine in S over the range that matters: linearise around the mean.
-        a0 = self._a_side(s0)
+        # The attention side is affine in S over the range that matters: linearise at the mean.
         ds = max(self.sum_sd, 1.0)
-        self.a_mean = a0
-        self.alpha = (self._a_side(s0 + ds) - a0) / ds
-        self.a_net = float(self.template.attn_layer(cost, b, s0, s0)[1])
+        self.a_mean = self._a_side(s0)
+        self.alpha = (self._a_side(s0 + ds) - self.a_mean) / ds
+        self.a_net = float(self._bundle(64).attn_layer(cost, b, s0, s0)[1])
+
+    def _bundle(self, r: int) -> AFD:
+        return AFD(r=r, f_tp=self.f_tp, max_batch_per_attn=self.b, overlap=self.overlap)
 
     def _a_side(self, s: float) -> float:
-        # The bundle size only enters through same_node(); use a large bundle (NIC links).
-        t = AFD(r=64, f_tp=self.f_tp, max_batch_per_attn=self.b, overlap=self.overlap)
-        compute, net = t.attn_layer(self.cost, self.b, s, s)
+        compute, net = self._bundle(64).attn_layer(self.cost, self.b, s, s)
         return float(max(compute, net) if self.overlap else compute)
 
-    def _f_side(self, r: int) -> tuple[float, float]:
-        t = AFD(r=r, f_tp=self.f_tp, max_batch_per_attn=self.b, overlap=self.overlap)
-        c, ar, net = t.ffn_layer(self.cost, r * self.b)
-        return (max(c + ar, net) if self.overlap else c + ar), net
+    def _f_total(self, r: int) -> float:
+        """The FFN side's share of a step: with two ping-pong micro-batches a micro-batch's
+        transfers to and from the FFN instance cannot hide, so they count with its compute."""
+        c, ar, net = self._bundle(r).ffn_layer(self.cost, r * self.b)
+        side = c + ar + 2 * net if self.overlap else c + ar
+        return self.L * side + float(self.cost.lm_head(r * self.b, self.f_tp))
 
     def point(self, r: int) -> AFDPoint:
-        cost = self.cost
-        e, s = max_normal_moments(r)
-        a_max_mean = self.a_mean + self.alpha * self.sum_sd * e
-        a_max_sd = self.alpha * self.sum_sd * s
-        f_side, f_net = self._f_side(r)
-        if self.overlap:
-            layer = expected_max_with_constant(a_max_mean, a_max_sd, f_side)
-        else:
-            layer = a_max_mean + f_side + 2 * max(f_net, self.a_net)
+        # The slowest attention GPU's layer time over the distribution of max_r S; E[step] is
+        # taken over it because the step is a max of A and F terms (step-level blocking).
+        s_max, w = max_of_sums_distribution(self.m, self.b, r)
+        a_max = self.a_mean + self.alpha * (s_max - self.b * self.m.mean)
+        a_max_mean = float((a_max * w).sum())
+        bundle = self._bundle(r)
+        f_parts = bundle.ffn_layer(self.cost, r * self.b)
+        steps = bundle.combine(self.cost, a_max, self.a_net, f_parts, r * self.b)
+        step = float((np.asarray(steps) * w).sum())
         n = r * self.b
-        step = cost.model.num_hidden_layers * layer + float(cost.lm_head(n, self.f_tp)) + cost.step_overhead()
-        return AFDPoint(r, step, n / (step * (r + self.f_tp)), self.a_mean, a_max_mean, f_side)
+        return AFDPoint(r, step, n / (step * (r + self.f_tp)), self.L * self.a_mean, self.L * a_max_mean, self._f_total(r))
+
+    def _f_line(self) -> tuple[float, float]:
+        """F_total(r) ~ beta + gamma * r, fitted where the FFN side is compute-bound."""
+        r1 = max(1, 4096 // self.b)
+        r2 = 2 * r1
+        f1, f2 = self._f_total(r1), self._f_total(r2)
+        gamma = (f2 - f1) / (r2 - r1)
+        return f1 - gamma * r1, gamma
 
     def balance_ratio(self) -> float:
-        """r solving mean attention time = FFN time, with F(n) ~ beta + gamma * n linearised at large n."""
-        n1, n2 = 4096, 8192
-        f1 = self._f_side(max(1, n1 // self.b))[0]
-        f2 = self._f_side(max(1, n2 // self.b))[0]
-        r1, r2 = max(1, n1 // self.b) * self.b, max(1, n2 // self.b) * self.b
-        gamma = (f2 - f1) / max(1, r2 - r1)
-        beta = f1 - gamma * r1
-        return max(0.0, (self.a_mean - beta) / (gamma * self.b)) if gamma > 0 else math.inf
+        """r solving L * mean attention layer = F_total(r)."""
+        beta, gamma = self._f_line()
+        return max(0.0, (self.L * self.a_mean - beta) / gamma) if gamma > 0 else math.inf
 
     def ffn_bound_ratio(self) -> float:
-        """Maximiser of r / ((r + f_tp)(beta + gamma r b)): sqrt(f_tp * beta / (gamma * b))."""
-        f1, f2 = self._f_side(1)[0], self._f_side(2)[0]
-        gamma = max(f2 - f1, 1e-15) / self.b
-        beta = max(f1 - gamma * self.b, 0.0)
-        return math.sqrt(self.f_tp * beta / (gamma * self.b))
+        """Maximiser of r / ((r + f_tp)(beta + gamma r)): sqrt(f_tp * beta / gamma), with beta,
+        gamma fitted at small r (weights streamed once a step, then per-token cost)."""
+        f1, f2 = self._f_total(1), self._f_total(2)
+        gamma = max(f2 - f1, 1e-15)
+        beta = max(f1 - gamma, 0.0)
+        return math.sqrt(self.f_tp * beta / gamma)
 
     def optimise(self, r_max: int = 4096) -> AFDPlan:
-        curve = []
-        best = None
+        curve: list[AFDPoint] = []
+        best: AFDPoint | None = None
         for r in range(1, r_max + 1):
             p = self.point(r)
             curve.append(p)
@@ -118,4 +125,5 @@ class AFDModel:
                 best = p
             elif r > 2 * best.r + 8 and p.throughput_per_gpu < 0.8 * best.throughput_per_gpu:
                 break  # well past the peak: Theta only falls from here
+        assert best is not None
         return AFDPlan(best, self.b, self.f_tp, self.overlap, self.balance_ratio(), self.ffn_bound_ratio(), curve)

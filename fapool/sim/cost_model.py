@@ -119,11 +119,15 @@ class CostModel:
     # ---- compute -----------------------------------------------------------------------
     def gemm(self, m, n: int, k: int):
         """[m, k] @ [k, n]; zero when m == 0."""
+        d, hw = self.dtype_bytes, self.hw
+        if np.isscalar(m):  # scalar fast path: the simulator prices thousands of steps
+            if m <= 0:
+                return 0.0
+            return hw.kernel_overhead + max(2.0 * m * n * k / hw.gemm_flops, (m * k + k * n + m * n) * d / hw.gemm_bandwidth)
         m = np.asarray(m, dtype=np.float64)
-        d = self.dtype_bytes
         flops = 2.0 * m * n * k
         nbytes = (m * k + k * n + m * n) * d
-        t = self.hw.kernel_overhead + np.maximum(flops / self.hw.gemm_flops, nbytes / self.hw.gemm_bandwidth)
+        t = hw.kernel_overhead + np.maximum(flops / hw.gemm_flops, nbytes / hw.gemm_bandwidth)
         return np.where(m > 0, t, 0.0)[()]
 
     def qkv_proj(self, tokens, tp: int = 1):
@@ -143,6 +147,8 @@ class CostModel:
 
     def elementwise(self, nbytes):
         """Memory-bound pass (norms, residual adds, rotary, the LSE merge)."""
+        if np.isscalar(nbytes):
+            return self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth if nbytes > 0 else 0.0
         nbytes = np.asarray(nbytes, dtype=np.float64)
         return np.where(nbytes > 0, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth, 0.0)[()]
 
@@ -158,6 +164,13 @@ class CostModel:
         tokens after p cached ones: kv_read = p + c, qk_pairs = c * (p + (c + 1) / 2).
         """
         m = self.model
+        hw = self.hw
+        if np.isscalar(kv_read_tokens) and np.isscalar(qk_pairs) and np.isscalar(num_queries):
+            if kv_read_tokens <= 0 and num_queries <= 0:
+                return 0.0
+            flops = 4.0 * m.num_attention_heads * m.head_dim * qk_pairs * head_fraction
+            nbytes = (kv_read_tokens * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(num_queries)) * head_fraction
+            return hw.attn_overhead + max(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
         kv_read = np.asarray(kv_read_tokens, dtype=np.float64)
         pairs = np.asarray(qk_pairs, dtype=np.float64)
         nq = np.asarray(num_queries, dtype=np.float64)
@@ -181,6 +194,10 @@ class CostModel:
         if n <= 1:
             return 0.0
         link = self.hw.link(same_node)
+        if np.isscalar(nbytes):
+            if nbytes <= 0:
+                return 0.0
+            return link.latency + 2 * (n - 1) * link.hop_latency + 2 * (n - 1) / n * nbytes / link.bandwidth
         nbytes = np.asarray(nbytes, dtype=np.float64)
         t = link.latency + 2 * (n - 1) * link.hop_latency + 2 * (n - 1) / n * nbytes / link.bandwidth
         return np.where(nbytes > 0, t, 0.0)[()]
@@ -188,6 +205,8 @@ class CostModel:
     def p2p(self, nbytes, same_node: bool = False):
         """One send (or receive) of `nbytes`; arrays allowed (one entry per link)."""
         link = self.hw.link(same_node)
+        if np.isscalar(nbytes):
+            return link.latency + nbytes / link.bandwidth if nbytes > 0 else 0.0
         nbytes = np.asarray(nbytes, dtype=np.float64)
         return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)[()]
 

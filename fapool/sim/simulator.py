@@ -23,7 +23,7 @@ import numpy as np
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 from fapool.sim.results import SimResult, build_result
-from fapool.sim.strategies import StepBatch, Strategy
+from fapool.sim.strategies import StepBatch, StepCost, Strategy
 from fapool.sim.workload import Workload
 
 
@@ -35,6 +35,11 @@ class SimConfig:
     warmup: float = 0.0  # seconds excluded from throughput and utilisation
     progress: bool = False
     timeline_points: int = 2000  # per instance, for plots
+    # Macro steps: when a batch is pure decode, nobody is waiting for a first token and no
+    # arrival or completion is due, up to this many identical-shape steps become one event;
+    # their time is the trapezoid of the first and last step's (exact when a step's time is
+    # affine in the contexts, as the roofline's decode attention is). 1 disables.
+    max_macro_steps: int = 128
 
     def __post_init__(self) -> None:
         if self.prefill not in ("chunked", "skip"):
@@ -88,6 +93,7 @@ class _Instance:
         self.pre_left = np.zeros(n, np.int64)
         self.out_left = np.zeros(n, np.int64)
         self.order = np.zeros(n, np.int64)  # admission counter: larger = younger
+        self.fresh = np.zeros(n, bool)  # admitted, first token not yet emitted
         self.free_slots = [list(range(g * spg + spg - 1, g * spg - 1, -1)) for g in range(self.num_groups)]
         self.ledger = strategy.make_ledger(cost, n, self.group)
         self.waiting: deque[int] = deque()
@@ -129,6 +135,7 @@ class Simulator:
         self.now = 0.0
         order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
         arrivals = deque(int(i) for i in order)
+        self.arrivals = arrivals
         total = self._expected_requests()
         progress = _Progress(total, cfg.progress, self.strategy.describe())
         done_before = 0
@@ -140,11 +147,17 @@ class Simulator:
                 break
             self.now = t
             if t_arr <= t_evt:
-                rid = arrivals.popleft()
-                inst = self._route(rid)
-                inst.waiting.append(rid)
-                if not inst.busy:
-                    self._start_step(inst)
+                # Take every request arriving at this instant before any idle instance starts
+                # a step, so a burst forms one batch rather than a batch of one.
+                touched = []
+                while arrivals and self.reqs.arrival[arrivals[0]] <= t:
+                    rid = arrivals.popleft()
+                    inst = self._route(rid)
+                    inst.waiting.append(rid)
+                    touched.append(inst)
+                for inst in touched:
+                    if not inst.busy:
+                        self._start_step(inst)
             else:
                 _, _, idx = heapq.heappop(self.events)
                 inst = self.insts[idx]
@@ -206,6 +219,7 @@ class Simulator:
             inst.req[slot] = rid
             inst.out_left[slot] = self.reqs.output[rid] - self.reqs.generated[rid]
             inst.order[slot] = self.seq
+            inst.fresh[slot] = True
             self.seq += 1
 
     def _plan_tokens(self, inst: _Instance) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +258,14 @@ class Simulator:
         sc = self.strategy.step_cost(self.cost, batch, inst.ledger)
         if not sc.duration > 0 or not math.isfinite(sc.duration):
             raise RuntimeError(f"non-positive step time {sc.duration} from {self.strategy.describe()}")
+        k = self._macro_k(inst, new, decode, sc.duration)
+        if k > 1 and inst.ledger.try_allocate(inst.ctx + new, new * (k - 1)) is None:
+            if hasattr(inst.ledger, "placed"):
+                inst.ledger.placed = inst.ledger.placed / (k - 1)
+            last = self.strategy.step_cost(self.cost, StepBatch(inst.ctx + k - 1, new, decode, inst.group), inst.ledger)
+            sc = StepCost(k * (sc.duration + last.duration) / 2, k * (sc.busy + last.busy) / 2,
+                          k * (sc.comm + last.comm) / 2)
+            new = new * k
         if self.now >= self.config.warmup:
             inst.gpu_busy += sc.busy
             inst.gpu_comm += sc.comm
@@ -254,13 +276,29 @@ class Simulator:
             inst.gpu_active += sc.duration * holds_kv
         inst.steps += 1
         if inst.steps % inst.stride == 0:
-            inst.timeline.append((self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration))
+            inst.timeline.append((self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration / k))
             if len(inst.timeline) >= 2 * self.config.timeline_points:
                 inst.timeline = inst.timeline[::2]
                 inst.stride *= 2
         inst.pending = (new, self.now)
         inst.busy = True
         heapq.heappush(self.events, (self.now + sc.duration, self._next_seq(), inst.idx))
+
+    def _macro_k(self, inst: _Instance, new: np.ndarray, decode: np.ndarray, step: float) -> int:
+        """How many identical decode steps may run as one event (1 = just this step)."""
+        cfg = self.config
+        if cfg.max_macro_steps <= 1:
+            return 1
+        active = inst.req >= 0
+        if (new != decode).any() or (inst.fresh & active).any():
+            return 1  # prefill chunks, or a first token whose time must be exact
+        k = min(cfg.max_macro_steps, int(inst.out_left[active].min()))
+        horizon = min(self.reqs.arrival[self.arrivals[0]] if self.arrivals else math.inf, cfg.max_sim_time)
+        if self.events:
+            horizon = min(horizon, self.events[0][0]) if len(self.insts) > 1 else horizon
+        if math.isfinite(horizon):
+            k = min(k, int((horizon - self.now) / step))
+        return max(1, k)
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -291,13 +329,16 @@ class Simulator:
         slots = np.flatnonzero(emit)
         if not len(slots):
             return
+        # A decode slot emits one token a step (k in a macro step); a finished prefill, one.
+        n_emit = np.where(was_prefill, 1, new)[slots]
         rids = inst.req[slots]
         r = self.reqs
-        r.generated[rids] += 1
+        r.generated[rids] += n_emit
         first = np.isnan(r.first_token[rids])
         r.first_token[rids[first]] = now
-        inst.out_left[slots] -= 1
-        n = len(slots)
+        inst.fresh[slots] = False
+        inst.out_left[slots] -= n_emit
+        n = int(n_emit.sum())
         self.tokens_out += n
         if started >= self.config.warmup:
             self.tokens_window += n

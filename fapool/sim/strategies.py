@@ -249,22 +249,25 @@ class FAPool(Strategy):
         q_bytes_w = np.zeros(P)
         ret_bytes_w = np.zeros(P)
         if P and pool_tok.any():
+            # Causal: only queries past the threshold see pool keys (all of a decode step's).
+            pool_q = np.minimum(b.new, pool_tok)
             if self.placement == "head":
                 share = self.head_share(cost)
-                in_pool = pool_tok > 0
-                queries = float(b.new[in_pool].sum())
-                pairs = float((b.new * np.minimum(pool_tok, np.maximum(b.ctx + (b.new + 1) / 2 - self.threshold, 0))).sum())
+                queries = float(pool_q.sum())
+                pairs = float((pool_q * pool_tok).sum())
                 attn_w = np.array([float(cost.attention(pool_tok.sum(), pairs, queries, s)) for s in share])
                 q_bytes_w = cost.query_bytes(queries, 1.0) * share
                 ret_bytes_w = cost.partial_bytes(queries, 1.0) * share
+                new_kv_w = ledger.placed * share  # whole-token units -> this worker's heads
             else:
                 holds = ledger.owned > 0  # [slots, workers]
-                queries_w = b.new @ holds
-                pairs_w = b.new @ ledger.owned
+                queries_w = pool_q @ holds
+                pairs_w = pool_q @ ledger.owned
                 attn_w = np.asarray(cost.attention(ledger.load, pairs_w, queries_w))
                 q_bytes_w = cost.query_bytes(queries_w)
                 ret_bytes_w = cost.partial_bytes(queries_w)
-            q_bytes_w = q_bytes_w + ledger.placed * cost.kv_bytes_per_token_layer()
+                new_kv_w = ledger.placed
+            q_bytes_w = q_bytes_w + new_kv_w * cost.kv_bytes_per_token_layer()
         same = self.num_gpus() <= cost.hw.gpus_per_node
         pool_used = bool(attn_w.any())
         if pool_used:
@@ -278,27 +281,30 @@ class FAPool(Strategy):
             send_base = recv_base = 0.0
             recv_w = send_w = np.zeros(P)
             pool_path = merge = 0.0
-        layer, dense_c, dense_ar = self.layer_time(cost, tokens, local, pool_path, merge)
+        duration, dense_c, dense_ar = self.step_time(cost, tokens, n_seqs, local, pool_path, merge)
         lm = float(cost.lm_head(n_seqs, tp))
-        duration = L * layer + lm + cost.step_overhead()
         busy = np.concatenate([np.full(tp, L * (dense_c + local + merge) + lm), L * attn_w])
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
 
-    def layer_time(self, cost: CostModel, tokens: float, local: float, pool_path: float, merge: float):
-        """(layer seconds, base dense compute, base all-reduce) given the base's local attention
-        and the pool's path (send queries, attend, return partials). Shared with the planner."""
-        tp = self.base_tp
+    def step_time(self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float, merge: float):
+        """(step seconds, base dense compute per layer, base all-reduce per layer) given one
+        layer's local attention on the base and the pool's path (send queries, attend, return
+        partials). Shared by the simulator and the planner."""
+        L, tp = cost.model.num_hidden_layers, self.base_tp
+        lm = float(cost.lm_head(n_seqs, tp))
         if self.overlap and pool_path > 0:
             # Two micro-batches ping-pong: the base works on one while the pool attends to the
-            # other. Per layer the slower side sets the pace, or one micro-batch's own chain.
+            # other. The step takes the busier side's total, or one micro-batch's own chain.
             dc, dar = cost.dense_layer(tokens / 2, tp)
             dense_c, dense_ar = 2 * dc, 2 * dar
-            base_layer = dense_c + dense_ar + local + merge
-            chain = (base_layer + max(local, pool_path) - local) / 2
-            return max(base_layer, pool_path, chain), dense_c, dense_ar
-        dense_c, dense_ar = cost.dense_layer(tokens, tp)
-        return dense_c + dense_ar + max(local, pool_path) + merge, dense_c, dense_ar
+            base_total = L * (dense_c + dense_ar + local + merge) + lm
+            chain = (L * (dense_c + dense_ar + merge + max(local, pool_path)) + lm) / 2
+            step = max(base_total, L * pool_path, chain)
+        else:
+            dense_c, dense_ar = cost.dense_layer(tokens, tp)
+            step = L * (dense_c + dense_ar + max(local, pool_path) + merge) + lm
+        return step + cost.step_overhead(), dense_c, dense_ar
 
     def describe(self) -> str:
         rep = f" x{self.replicas}" if self.replicas > 1 else ""
@@ -374,28 +380,33 @@ class AFD(Strategy):
         return compute, net
 
     def ffn_layer(self, cost: CostModel, tokens: float) -> tuple[float, float, float]:
-        """The FFN instance, one layer: (compute, all-reduce, network) seconds."""
+        """The FFN instance, one layer: (compute, all-reduce, network) seconds. The f_tp GPUs'
+        NICs share the incoming and outgoing activations (each takes 1/f_tp of the tokens and
+        the TP all-reduce inside the node redistributes them)."""
         split = 2 if self.overlap else 1
         compute = split * float(cost.ffn(tokens / split, self.f_tp))
         ar = split * float(cost.allreduce(cost.hidden_bytes(tokens / split), self.f_tp))
-        net = float(cost.p2p(cost.hidden_bytes(tokens), self.same_node(cost)))
+        net = split * float(cost.p2p(cost.hidden_bytes(tokens / split) / self.f_tp, self.same_node(cost)))
         return compute, ar, net
 
-    def combine(self, cost: CostModel, a_compute, a_net, f: tuple[float, float, float], n_seqs: float):
-        """Step time from one layer's per-GPU parts (shared by simulator and planner)."""
+    def combine(self, cost: CostModel, a_side, a_net, f: tuple[float, float, float], n_seqs: float):
+        """Step seconds from one layer's slowest attention GPU (`a_side`: compute, or with
+        overlap max(compute, network)) and the FFN instance's parts. Shared with the planner;
+        `a_side` may be an array (the planner's quadrature nodes)."""
         f_compute, f_ar, f_net = f
         L = cost.model.num_hidden_layers
-        a_side = np.maximum(a_compute, a_net) if self.overlap else a_compute
-        f_side = max(f_compute + f_ar, f_net) if self.overlap else f_compute + f_ar
-        lat = cost.hw.link(self.same_node(cost)).latency
-        if self.overlap:
-            # Ping-pong: attention of one micro-batch overlaps the FFN of the other; the slower
-            # side sets the pace, or one micro-batch's own chain (half of each side + 2 hops).
-            layer = np.maximum(np.maximum(a_side, f_side), (a_side + f_side) / 2 + 2 * lat)
-        else:
-            layer = a_side + f_side + 2 * np.maximum(f_net, a_net)
         lm = float(cost.lm_head(n_seqs, self.f_tp))
-        return L * layer + lm + cost.step_overhead()
+        if self.overlap:
+            # Ping-pong: attention of one micro-batch overlaps the FFN of the other. The step
+            # takes the busier side's total (the LM head runs on the FFN side), or one
+            # micro-batch's own chain: half of each side plus two transfers a layer.
+            a_tot = L * np.asarray(a_side)
+            f_tot = L * max(f_compute + f_ar, f_net) + lm
+            chain = (a_tot + L * (f_compute + f_ar + 2 * f_net) + lm) / 2
+            step = np.maximum(np.maximum(a_tot, f_tot), chain)
+        else:
+            step = L * (np.asarray(a_side) + f_compute + f_ar + 2 * np.maximum(f_net, a_net)) + lm
+        return step + cost.step_overhead()
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
         L = cost.model.num_hidden_layers

@@ -72,7 +72,25 @@ def _assert_matches_reference(out, lse, q, kc, vc, meta, scale, dtype):
 
 def _boundary_lengths(block_size):
     """Odd lengths and lengths on and around page and tile boundaries."""
-    return sorted({1, 2, 7, block_size - 1, block_size, block_size + 1, 2 * block_size, 63, 64, 65, 3 * block_size + 5, 127, 129, 257, 1000})
+    return sorted(
+        {
+            1,
+            2,
+            7,
+            block_size - 1,
+            block_size,
+            block_size + 1,
+            2 * block_size,
+            63,
+            64,
+            65,
+            3 * block_size + 5,
+            127,
+            129,
+            257,
+            1000,
+        }
+    )
 
 
 HEADS = [(8, 2, 128), (4, 4, 128), (32, 8, 128), (8, 1, 64)]  # (num_heads, num_kv_heads, head_dim)
@@ -94,15 +112,18 @@ def test_decode_matches_reference(dtype, block_size, heads):
 
     num_heads, num_kv_heads, head_dim = heads
     specs = [(n - 1, 1) for n in _boundary_lengths(block_size)]
-    q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=block_size)
+    q, kc, vc, meta = _paged_case(
+        specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=block_size
+    )
     scale = head_dim**-0.5
     out, lse = TritonBackend().forward(q, kc, vc, meta, scale)
     _assert_matches_reference(out, lse, q, kc, vc, meta, scale, dtype)
 
 
 @needs_gpu
+@pytest.mark.parametrize("k_transposed", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 16, 200])
-def test_decode_forced_split_counts(num_splits):
+def test_decode_forced_split_counts(num_splits, k_transposed):
     """One split (direct write), uneven splits, and more splits than tiles (empty splits)."""
     from fapool.attention.triton_decode import paged_decode
 
@@ -111,7 +132,7 @@ def test_decode_forced_split_counts(num_splits):
     q, kc, vc, meta = _paged_case(specs, 32, 8, 128, 16, dtype, seed=num_splits)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
-    paged_decode(q, kc, vc, meta, 0.1, out, lse, num_splits=num_splits)
+    paged_decode(q, kc, vc, meta, 0.1, out, lse, num_splits=num_splits, k_transposed=k_transposed)
     _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, dtype)
 
 
@@ -125,7 +146,18 @@ def test_mixed_batch_matches_reference(dtype, block_size, heads):
 
     num_heads, num_kv_heads, head_dim = heads
     bs = block_size
-    specs = [(0, 7), (0, 129), (37, 64), (bs, bs), (200, 301), (15, 1), (0, 1), (bs - 1, bs + 1), (1000, 17), (2 * bs, 1)]
+    specs = [
+        (0, 7),
+        (0, 129),
+        (37, 64),
+        (bs, bs),
+        (200, 301),
+        (15, 1),
+        (0, 1),
+        (bs - 1, bs + 1),
+        (1000, 17),
+        (2 * bs, 1),
+    ]
     q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=7 + bs)
     scale = head_dim**-0.5
     out, lse = TritonBackend().forward(q, kc, vc, meta, scale)
@@ -181,11 +213,11 @@ def test_shards_with_kv_start_merge_to_the_whole(block_size, num_shards):
             kv_start=kv_start,
             device=DEVICE,
         )
-        o, l = backend.forward(q, kc, vc, sub, 0.1)
-        _assert_matches_reference(o, l, q, kc, vc, sub, 0.1, dtype)
+        o, lse = backend.forward(q, kc, vc, sub, 0.1)
+        _assert_matches_reference(o, lse, q, kc, vc, sub, 0.1, dtype)
         outs.append(o)
-        lses.append(l)
-    assert any(torch.isneginf(l).any() for l in lses), "some shard should be invisible to some query"
+        lses.append(lse)
+    assert any(torch.isneginf(x).any() for x in lses), "some shard should be invisible to some query"
     out, lse = merge_partials(outs, lses)
     torch.testing.assert_close(out.float(), whole_out.float(), **TOL[dtype])
     torch.testing.assert_close(lse, whole_lse, atol=2e-3, rtol=1e-3)
@@ -195,7 +227,7 @@ def test_shards_with_kv_start_merge_to_the_whole(block_size, num_shards):
 def test_empty_kv_gives_zero_and_minus_inf():
     from fapool.attention.triton_backend import TritonBackend
 
-    q, kc, vc, meta = _paged_case([(40, 1), (40, 5)], 8, 2, 128, 16, BF16)
+    q, kc, vc, _ = _paged_case([(40, 1), (40, 5)], 8, 2, 128, 16, BF16)
     empty = AttentionMetadata.build([1, 5], [40, 40], [0, 0], [[], []], [-1] * 6, device=DEVICE)
     out, lse = TritonBackend().forward(q, kc, vc, empty, 0.1)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
@@ -213,7 +245,10 @@ def test_write_kv_matches_torch(dtype, block_size):
     slots[::5] = -1
     key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
     value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    caches = [
+        torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+        for _ in range(2)
+    ]
     expect = [c.clone() for c in caches]
     slots = slots.to(DEVICE)
     TritonBackend().write_kv(caches[0], caches[1], key, value, slots)

@@ -1,0 +1,221 @@
+"""The resource manager of the attention pool (seed 000): where a sequence's KV blocks live.
+
+A sequence's first `pool_threshold` tokens (rounded up to whole blocks) stay on the local
+(dense) worker. Past that, its KV goes to attention workers, in *segments* of
+`tokens_per_pool_worker` tokens:
+
+    positions: | local: 0 .. P0 | segment 0 | segment 1 | segment 2 | ...
+    shard:       dense worker     worker a    worker b    worker a      (one worker each)
+    replicate:   dense worker     every pool worker holds the whole pool region
+    head:        dense worker     every pool worker holds its KV heads of the pool region
+
+In shard mode each new segment goes to a worker not yet serving the sequence while it has
+fewer than `attention_workers` (the pool serving it grows with its length), then to the
+least loaded of its workers. Workers are chosen by fewest used blocks, so KV tokens stay
+balanced across the pool. Everything is released when the sequence finishes. No tensors
+here: the model runner turns segments into messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fapool.config import PoolConfig
+from fapool.core.block_pool import BlockPool, KVBlock
+
+
+@dataclass
+class Placement:
+    worker: int  # pool worker id, 1..attention_workers (0 is the local worker)
+    blocks: list[KVBlock] = field(default_factory=list)
+
+
+@dataclass
+class Segment:
+    start: int  # absolute position of the segment's first token (block aligned)
+    placements: list[Placement]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.placements[0].blocks)
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    step: int
+    request_id: str
+    action: str  # "grow" | "release"
+    workers: tuple[int, ...]  # the request's pool workers after the event
+
+
+class PoolManager:
+    def __init__(self, config: PoolConfig, block_size: int, num_blocks_per_worker: int) -> None:
+        self.config = config
+        self.mode = config.pool_mode
+        self.block_size = block_size
+        self.local_blocks = -(-config.pool_threshold // block_size)
+        self.pool_start = self.local_blocks * block_size  # first position stored in the pool
+        self.segment_blocks = max(1, -(-config.tokens_per_pool_worker // block_size))
+        self.pools = {
+            w: BlockPool(num_blocks_per_worker, worker=w, enable_caching=False)
+            for w in range(1, config.attention_workers + 1)
+        }
+        self.alive: set[int] = set(self.pools)
+        self.segments: dict[str, list[Segment]] = {}
+        self.assigned: dict[str, list[int]] = {}
+        self.history: list[PoolEvent] = []
+        self.step = 0
+        self._pending_copies: list[tuple[int, int, int]] = []  # (worker, src, dst)
+
+    # Queries ------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self.alive)
+
+    def workers_of(self, request_id: str) -> list[int]:
+        return list(self.assigned.get(request_id, []))
+
+    def active_workers(self) -> set[int]:
+        return {w for ws in self.assigned.values() for w in ws}
+
+    def kv_tokens_per_worker(self) -> dict[int, int]:
+        """Used blocks x block size on each pool worker (an upper bound on stored tokens)."""
+        return {w: p.num_used_blocks * self.block_size for w, p in self.pools.items()}
+
+    def pool_blocks_needed(self, num_tokens: int) -> int:
+        return max(0, -(-(num_tokens - self.pool_start) // self.block_size)) if self.enabled else 0
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        need = self.pool_blocks_needed(num_tokens)
+        alive = [self.pools[w] for w in self.alive]
+        if self.mode == "shard":
+            return need <= sum(p.num_blocks for p in alive)
+        return need <= min((p.num_blocks for p in alive), default=0)
+
+    # Allocation ---------------------------------------------------------------------------
+    def allocate(self, request_id: str, num_tokens: int, dry_run: bool = False) -> bool:
+        """Ensure blocks for positions [pool_start, num_tokens). All or nothing; with
+        dry_run, only report whether it would succeed."""
+        need = self.pool_blocks_needed(num_tokens)
+        segs = self.segments.get(request_id, [])
+        have = sum(s.num_blocks for s in segs)
+        if need <= have:
+            return True
+        plan = self._plan(request_id, segs, need - have)
+        if plan is None:
+            return False
+        if dry_run:
+            return True
+        workers_before = list(self.assigned.get(request_id, []))
+        segs = self.segments.setdefault(request_id, [])
+        for new_segment, workers, count in plan:
+            if new_segment:
+                start = self.pool_start + sum(s.num_blocks for s in segs) * self.block_size
+                segs.append(Segment(start, [Placement(w) for w in workers]))
+            for placement in segs[-1].placements:
+                placement.blocks.extend(self.pools[placement.worker].get_new_blocks(count))
+        assigned = self.assigned.setdefault(request_id, [])
+        for _, workers, _ in plan:
+            assigned.extend(w for w in workers if w not in assigned)
+        if assigned != workers_before:
+            self.history.append(PoolEvent(self.step, request_id, "grow", tuple(assigned)))
+        return True
+
+    def _plan(self, request_id: str, segs: list[Segment], num_new: int):
+        """[(opens_new_segment, workers, num_blocks)] covering num_new more blocks, or None
+        when some worker lacks the free blocks (or holds the request's KV but is dead)."""
+        assigned = list(self.assigned.get(request_id, []))
+        if any(w not in self.alive for w in assigned):
+            return None
+        used = {w: self.pools[w].num_used_blocks for w in self.alive}
+        steps: list[tuple[bool, list[int], int]] = []
+        if self.mode != "shard":  # one segment on every pool worker, growing in place
+            workers = [p.worker for p in segs[0].placements] if segs else sorted(self.alive)
+            steps.append((not segs, workers, num_new))
+        else:
+            room = self.segment_blocks - segs[-1].num_blocks if segs else 0
+            if room > 0:
+                take = min(room, num_new)
+                steps.append((False, [segs[-1].placements[0].worker], take))
+                num_new -= take
+            while num_new > 0:
+                fresh = [w for w in sorted(self.alive) if w not in assigned]
+                grow = fresh and len(assigned) < self.config.attention_workers
+                w = min(fresh if grow else assigned, key=lambda w: (used[w], w))
+                if w not in assigned:
+                    assigned.append(w)
+                take = min(self.segment_blocks, num_new)
+                steps.append((True, [w], take))
+                used[w] += take
+                num_new -= take
+        free = {w: self.pools[w].num_free_blocks for w in self.alive}
+        for _, workers, take in steps:
+            for w in workers:
+                free[w] -= take
+                if free[w] < 0:
+                    return None
+        return steps
+
+    def write_position_needs_copy(self, request_id: str, position: int) -> bool:
+        """True when the pool block holding `position` is shared (fork) and must be copied."""
+        seg, idx = self._locate(request_id, position)
+        return seg is not None and any(p.blocks[idx].ref_cnt > 1 for p in seg.placements)
+
+    def copy_on_write(self, request_id: str, position: int) -> bool:
+        """Give the request private copies of the block holding `position` (all placements).
+        Returns False, changing nothing, when a worker has no free block."""
+        seg, idx = self._locate(request_id, position)
+        if seg is None:
+            return True
+        shared = [p for p in seg.placements if p.blocks[idx].ref_cnt > 1]
+        if any(self.pools[p.worker].num_free_blocks < 1 for p in shared):
+            return False
+        for p in shared:
+            (fresh,) = self.pools[p.worker].get_new_blocks(1)
+            self._pending_copies.append((p.worker, p.blocks[idx].block_id, fresh.block_id))
+            self.pools[p.worker].free_blocks([p.blocks[idx]])
+            p.blocks[idx] = fresh
+        return True
+
+    def _locate(self, request_id: str, position: int) -> tuple[Segment | None, int]:
+        for seg in self.segments.get(request_id, []):
+            idx = (position - seg.start) // self.block_size
+            if 0 <= idx < seg.num_blocks:
+                return seg, idx
+        return None, 0
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        segs = self.segments.get(parent_id)
+        if not segs:
+            return
+        child = [Segment(s.start, [Placement(p.worker, list(p.blocks)) for p in s.placements]) for s in segs]
+        for s in child:
+            for p in s.placements:
+                self.pools[p.worker].touch(p.blocks)
+        self.segments[child_id] = child
+        self.assigned[child_id] = list(self.assigned[parent_id])
+        self.history.append(PoolEvent(self.step, child_id, "grow", tuple(self.assigned[child_id])))
+
+    def free(self, request_id: str) -> None:
+        for seg in reversed(self.segments.pop(request_id, [])):
+            for p in seg.placements:
+                self.pools[p.worker].free_blocks(list(reversed(p.blocks)))
+        workers = self.assigned.pop(request_id, None)
+        if workers:
+            self.history.append(PoolEvent(self.step, request_id, "release", ()))
+
+    def mark_dead(self, worker: int) -> list[str]:
+        """Stop placing on `worker`; returns the requests that had KV there."""
+        self.alive.discard(worker)
+        return [rid for rid, ws in self.assigned.items() if worker in ws]
+
+    def take_pending_copies(self) -> list[tuple[int, int, int]]:
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def snapshot(self, request_id: str) -> list[Segment]:
+        """A copy of the request's segments for the step plan (block ids frozen now)."""
+        return [
+            Segment(s.start, [Placement(p.worker, list(p.blocks)) for p in s.placements])
+            for s in self.segments.get(request_id, [])
+        ]

@@ -1,0 +1,217 @@
+"""Engine outputs -> OpenAI response bodies and stream chunks, for completions and chat.
+
+The engine hands back cumulative RequestOutputs (all text and tokens so far); a renderer keeps,
+per choice, how much it has sent and emits the difference. With stop strings it holds back a
+tail that could still become a stop string, so text the engine later cuts is never sent.
+Choice index = prompt index * n + completion index, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from fapool.entrypoints import openai_protocol as proto
+from fapool.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+@dataclass
+class _Choice:
+    text_len: int = 0  # characters sent
+    num_tokens: int = 0  # tokens sent (token ids / logprobs)
+    finished: bool = False
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+class Renderer:
+    object_name = ""
+    chunk_object = ""
+
+    def __init__(self, request_id: str, model: str, req: proto.SamplingFields, prompts: list[list[int]],
+                 tokenizer) -> None:
+        self.id = request_id
+        self.model = model
+        self.req = req
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.created = int(time.time())
+        self.n = req.n
+        self.stops = tuple([req.stop] if isinstance(req.stop, str) else req.stop or ())
+        self.choices = [_Choice() for _ in range(len(prompts) * req.n)]
+        self._tokens: dict[int, str] = {}
+
+    # Token strings ----------------------------------------------------------------------------
+    def token_str(self, token_id: int) -> str:
+        s = self._tokens.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            self._tokens[token_id] = s
+        return s
+
+    # Usage --------------------------------------------------------------------------------------
+    def usage(self, num_completion_tokens: int) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": num_completion_tokens,
+                "total_tokens": prompt + num_completion_tokens}
+
+    @property
+    def token_level(self) -> bool:
+        """Whether every new token is worth a chunk even when it adds no visible text."""
+        return self.req.return_token_ids or self.num_logprobs is not None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    # Streaming ----------------------------------------------------------------------------------
+    def first_chunks(self) -> list[dict]:
+        return []
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        result = []
+        for c in out.outputs:
+            i = index * self.n + c.index
+            st = self.choices[i]
+            if st.finished:
+                continue
+            finished = c.finish_reason is not None
+            visible = len(c.text) if finished or not self.stops else len(c.text) - held_back(c.text, self.stops)
+            delta = c.text[st.text_len:visible] if visible > st.text_len else ""
+            new_tokens = c.token_ids[st.num_tokens:]
+            if not (delta or finished or (new_tokens and self.token_level)):
+                continue
+            lps = c.logprobs[st.num_tokens:] if c.logprobs is not None else None
+            result.append(self.chunk(i, delta, new_tokens, lps, c if finished else None, st.text_len))
+            st.text_len = max(st.text_len, visible)
+            st.num_tokens = len(c.token_ids)
+            st.finished = finished
+        if result and all(st.finished for st in self.choices) and not self.req.include_usage:
+            result[-1]["usage"] = self.usage(sum(st.num_tokens for st in self.choices))
+        return result
+
+    def final_chunks(self) -> list[dict]:
+        if not self.req.include_usage:
+            return []
+        return [{"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                 "choices": [], "usage": self.usage(sum(st.num_tokens for st in self.choices))}]
+
+    def chunk(self, i: int, delta: str, tokens: list[int], lps: list[list[Logprob]] | None,
+              done: CompletionOutput | None, offset: int) -> dict:
+        raise NotImplementedError
+
+    def full_response(self, finals: list[RequestOutput]) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def finish(c: CompletionOutput | None) -> dict:
+        if c is None:
+            return {"finish_reason": None, "stop_reason": None}
+        return {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+class CompletionRenderer(Renderer):
+    object_name = chunk_object = "text_completion"
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.req.logprobs
+
+    def logprobs(self, lps: list[list[Logprob]] | None, offset: int) -> dict | None:
+        if lps is None:
+            return None
+        out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        for chosen, *alts in lps:
+            s = self.token_str(chosen.token_id)
+            out["tokens"].append(s)
+            out["token_logprobs"].append(_finite(chosen.logprob))
+            top = {self.token_str(a.token_id): _finite(a.logprob) for a in alts}
+            top.setdefault(s, _finite(chosen.logprob))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(s)
+        return out
+
+    def _choice(self, i: int, text: str, tokens: list[int], lps, done, offset: int) -> dict:
+        choice = {"index": i, "text": text, "logprobs": self.logprobs(lps, offset), **self.finish(done)}
+        if self.req.return_token_ids:
+            choice["token_ids"] = tokens
+        return choice
+
+    def chunk(self, i, delta, tokens, lps, done, offset) -> dict:
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": [self._choice(i, delta, tokens, lps, done, offset)]}
+
+    def full_response(self, finals: list[RequestOutput]) -> dict:
+        choices = []
+        for index, out in enumerate(finals):
+            for c in out.outputs:
+                choice = self._choice(index * self.n + c.index, c.text, c.token_ids, c.logprobs, c, 0)
+                if self.req.return_token_ids:
+                    choice["prompt_token_ids"] = self.prompts[index]
+                choices.append(choice)
+        tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage(tokens)}
+
+
+class ChatRenderer(Renderer):
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.req.num_logprobs
+
+    def _entry(self, lp: Logprob) -> dict:
+        s = self.token_str(lp.token_id)
+        return {"token": s, "logprob": _finite(lp.logprob), "bytes": list(s.encode("utf-8"))}
+
+    def logprobs(self, lps: list[list[Logprob]] | None) -> dict | None:
+        if lps is None:
+            return None
+        return {"content": [{**self._entry(chosen), "top_logprobs": [self._entry(a) for a in alts]}
+                            for chosen, *alts in lps]}
+
+    def first_chunks(self) -> list[dict]:
+        return [{"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                 "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]}
+                for i in range(len(self.choices))]
+
+    def chunk(self, i, delta, tokens, lps, done, offset) -> dict:
+        choice = {"index": i, "delta": {"content": delta} if delta or done is None else {},
+                  "logprobs": self.logprobs(lps), **self.finish(done)}
+        if self.req.return_token_ids:
+            choice["token_ids"] = tokens
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": [choice]}
+
+    def full_response(self, finals: list[RequestOutput]) -> dict:
+        out = finals[0]
+        choices = []
+        for c in out.outputs:
+            choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                      "logprobs": self.logprobs(c.logprobs), **self.finish(c)}
+            if self.req.return_token_ids:
+                choice["token_ids"] = c.token_ids
+            choices.append(choice)
+        body = {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage(sum(len(c.token_ids) for c in out.outputs))}
+        if self.req.return_token_ids:
+            body["prompt_token_ids"] = self.prompts[0]
+        return body

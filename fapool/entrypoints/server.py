@@ -1,0 +1,465 @@
+"""The OpenAI-compatible HTTP server: `fapool serve`.
+
+create_app(engine, settings) builds a FastAPI app around an LLMEngine: the AsyncEngine runs
+the engine's step loop in its own thread (started and stopped by the app's lifespan), and the
+handlers here turn OpenAI requests into engine requests and engine outputs into OpenAI
+responses or server-sent events. Every error leaves in OpenAI's shape
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fapool.engine.arg_utils import EngineArgs
+from fapool.engine.async_engine import (
+    AsyncEngine,
+    EngineDead,
+    Overloaded,
+    RequestFailed,
+    RequestStream,
+    ShuttingDown,
+)
+from fapool.engine.llm_engine import LLMEngine, RequestError
+from fapool.entrypoints import openai_protocol as proto
+from fapool.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
+from fapool.entrypoints.openai_serving import ChatRenderer, CompletionRenderer, Renderer
+from fapool.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    model_aliases: tuple[str, ...] = ()  # other names accepted in "model" (e.g. the --model path)
+    api_key: str | None = None
+    max_waiting: int = 256
+    shutdown_timeout_s: float = 30.0
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(proto.error_body(self.message, self.type, self.param, self.code), self.status)
+
+
+def _bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+class OpenAIServing:
+    """Prompt preparation, admission and response building shared by the two endpoints."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        cfg = engine.engine.config
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = cfg.max_model_len
+        self.vocab_size = cfg.model.vocab_size
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_name and model not in self.settings.model_aliases:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves "
+                           f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    def check_supported(self, req: proto.SamplingFields) -> None:
+        refused = req.unsupported()
+        if refused is not None:
+            raise _bad(refused[1], param=refused[0])
+
+    # Prompts ----------------------------------------------------------------------------------
+    def completion_prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            texts = list(prompt)
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            return [list(prompt)]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            return [list(p) for p in prompt]
+        else:
+            raise _bad("prompt must be a string, a list of strings, a list of token ids, or a list of "
+                       "such lists, and not empty", param="prompt")
+        if self.tokenizer is None:
+            raise _bad("this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return [self.tokenizer.encode(t, add_special_tokens=True) if t else [] for t in texts]
+
+    def chat_prompt(self, req: proto.ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise _bad("this model has no chat template; use /v1/completions", param="messages")
+        messages = [m.as_template_input() for m in req.messages]
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+            )
+        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation
+            raise _bad(f"the chat template could not format these messages: {e}", param="messages") from e
+        if hasattr(encoded, "keys") and "input_ids" in encoded:
+            encoded = encoded["input_ids"]
+        if encoded and isinstance(encoded[0], list):
+            encoded = encoded[0]
+        return [int(t) for t in encoded]
+
+    def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+        if not ids:
+            raise _bad("the prompt is empty", param=param)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise _bad(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise _bad(f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                       "tokens, leaving no room to generate", param=param)
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise _bad(f"This model's maximum context length is {limit} tokens; you requested "
+                       f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in "
+                       "max_tokens). Lower max_tokens or the prompt.", param="max_tokens")
+
+    def sampling_params(self, req: proto.SamplingFields, max_tokens: int | None, logprobs: int | None):
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            msg = str(e)
+            field = msg.split("SamplingParams.", 1)[1].split("=", 1)[0] if "SamplingParams." in msg else None
+            raise _bad(msg, param=field) from e
+
+    # Admission --------------------------------------------------------------------------------
+    async def admit(self, items, arrival: float) -> RequestStream:
+        try:
+            return await self.engine.add_requests(items, arrival)
+        except Overloaded as e:
+            self.metrics.reject("overloaded")
+            raise APIError(429, str(e), type="rate_limit_error", code="server_overloaded") from e
+        except RequestError as e:
+            self.metrics.reject("invalid")
+            raise _bad(str(e)) from e
+        except (ShuttingDown, EngineDead) as e:
+            self.metrics.reject("unavailable")
+            raise APIError(503, str(e), type="service_unavailable", code="unavailable") from e
+        except RequestFailed as e:
+            raise APIError(500, str(e), type="server_error", code="engine_error") from e
+
+    # Responses --------------------------------------------------------------------------------
+    async def respond(self, raw: Request, renderer: Renderer, stream: RequestStream, streaming: bool):
+        if streaming:
+            return StreamingResponse(self._sse(renderer, stream), media_type="text/event-stream")
+        collect = asyncio.ensure_future(self._collect(stream))
+        gone = asyncio.ensure_future(_until_disconnected(raw))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not collect.done():
+                # The client went away: stop generating for it and free its KV blocks.
+                return Response(status_code=499)
+            finals = collect.result()
+        except (RequestFailed, EngineDead) as e:
+            raise _failure(e) from e
+        finally:
+            gone.cancel()
+            collect.cancel()
+            self.engine.abort(stream)
+        return JSONResponse(renderer.full_response(finals))
+
+    @staticmethod
+    async def _collect(stream: RequestStream) -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(stream.request_ids)
+        async for index, out in stream:
+            _raise_if_failed(out)
+            if out.finished:
+                finals[index] = out
+        return finals  # type: ignore[return-value]
+
+    async def _sse(self, renderer: Renderer, stream: RequestStream) -> AsyncIterator[str]:
+        try:
+            for chunk in renderer.first_chunks():
+                yield _event(chunk)
+            async for index, out in stream:
+                _raise_if_failed(out)
+                for chunk in renderer.chunks(index, out):
+                    yield _event(chunk)
+            for chunk in renderer.final_chunks():
+                yield _event(chunk)
+        except (RequestFailed, EngineDead) as e:
+            yield _event({"error": _failure(e).response_body()})
+        finally:
+            # Normal end: a no-op. Client disconnect (the generator is closed): frees the KV.
+            self.engine.abort(stream)
+        yield "data: [DONE]\n\n"
+
+
+def _raise_if_failed(out: RequestOutput) -> None:
+    if out.finished and out.error:
+        raise RequestFailed(out.error)
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class _Failure(APIError):
+    def response_body(self) -> dict:
+        return proto.error_body(self.message, self.type, self.param, self.code)["error"]
+
+
+def _failure(e: Exception) -> _Failure:
+    if isinstance(e, RequestFailed) and e.shutting_down or isinstance(e, EngineDead):
+        return _Failure(503, str(e), type="service_unavailable", code="unavailable")
+    return _Failure(500, str(e), type="server_error", code="engine_error")
+
+
+async def _until_disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+# The app ------------------------------------------------------------------------------------------
+def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    """A FastAPI app serving `engine`. The app's lifespan starts the engine thread and, at
+    shutdown, drains it; until then the caller must not touch the engine."""
+    holder: dict[str, AsyncEngine] = {}
+    metrics = ServerMetrics(settings.model_name, lambda: holder["engine"].stats())
+    async_engine = AsyncEngine(engine, settings.max_waiting, observer=metrics)
+    holder["engine"] = async_engine
+    serving = OpenAIServing(async_engine, settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await async_engine.start()
+        try:
+            yield
+        finally:
+            await async_engine.shutdown(settings.shutdown_timeout_s)
+
+    app = FastAPI(title="fapool OpenAI-compatible server", lifespan=lifespan)
+    app.state.engine = async_engine
+    app.state.metrics = metrics
+    app.state.settings = settings
+    _install_error_handlers(app)
+    errors = {s: {"model": proto.ErrorResponse} for s in (400, 401, 404, 429, 500, 503)}
+
+    def authorize(raw: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = raw.headers.get("authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if async_engine.is_running:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": async_engine.dead_reason}, 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=proto.ModelList, responses=errors)
+    async def models(raw: Request) -> proto.ModelList:
+        authorize(raw)
+        card = proto.ModelCard(id=settings.model_name, root=settings.model_name,
+                               max_model_len=serving.max_model_len, vocab_size=serving.vocab_size)
+        return proto.ModelList(data=[card])
+
+    @app.post("/v1/completions", response_model=proto.CompletionResponse, responses=errors)
+    async def completions(req: proto.CompletionRequest, raw: Request):
+        arrival = time.monotonic()
+        authorize(raw)
+        serving.check_model(req.model)
+        serving.check_supported(req)
+        prompts = serving.completion_prompts(req.prompt)
+        for ids in prompts:
+            serving.check_prompt(ids, req.max_tokens, "prompt")
+        params = serving.sampling_params(req, req.max_tokens, req.logprobs)
+        rid = proto.new_id("cmpl")
+        items = [(f"{rid}-{i}", ids, params) for i, ids in enumerate(prompts)]
+        stream = await serving.admit(items, arrival)
+        renderer = CompletionRenderer(rid, settings.model_name, req, prompts, serving.tokenizer)
+        return await serving.respond(raw, renderer, stream, req.stream)
+
+    @app.post("/v1/chat/completions", response_model=proto.ChatCompletionResponse, responses=errors)
+    async def chat_completions(req: proto.ChatCompletionRequest, raw: Request):
+        arrival = time.monotonic()
+        authorize(raw)
+        serving.check_model(req.model)
+        serving.check_supported(req)
+        ids = serving.chat_prompt(req)
+        serving.check_prompt(ids, req.max_new_tokens, "messages")
+        params = serving.sampling_params(req, req.max_new_tokens, req.num_logprobs)
+        rid = proto.new_id("chatcmpl")
+        stream = await serving.admit([(rid, ids, params)], arrival)
+        renderer = ChatRenderer(rid, settings.model_name, req, [ids], serving.tokenizer)
+        return await serving.respond(raw, renderer, stream, req.stream)
+
+    return app
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the union member in an error's loc ("str", "list[constrained-int]")."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        by_field: dict[str, list[str]] = {}
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ())[1:] if not _is_union_tag(x))
+            by_field.setdefault(loc, []).append(str(err.get("msg", "invalid")))
+        parts = []
+        for loc, msgs in list(by_field.items())[:3]:
+            what = msgs[0] if len(msgs) == 1 else "matches none of the accepted types (" + "; ".join(msgs[:4]) + ")"
+            parts.append(f"{loc or 'body'}: {what}")
+        param = next(iter(by_field), "") or None
+        message = "; ".join(parts) or "the request body is not valid"
+        return JSONResponse(proto.error_body(message, "invalid_request_error", param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(proto.error_body(str(e.detail), kind), e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(proto.error_body(f"internal server error: {e!r}", "server_error"), 500)
+
+
+# Running it ----------------------------------------------------------------------------------------
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that, on exit, first tells the engine to drain (finish what it can within
+    shutdown_timeout_s, then fail the rest cleanly) so streams end with an error event rather
+    than a cut connection; and that exits 0 after a handled SIGINT/SIGTERM."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        settings: ServerSettings = app.state.settings
+        app.state.engine.begin_shutdown(settings.shutdown_timeout_s)
+        await super().shutdown(sockets)
+        if hasattr(self, "_captured_signals"):
+            self._captured_signals.clear()  # handled: do not re-raise it after serve()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn so port 0 (OS-chosen) can be reported."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app: FastAPI, log_level: str = "warning") -> GracefulServer:
+    settings: ServerSettings = app.state.settings
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5)
+    return GracefulServer(config)
+
+
+class BackgroundServer:
+    """The app under uvicorn in a thread of this process, on host:port (0: OS-chosen).
+    Used by the tests and usable as a context manager."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.sock = bind_socket(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = make_server(app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="fapool-uvicorn", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def default_model_name(model: str | None) -> str:
+    from fapool.models.loader import resolve_model
+
+    src = resolve_model(model)
+    if src.format == "preset":
+        return model or src.path
+    name = os.path.basename(src.path.rstrip("/"))
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def run_server(ns: argparse.Namespace) -> int:
+    from fapool.entrypoints.llm import build_engine
+
+    args = EngineArgs.from_cli(ns)
+    api_key = ns.api_key or os.environ.get("FAPOOL_API_KEY") or None
+    name = ns.served_model_name or default_model_name(args.model)
+    aliases = tuple(a for a in (args.model,) if a and a != name)
+    settings = ServerSettings(name, aliases, api_key, ns.max_waiting, ns.shutdown_timeout)
+    sock = bind_socket(ns.host, ns.port)  # fail fast on a taken port, before loading the model
+    engine = build_engine(args)
+    app = create_app(engine, settings)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"fapool: serving {name!r} on http://{shown}:{port} (OpenAI API under /v1)", flush=True)
+    make_server(app, log_level="info" if ns.verbose else "warning").run(sockets=[sock])
+    return 0
+
+
+def register_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
+    EngineArgs.add_cli_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000, help="0: a free port chosen by the OS (printed)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set FAPOOL_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="the name clients pass as 'model'")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="admitted-but-unscheduled requests beyond which new ones get 429")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish at shutdown before they are failed")
+    p.set_defaults(func=run_server)

@@ -1,0 +1,276 @@
+"""CLI for the simulator: `plan`, `simulate`, `calibrate`.
+
+`register(subparsers)` adds the three subcommands to the main `fapool` CLI; each sets
+`func(args) -> int`. Run standalone with `python -m fapool.sim.cli {plan,simulate,calibrate}`.
+Bad input (unknown model or hardware, malformed trace, impossible SLO) prints one line to
+stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from fapool.config import ConfigError
+from fapool.sim.errors import SimInputError
+from fapool.sim.workload import DEFAULT_OUTPUT, DEFAULT_PROMPT
+
+STRATEGIES = ("static", "fapool", "afd", "head")
+
+
+def _cost(args):
+    from fapool.sim.calibrate import apply_calibration, load_calibration
+    from fapool.sim.cost_model import CostModel, load_model_config
+    from fapool.sim.hardware import get_hardware
+
+    model = load_model_config(args.model)
+    hw = get_hardware(args.hardware)
+    if args.calibration:
+        hw = apply_calibration(hw, load_calibration(args.calibration))
+    if args.gpu_cost is not None:
+        hw = hw.replace(cost_per_hour=args.gpu_cost)
+    return CostModel(model, hw)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="seed000", help="preset name (seed000) or path to a HF config.json")
+    p.add_argument("--hardware", default="h100", help="h100, h200 or cpu")
+    p.add_argument("--calibration", help="JSON written by `fapool calibrate` (replaces the preset's rates)")
+    p.add_argument("--gpu-cost", type=float, help="$ per GPU-hour (default: the preset's assumption)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload (default: built-in synthetic Poisson stream)")
+    g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
+    g.add_argument("--trace-limit", type=int, help="use the first N rows")
+    g.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt length distribution, e.g. lognormal:4096,1.0")
+    g.add_argument("--output", default=DEFAULT_OUTPUT, help="output length distribution, e.g. exp:256")
+    g.add_argument("--max-len", type=int, default=32768, help="clip sampled lengths to this")
+
+
+def _lengths(args):
+    from fapool.sim.workload import LengthDist
+
+    return LengthDist.parse(args.prompt, hi=args.max_len), LengthDist.parse(args.output, hi=args.max_len)
+
+
+def _workload(args):
+    from fapool.sim.traces import load_azure_trace
+    from fapool.sim.workload import ClosedLoopWorkload, PoissonWorkload, TraceWorkload
+
+    if args.trace:
+        if args.speedup <= 0:
+            raise SimInputError("--speedup must be > 0")
+        return TraceWorkload(load_azure_trace(args.trace, args.trace_limit), args.speedup, Path(args.trace).name)
+    prompt, output = _lengths(args)
+    if args.concurrency:
+        return ClosedLoopWorkload(prompt, output, args.concurrency, max(args.num_requests, args.concurrency),
+                                  seed=args.seed)
+    rate = math.inf if str(args.rate).lower() in ("inf", "burst") else float(args.rate)
+    return PoissonWorkload(prompt, output, rate, args.num_requests, args.seed)
+
+
+def _strategies(args) -> list:
+    from fapool.sim.strategies import AFD, FAPool, StaticTPPP, head_parallel
+
+    out = []
+    for name in [s.strip() for s in args.strategy.split(",") if s.strip()]:
+        if name == "static":
+            out.append(StaticTPPP(tp=args.tp, pp=args.pp, replicas=args.replicas, max_batch=args.max_batch))
+        elif name == "fapool":
+            out.append(FAPool(base_tp=args.base_tp, pool_size=args.pool_size, threshold=args.threshold,
+                              tokens_per_worker=args.tokens_per_worker, placement=args.placement,
+                              overlap=not args.no_overlap, replicas=args.replicas, max_batch=args.max_batch))
+        elif name == "afd":
+            out.append(AFD(r=args.afd_r, f_tp=args.afd_f_tp, max_batch_per_attn=args.afd_batch,
+                           overlap=not args.no_overlap, replicas=args.replicas))
+        elif name == "head":
+            out.append(head_parallel(dense_tp=args.base_tp, attn_workers=args.attn_workers,
+                                     overlap=not args.no_overlap, replicas=args.replicas, max_batch=args.max_batch))
+        else:
+            raise SimInputError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    if not out:
+        raise SimInputError("no strategy given")
+    return out
+
+
+def _guard(fn):
+    """Run a subcommand; bad input becomes one line on stderr and exit code 2."""
+
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (SimInputError, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    run.__name__ = fn.__name__
+    return run
+
+
+@_guard
+def cmd_simulate(args) -> int:
+    from rich.console import Console
+
+    from fapool.sim.plots import plot_results
+    from fapool.sim.results import results_table
+    from fapool.sim.simulator import SimConfig, simulate
+
+    cost = _cost(args)
+    strategies = _strategies(args)
+    config = SimConfig(prefill=args.prefill, max_num_batched_tokens=args.max_batched_tokens,
+                       max_sim_time=args.max_time or math.inf, warmup=args.warmup, progress=not args.no_progress)
+    results = []
+    for s in strategies:
+        results.append(simulate(s, cost, _workload(args), config))  # fresh workload: same requests for each
+    slo = args.tpot_slo / 1e3 if args.tpot_slo else None
+    console = Console(width=max(120, Console().width))
+    console.print(f"[bold]simulated[/bold] {cost.model.architecture} {cost.model.num_hidden_layers} layers on "
+                  f"{cost.hw.name} ({cost.hw.source}); workload: {results[0].workload}")
+    console.print(results_table(results, "simulated", slo))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([r.summary(slo) for r in results], indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        for p in plot_results(results, args.plot):
+            console.print(f"wrote {p}")
+    return 0
+
+
+@_guard
+def cmd_plan(args) -> int:
+    import numpy as np
+    from rich.console import Console
+
+    from fapool.sim.planner import PlannerInputs, make_plan, plan_table
+    from fapool.sim.traces import load_azure_trace
+
+    cost = _cost(args)
+    prompt_d, output_d = _lengths(args)
+    if args.trace:
+        tr = load_azure_trace(args.trace, args.trace_limit)
+        from fapool.sim.workload import LengthDist
+
+        # Verification draws from the trace's own lengths.
+        prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len[:64]), 1, 1 << 30)
+        output_d = LengthDist("choice", tuple(float(x) for x in tr.output_len[:64]), 1, 1 << 30)
+        prompts, outputs = tr.prompt_len, tr.output_len
+    else:
+        rng = np.random.default_rng([args.seed, 9])
+        prompts, outputs = prompt_d.sample(rng, 100_000), output_d.sample(rng, 100_000)
+    if args.tpot_slo <= 0:
+        raise SimInputError(f"--tpot-slo must be > 0 ms, got {args.tpot_slo}")
+    inp = PlannerInputs(cost, prompts, outputs, args.tpot_slo / 1e3, max_gpus=args.max_gpus,
+                        max_batch=args.max_batch, max_batch_per_attn=args.max_batch_per_attn)
+    plan = make_plan(inp, prompt_d, output_d, verify_steps=args.verify_steps, seed=args.seed)
+    console = Console(width=max(140, Console().width))
+    m = plan.moments
+    console.print(f"model {args.model} on {cost.hw.name}; decode context at a random step: mean {m.mean:,.0f}, "
+                  f"sd {m.sd:,.0f} tokens (prompt mean {m.mean_prompt:,.0f}, output mean {m.mean_output:,.0f})")
+    console.print(plan_table(plan))
+    rec = plan.rows[plan.recommended]
+    console.print(f"[bold]recommend:[/bold] {rec.strategy.describe()} -- "
+                  f"{(rec.sim.throughput_per_gpu if rec.sim else rec.throughput_per_gpu):,.0f} tok/s/GPU at "
+                  f"TPOT {rec.tpot * 1e3:.1f} ms (SLO {args.tpot_slo:g} ms)")
+    if plan.afd is not None:
+        a = plan.afd
+        console.print(f"AFD closed form: optimal r = {a.best.r} attention GPUs per FFN instance (TP{a.f_tp}) at "
+                      f"b = {a.b}; balance point {a.balance_ratio:.1f}, FFN-bound sqrt rule {a.ffn_bound_ratio:.1f} "
+                      f"(docs/afd_ratio.md)")
+    if args.json:
+        out = {
+            "tpot_slo_s": plan.tpot_slo,
+            "context_moments": vars(m),
+            "recommended": plan.recommended,
+            "rows": [{"kind": r.kind, "strategy": r.strategy.describe(), "gpus": r.gpus, "batch": r.batch,
+                      "tpot_s": r.tpot, "throughput_per_gpu": r.throughput_per_gpu,
+                      "gpu_seconds_per_token": r.gpu_seconds_per_token, "notes": r.notes,
+                      "sim": r.sim.summary(plan.tpot_slo) if r.sim else None} for r in plan.rows],
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+@_guard
+def cmd_calibrate(args) -> int:
+    from fapool.sim.calibrate import calibrate, summary_lines, write_calibration
+
+    cal = calibrate(device=args.device, quick=not args.full, collectives=not args.no_collectives)
+    write_calibration(cal, args.out)
+    for line in summary_lines(cal):
+        print(line)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("simulate", help="discrete-event simulation of a cluster serving a request stream")
+    _common(p)
+    _workload_args(p)
+    g = p.add_argument_group("open / closed workload")
+    g.add_argument("--rate", default="8", help="Poisson arrivals per second, or 'inf' (all at t=0)")
+    g.add_argument("--num-requests", type=int, default=1000)
+    g.add_argument("--concurrency", type=int, help="closed loop: keep this many requests in flight")
+    s = p.add_argument_group("strategies")
+    s.add_argument("--strategy", default="static,fapool", help=f"comma list of {', '.join(STRATEGIES)}")
+    s.add_argument("--tp", type=int, default=8)
+    s.add_argument("--pp", type=int, default=2)
+    s.add_argument("--base-tp", type=int, default=8)
+    s.add_argument("--pool-size", type=int, default=24)
+    s.add_argument("--threshold", type=int, default=4096)
+    s.add_argument("--tokens-per-worker", type=int, default=4096)
+    s.add_argument("--placement", default="spread", choices=("spread", "pack", "head"))
+    s.add_argument("--no-overlap", action="store_true", help="no micro-batch ping-pong (pool / AFD)")
+    s.add_argument("--afd-r", type=int, default=8)
+    s.add_argument("--afd-f-tp", type=int, default=1)
+    s.add_argument("--afd-batch", type=int, default=64)
+    s.add_argument("--attn-workers", type=int, default=8)
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--max-batch", type=int, default=256)
+    r = p.add_argument_group("run")
+    r.add_argument("--prefill", default="chunked", choices=("chunked", "skip"))
+    r.add_argument("--max-batched-tokens", type=int, default=8192)
+    r.add_argument("--max-time", type=float, help="stop at this simulated second")
+    r.add_argument("--warmup", type=float, default=0.0)
+    r.add_argument("--tpot-slo", type=float, help="ms; adds an SLO attainment column")
+    r.add_argument("--json", help="write the summaries here")
+    r.add_argument("--plot", help="write PNG plots into this directory")
+    r.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = subparsers.add_parser("plan", help="closed-form sizing of TP/PP, FA Pool, head-parallel and AFD")
+    _common(p)
+    _workload_args(p)
+    p.add_argument("--tpot-slo", type=float, default=50.0, help="TPOT SLO in ms")
+    p.add_argument("--max-gpus", type=int, default=40, help="GPUs one instance may use")
+    p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--max-batch-per-attn", type=int, default=256, help="AFD: sequences per attention GPU")
+    p.add_argument("--verify-steps", type=int, default=300, help="simulate each plan this many steps (0: skip)")
+    p.add_argument("--json", help="write the plan here")
+    p.set_defaults(func=cmd_plan)
+
+    p = subparsers.add_parser("calibrate", help="time GEMMs, attention and collectives here; write JSON")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--full", action="store_true", help="larger sizes (minutes on CPU)")
+    p.add_argument("--no-collectives", action="store_true")
+    p.add_argument("--out", default="fapool_calibration.json")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fapool-sim", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Closed-form planner: for a model, hardware, workload statistics and a TPOT SLO, size each
+strategy and say which to deploy.
+
+Everything here is mean-field: a decode step of B sequences whose contexts follow the
+stationary (length-biased) distribution X of queueing.py, priced with the same cost model
+and the same step-time formulas the simulator uses. Each strategy's best configuration is
+then checked by a short simulation (closed loop, steady-state start) for SLO attainment.
+
+  static TP x PP  the largest batch that fits KV (mean + 3 sd) and meets the SLO, per (tp, pp)
+  FA Pool         (threshold, pool size, batch) maximising tokens/s/GPU; the balance pool size
+                  P* where the pool's attention time meets the base's (the seed's plateau)
+  head-parallel   FA Pool with threshold 0, KV split by head over the attention workers
+  AFD rA-1F       the closed-form optimal ratio of afd.py for each (b, f_tp)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fapool.sim.afd import AFDModel, AFDPlan
+from fapool.sim.cost_model import CostModel
+from fapool.sim.errors import SimInputError
+from fapool.sim.queueing import ContextMoments, context_moments, stationary_context_sample
+from fapool.sim.results import SimResult
+from fapool.sim.simulator import SimConfig, simulate
+from fapool.sim.strategies import AFD, FAPool, StaticTPPP, Strategy, head_parallel
+from fapool.sim.workload import ClosedLoopWorkload, LengthDist
+
+
+@dataclass
+class PlanRow:
+    kind: str  # static | fapool | head-parallel | afd
+    strategy: Strategy
+    batch: int  # sequences in flight per instance
+    tpot: float  # predicted mean TPOT (s)
+    throughput_per_gpu: float  # predicted tokens/s/GPU
+    notes: str = ""
+    sim: SimResult | None = None
+
+    @property
+    def gpus(self) -> int:
+        return self.strategy.num_gpus()
+
+    @property
+    def gpu_seconds_per_token(self) -> float:
+        return 1.0 / self.throughput_per_gpu
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow]
+    recommended: int  # index into rows
+    tpot_slo: float
+    moments: ContextMoments
+    afd: AFDPlan | None = None
+    pool_balance: int | None = None  # P* for the chosen FA Pool threshold and batch
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannerInputs:
+    cost: CostModel
+    prompt: np.ndarray  # sample of prompt lengths
+    output: np.ndarray  # sample of output lengths
+    tpot_slo: float  # seconds
+    max_gpus: int = 40  # per instance
+    max_batch: int = 1024  # per instance (static, FA Pool)
+    max_batch_per_attn: int = 256  # AFD
+    tokens_per_worker: int = 4096
+    headroom: float = 0.9  # plan mean TPOT <= headroom * SLO
+    kv_sigmas: float = 3.0  # KV must fit mean + this many sd of the batch's total context
+
+
+def _kv_batch_limit(m: ContextMoments, capacity: float, z: float, cap: int) -> int:
+    """Largest B with B*mean + z*sd*sqrt(B) <= capacity (quadratic in sqrt(B))."""
+    if capacity <= 0:
+        return 0
+    a, bq, c = m.mean, z * m.sd, -capacity
+    root = (-bq + math.sqrt(bq * bq - 4 * a * c)) / (2 * a)
+    return int(min(cap, math.floor(root * root)))
+
+
+def _max_batch_meeting(tpot_of, limit: int, target: float) -> int:
+    """Largest B in [1, limit] with tpot_of(B) <= target (tpot_of non-decreasing); 0 if none."""
+    if limit < 1 or tpot_of(1) > target:
+        return 0
+    lo, hi = 1, limit
+    if tpot_of(hi) <= target:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if tpot_of(mid) <= target else (lo, mid)
+    return lo
+
+
+def _tp_options(inp: PlannerInputs) -> list[int]:
+    m, hw = inp.cost.model, inp.cost.hw
+    return [t for t in (1, 2, 4, 8, 16) if t <= min(m.num_attention_heads, hw.gpus_per_node, inp.max_gpus)]
+
+
+def plan_static(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
+    cost, target = inp.cost, inp.tpot_slo * inp.headroom
+    L = cost.model.num_hidden_layers
+    best = None
+    for tp in _tp_options(inp):
+        for pp in [p for p in range(1, min(L, 8) + 1) if L % p == 0 and tp * p <= inp.max_gpus]:
+            s = StaticTPPP(tp=tp, pp=pp)
+            limit = _kv_batch_limit(m, s.kv_capacity(cost), inp.kv_sigmas, inp.max_batch)
+            tpot = lambda B, s=s: s.timing(cost, B, B, B * m.mean, B * m.mean)[0]  # noqa: E731
+            B = _max_batch_meeting(tpot, limit, target)
+            if B < 1:
+                continue
+            thr = B / (tpot(B) * s.num_gpus())
+            if best is None or thr > best.throughput_per_gpu:
+                best = PlanRow("static", StaticTPPP(tp=tp, pp=pp, max_batch=B), B, tpot(B), thr)
+    return best
+
+
+class _PoolMeanField:
+    """FA Pool step time for B sequences with contexts ~ X, loads spread evenly."""
+
+    def __init__(self, inp: PlannerInputs, x: np.ndarray):
+        self.inp, self.cost = inp, inp.cost
+        self.x = x
+        self._cache: dict[tuple[int, int], tuple[float, float, float, float]] = {}
+
+    def stats(self, threshold: int, P: int) -> tuple[float, float, float, float]:
+        """(E[min(X, th)], E[(X - th)+], P(X > th), E[workers per pool sequence])."""
+        key = (threshold, P)
+        if key not in self._cache:
+            x, th, tpw = self.x, threshold, self.inp.tokens_per_worker
+            over = np.maximum(x - th, 0)
+            k = np.minimum(P, np.ceil(over / tpw)) if P else np.zeros_like(over)
+            q = float((over > 0).mean())
+            self._cache[key] = (
+                float(np.minimum(x, th).mean()),
+                float(over.mean()),
+                q,
+                float(k[over > 0].mean()) if q > 0 else 0.0,
+            )
+        return self._cache[key]
+
+    def step(self, s: FAPool, B: float) -> float:
+        cost, tp, P = self.cost, s.base_tp, s.pool_size
+        e_loc, e_pool, q, e_k = self.stats(s.threshold, P)
+        local = float(cost.attention(B * e_loc, B * e_loc, B, 1.0 / tp)) if e_loc > 0 else 0.0
+        pool_path = merge = 0.0
+        if P and e_pool > 0:
+            same = s.num_gpus() <= cost.hw.gpus_per_node
+            if s.placement == "head":
+                share = 1.0 / P  # even split (P divides the KV heads in the plans made here)
+                tokens = B * e_pool
+                attn = float(cost.attention(tokens, tokens, B * q, share))
+                q_w = float(cost.query_bytes(B * q, share)) + B * q * cost.kv_bytes_per_token_layer() * share
+                r_w = float(cost.partial_bytes(B * q, share))
+            else:
+                load, queries = B * e_pool / P, B * q * e_k / P
+                attn = float(cost.attention(load, load, queries))
+                q_w = float(cost.query_bytes(queries)) + B * q / P * cost.kv_bytes_per_token_layer()
+                r_w = float(cost.partial_bytes(queries))
+            send = max(float(cost.p2p(P * q_w / tp, same)), float(cost.p2p(q_w, same)))
+            back = max(float(cost.p2p(P * r_w / tp, same)), float(cost.p2p(r_w, same)))
+            pool_path = send + attn + back
+            merge = float(cost.elementwise(3 * P * r_w / tp))
+        return s.step_time(cost, B, B, local, pool_path, merge)[0]
+
+    def fits(self, s: FAPool, B: int, m_sd: float) -> bool:
+        e_loc, e_pool, _, _ = self.stats(s.threshold, s.pool_size)
+        z = self.inp.kv_sigmas * m_sd * math.sqrt(B)
+        if B * e_loc + (z if e_loc else 0) > s.base_capacity(self.cost):
+            return False
+        pool_cap = s.pool_size * s.worker_capacity(self.cost) * 0.95
+        return B * e_pool + (z if e_pool else 0) <= pool_cap
+
+
+def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make, thresholds, sizes):
+    target = inp.tpot_slo * inp.headroom
+    best = None
+    for th in thresholds:
+        for P in sizes:
+            s = make(th, P)
+            if s.num_gpus() > inp.max_gpus:
+                continue
+            lo_fit = 0
+            hi = inp.max_batch
+            while hi - lo_fit > 1:  # largest B that fits memory (fit is monotone in B)
+                mid = (lo_fit + hi) // 2
+                lo_fit, hi = (mid, hi) if mf.fits(s, mid, m.sd) else (lo_fit, mid)
+            limit = inp.max_batch if mf.fits(s, inp.max_batch, m.sd) else lo_fit
+            B = _max_batch_meeting(lambda b, s=s: mf.step(s, b), limit, target)
+            if B < 1:
+                continue
+            tpot = mf.step(s, B)
+            thr = B / (tpot * s.num_gpus())
+            if best is None or thr > best[2]:
+                best = (s, B, thr, tpot)
+    return best
+
+
+def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_per_worker: int, B: int,
+                      p_max: int, tolerance: float = 0.02) -> int | None:
+    """The smallest pool whose mean-field step is within `tolerance` of an unbounded pool's:
+    past it the base GPUs (dense work + attention to the first `threshold` tokens) set the
+    pace and more pool GPUs buy nothing (the seed's plateau)."""
+
+    def step(P: int) -> float:
+        return mf.step(FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker), B)
+
+    ref = step(p_max)
+    return next((P for P in range(1, p_max + 1) if step(P) <= (1 + tolerance) * ref), None)
+
+
+def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> tuple[PlanRow | None, int | None]:
+    mf = _PoolMeanField(inp, x)
+    top = int(np.percentile(x, 99))
+    thresholds = sorted({t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top} | {inp.tokens_per_worker})
+    best = None
+    for tp in [t for t in _tp_options(inp) if t >= 2]:
+        sizes = range(1, inp.max_gpus - tp + 1)
+        make = lambda th, P, tp=tp: FAPool(  # noqa: E731
+            base_tp=tp, pool_size=P, threshold=th, tokens_per_worker=inp.tokens_per_worker
+        )
+        found = _pool_search(inp, mf, m, make, thresholds, sizes)
+        if found and (best is None or found[2] > best[2]):
+            best = found
+    if best is None:
+        return None, None
+    s, B, thr, tpot = best
+    s = FAPool(base_tp=s.base_tp, pool_size=s.pool_size, threshold=s.threshold,
+               tokens_per_worker=s.tokens_per_worker, max_batch=B)
+    p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
+    note = f"threshold {s.threshold}, balance pool size P*={p_star}"
+    return PlanRow("fapool", s, B, tpot, thr, note), p_star
+
+
+def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow | None:
+    mf = _PoolMeanField(inp, x)
+    kvh = inp.cost.model.num_key_value_heads
+    sizes = [p for p in range(1, kvh + 1) if kvh % p == 0]
+    best = None
+    for tp in [t for t in _tp_options(inp) if t >= 2]:
+        make = lambda th, P, tp=tp: head_parallel(dense_tp=tp, attn_workers=P)  # noqa: E731
+        found = _pool_search(inp, mf, m, make, [0], sizes)
+        if found and (best is None or found[2] > best[2]):
+            best = found
+    if best is None:
+        return None
+    s, B, thr, tpot = best
+    return PlanRow("head-parallel", head_parallel(dense_tp=s.base_tp, attn_workers=s.pool_size, max_batch=B), B,
+                   tpot, thr, "all KV on attention GPUs, split by head")
+
+
+def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFDPlan | None]:
+    cost, target = inp.cost, inp.tpot_slo * inp.headroom
+    best: tuple[AFDPlan, PlanRow] | None = None
+    for f_tp in _tp_options(inp):
+        probe = AFD(r=1, f_tp=f_tp)
+        try:
+            probe.validate(cost)
+        except SimInputError:
+            continue
+        cap = probe.attn_capacity(cost)
+        b_kv = _kv_batch_limit(m, cap, inp.kv_sigmas, inp.max_batch_per_attn)
+        for b in sorted({x for x in (8, 16, 32, 64, 128, 256, 512) if x <= b_kv} | ({b_kv} if b_kv else set())):
+            r_cap = inp.max_gpus - f_tp
+            if r_cap < 1:
+                continue
+            plan = AFDModel(cost, m, b, f_tp).optimise(r_max=r_cap)
+            ok = [p for p in plan.curve if p.step_time <= target]
+            if not ok:
+                continue
+            pt = max(ok, key=lambda p: p.throughput_per_gpu)
+            row = PlanRow(
+                "afd",
+                AFD(r=pt.r, f_tp=f_tp, max_batch_per_attn=b),
+                pt.r * b,
+                pt.step_time,
+                pt.throughput_per_gpu,
+                f"r*={plan.best.r} (balance {plan.balance_ratio:.1f}), b={b}",
+            )
+            if best is None or row.throughput_per_gpu > best[1].throughput_per_gpu:
+                best = (plan, row)
+    return (best[1], best[0]) if best else (None, None)
+
+
+def verify(row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int, seed: int) -> SimResult:
+    """Simulate the row's configuration at its planned concurrency, steady state from t=0."""
+    wl = ClosedLoopWorkload(prompt, output, concurrency=row.batch, num_requests=10**9, seed=seed)
+    cfg = SimConfig(prefill="skip", max_sim_time=steps * row.tpot)
+    return simulate(row.strategy, inp.cost, wl, cfg)
+
+
+def make_plan(
+    inp: PlannerInputs,
+    prompt_dist: LengthDist | None = None,
+    output_dist: LengthDist | None = None,
+    verify_steps: int = 300,
+    seed: int = 0,
+) -> Plan:
+    if inp.tpot_slo <= 0 or not math.isfinite(inp.tpot_slo):
+        raise SimInputError(f"TPOT SLO must be a positive number of seconds, got {inp.tpot_slo}")
+    m = context_moments(inp.prompt, inp.output)
+    x = stationary_context_sample(inp.prompt, inp.output, 50_000, seed)
+    rows: list[PlanRow] = []
+    static = plan_static(inp, m)
+    pool, p_star = plan_fapool(inp, m, x)
+    head = plan_head_parallel(inp, m, x)
+    afd_row, afd_plan = plan_afd(inp, m)
+    rows = [r for r in (static, pool, head, afd_row) if r is not None]
+    if not rows:
+        fastest = StaticTPPP(tp=_tp_options(inp)[-1], pp=1)
+        t1 = fastest.timing(inp.cost, 1, 1, m.mean, m.mean)[0]
+        raise SimInputError(
+            f"TPOT SLO {inp.tpot_slo * 1e3:g} ms cannot be met on {inp.cost.hw.name}: even one sequence at the "
+            f"workload's mean context ({m.mean:.0f} tokens) needs {t1 * 1e3:.2f} ms per token with "
+            f"TP{fastest.tp} (planning at {inp.headroom:.0%} of the SLO)"
+        )
+    if verify_steps > 0:
+        if prompt_dist is None or output_dist is None:
+            raise ValueError("verification needs the length distributions")
+        for row in rows:
+            row.sim = verify(row, inp, prompt_dist, output_dist, verify_steps, seed)
+
+    def score(r: PlanRow) -> tuple:
+        meets = r.sim.slo_attainment(inp.tpot_slo) >= 0.9 if r.sim is not None else r.tpot <= inp.tpot_slo
+        thr = r.sim.throughput_per_gpu if r.sim is not None else r.throughput_per_gpu
+        return (meets, thr)
+
+    rec = max(range(len(rows)), key=lambda i: score(rows[i]))
+    return Plan(rows, rec, inp.tpot_slo, m, afd_plan, p_star)
+
+
+def plan_table(plan: Plan):
+    from rich.table import Table
+
+    t = Table(title=f"plan (closed form; 'sim' columns simulated), TPOT SLO {plan.tpot_slo * 1e3:g} ms")
+    for col in ("", "strategy", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "GPU-s/Mtok",
+                "sim TPOT p50/p99 ms", "sim tok/s/GPU", "SLO met", "notes"):
+        t.add_column(col, justify="left" if col in ("", "strategy", "notes") else "right")
+    for i, r in enumerate(plan.rows):
+        sim_tpot = sim_thr = att = "-"
+        if r.sim is not None and len(r.sim.tpot):
+            sim_tpot = f"{np.percentile(r.sim.tpot, 50) * 1e3:.2f}/{np.percentile(r.sim.tpot, 99) * 1e3:.2f}"
+            sim_thr = f"{r.sim.throughput_per_gpu:,.0f}"
+            att = f"{r.sim.slo_attainment(plan.tpot_slo):.0%}"
+        t.add_row(
+            "*" if i == plan.recommended else "",
+            r.strategy.describe(),
+            str(r.gpus),
+            str(r.batch),
+            f"{r.tpot * 1e3:.2f}",
+            f"{r.throughput_per_gpu:,.0f}",
+            f"{r.gpu_seconds_per_token * 1e6:,.1f}",
+            sim_tpot,
+            sim_thr,
+            att,
+            r.notes,
+        )
+    return t

@@ -1,0 +1,361 @@
+"""The driver's model runner when an attention pool is on (seed 000's base worker).
+
+It runs embeddings, projections, FFN and LM head; each layer's attention is split by where
+the KV lives: the local share is computed here, the pool's shares are sent to attention
+workers, and the (out, lse) partials are merged exactly. A step is cut into micro-batches
+whose forward passes are generators: while one waits for the pool, another does its dense
+work (ping-pong, seed 004). A worker that dies or goes silent is marked failed; requests
+with KV on it are reported so the engine recomputes them, and the rest of the step goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from fapool.attention.backend import AttentionBackend, merge_tree
+from fapool.attention.metadata import AttentionMetadata
+from fapool.config import EngineConfig
+from fapool.core.head_placement import HEAD_POLICIES
+from fapool.core.scheduler import SchedulerOutput
+from fapool.models.llama import Pending
+from fapool.worker import comm
+from fapool.worker.attention_worker import WorkerInit, WorkerStep, WorkerStepStats, message_tag, worker_main
+from fapool.worker.model_runner import ModelRunner
+from fapool.worker.pool_plan import MicroBatchPlan, Route, plan_micro_batch, split_micro_batches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolStepStats:
+    step: int
+    num_tokens: int
+    num_micro_batches: int
+    total_s: float = 0.0
+    dense_s: float = 0.0  # embeddings, projections, FFN, LM head, merge
+    local_attention_s: float = 0.0
+    wait_s: float = 0.0  # blocked on attention workers
+    workers: dict[int, WorkerStepStats] = field(default_factory=dict)
+    pool_size: int = 0  # attention workers serving at least one request
+    kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def overlap(self) -> float | None:
+        """Share of the pool's attention time hidden behind the driver's own work:
+        1 - (time the driver waited) / (busiest worker's attention time)."""
+        busy = max((w.attention_s for w in self.workers.values()), default=0.0)
+        if busy <= 0:
+            return None
+        return max(0.0, min(1.0, 1.0 - self.wait_s / busy))
+
+    @property
+    def comm_share(self) -> float:
+        """Driver time spent blocked on communication, as a share of the step."""
+        return self.wait_s / self.total_s if self.total_s > 0 else 0.0
+
+
+class WorkerGroup:
+    """Starts the non-driver ranks (or joins ranks torchrun started) and stops them."""
+
+    def __init__(self, config: EngineConfig, world_size: int) -> None:
+        self.world_size = world_size
+        self.procs: dict[int, multiprocessing.Process] = {}
+        backend = comm.default_backend(config.device)
+        timeout = max(60.0, config.pool.worker_timeout_s)
+        launched = comm.env_rank()
+        if launched is not None:
+            rank, world = launched
+            if world != world_size or rank != 0:
+                raise ValueError(f"torchrun started {world} ranks (this is {rank}); the engine needs {world_size}")
+            comm.init_process_group(0, world_size, "env://", backend, timeout)
+            return
+        init_method = f"tcp://127.0.0.1:{comm.free_port()}"
+        ctx = torch.multiprocessing.get_context("spawn")
+        for rank in range(1, world_size):
+            p = ctx.Process(
+                target=worker_main,
+                args=(rank, world_size, init_method, backend, config.device, timeout),
+                daemon=True,
+                name=f"fapool-worker-{rank}",
+            )
+            p.start()
+            self.procs[rank] = p
+        self._rendezvous(init_method, backend, timeout)
+
+    def _rendezvous(self, init_method: str, backend: str, timeout: float) -> None:
+        """Join the group, but fail fast (naming the rank) if a worker dies while starting,
+        e.g. a script without the `if __name__ == "__main__":` guard that spawn needs."""
+        errors: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                comm.init_process_group(0, self.world_size, init_method, backend, timeout)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=join, daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(timeout=0.2)
+            dead = [(r, p.exitcode) for r, p in self.procs.items() if p.exitcode is not None]
+            if dead and t.is_alive():
+                for p in self.procs.values():
+                    p.kill()
+                r, code = dead[0]
+                raise RuntimeError(
+                    f"attention worker rank {r} exited with code {code} while starting (see its error above; "
+                    "scripts that start a pool need an `if __name__ == '__main__':` guard)"
+                )
+        if errors:
+            raise RuntimeError(f"could not start the worker group: {errors[0]}") from errors[0]
+
+    def alive(self, rank: int) -> bool:
+        p = self.procs.get(rank)
+        return p is None or p.is_alive()
+
+    def shutdown(self, live_ranks: list[int]) -> None:
+        for rank in live_ranks:
+            try:
+                comm.send_object("shutdown", rank, timeout_s=5.0)
+            except comm.WorkerFailure:
+                pass
+        for p in self.procs.values():
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class PoolModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
+        super().__init__(config, model, backend)
+        pool = config.pool
+        self.topology = comm.Topology(attention_workers=pool.attention_workers)
+        self.worker_ids = list(range(1, pool.attention_workers + 1))
+        self.mode = pool.pool_mode
+        m = config.model
+        group = m.num_queries_per_kv
+        if self.mode == "head":
+            self.kv_heads = HEAD_POLICIES[pool.head_placement](m.num_key_value_heads, self.worker_ids, None)
+        else:
+            self.kv_heads = {w: list(range(m.num_key_value_heads)) for w in self.worker_ids}
+        self._head_idx = {
+            w: (
+                torch.tensor(hs, device=self.device),
+                torch.tensor([h * group + g for h in hs for g in range(group)], device=self.device),
+            )
+            for w, hs in self.kv_heads.items()
+        }
+        self.worker_num_blocks = pool.worker_kv_blocks or self.determine_num_blocks()
+        self.failed: dict[int, str] = {}
+        self._new_failures: list[int] = []
+        self.step_stats: list[PoolStepStats] = []
+        self.fault_hang: dict[int, float] = {}  # tests: worker id -> seconds to stall next step
+        self._step = 0
+        self._stopped = False
+        self.workers = WorkerGroup(config, self.topology.world_size)
+        for w in self.worker_ids:
+            init = WorkerInit(config, w, self.worker_num_blocks, self.kv_heads[w])
+            comm.send_object(init, self.topology.attention_rank(w), timeout_s=60.0, tag=4)
+
+    # Failure bookkeeping ------------------------------------------------------------------
+    def _fail(self, worker: int, why: str) -> None:
+        if worker not in self.failed:
+            logger.error("attention worker %d (rank %d) failed: %s", worker, self.topology.attention_rank(worker), why)
+            self.failed[worker] = why
+            self._new_failures.append(worker)
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        new, self._new_failures = self._new_failures, []
+        return [(w, self.failed[w]) for w in new]
+
+    def _live(self, worker: int) -> bool:
+        return worker not in self.failed
+
+    # The step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list]:
+        t_start = time.perf_counter()
+        self._step += 1
+        for w in self.worker_ids:
+            if self._live(w) and not self.workers.alive(self.topology.attention_rank(w)):
+                self._fail(w, "process exited")
+        self.copy_blocks(out.block_copies)
+        groups = split_micro_batches(out.scheduled, self.config.pool.micro_batches)
+        pool_start = -(-self.config.pool.pool_threshold // self.block_size) * self.block_size
+        plans = [plan_micro_batch(g, self.block_size, pool_start, self.mode, i) for i, g in enumerate(groups)]
+        stats = PoolStepStats(self._step, out.num_tokens, len(plans))
+        told = self._send_step_plans(plans, out.pool_block_copies)
+
+        self._sends: list = []
+        gens = [self._forward(plan, i, len(plans), stats) for i, plan in enumerate(plans)]
+        hidden = _drive(gens)
+        t_wait = time.perf_counter()
+        for work, _buf, w in self._sends:
+            if self._live(w):
+                try:
+                    comm.wait(work, self.config.pool.worker_timeout_s, self.topology.attention_rank(w), "send")
+                except comm.WorkerFailure as e:
+                    self._fail(w, str(e))
+        self._sends = []
+        for w in told:
+            if self._live(w):
+                try:
+                    ws = comm.recv_object(self.topology.attention_rank(w), self.config.pool.worker_timeout_s, tag=2)
+                    stats.workers[w] = ws
+                except comm.WorkerFailure as e:
+                    self._fail(w, str(e))
+        stats.wait_s += time.perf_counter() - t_wait
+
+        hidden_all = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
+        due = [s for s in out.scheduled if s.completes_known_tokens]
+        logits = None
+        if due:
+            rows, offset = [], 0
+            for s in out.scheduled:
+                offset += s.num_new_tokens
+                if s.completes_known_tokens:
+                    rows.append(offset - 1)
+            logits = self.model.compute_logits(hidden_all[torch.tensor(rows, device=self.device)])
+        stats.total_s = time.perf_counter() - t_start
+        stats.dense_s = max(0.0, stats.total_s - stats.wait_s - stats.local_attention_s)
+        self.step_stats.append(stats)
+        return logits, due
+
+    def _send_step_plans(self, plans: list[MicroBatchPlan], pool_copies) -> list[int]:
+        told = []
+        for w in self.worker_ids:
+            if not self._live(w):
+                continue
+            batches = {i: p.routes[w].batch for i, p in enumerate(plans) if w in p.routes}
+            copies = [(s, d) for ww, s, d in pool_copies if ww == w]
+            hang = self.fault_hang.pop(w, 0.0)
+            if not batches and not copies and not hang:
+                continue
+            msg = WorkerStep(self._step, copies, batches, len(plans), hang)
+            try:
+                comm.send_object(msg, self.topology.attention_rank(w), self.config.pool.worker_timeout_s)
+                told.append(w)
+            except comm.WorkerFailure as e:
+                self._fail(w, str(e))
+        return told
+
+    def _forward(self, plan: MicroBatchPlan, index: int, count: int, stats: PoolStepStats):
+        ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.device)
+        pos = torch.tensor(plan.positions, dtype=torch.long).to(self.device)
+        meta = AttentionMetadata.build(device=self.device, **plan.local_meta_args)
+        attend = _PoolAttend(self, plan, index, count, meta, stats)
+        return self.model.model.forward_steps(ids, pos, self.kv_caches, attend)
+
+    def shutdown(self) -> None:
+        """Stop the workers; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        live = [self.topology.attention_rank(w) for w in self.worker_ids if self._live(w)]
+        self.workers.shutdown(live)
+
+
+class _PoolAttend:
+    """The attend hook for one micro-batch: remote shares out first, local share meanwhile,
+    merge when the generator resumes."""
+
+    def __init__(self, runner: PoolModelRunner, plan: MicroBatchPlan, index: int, count: int, meta, stats):
+        self.r = runner
+        self.plan = plan
+        self.index = index
+        self.count = count
+        self.meta = meta
+        self.stats = stats
+        dev = runner.device
+        self.rows = {
+            w: (torch.tensor(rt.q_rows, dtype=torch.long, device=dev), torch.tensor(rt.kv_rows, dtype=torch.long, device=dev))
+            for w, rt in plan.routes.items()
+        }
+
+    def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
+        r = self.r
+        tag = message_tag(layer, self.index, self.count)
+        recvs = []
+        for w, route in self.plan.routes.items():
+            if not r._live(w):
+                continue
+            q_rows, kv_rows = self.rows[w]
+            kv_idx, q_idx = r._head_idx[w]
+            nq, nkv = len(route.q_rows), len(route.kv_rows)
+            if nq == 0 and nkv == 0:
+                continue
+            parts = [q[q_rows][:, q_idx].reshape(-1)]
+            if nkv:
+                parts += [k[kv_rows][:, kv_idx].reshape(-1), v[kv_rows][:, kv_idx].reshape(-1)]
+            msg = torch.cat(parts)
+            rank = r.topology.attention_rank(w)
+            try:
+                r._sends.append((comm.send_tensor(msg, rank, tag), msg, w))
+                if nq:
+                    buf = torch.empty(nq * len(q_idx) * (q.shape[-1] + 1), dtype=torch.float32, device=r.device)
+                    recvs.append((w, route, comm.recv_tensor(buf, rank, tag + 1), buf))
+            except RuntimeError as e:
+                r._fail(w, str(e))
+        t0 = time.perf_counter()
+        k_cache, v_cache = kv_cache
+        r.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
+        out, lse = r.backend.forward(q, k_cache, v_cache, self.meta, r.model.model.layers[layer].self_attn.scale)
+        self.stats.local_attention_s += time.perf_counter() - t0
+        if not recvs:
+            return Pending(out)
+        return Pending(finish=lambda: self._merge(q, out, lse, recvs))
+
+    def _merge(self, q, out, lse, recvs) -> torch.Tensor:
+        r = self.r
+        T, H, D = q.shape
+        outs, lses = [out], [lse]
+        for w, route, work, buf in recvs:
+            t0 = time.perf_counter()
+            try:
+                comm.wait(work, r.config.pool.worker_timeout_s, r.topology.attention_rank(w), "attention")
+            except comm.WorkerFailure as e:
+                r._fail(w, str(e))
+                continue  # its requests are recomputed; the others do not depend on it
+            finally:
+                self.stats.wait_s += time.perf_counter() - t0
+            q_rows, _ = self.rows[w]
+            _, q_idx = r._head_idx[w]
+            hq = len(q_idx)
+            nq = len(route.q_rows)
+            o = buf[: nq * hq * D].view(nq, hq, D)
+            l = buf[nq * hq * D :].view(nq, hq)
+            for rows in route.rounds:
+                idx = torch.tensor(rows, dtype=torch.long, device=r.device)
+                tokens = q_rows[idx]
+                full_o = torch.zeros(T, H, D, dtype=torch.float32, device=r.device)
+                full_l = torch.full((T, H), float("-inf"), dtype=torch.float32, device=r.device)
+                full_o.index_put_((tokens[:, None], q_idx[None, :]), o[idx])
+                full_l.index_put_((tokens[:, None], q_idx[None, :]), l[idx])
+                outs.append(full_o)
+                lses.append(full_l)
+        merged, _ = merge_tree([outs[0].float()] + outs[1:], lses)
+        return merged.to(q.dtype)
+
+
+def _drive(gens) -> list[torch.Tensor]:
+    """Run micro-batch generators round-robin until all return; results in order."""
+    results: list = [None] * len(gens)
+    active = list(range(len(gens)))
+    while active:
+        for i in list(active):
+            try:
+                next(gens[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results

@@ -1,0 +1,129 @@
+"""Errors leave in OpenAI's shape with the right status: 400 bad input (naming the field),
+401 API key, 404 unknown model or path, and the openai client maps them to its exceptions."""
+
+import httpx
+import openai
+import pytest
+
+from fapool.entrypoints.llm import build_engine
+from server_helpers import start_server, tiny_engine_args
+
+KEY = "sk-test-key"
+MAX_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def server(tiny_text_model):
+    srv = start_server(build_engine(tiny_engine_args(tiny_text_model, max_model_len=MAX_LEN)), api_key=KEY)
+    yield srv
+    srv.stop()
+
+
+def _post(server, path, body=None, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.base_url}{path}", json=body, headers=headers, timeout=30, **kw)
+
+
+def _error(r, status, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_api_key(server):
+    body = {"prompt": "hi", "max_tokens": 2}
+    assert _error(_post(server, "/v1/completions", body, key=None), 401)["code"] == "invalid_api_key"
+    _error(_post(server, "/v1/completions", body, key="wrong"), 401)
+    _error(httpx.get(f"{server.base_url}/v1/models"), 401)
+    assert _post(server, "/v1/completions", body).status_code == 200
+    # Probes stay open, as in vLLM.
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    assert httpx.get(f"{server.base_url}/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "top_k": -2}, "top_k"),
+        ({"prompt": "hi", "min_p": 2}, "min_p"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+        ({"prompt": "hi", "stop": [""]}, "stop"),
+        ({"prompt": "hi", "seed": 2**70}, "seed"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [1, 2, 999]}, "prompt"),
+        ({"prompt": [[1, 2], "mixed"]}, "prompt"),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "x" * MAX_LEN}, "prompt"),
+        ({"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"),
+    ],
+)
+def test_completion_bad_input_400(server, body, param):
+    _error(_post(server, "/v1/completions", body), 400, param)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_LEN}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}, "temperature"),
+    ],
+)
+def test_chat_bad_input_400(server, body, param):
+    _error(_post(server, "/v1/chat/completions", body), 400, param)
+
+
+def test_malformed_bodies_400(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for content in (b"{not json", b"[1, 2]", b"", b'"a string"', b'{"prompt": NaN}'):
+        r = httpx.post(f"{server.base_url}/v1/completions", content=content, headers=headers)
+        _error(r, 400)
+
+
+def test_unknown_model_and_path_404(server):
+    err = _error(_post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404, "model")
+    assert err["code"] == "model_not_found"
+    _error(_post(server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user",
+                                                                                   "content": "x"}]}), 404)
+    _error(httpx.get(f"{server.base_url}/v1/nowhere"), 404)
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-9", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=10 * MAX_LEN)
+
+
+def test_kv_capacity_400(tiny_text_model):
+    """A request whose KV cannot fit the whole cache is refused by the engine with a reason."""
+    srv = start_server(build_engine(tiny_engine_args(tiny_text_model, num_kv_blocks=4, block_size=4)))
+    try:
+        r = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": [5] * 10, "max_tokens": 20})
+        assert "KV blocks" in _error(r, 400)["message"]
+    finally:
+        srv.stop()
+
+
+def test_tiny_temperature_is_greedy(server):
+    """Temperatures that would overflow the logits (1e-30) are treated as greedy, as in vLLM."""
+    body = {"prompt": [3, 4, 5], "max_tokens": 6, "return_token_ids": True}
+    greedy = _post(server, "/v1/completions", {**body, "temperature": 0}).json()
+    tiny = _post(server, "/v1/completions", {**body, "temperature": 1e-30})
+    assert tiny.status_code == 200
+    assert tiny.json()["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
