@@ -31,16 +31,29 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 
-# Tunables (benchmarks/bench_attention_kernels.py sweeps them).
+# Tunables (benchmarks/bench_attention_kernels.py --sweep). On an H100, with the split count
+# chosen below, 64-token tiles, 4 warps, 2 stages (K/V prefetched one tile ahead, 4 programs
+# per SM) were within 2% of the best of 8 configurations x 8 split counts on every swept shape;
+# deeper prefetch (3-4 stages) costs occupancy and gained nothing once the SMs are full.
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
-DEFAULT_NUM_STAGES = 3
-DEFAULT_K_TRANSPOSED = False
+DEFAULT_NUM_STAGES = 2
 PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
 REDUCE_COST_TILES = 1  # stage 2 (second launch, mid-buffer round trip)
 MAX_SPLITS = 64
 SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200)
 REGS_PER_SM = 65536
+
+
+@triton.jit
+def _tile_pages(table, t, offs_n, n_kv, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Page id of each row of KV tile t (int64 for the address arithmetic); 0 past the end."""
+    pos = t * BLOCK_N + offs_n
+    if BLOCK_N <= PAGE:  # the whole tile lies in one page: one table read
+        page = tl.load(table + (t * BLOCK_N) // PAGE, mask=t * BLOCK_N < n_kv, other=0)
+    else:
+        page = tl.load(table + pos // PAGE, mask=pos < n_kv, other=0)
+    return page.to(tl.int64)
 
 
 @triton.jit
@@ -81,7 +94,6 @@ def _decode_split_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
-    K_TRANSPOSED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -116,33 +128,22 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = block_tables + seq * stride_bt
     v_base = V + kvh * stride_vh + offs_d[None, :]
-    if K_TRANSPOSED:
-        k_base = K + kvh * stride_kh + offs_d[:, None]  # K^T tile [BLOCK_D, BLOCK_N]
-    else:
-        k_base = K + kvh * stride_kh + offs_d[None, :]
+    k_base = K + kvh * stride_kh + offs_d[None, :]
 
+    # The page ids of tile t+1 are read during tile t: the K/V loads then hang off a loop-carried
+    # value rather than a load of the same iteration, so the pipeliner buffers them
+    # num_stages - 1 tiles deep (with the table load in the loop, it spent a stage on it).
+    page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)
     for t in range(tile_lo, tile_hi):
+        page = page_next
+        page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
         pos = t * BLOCK_N + offs_n
         n_mask = pos < n_kv
-        if BLOCK_N <= PAGE:
-            # The whole tile lies in one page: one table read.
-            page = tl.load(table + (t * BLOCK_N) // PAGE).to(tl.int64)
-            k_rows = page * stride_kb + (pos % PAGE) * stride_kt
-            v_rows = page * stride_vb + (pos % PAGE) * stride_vt
-        else:
-            page = tl.load(table + pos // PAGE, mask=n_mask, other=0).to(tl.int64)
-            k_rows = page * stride_kb + (pos % PAGE) * stride_kt
-            v_rows = page * stride_vb + (pos % PAGE) * stride_vt
-        if BLOCK_D == HEAD_DIM:
-            kv_mask = n_mask[:, None]
-        else:
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-        if K_TRANSPOSED:
-            k_t = tl.load(k_base + k_rows[None, :], mask=tl.trans(kv_mask), other=0.0)
-            qk = tl.dot(q, k_t) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
-        else:
-            k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
+        k_rows = page * stride_kb + (pos % PAGE) * stride_kt
+        v_rows = page * stride_vb + (pos % PAGE) * stride_vt
+        kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -224,13 +225,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def resident_programs_per_sm(block_n: int, block_d: int, num_warps: int, elem_size: int) -> int:
-    """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiled on an
-    H100 for head dim 128 (bench JSON, "compiled"): one K and one V tile in shared memory plus
-    ~8 KB (39 KB at BLOCK_N 64), and about 64 + BLOCK_N registers a thread (115-123 at 64): so 4
-    programs per SM at BLOCK_N 64, 2 at 128, 5 at 32."""
-    smem = 2 * block_n * block_d * elem_size + 8192
-    regs = (64 + block_n * block_d // 128) * 32 * num_warps
+def resident_programs_per_sm(
+    block_n: int, block_d: int, num_stages: int, num_warps: int, elem_size: int
+) -> int:
+    """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiles for
+    sm_90 (ptxas -v; the bench JSON's "compiled"): num_stages - 1 buffered K and V tiles plus
+    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages), and about 40 + BLOCK_N * D / 128
+    registers a thread (105 at BLOCK_N 64, 72 at 32, 165 at 128, head dim 128)."""
+    smem = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + 7168
+    regs = (40 + block_n * block_d // 128) * 32 * num_warps
     return max(1, min(SMEM_PER_SM // smem, REGS_PER_SM // regs, 64 // num_warps))
 
 
@@ -261,9 +264,11 @@ def auto_num_splits(
     device: torch.device,
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
+    num_stages: int = DEFAULT_NUM_STAGES,
 ) -> int:
     """The split count paged_decode picks when none is given."""
-    per_sm = resident_programs_per_sm(block_n, triton.next_power_of_2(head_dim), num_warps, elem_size)
+    block_d = triton.next_power_of_2(head_dim)
+    per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size)
     return choose_num_splits(
         max(1, num_seqs * num_kv_heads), max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device)
     )
@@ -302,7 +307,6 @@ def paged_decode(
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int = DEFAULT_NUM_STAGES,
-    k_transposed: bool = DEFAULT_K_TRANSPOSED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
 
@@ -332,6 +336,7 @@ def paged_decode(
             query.device,
             block_n,
             num_warps,
+            num_stages,
         )
     single = num_splits == 1
     if single:
@@ -380,7 +385,6 @@ def paged_decode(
         PAGE=page,
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
-        K_TRANSPOSED=k_transposed,
         num_warps=num_warps,
         num_stages=num_stages,
     )

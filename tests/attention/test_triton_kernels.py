@@ -121,9 +121,9 @@ def test_decode_matches_reference(dtype, block_size, heads):
 
 
 @needs_gpu
-@pytest.mark.parametrize("k_transposed", [False, True])
+@pytest.mark.parametrize("num_stages", [2, 4])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 16, 200])
-def test_decode_forced_split_counts(num_splits, k_transposed):
+def test_decode_forced_split_counts(num_splits, num_stages):
     """One split (direct write), uneven splits, and more splits than tiles (empty splits)."""
     from fapool.attention.triton_decode import paged_decode
 
@@ -132,7 +132,7 @@ def test_decode_forced_split_counts(num_splits, k_transposed):
     q, kc, vc, meta = _paged_case(specs, 32, 8, 128, 16, dtype, seed=num_splits)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
-    paged_decode(q, kc, vc, meta, 0.1, out, lse, num_splits=num_splits, k_transposed=k_transposed)
+    paged_decode(q, kc, vc, meta, 0.1, out, lse, num_splits=num_splits, num_stages=num_stages)
     _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, dtype)
 
 
