@@ -134,12 +134,20 @@ def make_specs(ns: argparse.Namespace, rate: float, max_len: int) -> list[Spec]:
 
 
 # Load -------------------------------------------------------------------------------------------
-async def send(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], spec: Spec,
-               headers: dict[str, str]) -> Result:
+async def send(
+    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], spec: Spec, headers: dict[str, str]
+) -> Result:
     res = Result(spec)
-    body = {"model": model, "prompt": prompt, "max_tokens": spec.output_len, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": spec.output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
@@ -174,8 +182,15 @@ async def send(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return res
 
 
-async def run_load(base_url: str, model: str, specs: list[Spec], vocab: int, concurrency: int | None,
-                   api_key: str | None, seed: int) -> tuple[list[Result], float]:
+async def run_load(
+    base_url: str,
+    model: str,
+    specs: list[Spec],
+    vocab: int,
+    concurrency: int | None,
+    api_key: str | None,
+    seed: int,
+) -> tuple[list[Result], float]:
     rng = random.Random(seed + 1)
     low = min(100, vocab // 2)
     prompts = [[rng.randrange(low, vocab) for _ in range(s.prompt_len)] for s in specs]
@@ -276,9 +291,20 @@ class ServerProcess:
     """`fapool serve` on 127.0.0.1, port chosen by the OS, its log in a temporary file."""
 
     def __init__(self, ns: argparse.Namespace, max_waiting: int) -> None:
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fapool-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "fapool.entrypoints.cli", "serve", *engine_argv(ns), "--host", "127.0.0.1",
-               "--port", "0", "--max-waiting", str(max_waiting)]
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="fapool-serve-", suffix=".log", delete=False)  # noqa: SIM115
+        cmd = [
+            sys.executable,
+            "-m",
+            "fapool.entrypoints.cli",
+            "serve",
+            *engine_argv(ns),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-waiting",
+            str(max_waiting),
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=repo_root())
         self.base_url = self._wait_for_url(ns.server_timeout)
 
@@ -322,7 +348,7 @@ def check_local(url: str) -> str:
 
 def scrape(base_url: str, name: str) -> float:
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 # Main -----------------------------------------------------------------------------------------------
@@ -345,8 +371,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             mode, loads = "concurrency", [int(c) for c in _floats(ns.max_concurrency or "1")]
         cap = int(_floats(ns.max_concurrency)[0]) if ns.max_concurrency and mode != "concurrency" else None
 
-        warm = [Spec(min(8, max_len - 2), 2, 0.0)]  # compile / allocate before measuring
-        asyncio.run(run_load(base_url, model, warm, vocab, None, ns.api_key, ns.bench_seed))
+        # Warm up at full load with the run's own lengths (kernel compilation, allocation).
+        warm = make_specs(ns, math.inf, max_len)[: ns.warmup_prompts] or [Spec(min(8, max_len - 2), 2, 0.0)]
+        asyncio.run(run_load(base_url, model, warm, vocab, None, ns.api_key, ns.bench_seed + 7))
         points = []
         for load in loads:
             if ns.trace:
@@ -355,9 +382,14 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 specs = make_specs(ns, load if mode.startswith("request") else math.inf, max_len)
             conc = load if mode == "concurrency" else cap
             preempt0 = scrape(base_url, "fapool_num_preemptions_total")
-            results, duration = asyncio.run(run_load(base_url, model, specs, vocab, conc, ns.api_key, ns.bench_seed))
-            point = {"load": load, **summarize(results, duration, ns.slo_ttft_ms / 1e3, ns.slo_tpot_ms / 1e3),
-                     "preemptions": scrape(base_url, "fapool_num_preemptions_total") - preempt0}
+            results, duration = asyncio.run(
+                run_load(base_url, model, specs, vocab, conc, ns.api_key, ns.bench_seed)
+            )
+            point = {
+                "load": load,
+                **summarize(results, duration, ns.slo_ttft_ms / 1e3, ns.slo_tpot_ms / 1e3),
+                "preemptions": scrape(base_url, "fapool_num_preemptions_total") - preempt0,
+            }
             points.append(point)
             _print_point(mode, point)
     finally:
@@ -367,23 +399,37 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     device = "cpu" if (ns.device or "") == "cpu" else (ns.device or _guess_device())
     result = {
         "env": environment(device),
-        "server": {"base_url": ns.base_url or "self-started", "model": model, "max_model_len": max_len,
-                   "engine_argv": engine_argv(ns)},
-        "workload": {"mode": mode, "num_prompts": ns.num_prompts, "input_len": ns.input_len,
-                     "output_len": ns.output_len, "len_dist": ns.len_dist, "range_ratio": ns.range_ratio,
-                     "trace": ns.trace, "max_concurrency_cap": cap, "seed": ns.bench_seed},
+        "server": {
+            "base_url": ns.base_url or "self-started",
+            "model": model,
+            "max_model_len": max_len,
+            "engine_argv": engine_argv(ns),
+        },
+        "workload": {
+            "mode": mode,
+            "num_prompts": ns.num_prompts,
+            "input_len": ns.input_len,
+            "output_len": ns.output_len,
+            "len_dist": ns.len_dist,
+            "range_ratio": ns.range_ratio,
+            "trace": ns.trace,
+            "max_concurrency_cap": cap,
+            "seed": ns.bench_seed,
+        },
         "slo": {"ttft_ms": ns.slo_ttft_ms, "tpot_ms": ns.slo_tpot_ms},
         "points": points,
     }
     if not ns.no_save:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         png = os.path.join(repo_root(), "benchmarks", "plots", f"serve-{stamp}.png")
         plot(points, mode, f"fapool bench serve: {model} on {result['env']['device']}", png)
         result["plot"] = os.path.relpath(png, repo_root())
         best = max(points, key=lambda p: p["output_tokens_per_s"])
-        summary = (f"{model}, {mode} {','.join(str(p['load']) for p in points)}: up to "
-                   f"{best['output_tokens_per_s']:.1f} out tok/s, TTFT p50 {_ms(best['ttft_s']['p50'])}, "
-                   f"TPOT p50 {_ms(best['tpot_s']['p50'])}")
+        summary = (
+            f"{model}, {mode} {','.join(str(p['load']) for p in points)}: up to "
+            f"{best['output_tokens_per_s']:.1f} out tok/s, TTFT p50 {_ms(best['ttft_s']['p50'])}, "
+            f"TPOT p50 {_ms(best['tpot_s']['p50'])}"
+        )
         path = write_result("serve", result, summary)
         console.print(f"wrote {path} and {png}")
     return result
@@ -400,15 +446,19 @@ def _ms(v: float | None) -> str:
 
 
 def _print_point(mode: str, p: dict[str, Any]) -> None:
-    t = Table(title=f"{mode} = {p['load']}: {p['completed']}/{p['num_requests']} ok, "
-                    f"{p['rejected_429']} rejected, {p['failed']} failed, {p['preemptions']:.0f} preemptions")
+    t = Table(
+        title=f"{mode} = {p['load']}: {p['completed']}/{p['num_requests']} ok, "
+        f"{p['rejected_429']} rejected, {p['failed']} failed, {p['preemptions']:.0f} preemptions"
+    )
     for col in ("metric", "mean", "p50", "p90", "p99"):
         t.add_column(col, justify="right")
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         t.add_row(key[:-2].upper(), *(_ms(p[key][q]) for q in ("mean", "p50", "p90", "p99")))
     console.print(t)
-    console.print(f"throughput {p['request_throughput']:.2f} req/s, {p['output_tokens_per_s']:.1f} out tok/s, "
-                  f"goodput {p['goodput_requests_per_s']:.2f} req/s ({p['goodput_fraction'] * 100:.0f}% in SLO)")
+    console.print(
+        f"throughput {p['request_throughput']:.2f} req/s, {p['output_tokens_per_s']:.1f} out tok/s, "
+        f"goodput {p['goodput_requests_per_s']:.2f} req/s ({p['goodput_fraction'] * 100:.0f}% in SLO)"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -418,19 +468,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--base-url", default=None, help="an already running server on this machine")
     g.add_argument("--api-key", default=None)
     g.add_argument("--request-rate", default=None, help="Poisson rates to sweep, req/s, e.g. 0.5,1,2,inf")
-    g.add_argument("--max-concurrency", default=None,
-                   help="concurrency levels to sweep (closed loop), or a cap when --request-rate is given")
+    g.add_argument(
+        "--max-concurrency",
+        default=None,
+        help="concurrency levels to sweep (closed loop), or a cap when --request-rate is given",
+    )
     g.add_argument("--num-prompts", type=int, default=32, help="requests per load point")
     g.add_argument("--input-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=64)
     g.add_argument("--len-dist", default="fixed", choices=["fixed", "uniform", "exponential"])
     g.add_argument("--range-ratio", type=float, default=0.5, help="uniform lengths in mean*(1 +- ratio)")
-    g.add_argument("--trace", default=None, help="Azure-format CSV: TIMESTAMP, ContextTokens, GeneratedTokens")
+    g.add_argument(
+        "--trace", default=None, help="Azure-format CSV: TIMESTAMP, ContextTokens, GeneratedTokens"
+    )
     g.add_argument("--trace-time-scale", default="1", help="speed-ups of the trace's clock to sweep")
     g.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     g.add_argument("--slo-tpot-ms", type=float, default=200.0)
     g.add_argument("--max-waiting", type=int, default=4096, help="the self-started server's waiting bound")
     g.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for the server")
+    g.add_argument("--warmup-prompts", type=int, default=16, help="requests sent before measuring")
     g.add_argument("--bench-seed", type=int, default=0)
     g.add_argument("--no-save", action="store_true", help="do not write benchmarks/results or plots")
     p.set_defaults(func=lambda ns: (run(ns), 0)[1])

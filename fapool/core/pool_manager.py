@@ -128,32 +128,38 @@ class PoolManager:
         if any(w not in self.alive for w in assigned):
             return None
         used = {w: self.pools[w].num_used_blocks for w in self.alive}
+        free = {w: self.pools[w].num_free_blocks for w in self.alive}
         steps: list[tuple[bool, list[int], int]] = []
         if self.mode != "shard":  # one segment on every pool worker, growing in place
             workers = [p.worker for p in segs[0].placements] if segs else sorted(self.alive)
-            steps.append((not segs, workers, num_new))
-        else:
-            room = self.segment_blocks - segs[-1].num_blocks if segs else 0
-            if room > 0:
-                take = min(room, num_new)
-                steps.append((False, [segs[-1].placements[0].worker], take))
-                num_new -= take
-            while num_new > 0:
-                fresh = [w for w in sorted(self.alive) if w not in assigned]
-                grow = fresh and len(assigned) < self.config.attention_workers
-                w = min(fresh if grow else assigned, key=lambda w: (used[w], w))
-                if w not in assigned:
-                    assigned.append(w)
-                take = min(self.segment_blocks, num_new)
-                steps.append((True, [w], take))
+            if any(free[w] < num_new for w in workers):
+                return None
+            return [(not segs, workers, num_new)]
+        if segs:  # fill the open segment first, while its worker has room
+            w = segs[-1].placements[0].worker
+            take = min(self.segment_blocks - segs[-1].num_blocks, num_new, free[w])
+            if take > 0:
+                steps.append((False, [w], take))
                 used[w] += take
-                num_new -= take
-        free = {w: self.pools[w].num_free_blocks for w in self.alive}
-        for _, workers, take in steps:
-            for w in workers:
                 free[w] -= take
-                if free[w] < 0:
-                    return None
+                num_new -= take
+        while num_new > 0:
+            fresh = [w for w in sorted(self.alive) if w not in assigned and free[w] > 0]
+            grow = fresh and len(assigned) < self.config.attention_workers
+            candidates = fresh if grow else [w for w in assigned if free[w] > 0]
+            if not candidates:  # its workers are full: spill to any worker with room
+                candidates = [w for w in sorted(self.alive) if free[w] > 0]
+            if not candidates:
+                return None
+            # Least loaded first; a segment smaller than usual if no worker has room for one.
+            w = min(candidates, key=lambda w: (used[w], w))
+            if w not in assigned:
+                assigned.append(w)
+            take = min(self.segment_blocks, num_new, free[w])
+            steps.append((True, [w], take))
+            used[w] += take
+            free[w] -= take
+            num_new -= take
         return steps
 
     def write_position_needs_copy(self, request_id: str, position: int) -> bool:

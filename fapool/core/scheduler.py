@@ -39,6 +39,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), CoW
     pool_block_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (worker, src, dst)
     preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # could not run even with the cache empty
 
     @property
     def num_tokens(self) -> int:
@@ -115,6 +116,14 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+        # Nothing runs and the head of the queue cannot be admitted into an idle cache: it
+        # never will be (admission checks make this rare). Fail it rather than spin.
+        if not out.scheduled and not self.running and self.waiting:
+            req = self.waiting.popleft()
+            req.error = "the request does not fit in the KV cache even with nothing else running"
+            self.finish(req, RequestStatus.FINISHED_ERROR)
+            out.failed.append(req)
 
         out.block_copies = self.kv.take_pending_copies()
         out.pool_block_copies = self.kv.take_pool_copies()

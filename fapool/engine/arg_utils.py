@@ -44,6 +44,10 @@ class EngineArgs:
     pool_threshold: int = 4096
     tokens_per_pool_worker: int = 4096
     pool_mode: str = "shard"
+    micro_batches: int = 2
+    head_placement: str = "contiguous"
+    worker_kv_blocks: int | None = None
+    worker_timeout_s: float = 60.0
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
         device = self.device or default_device()
@@ -68,10 +72,15 @@ class EngineArgs:
                 pool_threshold=self.pool_threshold,
                 tokens_per_pool_worker=self.tokens_per_pool_worker,
                 pool_mode=self.pool_mode,
+                micro_batches=self.micro_batches,
+                head_placement=self.head_placement,
+                worker_kv_blocks=self.worker_kv_blocks,
+                worker_timeout_s=self.worker_timeout_s,
             ),
             device=device,
             dtype=dtype,
             seed=self.seed,
+            attention_backend=self.attention_backend,
         )
 
     @staticmethod
@@ -96,6 +105,10 @@ class EngineArgs:
         g.add_argument("--pool-threshold", type=int, default=4096)
         g.add_argument("--tokens-per-pool-worker", type=int, default=4096)
         g.add_argument("--pool-mode", default="shard", choices=["shard", "replicate", "head"])
+        g.add_argument("--micro-batches", type=int, default=2, help="pool: micro-batches per step (overlap)")
+        g.add_argument("--head-placement", default="contiguous", choices=["contiguous", "lpt"])
+        g.add_argument("--worker-kv-blocks", type=int, default=None, help="KV blocks per attention worker")
+        g.add_argument("--worker-timeout-s", type=float, default=60.0)
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:

@@ -96,7 +96,7 @@ class RequestStream:
     def finished(self) -> bool:
         return not self._open
 
-    def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def push(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait((self._index[request_id], item))
         if isinstance(item, BaseException) or item.finished:
             self._open.discard(request_id)
@@ -258,13 +258,18 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is None:
                 continue  # aborted by its consumer
-            stream._put(rid, item)
+            stream.push(rid, item)
             if isinstance(item, BaseException) or item.finished:
                 del self._streams[rid]
 
     # Engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            device = self.engine.config.device
+            if device.startswith("cuda:"):  # a new thread starts on the default device
+                import torch
+
+                torch.cuda.set_device(torch.device(device))
             while not self._stopped.is_set():
                 busy = self.engine.has_unfinished_requests()
                 self._handle_commands(block=not busy)
@@ -310,7 +315,7 @@ class AsyncEngine:
             self._unqueue(cmd.request_id, started=False)
             cmd.accepted.set_exception(e)
             return
-        except Exception as e:  # noqa: BLE001 - this request alone fails
+        except Exception as e:
             logger.exception("add_request failed for %s", cmd.request_id)
             self._unqueue(cmd.request_id, started=False)
             cmd.accepted.set_exception(RequestFailed(f"the engine could not admit the request: {e!r}"))
@@ -336,7 +341,7 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+        except Exception as e:
             logger.exception("engine step failed; failing the running requests")
             self._fail_running(e)
             return
@@ -360,7 +365,7 @@ class AsyncEngine:
         for rid in request_ids:
             try:
                 self.engine.abort_request(rid)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("abort of %s failed", rid)
                 self.engine.groups.pop(rid, None)
             self._unqueue(rid)
@@ -380,7 +385,9 @@ class AsyncEngine:
             return True
         if time.monotonic() < self._drain_deadline:
             return False
-        self._fail(set(self.engine.groups), RequestFailed("the server shut down before this request finished", True))
+        self._fail(
+            set(self.engine.groups), RequestFailed("the server shut down before this request finished", True)
+        )
         return True
 
     def _fail_pending_commands(self) -> None:
@@ -401,7 +408,7 @@ class AsyncEngine:
             return
         try:
             getattr(self.observer, event)(arg)
-        except Exception:  # noqa: BLE001 - metrics must never take the loop down
+        except Exception:
             logger.exception("observer %s failed", event)
 
     def _refresh_stats(self, force: bool) -> None:
@@ -409,6 +416,6 @@ class AsyncEngine:
         if force or now - self._stats_time >= self.stats_interval_s:
             try:
                 self._stats = self.engine.stats()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("engine.stats() failed")
             self._stats_time = now

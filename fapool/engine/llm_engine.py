@@ -153,7 +153,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return [self._finalize(r.group_id) for r in sched.failed if r.group_id in self.groups]
         logits, due = self.runner.execute(sched)
         lost = self._handle_worker_failures()
         if lost:

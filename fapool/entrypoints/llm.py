@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from fapool.attention.backend import AttentionBackend
-from fapool.attention.torch_ref import TorchReferenceBackend
+from fapool.attention.selector import make_backend
 from fapool.engine.arg_utils import EngineArgs
 from fapool.engine.llm_engine import LLMEngine, RequestError
 from fapool.models.loader import iter_weights, load_model_config, load_tokenizer, resolve_model
@@ -24,24 +22,12 @@ logger = logging.getLogger(__name__)
 PromptType = str | Sequence[int] | dict[str, Any]
 
 
-def make_backend(name: str | None, device: str) -> AttentionBackend:
-    if name is None:
-        name = "triton" if device.startswith("cuda") else "torch"
-    if name == "torch":
-        return TorchReferenceBackend()
-    if name == "triton":
-        from fapool.attention.triton_backend import TritonBackend
-
-        return TritonBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose torch or triton")
-
-
 def build_engine(args: EngineArgs) -> LLMEngine:
     """Resolve the model, load config, weights and tokenizer, and build the engine."""
     src = resolve_model(args.model)
     model_config = load_model_config(src)
     config = args.create_engine_config(model_config)
-    backend = make_backend(args.attention_backend, config.device)
+    backend = make_backend(config.attention_backend, config.device)
     model = build_model(model_config, backend, DTYPES[config.dtype], config.device)
     if src.format == "preset":
         model.init_random_weights(config.seed)

@@ -25,12 +25,73 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 POOL_SIZE_FIELDS = ("pool_size", "num_pool_workers", "attention_pool_size")
 POOL_KV_FIELDS = ("kv_tokens_per_worker", "pool_kv_tokens_per_worker")
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0)
-TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-                 2.5, 5.0, 10.0, 20.0)
-REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0,
-                   120.0, 240.0, 480.0, 960.0, 1920.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
+TOKEN_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+)
+REQUEST_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+)
 
 
 @dataclass
@@ -48,23 +109,51 @@ class ServerMetrics:
     def __init__(self, model_name: str, stats_fn: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
-        reg = dict(registry=self.registry)
-        self.finished = Counter("fapool_request_finished", "Finished requests by finish reason",
-                                [*labels, "finish_reason"], **reg)
-        self.rejected = Counter("fapool_request_rejected", "Requests refused before admission, by reason",
-                                [*labels, "reason"], **reg)
-        self.prompt_tokens = Counter("fapool_prompt_tokens", "Prompt tokens of started requests", labels, **reg)
+        reg = {"registry": self.registry}
+        self.finished = Counter(
+            "fapool_request_finished", "Finished requests by finish reason", [*labels, "finish_reason"], **reg
+        )
+        self.rejected = Counter(
+            "fapool_request_rejected",
+            "Requests refused before admission, by reason",
+            [*labels, "reason"],
+            **reg,
+        )
+        self.prompt_tokens = Counter(
+            "fapool_prompt_tokens", "Prompt tokens of started requests", labels, **reg
+        )
         self.generation_tokens = Counter("fapool_generation_tokens", "Generated tokens", labels, **reg)
-        self.ttft = Histogram("fapool_time_to_first_token_seconds", "Time to first token from arrival",
-                              labels, buckets=TTFT_BUCKETS, **reg)
-        self.tpot = Histogram("fapool_time_per_output_token_seconds", "Mean time per output token after the first",
-                              labels, buckets=TOKEN_BUCKETS, **reg)
-        self.itl = Histogram("fapool_inter_token_latency_seconds", "Time between successive engine outputs",
-                             labels, buckets=TOKEN_BUCKETS, **reg)
-        self.queue_time = Histogram("fapool_request_queue_time_seconds", "Arrival to first scheduled",
-                                    labels, buckets=REQUEST_BUCKETS, **reg)
-        self.e2e = Histogram("fapool_e2e_request_latency_seconds", "Arrival to finish",
-                             labels, buckets=REQUEST_BUCKETS, **reg)
+        self.ttft = Histogram(
+            "fapool_time_to_first_token_seconds",
+            "Time to first token from arrival",
+            labels,
+            buckets=TTFT_BUCKETS,
+            **reg,
+        )
+        self.tpot = Histogram(
+            "fapool_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            **reg,
+        )
+        self.itl = Histogram(
+            "fapool_inter_token_latency_seconds",
+            "Time between successive engine outputs",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            **reg,
+        )
+        self.queue_time = Histogram(
+            "fapool_request_queue_time_seconds",
+            "Arrival to first scheduled",
+            labels,
+            buckets=REQUEST_BUCKETS,
+            **reg,
+        )
+        self.e2e = Histogram(
+            "fapool_e2e_request_latency_seconds", "Arrival to finish", labels, buckets=REQUEST_BUCKETS, **reg
+        )
         self.registry.register(_EngineCollector(model_name, stats_fn))
         self.model_name = model_name
         self._progress: dict[str, _Progress] = {}
@@ -132,22 +221,30 @@ class _EngineCollector:
         yield gauge("fapool_kv_cache_blocks_used", "KV blocks in use", s.kv_blocks_used)
         yield gauge("fapool_kv_cache_blocks_total", "KV blocks in the cache", s.kv_blocks_total)
         yield gauge("fapool_kv_cache_tokens_used", "Tokens whose KV is stored", s.kv_tokens_used)
-        c = CounterMetricFamily("fapool_num_preemptions", "Requests preempted (recomputed)", labels=["model_name"])
+        c = CounterMetricFamily(
+            "fapool_num_preemptions", "Requests preempted (recomputed)", labels=["model_name"]
+        )
         c.add_metric(name, s.num_preemptions)
         yield c
-        c = CounterMetricFamily("fapool_prefix_cache_hit_blocks", "Prefix-cache block hits", labels=["model_name"])
+        c = CounterMetricFamily(
+            "fapool_prefix_cache_hit_blocks", "Prefix-cache block hits", labels=["model_name"]
+        )
         c.add_metric(name, s.prefix_cache_hit_blocks)
         yield c
-        c = CounterMetricFamily("fapool_prefix_cache_query_blocks", "Prefix-cache block lookups",
-                                labels=["model_name"])
+        c = CounterMetricFamily(
+            "fapool_prefix_cache_query_blocks", "Prefix-cache block lookups", labels=["model_name"]
+        )
         c.add_metric(name, s.prefix_cache_query_blocks)
         yield c
 
         size = next((getattr(s, f) for f in POOL_SIZE_FIELDS if getattr(s, f, None) is not None), 0)
         yield gauge("fapool_attention_pool_size", "Attention-pool workers in use", size)
         per_worker = next((getattr(s, f) for f in POOL_KV_FIELDS if getattr(s, f, None) is not None), None)
-        g = GaugeMetricFamily("fapool_attention_pool_kv_tokens", "KV tokens held by each attention-pool worker",
-                              labels=["model_name", "worker"])
+        g = GaugeMetricFamily(
+            "fapool_attention_pool_kv_tokens",
+            "KV tokens held by each attention-pool worker",
+            labels=["model_name", "worker"],
+        )
         for worker, tokens in _per_worker(per_worker):
             g.add_metric([self.model_name, str(worker)], tokens)
         yield g

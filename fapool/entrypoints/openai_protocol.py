@@ -135,7 +135,9 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
 
     def as_template_input(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        content = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        )
         # Templates written before the "developer" role know it as "system".
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 

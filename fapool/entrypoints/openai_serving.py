@@ -42,8 +42,9 @@ class Renderer:
     object_name = ""
     chunk_object = ""
 
-    def __init__(self, request_id: str, model: str, req: proto.SamplingFields, prompts: list[list[int]],
-                 tokenizer) -> None:
+    def __init__(
+        self, request_id: str, model: str, req: proto.SamplingFields, prompts: list[list[int]], tokenizer
+    ) -> None:
         self.id = request_id
         self.model = model
         self.req = req
@@ -66,8 +67,11 @@ class Renderer:
     # Usage --------------------------------------------------------------------------------------
     def usage(self, num_completion_tokens: int) -> dict:
         prompt = sum(len(p) for p in self.prompts)
-        return {"prompt_tokens": prompt, "completion_tokens": num_completion_tokens,
-                "total_tokens": prompt + num_completion_tokens}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": num_completion_tokens,
+            "total_tokens": prompt + num_completion_tokens,
+        }
 
     @property
     def token_level(self) -> bool:
@@ -90,12 +94,14 @@ class Renderer:
             if st.finished:
                 continue
             finished = c.finish_reason is not None
-            visible = len(c.text) if finished or not self.stops else len(c.text) - held_back(c.text, self.stops)
-            delta = c.text[st.text_len:visible] if visible > st.text_len else ""
-            new_tokens = c.token_ids[st.num_tokens:]
+            visible = (
+                len(c.text) if finished or not self.stops else len(c.text) - held_back(c.text, self.stops)
+            )
+            delta = c.text[st.text_len : visible] if visible > st.text_len else ""
+            new_tokens = c.token_ids[st.num_tokens :]
             if not (delta or finished or (new_tokens and self.token_level)):
                 continue
-            lps = c.logprobs[st.num_tokens:] if c.logprobs is not None else None
+            lps = c.logprobs[st.num_tokens :] if c.logprobs is not None else None
             result.append(self.chunk(i, delta, new_tokens, lps, c if finished else None, st.text_len))
             st.text_len = max(st.text_len, visible)
             st.num_tokens = len(c.token_ids)
@@ -107,11 +113,26 @@ class Renderer:
     def final_chunks(self) -> list[dict]:
         if not self.req.include_usage:
             return []
-        return [{"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                 "choices": [], "usage": self.usage(sum(st.num_tokens for st in self.choices))}]
+        return [
+            {
+                "id": self.id,
+                "object": self.chunk_object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(sum(st.num_tokens for st in self.choices)),
+            }
+        ]
 
-    def chunk(self, i: int, delta: str, tokens: list[int], lps: list[list[Logprob]] | None,
-              done: CompletionOutput | None, offset: int) -> dict:
+    def chunk(
+        self,
+        i: int,
+        delta: str,
+        tokens: list[int],
+        lps: list[list[Logprob]] | None,
+        done: CompletionOutput | None,
+        offset: int,
+    ) -> dict:
         raise NotImplementedError
 
     def full_response(self, finals: list[RequestOutput]) -> dict:
@@ -153,8 +174,13 @@ class CompletionRenderer(Renderer):
         return choice
 
     def chunk(self, i, delta, tokens, lps, done, offset) -> dict:
-        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": [self._choice(i, delta, tokens, lps, done, offset)]}
+        return {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._choice(i, delta, tokens, lps, done, offset)],
+        }
 
     def full_response(self, finals: list[RequestOutput]) -> dict:
         choices = []
@@ -165,8 +191,14 @@ class CompletionRenderer(Renderer):
                     choice["prompt_token_ids"] = self.prompts[index]
                 choices.append(choice)
         tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
-        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(tokens)}
+        return {
+            "id": self.id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(tokens),
+        }
 
 
 class ChatRenderer(Renderer):
@@ -184,34 +216,70 @@ class ChatRenderer(Renderer):
     def logprobs(self, lps: list[list[Logprob]] | None) -> dict | None:
         if lps is None:
             return None
-        return {"content": [{**self._entry(chosen), "top_logprobs": [self._entry(a) for a in alts]}
-                            for chosen, *alts in lps]}
+        return {
+            "content": [
+                {**self._entry(chosen), "top_logprobs": [self._entry(a) for a in alts]}
+                for chosen, *alts in lps
+            ]
+        }
 
     def first_chunks(self) -> list[dict]:
-        return [{"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                 "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]}
-                for i in range(len(self.choices))]
+        return [
+            {
+                "id": self.id,
+                "object": self.chunk_object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+            for i in range(len(self.choices))
+        ]
 
     def chunk(self, i, delta, tokens, lps, done, offset) -> dict:
-        choice = {"index": i, "delta": {"content": delta} if delta or done is None else {},
-                  "logprobs": self.logprobs(lps), **self.finish(done)}
+        choice = {
+            "index": i,
+            "delta": {"content": delta} if delta or done is None else {},
+            "logprobs": self.logprobs(lps),
+            **self.finish(done),
+        }
         if self.req.return_token_ids:
             choice["token_ids"] = tokens
-        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def full_response(self, finals: list[RequestOutput]) -> dict:
         out = finals[0]
         choices = []
         for c in out.outputs:
-            choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                      "logprobs": self.logprobs(c.logprobs), **self.finish(c)}
+            choice = {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.logprobs(c.logprobs),
+                **self.finish(c),
+            }
             if self.req.return_token_ids:
                 choice["token_ids"] = c.token_ids
             choices.append(choice)
-        body = {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(sum(len(c.token_ids) for c in out.outputs))}
+        body = {
+            "id": self.id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(sum(len(c.token_ids) for c in out.outputs)),
+        }
         if self.req.return_token_ids:
             body["prompt_token_ids"] = self.prompts[0]
         return body

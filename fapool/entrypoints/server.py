@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Self
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -56,13 +57,22 @@ class ServerSettings:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(proto.error_body(self.message, self.type, self.param, self.code), self.status)
+        body = proto.error_body(self.message, self.type, self.param, self.code)
+        return JSONResponse(body, self.status, headers=self.headers)
 
 
 def _bad(message: str, param: str | None = None) -> APIError:
@@ -82,9 +92,17 @@ class OpenAIServing:
         self.vocab_size = cfg.model.vocab_size
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.settings.model_name and model not in self.settings.model_aliases:
-            raise APIError(404, f"The model {model!r} does not exist; this server serves "
-                           f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        if (
+            model is not None
+            and model != self.settings.model_name
+            and model not in self.settings.model_aliases
+        ):
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist; this server serves {self.settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_supported(self, req: proto.SamplingFields) -> None:
         refused = req.unsupported()
@@ -102,8 +120,11 @@ class OpenAIServing:
         elif prompt and all(isinstance(p, list) for p in prompt):
             return [list(p) for p in prompt]
         else:
-            raise _bad("prompt must be a string, a list of strings, a list of token ids, or a list of "
-                       "such lists, and not empty", param="prompt")
+            raise _bad(
+                "prompt must be a string, a list of strings, a list of token ids, or a list of "
+                "such lists, and not empty",
+                param="prompt",
+            )
         if self.tokenizer is None:
             raise _bad("this model has no tokenizer: send the prompt as token ids", param="prompt")
         return [self.tokenizer.encode(t, add_special_tokens=True) if t else [] for t in texts]
@@ -116,7 +137,7 @@ class OpenAIServing:
             encoded = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
             )
-        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation
+        except Exception as e:
             raise _bad(f"the chat template could not format these messages: {e}", param="messages") from e
         if hasattr(encoded, "keys") and "input_ids" in encoded:
             encoded = encoded["input_ids"]
@@ -132,12 +153,18 @@ class OpenAIServing:
             raise _bad(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
         limit = self.max_model_len
         if len(ids) >= limit:
-            raise _bad(f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
-                       "tokens, leaving no room to generate", param=param)
+            raise _bad(
+                f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                "tokens, leaving no room to generate",
+                param=param,
+            )
         if max_tokens is not None and len(ids) + max_tokens > limit:
-            raise _bad(f"This model's maximum context length is {limit} tokens; you requested "
-                       f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in "
-                       "max_tokens). Lower max_tokens or the prompt.", param="max_tokens")
+            raise _bad(
+                f"This model's maximum context length is {limit} tokens; you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in "
+                "max_tokens). Lower max_tokens or the prompt.",
+                param="max_tokens",
+            )
 
     def sampling_params(self, req: proto.SamplingFields, max_tokens: int | None, logprobs: int | None):
         try:
@@ -153,7 +180,9 @@ class OpenAIServing:
             return await self.engine.add_requests(items, arrival)
         except Overloaded as e:
             self.metrics.reject("overloaded")
-            raise APIError(429, str(e), type="rate_limit_error", code="server_overloaded") from e
+            raise APIError(
+                429, str(e), type="rate_limit_error", code="server_overloaded", headers={"Retry-After": "1"}
+            ) from e
         except RequestError as e:
             self.metrics.reject("invalid")
             raise _bad(str(e)) from e
@@ -266,8 +295,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         header = raw.headers.get("authorization", "")
         token = header[7:] if header[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -282,8 +314,12 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models", response_model=proto.ModelList, responses=errors)
     async def models(raw: Request) -> proto.ModelList:
         authorize(raw)
-        card = proto.ModelCard(id=settings.model_name, root=settings.model_name,
-                               max_model_len=serving.max_model_len, vocab_size=serving.vocab_size)
+        card = proto.ModelCard(
+            id=settings.model_name,
+            root=settings.model_name,
+            max_model_len=serving.max_model_len,
+            vocab_size=serving.vocab_size,
+        )
         return proto.ModelList(data=[card])
 
     @app.post("/v1/completions", response_model=proto.CompletionResponse, responses=errors)
@@ -337,7 +373,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             by_field.setdefault(loc, []).append(str(err.get("msg", "invalid")))
         parts = []
         for loc, msgs in list(by_field.items())[:3]:
-            what = msgs[0] if len(msgs) == 1 else "matches none of the accepted types (" + "; ".join(msgs[:4]) + ")"
+            what = (
+                msgs[0]
+                if len(msgs) == 1
+                else "matches none of the accepted types (" + "; ".join(msgs[:4]) + ")"
+            )
             parts.append(f"{loc or 'body'}: {what}")
         param = next(iter(by_field), "") or None
         message = "; ".join(parts) or "the request body is not valid"
@@ -381,8 +421,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def make_server(app: FastAPI, log_level: str = "warning") -> GracefulServer:
     settings: ServerSettings = app.state.settings
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5,
+    )
     return GracefulServer(config)
 
 
@@ -395,8 +440,9 @@ class BackgroundServer:
         self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = make_server(app)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="fapool-uvicorn", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="fapool-uvicorn", daemon=True
+        )
 
     @property
     def base_url(self) -> str:
@@ -415,7 +461,7 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout_s)
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -429,7 +475,7 @@ def default_model_name(model: str | None) -> str:
     if src.format == "preset":
         return model or src.path
     name = os.path.basename(src.path.rstrip("/"))
-    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+    return name.removesuffix(".gguf")
 
 
 def run_server(ns: argparse.Namespace) -> int:
@@ -446,7 +492,12 @@ def run_server(ns: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"fapool: serving {name!r} on http://{shown}:{port} (OpenAI API under /v1)", flush=True)
-    make_server(app, log_level="info" if ns.verbose else "warning").run(sockets=[sock])
+    try:
+        make_server(app, log_level="info" if ns.verbose else "warning").run(sockets=[sock])
+    finally:
+        stop = getattr(engine, "shutdown", None)  # attention-pool worker processes, if any
+        if stop is not None:
+            stop()
     return 0
 
 
@@ -456,10 +507,20 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="0: a free port chosen by the OS (printed)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set FAPOOL_API_KEY)")
+    g.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set FAPOOL_API_KEY)"
+    )
     g.add_argument("--served-model-name", default=None, help="the name clients pass as 'model'")
-    g.add_argument("--max-waiting", type=int, default=256,
-                   help="admitted-but-unscheduled requests beyond which new ones get 429")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish at shutdown before they are failed")
+    g.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="admitted-but-unscheduled requests beyond which new ones get 429",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish at shutdown before they are failed",
+    )
     p.set_defaults(func=run_server)

@@ -59,20 +59,29 @@ class AFDModel:
             raise SimInputError("AFD needs b >= 1 sequences per attention GPU and f_tp >= 1")
         self.cost, self.m, self.b, self.f_tp, self.overlap = cost, moments, b, f_tp, overlap
         self.L = cost.model.num_hidden_layers
-        s0 = b * moments.mean
         self.sum_sd = moments.sd * math.sqrt(b)
-        # The attention side is affine in S over the range that matters: linearise at the mean.
-        ds = max(self.sum_sd, 1.0)
-        self.a_mean = self._a_side(s0)
-        self.alpha = (self._a_side(s0 + ds) - self.a_mean) / ds
-        self.a_net = float(self._bundle(64).attn_layer(cost, b, s0, s0)[1])
+        self._a_cache: dict[bool, tuple[float, float, float]] = {}
 
     def _bundle(self, r: int) -> AFD:
         return AFD(r=r, f_tp=self.f_tp, max_batch_per_attn=self.b, overlap=self.overlap)
 
-    def _a_side(self, s: float) -> float:
-        compute, net = self._bundle(64).attn_layer(self.cost, self.b, s, s)
-        return float(max(compute, net) if self.overlap else compute)
+    def _a_terms(self, r: int) -> tuple[float, float, float]:
+        """(mean layer time, slope in S, network time) of one attention GPU. The attention side
+        is affine in S over the range that matters, so it is linearised at the mean."""
+        bundle = self._bundle(r)
+        key = bundle.same_node(self.cost)  # NVLink inside one node, the NIC otherwise
+        if key not in self._a_cache:
+            s0 = self.b * self.m.mean
+            ds = max(self.sum_sd, 1.0)
+
+            def a_side(s: float) -> float:
+                compute, net = bundle.attn_layer(self.cost, self.b, s, s)
+                return float(max(compute, net) if self.overlap else compute)
+
+            a0 = a_side(s0)
+            net = float(bundle.attn_layer(self.cost, self.b, s0, s0)[1])
+            self._a_cache[key] = (a0, (a_side(s0 + ds) - a0) / ds, net)
+        return self._a_cache[key]
 
     def _f_total(self, r: int) -> float:
         """The FFN side's share of a step: with two ping-pong micro-batches a micro-batch's
@@ -85,14 +94,15 @@ class AFDModel:
         # The slowest attention GPU's layer time over the distribution of max_r S; E[step] is
         # taken over it because the step is a max of A and F terms (step-level blocking).
         s_max, w = max_of_sums_distribution(self.m, self.b, r)
-        a_max = self.a_mean + self.alpha * (s_max - self.b * self.m.mean)
+        a_mean, alpha, a_net = self._a_terms(r)
+        a_max = a_mean + alpha * (s_max - self.b * self.m.mean)
         a_max_mean = float((a_max * w).sum())
         bundle = self._bundle(r)
         f_parts = bundle.ffn_layer(self.cost, r * self.b)
-        steps = bundle.combine(self.cost, a_max, self.a_net, f_parts, r * self.b)
+        steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b)
         step = float((np.asarray(steps) * w).sum())
         n = r * self.b
-        return AFDPoint(r, step, n / (step * (r + self.f_tp)), self.L * self.a_mean, self.L * a_max_mean, self._f_total(r))
+        return AFDPoint(r, step, n / (step * (r + self.f_tp)), self.L * a_mean, self.L * a_max_mean, self._f_total(r))
 
     def _f_line(self) -> tuple[float, float]:
         """F_total(r) ~ beta + gamma * r, fitted where the FFN side is compute-bound."""
@@ -105,7 +115,8 @@ class AFDModel:
     def balance_ratio(self) -> float:
         """r solving L * mean attention layer = F_total(r)."""
         beta, gamma = self._f_line()
-        return max(0.0, (self.L * self.a_mean - beta) / gamma) if gamma > 0 else math.inf
+        a_mean = self._a_terms(64)[0]  # large bundles: attention GPUs reach the FFN over the NIC
+        return max(0.0, (self.L * a_mean - beta) / gamma) if gamma > 0 else math.inf
 
     def ffn_bound_ratio(self) -> float:
         """Maximiser of r / ((r + f_tp)(beta + gamma r)): sqrt(f_tp * beta / gamma), with beta,
@@ -127,3 +138,51 @@ class AFDModel:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
         return AFDPlan(best, self.b, self.f_tp, self.overlap, self.balance_ratio(), self.ffn_bound_ratio(), curve)
+
+
+def simulate_ratio(cost: CostModel, prompt, output, b: int, f_tp: int, r: int, steps: int, overlap: bool = True,
+                   seed: int = 0, group_policy: str = "pinned") -> float:
+    """Simulated tokens/s/GPU of an rA-1F bundle kept full by a closed loop (steady-state start,
+    `steps` mean steps long). The same seed gives every r the same clients' requests.
+    group_policy 'pinned' refills each attention GPU independently (the closed form's
+    assumption); 'least-loaded' sends each new request to the least-loaded GPU with room."""
+    from fapool.sim.simulator import SimConfig, simulate
+    from fapool.sim.workload import ClosedLoopWorkload
+
+    step = AFDModel(cost, _moments_of(prompt, output, seed), b, f_tp, overlap).point(r).step_time
+    wl = ClosedLoopWorkload(prompt, output, concurrency=r * b, num_requests=10**9, seed=seed)
+    res = simulate(AFD(r=r, f_tp=f_tp, max_batch_per_attn=b, overlap=overlap), cost, wl,
+                   SimConfig(prefill="skip", max_sim_time=steps * step, group_policy=group_policy))
+    return res.throughput_per_gpu
+
+
+def _moments_of(prompt, output, seed: int) -> ContextMoments:
+    from fapool.sim.queueing import context_moments
+
+    rng = np.random.default_rng([seed, 17])
+    return context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))
+
+
+def sweep_ratio(cost: CostModel, prompt, output, b: int, f_tp: int = 1, overlap: bool = True, steps: int = 2000,
+                span: float = 0.3, max_points: int = 13, seed: int = 0, group_policy: str = "pinned") -> dict:
+    """Closed-form optimum vs the simulator's: simulate r over [r*(1-span), r*(1+span)]
+    (integers, at most `max_points`, always r*-1, r*, r*+1) and take the best."""
+    model = AFDModel(cost, _moments_of(prompt, output, seed), b, f_tp, overlap)
+    plan = model.optimise()
+    r0 = plan.best.r
+    lo, hi = max(1, int(r0 * (1 - span))), max(r0 + 1, int(math.ceil(r0 * (1 + span))))
+    rs = set(np.unique(np.linspace(lo, hi, max_points).round().astype(int)).tolist())
+    rs |= {r for r in (r0 - 1, r0, r0 + 1) if r >= 1}
+    sims = {r: simulate_ratio(cost, prompt, output, b, f_tp, r, steps, overlap, seed, group_policy) for r in sorted(rs)}
+    r_sim = max(sims, key=sims.get)
+    return {
+        "r_closed_form": r0,
+        "r_simulated": r_sim,
+        "rel_error": abs(r0 - r_sim) / r_sim,
+        "throughput_regret": 1 - sims[r0] / sims[r_sim],
+        "balance_ratio": plan.balance_ratio,
+        "ffn_bound_ratio": plan.ffn_bound_ratio,
+        "step_time_s": plan.best.step_time,
+        "closed_form_curve": {p.r: p.throughput_per_gpu for p in plan.curve if lo <= p.r <= hi},
+        "simulated_curve": sims,
+    }

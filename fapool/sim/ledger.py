@@ -31,9 +31,21 @@ class GroupLedger:
     def usage(self, tokens: np.ndarray) -> np.ndarray:
         return np.bincount(self.group, weights=tokens, minlength=self.num_groups)
 
-    def can_admit(self, group: int, tokens: int, committed: np.ndarray) -> bool:
-        """`committed`: per-slot tokens held or already promised (pending prefill)."""
-        return self.usage(committed)[group] + tokens <= self.capacity
+    # Admission: `begin_admission` caches usage for a round of admissions; `can_admit` and
+    # `admit` then cost O(1) each. `committed` = per-slot tokens held or promised (prefill).
+    def begin_admission(self, committed: np.ndarray) -> None:
+        self._used = self.usage(committed)
+
+    def group_usage(self) -> np.ndarray:
+        return self._used
+
+    def can_admit(self, group: int, tokens: int) -> bool:
+        return self._used[group] + tokens <= self.capacity
+
+    def admit(self, slot: int, group: int, now: int, later: int) -> bool:
+        """Reserve a new request's tokens: `now` placed at once (prefilled), `later` promised."""
+        self._used[group] += now + later
+        return True
 
     def try_allocate(self, ctx: np.ndarray, new: np.ndarray) -> Domain | None:
         over = self.usage(ctx + new) - self.capacity
@@ -83,13 +95,28 @@ class PoolLedger:
     def base_usage(self, tokens: np.ndarray) -> float:
         return float(np.minimum(tokens, self.threshold).sum())
 
-    def can_admit(self, group: int, tokens: int, committed: np.ndarray) -> bool:
-        base_need = min(tokens, self.threshold)
-        pool_need = max(0, tokens - self.threshold)
-        if self.base_usage(committed) + base_need > self.base_capacity:
+    def begin_admission(self, committed: np.ndarray) -> None:
+        self._base_used = self.base_usage(committed)
+        self._pending_pool = float(np.maximum(committed - self.threshold, 0).sum()) - self.load_tokens()
+
+    def group_usage(self) -> np.ndarray:
+        return np.array([self._base_used])
+
+    def can_admit(self, group: int, tokens: int) -> bool:
+        if self._base_used + min(tokens, self.threshold) > self.base_capacity:
             return False
-        pending_pool = np.maximum(committed - self.threshold, 0).sum() - self.load_tokens()
-        return self.free_pool_tokens() - pending_pool >= pool_need
+        return self.free_pool_tokens() - self._pending_pool >= max(0, tokens - self.threshold)
+
+    def admit(self, slot: int, group: int, now: int, later: int) -> bool:
+        if now:
+            new = np.zeros(len(self.cur), np.int64)
+            new[slot] = now
+            if self.try_allocate(np.zeros(len(self.cur), np.int64), new) is not None:
+                return False
+        total = now + later
+        self._base_used += min(total, self.threshold)
+        self._pending_pool += max(0, total - self.threshold) - max(0, now - self.threshold)
+        return True
 
     def load_tokens(self) -> float:
         return float(self.pool_tokens.sum()) if self.placement == "head" else float(self.owned.sum())

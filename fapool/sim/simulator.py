@@ -40,12 +40,19 @@ class SimConfig:
     # their time is the trapezoid of the first and last step's (exact when a step's time is
     # affine in the contexts, as the roofline's decode attention is). 1 disables.
     max_macro_steps: int = 128
+    # Which attention group (AFD: attention GPU) takes a new request: "least-loaded" (fewest
+    # committed KV tokens among groups with a free slot) or "pinned" (closed-loop client c
+    # always uses group c // slots_per_group: every group is refilled independently, the
+    # assumption of the closed-form AFD model).
+    group_policy: str = "least-loaded"
 
     def __post_init__(self) -> None:
         if self.prefill not in ("chunked", "skip"):
             raise SimInputError(f"prefill must be 'chunked' or 'skip', got {self.prefill!r}")
         if self.max_num_batched_tokens < 1:
             raise SimInputError("max_num_batched_tokens must be >= 1")
+        if self.group_policy not in ("least-loaded", "pinned"):
+            raise SimInputError(f"group_policy must be 'least-loaded' or 'pinned', got {self.group_policy!r}")
 
 
 class _Requests:
@@ -86,6 +93,7 @@ class _Instance:
         self.idx = idx
         self.num_groups = strategy.num_groups()
         spg = strategy.slots_per_group()
+        self.slots_per_group = spg
         n = self.num_groups * spg
         self.group = np.repeat(np.arange(self.num_groups), spg)
         self.req = np.full(n, -1, np.int64)
@@ -188,32 +196,38 @@ class Simulator:
         return inst
 
     def _admit(self, inst: _Instance) -> None:
+        """FCFS: admit from the head of the queue while a slot is free and the KV fits; the
+        head blocks the rest (no overtaking). With several groups (AFD), the least-used one."""
+        if not inst.waiting:
+            return
         prefilled = self.config.prefill == "skip"
+        inst.ledger.begin_admission((inst.ctx + inst.pre_left) * (inst.req >= 0))
         while inst.waiting:
             rid = inst.waiting[0]
-            groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
+            client = int(self.reqs.client[rid])
+            if self.config.group_policy == "pinned" and client >= 0 and inst.num_groups > 1:
+                groups = [client // inst.slots_per_group % inst.num_groups]
+                if not inst.free_slots[groups[0]]:
+                    return
+            else:
+                groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
             if not groups:
                 return
-            need = int(self.reqs.prompt[rid] + self.reqs.generated[rid])
-            committed = inst.ctx + inst.pre_left
             if len(groups) > 1:
-                usage = np.bincount(inst.group, weights=committed * (inst.req >= 0), minlength=inst.num_groups)
-                groups.sort(key=lambda g: (usage[g], g))
-            g = groups[0]
-            if not inst.ledger.can_admit(g, need + 1, committed * (inst.req >= 0)):
+                usage = inst.ledger.group_usage()
+                g = min(groups, key=lambda x: (usage[x], x))
+            else:
+                g = groups[0]
+            need = int(self.reqs.prompt[rid] + self.reqs.generated[rid])
+            if not inst.ledger.can_admit(g, need + 1):
                 return
             slot = inst.free_slots[g][-1]
             warm = bool(self.reqs.warm[rid]) and self.reqs.preemptions[rid] == 0
-            if prefilled or warm:
-                new = np.zeros_like(inst.ctx)
-                new[slot] = need
-                if inst.ledger.try_allocate(inst.ctx, new) is not None:
-                    return
-                inst.ctx[slot] = need
-                inst.pre_left[slot] = 0
-            else:
-                inst.ctx[slot] = 0
-                inst.pre_left[slot] = need
+            now_tokens = need if (prefilled or warm) else 0
+            if not inst.ledger.admit(slot, g, now_tokens, need - now_tokens):
+                return
+            inst.ctx[slot] = now_tokens
+            inst.pre_left[slot] = need - now_tokens
             inst.free_slots[g].pop()
             inst.waiting.popleft()
             inst.req[slot] = rid

@@ -178,6 +178,7 @@ class ClosedLoopWorkload(Workload):
     closed_loop: bool = True
     _rngs: list = field(default_factory=list, init=False, repr=False)
     _sent: int = field(default=0, init=False, repr=False)
+    _buffers: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.num_requests < self.concurrency:
@@ -185,6 +186,7 @@ class ClosedLoopWorkload(Workload):
 
     def initial(self) -> RequestBatch:
         self._rngs = [np.random.default_rng([self.seed, 3, c]) for c in range(self.concurrency)]
+        self._buffers = {}
         self._sent = self.concurrency
         c = self.concurrency
         prompt = np.empty(c, np.int64)
@@ -207,8 +209,13 @@ class ClosedLoopWorkload(Workload):
         if self._sent >= self.num_requests:
             return None
         self._sent += 1
-        rng = self._rngs[client]
-        return int(self.prompt.sample(rng, 1)[0]), int(self.output.sample(rng, 1)[0])
+        buf = self._buffers.get(client)
+        if not buf:  # draw a block at a time from the client's own stream (same for every run)
+            rng = self._rngs[client]
+            buf = list(zip(self.prompt.sample(rng, 64).tolist(), self.output.sample(rng, 64).tolist(), strict=True))
+            buf.reverse()
+            self._buffers[client] = buf
+        return buf.pop()
 
     def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, 2])

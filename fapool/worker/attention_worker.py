@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fapool.attention.selector import make_backend
 from fapool.config import EngineConfig
 from fapool.worker import comm
 
@@ -57,15 +58,13 @@ class WorkerStepStats:
 
 class AttentionWorker:
     def __init__(self, init: WorkerInit, rank: int, device: str) -> None:
-        from fapool.entrypoints.llm import make_backend  # heavy import, only in the worker
-
         cfg = init.config
         m = cfg.model
         self.init = init
         self.rank = rank
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.dtype]
-        self.backend = make_backend(None, device)
+        self.backend = make_backend(cfg.attention_backend, device)
         self.group = m.num_attention_heads // m.num_key_value_heads
         self.num_heads = len(init.kv_heads) * self.group
         self.num_kv_heads = len(init.kv_heads)
@@ -80,7 +79,7 @@ class AttentionWorker:
 
     def run(self) -> None:
         while True:
-            msg = comm.recv_object(0, timeout_s=None)
+            msg = comm.recv_object(0, None)
             if msg == "shutdown":
                 return
             self.step(msg)
@@ -109,7 +108,7 @@ class AttentionWorker:
                 tag = message_tag(layer, mb, plan.num_micro_batches)
                 buf = torch.empty(nq * H * D + 2 * nkv * Hkv * D, dtype=self.dtype, device=self.device)
                 t0 = time.perf_counter()
-                comm.wait(comm.recv_tensor(buf, 0, tag), 3600.0, 0, "recv")
+                comm.wait(comm.recv_tensor(buf, 0, tag), 0, "recv")
                 t1 = time.perf_counter()
                 q, k, v = buf.split([nq * H * D, nkv * Hkv * D, nkv * Hkv * D])
                 if nkv:
@@ -129,9 +128,9 @@ class AttentionWorker:
                 stats.attention_s += t2 - t1
         t3 = time.perf_counter()
         for work, _ in pending_sends:
-            comm.wait(work, 3600.0, 0, "send")
+            comm.wait(work, 0, "send")
         stats.comm_s += time.perf_counter() - t3
-        comm.send_object(stats, 0, timeout_s=3600.0, tag=2)
+        comm.send_object(stats, 0, None, tag=2)
 
 
 def worker_main(rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float) -> None:
@@ -139,7 +138,7 @@ def worker_main(rank: int, world_size: int, init_method: str, backend: str, devi
     torch.set_num_threads(1)
     comm.init_process_group(rank, world_size, init_method, backend, timeout_s)
     try:
-        init = comm.recv_object(0, timeout_s=None, tag=4)
+        init = comm.recv_object(0, None, tag=4)
         if isinstance(init, WorkerInit):
             AttentionWorker(init, rank, device).run()
     except comm.WorkerFailure as e:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pickle
+import math
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 
 import torch
@@ -80,15 +83,52 @@ def default_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _wait(work, timeout_s: float, peer: int, what: str) -> None:
+class Waiter:
+    """Waits on point-to-point requests with a deadline.
+
+    gloo's own timeout (Work.wait(timeout)) closes every connection of the process when it
+    fires, which would take healthy workers down with a hung one. So the wait itself runs
+    on a helper thread per peer (no gloo deadline; the process group's timeout is set very
+    long) and the caller gives up on its own deadline. A dead peer still fails at once:
+    gloo raises when the connection closes. Requests abandoned after a timeout stay posted
+    inside gloo, so their buffers are kept alive here."""
+
+    def __init__(self) -> None:
+        self._threads: dict[int, ThreadPoolExecutor] = {}
+        self._abandoned: list = []
+
+    def wait(self, work, timeout_s: float, peer: int, what: str, keep=None) -> None:
+        if math.isinf(timeout_s):
+            _blocking_wait(work, peer, what)
+            return
+        pool = self._threads.setdefault(peer, ThreadPoolExecutor(1, thread_name_prefix=f"fapool-wait-{peer}"))
+        future = pool.submit(work.wait)
+        try:
+            future.result(timeout=timeout_s)
+        except FuturesTimeout:
+            self._abandoned.append((work, keep))
+            raise WorkerFailure(peer, what, f"no answer within {timeout_s:g} s (hung?)") from None
+        except RuntimeError as e:
+            raise WorkerFailure(peer, what, e) from None
+
+    def abandon(self, work, keep) -> None:
+        """Give up on a request without waiting (its peer failed); keep its buffer alive."""
+        self._abandoned.append((work, keep))
+
+    def close(self) -> None:
+        for pool in self._threads.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _blocking_wait(work, peer: int, what: str) -> None:
     try:
-        work.wait(dt.timedelta(seconds=timeout_s))
+        work.wait()
     except RuntimeError as e:
         raise WorkerFailure(peer, what, e) from None
 
 
 def send_tensor(t: torch.Tensor, dst: int, tag: int = 0):
-    """Asynchronous send; returns the work handle (keep `t` alive until it completes)."""
+    """Asynchronous send; returns the request (keep `t` alive until it completes)."""
     return dist.isend(t.contiguous(), dst=dst, tag=tag)
 
 
@@ -96,11 +136,12 @@ def recv_tensor(buf: torch.Tensor, src: int, tag: int = 0):
     return dist.irecv(buf, src=src, tag=tag)
 
 
-def wait(work, timeout_s: float, peer: int, what: str) -> None:
-    _wait(work, timeout_s, peer, what)
+def wait(work, peer: int, what: str) -> None:
+    """Block until a request completes (no deadline)."""
+    _blocking_wait(work, peer, what)
 
 
-def send_object(obj, dst: int, timeout_s: float, tag: int = 0, device: str = "cpu") -> None:
+def send_object(obj, dst: int, waiter: Waiter | None, timeout_s: float = math.inf, tag: int = 0, device: str = "cpu") -> None:
     """Pickle and send (size first). For step plans and stats; tensors go as tensors."""
     data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64)
@@ -111,21 +152,26 @@ def send_object(obj, dst: int, timeout_s: float, tag: int = 0, device: str = "cp
         w2 = dist.isend(data, dst=dst, tag=tag + 1)
     except RuntimeError as e:
         raise WorkerFailure(dst, "send", e) from None
-    _wait(w1, timeout_s, dst, "send")
-    _wait(w2, timeout_s, dst, "send")
+    for w, buf in ((w1, size), (w2, data)):
+        if waiter is None:
+            _blocking_wait(w, dst, "send")
+        else:
+            waiter.wait(w, timeout_s, dst, "send", buf)
 
 
-def recv_object(src: int, timeout_s: float | None, tag: int = 0, device: str = "cpu"):
-    """Receive a pickled object; timeout None waits for ever (an idle worker's loop)."""
+def recv_object(src: int, waiter: Waiter | None, timeout_s: float = math.inf, tag: int = 0, device: str = "cpu"):
+    """Receive a pickled object (no waiter: block, e.g. an idle worker awaiting its next step)."""
     size = torch.zeros(1, dtype=torch.int64, device=device)
-    w = dist.irecv(size, src=src, tag=tag)
-    if timeout_s is None:
-        w.wait()
-    else:
-        _wait(w, timeout_s, src, "recv")
-    data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    w = dist.irecv(data, src=src, tag=tag + 1)
-    _wait(w, timeout_s or 3600.0, src, "recv")
+    data = None
+    for step in range(2):
+        buf = size if step == 0 else data
+        w = dist.irecv(buf, src=src, tag=tag + step)
+        if waiter is None:
+            _blocking_wait(w, src, "recv")
+        else:
+            waiter.wait(w, timeout_s, src, "recv", buf)
+        if step == 0:
+            data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     return pickle.loads(data.cpu().numpy().tobytes())
 
 

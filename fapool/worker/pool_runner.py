@@ -68,7 +68,9 @@ class WorkerGroup:
         self.world_size = world_size
         self.procs: dict[int, multiprocessing.Process] = {}
         backend = comm.default_backend(config.device)
-        timeout = max(60.0, config.pool.worker_timeout_s)
+        # Deadlines are the engine's (comm.Waiter); gloo's own timeout would close every
+        # connection when it fires, so it is set out of the way.
+        timeout = 7 * 24 * 3600.0
         launched = comm.env_rank()
         if launched is not None:
             rank, world = launched
@@ -120,10 +122,10 @@ class WorkerGroup:
         p = self.procs.get(rank)
         return p is None or p.is_alive()
 
-    def shutdown(self, live_ranks: list[int]) -> None:
+    def shutdown(self, live_ranks: list[int], waiter: comm.Waiter) -> None:
         for rank in live_ranks:
             try:
-                comm.send_object("shutdown", rank, timeout_s=5.0)
+                comm.send_object("shutdown", rank, waiter, timeout_s=5.0)
             except comm.WorkerFailure:
                 pass
         for p in self.procs.values():
@@ -162,10 +164,11 @@ class PoolModelRunner(ModelRunner):
         self.fault_hang: dict[int, float] = {}  # tests: worker id -> seconds to stall next step
         self._step = 0
         self._stopped = False
+        self.waiter = comm.Waiter()
         self.workers = WorkerGroup(config, self.topology.world_size)
         for w in self.worker_ids:
             init = WorkerInit(config, w, self.worker_num_blocks, self.kv_heads[w])
-            comm.send_object(init, self.topology.attention_rank(w), timeout_s=60.0, tag=4)
+            comm.send_object(init, self.topology.attention_rank(w), self.waiter, timeout_s=60.0, tag=4)
 
     # Failure bookkeeping ------------------------------------------------------------------
     def _fail(self, worker: int, why: str) -> None:
@@ -200,17 +203,20 @@ class PoolModelRunner(ModelRunner):
         gens = [self._forward(plan, i, len(plans), stats) for i, plan in enumerate(plans)]
         hidden = _drive(gens)
         t_wait = time.perf_counter()
-        for work, _buf, w in self._sends:
-            if self._live(w):
+        for work, buf, w in self._sends:
+            if not self._live(w):
+                self.waiter.abandon(work, buf)
+            else:
                 try:
-                    comm.wait(work, self.config.pool.worker_timeout_s, self.topology.attention_rank(w), "send")
+                    self.waiter.wait(work, self.config.pool.worker_timeout_s, self.topology.attention_rank(w), "send", buf)
                 except comm.WorkerFailure as e:
                     self._fail(w, str(e))
         self._sends = []
         for w in told:
             if self._live(w):
                 try:
-                    ws = comm.recv_object(self.topology.attention_rank(w), self.config.pool.worker_timeout_s, tag=2)
+                    rank = self.topology.attention_rank(w)
+                    ws = comm.recv_object(rank, self.waiter, self.config.pool.worker_timeout_s, tag=2)
                     stats.workers[w] = ws
                 except comm.WorkerFailure as e:
                     self._fail(w, str(e))
@@ -243,7 +249,7 @@ class PoolModelRunner(ModelRunner):
                 continue
             msg = WorkerStep(self._step, copies, batches, len(plans), hang)
             try:
-                comm.send_object(msg, self.topology.attention_rank(w), self.config.pool.worker_timeout_s)
+                comm.send_object(msg, self.topology.attention_rank(w), self.waiter, self.config.pool.worker_timeout_s)
                 told.append(w)
             except comm.WorkerFailure as e:
                 self._fail(w, str(e))
@@ -262,7 +268,8 @@ class PoolModelRunner(ModelRunner):
             return
         self._stopped = True
         live = [self.topology.attention_rank(w) for w in self.worker_ids if self._live(w)]
-        self.workers.shutdown(live)
+        self.workers.shutdown(live, self.waiter)
+        self.waiter.close()
 
 
 class _PoolAttend:
@@ -322,7 +329,7 @@ class _PoolAttend:
         for w, route, work, buf in recvs:
             t0 = time.perf_counter()
             try:
-                comm.wait(work, r.config.pool.worker_timeout_s, r.topology.attention_rank(w), "attention")
+                r.waiter.wait(work, r.config.pool.worker_timeout_s, r.topology.attention_rank(w), "attention", buf)
             except comm.WorkerFailure as e:
                 r._fail(w, str(e))
                 continue  # its requests are recomputed; the others do not depend on it

@@ -2,7 +2,6 @@ import os
 import shutil
 
 import pytest
-
 from server_helpers import add_byte_tokenizer
 
 os.environ.setdefault("OPENAI_API_KEY", "unused")  # the openai client wants one even when unused

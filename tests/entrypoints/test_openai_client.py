@@ -4,11 +4,11 @@ with greedy output equal to LLM.generate / LLM.chat for the same prompt."""
 import httpx
 import openai
 import pytest
-
 from server_helpers import start_server, tiny_engine_args
+from tiny_models import random_prompts
+
 from fapool import LLM, SamplingParams
 from fapool.entrypoints.llm import build_engine
-from tiny_models import random_prompts
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three primary colours."}]
@@ -51,8 +51,11 @@ def test_smollm2_completion_matches_llm(smol):
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
     assert r.usage.completion_tokens == len(want.token_ids)
 
-    chunks = list(client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=SMOL_TOKENS,
-                                            temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="smollm2", prompt=PROMPT, max_tokens=SMOL_TOKENS, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)  # usage in the final chunk
 
@@ -61,13 +64,21 @@ def test_smollm2_chat_matches_llm(smol):
     server, expected = smol
     client = _client(server)
     want = expected["chat"]
-    r = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=SMOL_TOKENS, temperature=0)
+    r = client.chat.completions.create(
+        model="smollm2", messages=MESSAGES, max_tokens=SMOL_TOKENS, temperature=0
+    )
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want.text
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
 
-    stream = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=SMOL_TOKENS,
-                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=MESSAGES,
+        max_tokens=SMOL_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
@@ -81,11 +92,19 @@ def test_models_health_metrics(smol):
     assert [m.id for m in models.data] == ["smollm2"]
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     text = httpx.get(f"{server.base_url}/metrics").text
-    for name in ("fapool_request_finished_total", "fapool_time_to_first_token_seconds_bucket",
-                 "fapool_time_per_output_token_seconds", "fapool_inter_token_latency_seconds",
-                 "fapool_request_queue_time_seconds", "fapool_e2e_request_latency_seconds",
-                 "fapool_num_requests_running", "fapool_num_requests_waiting", "fapool_kv_cache_usage_ratio",
-                 "fapool_num_preemptions_total", "fapool_attention_pool_size"):
+    for name in (
+        "fapool_request_finished_total",
+        "fapool_time_to_first_token_seconds_bucket",
+        "fapool_time_per_output_token_seconds",
+        "fapool_inter_token_latency_seconds",
+        "fapool_request_queue_time_seconds",
+        "fapool_e2e_request_latency_seconds",
+        "fapool_num_requests_running",
+        "fapool_num_requests_waiting",
+        "fapool_kv_cache_usage_ratio",
+        "fapool_num_preemptions_total",
+        "fapool_attention_pool_size",
+    ):
         assert name in text, name
 
 
@@ -98,14 +117,21 @@ def test_token_id_prompts_match_llm(tiny):
     want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)]
 
     client = _client(server)
-    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0, n=2,
-                                  extra_body={"return_token_ids": True})
+    r = client.completions.create(
+        model="tiny", prompt=prompts, max_tokens=10, temperature=0, n=2, extra_body={"return_token_ids": True}
+    )
     got = {c.index: c.token_ids for c in r.choices}
     assert [got[2 * i] for i in range(3)] == want and [got[2 * i + 1] for i in range(3)] == want
     assert r.usage.prompt_tokens == sum(map(len, prompts)) and r.usage.completion_tokens == 60
 
-    stream = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0, stream=True,
-                                       extra_body={"return_token_ids": True})
+    stream = client.completions.create(
+        model="tiny",
+        prompt=prompts,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"return_token_ids": True},
+    )
     streamed: dict[int, list[int]] = {}
     for chunk in stream:
         for c in chunk.choices:
@@ -121,9 +147,18 @@ def test_logprobs_and_seed(tiny):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(t.startswith("token_id:") for t in lp.tokens)  # no tokenizer: ids, as vLLM does
-    assert all(len(top) >= 3 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs,
-                                                                                           lp.token_logprobs))
-    seeded = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.9, seed=1234,
-                  extra_body={"return_token_ids": True, "top_k": 50, "min_p": 0.01})
+    assert all(
+        len(top) >= 3 and max(top.values()) == pytest.approx(v)
+        for top, v in zip(lp.top_logprobs, lp.token_logprobs)
+    )
+    seeded = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "seed": 1234,
+        "extra_body": {"return_token_ids": True, "top_k": 50, "min_p": 0.01},
+    }
     a, b = client.completions.create(**seeded), client.completions.create(**seeded)
     assert a.choices[0].token_ids == b.choices[0].token_ids

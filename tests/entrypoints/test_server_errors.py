@@ -4,9 +4,9 @@
 import httpx
 import openai
 import pytest
+from server_helpers import start_server, tiny_engine_args
 
 from fapool.entrypoints.llm import build_engine
-from server_helpers import start_server, tiny_engine_args
 
 KEY = "sk-test-key"
 MAX_LEN = 128
@@ -100,8 +100,12 @@ def test_malformed_bodies_400(server):
 def test_unknown_model_and_path_404(server):
     err = _error(_post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404, "model")
     assert err["code"] == "model_not_found"
-    _error(_post(server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user",
-                                                                                   "content": "x"}]}), 404)
+    _error(
+        _post(
+            server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}
+        ),
+        404,
+    )
     _error(httpx.get(f"{server.base_url}/v1/nowhere"), 404)
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):

@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
+from server_helpers import engine_stats, metric, slow_down, start_server, tiny_engine_args, wait_until
+from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
 from fapool.entrypoints.llm import build_engine
-from server_helpers import engine_stats, metric, slow_down, start_server, tiny_engine_args, wait_until
-from tiny_models import random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,13 @@ async def _burst(base_url, prompts, max_tokens, stream=False):
     """All prompts at once; returns (status, token ids or error body) per prompt."""
 
     async def one(client, prompt):
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
-                "stream": stream}
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+            "stream": stream,
+        }
         if not stream:
             r = await client.post(f"{base_url}/v1/completions", json=body)
             data = r.json()
@@ -96,7 +101,9 @@ def test_disconnect_frees_blocks(folder):
         # A non-streaming client that gives up (timeout) is noticed too.
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{srv.base_url}/v1/completions", json={**body, "stream": False}, timeout=0.5)
-        assert wait_until(lambda: engine_stats(srv).kv_blocks_used == 0 and engine_stats(srv).num_running == 0, 10)
+        assert wait_until(
+            lambda: engine_stats(srv).kv_blocks_used == 0 and engine_stats(srv).num_running == 0, 10
+        )
         assert metric(srv, "fapool_request_finished_total", finish_reason="abort") == 2
         assert httpx.get(f"{srv.base_url}/health").status_code == 200
     finally:

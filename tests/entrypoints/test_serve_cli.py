@@ -1,0 +1,125 @@
+"""`fapool serve` as a process (OS-chosen port, SIGINT exits cleanly) and `fapool bench serve`
+against a live server."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from server_helpers import start_server, tiny_engine_args
+
+from fapool.bench import serve_bench
+from fapool.entrypoints.cli import build_parser
+from fapool.entrypoints.llm import build_engine
+
+
+def test_fapool_serve_process(tiny_text_model, tmp_path):
+    log = tmp_path / "serve.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fapool.entrypoints.cli",
+        "serve",
+        "--model",
+        tiny_text_model,
+        "--device",
+        "cpu",
+        "--num-kv-blocks",
+        "64",
+        "--block-size",
+        "4",
+        "--port",
+        "0",
+        "--served-model-name",
+        "tiny",
+        "--api-key",
+        "k",
+    ]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    try:
+        deadline, url = time.monotonic() + 60, None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
+            url = m.group(1) if m else time.sleep(0.1)
+        assert url, log.read_text()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=5)
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert r.usage.completion_tokens == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def bench_ns():
+    def ns(*argv):
+        return build_parser().parse_args(["bench", "serve", *argv])
+
+    return ns
+
+
+def test_bench_serve_against_server(tiny_checkpoints, bench_ns):
+    srv = start_server(build_engine(tiny_engine_args(tiny_checkpoints["llama"][0], max_model_len=256)))
+    try:
+        ns = bench_ns(
+            "--base-url",
+            srv.base_url,
+            "--request-rate",
+            "50,inf",
+            "--num-prompts",
+            "8",
+            "--input-len",
+            "16",
+            "--output-len",
+            "8",
+            "--len-dist",
+            "uniform",
+            "--no-save",
+        )
+        result = serve_bench.run(ns)
+    finally:
+        srv.stop()
+    assert [p["load"] for p in result["points"]] == [50.0, float("inf")]
+    for p in result["points"]:
+        assert p["completed"] == 8 and p["failed"] == 0 and p["output_tokens_per_s"] > 0
+        assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p99"] and p["itl_s"]["p50"] > 0
+
+
+def test_bench_serve_refuses_remote_hosts(bench_ns):
+    with pytest.raises(ValueError, match="this machine"):
+        serve_bench.run(bench_ns("--base-url", "http://10.1.2.3:8000"))
+
+
+def test_trace_and_engine_argv(tmp_path, bench_ns):
+    trace = tmp_path / "azure.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,9000,20\n"
+        "2023-11-16 18:15:47.1805900,100,3000\n"
+    )
+    specs = serve_bench.read_trace(str(trace), 10, time_scale=2.0, max_len=1024)
+    assert [round(s.arrival_s, 3) for s in specs] == [0.0, 0.25, 2.157]
+    assert [(s.prompt_len, s.output_len) for s in specs] == [(374, 44), (100, 924), (1022, 2)]
+    ns = bench_ns("--model", "/m", "--block-size", "8", "--no-prefix-caching", "--tp", "2")
+    assert serve_bench.engine_argv(ns) == [
+        "--model",
+        "/m",
+        "--block-size",
+        "8",
+        "--no-prefix-caching",
+        "--tp",
+        "2",
+    ]

@@ -1,0 +1,162 @@
+"""The attention pool across processes (gloo on CPU): greedy tokens equal the single-process
+engine for every mode, sequences crossing the threshold mid-decode, pool growth and release,
+and dead or hung workers."""
+
+import time
+
+import pytest
+
+from fapool import LLM, SamplingParams
+from tiny_models import random_prompts
+
+# Threshold 32 with block size 4: prompts of 3, 10 and 25 tokens cross it while decoding 30
+# tokens; 40 and 70 start past it; tokens_per_pool_worker 16 makes long ones span workers.
+LENGTHS = [3, 10, 25, 40, 70]
+POOL = dict(pool_threshold=32, tokens_per_pool_worker=16, worker_timeout_s=20.0)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=30)
+
+
+def _ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def _engine_kwargs(**kw):
+    return dict(device="cpu", block_size=4, num_kv_blocks=256, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    """Single-process greedy tokens per architecture (and a chunked-prefill variant)."""
+    cache = {}
+
+    def get(arch, lengths=tuple(LENGTHS), **kw):
+        key = (arch, lengths, tuple(sorted(kw.items())))
+        if key not in cache:
+            llm = LLM(tiny_checkpoints[arch][0], **_engine_kwargs(**kw))
+            cache[key] = [o.token_ids for o in llm.generate(_ids(random_prompts(list(lengths), seed=21)), PARAMS)]
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "arch,mode,workers",
+    [
+        ("llama", "shard", 1),
+        ("llama", "shard", 2),
+        ("llama", "shard", 3),
+        ("llama", "replicate", 2),
+        ("llama", "head", 2),
+        ("qwen2", "shard", 2),
+        ("mistral", "head", 2),
+    ],
+)
+def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, workers):
+    folder = tiny_checkpoints[arch][0]
+    with LLM(folder, **_engine_kwargs(attention_workers=workers, pool_mode=mode, **POOL)) as llm:
+        outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
+        stats = llm.engine.runner.step_stats
+        assert [o.token_ids for o in outs] == reference(arch)
+        # The pool really served attention: workers answered queries, and were released.
+        assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
+        assert max(s.pool_size for s in stats) == workers
+        assert llm.engine.pool_manager.active_workers() == set()
+        assert all(p.num_used_blocks == 0 for p in llm.engine.pool_manager.pools.values())
+
+
+def test_pool_with_chunked_prefill_and_one_micro_batch(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    want = reference("llama", max_num_batched_tokens=24)
+    kw = _engine_kwargs(attention_workers=2, max_num_batched_tokens=24, micro_batches=1, **POOL)
+    with LLM(folder, **kw) as llm:
+        outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
+    assert [o.token_ids for o in outs] == want
+
+
+def test_pool_grows_with_length_and_is_released(tiny_checkpoints):
+    """One request: local up to 32 tokens, then a new worker per 16 tokens up to 3."""
+    folder = tiny_checkpoints["llama"][0]
+    with LLM(folder, **_engine_kwargs(attention_workers=3, **POOL)) as llm:
+        llm.generate(_ids(random_prompts([20], seed=2)), SamplingParams(temperature=0.0, max_tokens=70))
+        history = llm.engine.pool_manager.history
+        sizes = [len(e.workers) for e in history if e.action == "grow"]
+        assert sizes == [1, 2, 3]
+        assert len(set(history[-2].workers)) == 3
+        assert history[-1].action == "release"
+        # Growth happened at the segment boundaries: positions 32, 48 and 64.
+        steps = [e.step for e in history if e.action == "grow"]
+        assert steps[1] - steps[0] == 16 and steps[2] - steps[1] == 16
+        # 90 tokens: positions 32..89 in segments of 16, 16, 16 and 10 (3 blocks); the fourth
+        # goes to the least loaded worker. Blocks are counted whole (4 tokens).
+        last = llm.engine.runner.step_stats[-1].kv_tokens_per_worker
+        assert sorted(last.values()) == [16, 16, 28]
+
+
+def test_parallel_sampling_copies_pool_blocks_on_write(tiny_checkpoints):
+    """n = 2 with a prompt whose tail block lives on a pool worker: siblings copy it."""
+    folder = tiny_checkpoints["llama"][0]
+    prompt = random_prompts([38], seed=3)  # 38 > 32, tail block (36..39) partial, on the pool
+    base = dict(temperature=0.8, max_tokens=12)
+    single = LLM(folder, **_engine_kwargs())
+    want = [single.generate(_ids(prompt), SamplingParams(seed=7 + i, **base))[0].token_ids for i in range(2)]
+    with LLM(folder, **_engine_kwargs(attention_workers=2, **POOL)) as llm:
+        out = llm.generate(_ids(prompt), SamplingParams(n=2, seed=7, **base))[0]
+        assert [c.token_ids for c in out.outputs] == want
+
+
+def test_preemption_with_the_pool(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    kw = _engine_kwargs(attention_workers=2, worker_kv_blocks=12, enable_prefix_caching=False, **POOL)
+    with LLM(folder, **kw) as llm:
+        outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
+        assert llm.engine.stats().num_preemptions > 0
+    assert [o.token_ids for o in outs] == reference("llama")
+
+
+def _run_until(llm, prompts, params, on_step):
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request(p, params)
+    finished, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o
+        steps += 1
+        on_step(steps)
+    return [finished[k].token_ids for k in sorted(finished, key=int)]
+
+
+def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    with LLM(folder, **_engine_kwargs(attention_workers=2, **POOL)) as llm:
+        runner = llm.engine.runner
+
+        def kill(step):
+            if step == 5:
+                runner.workers.procs[runner.topology.attention_rank(1)].kill()
+
+        got = _run_until(llm, random_prompts(LENGTHS, seed=21), PARAMS, kill)
+        assert [w for w, _ in llm.engine.worker_failures] == [1]
+        assert "rank 1" in llm.engine.worker_failures[0][1] or "exited" in llm.engine.worker_failures[0][1]
+        assert llm.engine.pool_manager.alive == {2}
+        assert got == reference("llama")
+
+
+def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    kw = _engine_kwargs(attention_workers=2, **{**POOL, "worker_timeout_s": 2.0})
+    with LLM(folder, **kw) as llm:
+        runner = llm.engine.runner
+        started = {}
+
+        def hang(step):
+            if step == 4:
+                runner.fault_hang[2] = 60.0  # worker 2 stalls on its next step
+                started["t"] = time.monotonic()
+
+        got = _run_until(llm, random_prompts(LENGTHS, seed=21), PARAMS, hang)
+        assert [w for w, _ in llm.engine.worker_failures] == [2]
+        assert "no answer within 2 s" in llm.engine.worker_failures[0][1]
+        assert got == reference("llama")
+        runner.workers.procs[runner.topology.attention_rank(2)].kill()  # don't wait out its sleep
