@@ -65,6 +65,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         prompts = [ns.chat]
     else:
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    breakdown = None
+    stats = getattr(llm.engine.runner, "step_stats", None)
+    if stats:
+        from fapool.entrypoints.breakdown import breakdown_table, summarize
+
+        breakdown = summarize(stats)
+    llm.shutdown()
     records = []
     for prompt, out in zip(prompts, outputs):
         n_tokens = sum(len(c.token_ids) for c in out.outputs)
@@ -81,7 +88,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         }
         records.append(rec)
     if ns.json:
-        print(json.dumps(records if len(records) > 1 else records[0], indent=2))
+        payload = records if len(records) > 1 else records[0]
+        if breakdown is not None:
+            payload = {"outputs": records, "breakdown": breakdown}
+        print(json.dumps(payload, indent=2))
         return 0 if all(r["error"] is None for r in records) else 1
     out_console = Console()
     for rec in records:
@@ -97,6 +107,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             f"TTFT {fmt(rec['ttft_s'], 1e3, 'ms')} | TPOT {fmt(rec['tpot_s'], 1e3, 'ms')} | "
             f"{fmt(rec['tokens_per_s'], 1, 'tokens/s')}"
         )
+    if breakdown is not None:
+        out_console.print(breakdown_table(breakdown))
     return 0 if all(r["error"] is None for r in records) else 1
 
 
@@ -119,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fapool.bench import engine_bench
 
     engine_bench.add_parser(bench_sub)
+    from fapool.bench import pool_bench
+
+    pool_bench.add_parser(bench_sub)
     from fapool.bench import serve_bench
 
     serve_bench.add_parser(bench_sub)

@@ -1,0 +1,72 @@
+"""Where the time went across workers (seed 000's headline metrics: utilisation and
+communication share), summarised from the runner's per-step records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def summarize(step_stats: list) -> dict[str, Any] | None:
+    """Totals over all steps of a pool run, or None when the runner keeps no breakdown."""
+    if not step_stats:
+        return None
+    total = sum(s.total_s for s in step_stats)
+    workers: dict[int, dict[str, float]] = {}
+    for s in step_stats:
+        for w, ws in s.workers.items():
+            acc = workers.setdefault(w, {"attention_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "q_rows": 0})
+            acc["attention_s"] += ws.attention_s
+            acc["comm_s"] += ws.comm_s
+            acc["idle_s"] += ws.idle_s
+            acc["q_rows"] += ws.q_rows
+    for acc in workers.values():
+        # Outside a step's message exchange a worker waits for the next step: idle too.
+        acc["idle_s"] = max(0.0, total - acc["attention_s"] - acc["comm_s"])
+        acc["utilisation"] = acc["attention_s"] / total if total else 0.0
+    overlaps = [s.overlap for s in step_stats if s.overlap is not None]
+    kv_peak: dict[int, int] = {}
+    for s in step_stats:
+        for w, n in s.kv_tokens_per_worker.items():
+            kv_peak[w] = max(kv_peak.get(w, 0), n)
+    dense = sum(s.dense_s for s in step_stats)
+    local = sum(s.local_attention_s for s in step_stats)
+    wait = sum(s.wait_s for s in step_stats)
+    return {
+        "steps": len(step_stats),
+        "total_s": total,
+        "driver": {
+            "dense_s": dense,
+            "local_attention_s": local,
+            "wait_s": wait,
+            "utilisation": (dense + local) / total if total else 0.0,
+            "comm_share": wait / total if total else 0.0,
+        },
+        "workers": workers,
+        "overlap_mean": sum(overlaps) / len(overlaps) if overlaps else None,
+        "pool_size": {
+            "min": min(s.pool_size for s in step_stats),
+            "max": max(s.pool_size for s in step_stats),
+            "timeline": [s.pool_size for s in step_stats],
+        },
+        "kv_tokens_peak_per_worker": kv_peak,
+    }
+
+
+def breakdown_table(summary: dict[str, Any]) -> Table:
+    t = Table(title=f"per-worker time over {summary['steps']} steps ({summary['total_s']:.2f} s)")
+    for col in ("worker", "compute (s)", "attention (s)", "comm / wait (s)", "idle (s)", "utilisation", "peak KV tokens"):
+        t.add_column(col, justify="right")
+    d = summary["driver"]
+    t.add_row("driver (dense)", f"{d['dense_s']:.3f}", f"{d['local_attention_s']:.3f}", f"{d['wait_s']:.3f}", "-",
+              f"{d['utilisation']:.0%}", "-")
+    for w, acc in sorted(summary["workers"].items()):
+        t.add_row(f"attention {w}", "-", f"{acc['attention_s']:.3f}", f"{acc['comm_s']:.3f}", f"{acc['idle_s']:.3f}",
+                  f"{acc['utilisation']:.0%}", str(summary["kv_tokens_peak_per_worker"].get(w, 0)))
+    ov = summary["overlap_mean"]
+    t.caption = (
+        f"driver communication share {d['comm_share']:.0%}; attention overlap {ov:.0%}" if ov is not None
+        else f"driver communication share {d['comm_share']:.0%}"
+    ) + f"; pool size {summary['pool_size']['min']}..{summary['pool_size']['max']}"
+    return t
