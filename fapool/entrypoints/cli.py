@@ -150,7 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_as_torchrun_worker() -> int | None:
+    """Under torchrun, every rank runs this same command; ranks other than 0 serve as
+    workers (their role comes from the driver) and never parse the command line."""
+    from fapool.worker.comm import env_rank
+
+    launched = env_rank()
+    if launched is None or launched[0] == 0 or launched[1] < 2:
+        return None
+    from fapool.engine.arg_utils import default_device
+    from fapool.worker.attention_worker import worker_main
+    from fapool.worker.comm import default_backend
+
+    device = default_device()
+    if device == "cuda":
+        import os
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    worker_main(launched[0], launched[1], "env://", default_backend(device), device, 7 * 24 * 3600.0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    code = _run_as_torchrun_worker()
+    if code is not None:
+        return code
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING)
