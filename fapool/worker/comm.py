@@ -79,8 +79,28 @@ def init_process_group(rank: int, world_size: int, init_method: str, backend: st
     )
 
 
-def default_backend(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
+def default_backend(device: str, world_size: int | None = None) -> str:
+    """NCCL needs one GPU per rank; with fewer GPUs than ranks (e.g. dense and attention
+    roles sharing one card) the ranks talk over gloo, staging tensors through host memory."""
+    if not device.startswith("cuda"):
+        return "gloo"
+    if world_size is not None and torch.cuda.device_count() < world_size:
+        return "gloo"
+    return "nccl"
+
+
+def rank_device(device: str, backend: str, rank: int) -> str:
+    """The device a rank computes on: its own GPU under NCCL, else the given device."""
+    if device.startswith("cuda") and backend == "nccl":
+        return f"cuda:{rank}"
+    return device
+
+
+def transport_device(device: str) -> str:
+    """Where message buffers live: the GPU under NCCL, host memory under gloo."""
+    if device.startswith("cuda") and dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return "cpu"
 
 
 class Waiter:

@@ -67,7 +67,7 @@ class WorkerGroup:
     def __init__(self, config: EngineConfig, world_size: int) -> None:
         self.world_size = world_size
         self.procs: dict[int, multiprocessing.Process] = {}
-        backend = comm.default_backend(config.device)
+        backend = comm.default_backend(config.device, world_size)
         # Deadlines are the engine's (comm.Waiter); gloo's own timeout would close every
         # connection when it fires, so it is set out of the way.
         timeout = 7 * 24 * 3600.0
@@ -83,7 +83,7 @@ class WorkerGroup:
         for rank in range(1, world_size):
             p = ctx.Process(
                 target=worker_main,
-                args=(rank, world_size, init_method, backend, config.device, timeout),
+                args=(rank, world_size, init_method, backend, comm.rank_device(config.device, backend, rank), timeout),
                 daemon=True,
                 name=f"fapool-worker-{rank}",
             )
@@ -122,10 +122,10 @@ class WorkerGroup:
         p = self.procs.get(rank)
         return p is None or p.is_alive()
 
-    def shutdown(self, live_ranks: list[int], waiter: comm.Waiter) -> None:
+    def shutdown(self, live_ranks: list[int], waiter: comm.Waiter, transport: str = "cpu") -> None:
         for rank in live_ranks:
             try:
-                comm.send_object("shutdown", rank, waiter, timeout_s=5.0)
+                comm.send_object("shutdown", rank, waiter, timeout_s=5.0, device=transport)
             except comm.WorkerFailure:
                 pass
         for p in self.procs.values():
@@ -166,9 +166,10 @@ class PoolModelRunner(ModelRunner):
         self._stopped = False
         self.waiter = comm.Waiter()
         self.workers = WorkerGroup(config, self.topology.world_size)
+        self.transport = comm.transport_device(str(self.device))
         for w in self.worker_ids:
             init = WorkerInit(config, w, self.worker_num_blocks, self.kv_heads[w])
-            comm.send_object(init, self.topology.attention_rank(w), self.waiter, timeout_s=60.0, tag=4)
+            comm.send_object(init, self.topology.attention_rank(w), self.waiter, 60.0, tag=4, device=self.transport)
 
     # Failure bookkeeping ------------------------------------------------------------------
     def _fail(self, worker: int, why: str) -> None:
@@ -216,7 +217,7 @@ class PoolModelRunner(ModelRunner):
             if self._live(w):
                 try:
                     rank = self.topology.attention_rank(w)
-                    ws = comm.recv_object(rank, self.waiter, self.config.pool.worker_timeout_s, tag=2)
+                    ws = comm.recv_object(rank, self.waiter, self.config.pool.worker_timeout_s, tag=2, device=self.transport)
                     stats.workers[w] = ws
                 except comm.WorkerFailure as e:
                     self._fail(w, str(e))
@@ -249,7 +250,9 @@ class PoolModelRunner(ModelRunner):
                 continue
             msg = WorkerStep(self._step, copies, batches, len(plans), hang)
             try:
-                comm.send_object(msg, self.topology.attention_rank(w), self.waiter, self.config.pool.worker_timeout_s)
+                comm.send_object(
+                    msg, self.topology.attention_rank(w), self.waiter, self.config.pool.worker_timeout_s, device=self.transport
+                )
                 told.append(w)
             except comm.WorkerFailure as e:
                 self._fail(w, str(e))
@@ -268,7 +271,7 @@ class PoolModelRunner(ModelRunner):
             return
         self._stopped = True
         live = [self.topology.attention_rank(w) for w in self.worker_ids if self._live(w)]
-        self.workers.shutdown(live, self.waiter)
+        self.workers.shutdown(live, self.waiter, self.transport)
         self.waiter.close()
 
 
@@ -304,12 +307,12 @@ class _PoolAttend:
             parts = [q[q_rows][:, q_idx].reshape(-1)]
             if nkv:
                 parts += [k[kv_rows][:, kv_idx].reshape(-1), v[kv_rows][:, kv_idx].reshape(-1)]
-            msg = torch.cat(parts)
+            msg = torch.cat(parts).to(r.transport)
             rank = r.topology.attention_rank(w)
             try:
                 r._sends.append((comm.send_tensor(msg, rank, tag), msg, w))
                 if nq:
-                    buf = torch.empty(nq * len(q_idx) * (q.shape[-1] + 1), dtype=torch.float32, device=r.device)
+                    buf = torch.empty(nq * len(q_idx) * (q.shape[-1] + 1), dtype=torch.float32, device=r.transport)
                     recvs.append((w, route, comm.recv_tensor(buf, rank, tag + 1), buf))
             except RuntimeError as e:
                 r._fail(w, str(e))
@@ -339,6 +342,7 @@ class _PoolAttend:
             _, q_idx = r._head_idx[w]
             hq = len(q_idx)
             nq = len(route.q_rows)
+            buf = buf.to(r.device)
             o = buf[: nq * hq * D].view(nq, hq, D)
             l = buf[nq * hq * D :].view(nq, hq)
             for rows in route.rounds:
