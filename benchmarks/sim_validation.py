@@ -18,7 +18,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fapool.sim.afd import sweep_ratio  # noqa: E402
-from fapool.sim.calibrate import calibrate, cpu_name, summary_lines  # noqa: E402
-from fapool.sim.cost_model import CostModel, load_model_config  # noqa: E402
-from fapool.sim.hardware import get_hardware  # noqa: E402
-from fapool.sim.planner import PlannerInputs, _PoolMeanField, make_plan, pool_balance_size  # noqa: E402
-from fapool.sim.simulator import SimConfig, simulate  # noqa: E402
-from fapool.sim.strategies import FAPool, StaticTPPP  # noqa: E402
-from fapool.sim.workload import LengthDist, PoissonWorkload  # noqa: E402
+from fapool.sim.afd import sweep_ratio
+from fapool.sim.calibrate import calibrate, cpu_name, summary_lines
+from fapool.sim.cost_model import CostModel, load_model_config
+from fapool.sim.hardware import get_hardware
+from fapool.sim.planner import PlannerInputs, _PoolMeanField, make_plan, pool_balance_size
+from fapool.sim.simulator import SimConfig, simulate
+from fapool.sim.strategies import FAPool, StaticTPPP
+from fapool.sim.workload import LengthDist, PoissonWorkload
 
 SEED_TABLE = {  # seed 000, section 3.3: (baseline TPOT ms, FA Pool TPOT ms, baseline TPS, FA Pool TPS)
     512: (45, 41, 22.2, 26.7),
@@ -50,9 +50,15 @@ DECODE_TOKENS = 64
 def git_commit() -> str:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fapool/sim"], cwd=ROOT).returncode != 0
-        untracked = subprocess.check_output(["git", "ls-files", "--others", "--exclude-standard", "fapool/sim"],
-                                            cwd=ROOT, text=True).strip()
+        dirty = (
+            subprocess.run(
+                ["git", "diff", "--quiet", "HEAD", "--", "fapool/sim"], cwd=ROOT, check=False
+            ).returncode
+            != 0
+        )
+        untracked = subprocess.check_output(
+            ["git", "ls-files", "--others", "--exclude-standard", "fapool/sim"], cwd=ROOT, text=True
+        ).strip()
         return sha + (" (fapool/sim modified or untracked)" if dirty or untracked else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -61,9 +67,14 @@ def git_commit() -> str:
 def decode_run(strategy, cost, context: int):
     """The seed's measurement as we read it: 1024 sequences at `context` tokens decode together
     (prompts already in KV), DECODE_TOKENS tokens each."""
-    wl = PoissonWorkload(LengthDist.parse(str(context)), LengthDist.parse(str(DECODE_TOKENS)), math.inf, BATCH)
+    wl = PoissonWorkload(
+        LengthDist.parse(str(context)), LengthDist.parse(str(DECODE_TOKENS)), math.inf, BATCH
+    )
     r = simulate(strategy, cost, wl, SimConfig(prefill="skip"))
+    tl = np.array([(t, n) for t, n, _, _ in r.timeline[0]])
+    dt = np.diff(np.append(tl[:, 0], r.sim_time))
     return {
+        "mean_running_batch": float((tl[:, 1] * dt).sum() / dt.sum()),
         "strategy": r.strategy,
         "gpus": r.num_gpus,
         "tpot_ms": float(np.mean(r.tpot) * 1e3),
@@ -92,12 +103,15 @@ def seed000(cost: CostModel) -> dict:
     out = {}
     for L in CONTEXTS:
         base = decode_run(StaticTPPP(tp=8, pp=2, max_batch=BATCH), cost, L)
-        sweep = {P: decode_run(FAPool(base_tp=8, pool_size=P, threshold=4096, max_batch=BATCH), cost, L)
-                 for P in POOL_SIZES}
+        sweep = {
+            P: decode_run(FAPool(base_tp=8, pool_size=P, threshold=4096, max_batch=BATCH), cost, L)
+            for P in POOL_SIZES
+        }
         best = min(sweep[P]["tpot_ms"] for P in POOL_SIZES)
         plateau = next(P for P in POOL_SIZES if sweep[P]["tpot_ms"] <= 1.02 * best)
-        no_overlap = decode_run(FAPool(base_tp=8, pool_size=32, threshold=4096, overlap=False, max_batch=BATCH),
-                                cost, L)
+        no_overlap = decode_run(
+            FAPool(base_tp=8, pool_size=32, threshold=4096, overlap=False, max_batch=BATCH), cost, L
+        )
         equal = {}
         for n in (8 + plateau, 40):
             runs = [decode_run(s, cost, L) for s in static_options(n, cost.model.num_hidden_layers)]
@@ -105,9 +119,23 @@ def seed000(cost: CostModel) -> dict:
             equal[n]["all"] = {r["strategy"]: round(r["tpot_ms"], 3) for r in runs}
         x = np.full(1000, L + DECODE_TOKENS // 2)
         mf = _PoolMeanField(PlannerInputs(cost, x, x, 1.0), x)
+        kv = cost.kv_bytes_per_token()
+        ctx = L + DECODE_TOKENS
+        memory_gb = {  # at the end of decoding, per GPU: KV (+ weights on the base)
+            "baseline_tp8_pp2": (BATCH * ctx * kv + cost.weight_bytes()) / 16 / 1e9,
+            "fapool_base": (BATCH * min(ctx, 4096) * kv + cost.weight_bytes()) / 8 / 1e9,
+            "fapool_pool_24": BATCH * max(ctx - 4096, 0) * kv / 24 / 1e9,
+            "fapool_pool_32": BATCH * max(ctx - 4096, 0) * kv / 32 / 1e9,
+        }
         out[L] = {
-            "seed_reported": dict(zip(("baseline_tpot_ms", "fapool_tpot_ms", "baseline_tps", "fapool_tps"),
-                                      SEED_TABLE[L], strict=True)),
+            "memory_gb_per_gpu": memory_gb,
+            "seed_reported": dict(
+                zip(
+                    ("baseline_tpot_ms", "fapool_tpot_ms", "baseline_tps", "fapool_tps"),
+                    SEED_TABLE[L],
+                    strict=True,
+                )
+            ),
             "baseline_tp8_pp2": base,
             "fapool_sweep": sweep,
             "fapool_32_no_overlap": no_overlap,
@@ -118,31 +146,54 @@ def seed000(cost: CostModel) -> dict:
     return out
 
 
-AFD_WORKLOADS = [  # (label, kv heads, hardware, prompt, output, b, f_tp, overlap)
-    ("MHA h100 uniform prompts", 32, "h100", "uniform:512,4096", "exp:200", 32, 1, True),
-    ("MHA h200 lognormal", 32, "h200", "lognormal:2048,0.7", "lognormal:200,0.6", 64, 2, True),
-    ("GQA8 h100 uniform, F=TP4", 8, "h100", "uniform:512,4096", "exp:200", 128, 4, True),
-    ("GQA8 h100 fixed 8K", 8, "h100", "fixed:8192", "fixed:512", 64, 4, True),
-    ("GQA8 h200 lognormal, F=TP8", 8, "h200", "lognormal:4096,0.5", "exp:300", 64, 8, True),
-    ("MHA h100 mixed lengths", 32, "h100", "choice:1024,4096,16384", "uniform:64,512", 16, 2, True),
-    ("azure-like (synthetic)", 8, "h100", "lognormal:1020,1.0", "lognormal:129,0.9", 64, 2, True),
-    ("MHA h100, no overlap", 32, "h100", "uniform:512,4096", "exp:200", 32, 1, False),
+AFD_WORKLOADS = [  # (label, kv heads, hardware, prompt, output, b, f_tp, overlap, steps)
+    ("MHA h100 uniform prompts", 32, "h100", "uniform:512,4096", "exp:200", 32, 1, True, 4000),
+    ("MHA h200 lognormal", 32, "h200", "lognormal:2048,0.7", "lognormal:200,0.6", 64, 2, True, 4000),
+    ("GQA8 h100 uniform, F=TP4", 8, "h100", "uniform:512,4096", "exp:200", 128, 4, True, 4000),
+    ("GQA8 h100 fixed 8K", 8, "h100", "fixed:8192", "fixed:512", 64, 4, True, 3000),
+    ("GQA8 h200 lognormal, F=TP8", 8, "h200", "lognormal:4096,0.5", "exp:300", 64, 8, True, 4000),
+    ("MHA h100 mixed lengths", 32, "h100", "choice:1024,4096,16384", "uniform:64,512", 16, 2, True, 20000),
+    ("azure-like (synthetic)", 8, "h100", "lognormal:1020,1.0", "lognormal:129,0.9", 64, 2, True, 4000),
+    ("MHA h100, no overlap", 32, "h100", "uniform:512,4096", "exp:200", 32, 1, False, 4000),
 ]
 
 
-def afd_validation(steps: int, max_points: int) -> list[dict]:
+def afd_validation(quick: bool, policy: str, max_points: int) -> list[dict]:
     rows = []
-    for label, kvh, hw, p, o, b, f_tp, overlap in AFD_WORKLOADS:
+    for label, kvh, hw, p, o, b, f_tp, overlap, steps in AFD_WORKLOADS:
         cost = CostModel(load_model_config("seed000").replace(num_key_value_heads=kvh), get_hardware(hw))
         t = time.perf_counter()
-        res = sweep_ratio(cost, LengthDist.parse(p, hi=32768), LengthDist.parse(o, hi=8192), b, f_tp, overlap,
-                          steps=steps, max_points=max_points)
-        res.update(label=label, kv_heads=kvh, hardware=hw, prompt=p, output=o, b=b, f_tp=f_tp, overlap=overlap,
-                   seconds=round(time.perf_counter() - t, 1))
+        res = sweep_ratio(
+            cost,
+            LengthDist.parse(p, hi=32768),
+            LengthDist.parse(o, hi=8192),
+            b,
+            f_tp,
+            overlap,
+            steps=steps // 5 if quick else steps,
+            max_points=max_points,
+            group_policy=policy,
+        )
+        res.update(
+            label=label,
+            kv_heads=kvh,
+            hardware=hw,
+            prompt=p,
+            output=o,
+            b=b,
+            f_tp=f_tp,
+            overlap=overlap,
+            steps=steps // 5 if quick else steps,
+            group_policy=policy,
+            seconds=round(time.perf_counter() - t, 1),
+        )
         rows.append(res)
-        print(f"  {label:30s} closed r*={res['r_closed_form']:4d}  simulated r*={res['r_simulated']:4d}  "
-              f"error {res['rel_error']:5.1%}  throughput regret {res['throughput_regret']:5.2%}  "
-              f"({res['seconds']} s)", flush=True)
+        print(
+            f"  [{policy}] {label:28s} closed r*={res['r_closed_form']:4d}  simulated r*={res['r_simulated']:4d}  "
+            f"error {res['rel_error']:5.1%}  throughput regret {res['throughput_regret']:5.2%}  "
+            f"({res['seconds']} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -154,11 +205,20 @@ def planner_demo(cost: CostModel) -> dict:
     return {
         "tpot_slo_ms": 50,
         "recommended": plan.rows[plan.recommended].strategy.describe(),
-        "rows": [{"strategy": r.strategy.describe(), "gpus": r.gpus, "batch": r.batch,
-                  "tpot_ms_closed_form": r.tpot * 1e3, "tokens_per_s_per_gpu_closed_form": r.throughput_per_gpu,
-                  "tpot_ms_simulated_p50": float(np.percentile(r.sim.tpot, 50) * 1e3),
-                  "tokens_per_s_per_gpu_simulated": r.sim.throughput_per_gpu,
-                  "slo_attainment_simulated": r.sim.slo_attainment(0.05), "notes": r.notes} for r in plan.rows],
+        "rows": [
+            {
+                "strategy": r.strategy.describe(),
+                "gpus": r.gpus,
+                "batch": r.batch,
+                "tpot_ms_closed_form": r.tpot * 1e3,
+                "tokens_per_s_per_gpu_closed_form": r.throughput_per_gpu,
+                "tpot_ms_simulated_p50": float(np.percentile(r.sim.tpot, 50) * 1e3),
+                "tokens_per_s_per_gpu_simulated": r.sim.throughput_per_gpu,
+                "slo_attainment_simulated": r.sim.slo_attainment(0.05),
+                "notes": r.notes,
+            }
+            for r in plan.rows
+        ],
     }
 
 
@@ -172,10 +232,16 @@ def plots(seed: dict, afd: list[dict], outdir: Path) -> list[str]:
     paths = []
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
     xs = np.arange(len(CONTEXTS))
-    for i, (key, lab) in enumerate((("baseline_tpot_ms", "seed: TP8xPP2"), ("fapool_tpot_ms", "seed: FA Pool"))):
+    for i, (key, lab) in enumerate(
+        (("baseline_tpot_ms", "seed: TP8xPP2"), ("fapool_tpot_ms", "seed: FA Pool"))
+    ):
         ax[0].bar(xs - 0.3 + 0.2 * i, [seed[L]["seed_reported"][key] for L in CONTEXTS], 0.2, label=lab)
-    ax[0].bar(xs + 0.1, [seed[L]["baseline_tp8_pp2"]["tpot_ms"] for L in CONTEXTS], 0.2, label="sim: TP8xPP2 (16)")
-    ax[0].bar(xs + 0.3, [seed[L]["fapool_sweep"][32]["tpot_ms"] for L in CONTEXTS], 0.2, label="sim: FA Pool 8+32")
+    ax[0].bar(
+        xs + 0.1, [seed[L]["baseline_tp8_pp2"]["tpot_ms"] for L in CONTEXTS], 0.2, label="sim: TP8xPP2 (16)"
+    )
+    ax[0].bar(
+        xs + 0.3, [seed[L]["fapool_sweep"][32]["tpot_ms"] for L in CONTEXTS], 0.2, label="sim: FA Pool 8+32"
+    )
     ax[0].set_yscale("log")
     ax[0].set_xticks(xs, [str(L) for L in CONTEXTS])
     ax[0].set_xlabel("context tokens")
@@ -183,7 +249,23 @@ def plots(seed: dict, afd: list[dict], outdir: Path) -> list[str]:
     ax[0].set_title("seed 000 reported vs simulated (H100 roofline)")
     ax[0].legend(fontsize=7)
     for L in CONTEXTS:
-        ax[1].plot(POOL_SIZES, [seed[L]["fapool_sweep"][P]["tpot_ms"] for P in POOL_SIZES], marker="o", label=f"{L}")
+        sweep = [seed[L]["fapool_sweep"][P] for P in POOL_SIZES]
+        line = ax[1].plot(POOL_SIZES, [x["tpot_ms"] for x in sweep], marker="o", label=f"{L}")[0]
+        short = [
+            (P, x["tpot_ms"])
+            for P, x in zip(POOL_SIZES, sweep, strict=True)
+            if x["mean_running_batch"] < 1023
+        ]
+        if short:  # the pool's KV is full: fewer than 1024 sequences run at once
+            ax[1].plot(*zip(*short, strict=True), "o", mfc="white", color=line.get_color())
+    ax[1].text(
+        0.98,
+        0.02,
+        "open marker: pool KV full, < 1024 running",
+        transform=ax[1].transAxes,
+        ha="right",
+        fontsize=7,
+    )
     ax[1].set_xlabel("pool GPUs (base: 8)")
     ax[1].set_ylabel("simulated TPOT (ms)")
     ax[1].set_title("FA Pool: TPOT vs pool size (threshold 4096)")
@@ -209,7 +291,9 @@ def plots(seed: dict, afd: list[dict], outdir: Path) -> list[str]:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("AFD rA-1F: closed-form throughput vs simulated sweep (dashed: closed-form r*, dotted: sim r*)")
+    fig.suptitle(
+        "AFD rA-1F: closed-form throughput vs simulated sweep (dashed: closed-form r*, dotted: sim r*)"
+    )
     fig.tight_layout()
     p = outdir / "sim_afd_ratio.png"
     fig.savefig(p, dpi=110)
@@ -223,9 +307,19 @@ def print_seed_table(seed: dict) -> None:
     from rich.table import Table
 
     t = Table(title="seed 000 reproduction -- SIMULATED (H100 roofline presets), batch 1024, threshold 4096")
-    for col in ("context", "seed TPOT base->pool ms", "sim TPOT TP8xPP2(16) ms", "sim TPOT pool 8+32 ms",
-                "sim speed-up", "seed TPS", "sim tok/s base / pool", "sim util base / pool", "sim comm base / pool",
-                "plateau sim / closed", "best static @ equal GPUs (TPOT ms)"):
+    for col in (
+        "context",
+        "seed TPOT base->pool ms",
+        "sim TPOT TP8xPP2(16) ms",
+        "sim TPOT pool 8+32 ms",
+        "sim speed-up",
+        "seed TPS",
+        "sim tok/s base / pool",
+        "sim util base / pool",
+        "sim comm base / pool",
+        "plateau sim / closed",
+        "best static @ equal GPUs (TPOT ms)",
+    ):
         t.add_column(col, justify="right")
     for L in CONTEXTS:
         s, b, p = seed[L]["seed_reported"], seed[L]["baseline_tp8_pp2"], seed[L]["fapool_sweep"][32]
@@ -240,7 +334,11 @@ def print_seed_table(seed: dict) -> None:
             f"{b['tokens_per_s']:,.0f} / {p['tokens_per_s']:,.0f}",
             f"{b['compute_util_mean']:.0%} / {p['compute_util_mean']:.0%}",
             f"{b['comm_share']:.0%} / {p['comm_share']:.0%}",
-            f"{seed[L]['plateau_pool_size_simulated']} / {seed[L]['plateau_pool_size_closed_form']}",
+            (
+                f"{seed[L]['plateau_pool_size_simulated']} / {seed[L]['plateau_pool_size_closed_form']}"
+                if L > 4096
+                else "pool unused"
+            ),
             f"{eq['strategy'].split(' (')[0]}: {eq['tpot_ms']:.2f}",
         )
     Console(width=220).print(t)
@@ -251,38 +349,112 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_validation.json"))
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
+    ap.add_argument("--replot", action="store_true", help="redraw the plots from the JSON in --out")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.out).read_text())
+        seed = {
+            int(L): {**v, "fapool_sweep": {int(P): x for P, x in v["fapool_sweep"].items()}}
+            for L, v in saved["seed000"].items()
+        }
+        afd = [
+            {
+                **r,
+                "closed_form_curve": {int(k): v for k, v in r["closed_form_curve"].items()},
+                "simulated_curve": {int(k): v for k, v in r["simulated_curve"].items()},
+            }
+            for r in saved["afd_ratio"]
+        ]
+        print("\n".join(plots(seed, afd, Path(args.plots))))
+        return 0
     t0 = time.perf_counter()
     h100 = CostModel(load_model_config("seed000"), get_hardware("h100"))
     print("seed 000 reproduction (simulated) ...", flush=True)
     seed = seed000(h100)
     print_seed_table(seed)
     print("AFD ratio: closed form vs simulated sweep ...", flush=True)
-    afd = afd_validation(steps=600 if args.quick else 3000, max_points=7 if args.quick else 13)
+    afd = afd_validation(args.quick, "pinned", 7 if args.quick else 13)
     errs = [r["rel_error"] for r in afd]
-    print(f"  within 5%: {sum(e <= 0.05 for e in errs)}/{len(errs)}; max error {max(errs):.1%}; "
-          f"max throughput regret {max(r['throughput_regret'] for r in afd):.2%}")
+    print(
+        f"  pinned (the closed form's independence assumption): within 5%: {sum(e <= 0.05 for e in errs)}"
+        f"/{len(errs)}; max error {max(errs):.1%}; max regret {max(r['throughput_regret'] for r in afd):.2%}"
+    )
+    afd_ll = afd_validation(args.quick, "least-loaded", 7 if args.quick else 9)
+    errs_ll = [r["rel_error"] for r in afd_ll]
+    print(
+        f"  least-loaded placement: within 5%: {sum(e <= 0.05 for e in errs_ll)}/{len(errs_ll)}; "
+        f"max error {max(errs_ll):.1%}; max regret {max(r['throughput_regret'] for r in afd_ll):.2%}"
+    )
+    calibrated = None
+    cal_path = ROOT / "benchmarks" / "results" / "sim_calibration_h100.json"
+    if cal_path.is_file():
+        print("seed 000 with the measured H100 calibration (sensitivity) ...", flush=True)
+        from fapool.sim.calibrate import apply_calibration, load_calibration
+
+        hc = CostModel(h100.model, apply_calibration(get_hardware("h100"), load_calibration(cal_path)))
+        calibrated = {
+            L: {
+                "baseline_tp8_pp2": decode_run(StaticTPPP(tp=8, pp=2, max_batch=BATCH), hc, L),
+                "fapool_8_32": decode_run(
+                    FAPool(base_tp=8, pool_size=32, threshold=4096, max_batch=BATCH), hc, L
+                ),
+            }
+            for L in CONTEXTS
+        }
+        for L in CONTEXTS:
+            print(
+                f"  {L:6d}: TP8xPP2 {calibrated[L]['baseline_tp8_pp2']['tpot_ms']:.2f} ms "
+                f"(preset {seed[L]['baseline_tp8_pp2']['tpot_ms']:.2f}), FA Pool 8+32 "
+                f"{calibrated[L]['fapool_8_32']['tpot_ms']:.2f} ms (preset {seed[L]['fapool_sweep'][32]['tpot_ms']:.2f})"
+            )
     print("planner (seed000, H100, SLO 50 ms) ...", flush=True)
     plan = planner_demo(h100)
     print(f"  recommended: {plan['recommended']}")
-    print("calibration of this CPU (quick) ...", flush=True)
-    cal = calibrate(quick=True)
+    print("calibration of this CPU (quick, one thread: robust on a shared machine) ...", flush=True)
+    cal = calibrate(quick=True, threads=1)
     for line in summary_lines(cal):
         print("  " + line)
     result = {
         "label": "SIMULATED -- roofline presets, not measurements",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "cpu": cpu_name(),
         "python": platform.python_version(),
         "quick": args.quick,
-        "hardware_presets": {k: {f: getattr(get_hardware(k), f) for f in (
-            "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth", "memory_bytes", "cost_per_hour")}
-            for k in ("h100", "h200")},
+        "hardware_presets": {
+            k: {
+                f: getattr(get_hardware(k), f)
+                for f in (
+                    "gemm_flops",
+                    "gemm_bandwidth",
+                    "attn_flops",
+                    "attn_bandwidth",
+                    "memory_bytes",
+                    "cost_per_hour",
+                )
+            }
+            for k in ("h100", "h200")
+        },
         "seed000": seed,
         "afd_ratio": afd,
-        "afd_summary": {"workloads": len(afd), "within_5pct": sum(e <= 0.05 for e in errs),
-                        "max_rel_error": max(errs), "mean_rel_error": float(np.mean(errs))},
+        "afd_summary": {
+            "group_policy": "pinned",
+            "workloads": len(afd),
+            "within_5pct": sum(e <= 0.05 for e in errs),
+            "max_rel_error": max(errs),
+            "mean_rel_error": float(np.mean(errs)),
+            "max_throughput_regret": max(r["throughput_regret"] for r in afd),
+        },
+        "afd_ratio_least_loaded": afd_ll,
+        "afd_summary_least_loaded": {
+            "workloads": len(afd_ll),
+            "within_5pct": sum(e <= 0.05 for e in errs_ll),
+            "max_rel_error": max(errs_ll),
+            "mean_rel_error": float(np.mean(errs_ll)),
+            "max_throughput_regret": max(r["throughput_regret"] for r in afd_ll),
+        },
+        "seed000_h100_calibrated": calibrated,
+        "h100_calibration_file": str(cal_path.relative_to(ROOT)) if cal_path.is_file() else None,
         "planner": plan,
         "cpu_calibration": {k: v for k, v in cal.items() if k != "samples"},
     }

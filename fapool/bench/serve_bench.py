@@ -249,24 +249,37 @@ def summarize(results: list[Result], duration: float, slo_ttft: float, slo_tpot:
     }
 
 
-def plot(points: list[dict[str, Any]], x_label: str, title: str, path: str) -> None:
+def plot(points: list[dict[str, Any]], load_label: str, title: str, path: str) -> None:
+    """Latency percentiles against the achieved request throughput; each point is labelled
+    with its offered load (a rate may be inf, so the offered load cannot be the x axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [p["load"] for p in points]
+    xs = [p["request_throughput"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, name in zip(axes, ("ttft_s", "tpot_s", "itl_s"), ("TTFT", "TPOT", "ITL")):
         for pct, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
             ys = [(p[key][pct] or float("nan")) * 1e3 for p in points]
             ax.plot(xs, ys, style, label=pct)
-        ax.set_xlabel(x_label)
+        for x, p in zip(xs, points):
+            y = (p[key]["p50"] or float("nan")) * 1e3
+            ax.annotate(
+                f"{p['load']:g}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, -12),
+                fontsize=7,
+                ha="center",
+                color="tab:blue",
+            )
+        ax.set_xlabel("achieved throughput (req/s)")
         ax.set_ylabel(f"{name} (ms)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{title}\n(labels: offered {load_label})", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)

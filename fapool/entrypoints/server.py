@@ -254,7 +254,7 @@ class _Failure(APIError):
 
 
 def _failure(e: Exception) -> _Failure:
-    if isinstance(e, RequestFailed) and e.shutting_down or isinstance(e, EngineDead):
+    if (isinstance(e, RequestFailed) and e.shutting_down) or isinstance(e, EngineDead):
         return _Failure(503, str(e), type="service_unavailable", code="unavailable")
     return _Failure(500, str(e), type="server_error", code="engine_error")
 
@@ -268,10 +268,9 @@ async def _until_disconnected(raw: Request) -> None:
 def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     """A FastAPI app serving `engine`. The app's lifespan starts the engine thread and, at
     shutdown, drains it; until then the caller must not touch the engine."""
-    holder: dict[str, AsyncEngine] = {}
-    metrics = ServerMetrics(settings.model_name, lambda: holder["engine"].stats())
-    async_engine = AsyncEngine(engine, settings.max_waiting, observer=metrics)
-    holder["engine"] = async_engine
+    async_engine = AsyncEngine(engine, settings.max_waiting)
+    metrics = ServerMetrics(settings.model_name, async_engine.stats)
+    async_engine.observer = metrics  # request lifecycle events feed the histograms
     serving = OpenAIServing(async_engine, settings, metrics)
 
     @contextlib.asynccontextmanager

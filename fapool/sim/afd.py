@@ -102,7 +102,9 @@ class AFDModel:
         steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b)
         step = float((np.asarray(steps) * w).sum())
         n = r * self.b
-        return AFDPoint(r, step, n / (step * (r + self.f_tp)), self.L * a_mean, self.L * a_max_mean, self._f_total(r))
+        return AFDPoint(
+            r, step, n / (step * (r + self.f_tp)), self.L * a_mean, self.L * a_max_mean, self._f_total(r)
+        )
 
     def _f_line(self) -> tuple[float, float]:
         """F_total(r) ~ beta + gamma * r, fitted where the FFN side is compute-bound."""
@@ -137,11 +139,23 @@ class AFDModel:
             elif r > 2 * best.r + 8 and p.throughput_per_gpu < 0.8 * best.throughput_per_gpu:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
-        return AFDPlan(best, self.b, self.f_tp, self.overlap, self.balance_ratio(), self.ffn_bound_ratio(), curve)
+        return AFDPlan(
+            best, self.b, self.f_tp, self.overlap, self.balance_ratio(), self.ffn_bound_ratio(), curve
+        )
 
 
-def simulate_ratio(cost: CostModel, prompt, output, b: int, f_tp: int, r: int, steps: int, overlap: bool = True,
-                   seed: int = 0, group_policy: str = "pinned") -> float:
+def simulate_ratio(
+    cost: CostModel,
+    prompt,
+    output,
+    b: int,
+    f_tp: int,
+    r: int,
+    steps: int,
+    overlap: bool = True,
+    seed: int = 0,
+    group_policy: str = "pinned",
+) -> float:
     """Simulated tokens/s/GPU of an rA-1F bundle kept full by a closed loop (steady-state start,
     `steps` mean steps long). The same seed gives every r the same clients' requests.
     group_policy 'pinned' refills each attention GPU independently (the closed form's
@@ -151,8 +165,12 @@ def simulate_ratio(cost: CostModel, prompt, output, b: int, f_tp: int, r: int, s
 
     step = AFDModel(cost, _moments_of(prompt, output, seed), b, f_tp, overlap).point(r).step_time
     wl = ClosedLoopWorkload(prompt, output, concurrency=r * b, num_requests=10**9, seed=seed)
-    res = simulate(AFD(r=r, f_tp=f_tp, max_batch_per_attn=b, overlap=overlap), cost, wl,
-                   SimConfig(prefill="skip", max_sim_time=steps * step, group_policy=group_policy))
+    res = simulate(
+        AFD(r=r, f_tp=f_tp, max_batch_per_attn=b, overlap=overlap),
+        cost,
+        wl,
+        SimConfig(prefill="skip", max_sim_time=steps * step, group_policy=group_policy),
+    )
     return res.throughput_per_gpu
 
 
@@ -163,17 +181,31 @@ def _moments_of(prompt, output, seed: int) -> ContextMoments:
     return context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))
 
 
-def sweep_ratio(cost: CostModel, prompt, output, b: int, f_tp: int = 1, overlap: bool = True, steps: int = 2000,
-                span: float = 0.3, max_points: int = 13, seed: int = 0, group_policy: str = "pinned") -> dict:
+def sweep_ratio(
+    cost: CostModel,
+    prompt,
+    output,
+    b: int,
+    f_tp: int = 1,
+    overlap: bool = True,
+    steps: int = 2000,
+    span: float = 0.3,
+    max_points: int = 13,
+    seed: int = 0,
+    group_policy: str = "pinned",
+) -> dict:
     """Closed-form optimum vs the simulator's: simulate r over [r*(1-span), r*(1+span)]
     (integers, at most `max_points`, always r*-1, r*, r*+1) and take the best."""
     model = AFDModel(cost, _moments_of(prompt, output, seed), b, f_tp, overlap)
     plan = model.optimise()
     r0 = plan.best.r
-    lo, hi = max(1, int(r0 * (1 - span))), max(r0 + 1, int(math.ceil(r0 * (1 + span))))
+    lo, hi = max(1, int(r0 * (1 - span))), max(r0 + 1, math.ceil(r0 * (1 + span)))
     rs = set(np.unique(np.linspace(lo, hi, max_points).round().astype(int)).tolist())
     rs |= {r for r in (r0 - 1, r0, r0 + 1) if r >= 1}
-    sims = {r: simulate_ratio(cost, prompt, output, b, f_tp, r, steps, overlap, seed, group_policy) for r in sorted(rs)}
+    sims = {
+        r: simulate_ratio(cost, prompt, output, b, f_tp, r, steps, overlap, seed, group_policy)
+        for r in sorted(rs)
+    }
     r_sim = max(sims, key=sims.get)
     return {
         "r_closed_form": r0,

@@ -20,7 +20,7 @@ import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ def _timer(device):
     import torch
 
     if device.type == "cuda":
+
         def run(fn, reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -68,23 +69,29 @@ def _timer(device):
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3 / reps
     else:
+
         def run(fn, reps):
             t = time.perf_counter()
             for _ in range(reps):
                 fn()
             return (time.perf_counter() - t) / reps
+
     return run
 
 
 def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
-    """Fastest of 3 timed batches of calls, each long enough to outlast timer noise. The
-    minimum, not the median: on a shared machine noise only ever adds time."""
+    """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: the 20th percentile
+    of individually timed calls -- on a shared machine noise only ever adds time, and a call
+    that waited for a descheduled thread says nothing about the hardware."""
     run = _timer(device)
     fn()
     fn()  # warm-up: allocation, kernel selection
     once = max(run(fn, 1), 1e-7)
-    reps = int(min(max_reps, max(1, min_time / once)))
-    return float(min(run(fn, reps) for _ in range(3)))
+    reps = int(min(max_reps, max(5, min_time / once)))
+    if device.type == "cuda":
+        return float(min(run(fn, max(1, reps // 3)) for _ in range(3)))
+    times = [run(fn, 1) for _ in range(reps)]
+    return float(np.percentile(times, 20))
 
 
 def fit_roofline(flops, nbytes, seconds) -> dict:
@@ -114,8 +121,11 @@ def fit_linear(x, seconds) -> dict:
     slope = max(slope, 1e-15)
     intercept = max(intercept, 0.0)
     pred = intercept + slope * x
-    return {"latency_s": float(intercept), "bytes_per_s": float(1.0 / slope),
-            "mean_abs_log_err": float(np.mean(np.abs(np.log(pred / t))))}
+    return {
+        "latency_s": float(intercept),
+        "bytes_per_s": float(1.0 / slope),
+        "mean_abs_log_err": float(np.mean(np.abs(np.log(pred / t)))),
+    }
 
 
 def _gemm_samples(device, dtype, grid) -> list[dict]:
@@ -128,7 +138,16 @@ def _gemm_samples(device, dtype, grid) -> list[dict]:
         for m in grid["gemm_m"]:
             a = torch.randn(m, k, device=device, dtype=dtype)
             t = time_op(lambda a=a, w=w: torch.matmul(a, w), device)
-            out.append({"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k, "bytes": (m * k + k * n + m * n) * d, "s": t})
+            out.append(
+                {
+                    "m": m,
+                    "n": n,
+                    "k": k,
+                    "flops": 2.0 * m * n * k,
+                    "bytes": (m * k + k * n + m * n) * d,
+                    "s": t,
+                }
+            )
     return out
 
 
@@ -143,14 +162,32 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict]]:
         k = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         v = torch.randn_like(k)
         t = time_op(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device)
-        decode.append({"batch": bsz, "heads": h, "ctx": ctx, "head_dim": hd, "flops": 4.0 * bsz * h * ctx * hd,
-                       "bytes": (2.0 * bsz * h * ctx * hd + 2.0 * bsz * h * hd) * d, "s": t})
+        decode.append(
+            {
+                "batch": bsz,
+                "heads": h,
+                "ctx": ctx,
+                "head_dim": hd,
+                "flops": 4.0 * bsz * h * ctx * hd,
+                "bytes": (2.0 * bsz * h * ctx * hd + 2.0 * bsz * h * hd) * d,
+                "s": t,
+            }
+        )
     for bsz, h, ctx, hd in grid["prefill"]:
         q = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
         t = time_op(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
-        prefill.append({"batch": bsz, "heads": h, "ctx": ctx, "head_dim": hd,
-                        "flops": 4.0 * bsz * h * hd * ctx * (ctx + 1) / 2, "bytes": 4.0 * bsz * h * ctx * hd * d, "s": t})
+        prefill.append(
+            {
+                "batch": bsz,
+                "heads": h,
+                "ctx": ctx,
+                "head_dim": hd,
+                "flops": 4.0 * bsz * h * hd * ctx * (ctx + 1) / 2,
+                "bytes": 4.0 * bsz * h * ctx * hd * d,
+                "s": t,
+            }
+        )
     return decode, prefill
 
 
@@ -165,7 +202,8 @@ def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
     for nbytes in sizes:
         x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
         for op in ("all_reduce", "p2p"):
-            def call():
+
+            def call(op=op, x=x):
                 if op == "all_reduce":
                     dist.all_reduce(x)
                 elif rank == 0:
@@ -174,6 +212,7 @@ def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
                 else:
                     dist.recv(x, 0)
                     dist.send(x, 0)
+
             for _ in range(2):
                 call()
             reps = 10
@@ -217,9 +256,17 @@ def _comm_samples(sizes: list[int], timeout: float = 60.0) -> tuple[list[dict] |
         return res, note
 
 
-def calibrate(device: str = "auto", quick: bool = True, collectives: bool = True, grid: dict | None = None) -> dict:
+def calibrate(
+    device: str = "auto",
+    quick: bool = True,
+    collectives: bool = True,
+    grid: dict | None = None,
+    threads: int | None = None,
+) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -240,7 +287,7 @@ def calibrate(device: str = "auto", quick: bool = True, collectives: bool = True
     pf = [s["flops"] / max(s["s"] - a["overhead_s"], 1e-9) for s in prefill]
     out = {
         "schema": SCHEMA,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device_kind": dev.type,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
@@ -259,7 +306,9 @@ def calibrate(device: str = "auto", quick: bool = True, collectives: bool = True
         p2p = [s for s in comm if s["op"] == "p2p"]
         # Ring all-reduce over n ranks moves 2(n-1)/n of the bytes: x for the fit.
         out["comm"] = {
-            "all_reduce": fit_linear([2 * (s["ranks"] - 1) / s["ranks"] * s["bytes"] for s in ar], [s["s"] for s in ar]),
+            "all_reduce": fit_linear(
+                [2 * (s["ranks"] - 1) / s["ranks"] * s["bytes"] for s in ar], [s["s"] for s in ar]
+            ),
             "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p]),
         }
     out["seconds"] = round(time.perf_counter() - t0, 3)
@@ -289,21 +338,24 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
     """The profile with fitted rates in place of the preset's (memory and, unless measured,
     the interconnect stay the preset's)."""
     g, a = cal["gemm"], cal["attention"]
-    changes = dict(
-        gemm_flops=g["flops_per_s"],
-        gemm_bandwidth=g["bytes_per_s"],
-        kernel_overhead=g["overhead_s"],
-        attn_flops=a.get("prefill_flops_per_s", a["flops_per_s"]),
-        attn_bandwidth=a["bytes_per_s"],
-        attn_overhead=a["overhead_s"],
-        dtype_bytes=int(cal.get("dtype_bytes", hw.dtype_bytes)),
-        source=f"calibration {cal.get('_path', '')} ({cal.get('device_name', '?')})",
-    )
+    changes = {
+        "gemm_flops": g["flops_per_s"],
+        "gemm_bandwidth": g["bytes_per_s"],
+        "kernel_overhead": g["overhead_s"],
+        "attn_flops": a.get("prefill_flops_per_s", a["flops_per_s"]),
+        "attn_bandwidth": a["bytes_per_s"],
+        "attn_overhead": a["overhead_s"],
+        "dtype_bytes": int(cal.get("dtype_bytes", hw.dtype_bytes)),
+        "source": f"calibration {cal.get('_path', '')} ({cal.get('device_name', '?')})",
+    }
     comm = cal.get("comm")
     if comm:
         ar, p2p = comm["all_reduce"], comm["p2p"]
-        link = LinkProfile(bandwidth=p2p["bytes_per_s"], latency=p2p["latency_s"],
-                           hop_latency=max(0.0, ar["latency_s"] - p2p["latency_s"]) / 2)
+        link = LinkProfile(
+            bandwidth=p2p["bytes_per_s"],
+            latency=p2p["latency_s"],
+            hop_latency=max(0.0, ar["latency_s"] - p2p["latency_s"]) / 2,
+        )
         changes["intra_node"] = link
         changes["inter_node"] = link
     return hw.replace(**changes)
@@ -312,13 +364,24 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
 def summary_lines(cal: dict) -> list[str]:
     g, a = cal["gemm"], cal["attention"]
     lines = [
-        f"device: {cal['device_kind']} ({cal['device_name']}), torch {cal['torch']}, {cal['dtype']}, "
-        f"{cal['threads']} threads, {cal['seconds']} s",
-        f"GEMM: {g['flops_per_s'] / 1e9:,.1f} GFLOP/s, {g['bytes_per_s'] / 1e9:,.2f} GB/s, "
-        f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})",
-        f"attention: decode {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill {a['prefill_flops_per_s'] / 1e9:,.1f} "
-        f"GFLOP/s, overhead {a['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(a['mean_abs_log_err']):.0%})",
+        (
+            f"device: {cal['device_kind']} ({cal['device_name']}), torch {cal['torch']}, {cal['dtype']}, "
+            f"{cal['threads']} threads, {cal['seconds']} s"
+        ),
+        (
+            f"GEMM: {g['flops_per_s'] / 1e9:,.1f} GFLOP/s, {g['bytes_per_s'] / 1e9:,.2f} GB/s, "
+            f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})"
+        ),
+        (
+            f"attention: decode {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill {a['prefill_flops_per_s'] / 1e9:,.1f} "
+            f"GFLOP/s, overhead {a['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(a['mean_abs_log_err']):.0%})"
+        ),
     ]
+    if max(g["mean_abs_log_err"], a["mean_abs_log_err"]) > 0.4:
+        lines.append(
+            "warning: the roofline fits these timings badly; a busy machine (other processes, more "
+            "threads than free cores) is the usual cause -- rerun, or try --threads 1"
+        )
     if cal.get("comm"):
         ar, p2p = cal["comm"]["all_reduce"], cal["comm"]["p2p"]
         lines.append(

@@ -45,10 +45,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload (default: built-in synthetic Poisson stream)")
-    g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
+    g.add_argument(
+        "--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)"
+    )
     g.add_argument("--trace-limit", type=int, help="use the first N rows")
     g.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt length distribution, e.g. lognormal:4096,1.0")
+    g.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="prompt length distribution, e.g. lognormal:4096,1.0"
+    )
     g.add_argument("--output", default=DEFAULT_OUTPUT, help="output length distribution, e.g. exp:256")
     g.add_argument("--max-len", type=int, default=32768, help="clip sampled lengths to this")
 
@@ -66,11 +70,14 @@ def _workload(args):
     if args.trace:
         if args.speedup <= 0:
             raise SimInputError("--speedup must be > 0")
-        return TraceWorkload(load_azure_trace(args.trace, args.trace_limit), args.speedup, Path(args.trace).name)
+        return TraceWorkload(
+            load_azure_trace(args.trace, args.trace_limit), args.speedup, Path(args.trace).name
+        )
     prompt, output = _lengths(args)
     if args.concurrency:
-        return ClosedLoopWorkload(prompt, output, args.concurrency, max(args.num_requests, args.concurrency),
-                                  seed=args.seed)
+        return ClosedLoopWorkload(
+            prompt, output, args.concurrency, max(args.num_requests, args.concurrency), seed=args.seed
+        )
     rate = math.inf if str(args.rate).lower() in ("inf", "burst") else float(args.rate)
     return PoissonWorkload(prompt, output, rate, args.num_requests, args.seed)
 
@@ -83,20 +90,50 @@ def _strategies(args) -> list:
         if name == "static":
             out.append(StaticTPPP(tp=args.tp, pp=args.pp, replicas=args.replicas, max_batch=args.max_batch))
         elif name == "fapool":
-            out.append(FAPool(base_tp=args.base_tp, pool_size=args.pool_size, threshold=args.threshold,
-                              tokens_per_worker=args.tokens_per_worker, placement=args.placement,
-                              overlap=not args.no_overlap, replicas=args.replicas, max_batch=args.max_batch))
+            out.append(
+                FAPool(
+                    base_tp=args.base_tp,
+                    pool_size=args.pool_size,
+                    threshold=args.threshold,
+                    tokens_per_worker=args.tokens_per_worker,
+                    placement=args.placement,
+                    overlap=not args.no_overlap,
+                    replicas=args.replicas,
+                    max_batch=args.max_batch,
+                )
+            )
         elif name == "afd":
-            out.append(AFD(r=args.afd_r, f_tp=args.afd_f_tp, max_batch_per_attn=args.afd_batch,
-                           overlap=not args.no_overlap, replicas=args.replicas))
+            out.append(
+                AFD(
+                    r=args.afd_r,
+                    f_tp=args.afd_f_tp,
+                    max_batch_per_attn=args.afd_batch,
+                    overlap=not args.no_overlap,
+                    replicas=args.replicas,
+                )
+            )
         elif name == "head":
-            out.append(head_parallel(dense_tp=args.base_tp, attn_workers=args.attn_workers,
-                                     overlap=not args.no_overlap, replicas=args.replicas, max_batch=args.max_batch))
+            out.append(
+                head_parallel(
+                    dense_tp=args.base_tp,
+                    attn_workers=args.attn_workers,
+                    overlap=not args.no_overlap,
+                    replicas=args.replicas,
+                    max_batch=args.max_batch,
+                )
+            )
         else:
             raise SimInputError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     if not out:
         raise SimInputError("no strategy given")
     return out
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped output gets a width that fits the tables instead of rich's 80-column default.
+    return Console() if sys.stdout.isatty() else Console(width=220)
 
 
 def _guard(fn):
@@ -115,23 +152,28 @@ def _guard(fn):
 
 @_guard
 def cmd_simulate(args) -> int:
-    from rich.console import Console
-
     from fapool.sim.plots import plot_results
     from fapool.sim.results import results_table
     from fapool.sim.simulator import SimConfig, simulate
 
     cost = _cost(args)
     strategies = _strategies(args)
-    config = SimConfig(prefill=args.prefill, max_num_batched_tokens=args.max_batched_tokens,
-                       max_sim_time=args.max_time or math.inf, warmup=args.warmup, progress=not args.no_progress)
+    config = SimConfig(
+        prefill=args.prefill,
+        max_num_batched_tokens=args.max_batched_tokens,
+        max_sim_time=args.max_time or math.inf,
+        warmup=args.warmup,
+        progress=not args.no_progress,
+    )
     results = []
     for s in strategies:
         results.append(simulate(s, cost, _workload(args), config))  # fresh workload: same requests for each
     slo = args.tpot_slo / 1e3 if args.tpot_slo else None
-    console = Console(width=max(120, Console().width))
-    console.print(f"[bold]simulated[/bold] {cost.model.architecture} {cost.model.num_hidden_layers} layers on "
-                  f"{cost.hw.name} ({cost.hw.source}); workload: {results[0].workload}")
+    console = _console()
+    console.print(
+        f"[bold]simulated[/bold] {cost.model.architecture} {cost.model.num_hidden_layers} layers on "
+        f"{cost.hw.name} ({cost.hw.source}); workload: {results[0].workload}"
+    )
     console.print(results_table(results, "simulated", slo))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +188,6 @@ def cmd_simulate(args) -> int:
 @_guard
 def cmd_plan(args) -> int:
     import numpy as np
-    from rich.console import Console
 
     from fapool.sim.planner import PlannerInputs, make_plan, plan_table
     from fapool.sim.traces import load_azure_trace
@@ -157,41 +198,64 @@ def cmd_plan(args) -> int:
         tr = load_azure_trace(args.trace, args.trace_limit)
         from fapool.sim.workload import LengthDist
 
-        # Verification draws from the trace's own lengths.
-        prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len[:64]), 1, 1 << 30)
-        output_d = LengthDist("choice", tuple(float(x) for x in tr.output_len[:64]), 1, 1 << 30)
+        # Verification draws prompts and outputs from the trace's own lengths (independently).
+        prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len), 1, 1 << 30)
+        output_d = LengthDist("choice", tuple(float(x) for x in tr.output_len), 1, 1 << 30)
         prompts, outputs = tr.prompt_len, tr.output_len
     else:
         rng = np.random.default_rng([args.seed, 9])
         prompts, outputs = prompt_d.sample(rng, 100_000), output_d.sample(rng, 100_000)
     if args.tpot_slo <= 0:
         raise SimInputError(f"--tpot-slo must be > 0 ms, got {args.tpot_slo}")
-    inp = PlannerInputs(cost, prompts, outputs, args.tpot_slo / 1e3, max_gpus=args.max_gpus,
-                        max_batch=args.max_batch, max_batch_per_attn=args.max_batch_per_attn)
+    inp = PlannerInputs(
+        cost,
+        prompts,
+        outputs,
+        args.tpot_slo / 1e3,
+        max_gpus=args.max_gpus,
+        max_batch=args.max_batch,
+        max_batch_per_attn=args.max_batch_per_attn,
+    )
     plan = make_plan(inp, prompt_d, output_d, verify_steps=args.verify_steps, seed=args.seed)
-    console = Console(width=max(140, Console().width))
+    console = _console()
     m = plan.moments
-    console.print(f"model {args.model} on {cost.hw.name}; decode context at a random step: mean {m.mean:,.0f}, "
-                  f"sd {m.sd:,.0f} tokens (prompt mean {m.mean_prompt:,.0f}, output mean {m.mean_output:,.0f})")
+    console.print(
+        f"model {args.model} on {cost.hw.name}; decode context at a random step: mean {m.mean:,.0f}, "
+        f"sd {m.sd:,.0f} tokens (prompt mean {m.mean_prompt:,.0f}, output mean {m.mean_output:,.0f})"
+    )
     console.print(plan_table(plan))
     rec = plan.rows[plan.recommended]
-    console.print(f"[bold]recommend:[/bold] {rec.strategy.describe()} -- "
-                  f"{(rec.sim.throughput_per_gpu if rec.sim else rec.throughput_per_gpu):,.0f} tok/s/GPU at "
-                  f"TPOT {rec.tpot * 1e3:.1f} ms (SLO {args.tpot_slo:g} ms)")
+    console.print(
+        f"[bold]recommend:[/bold] {rec.strategy.describe()} -- "
+        f"{(rec.sim.throughput_per_gpu if rec.sim else rec.throughput_per_gpu):,.0f} tok/s/GPU at "
+        f"TPOT {rec.tpot * 1e3:.1f} ms (SLO {args.tpot_slo:g} ms)"
+    )
     if plan.afd is not None:
         a = plan.afd
-        console.print(f"AFD closed form: optimal r = {a.best.r} attention GPUs per FFN instance (TP{a.f_tp}) at "
-                      f"b = {a.b}; balance point {a.balance_ratio:.1f}, FFN-bound sqrt rule {a.ffn_bound_ratio:.1f} "
-                      f"(docs/afd_ratio.md)")
+        console.print(
+            f"AFD closed form: optimal r = {a.best.r} attention GPUs per FFN instance (TP{a.f_tp}) at "
+            f"b = {a.b}; balance point {a.balance_ratio:.1f}, FFN-bound sqrt rule {a.ffn_bound_ratio:.1f} "
+            f"(docs/afd_ratio.md)"
+        )
     if args.json:
         out = {
             "tpot_slo_s": plan.tpot_slo,
             "context_moments": vars(m),
             "recommended": plan.recommended,
-            "rows": [{"kind": r.kind, "strategy": r.strategy.describe(), "gpus": r.gpus, "batch": r.batch,
-                      "tpot_s": r.tpot, "throughput_per_gpu": r.throughput_per_gpu,
-                      "gpu_seconds_per_token": r.gpu_seconds_per_token, "notes": r.notes,
-                      "sim": r.sim.summary(plan.tpot_slo) if r.sim else None} for r in plan.rows],
+            "rows": [
+                {
+                    "kind": r.kind,
+                    "strategy": r.strategy.describe(),
+                    "gpus": r.gpus,
+                    "batch": r.batch,
+                    "tpot_s": r.tpot,
+                    "throughput_per_gpu": r.throughput_per_gpu,
+                    "gpu_seconds_per_token": r.gpu_seconds_per_token,
+                    "notes": r.notes,
+                    "sim": r.sim.summary(plan.tpot_slo) if r.sim else None,
+                }
+                for r in plan.rows
+            ],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -203,7 +267,9 @@ def cmd_plan(args) -> int:
 def cmd_calibrate(args) -> int:
     from fapool.sim.calibrate import calibrate, summary_lines, write_calibration
 
-    cal = calibrate(device=args.device, quick=not args.full, collectives=not args.no_collectives)
+    cal = calibrate(
+        device=args.device, quick=not args.full, collectives=not args.no_collectives, threads=args.threads
+    )
     write_calibration(cal, args.out)
     for line in summary_lines(cal):
         print(line)
@@ -212,7 +278,9 @@ def cmd_calibrate(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("simulate", help="discrete-event simulation of a cluster serving a request stream")
+    p = subparsers.add_parser(
+        "simulate", help="discrete-event simulation of a cluster serving a request stream"
+    )
     _common(p)
     _workload_args(p)
     g = p.add_argument_group("open / closed workload")
@@ -253,7 +321,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gpus", type=int, default=40, help="GPUs one instance may use")
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--max-batch-per-attn", type=int, default=256, help="AFD: sequences per attention GPU")
-    p.add_argument("--verify-steps", type=int, default=300, help="simulate each plan this many steps (0: skip)")
+    p.add_argument(
+        "--verify-steps", type=int, default=300, help="simulate each plan this many steps (0: skip)"
+    )
     p.add_argument("--json", help="write the plan here")
     p.set_defaults(func=cmd_plan)
 
@@ -261,6 +331,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="larger sizes (minutes on CPU)")
     p.add_argument("--no-collectives", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default="fapool_calibration.json")
     p.set_defaults(func=cmd_calibrate)
 

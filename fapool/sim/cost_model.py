@@ -123,7 +123,9 @@ class CostModel:
         if np.isscalar(m):  # scalar fast path: the simulator prices thousands of steps
             if m <= 0:
                 return 0.0
-            return hw.kernel_overhead + max(2.0 * m * n * k / hw.gemm_flops, (m * k + k * n + m * n) * d / hw.gemm_bandwidth)
+            return hw.kernel_overhead + max(
+                2.0 * m * n * k / hw.gemm_flops, (m * k + k * n + m * n) * d / hw.gemm_bandwidth
+            )
         m = np.asarray(m, dtype=np.float64)
         flops = 2.0 * m * n * k
         nbytes = (m * k + k * n + m * n) * d
@@ -169,15 +171,15 @@ class CostModel:
             if kv_read_tokens <= 0 and num_queries <= 0:
                 return 0.0
             flops = 4.0 * m.num_attention_heads * m.head_dim * qk_pairs * head_fraction
-            nbytes = (kv_read_tokens * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(num_queries)) * head_fraction
+            nbytes = (
+                kv_read_tokens * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(num_queries)
+            ) * head_fraction
             return hw.attn_overhead + max(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
         kv_read = np.asarray(kv_read_tokens, dtype=np.float64)
         pairs = np.asarray(qk_pairs, dtype=np.float64)
         nq = np.asarray(num_queries, dtype=np.float64)
         flops = 4.0 * m.num_attention_heads * m.head_dim * pairs * head_fraction
-        nbytes = (
-            kv_read * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(nq)
-        ) * head_fraction
+        nbytes = (kv_read * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(nq)) * head_fraction
         t = self.hw.attn_overhead + np.maximum(flops / self.hw.attn_flops, nbytes / self.hw.attn_bandwidth)
         return np.where((kv_read > 0) | (nq > 0), t, 0.0)[()]
 
@@ -225,4 +227,4 @@ class CostModel:
 
 def kv_capacity_tokens(free_bytes: float, kv_bytes_per_token: float) -> int:
     """Tokens of KV that fit in `free_bytes` (0 when nothing fits)."""
-    return max(0, int(math.floor(free_bytes / kv_bytes_per_token)))
+    return max(0, math.floor(free_bytes / kv_bytes_per_token))

@@ -109,7 +109,7 @@ def plan_static(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
         for pp in [p for p in range(1, min(L, 8) + 1) if L % p == 0 and tp * p <= inp.max_gpus]:
             s = StaticTPPP(tp=tp, pp=pp)
             limit = _kv_batch_limit(m, s.kv_capacity(cost), inp.kv_sigmas, inp.max_batch)
-            tpot = lambda B, s=s: s.timing(cost, B, B, B * m.mean, B * m.mean)[0]  # noqa: E731
+            tpot = lambda B, s=s: s.timing(cost, B, B, B * m.mean, B * m.mean)[0]
             B = _max_batch_meeting(tpot, limit, target)
             if B < 1:
                 continue
@@ -200,14 +200,23 @@ def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make
     return best
 
 
-def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_per_worker: int, B: int,
-                      p_max: int, tolerance: float = 0.02) -> int | None:
+def pool_balance_size(
+    mf: _PoolMeanField,
+    base_tp: int,
+    threshold: int,
+    tokens_per_worker: int,
+    B: int,
+    p_max: int,
+    tolerance: float = 0.02,
+) -> int | None:
     """The smallest pool whose mean-field step is within `tolerance` of an unbounded pool's:
     past it the base GPUs (dense work + attention to the first `threshold` tokens) set the
     pace and more pool GPUs buy nothing (the seed's plateau)."""
 
     def step(P: int) -> float:
-        return mf.step(FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker), B)
+        return mf.step(
+            FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker), B
+        )
 
     ref = step(p_max)
     return next((P for P in range(1, p_max + 1) if step(P) <= (1 + tolerance) * ref), None)
@@ -216,11 +225,13 @@ def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_p
 def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> tuple[PlanRow | None, int | None]:
     mf = _PoolMeanField(inp, x)
     top = int(np.percentile(x, 99))
-    thresholds = sorted({t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top} | {inp.tokens_per_worker})
+    thresholds = sorted(
+        {t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top} | {inp.tokens_per_worker}
+    )
     best = None
     for tp in [t for t in _tp_options(inp) if t >= 2]:
         sizes = range(1, inp.max_gpus - tp + 1)
-        make = lambda th, P, tp=tp: FAPool(  # noqa: E731
+        make = lambda th, P, tp=tp: FAPool(
             base_tp=tp, pool_size=P, threshold=th, tokens_per_worker=inp.tokens_per_worker
         )
         found = _pool_search(inp, mf, m, make, thresholds, sizes)
@@ -229,8 +240,13 @@ def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> tuple[P
     if best is None:
         return None, None
     s, B, thr, tpot = best
-    s = FAPool(base_tp=s.base_tp, pool_size=s.pool_size, threshold=s.threshold,
-               tokens_per_worker=s.tokens_per_worker, max_batch=B)
+    s = FAPool(
+        base_tp=s.base_tp,
+        pool_size=s.pool_size,
+        threshold=s.threshold,
+        tokens_per_worker=s.tokens_per_worker,
+        max_batch=B,
+    )
     p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
     note = f"threshold {s.threshold}, balance pool size P*={p_star}"
     return PlanRow("fapool", s, B, tpot, thr, note), p_star
@@ -242,15 +258,21 @@ def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> 
     sizes = [p for p in range(1, kvh + 1) if kvh % p == 0]
     best = None
     for tp in [t for t in _tp_options(inp) if t >= 2]:
-        make = lambda th, P, tp=tp: head_parallel(dense_tp=tp, attn_workers=P)  # noqa: E731
+        make = lambda th, P, tp=tp: head_parallel(dense_tp=tp, attn_workers=P)
         found = _pool_search(inp, mf, m, make, [0], sizes)
         if found and (best is None or found[2] > best[2]):
             best = found
     if best is None:
         return None
     s, B, thr, tpot = best
-    return PlanRow("head-parallel", head_parallel(dense_tp=s.base_tp, attn_workers=s.pool_size, max_batch=B), B,
-                   tpot, thr, "all KV on attention GPUs, split by head")
+    return PlanRow(
+        "head-parallel",
+        head_parallel(dense_tp=s.base_tp, attn_workers=s.pool_size, max_batch=B),
+        B,
+        tpot,
+        thr,
+        "all KV on attention GPUs, split by head",
+    )
 
 
 def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFDPlan | None]:
@@ -264,7 +286,9 @@ def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFD
             continue
         cap = probe.attn_capacity(cost)
         b_kv = _kv_batch_limit(m, cap, inp.kv_sigmas, inp.max_batch_per_attn)
-        for b in sorted({x for x in (8, 16, 32, 64, 128, 256, 512) if x <= b_kv} | ({b_kv} if b_kv else set())):
+        for b in sorted(
+            {x for x in (8, 16, 32, 64, 128, 256, 512) if x <= b_kv} | ({b_kv} if b_kv else set())
+        ):
             r_cap = inp.max_gpus - f_tp
             if r_cap < 1:
                 continue
@@ -286,7 +310,9 @@ def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFD
     return (best[1], best[0]) if best else (None, None)
 
 
-def verify(row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int, seed: int) -> SimResult:
+def verify(
+    row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int, seed: int
+) -> SimResult:
     """Simulate the row's configuration at its planned concurrency, steady state from t=0."""
     wl = ClosedLoopWorkload(prompt, output, concurrency=row.batch, num_requests=10**9, seed=seed)
     cfg = SimConfig(prefill="skip", max_sim_time=steps * row.tpot)
@@ -337,8 +363,19 @@ def plan_table(plan: Plan):
     from rich.table import Table
 
     t = Table(title=f"plan (closed form; 'sim' columns simulated), TPOT SLO {plan.tpot_slo * 1e3:g} ms")
-    for col in ("", "strategy", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "GPU-s/Mtok",
-                "sim TPOT p50/p99 ms", "sim tok/s/GPU", "SLO met", "notes"):
+    for col in (
+        "",
+        "strategy",
+        "GPUs",
+        "batch",
+        "TPOT ms",
+        "tok/s/GPU",
+        "GPU-s/Mtok",
+        "sim TPOT p50/p99 ms",
+        "sim tok/s/GPU",
+        "SLO met",
+        "notes",
+    ):
         t.add_column(col, justify="left" if col in ("", "strategy", "notes") else "right")
     for i, r in enumerate(plan.rows):
         sim_tpot = sim_thr = att = "-"

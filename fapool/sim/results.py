@@ -97,7 +97,9 @@ class SimResult:
             "idle_mean": float(self.gpu_idle.mean()),
             "per_gpu": {
                 lab: {"util": float(u), "comm": float(c), "idle": float(i)}
-                for lab, u, c, i in zip(self.gpu_labels, self.gpu_util, self.gpu_comm, self.gpu_idle, strict=True)
+                for lab, u, c, i in zip(
+                    self.gpu_labels, self.gpu_util, self.gpu_comm, self.gpu_idle, strict=True
+                )
             },
         }
         if tpot_slo is not None:
@@ -150,8 +152,20 @@ def results_table(results: list[SimResult], title: str = "simulated", tpot_slo: 
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("strategy", "GPUs", "tok/s", "tok/s/GPU", "TPOT p50/p99 ms", "TTFT p50/p99 s",
-                "util", "comm", "idle", "GPU-s/Mtok", "$/Mtok", "preempt"):
+    for col in (
+        "strategy",
+        "GPUs",
+        "tok/s",
+        "tok/s/GPU",
+        "TPOT p50/p99 ms",
+        "TTFT p50/p99 s",
+        "util",
+        "comm",
+        "idle",
+        "GPU-s/Mtok",
+        "$/Mtok",
+        "preempt",
+    ):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     if tpot_slo is not None:
         t.add_column(f"SLO<={tpot_slo * 1e3:g}ms", justify="right")

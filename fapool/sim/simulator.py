@@ -76,8 +76,18 @@ class _Requests:
         i = self.n
         if i >= len(self.arrival):
             grow = max(16, len(self.arrival))
-            for name in ("arrival", "prompt", "output", "generated", "start_generated", "first_token",
-                         "finish", "preemptions", "client", "warm"):
+            for name in (
+                "arrival",
+                "prompt",
+                "output",
+                "generated",
+                "start_generated",
+                "first_token",
+                "finish",
+                "preemptions",
+                "client",
+                "warm",
+            ):
                 arr = getattr(self, name)
                 fill = np.nan if arr.dtype == np.float64 and name in ("first_token", "finish") else 0
                 setattr(self, name, np.concatenate([arr, np.full(grow, fill, dtype=arr.dtype)]))
@@ -106,7 +116,7 @@ class _Instance:
         self.ledger = strategy.make_ledger(cost, n, self.group)
         self.waiting: deque[int] = deque()
         self.busy = False
-        self.pending: tuple | None = None  # (new, emit-candidates) of the step in flight
+        self.pending: tuple | None = None  # (tokens added per slot, start time) of the step in flight
         g = strategy.num_gpus()
         self.gpu_busy = np.zeros(g)
         self.gpu_comm = np.zeros(g)
@@ -120,7 +130,9 @@ class _Instance:
 
 
 class Simulator:
-    def __init__(self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None):
+    def __init__(
+        self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None
+    ):
         strategy.validate(cost)
         self.strategy = strategy
         self.cost = cost
@@ -140,6 +152,7 @@ class Simulator:
         self.seq = 0
         self.tokens_out = 0
         self.tokens_window = 0
+        self._finished_count = 0
         self.now = 0.0
         order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
         arrivals = deque(int(i) for i in order)
@@ -180,8 +193,6 @@ class Simulator:
         return build_result(self, end)
 
     # ---- internals -------------------------------------------------------------------
-    _finished_count = 0
-
     def _expected_requests(self) -> int:
         wl = self.workload
         return int(getattr(wl, "num_requests", len(self.reqs.arrival[: self.reqs.n])))
@@ -273,12 +284,19 @@ class Simulator:
         if not sc.duration > 0 or not math.isfinite(sc.duration):
             raise RuntimeError(f"non-positive step time {sc.duration} from {self.strategy.describe()}")
         k = self._macro_k(inst, new, decode, sc.duration)
-        if k > 1 and inst.ledger.try_allocate(inst.ctx + new, new * (k - 1)) is None:
+        if k > 1 and inst.ledger.try_allocate(inst.ctx + new, new * (k - 1)) is not None:
+            k = 1  # the further steps' KV does not fit: run this one step alone
+        if k > 1:
             if hasattr(inst.ledger, "placed"):
                 inst.ledger.placed = inst.ledger.placed / (k - 1)
-            last = self.strategy.step_cost(self.cost, StepBatch(inst.ctx + k - 1, new, decode, inst.group), inst.ledger)
-            sc = StepCost(k * (sc.duration + last.duration) / 2, k * (sc.busy + last.busy) / 2,
-                          k * (sc.comm + last.comm) / 2)
+            last = self.strategy.step_cost(
+                self.cost, StepBatch(inst.ctx + k - 1, new, decode, inst.group), inst.ledger
+            )
+            sc = StepCost(
+                k * (sc.duration + last.duration) / 2,
+                k * (sc.busy + last.busy) / 2,
+                k * (sc.comm + last.comm) / 2,
+            )
             new = new * k
         if self.now >= self.config.warmup:
             inst.gpu_busy += sc.busy
@@ -290,7 +308,9 @@ class Simulator:
             inst.gpu_active += sc.duration * holds_kv
         inst.steps += 1
         if inst.steps % inst.stride == 0:
-            inst.timeline.append((self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration / k))
+            inst.timeline.append(
+                (self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration / k)
+            )
             if len(inst.timeline) >= 2 * self.config.timeline_points:
                 inst.timeline = inst.timeline[::2]
                 inst.stride *= 2
@@ -378,7 +398,10 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 transient=True,
             )
             self.bar.start()
@@ -394,5 +417,7 @@ class _Progress:
             self.bar.stop()
 
 
-def simulate(strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None) -> SimResult:
+def simulate(
+    strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None
+) -> SimResult:
     return Simulator(strategy, cost, workload, config).run()

@@ -130,14 +130,16 @@ class StaticTPPP(Strategy):
         """(period, per-GPU compute, per-GPU comm, lm head) of one step: pp micro-batches
         circulate through the stages, so every sequence advances once per period."""
         m = cost.model
-        n_mb = max(1, min(self.pp, int(math.ceil(n_seqs))))
+        n_mb = max(1, min(self.pp, math.ceil(n_seqs)))
         lps = math.ceil(m.num_hidden_layers / self.pp)
         tp_same, pp_same = self._links(cost)
         t_mb = tokens / n_mb
         dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
         attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
         stage_c = lps * (dense_c + attn)
-        stage_comm = lps * dense_ar + (float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0)
+        stage_comm = lps * dense_ar + (
+            float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0
+        )
         lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
         period = self.pp * (stage_c + stage_comm + lm / self.pp) + cost.step_overhead()
         return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
@@ -222,7 +224,9 @@ class FAPool(Strategy):
     def head_share(self, cost: CostModel) -> np.ndarray:
         """Fraction of KV heads each pool worker holds (head placement)."""
         h = cost.model.num_key_value_heads
-        counts = np.array([h // self.pool_size + (1 if i < h % self.pool_size else 0) for i in range(self.pool_size)])
+        counts = np.array(
+            [h // self.pool_size + (1 if i < h % self.pool_size else 0) for i in range(self.pool_size)]
+        )
         return counts / h
 
     def make_ledger(self, cost, num_slots, group_of_slot):
@@ -287,7 +291,9 @@ class FAPool(Strategy):
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
 
-    def step_time(self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float, merge: float):
+    def step_time(
+        self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float, merge: float
+    ):
         """(step seconds, base dense compute per layer, base all-reduce per layer) given one
         layer's local attention on the base and the pool's path (send queries, attend, return
         partials). Shared by the simulator and the planner."""
@@ -363,7 +369,9 @@ class AFD(Strategy):
         return self.max_batch_per_attn
 
     def attn_capacity(self, cost: CostModel) -> int:
-        return kv_capacity_tokens(cost.hw.kv_budget_bytes - cost.weight_bytes("attn"), cost.kv_bytes_per_token())
+        return kv_capacity_tokens(
+            cost.hw.kv_budget_bytes - cost.weight_bytes("attn"), cost.kv_bytes_per_token()
+        )
 
     def make_ledger(self, cost, num_slots, group_of_slot):
         return GroupLedger(self.attn_capacity(cost), self.r, group_of_slot)

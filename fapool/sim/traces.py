@@ -62,7 +62,9 @@ def load_azure_trace(path: str | Path, limit: int | None = None) -> Trace:
         names = [h.strip() for h in header]
         missing = [c for c in COLUMNS if c not in names]
         if missing:
-            raise SimInputError(f"{path}: header lacks column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+            raise SimInputError(
+                f"{path}: header lacks column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}"
+            )
         idx = [names.index(c) for c in COLUMNS]
         for lineno, row in enumerate(reader, start=2):
             if not row or all(not cell.strip() for cell in row):

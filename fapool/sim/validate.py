@@ -35,13 +35,23 @@ def tpot_error_table(
         if batch < 1 or context < 0 or measured <= 0:
             raise ValueError(f"bad measurement row {(batch, context, measured)!r}")
         pred = predict_tpot(cost, batch, context, tp, pp)
-        out.append({"batch": batch, "context": context, "measured_s": measured, "predicted_s": pred,
-                    "rel_error": (pred - measured) / measured})
+        out.append(
+            {
+                "batch": batch,
+                "context": context,
+                "measured_s": measured,
+                "predicted_s": pred,
+                "rel_error": (pred - measured) / measured,
+            }
+        )
     return out
 
 
 def error_summary(table: list[dict]) -> dict:
     errs = [abs(r["rel_error"]) for r in table]
-    return {"rows": len(errs), "max_abs_rel_error": max(errs, default=0.0),
-            "mean_abs_rel_error": sum(errs) / len(errs) if errs else 0.0,
-            "within_10pct": sum(e <= 0.10 for e in errs)}
+    return {
+        "rows": len(errs),
+        "max_abs_rel_error": max(errs, default=0.0),
+        "mean_abs_rel_error": sum(errs) / len(errs) if errs else 0.0,
+        "within_10pct": sum(e <= 0.10 for e in errs),
+    }

@@ -66,6 +66,8 @@ class LengthDist:
         return np.clip(np.rint(x), self.lo, self.hi).astype(np.int64)
 
     def __str__(self) -> str:
+        if len(self.params) > 8:
+            return f"{self.kind}:<{len(self.params)} values, mean {np.mean(self.params):.0f}>"
         return f"{self.kind}:{','.join(f'{v:g}' for v in self.params)}"
 
 
@@ -125,7 +127,11 @@ class PoissonWorkload(Workload):
             arrival = np.cumsum(rng.exponential(1.0 / self.rate, size=n))
             arrival -= arrival[0]
         return RequestBatch(
-            arrival, self.prompt.sample(rng, n), self.output.sample(rng, n), np.zeros(n, np.int64), np.full(n, -1)
+            arrival,
+            self.prompt.sample(rng, n),
+            self.output.sample(rng, n),
+            np.zeros(n, np.int64),
+            np.full(n, -1),
         )
 
     def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +218,9 @@ class ClosedLoopWorkload(Workload):
         buf = self._buffers.get(client)
         if not buf:  # draw a block at a time from the client's own stream (same for every run)
             rng = self._rngs[client]
-            buf = list(zip(self.prompt.sample(rng, 64).tolist(), self.output.sample(rng, 64).tolist(), strict=True))
+            buf = list(
+                zip(self.prompt.sample(rng, 64).tolist(), self.output.sample(rng, 64).tolist(), strict=True)
+            )
             buf.reverse()
             self._buffers[client] = buf
         return buf.pop()

@@ -321,9 +321,10 @@ class _PoolAttend:
         r.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
         out, lse = r.backend.forward(q, k_cache, v_cache, self.meta, r.model.model.layers[layer].self_attn.scale)
         self.stats.local_attention_s += time.perf_counter() - t0
-        if not recvs:
-            return Pending(out)
-        return Pending(finish=lambda: self._merge(q, out, lse, recvs))
+        # Always hand control back, even with nothing remote: micro-batches then advance in
+        # lockstep, layer by layer, so K/V an earlier micro-batch writes into a block that a
+        # later one shares through the prefix cache is in place before that one reads it.
+        return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else out)
 
     def _merge(self, q, out, lse, recvs) -> torch.Tensor:
         r = self.r

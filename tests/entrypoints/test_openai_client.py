@@ -9,6 +9,7 @@ from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
 from fapool.entrypoints.llm import build_engine
+from fapool.entrypoints.openai_serving import held_back
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three primary colours."}]
@@ -162,3 +163,28 @@ def test_logprobs_and_seed(tiny):
     }
     a, b = client.completions.create(**seeded), client.completions.create(**seeded)
     assert a.choices[0].token_ids == b.choices[0].token_ids
+
+
+def test_held_back():
+    assert held_back("abc</", ("</s>",)) == 2 and held_back("abc", ("</s>",)) == 0
+    assert held_back("ab\n", ("\n\n", "b\nx")) == 2
+
+
+def test_stop_string_streamed_like_full(tiny_text_model):
+    """A stop string spanning several tokens: the stream never shows text the engine later
+    cuts, and the streamed text equals the non-streamed one."""
+    server = start_server(build_engine(tiny_engine_args(tiny_text_model)))
+    try:
+        client = _client(server)
+        base = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+        text = client.completions.create(**base).choices[0].text
+        start = next(i for i in range(5, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+        stop = text[start : start + 3]
+        want = text[: text.find(stop)]
+        full = client.completions.create(**base, stop=[stop]).choices[0]
+        assert (full.text, full.finish_reason, full.stop_reason) == (want, "stop", stop)
+        chunks = list(client.completions.create(**base, stop=[stop], stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        assert all(stop not in c.choices[0].text for c in chunks if c.choices)
+    finally:
+        server.stop()

@@ -70,31 +70,41 @@ def bench_ns():
     return ns
 
 
-def test_bench_serve_against_server(tiny_checkpoints, bench_ns):
+def test_bench_serve_against_server(tiny_checkpoints, bench_ns, tmp_path):
+    """Poisson rates, a closed loop of fixed concurrency, and a replayed trace, each checked
+    for complete requests and sane percentiles."""
+    trace = tmp_path / "azure.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "".join(f"2023-11-16 18:15:{46 + i * 0.05:.7f},{8 + i},{4 + i % 3}\n" for i in range(8))
+    )
     srv = start_server(build_engine(tiny_engine_args(tiny_checkpoints["llama"][0], max_model_len=256)))
+    common = (
+        "--base-url",
+        srv.base_url,
+        "--num-prompts",
+        "8",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--warmup-prompts",
+        "2",
+        "--no-save",
+    )
     try:
-        ns = bench_ns(
-            "--base-url",
-            srv.base_url,
-            "--request-rate",
-            "50,inf",
-            "--num-prompts",
-            "8",
-            "--input-len",
-            "16",
-            "--output-len",
-            "8",
-            "--len-dist",
-            "uniform",
-            "--no-save",
-        )
-        result = serve_bench.run(ns)
+        rates = serve_bench.run(bench_ns(*common, "--request-rate", "50,inf", "--len-dist", "uniform"))
+        closed = serve_bench.run(bench_ns(*common, "--max-concurrency", "1,4"))
+        replay = serve_bench.run(bench_ns(*common, "--trace", str(trace), "--trace-time-scale", "2"))
     finally:
         srv.stop()
-    assert [p["load"] for p in result["points"]] == [50.0, float("inf")]
-    for p in result["points"]:
-        assert p["completed"] == 8 and p["failed"] == 0 and p["output_tokens_per_s"] > 0
-        assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p99"] and p["itl_s"]["p50"] > 0
+    assert [p["load"] for p in rates["points"]] == [50.0, float("inf")]
+    assert [p["load"] for p in closed["points"]] == [1, 4]
+    for result in (rates, closed, replay):
+        for p in result["points"]:
+            assert p["completed"] == 8 and p["failed"] == 0 and p["output_tokens_per_s"] > 0
+            assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p99"] and p["itl_s"]["p50"] > 0
+            assert 0 <= p["goodput_requests_per_s"] <= p["request_throughput"]
 
 
 def test_bench_serve_refuses_remote_hosts(bench_ns):

@@ -8,15 +8,41 @@ from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware
 from fapool.sim.traces import write_azure_trace
 
-TINY = {"gemm_m": [1, 32], "gemm_nk": [(64, 64), (128, 64)], "decode": [(2, 2, 64, 16), (2, 2, 256, 16)],
-        "prefill": [(1, 2, 64, 16)], "comm_bytes": [1024, 65536]}
+TINY = {
+    "gemm_m": [1, 32],
+    "gemm_nk": [(64, 64), (128, 64)],
+    "decode": [(2, 2, 64, 16), (2, 2, 256, 16)],
+    "prefill": [(1, 2, 64, 16)],
+    "comm_bytes": [1024, 65536],
+}
 
 
 def test_simulate_all_strategies_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "sim.json"
-    rc = main(["simulate", "--num-requests", "40", "--rate", "4", "--strategy", "static,fapool,afd,head",
-               "--pool-size", "4", "--afd-r", "2", "--max-len", "8192", "--no-progress", "--tpot-slo", "50",
-               "--json", str(out), "--plot", str(tmp_path / "plots")])
+    rc = main(
+        [
+            "simulate",
+            "--num-requests",
+            "40",
+            "--rate",
+            "4",
+            "--strategy",
+            "static,fapool,afd,head",
+            "--pool-size",
+            "4",
+            "--afd-r",
+            "2",
+            "--max-len",
+            "8192",
+            "--no-progress",
+            "--tpot-slo",
+            "50",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "plots"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "simulated" in text and "SLO" in text
@@ -30,15 +56,45 @@ def test_simulate_all_strategies_writes_json_and_plots(tmp_path, capsys):
 def test_simulate_from_a_trace(tmp_path, capsys):
     trace = tmp_path / "t.csv"
     write_azure_trace(trace, [0.0, 0.1, 0.5, 0.7], [100, 3000, 500, 9000], [20, 5, 40, 8])
-    assert main(["simulate", "--trace", str(trace), "--strategy", "fapool", "--pool-size", "2",
-                 "--threshold", "1024", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--trace",
+                str(trace),
+                "--strategy",
+                "fapool",
+                "--pool-size",
+                "2",
+                "--threshold",
+                "1024",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "t.csv: 4 requests" in capsys.readouterr().out
 
 
 def test_plan_prints_a_recommendation(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = main(["plan", "--tpot-slo", "30", "--max-gpus", "12", "--verify-steps", "40", "--prompt",
-               "uniform:1000,3000", "--output", "exp:64", "--json", str(out)])
+    rc = main(
+        [
+            "plan",
+            "--tpot-slo",
+            "30",
+            "--max-gpus",
+            "12",
+            "--verify-steps",
+            "40",
+            "--prompt",
+            "uniform:1000,3000",
+            "--output",
+            "exp:64",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "recommend:" in text and "AFD closed form" in text
@@ -100,9 +156,25 @@ def test_calibrate_tiny_and_apply(tmp_path):
 
 def test_calibrate_cli(tmp_path, capsys):
     out = tmp_path / "c.json"
-    assert main(["calibrate", "--device", "cpu", "--no-collectives", "--out", str(out)]) == 0
+    assert (
+        main(["calibrate", "--device", "cpu", "--no-collectives", "--threads", "1", "--out", str(out)]) == 0
+    )
     assert json.loads(out.read_text())["comm"] is None
     assert "GEMM:" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert main(["plan", "--calibration", str(bad)]) == 2
+
+
+def test_plan_from_a_trace(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 300
+    trace = tmp_path / "azure.csv"
+    write_azure_trace(trace, np.sort(rng.random(n) * 60), rng.integers(200, 4000, n), rng.integers(5, 300, n))
+    assert (
+        main(["plan", "--trace", str(trace), "--tpot-slo", "40", "--max-gpus", "12", "--verify-steps", "30"])
+        == 0
+    )
+    assert "recommend:" in capsys.readouterr().out

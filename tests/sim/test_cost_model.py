@@ -51,8 +51,15 @@ def test_collectives(h100_cost):
 def test_model_resolution(tmp_path):
     m = load_model_config("seed000")
     assert (m.num_hidden_layers, m.hidden_size, m.intermediate_size) == (4, 4096, 16384)
-    cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 1000,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m2 = load_model_config(str(tmp_path))
     assert m2.head_dim == 64 and m2.num_key_value_heads == 2

@@ -81,7 +81,14 @@ def test_pool_admission_counts_promised_tokens():
 
 
 def test_base_overflow():
-    led = PoolLedger(2, base_capacity=60, worker_capacity=1000, num_workers=1, threshold=50,
-                     tokens_per_worker=100, placement="spread")
+    led = PoolLedger(
+        2,
+        base_capacity=60,
+        worker_capacity=1000,
+        num_workers=1,
+        threshold=50,
+        tokens_per_worker=100,
+        placement="spread",
+    )
     assert led.try_allocate(np.zeros(2, np.int64), np.array([500, 10])) is None  # base 50 + 10
     assert led.try_allocate(np.array([500, 10]), np.array([0, 1])) == ("base", 0)

@@ -26,8 +26,9 @@ def test_plan_sizes_every_strategy_and_the_simulator_agrees(h100_cost):
         assert r.sim.throughput_per_gpu == pytest.approx(r.throughput_per_gpu, rel=0.10)
     rec = plan.rows[plan.recommended]
     assert rec.sim.slo_attainment(0.03) >= 0.9
-    assert rec.sim.throughput_per_gpu == max(r.sim.throughput_per_gpu for r in plan.rows
-                                             if r.sim.slo_attainment(0.03) >= 0.9)
+    assert rec.sim.throughput_per_gpu == max(
+        r.sim.throughput_per_gpu for r in plan.rows if r.sim.slo_attainment(0.03) >= 0.9
+    )
 
 
 def test_tighter_slo_means_smaller_batches(h100_cost):

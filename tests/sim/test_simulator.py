@@ -10,7 +10,9 @@ from fapool.sim.workload import ClosedLoopWorkload, LengthDist, PoissonWorkload
 
 
 def _poisson(rate=20.0, n=300, prompt="lognormal:2048,0.8", output="exp:64", seed=0):
-    return PoissonWorkload(LengthDist.parse(prompt, hi=16384), LengthDist.parse(output, hi=2048), rate, n, seed)
+    return PoissonWorkload(
+        LengthDist.parse(prompt, hi=16384), LengthDist.parse(output, hi=2048), rate, n, seed
+    )
 
 
 def test_deterministic_under_a_seed(h100_cost):
@@ -24,9 +26,13 @@ def test_deterministic_under_a_seed(h100_cost):
 
 @pytest.mark.parametrize(
     "strategy",
-    [StaticTPPP(tp=8, pp=2), FAPool(base_tp=8, pool_size=8, threshold=1024, max_batch=64),
-     AFD(r=4, f_tp=1, max_batch_per_attn=16), head_parallel(dense_tp=4, attn_workers=8, max_batch=64),
-     StaticTPPP(tp=2, pp=1, replicas=3, max_batch=32)],
+    [
+        StaticTPPP(tp=8, pp=2),
+        FAPool(base_tp=8, pool_size=8, threshold=1024, max_batch=64),
+        AFD(r=4, f_tp=1, max_batch_per_attn=16),
+        head_parallel(dense_tp=4, attn_workers=8, max_batch=64),
+        StaticTPPP(tp=2, pp=1, replicas=3, max_batch=32),
+    ],
     ids=lambda s: s.name + str(s.total_gpus()),
 )
 def test_every_token_is_generated_once(h100_cost, strategy):
@@ -75,7 +81,7 @@ def test_preemption_under_tight_kv(h100_cost):
 
 
 def test_pool_unused_below_threshold_equals_tensor_parallel(h100_cost):
-    wl = lambda: _poisson(prompt="uniform:100,900", output="exp:32")  # noqa: E731
+    wl = lambda: _poisson(prompt="uniform:100,900", output="exp:32")
     pool = simulate(FAPool(base_tp=8, pool_size=4, threshold=4096, max_batch=256), h100_cost, wl())
     tp8 = simulate(StaticTPPP(tp=8, pp=1, max_batch=256), h100_cost, wl())
     np.testing.assert_allclose(pool.tpot, tp8.tpot, rtol=1e-9)
@@ -85,12 +91,16 @@ def test_pool_unused_below_threshold_equals_tensor_parallel(h100_cost):
 def test_seed000_scale_runs_in_seconds_and_plateaus(h100_cost):
     """The seed's setup at 16K context, batch 1024, 8 base + P pool GPUs: the pool stops
     helping once its attention time drops below the base's (around P = 24 here)."""
-    wl = lambda: PoissonWorkload(LengthDist.parse("16384"), LengthDist.parse("32"), math.inf, 1024)  # noqa: E731
+    wl = lambda: PoissonWorkload(LengthDist.parse("16384"), LengthDist.parse("32"), math.inf, 1024)
     tpot = {}
     t0 = time.perf_counter()
     for p in (12, 24, 32):
-        r = simulate(FAPool(base_tp=8, pool_size=p, threshold=4096, max_batch=1024), h100_cost, wl(),
-                     SimConfig(prefill="skip"))
+        r = simulate(
+            FAPool(base_tp=8, pool_size=p, threshold=4096, max_batch=1024),
+            h100_cost,
+            wl(),
+            SimConfig(prefill="skip"),
+        )
         assert r.requests_finished == 1024
         tpot[p] = float(np.mean(r.tpot))
     assert time.perf_counter() - t0 < 10
@@ -112,7 +122,9 @@ def test_throughput_equals_offered_load_when_stable(h100_cost):
 
 def test_closed_loop_keeps_the_batch_full(h100_cost):
     s = AFD(r=3, f_tp=1, max_batch_per_attn=16)
-    wl = ClosedLoopWorkload(LengthDist.parse("uniform:500,1500"), LengthDist.parse("exp:50"), 48, 10**6, seed=2)
+    wl = ClosedLoopWorkload(
+        LengthDist.parse("uniform:500,1500"), LengthDist.parse("exp:50"), 48, 10**6, seed=2
+    )
     r = simulate(s, h100_cost, wl, SimConfig(prefill="skip", max_sim_time=0.5))
     running = [n for _, n, _, _ in r.timeline[0]]
     assert min(running) == 48

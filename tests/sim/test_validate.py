@@ -16,4 +16,8 @@ def test_error_table(h100_cost):
 
 
 def test_tpot_grows_with_batch_and_context(h100_cost):
-    assert predict_tpot(h100_cost, 64, 8192) > predict_tpot(h100_cost, 64, 1024) > predict_tpot(h100_cost, 1, 1024)
+    assert (
+        predict_tpot(h100_cost, 64, 8192)
+        > predict_tpot(h100_cost, 64, 1024)
+        > predict_tpot(h100_cost, 1, 1024)
+    )

@@ -64,6 +64,20 @@ def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, wo
         assert all(p.num_used_blocks == 0 for p in llm.engine.pool_manager.pools.values())
 
 
+def test_prefix_shared_within_a_step_across_micro_batches(tiny_checkpoints):
+    """Prompts sharing a prefix, admitted in one step: the later one reuses blocks the earlier
+    one writes in that very step, from another micro-batch (a bug while micro-batches did
+    not advance layer by layer)."""
+    folder = tiny_checkpoints["llama"][0]
+    prompts = [list(range(3, 3 + n)) for n in (10, 40, 25)]
+    single = LLM(folder, **_engine_kwargs())
+    want = [o.token_ids for o in single.generate(_ids(prompts), PARAMS)]
+    with LLM(folder, **_engine_kwargs(attention_workers=2, **POOL)) as llm:
+        outs = llm.generate(_ids(prompts), PARAMS)
+        assert outs[2].metrics.num_cached_tokens > 0
+    assert [o.token_ids for o in outs] == want
+
+
 def test_pool_with_chunked_prefill_and_one_micro_batch(tiny_checkpoints, reference):
     folder = tiny_checkpoints["llama"][0]
     want = reference("llama", max_num_batched_tokens=24)

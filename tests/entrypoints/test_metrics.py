@@ -1,0 +1,53 @@
+"""Engine gauges come from the stats snapshot at scrape time; attention-pool figures appear as
+soon as the engine's stats carry them."""
+
+import dataclasses
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from fapool.engine.llm_engine import EngineStats
+from fapool.entrypoints.metrics import ServerMetrics
+
+STATS = EngineStats(
+    num_running=3,
+    num_waiting=2,
+    kv_blocks_used=10,
+    kv_blocks_total=40,
+    kv_tokens_used=150,
+    block_size=16,
+    num_preemptions=4,
+    prefix_cache_hit_blocks=5,
+    prefix_cache_query_blocks=9,
+)
+
+
+def _samples(metrics: ServerMetrics) -> dict[tuple, float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(metrics.render().decode())
+        for s in fam.samples
+    }
+
+
+def test_engine_gauges_without_pool():
+    samples = _samples(ServerMetrics("m", lambda: STATS))
+    label = (("model_name", "m"),)
+    assert samples[("fapool_num_requests_running", label)] == 3
+    assert samples[("fapool_num_requests_waiting", label)] == 2
+    assert samples[("fapool_kv_cache_usage_ratio", label)] == 0.25
+    assert samples[("fapool_num_preemptions_total", label)] == 4
+    assert samples[("fapool_attention_pool_size", label)] == 0
+    assert not any(name == "fapool_attention_pool_kv_tokens" for name, _ in samples)
+
+
+def test_pool_figures_light_up():
+    @dataclasses.dataclass
+    class PoolStats(EngineStats):
+        pool_size: int = 0
+        kv_tokens_per_worker: dict = dataclasses.field(default_factory=dict)
+
+    stats = PoolStats(**dataclasses.asdict(STATS), pool_size=2, kv_tokens_per_worker={0: 640, 1: 512})
+    samples = _samples(ServerMetrics("m", lambda: stats))
+    assert samples[("fapool_attention_pool_size", (("model_name", "m"),))] == 2
+    assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "0")))] == 640
+    assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "1")))] == 512
