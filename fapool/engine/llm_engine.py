@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,8 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_hit_blocks: int
     prefix_cache_query_blocks: int
+    pool_size: int = 0  # attention workers serving at least one request now
+    kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)  # pool workers' KV (whole blocks)
 
     @property
     def kv_usage(self) -> float:
@@ -63,7 +65,12 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         pool_manager = None
-        if config.pool.attention_workers > 0:
+        par = config.parallel
+        if par.tensor_parallel_size * par.pipeline_parallel_size > 1:
+            from fapool.worker.parallel_runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(config, model, backend)  # ConfigError with a pool
+        elif config.pool.attention_workers > 0:
             from fapool.worker.pool_runner import PoolModelRunner
 
             self.runner: ModelRunner = PoolModelRunner(config, model, backend)
@@ -201,8 +208,22 @@ class LLMEngine:
             for r in [req, *self._fork_siblings(req)]:
                 targets.append(r)
                 rows.append(SampleRow(row, r.params, r.generator))
-        tokens, logprobs = sample(logits, rows, self._generator)
+        try:
+            tokens, logprobs = sample(logits, rows, self._generator)
+        except RuntimeError:  # e.g. non-finite logits in one row: isolate the culprit(s)
+            tokens, logprobs = [], []
+            for req, row in zip(targets, rows):
+                try:
+                    (tok,), (lp,) = sample(logits, [row], self._generator)
+                except RuntimeError as e:
+                    tok, lp = -1, None
+                    req.error = f"sampling failed: {e}"
+                tokens.append(tok)
+                logprobs.append(lp)
         for req, tok, lp in zip(targets, tokens, logprobs):
+            if tok < 0:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+                continue
             status = self.outputs.on_token(req, tok, lp)
             if status is not None:
                 self.scheduler.finish(req, status)
@@ -250,6 +271,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_blocks=pool.num_cache_hits,
             prefix_cache_query_blocks=pool.num_cache_queries,
+            pool_size=len(self.pool_manager.active_workers()) if self.pool_manager else 0,
+            kv_tokens_per_worker=self.pool_manager.kv_tokens_per_worker() if self.pool_manager else {},
         )
 
     def _stored_tokens(self) -> int:

@@ -171,3 +171,26 @@ def test_abort_frees_blocks(llama_folder):
     engine.abort_request(rid)
     assert engine.stats().kv_blocks_used == 0
     assert not engine.has_unfinished_requests()
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone(llama_folder):
+    """Non-finite logits for one request end that request with an error; the batch goes on."""
+    llm = _llm(llama_folder)
+    engine = llm.engine
+    original = engine.runner.execute
+
+    def poisoned(out):
+        logits, due = original(out)
+        if logits is not None:
+            logits = logits.clone()
+            for i, s in enumerate(due):
+                if s.request.request_id == "0":
+                    logits[i] = float("nan")
+        return logits, due
+
+    engine.runner.execute = poisoned
+    prompts = random_prompts([7, 9], seed=13)
+    outs = llm.generate(_ids(prompts), SamplingParams(temperature=1.0, seed=1, max_tokens=5))
+    assert outs[0].finish_reason == "error" and "sampling failed" in outs[0].error
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5
+    assert engine.stats().kv_blocks_used == 0
