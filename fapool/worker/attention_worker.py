@@ -71,6 +71,7 @@ class AttentionWorker:
         self.head_dim = m.head_dim
         self.scale = m.head_dim**-0.5
         self.num_layers = m.num_hidden_layers
+        self.transport = comm.transport_device(device)
         shape = (init.num_blocks, cfg.cache.block_size, self.num_kv_heads, m.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -79,7 +80,7 @@ class AttentionWorker:
 
     def run(self) -> None:
         while True:
-            msg = comm.recv_object(0, None)
+            msg = comm.recv_object(0, None, device=self.transport)
             if msg == "shutdown":
                 return
             self.step(msg)
@@ -106,16 +107,16 @@ class AttentionWorker:
                 if nq == 0 and nkv == 0:
                     continue
                 tag = message_tag(layer, mb, plan.num_micro_batches)
-                buf = torch.empty(nq * H * D + 2 * nkv * Hkv * D, dtype=self.dtype, device=self.device)
+                buf = torch.empty(nq * H * D + 2 * nkv * Hkv * D, dtype=self.dtype, device=self.transport)
                 t0 = time.perf_counter()
                 comm.wait(comm.recv_tensor(buf, 0, tag), 0, "recv")
                 t1 = time.perf_counter()
-                q, k, v = buf.split([nq * H * D, nkv * Hkv * D, nkv * Hkv * D])
+                q, k, v = buf.to(self.device).split([nq * H * D, nkv * Hkv * D, nkv * Hkv * D])
                 if nkv:
                     self.backend.write_kv(k_cache, v_cache, k.view(nkv, Hkv, D), v.view(nkv, Hkv, D), kv_slots)
                 if nq:
                     out, lse = self.backend.forward(q.view(nq, H, D), k_cache, v_cache, meta, self.scale)
-                    reply = torch.cat([out.float().reshape(-1), lse.reshape(-1)])
+                    reply = torch.cat([out.float().reshape(-1), lse.reshape(-1)]).to(self.transport)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     t2 = time.perf_counter()
@@ -130,7 +131,7 @@ class AttentionWorker:
         for work, _ in pending_sends:
             comm.wait(work, 0, "send")
         stats.comm_s += time.perf_counter() - t3
-        comm.send_object(stats, 0, None, tag=2)
+        comm.send_object(stats, 0, None, tag=2, device=self.transport)
 
 
 def worker_main(rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float) -> None:
@@ -138,9 +139,13 @@ def worker_main(rank: int, world_size: int, init_method: str, backend: str, devi
     torch.set_num_threads(1)
     comm.init_process_group(rank, world_size, init_method, backend, timeout_s)
     try:
-        init = comm.recv_object(0, None, tag=4)
+        init = comm.recv_object(0, None, tag=4, device=comm.transport_device(device))
         if isinstance(init, WorkerInit):
             AttentionWorker(init, rank, device).run()
+        else:  # a dense rank of the tensor/pipeline-parallel baseline
+            from fapool.worker.dense_worker import dense_worker_main
+
+            dense_worker_main(init, rank, device)
     except comm.WorkerFailure as e:
         # The driver went away: nothing left to serve.
         logger.warning("attention worker rank %d stopping: %s", rank, e)

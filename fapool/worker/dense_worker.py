@@ -1,0 +1,316 @@
+"""A dense rank of the static tensor/pipeline-parallel baseline: one pipeline stage's layers,
+one tensor-parallel slice of their heads and FFN, and the KV cache of exactly those.
+
+The driver (rank 0, stage 0, TP rank 0) owns the scheduler and the block manager; every
+rank uses the same block ids, so a step plan is plain data sent to all. Per step, for each
+micro-batch in order:
+
+    stage 0:   ids -> embed -> its layers ------------------ hidden -> stage 1 (same TP rank)
+    stage s:   hidden from stage s-1 -> its layers --------- hidden -> stage s+1
+    last:      hidden from stage s-1 -> its layers -> norm - TP rank 0: logits of due rows -> rank 0
+
+The TP ranks of a stage run the same micro-batches in the same order, so their all-reduces
+pair up; sends are asynchronous, so stage s works on micro-batch i+1 while stage s+1 works
+on micro-batch i (the pipeline fills within a step and drains at its end).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fapool.attention.metadata import AttentionMetadata
+from fapool.config import EngineConfig
+from fapool.layers.tp import apply_tp
+from fapool.models.llama import LocalAttend, run_steps
+from fapool.worker import comm
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Message tags between dense ranks (driver <-> attention worker traffic uses its own pairs).
+TAG_STEP, TAG_STATS, TAG_INIT, TAG_WEIGHTS = 0, 2, 4, 6
+TAG_HIDDEN, TAG_LOGITS = 100, 500  # + micro-batch index
+GROUP_TIMEOUT_S = 7 * 24 * 3600.0  # deadlines are comm.Waiter's; gloo's own would close every pair
+
+
+def stage_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Contiguous layer ranges, as even as possible (earlier stages take the remainder)."""
+    base, extra = divmod(num_layers, num_stages)
+    out, start = [], 0
+    for s in range(num_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+@dataclass
+class DenseInit:
+    config: EngineConfig
+    num_blocks: int
+
+
+@dataclass
+class MicroBatch:
+    input_ids: list[int]
+    positions: list[int]
+    meta_args: dict  # AttentionMetadata.build keyword arguments (host lists)
+    logit_rows: list[int]  # rows whose next token is due, in order
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
+
+
+@dataclass
+class DenseStep:
+    step: int
+    micro_batches: list[MicroBatch]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    hang_s: float = 0.0  # fault injection for tests: stall this long before the step
+
+
+@dataclass
+class DenseStepStats:
+    rank: int
+    compute_s: float = 0.0  # embeddings, layers (attention included), final norm, LM head
+    comm_s: float = 0.0  # all-reduces, and waiting for this rank's sends to complete
+    idle_s: float = 0.0  # waiting for input: the step plan, or the previous stage (bubble)
+    num_tokens: int = 0
+
+
+# wait(work, peer, what, buffer): block until a request completes, or raise WorkerFailure.
+WaitFn = Callable[[object, int, str, torch.Tensor], None]
+
+
+def blocking_wait(work, peer: int, what: str, _buf=None) -> None:
+    comm.wait(work, peer, what)
+
+
+class DenseStage:
+    """One dense rank's share of the model and its KV cache; runs its part of a step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module | None,  # None until a worker's weights arrive
+        topology: comm.Topology,
+        rank: int,
+        wait: WaitFn,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.topology = topology
+        self.rank = rank
+        self.wait = wait
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.stage = topology.stage_of(rank)
+        self.tp_rank = topology.tp_rank_of(rank)
+        self.num_stages = topology.pipeline_parallel_size
+        self.layers = stage_layers(config.model.num_hidden_layers, self.num_stages)[self.stage]
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.comm_in_forward = 0.0  # all-reduce time, accumulated by the hook
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def computes_logits(self) -> bool:
+        return self.is_last and self.tp_rank == 0
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        heads = m.num_key_value_heads // self.topology.tensor_parallel_size
+        shape = (num_blocks, self.config.cache.block_size, heads, m.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in self.layers
+        ]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def all_reduce(self, group, peer: int) -> Callable[[torch.Tensor], None]:
+        """The in-place sum used by the row-parallel hooks, timed as communication."""
+
+        def reduce(t: torch.Tensor) -> None:
+            t0 = time.perf_counter()
+            self.wait(dist.all_reduce(t, group=group, async_op=True), peer, "all-reduce", t)
+            self.comm_in_forward += time.perf_counter() - t0
+
+        return reduce
+
+    @torch.inference_mode()
+    def run(self, plan: DenseStep, stats: DenseStepStats) -> list[torch.Tensor | None]:
+        """Run this rank's share of a step. Returns, per micro-batch, the due rows' logits when
+        this rank computes them here and is rank 0 (the driver, pipeline size 1); other ranks
+        send theirs. Outgoing sends are complete when this returns."""
+        self.copy_blocks(plan.copies)
+        prev = self.topology.dense_rank(self.stage - 1, self.tp_rank) if not self.is_first else None
+        nxt = self.topology.dense_rank(self.stage + 1, self.tp_rank) if not self.is_last else None
+        hidden_size = self.config.model.hidden_size
+        sends: list[tuple[object, torch.Tensor, int]] = []
+        local_logits: list[torch.Tensor | None] = []
+        for i, mb in enumerate(plan.micro_batches):
+            stats.num_tokens += mb.num_tokens
+            if self.is_first:
+                x = torch.tensor(mb.input_ids, dtype=torch.long, device=self.device)
+            else:
+                x = torch.empty(mb.num_tokens, hidden_size, dtype=self.dtype, device=self.device)
+                t0 = time.perf_counter()
+                self.wait(comm.recv_tensor(x, prev, TAG_HIDDEN + i), prev, "receive of hidden states", x)
+                stats.idle_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.comm_in_forward = 0.0
+            pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
+            meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
+            attend = LocalAttend(self.model.model.layers, meta)
+            hidden = run_steps(
+                self.model.model.forward_steps(x, pos, self.kv_caches, attend, layers=self.layers)
+            )
+            logits = None
+            if self.computes_logits and mb.logit_rows:
+                rows = torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, rows)).contiguous()
+            stats.compute_s += time.perf_counter() - t0 - self.comm_in_forward
+            stats.comm_s += self.comm_in_forward
+            if nxt is not None:
+                sends.append((comm.send_tensor(hidden, nxt, TAG_HIDDEN + i), hidden, nxt))
+            elif logits is not None and self.rank != 0:
+                sends.append((comm.send_tensor(logits, 0, TAG_LOGITS + i), logits, 0))
+            local_logits.append(logits if self.rank == 0 else None)
+        t0 = time.perf_counter()
+        for work, buf, peer in sends:
+            self.wait(work, peer, "send", buf)
+        stats.comm_s += time.perf_counter() - t0
+        return local_logits
+
+
+def tp_groups(topology: comm.Topology, timeout_s: float) -> list:
+    """One process group per pipeline stage over its TP ranks. Every rank must create every
+    group, in the same order (torch.distributed's rule), even those it is not in."""
+    import datetime as dt
+
+    if topology.tensor_parallel_size == 1:
+        return [None] * topology.pipeline_parallel_size
+    return [
+        dist.new_group(
+            [topology.dense_rank(s, t) for t in range(topology.tensor_parallel_size)],
+            timeout=dt.timedelta(seconds=timeout_s),
+        )
+        for s in range(topology.pipeline_parallel_size)
+    ]
+
+
+def shard_model(model: nn.Module, stage: DenseStage, group) -> None:
+    """Cut a whole model down to a rank's share: TP-slice its stage's layers (all-reduce
+    through `stage.all_reduce`) and drop the other stages' layers."""
+    tp = stage.topology.tensor_parallel_size
+    peer = stage.topology.dense_rank(stage.stage, (stage.tp_rank + 1) % tp)
+    apply_tp(model, stage.tp_rank, tp, group, all_reduce=stage.all_reduce(group, peer), layers=stage.layers)
+    blocks = model.model.layers
+    for i in range(len(blocks)):
+        if i not in stage.layers:
+            blocks[i] = nn.Module()  # placeholder: indices stay global
+
+
+def send_weights(tensors: dict[str, torch.Tensor], dst: int, waiter: comm.Waiter, timeout_s: float) -> None:
+    """Names, shapes and dtypes first, then each tensor."""
+    specs = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors.items()]
+    comm.send_object(specs, dst, waiter, timeout_s, tag=TAG_WEIGHTS)
+    pending = []
+    for t in tensors.values():
+        t = t.contiguous()
+        pending.append((comm.send_tensor(t, dst, TAG_WEIGHTS + 2), t))
+    for work, t in pending:
+        waiter.wait(work, timeout_s, dst, "weight transfer", t)
+
+
+def receive_weights(model: nn.Module, device: torch.device) -> None:
+    """Fill a materialised (to_empty) model with the driver's tensors; every parameter and
+    buffer must arrive, with the shape this rank's shard expects."""
+    specs = comm.recv_object(0, None, tag=TAG_WEIGHTS)
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    names = [name for name, _, _ in specs]
+    if set(names) != set(targets):
+        missing, extra = sorted(set(targets) - set(names)), sorted(set(names) - set(targets))
+        raise RuntimeError(f"weight transfer mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape, _dtype in specs:
+        target = targets[name]
+        if tuple(target.shape) != shape:
+            raise RuntimeError(
+                f"weight {name}: driver sent {shape}, this shard expects {tuple(target.shape)}"
+            )
+        buf = torch.empty(shape, dtype=target.dtype, device=device)
+        comm.wait(comm.recv_tensor(buf, 0, TAG_WEIGHTS + 2), 0, "weight transfer")
+        with torch.no_grad():
+            target.copy_(buf)
+
+
+class DenseWorker:
+    """A non-driver dense rank: builds its shard, then follows the driver's step plans."""
+
+    def __init__(self, init: DenseInit, rank: int, device: str) -> None:
+        from fapool.attention.selector import make_backend
+        from fapool.models.registry import build_model
+
+        cfg = init.config
+        self.rank = rank
+        self.topology = comm.Topology(cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size)
+        groups = tp_groups(self.topology, GROUP_TIMEOUT_S)
+        self.stage = DenseStage(cfg, None, self.topology, rank, blocking_wait)
+        backend = make_backend(cfg.attention_backend, device)
+        # Shapes only until the weights arrive: a rank never holds more than its shard.
+        model = build_model(cfg.model, backend, DTYPES[cfg.dtype], "meta")
+        shard_model(model, self.stage, groups[self.stage.stage])
+        model.to_empty(device=device)
+        if cfg.model.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        receive_weights(model, torch.device(device))
+        self.stage.model = model.eval()
+        self.stage.allocate_kv_cache(init.num_blocks)
+
+    def run(self) -> None:
+        idle_since = time.perf_counter()
+        while True:
+            msg = comm.recv_object(0, None, tag=TAG_STEP)
+            if msg == "shutdown":
+                return
+            stats = DenseStepStats(self.rank, idle_s=time.perf_counter() - idle_since)
+            if msg.hang_s:
+                time.sleep(msg.hang_s)
+            self.stage.run(msg, stats)
+            comm.send_object(stats, 0, None, tag=TAG_STATS)
+            idle_since = time.perf_counter()
+
+
+def dense_worker_main(init: DenseInit, rank: int, device: str) -> None:
+    try:
+        DenseWorker(init, rank, device).run()
+    except (comm.WorkerFailure, RuntimeError) as e:
+        # A peer or the driver went away: nothing left to serve.
+        logger.warning("dense worker rank %d stopping: %s", rank, e)

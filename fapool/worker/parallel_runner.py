@@ -1,0 +1,331 @@
+"""The driver's model runner for the static baselines: tensor parallelism (Megatron column/row
+linears with all-reduce) and pipeline parallelism (layer stages, micro-batched), in worker
+processes the engine spawns, so the seed's TP x PP baseline runs the same model, weights and
+requests as the attention pool.
+
+Rank 0 (this process) is stage 0, TP rank 0. It keeps the scheduler and the block manager:
+each step it sends the plan (tokens, positions, attention metadata, block copies) to every
+dense rank, runs its own stage, and gets the due rows' logits from the last stage's TP rank 0.
+At start it ships each rank its slice of the weights it was given, so all ranks hold the same
+model. A dense rank that dies or goes silent (config.pool.worker_timeout_s) stops the engine
+with an error naming it; recomputation is the attention pool's business, not this baseline's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.config import ConfigError, EngineConfig
+from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.layers.tp import check_tp, shard_layer_state
+from fapool.worker import comm
+from fapool.worker.dense_worker import (
+    GROUP_TIMEOUT_S,
+    TAG_INIT,
+    TAG_LOGITS,
+    TAG_STATS,
+    TAG_STEP,
+    DenseInit,
+    DenseStage,
+    DenseStep,
+    DenseStepStats,
+    MicroBatch,
+    send_weights,
+    shard_model,
+    stage_layers,
+    tp_groups,
+)
+from fapool.worker.model_runner import ModelRunner
+from fapool.worker.pool_plan import split_micro_batches
+from fapool.worker.pool_runner import WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelStepStats:
+    """One step on every dense rank. Shaped like PoolStepStats where they overlap (driver's
+    dense_s / wait_s / total_s, an empty attention pool) so the same summaries read it."""
+
+    step: int
+    num_tokens: int
+    num_micro_batches: int
+    total_s: float = 0.0
+    ranks: dict[int, DenseStepStats] = field(default_factory=dict)  # every dense rank, 0 included
+    # PoolStepStats' fields, for breakdown.summarize: no attention workers here.
+    local_attention_s: float = 0.0
+    workers: dict = field(default_factory=dict)
+    pool_size: int = 0
+    kv_tokens_per_worker: dict = field(default_factory=dict)
+    overlap: None = None
+
+    @property
+    def dense_s(self) -> float:
+        return self.ranks[0].compute_s if 0 in self.ranks else 0.0
+
+    @property
+    def wait_s(self) -> float:
+        r = self.ranks.get(0)
+        return r.comm_s + r.idle_s if r else 0.0
+
+    @property
+    def comm_share(self) -> float:
+        """All ranks' communication time over all ranks' step time."""
+        busy = self.total_s * len(self.ranks)
+        return sum(r.comm_s for r in self.ranks.values()) / busy if busy > 0 else 0.0
+
+
+def summarize_ranks(step_stats: list[ParallelStepStats]) -> dict[int, dict[str, float]]:
+    """Per dense rank over a run: compute, communication and idle seconds, and the share of
+    the driver's wall time each rank spent computing (its utilisation)."""
+    total = sum(s.total_s for s in step_stats)
+    out: dict[int, dict[str, float]] = {}
+    for s in step_stats:
+        for r, st in s.ranks.items():
+            acc = out.setdefault(r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0})
+            acc["compute_s"] += st.compute_s
+            acc["comm_s"] += st.comm_s
+            acc["idle_s"] += st.idle_s
+            acc["tokens"] += st.num_tokens
+    for acc in out.values():
+        acc["utilisation"] = acc["compute_s"] / total if total else 0.0
+        acc["comm_share"] = acc["comm_s"] / total if total else 0.0
+    return out
+
+
+def check_parallel(config: EngineConfig) -> None:
+    """What the TP/PP runner cannot serve, as ConfigError, before any process starts."""
+    par, m = config.parallel, config.model
+    check_tp(m, par.tensor_parallel_size)
+    if par.pipeline_parallel_size > m.num_hidden_layers:
+        raise ConfigError(
+            f"pipeline_parallel_size {par.pipeline_parallel_size} exceeds the model's "
+            f"{m.num_hidden_layers} layers: every stage needs at least one"
+        )
+    if config.device != "cpu":
+        raise ConfigError(
+            "tensor/pipeline parallelism runs on CPU (gloo) so far: placing ranks on several GPUs "
+            "(one device per rank, NCCL) is not wired yet"
+        )
+    if config.pool.attention_workers > 0:
+        raise ConfigError(
+            "tensor_parallel_size / pipeline_parallel_size > 1 together with attention_workers > 0 is not "
+            "supported yet: use either the static TP/PP baseline or the attention pool"
+        )
+
+
+class ParallelModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
+        check_parallel(config)
+        super().__init__(config, model, backend)
+        par = config.parallel
+        self.topology = comm.Topology(par.tensor_parallel_size, par.pipeline_parallel_size)
+        self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
+        self.timeout_s = config.pool.worker_timeout_s
+        self.step_stats: list[ParallelStepStats] = []
+        self.fault_hang: dict[int, float] = {}  # tests: rank -> seconds to stall on its next step
+        self.failure: comm.WorkerFailure | None = None
+        self.waiter = comm.Waiter()
+        self._step = 0
+        self._stopped = False
+        self._sharded = False
+        self.workers: WorkerGroup | None = None
+        # Decided while the model is still whole (GPU profiling runs a full forward), for
+        # the largest per-rank share of the KV, then the same block ids everywhere.
+        self.num_blocks = ModelRunner.determine_num_blocks(self)
+        self.stage = DenseStage(config, model, self.topology, 0, self._wait)
+        try:
+            self._start_workers()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # Start --------------------------------------------------------------------------------
+    def _start_workers(self) -> None:
+        topo = self.topology
+        startup_s = max(60.0, self.timeout_s)
+        self.workers = WorkerGroup(self.config, topo.world_size)
+        init = DenseInit(self.config, self.num_blocks)
+        for r in self._ranks():
+            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT)
+        groups = tp_groups(topo, GROUP_TIMEOUT_S)
+        with torch.no_grad():
+            for r in self._ranks():
+                send_weights(self._rank_weights(r), r, self.waiter, startup_s)
+            shard_model(self.model, self.stage, groups[0])
+        self._sharded = True
+
+    def _ranks(self) -> range:
+        """The dense ranks other than the driver."""
+        return range(1, self.topology.num_dense)
+
+    def _rank_weights(self, rank: int) -> dict[str, torch.Tensor]:
+        """Rank's share: replicated embeddings / norm / LM head / rotary table, and its
+        stage's layers sliced for its TP rank. Names match its own sharded model."""
+        tp = self.topology.tensor_parallel_size
+        stage, tp_rank = self.topology.stage_of(rank), self.topology.tp_rank_of(rank)
+        out: dict[str, torch.Tensor] = {}
+        for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if not name.startswith("model.layers."):
+                out[name] = t.detach()
+        for i in self.layer_ranges[stage]:
+            for name, t in shard_layer_state(self.model.model.layers[i], tp_rank, tp).items():
+                out[f"model.layers.{i}.{name}"] = t
+        return out
+
+    # KV cache -----------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        m = self.config.model
+        heads = m.num_key_value_heads // self.topology.tensor_parallel_size
+        layers = max(len(r) for r in self.layer_ranges)
+        return 2 * layers * heads * m.head_dim * self.dtype.itemsize * self.block_size
+
+    def determine_num_blocks(self) -> int:
+        return self.num_blocks
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        if not self._sharded:  # GPU profiling of the whole model, before sharding
+            super().allocate_kv_cache(num_blocks)
+            return
+        if num_blocks != self.num_blocks:
+            raise ValueError(f"the dense ranks hold {self.num_blocks} KV blocks, not {num_blocks}")
+        self.stage.allocate_kv_cache(num_blocks)
+        self.kv_caches = self.stage.kv_caches
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.stage.copy_blocks(copies)
+
+    # The step -----------------------------------------------------------------------------
+    def _wait(self, work, peer: int, what: str, buf) -> None:
+        self.waiter.wait(work, self.timeout_s, peer, what, buf)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        if self.failure is not None:
+            raise self.failure
+        self._step += 1
+        try:
+            return self._execute(out)
+        except (comm.WorkerFailure, RuntimeError) as e:
+            failure = self._diagnose(e)
+            if failure is None:
+                raise
+            self.failure = failure
+            logger.error("%s", failure)
+            raise failure from e
+
+    def _execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        t_start = time.perf_counter()
+        topo = self.topology
+        for r in self._ranks():
+            if not self.workers.alive(r):
+                raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
+        groups = split_micro_batches(out.scheduled, topo.pipeline_parallel_size)
+        plan = DenseStep(self._step, [self._micro_batch(g) for g in groups], list(out.block_copies))
+        stats = ParallelStepStats(self._step, out.num_tokens, len(plan.micro_batches))
+        own = DenseStepStats(0)
+
+        t0 = time.perf_counter()
+        for r in self._ranks():
+            hang = self.fault_hang.pop(r, 0.0)
+            msg = dataclasses.replace(plan, hang_s=hang) if hang else plan
+            comm.send_object(msg, r, self.waiter, self.timeout_s, tag=TAG_STEP)
+        last = topo.dense_rank(topo.pipeline_parallel_size - 1, 0)
+        recvs = []
+        if last != 0:
+            vocab = self.config.model.vocab_size
+            for i, mb in enumerate(plan.micro_batches):
+                if mb.logit_rows:
+                    buf = torch.empty(len(mb.logit_rows), vocab, dtype=torch.float32, device=self.device)
+                    recvs.append((comm.recv_tensor(buf, last, TAG_LOGITS + i), buf))
+        own.comm_s += time.perf_counter() - t0
+
+        local = self.stage.run(plan, own)
+
+        t0 = time.perf_counter()
+        parts = [x for x in local if x is not None]
+        for work, buf in recvs:
+            self._wait(work, last, "logits", buf)
+            parts.append(buf)
+        for r in self._ranks():
+            stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=TAG_STATS)
+        own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the last ranks' reports
+
+        due = [s for s in out.scheduled if s.completes_known_tokens]
+        logits = torch.cat(parts) if parts else None
+        stats.ranks[0] = own
+        stats.total_s = time.perf_counter() - t_start
+        self.step_stats.append(stats)
+        return logits, due
+
+    def _micro_batch(self, scheduled: list[ScheduledRequest]) -> MicroBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        bs = self.block_size
+        for s in scheduled:
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            ids += s.request.all_token_ids[start:end]
+            positions += range(start, end)
+            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+            if s.completes_known_tokens:
+                rows.append(len(positions) - 1)
+        meta = {
+            "query_lens": [s.num_new_tokens for s in scheduled],
+            "query_pos_start": [s.num_computed_tokens for s in scheduled],
+            "kv_lens": [s.num_computed_tokens + s.num_new_tokens for s in scheduled],
+            "block_tables": [list(s.block_ids) for s in scheduled],
+            "slot_mapping": slots,
+        }
+        return MicroBatch(ids, positions, meta, rows)
+
+    # Failure ------------------------------------------------------------------------------
+    def _describe(self, rank: int) -> str:
+        t = self.topology
+        return f"dense worker rank {rank} (pipeline stage {t.stage_of(rank)}, tensor-parallel rank {t.tp_rank_of(rank)})"
+
+    def _diagnose(self, error: BaseException) -> comm.WorkerFailure | None:
+        """Name the rank behind a failed step: one that exited (a killed one before those that
+        stopped because a peer vanished), else the peer the failed wait was on. None when no
+        worker is implicated (then the error is the driver's own)."""
+        dead: dict[int, int | None] = {}
+        deadline = time.monotonic() + (0.5 if isinstance(error, comm.WorkerFailure) else 0.0)
+        while True:
+            dead = {r: p.exitcode for r, p in self.workers.procs.items() if not p.is_alive()}
+            if dead or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if dead:
+            rank = min(dead, key=lambda r: (not (dead[r] or 0) < 0, r))
+            others = sorted(set(dead) - {rank})
+            why = f"exited with code {dead[rank]}" + (f" (ranks {others} stopped too)" if others else "")
+        elif isinstance(error, comm.WorkerFailure):
+            rank, why = error.rank, f"failed: {error}"
+        else:
+            return None
+        failure = comm.WorkerFailure(rank, f"step {self._step}", why)
+        failure.args = (
+            f"{self._describe(rank)} {why}; the tensor/pipeline-parallel engine cannot continue (restart it)",
+        )
+        return failure
+
+    def shutdown(self) -> None:
+        """Stop the dense ranks; safe to call twice, and after a failure (then they are killed)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.workers is not None:
+            if self.failure is not None or not self._sharded:
+                for p in self.workers.procs.values():
+                    p.kill()
+                self.workers.shutdown([], self.waiter)
+            else:
+                self.workers.shutdown(list(self._ranks()), self.waiter)
+        self.waiter.close()
