@@ -112,7 +112,7 @@ class WorkerGroup:
                     p.kill()
                 r, code = dead[0]
                 raise RuntimeError(
-                    f"attention worker rank {r} exited with code {code} while starting (see its error above; "
+                    f"worker rank {r} exited with code {code} while starting (see its error above; "
                     "scripts that start a pool need an `if __name__ == '__main__':` guard)"
                 )
         if errors:
