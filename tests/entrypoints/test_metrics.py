@@ -41,13 +41,8 @@ def test_engine_gauges_without_pool():
 
 
 def test_pool_figures_light_up():
-    @dataclasses.dataclass
-    class PoolStats(EngineStats):
-        pool_size: int = 0
-        kv_tokens_per_worker: dict = dataclasses.field(default_factory=dict)
-
-    stats = PoolStats(**dataclasses.asdict(STATS), pool_size=2, kv_tokens_per_worker={0: 640, 1: 512})
+    stats = dataclasses.replace(STATS, pool_size=2, kv_tokens_per_worker={1: 640, 2: 512})
     samples = _samples(ServerMetrics("m", lambda: stats))
     assert samples[("fapool_attention_pool_size", (("model_name", "m"),))] == 2
-    assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "0")))] == 640
-    assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "1")))] == 512
+    assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "1")))] == 640
+    assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "2")))] == 512
