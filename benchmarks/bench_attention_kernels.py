@@ -67,8 +67,8 @@ def _commit() -> str:
         return "unknown"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser(prog="fapool bench kernels")
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel tile/warp/stage/split settings")
     ap.add_argument(
         "--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results, benchmarks/plots)"
@@ -76,22 +76,40 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="only draw the plot from an existing results JSON")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--no-save", action="store_true", help="print only")
+    args = ap.parse_args(argv)
     if args.plot:
         with open(args.plot) as f:
             res = json.load(f)
         plot(res, args.out_dir or os.path.join(HERE, "plots"))
-        return
+        return res
     res = run(args)
-    date = res["date"][:10]
-    res_dir = args.out_dir or os.path.join(HERE, "results")
-    os.makedirs(res_dir, exist_ok=True)
-    path = os.path.join(res_dir, f"kernels_{date}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print("wrote", path)
-    plot(res, args.out_dir or os.path.join(HERE, "plots"))
     summary(res)
+    if not args.no_save:
+        from fapool.bench.results import environment, write_result
+
+        res["env"] = environment("cuda")
+        path = write_result("kernels", res, one_line(res), out_dir=args.out_dir)
+        print("wrote", path)
+        plot(res, args.out_dir or os.path.join(HERE, "plots"))
+    return res
+
+
+def one_line(res: dict) -> str:
+    """The RESULTS.md summary: decode and prefill ratios against the peers of the same run."""
+    parts = [f"copy {res['copy_TBps']:.2f} TB/s"]
+    rows = res.get("decode", {}).get("rows", [])
+    if rows:
+        xf = [r["ratio_vs_flash"] for r in rows if r.get("ratio_vs_flash")]
+        xc = [r["ratio_vs_copy"] for r in rows]
+        po = [r["paging_overhead"] for r in rows]
+        parts.append(
+            f"decode x{min(xf):.2f}-{max(xf):.2f} SDPA flash, {min(xc):.2f}-{max(xc):.2f} of copy, "
+            f"paging overhead {min(po):+.1%}..{max(po):+.1%}"
+        )
+    for r in res.get("prefill", {}).get("rows", []):
+        parts.append(f"prefill {r['seq_len']}: x{r['ratio_vs_flash']:.2f} flash")
+    return "; ".join(parts)
 
 
 def run(args) -> dict:

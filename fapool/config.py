@@ -200,6 +200,7 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     attention_backend: str | None = None  # "torch" | "triton"; None: by device
+    sparse_attention: str | None = None  # sparse decode profile JSON (fapool calibrate-heads); None: dense
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

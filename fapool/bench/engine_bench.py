@@ -142,6 +142,10 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from fapool.bench import kernels, tpot
+
+    kernels.add_parser(sub)
+    tpot.add_parser(sub)
     for mode, help_ in (("latency", "one batch, end to end"), ("throughput", "many prompts at once")):
         p = sub.add_parser(mode, help=help_)
         EngineArgs.add_cli_args(p)

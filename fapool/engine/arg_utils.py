@@ -48,6 +48,7 @@ class EngineArgs:
     head_placement: str = "contiguous"
     worker_kv_blocks: int | None = None
     worker_timeout_s: float = 60.0
+    sparse_attention: str | None = None  # profile JSON from `fapool calibrate-heads`; None: dense
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
         device = self.device or default_device()
@@ -81,6 +82,7 @@ class EngineArgs:
             dtype=dtype,
             seed=self.seed,
             attention_backend=self.attention_backend,
+            sparse_attention=self.sparse_attention,
         )
 
     @staticmethod
@@ -109,6 +111,10 @@ class EngineArgs:
         g.add_argument("--head-placement", default="contiguous", choices=["contiguous", "lpt"])
         g.add_argument("--worker-kv-blocks", type=int, default=None, help="KV blocks per attention worker")
         g.add_argument("--worker-timeout-s", type=float, default=60.0)
+        g.add_argument(
+            "--sparse-attention", default=None, metavar="PROFILE",
+            help="sparse decode with per-head block budgets from this profile (fapool calibrate-heads)",
+        )
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:

@@ -112,6 +112,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0 if all(r["error"] is None for r in records) else 1
 
 
+def _needs_extra(extra: str, missing: str | None) -> int:
+    console.print(f"[red]error:[/] this command needs {missing}; install it with pip install 'fapool[{extra}]'")
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fapool", description="fapool LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -137,16 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     from fapool.bench import serve_bench
 
     serve_bench.add_parser(bench_sub)
-    from fapool.entrypoints.server import register_serve
-
-    register_serve(sub)
-
     try:
-        from fapool.sim import cli as sim_cli
-    except ImportError:  # the simulator is optional at import time
-        sim_cli = None
-    if sim_cli is not None and hasattr(sim_cli, "register"):
-        sim_cli.register(sub)
+        from fapool.entrypoints.server import register_serve
+    except ImportError as e:  # the [serve] extra (fastapi, uvicorn) is not installed here
+        missing = e.name
+        serve = sub.add_parser("serve", help=f"OpenAI-compatible server (needs {missing}: pip install 'fapool[serve]')")
+        serve.set_defaults(func=lambda ns: _needs_extra("serve", missing))
+    else:
+        register_serve(sub)
+
+    from fapool.sim import cli as sim_cli
+
+    sim_cli.register(sub)
+    from fapool.sparse import cli as sparse_cli
+
+    sparse_cli.register(sub)
     return parser
 
 

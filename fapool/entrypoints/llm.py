@@ -34,6 +34,10 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     else:
         model.load_weights(iter_weights(src))
     model.eval()
+    if config.sparse_attention:
+        from fapool.attention.sparse import enable_sparse_attention
+
+        backend = enable_sparse_attention(model, backend, config.sparse_attention)
     tokenizer = load_tokenizer(src)
     return LLMEngine(config, model, backend, tokenizer)
 

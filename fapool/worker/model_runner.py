@@ -1,10 +1,15 @@
 """Runs the model on one worker: owns the paged KV cache tensors, turns a SchedulerOutput into
 a flat token batch with attention metadata, and returns the logits of the requests whose
 next token is due. It makes no scheduling decisions.
+
+On a GPU with the Triton backend, decode-only steps replay CUDA graphs (fapool.worker.cuda_graphs)
+and the model's norm, rotary and activation ops run as fused kernels (fapool.layers.fused);
+prefill and mixed steps run eagerly. On the CPU nothing of this applies.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -13,6 +18,8 @@ from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.request import Request
+from fapool.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,15 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        on_gpu = self.device.type == "cuda"
+        # Decode steps through CUDA graphs: the Triton kernels never sync with the host, the
+        # torch reference's KV write does, so graphs need the Triton backend.
+        self.use_cuda_graphs = on_gpu and getattr(backend, "name", "") == "triton"
+        self.decode_graphs: DecodeGraphs | None = None
+        if on_gpu:
+            from fapool.layers.fused import fuse_model
+
+            fuse_model(model)
 
     # KV cache -----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -63,9 +79,7 @@ class ModelRunner:
         # measures peak activation memory.
         nb = -(-n // self.block_size) + 1
         self.allocate_kv_cache(nb)
-        meta = AttentionMetadata.build(
-            [n], [0], [n], [list(range(nb))], list(range(n)), device=self.device
-        )
+        meta = AttentionMetadata.build([n], [0], [n], [list(range(nb))], list(range(n)), device=self.device)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
         with torch.inference_mode():
@@ -76,10 +90,13 @@ class ModelRunner:
         self.kv_caches = []
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
-        used_elsewhere = total - torch.cuda.mem_get_info(self.device)[0] - torch.cuda.memory_reserved(self.device)
+        used_elsewhere = (
+            total - torch.cuda.mem_get_info(self.device)[0] - torch.cuda.memory_reserved(self.device)
+        )
         return int(total * self.config.cache.gpu_memory_utilization - peak - max(0, used_elsewhere))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.decode_graphs = None  # captured over the old cache tensors
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
         self.kv_caches = [
@@ -108,7 +125,7 @@ class ModelRunner:
         bs = self.block_size
         for s in out.scheduled:
             start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            input_ids += s.request.all_token_ids[start:end]
+            input_ids += _token_slice(s.request, start, end)
             positions += range(start, end)
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
         meta = AttentionMetadata.build(
@@ -119,21 +136,64 @@ class ModelRunner:
             slot_mapping=slots,
             device=self.device,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+        ids = self._to_device(torch.tensor(input_ids, dtype=torch.long))
+        pos = self._to_device(torch.tensor(positions, dtype=torch.long))
         return ids, pos, meta
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
         """Run one step. Returns logits [N, vocab] (float32) for the N scheduled requests
         whose next token is due, in order, and those requests."""
         self.copy_blocks(out.block_copies)
+        due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
+        due = [out.scheduled[i] for i in due_rows]
+        graphs = self._graphs_for(out)
+        if graphs is not None:
+            logits = graphs.run(out.scheduled)  # one row per request
+            if len(due_rows) < len(out.scheduled):  # a one-token prompt chunk that is not the last
+                logits = logits[self._to_device(torch.tensor(due_rows, dtype=torch.long))]
+            return (logits if due else None), due
         ids, pos, meta = self.prepare(out)
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        due = [s for s in out.scheduled if s.completes_known_tokens]
         if not due:
             return None, []
-        ends = meta.query_start_loc[1:].long() - 1
-        rows = torch.tensor([i for i, s in enumerate(out.scheduled) if s.completes_known_tokens], device=self.device)
-        logits = self.model.compute_logits(hidden[ends[rows]])
-        return logits, due
+        ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))  # exclusive ends
+        rows = torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long)
+        return self.model.compute_logits(hidden[self._to_device(rows)]), due
+
+    def _graphs_for(self, out: SchedulerOutput) -> DecodeGraphs | None:
+        """The decode graphs, when this step is one they can run: every request has exactly one
+        new token, all its KV is local, and the batch fits the largest graph."""
+        if not self.use_cuda_graphs or not self.kv_caches:
+            return None
+        if any(s.num_new_tokens != 1 or s.segments for s in out.scheduled):
+            return None
+        if self.decode_graphs is None:
+            sched = self.config.scheduler
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.backend,
+                self.kv_caches,
+                sched.max_num_seqs,
+                self.config.max_model_len,
+                self.block_size,
+            )
+        if self.decode_graphs.padded_size(len(out.scheduled)) is None:
+            return None
+        return self.decode_graphs
+
+
+def _token_slice(req: Request, start: int, end: int) -> list[int]:
+    """req.all_token_ids[start:end] without concatenating the whole sequence first."""
+    prompt = req.prompt_token_ids
+    n = len(prompt)
+    if end <= n:
+        return prompt[start:end]
+    if start >= n:
+        return req.output_token_ids[start - n : end - n]
+    return prompt[start:] + req.output_token_ids[: end - n]

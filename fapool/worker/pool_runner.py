@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -165,6 +166,11 @@ class PoolModelRunner(ModelRunner):
         self._step = 0
         self._stopped = False
         self.waiter = comm.Waiter()
+        if self.device.type == "cpu":
+            # Workers compute on one thread each; leave the driver the remaining cores, since
+            # oversubscribed OpenMP threads spin against each other and stall every step.
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - pool.attention_workers)))
         self.workers = WorkerGroup(config, self.topology.world_size)
         self.transport = comm.transport_device(str(self.device))
         for w in self.worker_ids:

@@ -1,0 +1,195 @@
+"""Head-adaptive sparse decode (seed 003): each KV head attends over its top-k KV blocks.
+
+    SparseAttentionBackend(dense, kv_budget, min_blocks)   one per layer (budgets differ)
+
+Decode tokens (one query per sequence) whose budget is below their block count take the
+sparse path; every other token (prefill chunks, short sequences, full budgets) goes to the
+wrapped dense backend unchanged, so a budget covering all blocks gives the dense result
+bit for bit.
+
+Block summaries (per block and KV head, the min and max of its keys; see
+fapool.sparse.selection for why) are kept next to the cache and updated in `write_kv`: only the
+blocks a step writes are recomputed, from offset 0 to the last offset written, so a block that
+is reused, copied on write or only partly filled is summarised from what it holds now.
+
+Sparse step, per decode sequence and KV head (torch here; shapes B seqs, H KV heads, G query
+heads per KV head, N blocks, K = largest budget):
+    score  [B, H, N]  = max over G of  q+ . kmax + q- . kmin     (upper bound of q . k)
+    order  [B, H, N]  = sink, recent, then by score              (fapool.sparse.selection)
+    gather [B, H, K*block_size, D] keys/values of the first k_h blocks of the order
+    softmax over them -> (out, lse), exactly as dense attention over that subset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.attention.metadata import AttentionMetadata
+from fapool.sparse.selection import block_order, budget_blocks
+
+
+class SparseAttentionBackend(AttentionBackend):
+    name = "sparse"
+
+    def __init__(self, dense: AttentionBackend, kv_budget: list[float] | None, min_blocks: int = 4) -> None:
+        self.dense = dense
+        self.budget = torch.tensor(kv_budget, dtype=torch.float64) if kv_budget is not None else None
+        self.min_blocks = min_blocks
+        self.kmin: torch.Tensor | None = None  # [num_blocks, Hkv, D]
+        self.kmax: torch.Tensor | None = None
+        # Counters for benchmarks: KV entries attended by sparse decode vs what dense would read.
+        self.sparse_tokens = 0
+        self.sparse_dense_tokens = 0
+
+    # --- KV write and block summaries ------------------------------------------------
+
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+        self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping)
+        if self.budget is not None:
+            self.update_summaries(k_cache, slot_mapping)
+
+    @torch.no_grad()
+    def update_summaries(self, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Recompute kmin/kmax of the blocks `slot_mapping` touched, over offsets 0..last written."""
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        if self.kmin is None or self.kmin.shape[0] != num_blocks or self.kmin.device != k_cache.device:
+            shape = (num_blocks, num_kv_heads, head_dim)
+            self.kmin = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+            self.kmax = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+        slots = slot_mapping[slot_mapping >= 0]
+        if slots.numel() == 0:
+            return
+        blocks, inverse = torch.unique(slots // block_size, return_inverse=True)
+        last = torch.zeros_like(blocks).scatter_reduce_(
+            0, inverse, slots % block_size, "amax", include_self=False
+        )
+        keys = k_cache[blocks]  # [u, block_size, Hkv, D]
+        stale = (torch.arange(block_size, device=keys.device)[None] > last[:, None])[..., None, None]
+        self.kmin[blocks] = keys.masked_fill(stale, float("inf")).amin(dim=1)
+        self.kmax[blocks] = keys.masked_fill(stale, float("-inf")).amax(dim=1)
+
+    # --- attention ---------------------------------------------------------------------
+
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        if self.budget is None or self.kmin is None:
+            return self.dense.forward(query, k_cache, v_cache, meta, scale)
+        block_size = k_cache.shape[1]
+        q_pos = meta.query_pos_start.tolist()
+        kv_start = meta.kv_start.tolist()
+        starts = meta.query_start_loc.tolist()
+        seqs, n_kv, budgets = [], [], []
+        for s, (n_q, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.kv_lens_cpu)):
+            if n_q != 1 or kv_len <= 0:
+                continue
+            visible = min(kv_len, q_pos[s] - kv_start[s] + 1)
+            num_blocks = -(-visible // block_size)
+            k = budget_blocks(self.budget, num_blocks, self.min_blocks)
+            if visible > 0 and int(k.min()) < num_blocks:
+                seqs.append(s)
+                n_kv.append(visible)
+                budgets.append(k)
+        if not seqs:
+            return self.dense.forward(query, k_cache, v_cache, meta, scale)
+
+        if len(seqs) < meta.num_seqs:  # the others densely; the sparse rows see no KV there
+            kv_lens_cpu = list(meta.kv_lens_cpu)
+            for s in seqs:
+                kv_lens_cpu[s] = 0
+            rest = dataclasses.replace(
+                meta,
+                kv_lens=torch.tensor(kv_lens_cpu, dtype=meta.kv_lens.dtype).to(meta.kv_lens.device),
+                kv_lens_cpu=kv_lens_cpu,
+            )
+            out, lse = self.dense.forward(query, k_cache, v_cache, rest, scale)
+        else:
+            out = torch.zeros_like(query)
+            lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+        device = query.device
+        tok = torch.tensor([starts[s] for s in seqs], device=device)
+        o, l = self.sparse_decode(
+            query[tok],
+            k_cache,
+            v_cache,
+            meta.block_tables[torch.tensor(seqs, device=device)],
+            torch.tensor(n_kv, device=device),
+            torch.stack(budgets).to(device),
+            scale,
+        )
+        out[tok] = o.to(out.dtype)
+        lse[tok] = l
+        return out, lse
+
+    @torch.no_grad()
+    def sparse_decode(
+        self,
+        q: torch.Tensor,  # [B, Hq, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, H, D]
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,  # [B, max_blocks] int32
+        n_kv: torch.Tensor,  # [B] visible KV entries
+        budgets: torch.Tensor,  # [B, H] blocks per KV head
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of one query per sequence over its selected blocks -> out [B, Hq, D] f32,
+        lse [B, Hq] f32."""
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        num_seqs, num_heads, _ = q.shape
+        group = num_heads // num_kv_heads
+        num_blocks = (n_kv + block_size - 1) // block_size  # [B]
+        n_max = int(num_blocks.max())
+        table = tables[:, :n_max].long()  # [B, N]
+        qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+
+        # Block scores: upper bound of q . k from the key min/max, max over the group.
+        kmin = self.kmin[table].float().permute(0, 2, 1, 3)  # [B, H, N, D]
+        kmax = self.kmax[table].float().permute(0, 2, 1, 3)
+        bound = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), kmax) + torch.einsum(
+            "bhgd,bhnd->bhgn", qg.clamp(max=0), kmin
+        )
+        order = block_order(bound.amax(dim=2), num_blocks)  # [B, H, N]
+
+        k_top = int(budgets.max())
+        sel = order[..., :k_top]  # [B, H, K]
+        chosen = torch.arange(k_top, device=q.device) < budgets[..., None]
+        # Position order inside the selection (unchosen slots last), for a stable summation order.
+        sel = torch.where(chosen, sel, torch.full_like(sel, n_max)).sort(dim=-1).values
+        chosen = sel < n_max
+        sel = sel.clamp(max=n_max - 1)
+        pages = table.gather(1, sel.flatten(1)).view_as(sel)  # [B, H, K]
+        heads = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1)
+        k = k_cache.permute(0, 2, 1, 3)[pages, heads].float()  # [B, H, K, bs, D]
+        v = v_cache.permute(0, 2, 1, 3)[pages, heads].float()
+        pos = sel[..., None] * block_size + torch.arange(block_size, device=q.device)  # [B, H, K, bs]
+        valid = (chosen[..., None] & (pos < n_kv.view(-1, 1, 1, 1))).flatten(2)  # [B, H, K*bs]
+
+        scores = torch.einsum("bhgd,bhld->bhgl", qg, k.flatten(2, 3)) * scale
+        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, G]
+        probs = torch.exp(scores - lse[..., None])
+        out = torch.einsum("bhgl,bhld->bhgd", probs, v.flatten(2, 3))
+        self.sparse_tokens += int(valid.sum()) * group
+        self.sparse_dense_tokens += int(n_kv.sum()) * num_heads
+        return out.reshape(num_seqs, num_heads, head_dim), lse.reshape(num_seqs, num_heads)
+
+
+def enable_sparse_attention(model: torch.nn.Module, dense: AttentionBackend, profile) -> AttentionBackend:
+    """Give every attention layer of `model` its own SparseAttentionBackend with the profile's
+    budgets (a SparseProfile or a path to its JSON). Returns the backend for the engine: the
+    dense one wrapped without budgets, so the runner sees a non-Triton name (no CUDA graphs:
+    the sparse path reads lengths on the host)."""
+    from fapool.sparse.profile import SparseProfile
+
+    if isinstance(profile, str):
+        profile = SparseProfile.load(profile)
+    layers = model.model.layers
+    if len(layers) != profile.num_layers or layers[0].self_attn.num_kv_heads != profile.num_kv_heads:
+        raise ValueError(
+            f"sparse profile is for {profile.num_layers} layers x {profile.num_kv_heads} KV heads, "
+            f"the model has {len(layers)} x {layers[0].self_attn.num_kv_heads}"
+        )
+    for layer, budget in zip(layers, profile.kv_budget):
+        layer.self_attn.backend = SparseAttentionBackend(dense, budget, profile.min_blocks)
+    return SparseAttentionBackend(dense, None)

