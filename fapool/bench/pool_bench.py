@@ -58,18 +58,21 @@ def run(ns: argparse.Namespace) -> int:
             "config": name,
             **extra,
             "tokens_equal_single_process": tokens == reference,
+            # Greedy tokens agree up to the first divergence; in bf16 a near-tie in the logits
+            # can flip on rounding differences (float32 parity is what the tests pin).
+            "prefix_agreement": _prefix_agreement(tokens, reference),
             "e2e_s": elapsed,
             "tpot_ms_median": 1e3 * tpots[len(tpots) // 2] if tpots else None,
             "output_tokens_per_s": ns.batch_size * ns.output_len / elapsed,
             "breakdown": summary,
         })
     table = Table(title=f"attention pool vs single process — batch {ns.batch_size}, in {ns.input_len}, out {ns.output_len}")
-    for col in ("config", "same tokens", "TPOT (ms)", "tok/s", "driver util", "comm share", "overlap", "pool size"):
+    for col in ("config", "same tokens (prefix agreement)", "TPOT (ms)", "tok/s", "driver util", "comm share", "overlap", "pool size"):
         table.add_column(col, justify="right")
     for r in rows:
         b = r["breakdown"]
         table.add_row(
-            r["config"], "yes" if r["tokens_equal_single_process"] else "NO",
+            r["config"], "yes" if r["tokens_equal_single_process"] else f"no ({r['prefix_agreement']:.0%})",
             f"{r['tpot_ms_median']:.1f}" if r["tpot_ms_median"] else "-", f"{r['output_tokens_per_s']:.1f}",
             f"{b['driver']['utilisation']:.0%}" if b else "-", f"{b['driver']['comm_share']:.0%}" if b else "-",
             f"{b['overlap_mean']:.0%}" if b and b["overlap_mean"] is not None else "-",
@@ -87,6 +90,16 @@ def run(ns: argparse.Namespace) -> int:
     if not ns.no_save:
         console.print(f"wrote {write_result('pool', result, summary)}")
     return 0 if ok else 1
+
+
+def _prefix_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of reference tokens generated identically before each sequence first diverges."""
+    same = total = 0
+    for got, want in zip(tokens, reference):
+        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        same += n
+        total += len(want)
+    return same / total if total else 1.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
