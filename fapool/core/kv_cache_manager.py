@@ -34,6 +34,7 @@ class KVCacheManager:
         self._num_hashed: dict[str, int] = {}  # leading blocks of each request already hashed
         self._hashes: dict[str, list[int]] = {}  # their chained hashes
         self._pending_copies: list[tuple[int, int]] = []  # (src, dst) block ids, CoW
+        self._ids: dict[str, list[int]] = {}  # block_tables as ids
 
     # Queries ------------------------------------------------------------------------------
     def num_blocks_needed(self, num_tokens: int) -> int:
@@ -57,7 +58,9 @@ class KVCacheManager:
         return self.pool_manager.snapshot(request_id) if self.pool_manager is not None else []
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.block_tables.get(request_id, [])]
+        """The request's local block ids, kept up to date as blocks are added (so a step costs
+        no work per block of context). Read-only: the manager owns the list."""
+        return self._ids.get(request_id, [])
 
     def usage(self) -> float:
         return self.pool.num_used_blocks / self.pool.num_blocks
@@ -116,9 +119,11 @@ class KVCacheManager:
             if not pm.allocate(request.request_id, total):
                 return False
 
+        ids = self._ids.get(request.request_id, [])
         if computed_blocks:
             self.pool.touch(computed_blocks)
             table = list(computed_blocks)
+            ids = [b.block_id for b in computed_blocks]
             self._hashes[request.request_id] = [b.block_hash for b in computed_blocks]  # type: ignore[misc]
             self._num_hashed[request.request_id] = len(computed_blocks)
             self.pool.num_cache_hits += len(computed_blocks)
@@ -128,8 +133,12 @@ class KVCacheManager:
             self._pending_copies.append((shared.block_id, fresh.block_id))
             self.pool.free_blocks([shared])
             table[tail_idx] = fresh
-        table.extend(self.pool.get_new_blocks(num_new_blocks))
+            ids[tail_idx] = fresh.block_id
+        new_blocks = self.pool.get_new_blocks(num_new_blocks)
+        table.extend(new_blocks)
+        ids.extend(b.block_id for b in new_blocks)
         self.block_tables[request.request_id] = table
+        self._ids[request.request_id] = ids
         self._cache_full_blocks(request, table, local_total)
         return True
 
@@ -157,6 +166,7 @@ class KVCacheManager:
         table = self.block_tables[parent.request_id]
         self.pool.touch(table)
         self.block_tables[child.request_id] = list(table)
+        self._ids[child.request_id] = list(self._ids[parent.request_id])
         self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
         self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
         if self.pool_manager is not None:
@@ -164,6 +174,7 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         table = self.block_tables.pop(request.request_id, [])
+        self._ids.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
         self.pool.free_blocks(list(reversed(table)))
