@@ -33,13 +33,20 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tens
 
 
 def _attend(q, k, v, q_pos, k_pos, valid, scale):
-    """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], q_pos [B, Tq], k_pos [B, L], valid [B, L]."""
-    scores = torch.einsum("bqhgd,blhd->bhgql", q.float(), k.float()) * scale
+    """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], q_pos [B, Tq], k_pos [B, L], valid [B, L].
+    Batched matmuls over [B, Hkv] with the G query heads of a KV head stacked as rows, so
+    each KV head is read once for its whole group (GQA)."""
+    B, Tq, Hkv, G, D = q.shape
+    L = k.shape[1]
+    qf = q.float().permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tq, D)
+    scores = torch.matmul(qf, k.float().permute(0, 2, 3, 1)).mul_(scale).view(B, Hkv, G, Tq, L)
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [B, Tq, L]
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    if not bool(mask.all()):
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Tq]
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))
-    out = torch.einsum("bhgql,blhd->bqhgd", probs, v.float())
+    out = torch.matmul(probs.view(B, Hkv, G * Tq, L), v.float().permute(0, 2, 1, 3))
+    out = out.view(B, Hkv, G, Tq, D).permute(0, 3, 1, 2, 4)  # -> [B, Tq, Hkv, G, D]
     return out, lse.permute(0, 3, 1, 2)  # lse -> [B, Tq, Hkv, G]
 
 
