@@ -24,11 +24,14 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping) -> None:
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[num_blocks, bs, H, D] gathered through `table` ([..., nb]) -> [..., kv_len, H, D]."""
-    block_size = cache.shape[1]
+    """[num_blocks, bs, H, D] gathered through `table` ([..., nb]) -> [..., kv_len, H, D].
+    index_select over whole blocks as rows: several times faster on CPU than advanced
+    indexing of the 4-d cache."""
+    num_blocks, block_size, heads, dim = cache.shape
     nb = (kv_len + block_size - 1) // block_size
-    g = cache[table[..., :nb].long()]  # [..., nb, bs, H, D]
-    g = g.flatten(-4, -3)
+    idx = table[..., :nb].long()
+    rows = cache.view(num_blocks, -1).index_select(0, idx.reshape(-1))
+    g = rows.view(*idx.shape[:-1], nb * block_size, heads, dim)
     return g[..., :kv_len, :, :]
 
 
