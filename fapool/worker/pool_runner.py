@@ -29,7 +29,7 @@ from fapool.models.llama import Pending
 from fapool.worker import comm
 from fapool.worker.attention_worker import WorkerInit, WorkerStep, WorkerStepStats, message_tag, worker_main
 from fapool.worker.model_runner import ModelRunner
-from fapool.worker.pool_plan import MicroBatchPlan, Route, plan_micro_batch, split_micro_batches
+from fapool.worker.pool_plan import MicroBatchPlan, plan_micro_batch, split_micro_batches
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from fapool.attention import AttentionMetadata, TorchReferenceBackend
 from fapool.config import ModelConfig, RopeScaling
 from fapool.models.llama import LlamaForCausalLM
 from fapool.models.registry import build_model
+from tiny_models import randomize  # larger-than-init weights, random biases and norms
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 64
@@ -92,21 +93,6 @@ def _model_config(arch: str, hf) -> ModelConfig:
     )
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Larger-than-init weights (so attention is far from uniform and rotary errors show),
-    random biases and norm weights (so loading them is checked)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]) * 1.5)
-
-
 class PagedRunner:
     """Drives LlamaForCausalLM over a shuffled paged cache, one forward per `step` call."""
 
@@ -154,7 +140,7 @@ def pair(request):
     torch.manual_seed(0)
     arch, hf_cls, hf_cfg = request.param()
     hf = hf_cls(hf_cfg).eval()
-    _randomize(hf, seed=1)
+    randomize(hf, seed=1)
     ours = build_model(_model_config(arch, hf_cfg), TorchReferenceBackend(), torch.float32, "cpu")
     ours.load_weights(hf.state_dict().items())
     g = torch.Generator().manual_seed(2)
