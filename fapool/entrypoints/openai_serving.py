@@ -9,6 +9,7 @@ Choice index = prompt index * n + completion index, as in vLLM.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-class Renderer:
+class Renderer(ABC):
     object_name = ""
     chunk_object = ""
 
@@ -79,8 +80,9 @@ class Renderer:
         return self.req.return_token_ids or self.num_logprobs is not None
 
     @property
+    @abstractmethod
     def num_logprobs(self) -> int | None:
-        raise NotImplementedError
+        """Top logprobs per token the request asked for (None: none)."""
 
     # Streaming ----------------------------------------------------------------------------------
     def first_chunks(self) -> list[dict]:
@@ -124,6 +126,7 @@ class Renderer:
             }
         ]
 
+    @abstractmethod
     def chunk(
         self,
         i: int,
@@ -133,10 +136,11 @@ class Renderer:
         done: CompletionOutput | None,
         offset: int,
     ) -> dict:
-        raise NotImplementedError
+        """One streamed chunk in the endpoint's shape."""
 
+    @abstractmethod
     def full_response(self, finals: list[RequestOutput]) -> dict:
-        raise NotImplementedError
+        """The non-streaming response body."""
 
     @staticmethod
     def finish(c: CompletionOutput | None) -> dict:
