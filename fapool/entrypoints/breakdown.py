@@ -30,6 +30,11 @@ def summarize(step_stats: list) -> dict[str, Any] | None:
     for s in step_stats:
         for w, n in s.kv_tokens_per_worker.items():
             kv_peak[w] = max(kv_peak.get(w, 0), n)
+    ranks = None
+    if hasattr(step_stats[0], "ranks"):  # tensor/pipeline-parallel baseline: every dense rank
+        from fapool.worker.parallel_runner import summarize_ranks
+
+        ranks = summarize_ranks(step_stats)
     dense = sum(s.dense_s for s in step_stats)
     local = sum(s.local_attention_s for s in step_stats)
     wait = sum(s.wait_s for s in step_stats)
@@ -51,6 +56,7 @@ def summarize(step_stats: list) -> dict[str, Any] | None:
             "timeline": [s.pool_size for s in step_stats],
         },
         "kv_tokens_peak_per_worker": kv_peak,
+        "dense_ranks": ranks,
     }
 
 
@@ -61,6 +67,10 @@ def breakdown_table(summary: dict[str, Any]) -> Table:
     d = summary["driver"]
     t.add_row("driver (dense)", f"{d['dense_s']:.3f}", f"{d['local_attention_s']:.3f}", f"{d['wait_s']:.3f}", "-",
               f"{d['utilisation']:.0%}", "-")
+    for r, acc in sorted((summary.get("dense_ranks") or {}).items()):
+        if r:
+            t.add_row(f"dense rank {r}", f"{acc['compute_s']:.3f}", "-", f"{acc['comm_s']:.3f}", f"{acc['idle_s']:.3f}",
+                      f"{acc['utilisation']:.0%}", "-")
     for w, acc in sorted(summary["workers"].items()):
         t.add_row(f"attention {w}", "-", f"{acc['attention_s']:.3f}", f"{acc['comm_s']:.3f}", f"{acc['idle_s']:.3f}",
                   f"{acc['utilisation']:.0%}", str(summary["kv_tokens_peak_per_worker"].get(w, 0)))
