@@ -24,7 +24,7 @@ from fapool.attention.torch_ref import TorchReferenceBackend
 from fapool.attention.triton_decode import paged_decode
 from fapool.sparse.profile import SparseProfile
 from fapool.sparse.selection import budget_blocks
-from fapool.sparse.triton_sparse_decode import select_blocks, sparse_paged_decode
+from fapool.sparse.triton_sparse_decode import select_blocks, select_blocks_fused, sparse_paged_decode
 
 BS = 16
 
@@ -57,6 +57,7 @@ def make_case(batch, ctx, hq, hkv, d, dtype, seed=0):
 def check():
     """Kernel + GPU selection vs the torch reference sparse path (same budgets)."""
     worst = 0.0
+    worst_sel = [1.0]
     for ctx, hq, hkv in ((1000, 8, 2), (3001, 32, 8)):
         q, k, v, kmin, kmax, tables, meta = make_case(3, ctx, hq, hkv, 64, torch.bfloat16, seed=ctx)
         nb = math.ceil(ctx / BS)
@@ -64,6 +65,10 @@ def check():
         budgets = budget_blocks(fr, nb, 4).to("cuda").expand(3, -1).contiguous()
         n_kv = torch.full((3,), ctx, device="cuda")
         pages, lens = select_blocks(q, kmin, kmax, tables, n_kv, budgets, BS)
+        fp, fl_ = select_blocks_fused(q, kmin, kmax, tables, n_kv, budgets, BS, nb, int(budgets.max()))
+        same = float((fp == pages).float().mean())
+        print("fused selection agreement", same, bool(torch.equal(fl_, lens)), flush=True)
+        worst_sel[0] = min(worst_sel[0], same)
         out, lse = sparse_paged_decode(q, k, v, pages, lens, 64**-0.5)
         ref = SparseAttentionBackend(TorchReferenceBackend(), fr.tolist())
         ref.kmin, ref.kmax = kmin, kmax
@@ -75,7 +80,7 @@ def check():
         fo, fl = sparse_paged_decode(q, k, v, pages, lens, 64**-0.5)
         do, dl = paged_decode(q, k, v, meta, 64**-0.5)
         worst = max(worst, float((fo.float() - do.float()).abs().max()), float((fl - dl).abs().max()))
-    return worst
+    return worst, worst_sel[0]
 
 
 def bench(fn, *args):
@@ -84,8 +89,9 @@ def bench(fn, *args):
     return triton.testing.do_bench(lambda: fn(*args), warmup=10, rep=40) * 1e3  # us
 
 
-def select_and_decode(q, k, v, kmin, kmax, tables, n_kv, budgets, scale):
-    return sparse_paged_decode(q, k, v, *select_blocks(q, kmin, kmax, tables, n_kv, budgets, BS), scale)
+def select_and_decode(q, k, v, kmin, kmax, tables, n_kv, budgets, scale, n_max, k_top):
+    pages, lens = select_blocks_fused(q, kmin, kmax, tables, n_kv, budgets, BS, n_max, k_top)
+    return sparse_paged_decode(q, k, v, pages, lens, scale, num_splits=None)
 
 
 def main():
@@ -102,7 +108,7 @@ def main():
         "batch": args.batch,
         "shape": "Hq 32, Hkv 8, D 128, bf16, block 16",
     }
-    res["max_abs_err_vs_torch_ref"] = check()
+    res["max_abs_err_vs_torch_ref"], res["fused_selection_agreement"] = check()
     print("check", res["max_abs_err_vs_torch_ref"], flush=True)
     hq, hkv, d = 32, 8, 128
     layers = [int(x) for x in args.layers.split(",")]
@@ -129,14 +135,47 @@ def main():
                 pages, lens = select_blocks(q, kmin, kmax, tables, n_kv, budgets, BS)
                 acc[f"{name}_kernel"] += bench(sparse_paged_decode, q, k, v, pages, lens, d**-0.5)
                 acc[f"{name}_total"] += bench(
-                    select_and_decode, q, k, v, kmin, kmax, tables, n_kv, budgets, d**-0.5
+                    select_and_decode,
+                    q,
+                    k,
+                    v,
+                    kmin,
+                    kmax,
+                    tables,
+                    n_kv,
+                    budgets,
+                    d**-0.5,
+                    nb,
+                    int(budgets.max()),
                 )
                 if name == "adaptive":
-                    acc["select"] += bench(select_blocks, q, kmin, kmax, tables, n_kv, budgets, BS)
+                    acc["select"] += bench(
+                        select_blocks_fused, q, kmin, kmax, tables, n_kv, budgets, BS, nb, int(budgets.max())
+                    )
                     frac_sum += float(budgets.float().mean()) / nb
         row = {"context": ctx, "dense_us": round(t_dense, 1), "mean_budget": round(frac_sum / len(layers), 4)}
         for key, val in acc.items():
             row[f"{key}_us"] = round(val / len(layers), 1)
+        for f in (0.125, 0.25, 0.5):  # fixed budgets, for the speedup-vs-budget curve
+            budgets = budget_blocks(torch.full((hkv,), f, dtype=torch.float64), nb, 4)
+            budgets = budgets.to("cuda").expand(args.batch, -1).contiguous()
+            row[f"uniform{f:g}_total_us"] = round(
+                bench(
+                    select_and_decode,
+                    q,
+                    k,
+                    v,
+                    kmin,
+                    kmax,
+                    tables,
+                    n_kv,
+                    budgets,
+                    d**-0.5,
+                    nb,
+                    int(budgets.max()),
+                ),
+                1,
+            )
         row["speedup_kernel"] = round(t_dense / row["adaptive_kernel_us"], 3)
         row["speedup_total"] = round(t_dense / row["adaptive_total_us"], 3)
         rows.append(row)

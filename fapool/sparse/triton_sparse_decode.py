@@ -121,6 +121,100 @@ def _sparse_split_kernel(
         tl.store(MID_LSE + mid // BLOCK_D, lse2, mask=h_mask)
 
 
+@triton.jit
+def _block_score_kernel(
+    Q,
+    KMIN,
+    KMAX,
+    TABLES,
+    NBLK,
+    SCORE,
+    stride_qt,
+    stride_qh,
+    stride_sb,
+    stride_sh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """score[seq, kvh, n] = max over the group of q+ . kmax[n] + q- . kmin[n]; sink and most
+    recent block +inf, blocks past the sequence -inf."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    tile = tl.program_id(2)
+    nb = tl.load(NBLK + seq)
+    offs_n = tile * TILE + tl.arange(0, TILE)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    n_mask = offs_n < nb
+    q = tl.load(
+        Q + seq * stride_qt + (kvh * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    page = tl.load(TABLES + seq * stride_bt + offs_n, mask=n_mask, other=0).to(tl.int64)
+    rows = page[:, None] * stride_sb + kvh * stride_sh + offs_d[None, :]
+    lo = tl.load(KMIN + rows, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    hi = tl.load(KMAX + rows, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    # Triton promotes bf16 max/min to fp32: cast back so both dot operands share the dtype.
+    q_pos = tl.maximum(q, 0.0).to(hi.dtype)
+    q_neg = tl.minimum(q, 0.0).to(lo.dtype)
+    s = tl.dot(q_pos, tl.trans(hi)) + tl.dot(q_neg, tl.trans(lo))  # [BLOCK_H, TILE]
+    s = tl.where(h_mask[:, None], s, float("-inf"))
+    score = tl.max(s, 0)
+    score = tl.where((offs_n == 0) | (offs_n == nb - 1), float("inf"), score)
+    score = tl.where(n_mask, score, float("-inf"))
+    tl.store(SCORE + seq * stride_ob + kvh * stride_oh + offs_n, score)
+
+
+@torch.no_grad()
+def select_blocks_fused(q, kmin, kmax, block_tables, n_kv, budgets, block_size, n_max: int, k_top: int):
+    """select_blocks with the scores from one Triton kernel and no host syncs: the caller passes
+    n_max (most blocks of any sequence) and k_top (largest budget) from host metadata."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kmin.shape[1]
+    group = num_heads // num_kv_heads
+    nb = ((n_kv + block_size - 1) // block_size).to(torch.int32)
+    tile = 64
+    width = triton.cdiv(n_max, tile) * tile
+    score = torch.empty((num_seqs, num_kv_heads, width), dtype=torch.float32, device=q.device)
+    _block_score_kernel[(num_seqs, num_kv_heads, width // tile)](
+        q,
+        kmin,
+        kmax,
+        block_tables,
+        nb,
+        score,
+        q.stride(0),
+        q.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        block_tables.stride(0),
+        score.stride(0),
+        score.stride(1),
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        TILE=tile,
+        num_warps=4,
+    )
+    top = torch.topk(score[..., :n_max], k_top, dim=-1).indices
+    chosen = torch.arange(k_top, device=q.device) < budgets[..., None]
+    top = torch.where(chosen, top, torch.full_like(top, n_max)).sort(dim=-1).values.clamp(max=n_max - 1)
+    pages = block_tables[:, :n_max].gather(1, top.flatten(1)).view_as(top)
+    tail = (n_kv - (nb - 1) * block_size).view(-1, 1)
+    lens = ((budgets - 1) * block_size + tail).to(torch.int32)
+    return pages, lens
+
+
 @torch.no_grad()
 def select_blocks(q, kmin, kmax, block_tables, n_kv, budgets, block_size):
     """Per (sequence, KV head) compacted tables [B, Hkv, K] int32 and lengths [B, Hkv] int32.
