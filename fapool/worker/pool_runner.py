@@ -148,7 +148,15 @@ class PoolModelRunner(ModelRunner):
         m = config.model
         group = m.num_queries_per_kv
         if self.mode == "head":
-            self.kv_heads = HEAD_POLICIES[pool.head_placement](m.num_key_value_heads, self.worker_ids, None)
+            # With a sparse-attention profile, heads weigh what their budgets cost (seed 003's
+            # sparsity-aware placement); otherwise every head weighs the same.
+            weights = None
+            if config.sparse_attention:
+                from fapool.sparse.placement import head_weights
+                from fapool.sparse.profile import SparseProfile
+
+                weights = head_weights(SparseProfile.load(config.sparse_attention).kv_budget)
+            self.kv_heads = HEAD_POLICIES[pool.head_placement](m.num_key_value_heads, self.worker_ids, weights)
         else:
             self.kv_heads = {w: list(range(m.num_key_value_heads)) for w in self.worker_ids}
         self._head_idx = {

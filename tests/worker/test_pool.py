@@ -174,3 +174,22 @@ def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints,
         assert "no answer within 2 s" in llm.engine.worker_failures[0][1]
         assert got == reference("llama")
         runner.workers.procs[runner.topology.attention_rank(2)].kill()  # don't wait out its sleep
+
+
+def test_head_placement_weighs_heads_by_sparse_budgets(tiny_checkpoints, tmp_path):
+    """Head mode with a sparse profile: LPT places heads by their budgets (seed 003), so the
+    one expensive head gets a worker to itself."""
+    from fapool.sparse.profile import SparseProfile
+
+    folder = tiny_checkpoints["mistral"][0]  # 4 KV heads, 2 layers
+    profile = SparseProfile(
+        model="tiny-mistral", block_size=4, target_recall=0.95, min_blocks=1, num_layers=2, num_heads=4,
+        num_kv_heads=4, kv_budget=[[1.0, 0.1, 0.1, 0.1]] * 2,
+    )
+    path = str(tmp_path / "profile.json")
+    profile.save(path)
+    kw = _engine_kwargs(attention_workers=2, pool_mode="head", head_placement="lpt", **POOL)
+    with LLM(folder, **{**kw, "sparse_attention": path}) as llm:
+        assert llm.engine.runner.kv_heads == {1: [0], 2: [1, 2, 3]}
+    with LLM(folder, **kw) as llm:  # no profile: equal weights, two heads each
+        assert sorted(map(len, llm.engine.runner.kv_heads.values())) == [2, 2]
