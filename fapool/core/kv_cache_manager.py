@@ -55,7 +55,7 @@ class KVCacheManager:
         return pm.pool_start
 
     def pool_segments(self, request_id: str) -> list[Segment]:
-        return self.pool_manager.snapshot(request_id) if self.pool_manager is not None else []
+        return self.pool_manager.segments_of(request_id) if self.pool_manager is not None else []
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's local block ids, kept up to date as blocks are added (so a step costs

@@ -28,6 +28,18 @@ from fapool.core.block_pool import BlockPool, KVBlock
 class Placement:
     worker: int  # pool worker id, 1..attention_workers (0 is the local worker)
     blocks: list[KVBlock] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # kept in step with blocks: no per-step rebuild
+
+    def add(self, blocks: list[KVBlock]) -> None:
+        self.blocks.extend(blocks)
+        self.block_ids.extend(b.block_id for b in blocks)
+
+    def replace(self, idx: int, block: KVBlock) -> None:
+        self.blocks[idx] = block
+        self.block_ids[idx] = block.block_id
+
+    def copy(self) -> Placement:
+        return Placement(self.worker, list(self.blocks), list(self.block_ids))
 
 
 @dataclass
@@ -113,7 +125,7 @@ class PoolManager:
                 start = self.pool_start + sum(s.num_blocks for s in segs) * self.block_size
                 segs.append(Segment(start, [Placement(w) for w in workers]))
             for placement in segs[-1].placements:
-                placement.blocks.extend(self.pools[placement.worker].get_new_blocks(count))
+                placement.add(self.pools[placement.worker].get_new_blocks(count))
         assigned = self.assigned.setdefault(request_id, [])
         for _, workers, _ in plan:
             assigned.extend(w for w in workers if w not in assigned)
@@ -180,7 +192,7 @@ class PoolManager:
             (fresh,) = self.pools[p.worker].get_new_blocks(1)
             self._pending_copies.append((p.worker, p.blocks[idx].block_id, fresh.block_id))
             self.pools[p.worker].free_blocks([p.blocks[idx]])
-            p.blocks[idx] = fresh
+            p.replace(idx, fresh)
         return True
 
     def _locate(self, request_id: str, position: int) -> tuple[Segment | None, int]:
@@ -194,7 +206,7 @@ class PoolManager:
         segs = self.segments.get(parent_id)
         if not segs:
             return
-        child = [Segment(s.start, [Placement(p.worker, list(p.blocks)) for p in s.placements]) for s in segs]
+        child = [Segment(s.start, [p.copy() for p in s.placements]) for s in segs]
         for s in child:
             for p in s.placements:
                 self.pools[p.worker].touch(p.blocks)
@@ -219,9 +231,7 @@ class PoolManager:
         copies, self._pending_copies = self._pending_copies, []
         return copies
 
-    def snapshot(self, request_id: str) -> list[Segment]:
-        """A copy of the request's segments for the step plan (block ids frozen now)."""
-        return [
-            Segment(s.start, [Placement(p.worker, list(p.blocks)) for p in s.placements])
-            for s in self.segments.get(request_id, [])
-        ]
+    def segments_of(self, request_id: str) -> list[Segment]:
+        """The request's segments, live (read-only for callers): a step plan reads their block
+        ids without copying, so per-step work does not grow with the context."""
+        return self.segments.get(request_id, [])

@@ -134,11 +134,11 @@ def plan_micro_batch(
                 r = route(placement.worker)
                 for p in range(new_lo, new_hi):
                     rel = p - seg.start
-                    r.batch.kv_slots.append(placement.blocks[rel // block_size].block_id * block_size + rel % block_size)
+                    r.batch.kv_slots.append(placement.block_ids[rel // block_size] * block_size + rel % block_size)
                     r.kv_rows.append(offset + p - c)
                 if k in parts:
                     a, b = parts[k]
-                    entry = Entry(b - a, c + a, seg.start, seg_end - seg.start, [blk.block_id for blk in placement.blocks])
+                    entry = Entry(b - a, c + a, seg.start, seg_end - seg.start, placement.block_ids)
                     add_entry(placement.worker, s.request.request_id, entry, offset + a)
         offset += n
 
