@@ -85,6 +85,9 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
               "dtype": config.dtype, "block_size": config.cache.block_size}
 
     fapool_run(llm, prompts[:1], 2)  # warm-up
+    step_stats = getattr(llm.engine.runner, "step_stats", None)
+    if step_stats is not None:
+        step_stats.clear()  # the breakdown covers the timed runs only
     e2e, ttft, tpot = [], [], []
     for _ in range(ns.iters):
         dt, outs = fapool_run(llm, prompts, ns.output_len)
@@ -98,6 +101,12 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
         "output_tokens_per_s": n * ns.output_len / statistics.median(e2e),
     }
     result: dict[str, Any] = {"env": environment(device), "mode": mode, "shapes": shapes, "fapool": ours}
+    if step_stats:  # attention pool or TP/PP: where the time went, per worker
+        from fapool.entrypoints.breakdown import breakdown_table, summarize
+
+        result["breakdown"] = summarize(step_stats)
+        console.print(breakdown_table(result["breakdown"]))
+    llm.shutdown()
 
     hf = None
     if ns.hf:
