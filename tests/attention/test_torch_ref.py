@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from paged_cases import shard_metadata
 from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials, merge_tree
 
 
@@ -91,22 +92,7 @@ def test_shards_merge_to_the_whole(num_shards):
     tables = meta.block_tables.tolist()
     outs, lses = [], []
     for shard in range(num_shards):
-        sub_tables, kv_lens, kv_start = [], [], []
-        for s, (ctx, ql) in enumerate(specs):
-            nb = math.ceil((ctx + ql) / block_size)
-            lo = nb * shard // num_shards
-            hi = nb * (shard + 1) // num_shards
-            sub_tables.append(tables[s][lo:hi])
-            kv_start.append(lo * block_size)
-            kv_lens.append(max(0, min(ctx + ql, hi * block_size) - lo * block_size))
-        sub = AttentionMetadata.build(
-            query_lens=[ql for _, ql in specs],
-            query_pos_start=[c for c, _ in specs],
-            kv_lens=kv_lens,
-            block_tables=sub_tables,
-            slot_mapping=meta.slot_mapping.tolist(),
-            kv_start=kv_start,
-        )
+        sub = shard_metadata(specs, tables, meta.slot_mapping.tolist(), block_size, num_shards, shard)
         o, l = backend.forward(q, kc, vc, sub, 0.25)
         outs.append(o)
         lses.append(l)
