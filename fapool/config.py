@@ -141,6 +141,10 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # Schedule step n+1 while step n runs on the device: greedy tokens stay on the device as the
+    # next step's inputs and reach the host one step late (vLLM's async scheduling, SGLang's
+    # overlap scheduler). None: on where the device runs asynchronously (CUDA), off on CPU.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -55,6 +55,9 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by a step still running on the device (async scheduling): counted as
+        # scheduled input, not yet known on the host. At most one when the scheduler runs.
+        self.num_output_placeholders = 0
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         # Siblings still to be forked when the prompt finishes (n - 1 for a fresh group).
@@ -76,8 +79,23 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_output_placeholders
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without concatenating the whole sequence first (the hot
+        paths ask for a block or a token of a long sequence every step)."""
+        prompt = self.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return prompt[start:] + self.output_token_ids[: end - n]
 
     @property
     def num_output_tokens(self) -> int:

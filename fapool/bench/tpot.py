@@ -16,7 +16,9 @@ Three parts, measured in one process on one GPU so the ratios hold:
 
 TPOT here is the wall time of an engine step during steady decode (every request past its
 prompt), median over `--decode-steps` steps: scheduler, graph replay, sampling and output
-processing included. HF's is (generate(1 + n) - generate(1)) / n, as bench/anchors.py does.
+processing included, with async scheduling (host work of step n+1 overlapped with the GPU's
+step n); `tpot_sync_ms` is the same batch with it off. HF's is (generate(1 + n) - generate(1)) / n,
+as bench/anchors.py does.
 """
 
 from __future__ import annotations
@@ -118,10 +120,16 @@ def measure_engine(
 ) -> dict[str, Any]:
     """Prefill `batch` prompts of `context` tokens, then time `steps` decode steps of the whole
     batch (max_tokens leaves room for the tokens early requests decode while later ones are
-    still in prefill, so no request finishes inside the timed window)."""
+    still in prefill, so no request finishes inside the timed windows).
+
+    With async scheduling on, the steps are timed as they run (host work overlapped with the
+    GPU), then the same batch is timed for `steps` more with async scheduling off, where the
+    runner is synced after each step to split the step into runner and engine host time."""
     budget = engine.config.scheduler.max_num_batched_tokens
     prefill_steps = -(-batch * context // budget) + 1
-    params = SamplingParams(temperature=0.0, max_tokens=2 + warmup + steps + prefill_steps, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=4 + warmup + 2 * steps + prefill_steps, ignore_eos=True
+    )
     prompts = random_prompts(batch, context, engine.config.model.vocab_size, seed=batch * 1_000_003 + context)
     ids = [engine.add_request(p, params) for p in prompts]
     reqs = [engine.groups[i][0] for i in ids]
@@ -131,6 +139,15 @@ def measure_engine(
     prefill_s = time.perf_counter() - t0
     for _ in range(warmup):
         engine.step()
+    use_async = engine.async_scheduling
+    async_times = []
+    if use_async:
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            async_times.append(time.perf_counter() - t)
+        engine.async_scheduling = False
+        engine.step()  # drains the step in flight
     runner = engine.runner
     execute, exec_times = runner.execute, []
 
@@ -150,6 +167,7 @@ def measure_engine(
             times.append(time.perf_counter() - t)
     finally:
         del runner.execute
+        engine.async_scheduling = use_async
     stats = engine.stats()
     graph_ms = None
     graphs = runner.decode_graphs if runner.use_cuda_graphs else None
@@ -169,19 +187,24 @@ def measure_engine(
             ]
     for rid in ids:
         engine.abort_request(rid)
-    step_ms, exec_ms = statistics.median(times) * 1e3, statistics.median(exec_times) * 1e3
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync_ms, exec_ms = statistics.median(times) * 1e3, statistics.median(exec_times) * 1e3
+    step_ms = statistics.median(async_times) * 1e3 if use_async else sync_ms
     return {
         "batch": batch,
         "context": context,
+        "async_scheduling": use_async,
         "tpot_ms": step_ms,
-        "tpot_mean_ms": statistics.fmean(times) * 1e3,
+        "tpot_mean_ms": statistics.fmean(async_times or times) * 1e3,
+        "tpot_sync_ms": sync_ms,  # async scheduling off, the steps after the timed ones
         "graph_replay_ms": graph_ms,
-        "runner_ms": exec_ms,  # prepare + GPU
-        "engine_host_ms": step_ms - exec_ms,  # schedule + sample + outputs
+        "runner_ms": exec_ms,  # sync steps: prepare + GPU
+        "engine_host_ms": sync_ms - exec_ms,  # sync steps: schedule + sample + outputs
         "runner_host_ms": exec_ms - graph_ms if graph_ms else None,
         "prefill_s": prefill_s,
         "num_running": stats.num_running,
-        "kv_tokens_read": batch * (context + 1 + warmup + steps / 2),  # mean context over the timed steps
+        "kv_tokens_read": batch * (context + 1 + warmup + steps / 2),  # mean context, first timed steps
         "kv_utilisation": stats.kv_utilisation,
         "kv_blocks_used": stats.kv_blocks_used,
         **({"kernel_profile": kernels} if kernels else {}),
@@ -451,6 +474,10 @@ def plot(res: dict, out_dir: str) -> list[str]:
         rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["context"])
         ctx = [r["context"] for r in rs]
         ax.plot(ctx, [r["tpot_ms"] for r in rs], "-o", color="C0", label="fapool seed000, engine step")
+        if all(r.get("tpot_sync_ms") for r in rs) and any(r.get("async_scheduling") for r in rs):
+            ax.plot(
+                ctx, [r["tpot_sync_ms"] for r in rs], "-x", color="C1", alpha=0.7, label="fapool, async scheduling off"
+            )
         ax.plot(
             ctx,
             [r["graph_replay_ms"] for r in rs],
@@ -511,6 +538,7 @@ def _short(row: dict) -> dict:
         "batch",
         "context",
         "tpot_ms",
+        "tpot_sync_ms",
         "graph_replay_ms",
         "roofline_ms",
         "x_roofline",

@@ -152,10 +152,10 @@ class KVCacheManager:
         if num_full <= done:
             return
         hashes = self._hashes.setdefault(rid, [])
-        tokens = request.all_token_ids
         parent = hashes[-1] if hashes else None
+        bs = self.block_size
         for i in range(done, num_full):
-            parent = hash_block_tokens(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            parent = hash_block_tokens(parent, request.token_slice(i * bs, (i + 1) * bs))
             hashes.append(parent)
             self.pool.cache_block(table[i], parent)
         self._num_hashed[rid] = num_full

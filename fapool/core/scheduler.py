@@ -30,7 +30,7 @@ class ScheduledRequest:
     def completes_known_tokens(self) -> bool:
         """True when this step computes up to the request's last known token, so its logits
         give the next token (false for a non-final prefill chunk)."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens_with_placeholders
 
 
 @dataclass
@@ -79,7 +79,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
+            if req.num_output_placeholders and req.num_output_tokens + req.num_output_placeholders >= req.max_tokens:
+                num_new = 0  # the token still in flight is its last one
             if num_new <= 0:
                 i += 1
                 continue
@@ -102,6 +104,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             req = self.waiting[0]
+            if req.num_output_placeholders:  # preempted with a token in flight: wait for it
+                break
             computed, num_cached = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, num_new, computed):

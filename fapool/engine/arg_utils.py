@@ -37,6 +37,7 @@ class EngineArgs:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
+    async_scheduling: bool | None = None  # default: on for CUDA, off on CPU
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -66,6 +67,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
+                async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size),
             pool=PoolConfig(
@@ -100,6 +102,10 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, default=128)
         g.add_argument("--max-num-batched-tokens", type=int, default=2048)
         g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument(
+            "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+            help="schedule the next step while the device runs this one (default: on for CUDA)",
+        )
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--tp", dest="tensor_parallel_size", type=int, default=1)
         g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=1)

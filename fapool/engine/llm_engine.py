@@ -20,7 +20,7 @@ from fapool.layers.sampler import SampleRow, sample
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
 from fapool.sampling_params import SamplingParams
-from fapool.worker.model_runner import ModelRunner
+from fapool.worker.model_runner import ModelRunner, PendingTokens
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ class EngineStats:
         return 0.0 if cap == 0 else self.kv_tokens_used / cap
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose greedy tokens have not been processed yet (async scheduling)."""
+
+    pending: PendingTokens
+    groups: list[str]  # request groups it touched, in order
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -77,6 +85,13 @@ class LLMEngine:
             pool_manager = PoolManager(config.pool, config.cache.block_size, self.runner.worker_num_blocks)
         else:
             self.runner = ModelRunner(config, model, backend)
+        # Async scheduling runs on the single-process runner; the pool and TP/PP runners keep
+        # their own per-step exchanges with worker processes and step synchronously.
+        want_async = config.scheduler.async_scheduling
+        if want_async is None:
+            want_async = config.device.startswith("cuda")
+        self.async_scheduling = bool(want_async) and type(self.runner) is ModelRunner
+        self._inflight: _InFlight | None = None
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         pool = BlockPool(num_blocks, enable_caching=config.cache.enable_prefix_caching)
@@ -154,13 +169,72 @@ class LLMEngine:
             self.outputs.forget(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     # The step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return [self._finalize(r.group_id) for r in sched.failed if r.group_id in self.groups]
+        if not sched.is_empty and self._can_launch(sched):
+            outputs = self._launch(sched)
+        else:
+            outputs = self._drain()
+            # The drained step may have stopped requests that this one scheduled blind.
+            sched.scheduled = [s for s in sched.scheduled if not s.request.finished]
+            if not sched.is_empty:
+                outputs += self._step_sync(sched)
+        outputs += [self._finalize(r.group_id) for r in sched.failed if r.group_id in self.groups]
+        return _latest(outputs)
+
+    def _can_launch(self, sched) -> bool:
+        """Async only when every token due is greedy without logprobs (argmax on the device)
+        and no prompt forks siblings this step (forking needs the tokens on the host)."""
+        if not self.async_scheduling:
+            return False
+        for s in sched.scheduled:
+            if s.completes_known_tokens:
+                req = s.request
+                if not req.params.greedy or req.params.logprobs is not None or req.num_pending_forks:
+                    return False
+        return True
+
+    def _launch(self, sched) -> list[RequestOutput]:
+        """Launch this step, then process the previous one while the device runs this one.
+
+        Timeline (host above, device below): the host schedules and fills step n+1 and
+        processes step n-1's tokens while the device computes step n.
+
+            host    | sched n | launch n | process n-1 | sched n+1 | launch n+1 | process n |
+            device            |======== step n ========|====== step n+1 ======|
+
+        A request that stopped at step n-1 has been scheduled blind for step n; that result is
+        dropped when step n is processed (its KV write lands in blocks it no longer owns, but
+        before any later step can reuse them: the device runs steps in order)."""
+        pending = self.runner.launch(sched)
+        for s in sched.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        for s in pending.due:
+            s.request.num_output_placeholders += 1
+        drained = self._drain()
+        groups = list(dict.fromkeys(s.request.group_id for s in sched.scheduled))
+        self._inflight = _InFlight(pending, groups)
+        return drained
+
+    def _drain(self) -> list[RequestOutput]:
+        """Process the in-flight step's tokens (waits for them) and finalize its groups."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        for s, tok in zip(inflight.pending.due, inflight.pending.tokens()):
+            req = s.request
+            req.num_output_placeholders -= 1
+            if req.finished:  # stopped or aborted after this step was scheduled
+                continue
+            status = self.outputs.on_token(req, tok, None)
+            if status is not None:
+                self.scheduler.finish(req, status)
+        return [self._finalize(g) for g in inflight.groups if g in self.groups]
+
+    def _step_sync(self, sched) -> list[RequestOutput]:
         logits, due = self.runner.execute(sched)
         lost = self._handle_worker_failures()
         if lost:
@@ -253,6 +327,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop worker processes (a no-op for a single-process engine)."""
+        self._inflight = None
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
@@ -283,3 +358,12 @@ class LLMEngine:
             for i, bid in enumerate(self.kv.block_ids(req.request_id)):
                 fill[bid] = max(fill.get(bid, 0), min(bs, req.num_computed_tokens - i * bs))
         return sum(max(0, v) for v in fill.values())
+
+
+def _latest(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request group, its latest, in first-seen order (a step that drains the
+    previous one and then runs its own can touch a group twice)."""
+    latest: dict[str, RequestOutput] = {}
+    for out in outputs:
+        latest[out.request_id] = out
+    return list(latest.values())

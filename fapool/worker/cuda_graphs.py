@@ -6,12 +6,17 @@ Replaying a captured graph launches them all at once. A graph reads fixed addres
 step's inputs go through static buffers:
 
     host (pinned)                     device (static)             inside the graph
-    vec [4, max_batch] int64   --->   vec: token ids, positions,  query_pos_start, kv_lens
-                                           slots, kv lens           (int32 casts)
+    vec [5, max_batch] int64   --->   vec: token ids, positions,  query_pos_start, kv_lens
+                                           slots, kv lens, src      (int32 casts)
     table [max_batch, max_blocks] -> table (block tables)        block_tables[:batch]
+                                      sampled [max_batch] int64 <- argmax of the logits
 
 Two H2D copies a step. Rows past the real batch are padding: slot -1 (no KV written), kv len 0
 (the decode kernel writes zeros and lse -inf), token 0.
+
+Async scheduling: a row whose input token was sampled by the step still in flight has src >= 0,
+its row in that step's device tokens; one gather before the replay puts it into the token ids
+(outside the graph, so a capture's warm-up run, which rewrites `sampled`, cannot change it).
 
 Per-step host work is O(batch), not O(context): each row's block table is kept in the pinned
 buffer and only the entries from the request's previous last block on are rewritten (the
@@ -53,13 +58,13 @@ class DecodeInputs:
 
     CPU-testable (pinned memory only when `pin` is true)."""
 
-    IDS, POS, SLOT, KV_LEN = range(4)
+    IDS, POS, SLOT, KV_LEN, SRC = range(5)
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, pin: bool) -> None:
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.block_size = block_size
-        self.vec = torch.zeros((4, max_batch), dtype=torch.int64, pin_memory=pin)
+        self.vec = torch.zeros((5, max_batch), dtype=torch.int64, pin_memory=pin)
         self.table = torch.zeros((max_batch, max_blocks), dtype=torch.int32, pin_memory=pin)
         self._vec = self.vec.numpy()
         self._table = self.table.numpy()
@@ -68,8 +73,12 @@ class DecodeInputs:
         self._row_len = [0] * max_batch
         self.rows_rewritten = 0  # entries written into the table (tests, profiling)
 
-    def fill(self, scheduled: Sequence[ScheduledRequest], padded: int) -> int:
-        """Write a batch of one-token steps into rows [0, padded); returns the longest KV."""
+    def fill(
+        self, scheduled: Sequence[ScheduledRequest], padded: int, prev_rows: dict[str, int] | None = None
+    ) -> tuple[int, bool]:
+        """Write a batch of one-token steps into rows [0, padded). A token the host does not
+        have yet (async scheduling) is read from row `prev_rows[request_id]` of the in-flight
+        step's tokens. Returns the longest KV and whether any row reads such a token."""
         n = len(scheduled)
         if not 0 < n <= padded <= self.max_batch:
             raise ValueError(f"batch of {n} padded to {padded} does not fit {self.max_batch} rows")
@@ -78,10 +87,20 @@ class DecodeInputs:
         pos = [s.num_computed_tokens for s in scheduled]
         toks = []
         slots = []
+        src = [-1] * n
         for i, s in enumerate(scheduled):
             req, p, ids = s.request, pos[i], s.block_ids
             prompt = req.prompt_token_ids
-            toks.append(prompt[p] if p < len(prompt) else req.output_token_ids[p - len(prompt)])
+            if p < len(prompt):
+                toks.append(prompt[p])
+            elif p - len(prompt) < len(req.output_token_ids):
+                toks.append(req.output_token_ids[p - len(prompt)])
+            else:  # sampled by the step in flight
+                row = None if prev_rows is None else prev_rows.get(req.request_id)
+                if row is None:
+                    raise RuntimeError(f"request {req.request_id}: input token is neither known nor in flight")
+                src[i] = row
+                toks.append(0)
             slots.append(ids[p // bs] * bs + p % bs)
             num_blocks = len(ids)
             if num_blocks > self.max_blocks:
@@ -103,10 +122,12 @@ class DecodeInputs:
         vec[self.POS, :n] = pos
         vec[self.SLOT, :n] = slots
         vec[self.KV_LEN, :n] = vec[self.POS, :n] + 1
+        vec[self.SRC, :n] = src
         if padded > n:
             vec[:, n:padded] = 0
             vec[self.SLOT, n:padded] = -1
-        return max(pos) + 1
+            vec[self.SRC, n:padded] = -1
+        return max(pos) + 1, max(src) >= 0
 
 
 @contextlib.contextmanager
@@ -145,6 +166,7 @@ class DecodeGraphs:
         self._table = torch.zeros_like(self.inputs.table, device=self.device)
         self._query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
         self._kv_start = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
+        self.sampled = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
         self._copied = torch.cuda.Event()
         self._copied.record()
         self._pool = torch.cuda.graph_pool_handle()
@@ -159,19 +181,29 @@ class DecodeGraphs:
                 return size
         return None
 
-    def run(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Logits [len(scheduled), vocab] float32 of a decode-only batch. The tensor is a view
-        of the graph's output: read it before the next step."""
+    def run(
+        self,
+        scheduled: Sequence[ScheduledRequest],
+        prev_tokens: torch.Tensor | None = None,
+        prev_rows: dict[str, int] | None = None,
+    ) -> torch.Tensor:
+        """Logits [len(scheduled), vocab] float32 of a decode-only batch; their argmax lands in
+        `sampled[:len(scheduled)]`. Both are views of the graph's outputs: read them before the
+        next step. `prev_tokens`/`prev_rows`: the in-flight step's tokens (async scheduling)."""
         n = len(scheduled)
         padded = self.padded_size(n)
         if padded is None:
             raise ValueError(f"a decode batch of {n} exceeds the largest graph ({self.max_batch})")
         # The pinned buffers are reused: the previous step's copy out of them must be done.
         self._copied.synchronize()
-        max_kv = self.inputs.fill(scheduled, padded)
+        max_kv, gather = self.inputs.fill(scheduled, padded, prev_rows)
         self._vec.copy_(self.inputs.vec, non_blocking=True)
         self._table[:padded].copy_(self.inputs.table[:padded], non_blocking=True)
         self._copied.record()
+        if gather:
+            assert prev_tokens is not None
+            ids, src = self._vec[DecodeInputs.IDS, :n], self._vec[DecodeInputs.SRC, :n]
+            ids.copy_(torch.where(src >= 0, prev_tokens.index_select(0, src.clamp(min=0)), ids))
         splits = self._auto_num_splits(
             padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device
         )
@@ -200,7 +232,9 @@ class DecodeGraphs:
         hidden = self.model(
             vec[DecodeInputs.IDS, :batch], vec[DecodeInputs.POS, :batch], self.kv_caches, meta
         )
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        self.sampled[:batch].copy_(logits.argmax(dim=-1))  # greedy, for async scheduling
+        return logits
 
     def _capture(self, batch: int, splits: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The buffers already hold this step's batch: the warm-up run computes it (compiling

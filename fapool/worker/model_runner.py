@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
+@dataclass
+class PendingTokens:
+    """Greedy tokens of a launched step, on their way to the host (async scheduling)."""
+
+    due: list[ScheduledRequest]  # one token each, in order
+    host: torch.Tensor  # int64 [len(due)]; pinned and filled by a non-blocking copy on CUDA
+    ready: torch.cuda.Event | None  # recorded after that copy; None on CPU (already there)
+
+    def tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         self.config = config
@@ -41,6 +56,10 @@ class ModelRunner:
         # torch reference's KV write does, so graphs need the Triton backend.
         self.use_cuda_graphs = on_gpu and getattr(backend, "name", "") == "triton"
         self.decode_graphs: DecodeGraphs | None = None
+        # The last launched step's sampled tokens (device) and each due request's row in them:
+        # where the next step reads a token the host does not have yet.
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[str, int] = {}
         if on_gpu:
             from fapool.layers.fused import fuse_model
 
@@ -122,10 +141,15 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        fills: list[tuple[int, int]] = []  # (flat index, row of the previous step's tokens)
         bs = self.block_size
         for s in out.scheduled:
             start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            input_ids += _token_slice(s.request, start, end)
+            known = min(end, s.request.num_tokens)
+            input_ids += s.request.token_slice(start, known)
+            if known < end:  # its last token was sampled by the step still in flight
+                fills.append((len(input_ids), self._prev_row(s.request)))
+                input_ids.append(0)
             positions += range(start, end)
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
         meta = AttentionMetadata.build(
@@ -137,8 +161,17 @@ class ModelRunner:
             device=self.device,
         )
         ids = self._to_device(torch.tensor(input_ids, dtype=torch.long))
+        if fills:
+            at, rows = (self._to_device(torch.tensor(c, dtype=torch.long)) for c in zip(*fills))
+            ids[at] = self._prev_tokens.index_select(0, rows)  # type: ignore[union-attr]
         pos = self._to_device(torch.tensor(positions, dtype=torch.long))
         return ids, pos, meta
+
+    def _prev_row(self, req: Request) -> int:
+        row = self._prev_rows.get(req.request_id)
+        if row is None or req.num_tokens_with_placeholders - req.num_tokens != 1:
+            raise RuntimeError(f"request {req.request_id}: input token is neither known nor in flight")
+        return row
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -153,6 +186,7 @@ class ModelRunner:
         due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
         due = [out.scheduled[i] for i in due_rows]
         graphs = self._graphs_for(out)
+        self._prev_rows = {}  # a synchronous step: every input token is on the host
         if graphs is not None:
             logits = graphs.run(out.scheduled)  # one row per request
             if len(due_rows) < len(out.scheduled):  # a one-token prompt chunk that is not the last
@@ -165,6 +199,37 @@ class ModelRunner:
         ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))  # exclusive ends
         rows = torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long)
         return self.model.compute_logits(hidden[self._to_device(rows)]), due
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> PendingTokens:
+        """Run one step with greedy sampling on the device and return without waiting for it.
+        The sampled tokens stay on the device as the next step's inputs (for requests whose
+        last token is a placeholder) and are copied to the host in the background."""
+        self.copy_blocks(out.block_copies)
+        due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
+        due = [out.scheduled[i] for i in due_rows]
+        graphs = self._graphs_for(out)
+        if graphs is not None:
+            graphs.run(out.scheduled, self._prev_tokens, self._prev_rows)
+            sampled = graphs.sampled  # one row per scheduled request, argmax inside the graph
+            rows = due_rows
+        else:
+            ids, pos, meta = self.prepare(out)
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+            ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))
+            last = self._to_device(torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long))
+            sampled = self.model.compute_logits(hidden[last]).argmax(dim=-1) if due else last
+            rows = list(range(len(due)))
+        self._prev_tokens = sampled
+        self._prev_rows = {s.request.request_id: r for s, r in zip(due, rows)}
+        mine = sampled[: len(due)] if rows == list(range(len(due))) else sampled[self._to_device(torch.tensor(rows))]
+        if self.device.type != "cuda":
+            return PendingTokens(due, mine, None)
+        host = torch.empty(len(due), dtype=torch.long, pin_memory=True)
+        host.copy_(mine, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingTokens(due, host, ready)
 
     def _graphs_for(self, out: SchedulerOutput) -> DecodeGraphs | None:
         """The decode graphs, when this step is one they can run: every request has exactly one
@@ -186,14 +251,3 @@ class ModelRunner:
         if self.decode_graphs.padded_size(len(out.scheduled)) is None:
             return None
         return self.decode_graphs
-
-
-def _token_slice(req: Request, start: int, end: int) -> list[int]:
-    """req.all_token_ids[start:end] without concatenating the whole sequence first."""
-    prompt = req.prompt_token_ids
-    n = len(prompt)
-    if end <= n:
-        return prompt[start:end]
-    if start >= n:
-        return req.output_token_ids[start - n : end - n]
-    return prompt[start:] + req.output_token_ids[: end - n]

@@ -46,8 +46,8 @@ def _sched(req, blocks):
 
 
 def _expected(scheduled, padded, max_blocks):
-    vec = torch.zeros(4, padded, dtype=torch.int64)
-    vec[2] = -1
+    vec = torch.zeros(5, padded, dtype=torch.int64)
+    vec[2] = vec[4] = -1  # slots and in-flight sources of padding rows
     table = {}
     for i, s in enumerate(scheduled):
         p = s.num_computed_tokens
@@ -105,6 +105,23 @@ def test_decode_inputs_incremental_table_matches_rebuild():
     batch = [_sched(reqs[r], blocks[r]) for r in "abd"]
     inputs.fill(batch, 4)
     _check(inputs, batch, 4)
+
+
+def test_decode_inputs_token_in_flight():
+    """Async scheduling: a row whose input token is still on the device gets its source row."""
+    inputs = DecodeInputs(max_batch=4, max_blocks=8, block_size=BS, pin=False)
+    a, b = _req("a", 20, 2, 0), _req("b", 33, 0, 1)
+    b.num_output_placeholders = 1  # b's first token was sampled by the step in flight
+    batch = [_sched(a, [0, 1]), ScheduledRequest(b, 1, 33, [2, 3, 4])]
+    max_kv, gather = inputs.fill(batch, 4, prev_rows={"b": 5})
+    assert (max_kv, gather) == (34, True)
+    assert inputs.vec[DecodeInputs.SRC, :4].tolist() == [-1, 5, -1, -1]
+    assert inputs.vec[DecodeInputs.IDS, 1] == 0 and inputs.vec[DecodeInputs.IDS, 0] == a.all_token_ids[21]
+    with pytest.raises(RuntimeError, match="neither known nor in flight"):
+        inputs.fill(batch, 4, prev_rows={})
+    b.output_token_ids.append(7)  # the token arrived: read from the host again
+    b.num_output_placeholders = 0
+    assert inputs.fill(batch, 4)[1] is False and inputs.vec[DecodeInputs.IDS, 1] == 7
 
 
 def test_decode_inputs_rejects_overflow():
@@ -165,6 +182,24 @@ def test_graphs_through_fork_and_preemption(tiny_checkpoints):
     assert runner.decode_graphs.graphs
     eager = _greedy_tokens(_run(folder, graphs=False, **kw)[0], prompts, [60] * 4, n=2)
     assert with_graphs == eager
+
+
+@needs_gpu
+def test_async_scheduling_matches_sync(tiny_checkpoints):
+    """Async steps read the in-flight step's tokens on the device (a gather before the graph
+    replay, or in the eager path); the tokens equal synchronous steps, through preemption."""
+    folder = tiny_checkpoints["llama"][0]
+    prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=6)
+    max_tokens = [40, 12, 25, 33, 5, 40, 18]
+    for kw in ({}, {"num_kv_blocks": 40, "max_num_batched_tokens": 64}):
+        llm, runner = _run(folder, async_scheduling=True, **kw)
+        assert llm.engine.async_scheduling
+        asyn = _greedy_tokens(llm, prompts, max_tokens)
+        assert runner.decode_graphs is not None and runner.decode_graphs.graphs
+        sync = _greedy_tokens(_run(folder, async_scheduling=False, **kw)[0], prompts, max_tokens)
+        assert asyn == sync
+        if kw:
+            assert llm.engine.scheduler.num_preemptions > 0
 
 
 @needs_gpu

@@ -1,0 +1,121 @@
+"""Async scheduling (a step is launched before the previous one's tokens reach the host): the
+tokens must be exactly those of the synchronous engine, through chunked prefill, prefix hits,
+stops found one step late, preemption, aborts and batches that fall back to synchronous steps.
+
+On the CPU the device work is not asynchronous, but the bookkeeping is the same code: tokens
+on the "device" feed the next step, placeholders, blind steps for requests that just stopped.
+"""
+
+import pytest
+
+from fapool import LLM, SamplingParams
+from tiny_models import random_prompts
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tiny_checkpoints):
+    return tiny_checkpoints["llama"][0]
+
+
+def _llm(folder, async_scheduling, **kw):
+    kw.setdefault("num_kv_blocks", 256)
+    return LLM(folder, device="cpu", block_size=4, async_scheduling=async_scheduling, **kw)
+
+
+def _ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def _run(folder, async_scheduling, prompts, params, **kw):
+    llm = _llm(folder, async_scheduling, **kw)
+    assert llm.engine.async_scheduling is async_scheduling
+    outs = llm.generate(_ids(prompts), params)
+    stats = llm.engine.stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.kv_blocks_used == 0  # nothing leaked by blind steps or drops
+    return outs
+
+
+def test_first_step_is_in_flight(llama_folder):
+    llm = _llm(llama_folder, True)
+    llm.engine.add_request(random_prompts([9], seed=1)[0], SamplingParams(temperature=0.0, max_tokens=3))
+    assert llm.engine.step() == []  # the prompt's token is still on its way
+    assert llm.engine._inflight is not None
+    req = llm.engine.scheduler.running[0]
+    assert req.num_output_placeholders == 1 and req.num_output_tokens == 0
+    out = llm.engine.step()  # launches the first decode, then processes the prompt step
+    assert out[0].outputs[0].token_ids and req.num_output_placeholders == 1
+
+
+@pytest.mark.parametrize("budget", [2048, 24])  # 24: prompts in chunks, mixed with decodes
+def test_greedy_tokens_equal_sync(llama_folder, budget):
+    prompts = random_prompts([37, 3, 120, 9, 64, 1, 50], seed=21)
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (20, 1, 7, 33, 12, 2, 16)]
+    sync = _run(llama_folder, False, prompts, params, max_num_batched_tokens=budget)
+    asyn = _run(llama_folder, True, prompts, params, max_num_batched_tokens=budget)
+    assert [o.outputs[0].token_ids for o in asyn] == [o.outputs[0].token_ids for o in sync]
+    assert [o.outputs[0].finish_reason for o in asyn] == [o.outputs[0].finish_reason for o in sync]
+
+
+def test_stop_tokens_found_one_step_late(llama_folder):
+    """A request that stops is scheduled once more before the host knows; that token is dropped."""
+    prompts = random_prompts([11, 29, 6], seed=5)
+    free = _run(llama_folder, False, prompts, SamplingParams(temperature=0.0, max_tokens=24))
+    stops = [o.outputs[0].token_ids[k] for o, k in zip(free, (3, 9, 0))]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[t]) for t in stops]
+    sync = _run(llama_folder, False, prompts, params)
+    asyn = _run(llama_folder, True, prompts, params)
+    for a, s, t in zip(asyn, sync, stops):
+        assert a.outputs[0].token_ids == s.outputs[0].token_ids
+        assert a.outputs[0].token_ids[-1] == t and a.outputs[0].finish_reason == "stop"
+
+
+def test_preemption_and_prefix_cache(llama_folder):
+    prefix = random_prompts([24], seed=8)[0]
+    prompts = [prefix + t for t in random_prompts([5, 9, 2, 13], seed=9)]
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    ref = _run(llama_folder, False, prompts, params, num_kv_blocks=512)
+    llm = _llm(llama_folder, True, num_kv_blocks=40)  # far too few blocks for all four at once
+    outs = llm.generate(_ids(prompts), params)
+    assert llm.engine.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+
+
+def test_abort_with_a_step_in_flight(llama_folder):
+    prompts = random_prompts([15, 21, 8], seed=13)
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    ref = _run(llama_folder, False, prompts, params)
+    llm = _llm(llama_folder, True)
+    eng = llm.engine
+    rids = [eng.add_request(p, params) for p in prompts]
+    for _ in range(5):
+        eng.step()
+    assert eng._inflight is not None
+    eng.abort_request(rids[1])
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            assert out.request_id != rids[1]
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert done == {rids[0]: ref[0].outputs[0].token_ids, rids[2]: ref[2].outputs[0].token_ids}
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_sampled_requests_step_synchronously(llama_folder):
+    """A seeded sampled request among greedy ones: those steps run synchronously (sampling needs
+    the logits on the host) and every sequence matches the synchronous engine."""
+    prompts = random_prompts([12, 30, 7], seed=17)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=6),
+        SamplingParams(temperature=0.0, max_tokens=20, logprobs=2),
+    ]
+    sync = _run(llama_folder, False, prompts, params)
+    asyn = _run(llama_folder, True, prompts, params)
+    assert [o.outputs[0].token_ids for o in asyn] == [o.outputs[0].token_ids for o in sync]
+    assert asyn[2].outputs[0].logprobs == sync[2].outputs[0].logprobs
+
+
+def test_default_is_off_on_cpu(llama_folder):
+    assert _llm(llama_folder, None).engine.async_scheduling is False
