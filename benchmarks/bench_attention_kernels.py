@@ -29,7 +29,7 @@ from functools import partial
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DECODE_SHAPES = [(b, n) for b in (16, 32, 64) for n in (2048, 8192, 32768)]
+DECODE_SHAPES = [(1, 32768), (8, 16384)] + [(b, n) for b in (16, 32, 64) for n in (2048, 8192, 32768)] + [(128, 8192)]
 PREFILL_LENS = (4096, 16384)
 DECODE_SWEEP_SHAPES = ((16, 2048), (16, 8192), (16, 32768), (32, 2048), (64, 2048), (32, 8192))
 DECODE_SWEEP_CONFIGS = (  # block_n, num_warps, num_stages

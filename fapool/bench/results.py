@@ -32,6 +32,10 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout; FAPOOL_COMMIT overrides it (the device tool runs a copy of the
+    working tree whose .git can lag behind the commit that was sent)."""
+    if os.environ.get("FAPOOL_COMMIT"):
+        return os.environ["FAPOOL_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo_root(), check=True

@@ -191,7 +191,7 @@ def test_async_scheduling_matches_sync(tiny_checkpoints):
     folder = tiny_checkpoints["llama"][0]
     prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=6)
     max_tokens = [40, 12, 25, 33, 5, 40, 18]
-    for kw in ({}, {"num_kv_blocks": 40, "max_num_batched_tokens": 64}):
+    for kw in ({}, {"num_kv_blocks": 24, "max_num_batched_tokens": 64}):
         llm, runner = _run(folder, async_scheduling=True, **kw)
         assert llm.engine.async_scheduling
         asyn = _greedy_tokens(llm, prompts, max_tokens)
