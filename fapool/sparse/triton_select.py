@@ -116,7 +116,8 @@ def _select_compact_kernel(
     nb = (n_kv + PAGE - 1) // PAGE
     if FROM_FRAC:  # budget_blocks: ceil(frac * nb - 1e-6) in float64, clamped
         frac = tl.load(BUDGET + kvh * stride_gh)
-        k = tl.math.ceil(frac * nb.to(tl.float64) - 1e-6).to(tl.int32)
+        eps = tl.full([], 1e-6, tl.float64)  # a bare 1e-6 would be a float32 constant
+        k = tl.math.ceil(frac * nb.to(tl.float64) - eps).to(tl.int32)
         k = tl.maximum(k, tl.minimum(min_blocks, nb))
     else:
         k = tl.load(BUDGET + seq * stride_gb + kvh * stride_gh).to(tl.int32)
@@ -159,6 +160,49 @@ def _select_compact_kernel(
     has_last = tl.sum((chosen & last).to(tl.int32), 0)
     length = (num_chosen - has_last) * PAGE + has_last * (n_kv - (nb - 1) * PAGE)
     tl.store(LENS + seq * stride_lb + kvh, length)
+
+
+@torch.no_grad()
+def block_scores_triton(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    block_tables: torch.Tensor,
+    n_kv: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Stage 1 alone: score [B, Hkv, W] float32, the bound of each visible block (entries at
+    or past a row's block count are left unwritten). Inputs as select_blocks_triton, checked there."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kmin.shape[1]
+    group = num_heads // num_kv_heads
+    width = block_tables.shape[1]
+    n_kv = n_kv.to(torch.int32)
+    score = torch.empty((num_seqs, num_kv_heads, width), dtype=torch.float32, device=q.device)
+    _block_score_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, SCORE_TILE))](
+        q,
+        kmin,
+        kmax,
+        block_tables,
+        n_kv,
+        score,
+        q.stride(0),
+        q.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        block_tables.stride(0),
+        score.stride(0),
+        score.stride(1),
+        PAGE=block_size,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        TILE=SCORE_TILE,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    return score
 
 
 @torch.no_grad()
@@ -214,36 +258,11 @@ def select_blocks_triton(
         raise ValueError(f"max_pages must lie in [1, {width}] (the block-table width), got {max_pages}")
     n_kv = n_kv.to(torch.int32)
     budgets = budgets.to(torch.float64 if from_frac else torch.int32)
-    device = q.device
-    score = torch.empty((num_seqs, num_kv_heads, width), dtype=torch.float32, device=device)
-    pages = torch.empty((num_seqs, num_kv_heads, max_pages), dtype=torch.int32, device=device)
-    lens = torch.empty((num_seqs, num_kv_heads), dtype=torch.int32, device=device)
+    pages = torch.empty((num_seqs, num_kv_heads, max_pages), dtype=torch.int32, device=q.device)
+    lens = torch.empty((num_seqs, num_kv_heads), dtype=torch.int32, device=q.device)
     if num_seqs == 0:
         return pages, lens
-    group = num_heads // num_kv_heads
-    _block_score_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, SCORE_TILE))](
-        q,
-        kmin,
-        kmax,
-        block_tables,
-        n_kv,
-        score,
-        q.stride(0),
-        q.stride(1),
-        kmin.stride(0),
-        kmin.stride(1),
-        block_tables.stride(0),
-        score.stride(0),
-        score.stride(1),
-        PAGE=block_size,
-        GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        TILE=SCORE_TILE,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-    )
+    score = block_scores_triton(q, kmin, kmax, block_tables, n_kv, block_size)
     npad = max(16, triton.next_power_of_2(width))
     stride_gb, stride_gh = (0, budgets.stride(0)) if from_frac else budgets.stride()
     _select_compact_kernel[(num_seqs, num_kv_heads)](
