@@ -1,6 +1,6 @@
 """GPU, one command: sparse decode (seed 003, S-HPLB) against our dense paged decode.
 
-    python3 benchmarks/sparse_gpu.py --out-dir $OUT          # ~2-3 min on an H100/H200
+    python3 benchmarks/sparse_gpu.py --out-dir $OUT          # under ~3 min on an H100/H200
 
 Shape: attention layers of a Llama-3-8B-like model (32 query heads, 8 KV heads, head dim 128,
 bf16, block 16), `--batches` decode sequences at `--contexts` tokens. Every benchmark layer has
@@ -487,7 +487,7 @@ def main() -> None:
     ap.add_argument("--placement-context", type=int, default=32768)
     ap.add_argument("--warmup-ms", type=int, default=10)
     ap.add_argument("--rep-ms", type=int, default=40)
-    ap.add_argument("--time-budget-s", type=float, default=170.0, help="parts starting later are skipped")
+    ap.add_argument("--time-budget-s", type=float, default=150.0, help="later parts are skipped (GPU runs)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     args = ap.parse_args()
     start = time.monotonic()
@@ -510,7 +510,7 @@ def main() -> None:
         workers=[int(x) for x in args.workers.split(",")],
         placement_batch=2 if dry else args.placement_batch,
         placement_context=300 if dry else args.placement_context,
-        deadline=start + args.time_budget_s,
+        deadline=start + (math.inf if dry else args.time_budget_s),
     )
     batches = [2] if dry else [int(x) for x in args.batches.split(",")]
     contexts = [200, 333] if dry else [int(x) for x in args.contexts.split(",")]
