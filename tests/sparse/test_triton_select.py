@@ -169,3 +169,11 @@ def test_block_order_puts_sink_and_recent_first_even_against_inf():
 
     score = torch.tensor([[[1.0, float("inf"), 3.0, 3.0, -0.0, 0.0, 2.0]]])
     assert block_order(score, torch.tensor([6]))[0, 0].tolist() == [0, 5, 1, 2, 3, 4, 6]
+
+
+def test_budget_blocks_batched_matches_budget_blocks():
+    frac = torch.tensor([0.01, 0.1, 0.3, 1 / 3, 0.58, 1.0], dtype=torch.float64)
+    n_kv = torch.arange(0, 3000, 7)
+    got = budget_blocks_batched(frac, n_kv, BS, 4)
+    for n, row in zip(n_kv.tolist(), got):
+        assert torch.equal(row, budget_blocks(frac, math.ceil(n / BS), 4)), n
