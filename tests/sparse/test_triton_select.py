@@ -1,0 +1,179 @@
+"""Triton block selection (fapool.sparse.triton_select) against the torch reference, and the
+selection + sparse decode kernels against SparseAttentionBackend.sparse_decode.
+
+Runs on a CUDA GPU, or on CPU through Triton's interpreter with TRITON_INTERPRET=1 (slow, but
+these shapes are small); skipped otherwise. Integer-valued keys and queries make every block
+score exact whatever the summation order, so the selections must agree exactly, ties included
+(there are many: small integers collide often).
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from fapool.attention import TorchReferenceBackend
+from fapool.attention.sparse import SparseAttentionBackend
+from fapool.sparse.selection import (
+    budget_blocks,
+    budget_blocks_batched,
+    compact_selection,
+    select_blocks_torch,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not ((torch.cuda.is_available() or INTERPRET) and HAVE_TRITON),
+    reason="needs a CUDA GPU with triton, or TRITON_INTERPRET=1 with triton installed (interpreter on CPU)",
+)
+needs_cuda = pytest.mark.skipif(not (CUDA and HAVE_TRITON), reason="CUDA graphs need a CUDA GPU with triton")
+# The interpreter computes through numpy, which has no bfloat16.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+BS = 16
+
+
+def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=True):
+    g = torch.Generator().manual_seed(seed)
+    num_seqs = len(n_kv)
+    num_blocks = num_seqs * width + 3
+    if integer:  # exact scores: |q . k| <= 2 * 3 * head_dim, representable in every dtype
+        keys = torch.randint(-3, 4, (num_blocks, BS, num_kv_heads, head_dim), generator=g).float()
+        q = torch.randint(-2, 3, (num_seqs, num_heads, head_dim), generator=g).float()
+    else:
+        keys = torch.randn(num_blocks, BS, num_kv_heads, head_dim, generator=g)
+        q = torch.randn(num_seqs, num_heads, head_dim, generator=g)
+    values = torch.randn(num_blocks, BS, num_kv_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: num_seqs * width].view(num_seqs, width).int()
+    to = dict(device=DEVICE, dtype=dtype)
+    keys, values, q = keys.to(**to), values.to(**to), q.to(**to)
+    n_kv = torch.tensor(n_kv, device=DEVICE).int()
+    return q, keys, values, keys.amin(1), keys.amax(1), tables.to(DEVICE), n_kv
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selection_equals_reference_exactly(dtype):
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    # Rows: empty, one entry, one full block, partial, exactly full, long; budgets 0..beyond nb.
+    n_kv = [0, 1, 16, 37, 160, 700, 703]
+    width = 48
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 8, 2, 16, width, dtype, seed=1)
+    budgets = torch.tensor([[3, 0], [1, 2], [1, 2], [1, 2], [4, 10], [5, 48], [13, 2]], device=DEVICE).int()
+    for max_pages in (width, 20):
+        pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS, max_pages)
+        ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets, BS, max_pages)
+        assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+    # k = 1 keeps only the sink (a full block), k = 2 adds the recent (partial) block.
+    assert lens[3].tolist() == [16, 16 + 5]
+    assert lens[0].tolist() == [0, 0] and pages[0].abs().sum() == 0
+
+
+@needs_triton
+def test_ties_and_signed_zero_follow_the_rule():
+    """Scores that all tie (zero queries: every bound is +0.0 or -0.0): the others are taken in
+    ascending block index, after the sink and the recent block."""
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    q, _, _, kmin, kmax, tables, nk = _case([20 * BS + 3], 4, 1, 16, 24, torch.float32, seed=2)
+    q = torch.zeros_like(q)
+    q[..., 0] = -0.0
+    budgets = torch.tensor([[6]], device=DEVICE).int()
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS)
+    blocks = [1, 2, 3, 4]  # the 4 best others: all tied, lowest index first
+    want = tables[0, [0, *blocks, 20]].cpu()
+    assert torch.equal(pages[0, 0, :6].cpu(), want) and int(lens[0, 0]) == 5 * BS + 3
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", [3, 4])
+def test_fraction_budgets_match_budget_blocks(seed):
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    n_kv = [1, 17, 100, 160, 320, 497, 640, 767]
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 12, 4, 32, 48, torch.float16, seed=seed)
+    # 0.1 * 20 and 0.3 * 10 sit on integers after rounding: the 1e-6 guard must act the same.
+    frac = torch.tensor([0.1, 0.3, 1 / 3, 0.95], dtype=torch.float64)
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac.to(DEVICE), BS, min_blocks=3)
+    budgets = budget_blocks_batched(frac, torch.tensor(n_kv), BS, 3)
+    for s, n in enumerate(n_kv):
+        assert torch.equal(budgets[s], budget_blocks(frac, math.ceil(n / BS), 3))
+    ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets.to(DEVICE), BS)
+    assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
+def test_select_and_decode_match_the_reference_backend(dtype):
+    """Random data: the kernels' output equals the torch sparse path on the same budgets."""
+    from fapool.sparse.triton_select import select_blocks_triton
+    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
+
+    n_kv = [300, 1000, 65, 999]
+    q, keys, values, kmin, kmax, tables, nk = _case(n_kv, 8, 2, 64, 64, dtype, seed=5, integer=False)
+    frac = torch.tensor([0.1, 0.4], dtype=torch.float64)
+    budgets = budget_blocks_batched(frac, nk.cpu(), BS, 4).to(DEVICE)
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS, max_pages=int(budgets.max()))
+    out, lse = sparse_paged_decode(q, keys, values, pages, lens, 64**-0.5)
+    ref = SparseAttentionBackend(TorchReferenceBackend(), frac.tolist())
+    ref.kmin, ref.kmax = kmin, kmax
+    ref_out, ref_lse = ref.sparse_decode(q, keys, values, tables, nk, budgets, 64**-0.5)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(out.float().cpu(), ref_out.cpu(), **tol)
+    torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), **tol)
+
+
+@needs_cuda
+def test_select_and_decode_replay_in_a_cuda_graph():
+    """Captured once, replayed after q, n_kv and the tables change in place: same as eager."""
+    from fapool.sparse.triton_select import select_blocks_triton
+    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
+
+    q, keys, values, kmin, kmax, tables, nk = _case([900, 500], 32, 8, 128, 64, torch.bfloat16, 6, False)
+    frac = torch.linspace(0.1, 0.6, 8, dtype=torch.float64, device=DEVICE)
+
+    def step():
+        pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac, BS, max_pages=40)
+        return sparse_paged_decode(q, keys, values, pages, lens, 128**-0.5, num_splits=2)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    q.copy_(torch.randn_like(q))
+    nk.copy_(torch.tensor([1000, 17], device=DEVICE))
+    tables.copy_(tables.flip(1))
+    graph.replay()
+    want_out, want_lse = step()
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+def test_compact_selection_layout():
+    """Pure torch (always runs): ascending blocks, zero padding, lens with the partial tail."""
+    score = torch.tensor([[[0.0, 5.0, 1.0, 7.0, 2.0, 9.0]]])
+    tables = torch.tensor([[10, 11, 12, 13, 14, 15]], dtype=torch.int32)
+    pages, lens = compact_selection(score, torch.tensor([4 * BS + 2]), torch.tensor([[3]]), tables, BS, 4)
+    # visible blocks 0..4: sink 0, recent 4, best other 3 (score 7; block 5 is invisible)
+    assert pages.tolist() == [[[10, 13, 14, 0]]] and lens.tolist() == [[2 * BS + 2]]
+    pages, lens = compact_selection(score, torch.tensor([4 * BS + 2]), torch.tensor([[1]]), tables, BS, 4)
+    assert pages.tolist() == [[[10, 0, 0, 0]]] and lens.tolist() == [[BS]]
+
+
+def test_block_order_puts_sink_and_recent_first_even_against_inf():
+    from fapool.sparse.selection import block_order
+
+    score = torch.tensor([[[1.0, float("inf"), 3.0, 3.0, -0.0, 0.0, 2.0]]])
+    assert block_order(score, torch.tensor([6]))[0, 0].tolist() == [0, 5, 1, 2, 3, 4, 6]
+
+
+def test_budget_blocks_batched_matches_budget_blocks():
+    frac = torch.tensor([0.01, 0.1, 0.3, 1 / 3, 0.58, 1.0], dtype=torch.float64)
+    n_kv = torch.arange(0, 3000, 7)
+    got = budget_blocks_batched(frac, n_kv, BS, 4)
+    for n, row in zip(n_kv.tolist(), got):
+        assert torch.equal(row, budget_blocks(frac, math.ceil(n / BS), 4)), n
