@@ -25,7 +25,8 @@ def test_lpt_within_graham_bound_of_optimum(seed):
     cont, lpt, best = brute_force_check(num_heads, num_workers, weights)
     opt = max(layer_loads(optimal_heads(num_heads, list(range(num_workers)), weights), weights))
     assert opt == pytest.approx(best)  # the pruned search finds the enumeration's optimum
-    assert best <= lpt <= (4 / 3 - 1 / (3 * num_workers)) * best + 1e-9  # Graham's LPT bound
+    # Graham's LPT bound (loads are sums in different orders: compare with a rounding slack)
+    assert best - 1e-12 <= lpt <= (4 / 3 - 1 / (3 * num_workers)) * best + 1e-9
     assert best <= cont + 1e-12
 
 
