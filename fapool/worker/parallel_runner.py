@@ -113,6 +113,11 @@ def check_parallel(config: EngineConfig) -> None:
             "tensor/pipeline parallelism runs on CPU (gloo) so far: placing ranks on several GPUs "
             "(one device per rank, NCCL) is not wired yet"
         )
+    if config.sparse_attention:
+        raise ConfigError(
+            "sparse_attention with tensor_parallel_size / pipeline_parallel_size > 1 is not supported: "
+            "the profile's per-head budgets are not cut to a rank's heads and layers"
+        )
     if config.pool.attention_workers > 0 and par.pipeline_parallel_size > 1:
         raise ConfigError(
             "pipeline_parallel_size > 1 together with attention_workers > 0 is not supported yet: use "
