@@ -28,7 +28,6 @@ static baseline); attention workers fail as in the pool, and their requests are 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -72,7 +71,6 @@ class TPPoolModelRunner(PoolModelRunner):
         check_parallel(config)
         self.tp = config.parallel.tensor_parallel_size
         self.failure: comm.WorkerFailure | None = None
-        self.dense_fault_hang: dict[int, float] = {}  # tests: dense rank -> seconds to stall next step
         self._sharded = False
         self._tp_sends: list = []
         self._tp_wait_s = 0.0
@@ -147,9 +145,7 @@ class TPPoolModelRunner(PoolModelRunner):
         mbs = [MicroBatch(p.input_ids, p.positions, p.local_meta_args, [], bool(p.routes)) for p in plans]
         step = DenseStep(self._step, mbs, list(out.block_copies))
         for r in self._dense_ranks():
-            hang = self.dense_fault_hang.pop(r, 0.0)
-            msg = dataclasses.replace(step, hang_s=hang) if hang else step
-            comm.send_object(msg, r, self.waiter, self.config.pool.worker_timeout_s, tag=TAG_STEP)
+            comm.send_object(step, r, self.waiter, self.config.pool.worker_timeout_s, tag=TAG_STEP)
         self._tp_wait_s += time.perf_counter() - t0
 
     def _finish_dense_step(self, stats: PoolStepStats) -> None:
