@@ -142,7 +142,10 @@ class TPPoolModelRunner(PoolModelRunner):
         for r in self._dense_ranks():
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
-        mbs = [MicroBatch(p.input_ids, p.positions, p.local_meta_args, [], bool(p.routes)) for p in plans]
+        mbs = [
+            MicroBatch(p.input_ids, p.positions, p.local_meta_args, logit_rows=[], remote=bool(p.routes))
+            for p in plans
+        ]
         step = DenseStep(self._step, mbs, list(out.block_copies))
         for r in self._dense_ranks():
             comm.send_object(step, r, self.waiter, self.config.pool.worker_timeout_s, tag=TAG_STEP)
