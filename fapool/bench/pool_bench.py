@@ -21,14 +21,22 @@ console = Console()
 
 
 def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The single-process reference first; with --tp N the static TP baseline next, and
+    every pool configuration then runs with N tensor-parallel dense ranks."""
     pool = dict(pool_threshold=ns.pool_threshold, tokens_per_pool_worker=ns.tokens_per_pool_worker)
-    out: list[tuple[str, dict[str, Any]]] = [("single process", {})]
+    out: list[tuple[str, dict[str, Any]]] = [
+        ("single process", dict(tensor_parallel_size=1, pipeline_parallel_size=1, attention_workers=0))
+    ]
+    tp = ns.tensor_parallel_size
+    prefix = f"TP {tp} + " if tp > 1 else ""
+    if tp > 1:
+        out.append((f"TP {tp}", dict(attention_workers=0)))
     for a in ns.workers:
-        out.append((f"pool shard x{a}", dict(attention_workers=a, pool_mode="shard", **pool)))
+        out.append((f"{prefix}pool shard x{a}", dict(attention_workers=a, pool_mode="shard", **pool)))
     a = max(ns.workers)
-    out.append((f"pool shard x{a}, 1 micro-batch", dict(attention_workers=a, micro_batches=1, **pool)))
-    out.append((f"pool replicate x{a}", dict(attention_workers=a, pool_mode="replicate", **pool)))
-    out.append((f"pool head x{a}", dict(attention_workers=a, pool_mode="head", **pool)))
+    out.append((f"{prefix}pool shard x{a}, 1 micro-batch", dict(attention_workers=a, micro_batches=1, **pool)))
+    out.append((f"{prefix}pool replicate x{a}", dict(attention_workers=a, pool_mode="replicate", **pool)))
+    out.append((f"{prefix}pool head x{a}", dict(attention_workers=a, pool_mode="head", **pool)))
     return out
 
 
@@ -81,7 +89,7 @@ def run(ns: argparse.Namespace) -> int:
     console.print(table)
     result = {"env": environment(base.device or "cpu"), "shapes": {
         "model": base.model or "embedded SmolLM2-135M", "batch": ns.batch_size, "input_len": ns.input_len,
-        "output_len": ns.output_len, "pool_threshold": ns.pool_threshold,
+        "output_len": ns.output_len, "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size,
         "tokens_per_pool_worker": ns.tokens_per_pool_worker}, "runs": rows}
     ok = all(r["tokens_equal_single_process"] for r in rows)
     single = rows[0]["output_tokens_per_s"]

@@ -74,15 +74,18 @@ class LLMEngine:
         self.tokenizer = tokenizer
         pool_manager = None
         par = config.parallel
-        if par.tensor_parallel_size * par.pipeline_parallel_size > 1:
+        if config.pool.attention_workers > 0 and par.pipeline_parallel_size == 1:
+            if par.tensor_parallel_size > 1:
+                from fapool.worker.tp_pool import TPPoolModelRunner as Runner
+            else:
+                from fapool.worker.pool_runner import PoolModelRunner as Runner
+
+            self.runner: ModelRunner = Runner(config, model, backend)
+            pool_manager = PoolManager(config.pool, config.cache.block_size, self.runner.worker_num_blocks)
+        elif par.tensor_parallel_size * par.pipeline_parallel_size > 1:
             from fapool.worker.parallel_runner import ParallelModelRunner
 
-            self.runner = ParallelModelRunner(config, model, backend)  # ConfigError with a pool
-        elif config.pool.attention_workers > 0:
-            from fapool.worker.pool_runner import PoolModelRunner
-
-            self.runner: ModelRunner = PoolModelRunner(config, model, backend)
-            pool_manager = PoolManager(config.pool, config.cache.block_size, self.runner.worker_num_blocks)
+            self.runner = ParallelModelRunner(config, model, backend)  # ConfigError for PP with a pool
         else:
             self.runner = ModelRunner(config, model, backend)
         # Async scheduling runs on the single-process runner; the pool and TP/PP runners keep

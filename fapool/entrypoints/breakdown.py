@@ -31,13 +31,15 @@ def summarize(step_stats: list) -> dict[str, Any] | None:
         for w, n in s.kv_tokens_per_worker.items():
             kv_peak[w] = max(kv_peak.get(w, 0), n)
     ranks = None
-    if hasattr(step_stats[0], "ranks"):  # tensor/pipeline-parallel baseline: every dense rank
+    if any(getattr(s, "ranks", None) for s in step_stats):  # tensor/pipeline parallel: the dense ranks
         from fapool.worker.parallel_runner import summarize_ranks
 
         ranks = summarize_ranks(step_stats)
     dense = sum(s.dense_s for s in step_stats)
     local = sum(s.local_attention_s for s in step_stats)
-    wait = sum(s.wait_s for s in step_stats)
+    # The driver's communication: waiting for attention workers, and (tensor parallel with a
+    # pool) all-reduces and exchanges with the other dense ranks.
+    wait = sum(s.wait_s + getattr(s, "tp_comm_s", 0.0) for s in step_stats)
     return {
         "steps": len(step_stats),
         "total_s": total,

@@ -141,6 +141,14 @@ def worker_main(rank: int, world_size: int, init_method: str, backend: str, devi
     try:
         init = comm.recv_object(0, None, tag=4, device=comm.transport_device(device))
         if isinstance(init, WorkerInit):
+            par = init.config.parallel
+            if par.tensor_parallel_size > 1:
+                # Next to tensor-parallel dense ranks: torch.distributed wants every rank to
+                # create every group, members or not.
+                from fapool.worker.dense_worker import GROUP_TIMEOUT_S, tp_groups
+
+                topology = comm.Topology(par.tensor_parallel_size, 1, init.config.pool.attention_workers)
+                tp_groups(topology, GROUP_TIMEOUT_S)
             AttentionWorker(init, rank, device).run()
         else:  # a dense rank of the tensor/pipeline-parallel baseline
             from fapool.worker.dense_worker import dense_worker_main

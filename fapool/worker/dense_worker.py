@@ -64,6 +64,9 @@ class MicroBatch:
     positions: list[int]
     meta_args: dict  # AttentionMetadata.build keyword arguments (host lists)
     logit_rows: list[int]  # rows whose next token is due, in order
+    # With an attention pool: some rows attend KV on the pool, so this micro-batch's q/k/v
+    # go to the driver each layer and the pool's partials come back (fapool.worker.tp_pool).
+    remote: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -168,6 +171,11 @@ class DenseStage:
         """Run this rank's share of a step. Returns, per micro-batch, the due rows' logits when
         this rank computes them here and is rank 0 (the driver, pipeline size 1); other ranks
         send theirs. Outgoing sends are complete when this returns."""
+        if self.config.pool.attention_workers > 0:  # TP with an attention pool
+            from fapool.worker.tp_pool import run_pooled_step
+
+            run_pooled_step(self, plan, stats)
+            return [None] * len(plan.micro_batches)  # the driver computes the logits
         self.copy_blocks(plan.copies)
         prev = self.topology.dense_rank(self.stage - 1, self.tp_rank) if not self.is_first else None
         nxt = self.topology.dense_rank(self.stage + 1, self.tp_rank) if not self.is_last else None
@@ -280,7 +288,10 @@ class DenseWorker:
 
         cfg = init.config
         self.rank = rank
-        self.topology = comm.Topology(cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size)
+        par = cfg.parallel
+        self.topology = comm.Topology(
+            par.tensor_parallel_size, par.pipeline_parallel_size, cfg.pool.attention_workers
+        )
         groups = tp_groups(self.topology, GROUP_TIMEOUT_S)
         self.stage = DenseStage(cfg, None, self.topology, rank, blocking_wait)
         backend = make_backend(cfg.attention_backend, device)

@@ -70,10 +70,13 @@ class ModelRunner:
         m = self.config.model
         return m.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
 
-    def determine_num_blocks(self) -> int:
+    def determine_num_blocks(self, bytes_per_block: int | None = None) -> int:
         """Blocks that fit the KV budget: an explicit count, kv_cache_memory bytes, or (GPU)
-        gpu_memory_utilization of the card minus what weights and a profiled forward use."""
+        gpu_memory_utilization of the card minus what weights and a profiled forward use.
+        `bytes_per_block`: the size of a block of another holder of this model's KV (an
+        attention worker's, next to tensor-parallel dense ranks); default this runner's."""
         cache = self.config.cache
+        block_bytes = bytes_per_block or self.bytes_per_block()
         if cache.num_blocks is not None:
             return cache.num_blocks
         if cache.kv_cache_memory is not None:
@@ -82,10 +85,10 @@ class ModelRunner:
             budget = self._profile_gpu_budget()
         else:
             budget = DEFAULT_CPU_KV_BYTES
-        num_blocks = budget // self.bytes_per_block()
+        num_blocks = budget // block_bytes
         if num_blocks < 1:
             raise ValueError(
-                f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block()} bytes; "
+                f"the KV cache budget ({budget} bytes) holds no block of {block_bytes} bytes; "
                 "raise kv_cache_memory or gpu_memory_utilization"
             )
         return int(num_blocks)

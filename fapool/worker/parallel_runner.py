@@ -113,11 +113,69 @@ def check_parallel(config: EngineConfig) -> None:
             "tensor/pipeline parallelism runs on CPU (gloo) so far: placing ranks on several GPUs "
             "(one device per rank, NCCL) is not wired yet"
         )
-    if config.pool.attention_workers > 0:
+    if config.sparse_attention:
         raise ConfigError(
-            "tensor_parallel_size / pipeline_parallel_size > 1 together with attention_workers > 0 is not "
-            "supported yet: use either the static TP/PP baseline or the attention pool"
+            "sparse_attention with tensor_parallel_size / pipeline_parallel_size > 1 is not supported: "
+            "the profile's per-head budgets are not cut to a rank's heads and layers"
         )
+    if config.pool.attention_workers > 0 and par.pipeline_parallel_size > 1:
+        raise ConfigError(
+            "pipeline_parallel_size > 1 together with attention_workers > 0 is not supported yet: use "
+            "tensor_parallel_size with the attention pool, or the static TP/PP baseline without it"
+        )
+
+
+def rank_weights(
+    model: torch.nn.Module, topology: comm.Topology, layer_ranges: list[range], rank: int
+) -> dict[str, torch.Tensor]:
+    """A dense rank's share of a whole model: replicated embeddings / norm / LM head / rotary
+    table, and its stage's layers sliced for its TP rank. Names match its own sharded model."""
+    tp = topology.tensor_parallel_size
+    stage, tp_rank = topology.stage_of(rank), topology.tp_rank_of(rank)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith("model.layers."):
+            out[name] = t.detach()
+    for i in layer_ranges[stage]:
+        for name, t in shard_layer_state(model.model.layers[i], tp_rank, tp).items():
+            out[f"model.layers.{i}.{name}"] = t
+    return out
+
+
+def describe_dense_rank(topology: comm.Topology, rank: int) -> str:
+    stage, tp_rank = topology.stage_of(rank), topology.tp_rank_of(rank)
+    return f"dense worker rank {rank} (pipeline stage {stage}, tensor-parallel rank {tp_rank})"
+
+
+def diagnose_dense_failure(
+    topology: comm.Topology, procs: dict, error: BaseException, step: int
+) -> comm.WorkerFailure | None:
+    """Name the dense rank behind a failed step: one that exited (a killed one before those
+    that stopped because a peer vanished), else the dense peer the failed wait was on. None
+    when no dense rank is implicated (then the error is the driver's own, or an attention
+    worker's, which the pool handles). `procs`: rank -> process, of every spawned rank."""
+    dense = {r: p for r, p in procs.items() if r < topology.num_dense}
+    implicated = isinstance(error, comm.WorkerFailure) and error.rank < topology.num_dense
+    deadline = time.monotonic() + (0.5 if implicated else 0.0)
+    while True:
+        dead = {r: p.exitcode for r, p in dense.items() if not p.is_alive()}
+        if dead or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if dead:
+        rank = min(dead, key=lambda r: (not (dead[r] or 0) < 0, r))
+        others = sorted(set(dead) - {rank})
+        why = f"exited with code {dead[rank]}" + (f" (ranks {others} stopped too)" if others else "")
+    elif implicated:
+        rank, why = error.rank, f"failed: {error}"
+    else:
+        return None
+    failure = comm.WorkerFailure(rank, f"step {step}", why)
+    failure.args = (
+        f"{describe_dense_rank(topology, rank)} {why}; "
+        "the tensor/pipeline-parallel engine cannot continue (restart it)",
+    )
+    return failure
 
 
 class ParallelModelRunner(ModelRunner):
@@ -157,27 +215,13 @@ class ParallelModelRunner(ModelRunner):
         groups = tp_groups(topo, GROUP_TIMEOUT_S)
         with torch.no_grad():
             for r in self._ranks():
-                send_weights(self._rank_weights(r), r, self.waiter, startup_s)
+                send_weights(rank_weights(self.model, topo, self.layer_ranges, r), r, self.waiter, startup_s)
             shard_model(self.model, self.stage, groups[0])
         self._sharded = True
 
     def _ranks(self) -> range:
         """The dense ranks other than the driver."""
         return range(1, self.topology.num_dense)
-
-    def _rank_weights(self, rank: int) -> dict[str, torch.Tensor]:
-        """Rank's share: replicated embeddings / norm / LM head / rotary table, and its
-        stage's layers sliced for its TP rank. Names match its own sharded model."""
-        tp = self.topology.tensor_parallel_size
-        stage, tp_rank = self.topology.stage_of(rank), self.topology.tp_rank_of(rank)
-        out: dict[str, torch.Tensor] = {}
-        for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            if not name.startswith("model.layers."):
-                out[name] = t.detach()
-        for i in self.layer_ranges[stage]:
-            for name, t in shard_layer_state(self.model.model.layers[i], tp_rank, tp).items():
-                out[f"model.layers.{i}.{name}"] = t
-        return out
 
     # KV cache -----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -213,7 +257,7 @@ class ParallelModelRunner(ModelRunner):
         try:
             return self._execute(out)
         except (comm.WorkerFailure, RuntimeError) as e:
-            failure = self._diagnose(e)
+            failure = diagnose_dense_failure(self.topology, self.workers.procs, e, self._step)
             if failure is None:
                 raise
             self.failure = failure
@@ -285,36 +329,6 @@ class ParallelModelRunner(ModelRunner):
             "slot_mapping": slots,
         }
         return MicroBatch(ids, positions, meta, rows)
-
-    # Failure ------------------------------------------------------------------------------
-    def _describe(self, rank: int) -> str:
-        t = self.topology
-        return f"dense worker rank {rank} (pipeline stage {t.stage_of(rank)}, tensor-parallel rank {t.tp_rank_of(rank)})"
-
-    def _diagnose(self, error: BaseException) -> comm.WorkerFailure | None:
-        """Name the rank behind a failed step: one that exited (a killed one before those that
-        stopped because a peer vanished), else the peer the failed wait was on. None when no
-        worker is implicated (then the error is the driver's own)."""
-        dead: dict[int, int | None] = {}
-        deadline = time.monotonic() + (0.5 if isinstance(error, comm.WorkerFailure) else 0.0)
-        while True:
-            dead = {r: p.exitcode for r, p in self.workers.procs.items() if not p.is_alive()}
-            if dead or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        if dead:
-            rank = min(dead, key=lambda r: (not (dead[r] or 0) < 0, r))
-            others = sorted(set(dead) - {rank})
-            why = f"exited with code {dead[rank]}" + (f" (ranks {others} stopped too)" if others else "")
-        elif isinstance(error, comm.WorkerFailure):
-            rank, why = error.rank, f"failed: {error}"
-        else:
-            return None
-        failure = comm.WorkerFailure(rank, f"step {self._step}", why)
-        failure.args = (
-            f"{self._describe(rank)} {why}; the tensor/pipeline-parallel engine cannot continue (restart it)",
-        )
-        return failure
 
     def shutdown(self) -> None:
         """Stop the dense ranks; safe to call twice, and after a failure (then they are killed)."""

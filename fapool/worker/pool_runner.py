@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class PoolStepStats:
     dense_s: float = 0.0  # embeddings, projections, FFN, LM head, merge
     local_attention_s: float = 0.0
     wait_s: float = 0.0  # blocked on attention workers
+    tp_comm_s: float = 0.0  # tensor parallel: all-reduces and exchanges with the other dense ranks
     workers: dict[int, WorkerStepStats] = field(default_factory=dict)
+    ranks: dict[int, object] = field(default_factory=dict)  # tensor parallel: other ranks' DenseStepStats
     pool_size: int = 0  # attention workers serving at least one request
     kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)
 
@@ -59,7 +62,7 @@ class PoolStepStats:
     @property
     def comm_share(self) -> float:
         """Driver time spent blocked on communication, as a share of the step."""
-        return self.wait_s / self.total_s if self.total_s > 0 else 0.0
+        return (self.wait_s + self.tp_comm_s) / self.total_s if self.total_s > 0 else 0.0
 
 
 class WorkerGroup:
@@ -83,7 +86,7 @@ class WorkerGroup:
         ctx = torch.multiprocessing.get_context("spawn")
         for rank in range(1, world_size):
             p = ctx.Process(
-                target=worker_main,
+                target=_spawned_worker_main,
                 args=(rank, world_size, init_method, backend, comm.rank_device(config.device, backend, rank), timeout),
                 daemon=True,
                 name=f"fapool-worker-{rank}",
@@ -138,11 +141,23 @@ class WorkerGroup:
             dist.destroy_process_group()
 
 
+def _spawned_worker_main(*args) -> None:
+    """worker_main in a process this engine spawned. After a clean stop it leaves without
+    the interpreter's teardown of torch (about a second per process, several of them on a
+    small machine), which the driver would otherwise wait out in shutdown(). An error still
+    propagates (traceback, exit code 1)."""
+    worker_main(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 class PoolModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         super().__init__(config, model, backend)
         pool = config.pool
-        self.topology = comm.Topology(attention_workers=pool.attention_workers)
+        tp = config.parallel.tensor_parallel_size  # > 1 only in TPPoolModelRunner
+        self.topology = comm.Topology(tensor_parallel_size=tp, attention_workers=pool.attention_workers)
         self.worker_ids = list(range(1, pool.attention_workers + 1))
         self.mode = pool.pool_mode
         m = config.model
@@ -166,7 +181,10 @@ class PoolModelRunner(ModelRunner):
             )
             for w, hs in self.kv_heads.items()
         }
-        self.worker_num_blocks = pool.worker_kv_blocks or self.determine_num_blocks()
+        # A worker's block holds every KV head of every layer (head mode: a share of them).
+        self.worker_num_blocks = pool.worker_kv_blocks or ModelRunner.determine_num_blocks(
+            self, ModelRunner.bytes_per_block(self)
+        )
         self.failed: dict[int, str] = {}
         self._new_failures: list[int] = []
         self.step_stats: list[PoolStepStats] = []
@@ -178,12 +196,28 @@ class PoolModelRunner(ModelRunner):
             # Workers compute on one thread each; leave the driver the remaining cores, since
             # oversubscribed OpenMP threads spin against each other and stall every step.
             cores = os.cpu_count() or 1
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - pool.attention_workers)))
+            others = pool.attention_workers + tp - 1
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - others)))
         self.workers = WorkerGroup(config, self.topology.world_size)
         self.transport = comm.transport_device(str(self.device))
         for w in self.worker_ids:
             init = WorkerInit(config, w, self.worker_num_blocks, self.kv_heads[w])
             comm.send_object(init, self.topology.attention_rank(w), self.waiter, 60.0, tag=4, device=self.transport)
+        self._start_dense_ranks()
+
+    # Hooks for the other dense ranks of tensor parallelism (TPPoolModelRunner); none here.
+    def _start_dense_ranks(self) -> None:
+        pass
+
+    def _send_dense_plans(self, plans: list[MicroBatchPlan], out: SchedulerOutput) -> None:
+        pass
+
+    def _finish_dense_step(self, stats: PoolStepStats) -> None:
+        pass
+
+    def _shutdown_ranks(self) -> list[int]:
+        """Ranks still listening for "shutdown"."""
+        return [self.topology.attention_rank(w) for w in self.worker_ids if self._live(w)]
 
     # Failure bookkeeping ------------------------------------------------------------------
     def _fail(self, worker: int, why: str) -> None:
@@ -213,10 +247,11 @@ class PoolModelRunner(ModelRunner):
         plans = [plan_micro_batch(g, self.block_size, pool_start, self.mode, i) for i, g in enumerate(groups)]
         stats = PoolStepStats(self._step, out.num_tokens, len(plans))
         told = self._send_step_plans(plans, out.pool_block_copies)
+        self._send_dense_plans(plans, out)
 
         self._sends: list = []
         gens = [self._forward(plan, i, len(plans), stats) for i, plan in enumerate(plans)]
-        hidden = _drive(gens)
+        hidden = drive_micro_batches(gens)
         t_wait = time.perf_counter()
         for work, buf, w in self._sends:
             if not self._live(w):
@@ -236,6 +271,7 @@ class PoolModelRunner(ModelRunner):
                 except comm.WorkerFailure as e:
                     self._fail(w, str(e))
         stats.wait_s += time.perf_counter() - t_wait
+        self._finish_dense_step(stats)
 
         hidden_all = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
         due = [s for s in out.scheduled if s.completes_known_tokens]
@@ -248,7 +284,7 @@ class PoolModelRunner(ModelRunner):
                     rows.append(offset - 1)
             logits = self.model.compute_logits(hidden_all[torch.tensor(rows, device=self.device)])
         stats.total_s = time.perf_counter() - t_start
-        stats.dense_s = max(0.0, stats.total_s - stats.wait_s - stats.local_attention_s)
+        stats.dense_s = max(0.0, stats.total_s - stats.wait_s - stats.tp_comm_s - stats.local_attention_s)
         self.step_stats.append(stats)
         return logits, due
 
@@ -276,16 +312,20 @@ class PoolModelRunner(ModelRunner):
         ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.device)
         pos = torch.tensor(plan.positions, dtype=torch.long).to(self.device)
         meta = AttentionMetadata.build(device=self.device, **plan.local_meta_args)
-        attend = _PoolAttend(self, plan, index, count, meta, stats)
+        attend = self._attend(plan, index, count, meta, stats)
         return self.model.model.forward_steps(ids, pos, self.kv_caches, attend)
+
+    def _attend(
+        self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: PoolStepStats
+    ) -> _PoolAttend:
+        return _PoolAttend(self, plan, index, count, meta, stats)
 
     def shutdown(self) -> None:
         """Stop the workers; safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
-        live = [self.topology.attention_rank(w) for w in self.worker_ids if self._live(w)]
-        self.workers.shutdown(live, self.waiter, self.transport)
+        self.workers.shutdown(self._shutdown_ranks(), self.waiter, self.transport)
         self.waiter.close()
 
 
@@ -307,6 +347,16 @@ class _PoolAttend:
         }
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
+        recvs = self._post_remote(layer, q, k, v)
+        out, lse = self._attend_local(layer, q, k, v, kv_cache)
+        # Always hand control back, even with nothing remote: micro-batches then advance in
+        # lockstep, layer by layer, so K/V an earlier micro-batch writes into a block that a
+        # later one shares through the prefix cache is in place before that one reads it.
+        return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else out)
+
+    def _post_remote(self, layer: int, q, k, v) -> list:
+        """Send each live worker its query rows and new K/V rows (of its heads); post the
+        receives of its (out, lse). q/k/v hold every head here."""
         r = self.r
         tag = message_tag(layer, self.index, self.count)
         recvs = []
@@ -330,27 +380,38 @@ class _PoolAttend:
                     recvs.append((w, route, comm.recv_tensor(buf, rank, tag + 1), buf))
             except RuntimeError as e:
                 r._fail(w, str(e))
+        return recvs
+
+    def _attend_local(self, layer: int, q, k, v, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's local K/V and attend over the local blocks (this rank's heads)."""
+        r = self.r
         t0 = time.perf_counter()
         k_cache, v_cache = kv_cache
         r.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
         out, lse = r.backend.forward(q, k_cache, v_cache, self.meta, r.model.model.layers[layer].self_attn.scale)
         self.stats.local_attention_s += time.perf_counter() - t0
-        # Always hand control back, even with nothing remote: micro-batches then advance in
-        # lockstep, layer by layer, so K/V an earlier micro-batch writes into a block that a
-        # later one shares through the prefix cache is in place before that one reads it.
-        return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else out)
+        return out, lse
 
     def _merge(self, q, out, lse, recvs) -> torch.Tensor:
+        outs, lses = self._remote_partials(q.shape, recvs)
+        merged, _ = merge_tree([out.float()] + outs, [lse] + lses)
+        return merged.to(q.dtype)
+
+    def _remote_partials(self, shape, recvs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Wait for the workers' answers; each (worker, round) becomes one full-shape partial
+        [T, H, D] / [T, H] with lse -inf where that worker saw nothing. A worker that fails
+        here is marked failed and left out: its requests are recomputed, the others do not
+        depend on it."""
         r = self.r
-        T, H, D = q.shape
-        outs, lses = [out], [lse]
+        T, H, D = shape
+        outs, lses = [], []
         for w, route, work, buf in recvs:
             t0 = time.perf_counter()
             try:
                 r.waiter.wait(work, r.config.pool.worker_timeout_s, r.topology.attention_rank(w), "attention", buf)
             except comm.WorkerFailure as e:
                 r._fail(w, str(e))
-                continue  # its requests are recomputed; the others do not depend on it
+                continue
             finally:
                 self.stats.wait_s += time.perf_counter() - t0
             q_rows, _ = self.rows[w]
@@ -369,12 +430,14 @@ class _PoolAttend:
                 full_l.index_put_((tokens[:, None], q_idx[None, :]), l[idx])
                 outs.append(full_o)
                 lses.append(full_l)
-        merged, _ = merge_tree([outs[0].float()] + outs[1:], lses)
-        return merged.to(q.dtype)
+        return outs, lses
 
 
-def _drive(gens) -> list[torch.Tensor]:
-    """Run micro-batch generators round-robin until all return; results in order."""
+def drive_micro_batches(gens) -> list[torch.Tensor]:
+    """Run micro-batch generators round-robin until all return; results in order. Every
+    attend hook of the pool yields once per layer, so micro-batches advance layer by layer
+    in a fixed order: the other tensor-parallel ranks drive theirs the same way, which keeps
+    their all-reduces paired with the driver's."""
     results: list = [None] * len(gens)
     active = list(range(len(gens)))
     while active:

@@ -74,12 +74,26 @@ def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, 
         (dict(tensor_parallel_size=4), "num_key_value_heads"),  # 2 KV heads
         (dict(tensor_parallel_size=3), "num_attention_heads"),  # 4 heads
         (dict(pipeline_parallel_size=3), "2 layers"),
-        (dict(tensor_parallel_size=2, attention_workers=1), "not supported"),
+        (dict(pipeline_parallel_size=2, attention_workers=1), "not supported"),
     ],
 )
 def test_unsupported_shapes_fail_before_starting(tiny_checkpoints, kw, match):
     with pytest.raises(ConfigError, match=match):
         LLM(tiny_checkpoints["llama"][0], device="cpu", **kw)
+
+
+def test_sparse_attention_with_tp_fails_before_starting(tiny_checkpoints, tmp_path):
+    """The profile's per-head budgets are for the whole model, not a rank's heads."""
+    from fapool.sparse.profile import SparseProfile
+
+    profile = SparseProfile(
+        model="tiny-llama", block_size=4, target_recall=0.95, min_blocks=1, num_layers=2, num_heads=4,
+        num_kv_heads=2, kv_budget=[[1.0, 0.5]] * 2,
+    )
+    path = str(tmp_path / "profile.json")
+    profile.save(path)
+    with pytest.raises(ConfigError, match="sparse_attention"):
+        LLM(tiny_checkpoints["llama"][0], device="cpu", tensor_parallel_size=2, sparse_attention=path)
 
 
 def test_tp_slices_every_fused_part_by_heads():
