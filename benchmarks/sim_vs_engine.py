@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fapool
 
-from fapool.bench.results import write_result
+from fapool.bench.results import environment, repo_root, write_result
 from fapool.sim.calibrate import apply_calibration, load_calibration
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.engine_calibrate import fit_host
@@ -60,6 +60,12 @@ def small_kernel_terms(profiled: list[dict], layers: int) -> dict:
         "step_fixed_s": sum(per_step) / len(per_step),
         "rows": [(r["batch"], r["context"]) for r in profiled],
     }
+
+
+def _shown(path: str) -> str:
+    """A path relative to the repository when inside it (results stay portable)."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, repo_root()) if full.startswith(repo_root() + os.sep) else full
 
 
 def _table(rows: list[dict], cost: CostModel, key: str, scale: float = 1e-3) -> list[dict]:
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             f"checkerboard half {host_fit['fit_rows']}; the whole-step errors below are on the other half only"
         )
     vrows = [rows[i] for i in val_idx]
+    if ns.fixed_from_profile:  # the profiled rows fed the device model: not validation rows
+        vrows = [r for r in vrows if not r.get("kernel_profile")]
     step = _table(vrows, cost, "tpot_ms")
     for row, r in zip(step, vrows):
         row["measured_host_s"] = (r["tpot_ms"] - r["graph_replay_ms"]) / 1e3
@@ -153,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print("vs whole engine step:", ss)
     result = {
         "env": measured["env"],
-        "inputs": {"tpot": os.path.abspath(path), "calibration": os.path.abspath(ns.calibration)},
+        "analysis_env": environment("cpu"),  # where and at which commit this comparison ran
+        "inputs": {"tpot": _shown(path), "calibration": _shown(ns.calibration)},
         "hardware_preset": hw_name,
         "notes": notes,
         "host_fit": host_fit,

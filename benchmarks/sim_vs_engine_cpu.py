@@ -8,7 +8,8 @@ One run does everything here:
   2. The engine on the embedded SmolLM2-135M (float32) for each configuration: single
      process; pool shard x1 and x2 with 2 micro-batches (overlap); shard x1 and x2 with 1.
      `batch` prompts of `input_len` random tokens; after the prefill and a warm-up, each
-     decode step of the whole batch is timed.
+     decode step of the whole batch is timed. All engines stay up and are measured in turns
+     (`--repeats` rounds), so drifting load from other processes falls on all alike.
   3. The simulator's step for each: StaticTPPP(1, 1) or FAPool(base 1, pool A, threshold,
      tokens per worker, spread placement, overlap = micro-batches > 1) priced at the same
      batch and mean context, whole step (host model) and device only.
@@ -24,6 +25,7 @@ has one thread, and a pool of A workers runs A + 1 processes on the machine's co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -60,12 +62,27 @@ def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         engine.step()
     ctx0 = reqs[0].num_computed_tokens
+    stats = getattr(engine.runner, "step_stats", None)
+    if stats is not None:
+        stats.clear()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
     tokens = [list(r.output_token_ids) for r in reqs]
+    breakdown = None
+    if stats:  # the pool driver's own record, per step
+        n = len(stats)
+        breakdown = {
+            "driver_dense_s": sum(x.dense_s for x in stats) / n,
+            "driver_local_attention_s": sum(x.local_attention_s for x in stats) / n,
+            "driver_wait_s": sum(x.wait_s for x in stats) / n,
+            "worker_attention_s": {
+                w: sum(x.workers[w].attention_s for x in stats if w in x.workers) / n
+                for w in sorted({w for x in stats for w in x.workers})
+            },
+        }
     for rid in ids:
         engine.abort_request(rid)
     return {
@@ -74,6 +91,29 @@ def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
         "steps_s": times,
         "context_mean": ctx0 + (steps - 1) / 2,
         "tokens": tokens,
+        "breakdown": breakdown,
+    }
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One configuration's rounds as one measurement (all timed steps pooled)."""
+    times = [t for r in runs for t in r["steps_s"]]
+    breakdowns = [r["breakdown"] for r in runs if r["breakdown"]]
+    merged = None
+    if breakdowns:
+        keys = ("driver_dense_s", "driver_local_attention_s", "driver_wait_s")
+        merged = {k: statistics.fmean(b[k] for b in breakdowns) for k in keys}
+        merged["worker_attention_s"] = {
+            w: statistics.fmean(b["worker_attention_s"][w] for b in breakdowns)
+            for w in breakdowns[0]["worker_attention_s"]
+        }
+    return {
+        "step_median_s": statistics.median(times),
+        "step_p20_s": float(np.percentile(times, 20)),
+        "steps_s": times,
+        "context_mean": statistics.fmean(r["context_mean"] for r in runs),
+        "tokens": runs[0]["tokens"],
+        "breakdown": merged,
     }
 
 
@@ -82,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M GGUF")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--input-len", type=int, default=96)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all configurations")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pool-threshold", type=int, default=64)
     p.add_argument("--tokens-per-pool-worker", type=int, default=32)
@@ -100,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from fapool.sim.cost_model import CostModel
     from fapool.sim.hardware import get_hardware
     from fapool.sim.strategies import FAPool
-    from fapool.sim.validate import error_summary, predict_pool_step, predict_tpot
+    from fapool.sim.validate import error_summary, predict_pool_cost, predict_pool_step, predict_tpot
 
     torch.set_num_threads(1)
     out_dir = ns.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -120,12 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     calib_s = time.perf_counter() - t0
     cost = CostModel(model_config, apply_calibration(get_hardware("cpu"), cal))
 
+    # One pool engine at a time (a process holds one process group). The single-process engine
+    # stays up and is measured in turn with each pool engine, `repeats` rounds: drifting load
+    # from other processes then falls on both alike, and the pool / single ratio at the same
+    # time is a load-robust check beside the absolute times.
     rows, reference = [], None
+    runs: dict[str, list[dict]] = {}
+    beside: dict[str, list[dict]] = {}
+    single_name, *_ = (name for name, _ in configs(ns))
+    with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20) as single:
+        torch.set_num_threads(1)
+        for name, extra in configs(ns)[1:]:
+            with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20, **extra) as llm:
+                torch.set_num_threads(1)
+                for _ in range(ns.repeats):
+                    beside.setdefault(name, []).append(measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup))
+                    runs.setdefault(name, []).append(measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup))
+    runs[single_name] = [r for rs in beside.values() for r in rs]
     for name, extra in configs(ns):
-        t = time.perf_counter()
-        with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20, **extra) as llm:
-            torch.set_num_threads(1)
-            m = measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup)
+        m = _merge(runs[name])
         reference = reference or m["tokens"]
         ctx = int(round(m["context_mean"]))
         if extra:
@@ -138,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                 overlap=extra["micro_batches"] > 1,
                 max_batch=ns.batch,
             )
-            pred = predict_pool_step(cost, pool, ns.batch, ctx)
-            pred_dev = predict_pool_step(cost.device_only(), pool, ns.batch, ctx)
+            sc = predict_pool_cost(cost, pool, ns.batch, ctx)
+            pred, pred_dev = sc.duration, predict_pool_step(cost.device_only(), pool, ns.batch, ctx)
+            predicted_parts = {"driver_busy_s": float(sc.busy[0]), "driver_comm_s": float(sc.comm[0]),
+                               "worker_busy_s": [float(v) for v in sc.busy[1:]],
+                               "worker_comm_s": [float(v) for v in sc.comm[1:]]}
         else:
             pred = predict_tpot(cost, ns.batch, ctx)
             pred_dev = predict_tpot(cost.device_only(), ns.batch, ctx)
+            predicted_parts = None
         row = {
             "config": name,
             **extra,
@@ -153,17 +211,40 @@ def main(argv: list[str] | None = None) -> int:
             "steps_s": m["steps_s"],
             "predicted_s": pred,
             "predicted_device_s": pred_dev,
+            "measured_breakdown": m["breakdown"],
+            "predicted_parts": predicted_parts,
             "rel_error": (pred - m["step_median_s"]) / m["step_median_s"],
             "rel_error_vs_p20": (pred - m["step_p20_s"]) / m["step_p20_s"],
-            "wall_s": time.perf_counter() - t,
         }
+        if extra:  # against the single process measured in the same rounds
+            ref = _merge(beside[name])
+            single_pred = predict_tpot(cost, ns.batch, int(round(ref["context_mean"])))
+            row["single_beside_s"] = ref["step_median_s"]
+            row["measured_ratio"] = m["step_median_s"] / ref["step_median_s"]
+            row["predicted_ratio"] = pred / single_pred
+            row["ratio_rel_error"] = row["predicted_ratio"] / row["measured_ratio"] - 1
         rows.append(row)
         print(
             f"{name:32s} measured {row['measured_s'] * 1e3:7.1f} ms (p20 {row['measured_p20_s'] * 1e3:6.1f}) "
             f"predicted {pred * 1e3:7.1f} ms (device {pred_dev * 1e3:6.1f}) err {row['rel_error']:+6.1%} "
-            f"(vs p20 {row['rel_error_vs_p20']:+6.1%}) same tokens {row['tokens_equal_single_process']}",
+            f"(vs p20 {row['rel_error_vs_p20']:+6.1%}) same tokens {row['tokens_equal_single_process']}"
+            + (
+                f"; x single beside it: measured {row['measured_ratio']:.2f} predicted {row['predicted_ratio']:.2f}"
+                if extra
+                else ""
+            ),
             flush=True,
         )
+        b = m["breakdown"]
+        if b and predicted_parts:
+            print(
+                f"    driver measured: dense {b['driver_dense_s'] * 1e3:.1f} + local attention "
+                f"{b['driver_local_attention_s'] * 1e3:.1f} + wait {b['driver_wait_s'] * 1e3:.1f} ms; predicted busy "
+                f"{predicted_parts['driver_busy_s'] * 1e3:.1f} + comm {predicted_parts['driver_comm_s'] * 1e3:.1f} ms; "
+                f"workers' attention measured {[round(v * 1e3, 1) for v in b['worker_attention_s'].values()]} "
+                f"predicted {[round(v * 1e3, 1) for v in predicted_parts['worker_busy_s']]} ms",
+                flush=True,
+            )
     s = error_summary(rows)
     s_p20 = error_summary([{**r, "rel_error": r["rel_error_vs_p20"]} for r in rows])
     print("vs median step:", s)
@@ -176,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": ns.batch,
             "input_len": ns.input_len,
             "steps": ns.steps,
+            "repeats": ns.repeats,
             "warmup": ns.warmup,
             "pool_threshold": ns.pool_threshold,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker,

@@ -109,7 +109,9 @@ def measure_decode(
 
     cuda = engine.runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    params = SamplingParams(temperature=0.0, max_tokens=context + steps + warmup + 8, ignore_eos=True)
+    # Early requests decode while later ones are still in prefill: leave room for those tokens.
+    prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens) + 1
+    params = SamplingParams(temperature=0.0, max_tokens=prefill_steps + steps + warmup + 4, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     vocab = engine.config.model.vocab_size
     prompts = torch.randint(0, vocab, (batch, context), generator=gen).tolist()

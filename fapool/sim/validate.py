@@ -18,7 +18,7 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.ledger import PoolLedger
-from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch
+from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost
 
 
 def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int = 1) -> float:
@@ -32,6 +32,11 @@ def predict_pool_step(cost: CostModel, pool: FAPool, batch: int, context: int) -
     """One decode step of `batch` sequences with `context` cached tokens each under FA Pool:
     the prompt's KV is placed as the engine places it (first `threshold` tokens local, then
     chunks of `tokens_per_worker` on the workers), then the step is priced."""
+    return predict_pool_cost(cost, pool, batch, context).duration
+
+
+def predict_pool_cost(cost: CostModel, pool: FAPool, batch: int, context: int) -> StepCost:
+    """predict_pool_step's StepCost: the duration and each process's busy / comm seconds."""
     ctx = np.full(batch, context, np.int64)
     ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64))
     assert isinstance(ledger, PoolLedger)
@@ -46,7 +51,7 @@ def predict_pool_step(cost: CostModel, pool: FAPool, batch: int, context: int) -
     step = StepBatch(ctx=ctx, new=one, decode=np.ones(batch, bool), group=np.zeros(batch, np.int64))
     if ledger.try_allocate(ctx, one) is not None:
         raise ValueError("the decode step's new tokens do not fit")
-    return float(pool.step_cost(cost, step, ledger).duration)
+    return pool.step_cost(cost, step, ledger)
 
 
 def tpot_error_table(
