@@ -420,10 +420,12 @@ def calibrate(
     model=None,
     engine_grid: dict | None = None,
     progress=None,
+    checkpoint=None,
 ) -> dict:
     """Time kernels (and collectives on CPU) here, fit the rooflines, and unless `engine` is
     false run the tiny-engine decode that fits the fixed and host terms; `model` (a
-    ModelConfig) picks the architecture flags of the tiny engine model."""
+    ModelConfig) picks the architecture flags of the tiny engine model; `checkpoint(cal)`
+    gets the kernels-only result before the engine part runs."""
     import torch
 
     if threads:
@@ -492,19 +494,37 @@ def calibrate(
             ),
             "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p]),
         }
+    out["seconds"] = round(time.perf_counter() - t0, 3)
     if engine:
-        from fapool.sim.cost_model import CostModel
-        from fapool.sim.engine_calibrate import calibrate_engine
-        from fapool.sim.hardware import get_hardware
+        add_engine_section(out, model, engine_grid, progress, checkpoint)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
 
-        # The kernel fits alone (no fixed or host terms yet) price the tiny model's parts.
-        kernels_only = {**out, "engine": None}
-        hw = apply_calibration(get_hardware("cpu" if dev.type == "cpu" else "h100"), kernels_only)
-        out["engine"] = calibrate_engine(
+
+def add_engine_section(cal: dict, model=None, engine_grid=None, progress=None, checkpoint=None) -> dict:
+    """Run the tiny-engine decode on the calibration's device and store its fits under
+    cal["engine"]. `checkpoint(cal)` is called first, so a kernels-only file survives a crash;
+    an exception in the engine run is recorded as cal["engine_error"] (no host model) rather
+    than losing the kernel fits."""
+    from fapool.sim.cost_model import CostModel
+    from fapool.sim.engine_calibrate import calibrate_engine
+    from fapool.sim.hardware import get_hardware
+
+    if checkpoint:
+        checkpoint(cal)
+    device = "cuda" if cal["device_kind"] == "cuda" else "cpu"
+    # The kernel fits alone (no fixed or host terms yet) price the tiny model's parts.
+    hw = apply_calibration(get_hardware("cpu" if device == "cpu" else "h100"), {**cal, "engine": None})
+    try:
+        cal["engine"] = calibrate_engine(
             device, lambda mc: CostModel(mc, hw, include_host=False), model, engine_grid, progress
         )
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    return out
+    except Exception as exc:  # noqa: BLE001 - keep the kernel calibration, say why
+        cal["engine"] = None
+        cal["engine_error"] = f"{type(exc).__name__}: {exc}"
+        if progress:
+            progress(f"warning: the engine calibration failed ({cal['engine_error']}); no host model")
+    return cal
 
 
 def write_calibration(cal: dict, path: str | Path) -> None:
@@ -627,6 +647,8 @@ def summary_lines(cal: dict) -> list[str]:
     else:
         lines.append(f"comm: {cal['comm_note']}")
     eng = cal.get("engine")
+    if cal.get("engine_error"):
+        lines.append(f"engine: not calibrated ({cal['engine_error']})")
     if eng:
         f, h = eng["device_fixed"], eng["host"]
         lines.append(

@@ -278,6 +278,7 @@ def cmd_calibrate(args) -> int:
         engine=not args.no_engine,
         model=model,
         progress=None if args.quiet else lambda line: print(line, flush=True),
+        checkpoint=lambda partial: write_calibration(partial, args.out),
     )
     write_calibration(cal, args.out)
     for line in summary_lines(cal):

@@ -174,3 +174,11 @@ def test_calibrate_on_cpu_writes_the_engine_terms_and_they_load_back(tmp_path):
     old = {k: v for k, v in cal.items() if k != "engine"} | {"schema": 1}
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert apply_calibration(get_hardware("cpu"), load_calibration(tmp_path / "old.json")).host is None
+
+
+def test_a_failing_engine_run_keeps_the_kernel_calibration():
+    saved = []
+    bad = {**TINY_ENGINE, "layers": (2, 1)}
+    cal = calibrate(device="cpu", grid=TINY_KERNELS, collectives=False, engine_grid=bad, checkpoint=saved.append)
+    assert saved and cal["engine"] is None and "two depths" in cal["engine_error"]
+    assert apply_calibration(get_hardware("cpu"), cal).host is None
