@@ -229,6 +229,15 @@ def _cycle(fn_of, items):
     return call
 
 
+def model_linear_shapes(model) -> list[tuple[int, int]]:
+    """(n, k) of the linears a decode step of `model` runs (merged q/k/v and gate/up, as the
+    engine runs them), so the GEMM fit sees the target's own shapes."""
+    q, kv = model.num_attention_heads * model.head_dim, model.num_key_value_heads * model.head_dim
+    h, f = model.hidden_size, model.intermediate_size
+    up = 2 * f if model.gated_mlp else f
+    return [(q + 2 * kv, h), (h, q), (up, h), (h, f), (model.vocab_size, h)]
+
+
 def _gemm_samples(device, dtype, grid) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -436,11 +445,14 @@ def calibrate(
         raise SimInputError("calibrate: --device cuda asked for but torch sees no CUDA device")
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    custom = grid is not None
     grid = grid or (QUICK if quick else FULL)
-    if dev.type == "cuda" and grid is QUICK:
+    if dev.type == "cuda" and quick and not custom:
         # The attention table extrapolates at its largest sample's rate: give a GPU the sizes
         # where it streams at full bandwidth (seconds there).
-        grid = {**QUICK, "decode": QUICK["decode"] + [(64, 32, 4096, 128), (8, 32, 32768, 128)]}
+        grid = {**grid, "decode": grid["decode"] + [(64, 32, 4096, 128), (8, 32, 32768, 128)]}
+    if model is not None:  # the target model's own linears join the GEMM grid
+        grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
     t0 = time.perf_counter()
     gemm = _gemm_samples(dev, dtype, grid)
     decode, sdpa_decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
