@@ -274,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         f"simulated vs measured decode step, CPU engine + gloo pool (SmolLM2, batch {ns.batch}, ctx ~{rows[0]['context_mean']:.0f}, "
         f"1 thread/process, load avg {load:.1f}): within 10% on {s['within_10pct']}/{s['rows']} (max {s['max_abs_rel_error']:.0%}); "
         + ", ".join(f"{r['config']} {r['measured_s'] * 1e3:.0f}->{r['predicted_s'] * 1e3:.0f} ms" for r in rows)
+        + "; pool/single measured x"
+        + "/".join(f"{r['measured_ratio']:.2f}" for r in rows[1:])
+        + " vs predicted x"
+        + "/".join(f"{r['predicted_ratio']:.2f}" for r in rows[1:])
     )
     print(summary)
     print("wrote", write_result("sim_vs_engine_cpu", result, summary, out_dir=ns.out_dir))
