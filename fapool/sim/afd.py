@@ -99,7 +99,7 @@ class AFDModel:
         a_max_mean = float((a_max * w).sum())
         bundle = self._bundle(r)
         f_parts = bundle.ffn_layer(self.cost, r * self.b)
-        steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b)
+        steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b, r * self.b * self.m.mean)
         step = float((np.asarray(steps) * w).sum())
         n = r * self.b
         return AFDPoint(

@@ -2,11 +2,18 @@
 device, fit the roofline's effective rates, and write them as JSON for the cost model.
 
 What is timed:
-  GEMM       torch.matmul [m, k] @ [k, n] over a grid of m (tokens) and (n, k)
-  attention  torch SDPA, decode (one query per sequence over L cached tokens) and one causal
-             prefill; decode fits the bandwidth, prefill the FLOP rate
+  GEMM       F.linear (the engine's op) [m, k] x [n, k]^T over a grid of m (tokens) and (n, k)
+  attention  decode: the engine's own attention backend (Triton paged decode on a GPU, the torch
+             reference on a CPU) over a paged KV cache, one query per sequence; prefill: torch
+             SDPA causal (the FLOP rate). SDPA decode is kept beside it for comparison.
   comm       all_reduce and send/recv between two gloo processes (forked, FileStore, no
              ports), CPU only; on a GPU with one device there is nothing to time
+  engine     a short decode of the real engine on a tiny model (fapool.sim.engine_calibrate):
+             fixed device cost of a layer and of a step, and the host model (per step, per
+             sequence, per cached token; eager launch cost on a GPU)
+
+On a GPU, kernels are timed as CUDA-graph replays (what the engine's decode steps are), so a
+small call's host launch does not stand in for its device time.
 
 Fit: time = overhead + max(flops / F, bytes / B), choosing overhead, F, B to minimise the mean
 absolute log error over the samples. The JSON also keeps every sample and the fit error.
@@ -26,20 +33,40 @@ from pathlib import Path
 import numpy as np
 
 from fapool.sim.errors import SimInputError
-from fapool.sim.hardware import HardwareProfile, LinkProfile
+from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile
 
-SCHEMA = 1
+SCHEMA = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1: kernels only (no engine / host section)
+# The small (n, k) and (batch, ctx) points are the tiny engine model's own sizes: they pin the
+# fixed cost of a call, so the engine fit's per-layer residual does not count it twice.
 QUICK = {
-    "gemm_m": [1, 8, 64, 256],
-    "gemm_nk": [(512, 512), (2048, 512)],
-    "decode": [(4, 8, 256, 64), (4, 8, 2048, 64), (16, 8, 2048, 64)],  # (batch, heads, ctx, head_dim)
+    "gemm_m": [1, 2, 4, 8, 16, 64, 256],
+    "gemm_nk": [(256, 256), (512, 512), (2048, 512)],
+    # (batch, heads, ctx, head_dim): small models' sizes, where a CPU's reference attention runs
+    "decode": [
+        (1, 4, 32, 64),
+        (1, 4, 256, 64),
+        (4, 4, 128, 64),
+        (4, 4, 512, 64),
+        (8, 4, 256, 64),
+        (8, 8, 1024, 64),
+    ],
     "prefill": [(1, 8, 512, 64)],
     "comm_bytes": [4096, 262144, 2097152],
 }
 FULL = {
-    "gemm_m": [1, 16, 64, 256, 1024, 4096],
-    "gemm_nk": [(4096, 4096), (16384, 4096), (4096, 16384)],
-    "decode": [(16, 32, 1024, 128), (64, 32, 4096, 128), (128, 32, 8192, 128), (8, 32, 32768, 128)],
+    "gemm_m": [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096],
+    "gemm_nk": [(256, 256), (1024, 1024), (4096, 4096), (16384, 4096), (4096, 16384)],
+    "decode": [
+        (1, 4, 128, 64),
+        (8, 4, 2048, 64),
+        (32, 4, 2048, 64),
+        (8, 32, 512, 128),
+        (16, 32, 1024, 128),
+        (64, 32, 4096, 128),
+        (128, 32, 8192, 128),
+        (8, 32, 32768, 128),
+    ],
     "prefill": [(1, 32, 4096, 128), (1, 32, 8192, 128)],
     "comm_bytes": [4096, 1 << 20, 16 << 20, 64 << 20],
 }
@@ -94,12 +121,49 @@ def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
     return float(np.percentile(times, 20))
 
 
-def fit_roofline(flops, nbytes, seconds) -> dict:
+def time_graph(fn, device, target_s: float = 2e-4) -> float:
+    """Seconds per call of `fn` replayed inside a CUDA graph (median of 10 replays), so the
+    host's launch cost does not hide in the device time; falls back to `time_op` when the
+    call cannot be captured. Enough copies go into one graph to last ~`target_s`."""
+    import torch
+
+    if device.type != "cuda":
+        return time_op(fn, device)
+    once = time_op(fn, device, min_time=0.005, max_reps=20)
+    copies = int(min(64, max(1, target_s / max(once, 1e-7))))
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(copies):
+                fn()
+    except Exception:  # noqa: BLE001 - an op that cannot be captured is timed eagerly
+        return once
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / copies)
+    return float(np.median(times[2:]))
+
+
+def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
     """Fit time = o + max(flops / F, bytes / B); returns overhead_s, flops_per_s, bytes_per_s,
-    mean_abs_log_err. Candidates for F and B are the rates each sample implies."""
+    mean_abs_log_err. Candidates for F and B are the rates each sample implies; `overheads`
+    restricts o (default: 24 values from 0 to 95% of the fastest sample)."""
     f, b, t = (np.asarray(x, dtype=np.float64) for x in (flops, nbytes, seconds))
     best = None
-    for o in np.linspace(0.0, 0.95 * t.min(), 24):
+    if overheads is None:
+        overheads = np.linspace(0.0, 0.95 * t.min(), 24)
+    for o in overheads:
+        o = min(float(o), 0.95 * float(t.min()))
         rest = t - o
         f_cands = np.unique(f / rest)
         b_cands = np.unique(b / rest)
@@ -112,6 +176,22 @@ def fit_roofline(flops, nbytes, seconds) -> dict:
                     best = (key, o, F, B, err)
     _, o, F, B, err = best
     return {"overhead_s": float(o), "flops_per_s": float(F), "bytes_per_s": float(B), "mean_abs_log_err": err}
+
+
+def fit_gemm_by_m(samples: list[dict], overhead: float) -> list[dict]:
+    """Per token count m, the GEMM's own (F, B) with the global fit's overhead: small-m GEMMs
+    reach a lower FLOP rate than large ones (on a CPU a GEMV path at m = 1 streams the weights
+    far faster than the packed-GEMM path at m = 2..32). The cost model interpolates these in
+    log m; the global fit stays for m outside the grid's shapes."""
+    out = []
+    for m in sorted({s["m"] for s in samples}):
+        at = [s for s in samples if s["m"] == m]
+        fit = fit_roofline(
+            [s["flops"] for s in at], [s["bytes"] for s in at], [s["s"] for s in at], [overhead]
+        )
+        out.append({"m": m, "flops_per_s": fit["flops_per_s"], "bytes_per_s": fit["bytes_per_s"],
+                    "mean_abs_log_err": fit["mean_abs_log_err"]})
+    return out
 
 
 def fit_linear(x, seconds) -> dict:
@@ -128,16 +208,48 @@ def fit_linear(x, seconds) -> dict:
     }
 
 
+# Operands are rotated over copies that together exceed the last-level cache, so every call
+# reads them from memory, as the engine's step does (each layer's weights and KV are read once
+# a step; 4 MB of weights called in a loop would stay in a CPU's L3 and run several times faster).
+COLD_BYTES = 256 << 20
+
+
+def _copies(nbytes: float) -> int:
+    return int(max(1, min(1024, -(-COLD_BYTES // max(1, int(nbytes))))))
+
+
+def _cycle(fn_of, items):
+    """A no-argument callable that applies `fn_of` to the next of `items` each call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn_of(items[state["i"]])
+
+    return call
+
+
+def model_linear_shapes(model) -> list[tuple[int, int]]:
+    """(n, k) of the linears a decode step of `model` runs (merged q/k/v and gate/up, as the
+    engine runs them), so the GEMM fit sees the target's own shapes."""
+    q, kv = model.num_attention_heads * model.head_dim, model.num_key_value_heads * model.head_dim
+    h, f = model.hidden_size, model.intermediate_size
+    up = 2 * f if model.gated_mlp else f
+    return [(q + 2 * kv, h), (h, q), (up, h), (h, f), (model.vocab_size, h)]
+
+
 def _gemm_samples(device, dtype, grid) -> list[dict]:
     import torch
+    import torch.nn.functional as F
 
     out = []
     d = torch.tensor([], dtype=dtype).element_size()
     for n, k in grid["gemm_nk"]:
-        w = torch.randn(k, n, device=device, dtype=dtype)
+        # nn.Linear's layout, [n, k]
+        ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(_copies(n * k * d))]
         for m in grid["gemm_m"]:
             a = torch.randn(m, k, device=device, dtype=dtype)
-            t = time_op(lambda a=a, w=w: torch.matmul(a, w), device)
+            t = time_graph(_cycle(lambda w, a=a: F.linear(a, w), ws), device)
             out.append(
                 {
                     "m": m,
@@ -148,21 +260,70 @@ def _gemm_samples(device, dtype, grid) -> list[dict]:
                     "s": t,
                 }
             )
+        del ws
     return out
 
 
-def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict]]:
+def _paged_decode_call(backend, device, dtype, bsz: int, h: int, ctx: int, hd: int, block_size: int = 16):
+    """A closure running the engine backend's decode attention: `bsz` sequences of `ctx`
+    cached tokens (+ the new one) in a paged cache whose blocks are shuffled, as in use."""
+    import torch
+
+    from fapool.attention.metadata import AttentionMetadata
+
+    per_seq = -(-(ctx + 1) // block_size)
+    num_blocks = bsz * per_seq
+    gen = torch.Generator().manual_seed(bsz * 131 + ctx)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(bsz)]
+    shape = (num_blocks, block_size, h, hd)
+    kv_bytes = 2 * num_blocks * block_size * h * hd * torch.tensor([], dtype=dtype).element_size()
+    caches = [
+        (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+        for _ in range(_copies(kv_bytes))
+    ]
+    meta = AttentionMetadata.build(
+        query_lens=[1] * bsz,
+        query_pos_start=[ctx] * bsz,
+        kv_lens=[ctx + 1] * bsz,
+        block_tables=tables,
+        slot_mapping=[t[ctx // block_size] * block_size + ctx % block_size for t in tables],
+        device=device,
+    )
+    q = torch.randn(bsz, h, hd, device=device, dtype=dtype)
+    scale = hd**-0.5
+    return _cycle(lambda kv: backend.forward(q, kv[0], kv[1], meta, scale), caches)
+
+
+def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], list[dict], str]:
     import torch
     import torch.nn.functional as F
 
+    from fapool.attention.selector import make_backend
+
+    backend = make_backend(None, str(device))
     d = torch.tensor([], dtype=dtype).element_size()
-    decode, prefill = [], []
+    decode, sdpa, prefill = [], [], []
     for bsz, h, ctx, hd in grid["decode"]:
+        nbytes = (2.0 * bsz * h * (ctx + 1) * hd + 2.0 * bsz * h * hd) * d
+        paged = _paged_decode_call(backend, device, dtype, bsz, h, ctx, hd)
+        decode.append(
+            {
+                "batch": bsz,
+                "heads": h,
+                "ctx": ctx + 1,
+                "head_dim": hd,
+                "flops": 4.0 * bsz * h * (ctx + 1) * hd,
+                "bytes": nbytes,
+                "s": time_graph(paged, device),
+            }
+        )
+        del paged
         q = torch.randn(bsz, h, 1, hd, device=device, dtype=dtype)
         k = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         v = torch.randn_like(k)
-        t = time_op(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device)
-        decode.append(
+        t = time_graph(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device)
+        sdpa.append(
             {
                 "batch": bsz,
                 "heads": h,
@@ -176,7 +337,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict]]:
     for bsz, h, ctx, hd in grid["prefill"]:
         q = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
-        t = time_op(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+        t = time_graph(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
         prefill.append(
             {
                 "batch": bsz,
@@ -188,7 +349,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict]]:
                 "s": t,
             }
         )
-    return decode, prefill
+    return decode, sdpa, prefill, f"{backend.name} backend (paged decode)"
 
 
 def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
@@ -215,12 +376,14 @@ def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
 
             for _ in range(2):
                 call()
-            reps = 10
             dist.barrier()
-            t = time.perf_counter()
-            for _ in range(reps):
+            times = []
+            for _ in range(16):
+                t = time.perf_counter()
                 call()
-            el = (time.perf_counter() - t) / reps
+                times.append(time.perf_counter() - t)
+            # 20th percentile, as time_op: on a shared machine a descheduled peer only adds.
+            el = float(np.percentile(times, 20))
             if op == "p2p":
                 el /= 2  # a round trip is two one-way messages
             results.append({"op": op, "bytes": x.numel() * 4, "ranks": 2, "s": el})
@@ -262,7 +425,16 @@ def calibrate(
     collectives: bool = True,
     grid: dict | None = None,
     threads: int | None = None,
+    engine: bool = True,
+    model=None,
+    engine_grid: dict | None = None,
+    progress=None,
+    checkpoint=None,
 ) -> dict:
+    """Time kernels (and collectives on CPU) here, fit the rooflines, and unless `engine` is
+    false run the tiny-engine decode that fits the fixed and host terms; `model` (a
+    ModelConfig) picks the architecture flags of the tiny engine model; `checkpoint(cal)`
+    gets the kernels-only result before the engine part runs."""
     import torch
 
     if threads:
@@ -273,17 +445,28 @@ def calibrate(
         raise SimInputError("calibrate: --device cuda asked for but torch sees no CUDA device")
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    custom = grid is not None
     grid = grid or (QUICK if quick else FULL)
+    if dev.type == "cuda" and quick and not custom:
+        # The attention table extrapolates at its largest sample's rate: give a GPU the sizes
+        # where it streams at full bandwidth (seconds there).
+        grid = {**grid, "decode": grid["decode"] + [(64, 32, 4096, 128), (8, 32, 32768, 128)]}
+    if model is not None:  # the target model's own linears join the GEMM grid
+        grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
     t0 = time.perf_counter()
     gemm = _gemm_samples(dev, dtype, grid)
-    decode, prefill = _attention_samples(dev, dtype, grid)
+    decode, sdpa_decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
     comm, comm_note = (None, "skipped")
     if collectives and dev.type == "cpu":
         comm, comm_note = _comm_samples(grid["comm_bytes"])
     elif collectives:
         comm_note = "not measured: one GPU here (NCCL needs two ranks)"
     g = fit_roofline([s["flops"] for s in gemm], [s["bytes"] for s in gemm], [s["s"] for s in gemm])
+    g["by_m"] = fit_gemm_by_m(gemm, g["overhead_s"])
     a = fit_roofline([s["flops"] for s in decode], [s["bytes"] for s in decode], [s["s"] for s in decode])
+    a_sdpa = fit_roofline(
+        [s["flops"] for s in sdpa_decode], [s["bytes"] for s in sdpa_decode], [s["s"] for s in sdpa_decode]
+    )
     pf = [s["flops"] / max(s["s"] - a["overhead_s"], 1e-9) for s in prefill]
     out = {
         "schema": SCHEMA,
@@ -295,10 +478,22 @@ def calibrate(
         "dtype": str(dtype).replace("torch.", ""),
         "dtype_bytes": torch.tensor([], dtype=dtype).element_size(),
         "gemm": g,
-        "attention": {**a, "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"]},
+        "attention": {
+            **a,
+            "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
+            "decode_kernel": decode_kernel,
+            "sdpa_decode": a_sdpa,
+        },
         "comm": None,
         "comm_note": comm_note,
-        "samples": {"gemm": gemm, "decode": decode, "prefill": prefill, "comm": comm},
+        "samples": {
+            "gemm": gemm,
+            "decode": decode,
+            "sdpa_decode": sdpa_decode,
+            "prefill": prefill,
+            "comm": comm,
+        },
+        "engine": None,
         "seconds": None,
     }
     if comm:
@@ -312,7 +507,36 @@ def calibrate(
             "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p]),
         }
     out["seconds"] = round(time.perf_counter() - t0, 3)
+    if engine:
+        add_engine_section(out, model, engine_grid, progress, checkpoint)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def add_engine_section(cal: dict, model=None, engine_grid=None, progress=None, checkpoint=None) -> dict:
+    """Run the tiny-engine decode on the calibration's device and store its fits under
+    cal["engine"]. `checkpoint(cal)` is called first, so a kernels-only file survives a crash;
+    an exception in the engine run is recorded as cal["engine_error"] (no host model) rather
+    than losing the kernel fits."""
+    from fapool.sim.cost_model import CostModel
+    from fapool.sim.engine_calibrate import calibrate_engine
+    from fapool.sim.hardware import get_hardware
+
+    if checkpoint:
+        checkpoint(cal)
+    device = "cuda" if cal["device_kind"] == "cuda" else "cpu"
+    # The kernel fits alone (no fixed or host terms yet) price the tiny model's parts.
+    hw = apply_calibration(get_hardware("cpu" if device == "cpu" else "h100"), {**cal, "engine": None})
+    try:
+        cal["engine"] = calibrate_engine(
+            device, lambda mc: CostModel(mc, hw, include_host=False), model, engine_grid, progress
+        )
+    except Exception as exc:  # noqa: BLE001 - keep the kernel calibration, say why
+        cal["engine"] = None
+        cal["engine_error"] = f"{type(exc).__name__}: {exc}"
+        if progress:
+            progress(f"warning: the engine calibration failed ({cal['engine_error']}); no host model")
+    return cal
 
 
 def write_calibration(cal: dict, path: str | Path) -> None:
@@ -328,26 +552,70 @@ def load_calibration(path: str | Path) -> dict:
         cal = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SimInputError(f"{path}: not JSON ({exc})") from exc
-    if cal.get("schema") != SCHEMA or "gemm" not in cal or "attention" not in cal:
-        raise SimInputError(f"{path}: not a fapool calibration (schema {SCHEMA})")
+    if cal.get("schema") not in READABLE_SCHEMAS or "gemm" not in cal or "attention" not in cal:
+        raise SimInputError(
+            f"{path}: not a fapool calibration (schema {', '.join(map(str, READABLE_SCHEMAS))})"
+        )
     cal["_path"] = str(path)
     return cal
 
 
+def attn_table(samples: list[dict]) -> tuple[tuple[float, float], ...]:
+    """(bytes, seconds) of decode-attention samples sorted by bytes, equal sizes averaged and
+    times made non-decreasing (more KV never reads faster; a dip is noise)."""
+    by: dict[float, list[float]] = {}
+    for s in samples:
+        by.setdefault(float(s["bytes"]), []).append(float(s["s"]))
+    out, floor = [], 0.0
+    for b in sorted(by):
+        floor = max(floor, sum(by[b]) / len(by[b]))
+        out.append((b, floor))
+    return tuple(out)
+
+
+def host_profile(cal: dict) -> HostProfile | None:
+    """The host model of a calibration (None for schema 1 or `--no-engine` runs)."""
+    eng = cal.get("engine")
+    if not eng:
+        return None
+    h = eng["host"]
+    return HostProfile(
+        step_s=h["step_s"],
+        per_seq_s=h["per_seq_s"],
+        per_kv_token_s=h["per_kv_token_s"],
+        launch_layer_s=h["launch_layer_s"],
+        launch_step_s=h["launch_step_s"],
+        cuda_graphs=bool(h["cuda_graphs"]),
+        launch_overlaps_device=bool(h["launch_overlaps_device"]),
+    )
+
+
 def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
     """The profile with fitted rates in place of the preset's (memory and, unless measured,
-    the interconnect stay the preset's)."""
+    the interconnect stay the preset's); with an engine section also the fixed device costs
+    of a layer and a step and the host model."""
     g, a = cal["gemm"], cal["attention"]
     changes = {
         "gemm_flops": g["flops_per_s"],
         "gemm_bandwidth": g["bytes_per_s"],
         "kernel_overhead": g["overhead_s"],
+        "attn_by_bytes": attn_table(cal.get("samples", {}).get("decode") or [])
+        if cal.get("attention", {}).get("decode_kernel")
+        else (),
+        "gemm_by_m": tuple(
+            (int(r["m"]), float(r["flops_per_s"]), float(r["bytes_per_s"])) for r in g.get("by_m", [])
+        ),
         "attn_flops": a.get("prefill_flops_per_s", a["flops_per_s"]),
         "attn_bandwidth": a["bytes_per_s"],
         "attn_overhead": a["overhead_s"],
         "dtype_bytes": int(cal.get("dtype_bytes", hw.dtype_bytes)),
         "source": f"calibration {cal.get('_path', '')} ({cal.get('device_name', '?')})",
     }
+    eng = cal.get("engine")
+    if eng:
+        changes["layer_fixed_s"] = eng["device_fixed"]["layer_fixed_s"]
+        changes["step_fixed_s"] = eng["device_fixed"]["step_fixed_s"]
+        changes["host"] = host_profile(cal)
     comm = cal.get("comm")
     if comm:
         ar, p2p = comm["all_reduce"], comm["p2p"]
@@ -373,7 +641,7 @@ def summary_lines(cal: dict) -> list[str]:
             f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})"
         ),
         (
-            f"attention: decode {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill {a['prefill_flops_per_s'] / 1e9:,.1f} "
+            f"attention: decode ({a.get('decode_kernel', 'SDPA')}) {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill {a['prefill_flops_per_s'] / 1e9:,.1f} "
             f"GFLOP/s, overhead {a['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(a['mean_abs_log_err']):.0%})"
         ),
     ]
@@ -390,4 +658,22 @@ def summary_lines(cal: dict) -> list[str]:
         )
     else:
         lines.append(f"comm: {cal['comm_note']}")
+    eng = cal.get("engine")
+    if cal.get("engine_error"):
+        lines.append(f"engine: not calibrated ({cal['engine_error']})")
+    if eng:
+        f, h = eng["device_fixed"], eng["host"]
+        lines.append(
+            f"engine ({eng['model']}, {eng['seconds']} s): device fixed {f['layer_fixed_s'] * 1e6:.1f} us a layer, "
+            f"{f['step_fixed_s'] * 1e6:.1f} us a step"
+        )
+        lines.append(
+            f"host: {h['step_s'] * 1e6:.1f} us a step + {h['per_seq_s'] * 1e6:.2f} us a sequence + "
+            f"{h['per_kv_token_s'] * 1e9:.2f} ns a cached token (fit error {h['mean_abs_rel_err']:.0%}); "
+            + (
+                f"eager launch {h['launch_layer_s'] * 1e6:.1f} us a layer + {h['launch_step_s'] * 1e6:.1f} us a step"
+                if h["launch_overlaps_device"]
+                else "launch: in the device's fixed costs (CPU)"
+            )
+        )
     return lines

@@ -267,8 +267,18 @@ def cmd_plan(args) -> int:
 def cmd_calibrate(args) -> int:
     from fapool.sim.calibrate import calibrate, summary_lines, write_calibration
 
+    from fapool.sim.cost_model import load_model_config
+
+    model = load_model_config(args.model) if args.model else None
     cal = calibrate(
-        device=args.device, quick=not args.full, collectives=not args.no_collectives, threads=args.threads
+        device=args.device,
+        quick=not args.full,
+        collectives=not args.no_collectives,
+        threads=args.threads,
+        engine=not args.no_engine,
+        model=model,
+        progress=None if args.quiet else lambda line: print(line, flush=True),
+        checkpoint=lambda partial: write_calibration(partial, args.out),
     )
     write_calibration(cal, args.out)
     for line in summary_lines(cal):
@@ -327,11 +337,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the plan here")
     p.set_defaults(func=cmd_plan)
 
-    p = subparsers.add_parser("calibrate", help="time GEMMs, attention and collectives here; write JSON")
+    p = subparsers.add_parser(
+        "calibrate", help="time GEMMs, attention, collectives and a tiny engine decode here; write JSON"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="larger sizes (minutes on CPU)")
     p.add_argument("--no-collectives", action="store_true")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument(
+        "--no-engine", action="store_true", help="kernels only: skip the tiny-engine decode (no host model)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset or HF config.json whose architecture the tiny engine model copies (default: gated Llama)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     p.add_argument("--out", default="fapool_calibration.json")
     p.set_defaults(func=cmd_calibrate)
 

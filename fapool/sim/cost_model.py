@@ -5,6 +5,10 @@ rates taken from a HardwareProfile (preset or calibrated). Functions accept nump
 well as scalars, so the simulator can price every attention group of a step at once.
 Collectives use the ring formula; point-to-point is latency + bytes / bandwidth.
 
+A step's wall time is its device time plus, when the profile has a host model (calibrated
+from the real engine), the host's serial work and, for eager steps, the kernel launches:
+`finish_step`. `device_only()` drops the host part (the "GPU time" of a step).
+
 Sizes are per *layer* unless a name says otherwise; callers multiply by the layers they run.
 """
 
@@ -78,6 +82,10 @@ def _ceil_div(a: int, b: int) -> int:
 class CostModel:
     model: ModelConfig
     hw: HardwareProfile
+    include_host: bool = True  # False: device time only (no host model even if the profile has one)
+
+    def device_only(self) -> CostModel:
+        return CostModel(self.model, self.hw, include_host=False)
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -117,19 +125,32 @@ class CostModel:
         return parts[part] * self.dtype_bytes
 
     # ---- compute -----------------------------------------------------------------------
+    def gemm_rates(self, m):
+        """(FLOP/s, bytes/s) a GEMM of m rows reaches: per-m calibrated rates interpolated in
+        log m (clamped to the grid), or the profile's single pair."""
+        hw = self.hw
+        if not hw.gemm_by_m:
+            return hw.gemm_flops, hw.gemm_bandwidth
+        ms, fs, bs = (np.array(v, dtype=np.float64) for v in zip(*hw.gemm_by_m))
+        x = np.log(np.maximum(np.asarray(m, dtype=np.float64), 1.0))
+        lm = np.log(ms)
+        f = np.exp(np.interp(x, lm, np.log(fs)))
+        b = np.exp(np.interp(x, lm, np.log(bs)))
+        return (float(f), float(b)) if np.ndim(x) == 0 else (f, b)
+
     def gemm(self, m, n: int, k: int):
         """[m, k] @ [k, n]; zero when m == 0."""
         d, hw = self.dtype_bytes, self.hw
         if np.isscalar(m):  # scalar fast path: the simulator prices thousands of steps
             if m <= 0:
                 return 0.0
-            return hw.kernel_overhead + max(
-                2.0 * m * n * k / hw.gemm_flops, (m * k + k * n + m * n) * d / hw.gemm_bandwidth
-            )
+            f, b = self.gemm_rates(m) if hw.gemm_by_m else (hw.gemm_flops, hw.gemm_bandwidth)
+            return hw.kernel_overhead + max(2.0 * m * n * k / f, (m * k + k * n + m * n) * d / b)
         m = np.asarray(m, dtype=np.float64)
+        f, b = self.gemm_rates(m)
         flops = 2.0 * m * n * k
         nbytes = (m * k + k * n + m * n) * d
-        t = hw.kernel_overhead + np.maximum(flops / hw.gemm_flops, nbytes / hw.gemm_bandwidth)
+        t = hw.kernel_overhead + np.maximum(flops / f, nbytes / b)
         return np.where(m > 0, t, 0.0)[()]
 
     def qkv_proj(self, tokens, tp: int = 1):
@@ -155,8 +176,20 @@ class CostModel:
         return np.where(nbytes > 0, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth, 0.0)[()]
 
     def layer_misc(self, tokens, tp: int = 1):
-        """Two RMSNorms, rotary and two residual adds: ~8 passes over the hidden state."""
-        return self.elementwise(8 * self.hidden_bytes(tokens) / max(1, tp))
+        """Two RMSNorms, rotary and two residual adds: ~8 passes over the hidden state, plus the
+        calibrated fixed device cost of a layer's small kernels and inter-kernel gaps (which the
+        GEMM and attention rooflines do not see; it dominates a decode layer at small batch)."""
+        return self.elementwise(8 * self.hidden_bytes(tokens) / max(1, tp)) + self.hw.layer_fixed_s
+
+    def _attn_table(self, nbytes):
+        """Decode-attention seconds for `nbytes` read, from the calibrated (bytes, s) table:
+        log-log interpolation, the smallest sample's time below the table, the largest
+        sample's rate above it."""
+        b, t = (np.array(v, dtype=np.float64) for v in zip(*self.hw.attn_by_bytes))
+        x = np.maximum(np.asarray(nbytes, dtype=np.float64), 1.0)
+        inside = np.exp(np.interp(np.log(x), np.log(b), np.log(t)))
+        out = np.where(x > b[-1], t[-1] * x / b[-1], inside)
+        return float(out) if np.ndim(out) == 0 else out
 
     def attention(self, kv_read_tokens, qk_pairs, num_queries, head_fraction: float = 1.0):
         """Attention of `num_queries` query tokens that together read `kv_read_tokens` cached
@@ -174,13 +207,18 @@ class CostModel:
             nbytes = (
                 kv_read_tokens * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(num_queries)
             ) * head_fraction
+            if hw.attn_by_bytes:
+                return max(self._attn_table(nbytes), hw.attn_overhead + flops / hw.attn_flops)
             return hw.attn_overhead + max(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
         kv_read = np.asarray(kv_read_tokens, dtype=np.float64)
         pairs = np.asarray(qk_pairs, dtype=np.float64)
         nq = np.asarray(num_queries, dtype=np.float64)
         flops = 4.0 * m.num_attention_heads * m.head_dim * pairs * head_fraction
         nbytes = (kv_read * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(nq)) * head_fraction
-        t = self.hw.attn_overhead + np.maximum(flops / self.hw.attn_flops, nbytes / self.hw.attn_bandwidth)
+        if hw.attn_by_bytes:
+            t = np.maximum(self._attn_table(nbytes), hw.attn_overhead + flops / hw.attn_flops)
+        else:
+            t = hw.attn_overhead + np.maximum(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
         return np.where((kv_read > 0) | (nq > 0), t, 0.0)[()]
 
     def decode_attention(self, kv_tokens, num_seqs, head_fraction: float = 1.0):
@@ -221,8 +259,40 @@ class CostModel:
         return float(compute), float(comm)
 
     def step_overhead(self) -> float:
-        """Fixed per-step host work outside the layers (sampling, scheduling, launch)."""
+        """Fixed per-step device work outside the layers (embedding, final norm, logits gather);
+        calibrated, or 20 kernel overheads for a preset (which then also stands in for the host)."""
+        if self.hw.step_fixed_s is not None:
+            return self.hw.step_fixed_s
         return 20 * self.hw.kernel_overhead
+
+    def host_serial(self, n_seqs=0.0, kv_tokens=0.0):
+        """Host seconds of a step outside the device's work (0 without a host model)."""
+        host = self.hw.host
+        if host is None or not self.include_host:
+            return 0.0
+        return host.serial(n_seqs, kv_tokens)
+
+    def finish_step(
+        self, device_s, n_seqs=0.0, kv_tokens=0.0, graphs: bool = False, layers: int | None = None
+    ):
+        """Wall seconds of a step whose layers and LM head take `device_s` on the device.
+
+        Adds the fixed device cost of a step, then (with a host model, unless device_only) the
+        host's serial work for `n_seqs` sequences over `kv_tokens` cached tokens, and the launch
+        of `layers` layers: one graph launch (inside the host's step_s) when `graphs` and the
+        engine uses CUDA graphs, else eager launches, which a GPU overlaps with its work.
+        `device_s` may be an array (the planner's quadrature)."""
+        t = device_s + self.step_overhead()
+        host = self.hw.host
+        if host is None or not self.include_host:
+            return t
+        serial = host.serial(n_seqs, kv_tokens)
+        if graphs and host.cuda_graphs:
+            return t + serial
+        launch = host.launches(self.model.num_hidden_layers if layers is None else layers)
+        if host.launch_overlaps_device:
+            return serial + np.maximum(t, launch)
+        return serial + t + launch
 
 
 def kv_capacity_tokens(free_bytes: float, kv_bytes_per_token: float) -> int:

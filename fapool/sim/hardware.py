@@ -36,6 +36,45 @@ class LinkProfile:
 
 
 @dataclass(frozen=True)
+class HostProfile:
+    """What the engine's host adds to a step beyond the device's work (fitted by
+    `fapool calibrate` from a short real engine decode; see docs/simulator.md):
+
+        whole step = step_s + per_seq_s * seqs + per_kv_token_s * cached tokens   (serial host)
+                     + device time, or max(device, launches) where launches overlap it
+
+    step_s covers the scheduler's fixed work, the graph launch (graph mode), input preparation
+    and sampling's fixed part; per_seq_s each running sequence's share (scheduling, sampling,
+    output processing, its row of the inputs); per_kv_token_s the work that grows with the
+    batch's cached tokens (block tables, prefix-cache hashing). Eager steps (no CUDA graph)
+    launch every kernel from Python: `launch_layer_s` a layer, `launch_step_s` outside the
+    layers. On a GPU those launches run ahead of the device (`launch_overlaps_device`); on a
+    CPU the "device" is the same thread, so dispatch is already in the device's fixed costs and
+    both launch terms are 0."""
+
+    step_s: float = 0.0
+    per_seq_s: float = 0.0
+    per_kv_token_s: float = 0.0
+    launch_layer_s: float = 0.0
+    launch_step_s: float = 0.0
+    cuda_graphs: bool = False  # the engine replays CUDA graphs for single-device decode steps
+    launch_overlaps_device: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("step_s", "per_seq_s", "per_kv_token_s", "launch_layer_s", "launch_step_s"):
+            if getattr(self, name) < 0:
+                raise SimInputError(f"host field {name} must be >= 0, got {getattr(self, name)}")
+
+    def serial(self, n_seqs, kv_tokens):
+        """Host seconds a step spends outside the device's work (arrays allowed)."""
+        return self.step_s + self.per_seq_s * n_seqs + self.per_kv_token_s * kv_tokens
+
+    def launches(self, layers: int) -> float:
+        """Host seconds to launch an eager step of `layers` layers."""
+        return self.launch_step_s + self.launch_layer_s * layers
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     memory_bytes: float  # device memory
@@ -53,11 +92,29 @@ class HardwareProfile:
     reserved_bytes: float = 2e9  # activations, workspace, CUDA context
     cost_per_hour: float = 1.0  # $ per device-hour (assumption; for per-GPU cost only)
     source: str = "preset"  # "preset" or the calibration file it came from
+    # Device time a layer / a step costs beyond its GEMMs' and attention's roofline: the small
+    # kernels (norms, rotary, residual adds, KV write, activation) and the gaps between kernels.
+    # Calibrated from the engine's own decode at two depths; 0 / None in presets, where
+    # step_overhead falls back to 20 kernel overheads.
+    layer_fixed_s: float = 0.0
+    step_fixed_s: float | None = None
+    host: HostProfile | None = None  # None: no host model (device time only)
+    # (m, FLOP/s, bytes/s) of GEMMs with m rows, calibrated per m; the cost model interpolates
+    # in log m. Empty: gemm_flops / gemm_bandwidth for every m.
+    gemm_by_m: tuple[tuple[int, float, float], ...] = ()
+    # (bytes, seconds) of the engine's decode attention calls, calibrated; the cost model
+    # interpolates in log-log (a CPU's reference attention is far from a roofline: cache
+    # effects and ~50 ops of fixed cost). Empty: the attention roofline.
+    attn_by_bytes: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth"):
             if getattr(self, name) <= 0:
                 raise SimInputError(f"hardware field {name} must be > 0, got {getattr(self, name)}")
+        if any(m < 1 or f <= 0 or b <= 0 for m, f, b in self.gemm_by_m):
+            raise SimInputError(f"gemm_by_m entries need m >= 1 and rates > 0, got {self.gemm_by_m}")
+        if self.layer_fixed_s < 0 or (self.step_fixed_s is not None and self.step_fixed_s < 0):
+            raise SimInputError("layer_fixed_s and step_fixed_s must be >= 0")
         if self.gpus_per_node < 1 or self.dtype_bytes not in (1, 2, 4):
             raise SimInputError("gpus_per_node must be >= 1 and dtype_bytes 1, 2 or 4")
 

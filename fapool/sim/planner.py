@@ -165,7 +165,7 @@ class _PoolMeanField:
             back = max(float(cost.p2p(P * r_w / tp, same)), float(cost.p2p(r_w, same)))
             pool_path = send + attn + back
             merge = float(cost.elementwise(3 * P * r_w / tp))
-        return s.step_time(cost, B, B, local, pool_path, merge)[0]
+        return s.step_time(cost, B, B, local, pool_path, merge, B * (e_loc + e_pool))[0]
 
     def fits(self, s: FAPool, B: int, m_sd: float) -> bool:
         e_loc, e_pool, _, _ = self.stats(s.threshold, s.pool_size)

@@ -141,7 +141,11 @@ class StaticTPPP(Strategy):
             float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0
         )
         lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
-        period = self.pp * (stage_c + stage_comm + lm / self.pp) + cost.step_overhead()
+        # The engine replays CUDA graphs only for single-device, decode-only steps.
+        graphs = self.tp * self.pp == 1 and tokens <= n_seqs
+        period = float(
+            cost.finish_step(self.pp * (stage_c + stage_comm + lm / self.pp), n_seqs, kv, graphs, lps * n_mb)
+        )
         return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
@@ -285,21 +289,33 @@ class FAPool(Strategy):
             send_base = recv_base = 0.0
             recv_w = send_w = np.zeros(P)
             pool_path = merge = 0.0
-        duration, dense_c, dense_ar = self.step_time(cost, tokens, n_seqs, local, pool_path, merge)
+        duration, dense_c, dense_ar = self.step_time(
+            cost, tokens, n_seqs, local, pool_path, merge, float((b.ctx + b.new)[b.active].sum())
+        )
         lm = float(cost.lm_head(n_seqs, tp))
         busy = np.concatenate([np.full(tp, L * (dense_c + local + merge) + lm), L * attn_w])
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
 
     def step_time(
-        self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float, merge: float
+        self,
+        cost: CostModel,
+        tokens: float,
+        n_seqs: float,
+        local: float,
+        pool_path: float,
+        merge: float,
+        kv_tokens: float = 0.0,
     ):
         """(step seconds, base dense compute per layer, base all-reduce per layer) given one
         layer's local attention on the base and the pool's path (send queries, attend, return
-        partials). Shared by the simulator and the planner."""
+        partials); `kv_tokens` (all cached tokens of the batch) prices the host's per-token
+        work. Shared by the simulator and the planner."""
         L, tp = cost.model.num_hidden_layers, self.base_tp
         lm = float(cost.lm_head(n_seqs, tp))
+        layers = L
         if self.overlap and pool_path > 0:
+            layers = 2 * L  # each micro-batch launches every layer
             # Two micro-batches ping-pong: the base works on one while the pool attends to the
             # other. The step takes the busier side's total, or one micro-batch's own chain.
             dc, dar = cost.dense_layer(tokens / 2, tp)
@@ -310,7 +326,9 @@ class FAPool(Strategy):
         else:
             dense_c, dense_ar = cost.dense_layer(tokens, tp)
             step = L * (dense_c + dense_ar + max(local, pool_path) + merge) + lm
-        return step + cost.step_overhead(), dense_c, dense_ar
+        # Steps that use the pool run eagerly in the engine; the others may replay graphs.
+        graphs = pool_path == 0 and tp == 1 and tokens <= n_seqs
+        return float(cost.finish_step(step, n_seqs, kv_tokens, graphs, layers)), dense_c, dense_ar
 
     def describe(self) -> str:
         rep = f" x{self.replicas}" if self.replicas > 1 else ""
@@ -397,7 +415,15 @@ class AFD(Strategy):
         net = split * float(cost.p2p(cost.hidden_bytes(tokens / split) / self.f_tp, self.same_node(cost)))
         return compute, ar, net
 
-    def combine(self, cost: CostModel, a_side, a_net, f: tuple[float, float, float], n_seqs: float):
+    def combine(
+        self,
+        cost: CostModel,
+        a_side,
+        a_net,
+        f: tuple[float, float, float],
+        n_seqs: float,
+        kv_tokens: float = 0.0,
+    ):
         """Step seconds from one layer's slowest attention GPU (`a_side`: compute, or with
         overlap max(compute, network)) and the FFN instance's parts. Shared with the planner;
         `a_side` may be an array (the planner's quadrature nodes)."""
@@ -414,7 +440,7 @@ class AFD(Strategy):
             step = np.maximum(np.maximum(a_tot, f_tot), chain)
         else:
             step = L * (np.asarray(a_side) + f_compute + f_ar + 2 * np.maximum(f_net, a_net)) + lm
-        return step + cost.step_overhead()
+        return cost.finish_step(step, n_seqs, kv_tokens)
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
         L = cost.model.num_hidden_layers
@@ -429,7 +455,7 @@ class AFD(Strategy):
         tokens = float(tok_a.sum())
         f = self.ffn_layer(cost, tokens)
         a_max = np.max(np.maximum(a_compute, a_net) if self.overlap else a_compute)
-        duration = float(self.combine(cost, a_max, a_net.max(), f, float(act.sum())))
+        duration = float(self.combine(cost, a_max, a_net.max(), f, float(act.sum()), float(kv_a.sum())))
         lm = float(cost.lm_head(float(act.sum()), self.f_tp))
         busy = np.concatenate([L * a_compute, np.full(self.f_tp, L * f[0] + lm)])
         comm = np.concatenate([L * 2 * a_net, np.full(self.f_tp, L * (f[1] + 2 * f[2]))])

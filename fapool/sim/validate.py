@@ -1,28 +1,57 @@
-"""Simulator vs the real engine: the error table of predicted vs measured TPOT.
+"""Simulator vs the real engine: predicted vs measured decode step times, and the error table.
 
-NOT YET CONNECTED: the engine is being written concurrently. When `fapool bench` can report
-(batch, context, TPOT) rows for single-device decode runs, feed them to `tpot_error_table`
-with a cost model built from a calibration taken on the same device:
+    cal = load_calibration("calib.json")            # `fapool calibrate` on the same device
+    cost = CostModel(model, apply_calibration(get_hardware("h200"), cal))
+    gpu = tpot_error_table(gpu_rows, cost.device_only())   # vs the device time of a step
+    whole = tpot_error_table(step_rows, cost)              # vs the whole engine step (host model)
 
-    cal = load_calibration("calib.json")
-    cost = CostModel(model, apply_calibration(get_hardware("cpu"), cal))
-    table = tpot_error_table(rows, cost)          # rows: [(batch, context, measured_tpot_s), ...]
-
-The acceptance target (issue 6) is |error| <= 10% on every row.
+rows are `(batch, context, measured_seconds)`; benchmarks/sim_vs_engine.py feeds them from
+`fapool bench tpot` (GPU) and from the CPU engine and pool (CPU). The acceptance target
+(issue 6) is |error| <= 10% on every row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from fapool.sim.cost_model import CostModel
-from fapool.sim.strategies import StaticTPPP
+from fapool.sim.ledger import PoolLedger
+from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost
 
 
 def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int = 1) -> float:
-    """Steady-state decode step time of `batch` sequences each with `context` cached tokens."""
+    """Steady-state decode step time of `batch` sequences each with `context` cached tokens
+    (whole step when `cost` has a host model, else device time)."""
     kv = batch * (context + 1)
     return StaticTPPP(tp=tp, pp=pp).timing(cost, batch, batch, kv, kv)[0]
+
+
+def predict_pool_step(cost: CostModel, pool: FAPool, batch: int, context: int) -> float:
+    """One decode step of `batch` sequences with `context` cached tokens each under FA Pool:
+    the prompt's KV is placed as the engine places it (first `threshold` tokens local, then
+    chunks of `tokens_per_worker` on the workers), then the step is priced."""
+    return predict_pool_cost(cost, pool, batch, context).duration
+
+
+def predict_pool_cost(cost: CostModel, pool: FAPool, batch: int, context: int) -> StepCost:
+    """predict_pool_step's StepCost: the duration and each process's busy / comm seconds."""
+    ctx = np.full(batch, context, np.int64)
+    ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64))
+    assert isinstance(ledger, PoolLedger)
+    # Prompts arrive one by one (the engine prefills in order), each placed whole.
+    for s in range(batch):
+        new = np.zeros(batch, np.int64)
+        new[s] = context
+        over = ledger.try_allocate(np.where(np.arange(batch) < s, ctx, 0), new)
+        if over is not None:
+            raise ValueError(f"{batch} x {context} tokens do not fit {pool.describe()} ({over})")
+    one = np.ones(batch, np.int64)
+    step = StepBatch(ctx=ctx, new=one, decode=np.ones(batch, bool), group=np.zeros(batch, np.int64))
+    if ledger.try_allocate(ctx, one) is not None:
+        raise ValueError("the decode step's new tokens do not fit")
+    return pool.step_cost(cost, step, ledger)
 
 
 def tpot_error_table(
@@ -55,3 +84,14 @@ def error_summary(table: list[dict]) -> dict:
         "mean_abs_rel_error": sum(errs) / len(errs) if errs else 0.0,
         "within_10pct": sum(e <= 0.10 for e in errs),
     }
+
+
+def checkerboard_split(points: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Indices of (fit, validate) rows: a (batch, context) grid split like a checkerboard, so
+    both halves cover every batch and every context."""
+    batches = sorted({b for b, _ in points})
+    contexts = sorted({c for _, c in points})
+    fit, val = [], []
+    for i, (b, c) in enumerate(points):
+        (fit if (batches.index(b) + contexts.index(c)) % 2 == 0 else val).append(i)
+    return fit, val

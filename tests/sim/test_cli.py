@@ -140,7 +140,7 @@ def test_fit_roofline_recovers_known_rates():
 
 
 def test_calibrate_tiny_and_apply(tmp_path):
-    cal = calibrate(device="cpu", grid=TINY, collectives=True)
+    cal = calibrate(device="cpu", grid=TINY, collectives=True, engine=False)
     assert cal["device_kind"] == "cpu" and cal["dtype_bytes"] == 4
     assert len(cal["samples"]["gemm"]) == 4 and len(cal["samples"]["decode"]) == 2
     assert cal["gemm"]["flops_per_s"] > 0 and cal["attention"]["bytes_per_s"] > 0
@@ -157,7 +157,8 @@ def test_calibrate_tiny_and_apply(tmp_path):
 def test_calibrate_cli(tmp_path, capsys):
     out = tmp_path / "c.json"
     assert (
-        main(["calibrate", "--device", "cpu", "--no-collectives", "--threads", "1", "--out", str(out)]) == 0
+        main(["calibrate", "--device", "cpu", "--no-collectives", "--no-engine", "--threads", "1", "--out", str(out)])
+        == 0
     )
     assert json.loads(out.read_text())["comm"] is None
     assert "GEMM:" in capsys.readouterr().out

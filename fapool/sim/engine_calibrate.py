@@ -1,0 +1,325 @@
+"""The engine part of `fapool calibrate`: a short decode of the real engine on a tiny model at
+two depths and a few (batch, context) points, to fit what kernel micro-benchmarks cannot see.
+
+Per point and depth it measures the whole engine step (scheduler, input preparation, launch,
+device, sampling, output processing) and the step's device time:
+on a GPU the replay of the step's CUDA graph, on a CPU the runner's forward (its execute
+minus its input preparation: the CPU is the device). From these:
+
+  layer_fixed_s  device seconds a layer costs beyond its GEMM and attention rooflines (small
+                 kernels, inter-kernel gaps): the slope of device time over depth minus the
+                 modelled layer, extrapolated to no cached tokens (a non-negative line in the
+                 batch's cached tokens; its slope, the attention roofline's miss in the engine,
+                 is recorded as a diagnostic, not used)
+  step_fixed_s   the same for the work outside the layers (embedding, final norm, logits)
+  host           whole step minus device time, fitted by non-negative least squares as
+                 step_s + per_seq_s * seqs + per_kv_token_s * cached tokens
+  launch         GPU only: the same points run eagerly (no graphs); the tiny model is
+                 launch-bound, so its forward time over depth gives the launch cost a layer
+
+A step's time is the median of the timed steps on a GPU; on a CPU the 20th percentile, as
+calibrate.time_op does: on a shared machine noise only ever adds time.
+
+The tiny model mirrors the target model's architecture flags (gated MLP, activation, qkv bias,
+tied embeddings, GQA ratio), so a layer launches the same kernels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fapool.config import ModelConfig
+from fapool.sim.errors import SimInputError
+
+QUICK_CPU = {
+    "layers": (1, 3), "batches": (1, 4, 8), "contexts": (32, 256), "steps": 12, "warmup": 2, "repeats": 2
+}
+QUICK_GPU = {
+    "layers": (1, 3), "batches": (1, 8, 32), "contexts": (128, 2048), "steps": 16, "warmup": 4, "repeats": 1
+}
+HOST_TERMS = ("step_s", "per_seq_s", "per_kv_token_s")
+
+
+def tiny_twin(model: ModelConfig | None, num_layers: int) -> ModelConfig:
+    """A small model with the target's architecture flags (default: a gated Llama)."""
+    heads, head_dim = 4, 64
+    kv_heads = heads
+    if model is not None:
+        ratio = max(1, model.num_attention_heads // model.num_key_value_heads)
+        kv_heads = max(1, heads // min(ratio, heads))
+    base = dict(
+        vocab_size=1024,
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+    )
+    if model is None:
+        return ModelConfig(architecture="llama", **base)
+    return model.replace(
+        **base, rope_scaling=None, sliding_window=None, bos_token_id=None, eos_token_ids=()
+    )
+
+
+def build_engine(mc: ModelConfig, device: str, max_batch: int, max_tokens: int, num_blocks: int):
+    """A single-process engine over `mc` with random weights and an explicit KV size."""
+    from fapool.attention.selector import make_backend
+    from fapool.engine.arg_utils import EngineArgs
+    from fapool.engine.llm_engine import LLMEngine
+    from fapool.models.registry import build_model
+    from fapool.worker.model_runner import DTYPES
+
+    config = EngineArgs(
+        device=device,
+        num_kv_blocks=num_blocks,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=max_tokens,
+        enable_prefix_caching=False,  # random prompts never hit; keeps hashing out of the fit
+    ).create_engine_config(mc)
+    backend = make_backend(config.attention_backend, config.device)
+    model = build_model(mc, backend, DTYPES[config.dtype], config.device)
+    model.init_random_weights(config.seed)
+    return LLMEngine(config, model.eval(), backend)
+
+
+def typical(times: Sequence[float], cpu: bool) -> float:
+    """The median (GPU) or 20th percentile (CPU, where noise from other processes only adds)."""
+    return float(np.percentile(times, 20)) if cpu else float(statistics.median(times))
+
+
+def measure_decode(
+    engine, batch: int, context: int, steps: int, warmup: int, cpu_percentile: bool = True
+) -> dict:
+    """Prefill `batch` random prompts of `context` tokens, then time `steps` decode steps.
+
+    Returns the typical whole step, runner execute and input preparation (s), the device
+    seconds of a step (graph replay on a GPU with graphs, else execute minus preparation) and
+    the batch's mean cached tokens over the timed steps."""
+    import torch
+
+    from fapool.sampling_params import SamplingParams
+
+    cuda = engine.runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # Early requests decode while later ones are still in prefill: leave room for those tokens.
+    prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens) + 1
+    params = SamplingParams(temperature=0.0, max_tokens=prefill_steps + steps + warmup + 4, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    vocab = engine.config.model.vocab_size
+    prompts = torch.randint(0, vocab, (batch, context), generator=gen).tolist()
+    ids = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.groups[i][0] for i in ids]
+    try:
+        while any(not r.output_token_ids for r in reqs):
+            engine.step()
+        for _ in range(warmup):
+            engine.step()
+        runner = engine.runner
+        execute, prepare = runner.execute, runner.prepare
+        exec_t: list[float] = []
+        prep_t: list[float] = []
+
+        def timed_execute(out):
+            t = time.perf_counter()
+            res = execute(out)
+            sync()
+            exec_t.append(time.perf_counter() - t)
+            return res
+
+        def timed_prepare(out):
+            t = time.perf_counter()
+            res = prepare(out)
+            prep_t.append(time.perf_counter() - t)
+            return res
+
+        runner.execute, runner.prepare = timed_execute, timed_prepare
+        step_t = []
+        try:
+            for _ in range(steps):
+                t = time.perf_counter()
+                engine.step()
+                step_t.append(time.perf_counter() - t)
+        finally:
+            del runner.execute, runner.prepare
+        low = cpu_percentile and not cuda
+        step_s, exec_s = typical(step_t, low), typical(exec_t, low)
+        prep_s = typical(prep_t, low) if prep_t else 0.0
+        graphs = runner.decode_graphs if runner.use_cuda_graphs else None
+        if graphs is not None and graphs.last_key is not None:
+            device_s, mode = graphs.time_replay(*graphs.last_key) / 1e3, "graph"
+        else:
+            device_s, mode = exec_s - prep_s, "eager"
+        if not all(len(r.output_token_ids) > 0 for r in reqs) or any(r.finished for r in reqs):
+            raise RuntimeError("a calibration request finished inside the timed window")
+    finally:
+        for rid in ids:
+            engine.abort_request(rid)
+    return {
+        "batch": batch,
+        "context": context,
+        "mode": mode,
+        "step_s": step_s,
+        "execute_s": exec_s,
+        "prepare_s": prep_s,
+        "device_s": device_s,
+        "step_median_s": float(statistics.median(step_t)),
+        "kv_tokens": batch * (context + warmup + 1 + steps / 2),
+    }
+
+
+def fit_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares y ~ x @ c with c >= 0: the best unconstrained fit over every subset of
+    columns whose coefficients all come out non-negative (exact for the few columns here)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = x.shape[1]
+    best, best_err = np.zeros(n), float(np.sum(y**2))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            c, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(c < 0):
+                continue
+            err = float(np.sum((x[:, cols] @ c - y) ** 2))
+            if err < best_err:
+                best = np.zeros(n)
+                best[list(cols)] = c
+                best_err = err
+    return best
+
+
+def fit_host(n_seqs: Sequence[float], kv_tokens: Sequence[float], host_s: Sequence[float]) -> dict:
+    """step_s + per_seq_s * n + per_kv_token_s * kv fitted to measured host seconds."""
+    n, kv, y = (np.asarray(v, dtype=np.float64) for v in (n_seqs, kv_tokens, host_s))
+    if len(y) < 3:
+        raise SimInputError(f"the host fit needs at least 3 measured steps, got {len(y)}")
+    x = np.stack([np.ones_like(n), n, kv], axis=1)
+    c = fit_nonneg(x, y)
+    pred = x @ c
+    return {
+        **{name: float(v) for name, v in zip(HOST_TERMS, c)},
+        "mean_abs_rel_err": float(np.mean(np.abs(pred - y) / y)),
+    }
+
+
+def fit_launch(layers: Sequence[int], forward_s: Sequence[float]) -> dict:
+    """Eager forward seconds ~ launch_step_s + launch_layer_s * layers (non-negative)."""
+    layers_a, t = np.asarray(layers, dtype=np.float64), np.asarray(forward_s, dtype=np.float64)
+    c = fit_nonneg(np.stack([np.ones_like(layers_a), layers_a], axis=1), t)
+    return {"launch_step_s": float(c[0]), "launch_layer_s": float(c[1])}
+
+
+def calibrate_engine(
+    device: str,
+    cost_for: Callable[[ModelConfig], object],
+    model: ModelConfig | None = None,
+    grid: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the tiny engine and fit the host, fixed-cost and (GPU) launch terms.
+
+    `cost_for(model_config)` builds a CostModel from the kernel fits just made (with no fixed
+    terms and no host model): it prices the GEMMs, attention and LM head of the tiny model."""
+    import gc
+
+    import torch
+
+    cuda = device.startswith("cuda")
+    grid = grid or (QUICK_GPU if cuda else QUICK_CPU)
+    lo, hi = grid["layers"]
+    if hi <= lo:
+        raise SimInputError("engine calibration needs two depths, the second larger")
+    max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])
+    extra = grid["steps"] + grid["warmup"] + 16
+    blocks = max_b * (-(-(max_ctx + extra) // 16) + 1) + 8
+    t0 = time.perf_counter()
+    engines = {d: build_engine(tiny_twin(model, d), device, max_b, 8192, blocks) for d in (lo, hi)}
+    samples: list[dict] = []
+    eager: list[dict] = []
+    try:
+        for engine in engines.values():
+            measure_decode(engine, 2, 32, 3, 1)  # compiles kernels, captures the first graph
+        # The depths alternate at each point, and each point is repeated (CPU), keeping the
+        # fastest: load from other processes drifts, and the depth slope is a difference.
+        for batch, context in itertools.product(grid["batches"], grid["contexts"]):
+            for depth, engine in engines.items():
+                reps = [measure_decode(engine, batch, context, grid["steps"], grid["warmup"])
+                        for _ in range(grid.get("repeats", 1))]
+                row = min(reps, key=lambda r: r["step_s"])
+                samples.append({"layers": depth, **row})
+                if progress:
+                    progress(f"engine L={depth} B={batch} ctx={context}: step {row['step_s'] * 1e3:.3f} ms, "
+                             f"device {row['device_s'] * 1e3:.3f} ms ({row['mode']})")
+        if cuda:
+            b, c = min(grid["batches"]), min(grid["contexts"])
+            for depth, engine in engines.items():
+                if not engine.runner.use_cuda_graphs:
+                    continue
+                engine.runner.use_cuda_graphs = False
+                engine.runner.decode_graphs = None
+                row = measure_decode(engine, b, c, grid["steps"], grid["warmup"])
+                eager.append({"layers": depth, **row})
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+        engines.clear()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # Device: the slope over depth, minus what the rooflines already price.
+    layer_res, step_res = [], []
+    by_point = {}
+    for s in samples:
+        by_point.setdefault((s["batch"], s["context"]), {})[s["layers"]] = s
+    cost = cost_for(tiny_twin(model, lo))
+    for (batch, _), pair in sorted(by_point.items()):
+        kv = pair[lo]["kv_tokens"]
+        dense_c, _ = cost.dense_layer(batch)
+        modelled_layer = dense_c + float(cost.decode_attention(kv, batch))
+        slope = (pair[hi]["device_s"] - pair[lo]["device_s"]) / (hi - lo)
+        layer_res.append(slope - modelled_layer)
+        # The intercept of device time over depth, less the modelled LM head.
+        step_res.append(pair[lo]["device_s"] - lo * slope - float(cost.lm_head(batch)))
+    kvs = [pair[lo]["kv_tokens"] for _, pair in sorted(by_point.items())]
+    line = fit_nonneg(np.stack([np.ones(len(kvs)), kvs], axis=1), np.asarray(layer_res))
+    layer_fixed = float(line[0])
+    step_fixed = max(0.0, float(np.median(step_res)))  # the intercept over depth, per point
+
+    host = fit_host(
+        [s["batch"] for s in samples],
+        [s["kv_tokens"] for s in samples],
+        [s["step_s"] - s["device_s"] for s in samples],
+    )
+    graphs = bool(samples) and samples[0]["mode"] == "graph"
+    if eager:
+        launch = fit_launch([e["layers"] for e in eager], [e["execute_s"] - e["prepare_s"] for e in eager])
+    else:
+        launch = {"launch_step_s": 0.0, "launch_layer_s": 0.0}
+    return {
+        "model": "tiny twin of " + (model.architecture if model else "llama")
+        + f" (hidden {tiny_twin(model, lo).hidden_size}, layers {lo} and {hi})",
+        "device_fixed": {
+            "layer_fixed_s": layer_fixed,
+            "step_fixed_s": step_fixed,
+            "layer_residuals_s": [float(v) for v in layer_res],
+            "layer_residual_per_kv_token_s": float(line[1]),
+            "step_residuals_s": [float(v) for v in step_res],
+        },
+        "host": {
+            **host,
+            **launch,
+            "cuda_graphs": graphs,
+            "launch_overlaps_device": cuda,
+            "note": "host = whole engine step - device time (graph replay on GPU; forward on CPU)",
+        },
+        "samples": samples,
+        "eager_samples": eager,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
