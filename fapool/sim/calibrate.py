@@ -587,6 +587,7 @@ def host_profile(cal: dict) -> HostProfile | None:
         launch_step_s=h["launch_step_s"],
         cuda_graphs=bool(h["cuda_graphs"]),
         launch_overlaps_device=bool(h["launch_overlaps_device"]),
+        async_scheduling=bool(h.get("async_scheduling", False)),  # absent before async scheduling
     )
 
 

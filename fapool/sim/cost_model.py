@@ -288,7 +288,7 @@ class CostModel:
             return t
         serial = host.serial(n_seqs, kv_tokens)
         if graphs and host.cuda_graphs:
-            return t + serial
+            return np.maximum(t, serial) if host.async_scheduling else t + serial
         launch = host.launches(self.model.num_hidden_layers if layers is None else layers)
         if host.launch_overlaps_device:
             return serial + np.maximum(t, launch)

@@ -41,7 +41,8 @@ class HostProfile:
     `fapool calibrate` from a short real engine decode; see docs/simulator.md):
 
         whole step = step_s + per_seq_s * seqs + per_kv_token_s * cached tokens   (serial host)
-                     + device time, or max(device, launches) where launches overlap it
+                     + device time, or max(device, launches) where launches overlap it;
+                     for graph steps with async scheduling max(serial host, device time)
 
     step_s covers the scheduler's fixed work, the graph launch (graph mode), input preparation
     and sampling's fixed part; per_seq_s each running sequence's share (scheduling, sampling,
@@ -59,6 +60,9 @@ class HostProfile:
     launch_step_s: float = 0.0
     cuda_graphs: bool = False  # the engine replays CUDA graphs for single-device decode steps
     launch_overlaps_device: bool = True
+    # The engine schedules step n+1 while the device runs step n (its default on CUDA), so a
+    # graph step's serial host work overlaps the device's instead of adding to it.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("step_s", "per_seq_s", "per_kv_token_s", "launch_layer_s", "launch_step_s"):

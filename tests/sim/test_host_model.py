@@ -72,6 +72,10 @@ def test_finish_step_composes_host_launch_and_device():
     # Launches that do not overlap (a CPU): everything adds.
     sync = _cost(**host, cuda_graphs=False, launch_overlaps_device=False)
     assert sync.finish_step(dev, 8, 8000, graphs=True) == pytest.approx(serial + dev + 30e-6 + 4.1e-3)
+    # Async scheduling: a graph step's serial host work overlaps the device's.
+    overlap = _cost(**host, cuda_graphs=True, launch_overlaps_device=True, async_scheduling=True)
+    assert overlap.finish_step(dev, 8, 8000, graphs=True) == pytest.approx(max(dev + 30e-6, serial))
+    assert overlap.finish_step(1e-5, 8, 8000, graphs=True) == pytest.approx(serial)  # host-bound
     # Device only: no host at all; the fixed step cost stays (it is device time).
     assert cost.device_only().finish_step(dev, 8, 8000, graphs=True) == pytest.approx(dev + 30e-6)
     assert cost.device_only().host_serial(8, 8000) == 0.0
