@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import time
 from typing import Any
 
@@ -34,26 +36,25 @@ def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """The single-process reference first; with --tp N the static TP baseline next. The pool
     configurations run with one dense rank, and with --tp N also with N tensor-parallel ones."""
     pool = dict(pool_threshold=ns.pool_threshold, tokens_per_pool_worker=ns.tokens_per_pool_worker)
-    dense1 = dict(tensor_parallel_size=1, pipeline_parallel_size=1)
-    out: list[tuple[str, dict[str, Any]]] = [("single process", dict(**dense1, attention_workers=0))]
     tp = ns.tensor_parallel_size
+
+    def cfg(tp_size: int, workers: int, **kw) -> dict[str, Any]:
+        return dict(tensor_parallel_size=tp_size, pipeline_parallel_size=1, attention_workers=workers, **kw)
+
+    out: list[tuple[str, dict[str, Any]]] = [("single process", cfg(1, 0))]
     if tp > 1:
-        out.append((f"TP {tp}", dict(tensor_parallel_size=tp, pipeline_parallel_size=1, attention_workers=0)))
+        out.append((f"TP {tp}", cfg(tp, 0)))
     a = max(ns.workers)
     modes = ns.pool_modes
     if "shard" in modes:
         for w in ns.workers:
-            out.append((f"pool shard x{w}", dict(**dense1, attention_workers=w, pool_mode="shard", micro_batches=2, **pool)))
-        out.append((f"pool shard x{a}, 1 micro-batch", dict(**dense1, attention_workers=a, pool_mode="shard", micro_batches=1, **pool)))
+            out.append((f"pool shard x{w}", cfg(1, w, pool_mode="shard", micro_batches=2, **pool)))
+        out.append((f"pool shard x{a}, 1 micro-batch", cfg(1, a, pool_mode="shard", micro_batches=1, **pool)))
     for mode in (m for m in modes if m != "shard"):
-        out.append((f"pool {mode} x{a}", dict(**dense1, attention_workers=a, pool_mode=mode, micro_batches=2, **pool)))
+        out.append((f"pool {mode} x{a}", cfg(1, a, pool_mode=mode, micro_batches=2, **pool)))
     if tp > 1:
         for mode in modes:
-            out.append((
-                f"TP {tp} + pool {mode} x{a}",
-                dict(tensor_parallel_size=tp, pipeline_parallel_size=1, attention_workers=a, pool_mode=mode,
-                     micro_batches=2, **pool),
-            ))
+            out.append((f"TP {tp} + pool {mode} x{a}", cfg(tp, a, pool_mode=mode, micro_batches=2, **pool)))
     return out
 
 
@@ -102,7 +103,9 @@ def run(ns: argparse.Namespace) -> int:
     base = EngineArgs.from_cli(ns)
     rows: list[dict[str, Any]] = []
     reference: dict[int, list[list[int]]] = {}
+    t_run = time.perf_counter()
     for name, extra in _configs(ns):
+        t_config = time.perf_counter()
         results = _run_config({**vars(base), **extra}, ns)
         _release_device()
         for tokens, row in results:
@@ -116,7 +119,11 @@ def run(ns: argparse.Namespace) -> int:
                 # logits can flip on rounding differences (float32 parity is what tests pin).
                 "prefix_agreement": _prefix_agreement(tokens, want),
             })
-        console.print(f"done: {name}")
+        console.print(f"done: {name} in {time.perf_counter() - t_config:.0f} s ({time.perf_counter() - t_run:.0f} s so far)")
+        if ns.out_dir:  # what a run cut short by a time limit still leaves behind
+            os.makedirs(ns.out_dir, exist_ok=True)
+            with open(os.path.join(ns.out_dir, "pool_partial.json"), "w") as f:
+                json.dump(rows, f, indent=2)
     _print_table(rows, ns)
     device = base.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = {
@@ -127,7 +134,7 @@ def run(ns: argparse.Namespace) -> int:
             "batch": ns.batch_size, "input_len": list(ns.input_len), "output_len": ns.output_len,
             "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker, "workers": list(ns.workers),
-            "pool_modes": list(ns.pool_modes),
+            "pool_modes": list(ns.pool_modes), "kv_cache_memory_per_rank": base.kv_cache_memory,
         },
         "runs": rows,
     }

@@ -120,9 +120,9 @@ def place_ranks(device: str, world_size: int, device_count: int, local_world_siz
 
 
 def engine_placement(device: str, world_size: int) -> Placement:
-    """place_ranks for this host: its GPU count, and torchrun's ranks per host if set."""
+    """place_ranks for this host: its GPU count, and under torchrun its ranks per host."""
     count = torch.cuda.device_count() if device.startswith("cuda") else 0
-    local = os.environ.get("LOCAL_WORLD_SIZE")
+    local = os.environ.get("LOCAL_WORLD_SIZE") if env_rank() is not None else None
     return place_ranks(device, world_size, count, int(local) if local else None)
 
 

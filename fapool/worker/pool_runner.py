@@ -424,11 +424,9 @@ class _PoolAttend:
         T, H, D = shape
         outs, lses = [], []
         for w, route, work, buf in recvs:
+            rank, timeout = r.topology.attention_rank(w), r.config.pool.worker_timeout_s
             try:
-                r.clock.measure(
-                    "wait",
-                    lambda: r.waiter.wait(work, r.config.pool.worker_timeout_s, r.topology.attention_rank(w), "attention", buf),  # noqa: B023
-                )
+                r.clock.measure("wait", lambda: r.waiter.wait(work, timeout, rank, "attention", buf))  # noqa: B023
             except comm.WorkerFailure as e:
                 r._fail(w, str(e))
                 continue

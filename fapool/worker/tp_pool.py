@@ -111,6 +111,9 @@ class TPPoolModelRunner(PoolModelRunner):
         return self.num_blocks
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        if not self._sharded:  # GPU profiling of the whole model, before sharding
+            ModelRunner.allocate_kv_cache(self, num_blocks)
+            return
         if num_blocks != self.num_blocks:
             raise ValueError(f"the dense ranks hold {self.num_blocks} KV blocks, not {num_blocks}")
         self.stage.allocate_kv_cache(num_blocks)

@@ -136,15 +136,20 @@ def test_parallel_on_gpu_matches_single_process(tiny_checkpoints, gpu_reference,
 
 @needs_gpu
 def test_tp2_with_pool_on_gpu_matches_single_process(tiny_checkpoints, gpu_reference, tmp_path, monkeypatch):
-    cache = dict(block_size=16, num_kv_blocks=64)
-    want = gpu_reference(**cache)
+    """KV sized by profiling the card (no block count given), at 10% of it: a tiny model's
+    blocks are a few KB, so the whole card would mean millions of them. Every rank's fits."""
+    want = gpu_reference(block_size=16, num_kv_blocks=64)  # room for all: no preemption, like below
     monkeypatch.setenv(TRACE_ENV, str(tmp_path))
-    kw = dict(tensor_parallel_size=2, attention_workers=1, **POOL, **cache)
+    kw = dict(tensor_parallel_size=2, attention_workers=1, block_size=16, gpu_memory_utilization=0.1, **POOL)
     with _gpu_engine(tiny_checkpoints["llama"][0], **kw) as llm:
         outs = llm.generate(_prompts(), PARAMS)
         engine, runner = llm.engine, llm.engine.runner
         assert [o.token_ids for o in outs] == want
+        assert engine.stats().num_preemptions == 0
         _check_placement(runner, 3)
+        # Ranks sharing the card split the profiled budget.
+        assert runner.ranks_on_device == (1 if runner.placement.backend == "nccl" else 3)
+        assert runner.num_blocks >= 64 and runner.worker_num_blocks >= 64
         grown = {e.request_id for e in engine.pool_manager.history if e.action == "grow"}
         assert grown == {"2", "3", "4"}
         stats = runner.step_stats
