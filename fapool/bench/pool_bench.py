@@ -1,13 +1,22 @@
 """`fapool bench pool`: the same requests through the single-process engine and through each
 attention-pool configuration, side by side: greedy parity, TPOT, throughput and the
-per-worker breakdown (utilisation, communication share, overlap)."""
+per-rank breakdown (utilisation, communication share, overlap).
+
+Every configuration is one engine that serves each --input-len in turn (starting worker
+processes is the slow part). On CUDA the ranks get their own GPUs when there are enough,
+else they share the GPU over gloo (fapool.worker.comm.place_ranks); each row records which.
+"""
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import time
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -18,86 +27,158 @@ from fapool.entrypoints.llm import LLM
 from fapool.sampling_params import SamplingParams
 
 console = Console()
+if not console.is_terminal:  # logs (the device tool's output): do not squeeze the table to 80 columns
+    console.width = 180
+WARMUP_SEED = 1  # warm-up prompts differ from the measured ones (seed 0): no prefix-cache hits
 
 
 def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """The single-process reference first; with --tp N the static TP baseline next, and
-    every pool configuration then runs with N tensor-parallel dense ranks."""
+    """The single-process reference first; with --tp N the static TP baseline next. The pool
+    configurations run with one dense rank, and with --tp N also with N tensor-parallel ones."""
     pool = dict(pool_threshold=ns.pool_threshold, tokens_per_pool_worker=ns.tokens_per_pool_worker)
-    out: list[tuple[str, dict[str, Any]]] = [
-        ("single process", dict(tensor_parallel_size=1, pipeline_parallel_size=1, attention_workers=0))
-    ]
     tp = ns.tensor_parallel_size
-    prefix = f"TP {tp} + " if tp > 1 else ""
+
+    def cfg(tp_size: int, workers: int, **kw) -> dict[str, Any]:
+        return dict(tensor_parallel_size=tp_size, pipeline_parallel_size=1, attention_workers=workers, **kw)
+
+    out: list[tuple[str, dict[str, Any]]] = [("single process", cfg(1, 0))]
     if tp > 1:
-        out.append((f"TP {tp}", dict(attention_workers=0)))
-    for a in ns.workers:
-        out.append((f"{prefix}pool shard x{a}", dict(attention_workers=a, pool_mode="shard", **pool)))
+        out.append((f"TP {tp}", cfg(tp, 0)))
     a = max(ns.workers)
-    out.append((f"{prefix}pool shard x{a}, 1 micro-batch", dict(attention_workers=a, micro_batches=1, **pool)))
-    out.append((f"{prefix}pool replicate x{a}", dict(attention_workers=a, pool_mode="replicate", **pool)))
-    out.append((f"{prefix}pool head x{a}", dict(attention_workers=a, pool_mode="head", **pool)))
+    modes = ns.pool_modes
+    if "shard" in modes:
+        for w in ns.workers:
+            out.append((f"pool shard x{w}", cfg(1, w, pool_mode="shard", micro_batches=2, **pool)))
+        out.append((f"pool shard x{a}, 1 micro-batch", cfg(1, a, pool_mode="shard", micro_batches=1, **pool)))
+    for mode in (m for m in modes if m != "shard"):
+        out.append((f"pool {mode} x{a}", cfg(1, a, pool_mode=mode, micro_batches=2, **pool)))
+    if tp > 1:
+        for mode in modes:
+            out.append((f"TP {tp} + pool {mode} x{a}", cfg(tp, a, pool_mode=mode, micro_batches=2, **pool)))
     return out
 
 
-def run(ns: argparse.Namespace) -> int:
+def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[list[int]], dict[str, Any]]:
     from fapool.bench.engine_bench import random_prompts
 
+    vocab = llm.engine.config.model.vocab_size
+    items = [{"prompt_token_ids": p} for p in random_prompts(ns.batch_size, input_len, vocab, 0)]
+    warm = random_prompts(1, input_len, vocab, WARMUP_SEED)
+    llm.generate([{"prompt_token_ids": warm[0]}], SamplingParams(temperature=0.0, max_tokens=2))  # compile, warm
+    runner = llm.engine.runner
+    if hasattr(runner, "step_stats"):
+        runner.step_stats.clear()
+    params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(items, params)
+    elapsed = time.perf_counter() - t
+    summary = summarize(getattr(runner, "step_stats", []))
+    tpots = sorted(o.tpot for o in outs if o.tpot)
+    placement = getattr(runner, "placement", None)
+    row = {
+        "input_len": input_len,
+        "backend": placement.backend if placement else None,
+        "devices": list(placement.devices) if placement else [str(runner.device)],
+        "e2e_s": elapsed,
+        "tpot_ms_median": 1e3 * tpots[len(tpots) // 2] if tpots else None,
+        "output_tokens_per_s": ns.batch_size * ns.output_len / elapsed,
+        "breakdown": summary,
+    }
+    return [o.token_ids for o in outs], row
+
+
+def _run_config(kwargs: dict[str, Any], ns: argparse.Namespace) -> list[tuple[list[list[int]], dict]]:
+    with LLM(**kwargs) as llm:
+        return [_measure(llm, ns, n) for n in ns.input_len]
+
+
+def _release_device() -> None:
+    """Free the last engine's KV cache before the next one sizes its own from free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(ns: argparse.Namespace) -> int:
     base = EngineArgs.from_cli(ns)
-    rows, reference = [], None
+    rows: list[dict[str, Any]] = []
+    reference: dict[int, list[list[int]]] = {}
+    t_run = time.perf_counter()
     for name, extra in _configs(ns):
-        kwargs = {**vars(base), **extra}
-        with LLM(**kwargs) as llm:
-            prompts = random_prompts(ns.batch_size, ns.input_len, llm.engine.config.model.vocab_size, 0)
-            params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
-            items = [{"prompt_token_ids": p} for p in prompts]
-            llm.generate(items[:1], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
-            runner = llm.engine.runner
-            if hasattr(runner, "step_stats"):
-                runner.step_stats.clear()
-            t = time.perf_counter()
-            outs = llm.generate(items, params)
-            elapsed = time.perf_counter() - t
-            tokens = [o.token_ids for o in outs]
-            reference = reference or tokens
-            summary = summarize(getattr(runner, "step_stats", []))
-        tpots = sorted(o.tpot for o in outs if o.tpot)
-        rows.append({
-            "config": name,
-            **extra,
-            "tokens_equal_single_process": tokens == reference,
-            # Greedy tokens agree up to the first divergence; in bf16 a near-tie in the logits
-            # can flip on rounding differences (float32 parity is what the tests pin).
-            "prefix_agreement": _prefix_agreement(tokens, reference),
-            "e2e_s": elapsed,
-            "tpot_ms_median": 1e3 * tpots[len(tpots) // 2] if tpots else None,
-            "output_tokens_per_s": ns.batch_size * ns.output_len / elapsed,
-            "breakdown": summary,
-        })
-    table = Table(title=f"attention pool vs single process — batch {ns.batch_size}, in {ns.input_len}, out {ns.output_len}")
-    for col in ("config", "same tokens (prefix agreement)", "TPOT (ms)", "tok/s", "driver util", "comm share", "overlap", "pool size"):
+        t_config = time.perf_counter()
+        results = _run_config({**vars(base), **extra}, ns)
+        _release_device()
+        for tokens, row in results:
+            want = reference.setdefault(row["input_len"], tokens)
+            rows.append({
+                "config": name,
+                **extra,
+                **row,
+                "tokens_equal_single_process": tokens == want,
+                # Greedy tokens agree up to the first divergence; in bf16 a near-tie in the
+                # logits can flip on rounding differences (float32 parity is what tests pin).
+                "prefix_agreement": _prefix_agreement(tokens, want),
+            })
+        console.print(f"done: {name} in {time.perf_counter() - t_config:.0f} s ({time.perf_counter() - t_run:.0f} s so far)")
+        if ns.out_dir:  # what a run cut short by a time limit still leaves behind
+            os.makedirs(ns.out_dir, exist_ok=True)
+            with open(os.path.join(ns.out_dir, "pool_partial.json"), "w") as f:
+                json.dump(rows, f, indent=2)
+    _print_table(rows, ns)
+    device = base.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = {
+        "env": environment(device),
+        "shapes": {
+            "model": base.model or "embedded SmolLM2-135M", "dtype": base.dtype or ("float32" if device == "cpu" else "bfloat16"),
+            "attention_backend": base.attention_backend or ("triton" if device.startswith("cuda") else "torch"),
+            "batch": ns.batch_size, "input_len": list(ns.input_len), "output_len": ns.output_len,
+            "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size,
+            "tokens_per_pool_worker": ns.tokens_per_pool_worker, "workers": list(ns.workers),
+            "pool_modes": list(ns.pool_modes), "kv_cache_memory_per_rank": base.kv_cache_memory,
+        },
+        "runs": rows,
+    }
+    ok = all(r["tokens_equal_single_process"] for r in rows)
+    parts = []
+    for n in ns.input_len:
+        mine = [r for r in rows if r["input_len"] == n]
+        single = mine[0]["output_tokens_per_s"]
+        parts.append(f"in {n}: " + ", ".join(f"{r['config']} x{r['output_tokens_per_s'] / single:.2f}" for r in mine[1:]))
+    summary = f"batch {ns.batch_size}, out {ns.output_len}: parity {'ok' if ok else 'FAILED'}; " + "; ".join(parts)
+    if not ns.no_save:
+        console.print(f"wrote {write_result('pool', result, summary, out_dir=ns.out_dir)}")
+    return 0 if ok else 1
+
+
+def _utilisation(b: dict | None) -> str:
+    """Every rank's compute share of the wall time: dense ranks (TP), then attention workers."""
+    if not b:
+        return "-"
+    ranks = dict(b.get("dense_ranks") or {})
+    ranks.setdefault(0, {"utilisation": b["driver"]["utilisation"]})  # with a pool the driver reports apart
+    dense = "/".join(f"{acc['utilisation']:.0%}" for _, acc in sorted(ranks.items()))
+    workers = "/".join(f"{acc['utilisation']:.0%}" for _, acc in sorted(b["workers"].items()))
+    return dense + (f" | {workers}" if workers else "")
+
+
+def _print_table(rows: list[dict[str, Any]], ns: argparse.Namespace) -> None:
+    table = Table(title=f"attention pool vs single process — batch {ns.batch_size}, out {ns.output_len}")
+    cols = ("config", "in", "same tokens (prefix)", "TPOT (ms)", "tok/s", "util dense | attn", "comm share", "overlap",
+            "pool size", "comm")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         b = r["breakdown"]
         table.add_row(
-            r["config"], "yes" if r["tokens_equal_single_process"] else f"no ({r['prefix_agreement']:.0%})",
+            r["config"], str(r["input_len"]),
+            "yes" if r["tokens_equal_single_process"] else f"no ({r['prefix_agreement']:.0%})",
             f"{r['tpot_ms_median']:.1f}" if r["tpot_ms_median"] else "-", f"{r['output_tokens_per_s']:.1f}",
-            f"{b['driver']['utilisation']:.0%}" if b else "-", f"{b['driver']['comm_share']:.0%}" if b else "-",
+            _utilisation(b), f"{b['driver']['comm_share']:.0%}" if b else "-",
             f"{b['overlap_mean']:.0%}" if b and b["overlap_mean"] is not None else "-",
             f"{b['pool_size']['min']}..{b['pool_size']['max']}" if b else "-",
+            r["backend"] or "-",
         )
     console.print(table)
-    result = {"env": environment(base.device or "cpu"), "shapes": {
-        "model": base.model or "embedded SmolLM2-135M", "batch": ns.batch_size, "input_len": ns.input_len,
-        "output_len": ns.output_len, "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size,
-        "tokens_per_pool_worker": ns.tokens_per_pool_worker}, "runs": rows}
-    ok = all(r["tokens_equal_single_process"] for r in rows)
-    single = rows[0]["output_tokens_per_s"]
-    summary = f"batch {ns.batch_size}, in {ns.input_len}, out {ns.output_len}: parity {'ok' if ok else 'FAILED'}; " + ", ".join(
-        f"{r['config']} x{r['output_tokens_per_s'] / single:.2f}" for r in rows[1:])
-    if not ns.no_save:
-        console.print(f"wrote {write_result('pool', result, summary)}")
-    return 0 if ok else 1
 
 
 def _prefix_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
@@ -114,8 +195,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pool", help="attention pool configurations vs the single-process engine")
     EngineArgs.add_cli_args(p)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--input-len", type=int, default=96)
+    p.add_argument("--input-len", type=int, nargs="+", default=[96], help="one or more prompt lengths")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--pool-modes", nargs="+", default=["shard", "replicate", "head"], choices=["shard", "replicate", "head"],
+        help="pool modes to run (shard also runs each --workers count and 1 micro-batch)",
+    )
+    p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=run)

@@ -170,14 +170,13 @@ def _run_as_torchrun_worker() -> int | None:
         return None
     from fapool.engine.arg_utils import default_device
     from fapool.worker.attention_worker import worker_main
-    from fapool.worker.comm import default_backend
+    from fapool.worker.comm import engine_placement
 
-    device = default_device()
-    if device == "cuda":
-        import os
-
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    worker_main(launched[0], launched[1], "env://", default_backend(device), device, 7 * 24 * 3600.0)
+    # The driver decides the same way (WorkerGroup): NCCL with this rank on cuda:LOCAL_RANK
+    # when the host has a GPU per local rank, else gloo.
+    rank, world = launched
+    placement = engine_placement(default_device(), world)
+    worker_main(rank, world, "env://", placement.backend, placement.devices[rank], 7 * 24 * 3600.0)
     return 0
 
 

@@ -137,6 +137,11 @@ class AttentionWorker:
 def worker_main(rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float) -> None:
     """Entry point of a spawned (or torchrun-started) non-driver rank."""
     torch.set_num_threads(1)
+    if backend == "nccl":
+        comm.disable_nvlink_multicast()  # spawned ranks inherit it; torchrun-started ones set it here
+    if torch.device(device).index is not None:
+        # NCCL's bookkeeping and CUDA events use the current device: make it this rank's own.
+        torch.cuda.set_device(torch.device(device))
     comm.init_process_group(rank, world_size, init_method, backend, timeout_s)
     try:
         init = comm.recv_object(0, None, tag=4, device=comm.transport_device(device))

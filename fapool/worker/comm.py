@@ -79,21 +79,59 @@ def init_process_group(rank: int, world_size: int, init_method: str, backend: st
     )
 
 
-def default_backend(device: str, world_size: int | None = None) -> str:
-    """NCCL needs one GPU per rank; with fewer GPUs than ranks (e.g. dense and attention
-    roles sharing one card) the ranks talk over gloo, staging tensors through host memory."""
+@dataclass(frozen=True)
+class Placement:
+    """Which backend the ranks talk over and which device each rank computes on."""
+
+    backend: str  # "nccl" | "gloo"
+    devices: tuple[str, ...]  # rank -> device
+
+    @property
+    def staged(self) -> bool:
+        """CUDA tensors over gloo: messages and all-reduces go through host memory."""
+        return self.backend == "gloo" and self.devices[0].startswith("cuda")
+
+    def ranks_sharing(self, rank: int) -> int:
+        """How many ranks compute on this rank's device (they split its memory)."""
+        return self.devices.count(self.devices[rank])
+
+
+def place_ranks(device: str, world_size: int, device_count: int, local_world_size: int | None = None) -> Placement:
+    """The one rule for every role (attention workers, TP/PP dense ranks, both together).
+
+    CPU: gloo, every rank on the CPU. CUDA with a GPU for each rank of a host
+    (`local_world_size`, default the whole world; torchrun's LOCAL_WORLD_SIZE across hosts):
+    NCCL, rank r on cuda:(base + r % local) % device_count, base being the given device's
+    index (0 for "cuda"). One process per GPU is what NCCL needs (it refuses two ranks on one
+    device), and ranks in topology order (dense stage-major, TP rank minor, then attention
+    workers) put a stage's TP ranks on consecutive GPUs, the all-reduce partners, which on
+    hosts whose GPUs pair up by index are the linked ones. Fewer GPUs than ranks (e.g. the
+    roles sharing one card): gloo, every rank on the given device, tensors staged through
+    host memory."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not device.startswith("cuda"):
-        return "gloo"
-    if world_size is not None and torch.cuda.device_count() < world_size:
-        return "gloo"
-    return "nccl"
+        return Placement("gloo", (device,) * world_size)
+    local = local_world_size or world_size
+    if device_count < local:
+        return Placement("gloo", (device,) * world_size)
+    base = torch.device(device).index or 0
+    return Placement("nccl", tuple(f"cuda:{(base + r % local) % device_count}" for r in range(world_size)))
 
 
-def rank_device(device: str, backend: str, rank: int) -> str:
-    """The device a rank computes on: its own GPU under NCCL, else the given device."""
-    if device.startswith("cuda") and backend == "nccl":
-        return f"cuda:{rank}"
-    return device
+def engine_placement(device: str, world_size: int) -> Placement:
+    """place_ranks for this host: its GPU count, and under torchrun its ranks per host."""
+    count = torch.cuda.device_count() if device.startswith("cuda") else 0
+    local = os.environ.get("LOCAL_WORLD_SIZE") if env_rank() is not None else None
+    return place_ranks(device, world_size, count, int(local) if local else None)
+
+
+def disable_nvlink_multicast() -> None:
+    """NVLink multicast (NVLS) off unless the caller chose otherwise: the machines this runs
+    on require it off (a program using it can put a host's shared GPUs out of service).
+    Spawned ranks inherit the environment; set before the first NCCL communicator."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 
 def transport_device(device: str) -> str:
@@ -118,7 +156,12 @@ class Waiter:
         self._abandoned: list = []
 
     def wait(self, work, timeout_s: float, peer: int, what: str, keep=None) -> None:
-        if math.isinf(timeout_s):
+        if math.isinf(timeout_s) or (isinstance(keep, torch.Tensor) and keep.is_cuda):
+            # A CUDA buffer means NCCL, whose wait() does not block the host: it makes the
+            # calling thread's current stream wait for the transfer. So it must run on this
+            # thread (a helper's current stream is another one, and would order nothing).
+            # No host-side deadline then: a peer that dies fails the transfer in NCCL, one
+            # that hangs is bounded by the process group's timeout, not by timeout_s.
             _blocking_wait(work, peer, what)
             return
         pool = self._threads.setdefault(peer, ThreadPoolExecutor(1, thread_name_prefix=f"fapool-wait-{peer}"))
@@ -147,12 +190,29 @@ def _blocking_wait(work, peer: int, what: str) -> None:
         raise WorkerFailure(peer, what, e) from None
 
 
+# Tests: a folder where every process appends its point-to-point posts, in order, to
+# rank<r>.txt. NCCL ignores tags and runs a pair's sends and receives in posting order on one
+# stream, so each pair's two lists must mirror each other (tests/p2p_order.py checks it on
+# gloo, where tags would otherwise hide a mismatch that deadlocks under NCCL).
+TRACE_ENV = "FAPOOL_P2P_TRACE"
+
+
+def _trace(op: str, peer: int, t: torch.Tensor) -> None:
+    folder = os.environ.get(TRACE_ENV)
+    if folder:
+        with open(os.path.join(folder, f"rank{dist.get_rank()}.txt"), "a") as f:
+            f.write(f"{op} {peer} {t.numel()} {t.dtype}\n")
+
+
 def send_tensor(t: torch.Tensor, dst: int, tag: int = 0):
     """Asynchronous send; returns the request (keep `t` alive until it completes)."""
-    return dist.isend(t.contiguous(), dst=dst, tag=tag)
+    t = t.contiguous()
+    _trace("send", dst, t)
+    return dist.isend(t, dst=dst, tag=tag)
 
 
 def recv_tensor(buf: torch.Tensor, src: int, tag: int = 0):
+    _trace("recv", src, buf)
     return dist.irecv(buf, src=src, tag=tag)
 
 
@@ -168,8 +228,8 @@ def send_object(obj, dst: int, waiter: Waiter | None, timeout_s: float = math.in
     if device != "cpu":
         data, size = data.to(device), size.to(device)
     try:
-        w1 = dist.isend(size, dst=dst, tag=tag)
-        w2 = dist.isend(data, dst=dst, tag=tag + 1)
+        w1 = send_tensor(size, dst, tag)
+        w2 = send_tensor(data, dst, tag + 1)
     except RuntimeError as e:
         raise WorkerFailure(dst, "send", e) from None
     for w, buf in ((w1, size), (w2, data)):
@@ -185,7 +245,7 @@ def recv_object(src: int, waiter: Waiter | None, timeout_s: float = math.inf, ta
     data = None
     for step in range(2):
         buf = size if step == 0 else data
-        w = dist.irecv(buf, src=src, tag=tag + step)
+        w = recv_tensor(buf, src, tag + step)
         if waiter is None:
             _blocking_wait(w, src, "recv")
         else:

@@ -12,6 +12,12 @@ micro-batch in order:
 The TP ranks of a stage run the same micro-batches in the same order, so their all-reduces
 pair up; sends are asynchronous, so stage s works on micro-batch i+1 while stage s+1 works
 on micro-batch i (the pipeline fills within a step and drains at its end).
+
+Devices (comm.place_ranks): on CPU, gloo. On CUDA with a GPU per rank, each rank on its own
+GPU and NCCL for all-reduces and stage-to-stage sends; with fewer GPUs than ranks, all on one
+GPU over gloo, every message and all-reduce staged through host memory. NCCL ignores message
+tags and runs the sends and receives between two ranks in order on one stream, so every pair
+of ranks here posts them in the same order on both sides (see DenseStage.run).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from fapool.config import EngineConfig
 from fapool.layers.tp import apply_tp
 from fapool.models.llama import LocalAttend, run_steps
 from fapool.worker import comm
+from fapool.worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +115,46 @@ class DenseStage:
         topology: comm.Topology,
         rank: int,
         wait: WaitFn,
+        device: str | None = None,  # this rank's device; default config.device (the driver)
     ) -> None:
         self.config = config
         self.model = model
         self.topology = topology
         self.rank = rank
         self.wait = wait
-        self.device = torch.device(config.device)
+        self.device = torch.device(device or config.device)
         self.dtype = DTYPES[config.dtype]
         self.stage = topology.stage_of(rank)
         self.tp_rank = topology.tp_rank_of(rank)
         self.num_stages = topology.pipeline_parallel_size
         self.layers = stage_layers(config.model.num_hidden_layers, self.num_stages)[self.stage]
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.comm_in_forward = 0.0  # all-reduce time, accumulated by the hook
+        self.clock = StepClock(self.device)  # the step's waits, all-reduces included (new_clock)
+        self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned all-reduce buffers (staged)
+
+    @property
+    def transport(self) -> str:
+        """Where this rank's messages live: its GPU under NCCL, else host memory."""
+        return comm.transport_device(str(self.device))
+
+    @property
+    def staged(self) -> bool:
+        """CUDA tensors over gloo: messages and all-reduces go through host memory."""
+        return self.device.type == "cuda" and self.transport == "cpu"
+
+    def new_clock(self) -> StepClock:
+        self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
+        return self.clock
+
+    def finish_clock(self, stats: DenseStepStats, t_start: float) -> None:
+        """Book the step: waits as communication or idle, the rest of its wall time (after
+        the device has finished the step's work) as compute."""
+        seconds = self.clock.finish()
+        wall = time.perf_counter() - t_start
+        comm_s, idle_s = seconds.get("comm", 0.0), seconds.get("idle", 0.0)
+        stats.comm_s += comm_s
+        stats.idle_s += idle_s
+        stats.compute_s += max(0.0, wall - comm_s - idle_s)
 
     @property
     def is_first(self) -> bool:
@@ -160,11 +193,34 @@ class DenseStage:
         """The in-place sum used by the row-parallel hooks, timed as communication."""
 
         def reduce(t: torch.Tensor) -> None:
-            t0 = time.perf_counter()
-            self.wait(dist.all_reduce(t, group=group, async_op=True), peer, "all-reduce", t)
-            self.comm_in_forward += time.perf_counter() - t0
+            if self.staged:
+                self.clock.measure("comm", lambda: self._staged_all_reduce(t, group, peer))
+            else:
+                self.clock.measure(
+                    "comm", lambda: self.wait(dist.all_reduce(t, group=group, async_op=True), peer, "all-reduce", t)
+                )
 
         return reduce
+
+    def _staged_all_reduce(self, t: torch.Tensor, group, peer: int) -> None:
+        """gloo sums host memory: copy to a pinned buffer, all-reduce it, copy back. Both
+        copies are synchronous, so the buffer is free for the next all-reduce on return."""
+        flat = t.view(-1)
+        host = self._host.get(t.dtype)
+        if host is None or host.numel() < flat.numel():
+            host = torch.empty(flat.numel(), dtype=t.dtype, pin_memory=True)
+            self._host[t.dtype] = host
+        host = host[: flat.numel()]
+        host.copy_(flat)
+        self.wait(dist.all_reduce(host, group=group, async_op=True), peer, "all-reduce", host)
+        flat.copy_(host)
+
+    def _recv_hidden(self, buf: torch.Tensor, prev: int, index: int) -> None:
+        self.wait(comm.recv_tensor(buf, prev, TAG_HIDDEN + index), prev, "receive of hidden states", buf)
+
+    def _wait_sends(self, sends: list[tuple[object, torch.Tensor, int]]) -> None:
+        for work, buf, peer in sends:
+            self.wait(work, peer, "send", buf)
 
     @torch.inference_mode()
     def run(self, plan: DenseStep, stats: DenseStepStats) -> list[torch.Tensor | None]:
@@ -176,23 +232,23 @@ class DenseStage:
 
             run_pooled_step(self, plan, stats)
             return [None] * len(plan.micro_batches)  # the driver computes the logits
+        t_start = time.perf_counter()
+        clock = self.new_clock()
         self.copy_blocks(plan.copies)
         prev = self.topology.dense_rank(self.stage - 1, self.tp_rank) if not self.is_first else None
         nxt = self.topology.dense_rank(self.stage + 1, self.tp_rank) if not self.is_last else None
         hidden_size = self.config.model.hidden_size
         sends: list[tuple[object, torch.Tensor, int]] = []
+        to_driver: list[tuple[int, torch.Tensor]] = []
         local_logits: list[torch.Tensor | None] = []
         for i, mb in enumerate(plan.micro_batches):
             stats.num_tokens += mb.num_tokens
             if self.is_first:
                 x = torch.tensor(mb.input_ids, dtype=torch.long, device=self.device)
             else:
-                x = torch.empty(mb.num_tokens, hidden_size, dtype=self.dtype, device=self.device)
-                t0 = time.perf_counter()
-                self.wait(comm.recv_tensor(x, prev, TAG_HIDDEN + i), prev, "receive of hidden states", x)
-                stats.idle_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            self.comm_in_forward = 0.0
+                buf = torch.empty(mb.num_tokens, hidden_size, dtype=self.dtype, device=self.transport)
+                clock.measure("idle", lambda: self._recv_hidden(buf, prev, i))  # noqa: B023 - runs now
+                x = buf.to(self.device)
             pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
             meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
             attend = LocalAttend(self.model.model.layers, meta)
@@ -203,17 +259,21 @@ class DenseStage:
             if self.computes_logits and mb.logit_rows:
                 rows = torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device)
                 logits = self.model.compute_logits(hidden.index_select(0, rows)).contiguous()
-            stats.compute_s += time.perf_counter() - t0 - self.comm_in_forward
-            stats.comm_s += self.comm_in_forward
             if nxt is not None:
-                sends.append((comm.send_tensor(hidden, nxt, TAG_HIDDEN + i), hidden, nxt))
+                msg = hidden.to(self.transport)
+                sends.append((comm.send_tensor(msg, nxt, TAG_HIDDEN + i), msg, nxt))
             elif logits is not None and self.rank != 0:
-                sends.append((comm.send_tensor(logits, 0, TAG_LOGITS + i), logits, 0))
+                to_driver.append((i, logits))
             local_logits.append(logits if self.rank == 0 else None)
-        t0 = time.perf_counter()
-        for work, buf, peer in sends:
-            self.wait(work, peer, "send", buf)
-        stats.comm_s += time.perf_counter() - t0
+        # The logits go to the driver after every hidden state has arrived, not per micro-
+        # batch: with two stages the driver is also this rank's previous stage, it sends all
+        # its hidden states before it receives logits, and under NCCL the traffic between two
+        # ranks runs in posting order on one stream, so interleaving would deadlock.
+        for i, logits in to_driver:
+            msg = logits.to(self.transport)
+            sends.append((comm.send_tensor(msg, 0, TAG_LOGITS + i), msg, 0))
+        clock.measure("comm", lambda: self._wait_sends(sends))
+        self.finish_clock(stats, t_start)
         return local_logits
 
 
@@ -245,22 +305,25 @@ def shard_model(model: nn.Module, stage: DenseStage, group) -> None:
             blocks[i] = nn.Module()  # placeholder: indices stay global
 
 
-def send_weights(tensors: dict[str, torch.Tensor], dst: int, waiter: comm.Waiter, timeout_s: float) -> None:
-    """Names, shapes and dtypes first, then each tensor."""
+def send_weights(
+    tensors: dict[str, torch.Tensor], dst: int, waiter: comm.Waiter, timeout_s: float, transport: str = "cpu"
+) -> None:
+    """Names, shapes and dtypes first, then each tensor (through `transport`)."""
     specs = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors.items()]
-    comm.send_object(specs, dst, waiter, timeout_s, tag=TAG_WEIGHTS)
+    comm.send_object(specs, dst, waiter, timeout_s, tag=TAG_WEIGHTS, device=transport)
     pending = []
     for t in tensors.values():
-        t = t.contiguous()
+        t = t.to(transport).contiguous()
         pending.append((comm.send_tensor(t, dst, TAG_WEIGHTS + 2), t))
     for work, t in pending:
         waiter.wait(work, timeout_s, dst, "weight transfer", t)
 
 
-def receive_weights(model: nn.Module, device: torch.device) -> None:
+def receive_weights(model: nn.Module, transport: str) -> None:
     """Fill a materialised (to_empty) model with the driver's tensors; every parameter and
-    buffer must arrive, with the shape this rank's shard expects."""
-    specs = comm.recv_object(0, None, tag=TAG_WEIGHTS)
+    buffer must arrive, with the shape this rank's shard expects. `transport`: where the
+    messages land (comm.transport_device)."""
+    specs = comm.recv_object(0, None, tag=TAG_WEIGHTS, device=transport)
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     names = [name for name, _, _ in specs]
@@ -273,7 +336,7 @@ def receive_weights(model: nn.Module, device: torch.device) -> None:
             raise RuntimeError(
                 f"weight {name}: driver sent {shape}, this shard expects {tuple(target.shape)}"
             )
-        buf = torch.empty(shape, dtype=target.dtype, device=device)
+        buf = torch.empty(shape, dtype=target.dtype, device=transport)
         comm.wait(comm.recv_tensor(buf, 0, TAG_WEIGHTS + 2), 0, "weight transfer")
         with torch.no_grad():
             target.copy_(buf)
@@ -293,7 +356,8 @@ class DenseWorker:
             par.tensor_parallel_size, par.pipeline_parallel_size, cfg.pool.attention_workers
         )
         groups = tp_groups(self.topology, GROUP_TIMEOUT_S)
-        self.stage = DenseStage(cfg, None, self.topology, rank, blocking_wait)
+        self.stage = DenseStage(cfg, None, self.topology, rank, blocking_wait, device)
+        self.transport = self.stage.transport
         backend = make_backend(cfg.attention_backend, device)
         # Shapes only until the weights arrive: a rank never holds more than its shard.
         model = build_model(cfg.model, backend, DTYPES[cfg.dtype], "meta")
@@ -301,21 +365,27 @@ class DenseWorker:
         model.to_empty(device=device)
         if cfg.model.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        receive_weights(model, torch.device(device))
+        receive_weights(model, self.transport)
+        if self.stage.device.type == "cuda":
+            # The same fused norm / rotary / activation kernels as the driver's model
+            # (ModelRunner fuses it on CUDA), so every rank rounds alike.
+            from fapool.layers.fused import fuse_model
+
+            fuse_model(model)
         self.stage.model = model.eval()
         self.stage.allocate_kv_cache(init.num_blocks)
 
     def run(self) -> None:
         idle_since = time.perf_counter()
         while True:
-            msg = comm.recv_object(0, None, tag=TAG_STEP)
+            msg = comm.recv_object(0, None, tag=TAG_STEP, device=self.transport)
             if msg == "shutdown":
                 return
             stats = DenseStepStats(self.rank, idle_s=time.perf_counter() - idle_since)
             if msg.hang_s:
                 time.sleep(msg.hang_s)
             self.stage.run(msg, stats)
-            comm.send_object(stats, 0, None, tag=TAG_STATS)
+            comm.send_object(stats, 0, None, tag=TAG_STATS, device=self.transport)
             idle_since = time.perf_counter()
 
 

@@ -51,6 +51,9 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Processes holding KV on this GPU (worker ranks sharing it over gloo): they split
+        # the profiled budget evenly, so together they stay within gpu_memory_utilization.
+        self.ranks_on_device = 1
         on_gpu = self.device.type == "cuda"
         # Decode steps through CUDA graphs: the Triton kernels never sync with the host, the
         # torch reference's KV write does, so graphs need the Triton backend.
@@ -82,7 +85,7 @@ class ModelRunner:
         if cache.kv_cache_memory is not None:
             budget = cache.kv_cache_memory
         elif self.device.type == "cuda":
-            budget = self._profile_gpu_budget()
+            budget = self._profile_gpu_budget() // self.ranks_on_device
         else:
             budget = DEFAULT_CPU_KV_BYTES
         num_blocks = budget // block_bytes

@@ -9,6 +9,11 @@ dense rank, runs its own stage, and gets the due rows' logits from the last stag
 At start it ships each rank its slice of the weights it was given, so all ranks hold the same
 model. A dense rank that dies or goes silent (config.pool.worker_timeout_s) stops the engine
 with an error naming it; recomputation is the attention pool's business, not this baseline's.
+
+On CUDA each rank gets its own GPU and NCCL when there are enough GPUs, else all share the
+driver's GPU over gloo with host-staged tensors (comm.place_ranks). Steps run eagerly: no
+decode CUDA graphs (a step is several processes exchanging messages) and no async
+scheduling (the engine keeps both to the single-process runner).
 """
 
 from __future__ import annotations
@@ -108,11 +113,8 @@ def check_parallel(config: EngineConfig) -> None:
             f"pipeline_parallel_size {par.pipeline_parallel_size} exceeds the model's "
             f"{m.num_hidden_layers} layers: every stage needs at least one"
         )
-    if config.device != "cpu":
-        raise ConfigError(
-            "tensor/pipeline parallelism runs on CPU (gloo) so far: placing ranks on several GPUs "
-            "(one device per rank, NCCL) is not wired yet"
-        )
+    if not (config.device == "cpu" or config.device.startswith("cuda")):
+        raise ConfigError(f"tensor/pipeline parallelism runs on cpu or cuda devices, not {config.device!r}")
     if config.sparse_attention:
         raise ConfigError(
             "sparse_attention with tensor_parallel_size / pipeline_parallel_size > 1 is not supported: "
@@ -182,8 +184,12 @@ class ParallelModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         check_parallel(config)
         super().__init__(config, model, backend)
+        self.use_cuda_graphs = False  # eager steps (module docstring)
         par = config.parallel
         self.topology = comm.Topology(par.tensor_parallel_size, par.pipeline_parallel_size)
+        # Ranks sharing the driver's GPU split its KV budget (ModelRunner.determine_num_blocks).
+        self.placement = comm.engine_placement(config.device, self.topology.world_size)
+        self.ranks_on_device = self.placement.ranks_sharing(0)
         self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
         self.timeout_s = config.pool.worker_timeout_s
         self.step_stats: list[ParallelStepStats] = []
@@ -194,6 +200,7 @@ class ParallelModelRunner(ModelRunner):
         self._stopped = False
         self._sharded = False
         self.workers: WorkerGroup | None = None
+        self.transport = "cpu"  # message buffers' device, known once the process group is up
         # Decided while the model is still whole (GPU profiling runs a full forward), for
         # the largest per-rank share of the KV, then the same block ids everywhere.
         self.num_blocks = ModelRunner.determine_num_blocks(self)
@@ -209,13 +216,15 @@ class ParallelModelRunner(ModelRunner):
         topo = self.topology
         startup_s = max(60.0, self.timeout_s)
         self.workers = WorkerGroup(self.config, topo.world_size)
+        self.transport = comm.transport_device(str(self.device))
         init = DenseInit(self.config, self.num_blocks)
         for r in self._ranks():
-            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT)
+            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT, device=self.transport)
         groups = tp_groups(topo, GROUP_TIMEOUT_S)
         with torch.no_grad():
             for r in self._ranks():
-                send_weights(rank_weights(self.model, topo, self.layer_ranges, r), r, self.waiter, startup_s)
+                weights = rank_weights(self.model, topo, self.layer_ranges, r)
+                send_weights(weights, r, self.waiter, startup_s, self.transport)
             shard_model(self.model, self.stage, groups[0])
         self._sharded = True
 
@@ -279,26 +288,25 @@ class ParallelModelRunner(ModelRunner):
         for r in self._ranks():
             hang = self.fault_hang.pop(r, 0.0)
             msg = dataclasses.replace(plan, hang_s=hang) if hang else plan
-            comm.send_object(msg, r, self.waiter, self.timeout_s, tag=TAG_STEP)
-        last = topo.dense_rank(topo.pipeline_parallel_size - 1, 0)
-        recvs = []
-        if last != 0:
-            vocab = self.config.model.vocab_size
-            for i, mb in enumerate(plan.micro_batches):
-                if mb.logit_rows:
-                    buf = torch.empty(len(mb.logit_rows), vocab, dtype=torch.float32, device=self.device)
-                    recvs.append((comm.recv_tensor(buf, last, TAG_LOGITS + i), buf))
+            comm.send_object(msg, r, self.waiter, self.timeout_s, tag=TAG_STEP, device=self.transport)
         own.comm_s += time.perf_counter() - t0
 
         local = self.stage.run(plan, own)
 
+        # The logits' receives are posted after this rank's hidden states went out: the last
+        # stage sends them after receiving all of those (DenseStage.run, why: NCCL's order).
         t0 = time.perf_counter()
+        last = topo.dense_rank(topo.pipeline_parallel_size - 1, 0)
         parts = [x for x in local if x is not None]
-        for work, buf in recvs:
-            self._wait(work, last, "logits", buf)
-            parts.append(buf)
+        if last != 0:
+            vocab = self.config.model.vocab_size
+            for i, mb in enumerate(plan.micro_batches):
+                if mb.logit_rows:
+                    buf = torch.empty(len(mb.logit_rows), vocab, dtype=torch.float32, device=self.transport)
+                    self._wait(comm.recv_tensor(buf, last, TAG_LOGITS + i), last, "logits", buf)
+                    parts.append(buf.to(self.device))
         for r in self._ranks():
-            stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=TAG_STATS)
+            stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=TAG_STATS, device=self.transport)
         own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the last ranks' reports
 
         due = [s for s in out.scheduled if s.completes_known_tokens]
@@ -341,5 +349,5 @@ class ParallelModelRunner(ModelRunner):
                     p.kill()
                 self.workers.shutdown([], self.waiter)
             else:
-                self.workers.shutdown(list(self._ranks()), self.waiter)
+                self.workers.shutdown(list(self._ranks()), self.waiter, self.transport)
         self.waiter.close()

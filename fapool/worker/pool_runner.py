@@ -31,6 +31,7 @@ from fapool.worker import comm
 from fapool.worker.attention_worker import WorkerInit, WorkerStep, WorkerStepStats, message_tag, worker_main
 from fapool.worker.model_runner import ModelRunner
 from fapool.worker.pool_plan import MicroBatchPlan, plan_micro_batch, split_micro_batches
+from fapool.worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,13 @@ class WorkerGroup:
     def __init__(self, config: EngineConfig, world_size: int) -> None:
         self.world_size = world_size
         self.procs: dict[int, multiprocessing.Process] = {}
-        backend = comm.default_backend(config.device, world_size)
+        self.placement = comm.engine_placement(config.device, world_size)
+        backend = self.placement.backend
+        if backend == "nccl":
+            comm.disable_nvlink_multicast()
+            # This process is rank 0: NCCL's own bookkeeping (barriers, communicators) uses
+            # the current device, so make it the one rank 0 computes on.
+            torch.cuda.set_device(torch.device(self.placement.devices[0]))
         # Deadlines are the engine's (comm.Waiter); gloo's own timeout would close every
         # connection when it fires, so it is set out of the way.
         timeout = 7 * 24 * 3600.0
@@ -87,7 +94,7 @@ class WorkerGroup:
         for rank in range(1, world_size):
             p = ctx.Process(
                 target=_spawned_worker_main,
-                args=(rank, world_size, init_method, backend, comm.rank_device(config.device, backend, rank), timeout),
+                args=(rank, world_size, init_method, backend, self.placement.devices[rank], timeout),
                 daemon=True,
                 name=f"fapool-worker-{rank}",
             )
@@ -155,9 +162,16 @@ def _spawned_worker_main(*args) -> None:
 class PoolModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         super().__init__(config, model, backend)
+        # Eager steps: a step exchanges messages with other processes mid-layer, which a
+        # decode graph cannot hold (and the engine's async scheduling is off for this runner).
+        self.use_cuda_graphs = False
         pool = config.pool
         tp = config.parallel.tensor_parallel_size  # > 1 only in TPPoolModelRunner
         self.topology = comm.Topology(tensor_parallel_size=tp, attention_workers=pool.attention_workers)
+        # Ranks sharing the driver's GPU split its KV budget (ModelRunner.determine_num_blocks).
+        self.placement = comm.engine_placement(config.device, self.topology.world_size)
+        self.ranks_on_device = self.placement.ranks_sharing(0)
+        self.clock = StepClock(self.device)  # the step's waits on attention workers (execute)
         self.worker_ids = list(range(1, pool.attention_workers + 1))
         self.mode = pool.pool_mode
         m = config.model
@@ -246,13 +260,34 @@ class PoolModelRunner(ModelRunner):
         pool_start = -(-self.config.pool.pool_threshold // self.block_size) * self.block_size
         plans = [plan_micro_batch(g, self.block_size, pool_start, self.mode, i) for i, g in enumerate(groups)]
         stats = PoolStepStats(self._step, out.num_tokens, len(plans))
+        self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
         told = self._send_step_plans(plans, out.pool_block_copies)
         self._send_dense_plans(plans, out)
 
         self._sends: list = []
         gens = [self._forward(plan, i, len(plans), stats) for i, plan in enumerate(plans)]
         hidden = drive_micro_batches(gens)
-        t_wait = time.perf_counter()
+        self.clock.measure("wait", lambda: self._end_exchanges(told, stats))
+        self._finish_dense_step(stats)
+
+        hidden_all = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
+        due = [s for s in out.scheduled if s.completes_known_tokens]
+        logits = None
+        if due:
+            rows, offset = [], 0
+            for s in out.scheduled:
+                offset += s.num_new_tokens
+                if s.completes_known_tokens:
+                    rows.append(offset - 1)
+            logits = self.model.compute_logits(hidden_all[torch.tensor(rows, device=self.device)])
+        stats.wait_s += self.clock.finish().get("wait", 0.0)  # on a GPU, after the step's work is done
+        stats.total_s = time.perf_counter() - t_start
+        stats.dense_s = max(0.0, stats.total_s - stats.wait_s - stats.tp_comm_s - stats.local_attention_s)
+        self.step_stats.append(stats)
+        return logits, due
+
+    def _end_exchanges(self, told: list[int], stats: PoolStepStats) -> None:
+        """Wait for the step's sends to the workers, then their reports."""
         for work, buf, w in self._sends:
             if not self._live(w):
                 self.waiter.abandon(work, buf)
@@ -270,23 +305,6 @@ class PoolModelRunner(ModelRunner):
                     stats.workers[w] = ws
                 except comm.WorkerFailure as e:
                     self._fail(w, str(e))
-        stats.wait_s += time.perf_counter() - t_wait
-        self._finish_dense_step(stats)
-
-        hidden_all = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
-        due = [s for s in out.scheduled if s.completes_known_tokens]
-        logits = None
-        if due:
-            rows, offset = [], 0
-            for s in out.scheduled:
-                offset += s.num_new_tokens
-                if s.completes_known_tokens:
-                    rows.append(offset - 1)
-            logits = self.model.compute_logits(hidden_all[torch.tensor(rows, device=self.device)])
-        stats.total_s = time.perf_counter() - t_start
-        stats.dense_s = max(0.0, stats.total_s - stats.wait_s - stats.tp_comm_s - stats.local_attention_s)
-        self.step_stats.append(stats)
-        return logits, due
 
     def _send_step_plans(self, plans: list[MicroBatchPlan], pool_copies) -> list[int]:
         told = []
@@ -406,14 +424,12 @@ class _PoolAttend:
         T, H, D = shape
         outs, lses = [], []
         for w, route, work, buf in recvs:
-            t0 = time.perf_counter()
+            rank, timeout = r.topology.attention_rank(w), r.config.pool.worker_timeout_s
             try:
-                r.waiter.wait(work, r.config.pool.worker_timeout_s, r.topology.attention_rank(w), "attention", buf)
+                r.clock.measure("wait", lambda: r.waiter.wait(work, timeout, rank, "attention", buf))  # noqa: B023
             except comm.WorkerFailure as e:
                 r._fail(w, str(e))
                 continue
-            finally:
-                self.stats.wait_s += time.perf_counter() - t0
             q_rows, _ = self.rows[w]
             _, q_idx = r._head_idx[w]
             hq = len(q_idx)

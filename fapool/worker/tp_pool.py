@@ -22,6 +22,10 @@ rank changes only rounding.
 
 Every attend hook yields once per layer on every rank, and every rank drives its micro-batches
 round-robin (pool_runner.drive_micro_batches), so the ranks' all-reduces pair up.
+Under NCCL (a GPU per rank) message tags are ignored and a pair of ranks' sends and receives
+run in posting order on one stream, so both sides post them in the same order: per micro-batch
+and layer a TP rank sends its q/k/v when it attends and receives the partial only when it
+resumes, the order in which the driver receives the q/k/v and sends the partials.
 A dense rank that dies or goes silent stops the engine with an error naming it (as in the
 static baseline); attention workers fail as in the pool, and their requests are recomputed.
 """
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -73,7 +76,6 @@ class TPPoolModelRunner(PoolModelRunner):
         self.failure: comm.WorkerFailure | None = None
         self._sharded = False
         self._tp_sends: list = []
-        self._tp_wait_s = 0.0
         try:
             super().__init__(config, model, backend)  # starts every rank; _start_dense_ranks below
         except BaseException:
@@ -91,13 +93,13 @@ class TPPoolModelRunner(PoolModelRunner):
         self.num_blocks = ModelRunner.determine_num_blocks(self)
         init = DenseInit(self.config, self.num_blocks)
         for r in self._dense_ranks():
-            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT)
+            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT, device=self.transport)
         groups = tp_groups(topo, GROUP_TIMEOUT_S)  # the attention workers join in too
         self.stage = DenseStage(self.config, self.model, topo, 0, self._wait_dense)
         layers = stage_layers(self.config.model.num_hidden_layers, 1)
         with torch.no_grad():
             for r in self._dense_ranks():
-                send_weights(rank_weights(self.model, topo, layers, r), r, self.waiter, startup_s)
+                send_weights(rank_weights(self.model, topo, layers, r), r, self.waiter, startup_s, self.transport)
             shard_model(self.model, self.stage, groups[0])
         self._sharded = True
 
@@ -109,6 +111,9 @@ class TPPoolModelRunner(PoolModelRunner):
         return self.num_blocks
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        if not self._sharded:  # GPU profiling of the whole model, before sharding
+            ModelRunner.allocate_kv_cache(self, num_blocks)
+            return
         if num_blocks != self.num_blocks:
             raise ValueError(f"the dense ranks hold {self.num_blocks} KV blocks, not {num_blocks}")
         self.stage.allocate_kv_cache(num_blocks)
@@ -135,10 +140,8 @@ class TPPoolModelRunner(PoolModelRunner):
     def _send_dense_plans(self, plans: list[MicroBatchPlan], out: SchedulerOutput) -> None:
         """Every TP rank runs the driver's micro-batches with the driver's local metadata
         (pool rows have slot -1 and lie beyond the local kv_lens)."""
-        self.stage.comm_in_forward = 0.0
-        self._tp_wait_s = 0.0
+        clock = self.stage.new_clock()  # all-reduces and exchanges with the TP ranks
         self._tp_sends = []
-        t0 = time.perf_counter()
         for r in self._dense_ranks():
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
@@ -147,20 +150,24 @@ class TPPoolModelRunner(PoolModelRunner):
             for p in plans
         ]
         step = DenseStep(self._step, mbs, list(out.block_copies))
+        clock.measure("comm", lambda: self._send_to_dense_ranks(step, TAG_STEP))
+
+    def _send_to_dense_ranks(self, obj, tag: int) -> None:
         for r in self._dense_ranks():
-            comm.send_object(step, r, self.waiter, self.config.pool.worker_timeout_s, tag=TAG_STEP)
-        self._tp_wait_s += time.perf_counter() - t0
+            comm.send_object(obj, r, self.waiter, self.config.pool.worker_timeout_s, tag=tag, device=self.transport)
 
     def _finish_dense_step(self, stats: PoolStepStats) -> None:
-        t0 = time.perf_counter()
+        self.stage.clock.measure("comm", lambda: self._collect_dense_ranks(stats))
+        stats.tp_comm_s = self.stage.clock.finish().get("comm", 0.0)
+
+    def _collect_dense_ranks(self, stats: PoolStepStats) -> None:
+        """Wait for the partials sent to the TP ranks, then their reports."""
         for work, buf, r in self._tp_sends:
             self._wait_dense(work, r, "send of attention partials", buf)
         self._tp_sends = []
         for r in self._dense_ranks():
             timeout = self.config.pool.worker_timeout_s
-            stats.ranks[r] = comm.recv_object(r, self.waiter, timeout, tag=TAG_STATS)
-        self._tp_wait_s += time.perf_counter() - t0
-        stats.tp_comm_s = self.stage.comm_in_forward + self._tp_wait_s
+            stats.ranks[r] = comm.recv_object(r, self.waiter, timeout, tag=TAG_STATS, device=self.transport)
 
     def _attend(
         self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: PoolStepStats
@@ -214,14 +221,12 @@ class _TPPoolAttend(_PoolAttend):
             buf = torch.empty(sum(sizes), dtype=q.dtype, device=r.transport)
             posted.append((rank, comm.recv_tensor(buf, rank, tag), buf))
         qs, ks, vs = [q], [k], [v]
-        t0 = time.perf_counter()
         for rank, work, buf in posted:
-            r._wait_dense(work, rank, "q/k/v exchange", buf)
+            r.stage.clock.measure("comm", lambda: r._wait_dense(work, rank, "q/k/v exchange", buf))  # noqa: B023
             bq, bk, bv = buf.to(r.device).split(sizes)
             qs.append(bq.view(T, hq, D))
             ks.append(bk.view(T, hkv, D))
             vs.append(bv.view(T, hkv, D))
-        r._tp_wait_s += time.perf_counter() - t0
         # TP rank t holds q heads t*H/tp.. and KV heads t*Hkv/tp.. (layers/tp.py): in rank
         # order the slices are the global head order the workers' head indices use.
         return torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
@@ -245,14 +250,6 @@ class _TPPoolAttend(_PoolAttend):
 
 
 # The other TP ranks --------------------------------------------------------------------------
-@dataclass
-class _Exchange:
-    """A TP rank's traffic with the driver during one step."""
-
-    sends: list = field(default_factory=list)  # (request, buffer kept alive)
-    wait_s: float = 0.0
-
-
 class _RankAttend:
     """A TP rank's hook: attention of its heads over its local blocks here; for a micro-batch
     with remote attention, its q/k/v go to the driver and the pool's partial for its heads
@@ -265,24 +262,22 @@ class _RankAttend:
         mb: MicroBatch,
         index: int,
         count: int,
-        ex: _Exchange,
+        sends: list,
     ) -> None:
         self.stage = stage
         self.meta = meta
         self.remote = mb.remote
         self.index = index
         self.count = count
-        self.ex = ex
+        self.sends = sends  # (request, buffer kept alive) of the step's q/k/v sends
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
         attn = self.stage.model.model.layers[layer].self_attn
         T, hq, D = q.shape
+        tag = message_tag(layer, self.index, self.count)
         if self.remote:
-            tag = message_tag(layer, self.index, self.count)
-            msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
-            self.ex.sends.append((comm.send_tensor(msg, 0, tag), msg))
-            buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=self.stage.device)
-            work = comm.recv_tensor(buf, 0, tag + 1)
+            msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).to(self.stage.transport)
+            self.sends.append((comm.send_tensor(msg, 0, tag), msg))
         k_cache, v_cache = kv_cache
         attn.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
         out, lse = attn.backend.forward(q, k_cache, v_cache, self.meta, attn.scale)
@@ -290,35 +285,34 @@ class _RankAttend:
             return Pending(finish=lambda: out)  # still yield: the driver's order, layer by layer
 
         def finish() -> torch.Tensor:
-            t0 = time.perf_counter()
-            self.stage.wait(work, 0, "attention partials from the driver", buf)
-            self.ex.wait_s += time.perf_counter() - t0
+            # Received only now, after the other micro-batches' q/k/v went out (module docstring).
+            buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=self.stage.transport)
+            self.stage.clock.measure("comm", lambda: self._receive(buf, tag + 1))
+            buf = buf.to(self.stage.device)
             o, l = buf[: T * hq * D].view(T, hq, D), buf[T * hq * D :].view(T, hq)
             merged, _ = merge_partials([out.float(), o], [lse, l])
             return merged.to(q.dtype)
 
         return Pending(finish=finish)
 
+    def _receive(self, buf: torch.Tensor, tag: int) -> None:
+        self.stage.wait(comm.recv_tensor(buf, 0, tag), 0, "attention partials from the driver", buf)
+
 
 def run_pooled_step(stage: DenseStage, plan: DenseStep, stats: DenseStepStats) -> None:
     """A TP rank's share of a step next to an attention pool; the driver computes logits."""
     t_start = time.perf_counter()
+    clock = stage.new_clock()
     stage.copy_blocks(plan.copies)
-    stage.comm_in_forward = 0.0
-    ex = _Exchange()
+    sends: list = []
     gens = []
     for i, mb in enumerate(plan.micro_batches):
         stats.num_tokens += mb.num_tokens
         ids = torch.tensor(mb.input_ids, dtype=torch.long, device=stage.device)
         pos = torch.tensor(mb.positions, dtype=torch.long, device=stage.device)
         meta = AttentionMetadata.build(device=stage.device, **mb.meta_args)
-        attend = _RankAttend(stage, meta, mb, i, len(plan.micro_batches), ex)
+        attend = _RankAttend(stage, meta, mb, i, len(plan.micro_batches), sends)
         gens.append(stage.model.model.forward_steps(ids, pos, stage.kv_caches, attend, layers=stage.layers))
     drive_micro_batches(gens)
-    t0 = time.perf_counter()
-    for work, buf in ex.sends:
-        stage.wait(work, 0, "send of q/k/v", buf)
-    ex.wait_s += time.perf_counter() - t0
-    comm_s = stage.comm_in_forward + ex.wait_s
-    stats.comm_s += comm_s
-    stats.compute_s += time.perf_counter() - t_start - comm_s
+    clock.measure("comm", lambda: [stage.wait(work, 0, "send of q/k/v", buf) for work, buf in sends])
+    stage.finish_clock(stats, t_start)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from p2p_order import assert_pairs_mirror
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
@@ -14,7 +15,7 @@ from fapool.config import ConfigError
 from fapool.entrypoints.breakdown import summarize
 from fapool.layers.linear import MergedLinear
 from fapool.layers.tp import shard_linear
-from fapool.worker.comm import WorkerFailure
+from fapool.worker.comm import TRACE_ENV, WorkerFailure
 from fapool.worker.dense_worker import stage_layers
 from fapool.worker.parallel_runner import summarize_ranks
 
@@ -47,8 +48,9 @@ def reference(tiny_checkpoints):
     "arch,tp,pp",
     [("llama", 2, 1), ("llama", 1, 2), ("qwen2", 2, 1), ("qwen2", 1, 2), ("llama", 2, 2)],
 )
-def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, pp):
+def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, pp, tmp_path, monkeypatch):
     folder = tiny_checkpoints[arch][0]
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
     with LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE) as llm:
         outs = llm.generate(_prompts(), PARAMS)
         engine, runner = llm.engine, llm.engine.runner
@@ -66,6 +68,8 @@ def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, 
             assert sum(s.ranks[1].comm_s for s in stats) > 0  # all-reduces
         assert summarize(stats)["driver"]["dense_s"] > 0  # what `fapool generate` prints
         assert set(summarize_ranks(stats)) == set(range(tp * pp))
+    # What NCCL needs on GPUs: every pair of ranks posts its transfers in mirrored order.
+    assert assert_pairs_mirror(str(tmp_path), tp * pp) > 0
 
 
 @pytest.mark.parametrize(

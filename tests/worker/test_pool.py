@@ -7,6 +7,8 @@ import time
 import pytest
 
 from fapool import LLM, SamplingParams
+from fapool.worker.comm import TRACE_ENV
+from p2p_order import assert_pairs_mirror
 from tiny_models import random_prompts
 
 # Threshold 32 with block size 4: prompts of 3, 10 and 25 tokens cross it while decoding 30
@@ -51,8 +53,9 @@ def reference(tiny_checkpoints):
         ("mistral", "head", 2),
     ],
 )
-def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, workers):
+def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, workers, tmp_path, monkeypatch):
     folder = tiny_checkpoints[arch][0]
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
     with LLM(folder, **_engine_kwargs(attention_workers=workers, pool_mode=mode, **POOL)) as llm:
         outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
         stats = llm.engine.runner.step_stats
@@ -62,6 +65,8 @@ def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, wo
         assert max(s.pool_size for s in stats) == workers
         assert llm.engine.pool_manager.active_workers() == set()
         assert all(p.num_used_blocks == 0 for p in llm.engine.pool_manager.pools.values())
+    # What NCCL needs on GPUs: every pair of ranks posts its transfers in mirrored order.
+    assert assert_pairs_mirror(str(tmp_path), 1 + workers) > 0
 
 
 def test_prefix_shared_within_a_step_across_micro_batches(tiny_checkpoints):

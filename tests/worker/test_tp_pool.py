@@ -6,10 +6,11 @@ engine with an error naming it instead of hanging."""
 import time
 
 import pytest
+from p2p_order import assert_pairs_mirror
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
-from fapool.worker.comm import WorkerFailure
+from fapool.worker.comm import TRACE_ENV, WorkerFailure
 
 # Threshold 32 with block size 4: prompts of 3 and 8 tokens stay local through 20 new tokens,
 # 20 crosses it while decoding, 40 and 70 start past it; tokens_per_pool_worker 16 makes the
@@ -63,10 +64,13 @@ def _check_parity_and_pool(llm, want, workers):
 # same for every mode (workers index heads globally); replicate mode and qwen2 in shard mode
 # also give equal tokens (run by hand; `fapool bench pool --tp 2` prints parity per mode).
 @pytest.mark.parametrize("arch,mode,workers", [("llama", "shard", 1), ("qwen2", "head", 2)])
-def test_tp2_with_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, workers):
+def test_tp2_with_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, workers, tmp_path, monkeypatch):
     kw = dict(tensor_parallel_size=2, attention_workers=workers, pool_mode=mode, **POOL, **ENGINE)
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
     with LLM(tiny_checkpoints[arch][0], **kw) as llm:
         _check_parity_and_pool(llm, reference(arch), workers)
+    # What NCCL needs on GPUs: every pair of ranks posts its transfers in mirrored order.
+    assert assert_pairs_mirror(str(tmp_path), 2 + workers) > 0
 
 
 def test_tp2_pool_of_two_then_a_lost_worker_then_a_lost_tp_rank(tiny_checkpoints, reference):
