@@ -35,12 +35,24 @@ SCORE_TILE = 64  # blocks per stage-1 program: 2 x 64 x D summaries (32 KB at D 
 
 
 @triton.jit
+def _visible(N_KV, QPOS, KV0, seq, CLIP: tl.constexpr):
+    """Visible KV entries of a row: n_kv, or with CLIP the causal bound of an attention shard
+    (AttentionMetadata: entry i is seen iff kv_start + i <= query_pos), never below 0."""
+    n = tl.load(N_KV + seq)
+    if CLIP:
+        n = tl.minimum(n, tl.load(QPOS + seq) - tl.load(KV0 + seq) + 1)
+    return tl.maximum(n, 0)
+
+
+@triton.jit
 def _block_score_kernel(
     Q,
     KMIN,
     KMAX,
     TABLES,
     N_KV,
+    QPOS,
+    KV0,
     SCORE,
     stride_qt,
     stride_qh,
@@ -56,11 +68,12 @@ def _block_score_kernel(
     BLOCK_D: tl.constexpr,
     TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     tile = tl.program_id(2)
-    nb = (tl.maximum(tl.load(N_KV + seq), 0) + PAGE - 1) // PAGE
+    nb = (_visible(N_KV, QPOS, KV0, seq, CLIP) + PAGE - 1) // PAGE
     if tile * TILE >= nb:
         return  # past this sequence's blocks (the grid covers the table width)
     offs_n = tile * TILE + tl.arange(0, TILE)
@@ -93,6 +106,8 @@ def _select_compact_kernel(
     SCORE,
     TABLES,
     N_KV,
+    QPOS,
+    KV0,
     BUDGET,
     PAGES,
     LENS,
@@ -109,10 +124,11 @@ def _select_compact_kernel(
     PAGE: tl.constexpr,
     NPAD: tl.constexpr,
     FROM_FRAC: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
-    n_kv = tl.maximum(tl.load(N_KV + seq), 0)
+    n_kv = _visible(N_KV, QPOS, KV0, seq, CLIP)
     nb = (n_kv + PAGE - 1) // PAGE
     if FROM_FRAC:  # budget_blocks: ceil(frac * nb - 1e-6) in float64, clamped
         frac = tl.load(BUDGET + kvh * stride_gh)
@@ -170,6 +186,8 @@ def block_scores_triton(
     block_tables: torch.Tensor,
     n_kv: torch.Tensor,
     block_size: int,
+    query_pos_start: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 1 alone: score [B, Hkv, W] float32, the bound of each visible block (entries at
     or past a row's block count are left unwritten). Inputs as select_blocks_triton, checked there."""
@@ -178,6 +196,7 @@ def block_scores_triton(
     group = num_heads // num_kv_heads
     width = block_tables.shape[1]
     n_kv = n_kv.to(torch.int32)
+    clip = query_pos_start is not None
     score = torch.empty((num_seqs, num_kv_heads, width), dtype=torch.float32, device=q.device)
     _block_score_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, SCORE_TILE))](
         q,
@@ -185,6 +204,8 @@ def block_scores_triton(
         kmax,
         block_tables,
         n_kv,
+        query_pos_start if clip else n_kv,
+        kv_start if clip else n_kv,
         score,
         q.stride(0),
         q.stride(1),
@@ -200,6 +221,7 @@ def block_scores_triton(
         BLOCK_D=triton.next_power_of_2(head_dim),
         TILE=SCORE_TILE,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        CLIP=clip,
         num_warps=4,
     )
     return score
@@ -216,8 +238,13 @@ def select_blocks_triton(
     block_size: int,
     max_pages: int | None = None,
     min_blocks: int = 4,
+    query_pos_start: torch.Tensor | None = None,  # [B] int32, with kv_start: clip n_kv causally
+    kv_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compacted tables pages [B, Hkv, max_pages] int32 and lengths lens [B, Hkv] int32.
+
+    A row sees n_kv entries, or with query_pos_start and kv_start (an AttentionMetadata's, for
+    its one-query rows) min(n_kv, query_pos_start - kv_start + 1), computed in the kernels.
 
     budgets: blocks per (sequence, KV head), or per-KV-head fractions (float64) turned into
     blocks in the kernel exactly as budget_blocks(frac, nb, min_blocks) does. A row takes
@@ -245,6 +272,12 @@ def select_blocks_triton(
         raise ValueError("block_tables rows must be contiguous")
     if n_kv.shape != (num_seqs,):
         raise ValueError(f"n_kv must be [{num_seqs}], got {tuple(n_kv.shape)}")
+    if (query_pos_start is None) != (kv_start is None):
+        raise ValueError("query_pos_start and kv_start come together")
+    if query_pos_start is not None:
+        for name, t in (("query_pos_start", query_pos_start), ("kv_start", kv_start)):
+            if t.shape != (num_seqs,) or t.dtype != torch.int32 or (num_seqs and t.stride(0) != 1):
+                raise ValueError(f"{name} must be contiguous int32 [{num_seqs}], got {t.dtype} {tuple(t.shape)}")
     from_frac = budgets.is_floating_point()
     want = (num_kv_heads,) if from_frac else (num_seqs, num_kv_heads)
     if tuple(budgets.shape) != want:
@@ -262,13 +295,16 @@ def select_blocks_triton(
     lens = torch.empty((num_seqs, num_kv_heads), dtype=torch.int32, device=q.device)
     if num_seqs == 0:
         return pages, lens
-    score = block_scores_triton(q, kmin, kmax, block_tables, n_kv, block_size)
+    score = block_scores_triton(q, kmin, kmax, block_tables, n_kv, block_size, query_pos_start, kv_start)
+    clip = query_pos_start is not None
     npad = max(16, triton.next_power_of_2(width))
     stride_gb, stride_gh = (0, budgets.stride(0)) if from_frac else budgets.stride()
     _select_compact_kernel[(num_seqs, num_kv_heads)](
         score,
         block_tables,
         n_kv,
+        query_pos_start if clip else n_kv,
+        kv_start if clip else n_kv,
         budgets,
         pages,
         lens,
@@ -285,6 +321,7 @@ def select_blocks_triton(
         PAGE=block_size,
         NPAD=npad,
         FROM_FRAC=from_frac,
+        CLIP=clip,
         num_warps=min(16, max(4, npad // 512)),  # ~16 row entries a thread
         enable_fp_fusion=False,  # frac * nb - 1e-6 rounded twice, as torch does
     )

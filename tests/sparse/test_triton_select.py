@@ -177,3 +177,78 @@ def test_budget_blocks_batched_matches_budget_blocks():
     got = budget_blocks_batched(frac, n_kv, BS, 4)
     for n, row in zip(n_kv.tolist(), got):
         assert torch.equal(row, budget_blocks(frac, math.ceil(n / BS), 4)), n
+
+
+@needs_triton
+@pytest.mark.parametrize("num_programs,block_n", [(None, 64), (7, 64), (64, 16)])
+def test_balanced_decode_matches_the_reference_backend(num_programs, block_n):
+    """Work-balanced decode (variable splits per pair, LSE-merged) on uneven selections: empty
+    pairs, one-entry pairs, one pair far longer than the others. num_programs 7 (< pairs: one
+    split each), 64 with 16-token tiles (the long pair gets more splits than one reduce step
+    merges)."""
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    n_kv = [0, 1, 1000, 65, 999, 300]
+    q, keys, values, kmin, kmax, tables, nk = _case(n_kv, 8, 2, 32, 64, torch.float16, seed=7, integer=False)
+    budgets = torch.tensor([[4, 4], [4, 4], [62, 2], [3, 5], [1, 30], [19, 7]], device=DEVICE).int()
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS)
+    out, lse = balanced_sparse_decode(q, keys, values, pages, lens, 32**-0.5, num_programs, block_n=block_n)
+    ref = SparseAttentionBackend(TorchReferenceBackend(), [0.5, 0.5])
+    ref.kmin, ref.kmax = kmin, kmax
+    clipped = torch.minimum(budgets.cpu(), torch.tensor([-(-n // BS) for n in n_kv]).view(-1, 1))
+    rows = [1, 2, 3, 4, 5]  # the reference needs a visible entry per row
+    ref_out, ref_lse = ref.sparse_decode(
+        q[rows], keys, values, tables[rows], nk[rows], clipped[rows].to(DEVICE), 32**-0.5
+    )
+    torch.testing.assert_close(out[rows].float().cpu(), ref_out.cpu(), atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(lse[rows].cpu(), ref_lse.cpu(), atol=4e-3, rtol=4e-3)
+    assert bool((out[0] == 0).all()) and bool(torch.isneginf(lse[0]).all())  # an empty row
+
+
+@needs_triton
+def test_summaries_kernel_equals_the_reference_update():
+    """Steps of a prefill chunk, decode tokens, a -1 slot, a block reused from offset 0 and a
+    step that ends mid-block: the Triton summaries equal update_summaries' after every step."""
+    from fapool.sparse.triton_summaries import update_summaries_triton
+
+    g = torch.Generator().manual_seed(8)
+    num_blocks, hkv, d = 6, 2, 32
+    k_cache = torch.randn(num_blocks, BS, hkv, d, generator=g).to(DEVICE, torch.float16)
+    ref = SparseAttentionBackend(TorchReferenceBackend(), [0.5] * hkv)
+    kmin = torch.zeros(num_blocks, hkv, d, device=DEVICE, dtype=torch.float16)
+    kmax = torch.zeros_like(kmin)
+    steps = [
+        [*range(2 * BS, 2 * BS + 21), *range(4 * BS, 4 * BS + 3)],  # two sequences' chunks
+        [2 * BS + 21, -1, 4 * BS + 3],  # decode; a padding row between
+        [*range(5 * BS + 7, 6 * BS), 3 * BS],  # ends on a block's last offset; another begins
+        [2 * BS, 2 * BS + 1],  # block 2 reused from offset 0: its old keys must not count
+    ]
+    for slots in steps:
+        slots = torch.tensor(slots, device=DEVICE)
+        k_cache[slots[slots >= 0] // BS, slots[slots >= 0] % BS] = torch.randn(
+            int((slots >= 0).sum()), hkv, d, generator=g
+        ).to(DEVICE, torch.float16)
+        update_summaries_triton(k_cache, slots, kmin, kmax)
+        ref.update_summaries(k_cache, slots)
+        touched = torch.unique(slots[slots >= 0] // BS)
+        assert torch.equal(kmin[touched], ref.kmin[touched]) and torch.equal(kmax[touched], ref.kmax[touched])
+    assert torch.equal(kmax[2], k_cache[2, :2].amax(0))
+
+
+@needs_triton
+def test_selection_clips_rows_causally():
+    """query_pos_start / kv_start (an attention shard's metadata) clip the visible entries in
+    the kernels: the same result as passing the clipped n_kv."""
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    n_kv = [300, 500, 200, 64]
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 4, 2, 16, 40, torch.float32, seed=9)
+    q_pos = torch.tensor([299, 250, 100, 10], device=DEVICE).int()
+    kv0 = torch.tensor([0, 0, 150, 0], device=DEVICE).int()  # row 2 sees no entry
+    frac = torch.tensor([0.3, 0.6], dtype=torch.float64, device=DEVICE)
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac, BS, query_pos_start=q_pos, kv_start=kv0)
+    clipped = torch.tensor([300, 251, 0, 11], device=DEVICE).int()
+    want_pages, want_lens = select_blocks_triton(q, kmin, kmax, tables, clipped, frac, BS)
+    assert torch.equal(pages, want_pages) and torch.equal(lens, want_lens)
+    assert lens[2].tolist() == [0, 0]
