@@ -56,9 +56,14 @@ def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=T
 
 
 @needs_triton
+@pytest.mark.parametrize("radix4", [True, False], ids=["4bit", "1bit"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_selection_equals_reference_exactly(dtype):
+def test_selection_equals_reference_exactly(dtype, radix4, monkeypatch):
+    from fapool.sparse import triton_select
     from fapool.sparse.triton_select import select_blocks_triton
+
+    if not radix4:  # the one-bit-a-pass search that long rows use
+        monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", 0)
 
     # Rows: empty, one entry, one full block, partial, exactly full, long; budgets 0..beyond nb.
     n_kv = [0, 1, 16, 37, 160, 700, 703]
