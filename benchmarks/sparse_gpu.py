@@ -327,8 +327,7 @@ def part_check(cfg) -> dict:
 def part_latency(cfg, profile, batch, ctx, timer) -> dict:
     nb = math.ceil(ctx / BS)
     layers = [
-        make_layer(batch, ctx, 100 + i, cfg.device, cfg.dtype, *cfg.heads)
-        for i in range(len(cfg.layers))
+        make_layer(batch, ctx, 100 + i, cfg.device, cfg.dtype, *cfg.heads) for i in range(len(cfg.layers))
     ]
     num = len(layers)
     mb = profile.min_blocks
@@ -385,7 +384,9 @@ def part_latency(cfg, profile, batch, ctx, timer) -> dict:
     a_t, u_t = row["adaptive"].get("total_balanced_us"), row["uniform"].get("total_balanced_us")
     if a_t and u_t:
         row["balanced_adaptive_over_uniform"] = round(a_t / u_t, 3)  # <= 1: adaptive no slower
-    row["balanced_grid_sweep"] = grid_sweep(cfg, layers, fr(adaptive), pages_cap(adaptive), mb, timer, errors, num)
+    row["balanced_grid_sweep"] = grid_sweep(
+        cfg, layers, fr(adaptive), pages_cap(adaptive), mb, timer, errors, num
+    )
 
     budgets = [b.to(cfg.device).expand(batch, -1).contiguous() for b in blocks_of(adaptive, nb, mb)]
     k_top = [int(b.max()) for b in budgets]
@@ -508,7 +509,15 @@ def part_placement(cfg, profile, timer) -> dict:
     return out
 
 
-ATTENTION_KERNELS = ("_decode_", "_sparse_", "_balanced_", "_block_score", "_select_compact", "_summary", "_write_kv")
+ATTENTION_KERNELS = (
+    "_decode_",
+    "_sparse_",
+    "_balanced_",
+    "_block_score",
+    "_select_compact",
+    "_summary",
+    "_write_kv",
+)
 
 
 def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: int) -> dict:

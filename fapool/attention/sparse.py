@@ -179,7 +179,14 @@ class SparseAttentionBackend(AttentionBackend):
         Reads no device value on the host (graph-safe for a decode-only batch)."""
         if meta.is_decode_only:  # one query per row: the rows are the sequences
             return self._sparse_rows(
-                query, k_cache, v_cache, meta.block_tables, meta.kv_lens, meta.query_pos_start, meta.kv_start, scale
+                query,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.kv_lens,
+                meta.query_pos_start,
+                meta.kv_start,
+                scale,
             )
         decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1]
         if not decode:

@@ -212,18 +212,28 @@ def _balanced_reduce_kernel(
         lse2 = tl.load(MID_LSE + mid, mask=s_mask, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse2, 0))
         w = tl.exp2(lse2 - m_new)  # 0 for masked slots
-        o = tl.load(MID_O + mid[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        o = tl.load(
+            MID_O + mid[:, None] * BLOCK_D + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         alpha = tl.exp2(m - m_new)
         acc = acc * alpha + tl.sum(o * w[:, None], 0)
         total = total * alpha + tl.sum(w, 0)
         m = m_new
     seen = total > 0.0  # an empty pair (no splits) writes 0 and lse -inf
     total_safe = tl.where(seen, total, 1.0)
-    tl.store(OUT + seq * stride_ot + head * stride_oh + offs_d, (acc / total_safe).to(OUT.dtype.element_ty), mask=d_mask)
+    tl.store(
+        OUT + seq * stride_ot + head * stride_oh + offs_d,
+        (acc / total_safe).to(OUT.dtype.element_ty),
+        mask=d_mask,
+    )
     tl.store(LSE + seq * stride_lt + head, tl.where(seen, (m + tl.log2(total_safe)) * LN2, float("-inf")))
 
 
-def default_num_programs(head_dim: int, elem_size: int, device: torch.device, block_n: int = DEFAULT_BLOCK_N) -> int:
+def default_num_programs(
+    head_dim: int, elem_size: int, device: torch.device, block_n: int = DEFAULT_BLOCK_N
+) -> int:
     """One full wave of split programs: what the SMs hold at once (the dense kernel's model)."""
     per_sm = resident_programs_per_sm(
         block_n, triton.next_power_of_2(head_dim), DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS, elem_size
@@ -248,10 +258,16 @@ def balanced_sparse_decode(
     num_seqs, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != head_dim:
-        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+        raise ValueError(
+            f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if pages.dim() != 3 or pages.shape[:2] != (num_seqs, num_kv_heads) or lens.shape != (num_seqs, num_kv_heads):
+    if (
+        pages.dim() != 3
+        or pages.shape[:2] != (num_seqs, num_kv_heads)
+        or lens.shape != (num_seqs, num_kv_heads)
+    ):
         raise ValueError(
             f"pages {tuple(pages.shape)} / lens {tuple(lens.shape)} must start with ({num_seqs}, {num_kv_heads})"
         )

@@ -307,7 +307,9 @@ def select_blocks_triton(
     if query_pos_start is not None:
         for name, t in (("query_pos_start", query_pos_start), ("kv_start", kv_start)):
             if t.shape != (num_seqs,) or t.dtype != torch.int32 or (num_seqs and t.stride(0) != 1):
-                raise ValueError(f"{name} must be contiguous int32 [{num_seqs}], got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must be contiguous int32 [{num_seqs}], got {t.dtype} {tuple(t.shape)}"
+                )
     from_frac = budgets.is_floating_point()
     want = (num_kv_heads,) if from_frac else (num_seqs, num_kv_heads)
     if tuple(budgets.shape) != want:

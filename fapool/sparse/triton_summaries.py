@@ -82,7 +82,9 @@ def update_summaries_triton(
     if k_cache.stride(3) != 1 or kmin.stride(2) != 1:
         raise ValueError("the head dimension of the cache and the summaries must be contiguous")
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"slot_mapping must be 1-D int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+        raise ValueError(
+            f"slot_mapping must be 1-D int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
+        )
     if page & (page - 1):
         raise ValueError(f"block_size must be a power of two, got {page}")
     num_tokens = slot_mapping.shape[0]

@@ -106,8 +106,14 @@ needs_gpu = pytest.mark.skipif(
 )
 # Chunked prefill (64-token steps) mixes prefill chunks with decode rows; the rest is decode-only
 # steps, which replay CUDA graphs.
-GPU_KW = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=512, max_num_seqs=8,
-              max_num_batched_tokens=64)
+GPU_KW = dict(
+    device="cuda",
+    dtype="float32",
+    block_size=16,
+    num_kv_blocks=512,
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+)
 
 
 def _gpu_generate(folder, prompts, max_tokens=40, **kw):
@@ -148,12 +154,16 @@ def test_gpu_real_budget_runs_in_graphs_and_matches_the_torch_path(llama_folder,
     runner = llm.engine.runner
     assert runner.use_cuda_graphs and runner.decode_graphs is not None and runner.decode_graphs.graphs
     assert llm.engine.async_scheduling
-    reference, ref_llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, attention_backend="torch")
+    reference, ref_llm = _gpu_generate(
+        llama_folder, prompts, sparse_attention=path, attention_backend="torch"
+    )
     assert not ref_llm.engine.runner.use_cuda_graphs
     read = sum(b.sparse_tokens for b in _sparse_backends(ref_llm))
     assert 0 < read < 0.7 * sum(b.sparse_dense_tokens for b in _sparse_backends(ref_llm))  # really sparse
     llm_eager = LLM(llama_folder, **GPU_KW, sparse_attention=path)
     llm_eager.engine.runner.use_cuda_graphs = False
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    eager = [o.outputs[0].token_ids for o in llm_eager.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    eager = [
+        o.outputs[0].token_ids for o in llm_eager.generate([{"prompt_token_ids": p} for p in prompts], params)
+    ]
     assert tokens == eager == reference

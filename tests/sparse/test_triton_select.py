@@ -252,7 +252,9 @@ def test_selection_clips_rows_causally():
     q_pos = torch.tensor([299, 250, 100, 10], device=DEVICE).int()
     kv0 = torch.tensor([0, 0, 150, 0], device=DEVICE).int()  # row 2 sees no entry
     frac = torch.tensor([0.3, 0.6], dtype=torch.float64, device=DEVICE)
-    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac, BS, query_pos_start=q_pos, kv_start=kv0)
+    pages, lens = select_blocks_triton(
+        q, kmin, kmax, tables, nk, frac, BS, query_pos_start=q_pos, kv_start=kv0
+    )
     clipped = torch.tensor([300, 251, 0, 11], device=DEVICE).int()
     want_pages, want_lens = select_blocks_triton(q, kmin, kmax, tables, clipped, frac, BS)
     assert torch.equal(pages, want_pages) and torch.equal(lens, want_lens)
