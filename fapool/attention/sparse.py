@@ -20,8 +20,8 @@ heads per KV head, N blocks, K = largest budget):
     softmax over them -> (out, lse), exactly as dense attention over that subset.
 
 On CUDA with the Triton backend the same step runs in Triton with no host sync, so decode
-steps can be CUDA graphs (`graph_safe`): summaries (fapool.sparse.triton_summaries, one launch
-after the KV write), selection (fapool.sparse.triton_select: scores, then top-k + compaction;
+steps can be CUDA graphs (`graph_safe`): summaries (fapool.sparse.triton_summaries, fused with
+the KV write), selection (fapool.sparse.triton_select: scores, then top-k + compaction;
 budgets are the profile's fractions, turned into blocks in the kernel) and the work-balanced
 decode (fapool.sparse.triton_balanced_decode). Every decode row takes that path, whatever its
 length: a row whose budget covers all its blocks attends over all of them (the dense result up
@@ -85,15 +85,14 @@ class SparseAttentionBackend(AttentionBackend):
     # --- KV write and block summaries ------------------------------------------------
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
-        self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping)
-        if self.budget is None:
-            return
-        if self.triton:
-            from fapool.sparse.triton_summaries import update_summaries_triton
+        if self.budget is not None and self.triton:  # one launch: the KV write and the summaries
+            from fapool.sparse.triton_summaries import write_kv_and_summaries
 
             self._ensure_summaries(k_cache)
-            update_summaries_triton(k_cache, slot_mapping, self.kmin, self.kmax)
-        else:
+            write_kv_and_summaries(k_cache, v_cache, key, value, slot_mapping, self.kmin, self.kmax)
+            return
+        self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping)
+        if self.budget is not None:
             self.update_summaries(k_cache, slot_mapping)
 
     def _ensure_summaries(self, k_cache: torch.Tensor) -> None:

@@ -19,7 +19,8 @@ Every program loads the pairs' lengths (one coalesced read of B x Hkv ints), com
 plan in registers, finds its (pair, split) and exits if it has none; no host sync, no extra
 launch for the prefix sum. A pair with one split writes the result directly; the others write
 (out, lse) partials that the second kernel merges with LSE weights, BLOCK_S splits at a time, so
-a pair may have any number of them.
+a pair may have any number of them. Program r < B x Hkv also stores pair r's (first item,
+splits) for the merge (the grid covers every pair, empty ones included).
 
 Reference: SparseAttentionBackend.sparse_decode (fapool/attention/sparse.py); tests:
 tests/sparse/test_triton_select.py; benchmark: benchmarks/sparse_gpu.py.
@@ -72,6 +73,7 @@ def _balanced_split_kernel(
     LSE,
     MID_O,
     MID_LSE,
+    PLAN,
     tables,
     lens,
     qk_scale,
@@ -101,9 +103,13 @@ def _balanced_split_kernel(
 ):
     item = tl.program_id(0)
     n_all, splits, incl, chunk = _plan(lens, num_pairs, num_programs, BLOCK_R, BLOCK_N, BISECT)
+    pair_ids = tl.arange(0, BLOCK_R)
+    if item < num_pairs:  # the grid covers every pair: hand pair `item`'s splits to the reduce
+        this = pair_ids == item
+        tl.store(PLAN + 2 * item, tl.sum(tl.where(this, incl - splits, 0), 0))
+        tl.store(PLAN + 2 * item + 1, tl.sum(tl.where(this, splits, 0), 0))
     if item >= tl.sum(splits, 0):
         return  # more programs than work items (the grid is the fixed upper bound)
-    pair_ids = tl.arange(0, BLOCK_R)
     row = tl.sum((incl <= item).to(tl.int32), 0)  # the pair whose items cover `item`
     this = pair_ids == row
     n_kv = tl.sum(tl.where(this, n_all, 0), 0)
@@ -175,9 +181,7 @@ def _balanced_reduce_kernel(
     LSE,
     MID_O,
     MID_LSE,
-    lens,
-    num_pairs,
-    num_programs,
+    PLAN,
     stride_ot,
     stride_oh,
     stride_lt,
@@ -185,19 +189,14 @@ def _balanced_reduce_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BISECT: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)  # pair (sequence, KV head)
     g = tl.program_id(1)  # query head within the group
-    _, splits, incl, _ = _plan(lens, num_pairs, num_programs, BLOCK_R, BLOCK_N, BISECT)
-    this = tl.arange(0, BLOCK_R) == row
-    num_splits = tl.sum(tl.where(this, splits, 0), 0)
+    num_splits = tl.load(PLAN + 2 * row + 1)
     if num_splits == 1:
         return  # written by its only split
-    first = tl.sum(tl.where(this, incl - splits, 0), 0)
+    first = tl.load(PLAN + 2 * row)
     seq = row // NUM_KV_HEADS
     head = (row % NUM_KV_HEADS) * GROUP + g
     offs_s = tl.arange(0, BLOCK_S)
@@ -294,17 +293,10 @@ def balanced_sparse_decode(
         num_programs = default_num_programs(head_dim, q.element_size(), q.device, block_n)
     grid = max(num_programs, num_pairs)  # >= pairs: one split each always fits
     max_tiles = triton.cdiv(max(1, tables.shape[1]) * page, block_n)
-    consts = dict(
-        NUM_KV_HEADS=num_kv_heads,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(num_pairs)),
-        BISECT=max_tiles.bit_length(),  # hi - lo halves each step from max_tiles
-    )
+    consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d)
     mid_o = torch.empty((grid, group, block_d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((grid, group), dtype=torch.float32, device=q.device)
+    plan = torch.empty((num_pairs, 2), dtype=torch.int32, device=q.device)  # (first item, splits)
     _balanced_split_kernel[(grid,)](
         q,
         k_cache,
@@ -313,6 +305,7 @@ def balanced_sparse_decode(
         lse,
         mid_o,
         mid_lse,
+        plan,
         tables,
         lens,
         scale * LOG2E,
@@ -332,6 +325,9 @@ def balanced_sparse_decode(
         lse.stride(0),
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE=page,
+        BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(num_pairs)),
+        BISECT=max_tiles.bit_length(),  # hi - lo halves each step from max_tiles
         num_warps=num_warps,
         num_stages=num_stages,
         **consts,
@@ -341,9 +337,7 @@ def balanced_sparse_decode(
         lse,
         mid_o,
         mid_lse,
-        lens,
-        num_pairs,
-        grid,
+        plan,
         out.stride(0),
         out.stride(1),
         lse.stride(0),

@@ -212,14 +212,19 @@ def test_balanced_decode_matches_the_reference_backend(num_programs, block_n):
 
 
 @needs_triton
-def test_summaries_kernel_equals_the_reference_update():
+@pytest.mark.parametrize("fused", [True, False], ids=["with_kv_write", "after_kv_write"])
+def test_summaries_kernel_equals_the_reference_update(fused):
     """Steps of a prefill chunk, decode tokens, a -1 slot, a block reused from offset 0 and a
-    step that ends mid-block: the Triton summaries equal update_summaries' after every step."""
-    from fapool.sparse.triton_summaries import update_summaries_triton
+    step that ends mid-block: the Triton summaries (fused with the KV write, or after it) and
+    the cache equal the torch write + update_summaries after every step."""
+    from fapool.attention.torch_ref import write_kv_torch
+    from fapool.sparse.triton_summaries import update_summaries_triton, write_kv_and_summaries
 
     g = torch.Generator().manual_seed(8)
     num_blocks, hkv, d = 6, 2, 32
     k_cache = torch.randn(num_blocks, BS, hkv, d, generator=g).to(DEVICE, torch.float16)
+    v_cache = torch.randn(num_blocks, BS, hkv, d, generator=g).to(DEVICE, torch.float16)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
     ref = SparseAttentionBackend(TorchReferenceBackend(), [0.5] * hkv)
     kmin = torch.zeros(num_blocks, hkv, d, device=DEVICE, dtype=torch.float16)
     kmax = torch.zeros_like(kmin)
@@ -231,11 +236,17 @@ def test_summaries_kernel_equals_the_reference_update():
     ]
     for slots in steps:
         slots = torch.tensor(slots, device=DEVICE)
-        k_cache[slots[slots >= 0] // BS, slots[slots >= 0] % BS] = torch.randn(
-            int((slots >= 0).sum()), hkv, d, generator=g
-        ).to(DEVICE, torch.float16)
-        update_summaries_triton(k_cache, slots, kmin, kmax)
-        ref.update_summaries(k_cache, slots)
+        # float32 rows (the cache rounds them to float16, and so must the summaries)
+        key = torch.randn(len(slots), hkv, d, generator=g).to(DEVICE) * 3
+        value = torch.randn(len(slots), hkv, d, generator=g).to(DEVICE)
+        write_kv_torch(ref_k, ref_v, key, value, slots)
+        ref.update_summaries(ref_k, slots)
+        if fused:
+            write_kv_and_summaries(k_cache, v_cache, key, value, slots, kmin, kmax)
+        else:
+            write_kv_torch(k_cache, v_cache, key, value, slots)
+            update_summaries_triton(k_cache, slots, kmin, kmax)
+        assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
         touched = torch.unique(slots[slots >= 0] // BS)
         assert torch.equal(kmin[touched], ref.kmin[touched]) and torch.equal(kmax[touched], ref.kmax[touched])
     assert torch.equal(kmax[2], k_cache[2, :2].amax(0))
