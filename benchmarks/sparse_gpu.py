@@ -171,6 +171,14 @@ def select_step(layers, fracs, max_pages, min_blocks):
     ]
 
 
+def score_step(layers):
+    """Selection stage 1 alone (the per-block bounds), to split the selection's time."""
+    from fapool.sparse.triton_select import block_scores_triton
+
+    for L in layers:
+        block_scores_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, BS)
+
+
 def kernel_step(layers, selections, balanced=False, num_programs=None):
     """The old kernel (one split count for every pair) or the work-balanced one."""
     from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
@@ -184,8 +192,8 @@ def kernel_step(layers, selections, balanced=False, num_programs=None):
             sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
 
 
-def total_step(layers, fracs, max_pages, min_blocks, balanced=False):
-    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks), balanced)
+def total_step(layers, fracs, max_pages, min_blocks, balanced=False, num_programs=None):
+    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks), balanced, num_programs)
 
 
 def legacy_select_step(layers, budgets, n_max, k_top):
@@ -277,7 +285,7 @@ def part_check(cfg) -> dict:
             if integer:
                 continue
             o, lse = sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
-            bo, blse = balanced_sparse_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
+            bo, blse = balanced_sparse_decode(L.q, L.k, L.v, pages, lens, d**-0.5, cfg.programs)
             backend = SparseAttentionBackend(TorchReferenceBackend(), frac.tolist())
             backend.kmin, backend.kmax = L.kmin, L.kmax
             ro, rlse = backend.sparse_decode(L.q, L.k, L.v, L.tables, L.n_kv, budgets, d**-0.5)
@@ -294,7 +302,7 @@ def part_check(cfg) -> dict:
             out[f"full_budget_max_abs_err_vs_dense_{key}"] = max(
                 float((fo.float() - do.float()).abs().max()), float((flse - dlse).abs().max())
             )
-            bo, blse = balanced_sparse_decode(L.q, L.k, L.v, fp, fl, d**-0.5)
+            bo, blse = balanced_sparse_decode(L.q, L.k, L.v, fp, fl, d**-0.5, cfg.programs)
             out[f"full_budget_balanced_max_abs_err_vs_dense_{key}"] = max(
                 float((bo.float() - do.float()).abs().max()), float((blse - dlse).abs().max())
             )
@@ -360,14 +368,15 @@ def part_latency(cfg, profile, batch, ctx, timer) -> dict:
         if sel is not None:
             r["kernel_us"] = per_layer(f"{name}_kernel", timer.graph, lambda: kernel_step(layers, sel))
             r["kernel_balanced_us"] = per_layer(
-                f"{name}_kernel_balanced", timer.graph, lambda: kernel_step(layers, sel, True)
+                f"{name}_kernel_balanced", timer.graph, lambda: kernel_step(layers, sel, True, cfg.programs)
             )
         r["select_us"] = per_layer(f"{name}_select", timer.graph, lambda: select_step(layers, f, cap, mb))
         r["total_us"] = per_layer(f"{name}_total", timer.graph, lambda: total_step(layers, f, cap, mb))
         r["total_balanced_us"] = per_layer(
-            f"{name}_total_balanced", timer.graph, lambda: total_step(layers, f, cap, mb, True)
+            f"{name}_total_balanced", timer.graph, lambda: total_step(layers, f, cap, mb, True, cfg.programs)
         )
         if eager:
+            r["score_us"] = per_layer(f"{name}_score", timer.graph, lambda: score_step(layers))
             r["select_eager_us"] = per_layer(
                 f"{name}_select_eager", timer.eager, lambda: select_step(layers, f, cap, mb)
             )
@@ -414,7 +423,7 @@ def grid_sweep(cfg, layers, fracs, cap, min_blocks, timer, errors, num) -> dict:
     """Balanced kernel alone, adaptive budgets, grid = k x one wave: is one wave the best?"""
     from fapool.sparse.triton_balanced_decode import default_num_programs
 
-    wave = default_num_programs(cfg.heads[2], 2, torch.device(cfg.device))
+    wave = cfg.programs or default_num_programs(cfg.heads[2], 2, torch.device(cfg.device))
     sel = guarded(errors, "grid_select", lambda: select_step(layers, fracs, cap, min_blocks))
     out: dict = {"one_wave_programs": wave}
     if sel is None:
@@ -466,7 +475,9 @@ def part_placement(cfg, profile, timer) -> dict:
             part = layers[li].heads(list(heads))
             f = [torch.tensor([fracs[li][h] for h in heads], dtype=torch.float64, device=cfg.device)]
             cap = [max(1, max(blocks[li][h] for h in heads))]
-            cache[heads, li] = timer.graph(lambda: total_step([part], f, cap, profile.min_blocks, True))
+            cache[heads, li] = timer.graph(
+                lambda: total_step([part], f, cap, profile.min_blocks, True, cfg.programs)
+            )
         return cache[heads, li]
 
     all_heads = tuple(range(hkv))
@@ -561,9 +572,13 @@ def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: 
         for ctx in contexts:
             r = measure_engine(eng, batch, ctx, steps, profile=True)
             kernels = r.pop("kernel_profile", None) or []
-            r["attention_us"] = round(
-                sum(k["us_per_step"] for k in kernels if any(a in k["kernel"] for a in ATTENTION_KERNELS)), 1
-            )
+            attn = [k for k in kernels if any(a in k["kernel"] for a in ATTENTION_KERNELS)]
+            r["attention_us"] = round(sum(k["us_per_step"] for k in attn), 1)
+            r["kernels_us"] = round(sum(k["us_per_step"] for k in kernels), 1)  # GPU busy, per step
+            r["attention_kernels"] = [
+                {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1), "calls": k["calls_per_step"]}
+                for k in attn
+            ]
             r["top_kernels"] = [
                 {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1)} for k in kernels[:8]
             ]
@@ -604,6 +619,7 @@ class Config:
     placement_batch: int
     placement_context: int
     deadline: float
+    programs: int | None  # balanced kernel grid; None: one wave (dry runs: small, for speed)
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -650,6 +666,7 @@ def main() -> None:
         placement_batch=2 if dry else args.placement_batch,
         placement_context=300 if dry else args.placement_context,
         deadline=start + (math.inf if dry else args.time_budget_s),
+        programs=16 if dry else None,
     )
     batches = [2] if dry else [int(x) for x in args.batches.split(",")]
     contexts = [200, 333] if dry else [int(x) for x in args.contexts.split(",")]
