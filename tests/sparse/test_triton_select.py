@@ -134,8 +134,11 @@ def test_select_and_decode_match_the_reference_backend(dtype):
 
 
 @needs_cuda
-def test_select_and_decode_replay_in_a_cuda_graph():
-    """Captured once, replayed after q, n_kv and the tables change in place: same as eager."""
+@pytest.mark.parametrize("balanced", [False, True], ids=["one_split_count", "balanced"])
+def test_select_and_decode_replay_in_a_cuda_graph(balanced):
+    """Captured once, replayed after q, n_kv and the tables change in place: same as eager
+    (the balanced kernel's plan follows the new lengths inside the graph)."""
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_select import select_blocks_triton
     from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
@@ -144,6 +147,8 @@ def test_select_and_decode_replay_in_a_cuda_graph():
 
     def step():
         pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac, BS, max_pages=40)
+        if balanced:
+            return balanced_sparse_decode(q, keys, values, pages, lens, 128**-0.5)
         return sparse_paged_decode(q, keys, values, pages, lens, 128**-0.5, num_splits=2)
 
     step()
