@@ -10,7 +10,7 @@ budgets form a long tail while the programs of short pairs idle. Here the work i
 of equal size, so a pair of 10x the blocks gets 10x the programs:
 
     tiles_r  = ceil(lens_r / BLOCK_N)                     KV tiles of pair r
-    chunk    = smallest C with  sum_r ceil(tiles_r / C) <= G     (bisection, ~10 steps)
+    chunk    = smallest C with  sum_r ceil(tiles_r / C) <= G     (bisection, a few steps)
     splits_r = ceil(tiles_r / chunk),  first_r = exclusive prefix sum of splits_r
 
 G, the grid, is fixed on the host (the programs the GPU holds at once: one full wave, or the
@@ -47,15 +47,25 @@ REDUCE_BLOCK_S = 16  # partials merged per step of the reduce loop
 
 
 @triton.jit
-def _plan(LENS, num_pairs, num_programs, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BISECT: tl.constexpr):
+def _plan(LENS, num_pairs, num_programs, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """The split plan every program recomputes: (lens, splits, inclusive prefix sum of splits,
-    chunk) over the pairs 0..BLOCK_R-1 (zero past num_pairs)."""
+    chunk) over the pairs 0..BLOCK_R-1 (zero past num_pairs).
+
+    chunk = the smallest C with items(C) = sum_r ceil(tiles_r / C) <= G, by bisection between
+    bounds that are usually a few apart: items(C) >= T / C, so C >= ceil(T / G); and
+    items(C) <= T / C + R' (R' non-empty pairs), so ceil(T / (G - R')) fits, as does the
+    largest tiles_r (one split per non-empty pair, R' <= G items)."""
     r = tl.arange(0, BLOCK_R)
     n = tl.maximum(tl.load(LENS + r, mask=r < num_pairs, other=0), 0)
     tiles = (n + BLOCK_N - 1) // BLOCK_N
-    hi = tl.maximum(tl.max(tiles, 0), 1)  # one split per non-empty pair: <= num_pairs <= G items
-    lo = hi * 0 + 1
-    for _ in range(BISECT):  # invariant: hi fits in G items; the answer lies in [lo, hi]
+    total = tl.sum(tiles, 0)
+    busy = tl.sum((tiles > 0).to(tl.int32), 0)
+    longest = tl.maximum(tl.max(tiles, 0), 1)
+    lo = tl.maximum((total + num_programs - 1) // num_programs, 1)
+    spare = num_programs - busy
+    hi = tl.where(spare > 0, (total + spare - 1) // tl.maximum(spare, 1), longest)
+    hi = tl.maximum(tl.minimum(hi, longest), lo)
+    while lo < hi:  # invariant: hi fits in G items, lo - 1 does not
         mid = (lo + hi) // 2
         fits = tl.sum((tiles + mid - 1) // mid, 0) <= num_programs
         hi = tl.where(fits, mid, hi)
@@ -99,10 +109,9 @@ def _balanced_split_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BISECT: tl.constexpr,
 ):
     item = tl.program_id(0)
-    n_all, splits, incl, chunk = _plan(lens, num_pairs, num_programs, BLOCK_R, BLOCK_N, BISECT)
+    n_all, splits, incl, chunk = _plan(lens, num_pairs, num_programs, BLOCK_R, BLOCK_N)
     pair_ids = tl.arange(0, BLOCK_R)
     if item < num_pairs:  # the grid covers every pair: hand pair `item`'s splits to the reduce
         this = pair_ids == item
@@ -292,7 +301,6 @@ def balanced_sparse_decode(
     if num_programs is None:
         num_programs = default_num_programs(head_dim, q.element_size(), q.device, block_n)
     grid = max(num_programs, num_pairs)  # >= pairs: one split each always fits
-    max_tiles = triton.cdiv(max(1, tables.shape[1]) * page, block_n)
     consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d)
     mid_o = torch.empty((grid, group, block_d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((grid, group), dtype=torch.float32, device=q.device)
@@ -327,7 +335,6 @@ def balanced_sparse_decode(
         PAGE=page,
         BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(num_pairs)),
-        BISECT=max_tiles.bit_length(),  # hi - lo halves each step from max_tiles
         num_warps=num_warps,
         num_stages=num_stages,
         **consts,
