@@ -143,10 +143,10 @@ def test_gpu_full_budget_greedy_equals_dense(llama_folder, tmp_path):
 
 
 @needs_gpu
-def test_gpu_real_budget_runs_in_graphs_and_matches_the_torch_path(llama_folder, tmp_path):
-    """Budgets of 25-50% of the blocks: the decode steps replay CUDA graphs (and async
-    scheduling), and the tokens equal the torch sparse path's on the same GPU (same selection
-    rule, same blocks) and the Triton path's without graphs."""
+def test_gpu_real_budget_runs_in_graphs(llama_folder, tmp_path):
+    """Budgets of 25-50% of the blocks: the decode steps replay CUDA graphs (with async
+    scheduling) and give the Triton path's tokens without graphs. (The Triton path against the
+    torch one, with a tolerance for TF32 dots: test_triton_select.py.)"""
     path = str(tmp_path / "sparse.json")
     SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]).save(path)
     prompts = random_prompts([300, 150, 400, 90], seed=6)
@@ -154,16 +154,15 @@ def test_gpu_real_budget_runs_in_graphs_and_matches_the_torch_path(llama_folder,
     runner = llm.engine.runner
     assert runner.use_cuda_graphs and runner.decode_graphs is not None and runner.decode_graphs.graphs
     assert llm.engine.async_scheduling
-    reference, ref_llm = _gpu_generate(
-        llama_folder, prompts, sparse_attention=path, attention_backend="torch"
-    )
-    assert not ref_llm.engine.runner.use_cuda_graphs
-    read = sum(b.sparse_tokens for b in _sparse_backends(ref_llm))
-    assert 0 < read < 0.7 * sum(b.sparse_dense_tokens for b in _sparse_backends(ref_llm))  # really sparse
+    assert all(b.triton and b.sparse_calls > 0 for b in _sparse_backends(llm))
     llm_eager = LLM(llama_folder, **GPU_KW, sparse_attention=path)
     llm_eager.engine.runner.use_cuda_graphs = False
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     eager = [
         o.outputs[0].token_ids for o in llm_eager.generate([{"prompt_token_ids": p} for p in prompts], params)
     ]
-    assert tokens == eager == reference
+    assert tokens == eager
+    # The same engine over the torch path reads well under all the blocks: the budget is real.
+    _, ref_llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, attention_backend="torch")
+    read = sum(b.sparse_tokens for b in _sparse_backends(ref_llm))
+    assert 0 < read < 0.7 * sum(b.sparse_dense_tokens for b in _sparse_backends(ref_llm))
