@@ -538,7 +538,7 @@ def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: 
     import gc
     import tempfile
 
-    from fapool.bench.tpot import SMOLLM2, engine_from_hf, hf_model, measure_engine
+    from fapool.bench.tpot import SMOLLM2, hf_model
     from fapool.sparse.profile import SparseProfile
 
     profile = SparseProfile.load(profile_path)
@@ -558,50 +558,59 @@ def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: 
         "modes": {},
     }
     modes = {"dense": None, "adaptive": profile_path, "uniform": uniform_path}
+    errors: dict = {}
+    out["errors"] = errors
     for mode, path in modes.items():
-        rows = []
-        eng = engine_from_hf(
-            hf,
-            kv_cache_memory=2 * kv_bytes,
-            max_num_seqs=batch,
-            max_num_batched_tokens=8192,
-            sparse_attention=path,
-        )
-        out.setdefault("graphs", {})[mode] = eng.runner.use_cuda_graphs
-        measure_engine(eng, 2, 64, 4)  # compile the kernels
-        for ctx in contexts:
-            r = measure_engine(eng, batch, ctx, steps, profile=True)
-            kernels = r.pop("kernel_profile", None) or []
-            attn = [k for k in kernels if any(a in k["kernel"] for a in ATTENTION_KERNELS)]
-            r["attention_us"] = round(sum(k["us_per_step"] for k in attn), 1)
-            r["kernels_us"] = round(sum(k["us_per_step"] for k in kernels), 1)  # GPU busy, per step
-            r["attention_kernels"] = [
-                {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1), "calls": k["calls_per_step"]}
-                for k in attn
-            ]
-            r["top_kernels"] = [
-                {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1)} for k in kernels[:8]
-            ]
-            rows.append(r)
-            print(
-                f"  engine {mode} B{batch} ctx {ctx}: TPOT {r['tpot_ms']:.3f} ms, graph "
-                f"{fmt(r.get('graph_replay_ms'), '.3f')} ms, attention {r['attention_us']} us",
-                flush=True,
-            )
-        out["modes"][mode] = rows
-        del eng
+        guarded(errors, mode, lambda: engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes))  # noqa: B023
         gc.collect()
         torch.cuda.empty_cache()
     for i, ctx in enumerate(contexts):
-        d = out["modes"]["dense"][i]
+        d = out["modes"].get("dense", [])
         for mode in ("adaptive", "uniform"):
-            m = out["modes"][mode][i]
+            m = out["modes"].get(mode, [])
+            if i >= len(d) or i >= len(m):
+                continue
             for key in ("tpot_ms", "graph_replay_ms", "attention_us"):
-                if d.get(key) and m.get(key):
+                if d[i].get(key) and m[i].get(key):
                     out.setdefault("speedup", {}).setdefault(f"ctx{ctx}", {})[f"{mode}_{key}"] = round(
-                        d[key] / m[key], 3
+                        d[i][key] / m[i][key], 3
                     )
     return out
+
+
+def engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes) -> None:
+    """One engine (dense, or sparse with the profile at `path`) over the contexts."""
+    from fapool.bench.tpot import engine_from_hf, measure_engine
+
+    rows = out["modes"][mode] = []
+    eng = engine_from_hf(
+        hf,
+        kv_cache_memory=2 * kv_bytes,
+        max_num_seqs=batch,
+        max_num_batched_tokens=8192,
+        sparse_attention=path,
+    )
+    out.setdefault("graphs", {})[mode] = eng.runner.use_cuda_graphs
+    measure_engine(eng, 2, 64, 4)  # compile the kernels
+    for ctx in contexts:
+        r = measure_engine(eng, batch, ctx, steps, profile=True)
+        kernels = r.pop("kernel_profile", None) or []
+        attn = [k for k in kernels if any(a in k["kernel"] for a in ATTENTION_KERNELS)]
+        r["attention_us"] = round(sum(k["us_per_step"] for k in attn), 1)
+        r["kernels_us"] = round(sum(k["us_per_step"] for k in kernels), 1)  # GPU busy, per step
+        r["attention_kernels"] = [
+            {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1), "calls": k["calls_per_step"]}
+            for k in attn
+        ]
+        r["top_kernels"] = [
+            {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1)} for k in kernels[:8]
+        ]
+        rows.append(r)
+        print(
+            f"  engine {mode} B{batch} ctx {ctx}: TPOT {r['tpot_ms']:.3f} ms, graph "
+            f"{fmt(r.get('graph_replay_ms'), '.3f')} ms, attention {r['attention_us']} us",
+            flush=True,
+        )
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -765,6 +774,7 @@ def print_table(res: dict) -> None:
                         f"uniform x{fmt(eu.get('speedup_total_balanced'), '.2f')}, adaptive scaled "
                         f"x{fmt(ea.get('speedup_total_balanced'), '.2f')}"
                     )
+            print(f"{'':>20} selection stage 1 (scores) alone: {fmt(a.get('score_us'))} us")
             print(f"{'':>20} budget for x{TARGET}: {json.dumps(r.get('budget_for_target'))}")
             print(f"{'':>20} balanced: {json.dumps(r.get('budget_for_target_balanced'))}")
             print(f"{'':>20} balanced grid (adaptive kernel): {json.dumps(r.get('balanced_grid_sweep'))}")
@@ -782,6 +792,8 @@ def print_table(res: dict) -> None:
                     f"{fmt(r.get('graph_replay_ms'), '.3f')} ms  attention {r.get('attention_us')} us"
                 )
         print("  speedup vs dense:", json.dumps(e.get("speedup")))
+        for mode, err in e.get("errors", {}).items():
+            print(f"  ERROR {mode}: {err[:300]}")
     if "placement" in p:
         pl = p["placement"]
         one = pl["all_heads_one_worker_us"]
