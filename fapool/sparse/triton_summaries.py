@@ -78,10 +78,8 @@ def _summary_kernel(
         tl.store(K + block * stride_cb + off * stride_ct + cache_cols, k.to(K.dtype.element_ty), mask=c_mask)
         dst = V + block * stride_db + off * stride_dt + h * stride_dh + d
         tl.store(dst, v.to(V.dtype.element_ty), mask=c_mask)
-    is_last = (off == PAGE - 1) | (t == num_tokens - 1)
-    if not is_last:
-        is_last = tl.load(SLOTS + t + 1) != slot + 1
-    if is_last:
+    nxt = tl.load(SLOTS + t + 1, mask=t + 1 < num_tokens, other=-1)
+    if (off == PAGE - 1) | (nxt != slot + 1):  # the step's last token in this block
         offs_o = tl.arange(0, PAGE)
         seen = offs_o <= off
         mask = seen[:, None] & c_mask[None, :]
