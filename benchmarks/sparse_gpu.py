@@ -41,6 +41,7 @@ interpreter (TRITON_INTERPRET=1), timings meaningless, to check the script witho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -159,7 +160,7 @@ def dense_step(layers):
     from fapool.attention.triton_decode import paged_decode
 
     for L in layers:
-        paged_decode(L.q, L.k, L.v, L.meta, D**-0.5)
+        paged_decode(L.q, L.k, L.v, L.meta, L.q.shape[-1] ** -0.5)
 
 
 def select_step(layers, fracs, max_pages, min_blocks):
@@ -332,7 +333,9 @@ def part_check(cfg) -> dict:
     return out
 
 
-def part_latency(cfg, profile, batch, ctx, timer) -> dict:
+def part_latency(cfg, profile, batch, ctx, timer, kv_budget: bool = False) -> dict:
+    """kv_budget: the profile's own per-KV-head budgets (SmolLM2's shape, what the engine
+    uses); otherwise the query heads' needs mapped onto cfg.heads' KV heads (layer_fracs)."""
     nb = math.ceil(ctx / BS)
     layers = [
         make_layer(batch, ctx, 100 + i, cfg.device, cfg.dtype, *cfg.heads) for i in range(len(cfg.layers))
@@ -340,9 +343,18 @@ def part_latency(cfg, profile, batch, ctx, timer) -> dict:
     num = len(layers)
     mb = profile.min_blocks
     hkv = cfg.heads[1]
-    adaptive = layer_fracs(profile, cfg.layers, hkv)
+    if kv_budget:
+        adaptive = [[float(x) for x in profile.kv_budget[layer]] for layer in cfg.layers]
+    else:
+        adaptive = layer_fracs(profile, cfg.layers, hkv)
     uniform = [[sum(row) / len(row)] * len(row) for row in adaptive]
-    row: dict = {"batch": batch, "context": ctx, "layers_per_call": num}
+    row: dict = {
+        "batch": batch,
+        "context": ctx,
+        "layers_per_call": num,
+        "shape": "Hq {}, Hkv {}, D {}".format(*cfg.heads),
+        "budgets": "profile kv_budget" if kv_budget else "profile head_need of query heads 0..Hkv-1",
+    }
 
     def fr(fracs):
         return [torch.tensor(r, dtype=torch.float64, device=cfg.device) for r in fracs]
@@ -652,6 +664,7 @@ def main() -> None:
     ap.add_argument("--engine-contexts", default="4096,8064", help="SmolLM2's max is 8192 (prompt + decode)")
     ap.add_argument("--engine-steps", type=int, default=20)
     ap.add_argument("--no-engine", action="store_true", help="skip the engine TPOT part")
+    ap.add_argument("--smol-contexts", default="4096,8192", help="per-layer latency at SmolLM2's shape")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     args = ap.parse_args()
     start = time.monotonic()
@@ -725,6 +738,19 @@ def main() -> None:
     run("check", part_check, cfg)
     for ctx in contexts:
         run(f"latency_b{batches[0]}_ctx{ctx}", part_latency, cfg, profile, batches[0], ctx, timer)
+    # SmolLM2's own attention shape and per-KV-head budgets: the layer-level view of the engine part.
+    smol = dataclasses.replace(cfg, heads=(6, 3, 32) if dry else (9, 3, 64), fracs=[])
+    for ctx in [200] if dry else [int(x) for x in args.smol_contexts.split(",")]:
+        run(
+            f"latency_smollm2_b{args.engine_batch}_ctx{ctx}",
+            part_latency,
+            smol,
+            profile,
+            2 if dry else args.engine_batch,
+            ctx,
+            timer,
+            True,
+        )
     if not (dry or args.no_engine):  # the engine needs a GPU (and transformers for the shape)
         engine_contexts = [int(x) for x in args.engine_contexts.split(",")]
         run("engine", part_engine, cfg, args.profile, args.engine_batch, engine_contexts, args.engine_steps)
@@ -778,6 +804,7 @@ def print_table(res: dict) -> None:
             print(f"{'':>20} budget for x{TARGET}: {json.dumps(r.get('budget_for_target'))}")
             print(f"{'':>20} balanced: {json.dumps(r.get('budget_for_target_balanced'))}")
             print(f"{'':>20} balanced grid (adaptive kernel): {json.dumps(r.get('balanced_grid_sweep'))}")
+            print(f"{'':>20} shape {r.get('shape')}, budgets: {r.get('budgets')}")
             for key, err in r.get("errors", {}).items():
                 print(f"{'':>20} ERROR {key}: {err[:200]}")
         except (KeyError, TypeError) as e:

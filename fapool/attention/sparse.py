@@ -2,10 +2,10 @@
 
     SparseAttentionBackend(dense, kv_budget, min_blocks)   one per layer (budgets differ)
 
-Decode tokens (one query per sequence) whose budget is below their block count take the
-sparse path; every other token (prefill chunks, short sequences, full budgets) goes to the
-wrapped dense backend unchanged, so a budget covering all blocks gives the dense result
-bit for bit.
+Torch path (CPU, or any non-Triton dense backend): decode tokens (one query per sequence)
+whose budget is below their block count take the sparse path; every other token (prefill
+chunks, short sequences, full budgets) goes to the wrapped dense backend unchanged, so a budget
+covering all blocks gives the dense result bit for bit. (The Triton path: below.)
 
 Block summaries (per block and KV head, the min and max of its keys; see
 fapool.sparse.selection for why) are kept next to the cache and updated in `write_kv`: only the
