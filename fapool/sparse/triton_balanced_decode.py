@@ -13,8 +13,9 @@ of equal size, so a pair of 10x the blocks gets 10x the programs:
     chunk    = smallest C with  sum_r ceil(tiles_r / C) <= G     (bisection, a few steps)
     splits_r = ceil(tiles_r / chunk),  first_r = exclusive prefix sum of splits_r
 
-G, the grid, is fixed on the host (the programs the GPU holds at once: one full wave, or the
-pair count if larger), so no shape depends on the data and the call can sit in a CUDA graph.
+G, the grid, is fixed on the host from shapes only (one full wave of resident programs, more
+whole waves once the pairs exceed half a wave: default_num_programs), so no shape depends on
+the data and the call can sit in a CUDA graph.
 Every program loads the pairs' lengths (one coalesced read of B x Hkv ints), computes the same
 plan in registers, finds its (pair, split) and exits if it has none; no host sync, no extra
 launch for the prefix sum. A pair with one split writes the result directly; the others write
@@ -240,13 +241,17 @@ def _balanced_reduce_kernel(
 
 
 def default_num_programs(
-    head_dim: int, elem_size: int, device: torch.device, block_n: int = DEFAULT_BLOCK_N
+    head_dim: int, elem_size: int, device: torch.device, block_n: int = DEFAULT_BLOCK_N, num_pairs: int = 1
 ) -> int:
-    """One full wave of split programs: what the SMs hold at once (the dense kernel's model)."""
+    """Whole waves of split programs (a wave: what the SMs hold at once, the dense kernel's
+    model), enough that at least half the grid is spare beyond one split per pair: with fewer,
+    most pairs get one split and the longest ones set the time again. One wave up to
+    num_pairs = wave / 2 (batch 32 with 8 KV heads on an H200)."""
     per_sm = resident_programs_per_sm(
         block_n, triton.next_power_of_2(head_dim), DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS, elem_size
     )
-    return per_sm * _num_sms(device)
+    wave = per_sm * _num_sms(device)
+    return wave * max(1, triton.cdiv(2 * num_pairs, wave))
 
 
 def balanced_sparse_decode(
@@ -262,7 +267,7 @@ def balanced_sparse_decode(
     num_stages: int = DEFAULT_NUM_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [B, Hq, D] in q's dtype, lse [B, Hq] float32, natural log). A pair with lens 0
-    gets out 0 and lse -inf. num_programs: the split grid (default: one full wave)."""
+    gets out 0 and lse -inf. num_programs: the split grid (default: default_num_programs)."""
     num_seqs, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != head_dim:
@@ -299,7 +304,7 @@ def balanced_sparse_decode(
         tables = tables.contiguous()
     lens = lens.reshape(-1).contiguous()
     if num_programs is None:
-        num_programs = default_num_programs(head_dim, q.element_size(), q.device, block_n)
+        num_programs = default_num_programs(head_dim, q.element_size(), q.device, block_n, num_pairs)
     grid = max(num_programs, num_pairs)  # >= pairs: one split each always fits
     consts = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d)
     mid_o = torch.empty((grid, group, block_d), dtype=torch.float32, device=q.device)
