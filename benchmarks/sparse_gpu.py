@@ -19,9 +19,15 @@ Parts (each recorded on its own; a failure is written to "errors" and the rest s
              many ties); agreement on random data; select + decode vs the torch sparse path;
              full budget vs dense; CUDA-graph replay == eager.
   latency    per (batch, context): dense; sparse kernel only / selection only / selection +
-             kernel, adaptive and uniform, in CUDA graphs (and eager for some); the previous
-             torch-topk selection for comparison; a sweep of mean budgets (uniform and the
-             adaptive profile scaled) and the budget that would reach the 2.88x target.
+             kernel, adaptive and uniform, in CUDA graphs (and eager for some), with the old
+             kernel (one split count for all pairs) and the work-balanced one
+             (fapool.sparse.triton_balanced_decode); the previous torch-topk selection for
+             comparison; a sweep of mean budgets (uniform and the adaptive profile scaled) and
+             the budget that would reach the 2.88x target; the balanced kernel's grid at
+             0.5/1/2/4 waves.
+  engine     decode TPOT of the engine on SmolLM2-135M's shape (random bf16 weights), batch
+             --engine-batch at --engine-contexts: dense vs the profile's adaptive budgets vs
+             uniform of the same total; GPU time of the step's graph and its attention kernels.
   placement  head-parallel attention simulated on one GPU: for 2/4/8 workers the KV heads are
              split contiguously or by LPT on budget weights (fapool.sparse.placement), each
              worker's share (its heads' KV, selection + kernel) timed per layer; a layer takes
@@ -35,6 +41,7 @@ interpreter (TRITON_INTERPRET=1), timings meaningless, to check the script witho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -153,7 +160,7 @@ def dense_step(layers):
     from fapool.attention.triton_decode import paged_decode
 
     for L in layers:
-        paged_decode(L.q, L.k, L.v, L.meta, D**-0.5)
+        paged_decode(L.q, L.k, L.v, L.meta, L.q.shape[-1] ** -0.5)
 
 
 def select_step(layers, fracs, max_pages, min_blocks):
@@ -165,15 +172,29 @@ def select_step(layers, fracs, max_pages, min_blocks):
     ]
 
 
-def kernel_step(layers, selections):
+def score_step(layers):
+    """Selection stage 1 alone (the per-block bounds), to split the selection's time."""
+    from fapool.sparse.triton_select import block_scores_triton
+
+    for L in layers:
+        block_scores_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, BS)
+
+
+def kernel_step(layers, selections, balanced=False, num_programs=None):
+    """The old kernel (one split count for every pair) or the work-balanced one."""
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
     for L, (pages, lens) in zip(layers, selections):
-        sparse_paged_decode(L.q, L.k, L.v, pages, lens, D**-0.5)
+        d = L.q.shape[-1]
+        if balanced:
+            balanced_sparse_decode(L.q, L.k, L.v, pages, lens, d**-0.5, num_programs)
+        else:
+            sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
 
 
-def total_step(layers, fracs, max_pages, min_blocks):
-    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks))
+def total_step(layers, fracs, max_pages, min_blocks, balanced=False, num_programs=None):
+    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks), balanced, num_programs)
 
 
 def legacy_select_step(layers, budgets, n_max, k_top):
@@ -243,6 +264,7 @@ def part_check(cfg) -> dict:
     from fapool.attention.torch_ref import TorchReferenceBackend
     from fapool.attention.triton_decode import paged_decode
     from fapool.sparse.selection import budget_blocks_batched, select_blocks_torch
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_select import select_blocks_triton
     from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
@@ -264,11 +286,15 @@ def part_check(cfg) -> dict:
             if integer:
                 continue
             o, lse = sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
+            bo, blse = balanced_sparse_decode(L.q, L.k, L.v, pages, lens, d**-0.5, cfg.programs)
             backend = SparseAttentionBackend(TorchReferenceBackend(), frac.tolist())
             backend.kmin, backend.kmax = L.kmin, L.kmax
             ro, rlse = backend.sparse_decode(L.q, L.k, L.v, L.tables, L.n_kv, budgets, d**-0.5)
             out[f"decode_max_abs_err_vs_torch_{key}"] = max(
                 float((o.float() - ro).abs().max()), float((lse - rlse).abs().max())
+            )
+            out[f"balanced_max_abs_err_vs_torch_{key}"] = max(
+                float((bo.float() - ro).abs().max()), float((blse - rlse).abs().max())
             )
             full = torch.ones(hkv, dtype=torch.float64, device=dev)
             fp, fl = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, full, BS)
@@ -277,38 +303,58 @@ def part_check(cfg) -> dict:
             out[f"full_budget_max_abs_err_vs_dense_{key}"] = max(
                 float((fo.float() - do.float()).abs().max()), float((flse - dlse).abs().max())
             )
+            bo, blse = balanced_sparse_decode(L.q, L.k, L.v, fp, fl, d**-0.5, cfg.programs)
+            out[f"full_budget_balanced_max_abs_err_vs_dense_{key}"] = max(
+                float((bo.float() - do.float()).abs().max()), float((blse - dlse).abs().max())
+            )
     if not cfg.dry:  # graph replay after inputs change in place == eager
         L = make_layer(4, 2000, 7, dev, dt_)
         f = frac.to(dev)
 
-        def step():
-            p, ln = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, f, BS)
-            return sparse_paged_decode(L.q, L.k, L.v, p, ln, D**-0.5, num_splits=4)
+        for name, decode in (
+            ("", lambda p, ln: sparse_paged_decode(L.q, L.k, L.v, p, ln, D**-0.5, num_splits=4)),
+            ("balanced_", lambda p, ln: balanced_sparse_decode(L.q, L.k, L.v, p, ln, D**-0.5)),
+        ):
 
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            go, glse = step()
-        L.q.copy_(torch.randn_like(L.q))
-        L.n_kv.copy_(torch.tensor([2000, 1500, 17, 1], device=dev))
-        graph.replay()
-        eo, else_ = step()
-        out["graph_replay_equals_eager"] = bool(torch.equal(go, eo) and torch.equal(glse, else_))
+            def step():
+                p, ln = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, f, BS)
+                return decode(p, ln)  # noqa: B023 -- called within this iteration
+
+            L.n_kv.fill_(2000)
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                go, glse = step()
+            L.q.copy_(torch.randn_like(L.q))
+            L.n_kv.copy_(torch.tensor([2000, 1500, 17, 1], device=dev))
+            graph.replay()
+            eo, else_ = step()
+            out[f"{name}graph_replay_equals_eager"] = bool(torch.equal(go, eo) and torch.equal(glse, else_))
     return out
 
 
-def part_latency(cfg, profile, batch, ctx, timer) -> dict:
+def part_latency(cfg, profile, batch, ctx, timer, kv_budget: bool = False) -> dict:
+    """kv_budget: the profile's own per-KV-head budgets (SmolLM2's shape, what the engine
+    uses); otherwise the query heads' needs mapped onto cfg.heads' KV heads (layer_fracs)."""
     nb = math.ceil(ctx / BS)
     layers = [
-        make_layer(batch, ctx, 100 + i, cfg.device, cfg.dtype, *cfg.heads)
-        for i in range(len(cfg.layers))
+        make_layer(batch, ctx, 100 + i, cfg.device, cfg.dtype, *cfg.heads) for i in range(len(cfg.layers))
     ]
     num = len(layers)
     mb = profile.min_blocks
     hkv = cfg.heads[1]
-    adaptive = layer_fracs(profile, cfg.layers, hkv)
+    if kv_budget:
+        adaptive = [[float(x) for x in profile.kv_budget[layer]] for layer in cfg.layers]
+    else:
+        adaptive = layer_fracs(profile, cfg.layers, hkv)
     uniform = [[sum(row) / len(row)] * len(row) for row in adaptive]
-    row: dict = {"batch": batch, "context": ctx, "layers_per_call": num}
+    row: dict = {
+        "batch": batch,
+        "context": ctx,
+        "layers_per_call": num,
+        "shape": "Hq {}, Hkv {}, D {}".format(*cfg.heads),
+        "budgets": "profile kv_budget" if kv_budget else "profile head_need of query heads 0..Hkv-1",
+    }
 
     def fr(fracs):
         return [torch.tensor(r, dtype=torch.float64, device=cfg.device) for r in fracs]
@@ -333,22 +379,35 @@ def part_latency(cfg, profile, batch, ctx, timer) -> dict:
         sel = guarded(errors, f"{name}_select_eager_once", lambda: select_step(layers, f, cap, mb))
         if sel is not None:
             r["kernel_us"] = per_layer(f"{name}_kernel", timer.graph, lambda: kernel_step(layers, sel))
+            r["kernel_balanced_us"] = per_layer(
+                f"{name}_kernel_balanced", timer.graph, lambda: kernel_step(layers, sel, True, cfg.programs)
+            )
         r["select_us"] = per_layer(f"{name}_select", timer.graph, lambda: select_step(layers, f, cap, mb))
         r["total_us"] = per_layer(f"{name}_total", timer.graph, lambda: total_step(layers, f, cap, mb))
+        r["total_balanced_us"] = per_layer(
+            f"{name}_total_balanced", timer.graph, lambda: total_step(layers, f, cap, mb, True, cfg.programs)
+        )
         if eager:
+            r["score_us"] = per_layer(f"{name}_score", timer.graph, lambda: score_step(layers))
             r["select_eager_us"] = per_layer(
                 f"{name}_select_eager", timer.eager, lambda: select_step(layers, f, cap, mb)
             )
             r["total_eager_us"] = per_layer(
                 f"{name}_total_eager", timer.eager, lambda: total_step(layers, f, cap, mb)
             )
-        for part in ("kernel", "total"):
+        for part in ("kernel", "total", "kernel_balanced", "total_balanced"):
             if dense and r.get(f"{part}_us"):
                 r[f"speedup_{part}"] = round(dense / r[f"{part}_us"], 3)
         return r
 
     row["adaptive"] = measure("adaptive", adaptive, eager=True)
     row["uniform"] = measure("uniform", uniform, eager=False)
+    a_t, u_t = row["adaptive"].get("total_balanced_us"), row["uniform"].get("total_balanced_us")
+    if a_t and u_t:
+        row["balanced_adaptive_over_uniform"] = round(a_t / u_t, 3)  # <= 1: adaptive no slower
+    row["balanced_grid_sweep"] = grid_sweep(
+        cfg, layers, fr(adaptive), pages_cap(adaptive), mb, timer, errors, num
+    )
 
     budgets = [b.to(cfg.device).expand(batch, -1).contiguous() for b in blocks_of(adaptive, nb, mb)]
     k_top = [int(b.max()) for b in budgets]
@@ -368,14 +427,31 @@ def part_latency(cfg, profile, batch, ctx, timer) -> dict:
     row["sweep"] = sweep
     if dense:
         row["budget_for_target"] = budget_for_target(dense, sweep)
+        row["budget_for_target_balanced"] = budget_for_target(dense, sweep, "total_balanced_us")
     return row
 
 
-def budget_for_target(dense_us: float, sweep: list[dict]) -> dict:
+def grid_sweep(cfg, layers, fracs, cap, min_blocks, timer, errors, num) -> dict:
+    """Balanced kernel alone, adaptive budgets, grid = k x one wave: is one wave the best?"""
+    from fapool.sparse.triton_balanced_decode import default_num_programs
+
+    wave = cfg.programs or default_num_programs(cfg.heads[2], 2, torch.device(cfg.device))
+    sel = guarded(errors, "grid_select", lambda: select_step(layers, fracs, cap, min_blocks))
+    out: dict = {"one_wave_programs": wave}
+    if sel is None:
+        return out
+    for k in (0.5, 1, 2, 4):
+        n = max(1, int(wave * k))
+        t = guarded(errors, f"grid_{k}", lambda: timer.graph(lambda: kernel_step(layers, sel, True, n)))  # noqa: B023
+        out[f"kernel_us_{k}_waves"] = None if t is None else round(t / num, 2)
+    return out
+
+
+def budget_for_target(dense_us: float, sweep: list[dict], key: str = "total_us") -> dict:
     """Mean budget at which selection + kernel reaches TARGET x: a least-squares line
     total_us = a + b * budget through the uniform sweep (time is affine in blocks read)."""
-    done = [e["uniform"] for e in sweep if e.get("uniform", {}).get("total_us")]
-    pts = [(u["mean_budget"], u["total_us"]) for u in done]
+    done = [e["uniform"] for e in sweep if e.get("uniform", {}).get(key)]
+    pts = [(u["mean_budget"], u[key]) for u in done]
     out: dict = {"target": TARGET, "target_us": round(dense_us / TARGET, 1)}
     met = [x for x, t in pts if dense_us / t >= TARGET]
     out["largest_swept_budget_meeting_target"] = max(met) if met else None
@@ -411,7 +487,9 @@ def part_placement(cfg, profile, timer) -> dict:
             part = layers[li].heads(list(heads))
             f = [torch.tensor([fracs[li][h] for h in heads], dtype=torch.float64, device=cfg.device)]
             cap = [max(1, max(blocks[li][h] for h in heads))]
-            cache[heads, li] = timer.graph(lambda: total_step([part], f, cap, profile.min_blocks))
+            cache[heads, li] = timer.graph(
+                lambda: total_step([part], f, cap, profile.min_blocks, True, cfg.programs)
+            )
         return cache[heads, li]
 
     all_heads = tuple(range(hkv))
@@ -419,8 +497,8 @@ def part_placement(cfg, profile, timer) -> dict:
     out: dict = {
         "batch": batch,
         "context": ctx,
-        "note": "simulated workers: each worker's share (its KV heads' caches, selection + kernel) "
-        "timed alone on the one GPU; a layer takes its slowest worker",
+        "note": "simulated workers: each worker's share (its KV heads' caches, selection + balanced "
+        "kernel) timed alone on the one GPU; a layer takes its slowest worker",
         "all_heads_one_worker_us": round(sum(one), 1),
         "head_weights_blocks": weights,
         "workers": {},
@@ -454,6 +532,99 @@ def part_placement(cfg, profile, timer) -> dict:
     return out
 
 
+ATTENTION_KERNELS = (
+    "_decode_",
+    "_sparse_",
+    "_balanced_",
+    "_block_score",
+    "_select_compact",
+    "_summary",
+    "_write_kv",
+)
+
+
+def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: int) -> dict:
+    """Engine decode TPOT, SmolLM2-135M's shape with random bf16 weights (fapool.bench.tpot's
+    SMOLLM2 through transformers' LlamaConfig + engine_from_hf): dense vs the profile's
+    head-adaptive budgets vs a uniform budget of the same total, async scheduling, CUDA graphs."""
+    import gc
+    import tempfile
+
+    from fapool.bench.tpot import SMOLLM2, hf_model
+    from fapool.sparse.profile import SparseProfile
+
+    profile = SparseProfile.load(profile_path)
+    uniform_path = os.path.join(tempfile.mkdtemp(), "uniform.json")
+    profile.uniform().save(uniform_path)
+    hf = hf_model(SMOLLM2, 1)
+    kv_tokens = batch * (SMOLLM2["max_position_embeddings"] + 256)
+    kv_bytes = kv_tokens * 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
+    out: dict = {
+        "model": "SmolLM2-135M-Instruct shape (30 layers, 9/3 heads, d 64), random bf16 weights",
+        "batch": batch,
+        "decode_steps": steps,
+        "profile_mean_kv_budget": round(profile.mean_budget, 4),
+        "timing": "tpot_ms: median engine step with async scheduling; graph_replay_ms: GPU time of "
+        "the step's CUDA graph; attention_us: the graph's attention kernels (KV write, summaries, "
+        "selection, decode) by torch.profiler",
+        "modes": {},
+    }
+    modes = {"dense": None, "adaptive": profile_path, "uniform": uniform_path}
+    errors: dict = {}
+    out["errors"] = errors
+    for mode, path in modes.items():
+        guarded(errors, mode, lambda: engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes))  # noqa: B023
+        gc.collect()
+        torch.cuda.empty_cache()
+    for i, ctx in enumerate(contexts):
+        d = out["modes"].get("dense", [])
+        for mode in ("adaptive", "uniform"):
+            m = out["modes"].get(mode, [])
+            if i >= len(d) or i >= len(m):
+                continue
+            for key in ("tpot_ms", "graph_replay_ms", "attention_us"):
+                if d[i].get(key) and m[i].get(key):
+                    out.setdefault("speedup", {}).setdefault(f"ctx{ctx}", {})[f"{mode}_{key}"] = round(
+                        d[i][key] / m[i][key], 3
+                    )
+    return out
+
+
+def engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes) -> None:
+    """One engine (dense, or sparse with the profile at `path`) over the contexts."""
+    from fapool.bench.tpot import engine_from_hf, measure_engine
+
+    rows = out["modes"][mode] = []
+    eng = engine_from_hf(
+        hf,
+        kv_cache_memory=2 * kv_bytes,
+        max_num_seqs=batch,
+        max_num_batched_tokens=8192,
+        sparse_attention=path,
+    )
+    out.setdefault("graphs", {})[mode] = eng.runner.use_cuda_graphs
+    measure_engine(eng, 2, 64, 4)  # compile the kernels
+    for ctx in contexts:
+        r = measure_engine(eng, batch, ctx, steps, profile=True)
+        kernels = r.pop("kernel_profile", None) or []
+        attn = [k for k in kernels if any(a in k["kernel"] for a in ATTENTION_KERNELS)]
+        r["attention_us"] = round(sum(k["us_per_step"] for k in attn), 1)
+        r["kernels_us"] = round(sum(k["us_per_step"] for k in kernels), 1)  # GPU busy, per step
+        r["attention_kernels"] = [
+            {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1), "calls": k["calls_per_step"]}
+            for k in attn
+        ]
+        r["top_kernels"] = [
+            {"kernel": k["kernel"][:60], "us": round(k["us_per_step"], 1)} for k in kernels[:8]
+        ]
+        rows.append(r)
+        print(
+            f"  engine {mode} B{batch} ctx {ctx}: TPOT {r['tpot_ms']:.3f} ms, graph "
+            f"{fmt(r.get('graph_replay_ms'), '.3f')} ms, attention {r['attention_us']} us",
+            flush=True,
+        )
+
+
 # --- driver -----------------------------------------------------------------------------------
 
 
@@ -469,6 +640,7 @@ class Config:
     placement_batch: int
     placement_context: int
     deadline: float
+    programs: int | None  # balanced kernel grid; None: one wave (dry runs: small, for speed)
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -488,6 +660,11 @@ def main() -> None:
     ap.add_argument("--warmup-ms", type=int, default=10)
     ap.add_argument("--rep-ms", type=int, default=40)
     ap.add_argument("--time-budget-s", type=float, default=150.0, help="later parts are skipped (GPU runs)")
+    ap.add_argument("--engine-batch", type=int, default=8)
+    ap.add_argument("--engine-contexts", default="4096,8064", help="SmolLM2's max is 8192 (prompt + decode)")
+    ap.add_argument("--engine-steps", type=int, default=20)
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine TPOT part")
+    ap.add_argument("--smol-contexts", default="4096,8192", help="per-layer latency at SmolLM2's shape")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     args = ap.parse_args()
     start = time.monotonic()
@@ -511,6 +688,7 @@ def main() -> None:
         placement_batch=2 if dry else args.placement_batch,
         placement_context=300 if dry else args.placement_context,
         deadline=start + (math.inf if dry else args.time_budget_s),
+        programs=16 if dry else None,
     )
     batches = [2] if dry else [int(x) for x in args.batches.split(",")]
     contexts = [200, 333] if dry else [int(x) for x in args.contexts.split(",")]
@@ -560,6 +738,22 @@ def main() -> None:
     run("check", part_check, cfg)
     for ctx in contexts:
         run(f"latency_b{batches[0]}_ctx{ctx}", part_latency, cfg, profile, batches[0], ctx, timer)
+    # SmolLM2's own attention shape and per-KV-head budgets: the layer-level view of the engine part.
+    smol = dataclasses.replace(cfg, heads=(6, 3, 32) if dry else (9, 3, 64), fracs=[])
+    for ctx in [200] if dry else [int(x) for x in args.smol_contexts.split(",")]:
+        run(
+            f"latency_smollm2_b{args.engine_batch}_ctx{ctx}",
+            part_latency,
+            smol,
+            profile,
+            2 if dry else args.engine_batch,
+            ctx,
+            timer,
+            True,
+        )
+    if not (dry or args.no_engine):  # the engine needs a GPU (and transformers for the shape)
+        engine_contexts = [int(x) for x in args.engine_contexts.split(",")]
+        run("engine", part_engine, cfg, args.profile, args.engine_batch, engine_contexts, args.engine_steps)
     run("placement", part_placement, cfg, profile, timer)  # before the optional larger batches
     for batch in batches[1:]:
         for ctx in contexts:
@@ -579,7 +773,7 @@ def print_table(res: dict) -> None:
         print("check:", json.dumps(p["check"]))
     print(
         f"{'batch':>5} {'ctx':>6} {'dense':>7} | adaptive (mean budget) kernel / select / total  speedup"
-        " | uniform total  speedup | old selection eager/graph"
+        " [balanced kernel / total  speedup] | uniform total  speedup [balanced] | old selection eager/graph"
     )
     for name, r in p.items():
         if not name.startswith("latency"):
@@ -589,8 +783,10 @@ def print_table(res: dict) -> None:
             print(
                 f"{r['batch']:>5} {r['context']:>6} {fmt(r['dense_us']):>7} | ({a['mean_budget']:.3f}) "
                 f"{fmt(a.get('kernel_us'))} / {fmt(a.get('select_us'))} / {fmt(a.get('total_us'))}  "
-                f"x{fmt(a.get('speedup_total'), '.2f')} | {fmt(u.get('total_us'))}  "
-                f"x{fmt(u.get('speedup_total'), '.2f')} | "
+                f"x{fmt(a.get('speedup_total'), '.2f')} [{fmt(a.get('kernel_balanced_us'))} / "
+                f"{fmt(a.get('total_balanced_us'))}  x{fmt(a.get('speedup_total_balanced'), '.2f')}] | "
+                f"{fmt(u.get('total_us'))}  x{fmt(u.get('speedup_total'), '.2f')} "
+                f"[x{fmt(u.get('speedup_total_balanced'), '.2f')}] | "
                 f"{fmt(r.get('legacy_select_eager_us'), '.0f')}/{fmt(r.get('legacy_select_graph_us'), '.0f')}"
             )
             for e in r["sweep"]:
@@ -600,13 +796,31 @@ def print_table(res: dict) -> None:
                         f"{'':>20} mean budget {e['mean']:<6}: uniform {fmt(eu.get('total_us'))} us "
                         f"x{fmt(eu.get('speedup_total'), '.2f')} "
                         f"(kernel x{fmt(eu.get('speedup_kernel'), '.2f')}), adaptive scaled "
-                        f"{fmt(ea.get('total_us'))} us x{fmt(ea.get('speedup_total'), '.2f')}"
+                        f"{fmt(ea.get('total_us'))} us x{fmt(ea.get('speedup_total'), '.2f')}; balanced: "
+                        f"uniform x{fmt(eu.get('speedup_total_balanced'), '.2f')}, adaptive scaled "
+                        f"x{fmt(ea.get('speedup_total_balanced'), '.2f')}"
                     )
+            print(f"{'':>20} selection stage 1 (scores) alone: {fmt(a.get('score_us'))} us")
             print(f"{'':>20} budget for x{TARGET}: {json.dumps(r.get('budget_for_target'))}")
+            print(f"{'':>20} balanced: {json.dumps(r.get('budget_for_target_balanced'))}")
+            print(f"{'':>20} balanced grid (adaptive kernel): {json.dumps(r.get('balanced_grid_sweep'))}")
+            print(f"{'':>20} shape {r.get('shape')}, budgets: {r.get('budgets')}")
             for key, err in r.get("errors", {}).items():
                 print(f"{'':>20} ERROR {key}: {err[:200]}")
         except (KeyError, TypeError) as e:
             print(f"{name}: incomplete ({e})")
+    if "engine" in p:
+        e = p["engine"]
+        print(f"engine, {e['model']}, B{e['batch']}, profile mean KV budget {e['profile_mean_kv_budget']}:")
+        for mode, rows in e["modes"].items():
+            for r in rows:
+                print(
+                    f"  {mode:>8} ctx {r['context']:>5}: TPOT {r['tpot_ms']:.3f} ms  graph "
+                    f"{fmt(r.get('graph_replay_ms'), '.3f')} ms  attention {r.get('attention_us')} us"
+                )
+        print("  speedup vs dense:", json.dumps(e.get("speedup")))
+        for mode, err in e.get("errors", {}).items():
+            print(f"  ERROR {mode}: {err[:300]}")
     if "placement" in p:
         pl = p["placement"]
         one = pl["all_heads_one_worker_us"]

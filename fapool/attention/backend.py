@@ -20,6 +20,9 @@ from fapool.attention.metadata import AttentionMetadata
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    # True when write_kv and forward never read device values on the host, so a decode step can
+    # be captured in a CUDA graph (fapool.worker.cuda_graphs).
+    graph_safe: bool = False
 
     @abstractmethod
     def write_kv(

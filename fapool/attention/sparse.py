@@ -2,10 +2,10 @@
 
     SparseAttentionBackend(dense, kv_budget, min_blocks)   one per layer (budgets differ)
 
-Decode tokens (one query per sequence) whose budget is below their block count take the
-sparse path; every other token (prefill chunks, short sequences, full budgets) goes to the
-wrapped dense backend unchanged, so a budget covering all blocks gives the dense result
-bit for bit.
+Torch path (CPU, or any non-Triton dense backend): decode tokens (one query per sequence)
+whose budget is below their block count take the sparse path; every other token (prefill
+chunks, short sequences, full budgets) goes to the wrapped dense backend unchanged, so a budget
+covering all blocks gives the dense result bit for bit. (The Triton path: below.)
 
 Block summaries (per block and KV head, the min and max of its keys; see
 fapool.sparse.selection for why) are kept next to the cache and updated in `write_kv`: only the
@@ -18,17 +18,29 @@ heads per KV head, N blocks, K = largest budget):
     order  [B, H, N]  = sink, recent, then by score              (fapool.sparse.selection)
     gather [B, H, K*block_size, D] keys/values of the first k_h blocks of the order
     softmax over them -> (out, lse), exactly as dense attention over that subset.
+
+On CUDA with the Triton backend the same step runs in Triton with no host sync, so decode
+steps can be CUDA graphs (`graph_safe`): summaries (fapool.sparse.triton_summaries, fused with
+the KV write), selection (fapool.sparse.triton_select: scores, then top-k + compaction;
+budgets are the profile's fractions, turned into blocks in the kernel) and the work-balanced
+decode (fapool.sparse.triton_balanced_decode). Every decode row takes that path, whatever its
+length: a row whose budget covers all its blocks attends over all of them (the dense result up
+to the order of the floating-point sums, not bit for bit as on the CPU, where such rows go to the
+dense backend). Prefill chunks go to the dense backend as on the CPU. The counters
+sparse_tokens / sparse_dense_tokens are CPU-only (they would need a sync); sparse_calls counts
+the host-side launches of the Triton path (a graph capture counts once).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
-from fapool.sparse.selection import block_order, budget_blocks
+from fapool.sparse.selection import block_order, budget_blocks, budget_blocks_scalar
 
 
 class SparseAttentionBackend(AttentionBackend):
@@ -37,28 +49,65 @@ class SparseAttentionBackend(AttentionBackend):
     def __init__(self, dense: AttentionBackend, kv_budget: list[float] | None, min_blocks: int = 4) -> None:
         self.dense = dense
         self.budget = torch.tensor(kv_budget, dtype=torch.float64) if kv_budget is not None else None
+        self._max_frac = max(kv_budget) if kv_budget else 0.0
         self.min_blocks = min_blocks
         self.kmin: torch.Tensor | None = None  # [num_blocks, Hkv, D]
         self.kmax: torch.Tensor | None = None
         # Counters for benchmarks: KV entries attended by sparse decode vs what dense would read.
         self.sparse_tokens = 0
         self.sparse_dense_tokens = 0
+        self.sparse_calls = 0  # Triton path: host-side launches of selection + sparse decode
+        self._budget_dev: torch.Tensor | None = None
+
+    # Summaries take 2 x Hkv x D per block and layer: the size of one token's K and V. The
+    # runner counts it in the KV budget (ModelRunner.bytes_per_block).
+    summary_tokens_per_block = 1
+
+    @property
+    def triton(self) -> bool:
+        """Whether the Triton path runs (a Triton dense backend, so the tensors are on CUDA)."""
+        return getattr(self.dense, "name", "") == "triton"
+
+    @property
+    def graph_safe(self) -> bool:
+        return bool(getattr(self.dense, "graph_safe", False)) and self.triton
+
+    # The decode split count of the dense backend, pinned by CUDA graph capture
+    # (fapool.worker.cuda_graphs.pinned_splits); every layer's wrapper shares one dense backend.
+    @property
+    def num_splits(self) -> int | None:
+        return getattr(self.dense, "num_splits", None)
+
+    @num_splits.setter
+    def num_splits(self, value: int | None) -> None:
+        self.dense.num_splits = value
 
     # --- KV write and block summaries ------------------------------------------------
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+        if self.budget is not None and self.triton:  # one launch: the KV write and the summaries
+            from fapool.sparse.triton_summaries import write_kv_and_summaries
+
+            self._ensure_summaries(k_cache)
+            write_kv_and_summaries(k_cache, v_cache, key, value, slot_mapping, self.kmin, self.kmax)
+            return
         self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping)
         if self.budget is not None:
             self.update_summaries(k_cache, slot_mapping)
 
-    @torch.no_grad()
-    def update_summaries(self, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Recompute kmin/kmax of the blocks `slot_mapping` touched, over offsets 0..last written."""
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    def _ensure_summaries(self, k_cache: torch.Tensor) -> None:
+        """(Re)allocate kmin/kmax for this cache: [num_blocks, Hkv, D] in its dtype."""
+        num_blocks, _, num_kv_heads, head_dim = k_cache.shape
         if self.kmin is None or self.kmin.shape[0] != num_blocks or self.kmin.device != k_cache.device:
             shape = (num_blocks, num_kv_heads, head_dim)
             self.kmin = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
             self.kmax = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+
+    @torch.no_grad()
+    def update_summaries(self, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Recompute kmin/kmax of the blocks `slot_mapping` touched, over offsets 0..last written."""
+        block_size = k_cache.shape[1]
+        self._ensure_summaries(k_cache)
         slots = slot_mapping[slot_mapping >= 0]
         if slots.numel() == 0:
             return
@@ -76,6 +125,8 @@ class SparseAttentionBackend(AttentionBackend):
     def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if self.budget is None or self.kmin is None:
             return self.dense.forward(query, k_cache, v_cache, meta, scale)
+        if self.triton:
+            return self._forward_triton(query, k_cache, v_cache, meta, scale)
         block_size = k_cache.shape[1]
         q_pos = meta.query_pos_start.tolist()
         kv_start = meta.kv_start.tolist()
@@ -121,6 +172,81 @@ class SparseAttentionBackend(AttentionBackend):
         out[tok] = o.to(out.dtype)
         lse[tok] = l
         return out, lse
+
+    def _forward_triton(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        """Decode rows: Triton selection + balanced sparse decode; other rows: the dense backend.
+        Reads no device value on the host (graph-safe for a decode-only batch)."""
+        if meta.is_decode_only:  # one query per row: the rows are the sequences
+            return self._sparse_rows(
+                query,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.kv_lens,
+                meta.query_pos_start,
+                meta.kv_start,
+                scale,
+            )
+        decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if not decode:
+            return self.dense.forward(query, k_cache, v_cache, meta, scale)
+        # Mixed batch (eager): the dense backend sees the decode rows without KV (they come out
+        # as 0 / -inf), then the sparse results overwrite them.
+        device = query.device
+        kv_lens_cpu = list(meta.kv_lens_cpu)
+        for s in decode:
+            kv_lens_cpu[s] = 0
+        is_decode = torch.zeros(meta.num_seqs, dtype=torch.bool)
+        is_decode[decode] = True
+        rest = dataclasses.replace(
+            meta,
+            kv_lens=torch.where(is_decode.to(device, non_blocking=True), 0, meta.kv_lens),
+            kv_lens_cpu=kv_lens_cpu,
+        )
+        out, lse = self.dense.forward(query, k_cache, v_cache, rest, scale)
+        starts = list(itertools.accumulate(meta.query_lens_cpu, initial=0))
+        seqs = torch.tensor(decode).to(device, non_blocking=True)
+        tok = torch.tensor([starts[s] for s in decode]).to(device, non_blocking=True)
+        o, l = self._sparse_rows(
+            query[tok],
+            k_cache,
+            v_cache,
+            meta.block_tables[seqs],
+            meta.kv_lens[seqs],
+            meta.query_pos_start[seqs],
+            meta.kv_start[seqs],
+            scale,
+        )
+        out[tok] = o
+        lse[tok] = l
+        return out, lse
+
+    def _sparse_rows(self, q, k_cache, v_cache, tables, kv_lens, q_pos, kv_start, scale):
+        """q [B, Hq, D], one query per row -> (out, lse) over each KV head's selected blocks."""
+        from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
+        from fapool.sparse.triton_select import select_blocks_triton
+
+        if self._budget_dev is None or self._budget_dev.device != q.device:
+            self._budget_dev = self.budget.to(q.device)
+        # The largest selection any row can get: budget_blocks is monotone in the block count,
+        # so it is the budget of a row as wide as the table (exact cap, no row loses a block).
+        width = tables.shape[1]
+        max_pages = max(1, budget_blocks_scalar(self._max_frac, width, self.min_blocks))
+        self.sparse_calls += 1
+        pages, lens = select_blocks_triton(
+            q,
+            self.kmin,
+            self.kmax,
+            tables,
+            kv_lens,
+            self._budget_dev,
+            k_cache.shape[1],
+            max_pages=max_pages,
+            min_blocks=self.min_blocks,
+            query_pos_start=q_pos,
+            kv_start=kv_start,
+        )
+        return balanced_sparse_decode(q, k_cache, v_cache, pages, lens, scale)
 
     @torch.no_grad()
     def sparse_decode(
@@ -178,8 +304,8 @@ class SparseAttentionBackend(AttentionBackend):
 def enable_sparse_attention(model: torch.nn.Module, dense: AttentionBackend, profile) -> AttentionBackend:
     """Give every attention layer of `model` its own SparseAttentionBackend with the profile's
     budgets (a SparseProfile or a path to its JSON). Returns the backend for the engine: the
-    dense one wrapped without budgets, so the runner sees a non-Triton name (no CUDA graphs:
-    the sparse path reads lengths on the host)."""
+    dense one wrapped without budgets (on CUDA with Triton, graph-safe: the runner captures
+    decode steps; elsewhere the torch path reads lengths on the host)."""
     from fapool.sparse.profile import SparseProfile
 
     if isinstance(profile, str):

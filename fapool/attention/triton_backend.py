@@ -26,6 +26,7 @@ def triton_available() -> bool:
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+    graph_safe = True
 
     def __init__(self, num_splits: int | None = None) -> None:
         # num_splits pins the decode split count (CUDA graphs need a fixed grid); None chooses

@@ -234,6 +234,10 @@ def engine_from_hf(hf_model, **engine_kwargs):
     backend = make_backend(config.attention_backend, config.device)
     model = build_model(model_config, backend, DTYPES[config.dtype], config.device)
     model.load_weights((k, v) for k, v in hf_model.state_dict().items())
+    if config.sparse_attention:  # as fapool.entrypoints.llm.build_engine does
+        from fapool.attention.sparse import enable_sparse_attention
+
+        backend = enable_sparse_attention(model, backend, config.sparse_attention)
     return LLMEngine(config, model.eval(), backend)
 
 

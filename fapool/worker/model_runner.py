@@ -56,8 +56,9 @@ class ModelRunner:
         self.ranks_on_device = 1
         on_gpu = self.device.type == "cuda"
         # Decode steps through CUDA graphs: the Triton kernels never sync with the host, the
-        # torch reference's KV write does, so graphs need the Triton backend.
-        self.use_cuda_graphs = on_gpu and getattr(backend, "name", "") == "triton"
+        # torch reference's KV write does, so graphs need a graph-safe backend (Triton, or the
+        # sparse backend over it).
+        self.use_cuda_graphs = on_gpu and getattr(backend, "graph_safe", False)
         self.decode_graphs: DecodeGraphs | None = None
         # The last launched step's sampled tokens (device) and each due request's row in them:
         # where the next step reads a token the host does not have yet.
@@ -71,7 +72,8 @@ class ModelRunner:
     # KV cache -----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
         m = self.config.model
-        return m.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+        extra = getattr(self.backend, "summary_tokens_per_block", 0)  # sparse: key min/max per block
+        return m.kv_bytes_per_token(self.dtype.itemsize) * (self.block_size + extra)
 
     def determine_num_blocks(self, bytes_per_block: int | None = None) -> int:
         """Blocks that fit the KV budget: an explicit count, kv_cache_memory bytes, or (GPU)

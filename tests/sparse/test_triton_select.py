@@ -56,9 +56,14 @@ def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=T
 
 
 @needs_triton
+@pytest.mark.parametrize("radix4", [True, False], ids=["4bit", "1bit"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_selection_equals_reference_exactly(dtype):
+def test_selection_equals_reference_exactly(dtype, radix4, monkeypatch):
+    from fapool.sparse import triton_select
     from fapool.sparse.triton_select import select_blocks_triton
+
+    if not radix4:  # the one-bit-a-pass search that long rows use
+        monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", 0)
 
     # Rows: empty, one entry, one full block, partial, exactly full, long; budgets 0..beyond nb.
     n_kv = [0, 1, 16, 37, 160, 700, 703]
@@ -129,8 +134,11 @@ def test_select_and_decode_match_the_reference_backend(dtype):
 
 
 @needs_cuda
-def test_select_and_decode_replay_in_a_cuda_graph():
-    """Captured once, replayed after q, n_kv and the tables change in place: same as eager."""
+@pytest.mark.parametrize("balanced", [False, True], ids=["one_split_count", "balanced"])
+def test_select_and_decode_replay_in_a_cuda_graph(balanced):
+    """Captured once, replayed after q, n_kv and the tables change in place: same as eager
+    (the balanced kernel's plan follows the new lengths inside the graph)."""
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_select import select_blocks_triton
     from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
@@ -139,6 +147,8 @@ def test_select_and_decode_replay_in_a_cuda_graph():
 
     def step():
         pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac, BS, max_pages=40)
+        if balanced:
+            return balanced_sparse_decode(q, keys, values, pages, lens, 128**-0.5)
         return sparse_paged_decode(q, keys, values, pages, lens, 128**-0.5, num_splits=2)
 
     step()
@@ -177,3 +187,153 @@ def test_budget_blocks_batched_matches_budget_blocks():
     got = budget_blocks_batched(frac, n_kv, BS, 4)
     for n, row in zip(n_kv.tolist(), got):
         assert torch.equal(row, budget_blocks(frac, math.ceil(n / BS), 4)), n
+
+
+@needs_triton
+@pytest.mark.parametrize("num_programs,block_n", [(None, 64), (7, 64), (64, 16)])
+def test_balanced_decode_matches_the_reference_backend(num_programs, block_n):
+    """Work-balanced decode (variable splits per pair, LSE-merged) on uneven selections: empty
+    pairs, one-entry pairs, one pair far longer than the others. num_programs 7 (< pairs: one
+    split each), 64 with 16-token tiles (the long pair gets more splits than one reduce step
+    merges)."""
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    n_kv = [0, 1, 1000, 65, 999, 300]
+    q, keys, values, kmin, kmax, tables, nk = _case(n_kv, 8, 2, 32, 64, torch.float16, seed=7, integer=False)
+    budgets = torch.tensor([[4, 4], [4, 4], [62, 2], [3, 5], [1, 30], [19, 7]], device=DEVICE).int()
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS)
+    out, lse = balanced_sparse_decode(q, keys, values, pages, lens, 32**-0.5, num_programs, block_n=block_n)
+    ref = SparseAttentionBackend(TorchReferenceBackend(), [0.5, 0.5])
+    ref.kmin, ref.kmax = kmin, kmax
+    clipped = torch.minimum(budgets.cpu(), torch.tensor([-(-n // BS) for n in n_kv]).view(-1, 1))
+    rows = [1, 2, 3, 4, 5]  # the reference needs a visible entry per row
+    ref_out, ref_lse = ref.sparse_decode(
+        q[rows], keys, values, tables[rows], nk[rows], clipped[rows].to(DEVICE), 32**-0.5
+    )
+    torch.testing.assert_close(out[rows].float().cpu(), ref_out.cpu(), atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(lse[rows].cpu(), ref_lse.cpu(), atol=4e-3, rtol=4e-3)
+    assert bool((out[0] == 0).all()) and bool(torch.isneginf(lse[0]).all())  # an empty row
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False], ids=["with_kv_write", "after_kv_write"])
+def test_summaries_kernel_equals_the_reference_update(fused):
+    """Steps of a prefill chunk, decode tokens, a -1 slot, a block reused from offset 0 and a
+    step that ends mid-block: the Triton summaries (fused with the KV write, or after it) and
+    the cache equal the torch write + update_summaries after every step."""
+    from fapool.attention.torch_ref import write_kv_torch
+    from fapool.sparse.triton_summaries import update_summaries_triton, write_kv_and_summaries
+
+    g = torch.Generator().manual_seed(8)
+    num_blocks, hkv, d = 6, 2, 32
+    k_cache = torch.randn(num_blocks, BS, hkv, d, generator=g).to(DEVICE, torch.float16)
+    v_cache = torch.randn(num_blocks, BS, hkv, d, generator=g).to(DEVICE, torch.float16)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = SparseAttentionBackend(TorchReferenceBackend(), [0.5] * hkv)
+    kmin = torch.zeros(num_blocks, hkv, d, device=DEVICE, dtype=torch.float16)
+    kmax = torch.zeros_like(kmin)
+    steps = [
+        [*range(2 * BS, 2 * BS + 21), *range(4 * BS, 4 * BS + 3)],  # two sequences' chunks
+        [2 * BS + 21, -1, 4 * BS + 3],  # decode; a padding row between
+        [*range(5 * BS + 7, 6 * BS), 3 * BS],  # ends on a block's last offset; another begins
+        [2 * BS, 2 * BS + 1],  # block 2 reused from offset 0: its old keys must not count
+    ]
+    for slots in steps:
+        slots = torch.tensor(slots, device=DEVICE)
+        # float32 rows (the cache rounds them to float16, and so must the summaries)
+        key = torch.randn(len(slots), hkv, d, generator=g).to(DEVICE) * 3
+        value = torch.randn(len(slots), hkv, d, generator=g).to(DEVICE)
+        write_kv_torch(ref_k, ref_v, key, value, slots)
+        ref.update_summaries(ref_k, slots)
+        if fused:
+            write_kv_and_summaries(k_cache, v_cache, key, value, slots, kmin, kmax)
+        else:
+            write_kv_torch(k_cache, v_cache, key, value, slots)
+            update_summaries_triton(k_cache, slots, kmin, kmax)
+        assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+        touched = torch.unique(slots[slots >= 0] // BS)
+        assert torch.equal(kmin[touched], ref.kmin[touched]) and torch.equal(kmax[touched], ref.kmax[touched])
+    assert torch.equal(kmax[2], k_cache[2, :2].amax(0))
+
+
+@needs_triton
+def test_selection_clips_rows_causally():
+    """query_pos_start / kv_start (an attention shard's metadata) clip the visible entries in
+    the kernels: the same result as passing the clipped n_kv."""
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    n_kv = [300, 500, 200, 64]
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 4, 2, 16, 40, torch.float32, seed=9)
+    q_pos = torch.tensor([299, 250, 100, 10], device=DEVICE).int()
+    kv0 = torch.tensor([0, 0, 150, 0], device=DEVICE).int()  # row 2 sees no entry
+    frac = torch.tensor([0.3, 0.6], dtype=torch.float64, device=DEVICE)
+    pages, lens = select_blocks_triton(
+        q, kmin, kmax, tables, nk, frac, BS, query_pos_start=q_pos, kv_start=kv0
+    )
+    clipped = torch.tensor([300, 251, 0, 11], device=DEVICE).int()
+    want_pages, want_lens = select_blocks_triton(q, kmin, kmax, tables, clipped, frac, BS)
+    assert torch.equal(pages, want_pages) and torch.equal(lens, want_lens)
+    assert lens[2].tolist() == [0, 0]
+
+
+def _step_meta(specs, tables):
+    """AttentionMetadata of a step: specs (context_len, query_len) per sequence."""
+    from fapool.attention.metadata import AttentionMetadata
+
+    slots = [t[i // BS] * BS + i % BS for t, (c, q) in zip(tables, specs) for i in range(c, c + q)]
+    return AttentionMetadata.build(
+        query_lens=[q for _, q in specs],
+        query_pos_start=[c for c, _ in specs],
+        kv_lens=[c + q for c, q in specs],
+        block_tables=tables,
+        slot_mapping=slots,
+        device=DEVICE,
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed_batch", "decode_only"])
+def test_triton_sparse_backend_matches_the_torch_path(mixed):
+    """SparseAttentionBackend over the Triton backend (fused KV write + summaries, selection with
+    the causal clip, balanced decode; a mixed batch's prefill rows dense) against the same
+    wrapper over the torch reference: same caches and summaries, same attention."""
+    from fapool.attention.triton_backend import TritonBackend
+
+    num_heads, num_kv_heads, head_dim = 8, 2, 32
+    specs = [(300, 1), (37, 5), (500, 1), (0, 20), (130, 1)] if mixed else [(300, 1), (500, 1), (17, 1)]
+    g = torch.Generator().manual_seed(10)
+    total = sum(-(-(c + q) // BS) for c, q in specs) + 3
+    perm = torch.randperm(total, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-(c + q) // BS))] for c, q in specs]
+    budget = [0.3, 0.6]
+    results = []
+    for dense in (TorchReferenceBackend(), TritonBackend()):
+        g.manual_seed(11)
+        backend = SparseAttentionBackend(dense, budget)
+        k_cache = torch.zeros(total, BS, num_kv_heads, head_dim, device=DEVICE)
+        v_cache = torch.zeros_like(k_cache)
+        # The contexts in two earlier steps (prefill chunks), then this step's tokens.
+        for lo, hi in ((0.0, 0.5), (0.5, 1.0)):
+            prior = [(int(c * lo), int(c * hi) - int(c * lo)) for c, _ in specs]
+            meta = _step_meta(prior, tables)
+            n = meta.slot_mapping.shape[0]
+            key = torch.randn(n, num_kv_heads, head_dim, generator=g).to(DEVICE) * 2
+            backend.write_kv(
+                k_cache, v_cache, key, torch.randn(key.shape, generator=g).to(DEVICE), meta.slot_mapping
+            )
+        meta = _step_meta(specs, tables)
+        n = meta.slot_mapping.shape[0]
+        key = torch.randn(n, num_kv_heads, head_dim, generator=g).to(DEVICE) * 2
+        backend.write_kv(
+            k_cache, v_cache, key, torch.randn(key.shape, generator=g).to(DEVICE), meta.slot_mapping
+        )
+        query = torch.randn(n, num_heads, head_dim, generator=g).to(DEVICE) * 2
+        out, lse = backend.forward(query, k_cache, v_cache, meta, head_dim**-0.5)
+        results.append((backend, k_cache, out, lse))
+    (ref, ref_k, ref_out, ref_lse), (tri, tri_k, tri_out, tri_lse) = results
+    assert tri.triton and tri.sparse_calls == 1 and ref.sparse_tokens > 0
+    assert torch.equal(tri_k, ref_k) and torch.equal(tri.kmin, ref.kmin) and torch.equal(tri.kmax, ref.kmax)
+    tol = dict(atol=1e-4, rtol=1e-4) if INTERPRET else dict(atol=1e-2, rtol=1e-2)  # GPU: TF32 dots
+    torch.testing.assert_close(tri_out.cpu(), ref_out.cpu(), **tol)
+    torch.testing.assert_close(tri_lse.cpu(), ref_lse.cpu(), **tol)
