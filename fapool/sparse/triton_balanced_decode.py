@@ -40,9 +40,10 @@ from fapool.attention.triton_decode import (
     LN2,
     LOG2E,
     _num_sms,
-    _tile_pages,
     resident_programs_per_sm,
 )
+
+from fapool.sparse.triton_sparse_decode import _attend_pair_tiles
 
 REDUCE_BLOCK_S = 16  # partials merged per step of the reduce loop
 
@@ -131,46 +132,13 @@ def _balanced_split_kernel(
     seq = row // NUM_KV_HEADS
     kvh = row % NUM_KV_HEADS
 
+    o, lse2, heads, h_mask, d_mask = _attend_pair_tiles(  # lse2 in log2 units
+        Q, K, V, tables, row, seq, kvh, n_kv, tile_lo, tile_hi, qk_scale,
+        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+        GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, PAGE, BLOCK_N,
+    )
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    heads = kvh * GROUP + offs_h
-    h_mask = offs_h < GROUP
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    table = tables + row * stride_bt
-    v_base = V + kvh * stride_vh + offs_d[None, :]
-    k_base = K + kvh * stride_kh + offs_d[None, :]
-    page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)
-    for t in range(tile_lo, tile_hi):
-        page = page_next
-        page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
-        pos = t * BLOCK_N + offs_n
-        n_mask = pos < n_kv
-        k_rows = page * stride_kb + (pos % PAGE) * stride_kt
-        v_rows = page * stride_vb + (pos % PAGE) * stride_vt
-        kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))  # log2 units
     hd_mask = h_mask[:, None] & d_mask[None, :]
     if num_splits == 1:
         tl.store(
