@@ -22,7 +22,7 @@ heads per KV head, N blocks, K = largest budget):
 On CUDA with the Triton backend the same step runs in Triton with no host sync, so decode
 steps can be CUDA graphs (`graph_safe`): summaries (fapool.sparse.triton_summaries, fused with
 the KV write), selection (fapool.sparse.triton_select: scores, then top-k + compaction;
-budgets are the profile's fractions, turned into blocks in the kernel) and the work-balanced
+budgets are the profile's per-head rules, turned into blocks in the kernel) and the work-balanced
 decode (fapool.sparse.triton_balanced_decode). Every decode row takes that path, whatever its
 length: a row whose budget covers all its blocks attends over all of them (the dense result up
 to the order of the floating-point sums, not bit for bit as on the CPU, where such rows go to the
@@ -40,16 +40,21 @@ import torch
 
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
-from fapool.sparse.selection import block_order, budget_blocks, budget_blocks_scalar
+from fapool.sparse.selection import BudgetRule, block_order, budget_blocks, max_budget_blocks
 
 
 class SparseAttentionBackend(AttentionBackend):
     name = "sparse"
 
-    def __init__(self, dense: AttentionBackend, kv_budget: list[float] | None, min_blocks: int = 4) -> None:
+    def __init__(
+        self, dense: AttentionBackend, kv_budget: list[float] | BudgetRule | None, min_blocks: int = 4
+    ) -> None:
         self.dense = dense
-        self.budget = torch.tensor(kv_budget, dtype=torch.float64) if kv_budget is not None else None
-        self._max_frac = max(kv_budget) if kv_budget else 0.0
+        # Per KV head: a fraction of the blocks, or a rule in the block count (profiles
+        # calibrated at several lengths); None wraps the dense backend without sparsity.
+        self.budget: BudgetRule | None = None
+        if kv_budget is not None:
+            self.budget = kv_budget if isinstance(kv_budget, BudgetRule) else BudgetRule.fractions(kv_budget)
         self.min_blocks = min_blocks
         self.kmin: torch.Tensor | None = None  # [num_blocks, Hkv, D]
         self.kmax: torch.Tensor | None = None
@@ -57,7 +62,7 @@ class SparseAttentionBackend(AttentionBackend):
         self.sparse_tokens = 0
         self.sparse_dense_tokens = 0
         self.sparse_calls = 0  # Triton path: host-side launches of selection + sparse decode
-        self._budget_dev: torch.Tensor | None = None
+        self._budget_dev: BudgetRule | None = None
 
     # Summaries take 2 x Hkv x D per block and layer: the size of one token's K and V. The
     # runner counts it in the KV budget (ModelRunner.bytes_per_block).
@@ -226,12 +231,12 @@ class SparseAttentionBackend(AttentionBackend):
         from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
         from fapool.sparse.triton_select import select_blocks_triton
 
-        if self._budget_dev is None or self._budget_dev.device != q.device:
+        if self._budget_dev is None or self._budget_dev.frac.device != q.device:
             self._budget_dev = self.budget.to(q.device)
         # The largest selection any row can get: budget_blocks is monotone in the block count,
         # so it is the budget of a row as wide as the table (exact cap, no row loses a block).
         width = tables.shape[1]
-        max_pages = max(1, budget_blocks_scalar(self._max_frac, width, self.min_blocks))
+        max_pages = max(1, max_budget_blocks(self.budget, width, self.min_blocks))
         self.sparse_calls += 1
         pages, lens = select_blocks_triton(
             q,
@@ -316,6 +321,6 @@ def enable_sparse_attention(model: torch.nn.Module, dense: AttentionBackend, pro
             f"sparse profile is for {profile.num_layers} layers x {profile.num_kv_heads} KV heads, "
             f"the model has {len(layers)} x {layers[0].self_attn.num_kv_heads}"
         )
-    for layer, budget in zip(layers, profile.kv_budget):
-        layer.self_attn.backend = SparseAttentionBackend(dense, budget, profile.min_blocks)
+    for i, layer in enumerate(layers):
+        layer.self_attn.backend = SparseAttentionBackend(dense, profile.rule(i), profile.min_blocks)
     return SparseAttentionBackend(dense, None)

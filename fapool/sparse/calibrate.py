@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -35,20 +36,30 @@ DEFAULT_GRID = [round(0.01 * i, 2) for i in range(1, 101)]
 
 
 class RecallRecorder(AttentionBackend):
-    """Dense attention that also measures, on prefill, the recall of block budgets."""
+    """Dense attention that also measures, on prefill, the recall of block budgets, per bin of
+    context length (bins: ascending token edges; a query at position p falls in the last
+    edge <= p, positions past the last edge in the last bin)."""
 
     name = "recall-recorder"
 
     def __init__(
-        self, dense: AttentionBackend, grid: list[float], min_blocks: int, min_pos: int, stride: int
+        self,
+        dense: AttentionBackend,
+        grid: list[float],
+        min_blocks: int,
+        min_pos: int,
+        stride: int,
+        bins: list[int] | None = None,
     ):
         self.dense = dense
         self.grid = torch.tensor(grid, dtype=torch.float64)
         self.min_blocks = min_blocks
         self.min_pos = min_pos
         self.stride = stride
-        self.recall_sum: torch.Tensor | None = None  # [Hq, F]
-        self.count = 0
+        self.edges = torch.tensor(bins or [min_pos], dtype=torch.long)
+        self.recall_sum: torch.Tensor | None = None  # [J, Hq, F]
+        self.count = torch.zeros(len(self.edges), dtype=torch.float64)  # positions per bin
+        self.context_sum = torch.zeros(len(self.edges), dtype=torch.float64)  # their contexts
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
         self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping)
@@ -72,6 +83,7 @@ class RecallRecorder(AttentionBackend):
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
+        dev = q.device
         pos = torch.arange(max(self.min_pos, q_pos0), q_pos0 + q.shape[0], self.stride)
         if pos.numel() == 0:
             return
@@ -83,9 +95,10 @@ class RecallRecorder(AttentionBackend):
         kmin = blocks.nan_to_num(nan=float("inf")).amin(1).transpose(0, 1)  # [Hkv, nb, D]
         kmax = blocks.nan_to_num(nan=float("-inf")).amax(1).transpose(0, 1)
 
-        qs = q[pos - q_pos0].float()  # [S, Hq, D]
+        pos_d = pos.to(dev)
+        qs = q[pos_d - q_pos0].float()  # [S, Hq, D]
         scores = torch.einsum("shd,nhd->shn", qs, keys.repeat_interleave(group, dim=1)) * scale
-        causal = torch.arange(kv_len)[None, :] <= pos[:, None]  # [S, n]
+        causal = torch.arange(kv_len, device=dev)[None, :] <= pos_d[:, None]  # [S, n]
         probs = torch.softmax(scores.masked_fill(~causal[:, None], float("-inf")), dim=-1)
         mass = torch.nn.functional.pad(probs, (0, pad)).view(len(pos), num_heads, nb, block_size).sum(-1)
 
@@ -94,18 +107,28 @@ class RecallRecorder(AttentionBackend):
             "shgd,hnd->shgn", qg.clamp(max=0), kmin
         )
         visible = pos // block_size + 1  # [S]
-        order = block_order(bound.amax(dim=2), visible).repeat_interleave(group, dim=1)  # [S, Hq, nb]
+        order = block_order(bound.amax(dim=2), visible.to(dev)).repeat_interleave(group, dim=1)  # [S, Hq, nb]
         cum = mass.gather(-1, order).cumsum(-1)  # [S, Hq, nb]
-        k = torch.stack([budget_blocks(self.grid, int(v), self.min_blocks) for v in visible])  # [S, F]
+        k = torch.stack([budget_blocks(self.grid, int(v), self.min_blocks) for v in visible]).to(dev)  # [S, F]
         recall = cum.gather(-1, (k - 1)[:, None, :].expand(-1, num_heads, -1))  # [S, Hq, F]
-        total = recall.sum(0).double()
+        bins = (torch.bucketize(pos, self.edges, right=True) - 1).clamp(min=0)  # [S]
+        total = torch.zeros(len(self.edges), num_heads, len(self.grid), dtype=torch.float64, device=dev)
+        total.index_add_(0, bins.to(dev), recall.double())
         self.recall_sum = total if self.recall_sum is None else self.recall_sum + total
-        self.count += len(pos)
+        self.count += torch.bincount(bins, minlength=len(self.edges)).double()
+        self.context_sum.index_add_(0, bins, (pos + 1).double())
 
-    def take(self) -> torch.Tensor:
-        """Mean recall since the last take -> [Hq, F]; resets the sums."""
-        out = self.recall_sum / max(1, self.count)
-        self.recall_sum, self.count = None, 0
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Since the last take: mean recall [J, Hq, F] (0 for an empty bin), positions [J] and
+        their summed contexts [J]; resets the sums."""
+        count = self.count.clone()
+        if self.recall_sum is None:
+            raise ValueError(f"no query position >= min_pos {self.min_pos} was recorded")
+        recall = self.recall_sum.cpu() / count.clamp(min=1)[:, None, None]
+        out = recall, count, self.context_sum.clone()
+        self.recall_sum = None
+        self.count.zero_()
+        self.context_sum.zero_()
         return out
 
 
@@ -140,6 +163,7 @@ def new_caches(model, num_tokens: int, block_size: int, device: str = "cpu"):
 def prefill(model, ids: list[int], caches, table: list[int], start: int, block_size: int, chunk: int = 1024):
     """Run tokens ids (at positions start..) of one sequence in chunks; returns hidden [T, hidden]."""
     hidden = []
+    dev = caches[0][0].device
     for a in range(0, len(ids), chunk):
         piece = ids[a : a + chunk]
         p0 = start + a
@@ -151,9 +175,44 @@ def prefill(model, ids: list[int], caches, table: list[int], start: int, block_s
             slot_mapping=[
                 table[p // block_size] * block_size + p % block_size for p in range(p0, p0 + len(piece))
             ],
+            device=dev,
         )
-        hidden.append(model(torch.tensor(piece), torch.arange(p0, p0 + len(piece)), caches, meta))
+        tokens = torch.tensor(piece, device=dev)
+        hidden.append(model(tokens, torch.arange(p0, p0 + len(piece), device=dev), caches, meta))
     return torch.cat(hidden)
+
+
+@dataclass(frozen=True)
+class RecallCurves:
+    """What calibrate measured: recall [W, J, L, Hq, F] per window, length bin, layer, query
+    head and grid fraction; positions [W, J] measured per window and bin (0: an empty bin);
+    context [W, J] their summed contexts (tokens)."""
+
+    recall: torch.Tensor
+    positions: torch.Tensor
+    context: torch.Tensor
+
+    def pooled(self, windows: slice = slice(None)) -> torch.Tensor:
+        """Mean curves over the windows and bins, weighted by positions -> [L, Hq, F]."""
+        w = self.positions[windows].double()[..., None, None, None]
+        return ((self.recall[windows].double() * w).sum((0, 1)) / w.sum((0, 1)).clamp(min=1e-12)).float()
+
+    def per_bin(self) -> tuple[torch.Tensor, list[float]]:
+        """Mean curves per non-empty bin [J', L, Hq, F] and each bin's mean context."""
+        n = self.positions.double().sum(0)  # [J]
+        keep = n > 0
+        w = self.positions.double()[..., None, None, None]
+        curves = (self.recall.double() * w).sum(0) / n.clamp(min=1)[:, None, None, None]
+        contexts = (self.context.double().sum(0) / n.clamp(min=1))[keep]
+        return curves[keep].float(), [round(float(c), 1) for c in contexts]
+
+
+def length_bins(min_pos: int, length: int) -> list[int]:
+    """Doubling bin edges from min_pos up to the window length: 256, 512, ... < length."""
+    edges = [min_pos]
+    while edges[-1] * 2 < length:
+        edges.append(edges[-1] * 2)
+    return edges
 
 
 def calibrate(
@@ -165,28 +224,35 @@ def calibrate(
     min_pos: int = 256,
     stride: int = 8,
     chunk: int = 1024,
-) -> torch.Tensor:
-    """Recall curves per window: [num_windows, num_layers, num_heads, len(grid)]."""
+    bins: list[int] | None = None,
+    device: str | torch.device = "cpu",
+) -> RecallCurves:
+    """Recall curves per window and length bin (bins: token edges, default one bin)."""
     grid = grid or DEFAULT_GRID
     layers = model.model.layers
     dense = [layer.self_attn.backend for layer in layers]
-    recorders = [RecallRecorder(TorchReferenceBackend(), grid, min_blocks, min_pos, stride) for _ in layers]
+    recorders = [
+        RecallRecorder(TorchReferenceBackend(), grid, min_blocks, min_pos, stride, bins) for _ in layers
+    ]
     for layer, rec in zip(layers, recorders):
         layer.self_attn.backend = rec
     try:
-        per_window = []
+        recall, positions, context = [], [], []
         for i, ids in enumerate(windows):
             t0 = time.perf_counter()
-            caches, table = new_caches(model, len(ids), block_size)
+            caches, table = new_caches(model, len(ids), block_size, device)
             prefill(model, ids, caches, table, 0, block_size, chunk)
-            per_window.append(torch.stack([rec.take() for rec in recorders]))
+            taken = [rec.take() for rec in recorders]
+            recall.append(torch.stack([t[0] for t in taken], dim=1))  # [J, L, Hq, F]
+            positions.append(taken[0][1])
+            context.append(taken[0][2])
             logger.info(
                 "window %d/%d: %d tokens in %.1f s", i + 1, len(windows), len(ids), time.perf_counter() - t0
             )
     finally:
         for layer, backend in zip(layers, dense):
             layer.self_attn.backend = backend
-    return torch.stack(per_window).float()
+    return RecallCurves(torch.stack(recall).float(), torch.stack(positions), torch.stack(context))
 
 
 def _pearson(a: list[float], b: list[float]) -> float:
@@ -196,8 +262,27 @@ def _pearson(a: list[float], b: list[float]) -> float:
     return float((x * y).sum()) / den if den > 0 else float("nan")
 
 
+def _adaptive_vs_uniform(mean: torch.Tensor, kv_budget, grid: list[float], group: int) -> dict:
+    """Recall (mean, min over heads) of the adaptive budgets and of a uniform budget of the same
+    total, judged on the calibration curves mean [L, Hq, F]."""
+    num_layers, num_heads, _ = mean.shape
+    mean_frac = sum(map(sum, kv_budget)) / (num_layers * len(kv_budget[0]))
+    gi = torch.tensor(grid)
+    uni = int(torch.searchsorted(gi, torch.tensor(mean_frac) - 1e-9).clamp(max=len(grid) - 1))
+    idx = torch.tensor(
+        [[grid.index(kv_budget[l][hq // group]) for hq in range(num_heads)] for l in range(num_layers)]
+    )
+    adaptive = mean.gather(-1, idx[..., None])[..., 0]
+    uniform = mean[..., uni]
+    return {
+        "adaptive_recall_mean_min": [round(float(adaptive.mean()), 4), round(float(adaptive.min()), 4)],
+        "uniform_recall_mean_min": [round(float(uniform.mean()), 4), round(float(uniform.min()), 4)],
+        "uniform_budget": grid[uni],
+    }
+
+
 def build_profile(
-    recall: torch.Tensor,
+    curves: RecallCurves,
     grid: list[float],
     target: float,
     num_kv_heads: int,
@@ -206,36 +291,35 @@ def build_profile(
     model_name: str,
     info: dict,
 ) -> SparseProfile:
-    """Per-window recall curves -> profile (budgets on the mean curves, stability on halves)."""
-    num_windows, num_layers, num_heads, _ = recall.shape
+    """Recall curves -> profile: budgets per length bin (one bin: one fraction per head),
+    stability on the halves of the windows, adaptive vs uniform per bin."""
+    num_windows, _, num_layers, num_heads, _ = curves.recall.shape
     group = num_heads // num_kv_heads
-    mean = recall.mean(0)
-    kv_budget, need = choose_budgets(mean.tolist(), grid, target, group)
+    pooled = curves.pooled()
+    by_bin, contexts = curves.per_bin()
     info = dict(info)
     if num_windows >= 2:
         h = num_windows // 2
-        _, need_a = choose_budgets(recall[:h].mean(0).tolist(), grid, target, group)
-        _, need_b = choose_budgets(recall[h:].mean(0).tolist(), grid, target, group)
+        _, need_a = choose_budgets(curves.pooled(slice(None, h)).tolist(), grid, target, group)
+        _, need_b = choose_budgets(curves.pooled(slice(h, None)).tolist(), grid, target, group)
         flat = lambda m: [v for row in m for v in row]
         info["stability_pearson_halves"] = round(_pearson(flat(need_a), flat(need_b)), 4)
-    # Adaptive vs a uniform budget of the same total, judged on the calibration curves.
-    mean_frac = sum(map(sum, kv_budget)) / (num_layers * num_kv_heads)
-    gi = torch.tensor(grid)
-    uni = int(torch.searchsorted(gi, torch.tensor(mean_frac) - 1e-9).clamp(max=len(grid) - 1))
-    idx = torch.tensor(
-        [[grid.index(kv_budget[l][hq // group]) for hq in range(num_heads)] for l in range(num_layers)]
-    )
-    adaptive_recall = mean.gather(-1, idx[..., None])[..., 0]
-    uniform_recall = mean[..., uni]
-    info["adaptive_recall_mean_min"] = [
-        round(float(adaptive_recall.mean()), 4),
-        round(float(adaptive_recall.min()), 4),
-    ]
-    info["uniform_recall_mean_min"] = [
-        round(float(uniform_recall.mean()), 4),
-        round(float(uniform_recall.min()), 4),
-    ]
-    info["uniform_budget"] = grid[uni]
+    if len(contexts) <= 1:  # one fraction per head at every length
+        kv_budget, need = choose_budgets(pooled.tolist(), grid, target, group)
+        info.update(_adaptive_vs_uniform(pooled, kv_budget, grid, group))
+        lengths, kv_by, need_by, recall_by = [], [], [], []
+    else:
+        chosen = [choose_budgets(c.tolist(), grid, target, group) for c in by_bin]
+        kv_by, need_by = [c[0] for c in chosen], [c[1] for c in chosen]
+        kv_budget, need = kv_by[0], need_by[0]
+        lengths = contexts
+        recall_by = [[[[round(v, 4) for v in curve] for curve in layer] for layer in c.tolist()] for c in by_bin]
+        per_bin = [_adaptive_vs_uniform(c, kv, grid, group) for c, kv in zip(by_bin, kv_by)]
+        for key in per_bin[0]:
+            info[f"{key}_by_length"] = [b[key] for b in per_bin]
+        info["mean_budget_by_length"] = [
+            round(sum(map(sum, kv)) / (num_layers * num_kv_heads), 4) for kv in kv_by
+        ]
     return SparseProfile(
         model=model_name,
         block_size=block_size,
@@ -247,8 +331,12 @@ def build_profile(
         kv_budget=kv_budget,
         head_need=need,
         grid=list(grid),
-        recall=[[[round(v, 4) for v in curve] for curve in layer] for layer in mean.tolist()],
+        recall=[[[round(v, 4) for v in curve] for curve in layer] for layer in pooled.tolist()],
         calibration=info,
+        lengths=lengths,
+        kv_budget_by_length=kv_by,
+        head_need_by_length=need_by,
+        recall_by_length=recall_by,
     )
 
 
@@ -264,17 +352,34 @@ def plot_profile(profile: SparseProfile, path: str) -> str:
     uni = profile.calibration.get("uniform_budget", profile.mean_budget)
     ui = min(range(len(profile.grid)), key=lambda i: abs(profile.grid[i] - uni))
     need = torch.tensor(profile.head_need)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 3, 1.4]})
+    ratios = [3, 3, 1.4] + ([3] if profile.lengths else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.3 * len(ratios), 6), gridspec_kw={"width_ratios": ratios})
     im0 = axes[0].imshow(recall[..., ui], aspect="auto", cmap="viridis", origin="lower")
     axes[0].set_title(f"attention recall at uniform budget {profile.grid[ui]:.0%}")
     im1 = axes[1].imshow(need, aspect="auto", cmap="magma_r", origin="lower")
-    axes[1].set_title(f"budget needed for recall {profile.target_recall:.2f}")
+    at = f" at {profile.lengths[0]:.0f} tokens" if profile.lengths else ""
+    axes[1].set_title(f"budget needed for recall {profile.target_recall:.2f}{at}")
     im2 = axes[2].imshow(torch.tensor(profile.kv_budget), aspect="auto", cmap="magma_r", origin="lower")
     axes[2].set_title("KV-head budget")
     for ax, im, xl in ((axes[0], im0, "query head"), (axes[1], im1, "query head"), (axes[2], im2, "KV head")):
         ax.set_xlabel(xl)
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.05)
+    if profile.lengths:  # the length rule: budget share per KV head over the context
+        ax = axes[3]
+        measured = [int(x) for x in profile.lengths]
+        shown = sorted({*measured, 2 * measured[-1], 4 * measured[-1]})
+        tables = [torch.tensor(profile.fractions_at(c)) for c in shown]  # [L, Hkv] each
+        stack = torch.stack(tables)  # [C, L, Hkv]
+        flat = stack.flatten(1)
+        ax.fill_between(shown, flat.amin(1), flat.amax(1), alpha=0.2, label="min-max over heads")
+        ax.plot(shown, flat.mean(1), "o-", label="mean KV-head budget")
+        ax.axvline(measured[-1], ls=":", c="gray", label="past here: extrapolated")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("share of KV blocks read")
+        ax.set_title("budget over the context length")
+        ax.legend(fontsize=8)
     fig.suptitle(
         f"{os.path.basename(profile.model)}: head sparsity ({profile.calibration.get('corpus', '')}, "
         f"mean budget {profile.mean_budget:.1%} of blocks, block {profile.block_size})"
@@ -303,25 +408,35 @@ def run_calibration(
     stride: int = 8,
     out: str | None = None,
     plot: str | None = None,
+    bins: list[int] | None = None,
+    device: str = "cpu",
 ) -> tuple[SparseProfile, str, str]:
-    """Calibrate `model` on the calibration split; save the profile and its heatmap."""
-    from fapool.sparse.corpus import CORPUS_PACKAGE, list_plays, token_windows
+    """Calibrate `model` on the calibration split; save the profile and its heatmap.
+    bins: token edges of the length bins (default: doubling from min_pos; one edge gives one
+    fraction per head at every length)."""
+    from fapool.sparse.corpus import CORPUS_PACKAGE, token_windows
 
     t0 = time.perf_counter()
-    m, tokenizer, src = load_model(model, TorchReferenceBackend())
-    windows = token_windows(tokenizer, "calibration", num_windows, length)
-    recall = calibrate(m, windows, block_size, DEFAULT_GRID, min_blocks, min_pos, stride)
+    bins = bins or length_bins(min_pos, length)
+    if bins[0] < min_pos or any(b <= a for a, b in zip(bins, bins[1:])) or bins[-1] >= length:
+        raise ValueError(f"bins must ascend from min_pos {min_pos} and stay below the window length {length}: {bins}")
+    m, tokenizer, src = load_model(model, TorchReferenceBackend(), device)
+    windows, plays = token_windows(tokenizer, "calibration", num_windows, length, with_names=True)
+    curves = calibrate(m, windows, block_size, DEFAULT_GRID, min_blocks, min_pos, stride, bins=bins, device=device)
     info = {
         "corpus": f"{CORPUS_PACKAGE} (Shakespeare), calibration split",
-        "plays": list_plays("calibration")[:num_windows],
+        "plays": plays,
         "windows": num_windows,
         "length": length,
         "min_pos": min_pos,
         "stride": stride,
+        "bins": bins,
+        "positions_per_bin": [int(x) for x in curves.positions.sum(0).tolist()],
+        "device": device,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     profile = build_profile(
-        recall,
+        curves,
         DEFAULT_GRID,
         target,
         m.model.layers[0].self_attn.num_kv_heads,

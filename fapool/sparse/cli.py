@@ -21,6 +21,13 @@ def register(subparsers) -> None:
     p.add_argument("--min-pos", type=int, default=256, help="first query position measured")
     p.add_argument("--stride", type=int, default=8, help="measure every stride-th query position")
     p.add_argument(
+        "--bins",
+        default=None,
+        help="context-length bin edges in tokens, e.g. 512,1024,2048,4096 (default: doubling from "
+        "--min-pos below --length); budgets are chosen per bin and interpolated in the length",
+    )
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    p.add_argument(
         "--out",
         default=None,
         help="profile JSON (default: ~/.cache/fapool/sparse/<model>-recall<target>.json)",
@@ -34,6 +41,7 @@ def cmd_calibrate_heads(ns: argparse.Namespace) -> int:
 
     if not 0.0 < ns.target_recall <= 1.0:
         raise ValueError(f"--target-recall must be in (0, 1], got {ns.target_recall}")
+    bins = [int(b) for b in ns.bins.split(",")] if ns.bins else None
     profile, out, plot = run_calibration(
         ns.model,
         ns.windows,
@@ -45,6 +53,8 @@ def cmd_calibrate_heads(ns: argparse.Namespace) -> int:
         ns.stride,
         ns.out,
         ns.plot,
+        bins,
+        ns.device,
     )
     print(
         json.dumps(
@@ -52,6 +62,7 @@ def cmd_calibrate_heads(ns: argparse.Namespace) -> int:
                 "profile": out,
                 "plot": plot,
                 "mean_budget": round(profile.mean_budget, 4),
+                "lengths": profile.lengths,
                 "kv_budget_min_max": [min(map(min, profile.kv_budget)), max(map(max, profile.kv_budget))],
                 **{k: v for k, v in profile.calibration.items() if k != "plays"},
             },

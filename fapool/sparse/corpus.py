@@ -59,14 +59,20 @@ def read_play(name: str) -> str:
     return to_plain((_plays_root() / f"{name}.md").read_text(encoding="utf-8"))
 
 
-def token_windows(tokenizer, split: str, num_windows: int, length: int) -> list[list[int]]:
-    """`num_windows` windows of `length` token ids from different plays of `split`
-    (the opening of each play, which is never shared between the splits)."""
-    windows = []
+def token_windows(
+    tokenizer, split: str, num_windows: int, length: int, per_play: int = 1, with_names: bool = False
+):
+    """`num_windows` windows of `length` token ids from the plays of `split`: up to `per_play`
+    consecutive, non-overlapping windows from the opening of each play, play after play (the
+    splits never share a play). with_names: also return "play@offset" for each window."""
+    windows, names = [], []
     for name in list_plays(split):
         ids = tokenizer.encode(read_play(name), add_special_tokens=False)
-        if len(ids) >= length:
-            windows.append(ids[:length])
-        if len(windows) == num_windows:
-            return windows
-    raise ValueError(f"only {len(windows)} plays of the {split} split have {length} tokens")
+        for i in range(min(per_play, len(ids) // length)):
+            windows.append(ids[i * length : (i + 1) * length])
+            names.append(f"{name}@{i * length}")
+            if len(windows) == num_windows:
+                return (windows, names) if with_names else windows
+    raise ValueError(
+        f"only {len(windows)} windows of {length} tokens ({per_play} a play) in the {split} split"
+    )

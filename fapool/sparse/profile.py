@@ -1,15 +1,25 @@
 """SparseProfile: per (layer, KV head) block budgets for sparse decode, and how they are chosen.
 
-A budget is a fraction of the sequence's KV blocks (the heads' elasticity the seed measures is
-a ratio: a head that needs 10% of the blocks at 2K needs about as large a share at 4K). At a
-step, head h of layer l attends over ceil(frac[l][h] * num_blocks) blocks, never fewer than
-`min_blocks` (sink + recent + a few) nor more than all of them.
+A budget is a share of the sequence's KV blocks that depends on the context length. A profile
+calibrated at one length (`lengths` empty) has one fraction per head: head h of layer l attends
+over ceil(frac[l][h] * num_blocks) blocks at every length. A profile calibrated at several
+lengths (`lengths`: the mean context of each calibration bin) has a fraction per head at each
+of them (`kv_budget_by_length`); between them the head's *block count* is interpolated
+linearly, past the longest one it grows with the last segment's slope, and below the shortest
+one it keeps that one's fraction (fapool.sparse.selection.BudgetRule). Measured on SmolLM2
+over 0.5K-8K, the share a head needs for a given recall falls as the context grows, so one
+fraction fitted at 2K over-spends at long contexts and under-spends at short ones. Extending
+the last segment past the calibrated lengths is an extrapolation: it is conservative when the
+blocks a head needs grow concavely in the length (each doubling adds no more than the last
+did), which is what the calibration shows; a profile says which lengths it measured. Never
+fewer than `min_blocks` (sink + recent + a few) nor more than all blocks.
 
 Choice (`choose_budgets`): recall[l][h][i] is the mean attention mass the selector keeps at
-budget fraction grid[i] for query head h of layer l. A query head's need is the smallest grid
-fraction whose recall meets the target; a KV head's budget is the largest need of its query
-heads (they share one block selection). Each head then sits at its own smallest feasible
-budget, so the total is the smallest that meets the target on every head.
+budget fraction grid[i] for query head h of layer l (per length bin for the length rule). A
+query head's need is the smallest grid fraction whose recall meets the target; a KV head's
+budget is the largest need of its query heads (they share one block selection). Each head then
+sits at its own smallest feasible budget, so the total is the smallest that meets the target on
+every head.
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-PROFILE_VERSION = 1
+from fapool.sparse.selection import BudgetRule
+
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one fraction per head (no length bins)
 
 
 @dataclass
@@ -35,24 +48,81 @@ class SparseProfile:
     grid: list[float] = field(default_factory=list)  # budget fractions the recall was measured at
     recall: list[list[list[float]]] = field(default_factory=list)  # [layer][q_head][grid]
     calibration: dict = field(default_factory=dict)  # corpus, windows, lengths, timings
+    # The length rule (empty: one fraction per head at every length). lengths[j] is the mean
+    # context (tokens) of calibration bin j, ascending; kv_budget and head_need are then bin 0's
+    # (the rule below the shortest length), `recall` stays the curves of all positions pooled.
+    lengths: list[float] = field(default_factory=list)
+    kv_budget_by_length: list[list[list[float]]] = field(default_factory=list)  # [bin][layer][kv_head]
+    head_need_by_length: list[list[list[float]]] = field(default_factory=list)  # [bin][layer][q_head]
+    recall_by_length: list[list[list[list[float]]]] = field(default_factory=list)  # [bin][layer][q_head][grid]
     version: int = PROFILE_VERSION
 
     def __post_init__(self) -> None:
-        if len(self.kv_budget) != self.num_layers or any(len(r) != self.num_kv_heads for r in self.kv_budget):
-            raise ValueError(f"kv_budget must be [{self.num_layers}][{self.num_kv_heads}]")
-        if any(not 0.0 < f <= 1.0 for r in self.kv_budget for f in r):
-            raise ValueError("budget fractions must lie in (0, 1]")
+        for name, table in (("kv_budget", self.kv_budget), *(
+            (f"kv_budget_by_length[{j}]", t) for j, t in enumerate(self.kv_budget_by_length)
+        )):
+            if len(table) != self.num_layers or any(len(r) != self.num_kv_heads for r in table):
+                raise ValueError(f"{name} must be [{self.num_layers}][{self.num_kv_heads}]")
+            if any(not 0.0 < f <= 1.0 for r in table for f in r):
+                raise ValueError("budget fractions must lie in (0, 1]")
+        if len(self.kv_budget_by_length) != len(self.lengths):
+            raise ValueError("kv_budget_by_length needs one table per calibrated length")
+        if any(b <= a for a, b in zip(self.lengths, self.lengths[1:])):
+            raise ValueError(f"lengths must be ascending, got {self.lengths}")
+        if self.lengths and self.kv_budget != self.kv_budget_by_length[0]:
+            raise ValueError("kv_budget must equal the budgets at the shortest calibrated length")
+
+    # --- the budgets at a context length -------------------------------------------------
+
+    def _rule_of(self, by_length: list[list[list[float]]], flat: list[list[float]], layer: int) -> BudgetRule:
+        if not self.lengths:
+            return BudgetRule.fractions(flat[layer])
+        knots = [length / self.block_size for length in self.lengths]
+        return BudgetRule.from_knots([table[layer] for table in by_length], knots)
+
+    def rule(self, layer: int) -> BudgetRule:
+        """Layer's KV-head budgets as a rule in the block count (what the sparse backend runs)."""
+        return self._rule_of(self.kv_budget_by_length, self.kv_budget, layer)
+
+    def need_rule(self, layer: int) -> BudgetRule:
+        """The same for the layer's query heads' own needs."""
+        return self._rule_of(self.head_need_by_length, self.head_need, layer)
+
+    def fractions_at(self, context: int, query_heads: bool = False) -> list[list[float]]:
+        """[layer][head] budget fractions at `context` tokens (rounded up to blocks, clamped as
+        the backend does): KV heads, or the query heads' needs."""
+        from fapool.sparse.selection import budget_blocks
+
+        nb = -(-context // self.block_size)
+        rule = self.need_rule if query_heads else self.rule
+        return [
+            [int(k) / nb for k in budget_blocks(rule(layer), nb, self.min_blocks)] for layer in range(self.num_layers)
+        ]
+
+    def mean_budget_at(self, context: int) -> float:
+        table = self.fractions_at(context)
+        return sum(map(sum, table)) / (self.num_layers * self.num_kv_heads)
 
     @property
     def mean_budget(self) -> float:
+        """Mean KV-head budget fraction (at the shortest calibrated length for a length rule)."""
         return sum(map(sum, self.kv_budget)) / (self.num_layers * self.num_kv_heads)
 
     def uniform(self, frac: float | None = None) -> SparseProfile:
-        """The same profile with every head at one budget (default: this profile's mean, the
-        uniform budget of the same total)."""
-        f = self.mean_budget if frac is None else frac
+        """The same profile with every head of every layer at one budget (default: this
+        profile's mean, the uniform budget of the same total; for a length rule, the mean at
+        each calibrated length, so the total matches at every length)."""
+        def flat(table: list[list[float]], f: float | None) -> list[list[float]]:
+            mean = sum(map(sum, table)) / (self.num_layers * self.num_kv_heads) if f is None else f
+            return [[mean] * self.num_kv_heads for _ in range(self.num_layers)]
+
+        by_length = [flat(t, frac) for t in self.kv_budget_by_length]
         return SparseProfile(
-            **{**asdict(self), "kv_budget": [[f] * self.num_kv_heads for _ in range(self.num_layers)]}
+            **{
+                **asdict(self),
+                "kv_budget": by_length[0] if by_length else flat(self.kv_budget, frac),
+                "kv_budget_by_length": by_length,
+            }
         )
 
     @classmethod
@@ -73,7 +143,11 @@ class SparseProfile:
         """Budgets for another target recall from the stored recall curves (no model run)."""
         if not self.recall:
             raise ValueError("this profile has no recall curves to retarget")
-        kv, need = choose_budgets(self.recall, self.grid, target, self.num_heads // self.num_kv_heads)
+        group = self.num_heads // self.num_kv_heads
+        kv, need = choose_budgets(self.recall, self.grid, target, group)
+        by_length = [choose_budgets(r, self.grid, target, group) for r in self.recall_by_length]
+        if by_length:  # kv_budget / head_need are the shortest length's
+            kv, need = by_length[0]
         calibration = {
             k: v
             for k, v in self.calibration.items()
@@ -85,6 +159,8 @@ class SparseProfile:
                 "target_recall": target,
                 "kv_budget": kv,
                 "head_need": need,
+                "kv_budget_by_length": [b[0] for b in by_length],
+                "head_need_by_length": [b[1] for b in by_length],
                 "calibration": {**calibration, "retargeted_from": self.target_recall},
             }
         )
@@ -98,9 +174,9 @@ class SparseProfile:
     def load(cls, path: str) -> SparseProfile:
         with open(path) as f:
             data = json.load(f)
-        if data.get("version") != PROFILE_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{path}: sparse profile version {data.get('version')}, expected {PROFILE_VERSION}"
+                f"{path}: sparse profile version {data.get('version')}, expected one of {READABLE_VERSIONS}"
             )
         return cls(**data)
 

@@ -20,6 +20,7 @@ tokens, including the partial one). A budget of k blocks is those plus the k - 2
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -27,15 +28,86 @@ NUM_SINK_BLOCKS = 1
 NUM_RECENT_BLOCKS = 1
 
 
-def budget_blocks(frac: torch.Tensor, num_blocks: int, min_blocks: int) -> torch.Tensor:
-    """Budget fraction per head -> blocks per head for a sequence of `num_blocks` blocks:
-    ceil(frac * num_blocks), at least min_blocks, at most num_blocks. (int64, same shape)."""
-    k = torch.ceil(frac.double() * num_blocks - 1e-6).long()  # 1e-6: float32 fractions
+@dataclass(frozen=True)
+class BudgetRule:
+    """Blocks each KV head attends over as a function of the sequence's block count nb.
+
+    Up to the first knot a head takes a fixed fraction of the blocks, k = frac * nb; from knot
+    j on, k = knot_k[j] + (nb - knot_nb[j]) * slope[j] (piecewise linear through the knots,
+    the last segment's slope carried past the last knot). With no knots it is the plain
+    fraction rule. All float64; `budget_blocks` rounds up and clamps. The selection kernel
+    evaluates the same expression in the same order (fapool.sparse.triton_select), so the
+    two agree exactly.
+
+    Why knots: the share of blocks a head needs falls as the context grows (the mass sits on
+    a few sinks, the recent tokens and a handful of far blocks, not on a fixed share of the
+    whole), so a fraction calibrated at 2K over-spends at 32K. A profile calibrated at several
+    lengths gives the knots (SparseProfile.rule)."""
+
+    frac: torch.Tensor  # [H] fraction of blocks below the first knot
+    knot_nb: torch.Tensor  # [J] block counts of the knots, ascending (J may be 0)
+    knot_k: torch.Tensor  # [H, J] blocks at each knot (non-decreasing in j)
+    slope: torch.Tensor  # [H, J] blocks per extra block after knot j (>= 0)
+
+    @classmethod
+    def fractions(cls, frac) -> BudgetRule:
+        f = torch.as_tensor(frac, dtype=torch.float64).reshape(-1)
+        empty = torch.zeros(f.numel(), 0, dtype=torch.float64)
+        return cls(f, torch.zeros(0, dtype=torch.float64), empty, empty.clone())
+
+    @classmethod
+    def from_knots(cls, fracs_at: list[list[float]], knot_nb: list[float]) -> BudgetRule:
+        """fracs_at [J][H]: each head's budget fraction at knot j (block count knot_nb[j])."""
+        x = torch.tensor(knot_nb, dtype=torch.float64)
+        if x.numel() == 0 or bool((x[1:] <= x[:-1]).any()):
+            raise ValueError(f"knot block counts must be ascending and non-empty, got {knot_nb}")
+        f = torch.tensor(fracs_at, dtype=torch.float64)  # [J, H]
+        # Blocks at each knot, made non-decreasing: a longer context never gets fewer blocks.
+        y = torch.cummax(f * x[:, None], dim=0).values.T.contiguous()  # [H, J]
+        if x.numel() == 1:
+            return cls.fractions(f[0])
+        seg = (y[:, 1:] - y[:, :-1]) / (x[1:] - x[:-1])  # [H, J-1]
+        slope = torch.cat([seg, seg[:, -1:]], dim=1)  # past the last knot: the last segment's
+        return cls(f[0].contiguous(), x, y, slope.contiguous())
+
+    @property
+    def num_heads(self) -> int:
+        return self.frac.numel()
+
+    def raw(self, nb: torch.Tensor) -> torch.Tensor:
+        """Unrounded blocks: nb [...] (any integer/float) -> [..., H] float64."""
+        n = nb.double().unsqueeze(-1)
+        val = self.frac.to(n.device) * n
+        for j in range(self.knot_nb.numel()):
+            x = float(self.knot_nb[j])
+            y, s = self.knot_k[:, j].to(n.device), self.slope[:, j].to(n.device)
+            val = torch.where(n > x, y + (n - x) * s, val)
+        return val
+
+    def to(self, device) -> BudgetRule:
+        return BudgetRule(*(t.to(device) for t in (self.frac, self.knot_nb, self.knot_k, self.slope)))
+
+
+def _as_rule(budget) -> BudgetRule:
+    return budget if isinstance(budget, BudgetRule) else BudgetRule.fractions(budget)
+
+
+def budget_blocks(frac: torch.Tensor | BudgetRule, num_blocks: int, min_blocks: int) -> torch.Tensor:
+    """Budget per head (fractions [H] or a BudgetRule) -> blocks per head for a sequence of
+    `num_blocks` blocks: ceil(rule), at least min_blocks, at most num_blocks. (int64 [H])."""
+    raw = _as_rule(frac).raw(torch.tensor(num_blocks))
+    k = torch.ceil(raw - 1e-6).long()  # 1e-6: float32 fractions
     return k.clamp(min=min(min_blocks, num_blocks), max=num_blocks)
 
 
 def budget_blocks_scalar(frac: float, num_blocks: int, min_blocks: int) -> int:
     return max(min(min_blocks, num_blocks), min(num_blocks, math.ceil(frac * num_blocks - 1e-6)))
+
+
+def max_budget_blocks(budget: torch.Tensor | BudgetRule, num_blocks: int, min_blocks: int) -> int:
+    """The largest head's blocks at `num_blocks` (rules are monotone in nb: the cap of any
+    narrower row too)."""
+    return int(budget_blocks(budget, num_blocks, min_blocks).max())
 
 
 def block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -69,12 +141,14 @@ def block_order(score: torch.Tensor, num_visible: torch.Tensor) -> torch.Tensor:
 
 
 def budget_blocks_batched(
-    frac: torch.Tensor, num_kv: torch.Tensor, block_size: int, min_blocks: int
+    frac: torch.Tensor | BudgetRule, num_kv: torch.Tensor, block_size: int, min_blocks: int
 ) -> torch.Tensor:
     """budget_blocks for every sequence at once, on the device, without a host sync:
-    frac [H] fractions, num_kv [B] visible KV entries -> [B, H] int64 blocks (0 for empty rows)."""
-    nb = ((num_kv.long() + block_size - 1) // block_size).view(-1, 1)
-    k = torch.ceil(frac.double().view(1, -1) * nb.double() - 1e-6).long()
+    frac [H] fractions (or a BudgetRule), num_kv [B] visible KV entries -> [B, H] int64
+    blocks (0 for empty rows)."""
+    nb = (num_kv.long() + block_size - 1) // block_size  # [B]
+    k = torch.ceil(_as_rule(frac).to(nb.device).raw(nb) - 1e-6).long()
+    nb = nb.view(-1, 1)
     return torch.minimum(torch.maximum(k, nb.clamp(max=min_blocks)), nb)
 
 

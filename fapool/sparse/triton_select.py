@@ -13,7 +13,7 @@ in fapool.sparse.selection). It reads kmin/kmax once: 2 x N x D elements per (se
 head), 1/16 of what dense decode reads at block size 16. Scores go to a float32 scratch row.
 
 Stage 2 (_select_compact_kernel, grid B x Hkv, the whole row in registers): the budget k
-(given, or ceil(frac * nb) clamped as budget_blocks does), then block_order's rule without a
+(given, or a fraction / BudgetRule of nb, rounded and clamped as budget_blocks does), then block_order's rule without a
 sort: the sink and the most recent block, plus the m = k - 2 best others. The m-th largest
 score is found by a radix search over its order-preserving int32 key: the largest t with
 count(key >= t) >= m, the sign first, then 4 bits a pass (3 in the last) from 15 counts taken
@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fapool.sparse.selection import BudgetRule
 
 SCORE_TILE = 64  # blocks per stage-1 program: 2 x 64 x D summaries (32 KB at D 128, bf16)
 # Padded row length up to which stage 2 counts 4 bits a pass. Off: on an H200 (sparse_gpu-20261201T225315)
@@ -130,10 +132,14 @@ def _select_compact_kernel(
     QPOS,
     KV0,
     BUDGET,
+    KNOT_NB,
+    KNOT_K,
+    SLOPE,
     PAGES,
     LENS,
     max_pages,
     min_blocks,
+    stride_kh,
     stride_ob,
     stride_oh,
     stride_bt,
@@ -145,6 +151,7 @@ def _select_compact_kernel(
     PAGE: tl.constexpr,
     NPAD: tl.constexpr,
     FROM_FRAC: tl.constexpr,
+    NKNOT: tl.constexpr,
     CLIP: tl.constexpr,
     RADIX4: tl.constexpr,
 ):
@@ -152,10 +159,17 @@ def _select_compact_kernel(
     kvh = tl.program_id(1)
     n_kv = _visible(N_KV, QPOS, KV0, seq, CLIP)
     nb = (n_kv + PAGE - 1) // PAGE
-    if FROM_FRAC:  # budget_blocks: ceil(frac * nb - 1e-6) in float64, clamped
+    if FROM_FRAC:  # budget_blocks: BudgetRule.raw in float64, ceil(raw - 1e-6), clamped
         frac = tl.load(BUDGET + kvh * stride_gh)
+        nbf = nb.to(tl.float64)
+        raw = frac * nbf
+        for j in tl.static_range(NKNOT):  # the piecewise-linear knots, in BudgetRule.raw's order
+            x = tl.load(KNOT_NB + j)
+            y = tl.load(KNOT_K + kvh * stride_kh + j)
+            sl = tl.load(SLOPE + kvh * stride_kh + j)
+            raw = tl.where(nbf > x, y + (nbf - x) * sl, raw)
         eps = tl.full([], 1e-6, tl.float64)  # a bare 1e-6 would be a float32 constant
-        k = tl.math.ceil(frac * nb.to(tl.float64) - eps).to(tl.int32)
+        k = tl.math.ceil(raw - eps).to(tl.int32)
         k = tl.maximum(k, tl.minimum(min_blocks, nb))
     else:
         k = tl.load(BUDGET + seq * stride_gb + kvh * stride_gh).to(tl.int32)
@@ -267,7 +281,7 @@ def select_blocks_triton(
     kmax: torch.Tensor,
     block_tables: torch.Tensor,  # [B, W] int32
     n_kv: torch.Tensor,  # [B] int32 visible KV entries (0: an empty row, e.g. graph padding)
-    budgets: torch.Tensor,  # [B, Hkv] int blocks, or [Hkv] float64 fractions
+    budgets: torch.Tensor | BudgetRule,  # [B, Hkv] int blocks, [Hkv] float64 fractions, or a rule
     block_size: int,
     max_pages: int | None = None,
     min_blocks: int = 4,
@@ -279,8 +293,9 @@ def select_blocks_triton(
     A row sees n_kv entries, or with query_pos_start and kv_start (an AttentionMetadata's, for
     its one-query rows) min(n_kv, query_pos_start - kv_start + 1), computed in the kernels.
 
-    budgets: blocks per (sequence, KV head), or per-KV-head fractions (float64) turned into
-    blocks in the kernel exactly as budget_blocks(frac, nb, min_blocks) does. A row takes
+    budgets: blocks per (sequence, KV head), or per-KV-head fractions (float64) or a
+    BudgetRule (on q's device) turned into blocks in the kernel exactly as
+    budget_blocks(rule, nb, min_blocks) does. A row takes
     min(k, nb, max_pages) blocks; max_pages (<= W, default W) is the table width the decode
     sees (the largest budget is enough).
     Preconditions not checked (they would need a sync): n_kv <= W * block_size."""
@@ -313,6 +328,9 @@ def select_blocks_triton(
                 raise ValueError(
                     f"{name} must be contiguous int32 [{num_seqs}], got {t.dtype} {tuple(t.shape)}"
                 )
+    rule = budgets if isinstance(budgets, BudgetRule) else None
+    if rule is not None:
+        budgets = rule.frac
     from_frac = budgets.is_floating_point()
     want = (num_kv_heads,) if from_frac else (num_seqs, num_kv_heads)
     if tuple(budgets.shape) != want:
@@ -334,6 +352,13 @@ def select_blocks_triton(
     clip = query_pos_start is not None
     npad = max(16, triton.next_power_of_2(width))
     stride_gb, stride_gh = (0, budgets.stride(0)) if from_frac else budgets.stride()
+    num_knots = 0 if rule is None else rule.knot_nb.numel()
+    if num_knots:
+        if rule.knot_k.shape != (num_kv_heads, num_knots) or rule.slope.stride() != rule.knot_k.stride():
+            raise ValueError(f"budget rule knots must be [{num_kv_heads}, {num_knots}] with equal strides")
+        knot_nb, knot_k, slope = (t.to(q.device, torch.float64) for t in (rule.knot_nb, rule.knot_k, rule.slope))
+    else:
+        knot_nb = knot_k = slope = budgets  # not read
     _select_compact_kernel[(num_seqs, num_kv_heads)](
         score,
         block_tables,
@@ -341,10 +366,14 @@ def select_blocks_triton(
         query_pos_start if clip else n_kv,
         kv_start if clip else n_kv,
         budgets,
+        knot_nb,
+        knot_k,
+        slope,
         pages,
         lens,
         max_pages,
         min_blocks,
+        knot_k.stride(0) if num_knots else 0,
         score.stride(0),
         score.stride(1),
         block_tables.stride(0),
@@ -356,6 +385,7 @@ def select_blocks_triton(
         PAGE=block_size,
         NPAD=npad,
         FROM_FRAC=from_frac,
+        NKNOT=num_knots,
         CLIP=clip,
         RADIX4=npad <= RADIX4_MAX_ROW,
         num_warps=min(16, max(4, npad // 512)),  # ~16 row entries a thread

@@ -2,6 +2,7 @@
 (skipped elsewhere) the Triton path through the engine with CUDA graphs."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -79,16 +80,76 @@ def test_calibration_recall_curves(llama_folder):
     model, _, _ = load_model(llama_folder, TorchReferenceBackend())
     windows = random_prompts([96, 96], seed=7)
     grid = [0.1, 0.25, 0.5, 0.75, 1.0]
-    recall = calibrate(model, windows, block_size=4, grid=grid, min_blocks=2, min_pos=32, stride=8, chunk=40)
-    assert recall.shape == (2, 2, 4, 5)
+    curves = calibrate(model, windows, block_size=4, grid=grid, min_blocks=2, min_pos=32, stride=8, chunk=40)
+    recall = curves.recall
+    assert recall.shape == (2, 1, 2, 4, 5)  # windows, one length bin, layers, query heads, grid
+    assert curves.positions.tolist() == [[8.0], [8.0]]  # positions 32, 40, ..., 88
     assert torch.all(recall[..., 1:] >= recall[..., :-1] - 1e-6)  # more blocks, more mass
-    torch.testing.assert_close(recall[..., -1], torch.ones(2, 2, 4))
+    torch.testing.assert_close(recall[..., -1], torch.ones(2, 1, 2, 4))
     assert bool((recall > 0).all())
     # the recorder left the model's own backends in place
     assert all(isinstance(layer.self_attn.backend, TorchReferenceBackend) for layer in model.model.layers)
-    profile = build_profile(recall, grid, 0.9, 2, 4, 2, "tiny", {})
+    profile = build_profile(curves, grid, 0.9, 2, 4, 2, "tiny", {})
     assert profile.num_layers == 2 and all(f in grid for row in profile.kv_budget for f in row)
-    assert "stability_pearson_halves" in profile.calibration
+    assert profile.lengths == [] and "stability_pearson_halves" in profile.calibration
+
+
+def test_calibration_by_length_gives_a_length_rule(llama_folder, tmp_path):
+    """Bins split the positions by context; the profile then holds budgets per bin, the rule
+    interpolates between them, and one bin's curves pooled equal the unbinned run."""
+    model, _, _ = load_model(llama_folder, TorchReferenceBackend())
+    windows = random_prompts([96, 96, 96], seed=8)
+    grid = [0.1, 0.25, 0.5, 0.75, 1.0]
+    kw = dict(block_size=4, grid=grid, min_blocks=2, min_pos=16, stride=4, chunk=40)
+    binned = calibrate(model, windows, bins=[16, 32, 64], **kw)
+    flat = calibrate(model, windows, **kw)
+    assert binned.recall.shape == (3, 3, 2, 4, 5)
+    assert binned.positions[0].tolist() == [4.0, 8.0, 8.0]  # 16..28, 32..60, 64..92 step 4
+    torch.testing.assert_close(binned.pooled(), flat.pooled())
+    profile = build_profile(binned, grid, 0.9, 2, 4, 2, "tiny", {})
+    assert len(profile.lengths) == 3 and profile.lengths == sorted(profile.lengths)
+    assert profile.lengths[0] == pytest.approx((17 + 21 + 25 + 29) / 4)  # mean context of bin 0
+    assert profile.kv_budget == profile.kv_budget_by_length[0]
+    assert len(profile.calibration["mean_budget_by_length"]) == 3
+    profile.save(str(tmp_path / "p.json"))
+    again = SparseProfile.load(str(tmp_path / "p.json"))
+    assert again == profile
+    # At each calibrated length the rule gives that bin's budget (to block rounding).
+    for j, length in enumerate(profile.lengths):
+        nb = length / 4
+        raw = profile.rule(1).raw(torch.tensor(nb))
+        want = torch.tensor(profile.kv_budget_by_length[j][1], dtype=torch.float64) * nb
+        assert torch.all(raw >= want - 1e-9)  # never below (blocks are made non-decreasing)
+    retargeted = profile.retarget(0.8)
+    assert len(retargeted.kv_budget_by_length) == 3
+    assert retargeted.kv_budget == retargeted.kv_budget_by_length[0]
+    assert all(
+        a <= b for t8, t9 in zip(retargeted.kv_budget_by_length, profile.kv_budget_by_length)
+        for r8, r9 in zip(t8, t9) for a, b in zip(r8, r9)
+    )
+
+
+def test_length_rule_profiles_are_validated():
+    table = [[0.5, 0.25], [0.5, 0.5]]
+    with pytest.raises(ValueError, match="one table per calibrated length"):
+        SparseProfile("m", 16, 0.9, 4, 2, 4, 2, table, lengths=[512.0])
+    with pytest.raises(ValueError, match="ascending"):
+        SparseProfile("m", 16, 0.9, 4, 2, 4, 2, table, lengths=[512.0, 256.0], kv_budget_by_length=[table, table])
+    with pytest.raises(ValueError, match="shortest"):
+        SparseProfile("m", 16, 0.9, 4, 2, 4, 2, table, lengths=[256.0, 512.0],
+                      kv_budget_by_length=[[[0.5, 0.5]] * 2, table])
+
+
+def test_uniform_of_a_length_rule_keeps_the_total_at_each_length():
+    short, long = [[0.5, 0.25], [0.75, 0.5]], [[0.25, 0.125], [0.25, 0.25]]
+    p = SparseProfile("m", 16, 0.9, 4, 2, 4, 2, short, lengths=[1024.0, 4096.0], kv_budget_by_length=[short, long])
+    u = p.uniform()
+    assert u.kv_budget_by_length == [[[0.5, 0.5]] * 2, [[0.21875, 0.21875]] * 2]
+    for ctx in (1024, 4096):
+        assert u.mean_budget_at(ctx) == pytest.approx(p.mean_budget_at(ctx), abs=2 / (ctx / 16))
+    # Between the lengths the block count is interpolated, past them it keeps the last slope.
+    assert p.fractions_at(2048)[0][0] == math.ceil(32 + (128 - 64) * (64 - 32) / (256 - 64)) / 128
+    assert p.fractions_at(16384)[1][0] < p.fractions_at(4096)[1][0]
 
 
 def test_cli_has_calibrate_heads_and_flag():

@@ -17,6 +17,7 @@ import torch
 from fapool.attention import TorchReferenceBackend
 from fapool.attention.sparse import SparseAttentionBackend
 from fapool.sparse.selection import (
+    BudgetRule,
     budget_blocks,
     budget_blocks_batched,
     compact_selection,
@@ -110,6 +111,42 @@ def test_fraction_budgets_match_budget_blocks(seed):
         assert torch.equal(budgets[s], budget_blocks(frac, math.ceil(n / BS), 3))
     ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets.to(DEVICE), BS)
     assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+
+
+@needs_triton
+def test_rule_budgets_in_the_kernel_match_budget_blocks():
+    """A length rule (knots at 10 and 30 blocks, one head's blocks flat past the first knot)
+    is evaluated in the kernel exactly as budget_blocks(rule) does, on rows below, between
+    and past the knots."""
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    n_kv = [1, 17, 100, 160, 161, 320, 481, 767]
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 12, 4, 32, 48, torch.float16, seed=9)
+    rule = BudgetRule.from_knots([[0.5, 0.3, 1 / 3, 0.9], [0.2, 0.1, 0.3, 0.6]], [10.0, 30.0])
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, rule.to(DEVICE), BS, min_blocks=3)
+    budgets = budget_blocks_batched(rule, torch.tensor(n_kv), BS, 3)
+    for s, n in enumerate(n_kv):
+        assert torch.equal(budgets[s], budget_blocks(rule, math.ceil(n / BS), 3))
+    ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets.to(DEVICE), BS)
+    assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+
+
+def test_budget_rule_through_its_knots():
+    # Head 0: 0.5 at 64 blocks (32), 0.25 at 256 (64): interpolated, then slope 1/6 beyond.
+    # Head 1: 0.5 at 64 (32), 0.1 at 256 (25.6 -> held at 32: never fewer blocks when longer).
+    rule = BudgetRule.from_knots([[0.5, 0.5], [0.25, 0.1]], [64.0, 256.0])
+    raw = lambda nb: rule.raw(torch.tensor(float(nb))).tolist()  # noqa: E731
+    assert raw(32) == [16.0, 16.0]  # below the first knot: its fraction
+    assert raw(64) == [32.0, 32.0] and raw(256) == [64.0, 32.0]
+    assert raw(160) == pytest.approx([48.0, 32.0])
+    assert raw(512) == pytest.approx([64.0 + 256 / 6, 32.0])
+    ks = [budget_blocks(rule, nb, 4) for nb in range(1, 700)]
+    assert all(bool((b >= a).all()) for a, b in zip(ks, ks[1:]))  # monotone in the length
+    one = BudgetRule.from_knots([[0.3, 0.7]], [100.0])  # one knot: the plain fraction rule
+    for nb in range(1, 300):
+        assert torch.equal(budget_blocks(one, nb, 4), budget_blocks(torch.tensor([0.3, 0.7], dtype=torch.float64), nb, 4))
+    with pytest.raises(ValueError, match="ascending"):
+        BudgetRule.from_knots([[0.5], [0.4]], [64.0, 64.0])
 
 
 @needs_triton
