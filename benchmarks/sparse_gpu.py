@@ -218,9 +218,17 @@ def legacy_select_step(layers, budgets, n_max, k_top):
 # --- budgets ----------------------------------------------------------------------------------
 
 
-def layer_fracs(profile, layers: list[int], hkv: int) -> list[list[float]]:
-    """Adaptive budgets of the benchmark layers: KV head h of layer l <- need of query head h."""
-    return [[float(x) for x in profile.head_need[layer][:hkv]] for layer in layers]
+def layer_fracs(profile, layers: list[int], hkv: int, ctx: int) -> list[list[float]]:
+    """Adaptive budgets of the benchmark layers at `ctx` tokens: KV head h of layer l <- need of
+    query head h (for a length-rule profile, its rule's share at ctx; past the longest
+    calibrated length that is the rule's extrapolation)."""
+    need = profile.fractions_at(ctx, query_heads=True) if profile.lengths else profile.head_need
+    return [[float(x) for x in need[layer][:hkv]] for layer in layers]
+
+
+def kv_fracs(profile, layers: list[int], ctx: int) -> list[list[float]]:
+    table = profile.fractions_at(ctx) if profile.lengths else profile.kv_budget
+    return [[float(x) for x in table[layer]] for layer in layers]
 
 
 def scaled(fracs: list[list[float]], mean: float) -> list[list[float]]:
@@ -344,9 +352,9 @@ def part_latency(cfg, profile, batch, ctx, timer, kv_budget: bool = False) -> di
     mb = profile.min_blocks
     hkv = cfg.heads[1]
     if kv_budget:
-        adaptive = [[float(x) for x in profile.kv_budget[layer]] for layer in cfg.layers]
+        adaptive = kv_fracs(profile, cfg.layers, ctx)
     else:
-        adaptive = layer_fracs(profile, cfg.layers, hkv)
+        adaptive = layer_fracs(profile, cfg.layers, hkv, ctx)
     uniform = [[sum(row) / len(row)] * len(row) for row in adaptive]
     row: dict = {
         "batch": batch,
@@ -354,6 +362,12 @@ def part_latency(cfg, profile, batch, ctx, timer, kv_budget: bool = False) -> di
         "layers_per_call": num,
         "shape": "Hq {}, Hkv {}, D {}".format(*cfg.heads),
         "budgets": "profile kv_budget" if kv_budget else "profile head_need of query heads 0..Hkv-1",
+        "budget_rule": (
+            f"length rule, calibrated at {[round(x) for x in profile.lengths]} tokens"
+            + (" (extrapolated past the last)" if profile.lengths and ctx > profile.lengths[-1] else "")
+            if profile.lengths
+            else "one fraction per head"
+        ),
     }
 
     def fr(fracs):
@@ -477,7 +491,7 @@ def part_placement(cfg, profile, timer) -> dict:
     layers = [
         make_layer(batch, ctx, 200 + i, cfg.device, cfg.dtype, *cfg.heads) for i in range(len(cfg.layers))
     ]
-    fracs = layer_fracs(profile, cfg.layers, hkv)
+    fracs = layer_fracs(profile, cfg.layers, hkv, ctx)
     blocks = [b.tolist() for b in blocks_of(fracs, nb, profile.min_blocks)]
     weights = head_weights(blocks)  # one placement for every layer, as the placement hook does
     cache: dict[tuple, float] = {}
@@ -564,6 +578,7 @@ def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: 
         "batch": batch,
         "decode_steps": steps,
         "profile_mean_kv_budget": round(profile.mean_budget, 4),
+        "profile_mean_kv_budget_at_context": {c: round(profile.mean_budget_at(c), 4) for c in contexts},
         "timing": "tpot_ms: median engine step with async scheduling; graph_replay_ms: GPU time of "
         "the step's CUDA graph; attention_us: the graph's attention kernels (KV write, summaries, "
         "selection, decode) by torch.profiler",
@@ -707,6 +722,7 @@ def main() -> None:
         "shape": f"Hq {cfg.heads[0]}, Hkv {cfg.heads[1]}, D {cfg.heads[2]}, {cfg.dtype}, block {BS}",
         "profile": os.path.relpath(args.profile, os.path.join(HERE, "..")),
         "profile_min_blocks": profile.min_blocks,
+        "profile_lengths": profile.lengths,
         "layers": cfg.layers,
         "timing": "CUDA graph replays (and eager where named), L2 flushed per call, median, us per layer",
         "dry_run": dry,

@@ -40,7 +40,7 @@ import torch
 
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
-from fapool.sparse.selection import BudgetRule, block_order, budget_blocks, max_budget_blocks
+from fapool.sparse.selection import BudgetRule, block_order, budget_blocks_batched, max_budget_blocks
 
 
 class SparseAttentionBackend(AttentionBackend):
@@ -136,17 +136,18 @@ class SparseAttentionBackend(AttentionBackend):
         q_pos = meta.query_pos_start.tolist()
         kv_start = meta.kv_start.tolist()
         starts = meta.query_start_loc.tolist()
-        seqs, n_kv, budgets = [], [], []
+        rows, visible = [], []
         for s, (n_q, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.kv_lens_cpu)):
-            if n_q != 1 or kv_len <= 0:
-                continue
-            visible = min(kv_len, q_pos[s] - kv_start[s] + 1)
-            num_blocks = -(-visible // block_size)
-            k = budget_blocks(self.budget, num_blocks, self.min_blocks)
-            if visible > 0 and int(k.min()) < num_blocks:
-                seqs.append(s)
-                n_kv.append(visible)
-                budgets.append(k)
+            if n_q == 1 and kv_len > 0 and min(kv_len, q_pos[s] - kv_start[s] + 1) > 0:
+                rows.append(s)
+                visible.append(min(kv_len, q_pos[s] - kv_start[s] + 1))
+        # Budgets of all decode rows at once; a row goes sparse if some head skips a block.
+        k_all = budget_blocks_batched(self.budget, torch.tensor(visible, dtype=torch.long), block_size, self.min_blocks)
+        num_blocks = [-(-v // block_size) for v in visible]
+        sparse = [i for i, nb in enumerate(num_blocks) if int(k_all[i].min()) < nb] if rows else []
+        seqs = [rows[i] for i in sparse]
+        n_kv = [visible[i] for i in sparse]
+        budgets = list(k_all[sparse]) if sparse else []
         if not seqs:
             return self.dense.forward(query, k_cache, v_cache, meta, scale)
 
