@@ -87,13 +87,17 @@ class PoolOverheads:
           worker_call_s + worker_per_seq_s * sequences in the call   (beyond the attention
           roofline: unpacking the message, writing K/V, packing the reply)
       the pool driver, per layer:
-          driver_mb_s * micro-batches + driver_route_s * (micro-batch, worker) routes
-          (the micro-batch generators, packing queries, posting sends / receives, merging
-          the partials) and driver_step_s a step (step plans out, worker reports back)."""
+          driver_mb_s * micro-batches (the micro-batch generators, each a yield a layer)
+          + driver_pool_mb_s * micro-batches that send to the pool (posting the exchange,
+            the merge)
+          + driver_route_s * (micro-batch, worker) routes (packing and sending each worker's
+            share, unpacking its partial)
+          and driver_step_s a step (step plans out, worker reports back)."""
 
     worker_call_s: float = 0.0
     worker_per_seq_s: float = 0.0
     driver_mb_s: float = 0.0
+    driver_pool_mb_s: float = 0.0
     driver_route_s: float = 0.0
     driver_step_s: float = 0.0
 
@@ -106,9 +110,13 @@ class PoolOverheads:
         """Worker seconds of `calls` calls over `seqs` sequences in all (arrays allowed)."""
         return self.worker_call_s * calls + self.worker_per_seq_s * seqs
 
-    def driver_layer(self, micro_batches: float, routes: float) -> float:
+    def driver_layer(self, micro_batches: float, pool_micro_batches: float, routes: float) -> float:
         """Driver seconds a layer beyond its dense work, over all its micro-batches."""
-        return self.driver_mb_s * micro_batches + self.driver_route_s * routes
+        return (
+            self.driver_mb_s * micro_batches
+            + self.driver_pool_mb_s * pool_micro_batches
+            + self.driver_route_s * routes
+        )
 
 
 def contention_stretch(busy_processes: int, cores: int | None) -> float:

@@ -253,13 +253,14 @@ class FAPool(Strategy):
         n_mb = max(1, min(2 if self.overlap else 1, len(active)))
         return [g for g in np.array_split(active, n_mb) if len(g)]
 
-    def pool_calls(self, b: StepBatch, ledger: PoolLedger) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def pool_calls(self, b: StepBatch, ledger: PoolLedger) -> tuple[np.ndarray, np.ndarray, int, int, int]:
         """What one layer asks of the pool's machinery: per worker the calls (micro-batches
         with work there) and the sequences in them, the driver's (micro-batch, worker) routes,
-        and the micro-batch count."""
+        the micro-batches with at least one route, and the micro-batch count."""
         P = self.pool_size
         mbs = self.micro_batches(b)
         calls, seqs = np.zeros(P), np.zeros(P)
+        pool_mbs = 0
         pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
         for idx in mbs:
             if self.placement == "head":
@@ -271,7 +272,8 @@ class FAPool(Strategy):
                 on = held.any(axis=0)
                 seqs += held.sum(axis=0)
             calls += on
-        return calls, seqs, int(calls.sum()), len(mbs)
+            pool_mbs += bool(on.any())
+        return calls, seqs, int(calls.sum()), pool_mbs, len(mbs)
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger: PoolLedger) -> StepCost:
         m = cost.model
@@ -316,11 +318,11 @@ class FAPool(Strategy):
         pool_used = bool(attn_w.any())
         driver_extra = step_extra = 0.0
         if overheads is not None and P:
-            calls, seqs, routes, n_mb = self.pool_calls(b, ledger)
+            calls, seqs, routes, pool_mbs, n_mb = self.pool_calls(b, ledger)
             if not pool_used:
-                routes, n_mb = 0, 1  # the simulator prices a pool-free step as one micro-batch
+                routes, pool_mbs, n_mb = 0, 0, 1  # the simulator prices a pool-free step as one micro-batch
             attn_w = attn_w + overheads.worker_calls(calls, seqs)
-            driver_extra = overheads.driver_layer(n_mb, routes)
+            driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
             step_extra = overheads.driver_step_s if pool_used else 0.0
         if pool_used:
             # CPU: processes busy at once beyond the cores share them. Without overlap the
