@@ -275,6 +275,30 @@ class FAPool(Strategy):
             pool_mbs += bool(on.any())
         return calls, seqs, int(calls.sum()), pool_mbs, len(mbs)
 
+    def machinery(self, cost: CostModel, attn_w, calls, seqs, routes: float, pool_mbs: float, n_mb: float):
+        """(worker seconds a layer, driver extra a layer, driver extra a step) of a step that
+        uses the pool, from the roofline attention `attn_w` per worker and a layer: adds the
+        calibrated PoolOverheads (when the profile has them) for `calls` / `seqs` per worker,
+        the driver's micro-batches and routes, then CPU core contention. Shared by the
+        simulator and the planner."""
+        attn_w = np.asarray(attn_w, dtype=np.float64)
+        overheads = cost.hw.pool
+        driver_extra = step_extra = 0.0
+        if overheads is not None:
+            attn_w = attn_w + overheads.worker_calls(calls, seqs)
+            driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
+            step_extra = overheads.driver_step_s
+        # CPU: processes busy at once beyond the cores share them. Without overlap the driver
+        # waits while the workers attend; with it, it computes beside them and loses the
+        # cores' share they take (its work done later: (s - 1) x the busiest worker's).
+        busy_at_once = int((attn_w > 0).sum()) + (self.base_tp if self.overlap else 0)
+        stretch = contention_stretch(busy_at_once, cost.hw.cpu_cores)
+        if stretch > 1:
+            if self.overlap:
+                driver_extra += (stretch - 1) * float(attn_w.max())
+            attn_w = attn_w * stretch
+        return attn_w, driver_extra, step_extra
+
     def step_cost(self, cost: CostModel, b: StepBatch, ledger: PoolLedger) -> StepCost:
         m = cost.model
         L, tp = m.num_hidden_layers, self.base_tp
@@ -317,23 +341,15 @@ class FAPool(Strategy):
         same = self.num_gpus() <= cost.hw.gpus_per_node
         pool_used = bool(attn_w.any())
         driver_extra = step_extra = 0.0
-        if overheads is not None and P:
-            calls, seqs, routes, pool_mbs, n_mb = self.pool_calls(b, ledger)
-            if not pool_used:
-                routes, pool_mbs, n_mb = 0, 0, 1  # the simulator prices a pool-free step as one micro-batch
-            attn_w = attn_w + overheads.worker_calls(calls, seqs)
-            driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
-            step_extra = overheads.driver_step_s if pool_used else 0.0
         if pool_used:
-            # CPU: processes busy at once beyond the cores share them. Without overlap the
-            # driver waits while the workers attend; with it, it computes beside them and
-            # loses the cores' share they take (its work done later: (s - 1) x their work).
-            busy_at_once = int((attn_w > 0).sum()) + (tp if self.overlap else 0)
-            stretch = contention_stretch(busy_at_once, cost.hw.cpu_cores)
-            if stretch > 1:
-                if self.overlap:
-                    driver_extra += (stretch - 1) * float(attn_w.max())
-                attn_w = attn_w * stretch
+            calls = seqs = None
+            routes = pool_mbs = n_mb = 0
+            if overheads is not None:
+                calls, seqs, routes, pool_mbs, n_mb = self.pool_calls(b, ledger)
+            attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, calls, seqs, routes, pool_mbs, n_mb)
+        elif overheads is not None and P:
+            driver_extra = overheads.driver_layer(1, 0, 0)  # the engine's pool path, nothing remote
+        if pool_used:
             send_base = float(cost.p2p(q_bytes_w.sum() / tp, same))
             recv_base = float(cost.p2p(ret_bytes_w.sum() / tp, same))
             recv_w = np.asarray(cost.p2p(q_bytes_w, same))
