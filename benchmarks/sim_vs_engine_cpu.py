@@ -2,9 +2,11 @@
 multi-process attention pool (gloo), predicted vs measured decode step time.
 
 One run does everything here:
-  1. `fapool calibrate` on this CPU (torch threads 1, as the pool's processes use): kernel
-     rooflines, gloo send/recv and all-reduce, and the tiny-engine decode that fits the fixed
-     per-layer / per-step costs and the host model. Written beside the result JSON.
+  1. `fapool calibrate --pool` on this CPU (torch threads 1, as the pool's processes use):
+     kernel rooflines, gloo send/recv and all-reduce, the tiny-engine decode that fits the
+     fixed per-layer / per-step costs and the host model, and the tiny-engine pool run (one
+     worker) that fits the pool machinery's costs; the cores are recorded for the contention
+     model. Written beside the result JSON.
   2. The engine on the embedded SmolLM2-135M (float32) for each configuration: single
      process; pool shard x1 and x2 with 2 micro-batches (overlap); shard x1 and x2 with 1.
      `batch` prompts of `input_len` random tokens; after the prefill and a warm-up, each
@@ -16,7 +18,8 @@ One run does everything here:
 
     PYTHONPATH=. python benchmarks/sim_vs_engine_cpu.py [--batch 4 --input-len 96 ...]
 
-Nothing here is fitted to the engine rows: the calibration never sees SmolLM2 or the pool.
+Nothing here is fitted to the engine rows: the calibration never sees SmolLM2 (only its
+linear shapes in the GEMM grid) nor a pool of more than one worker.
 The measured step is reported as median and 20th percentile (the machine may be shared:
 other processes only ever add time); errors are against the median. Each engine process
 has one thread, and a pool of A workers runs A + 1 processes on the machine's cores.
@@ -95,6 +98,22 @@ def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
     }
 
 
+def gemm_probe(model_config, m: int = 4):
+    """A drift probe of the machine: seconds of the model's gate/up GEMM at m rows (operands
+    rotated past the caches, 20th percentile), as the calibration timed the same shape. The
+    ratio probe / calibration says how much slower the machine ran while the engine was
+    measured than while it was calibrated (memory bandwidth shared with other tenants)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fapool.sim.calibrate import _copies, _cycle, model_linear_shapes, time_op
+
+    n, k = model_linear_shapes(model_config)[2]
+    ws = [torch.randn(n, k) for _ in range(_copies(n * k * 4))]
+    a = torch.randn(m, k)
+    return {"m": m, "n": n, "k": k, "s": time_op(_cycle(lambda w: F.linear(a, w), ws), torch.device("cpu"))}
+
+
 def _merge(runs: list[dict]) -> dict:
     """One configuration's rounds as one measurement (all timed steps pooled)."""
     times = [t for r in runs for t in r["steps_s"]]
@@ -144,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from fapool.sim.validate import error_summary, predict_pool_cost, predict_pool_step, predict_tpot
 
     torch.set_num_threads(1)
+    load_start = os.getloadavg()
     out_dir = ns.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     model_config = load_model_config(resolve_model(ns.model))
@@ -152,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         cal_path = ns.calibration
         cal = load_calibration(cal_path)
     else:
-        cal = calibrate(device="cpu", threads=1, model=model_config, progress=lambda s: print(s, flush=True))
+        cal = calibrate(device="cpu", threads=1, model=model_config, pool=True, progress=lambda s: print(s, flush=True))
         cal_path = os.path.join(out_dir, f"sim_calibration_cpu-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
         write_calibration(cal, cal_path)
         cal = load_calibration(cal_path)
@@ -168,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, reference = [], None
     runs: dict[str, list[dict]] = {}
     beside: dict[str, list[dict]] = {}
+    probes = [gemm_probe(model_config)]
     single_name, *_ = (name for name, _ in configs(ns))
     with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20) as single:
         torch.set_num_threads(1)
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20, **extra) as llm:
                 torch.set_num_threads(1)
                 for _ in range(ns.repeats):
+                    probes.append(gemm_probe(model_config))
                     beside.setdefault(name, []).append(measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup))
                     runs.setdefault(name, []).append(measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup))
     runs[single_name] = [r for rs in beside.values() for r in rs]
@@ -245,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"predicted {[round(v * 1e3, 1) for v in predicted_parts['worker_busy_s']]} ms",
                 flush=True,
             )
+    cal_probe = [x["s"] for x in cal["samples"]["gemm"]
+                 if (x["m"], x["n"], x["k"]) == (probes[0]["m"], probes[0]["n"], probes[0]["k"])]
+    drift = {
+        "calibration_s": cal_probe[0] if cal_probe else None,
+        "during_measurement_s": [p_["s"] for p_ in probes],
+        "ratio_median": statistics.median(p_["s"] for p_ in probes) / cal_probe[0] if cal_probe else None,
+    }
+    if drift["ratio_median"]:
+        print(f"machine drift probe (gate/up GEMM, m=4): x{drift['ratio_median']:.2f} of the calibration's time "
+              f"(range x{min(drift['during_measurement_s']) / cal_probe[0]:.2f}..x{max(drift['during_measurement_s']) / cal_probe[0]:.2f})")
     s = error_summary(rows)
     s_p20 = error_summary([{**r, "rel_error": r["rel_error_vs_p20"]} for r in rows])
     print("vs median step:", s)
@@ -252,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "env": environment("cpu"),
         "load_average": os.getloadavg(),
+        "load_average_start": load_start,
+        "gemm_drift_probe": drift,
         "shapes": {
             "model": ns.model or "embedded SmolLM2-135M (float32)",
             "batch": ns.batch,

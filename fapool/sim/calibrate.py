@@ -11,6 +11,9 @@ What is timed:
   engine     a short decode of the real engine on a tiny model (fapool.sim.engine_calibrate):
              fixed device cost of a layer and of a step, and the host model (per step, per
              sequence, per cached token; eager launch cost on a GPU)
+  pool       CPU, with `pool=True` (`--pool`, and `--full`): the tiny model with one attention
+             worker (fapool.sim.pool_calibrate): the pool machinery's per-call and per-layer
+             costs (PoolOverheads). The cores the processes share are recorded as cpu_cores.
 
 On a GPU, kernels are timed as CUDA-graph replays (what the engine's decode steps are), so a
 small call's host launch does not stand in for its device time.
@@ -33,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from fapool.sim.errors import SimInputError
-from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile
+from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads
 
-SCHEMA = 2
-READABLE_SCHEMAS = (1, 2)  # schema 1: kernels only (no engine / host section)
+SCHEMA = 3
+# schema 1: kernels only (no engine / host section); 2: no pool section, no cpu_cores
+READABLE_SCHEMAS = (1, 2, 3)
 # The small (n, k) and (batch, ctx) points are the tiny engine model's own sizes: they pin the
 # fixed cost of a call, so the engine fit's per-layer residual does not count it twice.
 QUICK = {
@@ -430,11 +434,13 @@ def calibrate(
     engine_grid: dict | None = None,
     progress=None,
     checkpoint=None,
+    pool: bool | None = None,
 ) -> dict:
     """Time kernels (and collectives on CPU) here, fit the rooflines, and unless `engine` is
     false run the tiny-engine decode that fits the fixed and host terms; `model` (a
     ModelConfig) picks the architecture flags of the tiny engine model; `checkpoint(cal)`
-    gets the kernels-only result before the engine part runs."""
+    gets the kernels-only result before the engine part runs. `pool` (default: not quick)
+    adds the CPU pool part after the engine part."""
     import torch
 
     if threads:
@@ -494,6 +500,9 @@ def calibrate(
             "comm": comm,
         },
         "engine": None,
+        "pool": None,
+        # The cores this process may run on: the engine's processes (one thread each) share them.
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "seconds": None,
     }
     if comm:
@@ -510,7 +519,34 @@ def calibrate(
     if engine:
         add_engine_section(out, model, engine_grid, progress, checkpoint)
         out["seconds"] = round(time.perf_counter() - t0, 3)
+    if (not quick if pool is None else pool) and out.get("engine"):
+        if dev.type != "cpu":
+            out["pool_note"] = "not measured: the pool calibration runs on CPU only"
+        else:
+            add_pool_section(out, model, progress=progress, checkpoint=checkpoint)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def add_pool_section(cal: dict, model=None, grid=None, progress=None, checkpoint=None) -> dict:
+    """Run the tiny pool engines (CPU) and store the PoolOverheads fit under cal["pool"]; a
+    failure is recorded as cal["pool_error"] and leaves the rest of the calibration intact."""
+    from fapool.sim.cost_model import CostModel
+    from fapool.sim.hardware import get_hardware
+    from fapool.sim.pool_calibrate import calibrate_pool
+
+    if checkpoint:
+        checkpoint(cal)
+    # Everything calibrated so far, zero pool terms, no contention (one worker: 2 processes).
+    hw = apply_calibration(get_hardware("cpu"), {**cal, "pool": None}).replace(pool=PoolOverheads(), cpu_cores=None)
+    try:
+        cal["pool"] = calibrate_pool(lambda mc: CostModel(mc, hw), model, grid, progress)
+    except Exception as exc:  # noqa: BLE001 - keep the rest, say why
+        cal["pool"] = None
+        cal["pool_error"] = f"{type(exc).__name__}: {exc}"
+        if progress:
+            progress(f"warning: the pool calibration failed ({cal['pool_error']}); no pool terms")
+    return cal
 
 
 def add_engine_section(cal: dict, model=None, engine_grid=None, progress=None, checkpoint=None) -> dict:
@@ -617,6 +653,13 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["layer_fixed_s"] = eng["device_fixed"]["layer_fixed_s"]
         changes["step_fixed_s"] = eng["device_fixed"]["step_fixed_s"]
         changes["host"] = host_profile(cal)
+    pool = cal.get("pool")  # absent before schema 3
+    if pool:
+        changes["pool"] = PoolOverheads(**{k: float(pool[k]) for k in (
+            "worker_call_s", "worker_per_seq_s", "driver_mb_s", "driver_pool_mb_s", "driver_route_s",
+            "driver_step_s")})
+    if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
+        changes["cpu_cores"] = int(cal["cpu_cores"])
     comm = cal.get("comm")
     if comm:
         ar, p2p = comm["all_reduce"], comm["p2p"]
@@ -677,4 +720,17 @@ def summary_lines(cal: dict) -> list[str]:
                 else "launch: in the device's fixed costs (CPU)"
             )
         )
+    if cal.get("pool_error"):
+        lines.append(f"pool: not calibrated ({cal['pool_error']})")
+    pool = cal.get("pool")
+    if pool:
+        lines.append(
+            f"pool ({pool['seconds']} s): worker {pool['worker_call_s'] * 1e6:.0f} us a call + "
+            f"{pool['worker_per_seq_s'] * 1e6:.1f} us a sequence; driver {pool['driver_mb_s'] * 1e6:.0f} us a layer "
+            f"and micro-batch + {pool['driver_pool_mb_s'] * 1e6:.0f} us a layer and pool micro-batch + "
+            f"{pool['driver_route_s'] * 1e6:.0f} us a layer and route + "
+            f"{pool['driver_step_s'] * 1e6:.0f} us a step"
+        )
+    if cal.get("cpu_cores"):
+        lines.append(f"cores shared by the engine's processes: {cal['cpu_cores']}")
     return lines

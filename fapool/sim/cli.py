@@ -276,6 +276,7 @@ def cmd_calibrate(args) -> int:
         collectives=not args.no_collectives,
         threads=args.threads,
         engine=not args.no_engine,
+        pool=True if args.pool else None,  # None: with --full
         model=model,
         progress=None if args.quiet else lambda line: print(line, flush=True),
         checkpoint=lambda partial: write_calibration(partial, args.out),
@@ -351,6 +352,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         default=None,
         help="preset or HF config.json whose architecture the tiny engine model copies (default: gated Llama)",
+    )
+    p.add_argument(
+        "--pool",
+        action="store_true",
+        help="CPU: also run the tiny engine with an attention pool (~1 min) to fit the pool's "
+        "per-call and per-layer costs (included in --full)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     p.add_argument("--out", default="fapool_calibration.json")

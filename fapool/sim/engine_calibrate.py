@@ -69,8 +69,9 @@ def tiny_twin(model: ModelConfig | None, num_layers: int) -> ModelConfig:
     )
 
 
-def build_engine(mc: ModelConfig, device: str, max_batch: int, max_tokens: int, num_blocks: int):
-    """A single-process engine over `mc` with random weights and an explicit KV size."""
+def build_engine(mc: ModelConfig, device: str, max_batch: int, max_tokens: int, num_blocks: int, **extra):
+    """An engine over `mc` with random weights and an explicit KV size (single process unless
+    `extra` EngineArgs, e.g. attention_workers, say otherwise)."""
     from fapool.attention.selector import make_backend
     from fapool.engine.arg_utils import EngineArgs
     from fapool.engine.llm_engine import LLMEngine
@@ -86,6 +87,7 @@ def build_engine(mc: ModelConfig, device: str, max_batch: int, max_tokens: int, 
         # Synchronous steps: the host's serial work is what is measured; the cost model
         # overlaps it with the device where the engine schedules asynchronously (CUDA).
         async_scheduling=False,
+        **extra,
     ).create_engine_config(mc)
     backend = make_backend(config.attention_backend, config.device)
     model = build_model(mc, backend, DTYPES[config.dtype], config.device)

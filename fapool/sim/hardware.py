@@ -79,6 +79,56 @@ class HostProfile:
 
 
 @dataclass(frozen=True)
+class PoolOverheads:
+    """Fixed costs of the attention pool's own machinery (fitted by `fapool calibrate --pool`
+    from a tiny-model pool run on a CPU; see docs/simulator.md):
+
+      an attention worker, per call (one layer of one micro-batch that has work there):
+          worker_call_s + worker_per_seq_s * sequences in the call   (beyond the attention
+          roofline: unpacking the message, writing K/V, packing the reply)
+      the pool driver, per layer:
+          driver_mb_s * micro-batches (the micro-batch generators, each a yield a layer)
+          + driver_pool_mb_s * micro-batches that send to the pool (posting the exchange,
+            the merge)
+          + driver_route_s * (micro-batch, worker) routes (packing and sending each worker's
+            share, unpacking its partial)
+          and driver_step_s a step (step plans out, worker reports back)."""
+
+    worker_call_s: float = 0.0
+    worker_per_seq_s: float = 0.0
+    driver_mb_s: float = 0.0
+    driver_pool_mb_s: float = 0.0
+    driver_route_s: float = 0.0
+    driver_step_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise SimInputError(f"pool field {f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    def worker_calls(self, calls, seqs):
+        """Worker seconds of `calls` calls over `seqs` sequences in all (arrays allowed)."""
+        return self.worker_call_s * calls + self.worker_per_seq_s * seqs
+
+    def driver_layer(self, micro_batches: float, pool_micro_batches: float, routes: float) -> float:
+        """Driver seconds a layer beyond its dense work, over all its micro-batches."""
+        return (
+            self.driver_mb_s * micro_batches
+            + self.driver_pool_mb_s * pool_micro_batches
+            + self.driver_route_s * routes
+        )
+
+
+def contention_stretch(busy_processes: int, cores: int | None) -> float:
+    """Processor sharing: `busy_processes` runnable at once on `cores` cores each run at
+    cores / busy_processes of full speed, so their work takes that much longer. 1 when the
+    cores are not known (GPU profiles, presets) or suffice."""
+    if cores is None or busy_processes <= cores:
+        return 1.0
+    return busy_processes / cores
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     memory_bytes: float  # device memory
@@ -110,6 +160,11 @@ class HardwareProfile:
     # interpolates in log-log (a CPU's reference attention is far from a roofline: cache
     # effects and ~50 ops of fixed cost). Empty: the attention roofline.
     attn_by_bytes: tuple[tuple[float, float], ...] = ()
+    pool: PoolOverheads | None = None  # None: the pool's machinery costs nothing beyond its parts
+    # CPU "devices": the cores the engine's processes share (one torch thread each). A pool
+    # configuration with more busy processes than cores is priced with contention_stretch.
+    # None (GPUs, presets): every process has its own device.
+    cpu_cores: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth"):
@@ -119,6 +174,8 @@ class HardwareProfile:
             raise SimInputError(f"gemm_by_m entries need m >= 1 and rates > 0, got {self.gemm_by_m}")
         if self.layer_fixed_s < 0 or (self.step_fixed_s is not None and self.step_fixed_s < 0):
             raise SimInputError("layer_fixed_s and step_fixed_s must be >= 0")
+        if self.cpu_cores is not None and self.cpu_cores < 1:
+            raise SimInputError(f"cpu_cores must be >= 1, got {self.cpu_cores}")
         if self.gpus_per_node < 1 or self.dtype_bytes not in (1, 2, 4):
             raise SimInputError("gpus_per_node must be >= 1 and dtype_bytes 1, 2 or 4")
 

@@ -147,25 +147,38 @@ class _PoolMeanField:
         cost, tp, P = self.cost, s.base_tp, s.pool_size
         e_loc, e_pool, q, e_k = self.stats(s.threshold, P)
         local = float(cost.attention(B * e_loc, B * e_loc, B, 1.0 / tp)) if e_loc > 0 else 0.0
-        pool_path = merge = 0.0
+        pool_path = merge = driver_extra = step_extra = 0.0
         if P and e_pool > 0:
             same = s.num_gpus() <= cost.hw.gpus_per_node
+            # With calibrated pool terms each micro-batch is its own call on a worker (as the
+            # simulator prices it); the terms and contention come from FAPool.machinery.
+            n_mb = 2 if s.overlap and cost.hw.pool is not None else 1
             if s.placement == "head":
                 share = 1.0 / P  # even split (P divides the KV heads in the plans made here)
                 tokens = B * e_pool
-                attn = float(cost.attention(tokens, tokens, B * q, share))
+                attn = n_mb * float(cost.attention(tokens / n_mb, tokens / n_mb, B * q / n_mb, share))
                 q_w = float(cost.query_bytes(B * q, share)) + B * q * cost.kv_bytes_per_token_layer() * share
                 r_w = float(cost.partial_bytes(B * q, share))
+                seqs = B * q
             else:
                 load, queries = B * e_pool / P, B * q * e_k / P
-                attn = float(cost.attention(load, load, queries))
+                attn = n_mb * float(cost.attention(load / n_mb, load / n_mb, queries / n_mb))
                 q_w = float(cost.query_bytes(queries)) + B * q / P * cost.kv_bytes_per_token_layer()
                 r_w = float(cost.partial_bytes(queries))
+                seqs = queries
+            attn_w, driver_extra, step_extra = s.machinery(
+                cost, np.full(P, attn), np.full(P, float(n_mb)), np.full(P, seqs), n_mb * P, n_mb, n_mb
+            )
+            attn = float(attn_w.max())
             send = max(float(cost.p2p(P * q_w / tp, same)), float(cost.p2p(q_w, same)))
             back = max(float(cost.p2p(P * r_w / tp, same)), float(cost.p2p(r_w, same)))
             pool_path = send + attn + back
             merge = float(cost.elementwise(3 * P * r_w / tp))
-        return s.step_time(cost, B, B, local, pool_path, merge, B * (e_loc + e_pool))[0]
+        elif P and cost.hw.pool is not None:
+            driver_extra = cost.hw.pool.driver_layer(1, 0, 0)
+        return s.step_time(
+            cost, B, B, local, pool_path, merge, B * (e_loc + e_pool), driver_extra, step_extra
+        )[0]
 
     def fits(self, s: FAPool, B: int, m_sd: float) -> bool:
         e_loc, e_pool, _, _ = self.stats(s.threshold, s.pool_size)

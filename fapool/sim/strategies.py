@@ -26,6 +26,7 @@ import numpy as np
 from fapool.config import ParallelConfig, PoolConfig
 from fapool.sim.cost_model import CostModel, kv_capacity_tokens
 from fapool.sim.errors import SimInputError
+from fapool.sim.hardware import contention_stretch
 from fapool.sim.ledger import GroupLedger, PoolLedger
 
 
@@ -245,6 +246,59 @@ class FAPool(Strategy):
             self.head_share(cost) if self.placement == "head" else None,
         )
 
+    def micro_batches(self, b: StepBatch) -> list[np.ndarray]:
+        """Slot indices of the step's micro-batches: the engine cuts the scheduled batch into
+        contiguous groups of about equal tokens (two with overlap)."""
+        active = np.flatnonzero(b.active)
+        n_mb = max(1, min(2 if self.overlap else 1, len(active)))
+        return [g for g in np.array_split(active, n_mb) if len(g)]
+
+    def pool_calls(self, b: StepBatch, ledger: PoolLedger) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+        """What one layer asks of the pool's machinery: per worker the calls (micro-batches
+        with work there) and the sequences in them, the driver's (micro-batch, worker) routes,
+        the micro-batches with at least one route, and the micro-batch count."""
+        P = self.pool_size
+        mbs = self.micro_batches(b)
+        calls, seqs = np.zeros(P), np.zeros(P)
+        pool_mbs = 0
+        pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
+        for idx in mbs:
+            if self.placement == "head":
+                n = float((pool_tok[idx] > 0).sum())
+                on = np.full(P, n > 0)  # every worker holds some heads (validate: P <= KV heads)
+                seqs += np.where(on, n, 0.0)
+            else:
+                held = ledger.owned[idx] > 0
+                on = held.any(axis=0)
+                seqs += held.sum(axis=0)
+            calls += on
+            pool_mbs += bool(on.any())
+        return calls, seqs, int(calls.sum()), pool_mbs, len(mbs)
+
+    def machinery(self, cost: CostModel, attn_w, calls, seqs, routes: float, pool_mbs: float, n_mb: float):
+        """(worker seconds a layer, driver extra a layer, driver extra a step) of a step that
+        uses the pool, from the roofline attention `attn_w` per worker and a layer: adds the
+        calibrated PoolOverheads (when the profile has them) for `calls` / `seqs` per worker,
+        the driver's micro-batches and routes, then CPU core contention. Shared by the
+        simulator and the planner."""
+        attn_w = np.asarray(attn_w, dtype=np.float64)
+        overheads = cost.hw.pool
+        driver_extra = step_extra = 0.0
+        if overheads is not None:
+            attn_w = attn_w + overheads.worker_calls(calls, seqs)
+            driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
+            step_extra = overheads.driver_step_s
+        # CPU: processes busy at once beyond the cores share them. Without overlap the driver
+        # waits while the workers attend; with it, it computes beside them and loses the
+        # cores' share they take (its work done later: (s - 1) x the busiest worker's).
+        busy_at_once = int((attn_w > 0).sum()) + (self.base_tp if self.overlap else 0)
+        stretch = contention_stretch(busy_at_once, cost.hw.cpu_cores)
+        if stretch > 1:
+            if self.overlap:
+                driver_extra += (stretch - 1) * float(attn_w.max())
+            attn_w = attn_w * stretch
+        return attn_w, driver_extra, step_extra
+
     def step_cost(self, cost: CostModel, b: StepBatch, ledger: PoolLedger) -> StepCost:
         m = cost.model
         L, tp = m.num_hidden_layers, self.base_tp
@@ -253,6 +307,7 @@ class FAPool(Strategy):
         local = float(cost.attention(kv_loc, pairs_loc, tokens, 1.0 / tp))
         pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
         P = self.pool_size
+        overheads = cost.hw.pool  # None: each worker's attention is one roofline call a layer
         attn_w = np.zeros(P)
         q_bytes_w = np.zeros(P)
         ret_bytes_w = np.zeros(P)
@@ -271,13 +326,29 @@ class FAPool(Strategy):
                 holds = ledger.owned > 0  # [slots, workers]
                 queries_w = pool_q @ holds
                 pairs_w = pool_q @ ledger.owned
-                attn_w = np.asarray(cost.attention(ledger.load, pairs_w, queries_w))
+                if overheads is None:
+                    attn_w = np.asarray(cost.attention(ledger.load, pairs_w, queries_w))
+                else:  # one call per micro-batch, each over its own sequences' KV
+                    attn_w = sum(
+                        np.asarray(cost.attention(ledger.owned[i].sum(axis=0), pool_q[i] @ ledger.owned[i],
+                                                  pool_q[i] @ holds[i]), dtype=np.float64)
+                        for i in self.micro_batches(b)
+                    )
                 q_bytes_w = cost.query_bytes(queries_w)
                 ret_bytes_w = cost.partial_bytes(queries_w)
                 new_kv_w = ledger.placed
             q_bytes_w = q_bytes_w + new_kv_w * cost.kv_bytes_per_token_layer()
         same = self.num_gpus() <= cost.hw.gpus_per_node
         pool_used = bool(attn_w.any())
+        driver_extra = step_extra = 0.0
+        if pool_used:
+            calls = seqs = None
+            routes = pool_mbs = n_mb = 0
+            if overheads is not None:
+                calls, seqs, routes, pool_mbs, n_mb = self.pool_calls(b, ledger)
+            attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, calls, seqs, routes, pool_mbs, n_mb)
+        elif overheads is not None and P:
+            driver_extra = overheads.driver_layer(1, 0, 0)  # the engine's pool path, nothing remote
         if pool_used:
             send_base = float(cost.p2p(q_bytes_w.sum() / tp, same))
             recv_base = float(cost.p2p(ret_bytes_w.sum() / tp, same))
@@ -290,10 +361,13 @@ class FAPool(Strategy):
             recv_w = send_w = np.zeros(P)
             pool_path = merge = 0.0
         duration, dense_c, dense_ar = self.step_time(
-            cost, tokens, n_seqs, local, pool_path, merge, float((b.ctx + b.new)[b.active].sum())
+            cost, tokens, n_seqs, local, pool_path, merge, float((b.ctx + b.new)[b.active].sum()),
+            driver_extra, step_extra,
         )
         lm = float(cost.lm_head(n_seqs, tp))
-        busy = np.concatenate([np.full(tp, L * (dense_c + local + merge) + lm), L * attn_w])
+        busy = np.concatenate(
+            [np.full(tp, L * (dense_c + local + merge + driver_extra) + lm + step_extra), L * attn_w]
+        )
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
 
@@ -306,11 +380,15 @@ class FAPool(Strategy):
         pool_path: float,
         merge: float,
         kv_tokens: float = 0.0,
+        driver_extra: float = 0.0,
+        step_extra: float = 0.0,
     ):
         """(step seconds, base dense compute per layer, base all-reduce per layer) given one
         layer's local attention on the base and the pool's path (send queries, attend, return
         partials); `kv_tokens` (all cached tokens of the batch) prices the host's per-token
-        work. Shared by the simulator and the planner."""
+        work; `driver_extra` is the driver's pool machinery a layer (all micro-batches) and
+        `step_extra` a step's (calibrated PoolOverheads, 0 without). Shared by the simulator
+        and the planner."""
         L, tp = cost.model.num_hidden_layers, self.base_tp
         lm = float(cost.lm_head(n_seqs, tp))
         layers = L
@@ -320,12 +398,13 @@ class FAPool(Strategy):
             # other. The step takes the busier side's total, or one micro-batch's own chain.
             dc, dar = cost.dense_layer(tokens / 2, tp)
             dense_c, dense_ar = 2 * dc, 2 * dar
-            base_total = L * (dense_c + dense_ar + local + merge) + lm
-            chain = (L * (dense_c + dense_ar + merge + max(local, pool_path)) + lm) / 2
+            base_total = L * (dense_c + dense_ar + local + merge + driver_extra) + lm
+            chain = (L * (dense_c + dense_ar + merge + driver_extra + max(local, pool_path)) + lm) / 2
             step = max(base_total, L * pool_path, chain)
         else:
             dense_c, dense_ar = cost.dense_layer(tokens, tp)
-            step = L * (dense_c + dense_ar + max(local, pool_path) + merge) + lm
+            step = L * (dense_c + dense_ar + max(local, pool_path) + merge + driver_extra) + lm
+        step += step_extra
         # Steps that use the pool run eagerly in the engine; the others may replay graphs.
         graphs = pool_path == 0 and tp == 1 and tokens <= n_seqs
         return float(cost.finish_step(step, n_seqs, kv_tokens, graphs, layers)), dense_c, dense_ar

@@ -37,6 +37,12 @@ def predict_pool_step(cost: CostModel, pool: FAPool, batch: int, context: int) -
 
 def predict_pool_cost(cost: CostModel, pool: FAPool, batch: int, context: int) -> StepCost:
     """predict_pool_step's StepCost: the duration and each process's busy / comm seconds."""
+    step, ledger = pool_step_inputs(cost, pool, batch, context)
+    return pool.step_cost(cost, step, ledger)
+
+
+def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) -> tuple[StepBatch, PoolLedger]:
+    """The decode StepBatch and the ledger with the prompts' KV placed, for pricing a step."""
     ctx = np.full(batch, context, np.int64)
     ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64))
     assert isinstance(ledger, PoolLedger)
@@ -51,7 +57,7 @@ def predict_pool_cost(cost: CostModel, pool: FAPool, batch: int, context: int) -
     step = StepBatch(ctx=ctx, new=one, decode=np.ones(batch, bool), group=np.zeros(batch, np.int64))
     if ledger.try_allocate(ctx, one) is not None:
         raise ValueError("the decode step's new tokens do not fit")
-    return pool.step_cost(cost, step, ledger)
+    return step, ledger
 
 
 def tpot_error_table(
