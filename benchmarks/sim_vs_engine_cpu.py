@@ -18,8 +18,13 @@ One run does everything here:
 
     PYTHONPATH=. python benchmarks/sim_vs_engine_cpu.py [--batch 4 --input-len 96 ...]
 
-Nothing here is fitted to the engine rows: the calibration never sees SmolLM2 (only its
-linear shapes in the GEMM grid) nor a pool of more than one worker.
+Nothing here is fitted to the engine rows. With --twin model (default) the engine part of the
+calibration decodes SmolLM2's own layer shapes cut to 1 and 3 layers (random weights, batches
+1/4/8 at contexts 32/256): on a CPU a layer's fixed costs (norms, rotary, residuals, the
+attention call) depend on its widths and on the caches its weights evict, which a tiny layer
+does not show; the 30-layer model and its real weights never run there. --twin tiny is the
+previous calibration (a 256-wide twin). The pool terms come from a tiny twin with at most two
+workers.
 The measured step is reported as median and 20th percentile (the machine may be shared:
 other processes only ever add time); errors are against the median. Each engine process
 has one thread, and a pool of A workers runs A + 1 processes on the machine's cores.
@@ -172,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         cal_path = ns.calibration
         cal = load_calibration(cal_path)
     else:
-        cal = calibrate(device="cpu", threads=1, model=model_config, pool=True, progress=lambda s: print(s, flush=True))
+        cal = calibrate(
+            device="cpu", threads=1, model=model_config, pool=True, twin=ns.twin,
+            progress=lambda s: print(s, flush=True),
+        )
         cal_path = os.path.join(out_dir, f"sim_calibration_cpu-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
         write_calibration(cal, cal_path)
         cal = load_calibration(cal_path)
@@ -296,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "pool_threshold": ns.pool_threshold,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker,
             "threads_per_process": 1,
+            "calibration_twin": ns.twin if not ns.calibration else "from the given calibration",
         },
         "calibration": os.path.abspath(cal_path),
         "calibration_s": calib_s,

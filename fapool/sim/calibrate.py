@@ -435,10 +435,12 @@ def calibrate(
     progress=None,
     checkpoint=None,
     pool: bool | None = None,
+    twin: str = "tiny",
 ) -> dict:
     """Time kernels (and collectives on CPU) here, fit the rooflines, and unless `engine` is
     false run the tiny-engine decode that fits the fixed and host terms; `model` (a
-    ModelConfig) picks the architecture flags of the tiny engine model; `checkpoint(cal)`
+    ModelConfig) picks the architecture flags of the tiny engine model, or with twin="model"
+    is itself the engine model, cut to the calibration's depths; `checkpoint(cal)`
     gets the kernels-only result before the engine part runs. `pool` (default: not quick)
     adds the CPU pool part after the engine part."""
     import torch
@@ -517,6 +519,11 @@ def calibrate(
         }
     out["seconds"] = round(time.perf_counter() - t0, 3)
     if engine:
+        if twin != "tiny":
+            from fapool.sim.engine_calibrate import QUICK_CPU, QUICK_GPU
+
+            base = engine_grid or (QUICK_GPU if dev.type == "cuda" else QUICK_CPU)
+            engine_grid = {**base, "twin": twin}
         add_engine_section(out, model, engine_grid, progress, checkpoint)
         out["seconds"] = round(time.perf_counter() - t0, 3)
     if (not quick if pool is None else pool) and out.get("engine"):

@@ -278,6 +278,7 @@ def cmd_calibrate(args) -> int:
         engine=not args.no_engine,
         pool=True if args.pool else None,  # None: with --full
         model=model,
+        twin=args.twin,
         progress=None if args.quiet else lambda line: print(line, flush=True),
         checkpoint=lambda partial: write_calibration(partial, args.out),
     )
@@ -358,6 +359,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="CPU: also run the tiny engine with an attention pool (~1 min) to fit the pool's "
         "per-call and per-layer costs (included in --full)",
+    )
+    p.add_argument(
+        "--twin",
+        choices=("tiny", "model"),
+        default="tiny",
+        help="engine decode on a tiny model with --model's architecture flags, or on --model itself "
+        "cut to 1 and 3 layers (its own widths: a CPU's per-layer costs depend on them)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     p.add_argument("--out", default="fapool_calibration.json")

@@ -45,6 +45,23 @@ QUICK_GPU = {
 HOST_TERMS = ("step_s", "per_seq_s", "per_kv_token_s")
 
 
+TWINS = ("tiny", "model")
+
+
+def engine_twin(model: ModelConfig | None, num_layers: int, twin: str = "tiny") -> ModelConfig:
+    """The model the engine calibration runs at `num_layers` layers: "tiny" (tiny_twin), or
+    "model": the target itself cut to that depth (its own layer widths, vocabulary and LM
+    head, random weights). Where kernels are not launch-bound (a CPU), a layer's fixed costs
+    depend on its widths and on caches its weights evict, which a tiny layer does not show."""
+    if twin not in TWINS:
+        raise SimInputError(f"engine twin must be one of {TWINS}, got {twin!r}")
+    if twin == "model":
+        if model is None:
+            raise SimInputError("engine twin 'model' needs the target model's config")
+        return model.replace(num_hidden_layers=num_layers)
+    return tiny_twin(model, num_layers)
+
+
 def tiny_twin(model: ModelConfig | None, num_layers: int) -> ModelConfig:
     """A small model with the target's architecture flags (default: a gated Llama)."""
     heads, head_dim = 4, 64
@@ -244,7 +261,8 @@ def calibrate_engine(
     extra = grid["steps"] + grid["warmup"] + 16
     blocks = max_b * (-(-(max_ctx + extra) // 16) + 1) + 8
     t0 = time.perf_counter()
-    engines = {d: build_engine(tiny_twin(model, d), device, max_b, 8192, blocks) for d in (lo, hi)}
+    twin = grid.get("twin", "tiny")
+    engines = {d: build_engine(engine_twin(model, d, twin), device, max_b, 8192, blocks) for d in (lo, hi)}
     samples: list[dict] = []
     eager: list[dict] = []
     try:
@@ -283,7 +301,7 @@ def calibrate_engine(
     by_point = {}
     for s in samples:
         by_point.setdefault((s["batch"], s["context"]), {})[s["layers"]] = s
-    cost = cost_for(tiny_twin(model, lo))
+    cost = cost_for(engine_twin(model, lo, twin))
     for (batch, _), pair in sorted(by_point.items()):
         kv = pair[lo]["kv_tokens"]
         dense_c, _ = cost.dense_layer(batch)
@@ -308,8 +326,10 @@ def calibrate_engine(
     else:
         launch = {"launch_step_s": 0.0, "launch_layer_s": 0.0}
     return {
-        "model": "tiny twin of " + (model.architecture if model else "llama")
-        + f" (hidden {tiny_twin(model, lo).hidden_size}, layers {lo} and {hi})",
+        "model": ("tiny twin of " if twin == "tiny" else "the target cut to depth, ")
+        + (model.architecture if model else "llama")
+        + f" (hidden {engine_twin(model, lo, twin).hidden_size}, layers {lo} and {hi})",
+        "twin": twin,
         "device_fixed": {
             "layer_fixed_s": layer_fixed,
             "step_fixed_s": step_fixed,

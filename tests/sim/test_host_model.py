@@ -10,7 +10,7 @@ import pytest
 from fapool.config import ModelConfig
 from fapool.sim.calibrate import apply_calibration, attn_table, calibrate, fit_gemm_by_m, load_calibration
 from fapool.sim.cost_model import CostModel, load_model_config
-from fapool.sim.engine_calibrate import fit_host, fit_launch, fit_nonneg, tiny_twin
+from fapool.sim.engine_calibrate import engine_twin, fit_host, fit_launch, fit_nonneg, tiny_twin
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HostProfile, get_hardware
 from fapool.sim.strategies import FAPool
@@ -153,6 +153,17 @@ def test_tiny_twin_keeps_the_architecture_flags():
     gqa = tiny_twin(seed.replace(num_key_value_heads=8), 1)
     assert gqa.num_attention_heads // gqa.num_key_value_heads == 4
     assert isinstance(tiny_twin(None, 2), ModelConfig) and tiny_twin(None, 2).gated_mlp
+
+
+def test_engine_twin_model_is_the_target_cut_to_depth():
+    seed = load_model_config("seed000")
+    cut = engine_twin(seed, 3, "model")
+    assert cut == seed.replace(num_hidden_layers=3) and cut.hidden_size == seed.hidden_size
+    assert engine_twin(seed, 3, "tiny") == tiny_twin(seed, 3)
+    with pytest.raises(SimInputError, match="needs the target"):
+        engine_twin(None, 3, "model")
+    with pytest.raises(SimInputError, match="one of"):
+        engine_twin(seed, 3, "wide")
 
 
 def test_calibrate_on_cpu_writes_the_engine_terms_and_they_load_back(tmp_path):
