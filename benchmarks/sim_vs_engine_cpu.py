@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-pool-worker", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--calibration", default=None, help="reuse this CPU calibration instead of running one")
+    p.add_argument(
+        "--twin", choices=("tiny", "model"), default="model",
+        help="the calibration's engine decode: a tiny model, or the target cut to 1 and 3 layers",
+    )
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     ns = p.parse_args(argv)
 
