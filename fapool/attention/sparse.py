@@ -63,6 +63,7 @@ class SparseAttentionBackend(AttentionBackend):
         self.sparse_dense_tokens = 0
         self.sparse_calls = 0  # Triton path: host-side launches of selection + sparse decode
         self._budget_dev: BudgetRule | None = None
+        self._max_pages: dict[int, int] = {}
 
     # Summaries take 2 x Hkv x D per block and layer: the size of one token's K and V. The
     # runner counts it in the KV budget (ModelRunner.bytes_per_block).
@@ -237,7 +238,9 @@ class SparseAttentionBackend(AttentionBackend):
         # The largest selection any row can get: budget_blocks is monotone in the block count,
         # so it is the budget of a row as wide as the table (exact cap, no row loses a block).
         width = tables.shape[1]
-        max_pages = max(1, max_budget_blocks(self.budget, width, self.min_blocks))
+        if width not in self._max_pages:  # host-side, once per table width
+            self._max_pages[width] = max(1, max_budget_blocks(self.budget, width, self.min_blocks))
+        max_pages = self._max_pages[width]
         self.sparse_calls += 1
         pages, lens = select_blocks_triton(
             q,

@@ -443,6 +443,10 @@ def calibrate(
     is itself the engine model, cut to the calibration's depths; `checkpoint(cal)`
     gets the kernels-only result before the engine part runs. `pool` (default: not quick)
     adds the CPU pool part after the engine part."""
+    if engine and twin != "tiny":  # checked before minutes of kernel timing, not after
+        from fapool.sim.engine_calibrate import engine_twin
+
+        engine_twin(model, 1, twin)
     import torch
 
     if threads:

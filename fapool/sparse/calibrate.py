@@ -37,8 +37,8 @@ DEFAULT_GRID = [round(0.01 * i, 2) for i in range(1, 101)]
 
 class RecallRecorder(AttentionBackend):
     """Dense attention that also measures, on prefill, the recall of block budgets, per bin of
-    context length (bins: ascending token edges; a query at position p falls in the last
-    edge <= p, positions past the last edge in the last bin)."""
+    context length (bins: ascending context edges in tokens; the query at position p, context
+    p + 1, falls in the last edge <= p + 1, contexts past the last edge in the last bin)."""
 
     name = "recall-recorder"
 
@@ -111,12 +111,15 @@ class RecallRecorder(AttentionBackend):
         cum = mass.gather(-1, order).cumsum(-1)  # [S, Hq, nb]
         k = torch.stack([budget_blocks(self.grid, int(v), self.min_blocks) for v in visible]).to(dev)  # [S, F]
         recall = cum.gather(-1, (k - 1)[:, None, :].expand(-1, num_heads, -1))  # [S, Hq, F]
-        bins = (torch.bucketize(pos, self.edges, right=True) - 1).clamp(min=0)  # [S]
+        # A query at position p decodes at context p + 1: bins are context edges.
+        bins = (torch.bucketize(pos + 1, self.edges, right=True) - 1).clamp(min=0)  # [S]
         total = torch.zeros(len(self.edges), num_heads, len(self.grid), dtype=torch.float64, device=dev)
         total.index_add_(0, bins.to(dev), recall.double())
         self.recall_sum = total if self.recall_sum is None else self.recall_sum + total
         self.count += torch.bincount(bins, minlength=len(self.edges)).double()
-        self.context_sum.index_add_(0, bins, (pos + 1).double())
+        # The bin's context as whole blocks (what the budgets were measured at, and the rule's
+        # knot), in tokens: visible blocks x block size.
+        self.context_sum.index_add_(0, bins, (visible * block_size).double())
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Since the last take: mean recall [J, Hq, F] (0 for an empty bin), positions [J] and
@@ -209,6 +212,8 @@ class RecallCurves:
 
 def length_bins(min_pos: int, length: int) -> list[int]:
     """Doubling bin edges from min_pos up to the window length: 256, 512, ... < length."""
+    if not 0 < min_pos < length:
+        raise ValueError(f"min_pos ({min_pos}) must be positive and below the window length ({length})")
     edges = [min_pos]
     while edges[-1] * 2 < length:
         edges.append(edges[-1] * 2)
@@ -430,7 +435,7 @@ def run_calibration(
         "length": length,
         "min_pos": min_pos,
         "stride": stride,
-        "bins": bins,
+        "bins": bins,  # context edges asked for; `lengths` has one entry per non-empty bin
         "positions_per_bin": [int(x) for x in curves.positions.sum(0).tolist()],
         "device": device,
         "seconds": round(time.perf_counter() - t0, 1),

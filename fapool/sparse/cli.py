@@ -61,6 +61,7 @@ def cmd_calibrate_heads(ns: argparse.Namespace) -> int:
             {
                 "profile": out,
                 "plot": plot,
+                # For a length rule: at the shortest calibrated length (the rest: mean_budget_by_length)
                 "mean_budget": round(profile.mean_budget, 4),
                 "lengths": profile.lengths,
                 "kv_budget_min_max": [min(map(min, profile.kv_budget)), max(map(max, profile.kv_budget))],

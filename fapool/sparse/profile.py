@@ -3,16 +3,18 @@
 A budget is a share of the sequence's KV blocks that depends on the context length. A profile
 calibrated at one length (`lengths` empty) has one fraction per head: head h of layer l attends
 over ceil(frac[l][h] * num_blocks) blocks at every length. A profile calibrated at several
-lengths (`lengths`: the mean context of each calibration bin) has a fraction per head at each
-of them (`kv_budget_by_length`); between them the head's *block count* is interpolated
-linearly, past the longest one it grows with the last segment's slope, and below the shortest
-one it keeps that one's fraction (fapool.sparse.selection.BudgetRule). Measured on SmolLM2
-over 0.5K-8K, the share a head needs for a given recall falls as the context grows, so one
-fraction fitted at 2K over-spends at long contexts and under-spends at short ones. Extending
-the last segment past the calibrated lengths is an extrapolation: it is conservative when the
-blocks a head needs grow concavely in the length (each doubling adds no more than the last
-did), which is what the calibration shows; a profile says which lengths it measured. Never
-fewer than `min_blocks` (sink + recent + a few) nor more than all blocks.
+lengths (`lengths`: the mean context of each calibration bin, in tokens) has a fraction per
+head at each of them (`kv_budget_by_length`); between them the head's *block count* is
+interpolated linearly, past the longest one it grows with the last segment's slope (at least a
+quarter of its share there), and below the shortest one it keeps that one's fraction
+(fapool.sparse.selection.BudgetRule). Measured on SmolLM2 over 0.5K-8K, the share a head needs
+for a given recall falls as the context grows, so one fraction fitted at 2K over-spends at long
+contexts and under-spends at short ones. Past the calibrated lengths the rule extrapolates: it
+over-estimates (errs towards reading more) when the blocks a head needs grow concavely in the
+length, each doubling adding no more than the last did, which is what SmolLM2's curves show
+(mean marginal share 0.49 -> 0.36 -> 0.23 between its four lengths at recall 0.95); a model
+whose needs grew convexly past them would be under-served. Never fewer than `min_blocks` (sink
++ recent + a few) nor more than all blocks.
 
 Choice (`choose_budgets`): recall[l][h][i] is the mean attention mass the selector keeps at
 budget fraction grid[i] for query head h of layer l (per length bin for the length rule). A
@@ -67,16 +69,22 @@ class SparseProfile:
                 raise ValueError("budget fractions must lie in (0, 1]")
         if len(self.kv_budget_by_length) != len(self.lengths):
             raise ValueError("kv_budget_by_length needs one table per calibrated length")
-        if any(b <= a for a, b in zip(self.lengths, self.lengths[1:])):
-            raise ValueError(f"lengths must be ascending, got {self.lengths}")
+        for name, tables in (("head_need_by_length", self.head_need_by_length), ("recall_by_length", self.recall_by_length)):
+            if tables and len(tables) != len(self.lengths):
+                raise ValueError(f"{name} needs one table per calibrated length (or none)")
+        if any(b <= a for a, b in zip(self.lengths, self.lengths[1:])) or any(x <= 0 for x in self.lengths):
+            raise ValueError(f"lengths must be positive and ascending, got {self.lengths}")
         if self.lengths and self.kv_budget != self.kv_budget_by_length[0]:
             raise ValueError("kv_budget must equal the budgets at the shortest calibrated length")
+        self.version = PROFILE_VERSION  # a version-1 file loads as (and saves as) this version
 
     # --- the budgets at a context length -------------------------------------------------
 
     def _rule_of(self, by_length: list[list[list[float]]], flat: list[list[float]], layer: int) -> BudgetRule:
         if not self.lengths:
             return BudgetRule.fractions(flat[layer])
+        if not by_length:
+            raise ValueError("this profile has no per-length query-head needs")
         knots = [length / self.block_size for length in self.lengths]
         return BudgetRule.from_knots([table[layer] for table in by_length], knots)
 
@@ -93,6 +101,8 @@ class SparseProfile:
         the backend does): KV heads, or the query heads' needs."""
         from fapool.sparse.selection import budget_blocks
 
+        if context < 1:
+            raise ValueError(f"context must be >= 1 token, got {context}")
         nb = -(-context // self.block_size)
         rule = self.need_rule if query_heads else self.rule
         return [
@@ -110,8 +120,9 @@ class SparseProfile:
 
     def uniform(self, frac: float | None = None) -> SparseProfile:
         """The same profile with every head of every layer at one budget (default: this
-        profile's mean, the uniform budget of the same total; for a length rule, the mean at
-        each calibrated length, so the total matches at every length)."""
+        profile's mean, the uniform budget of the same total; for a length rule, the mean
+        fraction at each calibrated length. The totals then match at those lengths up to the
+        rule's rounding and its non-decreasing block counts, which can lift a head's knot)."""
         def flat(table: list[list[float]], f: float | None) -> list[list[float]]:
             mean = sum(map(sum, table)) / (self.num_layers * self.num_kv_heads) if f is None else f
             return [[mean] * self.num_kv_heads for _ in range(self.num_layers)]
@@ -143,11 +154,12 @@ class SparseProfile:
         """Budgets for another target recall from the stored recall curves (no model run)."""
         if not self.recall:
             raise ValueError("this profile has no recall curves to retarget")
+        if self.lengths and not self.recall_by_length:
+            raise ValueError("this profile has no per-length recall curves to retarget")
         group = self.num_heads // self.num_kv_heads
-        kv, need = choose_budgets(self.recall, self.grid, target, group)
         by_length = [choose_budgets(r, self.grid, target, group) for r in self.recall_by_length]
-        if by_length:  # kv_budget / head_need are the shortest length's
-            kv, need = by_length[0]
+        # kv_budget / head_need: the shortest length's for a length rule, else the pooled curves'
+        kv, need = by_length[0] if by_length else choose_budgets(self.recall, self.grid, target, group)
         calibration = {
             k: v
             for k, v in self.calibration.items()

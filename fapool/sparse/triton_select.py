@@ -330,6 +330,8 @@ def select_blocks_triton(
                 )
     rule = budgets if isinstance(budgets, BudgetRule) else None
     if rule is not None:
+        if rule.device != q.device:  # a copy here would be a host-to-device copy in a graph capture
+            raise ValueError(f"the budget rule is on {rule.device}, q on {q.device}: move it with rule.to()")
         budgets = rule.frac
     from_frac = budgets.is_floating_point()
     want = (num_kv_heads,) if from_frac else (num_seqs, num_kv_heads)
@@ -354,9 +356,11 @@ def select_blocks_triton(
     stride_gb, stride_gh = (0, budgets.stride(0)) if from_frac else budgets.stride()
     num_knots = 0 if rule is None else rule.knot_nb.numel()
     if num_knots:
-        if rule.knot_k.shape != (num_kv_heads, num_knots) or rule.slope.stride() != rule.knot_k.stride():
-            raise ValueError(f"budget rule knots must be [{num_kv_heads}, {num_knots}] with equal strides")
-        knot_nb, knot_k, slope = (t.to(q.device, torch.float64) for t in (rule.knot_nb, rule.knot_k, rule.slope))
+        knot_nb, knot_k, slope = rule.knot_nb, rule.knot_k, rule.slope
+        if knot_k.shape != (num_kv_heads, num_knots) or slope.shape != knot_k.shape:
+            raise ValueError(f"budget rule knots must be [{num_kv_heads}, {num_knots}]")
+        if not all(t.dtype == torch.float64 and t.is_contiguous() for t in (knot_nb, knot_k, slope)):
+            raise ValueError("budget rule tensors must be contiguous float64 (BudgetRule.from_knots makes them so)")
     else:
         knot_nb = knot_k = slope = budgets  # not read
     _select_compact_kernel[(num_seqs, num_kv_heads)](

@@ -184,7 +184,10 @@ class PoolModelRunner(ModelRunner):
                 from fapool.sparse.placement import head_weights
                 from fapool.sparse.profile import SparseProfile
 
-                weights = head_weights(SparseProfile.load(config.sparse_attention).kv_budget)
+                # Placed once for every length: weigh the heads at the longest context the
+                # engine serves (where the pool's attention is; budgets depend on the length).
+                longest = config.scheduler.max_model_len or m.max_position_embeddings
+                weights = head_weights(SparseProfile.load(config.sparse_attention).fractions_at(longest))
             self.kv_heads = HEAD_POLICIES[pool.head_placement](m.num_key_value_heads, self.worker_ids, weights)
         else:
             self.kv_heads = {w: list(range(m.num_key_value_heads)) for w in self.worker_ids}

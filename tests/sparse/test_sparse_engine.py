@@ -13,6 +13,7 @@ from fapool.attention.torch_ref import TorchReferenceBackend
 from fapool.entrypoints.cli import build_parser
 from fapool.sparse.calibrate import build_profile, calibrate, load_model
 from fapool.sparse.profile import SparseProfile, choose_budgets
+from fapool.sparse.selection import budget_blocks
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
@@ -68,6 +69,24 @@ def test_profile_roundtrip_and_uniform(tmp_path):
         SparseProfile("m", 16, 0.95, 4, 1, 4, 2, [[0.0, 0.3]])
 
 
+def test_version_1_profile_loads_as_one_fraction_per_head(tmp_path):
+    """The first profile format (one fraction per head, no length bins) still loads, runs the
+    plain fraction rule, and saves in the current version."""
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "sparse_profile-smollm2.json")
+    with open(path) as f:
+        assert json.load(f)["version"] == 1
+    p = SparseProfile.load(path)
+    assert p.lengths == [] and p.version == 2
+    for nb in (1, 7, 64, 500):
+        want = [max(min(p.min_blocks, nb), min(nb, math.ceil(f * nb - 1e-6))) for f in p.kv_budget[3]]
+        assert budget_blocks(p.rule(3), nb, p.min_blocks).tolist() == want
+    p.save(str(tmp_path / "p.json"))
+    assert SparseProfile.load(str(tmp_path / "p.json")) == p
+
+
 def test_choose_budgets_smallest_meeting_target():
     grid = [0.25, 0.5, 0.75, 1.0]
     recall = [[[0.9, 0.96, 0.99, 1.0], [0.5, 0.7, 0.95, 1.0], [0.97, 0.98, 0.99, 1.0], [0.1, 0.2, 0.3, 1.0]]]
@@ -104,22 +123,23 @@ def test_calibration_by_length_gives_a_length_rule(llama_folder, tmp_path):
     binned = calibrate(model, windows, bins=[16, 32, 64], **kw)
     flat = calibrate(model, windows, **kw)
     assert binned.recall.shape == (3, 3, 2, 4, 5)
-    assert binned.positions[0].tolist() == [4.0, 8.0, 8.0]  # 16..28, 32..60, 64..92 step 4
+    # positions 16..92 step 4 = contexts 17..93: [16, 32) holds 4, [32, 64) 8, [64, ..) 8
+    assert binned.positions[0].tolist() == [4.0, 8.0, 8.0]
     torch.testing.assert_close(binned.pooled(), flat.pooled())
     profile = build_profile(binned, grid, 0.9, 2, 4, 2, "tiny", {})
     assert len(profile.lengths) == 3 and profile.lengths == sorted(profile.lengths)
-    assert profile.lengths[0] == pytest.approx((17 + 21 + 25 + 29) / 4)  # mean context of bin 0
+    assert profile.lengths[0] == pytest.approx((5 + 6 + 7 + 8) / 4 * 4)  # bin 0's mean visible blocks x 4
     assert profile.kv_budget == profile.kv_budget_by_length[0]
     assert len(profile.calibration["mean_budget_by_length"]) == 3
     profile.save(str(tmp_path / "p.json"))
     again = SparseProfile.load(str(tmp_path / "p.json"))
     assert again == profile
-    # At each calibrated length the rule gives that bin's budget (to block rounding).
-    for j, length in enumerate(profile.lengths):
-        nb = length / 4
-        raw = profile.rule(1).raw(torch.tensor(nb))
-        want = torch.tensor(profile.kv_budget_by_length[j][1], dtype=torch.float64) * nb
-        assert torch.all(raw >= want - 1e-9)  # never below (blocks are made non-decreasing)
+    # At each calibrated length the rule gives that bin's blocks, made non-decreasing in the
+    # length (a longer context never gets fewer blocks).
+    nbs = torch.tensor(profile.lengths, dtype=torch.float64) / 4
+    want = torch.cummax(torch.tensor(profile.kv_budget_by_length, dtype=torch.float64)[:, 1] * nbs[:, None], 0).values
+    for j, nb in enumerate(nbs):
+        torch.testing.assert_close(profile.rule(1).raw(nb), want[j])
     retargeted = profile.retarget(0.8)
     assert len(retargeted.kv_budget_by_length) == 3
     assert retargeted.kv_budget == retargeted.kv_budget_by_length[0]
@@ -203,13 +223,25 @@ def test_gpu_full_budget_greedy_equals_dense(llama_folder, tmp_path):
     assert sparse == dense
 
 
+SHORT, LONG = [[0.5, 0.6], [0.4, 0.5]], [[0.25, 0.4], [0.2, 0.3]]
+
+
 @needs_gpu
-def test_gpu_real_budget_runs_in_graphs(llama_folder, tmp_path):
-    """Budgets of 25-50% of the blocks: the decode steps replay CUDA graphs (with async
+@pytest.mark.parametrize(
+    "profile",
+    [
+        SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]),
+        # a length rule: the prompts (90-400 tokens) sit below, between and past its knots
+        SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, SHORT, lengths=[96.0, 256.0], kv_budget_by_length=[SHORT, LONG]),
+    ],
+    ids=["fractions", "length-rule"],
+)
+def test_gpu_real_budget_runs_in_graphs(llama_folder, tmp_path, profile):
+    """Budgets of 20-60% of the blocks: the decode steps replay CUDA graphs (with async
     scheduling) and give the Triton path's tokens without graphs. (The Triton path against the
     torch one, with a tolerance for TF32 dots: test_triton_select.py.)"""
     path = str(tmp_path / "sparse.json")
-    SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]).save(path)
+    profile.save(path)
     prompts = random_prompts([300, 150, 400, 90], seed=6)
     tokens, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path)
     runner = llm.engine.runner

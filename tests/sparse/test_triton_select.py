@@ -17,6 +17,7 @@ import torch
 from fapool.attention import TorchReferenceBackend
 from fapool.attention.sparse import SparseAttentionBackend
 from fapool.sparse.selection import (
+    MIN_GROWTH_PAST_LAST,
     BudgetRule,
     budget_blocks,
     budget_blocks_batched,
@@ -133,13 +134,14 @@ def test_rule_budgets_in_the_kernel_match_budget_blocks():
 
 def test_budget_rule_through_its_knots():
     # Head 0: 0.5 at 64 blocks (32), 0.25 at 256 (64): interpolated, then slope 1/6 beyond.
-    # Head 1: 0.5 at 64 (32), 0.1 at 256 (25.6 -> held at 32: never fewer blocks when longer).
+    # Head 1: 0.5 at 64 (32), 0.1 at 256 (25.6 -> held at 32: never fewer blocks when longer);
+    # past 256 it still grows, at MIN_GROWTH_PAST_LAST x its share there (32 / 256).
     rule = BudgetRule.from_knots([[0.5, 0.5], [0.25, 0.1]], [64.0, 256.0])
     raw = lambda nb: rule.raw(torch.tensor(float(nb))).tolist()  # noqa: E731
     assert raw(32) == [16.0, 16.0]  # below the first knot: its fraction
     assert raw(64) == [32.0, 32.0] and raw(256) == [64.0, 32.0]
     assert raw(160) == pytest.approx([48.0, 32.0])
-    assert raw(512) == pytest.approx([64.0 + 256 / 6, 32.0])
+    assert raw(512) == pytest.approx([64.0 + 256 / 6, 32.0 + 256 * MIN_GROWTH_PAST_LAST * 32 / 256])
     ks = [budget_blocks(rule, nb, 4) for nb in range(1, 700)]
     assert all(bool((b >= a).all()) for a, b in zip(ks, ks[1:]))  # monotone in the length
     one = BudgetRule.from_knots([[0.3, 0.7]], [100.0])  # one knot: the plain fraction rule
@@ -147,6 +149,10 @@ def test_budget_rule_through_its_knots():
         assert torch.equal(budget_blocks(one, nb, 4), budget_blocks(torch.tensor([0.3, 0.7], dtype=torch.float64), nb, 4))
     with pytest.raises(ValueError, match="ascending"):
         BudgetRule.from_knots([[0.5], [0.4]], [64.0, 64.0])
+    with pytest.raises(ValueError, match="one row of head fractions per knot"):
+        BudgetRule.from_knots([[0.5, 0.4]], [64.0, 128.0])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        BudgetRule.from_knots([[0.5], [1.5]], [64.0, 128.0])
 
 
 @needs_triton
