@@ -117,6 +117,31 @@ def typical(times: Sequence[float], cpu: bool) -> float:
     return float(np.percentile(times, 20)) if cpu else float(statistics.median(times))
 
 
+def start_decode(engine, batch: int, context: int, max_tokens: int, warmup: int) -> tuple[list, list]:
+    """Add `batch` random prompts of `context` tokens (seeded by the shape) that generate up to
+    `max_tokens`, step until each has its first token, then `warmup` more steps ->
+    (request ids, requests). The caller aborts the ids when done."""
+    import torch
+
+    from fapool.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    prompts = torch.randint(0, engine.config.model.vocab_size, (batch, context), generator=gen).tolist()
+    ids = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.groups[i][0] for i in ids]
+    try:
+        while any(not r.output_token_ids for r in reqs):
+            engine.step()
+        for _ in range(warmup):
+            engine.step()
+    except BaseException:
+        for rid in ids:
+            engine.abort_request(rid)
+        raise
+    return ids, reqs
+
+
 def measure_decode(
     engine, batch: int, context: int, steps: int, warmup: int, cpu_percentile: bool = True
 ) -> dict:
@@ -127,23 +152,12 @@ def measure_decode(
     the batch's mean cached tokens over the timed steps."""
     import torch
 
-    from fapool.sampling_params import SamplingParams
-
     cuda = engine.runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # Early requests decode while later ones are still in prefill: leave room for those tokens.
     prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens) + 1
-    params = SamplingParams(temperature=0.0, max_tokens=prefill_steps + steps + warmup + 4, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch * 7919 + context)
-    vocab = engine.config.model.vocab_size
-    prompts = torch.randint(0, vocab, (batch, context), generator=gen).tolist()
-    ids = [engine.add_request(p, params) for p in prompts]
-    reqs = [engine.groups[i][0] for i in ids]
+    ids, reqs = start_decode(engine, batch, context, prefill_steps + steps + warmup + 4, warmup)
     try:
-        while any(not r.output_token_ids for r in reqs):
-            engine.step()
-        for _ in range(warmup):
-            engine.step()
         runner = engine.runner
         execute, prepare = runner.execute, runner.prepare
         exec_t: list[float] = []

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fapool.config import ModelConfig
-from fapool.sim.engine_calibrate import build_engine, fit_nonneg, tiny_twin
+from fapool.sim.engine_calibrate import build_engine, fit_nonneg, start_decode, tiny_twin
 from fapool.sim.errors import SimInputError
 
 QUICK_POOL = {
@@ -52,20 +52,8 @@ def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: in
     """Prefill `batch` random prompts of `context` tokens on a pool engine, then record
     `steps` decode steps' PoolStepStats: 20th percentiles of the driver's busy time (dense +
     local attention), its wait, and each worker's attention time, plus the mean context."""
-    import torch
-
-    from fapool.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=steps + warmup + 8, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch * 7919 + context)
-    prompts = torch.randint(0, engine.config.model.vocab_size, (batch, context), generator=gen).tolist()
-    ids = [engine.add_request(p, params) for p in prompts]
-    reqs = [engine.groups[i][0] for i in ids]
+    ids, reqs = start_decode(engine, batch, context, steps + warmup + 8, warmup)
     try:
-        while any(not r.output_token_ids for r in reqs):
-            engine.step()
-        for _ in range(warmup):
-            engine.step()
         ctx0 = reqs[0].num_computed_tokens
         stats = engine.runner.step_stats
         stats.clear()
