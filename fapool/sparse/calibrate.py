@@ -33,6 +33,10 @@ from fapool.sparse.selection import block_order, budget_blocks
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRID = [round(0.01 * i, 2) for i in range(1, 101)]
+# "bound": the runtime selector (sink, recent, best key min/max bounds). "oracle": blocks by their
+# true attention mass, which no selector reading summaries can know: the headroom of any such
+# selector (benchmarks/sparse_selector_headroom.py), never a profile the engine runs.
+SELECTORS = ("bound", "oracle")
 
 
 class RecallRecorder(AttentionBackend):
@@ -50,7 +54,11 @@ class RecallRecorder(AttentionBackend):
         min_pos: int,
         stride: int,
         bins: list[int] | None = None,
+        selector: str = "bound",
     ):
+        if selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
+        self.selector = selector
         self.dense = dense
         self.grid = torch.tensor(grid, dtype=torch.float64)
         self.min_blocks = min_blocks
@@ -107,7 +115,11 @@ class RecallRecorder(AttentionBackend):
             "shgd,hnd->shgn", qg.clamp(max=0), kmin
         )
         visible = pos // block_size + 1  # [S]
-        order = block_order(bound.amax(dim=2), visible.to(dev)).repeat_interleave(group, dim=1)  # [S, Hq, nb]
+        if self.selector == "oracle":  # the KV head's true attention mass per block
+            rank = mass.view(len(pos), num_kv_heads, group, nb).sum(2)
+        else:
+            rank = bound.amax(dim=2)
+        order = block_order(rank, visible.to(dev)).repeat_interleave(group, dim=1)  # [S, Hq, nb]
         cum = mass.gather(-1, order).cumsum(-1)  # [S, Hq, nb]
         k = torch.stack([budget_blocks(self.grid, int(v), self.min_blocks) for v in visible]).to(dev)  # [S, F]
         recall = cum.gather(-1, (k - 1)[:, None, :].expand(-1, num_heads, -1))  # [S, Hq, F]
@@ -231,13 +243,15 @@ def calibrate(
     chunk: int = 1024,
     bins: list[int] | None = None,
     device: str | torch.device = "cpu",
+    selector: str = "bound",
 ) -> RecallCurves:
-    """Recall curves per window and length bin (bins: token edges, default one bin)."""
+    """Recall curves per window and length bin (bins: context edges in tokens, default one
+    bin) of `selector` (SELECTORS)."""
     grid = grid or DEFAULT_GRID
     layers = model.model.layers
     dense = [layer.self_attn.backend for layer in layers]
     recorders = [
-        RecallRecorder(TorchReferenceBackend(), grid, min_blocks, min_pos, stride, bins) for _ in layers
+        RecallRecorder(TorchReferenceBackend(), grid, min_blocks, min_pos, stride, bins, selector) for _ in layers
     ]
     for layer, rec in zip(layers, recorders):
         layer.self_attn.backend = rec

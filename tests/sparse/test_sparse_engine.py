@@ -149,6 +149,21 @@ def test_calibration_by_length_gives_a_length_rule(llama_folder, tmp_path):
     )
 
 
+def test_oracle_selector_bounds_the_runtime_one(llama_folder):
+    """Ranking blocks by their true mass keeps at least as much of a KV head's (summed over its
+    query heads) attention at every budget as the key min/max bound does."""
+    model, _, _ = load_model(llama_folder, TorchReferenceBackend())
+    windows = random_prompts([96, 96], seed=9)
+    kw = dict(block_size=4, grid=[0.1, 0.25, 0.5, 0.75, 1.0], min_blocks=2, min_pos=32, stride=8)
+    bound = calibrate(model, windows, **kw).pooled()  # [L, Hq, F]
+    oracle = calibrate(model, windows, selector="oracle", **kw).pooled()
+    per_kv = lambda r: r.view(r.shape[0], 2, 2, -1).sum(2)  # noqa: E731 -- 4 query heads, 2 KV heads
+    assert torch.all(per_kv(oracle) >= per_kv(bound) - 1e-5)
+    assert bool((per_kv(oracle) > per_kv(bound) + 1e-4).any())  # and strictly more somewhere
+    with pytest.raises(ValueError, match="selector"):
+        calibrate(model, windows, selector="random", **kw)
+
+
 def test_length_rule_profiles_are_validated():
     table = [[0.5, 0.25], [0.5, 0.5]]
     with pytest.raises(ValueError, match="one table per calibrated length"):
