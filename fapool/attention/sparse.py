@@ -139,9 +139,10 @@ class SparseAttentionBackend(AttentionBackend):
         starts = meta.query_start_loc.tolist()
         rows, visible = [], []
         for s, (n_q, kv_len) in enumerate(zip(meta.query_lens_cpu, meta.kv_lens_cpu)):
-            if n_q == 1 and kv_len > 0 and min(kv_len, q_pos[s] - kv_start[s] + 1) > 0:
+            seen = min(kv_len, q_pos[s] - kv_start[s] + 1)  # the KV this one query sees
+            if n_q == 1 and seen > 0:
                 rows.append(s)
-                visible.append(min(kv_len, q_pos[s] - kv_start[s] + 1))
+                visible.append(seen)
         # Budgets of all decode rows at once; a row goes sparse if some head skips a block.
         k_all = budget_blocks_batched(self.budget, torch.tensor(visible, dtype=torch.long), block_size, self.min_blocks)
         num_blocks = [-(-v // block_size) for v in visible]
@@ -233,7 +234,7 @@ class SparseAttentionBackend(AttentionBackend):
         from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
         from fapool.sparse.triton_select import select_blocks_triton
 
-        if self._budget_dev is None or self._budget_dev.frac.device != q.device:
+        if self._budget_dev is None or self._budget_dev.device != q.device:
             self._budget_dev = self.budget.to(q.device)
         # The largest selection any row can get: budget_blocks is monotone in the block count,
         # so it is the budget of a row as wide as the table (exact cap, no row loses a block).

@@ -19,7 +19,6 @@ tokens, including the partial one). A budget of k blocks is those plus the k - 2
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -115,10 +114,6 @@ def budget_blocks(frac: torch.Tensor | BudgetRule, num_blocks: int, min_blocks: 
     raw = rule.raw(torch.tensor(num_blocks, device=rule.device))
     k = torch.ceil(raw - 1e-6).long()  # 1e-6: float32 fractions
     return k.clamp(min=min(min_blocks, num_blocks), max=num_blocks)
-
-
-def budget_blocks_scalar(frac: float, num_blocks: int, min_blocks: int) -> int:
-    return max(min(min_blocks, num_blocks), min(num_blocks, math.ceil(frac * num_blocks - 1e-6)))
 
 
 def max_budget_blocks(budget: torch.Tensor | BudgetRule, num_blocks: int, min_blocks: int) -> int:
