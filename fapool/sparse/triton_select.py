@@ -37,6 +37,7 @@ import triton.language as tl
 from fapool.sparse.selection import BudgetRule
 
 SCORE_TILE = 64  # blocks per stage-1 program: 2 x 64 x D summaries (32 KB at D 128, bf16)
+SCORE_WARPS = 4
 # Padded row length up to which stage 2 counts 4 bits a pass. Off: on an H200 (sparse_gpu-20261201T225315)
 # the 4-bit passes made stage 2 ~3-5x slower than 31 one-bit passes (94.6 vs 37.2 us for scores + top-k
 # at batch 8, 32K; 36.4 vs 17.4 us at 8K): [row, 16] counts do not fit in registers.
@@ -269,7 +270,7 @@ def block_scores_triton(
         TILE=SCORE_TILE,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         CLIP=clip,
-        num_warps=4,
+        num_warps=SCORE_WARPS,
     )
     return score
 
