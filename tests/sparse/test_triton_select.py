@@ -97,39 +97,35 @@ def test_ties_and_signed_zero_follow_the_rule():
     assert torch.equal(pages[0, 0, :6].cpu(), want) and int(lens[0, 0]) == 5 * BS + 3
 
 
+def _kernel_budgets_match(budget, n_kv: list[int], seed: int) -> None:
+    """The selection kernel turns `budget` (fractions or a BudgetRule) into the same blocks as
+    budget_blocks / budget_blocks_batched, and selects what the torch reference does with them."""
+    from fapool.sparse.triton_select import select_blocks_triton
+
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 12, 4, 32, 48, torch.float16, seed=seed)
+    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budget.to(DEVICE), BS, min_blocks=3)
+    budgets = budget_blocks_batched(budget, torch.tensor(n_kv), BS, 3)
+    for s, n in enumerate(n_kv):
+        assert torch.equal(budgets[s], budget_blocks(budget, math.ceil(n / BS), 3))
+    ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets.to(DEVICE), BS)
+    assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+
+
 @needs_triton
 @pytest.mark.parametrize("seed", [3, 4])
 def test_fraction_budgets_match_budget_blocks(seed):
-    from fapool.sparse.triton_select import select_blocks_triton
-
-    n_kv = [1, 17, 100, 160, 320, 497, 640, 767]
-    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 12, 4, 32, 48, torch.float16, seed=seed)
     # 0.1 * 20 and 0.3 * 10 sit on integers after rounding: the 1e-6 guard must act the same.
     frac = torch.tensor([0.1, 0.3, 1 / 3, 0.95], dtype=torch.float64)
-    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac.to(DEVICE), BS, min_blocks=3)
-    budgets = budget_blocks_batched(frac, torch.tensor(n_kv), BS, 3)
-    for s, n in enumerate(n_kv):
-        assert torch.equal(budgets[s], budget_blocks(frac, math.ceil(n / BS), 3))
-    ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets.to(DEVICE), BS)
-    assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+    _kernel_budgets_match(frac, [1, 17, 100, 160, 320, 497, 640, 767], seed)
 
 
 @needs_triton
 def test_rule_budgets_in_the_kernel_match_budget_blocks():
-    """A length rule (knots at 10 and 30 blocks, one head's blocks flat past the first knot)
-    is evaluated in the kernel exactly as budget_blocks(rule) does, on rows below, between
-    and past the knots."""
-    from fapool.sparse.triton_select import select_blocks_triton
-
-    n_kv = [1, 17, 100, 160, 161, 320, 481, 767]
-    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 12, 4, 32, 48, torch.float16, seed=9)
+    """A length rule (knots at 10 and 30 blocks, head 1's blocks held flat between them by the
+    non-decreasing rule) is evaluated in the kernel exactly as budget_blocks(rule) does, on
+    rows below, between and past the knots."""
     rule = BudgetRule.from_knots([[0.5, 0.3, 1 / 3, 0.9], [0.2, 0.1, 0.3, 0.6]], [10.0, 30.0])
-    pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, rule.to(DEVICE), BS, min_blocks=3)
-    budgets = budget_blocks_batched(rule, torch.tensor(n_kv), BS, 3)
-    for s, n in enumerate(n_kv):
-        assert torch.equal(budgets[s], budget_blocks(rule, math.ceil(n / BS), 3))
-    ref_pages, ref_lens = select_blocks_torch(q, kmin, kmax, tables, nk, budgets.to(DEVICE), BS)
-    assert torch.equal(pages.cpu(), ref_pages.cpu()) and torch.equal(lens.cpu(), ref_lens.cpu())
+    _kernel_budgets_match(rule, [1, 17, 100, 160, 161, 320, 481, 767], 9)
 
 
 def test_budget_rule_through_its_knots():
