@@ -19,7 +19,7 @@ One run does everything here:
     PYTHONPATH=. python benchmarks/sim_vs_engine_cpu.py [--batch 4 --input-len 96 ...]
 
 Nothing here is fitted to the engine rows. With --twin model (default) the engine part of the
-calibration decodes SmolLM2's own layer shapes cut to 1 and 3 layers (random weights, batches
+calibration decodes SmolLM2's own layer shapes cut to 1, 4 and 8 layers (random weights, batches
 1/4/8 at contexts 32/256): on a CPU a layer's fixed costs (norms, rotary, residuals, the
 attention call) depend on its widths and on the caches its weights evict, which a tiny layer
 does not show; the 30-layer model and its real weights never run there. --twin tiny is the
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default=None, help="reuse this CPU calibration instead of running one")
     p.add_argument(
         "--twin", choices=("tiny", "model"), default="model",
-        help="the calibration's engine decode: a tiny model, or the target cut to 1 and 3 layers",
+        help="the calibration's engine decode: a tiny model, or the target cut to 1, 4 and 8 layers (CPU)",
     )
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     ns = p.parse_args(argv)

@@ -524,9 +524,9 @@ def calibrate(
     out["seconds"] = round(time.perf_counter() - t0, 3)
     if engine:
         if twin != "tiny":
-            from fapool.sim.engine_calibrate import QUICK_CPU, QUICK_GPU
+            from fapool.sim.engine_calibrate import QUICK_CPU_MODEL, QUICK_GPU
 
-            base = engine_grid or (QUICK_GPU if dev.type == "cuda" else QUICK_CPU)
+            base = engine_grid or (QUICK_GPU if dev.type == "cuda" else QUICK_CPU_MODEL)
             engine_grid = {**base, "twin": twin}
         add_engine_section(out, model, engine_grid, progress, checkpoint)
         out["seconds"] = round(time.perf_counter() - t0, 3)

@@ -365,7 +365,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("tiny", "model"),
         default="tiny",
         help="engine decode on a tiny model with --model's architecture flags, or on --model itself "
-        "cut to 1 and 3 layers (its own widths: a CPU's per-layer costs depend on them)",
+        "cut to depth (CPU: 1, 4 and 8 layers; its own widths: a CPU's per-layer costs depend on them)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     p.add_argument("--out", default="fapool_calibration.json")

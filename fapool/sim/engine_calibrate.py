@@ -1,5 +1,5 @@
 """The engine part of `fapool calibrate`: a short decode of the real engine on a tiny model at
-two depths and a few (batch, context) points, to fit what kernel micro-benchmarks cannot see.
+two or more depths and a few (batch, context) points, to fit what kernel micro-benchmarks cannot see.
 
 Per point and depth it measures the whole engine step (scheduler, input preparation, launch,
 device, sampling, output processing) and the step's device time:
@@ -7,7 +7,7 @@ on a GPU the replay of the step's CUDA graph, on a CPU the runner's forward (its
 minus its input preparation: the CPU is the device). From these:
 
   layer_fixed_s  device seconds a layer costs beyond its GEMM and attention rooflines (small
-                 kernels, inter-kernel gaps): the slope of device time over depth minus the
+                 kernels, inter-kernel gaps): the least-squares slope of device time over depth minus the
                  modelled layer, extrapolated to no cached tokens (a non-negative line in the
                  batch's cached tokens; its slope, the attention roofline's miss in the engine,
                  is recorded as a diagnostic, not used)
@@ -42,6 +42,11 @@ QUICK_CPU = {
 QUICK_GPU = {
     "layers": (1, 3), "batches": (1, 8, 32), "contexts": (128, 2048), "steps": 16, "warmup": 4, "repeats": 1
 }
+# The CPU grid for twin="model": a SmolLM2-wide layer costs ~5-12 ms on a CPU and one step's
+# noise is ~5-10 ms, so the depth slope from 1 and 3 layers (a 2-layer difference) was off by
+# up to 2x per point (sim_calibration_cpu-20261202T002526: 5 to 12 ms a layer). Three depths
+# spanning 7 layers cut that error about 4x.
+QUICK_CPU_MODEL = {**QUICK_CPU, "layers": (1, 4, 8)}
 HOST_TERMS = ("step_s", "per_seq_s", "per_kv_token_s")
 
 
@@ -268,15 +273,16 @@ def calibrate_engine(
 
     cuda = device.startswith("cuda")
     grid = grid or (QUICK_GPU if cuda else QUICK_CPU)
-    lo, hi = grid["layers"]
-    if hi <= lo:
-        raise SimInputError("engine calibration needs two depths, the second larger")
+    depths = tuple(grid["layers"])
+    if len(depths) < 2 or any(b <= a for a, b in zip(depths, depths[1:])) or depths[0] < 1:
+        raise SimInputError("engine calibration needs two or more depths (>= 1 layer), each larger than the last")
+    lo = depths[0]
     max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])
     extra = grid["steps"] + grid["warmup"] + 16
     blocks = max_b * (-(-(max_ctx + extra) // 16) + 1) + 8
     t0 = time.perf_counter()
     twin = grid.get("twin", "tiny")
-    engines = {d: build_engine(engine_twin(model, d, twin), device, max_b, 8192, blocks) for d in (lo, hi)}
+    engines = {d: build_engine(engine_twin(model, d, twin), device, max_b, 8192, blocks) for d in depths}
     samples: list[dict] = []
     eager: list[dict] = []
     try:
@@ -320,10 +326,11 @@ def calibrate_engine(
         kv = pair[lo]["kv_tokens"]
         dense_c, _ = cost.dense_layer(batch)
         modelled_layer = dense_c + float(cost.decode_attention(kv, batch))
-        slope = (pair[hi]["device_s"] - pair[lo]["device_s"]) / (hi - lo)
-        layer_res.append(slope - modelled_layer)
+        # Device time over depth by least squares (with two depths: the line through both).
+        slope, intercept = np.polyfit(depths, [pair[d]["device_s"] for d in depths], 1)
+        layer_res.append(float(slope) - modelled_layer)
         # The intercept of device time over depth, less the modelled LM head.
-        step_res.append(pair[lo]["device_s"] - lo * slope - float(cost.lm_head(batch)))
+        step_res.append(float(intercept) - float(cost.lm_head(batch)))
     kvs = [pair[lo]["kv_tokens"] for _, pair in sorted(by_point.items())]
     line = fit_nonneg(np.stack([np.ones(len(kvs)), kvs], axis=1), np.asarray(layer_res))
     layer_fixed = float(line[0])
@@ -342,7 +349,7 @@ def calibrate_engine(
     return {
         "model": ("tiny twin of " if twin == "tiny" else "the target cut to depth, ")
         + (model.architecture if model else "llama")
-        + f" (hidden {engine_twin(model, lo, twin).hidden_size}, layers {lo} and {hi})",
+        + f" (hidden {engine_twin(model, lo, twin).hidden_size}, layers {', '.join(map(str, depths))})",
         "twin": twin,
         "device_fixed": {
             "layer_fixed_s": layer_fixed,

@@ -191,9 +191,22 @@ def test_calibrate_on_cpu_writes_the_engine_terms_and_they_load_back(tmp_path):
     assert apply_calibration(get_hardware("cpu"), load_calibration(tmp_path / "old.json")).host is None
 
 
+def test_engine_calibration_fits_the_depth_slope_over_three_depths():
+    from fapool.sim.engine_calibrate import calibrate_engine
+
+    hw = get_hardware("cpu")
+    out = calibrate_engine("cpu", lambda mc: CostModel(mc, hw, include_host=False),
+                           grid={**TINY_ENGINE, "layers": (1, 2, 4)})
+    assert sorted({s["layers"] for s in out["samples"]}) == [1, 2, 4]
+    assert "layers 1, 2, 4" in out["model"]
+    fixed = out["device_fixed"]
+    assert len(fixed["layer_residuals_s"]) == len(TINY_ENGINE["batches"]) * len(TINY_ENGINE["contexts"])
+    assert fixed["layer_fixed_s"] >= 0 and fixed["step_fixed_s"] >= 0
+
+
 def test_a_failing_engine_run_keeps_the_kernel_calibration():
     saved = []
     bad = {**TINY_ENGINE, "layers": (2, 1)}
     cal = calibrate(device="cpu", grid=TINY_KERNELS, collectives=False, engine_grid=bad, checkpoint=saved.append)
-    assert saved and cal["engine"] is None and "two depths" in cal["engine_error"]
+    assert saved and cal["engine"] is None and "two or more depths" in cal["engine_error"]
     assert apply_calibration(get_hardware("cpu"), cal).host is None
