@@ -27,7 +27,9 @@ Parts (each recorded on its own; a failure is written to "errors" and the rest s
              0.5/1/2/4 waves.
   engine     decode TPOT of the engine on SmolLM2-135M's shape (random bf16 weights), batch
              --engine-batch at --engine-contexts: dense vs the profile's adaptive budgets vs
-             uniform of the same total; GPU time of the step's graph and its attention kernels.
+             uniform of the same total (all sparse at every step), and the adaptive budgets with
+             the engine's default gate (dense below --sparse-min-context); GPU time of the step's
+             graph and its attention kernels.
   placement  head-parallel attention simulated on one GPU: for 2/4/8 workers the KV heads are
              split contiguously or by LPT on budget weights (fapool.sparse.placement), each
              worker's share (its heads' KV, selection + kernel) timed per layer; a layer takes
@@ -55,6 +57,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import torch  # noqa: E402
+
+from fapool.attention.sparse import DEFAULT_SPARSE_MIN_CONTEXT  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 TARGET = 2.88  # the seed's attention-latency reduction
@@ -584,16 +588,24 @@ def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: 
         "selection, decode) by torch.profiler",
         "modes": {},
     }
-    modes = {"dense": None, "adaptive": profile_path, "uniform": uniform_path}
+    # adaptive / uniform: sparse at every step (min context 0), what the kernels give; gated: the
+    # engine default, dense in steps whose longest context is below --sparse-min-context.
+    modes = {
+        "dense": (None, 0),
+        "adaptive": (profile_path, 0),
+        "uniform": (uniform_path, 0),
+        "adaptive_gated": (profile_path, DEFAULT_SPARSE_MIN_CONTEXT),
+    }
+    out["gated_min_context"] = DEFAULT_SPARSE_MIN_CONTEXT
     errors: dict = {}
     out["errors"] = errors
-    for mode, path in modes.items():
-        guarded(errors, mode, lambda: engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes))  # noqa: B023
+    for mode, (path, min_ctx) in modes.items():
+        guarded(errors, mode, lambda: engine_mode(out, hf, mode, path, min_ctx, batch, contexts, steps, kv_bytes))  # noqa: B023
         gc.collect()
         torch.cuda.empty_cache()
     for i, ctx in enumerate(contexts):
         d = out["modes"].get("dense", [])
-        for mode in ("adaptive", "uniform"):
+        for mode in ("adaptive", "uniform", "adaptive_gated"):
             m = out["modes"].get(mode, [])
             if i >= len(d) or i >= len(m):
                 continue
@@ -605,8 +617,9 @@ def part_engine(cfg, profile_path: str, batch: int, contexts: list[int], steps: 
     return out
 
 
-def engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes) -> None:
-    """One engine (dense, or sparse with the profile at `path`) over the contexts."""
+def engine_mode(out, hf, mode, path, min_context, batch, contexts, steps, kv_bytes) -> None:
+    """One engine (dense, or sparse with the profile at `path` in steps whose longest context
+    reaches `min_context`) over the contexts."""
     from fapool.bench.tpot import engine_from_hf, measure_engine
 
     rows = out["modes"][mode] = []
@@ -616,6 +629,7 @@ def engine_mode(out, hf, mode, path, batch, contexts, steps, kv_bytes) -> None:
         max_num_seqs=batch,
         max_num_batched_tokens=8192,
         sparse_attention=path,
+        sparse_min_context=min_context,
     )
     out.setdefault("graphs", {})[mode] = eng.runner.use_cuda_graphs
     measure_engine(eng, 2, 64, 4)  # compile the kernels
@@ -676,7 +690,7 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=40)
     ap.add_argument("--time-budget-s", type=float, default=150.0, help="later parts are skipped (GPU runs)")
     ap.add_argument("--engine-batch", type=int, default=8)
-    ap.add_argument("--engine-contexts", default="4096,8064", help="SmolLM2's max is 8192 (prompt + decode)")
+    ap.add_argument("--engine-contexts", default="2048,4096,8064", help="SmolLM2's max is 8192 (prompt + decode)")
     ap.add_argument("--engine-steps", type=int, default=20)
     ap.add_argument("--no-engine", action="store_true", help="skip the engine TPOT part")
     ap.add_argument("--smol-contexts", default="4096,8192", help="per-layer latency at SmolLM2's shape")

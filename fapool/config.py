@@ -205,10 +205,13 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None  # "torch" | "triton"; None: by device
     sparse_attention: str | None = None  # sparse decode profile JSON (fapool calibrate-heads); None: dense
+    sparse_min_context: int = 4096  # sparse decode only in steps whose longest KV reaches this
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.sparse_min_context < 0:
+            raise ConfigError(f"sparse_min_context must be >= 0, got {self.sparse_min_context}")
         if self.scheduler.max_model_len is not None and self.scheduler.max_model_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len ({self.scheduler.max_model_len}) exceeds the model's "

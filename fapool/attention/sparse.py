@@ -29,12 +29,20 @@ to the order of the floating-point sums, not bit for bit as on the CPU, where su
 dense backend). Prefill chunks go to the dense backend as on the CPU. The counters
 sparse_tokens / sparse_dense_tokens are CPU-only (they would need a sync); sparse_calls counts
 the host-side launches of the Triton path (a graph capture counts once).
+
+A SparseGate, shared by a model's layers, turns the sparse path on per step: only once the
+step's longest KV (AttentionMetadata.max_kv_len, a host value) reaches `min_context`. Below
+that, selection (a score pass and two to four launches a layer) costs more than the KV it
+skips: on an H200 at SmolLM2's shape, sparse decode was x0.61-0.78 of dense at 4K-8K
+(sparse_gpu-20261202T004233). SGLang's double-sparsity decode has the same kind of threshold
+(default 4096). CUDA graphs capture each choice separately (DecodeGraphs pins it per key).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -43,13 +51,37 @@ from fapool.attention.metadata import AttentionMetadata
 from fapool.sparse.selection import BudgetRule, block_order, budget_blocks_batched, max_budget_blocks
 
 
+DEFAULT_SPARSE_MIN_CONTEXT = 4096
+
+
+@dataclass
+class SparseGate:
+    """Whether a step attends sparsely: when its longest KV reaches `min_context` (0: always).
+    `pinned` overrides that while a CUDA graph is captured for one choice."""
+
+    min_context: int = 0
+    pinned: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_context < 0:
+            raise ValueError(f"sparse min_context must be >= 0, got {self.min_context}")
+
+    def active(self, max_kv_len: int) -> bool:
+        return self.pinned if self.pinned is not None else max_kv_len >= self.min_context
+
+
 class SparseAttentionBackend(AttentionBackend):
     name = "sparse"
 
     def __init__(
-        self, dense: AttentionBackend, kv_budget: list[float] | BudgetRule | None, min_blocks: int = 4
+        self,
+        dense: AttentionBackend,
+        kv_budget: list[float] | BudgetRule | None,
+        min_blocks: int = 4,
+        gate: SparseGate | None = None,
     ) -> None:
         self.dense = dense
+        self.gate = gate if gate is not None else SparseGate()  # default: every step
         # Per KV head: a fraction of the blocks, or a rule in the block count (profiles
         # calibrated at several lengths); None wraps the dense backend without sparsity.
         self.budget: BudgetRule | None = None
@@ -129,7 +161,7 @@ class SparseAttentionBackend(AttentionBackend):
     # --- attention ---------------------------------------------------------------------
 
     def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        if self.budget is None or self.kmin is None:
+        if self.budget is None or self.kmin is None or not self.gate.active(meta.max_kv_len):
             return self.dense.forward(query, k_cache, v_cache, meta, scale)
         if self.triton:
             return self._forward_triton(query, k_cache, v_cache, meta, scale)
@@ -311,11 +343,17 @@ class SparseAttentionBackend(AttentionBackend):
         return out.reshape(num_seqs, num_heads, head_dim), lse.reshape(num_seqs, num_heads)
 
 
-def enable_sparse_attention(model: torch.nn.Module, dense: AttentionBackend, profile) -> AttentionBackend:
+def enable_sparse_attention(
+    model: torch.nn.Module,
+    dense: AttentionBackend,
+    profile,
+    min_context: int = DEFAULT_SPARSE_MIN_CONTEXT,
+) -> AttentionBackend:
     """Give every attention layer of `model` its own SparseAttentionBackend with the profile's
-    budgets (a SparseProfile or a path to its JSON). Returns the backend for the engine: the
-    dense one wrapped without budgets (on CUDA with Triton, graph-safe: the runner captures
-    decode steps; elsewhere the torch path reads lengths on the host)."""
+    budgets (a SparseProfile or a path to its JSON), sparse in steps whose longest KV reaches
+    `min_context`. Returns the backend for the engine: the dense one wrapped without budgets,
+    holding the layers' shared gate (on CUDA with Triton, graph-safe: the runner captures
+    decode steps, one graph per gate choice; elsewhere the torch path reads lengths on the host)."""
     from fapool.sparse.profile import SparseProfile
 
     if isinstance(profile, str):
@@ -326,6 +364,7 @@ def enable_sparse_attention(model: torch.nn.Module, dense: AttentionBackend, pro
             f"sparse profile is for {profile.num_layers} layers x {profile.num_kv_heads} KV heads, "
             f"the model has {len(layers)} x {layers[0].self_attn.num_kv_heads}"
         )
+    gate = SparseGate(min_context)
     for i, layer in enumerate(layers):
-        layer.self_attn.backend = SparseAttentionBackend(dense, profile.rule(i), profile.min_blocks)
-    return SparseAttentionBackend(dense, None)
+        layer.self_attn.backend = SparseAttentionBackend(dense, profile.rule(i), profile.min_blocks, gate)
+    return SparseAttentionBackend(dense, None, gate=gate)

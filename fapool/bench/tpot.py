@@ -237,7 +237,7 @@ def engine_from_hf(hf_model, **engine_kwargs):
     if config.sparse_attention:  # as fapool.entrypoints.llm.build_engine does
         from fapool.attention.sparse import enable_sparse_attention
 
-        backend = enable_sparse_attention(model, backend, config.sparse_attention)
+        backend = enable_sparse_attention(model, backend, config.sparse_attention, config.sparse_min_context)
     return LLMEngine(config, model.eval(), backend)
 
 

@@ -50,6 +50,7 @@ class EngineArgs:
     worker_kv_blocks: int | None = None
     worker_timeout_s: float = 60.0
     sparse_attention: str | None = None  # profile JSON from `fapool calibrate-heads`; None: dense
+    sparse_min_context: int = 4096  # steps with a shorter longest KV attend densely
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
         device = self.device or default_device()
@@ -85,6 +86,7 @@ class EngineArgs:
             seed=self.seed,
             attention_backend=self.attention_backend,
             sparse_attention=self.sparse_attention,
+            sparse_min_context=self.sparse_min_context,
         )
 
     @staticmethod
@@ -120,6 +122,11 @@ class EngineArgs:
         g.add_argument(
             "--sparse-attention", default=None, metavar="PROFILE",
             help="sparse decode with per-head block budgets from this profile (fapool calibrate-heads)",
+        )
+        g.add_argument(
+            "--sparse-min-context", type=int, default=4096, metavar="TOKENS",
+            help="with --sparse-attention: decode steps whose longest context is shorter attend densely "
+            "(selection costs more than it saves there; 0: always sparse)",
         )
 
     @classmethod

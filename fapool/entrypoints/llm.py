@@ -37,7 +37,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     if config.sparse_attention:
         from fapool.attention.sparse import enable_sparse_attention
 
-        backend = enable_sparse_attention(model, backend, config.sparse_attention)
+        backend = enable_sparse_attention(model, backend, config.sparse_attention, config.sparse_min_context)
     tokenizer = load_tokenizer(src)
     return LLMEngine(config, model, backend, tokenizer)
 

@@ -141,6 +141,20 @@ def pinned_splits(backend, num_splits: int):
         backend.num_splits = old
 
 
+@contextlib.contextmanager
+def pinned_gate(gate, active: bool | None):
+    """Fix a sparse backend's gate choice (fapool.attention.sparse.SparseGate) during a capture."""
+    if gate is None:
+        yield
+        return
+    old = gate.pinned
+    gate.pinned = active
+    try:
+        yield
+    finally:
+        gate.pinned = old
+
+
 class DecodeGraphs:
     """Captures and replays decode steps of `model` over `kv_caches` (Triton backend only)."""
 
@@ -170,8 +184,11 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self._pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.last_key: tuple[int, int] | None = None  # (padded batch, splits) of the last run
+        # A sparse backend's gate (None for a dense one): sparse and dense steps are separate graphs.
+        self.gate = getattr(backend, "gate", None)
+        self.graphs: dict[tuple[int, int, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (padded batch, splits, sparse gate choice or None) of the last run
+        self.last_key: tuple[int, int, bool | None] | None = None
 
     def padded_size(self, num_seqs: int) -> int | None:
         if num_seqs > self.max_batch:
@@ -207,11 +224,12 @@ class DecodeGraphs:
         splits = self._auto_num_splits(
             padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device
         )
-        entry = self.graphs.get((padded, splits))
+        key = (padded, splits, None if self.gate is None else self.gate.active(max_kv))
+        entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[(padded, splits)] = self._capture(padded, splits)
+            entry = self.graphs[key] = self._capture(*key)
         graph, logits = entry
-        self.last_key = (padded, splits)
+        self.last_key = key
         graph.replay()
         return logits[:n]
 
@@ -236,10 +254,10 @@ class DecodeGraphs:
         self.sampled[:batch].copy_(logits.argmax(dim=-1))  # greedy, for async scheduling
         return logits
 
-    def _capture(self, batch: int, splits: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, batch: int, splits: int, sparse: bool | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The buffers already hold this step's batch: the warm-up run computes it (compiling
         # kernels, creating cuBLAS workspaces) and writes the same K/V the replay will write.
-        with pinned_splits(self.backend, splits):
+        with pinned_splits(self.backend, splits), pinned_gate(self.gate, sparse):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -250,13 +268,13 @@ class DecodeGraphs:
                 logits = self._forward(batch)
         return graph, logits
 
-    def time_replay(self, batch: int, splits: int, iters: int = 20) -> float:
+    def time_replay(self, batch: int, splits: int, sparse: bool | None = None, iters: int = 20) -> float:
         """Median GPU time (ms) of one replay of a captured graph (benchmarks). Replaying
         recomputes the batch in the buffers and rewrites its K/V: call it only right after a
         step of that very graph (`last_key`), while the batch's blocks are still its own."""
-        if (batch, splits) != self.last_key:
-            raise ValueError(f"time_replay of {(batch, splits)} after a step of {self.last_key}")
-        graph, _ = self.graphs[(batch, splits)]
+        if (batch, splits, sparse) != self.last_key:
+            raise ValueError(f"time_replay of {(batch, splits, sparse)} after a step of {self.last_key}")
+        graph, _ = self.graphs[(batch, splits, sparse)]
         times = []
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

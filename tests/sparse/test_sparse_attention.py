@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fapool.attention import AttentionMetadata, TorchReferenceBackend
-from fapool.attention.sparse import SparseAttentionBackend
+from fapool.attention.sparse import SparseAttentionBackend, SparseGate
 from fapool.sparse.selection import block_order, budget_blocks
 
 H, HKV, D, BS = 6, 3, 16, 4
@@ -53,6 +53,35 @@ def test_full_budget_is_exactly_dense():
     (out, lse), args = _run(SparseAttentionBackend(dense, [1.0] * HKV), SPECS)
     ref_out, ref_lse = dense.forward(*args, D**-0.5)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_gate_runs_dense_below_min_context_and_sparse_from_it():
+    """The step's longest KV is 65 (SPECS): a gate at 66 leaves it dense bit for bit and the
+    sparse counters untouched; at 65 the same budget takes the sparse path."""
+    dense = TorchReferenceBackend()
+    shut = SparseAttentionBackend(dense, [0.25, 0.5, 0.1], min_blocks=3, gate=SparseGate(66))
+    (out, lse), args = _run(shut, SPECS)
+    assert args[3].max_kv_len == 65
+    ref_out, ref_lse = dense.forward(*args, D**-0.5)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert shut.sparse_tokens == shut.sparse_dense_tokens == 0
+    opened = SparseAttentionBackend(dense, [0.25, 0.5, 0.1], min_blocks=3, gate=SparseGate(65))
+    (out, _), _ = _run(opened, SPECS)
+    assert 0 < opened.sparse_tokens < opened.sparse_dense_tokens
+    assert not torch.equal(out, ref_out)
+    # Summaries are kept while the gate is shut, so opening it later finds them complete.
+    assert shut.kmin is not None and torch.equal(shut.kmin, opened.kmin) and torch.equal(shut.kmax, opened.kmax)
+
+
+def test_gate_pinned_overrides_the_length_and_rejects_negative():
+    gate = SparseGate(100)
+    assert not gate.active(99) and gate.active(100)
+    gate.pinned = True
+    assert gate.active(0)
+    gate.pinned = False
+    assert not gate.active(10**6)
+    with pytest.raises(ValueError, match="min_context"):
+        SparseGate(-1)
 
 
 def test_sparse_path_with_every_block_matches_dense():

@@ -34,7 +34,7 @@ def test_full_budget_greedy_equals_dense(llama_folder, tmp_path):
     SparseProfile.full(2, 2, 4, block_size=4).save(path)
     prompts = random_prompts([37, 120, 9], seed=5)
     dense, _ = _generate(llama_folder, prompts)
-    sparse, llm = _generate(llama_folder, prompts, sparse_attention=path)
+    sparse, llm = _generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
     assert sparse == dense
     assert llm.engine.config.sparse_attention == path
 
@@ -44,12 +44,49 @@ def test_small_budget_takes_the_sparse_path(llama_folder, tmp_path):
     profile = SparseProfile("tiny", 4, 0.9, 4, 2, 4, 2, [[0.2, 0.5], [0.3, 0.25]])
     profile.save(path)
     prompts = random_prompts([150, 90], seed=6)
-    tokens, llm = _generate(llama_folder, prompts, sparse_attention=path)
+    tokens, llm = _generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
     assert all(len(t) == 24 for t in tokens)
     backends = [layer.self_attn.backend for layer in llm.engine.runner.model.model.layers]
     read = sum(b.sparse_tokens for b in backends)
     full = sum(b.sparse_dense_tokens for b in backends)
     assert 0 < read < 0.6 * full
+
+
+def test_gate_crossing_mid_generation(llama_folder, tmp_path):
+    """sparse_min_context 100 with two 80-token prompts: decode steps until the longest KV
+    reaches 100 attend densely, so those tokens are dense's exactly; later steps go sparse.
+    A gate past every length gives dense's tokens throughout and no sparse read; the default
+    gate (4096) leaves these short prompts dense too."""
+    path = str(tmp_path / "sparse.json")
+    SparseProfile("tiny", 4, 0.9, 4, 2, 4, 2, [[0.2, 0.5], [0.3, 0.25]]).save(path)
+    prompts = random_prompts([80, 80], seed=8)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM(llama_folder, device="cpu", block_size=4, num_kv_blocks=256, **kw)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        layers = llm.engine.runner.model.model.layers
+        read = sum(getattr(ly.self_attn.backend, "sparse_tokens", 0) for ly in layers)  # dense: none
+        return [o.outputs[0].token_ids for o in outs], read
+
+    dense, _ = run()
+    crossing, read = run(sparse_attention=path, sparse_min_context=100)
+    # Generated token j (j >= 1) comes from a step over 80 + j cached tokens: dense for j < 20.
+    assert all(c[:20] == d[:20] for c, d in zip(crossing, dense))
+    assert read > 0
+    shut, shut_read = run(sparse_attention=path, sparse_min_context=10_000)
+    assert shut == dense and shut_read == 0
+    default, default_read = run(sparse_attention=path)
+    assert default == dense and default_read == 0
+
+
+def test_sparse_min_context_is_validated(llama_folder, tmp_path):
+    from fapool.config import ConfigError
+
+    path = str(tmp_path / "full.json")
+    SparseProfile.full(2, 2, 4).save(path)
+    with pytest.raises(ConfigError, match="sparse_min_context"):
+        LLM(llama_folder, device="cpu", num_kv_blocks=64, sparse_attention=path, sparse_min_context=-1)
 
 
 def test_profile_must_match_the_model(llama_folder, tmp_path):
@@ -231,7 +268,7 @@ def test_gpu_full_budget_greedy_equals_dense(llama_folder, tmp_path):
     SparseProfile.full(2, 2, 4, block_size=16).save(path)
     prompts = random_prompts([37, 300, 9, 150, 64], seed=5)
     dense, _ = _gpu_generate(llama_folder, prompts)
-    sparse, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path)
+    sparse, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
     runner = llm.engine.runner
     assert runner.use_cuda_graphs and runner.decode_graphs is not None and runner.decode_graphs.graphs
     assert all(b.triton and b.sparse_calls > 0 for b in _sparse_backends(llm))
@@ -258,12 +295,12 @@ def test_gpu_real_budget_runs_in_graphs(llama_folder, tmp_path, profile):
     path = str(tmp_path / "sparse.json")
     profile.save(path)
     prompts = random_prompts([300, 150, 400, 90], seed=6)
-    tokens, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path)
+    tokens, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
     runner = llm.engine.runner
     assert runner.use_cuda_graphs and runner.decode_graphs is not None and runner.decode_graphs.graphs
     assert llm.engine.async_scheduling
     assert all(b.triton and b.sparse_calls > 0 for b in _sparse_backends(llm))
-    llm_eager = LLM(llama_folder, **GPU_KW, sparse_attention=path)
+    llm_eager = LLM(llama_folder, **GPU_KW, sparse_attention=path, sparse_min_context=0)
     llm_eager.engine.runner.use_cuda_graphs = False
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     eager = [
@@ -271,6 +308,30 @@ def test_gpu_real_budget_runs_in_graphs(llama_folder, tmp_path, profile):
     ]
     assert tokens == eager
     # The same engine over the torch path reads well under all the blocks: the budget is real.
-    _, ref_llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, attention_backend="torch")
+    _, ref_llm = _gpu_generate(
+        llama_folder, prompts, sparse_attention=path, sparse_min_context=0, attention_backend="torch"
+    )
     read = sum(b.sparse_tokens for b in _sparse_backends(ref_llm))
     assert 0 < read < 0.7 * sum(b.sparse_dense_tokens for b in _sparse_backends(ref_llm))
+
+
+@needs_gpu
+def test_gpu_gate_crossing_captures_both_graphs(llama_folder, tmp_path):
+    """sparse_min_context 200 with prompts of 150 and 120 tokens and 80 new ones: the decode
+    graphs hold a dense and a sparse variant, the steps before the crossing give dense's tokens
+    exactly, and graphs give the eager engine's tokens."""
+    path = str(tmp_path / "sparse.json")
+    SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]).save(path)
+    prompts = random_prompts([150, 120], seed=9)
+    dense, _ = _gpu_generate(llama_folder, prompts, max_tokens=80)
+    tokens, llm = _gpu_generate(llama_folder, prompts, max_tokens=80, sparse_attention=path, sparse_min_context=200)
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs is not None and {key[2] for key in graphs.graphs} == {False, True}
+    # Token j (j >= 1) of the 150-token row comes from a step whose longest KV is 150 + j:
+    # dense for j < 50; the shorter row trails it by the chunked prefill's few steps.
+    assert all(t[:40] == d[:40] for t, d in zip(tokens, dense))
+    eager_llm = LLM(llama_folder, **GPU_KW, sparse_attention=path, sparse_min_context=200)
+    eager_llm.engine.runner.use_cuda_graphs = False
+    params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    eager = [o.outputs[0].token_ids for o in eager_llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    assert tokens == eager
