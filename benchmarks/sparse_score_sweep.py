@@ -1,6 +1,8 @@
 """GPU: the block-score pass of sparse selection (fapool.sparse.triton_select, stage 1) over its
 tile size and warp count, at the benchmark shape (Hq 32, Hkv 8, D 128, bf16, block 16): time per
 layer (triton do_bench, L2 flushed, median) and the bandwidth it streams the key summaries at.
+Then the whole selection (scores + stage 2) with each of stage 2's threshold searches (one sort,
+one bit a pass), also at SmolLM2's shape (Hq 9, Hkv 3, D 64), budgets of a quarter of the blocks.
 
     python3 benchmarks/sparse_score_sweep.py --out-dir $OUT
 """
@@ -31,6 +33,7 @@ def main() -> int:
     ap.add_argument("--cases", default="8x32768,16x32768,8x8192")
     ap.add_argument("--tiles", default="32,64,128,256")
     ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--select-cases", default="llamax8x32768,llamax16x32768,llamax8x8192,smollm2x8x8192,smollm2x8x4096")
     ns = ap.parse_args()
     rows = []
     for case in ns.cases.split(","):
@@ -50,8 +53,30 @@ def main() -> int:
                     "summary_TBps": round(summary_bytes / us / 1e6, 3), "equal_to_first": bool(torch.equal(out, ref)),
                 })
                 print(rows[-1], flush=True)
+    ts.SCORE_TILE, ts.SCORE_WARPS = 64, 4
+    searches = {"sort": (1 << 30, 0), "1bit": (0, 0)}  # (SORT_MAX_ROW, RADIX4_MAX_ROW)
+    select_rows = []
+    for case in ns.select_cases.split(","):
+        heads, batch, ctx = case.split("x")
+        hq, hkv, d = {"llama": (32, 8, 128), "smollm2": (9, 3, 64)}[heads]
+        L = make_layer(int(batch), int(ctx), 1, "cuda", torch.bfloat16, hq=hq, hkv=hkv, d=d)
+        budgets = torch.full((hkv,), 0.25, dtype=torch.float64, device="cuda")
+        first = None
+        for name, (sort_max, radix4_max) in searches.items():
+            ts.SORT_MAX_ROW, ts.RADIX4_MAX_ROW = sort_max, radix4_max
+            fn = lambda: ts.select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, budgets, BS)  # noqa: E731
+            out = fn()
+            first = out if first is None else first
+            us = triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
+            select_rows.append({
+                "shape": f"Hq {hq}, Hkv {hkv}, D {d}", "batch": int(batch), "context": int(ctx), "search": name,
+                "select_us": round(us, 2),
+                "equal_to_first": bool(torch.equal(out[0], first[0]) and torch.equal(out[1], first[1])),
+            })
+            print(select_rows[-1], flush=True)
     res = {"bench": "sparse_score_sweep", "env": environment("cuda"), "shape": "Hq 32, Hkv 8, D 128, bf16, block 16",
-           "timing": "triton do_bench (L2 flushed), median, one layer, eager", "rows": rows}
+           "timing": "triton do_bench (L2 flushed), median, one layer, eager", "rows": rows,
+           "select_rows": select_rows}
     os.makedirs(ns.out_dir, exist_ok=True)
     path = os.path.join(ns.out_dir, f"sparse_score_sweep-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:

@@ -15,10 +15,11 @@ head), 1/16 of what dense decode reads at block size 16. Scores go to a float32 
 Stage 2 (_select_compact_kernel, grid B x Hkv, the whole row in registers): the budget k
 (given, or a fraction / BudgetRule of nb, rounded and clamped as budget_blocks does), then block_order's rule without a
 sort: the sink and the most recent block, plus the m = k - 2 best others. The m-th largest
-score is found by a radix search over its order-preserving int32 key: the largest t with
-count(key >= t) >= m, the sign first, then 4 bits a pass (3 in the last) from 15 counts taken
-in one reduction over [row, 16], so 9 block-wide reductions instead of 32 one bit at a time
-(rows past RADIX4_MAX_ROW blocks, 32K tokens at block 16, still go one bit a time).
+score is found over its order-preserving int32 key as the largest t with count(key >= t) >= m:
+for rows up to SORT_MAX_ROW blocks (64K tokens at block 16) by one bitonic sort of the keys
+(tl.sort; t is the m-th of them), longer rows by a radix search, the sign first, then one bit a
+pass (31 block-wide reductions; RADIX4_MAX_ROW can switch on 4 bits a pass from 15 counts over
+[row, 16], off by default: slower on an H200).
 Blocks above t are taken and
 ties at t in ascending block index (an inclusive cumsum ranks them). A second cumsum gives each
 chosen block its slot, so pages come out in ascending block order, zero-padded, and lens counts
@@ -42,6 +43,10 @@ SCORE_WARPS = 4
 # the 4-bit passes made stage 2 ~3-5x slower than 31 one-bit passes (94.6 vs 37.2 us for scores + top-k
 # at batch 8, 32K; 36.4 vs 17.4 us at 8K): [row, 16] counts do not fit in registers.
 RADIX4_MAX_ROW = 0
+# Padded row length up to which stage 2 finds the threshold with one bitonic sort (tl.sort) of the
+# keys instead of 31 one-bit counting passes, each a block-wide reduction with its barriers. The
+# same threshold (the m-th largest key), so the same blocks.
+SORT_MAX_ROW = 4096
 
 
 @triton.jit
@@ -155,6 +160,7 @@ def _select_compact_kernel(
     NKNOT: tl.constexpr,
     CLIP: tl.constexpr,
     RADIX4: tl.constexpr,
+    SORT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -195,7 +201,11 @@ def _select_compact_kernel(
     # 4 at a time, the last 3 bits in the last pass.
     n_nonneg = tl.sum((cand & (key >= 0)).to(tl.int32), 0)
     thr = tl.where(n_nonneg >= m, 0, -2147483648)
-    if RADIX4:
+    if SORT:  # the m-th entry of the keys sorted descending (m = 0: above every key, as below)
+        ranked = tl.sort(key, 0, descending=True)
+        kth = tl.max(tl.where(idx == m - 1, ranked, -2147483648), 0)
+        thr = tl.where(m > 0, kth, 2147483647)
+    elif RADIX4:
         thr = _digit_pass(key, cand, thr, m, 27, 16)
         thr = _digit_pass(key, cand, thr, m, 23, 16)
         thr = _digit_pass(key, cand, thr, m, 19, 16)
@@ -393,6 +403,7 @@ def select_blocks_triton(
         NKNOT=num_knots,
         CLIP=clip,
         RADIX4=npad <= RADIX4_MAX_ROW,
+        SORT=npad <= SORT_MAX_ROW,
         num_warps=min(16, max(4, npad // 512)),  # ~16 row entries a thread
         enable_fp_fusion=False,  # frac * nb - 1e-6 rounded twice, as torch does
     )

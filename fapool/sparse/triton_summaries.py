@@ -83,12 +83,22 @@ def _summary_kernel(
         offs_o = tl.arange(0, PAGE)
         seen = offs_o <= off
         mask = seen[:, None] & c_mask[None, :]
-        keys = tl.load(
-            K + block * stride_cb + offs_o[:, None] * stride_ct + cache_cols[None, :], mask=mask, other=0.0
-        )
-        if WRITE:  # offsets this step wrote: from the key rows, not (yet) from the cache
+        if WRITE:
+            # Offsets this step wrote are not (yet) visible in the cache. This token's own key
+            # is in registers; earlier rows of the step are read from the key rows only if the
+            # previous token wrote the offset before this one (a prefill chunk). A decode row
+            # is alone in its block, so those loads are predicated off: two fewer dependent
+            # memory round trips on the decode path, which is latency-bound (8-16 programs).
+            prv = tl.load(SLOTS + t - 1, mask=t > 0, other=-1)
+            own = offs_o == off
+            keys = tl.load(
+                K + block * stride_cb + offs_o[:, None] * stride_ct + cache_cols[None, :],
+                mask=mask & (own == 0)[:, None],
+                other=0.0,
+            )
+            keys = tl.where(own[:, None], k.to(K.dtype.element_ty)[None, :], keys)
             src = t - (off - offs_o)  # the token that would have written offset o this step
-            src_ok = seen & (src >= 0)
+            src_ok = seen & (own == 0) & (src >= 0) & (prv == slot - 1)
             src_slot = tl.load(SLOTS + src, mask=src_ok, other=-1)
             mine = src_ok & (src_slot == slot - (off - offs_o))
             new = tl.load(
@@ -97,6 +107,10 @@ def _summary_kernel(
                 other=0.0,
             )
             keys = tl.where(mine[:, None], new.to(K.dtype.element_ty), keys)
+        else:
+            keys = tl.load(
+                K + block * stride_cb + offs_o[:, None] * stride_ct + cache_cols[None, :], mask=mask, other=0.0
+            )
         lo = tl.min(tl.where(mask, keys, float("inf")), 0)
         hi = tl.max(tl.where(mask, keys, float("-inf")), 0)
         out = block * stride_sb + h * stride_sh + d

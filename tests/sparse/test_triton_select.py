@@ -57,15 +57,25 @@ def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=T
     return q, keys, values, keys.amin(1), keys.amax(1), tables.to(DEVICE), n_kv
 
 
-@needs_triton
-@pytest.mark.parametrize("radix4", [True, False], ids=["4bit", "1bit"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_selection_equals_reference_exactly(dtype, radix4, monkeypatch):
+SEARCHES = {"sort": (1 << 30, 0), "radix4": (0, 1 << 30), "1bit": (0, 0)}  # (SORT_, RADIX4_MAX_ROW)
+
+
+def _use_search(monkeypatch, search: str) -> None:
+    """Stage 2's threshold search: one sort, 4 bits a pass, or one bit a pass (each on every row)."""
     from fapool.sparse import triton_select
+
+    sort_max, radix4_max = SEARCHES[search]
+    monkeypatch.setattr(triton_select, "SORT_MAX_ROW", sort_max)
+    monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", radix4_max)
+
+
+@needs_triton
+@pytest.mark.parametrize("search", list(SEARCHES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selection_equals_reference_exactly(dtype, search, monkeypatch):
     from fapool.sparse.triton_select import select_blocks_triton
 
-    if not radix4:  # the one-bit-a-pass search that long rows use
-        monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", 0)
+    _use_search(monkeypatch, search)
 
     # Rows: empty, one entry, one full block, partial, exactly full, long; budgets 0..beyond nb.
     n_kv = [0, 1, 16, 37, 160, 700, 703]
@@ -82,11 +92,13 @@ def test_selection_equals_reference_exactly(dtype, radix4, monkeypatch):
 
 
 @needs_triton
-def test_ties_and_signed_zero_follow_the_rule():
+@pytest.mark.parametrize("search", list(SEARCHES))
+def test_ties_and_signed_zero_follow_the_rule(search, monkeypatch):
     """Scores that all tie (zero queries: every bound is +0.0 or -0.0): the others are taken in
     ascending block index, after the sink and the recent block."""
     from fapool.sparse.triton_select import select_blocks_triton
 
+    _use_search(monkeypatch, search)
     q, _, _, kmin, kmax, tables, nk = _case([20 * BS + 3], 4, 1, 16, 24, torch.float32, seed=2)
     q = torch.zeros_like(q)
     q[..., 0] = -0.0
