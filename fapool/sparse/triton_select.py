@@ -16,7 +16,7 @@ Stage 2 (_select_compact_kernel, grid B x Hkv, the whole row in registers): the 
 (given, or a fraction / BudgetRule of nb, rounded and clamped as budget_blocks does), then block_order's rule without a
 sort: the sink and the most recent block, plus the m = k - 2 best others. The m-th largest
 score is found over its order-preserving int32 key as the largest t with count(key >= t) >= m:
-for rows up to SORT_MAX_ROW blocks (64K tokens at block 16) by one bitonic sort of the keys
+for rows up to SORT_MAX_ROW blocks (8K tokens at block 16) by one bitonic sort of the keys
 (tl.sort; t is the m-th of them), longer rows by a radix search, the sign first, then one bit a
 pass (31 block-wide reductions; RADIX4_MAX_ROW can switch on 4 bits a pass from 15 counts over
 [row, 16], off by default: slower on an H200).
@@ -45,8 +45,11 @@ SCORE_WARPS = 4
 RADIX4_MAX_ROW = 0
 # Padded row length up to which stage 2 finds the threshold with one bitonic sort (tl.sort) of the
 # keys instead of 31 one-bit counting passes, each a block-wide reduction with its barriers. The
-# same threshold (the m-th largest key), so the same blocks.
-SORT_MAX_ROW = 4096
+# same threshold (the m-th largest key), so the same blocks. On an H200 under CUDA graphs
+# (sparse_gpu-20261202T022704 / -023424, scores + stage 2 per layer) the sort won up to 512
+# blocks (B8 8K: 17.4 -> 15.1 us; SmolLM2's shape at 4K / 8K: 11.3 -> 8.9, 12.9 -> 10.5 us) and
+# lost past it (B8 16K: 24.1 -> 26.3; B8 32K: 37.2 -> 60.6; B16 32K: 55.5 -> 79.1 us).
+SORT_MAX_ROW = 512
 
 
 @triton.jit
