@@ -8,9 +8,10 @@ chunks, short sequences, full budgets) goes to the wrapped dense backend unchang
 covering all blocks gives the dense result bit for bit. (The Triton path: below.)
 
 Block summaries (per block and KV head, the min and max of its keys; see
-fapool.sparse.selection for why) are kept next to the cache and updated in `write_kv`: only the
-blocks a step writes are recomputed, from offset 0 to the last offset written, so a block that
-is reused, copied on write or only partly filled is summarised from what it holds now.
+fapool.sparse.selection for why) are kept next to the cache and updated in `write_kv`: here
+(torch) the blocks a step writes are recomputed, from offset 0 to the last offset written; the
+Triton write extends them with the new keys. Copy-on-write copies them with the KV
+(`copy_block_state`).
 
 Sparse step, per decode sequence and KV head (torch here; shapes B seqs, H KV heads, G query
 heads per KV head, N blocks, K = largest budget):
@@ -140,6 +141,14 @@ class SparseAttentionBackend(AttentionBackend):
             shape = (num_blocks, num_kv_heads, head_dim)
             self.kmin = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
             self.kmax = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+
+    @torch.no_grad()
+    def copy_block_state(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy-on-write of blocks src -> dst (ModelRunner.copy_blocks): their summaries follow
+        the KV, since the Triton write extends a block's summary rather than recomputing it."""
+        if self.kmin is not None:
+            self.kmin[dst] = self.kmin[src]
+            self.kmax[dst] = self.kmax[src]
 
     @torch.no_grad()
     def update_summaries(self, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -4,9 +4,8 @@ fused with the step's KV write.
     write_kv_and_summaries(k_cache, v_cache, key, value, slot_mapping, kmin, kmax)
     update_summaries_triton(k_cache, slot_mapping, kmin, kmax)      (the KV already written)
 
-Same rule as the torch reference SparseAttentionBackend.update_summaries: every block the step
-wrote is summarised from offset 0 to the last offset written, so a reused, copied-on-write or
-partly filled block is summarised from what it holds now. The reference finds those blocks
+Same result as the torch reference SparseAttentionBackend.update_summaries: every block the step
+wrote is summarised from offset 0 to the last offset written. The reference finds those blocks
 with torch.unique (a host sync); here one program per token checks whether it is the last
 token of the step in its block: the tokens of a sequence are contiguous in the flat batch and
 fill consecutive slots, and no two sequences write one block in a step (a shared block is
@@ -17,10 +16,14 @@ row) is skipped.
 
 Fused with the write (one launch instead of two per layer and step, which is what a decode step
 of a small model waits on): every program stores its token's K/V rows as
-fapool.attention.triton_kv_write does; the last program of a block cannot read the step's other
-new keys from the cache (other programs of the same launch store them), so it takes offset o
-from the step's key rows when token t - (off - o) wrote slot - (off - o), and from the cache
-(earlier steps) otherwise; both in the cache's dtype, so the summary is of what the cache holds.
+fapool.attention.triton_kv_write does, and the block's last program of the step updates the
+summary incrementally: min/max of the step's new keys in the block (offsets first..off, from the
+key rows, since other programs of the same launch store them) and, if first > 0, of the summary
+as it was (it covers offsets 0..first-1: every write goes through here, and copy-on-write copies
+a block's summary with its KV, SparseAttentionBackend.copy_block_state). A decode row reads only
+its own key and the old summary, both beside its KV rows: no load waits on another. All in the
+cache's dtype, so the summary is of what the cache holds. update_summaries_triton (the KV
+written by another kernel) recomputes offsets 0..off from the cache, as the reference does.
 
 Reference: SparseAttentionBackend.update_summaries with write_kv_torch; test:
 tests/sparse/test_triton_select.py.
@@ -79,38 +82,48 @@ def _summary_kernel(
         dst = V + block * stride_db + off * stride_dt + h * stride_dh + d
         tl.store(dst, v.to(V.dtype.element_ty), mask=c_mask)
     nxt = tl.load(SLOTS + t + 1, mask=t + 1 < num_tokens, other=-1)
-    if (off == PAGE - 1) | (nxt != slot + 1):  # the step's last token in this block
+    if WRITE:
+        # Incremental: the block's summary already covers offsets [0, first) (every earlier write
+        # went through here, and a copied-on-write block's summary is copied with it), so only
+        # this step's rows [first, off] are new. A decode row is alone in its block (the
+        # previous token did not write slot - 1): its own key is in registers, nothing else is
+        # read, and the old summary loads beside the key rows; no dependent round trip.
+        prv = tl.load(SLOTS + t - 1, mask=t > 0, other=-1)
+        out = block * stride_sb + h * stride_sh + d
+        old_lo = tl.load(KMIN + out, mask=c_mask & (off > 0), other=float("inf"))
+        old_hi = tl.load(KMAX + out, mask=c_mask & (off > 0), other=float("-inf"))
+        if (off == PAGE - 1) | (nxt != slot + 1):  # the step's last token in this block
+            kc = k.to(K.dtype.element_ty)
+            lo = tl.where(c_mask, kc, float("inf"))
+            hi = tl.where(c_mask, kc, float("-inf"))
+            if prv == slot - 1:  # earlier rows of this step in the block (a prefill chunk)
+                offs_o = tl.arange(0, PAGE)
+                src = t - (off - offs_o)  # the token that would have written offset o this step
+                src_ok = (offs_o < off) & (src >= 0)
+                src_slot = tl.load(SLOTS + src, mask=src_ok, other=-1)
+                mine = src_ok & (src_slot == slot - (off - offs_o))
+                new = tl.load(
+                    KEY + src[:, None] * stride_kt + (h * stride_kh + d)[None, :],
+                    mask=mine[:, None] & c_mask[None, :],
+                    other=0.0,
+                ).to(K.dtype.element_ty)
+                m2 = mine[:, None] & c_mask[None, :]
+                lo = tl.minimum(lo, tl.min(tl.where(m2, new, float("inf")), 0))
+                hi = tl.maximum(hi, tl.max(tl.where(m2, new, float("-inf")), 0))
+                first = tl.min(tl.where(mine, offs_o, off), 0)
+            else:
+                first = off
+            keep = first > 0  # offsets before the step's first in the block: the old summary
+            lo = tl.where(keep, tl.minimum(lo, old_lo.to(K.dtype.element_ty)), lo)
+            hi = tl.where(keep, tl.maximum(hi, old_hi.to(K.dtype.element_ty)), hi)
+            tl.store(KMIN + out, lo.to(KMIN.dtype.element_ty), mask=c_mask)
+            tl.store(KMAX + out, hi.to(KMAX.dtype.element_ty), mask=c_mask)
+    elif (off == PAGE - 1) | (nxt != slot + 1):  # recompute [0, off] from the cache
         offs_o = tl.arange(0, PAGE)
-        seen = offs_o <= off
-        mask = seen[:, None] & c_mask[None, :]
-        if WRITE:
-            # Offsets this step wrote are not (yet) visible in the cache. This token's own key
-            # is in registers; earlier rows of the step are read from the key rows only if the
-            # previous token wrote the offset before this one (a prefill chunk). A decode row
-            # is alone in its block, so those loads are predicated off: two fewer dependent
-            # memory round trips on the decode path, which is latency-bound (8-16 programs).
-            prv = tl.load(SLOTS + t - 1, mask=t > 0, other=-1)
-            own = offs_o == off
-            keys = tl.load(
-                K + block * stride_cb + offs_o[:, None] * stride_ct + cache_cols[None, :],
-                mask=mask & (own == 0)[:, None],
-                other=0.0,
-            )
-            keys = tl.where(own[:, None], k.to(K.dtype.element_ty)[None, :], keys)
-            src = t - (off - offs_o)  # the token that would have written offset o this step
-            src_ok = seen & (own == 0) & (src >= 0) & (prv == slot - 1)
-            src_slot = tl.load(SLOTS + src, mask=src_ok, other=-1)
-            mine = src_ok & (src_slot == slot - (off - offs_o))
-            new = tl.load(
-                KEY + src[:, None] * stride_kt + (h * stride_kh + d)[None, :],
-                mask=mine[:, None] & c_mask[None, :],
-                other=0.0,
-            )
-            keys = tl.where(mine[:, None], new.to(K.dtype.element_ty), keys)
-        else:
-            keys = tl.load(
-                K + block * stride_cb + offs_o[:, None] * stride_ct + cache_cols[None, :], mask=mask, other=0.0
-            )
+        mask = (offs_o <= off)[:, None] & c_mask[None, :]
+        keys = tl.load(
+            K + block * stride_cb + offs_o[:, None] * stride_ct + cache_cols[None, :], mask=mask, other=0.0
+        )
         lo = tl.min(tl.where(mask, keys, float("inf")), 0)
         hi = tl.max(tl.where(mask, keys, float("-inf")), 0)
         out = block * stride_sb + h * stride_sh + d

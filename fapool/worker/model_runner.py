@@ -143,6 +143,11 @@ class ModelRunner:
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]
+        for layer in getattr(getattr(self.model, "model", None), "layers", ()):
+            # State a backend keeps per block beside the cache (sparse decode's key summaries).
+            copy = getattr(layer.self_attn.backend, "copy_block_state", None)
+            if copy is not None:
+                copy(src, dst)
 
     # Forward ------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -80,6 +80,23 @@ def test_gate_crossing_mid_generation(llama_folder, tmp_path):
     assert default == dense and default_read == 0
 
 
+def test_copy_on_write_copies_the_summaries(llama_folder, tmp_path):
+    """ModelRunner.copy_blocks copies each layer's key summaries with the KV blocks."""
+    path = str(tmp_path / "sparse.json")
+    SparseProfile("tiny", 4, 0.9, 4, 2, 4, 2, [[0.2, 0.5], [0.3, 0.25]]).save(path)
+    prompts = random_prompts([30], seed=4)
+    tokens, llm = _generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
+    runner = llm.engine.runner
+    backends = [layer.self_attn.backend for layer in runner.model.model.layers]
+    assert all(b.kmin is not None for b in backends)
+    with torch.inference_mode():  # as in a step (the cache tensors are inference tensors)
+        runner.copy_blocks([(2, 200), (5, 201)])
+    for b in backends:
+        assert torch.equal(b.kmin[[200, 201]], b.kmin[[2, 5]]) and torch.equal(b.kmax[[200, 201]], b.kmax[[2, 5]])
+    for k, _ in runner.kv_caches:
+        assert torch.equal(k[[200, 201]], k[[2, 5]])
+
+
 def test_sparse_min_context_is_validated(llama_folder, tmp_path):
     from fapool.config import ConfigError
 

@@ -284,13 +284,22 @@ def test_summaries_kernel_equals_the_reference_update(fused):
     ref = SparseAttentionBackend(TorchReferenceBackend(), [0.5] * hkv)
     kmin = torch.zeros(num_blocks, hkv, d, device=DEVICE, dtype=torch.float16)
     kmax = torch.zeros_like(kmin)
+    # As in the engine, a block's offsets before a step's first were written by earlier steps
+    # (the fused write extends the summary; the cache's initial noise is never summarised).
     steps = [
-        [*range(2 * BS, 2 * BS + 21), *range(4 * BS, 4 * BS + 3)],  # two sequences' chunks
+        [*range(2 * BS, 2 * BS + 21), *range(4 * BS, 4 * BS + 3), *range(5 * BS, 5 * BS + 7)],  # chunks
         [2 * BS + 21, -1, 4 * BS + 3],  # decode; a padding row between
-        [*range(5 * BS + 7, 6 * BS), 3 * BS],  # ends on a block's last offset; another begins
+        [*range(5 * BS + 7, 6 * BS), 3 * BS],  # a chunk resumed mid-block to its last offset; another begins
         [2 * BS, 2 * BS + 1],  # block 2 reused from offset 0: its old keys must not count
+        "cow",  # block 4 (offsets 0..3) copied on write to block 1, which is then written at offset 4
+        [1 * BS + 4],
     ]
     for slots in steps:
+        if slots == "cow":  # ModelRunner.copy_blocks: the KV, and the summaries with it
+            for cache in (k_cache, v_cache, ref_k, ref_v):
+                cache[1] = cache[4]
+            kmin[1], kmax[1] = kmin[4], kmax[4]  # SparseAttentionBackend.copy_block_state
+            continue
         slots = torch.tensor(slots, device=DEVICE)
         # float32 rows (the cache rounds them to float16, and so must the summaries)
         key = torch.randn(len(slots), hkv, d, generator=g).to(DEVICE) * 3
