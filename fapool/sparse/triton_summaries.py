@@ -93,7 +93,8 @@ def _summary_kernel(
         old_lo = tl.load(KMIN + out, mask=c_mask & (off > 0), other=float("inf"))
         old_hi = tl.load(KMAX + out, mask=c_mask & (off > 0), other=float("-inf"))
         if (off == PAGE - 1) | (nxt != slot + 1):  # the step's last token in this block
-            kc = k.to(K.dtype.element_ty)
+            # In float32 (exact for the cache's values; reductions of 16-bit types widen to it).
+            kc = k.to(K.dtype.element_ty).to(tl.float32)
             lo = tl.where(c_mask, kc, float("inf"))
             hi = tl.where(c_mask, kc, float("-inf"))
             if prv == slot - 1:  # earlier rows of this step in the block (a prefill chunk)
@@ -106,7 +107,7 @@ def _summary_kernel(
                     KEY + src[:, None] * stride_kt + (h * stride_kh + d)[None, :],
                     mask=mine[:, None] & c_mask[None, :],
                     other=0.0,
-                ).to(K.dtype.element_ty)
+                ).to(K.dtype.element_ty).to(tl.float32)
                 m2 = mine[:, None] & c_mask[None, :]
                 lo = tl.minimum(lo, tl.min(tl.where(m2, new, float("inf")), 0))
                 hi = tl.maximum(hi, tl.max(tl.where(m2, new, float("-inf")), 0))
@@ -114,8 +115,8 @@ def _summary_kernel(
             else:
                 first = off
             keep = first > 0  # offsets before the step's first in the block: the old summary
-            lo = tl.where(keep, tl.minimum(lo, old_lo.to(K.dtype.element_ty)), lo)
-            hi = tl.where(keep, tl.maximum(hi, old_hi.to(K.dtype.element_ty)), hi)
+            lo = tl.where(keep, tl.minimum(lo, old_lo.to(tl.float32)), lo)
+            hi = tl.where(keep, tl.maximum(hi, old_hi.to(tl.float32)), hi)
             tl.store(KMIN + out, lo.to(KMIN.dtype.element_ty), mask=c_mask)
             tl.store(KMAX + out, hi.to(KMAX.dtype.element_ty), mask=c_mask)
     elif (off == PAGE - 1) | (nxt != slot + 1):  # recompute [0, off] from the cache
