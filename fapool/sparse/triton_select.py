@@ -50,9 +50,10 @@ RADIX4_MAX_ROW = 0
 # blocks (B8 8K: 17.4 -> 15.1 us; SmolLM2's shape at 4K / 8K: 11.3 -> 8.9, 12.9 -> 10.5 us) and
 # lost past it (B8 16K: 24.1 -> 26.3; B8 32K: 37.2 -> 60.6; B16 32K: 55.5 -> 79.1 us).
 SORT_MAX_ROW = 512
-# Padded row length up to which both stages run in one program per row (_score_select_kernel):
-# one launch fewer, at the cost of the score pass's parallelism across tiles.
-FUSED_MAX_ROW = 512
+# Tried and dropped: both stages in one program per row for rows up to 512 blocks (one launch
+# fewer). It was slower in CUDA graphs on the H200 (sparse_score_sweep-20261202T025810: B8 8K
+# 24.7 vs 18.4 us, SmolLM2's shape at 8K 19.5 vs 13.6 us): the score pass loses its tiles'
+# parallelism, which costs more than the launch it saves.
 
 
 @triton.jit
@@ -97,25 +98,6 @@ def _block_score_kernel(
     nb = (_visible(N_KV, QPOS, KV0, seq, CLIP) + PAGE - 1) // PAGE
     if tile * TILE >= nb:
         return  # past this sequence's blocks (the grid covers the table width)
-    _score_tile(
-        Q, KMIN, KMAX, TABLES, SCORE, seq, kvh, tile, nb,
-        stride_qt, stride_qh, stride_sb, stride_sh, stride_bt, stride_ob, stride_oh,
-        GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, TILE, DOT_PRECISION,
-    )
-
-
-@triton.jit
-def _score_tile(
-    Q, KMIN, KMAX, TABLES, SCORE, seq, kvh, tile, nb,
-    stride_qt, stride_qh, stride_sb, stride_sh, stride_bt, stride_ob, stride_oh,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TILE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Scores of blocks [tile * TILE, (tile + 1) * TILE) of row (seq, kvh) into SCORE."""
     offs_n = tile * TILE + tl.arange(0, TILE)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -187,49 +169,8 @@ def _select_compact_kernel(
     RADIX4: tl.constexpr,
     SORT: tl.constexpr,
 ):
-    _select_row(
-        tl.program_id(0), tl.program_id(1),
-        SCORE, TABLES, N_KV, QPOS, KV0, BUDGET, KNOT_NB, KNOT_K, SLOPE, PAGES, LENS, max_pages, min_blocks,
-        stride_kh, stride_ob, stride_oh, stride_bt, stride_gb, stride_gh, stride_pb, stride_ph, stride_lb,
-        PAGE, NPAD, FROM_FRAC, NKNOT, CLIP, RADIX4, SORT,
-    )
-
-
-@triton.jit
-def _select_row(
-    seq,
-    kvh,
-    SCORE,
-    TABLES,
-    N_KV,
-    QPOS,
-    KV0,
-    BUDGET,
-    KNOT_NB,
-    KNOT_K,
-    SLOPE,
-    PAGES,
-    LENS,
-    max_pages,
-    min_blocks,
-    stride_kh,
-    stride_ob,
-    stride_oh,
-    stride_bt,
-    stride_gb,
-    stride_gh,
-    stride_pb,
-    stride_ph,
-    stride_lb,
-    PAGE: tl.constexpr,
-    NPAD: tl.constexpr,
-    FROM_FRAC: tl.constexpr,
-    NKNOT: tl.constexpr,
-    CLIP: tl.constexpr,
-    RADIX4: tl.constexpr,
-    SORT: tl.constexpr,
-):
-    """Stage 2 of row (seq, kvh) from its scores in SCORE."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
     n_kv = _visible(N_KV, QPOS, KV0, seq, CLIP)
     nb = (n_kv + PAGE - 1) // PAGE
     if FROM_FRAC:  # budget_blocks: BudgetRule.raw in float64, ceil(raw - 1e-6), clamped
@@ -300,71 +241,6 @@ def _select_row(
     has_last = tl.sum((chosen & last).to(tl.int32), 0)
     length = (num_chosen - has_last) * PAGE + has_last * (n_kv - (nb - 1) * PAGE)
     tl.store(LENS + seq * stride_lb + kvh, length)
-
-
-@triton.jit
-def _score_select_kernel(
-    Q,
-    KMIN,
-    KMAX,
-    SCORE,
-    TABLES,
-    N_KV,
-    QPOS,
-    KV0,
-    BUDGET,
-    KNOT_NB,
-    KNOT_K,
-    SLOPE,
-    PAGES,
-    LENS,
-    max_pages,
-    min_blocks,
-    stride_qt,
-    stride_qh,
-    stride_sb,
-    stride_sh,
-    stride_kh,
-    stride_ob,
-    stride_oh,
-    stride_bt,
-    stride_gb,
-    stride_gh,
-    stride_pb,
-    stride_ph,
-    stride_lb,
-    PAGE: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TILE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    NPAD: tl.constexpr,
-    FROM_FRAC: tl.constexpr,
-    NKNOT: tl.constexpr,
-    CLIP: tl.constexpr,
-    RADIX4: tl.constexpr,
-    SORT: tl.constexpr,
-):
-    """Both stages in one program per row (short rows): the scores go to the row's scratch,
-    a barrier makes them visible to the whole program, then stage 2 reads them back."""
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    nb = (_visible(N_KV, QPOS, KV0, seq, CLIP) + PAGE - 1) // PAGE
-    for tile in range(0, tl.cdiv(nb, TILE)):
-        _score_tile(
-            Q, KMIN, KMAX, TABLES, SCORE, seq, kvh, tile, nb,
-            stride_qt, stride_qh, stride_sb, stride_sh, stride_bt, stride_ob, stride_oh,
-            GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, TILE, DOT_PRECISION,
-        )
-    tl.debug_barrier()
-    _select_row(
-        seq, kvh,
-        SCORE, TABLES, N_KV, QPOS, KV0, BUDGET, KNOT_NB, KNOT_K, SLOPE, PAGES, LENS, max_pages, min_blocks,
-        stride_kh, stride_ob, stride_oh, stride_bt, stride_gb, stride_gh, stride_pb, stride_ph, stride_lb,
-        PAGE, NPAD, FROM_FRAC, NKNOT, CLIP, RADIX4, SORT,
-    )
 
 
 @torch.no_grad()
@@ -492,9 +368,9 @@ def select_blocks_triton(
     lens = torch.empty((num_seqs, num_kv_heads), dtype=torch.int32, device=q.device)
     if num_seqs == 0:
         return pages, lens
+    score = block_scores_triton(q, kmin, kmax, block_tables, n_kv, block_size, query_pos_start, kv_start)
     clip = query_pos_start is not None
     npad = max(16, triton.next_power_of_2(width))
-    fused = npad <= FUSED_MAX_ROW
     stride_gb, stride_gh = (0, budgets.stride(0)) if from_frac else budgets.stride()
     num_knots = 0 if rule is None else rule.knot_nb.numel()
     if num_knots:
@@ -505,13 +381,6 @@ def select_blocks_triton(
             raise ValueError("budget rule tensors must be contiguous float64 (BudgetRule.from_knots makes them so)")
     else:
         knot_nb = knot_k = slope = budgets  # not read
-    if fused:
-        _launch_fused(q, kmin, kmax, block_tables, n_kv, query_pos_start if clip else n_kv,
-                      kv_start if clip else n_kv, budgets, knot_nb, knot_k, slope, pages, lens, max_pages,
-                      min_blocks, knot_k.stride(0) if num_knots else 0, stride_gb, stride_gh, block_size, npad,
-                      from_frac, num_knots, clip)
-        return pages, lens
-    score = block_scores_triton(q, kmin, kmax, block_tables, n_kv, block_size, query_pos_start, kv_start)
     _select_compact_kernel[(num_seqs, num_kv_heads)](
         score,
         block_tables,
@@ -546,34 +415,3 @@ def select_blocks_triton(
         enable_fp_fusion=False,  # frac * nb - 1e-6 rounded twice, as torch does
     )
     return pages, lens
-
-
-def _launch_fused(q, kmin, kmax, tables, n_kv, qpos, kv0, budgets, knot_nb, knot_k, slope, pages, lens,
-                  max_pages, min_blocks, stride_kh, stride_gb, stride_gh, block_size, npad, from_frac,
-                  num_knots, clip) -> None:
-    """_score_select_kernel over a score scratch (each row written and read by its own program)."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = kmin.shape[1]
-    group = num_heads // num_kv_heads
-    score = torch.empty((num_seqs, num_kv_heads, tables.shape[1]), dtype=torch.float32, device=q.device)
-    _score_select_kernel[(num_seqs, num_kv_heads)](
-        q, kmin, kmax, score, tables, n_kv, qpos, kv0, budgets, knot_nb, knot_k, slope, pages, lens,
-        max_pages, min_blocks,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), stride_kh, score.stride(0), score.stride(1),
-        tables.stride(0), stride_gb, stride_gh, pages.stride(0), pages.stride(1), lens.stride(0),
-        PAGE=block_size,
-        GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        TILE=SCORE_TILE,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        NPAD=npad,
-        FROM_FRAC=from_frac,
-        NKNOT=num_knots,
-        CLIP=clip,
-        RADIX4=npad <= RADIX4_MAX_ROW,
-        SORT=npad <= SORT_MAX_ROW,
-        num_warps=4,
-        enable_fp_fusion=False,
-    )

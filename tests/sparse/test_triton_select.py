@@ -57,24 +57,16 @@ def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=T
     return q, keys, values, keys.amin(1), keys.amax(1), tables.to(DEVICE), n_kv
 
 
-# Stage 2's threshold search (SORT_MAX_ROW, RADIX4_MAX_ROW, FUSED_MAX_ROW): one sort, 4 bits a
-# pass or one bit a pass, the two stages in two launches; "fused": one sort in one launch.
-SEARCHES = {
-    "sort": (1 << 30, 0, 0),
-    "radix4": (0, 1 << 30, 0),
-    "1bit": (0, 0, 0),
-    "fused": (1 << 30, 0, 1 << 30),
-}
+SEARCHES = {"sort": (1 << 30, 0), "radix4": (0, 1 << 30), "1bit": (0, 0)}  # (SORT_, RADIX4_MAX_ROW)
 
 
 def _use_search(monkeypatch, search: str) -> None:
-    """Force one of SEARCHES on every row."""
+    """Stage 2's threshold search: one sort, 4 bits a pass, or one bit a pass (each on every row)."""
     from fapool.sparse import triton_select
 
-    sort_max, radix4_max, fused_max = SEARCHES[search]
+    sort_max, radix4_max = SEARCHES[search]
     monkeypatch.setattr(triton_select, "SORT_MAX_ROW", sort_max)
     monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", radix4_max)
-    monkeypatch.setattr(triton_select, "FUSED_MAX_ROW", fused_max)
 
 
 @needs_triton
