@@ -176,6 +176,14 @@ class PoolModelRunner(ModelRunner):
         self.mode = pool.pool_mode
         m = config.model
         group = m.num_queries_per_kv
+        if config.sparse_attention:
+            # A pooled sequence's blocks are split between this rank and the workers, so no one
+            # holder can pick its top blocks; local attention goes through the wrapper backend
+            # (dense). Sparse decode inside the pool would need the holders to share scores.
+            logger.warning(
+                "sparse attention is not applied with the attention pool: decode stays dense; the "
+                "profile only weighs heads for --head-placement lpt (pool mode head)"
+            )
         if self.mode == "head":
             # With a sparse-attention profile, heads weigh what their budgets cost (seed 003's
             # sparsity-aware placement); otherwise every head weighs the same.

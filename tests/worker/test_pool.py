@@ -198,3 +198,27 @@ def test_head_placement_weighs_heads_by_sparse_budgets(tiny_checkpoints, tmp_pat
         assert llm.engine.runner.kv_heads == {1: [0], 2: [1, 2, 3]}
     with LLM(folder, **kw) as llm:  # no profile: equal weights, two heads each
         assert sorted(map(len, llm.engine.runner.kv_heads.values())) == [2, 2]
+
+
+
+def test_sparse_profile_with_the_pool_weighs_heads_only(tiny_checkpoints, tmp_path, caplog):
+    """With the attention pool a sparse profile only weighs heads for placement: a pooled
+    sequence's blocks are split between the driver and the workers, so no one holder can pick
+    its top blocks. Decode stays dense (the single-process dense tokens) and the engine says so."""
+    from fapool.sparse.profile import SparseProfile
+
+    folder = tiny_checkpoints["mistral"][0]
+    profile = SparseProfile(
+        model="tiny-mistral", block_size=4, target_recall=0.95, min_blocks=2, num_layers=2, num_heads=4,
+        num_kv_heads=4, kv_budget=[[0.6, 0.2, 0.3, 0.15], [0.25, 0.5, 0.2, 0.35]],
+    )
+    path = str(tmp_path / "profile.json")
+    profile.save(path)
+    prompts = _ids(random_prompts(LENGTHS, seed=21))
+    sparse = dict(sparse_attention=path, sparse_min_context=0)
+    dense = [o.token_ids for o in LLM(folder, **_engine_kwargs()).generate(prompts, PARAMS)]
+    assert [o.token_ids for o in LLM(folder, **_engine_kwargs(**sparse)).generate(prompts, PARAMS)] != dense
+    kw = _engine_kwargs(attention_workers=2, pool_mode="head", head_placement="lpt", **POOL, **sparse)
+    with caplog.at_level("WARNING", logger="fapool.worker.pool_runner"), LLM(folder, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == dense
+    assert any("not applied with the attention pool" in r.getMessage() for r in caplog.records)
