@@ -204,8 +204,9 @@ def _select_compact_kernel(
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order == float order
     key = tl.where(cand, key, -2147483648)
 
-    # thr = the m-th largest key among the candidates: sign first, then bits 30..0 greedily,
-    # 4 at a time, the last 3 bits in the last pass.
+    # thr = the m-th largest key among the candidates: by a sort, or by the radix search (sign
+    # first, then bits 30..0 greedily, 4 at a time with the last 3 in the last pass, or 1 at a
+    # time). With SORT the sign count below is dead code, which the compiler drops.
     n_nonneg = tl.sum((cand & (key >= 0)).to(tl.int32), 0)
     thr = tl.where(n_nonneg >= m, 0, -2147483648)
     if SORT:  # the m-th entry of the keys sorted descending (m = 0: above every key, as below)
