@@ -21,7 +21,7 @@ summary incrementally: min/max of the step's new keys in the block (offsets firs
 key rows, since other programs of the same launch store them) and, if first > 0, of the summary
 as it was (it covers offsets 0..first-1: every write goes through here, and copy-on-write copies
 a block's summary with its KV, SparseAttentionBackend.copy_block_state). A decode row reads only
-its own key and the old summary, both beside its KV rows: no load waits on another. All in the
+its own key and the old summary, both right after its slot: no load waits on another. All in the
 cache's dtype, so the summary is of what the cache holds. update_summaries_triton (the KV
 written by another kernel) recomputes offsets 0..off from the cache, as the reference does.
 
@@ -89,10 +89,11 @@ def _summary_kernel(
         # previous token did not write slot - 1): its own key is in registers, nothing else is
         # read, and the old summary loads beside the key rows; no dependent round trip.
         prv = tl.load(SLOTS + t - 1, mask=t > 0, other=-1)
+        last = (off == PAGE - 1) | (nxt != slot + 1)  # the step's last token in this block
         out = block * stride_sb + h * stride_sh + d
-        old_lo = tl.load(KMIN + out, mask=c_mask & (off > 0), other=float("inf"))
-        old_hi = tl.load(KMAX + out, mask=c_mask & (off > 0), other=float("-inf"))
-        if (off == PAGE - 1) | (nxt != slot + 1):  # the step's last token in this block
+        old_lo = tl.load(KMIN + out, mask=c_mask & (off > 0) & last, other=float("inf"))
+        old_hi = tl.load(KMAX + out, mask=c_mask & (off > 0) & last, other=float("-inf"))
+        if last:
             # In float32 (exact for the cache's values; reductions of 16-bit types widen to it).
             kc = k.to(K.dtype.element_ty).to(tl.float32)
             lo = tl.where(c_mask, kc, float("inf"))
