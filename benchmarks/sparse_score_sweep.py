@@ -2,7 +2,7 @@
 tile size and warp count, at the benchmark shape (Hq 32, Hkv 8, D 128, bf16, block 16): time per
 layer (triton do_bench, L2 flushed, median) and the bandwidth it streams the key summaries at.
 Then the whole selection (scores + stage 2) with each of stage 2's threshold searches (one sort,
-two bits a pass, one bit a pass), also at SmolLM2's shape (Hq 9, Hkv 3, D 64), budgets of a quarter of the blocks:
+one bit a pass), also at SmolLM2's shape (Hq 9, Hkv 3, D 64), budgets of a quarter of the blocks:
 eager (launch overhead included) and in a CUDA graph.
 
     python3 benchmarks/sparse_score_sweep.py --out-dir $OUT
@@ -55,8 +55,7 @@ def main() -> int:
                 })
                 print(rows[-1], flush=True)
     ts.SCORE_TILE, ts.SCORE_WARPS = 64, 4
-    # (SORT_MAX_ROW, RADIX2_MAX_ROW): one sort, two bits a pass, one bit a pass, on every row
-    searches = {"sort": (1 << 30, 0), "radix2": (0, 1 << 30), "1bit": (0, 0)}
+    searches = {"sort": (1 << 30, 0), "1bit": (0, 0)}  # (SORT_MAX_ROW, RADIX4_MAX_ROW)
     timer = Timer(False, 10, 50)
     select_rows = []
     for case in ns.select_cases.split(","):
@@ -65,8 +64,8 @@ def main() -> int:
         L = make_layer(int(batch), int(ctx), 1, "cuda", torch.bfloat16, hq=hq, hkv=hkv, d=d)
         budgets = torch.full((hkv,), 0.25, dtype=torch.float64, device="cuda")
         first = None
-        for name, (sort_max, radix2_max) in searches.items():
-            ts.SORT_MAX_ROW, ts.RADIX2_MAX_ROW, ts.RADIX4_MAX_ROW = sort_max, radix2_max, 0
+        for name, (sort_max, radix4_max) in searches.items():
+            ts.SORT_MAX_ROW, ts.RADIX4_MAX_ROW = sort_max, radix4_max
             fn = lambda: ts.select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, budgets, BS)  # noqa: E731
             out = fn()
             first = out if first is None else first

@@ -17,10 +17,9 @@ Stage 2 (_select_compact_kernel, grid B x Hkv, the whole row in registers): the 
 sort: the sink and the most recent block, plus the m = k - 2 best others. The m-th largest
 score is found over its order-preserving int32 key as the largest t with count(key >= t) >= m:
 for rows up to SORT_MAX_ROW blocks (8K tokens at block 16) by one bitonic sort of the keys
-(tl.sort; t is the m-th of them), longer rows by a radix search, the sign first, then two bits
-a pass from 3 counts over [row, 4] (16 block-wide reductions; RADIX2_MAX_ROW), or one bit a pass
-(31). RADIX4_MAX_ROW can switch on 4 bits a pass from 15 counts over [row, 16], off by default:
-slower on an H200.
+(tl.sort; t is the m-th of them), longer rows by a radix search, the sign first, then one bit a
+pass (31 block-wide reductions; RADIX4_MAX_ROW can switch on 4 bits a pass from 15 counts over
+[row, 16], off by default: slower on an H200).
 Blocks above t are taken and
 ties at t in ascending block index (an inclusive cumsum ranks them). A second cumsum gives each
 chosen block its slot, so pages come out in ascending block order, zero-padded, and lens counts
@@ -51,13 +50,12 @@ RADIX4_MAX_ROW = 0
 # blocks (B8 8K: 17.4 -> 15.1 us; SmolLM2's shape at 4K / 8K: 11.3 -> 8.9, 12.9 -> 10.5 us) and
 # lost past it (B8 16K: 24.1 -> 26.3; B8 32K: 37.2 -> 60.6; B16 32K: 55.5 -> 79.1 us).
 SORT_MAX_ROW = 512
-# Rows past SORT_MAX_ROW (and up to this) search two bits a pass over [row, 4]: 16 reductions of
-# 4 counts instead of 31 of one ([row, 16], RADIX4, did not fit in registers).
-RADIX2_MAX_ROW = 1 << 30
 # Tried and dropped: both stages in one program per row for rows up to 512 blocks (one launch
 # fewer). It was slower in CUDA graphs on the H200 (sparse_score_sweep-20261202T025810: B8 8K
 # 24.7 vs 18.4 us, SmolLM2's shape at 8K 19.5 vs 13.6 us): the score pass loses its tiles'
-# parallelism, which costs more than the launch it saves.
+# parallelism, which costs more than the launch it saves. Also dropped: two bits a pass over
+# [row, 4] for rows past the sort (16 reductions of 4 counts): slower than one bit a pass
+# (sparse_score_sweep-20261202T033044: B8 32K 51.7 vs 44.2 us, B16 32K 70.6 vs 63.1 us).
 
 
 @triton.jit
@@ -128,15 +126,15 @@ def _block_score_kernel(
 
 
 @triton.jit
-def _digit_pass(key, cand, thr, m, SHIFT: tl.constexpr, DIGITS: tl.constexpr, WIDTH: tl.constexpr = 16):
+def _digit_pass(key, cand, thr, m, SHIFT: tl.constexpr, DIGITS: tl.constexpr):
     """One radix step: with count(key >= thr) >= m, the largest thr + j * 2^SHIFT (j < DIGITS)
-    that keeps it. The counts come from one reduction over [row, WIDTH] (WIDTH >= DIGITS, a
-    power of two); they fall as j grows, so j is the number of j >= 1 that still reach m. No
-    trial overflows int32: the bits of thr below SHIFT + log2(DIGITS) are still zero."""
-    j = tl.arange(0, WIDTH)
+    that keeps it. The counts come from one reduction over [row, 16]; they fall as j grows, so
+    j is the number of j >= 1 that still reach m. No trial overflows int32: the bits of thr
+    below SHIFT + log2(DIGITS) are still zero."""
+    j = tl.arange(0, 16)
     trial = thr + (tl.minimum(j, DIGITS - 1) << SHIFT)
     hits = cand[:, None] & (key[:, None] >= trial[None, :])
-    counts = tl.sum(hits.to(tl.int32), 0)  # [WIDTH]
+    counts = tl.sum(hits.to(tl.int32), 0)  # [16]
     take = tl.sum(((counts >= m) & (j >= 1) & (j < DIGITS)).to(tl.int32), 0)
     return thr + (take << SHIFT)
 
@@ -172,7 +170,6 @@ def _select_compact_kernel(
     CLIP: tl.constexpr,
     RADIX4: tl.constexpr,
     SORT: tl.constexpr,
-    RADIX2: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -227,11 +224,7 @@ def _select_compact_kernel(
         thr = _digit_pass(key, cand, thr, m, 7, 16)
         thr = _digit_pass(key, cand, thr, m, 3, 16)
         thr = _digit_pass(key, cand, thr, m, 0, 8)
-    elif RADIX2:  # bits 30..1 two a pass over [row, 4], then bit 0: 16 reductions, not 31
-        for i in tl.static_range(15):
-            thr = _digit_pass(key, cand, thr, m, 29 - 2 * i, 4, 4)
-        thr = _digit_pass(key, cand, thr, m, 0, 2, 4)
-    else:  # one bit a pass
+    else:  # a long row: [row, 16] would not fit in registers; one bit a pass
         for i in range(31):
             trial = thr + (1 << (30 - i))
             count = tl.sum((cand & (key >= trial)).to(tl.int32), 0)
@@ -421,7 +414,6 @@ def select_blocks_triton(
         CLIP=clip,
         RADIX4=npad <= RADIX4_MAX_ROW,
         SORT=npad <= SORT_MAX_ROW,
-        RADIX2=npad <= RADIX2_MAX_ROW,
         num_warps=min(16, max(4, npad // 512)),  # ~16 row entries a thread
         enable_fp_fusion=False,  # frac * nb - 1e-6 rounded twice, as torch does
     )

@@ -57,18 +57,16 @@ def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=T
     return q, keys, values, keys.amin(1), keys.amax(1), tables.to(DEVICE), n_kv
 
 
-# Stage 2's threshold search, forced on every row: (SORT_, RADIX4_, RADIX2_MAX_ROW).
-SEARCHES = {"sort": (1 << 30, 0, 0), "radix4": (0, 1 << 30, 0), "radix2": (0, 0, 1 << 30), "1bit": (0, 0, 0)}
+SEARCHES = {"sort": (1 << 30, 0), "radix4": (0, 1 << 30), "1bit": (0, 0)}  # (SORT_, RADIX4_MAX_ROW)
 
 
 def _use_search(monkeypatch, search: str) -> None:
-    """One sort, 4 or 2 bits a pass, or one bit a pass, on every row."""
+    """Stage 2's threshold search: one sort, 4 bits a pass, or one bit a pass (each on every row)."""
     from fapool.sparse import triton_select
 
-    sort_max, radix4_max, radix2_max = SEARCHES[search]
+    sort_max, radix4_max = SEARCHES[search]
     monkeypatch.setattr(triton_select, "SORT_MAX_ROW", sort_max)
     monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", radix4_max)
-    monkeypatch.setattr(triton_select, "RADIX2_MAX_ROW", radix2_max)
 
 
 @needs_triton
