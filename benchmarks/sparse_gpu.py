@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import torch  # noqa: E402
 
-from fapool.attention.sparse import DEFAULT_SPARSE_MIN_CONTEXT  # noqa: E402
+from fapool.config import DEFAULT_SPARSE_MIN_CONTEXT  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 TARGET = 2.88  # the seed's attention-latency reduction

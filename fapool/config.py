@@ -193,6 +193,10 @@ class PoolConfig:
             raise ConfigError("worker_timeout_s must be positive")
 
 
+# Sparse decode runs in steps whose longest KV reaches this (fapool.attention.sparse.SparseGate).
+DEFAULT_SPARSE_MIN_CONTEXT = 4096
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -205,7 +209,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None  # "torch" | "triton"; None: by device
     sparse_attention: str | None = None  # sparse decode profile JSON (fapool calibrate-heads); None: dense
-    sparse_min_context: int = 4096  # sparse decode only in steps whose longest KV reaches this
+    sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # sparse decode only in steps whose longest KV reaches this
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

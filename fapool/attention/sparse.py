@@ -50,10 +50,8 @@ import torch
 
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
+from fapool.config import DEFAULT_SPARSE_MIN_CONTEXT
 from fapool.sparse.selection import BudgetRule, block_order, budget_blocks_batched, max_budget_blocks
-
-
-DEFAULT_SPARSE_MIN_CONTEXT = 4096
 
 
 @dataclass

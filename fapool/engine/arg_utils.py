@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fapool.config import (
+    DEFAULT_SPARSE_MIN_CONTEXT,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -50,7 +51,7 @@ class EngineArgs:
     worker_kv_blocks: int | None = None
     worker_timeout_s: float = 60.0
     sparse_attention: str | None = None  # profile JSON from `fapool calibrate-heads`; None: dense
-    sparse_min_context: int = 4096  # steps with a shorter longest KV attend densely
+    sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # steps with a shorter longest KV attend densely
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
         device = self.device or default_device()
@@ -124,7 +125,7 @@ class EngineArgs:
             help="sparse decode with per-head block budgets from this profile (fapool calibrate-heads)",
         )
         g.add_argument(
-            "--sparse-min-context", type=int, default=4096, metavar="TOKENS",
+            "--sparse-min-context", type=int, default=DEFAULT_SPARSE_MIN_CONTEXT, metavar="TOKENS",
             help="with --sparse-attention: decode steps whose longest context is shorter attend densely "
             "(selection costs more than it saves there; 0: always sparse)",
         )
