@@ -70,7 +70,7 @@ def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         engine.step()
     ctx0 = reqs[0].num_computed_tokens
-    stats = getattr(engine.runner, "step_stats", None)
+    stats = engine.executor.reports
     if stats is not None:
         stats.clear()
     times = []
@@ -87,7 +87,7 @@ def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
             "driver_local_attention_s": sum(x.local_attention_s for x in stats) / n,
             "driver_wait_s": sum(x.wait_s for x in stats) / n,
             "worker_attention_s": {
-                w: sum(x.workers[w].attention_s for x in stats if w in x.workers) / n
+                w: sum(x.workers[w].compute_s for x in stats if w in x.workers) / n
                 for w in sorted({w for x in stats for w in x.workers})
             },
         }

@@ -173,7 +173,9 @@ class PoolConfig:
     pool_threshold: int = 4096  # tokens; a sequence's KV stays local below this
     tokens_per_pool_worker: int = 4096  # one more pool worker per this many tokens past the threshold
     pool_mode: str = "shard"  # "shard" (split KV, merge by LSE) | "replicate" (seed's query split) | "head"
-    micro_batches: int = 2  # split a step so one micro-batch's attention overlaps another's dense work
+    # Micro-batches per step (one's remote attention overlaps another's dense work); None: the
+    # driver picks 1 or 2 per step from the step times it measures (StepPlanner).
+    micro_batches: int | None = None
     head_placement: str = "contiguous"  # head mode: "contiguous" or "lpt" (weighted, seed 003)
     worker_kv_blocks: int | None = None  # KV blocks per attention worker (default: as many as local)
     worker_timeout_s: float = 60.0  # a worker silent this long during a step counts as failed
@@ -185,7 +187,7 @@ class PoolConfig:
             raise ConfigError("pool_threshold and tokens_per_pool_worker must be >= 1")
         if self.pool_mode not in ("shard", "replicate", "head"):
             raise ConfigError(f"pool_mode must be shard, replicate or head, got {self.pool_mode!r}")
-        if self.micro_batches < 1:
+        if self.micro_batches is not None and self.micro_batches < 1:
             raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.head_placement not in ("contiguous", "lpt"):
             raise ConfigError(f"head_placement must be contiguous or lpt, got {self.head_placement!r}")

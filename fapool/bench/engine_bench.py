@@ -85,9 +85,8 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
               "dtype": config.dtype, "block_size": config.cache.block_size}
 
     fapool_run(llm, prompts[:1], 2)  # warm-up
-    step_stats = getattr(llm.engine.runner, "step_stats", None)
-    if step_stats is not None:
-        step_stats.clear()  # the breakdown covers the timed runs only
+    step_stats = llm.engine.executor.reports
+    step_stats.clear()  # the breakdown covers the timed runs only
     e2e, ttft, tpot = [], [], []
     for _ in range(ns.iters):
         dt, outs = fapool_run(llm, prompts, ns.output_len)

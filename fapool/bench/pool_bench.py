@@ -46,15 +46,19 @@ def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
         out.append((f"TP {tp}", cfg(tp, 0)))
     a = max(ns.workers)
     modes = ns.pool_modes
+    fixed = ns.micro_batches  # None: each step's count chosen from measured step times
     if "shard" in modes:
         for w in ns.workers:
-            out.append((f"pool shard x{w}", cfg(1, w, pool_mode="shard", micro_batches=2, **pool)))
-        out.append((f"pool shard x{a}, 1 micro-batch", cfg(1, a, pool_mode="shard", micro_batches=1, **pool)))
+            out.append((f"pool shard x{w}", cfg(1, w, pool_mode="shard", micro_batches=fixed, **pool)))
+        if fixed is None:  # the choices the policy picks between, pinned
+            for m in (1, 2):
+                label = f"pool shard x{a}, {m} micro-batch{'es' if m > 1 else ''}"
+                out.append((label, cfg(1, a, pool_mode="shard", micro_batches=m, **pool)))
     for mode in (m for m in modes if m != "shard"):
-        out.append((f"pool {mode} x{a}", cfg(1, a, pool_mode=mode, micro_batches=2, **pool)))
+        out.append((f"pool {mode} x{a}", cfg(1, a, pool_mode=mode, micro_batches=fixed, **pool)))
     if tp > 1:
         for mode in modes:
-            out.append((f"TP {tp} + pool {mode} x{a}", cfg(tp, a, pool_mode=mode, micro_batches=2, **pool)))
+            out.append((f"TP {tp} + pool {mode} x{a}", cfg(tp, a, pool_mode=mode, micro_batches=fixed, **pool)))
     return out
 
 
@@ -65,20 +69,19 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
     items = [{"prompt_token_ids": p} for p in random_prompts(ns.batch_size, input_len, vocab, 0)]
     warm = random_prompts(1, input_len, vocab, WARMUP_SEED)
     llm.generate([{"prompt_token_ids": warm[0]}], SamplingParams(temperature=0.0, max_tokens=2))  # compile, warm
-    runner = llm.engine.runner
-    if hasattr(runner, "step_stats"):
-        runner.step_stats.clear()
+    executor = llm.engine.executor
+    executor.reports.clear()
     params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
     t = time.perf_counter()
     outs = llm.generate(items, params)
     elapsed = time.perf_counter() - t
-    summary = summarize(getattr(runner, "step_stats", []))
+    summary = summarize(executor.reports)
     tpots = sorted(o.tpot for o in outs if o.tpot)
-    placement = getattr(runner, "placement", None)
+    ranks = getattr(executor, "rank_devices", None)
     row = {
         "input_len": input_len,
-        "backend": placement.backend if placement else None,
-        "devices": list(placement.devices) if placement else [str(runner.device)],
+        "backend": ranks.backend if ranks else None,
+        "devices": list(ranks.devices) if ranks else [str(executor.runner.device)],
         "e2e_s": elapsed,
         "tpot_ms_median": 1e3 * tpots[len(tpots) // 2] if tpots else None,
         "output_tokens_per_s": ns.batch_size * ns.output_len / elapsed,
@@ -100,6 +103,10 @@ def _release_device() -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    if ns.threads:
+        # CPU: the single process and the pool's driver get this many threads; each attention
+        # worker computes on one, so every worker adds a core the way the seed adds a GPU.
+        torch.set_num_threads(ns.threads)
     base = EngineArgs.from_cli(ns)
     rows: list[dict[str, Any]] = []
     reference: dict[int, list[list[int]]] = {}
@@ -135,6 +142,7 @@ def run(ns: argparse.Namespace) -> int:
             "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker, "workers": list(ns.workers),
             "pool_modes": list(ns.pool_modes), "kv_cache_memory_per_rank": base.kv_cache_memory,
+            "micro_batches": ns.micro_batches, "threads": torch.get_num_threads(),
         },
         "runs": rows,
     }
@@ -164,7 +172,7 @@ def _utilisation(b: dict | None) -> str:
 def _print_table(rows: list[dict[str, Any]], ns: argparse.Namespace) -> None:
     table = Table(title=f"attention pool vs single process — batch {ns.batch_size}, out {ns.output_len}")
     cols = ("config", "in", "same tokens (prefix)", "TPOT (ms)", "tok/s", "util dense | attn", "comm share", "overlap",
-            "pool size", "comm")
+            "pool size", "micro-batches", "comm")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
@@ -176,6 +184,7 @@ def _print_table(rows: list[dict[str, Any]], ns: argparse.Namespace) -> None:
             _utilisation(b), f"{b['driver']['comm_share']:.0%}" if b else "-",
             f"{b['overlap_mean']:.0%}" if b and b["overlap_mean"] is not None else "-",
             f"{b['pool_size']['min']}..{b['pool_size']['max']}" if b else "-",
+            " ".join(f"{m}:{n}" for m, n in sorted(b["micro_batches"].items())) if b else "-",
             r["backend"] or "-",
         )
     console.print(table)
@@ -202,6 +211,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--pool-modes", nargs="+", default=["shard", "replicate", "head"], choices=["shard", "replicate", "head"],
         help="pool modes to run (shard also runs each --workers count and 1 micro-batch)",
     )
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the single process and of the pool's driver (workers use one each)")
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=run)

@@ -148,7 +148,7 @@ def measure_engine(
             async_times.append(time.perf_counter() - t)
         engine.async_scheduling = False
         engine.step()  # drains the step in flight
-    runner = engine.runner
+    runner = engine.executor.runner
     execute, exec_times = runner.execute, []
 
     def timed_execute(out):  # runner time: input preparation + the GPU step (synced)
@@ -307,7 +307,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     engine = llm.engine
     mc = engine.config.model
     kv_per_token = mc.kv_bytes_per_token(2)
-    wbytes = weight_bytes_per_step(engine.runner.model)
+    wbytes = weight_bytes_per_step(engine.executor.runner.model)
     capacity = engine.num_kv_blocks * engine.config.cache.block_size
     seed = {
         "model": "preset:seed000",
@@ -344,7 +344,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             print("seed000", _short(row), flush=True)
             for k in row.get("kernel_profile", [])[:12]:
                 print(f"    {k['us_per_step']:9.1f} us  x{k['calls_per_step']:<4g} {k['kernel']}", flush=True)
-    runner = engine.runner
+    runner = engine.executor.runner
     for batch, context in _points(ns.ab_points):
         base = next(
             (r for r in seed["rows"] if r["batch"] == batch and r["context"] == context and "tpot_ms" in r),
@@ -386,7 +386,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             max_num_seqs=max(b for b, _ in points),
             max_num_batched_tokens=ns.max_num_batched_tokens,
         )
-        wb, kvt = weight_bytes_per_step(eng.runner.model), eng.config.model.kv_bytes_per_token(2)
+        wb, kvt = weight_bytes_per_step(eng.executor.runner.model), eng.config.model.kv_bytes_per_token(2)
         measure_engine(eng, 2, 64, 4)
         rows = []
         for batch, context in points:

@@ -25,7 +25,7 @@ from fapool.core.block_pool import BlockPool, KVBlock
 
 
 @dataclass
-class Placement:
+class SegmentBlocks:
     worker: int  # pool worker id, 1..attention_workers (0 is the local worker)
     blocks: list[KVBlock] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # kept in step with blocks: no per-step rebuild
@@ -38,18 +38,18 @@ class Placement:
         self.blocks[idx] = block
         self.block_ids[idx] = block.block_id
 
-    def copy(self) -> Placement:
-        return Placement(self.worker, list(self.blocks), list(self.block_ids))
+    def copy(self) -> SegmentBlocks:
+        return SegmentBlocks(self.worker, list(self.blocks), list(self.block_ids))
 
 
 @dataclass
 class Segment:
     start: int  # absolute position of the segment's first token (block aligned)
-    placements: list[Placement]
+    holders: list[SegmentBlocks]
 
     @property
     def num_blocks(self) -> int:
-        return len(self.placements[0].blocks)
+        return len(self.holders[0].blocks)
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,9 @@ class PoolManager:
         for new_segment, workers, count in plan:
             if new_segment:
                 start = self.pool_start + sum(s.num_blocks for s in segs) * self.block_size
-                segs.append(Segment(start, [Placement(w) for w in workers]))
-            for placement in segs[-1].placements:
-                placement.add(self.pools[placement.worker].get_new_blocks(count))
+                segs.append(Segment(start, [SegmentBlocks(w) for w in workers]))
+            for holder in segs[-1].holders:
+                holder.add(self.pools[holder.worker].get_new_blocks(count))
         assigned = self.assigned.setdefault(request_id, [])
         for _, workers, _ in plan:
             assigned.extend(w for w in workers if w not in assigned)
@@ -143,12 +143,12 @@ class PoolManager:
         free = {w: self.pools[w].num_free_blocks for w in self.alive}
         steps: list[tuple[bool, list[int], int]] = []
         if self.mode != "shard":  # one segment on every pool worker, growing in place
-            workers = [p.worker for p in segs[0].placements] if segs else sorted(self.alive)
+            workers = [p.worker for p in segs[0].holders] if segs else sorted(self.alive)
             if any(free[w] < num_new for w in workers):
                 return None
             return [(not segs, workers, num_new)]
         if segs:  # fill the open segment first, while its worker has room
-            w = segs[-1].placements[0].worker
+            w = segs[-1].holders[0].worker
             take = min(self.segment_blocks - segs[-1].num_blocks, num_new, free[w])
             if take > 0:
                 steps.append((False, [w], take))
@@ -177,15 +177,15 @@ class PoolManager:
     def write_position_needs_copy(self, request_id: str, position: int) -> bool:
         """True when the pool block holding `position` is shared (fork) and must be copied."""
         seg, idx = self._locate(request_id, position)
-        return seg is not None and any(p.blocks[idx].ref_cnt > 1 for p in seg.placements)
+        return seg is not None and any(p.blocks[idx].ref_cnt > 1 for p in seg.holders)
 
     def copy_on_write(self, request_id: str, position: int) -> bool:
-        """Give the request private copies of the block holding `position` (all placements).
+        """Give the request private copies of the block holding `position` (all holders).
         Returns False, changing nothing, when a worker has no free block."""
         seg, idx = self._locate(request_id, position)
         if seg is None:
             return True
-        shared = [p for p in seg.placements if p.blocks[idx].ref_cnt > 1]
+        shared = [p for p in seg.holders if p.blocks[idx].ref_cnt > 1]
         if any(self.pools[p.worker].num_free_blocks < 1 for p in shared):
             return False
         for p in shared:
@@ -206,9 +206,9 @@ class PoolManager:
         segs = self.segments.get(parent_id)
         if not segs:
             return
-        child = [Segment(s.start, [p.copy() for p in s.placements]) for s in segs]
+        child = [Segment(s.start, [p.copy() for p in s.holders]) for s in segs]
         for s in child:
-            for p in s.placements:
+            for p in s.holders:
                 self.pools[p.worker].touch(p.blocks)
         self.segments[child_id] = child
         self.assigned[child_id] = list(self.assigned[parent_id])
@@ -216,7 +216,7 @@ class PoolManager:
 
     def free(self, request_id: str) -> None:
         for seg in reversed(self.segments.pop(request_id, [])):
-            for p in seg.placements:
+            for p in seg.holders:
                 self.pools[p.worker].free_blocks(list(reversed(p.blocks)))
         workers = self.assigned.pop(request_id, None)
         if workers:

@@ -46,7 +46,7 @@ class EngineArgs:
     pool_threshold: int = 4096
     tokens_per_pool_worker: int = 4096
     pool_mode: str = "shard"
-    micro_batches: int = 2
+    micro_batches: int | None = None
     head_placement: str = "contiguous"
     worker_kv_blocks: int | None = None
     worker_timeout_s: float = 60.0
@@ -116,7 +116,11 @@ class EngineArgs:
         g.add_argument("--pool-threshold", type=int, default=4096)
         g.add_argument("--tokens-per-pool-worker", type=int, default=4096)
         g.add_argument("--pool-mode", default="shard", choices=["shard", "replicate", "head"])
-        g.add_argument("--micro-batches", type=int, default=2, help="pool: micro-batches per step (overlap)")
+        g.add_argument(
+            "--micro-batches", type=int, default=None,
+            help="pool: micro-batches per step, so one's remote attention overlaps another's dense work "
+            "(default: 1 or 2, chosen per step from measured step times)",
+        )
         g.add_argument("--head-placement", default="contiguous", choices=["contiguous", "lpt"])
         g.add_argument("--worker-kv-blocks", type=int, default=None, help="KV blocks per attention worker")
         g.add_argument("--worker-timeout-s", type=float, default=60.0)

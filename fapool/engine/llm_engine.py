@@ -20,7 +20,8 @@ from fapool.layers.sampler import SampleRow, sample
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
 from fapool.sampling_params import SamplingParams
-from fapool.worker.model_runner import ModelRunner, PendingTokens
+from fapool.worker.executor import Executor, create_executor
+from fapool.worker.model_runner import PendingTokens
 
 logger = logging.getLogger(__name__)
 
@@ -72,31 +73,21 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        pool_manager = None
-        par = config.parallel
-        if config.pool.attention_workers > 0 and par.pipeline_parallel_size == 1:
-            if par.tensor_parallel_size > 1:
-                from fapool.worker.tp_pool import TPPoolModelRunner as Runner
-            else:
-                from fapool.worker.pool_runner import PoolModelRunner as Runner
-
-            self.runner: ModelRunner = Runner(config, model, backend)
-            pool_manager = PoolManager(config.pool, config.cache.block_size, self.runner.worker_num_blocks)
-        elif par.tensor_parallel_size * par.pipeline_parallel_size > 1:
-            from fapool.worker.parallel_runner import ParallelModelRunner
-
-            self.runner = ParallelModelRunner(config, model, backend)  # ConfigError for PP with a pool
-        else:
-            self.runner = ModelRunner(config, model, backend)
-        # Async scheduling runs on the single-process runner; the pool and TP/PP runners keep
-        # their own per-step exchanges with worker processes and step synchronously.
+        self.executor: Executor = create_executor(config, model, backend)
         want_async = config.scheduler.async_scheduling
         if want_async is None:
             want_async = config.device.startswith("cuda")
-        self.async_scheduling = bool(want_async) and type(self.runner) is ModelRunner
+        self.async_scheduling = bool(want_async) and self.executor.supports_async
         self._inflight: _InFlight | None = None
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
+        try:
+            layout = self.executor.initialize_kv_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        num_blocks = layout.num_blocks
+        pool_manager = None
+        if layout.pool_blocks_per_worker is not None:
+            pool_manager = PoolManager(config.pool, config.cache.block_size, layout.pool_blocks_per_worker)
         pool = BlockPool(num_blocks, enable_caching=config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(pool, config.cache.block_size, pool_manager)
         self.pool_manager = pool_manager
@@ -212,7 +203,7 @@ class LLMEngine:
         A request that stopped at step n-1 has been scheduled blind for step n; that result is
         dropped when step n is processed (its KV write lands in blocks it no longer owns, but
         before any later step can reuse them: the device runs steps in order)."""
-        pending = self.runner.launch(sched)
+        pending = self.executor.launch(sched)
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
         for s in pending.due:
@@ -238,7 +229,7 @@ class LLMEngine:
         return [self._finalize(g) for g in inflight.groups if g in self.groups]
 
     def _step_sync(self, sched) -> list[RequestOutput]:
-        logits, due = self.runner.execute(sched)
+        logits, due = self.executor.execute(sched)
         lost = self._handle_worker_failures()
         if lost:
             keep = [i for i, s in enumerate(due) if s.request.request_id not in lost]
@@ -257,8 +248,7 @@ class LLMEngine:
         """Attention workers that died or hung this step: stop placing KV on them and
         recompute (preempt) every request that had KV there. Their results from this step
         are dropped, so no token is lost and none is computed from missing KV."""
-        take = getattr(self.runner, "take_failures", None)
-        failures = take() if take is not None else []
+        failures = self.executor.take_failures()
         lost: set[str] = set()
         for worker, why in failures:
             assert self.pool_manager is not None
@@ -272,7 +262,7 @@ class LLMEngine:
         return lost
 
     def _record_pool_stats(self) -> None:
-        history = getattr(self.runner, "step_stats", None)
+        history = self.executor.reports
         if history and self.pool_manager is not None:
             history[-1].pool_size = len(self.pool_manager.active_workers())
             history[-1].kv_tokens_per_worker = self.pool_manager.kv_tokens_per_worker()
@@ -329,11 +319,9 @@ class LLMEngine:
         return out
 
     def shutdown(self) -> None:
-        """Stop worker processes (a no-op for a single-process engine)."""
+        """Stop worker processes (a no-op for a single-process engine); safe to call twice."""
         self._inflight = None
-        stop = getattr(self.runner, "shutdown", None)
-        if stop is not None:
-            stop()
+        self.executor.shutdown()
 
     # Introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -1,14 +1,35 @@
 """Where the time went across workers (seed 000's headline metrics: utilisation and
-communication share), summarised from the runner's per-step records."""
+communication share), summarised from the driver's StepReports."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from rich.table import Table
 
+from fapool.worker.protocol import StepReport
 
-def summarize(step_stats: list) -> dict[str, Any] | None:
+
+def summarize_ranks(step_stats: list[StepReport]) -> dict[int, dict[str, float]]:
+    """Per dense rank over a run: compute, communication and idle seconds, and the share of
+    the driver's wall time each rank spent computing (its utilisation)."""
+    total = sum(s.total_s for s in step_stats)
+    out: dict[int, dict[str, float]] = {}
+    for s in step_stats:
+        for r, st in s.ranks.items():
+            acc = out.setdefault(r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0})
+            acc["compute_s"] += st.compute_s
+            acc["comm_s"] += st.comm_s
+            acc["idle_s"] += st.idle_s
+            acc["tokens"] += st.num_tokens
+    for acc in out.values():
+        acc["utilisation"] = acc["compute_s"] / total if total else 0.0
+        acc["comm_share"] = acc["comm_s"] / total if total else 0.0
+    return out
+
+
+def summarize(step_stats: list[StepReport]) -> dict[str, Any] | None:
     """Totals over all steps of a pool run, or None when the runner keeps no breakdown."""
     if not step_stats:
         return None
@@ -17,7 +38,7 @@ def summarize(step_stats: list) -> dict[str, Any] | None:
     for s in step_stats:
         for w, ws in s.workers.items():
             acc = workers.setdefault(w, {"attention_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "q_rows": 0})
-            acc["attention_s"] += ws.attention_s
+            acc["attention_s"] += ws.compute_s
             acc["comm_s"] += ws.comm_s
             acc["idle_s"] += ws.idle_s
             acc["q_rows"] += ws.q_rows
@@ -30,16 +51,12 @@ def summarize(step_stats: list) -> dict[str, Any] | None:
     for s in step_stats:
         for w, n in s.kv_tokens_per_worker.items():
             kv_peak[w] = max(kv_peak.get(w, 0), n)
-    ranks = None
-    if any(getattr(s, "ranks", None) for s in step_stats):  # tensor/pipeline parallel: the dense ranks
-        from fapool.worker.parallel_runner import summarize_ranks
-
-        ranks = summarize_ranks(step_stats)
+    ranks = summarize_ranks(step_stats) if any(s.ranks for s in step_stats) else None
     dense = sum(s.dense_s for s in step_stats)
     local = sum(s.local_attention_s for s in step_stats)
     # The driver's communication: waiting for attention workers, and (tensor parallel with a
     # pool) all-reduces and exchanges with the other dense ranks.
-    wait = sum(s.wait_s + getattr(s, "tp_comm_s", 0.0) for s in step_stats)
+    wait = sum(s.wait_s + s.tp_comm_s for s in step_stats)
     return {
         "steps": len(step_stats),
         "total_s": total,
@@ -58,6 +75,7 @@ def summarize(step_stats: list) -> dict[str, Any] | None:
             "timeline": [s.pool_size for s in step_stats],
         },
         "kv_tokens_peak_per_worker": kv_peak,
+        "micro_batches": dict(Counter(s.num_micro_batches for s in step_stats)),  # count -> steps
         "dense_ranks": ranks,
     }
 

@@ -66,7 +66,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     else:
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     breakdown = None
-    stats = getattr(llm.engine.runner, "step_stats", None)
+    stats = llm.engine.executor.reports
     if stats:
         from fapool.entrypoints.breakdown import breakdown_table, summarize
 
@@ -169,14 +169,15 @@ def _run_as_torchrun_worker() -> int | None:
     if launched is None or launched[0] == 0 or launched[1] < 2:
         return None
     from fapool.engine.arg_utils import default_device
-    from fapool.worker.attention_worker import worker_main
-    from fapool.worker.comm import engine_placement
+    from fapool.worker.comm import engine_rank_devices
+    from fapool.worker.dense_worker import GROUP_TIMEOUT_S
+    from fapool.worker.launcher import rank_main
 
     # The driver decides the same way (WorkerGroup): NCCL with this rank on cuda:LOCAL_RANK
     # when the host has a GPU per local rank, else gloo.
     rank, world = launched
-    placement = engine_placement(default_device(), world)
-    worker_main(rank, world, "env://", placement.backend, placement.devices[rank], 7 * 24 * 3600.0)
+    ranks = engine_rank_devices(default_device(), world)
+    rank_main(rank, world, "env://", ranks.backend, ranks.devices[rank], GROUP_TIMEOUT_S)
     return 0
 
 

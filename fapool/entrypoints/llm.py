@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,14 +49,18 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.engine_args = EngineArgs(model=model, **engine_kwargs)
         self.engine = build_engine(self.engine_args)
+        # Dropping the LLM (del, garbage collection, interpreter exit) stops its worker
+        # processes and releases their process group, as shutdown() does.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stop any worker processes. Also done on `with LLM(...) as llm:` exit."""
-        self.engine.shutdown()
+        """Stop any worker processes. Also done on `with LLM(...) as llm:` exit and when the
+        LLM is dropped."""
+        self._finalizer()
 
     def __enter__(self) -> LLM:
         return self

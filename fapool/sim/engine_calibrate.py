@@ -42,10 +42,9 @@ QUICK_CPU = {
 QUICK_GPU = {
     "layers": (1, 3), "batches": (1, 8, 32), "contexts": (128, 2048), "steps": 16, "warmup": 4, "repeats": 1
 }
-# The CPU grid for twin="model": a SmolLM2-wide layer costs ~5-12 ms on a CPU and one step's
-# noise is ~5-10 ms, so the depth slope from 1 and 3 layers (a 2-layer difference) was off by
-# up to 2x per point (sim_calibration_cpu-20261202T002526: 5 to 12 ms a layer). Three depths
-# spanning 7 layers cut that error about 4x.
+# The CPU grid for twin="model": on a CPU a model-wide layer costs about as much as one step's
+# noise, so a depth slope from two close depths is unreliable; three depths spanning 7 layers
+# fit it by least squares (docs/simulator.md).
 QUICK_CPU_MODEL = {**QUICK_CPU, "layers": (1, 4, 8)}
 HOST_TERMS = ("step_s", "per_seq_s", "per_kv_token_s")
 
@@ -157,13 +156,13 @@ def measure_decode(
     the batch's mean cached tokens over the timed steps."""
     import torch
 
-    cuda = engine.runner.device.type == "cuda"
+    cuda = engine.executor.runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # Early requests decode while later ones are still in prefill: leave room for those tokens.
     prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens) + 1
     ids, reqs = start_decode(engine, batch, context, prefill_steps + steps + warmup + 4, warmup)
     try:
-        runner = engine.runner
+        runner = engine.executor.runner
         execute, prepare = runner.execute, runner.prepare
         exec_t: list[float] = []
         prep_t: list[float] = []
@@ -302,10 +301,10 @@ def calibrate_engine(
         if cuda:
             b, c = min(grid["batches"]), min(grid["contexts"])
             for depth, engine in engines.items():
-                if not engine.runner.use_cuda_graphs:
+                if not engine.executor.runner.use_cuda_graphs:
                     continue
-                engine.runner.use_cuda_graphs = False
-                engine.runner.decode_graphs = None
+                engine.executor.runner.use_cuda_graphs = False
+                engine.executor.runner.decode_graphs = None
                 row = measure_decode(engine, b, c, grid["steps"], grid["warmup"])
                 eager.append({"layers": depth, **row})
     finally:

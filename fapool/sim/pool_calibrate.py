@@ -6,7 +6,7 @@ and 2 micro-batches and with two workers at 1 micro-batch (the driver waits whil
 attend: at most two busy processes, so a machine with two cores or more measures them
 without core contention), at contexts below the pool threshold (the driver's micro-batch
 machinery alone, no routes) and above it. Per point, from the driver's own record
-(PoolStepStats, 20th percentile of the timed steps, as elsewhere on a CPU):
+(StepReport, 20th percentile of the timed steps, as elsewhere on a CPU):
 
   worker  attention_s (unpack, write K/V, attend, pack the reply) minus the cost model's
           attention of each call  ~  worker_call_s * calls + worker_per_seq_s * sequences
@@ -50,12 +50,12 @@ DRIVER_TERMS = ("driver_mb_s", "driver_pool_mb_s", "driver_route_s", "driver_ste
 
 def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: int) -> dict:
     """Prefill `batch` random prompts of `context` tokens on a pool engine, then record
-    `steps` decode steps' PoolStepStats: 20th percentiles of the driver's busy time (dense +
+    `steps` decode steps' StepReport: 20th percentiles of the driver's busy time (dense +
     local attention), its wait, and each worker's attention time, plus the mean context."""
     ids, reqs = start_decode(engine, batch, context, steps + warmup + 8, warmup)
     try:
         ctx0 = reqs[0].num_computed_tokens
-        stats = engine.runner.step_stats
+        stats = engine.executor.reports
         stats.clear()
         for _ in range(steps):
             engine.step()
@@ -72,7 +72,7 @@ def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: in
         "driver_busy_s": p20([s.dense_s + s.local_attention_s for s in rows]),
         "driver_wait_s": p20([s.wait_s for s in rows]),
         "total_s": p20([s.total_s for s in rows]),
-        "worker_attention_s": {str(w): p20([s.workers[w].attention_s if w in s.workers else 0.0 for s in rows])
+        "worker_attention_s": {str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows])
                                for w in workers},
     }
 

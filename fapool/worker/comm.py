@@ -80,7 +80,7 @@ def init_process_group(rank: int, world_size: int, init_method: str, backend: st
 
 
 @dataclass(frozen=True)
-class Placement:
+class RankDevices:
     """Which backend the ranks talk over and which device each rank computes on."""
 
     backend: str  # "nccl" | "gloo"
@@ -96,7 +96,7 @@ class Placement:
         return self.devices.count(self.devices[rank])
 
 
-def place_ranks(device: str, world_size: int, device_count: int, local_world_size: int | None = None) -> Placement:
+def place_ranks(device: str, world_size: int, device_count: int, local_world_size: int | None = None) -> RankDevices:
     """The one rule for every role (attention workers, TP/PP dense ranks, both together).
 
     CPU: gloo, every rank on the CPU. CUDA with a GPU for each rank of a host
@@ -111,15 +111,15 @@ def place_ranks(device: str, world_size: int, device_count: int, local_world_siz
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not device.startswith("cuda"):
-        return Placement("gloo", (device,) * world_size)
+        return RankDevices("gloo", (device,) * world_size)
     local = local_world_size or world_size
     if device_count < local:
-        return Placement("gloo", (device,) * world_size)
+        return RankDevices("gloo", (device,) * world_size)
     base = torch.device(device).index or 0
-    return Placement("nccl", tuple(f"cuda:{(base + r % local) % device_count}" for r in range(world_size)))
+    return RankDevices("nccl", tuple(f"cuda:{(base + r % local) % device_count}" for r in range(world_size)))
 
 
-def engine_placement(device: str, world_size: int) -> Placement:
+def engine_rank_devices(device: str, world_size: int) -> RankDevices:
     """place_ranks for this host: its GPU count, and under torchrun its ranks per host."""
     count = torch.cuda.device_count() if device.startswith("cuda") else 0
     local = os.environ.get("LOCAL_WORLD_SIZE") if env_rank() is not None else None

@@ -22,29 +22,29 @@ of ranks here posts them in the same order on both sides (see DenseStage.run).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from fapool.attention.backend import merge_partials
 from fapool.attention.metadata import AttentionMetadata
+from fapool.attention.selector import make_backend
 from fapool.config import EngineConfig
 from fapool.layers.tp import apply_tp
-from fapool.models.llama import LocalAttend, run_steps
+from fapool.models.llama import LocalAttend, Pending, run_steps
+from fapool.models.registry import build_model
 from fapool.worker import comm
+from fapool.worker.model_runner import DTYPES
+from fapool.worker.protocol import SHUTDOWN, DenseInit, DenseStep, MicroBatch, RankReport, Tag, exchange_tag
 from fapool.worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# Message tags between dense ranks (driver <-> attention worker traffic uses its own pairs).
-TAG_STEP, TAG_STATS, TAG_INIT, TAG_WEIGHTS = 0, 2, 4, 6
-TAG_HIDDEN, TAG_LOGITS = 100, 500  # + micro-batch index
 GROUP_TIMEOUT_S = 7 * 24 * 3600.0  # deadlines are comm.Waiter's; gloo's own would close every pair
 
 
@@ -57,44 +57,6 @@ def stage_layers(num_layers: int, num_stages: int) -> list[range]:
         out.append(range(start, start + n))
         start += n
     return out
-
-
-@dataclass
-class DenseInit:
-    config: EngineConfig
-    num_blocks: int
-
-
-@dataclass
-class MicroBatch:
-    input_ids: list[int]
-    positions: list[int]
-    meta_args: dict  # AttentionMetadata.build keyword arguments (host lists)
-    logit_rows: list[int]  # rows whose next token is due, in order
-    # With an attention pool: some rows attend KV on the pool, so this micro-batch's q/k/v
-    # go to the driver each layer and the pool's partials come back (fapool.worker.tp_pool).
-    remote: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.positions)
-
-
-@dataclass
-class DenseStep:
-    step: int
-    micro_batches: list[MicroBatch]
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
-    hang_s: float = 0.0  # fault injection for tests: stall this long before the step
-
-
-@dataclass
-class DenseStepStats:
-    rank: int
-    compute_s: float = 0.0  # embeddings, layers (attention included), final norm, LM head
-    comm_s: float = 0.0  # all-reduces, and waiting for this rank's sends to complete
-    idle_s: float = 0.0  # waiting for input: the step plan, or the previous stage (bubble)
-    num_tokens: int = 0
 
 
 # wait(work, peer, what, buffer): block until a request completes, or raise WorkerFailure.
@@ -146,7 +108,7 @@ class DenseStage:
         self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
         return self.clock
 
-    def finish_clock(self, stats: DenseStepStats, t_start: float) -> None:
+    def finish_clock(self, stats: RankReport, t_start: float) -> None:
         """Book the step: waits as communication or idle, the rest of its wall time (after
         the device has finished the step's work) as compute."""
         seconds = self.clock.finish()
@@ -216,21 +178,19 @@ class DenseStage:
         flat.copy_(host)
 
     def _recv_hidden(self, buf: torch.Tensor, prev: int, index: int) -> None:
-        self.wait(comm.recv_tensor(buf, prev, TAG_HIDDEN + index), prev, "receive of hidden states", buf)
+        self.wait(comm.recv_tensor(buf, prev, Tag.HIDDEN + index), prev, "receive of hidden states", buf)
 
     def _wait_sends(self, sends: list[tuple[object, torch.Tensor, int]]) -> None:
         for work, buf, peer in sends:
             self.wait(work, peer, "send", buf)
 
     @torch.inference_mode()
-    def run(self, plan: DenseStep, stats: DenseStepStats) -> list[torch.Tensor | None]:
+    def run(self, plan: DenseStep, stats: RankReport) -> list[torch.Tensor | None]:
         """Run this rank's share of a step. Returns, per micro-batch, the due rows' logits when
         this rank computes them here and is rank 0 (the driver, pipeline size 1); other ranks
         send theirs. Outgoing sends are complete when this returns."""
         if self.config.pool.attention_workers > 0:  # TP with an attention pool
-            from fapool.worker.tp_pool import run_pooled_step
-
-            run_pooled_step(self, plan, stats)
+            self._run_pooled(plan, stats)
             return [None] * len(plan.micro_batches)  # the driver computes the logits
         t_start = time.perf_counter()
         clock = self.new_clock()
@@ -261,7 +221,7 @@ class DenseStage:
                 logits = self.model.compute_logits(hidden.index_select(0, rows)).contiguous()
             if nxt is not None:
                 msg = hidden.to(self.transport)
-                sends.append((comm.send_tensor(msg, nxt, TAG_HIDDEN + i), msg, nxt))
+                sends.append((comm.send_tensor(msg, nxt, Tag.HIDDEN + i), msg, nxt))
             elif logits is not None and self.rank != 0:
                 to_driver.append((i, logits))
             local_logits.append(logits if self.rank == 0 else None)
@@ -271,17 +231,91 @@ class DenseStage:
         # ranks runs in posting order on one stream, so interleaving would deadlock.
         for i, logits in to_driver:
             msg = logits.to(self.transport)
-            sends.append((comm.send_tensor(msg, 0, TAG_LOGITS + i), msg, 0))
+            sends.append((comm.send_tensor(msg, 0, Tag.LOGITS + i), msg, 0))
         clock.measure("comm", lambda: self._wait_sends(sends))
         self.finish_clock(stats, t_start)
         return local_logits
+
+    def _run_pooled(self, plan: DenseStep, stats: RankReport) -> None:
+        """A TP rank's share of a step next to an attention pool (fapool.worker.tp_pool): its
+        heads' attention over its local blocks here; for micro-batches with remote attention,
+        its q/k/v go to the driver and the pool's partial for its heads comes back."""
+        t_start = time.perf_counter()
+        clock = self.new_clock()
+        self.copy_blocks(plan.copies)
+        sends: list = []
+        gens = []
+        for i, mb in enumerate(plan.micro_batches):
+            stats.num_tokens += mb.num_tokens
+            ids = torch.tensor(mb.input_ids, dtype=torch.long, device=self.device)
+            pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
+            meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
+            attend = _RankAttend(self, meta, mb, i, len(plan.micro_batches), sends)
+            gens.append(self.model.model.forward_steps(ids, pos, self.kv_caches, attend, layers=self.layers))
+        drive_micro_batches(gens)
+        clock.measure("comm", lambda: [self.wait(work, 0, "send of q/k/v", buf) for work, buf in sends])
+        self.finish_clock(stats, t_start)
+
+
+class _RankAttend:
+    """A TP rank's attend hook next to an attention pool (DenseStage._run_pooled)."""
+
+    def __init__(self, stage: DenseStage, meta: AttentionMetadata, mb: MicroBatch, index: int, count: int, sends: list):
+        self.stage = stage
+        self.meta = meta
+        self.remote = mb.remote
+        self.index = index
+        self.count = count
+        self.sends = sends  # (request, buffer kept alive) of the step's q/k/v sends
+
+    def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
+        attn = self.stage.model.model.layers[layer].self_attn
+        T, hq, D = q.shape
+        tag = exchange_tag(layer, self.index, self.count)
+        if self.remote:
+            msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).to(self.stage.transport)
+            self.sends.append((comm.send_tensor(msg, 0, tag), msg))
+        k_cache, v_cache = kv_cache
+        attn.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
+        out, lse = attn.backend.forward(q, k_cache, v_cache, self.meta, attn.scale)
+        if not self.remote:
+            return Pending(finish=lambda: out)  # still yield: the driver's order, layer by layer
+
+        def finish() -> torch.Tensor:
+            # Received only now, after the other micro-batches' q/k/v went out: under NCCL a
+            # pair's transfers run in posting order, and the driver posts in this order.
+            buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=self.stage.transport)
+            self.stage.clock.measure("comm", lambda: self._receive(buf, tag + 1))
+            buf = buf.to(self.stage.device)
+            o, l = buf[: T * hq * D].view(T, hq, D), buf[T * hq * D :].view(T, hq)
+            merged, _ = merge_partials([out.float(), o], [lse, l])
+            return merged.to(q.dtype)
+
+        return Pending(finish=finish)
+
+    def _receive(self, buf: torch.Tensor, tag: int) -> None:
+        self.stage.wait(comm.recv_tensor(buf, 0, tag), 0, "attention partials from the driver", buf)
+
+
+def drive_micro_batches(gens) -> list[torch.Tensor]:
+    """Run micro-batch generators round-robin until all return; results in order. Every
+    attend hook with remote attention yields once per layer, so micro-batches advance layer
+    by layer in a fixed order on every dense rank, which keeps their all-reduces paired."""
+    results: list = [None] * len(gens)
+    active = list(range(len(gens)))
+    while active:
+        for i in list(active):
+            try:
+                next(gens[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results
 
 
 def tp_groups(topology: comm.Topology, timeout_s: float) -> list:
     """One process group per pipeline stage over its TP ranks. Every rank must create every
     group, in the same order (torch.distributed's rule), even those it is not in."""
-    import datetime as dt
-
     if topology.tensor_parallel_size == 1:
         return [None] * topology.pipeline_parallel_size
     return [
@@ -310,11 +344,11 @@ def send_weights(
 ) -> None:
     """Names, shapes and dtypes first, then each tensor (through `transport`)."""
     specs = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors.items()]
-    comm.send_object(specs, dst, waiter, timeout_s, tag=TAG_WEIGHTS, device=transport)
+    comm.send_object(specs, dst, waiter, timeout_s, tag=Tag.WEIGHTS, device=transport)
     pending = []
     for t in tensors.values():
         t = t.to(transport).contiguous()
-        pending.append((comm.send_tensor(t, dst, TAG_WEIGHTS + 2), t))
+        pending.append((comm.send_tensor(t, dst, Tag.WEIGHTS + 2), t))
     for work, t in pending:
         waiter.wait(work, timeout_s, dst, "weight transfer", t)
 
@@ -323,7 +357,7 @@ def receive_weights(model: nn.Module, transport: str) -> None:
     """Fill a materialised (to_empty) model with the driver's tensors; every parameter and
     buffer must arrive, with the shape this rank's shard expects. `transport`: where the
     messages land (comm.transport_device)."""
-    specs = comm.recv_object(0, None, tag=TAG_WEIGHTS, device=transport)
+    specs = comm.recv_object(0, None, tag=Tag.WEIGHTS, device=transport)
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     names = [name for name, _, _ in specs]
@@ -337,7 +371,7 @@ def receive_weights(model: nn.Module, transport: str) -> None:
                 f"weight {name}: driver sent {shape}, this shard expects {tuple(target.shape)}"
             )
         buf = torch.empty(shape, dtype=target.dtype, device=transport)
-        comm.wait(comm.recv_tensor(buf, 0, TAG_WEIGHTS + 2), 0, "weight transfer")
+        comm.wait(comm.recv_tensor(buf, 0, Tag.WEIGHTS + 2), 0, "weight transfer")
         with torch.no_grad():
             target.copy_(buf)
 
@@ -346,9 +380,6 @@ class DenseWorker:
     """A non-driver dense rank: builds its shard, then follows the driver's step plans."""
 
     def __init__(self, init: DenseInit, rank: int, device: str) -> None:
-        from fapool.attention.selector import make_backend
-        from fapool.models.registry import build_model
-
         cfg = init.config
         self.rank = rank
         par = cfg.parallel
@@ -378,14 +409,14 @@ class DenseWorker:
     def run(self) -> None:
         idle_since = time.perf_counter()
         while True:
-            msg = comm.recv_object(0, None, tag=TAG_STEP, device=self.transport)
-            if msg == "shutdown":
+            msg = comm.recv_object(0, None, tag=Tag.STEP, device=self.transport)
+            if msg == SHUTDOWN:
                 return
-            stats = DenseStepStats(self.rank, idle_s=time.perf_counter() - idle_since)
+            stats = RankReport(self.rank, idle_s=time.perf_counter() - idle_since)
             if msg.hang_s:
                 time.sleep(msg.hang_s)
             self.stage.run(msg, stats)
-            comm.send_object(stats, 0, None, tag=TAG_STATS, device=self.transport)
+            comm.send_object(stats, 0, None, tag=Tag.REPORT, device=self.transport)
             idle_since = time.perf_counter()
 
 

@@ -43,6 +43,8 @@ class PendingTokens:
 
 
 class ModelRunner:
+    worker_num_blocks: int | None = None  # KV blocks of each attention worker (a pool's runners)
+
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         self.config = config
         self.model = model

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -30,78 +29,13 @@ from fapool.config import ConfigError, EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
 from fapool.layers.tp import check_tp, shard_layer_state
 from fapool.worker import comm
-from fapool.worker.dense_worker import (
-    GROUP_TIMEOUT_S,
-    TAG_INIT,
-    TAG_LOGITS,
-    TAG_STATS,
-    TAG_STEP,
-    DenseInit,
-    DenseStage,
-    DenseStep,
-    DenseStepStats,
-    MicroBatch,
-    send_weights,
-    shard_model,
-    stage_layers,
-    tp_groups,
-)
+from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights, shard_model, stage_layers, tp_groups
+from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner
-from fapool.worker.pool_plan import split_micro_batches
-from fapool.worker.pool_runner import WorkerGroup
+from fapool.worker.protocol import DenseInit, DenseStep, RankReport, StepReport, Tag
+from fapool.worker.step_plan import plan_micro_batch, split_micro_batches
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ParallelStepStats:
-    """One step on every dense rank. Shaped like PoolStepStats where they overlap (driver's
-    dense_s / wait_s / total_s, an empty attention pool) so the same summaries read it."""
-
-    step: int
-    num_tokens: int
-    num_micro_batches: int
-    total_s: float = 0.0
-    ranks: dict[int, DenseStepStats] = field(default_factory=dict)  # every dense rank, 0 included
-    # PoolStepStats' fields, for breakdown.summarize: no attention workers here.
-    local_attention_s: float = 0.0
-    workers: dict = field(default_factory=dict)
-    pool_size: int = 0
-    kv_tokens_per_worker: dict = field(default_factory=dict)
-    overlap: None = None
-
-    @property
-    def dense_s(self) -> float:
-        return self.ranks[0].compute_s if 0 in self.ranks else 0.0
-
-    @property
-    def wait_s(self) -> float:
-        r = self.ranks.get(0)
-        return r.comm_s + r.idle_s if r else 0.0
-
-    @property
-    def comm_share(self) -> float:
-        """All ranks' communication time over all ranks' step time."""
-        busy = self.total_s * len(self.ranks)
-        return sum(r.comm_s for r in self.ranks.values()) / busy if busy > 0 else 0.0
-
-
-def summarize_ranks(step_stats: list[ParallelStepStats]) -> dict[int, dict[str, float]]:
-    """Per dense rank over a run: compute, communication and idle seconds, and the share of
-    the driver's wall time each rank spent computing (its utilisation)."""
-    total = sum(s.total_s for s in step_stats)
-    out: dict[int, dict[str, float]] = {}
-    for s in step_stats:
-        for r, st in s.ranks.items():
-            acc = out.setdefault(r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0})
-            acc["compute_s"] += st.compute_s
-            acc["comm_s"] += st.comm_s
-            acc["idle_s"] += st.idle_s
-            acc["tokens"] += st.num_tokens
-    for acc in out.values():
-        acc["utilisation"] = acc["compute_s"] / total if total else 0.0
-        acc["comm_share"] = acc["comm_s"] / total if total else 0.0
-    return out
 
 
 def check_parallel(config: EngineConfig) -> None:
@@ -188,11 +122,11 @@ class ParallelModelRunner(ModelRunner):
         par = config.parallel
         self.topology = comm.Topology(par.tensor_parallel_size, par.pipeline_parallel_size)
         # Ranks sharing the driver's GPU split its KV budget (ModelRunner.determine_num_blocks).
-        self.placement = comm.engine_placement(config.device, self.topology.world_size)
-        self.ranks_on_device = self.placement.ranks_sharing(0)
+        self.rank_devices = comm.engine_rank_devices(config.device, self.topology.world_size)
+        self.ranks_on_device = self.rank_devices.ranks_sharing(0)
         self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
         self.timeout_s = config.pool.worker_timeout_s
-        self.step_stats: list[ParallelStepStats] = []
+        self.step_stats: list[StepReport] = []
         self.fault_hang: dict[int, float] = {}  # tests: rank -> seconds to stall on its next step
         self.failure: comm.WorkerFailure | None = None
         self.waiter = comm.Waiter()
@@ -219,7 +153,7 @@ class ParallelModelRunner(ModelRunner):
         self.transport = comm.transport_device(str(self.device))
         init = DenseInit(self.config, self.num_blocks)
         for r in self._ranks():
-            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT, device=self.transport)
+            comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
         groups = tp_groups(topo, GROUP_TIMEOUT_S)
         with torch.no_grad():
             for r in self._ranks():
@@ -280,15 +214,15 @@ class ParallelModelRunner(ModelRunner):
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
         groups = split_micro_batches(out.scheduled, topo.pipeline_parallel_size)
-        plan = DenseStep(self._step, [self._micro_batch(g) for g in groups], list(out.block_copies))
-        stats = ParallelStepStats(self._step, out.num_tokens, len(plan.micro_batches))
-        own = DenseStepStats(0)
+        plan = DenseStep(self._step, [plan_micro_batch(g, self.block_size).dense() for g in groups], list(out.block_copies))
+        stats = StepReport(self._step, out.num_tokens, len(plan.micro_batches))
+        own = RankReport(0)
 
         t0 = time.perf_counter()
         for r in self._ranks():
             hang = self.fault_hang.pop(r, 0.0)
             msg = dataclasses.replace(plan, hang_s=hang) if hang else plan
-            comm.send_object(msg, r, self.waiter, self.timeout_s, tag=TAG_STEP, device=self.transport)
+            comm.send_object(msg, r, self.waiter, self.timeout_s, tag=Tag.STEP, device=self.transport)
         own.comm_s += time.perf_counter() - t0
 
         local = self.stage.run(plan, own)
@@ -303,40 +237,23 @@ class ParallelModelRunner(ModelRunner):
             for i, mb in enumerate(plan.micro_batches):
                 if mb.logit_rows:
                     buf = torch.empty(len(mb.logit_rows), vocab, dtype=torch.float32, device=self.transport)
-                    self._wait(comm.recv_tensor(buf, last, TAG_LOGITS + i), last, "logits", buf)
+                    self._wait(comm.recv_tensor(buf, last, Tag.LOGITS + i), last, "logits", buf)
                     parts.append(buf.to(self.device))
         for r in self._ranks():
-            stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=TAG_STATS, device=self.transport)
+            stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=Tag.REPORT, device=self.transport)
         own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the last ranks' reports
 
         due = [s for s in out.scheduled if s.completes_known_tokens]
         logits = torch.cat(parts) if parts else None
         stats.ranks[0] = own
+        stats.dense_s, stats.wait_s = own.compute_s, own.comm_s + own.idle_s
         stats.total_s = time.perf_counter() - t_start
         self.step_stats.append(stats)
         return logits, due
 
-    def _micro_batch(self, scheduled: list[ScheduledRequest]) -> MicroBatch:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        rows: list[int] = []
-        bs = self.block_size
-        for s in scheduled:
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            ids += s.request.all_token_ids[start:end]
-            positions += range(start, end)
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            if s.completes_known_tokens:
-                rows.append(len(positions) - 1)
-        meta = {
-            "query_lens": [s.num_new_tokens for s in scheduled],
-            "query_pos_start": [s.num_computed_tokens for s in scheduled],
-            "kv_lens": [s.num_computed_tokens + s.num_new_tokens for s in scheduled],
-            "block_tables": [list(s.block_ids) for s in scheduled],
-            "slot_mapping": slots,
-        }
-        return MicroBatch(ids, positions, meta, rows)
+    def take_failures(self) -> list[tuple[int, str]]:
+        """No attention workers to lose: a dense rank's failure is raised by execute()."""
+        return []
 
     def shutdown(self) -> None:
         """Stop the dense ranks; safe to call twice, and after a failure (then they are killed)."""
@@ -345,9 +262,7 @@ class ParallelModelRunner(ModelRunner):
         self._stopped = True
         if self.workers is not None:
             if self.failure is not None or not self._sharded:
-                for p in self.workers.procs.values():
-                    p.kill()
-                self.workers.shutdown([], self.waiter)
+                self.workers.kill()
             else:
                 self.workers.shutdown(list(self._ranks()), self.waiter, self.transport)
         self.waiter.close()

@@ -11,15 +11,10 @@ with KV on it are reported so the engine recomputes them, and the rest of the st
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from fapool.attention.backend import AttentionBackend, merge_tree
 from fapool.attention.metadata import AttentionMetadata
@@ -28,135 +23,14 @@ from fapool.core.head_placement import HEAD_POLICIES
 from fapool.core.scheduler import SchedulerOutput
 from fapool.models.llama import Pending
 from fapool.worker import comm
-from fapool.worker.attention_worker import WorkerInit, WorkerStep, WorkerStepStats, message_tag, worker_main
+from fapool.worker.dense_worker import drive_micro_batches
+from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner
-from fapool.worker.pool_plan import MicroBatchPlan, plan_micro_batch, split_micro_batches
+from fapool.worker.protocol import AttentionInit, AttentionStep, StepReport, Tag, exchange_tag
+from fapool.worker.step_plan import MicroBatchPlan, MicroBatchPolicy, plan_micro_batch, split_micro_batches
 from fapool.worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PoolStepStats:
-    step: int
-    num_tokens: int
-    num_micro_batches: int
-    total_s: float = 0.0
-    dense_s: float = 0.0  # embeddings, projections, FFN, LM head, merge
-    local_attention_s: float = 0.0
-    wait_s: float = 0.0  # blocked on attention workers
-    tp_comm_s: float = 0.0  # tensor parallel: all-reduces and exchanges with the other dense ranks
-    workers: dict[int, WorkerStepStats] = field(default_factory=dict)
-    ranks: dict[int, object] = field(default_factory=dict)  # tensor parallel: other ranks' DenseStepStats
-    pool_size: int = 0  # attention workers serving at least one request
-    kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def overlap(self) -> float | None:
-        """Share of the pool's attention time hidden behind the driver's own work:
-        1 - (time the driver waited) / (busiest worker's attention time)."""
-        busy = max((w.attention_s for w in self.workers.values()), default=0.0)
-        if busy <= 0:
-            return None
-        return max(0.0, min(1.0, 1.0 - self.wait_s / busy))
-
-    @property
-    def comm_share(self) -> float:
-        """Driver time spent blocked on communication, as a share of the step."""
-        return (self.wait_s + self.tp_comm_s) / self.total_s if self.total_s > 0 else 0.0
-
-
-class WorkerGroup:
-    """Starts the non-driver ranks (or joins ranks torchrun started) and stops them."""
-
-    def __init__(self, config: EngineConfig, world_size: int) -> None:
-        self.world_size = world_size
-        self.procs: dict[int, multiprocessing.Process] = {}
-        self.placement = comm.engine_placement(config.device, world_size)
-        backend = self.placement.backend
-        if backend == "nccl":
-            comm.disable_nvlink_multicast()
-            # This process is rank 0: NCCL's own bookkeeping (barriers, communicators) uses
-            # the current device, so make it the one rank 0 computes on.
-            torch.cuda.set_device(torch.device(self.placement.devices[0]))
-        # Deadlines are the engine's (comm.Waiter); gloo's own timeout would close every
-        # connection when it fires, so it is set out of the way.
-        timeout = 7 * 24 * 3600.0
-        launched = comm.env_rank()
-        if launched is not None:
-            rank, world = launched
-            if world != world_size or rank != 0:
-                raise ValueError(f"torchrun started {world} ranks (this is {rank}); the engine needs {world_size}")
-            comm.init_process_group(0, world_size, "env://", backend, timeout)
-            return
-        init_method = f"tcp://127.0.0.1:{comm.free_port()}"
-        ctx = torch.multiprocessing.get_context("spawn")
-        for rank in range(1, world_size):
-            p = ctx.Process(
-                target=_spawned_worker_main,
-                args=(rank, world_size, init_method, backend, self.placement.devices[rank], timeout),
-                daemon=True,
-                name=f"fapool-worker-{rank}",
-            )
-            p.start()
-            self.procs[rank] = p
-        self._rendezvous(init_method, backend, timeout)
-
-    def _rendezvous(self, init_method: str, backend: str, timeout: float) -> None:
-        """Join the group, but fail fast (naming the rank) if a worker dies while starting,
-        e.g. a script without the `if __name__ == "__main__":` guard that spawn needs."""
-        errors: list[BaseException] = []
-
-        def join() -> None:
-            try:
-                comm.init_process_group(0, self.world_size, init_method, backend, timeout)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        t = threading.Thread(target=join, daemon=True)
-        t.start()
-        while t.is_alive():
-            t.join(timeout=0.2)
-            dead = [(r, p.exitcode) for r, p in self.procs.items() if p.exitcode is not None]
-            if dead and t.is_alive():
-                for p in self.procs.values():
-                    p.kill()
-                r, code = dead[0]
-                raise RuntimeError(
-                    f"worker rank {r} exited with code {code} while starting (see its error above; "
-                    "scripts that start a pool need an `if __name__ == '__main__':` guard)"
-                )
-        if errors:
-            raise RuntimeError(f"could not start the worker group: {errors[0]}") from errors[0]
-
-    def alive(self, rank: int) -> bool:
-        p = self.procs.get(rank)
-        return p is None or p.is_alive()
-
-    def shutdown(self, live_ranks: list[int], waiter: comm.Waiter, transport: str = "cpu") -> None:
-        for rank in live_ranks:
-            try:
-                comm.send_object("shutdown", rank, waiter, timeout_s=5.0, device=transport)
-            except comm.WorkerFailure:
-                pass
-        for p in self.procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _spawned_worker_main(*args) -> None:
-    """worker_main in a process this engine spawned. After a clean stop it leaves without
-    the interpreter's teardown of torch (about a second per process, several of them on a
-    small machine), which the driver would otherwise wait out in shutdown(). An error still
-    propagates (traceback, exit code 1)."""
-    worker_main(*args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 class PoolModelRunner(ModelRunner):
@@ -169,8 +43,8 @@ class PoolModelRunner(ModelRunner):
         tp = config.parallel.tensor_parallel_size  # > 1 only in TPPoolModelRunner
         self.topology = comm.Topology(tensor_parallel_size=tp, attention_workers=pool.attention_workers)
         # Ranks sharing the driver's GPU split its KV budget (ModelRunner.determine_num_blocks).
-        self.placement = comm.engine_placement(config.device, self.topology.world_size)
-        self.ranks_on_device = self.placement.ranks_sharing(0)
+        self.rank_devices = comm.engine_rank_devices(config.device, self.topology.world_size)
+        self.ranks_on_device = self.rank_devices.ranks_sharing(0)
         self.clock = StepClock(self.device)  # the step's waits on attention workers (execute)
         self.worker_ids = list(range(1, pool.attention_workers + 1))
         self.mode = pool.pool_mode
@@ -210,9 +84,11 @@ class PoolModelRunner(ModelRunner):
         self.worker_num_blocks = pool.worker_kv_blocks or ModelRunner.determine_num_blocks(
             self, ModelRunner.bytes_per_block(self)
         )
+        self.pool_start = -(-pool.pool_threshold // self.block_size) * self.block_size  # first pooled position
+        self.micro_batches = MicroBatchPolicy(pool.micro_batches)
         self.failed: dict[int, str] = {}
         self._new_failures: list[int] = []
-        self.step_stats: list[PoolStepStats] = []
+        self.step_stats: list[StepReport] = []
         self.fault_hang: dict[int, float] = {}  # tests: worker id -> seconds to stall next step
         self._step = 0
         self._stopped = False
@@ -226,8 +102,8 @@ class PoolModelRunner(ModelRunner):
         self.workers = WorkerGroup(config, self.topology.world_size)
         self.transport = comm.transport_device(str(self.device))
         for w in self.worker_ids:
-            init = WorkerInit(config, w, self.worker_num_blocks, self.kv_heads[w])
-            comm.send_object(init, self.topology.attention_rank(w), self.waiter, 60.0, tag=4, device=self.transport)
+            init = AttentionInit(config, w, self.worker_num_blocks, self.kv_heads[w])
+            comm.send_object(init, self.topology.attention_rank(w), self.waiter, 60.0, tag=Tag.INIT, device=self.transport)
         self._start_dense_ranks()
 
     # Hooks for the other dense ranks of tensor parallelism (TPPoolModelRunner); none here.
@@ -237,7 +113,7 @@ class PoolModelRunner(ModelRunner):
     def _send_dense_plans(self, plans: list[MicroBatchPlan], out: SchedulerOutput) -> None:
         pass
 
-    def _finish_dense_step(self, stats: PoolStepStats) -> None:
+    def _finish_dense_step(self, stats: StepReport) -> None:
         pass
 
     def _shutdown_ranks(self) -> list[int]:
@@ -267,10 +143,10 @@ class PoolModelRunner(ModelRunner):
             if self._live(w) and not self.workers.alive(self.topology.attention_rank(w)):
                 self._fail(w, "process exited")
         self.copy_blocks(out.block_copies)
-        groups = split_micro_batches(out.scheduled, self.config.pool.micro_batches)
-        pool_start = -(-self.config.pool.pool_threshold // self.block_size) * self.block_size
-        plans = [plan_micro_batch(g, self.block_size, pool_start, self.mode, i) for i, g in enumerate(groups)]
-        stats = PoolStepStats(self._step, out.num_tokens, len(plans))
+        shape = (len(out.scheduled), out.num_tokens, max(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled))
+        groups = split_micro_batches(out.scheduled, self.micro_batches.choose(*shape))
+        plans = [plan_micro_batch(g, self.block_size, self.pool_start, self.mode, i) for i, g in enumerate(groups)]
+        stats = StepReport(self._step, out.num_tokens, len(plans))
         self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
         told = self._send_step_plans(plans, out.pool_block_copies)
         self._send_dense_plans(plans, out)
@@ -294,10 +170,11 @@ class PoolModelRunner(ModelRunner):
         stats.wait_s += self.clock.finish().get("wait", 0.0)  # on a GPU, after the step's work is done
         stats.total_s = time.perf_counter() - t_start
         stats.dense_s = max(0.0, stats.total_s - stats.wait_s - stats.tp_comm_s - stats.local_attention_s)
+        self.micro_batches.record(*shape, len(plans), stats.total_s)
         self.step_stats.append(stats)
         return logits, due
 
-    def _end_exchanges(self, told: list[int], stats: PoolStepStats) -> None:
+    def _end_exchanges(self, told: list[int], stats: StepReport) -> None:
         """Wait for the step's sends to the workers, then their reports."""
         for work, buf, w in self._sends:
             if not self._live(w):
@@ -312,7 +189,7 @@ class PoolModelRunner(ModelRunner):
             if self._live(w):
                 try:
                     rank = self.topology.attention_rank(w)
-                    ws = comm.recv_object(rank, self.waiter, self.config.pool.worker_timeout_s, tag=2, device=self.transport)
+                    ws = comm.recv_object(rank, self.waiter, self.config.pool.worker_timeout_s, tag=Tag.REPORT, device=self.transport)
                     stats.workers[w] = ws
                 except comm.WorkerFailure as e:
                     self._fail(w, str(e))
@@ -327,17 +204,18 @@ class PoolModelRunner(ModelRunner):
             hang = self.fault_hang.pop(w, 0.0)
             if not batches and not copies and not hang:
                 continue
-            msg = WorkerStep(self._step, copies, batches, len(plans), hang)
+            msg = AttentionStep(self._step, copies, batches, len(plans), hang)
             try:
+                rank = self.topology.attention_rank(w)
                 comm.send_object(
-                    msg, self.topology.attention_rank(w), self.waiter, self.config.pool.worker_timeout_s, device=self.transport
+                    msg, rank, self.waiter, self.config.pool.worker_timeout_s, tag=Tag.STEP, device=self.transport
                 )
                 told.append(w)
             except comm.WorkerFailure as e:
                 self._fail(w, str(e))
         return told
 
-    def _forward(self, plan: MicroBatchPlan, index: int, count: int, stats: PoolStepStats):
+    def _forward(self, plan: MicroBatchPlan, index: int, count: int, stats: StepReport):
         ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.device)
         pos = torch.tensor(plan.positions, dtype=torch.long).to(self.device)
         meta = AttentionMetadata.build(device=self.device, **plan.local_meta_args)
@@ -345,7 +223,7 @@ class PoolModelRunner(ModelRunner):
         return self.model.model.forward_steps(ids, pos, self.kv_caches, attend)
 
     def _attend(
-        self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: PoolStepStats
+        self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: StepReport
     ) -> _PoolAttend:
         return _PoolAttend(self, plan, index, count, meta, stats)
 
@@ -387,7 +265,7 @@ class _PoolAttend:
         """Send each live worker its query rows and new K/V rows (of its heads); post the
         receives of its (out, lse). q/k/v hold every head here."""
         r = self.r
-        tag = message_tag(layer, self.index, self.count)
+        tag = exchange_tag(layer, self.index, self.count)
         recvs = []
         for w, route in self.plan.routes.items():
             if not r._live(w):
@@ -459,19 +337,3 @@ class _PoolAttend:
                 lses.append(full_l)
         return outs, lses
 
-
-def drive_micro_batches(gens) -> list[torch.Tensor]:
-    """Run micro-batch generators round-robin until all return; results in order. Every
-    attend hook of the pool yields once per layer, so micro-batches advance layer by layer
-    in a fixed order: the other tensor-parallel ranks drive theirs the same way, which keeps
-    their all-reduces paired with the driver's."""
-    results: list = [None] * len(gens)
-    active = list(range(len(gens)))
-    while active:
-        for i in list(active):
-            try:
-                next(gens[i])
-            except StopIteration as done:
-                results[i] = done.value
-                active.remove(i)
-    return results

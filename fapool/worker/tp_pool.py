@@ -21,7 +21,7 @@ head, so merging the pool's partials on the driver and then each rank's local pa
 rank changes only rounding.
 
 Every attend hook yields once per layer on every rank, and every rank drives its micro-batches
-round-robin (pool_runner.drive_micro_batches), so the ranks' all-reduces pair up.
+round-robin (dense_worker.drive_micro_batches), so the ranks' all-reduces pair up.
 Under NCCL (a GPU per rank) message tags are ignored and a pair of ranks' sends and receives
 run in posting order on one stream, so both sides post them in the same order: per micro-batch
 and layer a TP rank sends its q/k/v when it attends and receives the partial only when it
@@ -33,7 +33,6 @@ static baseline); attention workers fail as in the pool, and their requests are 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -43,26 +42,12 @@ from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
 from fapool.models.llama import Pending
 from fapool.worker import comm
-from fapool.worker.attention_worker import message_tag
-from fapool.worker.dense_worker import (
-    GROUP_TIMEOUT_S,
-    TAG_INIT,
-    TAG_STATS,
-    TAG_STEP,
-    DenseInit,
-    DenseStage,
-    DenseStep,
-    DenseStepStats,
-    MicroBatch,
-    send_weights,
-    shard_model,
-    stage_layers,
-    tp_groups,
-)
+from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights, shard_model, stage_layers, tp_groups
 from fapool.worker.model_runner import ModelRunner
 from fapool.worker.parallel_runner import check_parallel, diagnose_dense_failure, rank_weights
-from fapool.worker.pool_plan import MicroBatchPlan
-from fapool.worker.pool_runner import PoolModelRunner, PoolStepStats, _PoolAttend, drive_micro_batches
+from fapool.worker.pool_runner import PoolModelRunner, _PoolAttend
+from fapool.worker.protocol import DenseInit, DenseStep, StepReport, Tag, exchange_tag
+from fapool.worker.step_plan import MicroBatchPlan
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +78,7 @@ class TPPoolModelRunner(PoolModelRunner):
         self.num_blocks = ModelRunner.determine_num_blocks(self)
         init = DenseInit(self.config, self.num_blocks)
         for r in self._dense_ranks():
-            comm.send_object(init, r, self.waiter, startup_s, tag=TAG_INIT, device=self.transport)
+            comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
         groups = tp_groups(topo, GROUP_TIMEOUT_S)  # the attention workers join in too
         self.stage = DenseStage(self.config, self.model, topo, 0, self._wait_dense)
         layers = stage_layers(self.config.model.num_hidden_layers, 1)
@@ -145,32 +130,28 @@ class TPPoolModelRunner(PoolModelRunner):
         for r in self._dense_ranks():
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
-        mbs = [
-            MicroBatch(p.input_ids, p.positions, p.local_meta_args, logit_rows=[], remote=bool(p.routes))
-            for p in plans
-        ]
-        step = DenseStep(self._step, mbs, list(out.block_copies))
-        clock.measure("comm", lambda: self._send_to_dense_ranks(step, TAG_STEP))
+        step = DenseStep(self._step, [p.dense(with_logits=False) for p in plans], list(out.block_copies))
+        clock.measure("comm", lambda: self._send_to_dense_ranks(step, Tag.STEP))
 
     def _send_to_dense_ranks(self, obj, tag: int) -> None:
         for r in self._dense_ranks():
             comm.send_object(obj, r, self.waiter, self.config.pool.worker_timeout_s, tag=tag, device=self.transport)
 
-    def _finish_dense_step(self, stats: PoolStepStats) -> None:
+    def _finish_dense_step(self, stats: StepReport) -> None:
         self.stage.clock.measure("comm", lambda: self._collect_dense_ranks(stats))
         stats.tp_comm_s = self.stage.clock.finish().get("comm", 0.0)
 
-    def _collect_dense_ranks(self, stats: PoolStepStats) -> None:
+    def _collect_dense_ranks(self, stats: StepReport) -> None:
         """Wait for the partials sent to the TP ranks, then their reports."""
         for work, buf, r in self._tp_sends:
             self._wait_dense(work, r, "send of attention partials", buf)
         self._tp_sends = []
         for r in self._dense_ranks():
             timeout = self.config.pool.worker_timeout_s
-            stats.ranks[r] = comm.recv_object(r, self.waiter, timeout, tag=TAG_STATS, device=self.transport)
+            stats.ranks[r] = comm.recv_object(r, self.waiter, timeout, tag=Tag.REPORT, device=self.transport)
 
     def _attend(
-        self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: PoolStepStats
+        self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: StepReport
     ) -> _TPPoolAttend:
         return _TPPoolAttend(self, plan, index, count, meta, stats)
 
@@ -191,9 +172,7 @@ class TPPoolModelRunner(PoolModelRunner):
     def _kill(self) -> None:
         workers = getattr(self, "workers", None)
         if workers is not None:
-            for p in workers.procs.values():
-                p.kill()
-            workers.shutdown([], self.waiter)
+            workers.kill()
         if hasattr(self, "waiter"):
             self.waiter.close()
 
@@ -205,7 +184,7 @@ class _TPPoolAttend(_PoolAttend):
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
         if not self.plan.routes:  # all local: every rank attends its heads on its own
             return super().__call__(layer, q, k, v, kv_cache)
-        tag = message_tag(layer, self.index, self.count)
+        tag = exchange_tag(layer, self.index, self.count)
         full = self._gather(q, k, v, tag)
         recvs = self._post_remote(layer, *full)
         out, lse = self._attend_local(layer, q, k, v, kv_cache)
@@ -247,72 +226,3 @@ class _TPPoolAttend(_PoolAttend):
             r._tp_sends.append((comm.send_tensor(msg, rank, tag + 1), msg, rank))
         merged, _ = merge_partials([out.float(), pool_o[:, :hq]], [lse, pool_l[:, :hq]])
         return merged.to(q.dtype)
-
-
-# The other TP ranks --------------------------------------------------------------------------
-class _RankAttend:
-    """A TP rank's hook: attention of its heads over its local blocks here; for a micro-batch
-    with remote attention, its q/k/v go to the driver and the pool's partial for its heads
-    comes back to be merged."""
-
-    def __init__(
-        self,
-        stage: DenseStage,
-        meta: AttentionMetadata,
-        mb: MicroBatch,
-        index: int,
-        count: int,
-        sends: list,
-    ) -> None:
-        self.stage = stage
-        self.meta = meta
-        self.remote = mb.remote
-        self.index = index
-        self.count = count
-        self.sends = sends  # (request, buffer kept alive) of the step's q/k/v sends
-
-    def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
-        attn = self.stage.model.model.layers[layer].self_attn
-        T, hq, D = q.shape
-        tag = message_tag(layer, self.index, self.count)
-        if self.remote:
-            msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).to(self.stage.transport)
-            self.sends.append((comm.send_tensor(msg, 0, tag), msg))
-        k_cache, v_cache = kv_cache
-        attn.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
-        out, lse = attn.backend.forward(q, k_cache, v_cache, self.meta, attn.scale)
-        if not self.remote:
-            return Pending(finish=lambda: out)  # still yield: the driver's order, layer by layer
-
-        def finish() -> torch.Tensor:
-            # Received only now, after the other micro-batches' q/k/v went out (module docstring).
-            buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=self.stage.transport)
-            self.stage.clock.measure("comm", lambda: self._receive(buf, tag + 1))
-            buf = buf.to(self.stage.device)
-            o, l = buf[: T * hq * D].view(T, hq, D), buf[T * hq * D :].view(T, hq)
-            merged, _ = merge_partials([out.float(), o], [lse, l])
-            return merged.to(q.dtype)
-
-        return Pending(finish=finish)
-
-    def _receive(self, buf: torch.Tensor, tag: int) -> None:
-        self.stage.wait(comm.recv_tensor(buf, 0, tag), 0, "attention partials from the driver", buf)
-
-
-def run_pooled_step(stage: DenseStage, plan: DenseStep, stats: DenseStepStats) -> None:
-    """A TP rank's share of a step next to an attention pool; the driver computes logits."""
-    t_start = time.perf_counter()
-    clock = stage.new_clock()
-    stage.copy_blocks(plan.copies)
-    sends: list = []
-    gens = []
-    for i, mb in enumerate(plan.micro_batches):
-        stats.num_tokens += mb.num_tokens
-        ids = torch.tensor(mb.input_ids, dtype=torch.long, device=stage.device)
-        pos = torch.tensor(mb.positions, dtype=torch.long, device=stage.device)
-        meta = AttentionMetadata.build(device=stage.device, **mb.meta_args)
-        attend = _RankAttend(stage, meta, mb, i, len(plan.micro_batches), sends)
-        gens.append(stage.model.model.forward_steps(ids, pos, stage.kv_caches, attend, layers=stage.layers))
-    drive_micro_batches(gens)
-    clock.measure("comm", lambda: [stage.wait(work, 0, "send of q/k/v", buf) for work, buf in sends])
-    stage.finish_clock(stats, t_start)

@@ -80,7 +80,7 @@ def test_copy_on_write_parallel_sampling(llama_folder):
     base = dict(temperature=0.9, top_k=50, max_tokens=16)
     llm = _llm(llama_folder)
     copies = []
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     original = runner.copy_blocks
     runner.copy_blocks = lambda c: (copies.extend(c), original(c))[1]
     group = llm.generate(_ids([prompt]), SamplingParams(n=3, seed=100, **base))[0]
@@ -177,7 +177,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone(llama_folder):
     """Non-finite logits for one request end that request with an error; the batch goes on."""
     llm = _llm(llama_folder)
     engine = llm.engine
-    original = engine.runner.execute
+    original = engine.executor.runner.execute
 
     def poisoned(out):
         logits, due = original(out)
@@ -188,7 +188,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone(llama_folder):
                     logits[i] = float("nan")
         return logits, due
 
-    engine.runner.execute = poisoned
+    engine.executor.runner.execute = poisoned
     prompts = random_prompts([7, 9], seed=13)
     outs = llm.generate(_ids(prompts), SamplingParams(temperature=1.0, seed=1, max_tokens=5))
     assert outs[0].finish_reason == "error" and "sampling failed" in outs[0].error

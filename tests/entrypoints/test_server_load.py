@@ -139,7 +139,7 @@ def test_failing_request_does_not_take_down_others(folder):
         return add(prompt, *args, **kw)
 
     engine.add_request = add_request
-    execute, poisoned = engine.runner.execute, threading.Event()
+    execute, poisoned = engine.executor.runner.execute, threading.Event()
 
     def flaky_execute(*args, **kw):  # ... and one step of the model fails
         if poisoned.is_set():
@@ -147,7 +147,7 @@ def test_failing_request_does_not_take_down_others(folder):
             raise RuntimeError("injected step failure")
         return execute(*args, **kw)
 
-    engine.runner.execute = flaky_execute
+    engine.executor.runner.execute = flaky_execute
     srv = start_server(engine)
     try:
         results = asyncio.run(_burst(srv.base_url, [[250, 1, 2], *prompts], 8))

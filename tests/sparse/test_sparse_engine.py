@@ -46,7 +46,7 @@ def test_small_budget_takes_the_sparse_path(llama_folder, tmp_path):
     prompts = random_prompts([150, 90], seed=6)
     tokens, llm = _generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
     assert all(len(t) == 24 for t in tokens)
-    backends = [layer.self_attn.backend for layer in llm.engine.runner.model.model.layers]
+    backends = [layer.self_attn.backend for layer in llm.engine.executor.runner.model.model.layers]
     read = sum(b.sparse_tokens for b in backends)
     full = sum(b.sparse_dense_tokens for b in backends)
     assert 0 < read < 0.6 * full
@@ -65,7 +65,7 @@ def test_gate_crossing_mid_generation(llama_folder, tmp_path):
     def run(**kw):
         llm = LLM(llama_folder, device="cpu", block_size=4, num_kv_blocks=256, **kw)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        layers = llm.engine.runner.model.model.layers
+        layers = llm.engine.executor.runner.model.model.layers
         read = sum(getattr(ly.self_attn.backend, "sparse_tokens", 0) for ly in layers)  # dense: none
         return [o.outputs[0].token_ids for o in outs], read
 
@@ -86,7 +86,7 @@ def test_copy_on_write_copies_the_summaries(llama_folder, tmp_path):
     SparseProfile("tiny", 4, 0.9, 4, 2, 4, 2, [[0.2, 0.5], [0.3, 0.25]]).save(path)
     prompts = random_prompts([30], seed=4)
     tokens, llm = _generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     backends = [layer.self_attn.backend for layer in runner.model.model.layers]
     assert all(b.kmin is not None for b in backends)
     with torch.inference_mode():  # as in a step (the cache tensors are inference tensors)
@@ -274,7 +274,7 @@ def _gpu_generate(folder, prompts, max_tokens=40, **kw):
 
 
 def _sparse_backends(llm):
-    return [layer.self_attn.backend for layer in llm.engine.runner.model.model.layers]
+    return [layer.self_attn.backend for layer in llm.engine.executor.runner.model.model.layers]
 
 
 @needs_gpu
@@ -286,7 +286,7 @@ def test_gpu_full_budget_greedy_equals_dense(llama_folder, tmp_path):
     prompts = random_prompts([37, 300, 9, 150, 64], seed=5)
     dense, _ = _gpu_generate(llama_folder, prompts)
     sparse, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     assert runner.use_cuda_graphs and runner.decode_graphs is not None and runner.decode_graphs.graphs
     assert all(b.triton and b.sparse_calls > 0 for b in _sparse_backends(llm))
     assert sparse == dense
@@ -313,12 +313,12 @@ def test_gpu_real_budget_runs_in_graphs(llama_folder, tmp_path, profile):
     profile.save(path)
     prompts = random_prompts([300, 150, 400, 90], seed=6)
     tokens, llm = _gpu_generate(llama_folder, prompts, sparse_attention=path, sparse_min_context=0)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     assert runner.use_cuda_graphs and runner.decode_graphs is not None and runner.decode_graphs.graphs
     assert llm.engine.async_scheduling
     assert all(b.triton and b.sparse_calls > 0 for b in _sparse_backends(llm))
     llm_eager = LLM(llama_folder, **GPU_KW, sparse_attention=path, sparse_min_context=0)
-    llm_eager.engine.runner.use_cuda_graphs = False
+    llm_eager.engine.executor.runner.use_cuda_graphs = False
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     eager = [
         o.outputs[0].token_ids for o in llm_eager.generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -342,13 +342,13 @@ def test_gpu_gate_crossing_captures_both_graphs(llama_folder, tmp_path):
     prompts = random_prompts([150, 120], seed=9)
     dense, _ = _gpu_generate(llama_folder, prompts, max_tokens=80)
     tokens, llm = _gpu_generate(llama_folder, prompts, max_tokens=80, sparse_attention=path, sparse_min_context=200)
-    graphs = llm.engine.runner.decode_graphs
+    graphs = llm.engine.executor.runner.decode_graphs
     assert graphs is not None and {key[2] for key in graphs.graphs} == {False, True}
     # Token j (j >= 1) of the 150-token row comes from a step whose longest KV is 150 + j:
     # dense for j < 50; the shorter row trails it by the chunked prefill's few steps.
     assert all(t[:40] == d[:40] for t, d in zip(tokens, dense))
     eager_llm = LLM(llama_folder, **GPU_KW, sparse_attention=path, sparse_min_context=200)
-    eager_llm.engine.runner.use_cuda_graphs = False
+    eager_llm.engine.executor.runner.use_cuda_graphs = False
     params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
     eager = [o.outputs[0].token_ids for o in eager_llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     assert tokens == eager

@@ -141,7 +141,7 @@ def _run(folder, graphs=True, fused=True, dtype="float32", **kw):
 
     kw.setdefault("num_kv_blocks", 512)  # not 90% of the card: several engines live at once
     llm = LLM(folder, device="cuda", dtype=dtype, block_size=BS, max_num_seqs=16, **kw)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     runner.use_cuda_graphs = graphs
     if not fused:
         unfuse_model(runner.model)

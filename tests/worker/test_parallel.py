@@ -17,7 +17,7 @@ from fapool.layers.linear import MergedLinear
 from fapool.layers.tp import shard_linear
 from fapool.worker.comm import TRACE_ENV, WorkerFailure
 from fapool.worker.dense_worker import stage_layers
-from fapool.worker.parallel_runner import summarize_ranks
+from fapool.entrypoints.breakdown import summarize_ranks
 
 LENGTHS = [3, 10, 25, 40, 70]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12)
@@ -53,14 +53,14 @@ def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, 
     monkeypatch.setenv(TRACE_ENV, str(tmp_path))
     with LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE) as llm:
         outs = llm.generate(_prompts(), PARAMS)
-        engine, runner = llm.engine, llm.engine.runner
+        engine, runner = llm.engine, llm.engine.executor.runner
         assert [o.token_ids for o in outs] == reference(arch)
         assert engine.stats().num_preemptions > 0
         # The driver holds its stage's layers and its share of the KV heads (2 KV heads).
         assert len(runner.kv_caches) == 2 // pp
         assert runner.kv_caches[0][0].shape[2] == 2 // tp
         # Every dense rank reported every step; with stages, steps ran 2 micro-batches.
-        stats = runner.step_stats
+        stats = engine.executor.reports
         assert all(set(s.ranks) == set(range(tp * pp)) for s in stats)
         assert all(sum(s.ranks[r].compute_s for s in stats) > 0 for r in range(tp * pp))
         assert max(s.num_micro_batches for s in stats) == pp
@@ -134,7 +134,7 @@ def _steps_until_failure(llm, on_step, limit_s: float) -> WorkerFailure:
 def test_dead_stage_is_named(tiny_checkpoints):
     """Pipeline stage 1 is killed: the driver's wait for its logits fails at once."""
     with LLM(tiny_checkpoints["llama"][0], pipeline_parallel_size=2, **ENGINE) as llm:
-        procs = llm.engine.runner.workers.procs
+        procs = llm.engine.executor.runner.workers.procs
 
         def kill(step):
             if step == 3:
@@ -149,7 +149,7 @@ def test_hung_tensor_parallel_peer_times_out(tiny_checkpoints):
     """TP rank 1 stalls: the driver's all-reduce gives up after worker_timeout_s."""
     kw = {**ENGINE, "worker_timeout_s": 2.0}
     with LLM(tiny_checkpoints["llama"][0], tensor_parallel_size=2, **kw) as llm:
-        runner = llm.engine.runner
+        runner = llm.engine.executor.runner
 
         def hang(step):
             if step == 3:

@@ -120,11 +120,11 @@ def test_parallel_on_gpu_matches_single_process(tiny_checkpoints, gpu_reference,
     kw = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, attention_backend=backend, **SMALL_CACHE)
     with _gpu_engine(tiny_checkpoints["llama"][0], **kw) as llm:
         outs = llm.generate(_prompts(), PARAMS)
-        engine, runner = llm.engine, llm.engine.runner
+        engine, runner = llm.engine, llm.engine.executor.runner
         assert [o.token_ids for o in outs] == want
         assert engine.stats().num_preemptions > 0
         _check_placement(runner, tp * pp)
-        stats = runner.step_stats
+        stats = engine.executor.reports
         assert all(set(s.ranks) == set(range(tp * pp)) for s in stats)
         assert all(sum(s.ranks[r].compute_s for s in stats) > 0 for r in range(tp * pp))
         if tp > 1:
@@ -143,7 +143,7 @@ def test_tp2_with_pool_on_gpu_matches_single_process(tiny_checkpoints, gpu_refer
     kw = dict(tensor_parallel_size=2, attention_workers=1, block_size=16, gpu_memory_utilization=0.1, **POOL)
     with _gpu_engine(tiny_checkpoints["llama"][0], **kw) as llm:
         outs = llm.generate(_prompts(), PARAMS)
-        engine, runner = llm.engine, llm.engine.runner
+        engine, runner = llm.engine, llm.engine.executor.runner
         assert [o.token_ids for o in outs] == want
         assert engine.stats().num_preemptions == 0
         _check_placement(runner, 3)
@@ -152,7 +152,7 @@ def test_tp2_with_pool_on_gpu_matches_single_process(tiny_checkpoints, gpu_refer
         assert runner.num_blocks >= 64 and runner.worker_num_blocks >= 64
         grown = {e.request_id for e in engine.pool_manager.history if e.action == "grow"}
         assert grown == {"2", "3", "4"}
-        stats = runner.step_stats
+        stats = engine.executor.reports
         assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
         assert sum(s.ranks[1].comm_s for s in stats) > 0 and sum(s.tp_comm_s for s in stats) > 0
     assert assert_pairs_mirror(str(tmp_path), 3) > 0

@@ -58,7 +58,7 @@ def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, wo
     monkeypatch.setenv(TRACE_ENV, str(tmp_path))
     with LLM(folder, **_engine_kwargs(attention_workers=workers, pool_mode=mode, **POOL)) as llm:
         outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
-        stats = llm.engine.runner.step_stats
+        stats = llm.engine.executor.reports
         assert [o.token_ids for o in outs] == reference(arch)
         # The pool really served attention: workers answered queries, and were released.
         assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
@@ -77,7 +77,7 @@ def test_prefix_shared_within_a_step_across_micro_batches(tiny_checkpoints):
     prompts = [list(range(3, 3 + n)) for n in (10, 40, 25)]
     single = LLM(folder, **_engine_kwargs())
     want = [o.token_ids for o in single.generate(_ids(prompts), PARAMS)]
-    with LLM(folder, **_engine_kwargs(attention_workers=2, **POOL)) as llm:
+    with LLM(folder, **_engine_kwargs(attention_workers=2, micro_batches=2, **POOL)) as llm:
         outs = llm.generate(_ids(prompts), PARAMS)
         assert outs[2].metrics.num_cached_tokens > 0
     assert [o.token_ids for o in outs] == want
@@ -107,7 +107,7 @@ def test_pool_grows_with_length_and_is_released(tiny_checkpoints):
         assert steps[1] - steps[0] == 16 and steps[2] - steps[1] == 16
         # 90 tokens: positions 32..89 in segments of 16, 16, 16 and 10 (3 blocks); the fourth
         # goes to the least loaded worker. Blocks are counted whole (4 tokens).
-        last = llm.engine.runner.step_stats[-1].kv_tokens_per_worker
+        last = llm.engine.executor.reports[-1].kv_tokens_per_worker
         assert sorted(last.values()) == [16, 16, 28]
 
 
@@ -149,7 +149,7 @@ def _run_until(llm, prompts, params, on_step):
 def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, reference):
     folder = tiny_checkpoints["llama"][0]
     with LLM(folder, **_engine_kwargs(attention_workers=2, **POOL)) as llm:
-        runner = llm.engine.runner
+        runner = llm.engine.executor.runner
 
         def kill(step):
             if step == 5:
@@ -166,7 +166,7 @@ def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints,
     folder = tiny_checkpoints["llama"][0]
     kw = _engine_kwargs(attention_workers=2, **{**POOL, "worker_timeout_s": 2.0})
     with LLM(folder, **kw) as llm:
-        runner = llm.engine.runner
+        runner = llm.engine.executor.runner
         started = {}
 
         def hang(step):
@@ -195,9 +195,9 @@ def test_head_placement_weighs_heads_by_sparse_budgets(tiny_checkpoints, tmp_pat
     profile.save(path)
     kw = _engine_kwargs(attention_workers=2, pool_mode="head", head_placement="lpt", **POOL)
     with LLM(folder, **{**kw, "sparse_attention": path}) as llm:
-        assert llm.engine.runner.kv_heads == {1: [0], 2: [1, 2, 3]}
+        assert llm.engine.executor.runner.kv_heads == {1: [0], 2: [1, 2, 3]}
     with LLM(folder, **kw) as llm:  # no profile: equal weights, two heads each
-        assert sorted(map(len, llm.engine.runner.kv_heads.values())) == [2, 2]
+        assert sorted(map(len, llm.engine.executor.runner.kv_heads.values())) == [2, 2]
 
 
 
@@ -222,3 +222,27 @@ def test_sparse_profile_with_the_pool_weighs_heads_only(tiny_checkpoints, tmp_pa
     with caplog.at_level("WARNING", logger="fapool.worker.pool_runner"), LLM(folder, **kw) as llm:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == dense
     assert any("not applied with the attention pool" in r.getMessage() for r in caplog.records)
+
+
+def test_dropped_pool_engine_stops_its_workers_and_a_new_one_starts(tiny_checkpoints, reference):
+    """A pool-backed LLM dropped with `del` (no shutdown, no `with`) stops its worker processes
+    and releases the process group, so a second pool-backed LLM starts in the same process."""
+    import torch.distributed as dist
+
+    folder = tiny_checkpoints["llama"][0]
+    prompts = _ids(random_prompts(LENGTHS, seed=21))
+    llm = LLM(folder, **_engine_kwargs(attention_workers=2, **POOL))
+    procs = list(llm.engine.executor.runner.workers.procs.values())
+    assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == reference("llama")
+    del llm  # no gc.collect(): the LLM is in no reference cycle, so this alone stops them
+    assert not dist.is_initialized()
+    assert all(not p.is_alive() for p in procs)
+    second = LLM(folder, **_engine_kwargs(attention_workers=1, pool_mode="head", **POOL))
+    assert [o.token_ids for o in second.generate(prompts, PARAMS)] == reference("llama")
+    # While it runs, a third one in this process gets a clear error, and the second goes on.
+    with pytest.raises(RuntimeError, match="already runs a multi-rank engine"):
+        LLM(folder, **_engine_kwargs(attention_workers=1, **POOL))
+    assert [o.token_ids for o in second.generate(prompts[:2], PARAMS)] == reference("llama")[:2]
+    second.shutdown()
+    second.shutdown()  # twice is fine
+    assert not dist.is_initialized()

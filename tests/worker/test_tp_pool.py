@@ -39,7 +39,7 @@ def reference(tiny_checkpoints):
 
 def _check_parity_and_pool(llm, want, workers):
     outs = llm.generate(_prompts(), PARAMS)
-    engine, runner = llm.engine, llm.engine.runner
+    engine, runner = llm.engine, llm.engine.executor.runner
     assert [o.token_ids for o in outs] == want
     # The driver holds one of the 2 KV heads locally; workers hold both (head mode: one each).
     assert runner.kv_caches[0][0].shape[2] == 1
@@ -50,7 +50,7 @@ def _check_parity_and_pool(llm, want, workers):
             first_grow.setdefault(e.request_id, e.step)
     assert set(first_grow) == {"2", "3", "4"}
     assert first_grow["2"] > first_grow["4"]
-    stats = runner.step_stats
+    stats = engine.executor.reports
     assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
     assert max(s.pool_size for s in stats) == workers
     assert engine.pool_manager.active_workers() == set()
@@ -79,7 +79,7 @@ def test_tp2_pool_of_two_then_a_lost_worker_then_a_lost_tp_rank(tiny_checkpoints
     the next step fails at once, naming it, and the engine stays failed."""
     with LLM(tiny_checkpoints["llama"][0], tensor_parallel_size=2, attention_workers=2, **POOL, **ENGINE) as llm:
         _check_parity_and_pool(llm, reference("llama"), 2)
-        engine, runner = llm.engine, llm.engine.runner
+        engine, runner = llm.engine, llm.engine.executor.runner
         ids = [engine.add_request(p["prompt_token_ids"], PARAMS) for p in _prompts()]
         done, steps = {}, 0
         while engine.has_unfinished_requests():

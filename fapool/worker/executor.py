@@ -1,0 +1,109 @@
+"""The executor: the one interface through which the engine runs steps, whatever the topology.
+
+    Executor.execute(SchedulerOutput) -> (logits of due rows, due requests)   synchronous step
+    Executor.launch(SchedulerOutput)  -> PendingTokens                        async scheduling
+    Executor.take_failures()          -> attention workers lost since the last call
+    Executor.reports                  -> one StepReport per multi-rank step (the breakdown)
+    Executor.shutdown()
+
+`create_executor` picks the implementation from the config: in-process (one rank, today's
+single runner) or multiprocess (the driver is rank 0 and spawns the other ranks on this host,
+or joins the ranks torchrun started across hosts). The engine never asks which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+from fapool.config import EngineConfig
+from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.worker.model_runner import ModelRunner, PendingTokens
+from fapool.worker.parallel_runner import ParallelModelRunner
+from fapool.worker.pool_runner import PoolModelRunner
+from fapool.worker.protocol import StepReport
+from fapool.worker.tp_pool import TPPoolModelRunner
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_blocks: int  # blocks of the dense side (every dense rank uses the same ids)
+    pool_blocks_per_worker: int | None  # None without an attention pool
+
+
+class Executor:
+    """Runs steps on one or more ranks. Subclasses wrap the rank-0 runner of a topology."""
+
+    supports_async = False
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def initialize_kv_cache(self) -> KVLayout:
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        return KVLayout(num_blocks, self.runner.worker_num_blocks)
+
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        return self.runner.execute(out)
+
+    def launch(self, out: SchedulerOutput) -> PendingTokens:
+        raise NotImplementedError(f"{type(self).__name__} steps synchronously (supports_async is False)")
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        return []
+
+    @property
+    def reports(self) -> list[StepReport]:
+        return []
+
+    def shutdown(self) -> None:
+        pass
+
+
+class InProcessExecutor(Executor):
+    """One process, one device: decode steps through CUDA graphs and async scheduling on GPU."""
+
+    supports_async = True
+
+    def launch(self, out: SchedulerOutput) -> PendingTokens:
+        return self.runner.launch(out)
+
+
+class MultiprocessExecutor(Executor):
+    """Rank 0 of a multi-rank topology (attention pool, TP, PP, TP + pool); the other ranks are
+    processes it spawned on this host or that torchrun started."""
+
+    runner: PoolModelRunner | ParallelModelRunner
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        return self.runner.take_failures()
+
+    @property
+    def reports(self) -> list[StepReport]:
+        return self.runner.step_stats
+
+    @property
+    def world_size(self) -> int:
+        return self.runner.topology.world_size
+
+    @property
+    def rank_devices(self):
+        return self.runner.rank_devices
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+
+def create_executor(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> Executor:
+    par = config.parallel
+    tp, pp, workers = par.tensor_parallel_size, par.pipeline_parallel_size, config.pool.attention_workers
+    if workers > 0 and pp == 1:
+        runner_cls = TPPoolModelRunner if tp > 1 else PoolModelRunner
+        return MultiprocessExecutor(runner_cls(config, model, backend))
+    if tp * pp > 1:
+        return MultiprocessExecutor(ParallelModelRunner(config, model, backend))  # ConfigError for PP + pool
+    return InProcessExecutor(ModelRunner(config, model, backend))
+

@@ -1,0 +1,174 @@
+"""Starting and stopping the ranks of a multi-rank engine, and what each rank runs.
+
+The driver (rank 0, this process) spawns ranks 1..N-1 (or joins ranks torchrun started) and
+sends each its role: AttentionInit makes an attention rank, DenseInit a dense rank. The
+ranks stop when the driver says so (shutdown), and in any case when the group is dropped
+(the engine garbage-collected, the interpreter exiting): its finalizer kills what is left and
+releases the process group, so a new engine can start one in the same process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from fapool.config import EngineConfig
+from fapool.worker import comm
+from fapool.worker.attention_worker import AttentionWorker
+from fapool.worker.dense_worker import GROUP_TIMEOUT_S, dense_worker_main, tp_groups
+from fapool.worker.protocol import SHUTDOWN, AttentionInit, Tag
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerGroup:
+    """Starts the non-driver ranks (or joins ranks torchrun started) and stops them."""
+
+    def __init__(self, config: EngineConfig, world_size: int) -> None:
+        if dist.is_initialized():
+            raise RuntimeError(
+                "this process already runs a multi-rank engine (attention pool or TP/PP): stop it first "
+                "with llm.shutdown(), a `with LLM(...)` block, or by dropping it (del llm)"
+            )
+        self.world_size = world_size
+        self.procs: dict[int, multiprocessing.Process] = {}
+        self.rank_devices = comm.engine_rank_devices(config.device, world_size)
+        backend = self.rank_devices.backend
+        if backend == "nccl":
+            comm.disable_nvlink_multicast()
+            # This process is rank 0: NCCL's own bookkeeping (barriers, communicators) uses
+            # the current device, so make it the one rank 0 computes on.
+            torch.cuda.set_device(torch.device(self.rank_devices.devices[0]))
+        # Deadlines are the engine's (comm.Waiter); gloo's own timeout would close every
+        # connection when it fires, so it is set out of the way.
+        timeout = GROUP_TIMEOUT_S
+        # Dropped without shutdown(): kill the ranks and release the process group.
+        self._reaper = weakref.finalize(self, _reap, self.procs)
+        launched = comm.env_rank()
+        if launched is not None:
+            rank, world = launched
+            if world != world_size or rank != 0:
+                raise ValueError(f"torchrun started {world} ranks (this is {rank}); the engine needs {world_size}")
+            comm.init_process_group(0, world_size, "env://", backend, timeout)
+            return
+        init_method = f"tcp://127.0.0.1:{comm.free_port()}"
+        ctx = torch.multiprocessing.get_context("spawn")
+        for rank in range(1, world_size):
+            p = ctx.Process(
+                target=_spawned_rank_main,
+                args=(rank, world_size, init_method, backend, self.rank_devices.devices[rank], timeout),
+                daemon=True,
+                name=f"fapool-worker-{rank}",
+            )
+            p.start()
+            self.procs[rank] = p
+        self._rendezvous(init_method, backend, timeout)
+
+    def _rendezvous(self, init_method: str, backend: str, timeout: float) -> None:
+        """Join the group, but fail fast (naming the rank) if a worker dies while starting,
+        e.g. a script without the `if __name__ == "__main__":` guard that spawn needs."""
+        errors: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                comm.init_process_group(0, self.world_size, init_method, backend, timeout)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=join, daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(timeout=0.2)
+            dead = [(r, p.exitcode) for r, p in self.procs.items() if p.exitcode is not None]
+            if dead and t.is_alive():
+                self.kill()
+                r, code = dead[0]
+                raise RuntimeError(
+                    f"worker rank {r} exited with code {code} while starting (see its error above; "
+                    "scripts that start a pool need an `if __name__ == '__main__':` guard)"
+                )
+        if errors:
+            self.kill()
+            raise RuntimeError(f"could not start the worker group: {errors[0]}") from errors[0]
+
+    def alive(self, rank: int) -> bool:
+        p = self.procs.get(rank)
+        return p is None or p.is_alive()
+
+    def kill(self) -> None:
+        """Stop every rank at once and release the process group (after a failure: the
+        survivors may be blocked in an exchange that will never complete)."""
+        self._reaper()
+
+    def shutdown(self, live_ranks: list[int], waiter: comm.Waiter, transport: str = "cpu") -> None:
+        """Ask the live ranks to stop, wait for them (killing stragglers), release the group."""
+        for rank in live_ranks:
+            try:
+                comm.send_object(SHUTDOWN, rank, waiter, timeout_s=5.0, tag=Tag.STEP, device=transport)
+            except comm.WorkerFailure:
+                pass
+        for p in self.procs.values():
+            p.join(timeout=10)
+        self._reaper()
+
+
+def _reap(procs: dict[int, multiprocessing.Process]) -> None:
+    for p in procs.values():
+        if p.is_alive():
+            p.kill()
+    for p in procs.values():
+        p.join(timeout=5)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - best effort: the ranks are gone either way
+            logger.warning("releasing the process group: %s", e)
+
+
+def _spawned_rank_main(*args) -> None:
+    """rank_main in a process this engine spawned. After a clean stop it leaves without the
+    interpreter's teardown of torch (about a second per process), which the driver would
+    otherwise wait out in shutdown(). An error still propagates (traceback, exit code 1)."""
+    rank_main(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def rank_main(rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float) -> None:
+    """Entry point of a non-driver rank (spawned, or started by torchrun): join the group,
+    take the role the driver sends, serve until told to stop or the driver goes away."""
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        comm.disable_nvlink_multicast()  # spawned ranks inherit it; torchrun-started ones set it here
+    if torch.device(device).index is not None:
+        # NCCL's bookkeeping and CUDA events use the current device: make it this rank's own.
+        torch.cuda.set_device(torch.device(device))
+    comm.init_process_group(rank, world_size, init_method, backend, timeout_s)
+    try:
+        init = comm.recv_object(0, None, tag=Tag.INIT, device=comm.transport_device(device))
+        if isinstance(init, AttentionInit):
+            par = init.config.parallel
+            if par.tensor_parallel_size > 1:
+                # Next to tensor-parallel dense ranks: torch.distributed wants every rank to
+                # create every group, members or not.
+                topology = comm.Topology(par.tensor_parallel_size, 1, init.config.pool.attention_workers)
+                tp_groups(topology, GROUP_TIMEOUT_S)
+            AttentionWorker(init, rank, device).run()
+        else:
+            dense_worker_main(init, rank, device)
+    except comm.WorkerFailure as e:
+        # The driver went away: nothing left to serve.
+        logger.warning("rank %d stopping: %s", rank, e)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass

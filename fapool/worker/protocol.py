@@ -1,0 +1,167 @@
+"""The wire protocol between the driver (rank 0) and the other ranks: one tag enum and every
+message type. Objects (init, step plans, reports) travel pickled through comm.send_object;
+tensors (q/k/v rows, partials, hidden states, logits, weights) travel as tensors, tagged so
+that messages of different layers and micro-batches never cross under gloo.
+
+Roles: a *dense* rank holds a tensor/pipeline-parallel shard of the model and its heads' local
+KV; an *attention* rank holds pool KV blocks and answers (out, lse) for its share of a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from fapool.attention.metadata import AttentionMetadata
+from fapool.config import EngineConfig
+
+SHUTDOWN = "shutdown"  # sent on Tag.STEP instead of a step plan
+
+
+class Tag(IntEnum):
+    STEP = 0  # a step plan (an object takes two tags: size, then bytes)
+    REPORT = 2  # a rank's RankReport at the end of a step
+    INIT = 4  # the rank's role: AttentionInit or DenseInit
+    WEIGHTS = 6  # weight specs, then each tensor on WEIGHTS + 2
+    HIDDEN = 100  # + micro-batch: hidden states from one pipeline stage to the next
+    LOGITS = 500  # + micro-batch: the last stage's logits of due rows, to the driver
+    EXCHANGE = 1000  # + exchange_offset(): q/k/v rows out, (out, lse) partials back on + 1
+
+
+def exchange_tag(layer: int, micro_batch: int, num_micro_batches: int) -> int:
+    """The tag of one (layer, micro-batch) exchange; its reply uses the tag + 1."""
+    return Tag.EXCHANGE + 2 * (layer * num_micro_batches + micro_batch)
+
+
+# Start ---------------------------------------------------------------------------------------
+@dataclass
+class AttentionInit:
+    config: EngineConfig
+    worker_id: int  # 1.. (0 is the dense side in block tables)
+    num_blocks: int
+    kv_heads: list[int]  # global KV head ids this rank stores (all of them unless head mode)
+
+
+@dataclass
+class DenseInit:
+    config: EngineConfig
+    num_blocks: int
+
+
+# A step, for an attention rank -----------------------------------------------------------
+@dataclass
+class Entry:
+    """Attention of some of a sequence's queries over one contiguous range of its KV."""
+
+    num_queries: int
+    query_pos_start: int
+    kv_start: int
+    kv_len: int
+    block_ids: list[int]
+
+
+@dataclass
+class WorkerBatch:
+    """One attention rank's share of one micro-batch, identical for every layer."""
+
+    entries: list[Entry] = field(default_factory=list)
+    kv_slots: list[int] = field(default_factory=list)  # slot of each new K/V row, in row order
+
+    @property
+    def num_q_rows(self) -> int:
+        return sum(e.num_queries for e in self.entries)
+
+    def metadata(self, device: torch.device | str) -> tuple[AttentionMetadata, torch.Tensor]:
+        meta = AttentionMetadata.build(
+            query_lens=[e.num_queries for e in self.entries],
+            query_pos_start=[e.query_pos_start for e in self.entries],
+            kv_lens=[e.kv_len for e in self.entries],
+            block_tables=[e.block_ids for e in self.entries],
+            slot_mapping=[-1] * self.num_q_rows,  # K/V rows are written separately
+            kv_start=[e.kv_start for e in self.entries],
+            device=device,
+        )
+        return meta, torch.tensor(self.kv_slots, dtype=torch.int64, device=device)
+
+
+@dataclass
+class AttentionStep:
+    step: int
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    batches: dict[int, WorkerBatch] = field(default_factory=dict)  # micro-batch -> its share
+    num_micro_batches: int = 1
+    hang_s: float = 0.0  # fault injection for tests: stall this long before the step
+
+
+# A step, for a dense rank ----------------------------------------------------------------
+@dataclass
+class MicroBatch:
+    input_ids: list[int]
+    positions: list[int]
+    meta_args: dict  # AttentionMetadata.build keyword arguments (host lists)
+    logit_rows: list[int]  # rows whose next token is due, in order
+    # Some rows attend KV on the attention pool: every layer this micro-batch's q/k/v go to
+    # the driver and the pool's partials for this rank's heads come back.
+    remote: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
+
+
+@dataclass
+class DenseStep:
+    step: int
+    micro_batches: list[MicroBatch]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    hang_s: float = 0.0  # fault injection for tests: stall this long before the step
+
+
+# Reports -------------------------------------------------------------------------------------
+@dataclass
+class RankReport:
+    """One rank's step: compute (a dense rank's layers; an attention rank's K/V writes and
+    attention), communication (posting and completing sends, all-reduces) and idle time
+    (waiting for input: the plan, queries, the previous stage)."""
+
+    rank: int
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    idle_s: float = 0.0
+    num_tokens: int = 0
+    q_rows: int = 0  # attention ranks: query rows answered
+
+
+@dataclass
+class StepReport:
+    """The driver's record of one step across every rank: what the breakdown (fapool bench,
+    the CLI's --breakdown) and the simulator's calibration read."""
+
+    step: int
+    num_tokens: int
+    num_micro_batches: int
+    total_s: float = 0.0
+    dense_s: float = 0.0  # the driver's embeddings, projections, FFN, LM head, merges
+    local_attention_s: float = 0.0  # the driver's attention over its local KV
+    wait_s: float = 0.0  # the driver blocked on attention ranks (or, TP/PP, on its peers)
+    tp_comm_s: float = 0.0  # the driver's all-reduces and exchanges with the other dense ranks
+    workers: dict[int, RankReport] = field(default_factory=dict)  # attention ranks, by worker id
+    ranks: dict[int, RankReport] = field(default_factory=dict)  # dense ranks, by rank (0 included)
+    pool_size: int = 0  # attention workers serving at least one request
+    kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def overlap(self) -> float | None:
+        """Share of the pool's attention time hidden behind the driver's own work:
+        1 - (time the driver waited) / (busiest attention rank's compute time)."""
+        busy = max((w.compute_s for w in self.workers.values()), default=0.0)
+        if busy <= 0:
+            return None
+        return max(0.0, min(1.0, 1.0 - self.wait_s / busy))
+
+    @property
+    def comm_share(self) -> float:
+        """The driver's time blocked on communication, as a share of the step."""
+        return (self.wait_s + self.tp_comm_s) / self.total_s if self.total_s > 0 else 0.0

@@ -1,0 +1,208 @@
+"""The one batch builder of the multi-rank runtime: a step's scheduled requests, cut into
+micro-batches, become plans. A plan holds the dense side's flat token batch (ids, positions,
+local attention metadata, the rows whose logits are due) and, for each attention worker, which
+query rows and which new K/V rows it gets.
+
+The same plan serves every layer of the step (placement does not change within a step). Host
+work per request is proportional to its new tokens and its block table, never to its whole
+token list. What a worker receives (WorkerBatch) is plain data; the driver keeps the row
+indices (Route) to cut the messages out of q/k/v and to scatter the answers back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fapool.core.scheduler import ScheduledRequest
+from fapool.worker.protocol import Entry, MicroBatch, WorkerBatch
+
+
+@dataclass
+class Route:
+    """Driver-side bookkeeping for one worker in one micro-batch."""
+
+    worker: int
+    batch: WorkerBatch
+    q_rows: list[int] = field(default_factory=list)  # token index of each query row
+    kv_rows: list[int] = field(default_factory=list)  # token index of each new K/V row
+    rounds: list[list[int]] = field(default_factory=list)  # row groups whose tokens are unique
+
+
+@dataclass
+class MicroBatchPlan:
+    scheduled: list[ScheduledRequest]
+    input_ids: list[int]
+    positions: list[int]
+    local_meta_args: dict
+    routes: dict[int, Route]  # worker id -> route (workers with work only)
+    logit_rows: list[int]  # rows whose next token is due, in order
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def dense(self, with_logits: bool = True) -> MicroBatch:
+        """What a dense rank runs: the tokens with the local metadata (pool rows have slot -1
+        and lie past the local kv_lens)."""
+        return MicroBatch(
+            self.input_ids,
+            self.positions,
+            self.local_meta_args,
+            self.logit_rows if with_logits else [],
+            remote=bool(self.routes),
+        )
+
+
+def plan_micro_batch(
+    scheduled: list[ScheduledRequest],
+    block_size: int,
+    pool_start: int | None = None,
+    mode: str = "shard",
+    batch_index: int = 0,
+) -> MicroBatchPlan:
+    """`pool_start`: the first position stored in the pool (None: no pool, all KV local)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    local_slots: list[int] = []
+    local = {"query_lens": [], "query_pos_start": [], "kv_lens": [], "block_tables": []}
+    routes: dict[int, Route] = {}
+    entry_count: dict[tuple[int, str], int] = {}
+
+    def route(w: int) -> Route:
+        return routes.setdefault(w, Route(w, WorkerBatch()))
+
+    def add_entry(w: int, rid: str, entry: Entry, first_token: int) -> None:
+        r = route(w)
+        rnd = entry_count.get((w, rid), 0)
+        entry_count[(w, rid)] = rnd + 1
+        while len(r.rounds) <= rnd:
+            r.rounds.append([])
+        start = len(r.q_rows)
+        r.q_rows.extend(range(first_token, first_token + entry.num_queries))
+        r.rounds[rnd].extend(range(start, start + entry.num_queries))
+        r.batch.entries.append(entry)
+
+    logit_rows: list[int] = []
+    offset = 0
+    for i, s in enumerate(scheduled):
+        c, n = s.num_computed_tokens, s.num_new_tokens
+        end = c + n
+        ids += s.request.token_slice(c, end)
+        positions += range(c, end)
+        if s.completes_known_tokens:
+            logit_rows.append(offset + n - 1)
+        local_len = min(end, pool_start) if s.segments and pool_start is not None else end
+        for p in range(c, end):
+            local_slots.append(s.block_ids[p // block_size] * block_size + p % block_size if p < local_len else -1)
+        local["query_lens"].append(n)
+        local["query_pos_start"].append(c)
+        local["kv_lens"].append(local_len)
+        local["block_tables"].append(s.block_ids)
+
+        for seg in s.segments:
+            seg_end = min(seg.start + seg.num_blocks * block_size, end)
+            j0 = max(0, seg.start - c)  # queries before the segment cannot see it
+            num_q = n - j0
+            if seg_end <= seg.start or num_q <= 0:
+                continue
+            new_lo, new_hi = max(c, seg.start), seg_end  # this step's tokens stored here
+            if mode == "replicate":
+                # The seed's scheme: every holder holds the whole range; queries are split.
+                m = len(seg.holders)
+                if num_q == 1:
+                    parts = {(batch_index + i) % m: (j0, n)}
+                else:
+                    bounds = [j0 + num_q * k // m for k in range(m + 1)]
+                    parts = {k: (bounds[k], bounds[k + 1]) for k in range(m) if bounds[k + 1] > bounds[k]}
+            else:
+                parts = {k: (j0, n) for k in range(len(seg.holders))}
+            for k, holder in enumerate(seg.holders):
+                r = route(holder.worker)
+                for p in range(new_lo, new_hi):
+                    rel = p - seg.start
+                    r.batch.kv_slots.append(holder.block_ids[rel // block_size] * block_size + rel % block_size)
+                    r.kv_rows.append(offset + p - c)
+                if k in parts:
+                    a, b = parts[k]
+                    entry = Entry(b - a, c + a, seg.start, seg_end - seg.start, holder.block_ids)
+                    add_entry(holder.worker, s.request.request_id, entry, offset + a)
+        offset += n
+
+    local["slot_mapping"] = local_slots
+    return MicroBatchPlan(scheduled, ids, positions, local, routes, logit_rows)
+
+
+def split_micro_batches(scheduled: list[ScheduledRequest], count: int) -> list[list[ScheduledRequest]]:
+    """`count` contiguous groups (fewer only with fewer requests) with about the same number
+    of tokens, order kept: a group ends once it reaches its share, or when the requests left
+    are just enough to give each remaining group one."""
+    count = max(1, min(count, len(scheduled)))
+    if count == 1:
+        return [scheduled]
+    total = sum(s.num_new_tokens for s in scheduled)
+    groups: list[list[ScheduledRequest]] = [[]]
+    acc = 0
+    for i, s in enumerate(scheduled):
+        to_open = count - len(groups)
+        if groups[-1] and to_open > 0 and (acc >= total * len(groups) / count or len(scheduled) - i <= to_open):
+            groups.append([])
+        groups[-1].append(s)
+        acc += s.num_new_tokens
+    return groups
+
+
+class MicroBatchPolicy:
+    """How many micro-batches a step is cut into, from measured step times.
+
+    Two micro-batches let one's remote attention run beside the other's dense work, but each
+    reads every weight again, so at small batches they can cost more than they hide. With no
+    fixed count, each shape bucket (sequences, tokens and longest context, in powers of two)
+    tries every count up to `max_count` `probes` times, then takes the fastest per token
+    (median of its recent steps) and tries the others again every `retry` steps, so that a
+    changed cost (a longer context, a busier machine) is noticed."""
+
+    def __init__(
+        self, fixed: int | None = None, max_count: int = 2, probes: int = 2, retry: int = 64, window: int = 5
+    ) -> None:
+        self.fixed = fixed
+        self.candidates = list(range(1, max_count + 1))
+        self.probes = probes
+        self.retry = retry
+        self.window = window
+        self._times: dict[tuple, dict[int, list[float]]] = {}
+        self._steps: dict[tuple, int] = {}
+
+    @staticmethod
+    def bucket(num_seqs: int, num_tokens: int, max_context: int) -> tuple[int, int, int]:
+        return num_seqs, num_tokens.bit_length(), max_context.bit_length()
+
+    def choose(self, num_seqs: int, num_tokens: int, max_context: int) -> int:
+        if self.fixed is not None:
+            return max(1, min(self.fixed, num_seqs))
+        usable = [c for c in self.candidates if c <= num_seqs]
+        if len(usable) == 1:
+            return 1
+        key = self.bucket(num_seqs, num_tokens, max_context)
+        times = self._times.setdefault(key, {})
+        step = self._steps[key] = self._steps.get(key, 0) + 1
+        for c in usable:  # not measured enough yet
+            if len(times.get(c, ())) < self.probes:
+                return c
+        best = min(usable, key=lambda c: _median(times[c]))
+        if step % self.retry == 0:  # look at the others again now and then
+            others = [c for c in usable if c != best]
+            return others[(step // self.retry) % len(others)]
+        return best
+
+    def record(self, num_seqs: int, num_tokens: int, max_context: int, count: int, seconds: float) -> None:
+        if self.fixed is not None:
+            return
+        key = self.bucket(num_seqs, num_tokens, max_context)
+        recent = self._times.setdefault(key, {}).setdefault(count, [])
+        recent.append(seconds)
+        del recent[: -self.window]
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2]
