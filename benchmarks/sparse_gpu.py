@@ -19,12 +19,11 @@ Parts (each recorded on its own; a failure is written to "errors" and the rest s
              many ties); agreement on random data; select + decode vs the torch sparse path;
              full budget vs dense; CUDA-graph replay == eager.
   latency    per (batch, context): dense; sparse kernel only / selection only / selection +
-             kernel, adaptive and uniform, in CUDA graphs (and eager for some), with the old
-             kernel (one split count for all pairs) and the work-balanced one
-             (fapool.sparse.triton_balanced_decode); the previous torch-topk selection for
-             comparison; a sweep of mean budgets (uniform and the adaptive profile scaled) and
-             the budget that would reach the 2.88x target; the balanced kernel's grid at
-             0.5/1/2/4 waves.
+             kernel, adaptive and uniform, in CUDA graphs (and eager for some), with the
+             work-balanced kernel (fapool.sparse.triton_balanced_decode); the previous
+             torch-topk selection for comparison; a sweep of mean budgets (uniform and the
+             adaptive profile scaled) and the budget that would reach the 2.88x target; the
+             balanced kernel's grid at 0.5/1/2/4 waves.
   engine     decode TPOT of the engine on SmolLM2-135M's shape (random bf16 weights), batch
              --engine-batch at --engine-contexts: dense vs the profile's adaptive budgets vs
              uniform of the same total (all sparse at every step), and the adaptive budgets with
@@ -184,21 +183,16 @@ def score_step(layers):
         block_scores_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, BS)
 
 
-def kernel_step(layers, selections, balanced=False, num_programs=None):
-    """The old kernel (one split count for every pair) or the work-balanced one."""
+def kernel_step(layers, selections, num_programs=None):
+    """The work-balanced sparse decode kernel over given selections."""
     from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
-    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
     for L, (pages, lens) in zip(layers, selections):
-        d = L.q.shape[-1]
-        if balanced:
-            balanced_sparse_decode(L.q, L.k, L.v, pages, lens, d**-0.5, num_programs)
-        else:
-            sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
+        balanced_sparse_decode(L.q, L.k, L.v, pages, lens, L.q.shape[-1] ** -0.5, num_programs)
 
 
-def total_step(layers, fracs, max_pages, min_blocks, balanced=False, num_programs=None):
-    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks), balanced, num_programs)
+def total_step(layers, fracs, max_pages, min_blocks, num_programs=None):
+    kernel_step(layers, select_step(layers, fracs, max_pages, min_blocks), num_programs)
 
 
 def legacy_select_step(layers, budgets, n_max, k_top):
@@ -278,7 +272,6 @@ def part_check(cfg) -> dict:
     from fapool.sparse.selection import budget_blocks_batched, select_blocks_torch
     from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_select import select_blocks_triton
-    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
     dev, dt_ = cfg.device, cfg.dtype
     out: dict = {}
@@ -297,24 +290,16 @@ def part_check(cfg) -> dict:
             out[f"selection_agreement_{key}"] = round(len(mine & ref) / max(1, len(ref)), 6)
             if integer:
                 continue
-            o, lse = sparse_paged_decode(L.q, L.k, L.v, pages, lens, d**-0.5)
             bo, blse = balanced_sparse_decode(L.q, L.k, L.v, pages, lens, d**-0.5, cfg.programs)
             backend = SparseAttentionBackend(TorchReferenceBackend(), frac.tolist())
             backend.kmin, backend.kmax = L.kmin, L.kmax
             ro, rlse = backend.sparse_decode(L.q, L.k, L.v, L.tables, L.n_kv, budgets, d**-0.5)
-            out[f"decode_max_abs_err_vs_torch_{key}"] = max(
-                float((o.float() - ro).abs().max()), float((lse - rlse).abs().max())
-            )
             out[f"balanced_max_abs_err_vs_torch_{key}"] = max(
                 float((bo.float() - ro).abs().max()), float((blse - rlse).abs().max())
             )
             full = torch.ones(hkv, dtype=torch.float64, device=dev)
             fp, fl = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, full, BS)
-            fo, flse = sparse_paged_decode(L.q, L.k, L.v, fp, fl, d**-0.5)
             do, dlse = paged_decode(L.q, L.k, L.v, L.meta, d**-0.5)
-            out[f"full_budget_max_abs_err_vs_dense_{key}"] = max(
-                float((fo.float() - do.float()).abs().max()), float((flse - dlse).abs().max())
-            )
             bo, blse = balanced_sparse_decode(L.q, L.k, L.v, fp, fl, d**-0.5, cfg.programs)
             out[f"full_budget_balanced_max_abs_err_vs_dense_{key}"] = max(
                 float((bo.float() - do.float()).abs().max()), float((blse - dlse).abs().max())
@@ -323,25 +308,20 @@ def part_check(cfg) -> dict:
         L = make_layer(4, 2000, 7, dev, dt_)
         f = frac.to(dev)
 
-        for name, decode in (
-            ("", lambda p, ln: sparse_paged_decode(L.q, L.k, L.v, p, ln, D**-0.5, num_splits=4)),
-            ("balanced_", lambda p, ln: balanced_sparse_decode(L.q, L.k, L.v, p, ln, D**-0.5)),
-        ):
+        def step():
+            p, ln = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, f, BS)
+            return balanced_sparse_decode(L.q, L.k, L.v, p, ln, D**-0.5)
 
-            def step():
-                p, ln = select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, f, BS)
-                return decode(p, ln)  # noqa: B023 -- called within this iteration
-
-            L.n_kv.fill_(2000)
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                go, glse = step()
-            L.q.copy_(torch.randn_like(L.q))
-            L.n_kv.copy_(torch.tensor([2000, 1500, 17, 1], device=dev))
-            graph.replay()
-            eo, else_ = step()
-            out[f"{name}graph_replay_equals_eager"] = bool(torch.equal(go, eo) and torch.equal(glse, else_))
+        L.n_kv.fill_(2000)
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            go, glse = step()
+        L.q.copy_(torch.randn_like(L.q))
+        L.n_kv.copy_(torch.tensor([2000, 1500, 17, 1], device=dev))
+        graph.replay()
+        eo, else_ = step()
+        out["balanced_graph_replay_equals_eager"] = bool(torch.equal(go, eo) and torch.equal(glse, else_))
     return out
 
 
@@ -396,24 +376,24 @@ def part_latency(cfg, profile, batch, ctx, timer, kv_budget: bool = False) -> di
         r = {"mean_budget": round(realised_mean(fracs, nb, mb), 4)}
         sel = guarded(errors, f"{name}_select_eager_once", lambda: select_step(layers, f, cap, mb))
         if sel is not None:
-            r["kernel_us"] = per_layer(f"{name}_kernel", timer.graph, lambda: kernel_step(layers, sel))
             r["kernel_balanced_us"] = per_layer(
-                f"{name}_kernel_balanced", timer.graph, lambda: kernel_step(layers, sel, True, cfg.programs)
+                f"{name}_kernel_balanced", timer.graph, lambda: kernel_step(layers, sel, cfg.programs)
             )
         r["select_us"] = per_layer(f"{name}_select", timer.graph, lambda: select_step(layers, f, cap, mb))
-        r["total_us"] = per_layer(f"{name}_total", timer.graph, lambda: total_step(layers, f, cap, mb))
         r["total_balanced_us"] = per_layer(
-            f"{name}_total_balanced", timer.graph, lambda: total_step(layers, f, cap, mb, True, cfg.programs)
+            f"{name}_total_balanced", timer.graph, lambda: total_step(layers, f, cap, mb, cfg.programs)
         )
         if eager:
             r["score_us"] = per_layer(f"{name}_score", timer.graph, lambda: score_step(layers))
             r["select_eager_us"] = per_layer(
                 f"{name}_select_eager", timer.eager, lambda: select_step(layers, f, cap, mb)
             )
-            r["total_eager_us"] = per_layer(
-                f"{name}_total_eager", timer.eager, lambda: total_step(layers, f, cap, mb)
+            r["total_balanced_eager_us"] = per_layer(
+                f"{name}_total_balanced_eager",
+                timer.eager,
+                lambda: total_step(layers, f, cap, mb, cfg.programs),
             )
-        for part in ("kernel", "total", "kernel_balanced", "total_balanced"):
+        for part in ("kernel_balanced", "total_balanced"):
             if dense and r.get(f"{part}_us"):
                 r[f"speedup_{part}"] = round(dense / r[f"{part}_us"], 3)
         return r
@@ -444,7 +424,6 @@ def part_latency(cfg, profile, batch, ctx, timer, kv_budget: bool = False) -> di
         sweep.append(entry)
     row["sweep"] = sweep
     if dense:
-        row["budget_for_target"] = budget_for_target(dense, sweep)
         row["budget_for_target_balanced"] = budget_for_target(dense, sweep, "total_balanced_us")
     return row
 
@@ -460,12 +439,12 @@ def grid_sweep(cfg, layers, fracs, cap, min_blocks, timer, errors, num) -> dict:
         return out
     for k in (0.5, 1, 2, 4):
         n = max(1, int(wave * k))
-        t = guarded(errors, f"grid_{k}", lambda: timer.graph(lambda: kernel_step(layers, sel, True, n)))  # noqa: B023
+        t = guarded(errors, f"grid_{k}", lambda: timer.graph(lambda: kernel_step(layers, sel, n)))  # noqa: B023
         out[f"kernel_us_{k}_waves"] = None if t is None else round(t / num, 2)
     return out
 
 
-def budget_for_target(dense_us: float, sweep: list[dict], key: str = "total_us") -> dict:
+def budget_for_target(dense_us: float, sweep: list[dict], key: str = "total_balanced_us") -> dict:
     """Mean budget at which selection + kernel reaches TARGET x: a least-squares line
     total_us = a + b * budget through the uniform sweep (time is affine in blocks read)."""
     done = [e["uniform"] for e in sweep if e.get("uniform", {}).get(key)]
@@ -506,7 +485,7 @@ def part_placement(cfg, profile, timer) -> dict:
             f = [torch.tensor([fracs[li][h] for h in heads], dtype=torch.float64, device=cfg.device)]
             cap = [max(1, max(blocks[li][h] for h in heads))]
             cache[heads, li] = timer.graph(
-                lambda: total_step([part], f, cap, profile.min_blocks, True, cfg.programs)
+                lambda: total_step([part], f, cap, profile.min_blocks, cfg.programs)
             )
         return cache[heads, li]
 
@@ -552,7 +531,6 @@ def part_placement(cfg, profile, timer) -> dict:
 
 ATTENTION_KERNELS = (
     "_decode_",
-    "_sparse_",
     "_balanced_",
     "_block_score",
     "_select_compact",
@@ -631,7 +609,7 @@ def engine_mode(out, hf, mode, path, min_context, batch, contexts, steps, kv_byt
         sparse_attention=path,
         sparse_min_context=min_context,
     )
-    out.setdefault("graphs", {})[mode] = eng.runner.use_cuda_graphs
+    out.setdefault("graphs", {})[mode] = eng.executor.runner.use_cuda_graphs
     measure_engine(eng, 2, 64, 4)  # compile the kernels
     for ctx in contexts:
         r = measure_engine(eng, batch, ctx, steps, profile=True)
@@ -803,7 +781,7 @@ def print_table(res: dict) -> None:
         print("check:", json.dumps(p["check"]))
     print(
         f"{'batch':>5} {'ctx':>6} {'dense':>7} | adaptive (mean budget) kernel / select / total  speedup"
-        " [balanced kernel / total  speedup] | uniform total  speedup [balanced] | old selection eager/graph"
+        " | uniform total  speedup | old selection eager/graph"
     )
     for name, r in p.items():
         if not name.startswith("latency"):
@@ -812,27 +790,24 @@ def print_table(res: dict) -> None:
             a, u = r["adaptive"], r["uniform"]
             print(
                 f"{r['batch']:>5} {r['context']:>6} {fmt(r['dense_us']):>7} | ({a['mean_budget']:.3f}) "
-                f"{fmt(a.get('kernel_us'))} / {fmt(a.get('select_us'))} / {fmt(a.get('total_us'))}  "
-                f"x{fmt(a.get('speedup_total'), '.2f')} [{fmt(a.get('kernel_balanced_us'))} / "
-                f"{fmt(a.get('total_balanced_us'))}  x{fmt(a.get('speedup_total_balanced'), '.2f')}] | "
-                f"{fmt(u.get('total_us'))}  x{fmt(u.get('speedup_total'), '.2f')} "
-                f"[x{fmt(u.get('speedup_total_balanced'), '.2f')}] | "
+                f"{fmt(a.get('kernel_balanced_us'))} / {fmt(a.get('select_us'))} / "
+                f"{fmt(a.get('total_balanced_us'))}  x{fmt(a.get('speedup_total_balanced'), '.2f')} | "
+                f"{fmt(u.get('total_balanced_us'))}  x{fmt(u.get('speedup_total_balanced'), '.2f')} | "
                 f"{fmt(r.get('legacy_select_eager_us'), '.0f')}/{fmt(r.get('legacy_select_graph_us'), '.0f')}"
             )
             for e in r["sweep"]:
                 if "uniform" in e:
                     eu, ea = e["uniform"], e["adaptive_scaled"]
                     print(
-                        f"{'':>20} mean budget {e['mean']:<6}: uniform {fmt(eu.get('total_us'))} us "
-                        f"x{fmt(eu.get('speedup_total'), '.2f')} "
-                        f"(kernel x{fmt(eu.get('speedup_kernel'), '.2f')}), adaptive scaled "
-                        f"{fmt(ea.get('total_us'))} us x{fmt(ea.get('speedup_total'), '.2f')}; balanced: "
-                        f"uniform x{fmt(eu.get('speedup_total_balanced'), '.2f')}, adaptive scaled "
+                        f"{'':>20} mean budget {e['mean']:<6}: uniform "
+                        f"{fmt(eu.get('total_balanced_us'))} us "
+                        f"x{fmt(eu.get('speedup_total_balanced'), '.2f')} "
+                        f"(kernel x{fmt(eu.get('speedup_kernel_balanced'), '.2f')}), adaptive scaled "
+                        f"{fmt(ea.get('total_balanced_us'))} us "
                         f"x{fmt(ea.get('speedup_total_balanced'), '.2f')}"
                     )
             print(f"{'':>20} selection stage 1 (scores) alone: {fmt(a.get('score_us'))} us")
-            print(f"{'':>20} budget for x{TARGET}: {json.dumps(r.get('budget_for_target'))}")
-            print(f"{'':>20} balanced: {json.dumps(r.get('budget_for_target_balanced'))}")
+            print(f"{'':>20} budget for x{TARGET}: {json.dumps(r.get('budget_for_target_balanced'))}")
             print(f"{'':>20} balanced grid (adaptive kernel): {json.dumps(r.get('balanced_grid_sweep'))}")
             print(f"{'':>20} shape {r.get('shape')}, budgets: {r.get('budgets')}")
             for key, err in r.get("errors", {}).items():

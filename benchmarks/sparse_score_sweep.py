@@ -55,7 +55,7 @@ def main() -> int:
                 })
                 print(rows[-1], flush=True)
     ts.SCORE_TILE, ts.SCORE_WARPS = 64, 4
-    searches = {"sort": (1 << 30, 0), "1bit": (0, 0)}  # (SORT_MAX_ROW, RADIX4_MAX_ROW)
+    searches = {"sort": 1 << 30, "1bit": 0}  # SORT_MAX_ROW
     timer = Timer(False, 10, 50)
     select_rows = []
     for case in ns.select_cases.split(","):
@@ -64,8 +64,8 @@ def main() -> int:
         L = make_layer(int(batch), int(ctx), 1, "cuda", torch.bfloat16, hq=hq, hkv=hkv, d=d)
         budgets = torch.full((hkv,), 0.25, dtype=torch.float64, device="cuda")
         first = None
-        for name, (sort_max, radix4_max) in searches.items():
-            ts.SORT_MAX_ROW, ts.RADIX4_MAX_ROW = sort_max, radix4_max
+        for name, sort_max in searches.items():
+            ts.SORT_MAX_ROW = sort_max
             fn = lambda: ts.select_blocks_triton(L.q, L.kmin, L.kmax, L.tables, L.n_kv, budgets, BS)  # noqa: E731
             out = fn()
             first = out if first is None else first

@@ -33,11 +33,11 @@ the host-side launches of the Triton path (a graph capture counts once).
 
 A SparseGate, shared by a model's layers, turns the sparse path on per step: only once the
 step's longest KV (AttentionMetadata.max_kv_len, a host value) reaches `min_context`. Below
-that, selection (a score pass and two more launches a layer) costs more than the KV it skips:
-on an H200 at SmolLM2's shape (B8) sparse steps run at x0.84 of dense TPOT at 2K and x0.98 at
-8K, and a gated step at 2K at x0.98 (sparse_gpu-20261202T024958; the summaries are still
-written). SGLang's double-sparsity decode has the same kind of threshold (default 4096). CUDA
-graphs capture each choice separately (DecodeGraphs pins it per key).
+that, selection (a score pass and two more launches a layer) costs more than the KV it skips
+(engine TPOT, sparse vs dense: benchmarks/RESULTS.md, sparse_gpu). The summaries are still
+written, so they are complete when the gate opens. SGLang's double-sparsity decode has the same
+kind of threshold (default 4096). CUDA graphs capture each choice separately (DecodeGraphs pins
+it per key).
 """
 
 from __future__ import annotations

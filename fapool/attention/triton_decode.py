@@ -11,10 +11,10 @@ Split count (`choose_num_splits`): the launch runs in waves of `resident program
 programs, and a wave lasts as long as its longest split. More splits shorten each split but add
 waves, a fixed per-program cost (prologue, pipeline fill, epilogue) and the stage-2 pass, so the
 count minimises  waves(S) * (tiles_per_split(S) + PROGRAM_COST_TILES) + REDUCE_COST_TILES*[S>1].
-A nearly empty last wave is what the model avoids: on an H100 (4 programs per SM, 528 at once),
-16 sequences x 8 KV heads x 32K tokens ran at 2.66 TB/s with 5 splits (640 programs, 1.2 waves)
-and 2.95 TB/s with 4 (one full wave). The count is a runtime argument, so CUDA graphs can pin it;
-choosing it costs a cached lookup, since host time per call matters at small batch.
+A nearly empty last wave is what the model avoids: one more split that spills into a second,
+mostly idle wave is slower than a full single wave (benchmarks/RESULTS.md, kernels sweep). The
+count is a runtime argument, so CUDA graphs can pin it; choosing it costs a cached lookup, since
+host time per call matters at small batch.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -31,10 +31,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 
-# Tunables (benchmarks/bench_attention_kernels.py --sweep). On an H100, with the split count
-# chosen below, 64-token tiles, 4 warps, 2 stages (K/V prefetched one tile ahead, 4 programs
-# per SM) were within 2% of the best of 8 configurations x 8 split counts on every swept shape;
-# deeper prefetch (3-4 stages) costs occupancy and gained nothing once the SMs are full.
+# Tunables (benchmarks/bench_attention_kernels.py --sweep; figures in benchmarks/RESULTS.md):
+# 64-token tiles, 4 warps, 2 stages (K/V prefetched one tile ahead, 4 programs per SM), with the
+# split count chosen below, are close to the best swept configuration on every shape; deeper
+# prefetch (3-4 stages) costs occupancy and gains nothing once the SMs are full.
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2

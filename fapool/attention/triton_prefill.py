@@ -19,10 +19,9 @@ import triton.language as tl
 
 from fapool.attention.triton_decode import LN2, LOG2E, _check
 
-# Swept on an H100 (benchmarks/bench_attention_kernels.py --sweep, 16-token pages, two runs):
-# BLOCK_M 128 / BLOCK_N 128 / 8 warps / 3 stages ran 333-334 and 330-374 TFLOP/s at 4K and 16K
-# tokens; 128/32/4/3 318 and 347-362; 128/64/8/3 291-293 and 328-333. Query chunks of at most
-# 64 tokens use 64-row tiles (64/64/4/4: 318 and 298 on the full prompts).
+# Chosen by sweep (benchmarks/bench_attention_kernels.py --sweep; figures in
+# benchmarks/RESULTS.md): 128 x 128 tiles, 8 warps, 3 stages were the fastest over 4K and 16K
+# prompts. Query chunks of at most 64 tokens use 64-row tiles (SMALL_CONFIG).
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 128
 DEFAULT_NUM_WARPS = 8

@@ -29,8 +29,8 @@ NUM_RECENT_BLOCKS = 1
 
 # Past the longest calibrated length a head's blocks grow at least at this share of its share
 # there: a flat last segment (no growth measured between the last two lengths) would freeze the
-# head's block count however long the context gets. SmolLM2's calibration (8K windows): the
-# heads' last measured slopes are a median 0.56 (recall 0.95) / 0.73 (0.99) of their share.
+# head's block count however long the context gets. A floor well below the slopes calibration
+# finds (benchmarks/RESULTS.md, sparse_profile).
 MIN_GROWTH_PAST_LAST = 0.25
 
 

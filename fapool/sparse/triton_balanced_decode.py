@@ -2,12 +2,11 @@
 
     balanced_sparse_decode(q, k_cache, v_cache, pages, lens, scale) -> (out, lse)
 
-Same inputs and result as fapool.sparse.triton_sparse_decode.sparse_paged_decode (compacted
-per-(sequence, KV head) tables from fapool.sparse.triton_select). Why another kernel: that one
-gives every (sequence, KV head) pair the same number of splits, chosen from the longest
-selection, so with head-adaptive budgets (1%..91% of the blocks in one layer) the pairs with big
-budgets form a long tail while the programs of short pairs idle. Here the work is cut in chunks
-of equal size, so a pair of 10x the blocks gets 10x the programs:
+Inputs: compacted per-(sequence, KV head) tables from fapool.sparse.triton_select. Why balanced:
+one split count for every (sequence, KV head) pair, chosen from the longest selection, would
+let the pairs with big budgets form a long tail while the programs of short pairs idle
+(head-adaptive budgets differ widely between the heads of one layer). Here the work is cut in
+chunks of equal size, so a pair of 10x the blocks gets 10x the programs:
 
     tiles_r  = ceil(lens_r / BLOCK_N)                     KV tiles of pair r
     chunk    = smallest C with  sum_r ceil(tiles_r / C) <= G     (bisection, a few steps)
@@ -40,12 +39,69 @@ from fapool.attention.triton_decode import (
     LN2,
     LOG2E,
     _num_sms,
+    _tile_pages,
     resident_programs_per_sm,
 )
 
-from fapool.sparse.triton_sparse_decode import _attend_pair_tiles
-
 REDUCE_BLOCK_S = 16  # partials merged per step of the reduce loop
+
+
+@triton.jit
+def _attend_pair_tiles(
+    Q, K, V, tables, row, seq, kvh, n_kv, tile_lo, tile_hi, qk_scale,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online softmax of one (sequence, KV head)'s GROUP query heads over KV tiles
+    [tile_lo, tile_hi) of its compacted table `row` (n_kv visible entries), K/V pages prefetched
+    one tile ahead. Returns the normalised partial out [BLOCK_H, BLOCK_D] (float32), its LSE in
+    log2 units (-inf where no key was seen), and the heads / masks to store them with."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table = tables + row * stride_bt
+    v_base = V + kvh * stride_vh + offs_d[None, :]
+    k_base = K + kvh * stride_kh + offs_d[None, :]
+    page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)
+    for t in range(tile_lo, tile_hi):
+        page = page_next
+        page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
+        pos = t * BLOCK_N + offs_n
+        n_mask = pos < n_kv
+        k_rows = page * stride_kb + (pos % PAGE) * stride_kt
+        v_rows = page * stride_vb + (pos % PAGE) * stride_vt
+        kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+    return o, lse2, heads, h_mask, d_mask
 
 
 @triton.jit

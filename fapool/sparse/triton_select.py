@@ -3,7 +3,7 @@
     select_blocks_triton(q, kmin, kmax, block_tables, n_kv, budgets, block_size)
         -> pages [B, Hkv, max_pages] int32, lens [B, Hkv] int32
 
-the compacted per-(sequence, KV head) tables and lengths that sparse_paged_decode reads.
+the compacted per-(sequence, KV head) tables and lengths that balanced_sparse_decode reads.
 Every shape depends only on the input shapes (max_pages defaults to the block-table width),
 so selection + decode can be captured in a CUDA graph with the rest of a decode step.
 
@@ -18,12 +18,10 @@ sort: the sink and the most recent block, plus the m = k - 2 best others. The m-
 score is found over its order-preserving int32 key as the largest t with count(key >= t) >= m:
 for rows up to SORT_MAX_ROW blocks (8K tokens at block 16) by one bitonic sort of the keys
 (tl.sort; t is the m-th of them), longer rows by a radix search, the sign first, then one bit a
-pass (31 block-wide reductions; RADIX4_MAX_ROW can switch on 4 bits a pass from 15 counts over
-[row, 16], off by default: slower on an H200).
-Blocks above t are taken and
-ties at t in ascending block index (an inclusive cumsum ranks them). A second cumsum gives each
-chosen block its slot, so pages come out in ascending block order, zero-padded, and lens counts
-the chosen entries (only the most recent block is partial, and it is the last entry).
+pass (31 block-wide reductions). Blocks above t are taken and ties at t in ascending block
+index (an inclusive cumsum ranks them). A second cumsum gives each chosen block its slot, so
+pages come out in ascending block order, zero-padded, and lens counts the chosen entries (only
+the most recent block is partial, and it is the last entry).
 
 Reference: fapool.sparse.selection.compact_selection over block_bounds scores; tests:
 tests/sparse/test_triton_select.py; benchmark: benchmarks/sparse_gpu.py.
@@ -39,23 +37,12 @@ from fapool.sparse.selection import BudgetRule
 
 SCORE_TILE = 64  # blocks per stage-1 program: 2 x 64 x D summaries (32 KB at D 128, bf16)
 SCORE_WARPS = 4
-# Padded row length up to which stage 2 counts 4 bits a pass. Off: on an H200 (sparse_gpu-20261201T225315)
-# the 4-bit passes made stage 2 ~3-5x slower than 31 one-bit passes (94.6 vs 37.2 us for scores + top-k
-# at batch 8, 32K; 36.4 vs 17.4 us at 8K): [row, 16] counts do not fit in registers.
-RADIX4_MAX_ROW = 0
 # Padded row length up to which stage 2 finds the threshold with one bitonic sort (tl.sort) of the
-# keys instead of 31 one-bit counting passes, each a block-wide reduction with its barriers. The
-# same threshold (the m-th largest key), so the same blocks. On an H200 under CUDA graphs
-# (sparse_gpu-20261202T022704 / -023424, scores + stage 2 per layer) the sort won up to 512
-# blocks (B8 8K: 17.4 -> 15.1 us; SmolLM2's shape at 4K / 8K: 11.3 -> 8.9, 12.9 -> 10.5 us) and
-# lost past it (B8 16K: 24.1 -> 26.3; B8 32K: 37.2 -> 60.6; B16 32K: 55.5 -> 79.1 us).
+# keys instead of 31 one-bit counting passes, each a block-wide reduction with its barriers: the
+# same threshold (the m-th largest key), so the same blocks. The sort is faster on short rows, the
+# passes on long ones (benchmarks/RESULTS.md: sparse_gpu, sparse_score_sweep). Scores and stage 2
+# stay two launches: fusing them loses the score pass's tile parallelism, worth more than a launch.
 SORT_MAX_ROW = 512
-# Tried and dropped: both stages in one program per row for rows up to 512 blocks (one launch
-# fewer). It was slower in CUDA graphs on the H200 (sparse_score_sweep-20261202T025810: B8 8K
-# 24.7 vs 18.4 us, SmolLM2's shape at 8K 19.5 vs 13.6 us): the score pass loses its tiles'
-# parallelism, which costs more than the launch it saves. Also dropped: two bits a pass over
-# [row, 4] for rows past the sort (16 reductions of 4 counts): slower than one bit a pass
-# (sparse_score_sweep-20261202T033044: B8 32K 51.7 vs 44.2 us, B16 32K 70.6 vs 63.1 us).
 
 
 @triton.jit
@@ -126,20 +113,6 @@ def _block_score_kernel(
 
 
 @triton.jit
-def _digit_pass(key, cand, thr, m, SHIFT: tl.constexpr, DIGITS: tl.constexpr):
-    """One radix step: with count(key >= thr) >= m, the largest thr + j * 2^SHIFT (j < DIGITS)
-    that keeps it. The counts come from one reduction over [row, 16]; they fall as j grows, so
-    j is the number of j >= 1 that still reach m. No trial overflows int32: the bits of thr
-    below SHIFT + log2(DIGITS) are still zero."""
-    j = tl.arange(0, 16)
-    trial = thr + (tl.minimum(j, DIGITS - 1) << SHIFT)
-    hits = cand[:, None] & (key[:, None] >= trial[None, :])
-    counts = tl.sum(hits.to(tl.int32), 0)  # [16]
-    take = tl.sum(((counts >= m) & (j >= 1) & (j < DIGITS)).to(tl.int32), 0)
-    return thr + (take << SHIFT)
-
-
-@triton.jit
 def _select_compact_kernel(
     SCORE,
     TABLES,
@@ -168,7 +141,6 @@ def _select_compact_kernel(
     FROM_FRAC: tl.constexpr,
     NKNOT: tl.constexpr,
     CLIP: tl.constexpr,
-    RADIX4: tl.constexpr,
     SORT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -207,24 +179,15 @@ def _select_compact_kernel(
     key = tl.where(cand, key, -2147483648)
 
     # thr = the m-th largest key among the candidates: by a sort, or by the radix search (sign
-    # first, then bits 30..0 greedily, 4 at a time with the last 3 in the last pass, or 1 at a
-    # time). With SORT the sign count below is dead code, which the compiler drops.
+    # first, then bits 30..0 greedily, one a pass). With SORT the sign count below is dead code,
+    # which the compiler drops.
     n_nonneg = tl.sum((cand & (key >= 0)).to(tl.int32), 0)
     thr = tl.where(n_nonneg >= m, 0, -2147483648)
     if SORT:  # the m-th entry of the keys sorted descending (m = 0: above every key, as below)
         ranked = tl.sort(key, 0, descending=True)
         kth = tl.max(tl.where(idx == m - 1, ranked, -2147483648), 0)
         thr = tl.where(m > 0, kth, 2147483647)
-    elif RADIX4:
-        thr = _digit_pass(key, cand, thr, m, 27, 16)
-        thr = _digit_pass(key, cand, thr, m, 23, 16)
-        thr = _digit_pass(key, cand, thr, m, 19, 16)
-        thr = _digit_pass(key, cand, thr, m, 15, 16)
-        thr = _digit_pass(key, cand, thr, m, 11, 16)
-        thr = _digit_pass(key, cand, thr, m, 7, 16)
-        thr = _digit_pass(key, cand, thr, m, 3, 16)
-        thr = _digit_pass(key, cand, thr, m, 0, 8)
-    else:  # a long row: [row, 16] would not fit in registers; one bit a pass
+    else:  # a long row: one bit a pass
         for i in range(31):
             trial = thr + (1 << (30 - i))
             count = tl.sum((cand & (key >= trial)).to(tl.int32), 0)
@@ -412,7 +375,6 @@ def select_blocks_triton(
         FROM_FRAC=from_frac,
         NKNOT=num_knots,
         CLIP=clip,
-        RADIX4=npad <= RADIX4_MAX_ROW,
         SORT=npad <= SORT_MAX_ROW,
         num_warps=min(16, max(4, npad // 512)),  # ~16 row entries a thread
         enable_fp_fusion=False,  # frac * nb - 1e-6 rounded twice, as torch does

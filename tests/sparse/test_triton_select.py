@@ -57,16 +57,14 @@ def _case(n_kv, num_heads, num_kv_heads, head_dim, width, dtype, seed, integer=T
     return q, keys, values, keys.amin(1), keys.amax(1), tables.to(DEVICE), n_kv
 
 
-SEARCHES = {"sort": (1 << 30, 0), "radix4": (0, 1 << 30), "1bit": (0, 0)}  # (SORT_, RADIX4_MAX_ROW)
+SEARCHES = {"sort": 1 << 30, "1bit": 0}  # SORT_MAX_ROW
 
 
 def _use_search(monkeypatch, search: str) -> None:
-    """Stage 2's threshold search: one sort, 4 bits a pass, or one bit a pass (each on every row)."""
+    """Stage 2's threshold search: one sort, or one bit a pass (each on every row)."""
     from fapool.sparse import triton_select
 
-    sort_max, radix4_max = SEARCHES[search]
-    monkeypatch.setattr(triton_select, "SORT_MAX_ROW", sort_max)
-    monkeypatch.setattr(triton_select, "RADIX4_MAX_ROW", radix4_max)
+    monkeypatch.setattr(triton_select, "SORT_MAX_ROW", SEARCHES[search])
 
 
 @needs_triton
@@ -167,15 +165,15 @@ def test_budget_rule_through_its_knots():
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
 def test_select_and_decode_match_the_reference_backend(dtype):
     """Random data: the kernels' output equals the torch sparse path on the same budgets."""
+    from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_select import select_blocks_triton
-    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
     n_kv = [300, 1000, 65, 999]
     q, keys, values, kmin, kmax, tables, nk = _case(n_kv, 8, 2, 64, 64, dtype, seed=5, integer=False)
     frac = torch.tensor([0.1, 0.4], dtype=torch.float64)
     budgets = budget_blocks_batched(frac, nk.cpu(), BS, 4).to(DEVICE)
     pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS, max_pages=int(budgets.max()))
-    out, lse = sparse_paged_decode(q, keys, values, pages, lens, 64**-0.5)
+    out, lse = balanced_sparse_decode(q, keys, values, pages, lens, 64**-0.5)
     ref = SparseAttentionBackend(TorchReferenceBackend(), frac.tolist())
     ref.kmin, ref.kmax = kmin, kmax
     ref_out, ref_lse = ref.sparse_decode(q, keys, values, tables, nk, budgets, 64**-0.5)
@@ -185,22 +183,18 @@ def test_select_and_decode_match_the_reference_backend(dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("balanced", [False, True], ids=["one_split_count", "balanced"])
-def test_select_and_decode_replay_in_a_cuda_graph(balanced):
+def test_select_and_decode_replay_in_a_cuda_graph():
     """Captured once, replayed after q, n_kv and the tables change in place: same as eager
     (the balanced kernel's plan follows the new lengths inside the graph)."""
     from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
     from fapool.sparse.triton_select import select_blocks_triton
-    from fapool.sparse.triton_sparse_decode import sparse_paged_decode
 
     q, keys, values, kmin, kmax, tables, nk = _case([900, 500], 32, 8, 128, 64, torch.bfloat16, 6, False)
     frac = torch.linspace(0.1, 0.6, 8, dtype=torch.float64, device=DEVICE)
 
     def step():
         pages, lens = select_blocks_triton(q, kmin, kmax, tables, nk, frac, BS, max_pages=40)
-        if balanced:
-            return balanced_sparse_decode(q, keys, values, pages, lens, 128**-0.5)
-        return sparse_paged_decode(q, keys, values, pages, lens, 128**-0.5, num_splits=2)
+        return balanced_sparse_decode(q, keys, values, pages, lens, 128**-0.5)
 
     step()
     graph = torch.cuda.CUDAGraph()
