@@ -33,17 +33,20 @@ WARMUP_SEED = 1  # warm-up prompts differ from the measured ones (seed 0): no pr
 
 
 def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """The single-process reference first; with --tp N the static TP baseline next. The pool
-    configurations run with one dense rank, and with --tp N also with N tensor-parallel ones."""
+    """The single-process reference first; with --tp N / --pp N the static baselines next. The
+    pool configurations run with one dense rank, and with --tp N / --pp N also beside N
+    tensor-parallel ranks / pipeline stages."""
     pool = dict(pool_threshold=ns.pool_threshold, tokens_per_pool_worker=ns.tokens_per_pool_worker)
-    tp = ns.tensor_parallel_size
+    tp, pp = ns.tensor_parallel_size, ns.pipeline_parallel_size
 
-    def cfg(tp_size: int, workers: int, **kw) -> dict[str, Any]:
-        return dict(tensor_parallel_size=tp_size, pipeline_parallel_size=1, attention_workers=workers, **kw)
+    def cfg(tp_size: int, workers: int, pp_size: int = 1, **kw) -> dict[str, Any]:
+        return dict(tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size, attention_workers=workers, **kw)
 
     out: list[tuple[str, dict[str, Any]]] = [("single process", cfg(1, 0))]
     if tp > 1:
         out.append((f"TP {tp}", cfg(tp, 0)))
+    if pp > 1:
+        out.append((f"PP {pp}", cfg(1, 0, pp)))
     a = max(ns.workers)
     modes = ns.pool_modes
     fixed = ns.micro_batches  # None: each step's count chosen from measured step times
@@ -59,35 +62,56 @@ def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if tp > 1:
         for mode in modes:
             out.append((f"TP {tp} + pool {mode} x{a}", cfg(tp, a, pool_mode=mode, micro_batches=fixed, **pool)))
+    if pp > 1:
+        for mode in modes:
+            out.append((f"PP {pp} + pool {mode} x{a}", cfg(1, a, pp, pool_mode=mode, **pool)))
     return out
 
 
 def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[list[int]], dict[str, Any]]:
+    """Prefill the batch, then time every decode step on its own: TPOT is the median decode
+    step at this context (other requests' prefill chunks never land inside it)."""
     from fapool.bench.engine_bench import random_prompts
 
-    vocab = llm.engine.config.model.vocab_size
-    items = [{"prompt_token_ids": p} for p in random_prompts(ns.batch_size, input_len, vocab, 0)]
-    warm = random_prompts(1, input_len, vocab, WARMUP_SEED)
-    llm.generate([{"prompt_token_ids": warm[0]}], SamplingParams(temperature=0.0, max_tokens=2))  # compile, warm
-    executor = llm.engine.executor
-    executor.reports.clear()
+    engine = llm.engine
+    vocab = engine.config.model.vocab_size
+    prompts = random_prompts(ns.batch_size, input_len, vocab, 0)
+    on_gpu = engine.executor.runner.device.type == "cuda"
+    # Warm-up: on a GPU the full batch at this length (Triton compiles per shape); on a CPU a
+    # short prompt touches every path, and a long one would only add minutes of prefill.
+    warm = random_prompts(ns.batch_size if on_gpu else 1, input_len if on_gpu else 16, vocab, WARMUP_SEED)
+    llm.generate([{"prompt_token_ids": w} for w in warm], SamplingParams(temperature=0.0, max_tokens=2))
+    executor = engine.executor
     params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.groups[i][0] for i in ids]
     t = time.perf_counter()
-    outs = llm.generate(items, params)
+    while any(not r.output_token_ids for r in reqs):
+        engine.step()
+    prefill_s = time.perf_counter() - t
+    executor.reports.clear()
+    steps: list[float] = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - t
+    tokens = [list(r.output_token_ids) for r in reqs]
     summary = summarize(executor.reports)
-    tpots = sorted(o.tpot for o in outs if o.tpot)
     ranks = getattr(executor, "rank_devices", None)
     row = {
         "input_len": input_len,
         "backend": ranks.backend if ranks else None,
         "devices": list(ranks.devices) if ranks else [str(executor.runner.device)],
         "e2e_s": elapsed,
-        "tpot_ms_median": 1e3 * tpots[len(tpots) // 2] if tpots else None,
-        "output_tokens_per_s": ns.batch_size * ns.output_len / elapsed,
+        "prefill_s": prefill_s,
+        "decode_steps": len(steps),
+        "tpot_ms_median": 1e3 * sorted(steps)[len(steps) // 2] if steps else None,
+        "tpot_ms_p20": 1e3 * sorted(steps)[len(steps) // 5] if steps else None,
+        "output_tokens_per_s": ns.batch_size * len(steps) / sum(steps) if steps else None,
         "breakdown": summary,
     }
-    return [o.token_ids for o in outs], row
+    return tokens, row
 
 
 def _run_config(kwargs: dict[str, Any], ns: argparse.Namespace) -> list[tuple[list[list[int]], dict]]:
@@ -139,7 +163,7 @@ def run(ns: argparse.Namespace) -> int:
             "model": base.model or "embedded SmolLM2-135M", "dtype": base.dtype or ("float32" if device == "cpu" else "bfloat16"),
             "attention_backend": base.attention_backend or ("triton" if device.startswith("cuda") else "torch"),
             "batch": ns.batch_size, "input_len": list(ns.input_len), "output_len": ns.output_len,
-            "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size,
+            "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size, "pp": ns.pipeline_parallel_size,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker, "workers": list(ns.workers),
             "pool_modes": list(ns.pool_modes), "kv_cache_memory_per_rank": base.kv_cache_memory,
             "micro_batches": ns.micro_batches, "threads": torch.get_num_threads(),
@@ -150,8 +174,8 @@ def run(ns: argparse.Namespace) -> int:
     parts = []
     for n in ns.input_len:
         mine = [r for r in rows if r["input_len"] == n]
-        single = mine[0]["output_tokens_per_s"]
-        parts.append(f"in {n}: " + ", ".join(f"{r['config']} x{r['output_tokens_per_s'] / single:.2f}" for r in mine[1:]))
+        parts.append(f"in {n}: " + ", ".join(
+            f"{r['config']} TPOT x{r['tpot_ms_median'] / mine[0]['tpot_ms_median']:.2f}" for r in mine[1:]))
     summary = f"batch {ns.batch_size}, out {ns.output_len}: parity {'ok' if ok else 'FAILED'}; " + "; ".join(parts)
     if not ns.no_save:
         console.print(f"wrote {write_result('pool', result, summary, out_dir=ns.out_dir)}")

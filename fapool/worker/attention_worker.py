@@ -1,10 +1,10 @@
 """An attention worker: holds KV blocks for the pool and answers "attend these queries over
 these blocks" with (out, lse). It has no weights; it follows the driver's step plans.
 
-Per step, for every layer and micro-batch that has work here, in (layer, micro-batch)
-order — the order the dense worker sends in — it receives one packed tensor
-[q rows | new k rows | new v rows], writes the K/V, attends, and sends back
-[out rows (float32) | lse rows]. At the end of the step it reports its timings.
+Per step, for every (layer, micro-batch) that has work here, in the plan's order (the order
+the dense ranks send in), it receives one packed tensor [q rows | new k rows | new v rows]
+from the dense rank that runs that layer, writes the K/V, attends, and sends that rank back
+[out rows (float32) | lse rows]. At the end of the step it reports to the driver.
 """
 
 from __future__ import annotations
@@ -65,37 +65,36 @@ class AttentionWorker:
         prepared = {mb: (batch, *batch.metadata(self.device)) for mb, batch in plan.batches.items()}
         pending_sends = []
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        for layer in range(self.num_layers):
+        for layer, mb, peer in plan.order:
             k_cache, v_cache = self.kv_caches[layer]
-            for mb in sorted(prepared):
-                batch, meta, kv_slots = prepared[mb]
-                nq, nkv = batch.num_q_rows, len(batch.kv_slots)
-                if nq == 0 and nkv == 0:
-                    continue
-                tag = exchange_tag(layer, mb, plan.num_micro_batches)
-                buf = torch.empty(nq * H * D + 2 * nkv * Hkv * D, dtype=self.dtype, device=self.transport)
-                t0 = time.perf_counter()
-                comm.wait(comm.recv_tensor(buf, 0, tag), 0, "recv")
-                t1 = time.perf_counter()
-                q, k, v = buf.to(self.device).split([nq * H * D, nkv * Hkv * D, nkv * Hkv * D])
-                if nkv:
-                    self.backend.write_kv(k_cache, v_cache, k.view(nkv, Hkv, D), v.view(nkv, Hkv, D), kv_slots)
-                if nq:
-                    out, lse = self.backend.forward(q.view(nq, H, D), k_cache, v_cache, meta, self.scale)
-                    reply = torch.cat([out.float().reshape(-1), lse.reshape(-1)]).to(self.transport)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    t2 = time.perf_counter()
-                    pending_sends.append((comm.send_tensor(reply, 0, tag + 1), reply))
-                    stats.comm_s += time.perf_counter() - t2
-                    stats.q_rows += nq
-                else:
-                    t2 = time.perf_counter()
-                stats.idle_s += t1 - t0
-                stats.compute_s += t2 - t1
+            batch, meta, kv_slots = prepared[mb]
+            nq, nkv = batch.num_q_rows, len(batch.kv_slots)
+            if nq == 0 and nkv == 0:
+                continue
+            tag = exchange_tag(layer, mb, plan.num_micro_batches)
+            buf = torch.empty(nq * H * D + 2 * nkv * Hkv * D, dtype=self.dtype, device=self.transport)
+            t0 = time.perf_counter()
+            comm.wait(comm.recv_tensor(buf, peer, tag), peer, "recv")
+            t1 = time.perf_counter()
+            q, k, v = buf.to(self.device).split([nq * H * D, nkv * Hkv * D, nkv * Hkv * D])
+            if nkv:
+                self.backend.write_kv(k_cache, v_cache, k.view(nkv, Hkv, D), v.view(nkv, Hkv, D), kv_slots)
+            if nq:
+                out, lse = self.backend.forward(q.view(nq, H, D), k_cache, v_cache, meta, self.scale)
+                reply = torch.cat([out.float().reshape(-1), lse.reshape(-1)]).to(self.transport)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t2 = time.perf_counter()
+                pending_sends.append((comm.send_tensor(reply, peer, tag + 1), reply, peer))
+                stats.comm_s += time.perf_counter() - t2
+                stats.q_rows += nq
+            else:
+                t2 = time.perf_counter()
+            stats.idle_s += t1 - t0
+            stats.compute_s += t2 - t1
         t3 = time.perf_counter()
-        for work, _ in pending_sends:
-            comm.wait(work, 0, "send")
+        for work, _, peer in pending_sends:
+            comm.wait(work, peer, "send")
         stats.comm_s += time.perf_counter() - t3
         comm.send_object(stats, 0, None, tag=Tag.REPORT, device=self.transport)
 

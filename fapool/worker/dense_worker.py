@@ -40,6 +40,7 @@ from fapool.models.llama import LocalAttend, Pending, run_steps
 from fapool.models.registry import build_model
 from fapool.worker import comm
 from fapool.worker.model_runner import DTYPES
+from fapool.worker.pool_link import PoolLink
 from fapool.worker.protocol import SHUTDOWN, DenseInit, DenseStep, MicroBatch, RankReport, Tag, exchange_tag
 from fapool.worker.step_clock import StepClock
 
@@ -92,6 +93,7 @@ class DenseStage:
         self.layers = stage_layers(config.model.num_hidden_layers, self.num_stages)[self.stage]
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.clock = StepClock(self.device)  # the step's waits, all-reduces included (new_clock)
+        self.link: PoolLink | None = None  # a pipeline stage's link to the attention pool
         self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned all-reduce buffers (staged)
 
     @property
@@ -113,7 +115,8 @@ class DenseStage:
         the device has finished the step's work) as compute."""
         seconds = self.clock.finish()
         wall = time.perf_counter() - t_start
-        comm_s, idle_s = seconds.get("comm", 0.0), seconds.get("idle", 0.0)
+        # "wait": on attention ranks (a pipeline stage's own pool exchanges).
+        comm_s, idle_s = seconds.get("comm", 0.0) + seconds.get("wait", 0.0), seconds.get("idle", 0.0)
         stats.comm_s += comm_s
         stats.idle_s += idle_s
         stats.compute_s += max(0.0, wall - comm_s - idle_s)
@@ -189,11 +192,14 @@ class DenseStage:
         """Run this rank's share of a step. Returns, per micro-batch, the due rows' logits when
         this rank computes them here and is rank 0 (the driver, pipeline size 1); other ranks
         send theirs. Outgoing sends are complete when this returns."""
-        if self.config.pool.attention_workers > 0:  # TP with an attention pool
+        if self.link is None and self.config.pool.attention_workers > 0:  # TP next to a pool
             self._run_pooled(plan, stats)
             return [None] * len(plan.micro_batches)  # the driver computes the logits
         t_start = time.perf_counter()
         clock = self.new_clock()
+        if self.link is not None:  # pipeline stages next to a pool: this stage's own exchanges
+            self.link.known_failed(plan.failed_workers)
+            self.link.begin_step(clock)
         self.copy_blocks(plan.copies)
         prev = self.topology.dense_rank(self.stage - 1, self.tp_rank) if not self.is_first else None
         nxt = self.topology.dense_rank(self.stage + 1, self.tp_rank) if not self.is_last else None
@@ -211,7 +217,11 @@ class DenseStage:
                 x = buf.to(self.device)
             pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
             meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
-            attend = LocalAttend(self.model.model.layers, meta)
+            layers = self.model.model.layers
+            if mb.routes:
+                attend = self.link.attend_hook(mb.routes, mb.num_tokens, i, len(plan.micro_batches), meta, layers)
+            else:
+                attend = LocalAttend(layers, meta)
             hidden = run_steps(
                 self.model.model.forward_steps(x, pos, self.kv_caches, attend, layers=self.layers)
             )
@@ -233,6 +243,10 @@ class DenseStage:
             msg = logits.to(self.transport)
             sends.append((comm.send_tensor(msg, 0, Tag.LOGITS + i), msg, 0))
         clock.measure("comm", lambda: self._wait_sends(sends))
+        if self.link is not None:
+            clock.measure("wait", self.link.finish_sends)
+            if self.rank != 0:  # the driver's own link reports to the engine directly
+                stats.failed_workers = dict(self.link.take_failures())
         self.finish_clock(stats, t_start)
         return local_logits
 
@@ -405,6 +419,10 @@ class DenseWorker:
             fuse_model(model)
         self.stage.model = model.eval()
         self.stage.allocate_kv_cache(init.num_blocks)
+        if init.pool_kv_heads is not None:  # a pipeline stage next to an attention pool
+            self.stage.link = PoolLink(
+                cfg, self.topology, init.pool_kv_heads, self.stage.device, self.transport, comm.Waiter(), backend
+            )
 
     def run(self) -> None:
         idle_since = time.perf_counter()

@@ -32,8 +32,9 @@ from fapool.worker import comm
 from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights, shard_model, stage_layers, tp_groups
 from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner
-from fapool.worker.protocol import DenseInit, DenseStep, RankReport, StepReport, Tag
-from fapool.worker.step_plan import plan_micro_batch, split_micro_batches
+from fapool.worker.pool_link import PoolLink, pool_kv_heads
+from fapool.worker.protocol import AttentionInit, DenseInit, DenseStep, RankReport, StepReport, Tag
+from fapool.worker.step_plan import MicroBatchPlan, plan_micro_batch, split_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ def check_parallel(config: EngineConfig) -> None:
             "sparse_attention with tensor_parallel_size / pipeline_parallel_size > 1 is not supported: "
             "the profile's per-head budgets are not cut to a rank's heads and layers"
         )
-    if config.pool.attention_workers > 0 and par.pipeline_parallel_size > 1:
+    if config.pool.attention_workers > 0 and par.pipeline_parallel_size > 1 and par.tensor_parallel_size > 1:
         raise ConfigError(
-            "pipeline_parallel_size > 1 together with attention_workers > 0 is not supported yet: use "
-            "tensor_parallel_size with the attention pool, or the static TP/PP baseline without it"
+            "tensor_parallel_size > 1 and pipeline_parallel_size > 1 together with attention_workers > 0 is "
+            "not supported yet: use either TP or PP with the attention pool"
         )
 
 
@@ -119,15 +120,26 @@ class ParallelModelRunner(ModelRunner):
         check_parallel(config)
         super().__init__(config, model, backend)
         self.use_cuda_graphs = False  # eager steps (module docstring)
-        par = config.parallel
-        self.topology = comm.Topology(par.tensor_parallel_size, par.pipeline_parallel_size)
+        par, pool = config.parallel, config.pool
+        self.topology = comm.Topology(par.tensor_parallel_size, par.pipeline_parallel_size, pool.attention_workers)
         # Ranks sharing the driver's GPU split its KV budget (ModelRunner.determine_num_blocks).
         self.rank_devices = comm.engine_rank_devices(config.device, self.topology.world_size)
         self.ranks_on_device = self.rank_devices.ranks_sharing(0)
         self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
         self.timeout_s = config.pool.worker_timeout_s
+        # Pipeline stages next to an attention pool: every stage exchanges with the pool for
+        # its own layers, so a stage may wait out an attention rank's timeout before it answers.
+        self.pool_kv_heads = pool_kv_heads(config) if pool.attention_workers else None
+        self.link: PoolLink | None = None
+        if self.pool_kv_heads is not None:
+            self.worker_num_blocks = pool.worker_kv_blocks or ModelRunner.determine_num_blocks(
+                self, ModelRunner.bytes_per_block(self)  # a worker's block: every layer, its heads
+            )
+            self.pool_start = -(-pool.pool_threshold // self.block_size) * self.block_size
+            self.timeout_s *= 1 + par.pipeline_parallel_size
         self.step_stats: list[StepReport] = []
         self.fault_hang: dict[int, float] = {}  # tests: rank -> seconds to stall on its next step
+        self.worker_fault_hang: dict[int, float] = {}  # tests: attention worker id -> seconds
         self.failure: comm.WorkerFailure | None = None
         self.waiter = comm.Waiter()
         self._step = 0
@@ -151,9 +163,17 @@ class ParallelModelRunner(ModelRunner):
         startup_s = max(60.0, self.timeout_s)
         self.workers = WorkerGroup(self.config, topo.world_size)
         self.transport = comm.transport_device(str(self.device))
-        init = DenseInit(self.config, self.num_blocks)
+        init = DenseInit(self.config, self.num_blocks, self.pool_kv_heads)
         for r in self._ranks():
             comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
+        if self.pool_kv_heads is not None:
+            for w, heads in self.pool_kv_heads.items():
+                msg = AttentionInit(self.config, w, self.worker_num_blocks, heads)
+                comm.send_object(msg, topo.attention_rank(w), self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
+            self.link = PoolLink(
+                self.config, topo, self.pool_kv_heads, self.device, self.transport, self.waiter, self.backend
+            )
+            self.stage.link = self.link
         groups = tp_groups(topo, GROUP_TIMEOUT_S)
         with torch.no_grad():
             for r in self._ranks():
@@ -213,10 +233,19 @@ class ParallelModelRunner(ModelRunner):
         for r in self._ranks():
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
+        link = self.link
         groups = split_micro_batches(out.scheduled, topo.pipeline_parallel_size)
-        plan = DenseStep(self._step, [plan_micro_batch(g, self.block_size).dense() for g in groups], list(out.block_copies))
+        if link is None:
+            plans = [plan_micro_batch(g, self.block_size) for g in groups]
+            plan = DenseStep(self._step, [p.dense() for p in plans], list(out.block_copies))
+        else:
+            mode = self.config.pool.pool_mode
+            plans = [plan_micro_batch(g, self.block_size, self.pool_start, mode, i) for i, g in enumerate(groups)]
+            failed = [w for w in self.pool_kv_heads if not link.live(w)]
+            plan = DenseStep(self._step, [p.dense(with_routes=True) for p in plans], list(out.block_copies), failed)
         stats = StepReport(self._step, out.num_tokens, len(plan.micro_batches))
         own = RankReport(0)
+        told = self._send_pool_plans(plans, out) if link is not None else []
 
         t0 = time.perf_counter()
         for r in self._ranks():
@@ -241,6 +270,11 @@ class ParallelModelRunner(ModelRunner):
                     parts.append(buf.to(self.device))
         for r in self._ranks():
             stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=Tag.REPORT, device=self.transport)
+            for w, why in stats.ranks[r].failed_workers.items():
+                link.fail(w, why)
+        if link is not None:
+            stats.workers = link.collect_reports(told)
+            stats.local_attention_s = link.local_attention_s
         own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the last ranks' reports
 
         due = [s for s in out.scheduled if s.completes_known_tokens]
@@ -251,9 +285,25 @@ class ParallelModelRunner(ModelRunner):
         self.step_stats.append(stats)
         return logits, due
 
+    def _send_pool_plans(self, plans: list[MicroBatchPlan], out: SchedulerOutput) -> list[int]:
+        """The attention ranks' plans, in the order the stages send: stage by stage, each
+        stage's micro-batches in turn, each through the stage's layers."""
+        link, topo = self.link, self.topology
+        for w in self.pool_kv_heads:
+            if link.live(w) and not self.workers.alive(topo.attention_rank(w)):
+                link.fail(w, "process exited")
+        order = [
+            (layer, i, topo.dense_rank(stage, 0))
+            for stage, layers in enumerate(self.layer_ranges)
+            for i in range(len(plans))
+            for layer in layers
+        ]
+        return link.send_plans(self._step, plans, out.pool_block_copies, order, self.worker_fault_hang)
+
     def take_failures(self) -> list[tuple[int, str]]:
-        """No attention workers to lose: a dense rank's failure is raised by execute()."""
-        return []
+        """Attention workers lost (their requests are recomputed); a dense rank's failure is
+        raised by execute()."""
+        return self.link.take_failures() if self.link is not None else []
 
     def shutdown(self) -> None:
         """Stop the dense ranks; safe to call twice, and after a failure (then they are killed)."""
@@ -264,5 +314,6 @@ class ParallelModelRunner(ModelRunner):
             if self.failure is not None or not self._sharded:
                 self.workers.kill()
             else:
-                self.workers.shutdown(list(self._ranks()), self.waiter, self.transport)
+                workers = [] if self.link is None else [self.topology.attention_rank(w) for w in self.pool_kv_heads if self.link.live(w)]
+                self.workers.shutdown([*self._ranks(), *workers], self.waiter, self.transport)
         self.waiter.close()

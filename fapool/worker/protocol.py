@@ -48,6 +48,9 @@ class AttentionInit:
 class DenseInit:
     config: EngineConfig
     num_blocks: int
+    # With an attention pool next to pipeline stages: every worker's KV heads (each stage
+    # exchanges with the pool for its own layers).
+    pool_kv_heads: dict[int, list[int]] | None = None
 
 
 # A step, for an attention rank -----------------------------------------------------------
@@ -87,11 +90,26 @@ class WorkerBatch:
 
 
 @dataclass
+class Route:
+    """A dense rank's bookkeeping for one attention rank in one micro-batch: which rows of
+    q/k/v it gets, and where its answers go back."""
+
+    worker: int
+    batch: WorkerBatch
+    q_rows: list[int] = field(default_factory=list)  # token index of each query row
+    kv_rows: list[int] = field(default_factory=list)  # token index of each new K/V row
+    rounds: list[list[int]] = field(default_factory=list)  # row groups whose tokens are unique
+
+
+@dataclass
 class AttentionStep:
     step: int
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     batches: dict[int, WorkerBatch] = field(default_factory=dict)  # micro-batch -> its share
     num_micro_batches: int = 1
+    # (layer, micro-batch, dense rank) in the order the dense ranks send: the driver's
+    # micro-batches advance layer by layer; with pipeline stages, stage by stage.
+    order: list[tuple[int, int, int]] = field(default_factory=list)
     hang_s: float = 0.0  # fault injection for tests: stall this long before the step
 
 
@@ -103,8 +121,10 @@ class MicroBatch:
     meta_args: dict  # AttentionMetadata.build keyword arguments (host lists)
     logit_rows: list[int]  # rows whose next token is due, in order
     # Some rows attend KV on the attention pool: every layer this micro-batch's q/k/v go to
-    # the driver and the pool's partials for this rank's heads come back.
+    # the driver and the pool's partials for this rank's heads come back (tensor parallel) ...
     remote: bool = False
+    # ... or, pipeline stages, each stage exchanges with the attention ranks itself.
+    routes: dict[int, Route] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +136,7 @@ class DenseStep:
     step: int
     micro_batches: list[MicroBatch]
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    failed_workers: list[int] = field(default_factory=list)  # attention ranks the driver gave up on
     hang_s: float = 0.0  # fault injection for tests: stall this long before the step
 
 
@@ -132,6 +153,7 @@ class RankReport:
     idle_s: float = 0.0
     num_tokens: int = 0
     q_rows: int = 0  # attention ranks: query rows answered
+    failed_workers: dict[int, str] = field(default_factory=dict)  # attention ranks this one lost
 
 
 @dataclass

@@ -14,18 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fapool.core.scheduler import ScheduledRequest
-from fapool.worker.protocol import Entry, MicroBatch, WorkerBatch
-
-
-@dataclass
-class Route:
-    """Driver-side bookkeeping for one worker in one micro-batch."""
-
-    worker: int
-    batch: WorkerBatch
-    q_rows: list[int] = field(default_factory=list)  # token index of each query row
-    kv_rows: list[int] = field(default_factory=list)  # token index of each new K/V row
-    rounds: list[list[int]] = field(default_factory=list)  # row groups whose tokens are unique
+from fapool.worker.protocol import Entry, MicroBatch, Route, WorkerBatch
 
 
 @dataclass
@@ -41,15 +30,20 @@ class MicroBatchPlan:
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
-    def dense(self, with_logits: bool = True) -> MicroBatch:
+    def dense(self, with_logits: bool = True, with_routes: bool = False) -> MicroBatch:
         """What a dense rank runs: the tokens with the local metadata (pool rows have slot -1
-        and lie past the local kv_lens)."""
+        and lie past the local kv_lens). `with_routes`: the rank exchanges with the attention
+        ranks itself (a pipeline stage), so it gets the rows to cut (not the workers' plans)."""
+        routes = None
+        if with_routes:
+            routes = {w: Route(w, WorkerBatch(), r.q_rows, r.kv_rows, r.rounds) for w, r in self.routes.items()}
         return MicroBatch(
             self.input_ids,
             self.positions,
             self.local_meta_args,
             self.logit_rows if with_logits else [],
             remote=bool(self.routes),
+            routes=routes,
         )
 
 

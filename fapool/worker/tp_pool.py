@@ -45,7 +45,8 @@ from fapool.worker import comm
 from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights, shard_model, stage_layers, tp_groups
 from fapool.worker.model_runner import ModelRunner
 from fapool.worker.parallel_runner import check_parallel, diagnose_dense_failure, rank_weights
-from fapool.worker.pool_runner import PoolModelRunner, _PoolAttend
+from fapool.worker.pool_link import PoolAttend
+from fapool.worker.pool_runner import PoolModelRunner
 from fapool.worker.protocol import DenseInit, DenseStep, StepReport, Tag, exchange_tag
 from fapool.worker.step_plan import MicroBatchPlan
 
@@ -150,10 +151,8 @@ class TPPoolModelRunner(PoolModelRunner):
             timeout = self.config.pool.worker_timeout_s
             stats.ranks[r] = comm.recv_object(r, self.waiter, timeout, tag=Tag.REPORT, device=self.transport)
 
-    def _attend(
-        self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata, stats: StepReport
-    ) -> _TPPoolAttend:
-        return _TPPoolAttend(self, plan, index, count, meta, stats)
+    def _attend(self, plan: MicroBatchPlan, index: int, count: int, meta: AttentionMetadata) -> _TPPoolAttend:
+        return _TPPoolAttend(self, plan, index, count, meta)
 
     # Stop ---------------------------------------------------------------------------------
     def _shutdown_ranks(self) -> list[int]:
@@ -177,17 +176,21 @@ class TPPoolModelRunner(PoolModelRunner):
             self.waiter.close()
 
 
-class _TPPoolAttend(_PoolAttend):
+class _TPPoolAttend(PoolAttend):
     """The driver's hook: gathers every head's q/k/v for the pool, sends each TP rank its
     heads' share of the pool's merged partials."""
 
+    def __init__(self, runner: TPPoolModelRunner, plan: MicroBatchPlan, index: int, count: int, meta) -> None:
+        super().__init__(runner.link, plan.routes, plan.num_tokens, index, count, meta, runner.model.model.layers)
+        self.r = runner
+
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
-        if not self.plan.routes:  # all local: every rank attends its heads on its own
+        if not self.cuts:  # all local: every rank attends its heads on its own
             return super().__call__(layer, q, k, v, kv_cache)
         tag = exchange_tag(layer, self.index, self.count)
         full = self._gather(q, k, v, tag)
-        recvs = self._post_remote(layer, *full)
-        out, lse = self._attend_local(layer, q, k, v, kv_cache)
+        recvs = self.post_remote(layer, *full)
+        out, lse = self.attend_local(layer, q, k, v, kv_cache)
         return Pending(finish=lambda: self._merge_and_scatter(full[0].shape, q, out, lse, recvs, tag))
 
     def _gather(self, q, k, v, tag: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,7 +216,7 @@ class _TPPoolAttend(_PoolAttend):
     def _merge_and_scatter(self, shape, q, out, lse, recvs, tag: int) -> torch.Tensor:
         r = self.r
         T, H, D = shape
-        outs, lses = self._remote_partials(shape, recvs)
+        outs, lses = self.remote_partials(shape, recvs)
         if outs:
             pool_o, pool_l = merge_tree(outs, lses)
         else:  # no worker answered (none had queries here, or they failed): an empty partial

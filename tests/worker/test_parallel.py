@@ -78,7 +78,7 @@ def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, 
         (dict(tensor_parallel_size=4), "num_key_value_heads"),  # 2 KV heads
         (dict(tensor_parallel_size=3), "num_attention_heads"),  # 4 heads
         (dict(pipeline_parallel_size=3), "2 layers"),
-        (dict(pipeline_parallel_size=2, attention_workers=1), "not supported"),
+        (dict(tensor_parallel_size=2, pipeline_parallel_size=2, attention_workers=1), "not supported"),
     ],
 )
 def test_unsupported_shapes_fail_before_starting(tiny_checkpoints, kw, match):

@@ -105,8 +105,8 @@ def gpu_reference(tiny_checkpoints):
 
 def _check_placement(runner, world_size):
     expect = "nccl" if torch.cuda.device_count() >= world_size else "gloo"
-    assert runner.placement.backend == expect
-    assert runner.placement.staged == (expect == "gloo")
+    assert runner.rank_devices.backend == expect
+    assert runner.rank_devices.staged == (expect == "gloo")
     assert runner.kv_caches[0][0].is_cuda
 
 
@@ -148,7 +148,7 @@ def test_tp2_with_pool_on_gpu_matches_single_process(tiny_checkpoints, gpu_refer
         assert engine.stats().num_preemptions == 0
         _check_placement(runner, 3)
         # Ranks sharing the card split the profiled budget.
-        assert runner.ranks_on_device == (1 if runner.placement.backend == "nccl" else 3)
+        assert runner.ranks_on_device == (1 if runner.rank_devices.backend == "nccl" else 3)
         assert runner.num_blocks >= 64 and runner.worker_num_blocks >= 64
         grown = {e.request_id for e in engine.pool_manager.history if e.action == "grow"}
         assert grown == {"2", "3", "4"}

@@ -246,3 +246,57 @@ def test_dropped_pool_engine_stops_its_workers_and_a_new_one_starts(tiny_checkpo
     second.shutdown()
     second.shutdown()  # twice is fine
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "arch,mode,workers", [("llama", "shard", 2), ("qwen2", "replicate", 2), ("mistral", "head", 2)]
+)
+def test_pipeline_stages_with_the_pool_match_single_process(
+    tiny_checkpoints, reference, arch, mode, workers, tmp_path, monkeypatch
+):
+    """PP 2 + pool: each stage exchanges with the attention workers for its own layers (the
+    workers serve the driver's layer, then stage 1's), sequences cross the threshold mid-decode."""
+    folder = tiny_checkpoints[arch][0]
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
+    kw = _engine_kwargs(pipeline_parallel_size=2, attention_workers=workers, pool_mode=mode, **POOL)
+    with LLM(folder, **kw) as llm:
+        outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
+        reports = llm.engine.executor.reports
+        assert [o.token_ids for o in outs] == reference(arch)
+        assert sum(w.q_rows for s in reports for w in s.workers.values()) > 0
+        assert max(s.pool_size for s in reports) == workers
+        assert all(set(s.ranks) == {0, 1} for s in reports)  # both stages reported every step
+        assert llm.engine.pool_manager.active_workers() == set()
+    assert assert_pairs_mirror(str(tmp_path), 2 + workers) > 0
+
+
+def test_pipeline_stages_with_the_pool_recompute_a_dead_workers_requests(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    with LLM(folder, **_engine_kwargs(pipeline_parallel_size=2, attention_workers=2, **POOL)) as llm:
+        runner = llm.engine.executor.runner
+
+        def kill(step):
+            if step == 5:
+                runner.workers.procs[runner.topology.attention_rank(1)].kill()
+
+        got = _run_until(llm, random_prompts(LENGTHS, seed=21), PARAMS, kill)
+        assert [w for w, _ in llm.engine.worker_failures] == [1]
+        assert llm.engine.pool_manager.alive == {2}
+        assert got == reference("llama")
+
+
+def test_pipeline_stages_with_the_pool_time_out_a_hung_worker(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    kw = _engine_kwargs(pipeline_parallel_size=2, attention_workers=2, **{**POOL, "worker_timeout_s": 2.0})
+    with LLM(folder, **kw) as llm:
+        runner = llm.engine.executor.runner
+
+        def hang(step):
+            if step == 4:
+                runner.worker_fault_hang[2] = 60.0
+
+        got = _run_until(llm, random_prompts(LENGTHS, seed=21), PARAMS, hang)
+        assert [w for w, _ in llm.engine.worker_failures] == [2]
+        assert "no answer within 2 s" in llm.engine.worker_failures[0][1]
+        assert got == reference("llama")
+        runner.workers.procs[runner.topology.attention_rank(2)].kill()  # don't wait out its sleep

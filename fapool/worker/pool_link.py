@@ -1,0 +1,304 @@
+"""A dense rank's link to the attention pool, and the attend hook that uses it.
+
+Every dense rank whose layers attend pooled KV holds a PoolLink: the driver always (it also
+sends the attention ranks their step plans and collects their reports), and with pipeline
+parallelism each stage's rank for its own layers. Per layer and micro-batch the hook cuts each
+attention rank's query rows and new K/V rows (its KV heads) out of q/k/v, posts them, attends
+the local share meanwhile, and merges the answers (out, lse) exactly when the forward resumes.
+An attention rank that dies or goes silent is marked failed and left out: its requests are
+recomputed by the engine, the others do not depend on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fapool.attention.backend import merge_tree
+from fapool.config import EngineConfig
+from fapool.core.head_placement import HEAD_POLICIES
+from fapool.models.llama import Pending
+from fapool.sparse.placement import head_weights
+from fapool.sparse.profile import SparseProfile
+from fapool.worker import comm
+from fapool.worker.protocol import AttentionStep, RankReport, Tag, exchange_tag
+from fapool.worker.step_clock import StepClock
+from fapool.worker.step_plan import MicroBatchPlan, Route
+
+logger = logging.getLogger(__name__)
+
+
+def pool_kv_heads(config: EngineConfig) -> dict[int, list[int]]:
+    """Worker id -> the global KV heads it stores: all of them, or in head mode its share by
+    the head-placement policy. With a sparse-attention profile, heads weigh what their budgets
+    cost (seed 003's sparsity-aware placement), at the longest context the engine serves."""
+    m, pool = config.model, config.pool
+    workers = list(range(1, pool.attention_workers + 1))
+    if pool.pool_mode != "head":
+        return {w: list(range(m.num_key_value_heads)) for w in workers}
+    weights = None
+    if config.sparse_attention:
+        longest = config.scheduler.max_model_len or m.max_position_embeddings
+        weights = head_weights(SparseProfile.load(config.sparse_attention).fractions_at(longest))
+    return HEAD_POLICIES[pool.head_placement](m.num_key_value_heads, workers, weights)
+
+
+class PoolLink:
+    def __init__(
+        self,
+        config: EngineConfig,
+        topology: comm.Topology,
+        kv_heads: dict[int, list[int]],
+        device: torch.device,
+        transport: str,
+        waiter: comm.Waiter,
+        backend,
+    ) -> None:
+        self.topology = topology
+        self.backend = backend  # attends the local share (the driver's: the engine's backend)
+        self.kv_heads = kv_heads
+        self.num_kv_heads = config.model.num_key_value_heads
+        self.device = device
+        self.transport = transport
+        self.waiter = waiter
+        self.timeout_s = config.pool.worker_timeout_s
+        group = config.model.num_queries_per_kv
+        self.head_idx = {
+            w: (
+                torch.tensor(hs, device=device),
+                torch.tensor([h * group + g for h in hs for g in range(group)], device=device),
+            )
+            for w, hs in kv_heads.items()
+        }
+        self.failed: dict[int, str] = {}
+        self._new_failures: list[int] = []
+        self.clock = StepClock(device)
+        self.sends: list = []  # (request, buffer kept alive, worker) of the step's sends
+        self.local_attention_s = 0.0
+
+    # Failures -----------------------------------------------------------------------------
+    def live(self, worker: int) -> bool:
+        return worker not in self.failed
+
+    def fail(self, worker: int, why: str) -> None:
+        if worker not in self.failed:
+            rank = self.topology.attention_rank(worker)
+            logger.error("attention worker %d (rank %d) failed: %s", worker, rank, why)
+            self.failed[worker] = why
+            self._new_failures.append(worker)
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        new, self._new_failures = self._new_failures, []
+        return [(w, self.failed[w]) for w in new]
+
+    def known_failed(self, workers: list[int]) -> None:
+        """Workers another rank (the driver) gave up on: no more traffic to them from here."""
+        for w in workers:
+            self.failed.setdefault(w, "failed (seen by the driver)")
+
+    # A step -------------------------------------------------------------------------------
+    def begin_step(self, clock: StepClock | None = None) -> StepClock:
+        """Start a step; waits on attention ranks are booked as "wait" on `clock` (default a
+        new one of this link's)."""
+        self.clock = clock or StepClock(self.device, stream_ordered=self.transport != "cpu")
+        self.sends = []
+        self.local_attention_s = 0.0
+        return self.clock
+
+    def finish_sends(self) -> None:
+        """Wait for the step's sends (a failed worker's are abandoned)."""
+        for work, buf, w in self.sends:
+            if not self.live(w):
+                self.waiter.abandon(work, buf)
+                continue
+            try:
+                self.waiter.wait(work, self.timeout_s, self.topology.attention_rank(w), "send", buf)
+            except comm.WorkerFailure as e:
+                self.fail(w, str(e))
+        self.sends = []
+
+    def attend_hook(
+        self, routes: dict[int, Route], num_tokens: int, index: int, count: int, meta, layers
+    ) -> PoolAttend:
+        return PoolAttend(self, routes, num_tokens, index, count, meta, layers)
+
+    # The driver's side: plans out, reports in ---------------------------------------------
+    def send_plans(
+        self,
+        step: int,
+        plans: list[MicroBatchPlan],
+        pool_copies: list[tuple[int, int, int]],
+        order: list[tuple[int, int, int]],
+        hang: dict[int, float],
+    ) -> list[int]:
+        """Send each live attention rank its step plan; returns the workers told."""
+        told = []
+        for w in self.kv_heads:
+            if not self.live(w):
+                continue
+            batches = {i: p.routes[w].batch for i, p in enumerate(plans) if w in p.routes}
+            copies = [(s, d) for ww, s, d in pool_copies if ww == w]
+            stall = hang.pop(w, 0.0)
+            if not batches and not copies and not stall:
+                continue
+            mine = [(layer, mb, peer) for layer, mb, peer in order if mb in batches]
+            msg = AttentionStep(step, copies, batches, len(plans), mine, stall)
+            try:
+                rank = self.topology.attention_rank(w)
+                comm.send_object(msg, rank, self.waiter, self.timeout_s, tag=Tag.STEP, device=self.transport)
+                told.append(w)
+            except comm.WorkerFailure as e:
+                self.fail(w, str(e))
+        return told
+
+    def collect_reports(self, told: list[int]) -> dict[int, RankReport]:
+        reports = {}
+        for w in told:
+            if not self.live(w):
+                continue
+            try:
+                rank = self.topology.attention_rank(w)
+                reports[w] = comm.recv_object(rank, self.waiter, self.timeout_s, tag=Tag.REPORT, device=self.transport)
+            except comm.WorkerFailure as e:
+                self.fail(w, str(e))
+        return reports
+
+
+class PoolAttend:
+    """The attend hook for one micro-batch: remote shares out first, local share meanwhile,
+    merge when the generator resumes."""
+
+    def __init__(self, link: PoolLink, routes: dict[int, Route], num_tokens: int, index: int, count: int, meta, layers):
+        self.link = link
+        self.index = index
+        self.count = count
+        self.meta = meta
+        self.layers = layers
+        self.cuts = {w: _Cut.of(rt, num_tokens, link, w) for w, rt in routes.items()}
+
+    def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
+        recvs = self.post_remote(layer, q, k, v)
+        out, lse = self.attend_local(layer, q, k, v, kv_cache)
+        # Always hand control back, even with nothing remote: micro-batches then advance in
+        # lockstep, layer by layer, so K/V an earlier micro-batch writes into a block that a
+        # later one shares through the prefix cache is in place before that one reads it.
+        return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else out)
+
+    def post_remote(self, layer: int, q, k, v) -> list:
+        """Send each live worker its query rows and new K/V rows (of its heads); post the
+        receives of its (out, lse). q/k/v hold every head here."""
+        link = self.link
+        tag = exchange_tag(layer, self.index, self.count)
+        recvs = []
+        for w, cut in self.cuts.items():
+            if not link.live(w) or (cut.nq == 0 and cut.nkv == 0):
+                continue
+            parts = [cut.take(q, cut.q_rows, cut.q_heads)]
+            if cut.nkv:
+                parts += [cut.take(k, cut.kv_rows, cut.kv_heads), cut.take(v, cut.kv_rows, cut.kv_heads)]
+            msg = torch.cat(parts).to(link.transport)
+            rank = link.topology.attention_rank(w)
+            try:
+                link.sends.append((comm.send_tensor(msg, rank, tag), msg, w))
+                if cut.nq:
+                    buf = torch.empty(cut.nq * cut.hq * (q.shape[-1] + 1), dtype=torch.float32, device=link.transport)
+                    recvs.append((w, cut, comm.recv_tensor(buf, rank, tag + 1), buf))
+            except RuntimeError as e:
+                link.fail(w, str(e))
+        return recvs
+
+    def attend_local(self, layer: int, q, k, v, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's local K/V and attend over the local blocks (this rank's heads)."""
+        t0 = time.perf_counter()
+        backend = self.link.backend
+        k_cache, v_cache = kv_cache
+        backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
+        out, lse = backend.forward(q, k_cache, v_cache, self.meta, self.layers[layer].self_attn.scale)
+        self.link.local_attention_s += time.perf_counter() - t0
+        return out, lse
+
+    def _merge(self, q, out, lse, recvs) -> torch.Tensor:
+        outs, lses = self.remote_partials(q.shape, recvs)
+        merged, _ = merge_tree([out.float()] + outs, [lse] + lses)
+        return merged.to(q.dtype)
+
+    def remote_partials(self, shape, recvs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Wait for the workers' answers; each (worker, round) becomes one full-shape partial
+        [T, H, D] / [T, H] with lse -inf where that worker saw nothing."""
+        link = self.link
+        dev = link.device
+        T, H, D = shape
+        outs, lses = [], []
+        for w, cut, work, buf in recvs:
+            rank = link.topology.attention_rank(w)
+            try:
+                link.clock.measure("wait", lambda: link.waiter.wait(work, link.timeout_s, rank, "attention", buf))  # noqa: B023
+            except comm.WorkerFailure as e:
+                link.fail(w, str(e))
+                continue
+            buf = buf.to(dev)
+            o = buf[: cut.nq * cut.hq * D].view(cut.nq, cut.hq, D)
+            l = buf[cut.nq * cut.hq * D :].view(cut.nq, cut.hq)
+            if cut.rounds is None:  # every row and head, once: the answer is the partial
+                outs.append(o)
+                lses.append(l)
+                continue
+            heads = torch.arange(H, device=dev) if cut.q_heads is None else cut.q_heads
+            for idx in cut.rounds:
+                tokens = idx if cut.q_rows is None else cut.q_rows[idx]
+                full_o = torch.zeros(T, H, D, dtype=torch.float32, device=dev)
+                full_l = torch.full((T, H), float("-inf"), dtype=torch.float32, device=dev)
+                full_o.index_put_((tokens[:, None], heads[None, :]), o[idx])
+                full_l.index_put_((tokens[:, None], heads[None, :]), l[idx])
+                outs.append(full_o)
+                lses.append(full_l)
+        return outs, lses
+
+
+@dataclass
+class _Cut:
+    """How one worker's share of a micro-batch is cut out of q/k/v and put back, computed once
+    per step: index tensors, or None where the share is every row or every head (no copy)."""
+
+    nq: int
+    nkv: int
+    hq: int  # query heads the worker attends
+    q_rows: torch.Tensor | None
+    kv_rows: torch.Tensor | None
+    q_heads: torch.Tensor | None
+    kv_heads: torch.Tensor | None
+    rounds: list[torch.Tensor] | None  # answer rows per round; None: one round, rows = all tokens
+
+    @classmethod
+    def of(cls, route: Route, num_tokens: int, link: PoolLink, worker: int) -> _Cut:
+        dev = link.device
+        everything = list(range(num_tokens))
+
+        def rows(ids: list[int]) -> torch.Tensor | None:
+            return None if ids == everything else torch.tensor(ids, dtype=torch.long, device=dev)
+
+        kv_idx, q_idx = link.head_idx[worker]
+        all_heads = len(kv_idx) == link.num_kv_heads
+        q_rows = rows(route.q_rows)
+        whole = q_rows is None and all_heads and len(route.rounds) == 1
+        return cls(
+            len(route.q_rows),
+            len(route.kv_rows),
+            len(q_idx),
+            q_rows,
+            rows(route.kv_rows),
+            None if all_heads else q_idx,
+            None if all_heads else kv_idx,
+            None if whole else [torch.tensor(r, dtype=torch.long, device=dev) for r in route.rounds],
+        )
+
+    @staticmethod
+    def take(x: torch.Tensor, rows: torch.Tensor | None, heads: torch.Tensor | None) -> torch.Tensor:
+        if rows is not None:
+            x = x.index_select(0, rows)
+        if heads is not None:
+            x = x.index_select(1, heads)
+        return x.reshape(-1)
