@@ -196,7 +196,7 @@ def _utilisation(b: dict | None) -> str:
 def _print_table(rows: list[dict[str, Any]], ns: argparse.Namespace) -> None:
     table = Table(title=f"attention pool vs single process — batch {ns.batch_size}, out {ns.output_len}")
     cols = ("config", "in", "same tokens (prefix)", "TPOT (ms)", "tok/s", "util dense | attn", "comm share", "overlap",
-            "pool size", "micro-batches", "comm")
+            "pool size", "micro-batches", "plan (ms)", "comm")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
@@ -209,6 +209,7 @@ def _print_table(rows: list[dict[str, Any]], ns: argparse.Namespace) -> None:
             f"{b['overlap_mean']:.0%}" if b and b["overlap_mean"] is not None else "-",
             f"{b['pool_size']['min']}..{b['pool_size']['max']}" if b else "-",
             " ".join(f"{m}:{n}" for m, n in sorted(b["micro_batches"].items())) if b else "-",
+            f"{b['plan_ms_per_step']:.2f}" if b else "-",
             r["backend"] or "-",
         )
     console.print(table)

@@ -76,6 +76,7 @@ def summarize(step_stats: list[StepReport]) -> dict[str, Any] | None:
         },
         "kv_tokens_peak_per_worker": kv_peak,
         "micro_batches": dict(Counter(s.num_micro_batches for s in step_stats)),  # count -> steps
+        "plan_ms_per_step": 1e3 * sum(s.plan_s for s in step_stats) / len(step_stats),
         "dense_ranks": ranks,
     }
 

@@ -21,6 +21,7 @@ from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
 from fapool.request import Request
 from fapool.worker.cuda_graphs import DecodeGraphs
+from fapool.worker.step_plan import plan_micro_batch
 
 logger = logging.getLogger(__name__)
 
@@ -153,33 +154,15 @@ class ModelRunner:
 
     # Forward ------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        fills: list[tuple[int, int]] = []  # (flat index, row of the previous step's tokens)
-        bs = self.block_size
-        for s in out.scheduled:
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            known = min(end, s.request.num_tokens)
-            input_ids += s.request.token_slice(start, known)
-            if known < end:  # its last token was sampled by the step still in flight
-                fills.append((len(input_ids), self._prev_row(s.request)))
-                input_ids.append(0)
-            positions += range(start, end)
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-        meta = AttentionMetadata.build(
-            query_lens=[s.num_new_tokens for s in out.scheduled],
-            query_pos_start=[s.num_computed_tokens for s in out.scheduled],
-            kv_lens=[s.num_computed_tokens + s.num_new_tokens for s in out.scheduled],
-            block_tables=[s.block_ids for s in out.scheduled],
-            slot_mapping=slots,
-            device=self.device,
-        )
-        ids = self._to_device(torch.tensor(input_ids, dtype=torch.long))
-        if fills:
-            at, rows = (self._to_device(torch.tensor(c, dtype=torch.long)) for c in zip(*fills))
-            ids[at] = self._prev_tokens.index_select(0, rows)  # type: ignore[union-attr]
-        pos = self._to_device(torch.tensor(positions, dtype=torch.long))
+        plan = plan_micro_batch(out.scheduled, self.block_size)
+        meta = AttentionMetadata.build(device=self.device, **plan.local_meta_args)
+        ids = self._to_device(torch.tensor(plan.input_ids, dtype=torch.long))
+        if plan.placeholders:  # tokens sampled by the step still in flight: a device gather
+            at = [row for row, _ in plan.placeholders]
+            prev = [self._prev_row(req) for _, req in plan.placeholders]
+            at_t, prev_t = (self._to_device(torch.tensor(c, dtype=torch.long)) for c in (at, prev))
+            ids[at_t] = self._prev_tokens.index_select(0, prev_t)  # type: ignore[union-attr]
+        pos = self._to_device(torch.tensor(plan.positions, dtype=torch.long))
         return ids, pos, meta
 
     def _prev_row(self, req: Request) -> int:

@@ -234,6 +234,7 @@ class ParallelModelRunner(ModelRunner):
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
         link = self.link
+        t_plan = time.perf_counter()
         groups = split_micro_batches(out.scheduled, topo.pipeline_parallel_size)
         if link is None:
             plans = [plan_micro_batch(g, self.block_size) for g in groups]
@@ -246,6 +247,7 @@ class ParallelModelRunner(ModelRunner):
         stats = StepReport(self._step, out.num_tokens, len(plan.micro_batches))
         own = RankReport(0)
         told = self._send_pool_plans(plans, out) if link is not None else []
+        stats.plan_s = time.perf_counter() - t_plan  # the dense ranks' sends follow (comm)
 
         t0 = time.perf_counter()
         for r in self._ranks():

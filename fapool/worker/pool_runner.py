@@ -106,6 +106,7 @@ class PoolModelRunner(ModelRunner):
             if link.live(w) and not self.workers.alive(self.topology.attention_rank(w)):
                 link.fail(w, "process exited")
         self.copy_blocks(out.block_copies)
+        t_plan = time.perf_counter()
         shape = (len(out.scheduled), out.num_tokens, max(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled))
         groups = split_micro_batches(out.scheduled, self.micro_batches.choose(*shape))
         plans = [plan_micro_batch(g, self.block_size, self.pool_start, self.mode, i) for i, g in enumerate(groups)]
@@ -115,6 +116,7 @@ class PoolModelRunner(ModelRunner):
         order = [(layer, i, 0) for layer in range(self.config.model.num_hidden_layers) for i in range(len(plans))]
         told = link.send_plans(self._step, plans, out.pool_block_copies, order, self.fault_hang)
         self._send_dense_plans(plans, out)
+        stats.plan_s = time.perf_counter() - t_plan
 
         gens = [self._forward(plan, i, len(plans)) for i, plan in enumerate(plans)]
         hidden = drive_micro_batches(gens)

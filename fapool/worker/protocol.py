@@ -169,6 +169,7 @@ class StepReport:
     local_attention_s: float = 0.0  # the driver's attention over its local KV
     wait_s: float = 0.0  # the driver blocked on attention ranks (or, TP/PP, on its peers)
     tp_comm_s: float = 0.0  # the driver's all-reduces and exchanges with the other dense ranks
+    plan_s: float = 0.0  # the driver's host time building and sending the step's plans
     workers: dict[int, RankReport] = field(default_factory=dict)  # attention ranks, by worker id
     ranks: dict[int, RankReport] = field(default_factory=dict)  # dense ranks, by rank (0 included)
     pool_size: int = 0  # attention workers serving at least one request

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fapool.core.scheduler import ScheduledRequest
+from fapool.request import Request
 from fapool.worker.protocol import Entry, MicroBatch, Route, WorkerBatch
 
 
@@ -25,6 +26,9 @@ class MicroBatchPlan:
     local_meta_args: dict
     routes: dict[int, Route]  # worker id -> route (workers with work only)
     logit_rows: list[int]  # rows whose next token is due, in order
+    # (row, request) whose input token the step in flight is still sampling (async
+    # scheduling): input_ids holds 0 there until the runner fills it on the device.
+    placeholders: list[tuple[int, Request]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -77,11 +81,16 @@ def plan_micro_batch(
         r.batch.entries.append(entry)
 
     logit_rows: list[int] = []
+    placeholders: list[tuple[int, Request]] = []
     offset = 0
     for i, s in enumerate(scheduled):
         c, n = s.num_computed_tokens, s.num_new_tokens
         end = c + n
-        ids += s.request.token_slice(c, end)
+        known = min(end, s.request.num_tokens)
+        ids += s.request.token_slice(c, known)
+        if known < end:  # its last token is the one the step in flight samples
+            placeholders.append((len(ids), s.request))
+            ids.append(0)
         positions += range(c, end)
         if s.completes_known_tokens:
             logit_rows.append(offset + n - 1)
@@ -123,7 +132,7 @@ def plan_micro_batch(
         offset += n
 
     local["slot_mapping"] = local_slots
-    return MicroBatchPlan(scheduled, ids, positions, local, routes, logit_rows)
+    return MicroBatchPlan(scheduled, ids, positions, local, routes, logit_rows, placeholders)
 
 
 def split_micro_batches(scheduled: list[ScheduledRequest], count: int) -> list[list[ScheduledRequest]]:

@@ -300,3 +300,19 @@ def test_pipeline_stages_with_the_pool_time_out_a_hung_worker(tiny_checkpoints, 
         assert "no answer within 2 s" in llm.engine.worker_failures[0][1]
         assert got == reference("llama")
         runner.workers.procs[runner.topology.attention_rank(2)].kill()  # don't wait out its sleep
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error(tiny_checkpoints, tmp_path):
+    """Spawned ranks re-import the script; without the guard they fail while starting, and
+    the driver says why instead of hanging."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from fapool import LLM\n"
+        f"LLM({str(tiny_checkpoints['llama'][0])!r}, device='cpu', attention_workers=1, pool_threshold=32)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "if __name__ == '__main__':" in done.stderr
