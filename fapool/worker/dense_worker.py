@@ -1,5 +1,7 @@
-"""A dense rank of the static tensor/pipeline-parallel baseline: one pipeline stage's layers,
-one tensor-parallel slice of their heads and FFN, and the KV cache of exactly those.
+"""The dense role: one pipeline stage's layers, one tensor-parallel slice of their heads and
+FFN, and the local KV cache of exactly those (the driver is the dense rank of stage 0, TP rank
+0). Next to an attention pool a rank's layers attend the pool's KV through a PoolLink (its own,
+or with TP ranks the driver's, which gathers their heads' q/k/v).
 
 The driver (rank 0, stage 0, TP rank 0) owns the scheduler and the block manager; every
 rank uses the same block ids, so a step plan is plain data sent to all. Per step, for each
@@ -11,7 +13,9 @@ micro-batch in order:
 
 The TP ranks of a stage run the same micro-batches in the same order, so their all-reduces
 pair up; sends are asynchronous, so stage s works on micro-batch i+1 while stage s+1 works
-on micro-batch i (the pipeline fills within a step and drains at its end).
+on micro-batch i (the pipeline fills within a step and drains at its end). With one stage the
+micro-batches advance round-robin, one layer per turn, so that one's remote attention runs
+beside another's dense work.
 
 Devices (comm.place_ranks): on CPU, gloo. On CUDA with a GPU per rank, each rank on its own
 GPU and NCCL for all-reduces and stage-to-stage sends; with fewer GPUs than ranks, all on one
@@ -31,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fapool.attention.backend import merge_partials
+from fapool.attention.backend import merge_partials, merge_tree
 from fapool.attention.metadata import AttentionMetadata
 from fapool.attention.selector import make_backend
 from fapool.config import EngineConfig
@@ -40,7 +44,7 @@ from fapool.models.llama import LocalAttend, Pending, run_steps
 from fapool.models.registry import build_model
 from fapool.worker import comm
 from fapool.worker.model_runner import DTYPES
-from fapool.worker.pool_link import PoolLink
+from fapool.worker.pool_link import PoolAttend, PoolLink
 from fapool.worker.protocol import SHUTDOWN, DenseInit, DenseStep, MicroBatch, RankReport, Tag, exchange_tag
 from fapool.worker.step_clock import StepClock
 
@@ -93,7 +97,9 @@ class DenseStage:
         self.layers = stage_layers(config.model.num_hidden_layers, self.num_stages)[self.stage]
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.clock = StepClock(self.device)  # the step's waits, all-reduces included (new_clock)
-        self.link: PoolLink | None = None  # a pipeline stage's link to the attention pool
+        self.link: PoolLink | None = None  # this rank's own link to the attention pool
+        self._sends: list = []  # the step's outgoing sends, waited for at its end
+        self.last_seconds: dict[str, float] = {}  # the last step's seconds per clock kind
         self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned all-reduce buffers (staged)
 
     @property
@@ -110,9 +116,9 @@ class DenseStage:
         self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
         return self.clock
 
-    def finish_clock(self, stats: RankReport, t_start: float) -> None:
+    def finish_clock(self, stats: RankReport, t_start: float) -> dict[str, float]:
         """Book the step: waits as communication or idle, the rest of its wall time (after
-        the device has finished the step's work) as compute."""
+        the device has finished the step's work) as compute. Returns the seconds per kind."""
         seconds = self.clock.finish()
         wall = time.perf_counter() - t_start
         # "wait": on attention ranks (a pipeline stage's own pool exchanges).
@@ -120,6 +126,8 @@ class DenseStage:
         stats.comm_s += comm_s
         stats.idle_s += idle_s
         stats.compute_s += max(0.0, wall - comm_s - idle_s)
+        self.last_seconds = seconds
+        return seconds
 
     @property
     def is_first(self) -> bool:
@@ -190,59 +198,70 @@ class DenseStage:
     @torch.inference_mode()
     def run(self, plan: DenseStep, stats: RankReport) -> list[torch.Tensor | None]:
         """Run this rank's share of a step. Returns, per micro-batch, the due rows' logits when
-        this rank computes them here and is rank 0 (the driver, pipeline size 1); other ranks
-        send theirs. Outgoing sends are complete when this returns."""
-        if self.link is None and self.config.pool.attention_workers > 0:  # TP next to a pool
-            self._run_pooled(plan, stats)
-            return [None] * len(plan.micro_batches)  # the driver computes the logits
+        this rank computes them and is rank 0 (the driver); a last stage elsewhere sends them
+        to the driver. Outgoing sends are complete when this returns. With one stage the
+        micro-batches advance layer by layer, round-robin (one's remote attention overlaps
+        another's dense work; the TP ranks' all-reduces pair up); with several, each runs
+        through this stage's layers in turn and flows on to the next stage."""
         t_start = time.perf_counter()
         clock = self.new_clock()
-        if self.link is not None:  # pipeline stages next to a pool: this stage's own exchanges
+        if self.link is not None:
             self.link.known_failed(plan.failed_workers)
             self.link.begin_step(clock)
         self.copy_blocks(plan.copies)
         prev = self.topology.dense_rank(self.stage - 1, self.tp_rank) if not self.is_first else None
         nxt = self.topology.dense_rank(self.stage + 1, self.tp_rank) if not self.is_last else None
         hidden_size = self.config.model.hidden_size
-        sends: list[tuple[object, torch.Tensor, int]] = []
+        count = len(plan.micro_batches)
+        self._sends: list[tuple[object, torch.Tensor, int]] = []  # (request, buffer, peer)
         to_driver: list[tuple[int, torch.Tensor]] = []
-        local_logits: list[torch.Tensor | None] = []
-        for i, mb in enumerate(plan.micro_batches):
-            stats.num_tokens += mb.num_tokens
-            if self.is_first:
-                x = torch.tensor(mb.input_ids, dtype=torch.long, device=self.device)
-            else:
-                buf = torch.empty(mb.num_tokens, hidden_size, dtype=self.dtype, device=self.transport)
-                clock.measure("idle", lambda: self._recv_hidden(buf, prev, i))  # noqa: B023 - runs now
-                x = buf.to(self.device)
+        local_logits: list[torch.Tensor | None] = [None] * count
+
+        def forward(i: int, mb: MicroBatch, x: torch.Tensor):
             pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
             meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
-            layers = self.model.model.layers
-            if mb.routes:
-                attend = self.link.attend_hook(mb.routes, mb.num_tokens, i, len(plan.micro_batches), meta, layers)
-            else:
-                attend = LocalAttend(layers, meta)
-            hidden = run_steps(
-                self.model.model.forward_steps(x, pos, self.kv_caches, attend, layers=self.layers)
-            )
+            attend = self._attend_hook(mb, i, count, meta)
+            return self.model.model.forward_steps(x, pos, self.kv_caches, attend, layers=self.layers)
+
+        def finish(i: int, mb: MicroBatch, hidden: torch.Tensor) -> None:
             logits = None
             if self.computes_logits and mb.logit_rows:
                 rows = torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device)
                 logits = self.model.compute_logits(hidden.index_select(0, rows)).contiguous()
             if nxt is not None:
                 msg = hidden.to(self.transport)
-                sends.append((comm.send_tensor(msg, nxt, Tag.HIDDEN + i), msg, nxt))
+                self._sends.append((comm.send_tensor(msg, nxt, Tag.HIDDEN + i), msg, nxt))
             elif logits is not None and self.rank != 0:
                 to_driver.append((i, logits))
-            local_logits.append(logits if self.rank == 0 else None)
+            if self.rank == 0:
+                local_logits[i] = logits
+
+        for mb in plan.micro_batches:
+            stats.num_tokens += mb.num_tokens
+        if self.num_stages == 1:
+            gens = [
+                forward(i, mb, torch.tensor(mb.input_ids, dtype=torch.long, device=self.device))
+                for i, mb in enumerate(plan.micro_batches)
+            ]
+            for i, (mb, hidden) in enumerate(zip(plan.micro_batches, drive_micro_batches(gens))):
+                finish(i, mb, hidden)
+        else:
+            for i, mb in enumerate(plan.micro_batches):
+                if self.is_first:
+                    x = torch.tensor(mb.input_ids, dtype=torch.long, device=self.device)
+                else:
+                    buf = torch.empty(mb.num_tokens, hidden_size, dtype=self.dtype, device=self.transport)
+                    clock.measure("idle", lambda: self._recv_hidden(buf, prev, i))  # noqa: B023 - runs now
+                    x = buf.to(self.device)
+                finish(i, mb, run_steps(forward(i, mb, x)))
         # The logits go to the driver after every hidden state has arrived, not per micro-
         # batch: with two stages the driver is also this rank's previous stage, it sends all
         # its hidden states before it receives logits, and under NCCL the traffic between two
         # ranks runs in posting order on one stream, so interleaving would deadlock.
         for i, logits in to_driver:
             msg = logits.to(self.transport)
-            sends.append((comm.send_tensor(msg, 0, Tag.LOGITS + i), msg, 0))
-        clock.measure("comm", lambda: self._wait_sends(sends))
+            self._sends.append((comm.send_tensor(msg, 0, Tag.LOGITS + i), msg, 0))
+        clock.measure("comm", lambda: self._wait_sends(self._sends))
         if self.link is not None:
             clock.measure("wait", self.link.finish_sends)
             if self.rank != 0:  # the driver's own link reports to the engine directly
@@ -250,45 +269,41 @@ class DenseStage:
         self.finish_clock(stats, t_start)
         return local_logits
 
-    def _run_pooled(self, plan: DenseStep, stats: RankReport) -> None:
-        """A TP rank's share of a step next to an attention pool (fapool.worker.tp_pool): its
-        heads' attention over its local blocks here; for micro-batches with remote attention,
-        its q/k/v go to the driver and the pool's partial for its heads comes back."""
-        t_start = time.perf_counter()
-        clock = self.new_clock()
-        self.copy_blocks(plan.copies)
-        sends: list = []
-        gens = []
-        for i, mb in enumerate(plan.micro_batches):
-            stats.num_tokens += mb.num_tokens
-            ids = torch.tensor(mb.input_ids, dtype=torch.long, device=self.device)
-            pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
-            meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
-            attend = _RankAttend(self, meta, mb, i, len(plan.micro_batches), sends)
-            gens.append(self.model.model.forward_steps(ids, pos, self.kv_caches, attend, layers=self.layers))
-        drive_micro_batches(gens)
-        clock.measure("comm", lambda: [self.wait(work, 0, "send of q/k/v", buf) for work, buf in sends])
-        self.finish_clock(stats, t_start)
+    def _attend_hook(self, mb: MicroBatch, index: int, count: int, meta: AttentionMetadata):
+        """Who attends a micro-batch's layers on this rank: the local KV only; this rank's own
+        exchange with the attention ranks (its layers, every head); or, tensor parallel next
+        to a pool, the driver's exchange on behalf of every TP rank's heads."""
+        layers = self.model.model.layers
+        tp = self.topology.tensor_parallel_size
+        if self.config.pool.attention_workers and tp > 1:
+            if self.rank == 0:
+                return _DriverTPPoolAttend(self, mb.routes or {}, mb.num_tokens, index, count, meta)
+            return _RankAttend(self, meta, mb, index, count)
+        if self.link is not None:  # also with nothing remote: the link's backend, and a yield
+            return self.link.attend_hook(mb.routes or {}, mb.num_tokens, index, count, meta, layers)
+        return LocalAttend(layers, meta)
 
 
 class _RankAttend:
-    """A TP rank's attend hook next to an attention pool (DenseStage._run_pooled)."""
+    """A TP rank's attend hook next to an attention pool: its heads' attention over its local
+    blocks here; for a micro-batch with remote attention its q/k/v go to the driver, and the
+    pool's merged partial for its heads comes back to be merged with the local one."""
 
-    def __init__(self, stage: DenseStage, meta: AttentionMetadata, mb: MicroBatch, index: int, count: int, sends: list):
+    def __init__(self, stage: DenseStage, meta: AttentionMetadata, mb: MicroBatch, index: int, count: int):
         self.stage = stage
         self.meta = meta
         self.remote = mb.remote
         self.index = index
         self.count = count
-        self.sends = sends  # (request, buffer kept alive) of the step's q/k/v sends
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
-        attn = self.stage.model.model.layers[layer].self_attn
+        stage = self.stage
+        attn = stage.model.model.layers[layer].self_attn
         T, hq, D = q.shape
         tag = exchange_tag(layer, self.index, self.count)
         if self.remote:
-            msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).to(self.stage.transport)
-            self.sends.append((comm.send_tensor(msg, 0, tag), msg))
+            msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).to(stage.transport)
+            stage._sends.append((comm.send_tensor(msg, 0, tag), msg, 0))
         k_cache, v_cache = kv_cache
         attn.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
         out, lse = attn.backend.forward(q, k_cache, v_cache, self.meta, attn.scale)
@@ -298,9 +313,9 @@ class _RankAttend:
         def finish() -> torch.Tensor:
             # Received only now, after the other micro-batches' q/k/v went out: under NCCL a
             # pair's transfers run in posting order, and the driver posts in this order.
-            buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=self.stage.transport)
-            self.stage.clock.measure("comm", lambda: self._receive(buf, tag + 1))
-            buf = buf.to(self.stage.device)
+            buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=stage.transport)
+            stage.clock.measure("comm", lambda: self._receive(buf, tag + 1))
+            buf = buf.to(stage.device)
             o, l = buf[: T * hq * D].view(T, hq, D), buf[T * hq * D :].view(T, hq)
             merged, _ = merge_partials([out.float(), o], [lse, l])
             return merged.to(q.dtype)
@@ -309,6 +324,65 @@ class _RankAttend:
 
     def _receive(self, buf: torch.Tensor, tag: int) -> None:
         self.stage.wait(comm.recv_tensor(buf, 0, tag), 0, "attention partials from the driver", buf)
+
+
+class _DriverTPPoolAttend(PoolAttend):
+    """The driver's hook with tensor-parallel ranks beside a pool: it gathers every head's
+    q/k/v for the pool (the workers keep one peer, every head), exchanges with the workers,
+    and sends each TP rank its heads' slice of the pool's merged partial. The merge is exact
+    per head, so merging the pool's partials here and each rank's local one there changes
+    only rounding. The price: one message in and one out per TP rank and layer."""
+
+    def __init__(self, stage: DenseStage, routes, num_tokens: int, index: int, count: int, meta) -> None:
+        super().__init__(stage.link, routes, num_tokens, index, count, meta, stage.model.model.layers)
+        self.stage = stage
+        self.tp_ranks = range(1, stage.topology.tensor_parallel_size)
+
+    def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
+        if not self.cuts:  # all local: every rank attends its heads on its own
+            return super().__call__(layer, q, k, v, kv_cache)
+        tag = exchange_tag(layer, self.index, self.count)
+        full = self._gather(q, k, v, tag)
+        recvs = self.post_remote(layer, *full)
+        out, lse = self.attend_local(layer, q, k, v, kv_cache)
+        return Pending(finish=lambda: self._merge_and_scatter(full[0].shape, q, out, lse, recvs, tag))
+
+    def _gather(self, q, k, v, tag: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stage = self.stage
+        T, hq, D = q.shape
+        hkv = k.shape[1]
+        sizes = [T * hq * D, T * hkv * D, T * hkv * D]
+        posted = []
+        for rank in self.tp_ranks:
+            buf = torch.empty(sum(sizes), dtype=q.dtype, device=stage.transport)
+            posted.append((rank, comm.recv_tensor(buf, rank, tag), buf))
+        qs, ks, vs = [q], [k], [v]
+        for rank, work, buf in posted:
+            stage.clock.measure("comm", lambda: stage.wait(work, rank, "q/k/v exchange", buf))  # noqa: B023
+            bq, bk, bv = buf.to(stage.device).split(sizes)
+            qs.append(bq.view(T, hq, D))
+            ks.append(bk.view(T, hkv, D))
+            vs.append(bv.view(T, hkv, D))
+        # TP rank t holds q heads t*H/tp.. and KV heads t*Hkv/tp.. (layers/tp.py): in rank
+        # order the slices are the global head order the workers' head indices use.
+        return torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
+
+    def _merge_and_scatter(self, shape, q, out, lse, recvs, tag: int) -> torch.Tensor:
+        stage = self.stage
+        T, H, D = shape
+        outs, lses = self.remote_partials(shape, recvs)
+        if outs:
+            pool_o, pool_l = merge_tree(outs, lses)
+        else:  # no worker answered (none had queries here, or they failed): an empty partial
+            pool_o = torch.zeros(T, H, D, dtype=torch.float32, device=stage.device)
+            pool_l = torch.full((T, H), float("-inf"), dtype=torch.float32, device=stage.device)
+        hq = q.shape[1]
+        for rank in self.tp_ranks:
+            heads = slice(rank * hq, (rank + 1) * hq)
+            msg = torch.cat([pool_o[:, heads].reshape(-1), pool_l[:, heads].reshape(-1)]).to(stage.transport)
+            stage._sends.append((comm.send_tensor(msg, rank, tag + 1), msg, rank))
+        merged, _ = merge_partials([out.float(), pool_o[:, :hq]], [lse, pool_l[:, :hq]])
+        return merged.to(q.dtype)
 
 
 def drive_micro_batches(gens) -> list[torch.Tensor]:

@@ -20,11 +20,10 @@ import torch
 from fapool.attention.backend import AttentionBackend
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.worker import comm
 from fapool.worker.model_runner import ModelRunner, PendingTokens
-from fapool.worker.parallel_runner import ParallelModelRunner
-from fapool.worker.pool_runner import PoolModelRunner
+from fapool.worker.multi_rank_runner import MultiRankRunner
 from fapool.worker.protocol import StepReport
-from fapool.worker.tp_pool import TPPoolModelRunner
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class Executor:
         return self.runner.execute(out)
 
     def launch(self, out: SchedulerOutput) -> PendingTokens:
-        raise NotImplementedError(f"{type(self).__name__} steps synchronously (supports_async is False)")
+        raise RuntimeError(f"{type(self).__name__} steps synchronously: launch() needs supports_async")
 
     def take_failures(self) -> list[tuple[int, str]]:
         return []
@@ -76,7 +75,7 @@ class MultiprocessExecutor(Executor):
     """Rank 0 of a multi-rank topology (attention pool, TP, PP, TP + pool); the other ranks are
     processes it spawned on this host or that torchrun started."""
 
-    runner: PoolModelRunner | ParallelModelRunner
+    runner: MultiRankRunner
 
     def take_failures(self) -> list[tuple[int, str]]:
         return self.runner.take_failures()
@@ -98,12 +97,9 @@ class MultiprocessExecutor(Executor):
 
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> Executor:
-    par = config.parallel
-    tp, pp, workers = par.tensor_parallel_size, par.pipeline_parallel_size, config.pool.attention_workers
-    if workers > 0 and pp == 1:
-        runner_cls = TPPoolModelRunner if tp > 1 else PoolModelRunner
-        return MultiprocessExecutor(runner_cls(config, model, backend))
-    if tp * pp > 1:
-        return MultiprocessExecutor(ParallelModelRunner(config, model, backend))  # ConfigError for PP + pool
+    if comm.Topology(
+        config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size, config.pool.attention_workers
+    ).world_size > 1:
+        return MultiprocessExecutor(MultiRankRunner(config, model, backend))
     return InProcessExecutor(ModelRunner(config, model, backend))
 

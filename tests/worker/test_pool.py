@@ -171,7 +171,7 @@ def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints,
 
         def hang(step):
             if step == 4:
-                runner.fault_hang[2] = 60.0  # worker 2 stalls on its next step
+                runner.worker_fault_hang[2] = 60.0  # worker 2 stalls on its next step
                 started["t"] = time.monotonic()
 
         got = _run_until(llm, random_prompts(LENGTHS, seed=21), PARAMS, hang)
@@ -195,9 +195,9 @@ def test_head_placement_weighs_heads_by_sparse_budgets(tiny_checkpoints, tmp_pat
     profile.save(path)
     kw = _engine_kwargs(attention_workers=2, pool_mode="head", head_placement="lpt", **POOL)
     with LLM(folder, **{**kw, "sparse_attention": path}) as llm:
-        assert llm.engine.executor.runner.kv_heads == {1: [0], 2: [1, 2, 3]}
+        assert llm.engine.executor.runner.pool_kv_heads == {1: [0], 2: [1, 2, 3]}
     with LLM(folder, **kw) as llm:  # no profile: equal weights, two heads each
-        assert sorted(map(len, llm.engine.executor.runner.kv_heads.values())) == [2, 2]
+        assert sorted(map(len, llm.engine.executor.runner.pool_kv_heads.values())) == [2, 2]
 
 
 
@@ -219,7 +219,7 @@ def test_sparse_profile_with_the_pool_weighs_heads_only(tiny_checkpoints, tmp_pa
     dense = [o.token_ids for o in LLM(folder, **_engine_kwargs()).generate(prompts, PARAMS)]
     assert [o.token_ids for o in LLM(folder, **_engine_kwargs(**sparse)).generate(prompts, PARAMS)] != dense
     kw = _engine_kwargs(attention_workers=2, pool_mode="head", head_placement="lpt", **POOL, **sparse)
-    with caplog.at_level("WARNING", logger="fapool.worker.pool_runner"), LLM(folder, **kw) as llm:
+    with caplog.at_level("WARNING", logger="fapool.worker.multi_rank_runner"), LLM(folder, **kw) as llm:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == dense
     assert any("not applied with the attention pool" in r.getMessage() for r in caplog.records)
 

@@ -1,25 +1,35 @@
-"""The driver's model runner for the static baselines: tensor parallelism (Megatron column/row
-linears with all-reduce) and pipeline parallelism (layer stages, micro-batched), in worker
-processes the engine spawns, so the seed's TP x PP baseline runs the same model, weights and
-requests as the attention pool.
+"""Rank 0 of every multi-rank topology: the driver. The static baselines (tensor parallelism,
+Megatron column/row linears with all-reduce; pipeline parallelism, layer stages), the attention
+pool (seed 000), and their combinations are configurations of the same roles, so the seed's TP x
+PP baseline and the pool run the same model, weights and requests.
 
-Rank 0 (this process) is stage 0, TP rank 0. It keeps the scheduler and the block manager:
-each step it sends the plan (tokens, positions, attention metadata, block copies) to every
-dense rank, runs its own stage, and gets the due rows' logits from the last stage's TP rank 0.
-At start it ships each rank its slice of the weights it was given, so all ranks hold the same
-model. A dense rank that dies or goes silent (config.pool.worker_timeout_s) stops the engine
-with an error naming it; recomputation is the attention pool's business, not this baseline's.
+- Dense ranks (dense_worker.DenseStage; the driver is one of them: stage 0, TP rank 0) hold a
+  TP x PP shard of the model and their heads' local KV.
+- Attention ranks (attention_worker) hold the pool's KV blocks and answer (out, lse).
 
-On CUDA each rank gets its own GPU and NCCL when there are enough GPUs, else all share the
-driver's GPU over gloo with host-staged tensors (comm.place_ranks). Steps run eagerly: no
-decode CUDA graphs (a step is several processes exchanging messages) and no async
-scheduling (the engine keeps both to the single-process runner).
+The driver keeps the scheduler and the block managers. Each step it builds the plans once
+(step_plan: micro-batches, local metadata, routes to the attention ranks), sends every dense
+rank its DenseStep and every attention rank its AttentionStep (with the order the dense ranks
+will send in), runs its own share, gets the due rows' logits (from the last stage's TP rank 0
+when that is not itself) and collects every rank's RankReport into one StepReport.
+
+Who exchanges with the attention ranks: with one dense rank, the driver; with pipeline stages,
+each stage for its own layers (PoolLink on each); with tensor parallel ranks, the driver for
+every head (the TP ranks send it their heads' q/k/v and get their slice of the merged partial).
+An attention rank that dies or goes silent is marked failed and its requests are recomputed; a
+dense rank that does stops the engine with an error naming it (restart it).
+
+At start the driver ships each dense rank its slice of the weights it was given. On CUDA each
+rank gets its own GPU and NCCL when there are enough GPUs, else all share the driver's GPU over
+gloo with host-staged tensors (comm.place_ranks). Steps run eagerly: no decode CUDA graphs and
+no async scheduling (both stay with the single-process runner).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import torch
@@ -34,13 +44,13 @@ from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
 from fapool.worker.protocol import AttentionInit, DenseInit, DenseStep, RankReport, StepReport, Tag
-from fapool.worker.step_plan import MicroBatchPlan, plan_micro_batch, split_micro_batches
+from fapool.worker.step_plan import MicroBatchPlan, MicroBatchPolicy, plan_micro_batch, split_micro_batches
 
 logger = logging.getLogger(__name__)
 
 
 def check_parallel(config: EngineConfig) -> None:
-    """What the TP/PP runner cannot serve, as ConfigError, before any process starts."""
+    """What the multi-rank runner cannot serve, as ConfigError, before any process starts."""
     par, m = config.parallel, config.model
     check_tp(m, par.tensor_parallel_size)
     if par.pipeline_parallel_size > m.num_hidden_layers:
@@ -50,7 +60,7 @@ def check_parallel(config: EngineConfig) -> None:
         )
     if not (config.device == "cpu" or config.device.startswith("cuda")):
         raise ConfigError(f"tensor/pipeline parallelism runs on cpu or cuda devices, not {config.device!r}")
-    if config.sparse_attention:
+    if config.sparse_attention and par.tensor_parallel_size * par.pipeline_parallel_size > 1:
         raise ConfigError(
             "sparse_attention with tensor_parallel_size / pipeline_parallel_size > 1 is not supported: "
             "the profile's per-head budgets are not cut to a rank's heads and layers"
@@ -115,7 +125,7 @@ def diagnose_dense_failure(
     return failure
 
 
-class ParallelModelRunner(ModelRunner):
+class MultiRankRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         check_parallel(config)
         super().__init__(config, model, backend)
@@ -126,19 +136,32 @@ class ParallelModelRunner(ModelRunner):
         self.rank_devices = comm.engine_rank_devices(config.device, self.topology.world_size)
         self.ranks_on_device = self.rank_devices.ranks_sharing(0)
         self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
-        self.timeout_s = config.pool.worker_timeout_s
-        # Pipeline stages next to an attention pool: every stage exchanges with the pool for
-        # its own layers, so a stage may wait out an attention rank's timeout before it answers.
+        self.timeout_s = pool.worker_timeout_s
         self.pool_kv_heads = pool_kv_heads(config) if pool.attention_workers else None
         self.link: PoolLink | None = None
         if self.pool_kv_heads is not None:
+            if config.sparse_attention:
+                # A pooled sequence's blocks are split between the driver and the workers, so
+                # no one holder can pick its top blocks: decode stays dense with the pool.
+                logger.warning(
+                    "sparse attention is not applied with the attention pool: decode stays dense; the "
+                    "profile only weighs heads for --head-placement lpt (pool mode head)"
+                )
+            # A worker's block holds every layer and its KV heads (all of them but in head mode).
             self.worker_num_blocks = pool.worker_kv_blocks or ModelRunner.determine_num_blocks(
-                self, ModelRunner.bytes_per_block(self)  # a worker's block: every layer, its heads
+                self, ModelRunner.bytes_per_block(self)
             )
             self.pool_start = -(-pool.pool_threshold // self.block_size) * self.block_size
-            self.timeout_s *= 1 + par.pipeline_parallel_size
+            if par.pipeline_parallel_size > 1:
+                # A stage exchanges with the pool for its own layers, so it may wait out an
+                # attention rank's timeout (each stage in turn) before it answers the driver.
+                self.timeout_s *= 1 + par.pipeline_parallel_size
+        # One stage: micro-batches overlap remote attention with dense work, their count chosen
+        # per step; with stages, a micro-batch per stage fills the pipeline.
+        pipelined = par.pipeline_parallel_size > 1 or self.pool_kv_heads is None
+        self.micro_batches = MicroBatchPolicy(par.pipeline_parallel_size if pipelined else pool.micro_batches)
         self.step_stats: list[StepReport] = []
-        self.fault_hang: dict[int, float] = {}  # tests: rank -> seconds to stall on its next step
+        self.fault_hang: dict[int, float] = {}  # tests: dense rank -> seconds to stall on its next step
         self.worker_fault_hang: dict[int, float] = {}  # tests: attention worker id -> seconds
         self.failure: comm.WorkerFailure | None = None
         self.waiter = comm.Waiter()
@@ -151,6 +174,11 @@ class ParallelModelRunner(ModelRunner):
         # the largest per-rank share of the KV, then the same block ids everywhere.
         self.num_blocks = ModelRunner.determine_num_blocks(self)
         self.stage = DenseStage(config, model, self.topology, 0, self._wait)
+        if self.device.type == "cpu":
+            # Other ranks compute on one thread each; leave the driver the remaining cores, since
+            # oversubscribed OpenMP threads spin against each other and stall every step.
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - (self.topology.world_size - 1))))
         try:
             self._start_workers()
         except BaseException:
@@ -163,7 +191,9 @@ class ParallelModelRunner(ModelRunner):
         startup_s = max(60.0, self.timeout_s)
         self.workers = WorkerGroup(self.config, topo.world_size)
         self.transport = comm.transport_device(str(self.device))
-        init = DenseInit(self.config, self.num_blocks, self.pool_kv_heads)
+        # Stages exchange with the pool themselves; TP ranks go through the driver.
+        stage_links = self.pool_kv_heads if topo.tensor_parallel_size == 1 else None
+        init = DenseInit(self.config, self.num_blocks, stage_links)
         for r in self._ranks():
             comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
         if self.pool_kv_heads is not None:
@@ -174,17 +204,23 @@ class ParallelModelRunner(ModelRunner):
                 self.config, topo, self.pool_kv_heads, self.device, self.transport, self.waiter, self.backend
             )
             self.stage.link = self.link
-        groups = tp_groups(topo, GROUP_TIMEOUT_S)
-        with torch.no_grad():
-            for r in self._ranks():
-                weights = rank_weights(self.model, topo, self.layer_ranges, r)
-                send_weights(weights, r, self.waiter, startup_s, self.transport)
-            shard_model(self.model, self.stage, groups[0])
+        groups = tp_groups(topo, GROUP_TIMEOUT_S)  # attention ranks next to TP ranks join in too
+        if topo.num_dense > 1:
+            with torch.no_grad():
+                for r in self._ranks():
+                    weights = rank_weights(self.model, topo, self.layer_ranges, r)
+                    send_weights(weights, r, self.waiter, startup_s, self.transport)
+                shard_model(self.model, self.stage, groups[0])
         self._sharded = True
 
     def _ranks(self) -> range:
         """The dense ranks other than the driver."""
         return range(1, self.topology.num_dense)
+
+    def _worker_ranks(self, live_only: bool = True) -> list[int]:
+        if self.link is None:
+            return []
+        return [self.topology.attention_rank(w) for w in self.pool_kv_heads if not live_only or self.link.live(w)]
 
     # KV cache -----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -229,13 +265,13 @@ class ParallelModelRunner(ModelRunner):
 
     def _execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
         t_start = time.perf_counter()
-        topo = self.topology
+        topo, link = self.topology, self.link
         for r in self._ranks():
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
-        link = self.link
         t_plan = time.perf_counter()
-        groups = split_micro_batches(out.scheduled, topo.pipeline_parallel_size)
+        shape = (len(out.scheduled), out.num_tokens, max(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled))
+        groups = split_micro_batches(out.scheduled, self.micro_batches.choose(*shape))
         if link is None:
             plans = [plan_micro_batch(g, self.block_size) for g in groups]
             plan = DenseStep(self._step, [p.dense() for p in plans], list(out.block_copies))
@@ -244,10 +280,10 @@ class ParallelModelRunner(ModelRunner):
             plans = [plan_micro_batch(g, self.block_size, self.pool_start, mode, i) for i, g in enumerate(groups)]
             failed = [w for w in self.pool_kv_heads if not link.live(w)]
             plan = DenseStep(self._step, [p.dense(with_routes=True) for p in plans], list(out.block_copies), failed)
-        stats = StepReport(self._step, out.num_tokens, len(plan.micro_batches))
+        stats = StepReport(self._step, out.num_tokens, len(plans))
         own = RankReport(0)
         told = self._send_pool_plans(plans, out) if link is not None else []
-        stats.plan_s = time.perf_counter() - t_plan  # the dense ranks' sends follow (comm)
+        stats.plan_s = time.perf_counter() - t_plan
 
         t0 = time.perf_counter()
         for r in self._ranks():
@@ -257,6 +293,7 @@ class ParallelModelRunner(ModelRunner):
         own.comm_s += time.perf_counter() - t0
 
         local = self.stage.run(plan, own)
+        seconds = self.stage.last_seconds
 
         # The logits' receives are posted after this rank's hidden states went out: the last
         # stage sends them after receiving all of those (DenseStage.run, why: NCCL's order).
@@ -277,29 +314,36 @@ class ParallelModelRunner(ModelRunner):
         if link is not None:
             stats.workers = link.collect_reports(told)
             stats.local_attention_s = link.local_attention_s
-        own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the last ranks' reports
+        own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the other ranks' reports
 
         due = [s for s in out.scheduled if s.completes_known_tokens]
         logits = torch.cat(parts) if parts else None
         stats.ranks[0] = own
-        stats.dense_s, stats.wait_s = own.compute_s, own.comm_s + own.idle_s
+        stats.wait_s = seconds.get("wait", 0.0) + own.idle_s  # on attention ranks, or on other stages
+        stats.tp_comm_s = seconds.get("comm", 0.0)  # all-reduces, hidden states, TP exchanges
+        stats.dense_s = max(0.0, own.compute_s - stats.local_attention_s)
         stats.total_s = time.perf_counter() - t_start
+        self.micro_batches.record(*shape, len(plans), stats.total_s)
         self.step_stats.append(stats)
         return logits, due
 
     def _send_pool_plans(self, plans: list[MicroBatchPlan], out: SchedulerOutput) -> list[int]:
-        """The attention ranks' plans, in the order the stages send: stage by stage, each
+        """The attention ranks' plans, with the order the dense ranks send in: with one stage
+        layer by layer, the micro-batches round-robin; with stages, stage by stage, each
         stage's micro-batches in turn, each through the stage's layers."""
         link, topo = self.link, self.topology
         for w in self.pool_kv_heads:
             if link.live(w) and not self.workers.alive(topo.attention_rank(w)):
                 link.fail(w, "process exited")
-        order = [
-            (layer, i, topo.dense_rank(stage, 0))
-            for stage, layers in enumerate(self.layer_ranges)
-            for i in range(len(plans))
-            for layer in layers
-        ]
+        if topo.pipeline_parallel_size == 1:
+            order = [(layer, i, 0) for layer in self.layer_ranges[0] for i in range(len(plans))]
+        else:
+            order = [
+                (layer, i, topo.dense_rank(stage, 0))
+                for stage, layers in enumerate(self.layer_ranges)
+                for i in range(len(plans))
+                for layer in layers
+            ]
         return link.send_plans(self._step, plans, out.pool_block_copies, order, self.worker_fault_hang)
 
     def take_failures(self) -> list[tuple[int, str]]:
@@ -308,7 +352,8 @@ class ParallelModelRunner(ModelRunner):
         return self.link.take_failures() if self.link is not None else []
 
     def shutdown(self) -> None:
-        """Stop the dense ranks; safe to call twice, and after a failure (then they are killed)."""
+        """Stop every rank; safe to call twice. After a dense rank's failure (or a failed
+        start) they are killed: the survivors may be blocked in an exchange that never ends."""
         if self._stopped:
             return
         self._stopped = True
@@ -316,6 +361,5 @@ class ParallelModelRunner(ModelRunner):
             if self.failure is not None or not self._sharded:
                 self.workers.kill()
             else:
-                workers = [] if self.link is None else [self.topology.attention_rank(w) for w in self.pool_kv_heads if self.link.live(w)]
-                self.workers.shutdown([*self._ranks(), *workers], self.waiter, self.transport)
+                self.workers.shutdown([*self._ranks(), *self._worker_ranks()], self.waiter, self.transport)
         self.waiter.close()
