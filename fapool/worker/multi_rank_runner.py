@@ -137,6 +137,7 @@ class MultiRankRunner(ModelRunner):
         self.ranks_on_device = self.rank_devices.ranks_sharing(0)
         self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
         self.timeout_s = pool.worker_timeout_s
+        self._sharded = False  # the driver's model is whole until the ranks start (GPU profiling)
         self.pool_kv_heads = pool_kv_heads(config) if pool.attention_workers else None
         self.link: PoolLink | None = None
         if self.pool_kv_heads is not None:
@@ -167,7 +168,6 @@ class MultiRankRunner(ModelRunner):
         self.waiter = comm.Waiter()
         self._step = 0
         self._stopped = False
-        self._sharded = False
         self.workers: WorkerGroup | None = None
         self.transport = "cpu"  # message buffers' device, known once the process group is up
         # Decided while the model is still whole (GPU profiling runs a full forward), for
