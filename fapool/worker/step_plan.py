@@ -160,9 +160,9 @@ class MicroBatchPolicy:
     Two micro-batches let one's remote attention run beside the other's dense work, but each
     reads every weight again, so at small batches they can cost more than they hide. With no
     fixed count, each shape bucket (sequences, tokens and longest context, in powers of two)
-    tries every count up to `max_count` `probes` times, then takes the fastest per token
-    (median of its recent steps) and tries the others again every `retry` steps, so that a
-    changed cost (a longer context, a busier machine) is noticed."""
+    tries every count up to `max_count` `probes` times, then takes the fastest (the best of its
+    recent steps: a one-off slow step, a kernel compiling or a busy machine, must not decide)
+    and tries the others again every `retry` steps, so that a changed cost is noticed."""
 
     def __init__(
         self, fixed: int | None = None, max_count: int = 2, probes: int = 2, retry: int = 64, window: int = 5
@@ -191,7 +191,7 @@ class MicroBatchPolicy:
         for c in usable:  # not measured enough yet
             if len(times.get(c, ())) < self.probes:
                 return c
-        best = min(usable, key=lambda c: _median(times[c]))
+        best = min(usable, key=lambda c: min(times[c]))
         if step % self.retry == 0:  # look at the others again now and then
             others = [c for c in usable if c != best]
             return others[(step // self.retry) % len(others)]
@@ -205,7 +205,3 @@ class MicroBatchPolicy:
         recent.append(seconds)
         del recent[: -self.window]
 
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2]

@@ -48,3 +48,14 @@ def test_a_fixed_count_is_kept_and_capped_by_the_sequences():
     assert _run(policy, {1: 0.01, 2: 1.0}, 5) == [2] * 5
     assert policy.choose(1, 1, 10) == 1
     assert MicroBatchPolicy(fixed=1).choose(8, 8, 10) == 1
+
+
+def test_a_one_off_slow_step_does_not_decide():
+    """A kernel compiling (or a busy machine) makes one probe of the faster count slow: the
+    best of its recent steps still wins."""
+    policy = MicroBatchPolicy(probes=2, retry=1000)
+    shape = (4, 4, 4096)
+    for count, seconds in [(1, 0.50), (1, 0.05), (2, 0.08), (2, 0.08)]:
+        assert policy.choose(*shape) == count
+        policy.record(*shape, count, seconds)
+    assert policy.choose(*shape) == 1
