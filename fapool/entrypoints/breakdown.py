@@ -8,25 +8,30 @@ from typing import Any
 
 from rich.table import Table
 
-from fapool.worker.protocol import StepReport
+from fapool.worker.protocol import RankReport, StepReport
+
+
+def _totals(per_step: list[dict[int, RankReport]], total_s: float) -> dict[int, dict[str, float]]:
+    """Each rank's RankReports summed over a run, with its utilisation (compute over the
+    driver's wall time) and communication share."""
+    out: dict[int, dict[str, float]] = {}
+    for reports in per_step:
+        for r, rep in reports.items():
+            acc = out.setdefault(r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0, "q_rows": 0})
+            acc["compute_s"] += rep.compute_s
+            acc["comm_s"] += rep.comm_s
+            acc["idle_s"] += rep.idle_s
+            acc["tokens"] += rep.num_tokens
+            acc["q_rows"] += rep.q_rows
+    for acc in out.values():
+        acc["utilisation"] = acc["compute_s"] / total_s if total_s else 0.0
+        acc["comm_share"] = acc["comm_s"] / total_s if total_s else 0.0
+    return out
 
 
 def summarize_ranks(step_stats: list[StepReport]) -> dict[int, dict[str, float]]:
-    """Per dense rank over a run: compute, communication and idle seconds, and the share of
-    the driver's wall time each rank spent computing (its utilisation)."""
-    total = sum(s.total_s for s in step_stats)
-    out: dict[int, dict[str, float]] = {}
-    for s in step_stats:
-        for r, st in s.ranks.items():
-            acc = out.setdefault(r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0})
-            acc["compute_s"] += st.compute_s
-            acc["comm_s"] += st.comm_s
-            acc["idle_s"] += st.idle_s
-            acc["tokens"] += st.num_tokens
-    for acc in out.values():
-        acc["utilisation"] = acc["compute_s"] / total if total else 0.0
-        acc["comm_share"] = acc["comm_s"] / total if total else 0.0
-    return out
+    """Per dense rank over a run: compute, communication and idle seconds, utilisation."""
+    return _totals([s.ranks for s in step_stats], sum(s.total_s for s in step_stats))
 
 
 def summarize(step_stats: list[StepReport]) -> dict[str, Any] | None:
@@ -34,18 +39,11 @@ def summarize(step_stats: list[StepReport]) -> dict[str, Any] | None:
     if not step_stats:
         return None
     total = sum(s.total_s for s in step_stats)
-    workers: dict[int, dict[str, float]] = {}
-    for s in step_stats:
-        for w, ws in s.workers.items():
-            acc = workers.setdefault(w, {"attention_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "q_rows": 0})
-            acc["attention_s"] += ws.compute_s
-            acc["comm_s"] += ws.comm_s
-            acc["idle_s"] += ws.idle_s
-            acc["q_rows"] += ws.q_rows
+    workers = _totals([s.workers for s in step_stats], total)
     for acc in workers.values():
+        acc["attention_s"] = acc.pop("compute_s")  # an attention rank computes attention only
         # Outside a step's message exchange a worker waits for the next step: idle too.
         acc["idle_s"] = max(0.0, total - acc["attention_s"] - acc["comm_s"])
-        acc["utilisation"] = acc["attention_s"] / total if total else 0.0
     overlaps = [s.overlap for s in step_stats if s.overlap is not None]
     kv_peak: dict[int, int] = {}
     for s in step_stats:
