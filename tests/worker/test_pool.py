@@ -146,10 +146,15 @@ def _run_until(llm, prompts, params, on_step):
     return [finished[k].token_ids for k in sorted(finished, key=int)]
 
 
-@pytest.mark.parametrize("stages", [1, 2])  # with 2 pipeline stages, each exchanges with the pool
-def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, reference, stages):
+# One dense rank; two pipeline stages (each exchanges with the pool); two TP ranks (the driver
+# exchanges for both).
+DENSE_SHAPES = [dict(), dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2)]
+
+
+@pytest.mark.parametrize("dense", DENSE_SHAPES, ids=["1", "pp2", "tp2"])
+def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, reference, dense):
     folder = tiny_checkpoints["llama"][0]
-    with LLM(folder, **_engine_kwargs(attention_workers=2, pipeline_parallel_size=stages, **POOL)) as llm:
+    with LLM(folder, **_engine_kwargs(attention_workers=2, **dense, **POOL)) as llm:
         runner = llm.engine.executor.runner
 
         def kill(step):
@@ -164,10 +169,10 @@ def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, r
         assert got == reference("llama")
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints, reference, stages):
+@pytest.mark.parametrize("dense", DENSE_SHAPES, ids=["1", "pp2", "tp2"])
+def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints, reference, dense):
     folder = tiny_checkpoints["llama"][0]
-    kw = _engine_kwargs(attention_workers=2, pipeline_parallel_size=stages, **{**POOL, "worker_timeout_s": 2.0})
+    kw = _engine_kwargs(attention_workers=2, **dense, **{**POOL, "worker_timeout_s": 2.0})
     with LLM(folder, **kw) as llm:
         runner = llm.engine.executor.runner
         started = {}
