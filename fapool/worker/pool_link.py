@@ -100,10 +100,9 @@ class PoolLink:
             self.failed.setdefault(w, "failed (seen by the driver)")
 
     # A step -------------------------------------------------------------------------------
-    def begin_step(self, clock: StepClock | None = None) -> StepClock:
-        """Start a step; waits on attention ranks are booked as "wait" on `clock` (default a
-        new one of this link's)."""
-        self.clock = clock or StepClock(self.device, stream_ordered=self.transport != "cpu")
+    def begin_step(self, clock: StepClock) -> StepClock:
+        """Start a step; waits on attention ranks are booked as "wait" on the rank's `clock`."""
+        self.clock = clock
         self.sends = []
         self.local_attention_s = 0.0
         return self.clock

@@ -34,7 +34,7 @@ class MicroBatchPlan:
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
-    def dense(self, with_logits: bool = True, with_routes: bool = False) -> MicroBatch:
+    def dense(self, with_routes: bool = False) -> MicroBatch:
         """What a dense rank runs: the tokens with the local metadata (pool rows have slot -1
         and lie past the local kv_lens). `with_routes`: the rank exchanges with the attention
         ranks itself (a pipeline stage), so it gets the rows to cut (not the workers' plans)."""
@@ -45,7 +45,7 @@ class MicroBatchPlan:
             self.input_ids,
             self.positions,
             self.local_meta_args,
-            self.logit_rows if with_logits else [],
+            self.logit_rows,
             remote=bool(self.routes),
             routes=routes,
         )

@@ -164,7 +164,13 @@ def test_logit_rows_and_dense_view():
     assert dense.input_ids == plan.input_ids and dense.positions == plan.positions
     assert dense.meta_args is plan.local_meta_args
     assert dense.logit_rows == [0, 14] and dense.remote
-    assert plan.dense(with_logits=False).logit_rows == []
+    assert dense.routes is None
+    # A pipeline stage gets the rows to cut for each worker, not the workers' own plans.
+    staged = plan.dense(with_routes=True)
+    assert set(staged.routes) == set(plan.routes)
+    for w, r in staged.routes.items():
+        assert (r.q_rows, r.kv_rows, r.rounds) == (plan.routes[w].q_rows, plan.routes[w].kv_rows, plan.routes[w].rounds)
+        assert r.batch.entries == [] and r.batch.kv_slots == []
     assert not plan_micro_batch([c], BS, POOL_START, "shard").dense().remote
 
 
