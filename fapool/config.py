@@ -212,6 +212,7 @@ class EngineConfig:
     attention_backend: str | None = None  # "torch" | "triton"; None: by device
     sparse_attention: str | None = None  # sparse decode profile JSON (fapool calibrate-heads); None: dense
     sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # sparse decode only in steps whose longest KV reaches this
+    enforce_eager: bool = False  # no CUDA graphs (decode steps, or a dense rank's segments between exchanges)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

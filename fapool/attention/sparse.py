@@ -51,7 +51,13 @@ import torch
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import DEFAULT_SPARSE_MIN_CONTEXT
-from fapool.sparse.selection import BudgetRule, block_order, budget_blocks_batched, max_budget_blocks
+from fapool.sparse.selection import (
+    BudgetRule,
+    budget_blocks_batched,
+    max_budget_blocks,
+    pages_in_range,
+    select_block_indices,
+)
 
 
 @dataclass
@@ -311,44 +317,55 @@ class SparseAttentionBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of one query per sequence over its selected blocks -> out [B, Hq, D] f32,
         lse [B, Hq] f32."""
-        _, block_size, num_kv_heads, head_dim = k_cache.shape
-        num_seqs, num_heads, _ = q.shape
-        group = num_heads // num_kv_heads
+        block_size = k_cache.shape[1]
         num_blocks = (n_kv + block_size - 1) // block_size  # [B]
         n_max = int(num_blocks.max())
-        table = tables[:, :n_max].long()  # [B, N]
-        qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+        table = tables[:, :n_max]
+        score = decode_block_scores(q, self.kmin, self.kmax, table)
+        width = int(budgets.max())
+        blocks = select_block_indices(score, num_blocks, budgets, width)
+        pages, lens = pages_in_range(blocks, n_kv, table, torch.zeros_like(num_blocks), num_blocks, block_size, width)
+        out, lse = attend_selected(q, k_cache, v_cache, pages, lens, scale)
+        self.sparse_tokens += int(lens.sum()) * (q.shape[1] // k_cache.shape[2])
+        self.sparse_dense_tokens += int(n_kv.sum()) * q.shape[1]
+        return out, lse
 
-        # Block scores: upper bound of q . k from the key min/max, max over the group.
-        kmin = self.kmin[table].float().permute(0, 2, 1, 3)  # [B, H, N, D]
-        kmax = self.kmax[table].float().permute(0, 2, 1, 3)
-        bound = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), kmax) + torch.einsum(
-            "bhgd,bhnd->bhgn", qg.clamp(max=0), kmin
-        )
-        order = block_order(bound.amax(dim=2), num_blocks)  # [B, H, N]
 
-        k_top = int(budgets.max())
-        sel = order[..., :k_top]  # [B, H, K]
-        chosen = torch.arange(k_top, device=q.device) < budgets[..., None]
-        # Position order inside the selection (unchosen slots last), for a stable summation order.
-        sel = torch.where(chosen, sel, torch.full_like(sel, n_max)).sort(dim=-1).values
-        chosen = sel < n_max
-        sel = sel.clamp(max=n_max - 1)
-        pages = table.gather(1, sel.flatten(1)).view_as(sel)  # [B, H, K]
-        heads = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1)
-        k = k_cache.permute(0, 2, 1, 3)[pages, heads].float()  # [B, H, K, bs, D]
-        v = v_cache.permute(0, 2, 1, 3)[pages, heads].float()
-        pos = sel[..., None] * block_size + torch.arange(block_size, device=q.device)  # [B, H, K, bs]
-        valid = (chosen[..., None] & (pos < n_kv.view(-1, 1, 1, 1))).flatten(2)  # [B, H, K*bs]
+def decode_block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, D] one query per row, kmin/kmax [num_blocks, Hkv, D], table [B, N] -> [B, Hkv, N]:
+    per block the upper bound of q . k from the key min/max, max over each KV head's query heads.
+    The torch sparse decode's score (the Triton selection computes the same bound)."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kmin.shape[1]
+    qg = q.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    table = table.long()
+    lo = kmin[table].float().permute(0, 2, 1, 3)  # [B, H, N, D]
+    hi = kmax[table].float().permute(0, 2, 1, 3)
+    bound = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), hi) + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), lo)
+    return bound.amax(dim=2)
 
-        scores = torch.einsum("bhgd,bhld->bhgl", qg, k.flatten(2, 3)) * scale
-        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [B, H, G]
-        probs = torch.exp(scores - lse[..., None])
-        out = torch.einsum("bhgl,bhld->bhgd", probs, v.flatten(2, 3))
-        self.sparse_tokens += int(valid.sum()) * group
-        self.sparse_dense_tokens += int(n_kv.sum()) * num_heads
-        return out.reshape(num_seqs, num_heads, head_dim), lse.reshape(num_seqs, num_heads)
+
+def attend_selected(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, D] one query per row over each KV head's own pages [B, Hkv, K] holding lens
+    [B, Hkv] visible entries (pages_in_range's layout) -> out [B, Hq, D] f32, lse [B, Hq] f32;
+    a head with no entries gets 0 and -inf. Torch; the Triton kernel is balanced_sparse_decode."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_seqs, num_heads, _ = q.shape
+    group = num_heads // num_kv_heads
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    heads = torch.arange(num_kv_heads, device=q.device).view(1, -1, 1)
+    pages = pages.long()
+    k = k_cache.permute(0, 2, 1, 3)[pages, heads].float().flatten(2, 3)  # [B, H, K * bs, D]
+    v = v_cache.permute(0, 2, 1, 3)[pages, heads].float().flatten(2, 3)
+    valid = torch.arange(k.shape[2], device=q.device) < lens[..., None]  # [B, H, K * bs]
+    scores = torch.einsum("bhgd,bhld->bhgl", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, G]
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.einsum("bhgl,bhld->bhgd", probs, v)
+    return out.reshape(num_seqs, num_heads, head_dim), lse.reshape(num_seqs, num_heads)
 
 
 def enable_sparse_attention(

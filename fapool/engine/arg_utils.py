@@ -52,6 +52,7 @@ class EngineArgs:
     worker_timeout_s: float = 60.0
     sparse_attention: str | None = None  # profile JSON from `fapool calibrate-heads`; None: dense
     sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # steps with a shorter longest KV attend densely
+    enforce_eager: bool = False  # no CUDA graphs
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
         device = self.device or default_device()
@@ -88,6 +89,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             sparse_attention=self.sparse_attention,
             sparse_min_context=self.sparse_min_context,
+            enforce_eager=self.enforce_eager,
         )
 
     @staticmethod
@@ -132,6 +134,11 @@ class EngineArgs:
             "--sparse-min-context", type=int, default=DEFAULT_SPARSE_MIN_CONTEXT, metavar="TOKENS",
             help="with --sparse-attention: decode steps whose longest context is shorter attend densely "
             "(selection costs more than it saves there; 0: always sparse)",
+        )
+        g.add_argument(
+            "--enforce-eager", action="store_true",
+            help="no CUDA graphs: neither whole decode steps (one process) nor a dense rank's work between "
+            "attention exchanges (multi-rank)",
         )
 
     @classmethod

@@ -167,6 +167,57 @@ def budget_blocks_batched(
     return torch.minimum(torch.maximum(k, nb.clamp(max=min_blocks)), nb)
 
 
+def select_block_indices(
+    score: torch.Tensor, num_blocks: torch.Tensor, budgets: torch.Tensor, width: int
+) -> torch.Tensor:
+    """score [B, H, N] block scores (N >= every row's block count), num_blocks [B] visible
+    blocks, budgets [B, H] -> [B, H, width]: the indices of the first min(k, nb, width) blocks
+    of block_order, ascending, with N in the unused slots."""
+    n = score.shape[-1]
+    order = block_order(score, num_blocks)  # [B, H, N]
+    k = torch.minimum(budgets.long(), num_blocks.long().view(-1, 1)).clamp(max=width)
+    taken = torch.arange(n, device=score.device) < k[..., None]
+    blocks = torch.where(taken, order, n).sort(dim=-1).values[..., :width]
+    if blocks.shape[-1] < width:
+        blocks = torch.nn.functional.pad(blocks, (0, width - blocks.shape[-1]), value=n)
+    return blocks
+
+
+def pages_in_range(
+    blocks: torch.Tensor,
+    num_kv: torch.Tensor,
+    table: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_size: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen blocks one holder stores, as the decode kernels read them.
+
+    blocks [B, H, K] chosen block indices of each row (select_block_indices), num_kv [B]
+    visible entries; the holder stores row b's blocks lo[b] <= i < hi[b] at pages
+    table[b, i - lo[b]] -> (pages [B, H, width] int32: those blocks' pages ascending, zero-padded;
+    lens [B, H] int32: the visible entries they hold). Only the most recent block can be
+    partial and, when held, it is the last entry, so a kernel needs no mask beyond lens.
+    `width` must cover every row's count of chosen blocks in range."""
+    lo, hi = lo.long().view(-1, 1, 1), hi.long().view(-1, 1, 1)
+    inside = (blocks >= lo) & (blocks < hi)
+    big = torch.iinfo(torch.long).max
+    rel = torch.where(inside, blocks - lo, big).sort(dim=-1).values[..., :width]
+    if rel.shape[-1] < width:
+        rel = torch.nn.functional.pad(rel, (0, width - rel.shape[-1]), value=big)
+    used = rel < big
+    idx = rel.clamp(max=max(table.shape[1] - 1, 0)).flatten(1)
+    pages = table.long().gather(1, idx).view_as(rel) if table.shape[1] else torch.zeros_like(rel)
+    pages = torch.where(used, pages, 0).to(torch.int32)
+    nb = (num_kv.long() + block_size - 1) // block_size
+    has_recent = (inside & (blocks == (nb - 1).view(-1, 1, 1))).any(-1)
+    tail = (num_kv.long() - (nb - 1) * block_size).view(-1, 1)
+    count = used.sum(-1)
+    lens = torch.where(has_recent, (count - 1) * block_size + tail, count * block_size)
+    return pages, lens.to(torch.int32)
+
+
 def compact_selection(
     score: torch.Tensor,
     num_kv: torch.Tensor,
@@ -180,26 +231,12 @@ def compact_selection(
     score [B, H, N] block scores (N >= every row's block count), num_kv [B] visible entries,
     budgets [B, H] blocks, block_tables [B, >= N] -> (pages [B, H, max_pages] int32: the page
     ids of the first min(k, nb, max_pages) blocks of block_order, in ascending block order,
-    zero-padded; lens [B, H] int32: the visible KV entries they hold). Only the most recent
-    block can be partial and, if chosen, it is the last entry, so the kernel reading the pages
-    needs no mask beyond lens."""
-    num_seqs, num_heads, n = score.shape
+    zero-padded; lens [B, H] int32: the visible entries they hold): pages_in_range of one
+    holder of every block."""
     nb = (num_kv.long() + block_size - 1) // block_size  # [B]
-    order = block_order(score, nb)  # [B, H, N]
-    k = torch.minimum(budgets.long(), nb.view(-1, 1)).clamp(max=max_pages)
-    taken = torch.arange(n, device=score.device) < k[..., None]
-    blocks = torch.where(taken, order, n).sort(dim=-1).values[..., :max_pages]  # n = unused slot
-    if blocks.shape[-1] < max_pages:
-        blocks = torch.nn.functional.pad(blocks, (0, max_pages - blocks.shape[-1]), value=n)
-    used = blocks < n
-    table = block_tables[:, :n].long()
-    pages = table.gather(1, blocks.clamp(max=n - 1).flatten(1)).view_as(blocks)
-    pages = torch.where(used, pages, 0).to(torch.int32)
-    has_recent = (used & (blocks == (nb - 1).view(-1, 1, 1))).any(-1)
-    tail = (num_kv.long() - (nb - 1) * block_size).view(-1, 1)
-    count = used.sum(-1)
-    lens = torch.where(has_recent, (count - 1) * block_size + tail, count * block_size)
-    return pages, lens.to(torch.int32)
+    blocks = select_block_indices(score, nb, budgets, max_pages)
+    n = score.shape[-1]
+    return pages_in_range(blocks, num_kv, block_tables[:, :n], torch.zeros_like(nb), nb, block_size, max_pages)
 
 
 def select_blocks_torch(

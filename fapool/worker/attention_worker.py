@@ -2,9 +2,10 @@
 these blocks" with (out, lse). It has no weights; it follows the driver's step plans.
 
 Per step, for every (layer, micro-batch) that has work here, in the plan's order (the order
-the dense ranks send in), it receives one packed tensor [q rows | new k rows | new v rows]
-from the dense rank that runs that layer, writes the K/V, attends, and sends that rank back
-[out rows (float32) | lse rows]. At the end of the step it reports to the driver.
+the dense ranks send in), it receives one packed message [q rows | new k rows | new v rows |
+sparse decode: chosen pages and lens per entry and KV head] from the dense rank that runs that
+layer, writes the K/V, attends, and sends that rank back [out rows (float32) | lse rows]. At
+the end of the step it reports to the driver.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import torch
 from fapool.attention.selector import make_backend
 from fapool.worker import comm
 from fapool.worker.model_runner import DTYPES
-from fapool.worker.protocol import SHUTDOWN, AttentionInit, AttentionStep, RankReport, Tag, exchange_tag
+from fapool.worker.pool_sparse import attend_pages
+from fapool.worker.protocol import (
+    SHUTDOWN,
+    AttentionInit,
+    AttentionStep,
+    RankReport,
+    Tag,
+    exchange_tag,
+    unpack_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +77,36 @@ class AttentionWorker:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         for layer, mb, peer in plan.order:
             k_cache, v_cache = self.kv_caches[layer]
-            batch, meta, kv_slots = prepared[mb]
+            batch, meta, kv_slots, sparse_rows = prepared[mb]
             nq, nkv = batch.num_q_rows, len(batch.kv_slots)
             if nq == 0 and nkv == 0:
                 continue
             tag = exchange_tag(layer, mb, plan.num_micro_batches)
-            buf = torch.empty(nq * H * D + 2 * nkv * Hkv * D, dtype=self.dtype, device=self.transport)
+            ns, width = len(batch.sparse_entries), batch.sparse_pages
+            specs = [(self.dtype, nq * H * D), (self.dtype, nkv * Hkv * D), (self.dtype, nkv * Hkv * D)]
+            specs.append((torch.int32, ns * Hkv * (width + 1)))
+            buf = torch.empty(sum(n * dt.itemsize for dt, n in specs), dtype=torch.uint8, device=self.transport)
             t0 = time.perf_counter()
             comm.wait(comm.recv_tensor(buf, peer, tag), peer, "recv")
             t1 = time.perf_counter()
-            q, k, v = buf.to(self.device).split([nq * H * D, nkv * Hkv * D, nkv * Hkv * D])
+            q, k, v, chosen = unpack_bytes(buf.to(self.device), specs)
             if nkv:
                 self.backend.write_kv(k_cache, v_cache, k.view(nkv, Hkv, D), v.view(nkv, Hkv, D), kv_slots)
             if nq:
-                out, lse = self.backend.forward(q.view(nq, H, D), k_cache, v_cache, meta, self.scale)
+                q = q.view(nq, H, D)
+                if ns == nq:  # every row decodes sparsely
+                    out = torch.zeros_like(q)
+                    lse = torch.full((nq, H), float("-inf"), dtype=torch.float32, device=self.device)
+                else:
+                    out, lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
+                if ns:
+                    chosen = chosen.view(ns, Hkv, width + 1)
+                    o, l = attend_pages(
+                        self.backend, q.index_select(0, sparse_rows), k_cache, v_cache,
+                        chosen[..., :width].contiguous(), chosen[..., width].contiguous(), self.scale,
+                    )
+                    out[sparse_rows] = o.to(out.dtype)
+                    lse[sparse_rows] = l
                 reply = torch.cat([out.float().reshape(-1), lse.reshape(-1)]).to(self.transport)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -88,6 +114,7 @@ class AttentionWorker:
                 pending_sends.append((comm.send_tensor(reply, peer, tag + 1), reply, peer))
                 stats.comm_s += time.perf_counter() - t2
                 stats.q_rows += nq
+                stats.sparse_rows += ns
             else:
                 t2 = time.perf_counter()
             stats.idle_s += t1 - t0

@@ -46,6 +46,7 @@ from fapool.worker import comm
 from fapool.worker.model_runner import DTYPES
 from fapool.worker.pool_link import PoolAttend, PoolLink
 from fapool.worker.protocol import SHUTDOWN, DenseInit, DenseStep, MicroBatch, RankReport, Tag, exchange_tag
+from fapool.worker.segment_graphs import SegmentGraphs
 from fapool.worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,12 @@ class DenseStage:
         self._sends: list = []  # the step's outgoing sends, waited for at its end
         self.last_seconds: dict[str, float] = {}  # the last step's seconds per clock kind
         self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned all-reduce buffers (staged)
+        # Decode micro-batches replay CUDA graphs between exchanges (segment_graphs). Not with
+        # TP ranks: their all-reduces, inside the segments, run through the host on gloo.
+        self.use_graphs = (
+            self.device.type == "cuda" and topology.tensor_parallel_size == 1 and not config.enforce_eager
+        )
+        self.graphs: SegmentGraphs | None = None
 
     @property
     def transport(self) -> str:
@@ -221,6 +228,9 @@ class DenseStage:
             pos = torch.tensor(mb.positions, dtype=torch.long, device=self.device)
             meta = AttentionMetadata.build(device=self.device, **mb.meta_args)
             attend = self._attend_hook(mb, i, count, meta)
+            graphs = self._graphs_for(mb)
+            if graphs is not None:
+                return graphs.steps(i, x, pos, self.kv_caches, attend)
             return self.model.model.forward_steps(x, pos, self.kv_caches, attend, layers=self.layers)
 
         def finish(i: int, mb: MicroBatch, hidden: torch.Tensor) -> None:
@@ -268,6 +278,15 @@ class DenseStage:
                 stats.failed_workers = dict(self.link.take_failures())
         self.finish_clock(stats, t_start)
         return local_logits
+
+    def _graphs_for(self, mb: MicroBatch) -> SegmentGraphs | None:
+        """The segment graphs, for a decode micro-batch (one token per row) that fits them."""
+        if not self.use_graphs or any(n != 1 for n in mb.meta_args["query_lens"]):
+            return None
+        if self.graphs is None:
+            sched = self.config.scheduler
+            self.graphs = SegmentGraphs(self.model, self.layers, sched.max_num_seqs, self.device, self.dtype)
+        return self.graphs if self.graphs.padded_size(mb.num_tokens) is not None else None
 
     def _attend_hook(self, mb: MicroBatch, index: int, count: int, meta: AttentionMetadata):
         """Who attends a micro-batch's layers on this rank: the local KV only; this rank's own

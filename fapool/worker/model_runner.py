@@ -61,7 +61,7 @@ class ModelRunner:
         # Decode steps through CUDA graphs: the Triton kernels never sync with the host, the
         # torch reference's KV write does, so graphs need a graph-safe backend (Triton, or the
         # sparse backend over it).
-        self.use_cuda_graphs = on_gpu and getattr(backend, "graph_safe", False)
+        self.use_cuda_graphs = on_gpu and getattr(backend, "graph_safe", False) and not config.enforce_eager
         self.decode_graphs: DecodeGraphs | None = None
         # The last launched step's sampled tokens (device) and each due request's row in them:
         # where the next step reads a token the host does not have yet.

@@ -21,8 +21,10 @@ dense rank that does stops the engine with an error naming it (restart it).
 
 At start the driver ships each dense rank its slice of the weights it was given. On CUDA each
 rank gets its own GPU and NCCL when there are enough GPUs, else all share the driver's GPU over
-gloo with host-staged tensors (comm.place_ranks). Steps run eagerly: no decode CUDA graphs and
-no async scheduling (both stay with the single-process runner).
+gloo with host-staged tensors (comm.place_ranks). On CUDA a dense rank's decode work between
+attention exchanges replays CUDA graphs (segment_graphs; not with TP ranks, whose all-reduces
+sit inside those segments); the exchanges and the attention stay eager. Steps are synchronous:
+async scheduling stays with the single-process runner.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights
 from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
+from fapool.worker.pool_sparse import PoolSparse
 from fapool.worker.protocol import AttentionInit, DenseInit, DenseStep, RankReport, StepReport, Tag
 from fapool.worker.step_plan import MicroBatchPlan, MicroBatchPolicy, plan_micro_batch, split_micro_batches
 
@@ -141,13 +144,6 @@ class MultiRankRunner(ModelRunner):
         self.pool_kv_heads = pool_kv_heads(config) if pool.attention_workers else None
         self.link: PoolLink | None = None
         if self.pool_kv_heads is not None:
-            if config.sparse_attention:
-                # A pooled sequence's blocks are split between the driver and the workers, so
-                # no one holder can pick its top blocks: decode stays dense with the pool.
-                logger.warning(
-                    "sparse attention is not applied with the attention pool: decode stays dense; the "
-                    "profile only weighs heads for --head-placement lpt (pool mode head)"
-                )
             # A worker's block holds every layer and its KV heads (all of them but in head mode).
             self.worker_num_blocks = pool.worker_kv_blocks or ModelRunner.determine_num_blocks(
                 self, ModelRunner.bytes_per_block(self)
@@ -204,6 +200,10 @@ class MultiRankRunner(ModelRunner):
                 self.config, topo, self.pool_kv_heads, self.device, self.transport, self.waiter, self.backend
             )
             self.stage.link = self.link
+            if self.config.sparse_attention:  # the driver selects for every holder (pool_sparse)
+                self.link.sparse = PoolSparse(
+                    self.config, self.num_blocks, self.worker_num_blocks, self.pool_kv_heads, self.device, self.dtype
+                )
         groups = tp_groups(topo, GROUP_TIMEOUT_S)  # attention ranks next to TP ranks join in too
         if topo.num_dense > 1:
             with torch.no_grad():
@@ -278,6 +278,9 @@ class MultiRankRunner(ModelRunner):
         else:
             mode = self.config.pool.pool_mode
             plans = [plan_micro_batch(g, self.block_size, self.pool_start, mode, i) for i, g in enumerate(groups)]
+            if link.sparse is not None:  # marks the workers' sparse entries: before they are sent
+                link.sparse.copy_blocks(out.block_copies, out.pool_block_copies)
+                link.step_sparse = [link.sparse.plan(p, self.pool_start, shape[2]) for p in plans]
             failed = [w for w in self.pool_kv_heads if not link.live(w)]
             plan = DenseStep(self._step, [p.dense(with_routes=True) for p in plans], list(out.block_copies), failed)
         stats = StepReport(self._step, out.num_tokens, len(plans))

@@ -11,6 +11,8 @@ recomputed by the engine, the others do not depend on it.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ from fapool.models.llama import Pending
 from fapool.sparse.placement import head_weights
 from fapool.sparse.profile import SparseProfile
 from fapool.worker import comm
-from fapool.worker.protocol import AttentionStep, RankReport, Tag, exchange_tag
+from fapool.worker.pool_sparse import PoolSparse, SparseBatch, attend_pages
+from fapool.worker.protocol import AttentionStep, RankReport, Tag, exchange_tag, pack_bytes
 from fapool.worker.step_clock import StepClock
 from fapool.worker.step_plan import MicroBatchPlan, Route
 
@@ -78,6 +81,10 @@ class PoolLink:
         self.clock = StepClock(device)
         self.sends: list = []  # (request, buffer kept alive, worker) of the step's sends
         self.local_attention_s = 0.0
+        # Sparse decode (the driver's link, with a sparse-attention profile): the summaries and
+        # selection, and the step's plan per micro-batch.
+        self.sparse: PoolSparse | None = None
+        self.step_sparse: list[SparseBatch] = []
 
     # Failures -----------------------------------------------------------------------------
     def live(self, worker: int) -> bool:
@@ -122,7 +129,8 @@ class PoolLink:
     def attend_hook(
         self, routes: dict[int, Route], num_tokens: int, index: int, count: int, meta, layers
     ) -> PoolAttend:
-        return PoolAttend(self, routes, num_tokens, index, count, meta, layers)
+        sparse = self.step_sparse[index] if self.step_sparse else None
+        return PoolAttend(self, routes, num_tokens, index, count, meta, layers, sparse)
 
     # The driver's side: plans out, reports in ---------------------------------------------
     def send_plans(
@@ -168,27 +176,57 @@ class PoolLink:
 
 class PoolAttend:
     """The attend hook for one micro-batch: remote shares out first, local share meanwhile,
-    merge when the generator resumes."""
+    merge when the generator resumes. With sparse decode the driver first chooses the decode
+    rows' blocks (pool_sparse), and every holder attends only the chosen ones it stores."""
 
-    def __init__(self, link: PoolLink, routes: dict[int, Route], num_tokens: int, index: int, count: int, meta, layers):
+    def __init__(
+        self,
+        link: PoolLink,
+        routes: dict[int, Route],
+        num_tokens: int,
+        index: int,
+        count: int,
+        meta,
+        layers,
+        sparse: SparseBatch | None = None,
+    ):
         self.link = link
         self.index = index
         self.count = count
         self.meta = meta
         self.layers = layers
+        self.sparse = sparse
         self.cuts = {w: _Cut.of(rt, num_tokens, link, w) for w, rt in routes.items()}
+        self.dense_meta = meta
+        self.all_decode = False
+        if sparse is not None and sparse.decode is not None:  # decode rows see no KV densely
+            decode = set(sparse.decode.token_list)
+            self.all_decode = len(decode) == num_tokens
+            kv_lens_cpu = list(meta.kv_lens_cpu)
+            starts = itertools.accumulate(meta.query_lens_cpu, initial=0)
+            for s, start in zip(range(meta.num_seqs), starts):
+                if start in decode:
+                    kv_lens_cpu[s] = 0
+            self.dense_meta = dataclasses.replace(
+                meta, kv_lens=torch.tensor(kv_lens_cpu, dtype=meta.kv_lens.dtype, device=meta.kv_lens.device),
+                kv_lens_cpu=kv_lens_cpu,
+            )
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
-        recvs = self.post_remote(layer, q, k, v)
-        out, lse = self.attend_local(layer, q, k, v, kv_cache)
+        chosen = None
+        if self.sparse is not None:
+            chosen = self.link.sparse.select(layer, q, k, self.sparse)
+        recvs = self.post_remote(layer, q, k, v, chosen)
+        out, lse = self.attend_local(layer, q, k, v, kv_cache, chosen)
         # Always hand control back, even with nothing remote: micro-batches then advance in
         # lockstep, layer by layer, so K/V an earlier micro-batch writes into a block that a
         # later one shares through the prefix cache is in place before that one reads it.
         return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else out)
 
-    def post_remote(self, layer: int, q, k, v) -> list:
-        """Send each live worker its query rows and new K/V rows (of its heads); post the
-        receives of its (out, lse). q/k/v hold every head here."""
+    def post_remote(self, layer: int, q, k, v, chosen: torch.Tensor | None = None) -> list:
+        """Send each live worker its query rows and new K/V rows (of its heads), with sparse
+        decode the pages chosen there; post the receives of its (out, lse). q/k/v hold every
+        head here."""
         link = self.link
         tag = exchange_tag(layer, self.index, self.count)
         recvs = []
@@ -198,7 +236,10 @@ class PoolAttend:
             parts = [cut.take(q, cut.q_rows, cut.q_heads)]
             if cut.nkv:
                 parts += [cut.take(k, cut.kv_rows, cut.kv_heads), cut.take(v, cut.kv_rows, cut.kv_heads)]
-            msg = torch.cat(parts).to(link.transport)
+            if chosen is not None and w in self.sparse.decode.remote:
+                pages, lens = link.sparse.pages(chosen, self.sparse.decode, self.sparse.decode.remote[w])
+                parts.append(torch.cat([pages, lens[..., None]], dim=-1))
+            msg = pack_bytes(parts).to(link.transport)
             rank = link.topology.attention_rank(w)
             try:
                 link.sends.append((comm.send_tensor(msg, rank, tag), msg, w))
@@ -209,13 +250,29 @@ class PoolAttend:
                 link.fail(w, str(e))
         return recvs
 
-    def attend_local(self, layer: int, q, k, v, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's local K/V and attend over the local blocks (this rank's heads)."""
+    def attend_local(
+        self, layer: int, q, k, v, kv_cache, chosen: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's local K/V and attend over the local blocks (this rank's heads);
+        with sparse decode, the decode rows over the chosen local blocks."""
         t0 = time.perf_counter()
         backend = self.link.backend
         k_cache, v_cache = kv_cache
+        scale = self.layers[layer].self_attn.scale
         backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
-        out, lse = backend.forward(q, k_cache, v_cache, self.meta, self.layers[layer].self_attn.scale)
+        if chosen is None:
+            out, lse = backend.forward(q, k_cache, v_cache, self.meta, scale)
+        else:
+            if self.all_decode:
+                out = torch.zeros_like(q)
+                lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+            else:
+                out, lse = backend.forward(q, k_cache, v_cache, self.dense_meta, scale)
+            d = self.sparse.decode
+            pages, lens = self.link.sparse.pages(chosen, d, d.local)
+            o, l = attend_pages(backend, q.index_select(0, d.tokens), k_cache, v_cache, pages, lens, scale)
+            out[d.tokens] = o.to(out.dtype)
+            lse[d.tokens] = l
         self.link.local_attention_s += time.perf_counter() - t0
         return out, lse
 

@@ -35,6 +35,17 @@ def exchange_tag(layer: int, micro_batch: int, num_micro_batches: int) -> int:
     return Tag.EXCHANGE + 2 * (layer * num_micro_batches + micro_batch)
 
 
+def pack_bytes(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of any dtypes as one flat uint8 message: one send, not one per dtype."""
+    return torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
+
+
+def unpack_bytes(buf: torch.Tensor, specs: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """The flat tensors (dtype, numel) a pack_bytes message holds, in order (views of buf)."""
+    sizes = [n * dtype.itemsize for dtype, n in specs]
+    return [b.view(dtype) for b, (dtype, _) in zip(buf.split(sizes), specs)]
+
+
 # Start ---------------------------------------------------------------------------------------
 @dataclass
 class AttentionInit:
@@ -71,22 +82,33 @@ class WorkerBatch:
 
     entries: list[Entry] = field(default_factory=list)
     kv_slots: list[int] = field(default_factory=list)  # slot of each new K/V row, in row order
+    # Sparse decode: these entries (one query each) attend over the pages the driver chose
+    # (sent with the query rows, at most `sparse_pages` per KV head), not their whole range.
+    sparse_entries: list[int] = field(default_factory=list)
+    sparse_pages: int = 0
 
     @property
     def num_q_rows(self) -> int:
         return sum(e.num_queries for e in self.entries)
 
-    def metadata(self, device: torch.device | str) -> tuple[AttentionMetadata, torch.Tensor]:
+    def metadata(self, device: torch.device | str) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+        """-> (the dense attention's metadata, where sparse entries see no KV; the new K/V
+        rows' slots; the query row of each sparse entry)."""
+        sparse = set(self.sparse_entries)
         meta = AttentionMetadata.build(
             query_lens=[e.num_queries for e in self.entries],
             query_pos_start=[e.query_pos_start for e in self.entries],
-            kv_lens=[e.kv_len for e in self.entries],
+            kv_lens=[0 if i in sparse else e.kv_len for i, e in enumerate(self.entries)],
             block_tables=[e.block_ids for e in self.entries],
             slot_mapping=[-1] * self.num_q_rows,  # K/V rows are written separately
             kv_start=[e.kv_start for e in self.entries],
             device=device,
         )
-        return meta, torch.tensor(self.kv_slots, dtype=torch.int64, device=device)
+        first = [0]
+        for e in self.entries:
+            first.append(first[-1] + e.num_queries)
+        rows = torch.tensor([first[i] for i in self.sparse_entries], dtype=torch.int64, device=device)
+        return meta, torch.tensor(self.kv_slots, dtype=torch.int64, device=device), rows
 
 
 @dataclass
@@ -153,6 +175,7 @@ class RankReport:
     idle_s: float = 0.0
     num_tokens: int = 0
     q_rows: int = 0  # attention ranks: query rows answered
+    sparse_rows: int = 0  # attention ranks: of those, rows attended over chosen pages only
     failed_workers: dict[int, str] = field(default_factory=dict)  # attention ranks this one lost
 
 

@@ -156,3 +156,50 @@ def test_tp2_with_pool_on_gpu_matches_single_process(tiny_checkpoints, gpu_refer
         assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
         assert sum(s.ranks[1].comm_s for s in stats) > 0 and sum(s.tp_comm_s for s in stats) > 0
     assert assert_pairs_mirror(str(tmp_path), 3) > 0
+
+
+@needs_gpu
+def test_sparse_decode_inside_the_pool_on_gpu(tiny_checkpoints, tmp_path):
+    """Sparse decode with two attention workers sharing the GPU: the driver selects, each
+    holder runs the Triton work-balanced kernel on its chosen pages; greedy tokens equal the
+    single-process Triton sparse engine's (graph-captured) with the same profile."""
+    from fapool.sparse.profile import SparseProfile
+
+    path = str(tmp_path / "sparse.json")
+    SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]).save(path)
+    folder = tiny_checkpoints["llama"][0]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([300, 150, 400, 90], seed=6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    kw = dict(block_size=16, num_kv_blocks=256, sparse_attention=path, sparse_min_context=0)
+    single = _gpu_engine(folder, **kw)
+    want = [o.token_ids for o in single.generate(prompts, params)]
+    del single
+    torch.cuda.empty_cache()
+    pool = dict(attention_workers=2, pool_threshold=128, tokens_per_pool_worker=128)
+    with _gpu_engine(folder, **kw, **pool) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        reports = llm.engine.executor.reports
+        assert sum(w.sparse_rows for s in reports for w in s.workers.values()) > 0
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "kw", [dict(attention_workers=1, **POOL), dict(pipeline_parallel_size=2)], ids=["pool", "pp2"]
+)
+def test_segment_graphs_give_the_eager_tokens(tiny_checkpoints, gpu_reference, kw):
+    """A dense rank's decode work between exchanges replays CUDA graphs (both micro-batch
+    slots with the pool: its policy tries one and two); tokens equal the eager multi-rank
+    engine's and the single process's."""
+    folder = tiny_checkpoints["llama"][0]
+    base = dict(block_size=16, num_kv_blocks=64)
+    want = gpu_reference(**base)
+    with _gpu_engine(folder, enforce_eager=True, **base, **kw) as llm:
+        eager = [o.token_ids for o in llm.generate(_prompts(), PARAMS)]
+        assert llm.engine.executor.runner.stage.graphs is None
+    with _gpu_engine(folder, **base, **kw) as llm:
+        graphed = [o.token_ids for o in llm.generate(_prompts(), PARAMS)]
+        graphs = llm.engine.executor.runner.stage.graphs
+        assert graphs is not None and graphs._graphs
+        if "attention_workers" in kw:
+            assert {slot for slot, _ in graphs._graphs} == {0, 1}
+    assert graphed == eager == want

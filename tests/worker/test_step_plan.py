@@ -262,8 +262,8 @@ def test_head_mode_sends_every_query_to_every_holder():
 # WorkerBatch ------------------------------------------------------------------------------
 def test_worker_batch_metadata():
     batch = WorkerBatch([Entry(3, 8, 8, 5, [2, 7]), Entry(1, 20, 16, 5, [4, 1])], kv_slots=[9, 10, 11, 17])
-    meta, kv_slots = batch.metadata("cpu")
-    assert batch.num_q_rows == 4
+    meta, kv_slots, sparse_rows = batch.metadata("cpu")
+    assert batch.num_q_rows == 4 and sparse_rows.numel() == 0
     assert meta.query_start_loc.tolist() == [0, 3, 4]
     assert meta.query_pos_start.tolist() == [8, 20]
     assert meta.kv_start.tolist() == [8, 16]
@@ -271,6 +271,10 @@ def test_worker_batch_metadata():
     assert meta.block_tables.tolist() == [[2, 7], [4, 1]]
     assert meta.slot_mapping.tolist() == [-1, -1, -1, -1]  # K/V rows are written separately
     assert kv_slots.dtype == torch.int64 and kv_slots.tolist() == [9, 10, 11, 17]
+    # A sparse entry (one query over chosen pages): no KV for the dense pass, its query row named.
+    batch.sparse_entries, batch.sparse_pages = [1], 2
+    meta, _, sparse_rows = batch.metadata("cpu")
+    assert meta.kv_lens.tolist() == [5, 0] and sparse_rows.tolist() == [3]
 
 
 # split_micro_batches ----------------------------------------------------------------------
