@@ -166,7 +166,7 @@ def run(ns: argparse.Namespace) -> int:
             "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size, "pp": ns.pipeline_parallel_size,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker, "workers": list(ns.workers),
             "pool_modes": list(ns.pool_modes), "kv_cache_memory_per_rank": base.kv_cache_memory,
-            "micro_batches": ns.micro_batches, "threads": torch.get_num_threads(),
+            "micro_batches": ns.micro_batches, "threads": torch.get_num_threads(), "enforce_eager": base.enforce_eager,
         },
         "runs": rows,
     }
