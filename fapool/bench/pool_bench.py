@@ -69,8 +69,11 @@ def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[list[int]], dict[str, Any]]:
-    """Prefill the batch, then time every decode step on its own: TPOT is the median decode
-    step at this context (other requests' prefill chunks never land inside it)."""
+    """Prefill the batch, then time `output_len` decode steps in which every request decodes:
+    TPOT is the median of those steps at this context. Requests run without a token limit and
+    are aborted after the window: with chunked prefill the first requests start decoding long
+    before the last, and a limit would let them finish while the last still prefill, so the
+    measured steps would hold part of the batch. Tokens: each request's first output_len."""
     from fapool.bench.engine_bench import random_prompts
 
     engine = llm.engine
@@ -82,7 +85,7 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
     warm = random_prompts(ns.batch_size if on_gpu else 1, input_len if on_gpu else 16, vocab, WARMUP_SEED)
     llm.generate([{"prompt_token_ids": w} for w in warm], SamplingParams(temperature=0.0, max_tokens=2))
     executor = engine.executor
-    params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     reqs = [engine.groups[i][0] for i in ids]
     t = time.perf_counter()
@@ -91,13 +94,19 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
     prefill_s = time.perf_counter() - t
     executor.reports.clear()
     steps: list[float] = []
-    while engine.has_unfinished_requests():
+    for _ in range(ns.output_len):
         t0 = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - t
-    tokens = [list(r.output_token_ids) for r in reqs]
     summary = summarize(executor.reports)
+    for i in ids:
+        engine.abort_request(i)
+    while engine.has_unfinished_requests():  # drain an in-flight step (async scheduling)
+        engine.step()
+    tokens = [list(r.output_token_ids[: ns.output_len]) for r in reqs]
+    if min(map(len, tokens)) < ns.output_len - 1:
+        raise RuntimeError(f"a request decoded fewer than {ns.output_len - 1} tokens in the window")
     ranks = getattr(executor, "rank_devices", None)
     row = {
         "input_len": input_len,
@@ -106,6 +115,7 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
         "e2e_s": elapsed,
         "prefill_s": prefill_s,
         "decode_steps": len(steps),
+        "decode_batch": ns.batch_size,  # every request decodes in every timed step
         "tpot_ms_median": 1e3 * sorted(steps)[len(steps) // 2] if steps else None,
         "tpot_ms_p20": 1e3 * sorted(steps)[len(steps) // 5] if steps else None,
         "output_tokens_per_s": ns.batch_size * len(steps) / sum(steps) if steps else None,
