@@ -295,8 +295,8 @@ class DenseStage:
         layers = self.model.model.layers
         tp = self.topology.tensor_parallel_size
         if self.config.pool.attention_workers and tp > 1:
-            if self.rank == 0:
-                return _DriverTPPoolAttend(self, mb.routes or {}, mb.num_tokens, index, count, meta)
+            if self.tp_rank == 0:
+                return _LeaderTPPoolAttend(self, mb.routes or {}, mb.num_tokens, index, count, meta)
             return _RankAttend(self, meta, mb, index, count)
         if self.link is not None:  # also with nothing remote: the link's backend, and a yield
             return self.link.attend_hook(mb.routes or {}, mb.num_tokens, index, count, meta, layers)
@@ -305,8 +305,9 @@ class DenseStage:
 
 class _RankAttend:
     """A TP rank's attend hook next to an attention pool: its heads' attention over its local
-    blocks here; for a micro-batch with remote attention its q/k/v go to the driver, and the
-    pool's merged partial for its heads comes back to be merged with the local one."""
+    blocks here; for a micro-batch with remote attention its q/k/v go to its stage's leader (TP
+    rank 0: the driver on stage 0), and the pool's merged partial for its heads comes back to be
+    merged with the local one."""
 
     def __init__(self, stage: DenseStage, meta: AttentionMetadata, mb: MicroBatch, index: int, count: int):
         self.stage = stage
@@ -314,6 +315,7 @@ class _RankAttend:
         self.remote = mb.remote
         self.index = index
         self.count = count
+        self.leader = stage.topology.dense_rank(stage.stage, 0)
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
         stage = self.stage
@@ -322,7 +324,7 @@ class _RankAttend:
         tag = exchange_tag(layer, self.index, self.count)
         if self.remote:
             msg = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).to(stage.transport)
-            stage._sends.append((comm.send_tensor(msg, 0, tag), msg, 0))
+            stage._sends.append((comm.send_tensor(msg, self.leader, tag), msg, self.leader))
         k_cache, v_cache = kv_cache
         attn.backend.write_kv(k_cache, v_cache, k, v, self.meta.slot_mapping)
         out, lse = attn.backend.forward(q, k_cache, v_cache, self.meta, attn.scale)
@@ -331,7 +333,7 @@ class _RankAttend:
 
         def finish() -> torch.Tensor:
             # Received only now, after the other micro-batches' q/k/v went out: under NCCL a
-            # pair's transfers run in posting order, and the driver posts in this order.
+            # pair's transfers run in posting order, and the leader posts in this order.
             buf = torch.empty(T * hq * (D + 1), dtype=torch.float32, device=stage.transport)
             stage.clock.measure("comm", lambda: self._receive(buf, tag + 1))
             buf = buf.to(stage.device)
@@ -342,20 +344,24 @@ class _RankAttend:
         return Pending(finish=finish)
 
     def _receive(self, buf: torch.Tensor, tag: int) -> None:
-        self.stage.wait(comm.recv_tensor(buf, 0, tag), 0, "attention partials from the driver", buf)
+        self.stage.wait(
+            comm.recv_tensor(buf, self.leader, tag), self.leader, "attention partials from the stage leader", buf
+        )
 
 
-class _DriverTPPoolAttend(PoolAttend):
-    """The driver's hook with tensor-parallel ranks beside a pool: it gathers every head's
-    q/k/v for the pool (the workers keep one peer, every head), exchanges with the workers,
-    and sends each TP rank its heads' slice of the pool's merged partial. The merge is exact
-    per head, so merging the pool's partials here and each rank's local one there changes
-    only rounding. The price: one message in and one out per TP rank and layer."""
+class _LeaderTPPoolAttend(PoolAttend):
+    """A stage leader's hook (TP rank 0: the driver on stage 0) with tensor-parallel ranks
+    beside a pool: it gathers every head's q/k/v of its stage for the pool (the workers keep
+    one peer per layer, every head), exchanges with the workers, and sends each TP rank its
+    heads' slice of the pool's merged partial. The merge is exact per head, so merging the
+    pool's partials here and each rank's local one there changes only rounding. The price: one
+    message in and one out per TP rank and layer."""
 
     def __init__(self, stage: DenseStage, routes, num_tokens: int, index: int, count: int, meta) -> None:
         super().__init__(stage.link, routes, num_tokens, index, count, meta, stage.model.model.layers)
         self.stage = stage
-        self.tp_ranks = range(1, stage.topology.tensor_parallel_size)
+        topo = stage.topology
+        self.tp_ranks = [(t, topo.dense_rank(stage.stage, t)) for t in range(1, topo.tensor_parallel_size)]
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
         if not self.cuts:  # all local: every rank attends its heads on its own
@@ -372,7 +378,7 @@ class _DriverTPPoolAttend(PoolAttend):
         hkv = k.shape[1]
         sizes = [T * hq * D, T * hkv * D, T * hkv * D]
         posted = []
-        for rank in self.tp_ranks:
+        for _, rank in self.tp_ranks:
             buf = torch.empty(sum(sizes), dtype=q.dtype, device=stage.transport)
             posted.append((rank, comm.recv_tensor(buf, rank, tag), buf))
         qs, ks, vs = [q], [k], [v]
@@ -396,8 +402,8 @@ class _DriverTPPoolAttend(PoolAttend):
             pool_o = torch.zeros(T, H, D, dtype=torch.float32, device=stage.device)
             pool_l = torch.full((T, H), float("-inf"), dtype=torch.float32, device=stage.device)
         hq = q.shape[1]
-        for rank in self.tp_ranks:
-            heads = slice(rank * hq, (rank + 1) * hq)
+        for t, rank in self.tp_ranks:
+            heads = slice(t * hq, (t + 1) * hq)
             msg = torch.cat([pool_o[:, heads].reshape(-1), pool_l[:, heads].reshape(-1)]).to(stage.transport)
             stage._sends.append((comm.send_tensor(msg, rank, tag + 1), msg, rank))
         merged, _ = merge_partials([out.float(), pool_o[:, :hq]], [lse, pool_l[:, :hq]])
@@ -512,7 +518,7 @@ class DenseWorker:
             fuse_model(model)
         self.stage.model = model.eval()
         self.stage.allocate_kv_cache(init.num_blocks)
-        if init.pool_kv_heads is not None:  # a pipeline stage next to an attention pool
+        if init.pool_kv_heads is not None and self.stage.tp_rank == 0:  # a stage leader next to a pool
             self.stage.link = PoolLink(
                 cfg, self.topology, init.pool_kv_heads, self.stage.device, self.transport, comm.Waiter(), backend
             )

@@ -49,7 +49,9 @@ class Executor:
         return self.runner.execute(out)
 
     def launch(self, out: SchedulerOutput) -> PendingTokens:
-        raise RuntimeError(f"{type(self).__name__} steps synchronously: launch() needs supports_async")
+        if not self.supports_async:
+            raise RuntimeError(f"{type(self).__name__} steps synchronously: launch() needs supports_async")
+        return self.runner.launch(out)
 
     def take_failures(self) -> list[tuple[int, str]]:
         return []
@@ -67,15 +69,16 @@ class InProcessExecutor(Executor):
 
     supports_async = True
 
-    def launch(self, out: SchedulerOutput) -> PendingTokens:
-        return self.runner.launch(out)
-
 
 class MultiprocessExecutor(Executor):
     """Rank 0 of a multi-rank topology (attention pool, TP, PP, TP + pool); the other ranks are
     processes it spawned on this host or that torchrun started."""
 
     runner: MultiRankRunner
+
+    @property
+    def supports_async(self) -> bool:  # TP / PP; not with the attention pool
+        return self.runner.supports_async
 
     def take_failures(self) -> list[tuple[int, str]]:
         return self.runner.take_failures()

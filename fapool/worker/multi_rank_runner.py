@@ -14,8 +14,9 @@ will send in), runs its own share, gets the due rows' logits (from the last stag
 when that is not itself) and collects every rank's RankReport into one StepReport.
 
 Who exchanges with the attention ranks: with one dense rank, the driver; with pipeline stages,
-each stage for its own layers (PoolLink on each); with tensor parallel ranks, the driver for
-every head (the TP ranks send it their heads' q/k/v and get their slice of the merged partial).
+each stage for its own layers (PoolLink on each); with tensor parallel ranks, each stage's TP
+rank 0 (the driver on stage 0) for every head of its stage (its TP ranks send it their heads'
+q/k/v and get their slice of the merged partial).
 An attention rank that dies or goes silent is marked failed and its requests are recomputed; a
 dense rank that does stops the engine with an error naming it (restart it).
 
@@ -33,6 +34,8 @@ import dataclasses
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +46,7 @@ from fapool.layers.tp import check_tp, shard_layer_state
 from fapool.worker import comm
 from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights, shard_model, stage_layers, tp_groups
 from fapool.worker.launcher import WorkerGroup
-from fapool.worker.model_runner import ModelRunner
+from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
 from fapool.worker.pool_sparse import PoolSparse
 from fapool.worker.protocol import AttentionInit, DenseInit, DenseStep, RankReport, StepReport, Tag
@@ -67,11 +70,6 @@ def check_parallel(config: EngineConfig) -> None:
         raise ConfigError(
             "sparse_attention with tensor_parallel_size / pipeline_parallel_size > 1 is not supported: "
             "the profile's per-head budgets are not cut to a rank's heads and layers"
-        )
-    if config.pool.attention_workers > 0 and par.pipeline_parallel_size > 1 and par.tensor_parallel_size > 1:
-        raise ConfigError(
-            "tensor_parallel_size > 1 and pipeline_parallel_size > 1 together with attention_workers > 0 is "
-            "not supported yet: use either TP or PP with the attention pool"
         )
 
 
@@ -128,6 +126,31 @@ def diagnose_dense_failure(
     return failure
 
 
+@dataclass
+class _Step:
+    """A step's plans, built before any rank is contacted."""
+
+    out: SchedulerOutput
+    index: int
+    shape: tuple[int, int, int]  # (sequences, tokens, longest context): the micro-batch policy's key
+    plans: list[MicroBatchPlan]
+    dense: DenseStep
+    plan_s: float
+    # The requests whose next token the step computes, in logits order; taken when the step is
+    # built, since launching it adds placeholders that change `completes_known_tokens`.
+    due: list[ScheduledRequest]
+
+
+class _Done:
+    """A launched step's completion, as PendingTokens waits for it (re-raises its failure)."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def synchronize(self) -> None:
+        self.future.result()
+
+
 class MultiRankRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         check_parallel(config)
@@ -163,6 +186,8 @@ class MultiRankRunner(ModelRunner):
         self.failure: comm.WorkerFailure | None = None
         self.waiter = comm.Waiter()
         self._step = 0
+        self._launcher: ThreadPoolExecutor | None = None  # async scheduling: the step thread
+        self._sampled: dict[str, int] = {}  # the last launched step's greedy tokens, by request
         self._stopped = False
         self.workers: WorkerGroup | None = None
         self.transport = "cpu"  # message buffers' device, known once the process group is up
@@ -187,8 +212,9 @@ class MultiRankRunner(ModelRunner):
         startup_s = max(60.0, self.timeout_s)
         self.workers = WorkerGroup(self.config, topo.world_size)
         self.transport = comm.transport_device(str(self.device))
-        # Stages exchange with the pool themselves; TP ranks go through the driver.
-        stage_links = self.pool_kv_heads if topo.tensor_parallel_size == 1 else None
+        # Each stage's leader (TP rank 0) exchanges with the pool for the stage's layers; its
+        # TP ranks go through it.
+        stage_links = self.pool_kv_heads if topo.pipeline_parallel_size > 1 else None
         init = DenseInit(self.config, self.num_blocks, stage_links)
         for r in self._ranks():
             comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
@@ -248,28 +274,44 @@ class MultiRankRunner(ModelRunner):
     def _wait(self, work, peer: int, what: str, buf) -> None:
         self.waiter.wait(work, self.timeout_s, peer, what, buf)
 
+    @property
+    def supports_async(self) -> bool:
+        """Async scheduling (launch) with TP / PP. Not with the attention pool: a worker lost in
+        a step must drop that step's tokens and preempt its requests before the next step is
+        scheduled, and under async scheduling that step would already be on its way."""
+        return self.link is None
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        return self._run(self._prepare(out))
+
+    def launch(self, out: SchedulerOutput) -> PendingTokens:
+        """Run one step in the background with greedy sampling and return at once: the engine
+        schedules the next step meanwhile. Steps run one after another on one thread; a token
+        the step in flight samples is filled into the next step's inputs when that one starts."""
+        step = self._prepare(out)  # here: it reads the requests, which the engine then updates
+        host = torch.empty(len(step.due), dtype=torch.long)
+        if self._launcher is None:
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="fapool-step")
+        return PendingTokens(step.due, host, _Done(self._launcher.submit(self._run_launched, step, host)))
+
+    @torch.inference_mode()
+    def _run_launched(self, step: _Step, host: torch.Tensor) -> None:
+        for plan in step.plans:
+            for row, req in plan.placeholders:
+                plan.input_ids[row] = self._sampled[req.request_id]  # also the DenseStep's list
+        logits, due = self._run(step)
+        tokens = logits.argmax(dim=-1).cpu() if logits is not None else torch.empty(0, dtype=torch.long)
+        host.copy_(tokens)
+        self._sampled = {s.request.request_id: t for s, t in zip(due, tokens.tolist())}
+
+    def _prepare(self, out: SchedulerOutput) -> _Step:
+        """The step's plans (host work on the scheduler's output; no rank is contacted)."""
         if self.failure is not None:
             raise self.failure
         self._step += 1
-        try:
-            return self._execute(out)
-        except (comm.WorkerFailure, RuntimeError) as e:
-            failure = diagnose_dense_failure(self.topology, self.workers.procs, e, self._step)
-            if failure is None:
-                raise
-            self.failure = failure
-            logger.error("%s", failure)
-            raise failure from e
-
-    def _execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
-        t_start = time.perf_counter()
-        topo, link = self.topology, self.link
-        for r in self._ranks():
-            if not self.workers.alive(r):
-                raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
         t_plan = time.perf_counter()
+        link = self.link
         shape = (len(out.scheduled), out.num_tokens, max(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled))
         groups = split_micro_batches(out.scheduled, self.micro_batches.choose(*shape))
         if link is None:
@@ -283,10 +325,32 @@ class MultiRankRunner(ModelRunner):
                 link.step_sparse = [link.sparse.plan(p, self.pool_start, shape[2]) for p in plans]
             failed = [w for w in self.pool_kv_heads if not link.live(w)]
             plan = DenseStep(self._step, [p.dense(with_routes=True) for p in plans], list(out.block_copies), failed)
-        stats = StepReport(self._step, out.num_tokens, len(plans))
+        due = [s for s in out.scheduled if s.completes_known_tokens]
+        return _Step(out, self._step, shape, plans, plan, time.perf_counter() - t_plan, due)
+
+    def _run(self, step: _Step) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        try:
+            return self._execute(step)
+        except (comm.WorkerFailure, RuntimeError) as e:
+            failure = diagnose_dense_failure(self.topology, self.workers.procs, e, step.index)
+            if failure is None:
+                raise
+            self.failure = failure
+            logger.error("%s", failure)
+            raise failure from e
+
+    def _execute(self, step: _Step) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        t_start = time.perf_counter()
+        topo, link = self.topology, self.link
+        out, shape, plans, plan = step.out, step.shape, step.plans, step.dense
+        for r in self._ranks():
+            if not self.workers.alive(r):
+                raise comm.WorkerFailure(r, f"step {step.index}", "process exited")
+        t_plan = time.perf_counter()
+        stats = StepReport(step.index, out.num_tokens, len(plans))
         own = RankReport(0)
         told = self._send_pool_plans(plans, out) if link is not None else []
-        stats.plan_s = time.perf_counter() - t_plan
+        stats.plan_s = step.plan_s + time.perf_counter() - t_plan
 
         t0 = time.perf_counter()
         for r in self._ranks():
@@ -319,16 +383,15 @@ class MultiRankRunner(ModelRunner):
             stats.local_attention_s = link.local_attention_s
         own.idle_s += time.perf_counter() - t0  # the pipeline draining, then the other ranks' reports
 
-        due = [s for s in out.scheduled if s.completes_known_tokens]
         logits = torch.cat(parts) if parts else None
         stats.ranks[0] = own
         stats.wait_s = seconds.get("wait", 0.0) + own.idle_s  # on attention ranks, or on other stages
         stats.tp_comm_s = seconds.get("comm", 0.0)  # all-reduces, hidden states, TP exchanges
         stats.dense_s = max(0.0, own.compute_s - stats.local_attention_s)
-        stats.total_s = time.perf_counter() - t_start
+        stats.total_s = time.perf_counter() - t_start + step.plan_s
         self.micro_batches.record(*shape, len(plans), stats.total_s)
         self.step_stats.append(stats)
-        return logits, due
+        return logits, step.due
 
     def _send_pool_plans(self, plans: list[MicroBatchPlan], out: SchedulerOutput) -> list[int]:
         """The attention ranks' plans, with the order the dense ranks send in: with one stage
@@ -360,6 +423,8 @@ class MultiRankRunner(ModelRunner):
         if self._stopped:
             return
         self._stopped = True
+        if self._launcher is not None:  # a launched step finishes (or fails) first
+            self._launcher.shutdown(wait=True)
         if self.workers is not None:
             if self.failure is not None or not self._sharded:
                 self.workers.kill()

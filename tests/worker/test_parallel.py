@@ -72,13 +72,34 @@ def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, 
     assert assert_pairs_mirror(str(tmp_path), tp * pp) > 0
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_async_scheduling_gives_the_sync_tokens(tiny_checkpoints, reference, tp, pp):
+    """Async scheduling with TP / PP: steps run on the runner's thread while the engine
+    schedules the next, each decode step's input token filled from the step before it when
+    it starts; greedy tokens equal the synchronous engine's (through preemption and chunked
+    prefill), and the steps really were launched."""
+    folder = tiny_checkpoints["llama"][0]
+    with LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, async_scheduling=True, **ENGINE) as llm:
+        assert llm.engine.async_scheduling
+        outs = llm.generate(_prompts(), PARAMS)
+        assert [o.token_ids for o in outs] == reference("llama")
+        assert llm.engine.executor.runner._launcher is not None
+
+
+def test_async_scheduling_is_off_with_the_pool(tiny_checkpoints):
+    """With attention workers the engine steps synchronously even when asked for async: a lost
+    worker's step must be dropped before the next one is scheduled."""
+    kw = dict(ENGINE, num_kv_blocks=64)
+    with LLM(tiny_checkpoints["llama"][0], attention_workers=1, pool_threshold=32, async_scheduling=True, **kw) as llm:
+        assert not llm.engine.async_scheduling
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
         (dict(tensor_parallel_size=4), "num_key_value_heads"),  # 2 KV heads
         (dict(tensor_parallel_size=3), "num_attention_heads"),  # 4 heads
         (dict(pipeline_parallel_size=3), "2 layers"),
-        (dict(tensor_parallel_size=2, pipeline_parallel_size=2, attention_workers=1), "not supported"),
     ],
 )
 def test_unsupported_shapes_fail_before_starting(tiny_checkpoints, kw, match):

@@ -203,3 +203,18 @@ def test_segment_graphs_give_the_eager_tokens(tiny_checkpoints, gpu_reference, k
         if "attention_workers" in kw:
             assert {slot for slot, _ in graphs._graphs} == {0, 1}
     assert graphed == eager == want
+
+
+@needs_gpu
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_async_scheduling_on_gpu_gives_the_sync_tokens(tiny_checkpoints, tp, pp):
+    """TP / PP schedule asynchronously on CUDA by default (steps on the runner's thread, the
+    next step's input tokens filled from the one before): the tokens of async off."""
+    folder = tiny_checkpoints["llama"][0]
+    kw = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=16, num_kv_blocks=64)
+    tokens = {}
+    for on in (True, False):
+        with _gpu_engine(folder, async_scheduling=on, **kw) as llm:
+            assert llm.engine.async_scheduling == on
+            tokens[on] = [o.token_ids for o in llm.generate(_prompts(), PARAMS)]
+    assert tokens[True] == tokens[False]

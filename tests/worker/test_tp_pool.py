@@ -102,3 +102,20 @@ def test_tp2_pool_of_two_then_a_lost_worker_then_a_lost_tp_rank(tiny_checkpoints
         assert "dense worker rank 1 (pipeline stage 0, tensor-parallel rank 1)" in str(info.value)
         with pytest.raises(WorkerFailure):
             engine.step()
+
+
+def test_tp2_pp2_with_pool_matches_single_process(tiny_checkpoints, reference, tmp_path, monkeypatch):
+    """TP 2 x PP 2 next to an attention worker: each stage's TP rank 0 exchanges every head of
+    its stage with the worker for the stage's layers; tokens equal the single process's."""
+    kw = dict(tensor_parallel_size=2, pipeline_parallel_size=2, attention_workers=1, **POOL, **ENGINE)
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
+    with LLM(tiny_checkpoints["llama"][0], **kw) as llm:
+        outs = llm.generate(_prompts(), PARAMS)
+        assert [o.token_ids for o in outs] == reference("llama")
+        stats = llm.engine.executor.reports
+        assert all(set(s.ranks) == {0, 1, 2, 3} for s in stats)
+        # The pooled KV of every layer lives only on the worker, so parity needs both stages'
+        # leaders (ranks 0 and 2) to have exchanged with it.
+        assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
+        assert llm.engine.pool_manager.active_workers() == set()
+    assert assert_pairs_mirror(str(tmp_path), 5) > 0
