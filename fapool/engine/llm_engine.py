@@ -79,6 +79,9 @@ class LLMEngine:
             want_async = config.device.startswith("cuda")
         self.async_scheduling = bool(want_async) and self.executor.supports_async
         self._inflight: _InFlight | None = None
+        # Requests that lost pool KV at the last drain, when a step had been launched after the
+        # drained one: scheduled before the loss was known, their tokens from it are dropped too.
+        self._lost_inflight: set[str] = set()
         try:
             layout = self.executor.initialize_kv_cache()
         except BaseException:
@@ -208,20 +211,27 @@ class LLMEngine:
             s.request.num_computed_tokens += s.num_new_tokens
         for s in pending.due:
             s.request.num_output_placeholders += 1
-        drained = self._drain()
+        drained = self._drain(launched_after=True)
         groups = list(dict.fromkeys(s.request.group_id for s in sched.scheduled))
         self._inflight = _InFlight(pending, groups)
         return drained
 
-    def _drain(self) -> list[RequestOutput]:
+    def _drain(self, launched_after: bool = False) -> list[RequestOutput]:
         """Process the in-flight step's tokens (waits for them) and finalize its groups."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
-        for s, tok in zip(inflight.pending.due, inflight.pending.tokens()):
+        tokens = inflight.pending.tokens()
+        # Attention workers lost by now: their requests are recomputed, and their tokens from
+        # this step (and from the one launched after it) were computed without that KV.
+        lost = self._handle_worker_failures()
+        drop = lost | self._lost_inflight
+        self._lost_inflight = lost if launched_after else set()
+        self._record_pool_stats()
+        for s, tok in zip(inflight.pending.due, tokens):
             req = s.request
             req.num_output_placeholders -= 1
-            if req.finished:  # stopped or aborted after this step was scheduled
+            if req.finished or req.request_id in drop:  # stopped, aborted or lost since scheduled
                 continue
             status = self.outputs.on_token(req, tok, None)
             if status is not None:

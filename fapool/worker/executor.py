@@ -75,10 +75,7 @@ class MultiprocessExecutor(Executor):
     processes it spawned on this host or that torchrun started."""
 
     runner: MultiRankRunner
-
-    @property
-    def supports_async(self) -> bool:  # TP / PP; not with the attention pool
-        return self.runner.supports_async
+    supports_async = True
 
     def take_failures(self) -> list[tuple[int, str]]:
         return self.runner.take_failures()

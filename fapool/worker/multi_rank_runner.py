@@ -24,8 +24,8 @@ At start the driver ships each dense rank its slice of the weights it was given.
 rank gets its own GPU and NCCL when there are enough GPUs, else all share the driver's GPU over
 gloo with host-staged tensors (comm.place_ranks). On CUDA a dense rank's decode work between
 attention exchanges replays CUDA graphs (segment_graphs; not with TP ranks, whose all-reduces
-sit inside those segments); the exchanges and the attention stay eager. Steps are synchronous:
-async scheduling stays with the single-process runner.
+sit inside those segments); the exchanges and the attention stay eager. With async scheduling
+(`launch`) steps run on one runner thread while the engine schedules the next.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class _Step:
     # The requests whose next token the step computes, in logits order; taken when the step is
     # built, since launching it adds placeholders that change `completes_known_tokens`.
     due: list[ScheduledRequest]
+    sparse: list | None = None  # the pool's sparse plans (pool_sparse.SparseBatch per micro-batch)
 
 
 class _Done:
@@ -274,13 +275,6 @@ class MultiRankRunner(ModelRunner):
     def _wait(self, work, peer: int, what: str, buf) -> None:
         self.waiter.wait(work, self.timeout_s, peer, what, buf)
 
-    @property
-    def supports_async(self) -> bool:
-        """Async scheduling (launch) with TP / PP. Not with the attention pool: a worker lost in
-        a step must drop that step's tokens and preempt its requests before the next step is
-        scheduled, and under async scheduling that step would already be on its way."""
-        return self.link is None
-
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
         return self._run(self._prepare(out))
@@ -288,7 +282,9 @@ class MultiRankRunner(ModelRunner):
     def launch(self, out: SchedulerOutput) -> PendingTokens:
         """Run one step in the background with greedy sampling and return at once: the engine
         schedules the next step meanwhile. Steps run one after another on one thread; a token
-        the step in flight samples is filled into the next step's inputs when that one starts."""
+        the step in flight samples is filled into the next step's inputs when that one starts.
+        Attention workers lost in a step are reported by take_failures() as in a synchronous
+        one; the engine drops the lost requests' tokens (LLMEngine._drain)."""
         step = self._prepare(out)  # here: it reads the requests, which the engine then updates
         host = torch.empty(len(step.due), dtype=torch.long)
         if self._launcher is None:
@@ -312,6 +308,7 @@ class MultiRankRunner(ModelRunner):
         self._step += 1
         t_plan = time.perf_counter()
         link = self.link
+        sparse = None
         shape = (len(out.scheduled), out.num_tokens, max(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled))
         groups = split_micro_batches(out.scheduled, self.micro_batches.choose(*shape))
         if link is None:
@@ -321,12 +318,11 @@ class MultiRankRunner(ModelRunner):
             mode = self.config.pool.pool_mode
             plans = [plan_micro_batch(g, self.block_size, self.pool_start, mode, i) for i, g in enumerate(groups)]
             if link.sparse is not None:  # marks the workers' sparse entries: before they are sent
-                link.sparse.copy_blocks(out.block_copies, out.pool_block_copies)
-                link.step_sparse = [link.sparse.plan(p, self.pool_start, shape[2]) for p in plans]
+                sparse = [link.sparse.plan(p, self.pool_start, shape[2]) for p in plans]
             failed = [w for w in self.pool_kv_heads if not link.live(w)]
             plan = DenseStep(self._step, [p.dense(with_routes=True) for p in plans], list(out.block_copies), failed)
         due = [s for s in out.scheduled if s.completes_known_tokens]
-        return _Step(out, self._step, shape, plans, plan, time.perf_counter() - t_plan, due)
+        return _Step(out, self._step, shape, plans, plan, time.perf_counter() - t_plan, due, sparse)
 
     def _run(self, step: _Step) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
         try:
@@ -347,6 +343,9 @@ class MultiRankRunner(ModelRunner):
             if not self.workers.alive(r):
                 raise comm.WorkerFailure(r, f"step {step.index}", "process exited")
         t_plan = time.perf_counter()
+        if step.sparse is not None:  # here, not when planned: a launched step may still be running
+            link.sparse.copy_blocks(out.block_copies, out.pool_block_copies)
+            link.step_sparse = step.sparse
         stats = StepReport(step.index, out.num_tokens, len(plans))
         own = RankReport(0)
         told = self._send_pool_plans(plans, out) if link is not None else []

@@ -86,14 +86,6 @@ def test_async_scheduling_gives_the_sync_tokens(tiny_checkpoints, reference, tp,
         assert llm.engine.executor.runner._launcher is not None
 
 
-def test_async_scheduling_is_off_with_the_pool(tiny_checkpoints):
-    """With attention workers the engine steps synchronously even when asked for async: a lost
-    worker's step must be dropped before the next one is scheduled."""
-    kw = dict(ENGINE, num_kv_blocks=64)
-    with LLM(tiny_checkpoints["llama"][0], attention_workers=1, pool_threshold=32, async_scheduling=True, **kw) as llm:
-        assert not llm.engine.async_scheduling
-
-
 @pytest.mark.parametrize(
     "kw,match",
     [

@@ -69,6 +69,19 @@ def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, wo
     assert assert_pairs_mirror(str(tmp_path), 1 + workers) > 0
 
 
+@pytest.mark.parametrize("mode", ["shard", "head"])
+def test_pool_with_async_scheduling_matches_single_process(tiny_checkpoints, reference, mode):
+    """Async scheduling with the pool: steps run on the runner's thread while the engine
+    schedules the next (micro-batch counts still chosen per step); greedy tokens unchanged."""
+    kw = _engine_kwargs(attention_workers=2, pool_mode=mode, async_scheduling=True, **POOL)
+    with LLM(tiny_checkpoints["llama"][0], **kw) as llm:
+        assert llm.engine.async_scheduling
+        outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
+        assert [o.token_ids for o in outs] == reference("llama")
+        assert llm.engine.executor.runner._launcher is not None
+        assert sum(w.q_rows for s in llm.engine.executor.reports for w in s.workers.values()) > 0
+
+
 def test_prefix_shared_within_a_step_across_micro_batches(tiny_checkpoints):
     """Prompts sharing a prefix, admitted in one step: the later one reuses blocks the earlier
     one writes in that very step, from another micro-batch (a bug while micro-batches did
@@ -147,11 +160,13 @@ def _run_until(llm, prompts, params, on_step):
 
 
 # One dense rank; two pipeline stages (each exchanges with the pool); two TP ranks (the driver
-# exchanges for both).
-DENSE_SHAPES = [dict(), dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2)]
+# exchanges for both); one dense rank under async scheduling (the step after the failed one
+# is already running when the loss is seen: its tokens of the lost requests are dropped too).
+DENSE_SHAPES = [dict(), dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2), dict(async_scheduling=True)]
+DENSE_IDS = ["1", "pp2", "tp2", "1-async"]
 
 
-@pytest.mark.parametrize("dense", DENSE_SHAPES, ids=["1", "pp2", "tp2"])
+@pytest.mark.parametrize("dense", DENSE_SHAPES, ids=DENSE_IDS)
 def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, reference, dense):
     folder = tiny_checkpoints["llama"][0]
     with LLM(folder, **_engine_kwargs(attention_workers=2, **dense, **POOL)) as llm:
@@ -169,7 +184,7 @@ def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, r
         assert got == reference("llama")
 
 
-@pytest.mark.parametrize("dense", DENSE_SHAPES, ids=["1", "pp2", "tp2"])
+@pytest.mark.parametrize("dense", DENSE_SHAPES, ids=DENSE_IDS)
 def test_hung_worker_times_out_and_its_requests_are_recomputed(tiny_checkpoints, reference, dense):
     folder = tiny_checkpoints["llama"][0]
     kw = _engine_kwargs(attention_workers=2, **dense, **{**POOL, "worker_timeout_s": 2.0})
