@@ -48,7 +48,7 @@ from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights
 from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
-from fapool.worker.pool_sparse import PoolSparse
+from fapool.worker.pool_sparse import PoolSparse, SparseBatch
 from fapool.worker.protocol import AttentionInit, DenseInit, DenseStep, RankReport, StepReport, Tag
 from fapool.worker.step_plan import MicroBatchPlan, MicroBatchPolicy, plan_micro_batch, split_micro_batches
 
@@ -139,7 +139,7 @@ class _Step:
     # The requests whose next token the step computes, in logits order; taken when the step is
     # built, since launching it adds placeholders that change `completes_known_tokens`.
     due: list[ScheduledRequest]
-    sparse: list | None = None  # the pool's sparse plans (pool_sparse.SparseBatch per micro-batch)
+    sparse: list[SparseBatch] | None = None  # the pool's sparse plans, one per micro-batch
 
 
 class _Done:

@@ -120,8 +120,6 @@ class PoolSparse:
             for p in range(c, min(end, local_len)):
                 key_rows.append(offset + p - c)
                 slots.append(s.block_ids[p // bs] * bs + p % bs)
-            table = list(s.block_ids[: -(-local_len // bs)])
-            local_tables.append(table[:])
             for seg in s.segments:
                 first = seg.holders[0]
                 base = self.base[first.worker]
@@ -129,13 +127,12 @@ class PoolSparse:
                     rel = p - seg.start
                     key_rows.append(offset + p - c)
                     slots.append((base + first.block_ids[rel // bs]) * bs + rel % bs)
-                table += [base + b for b in first.block_ids]
             if active and n == 1:
                 decode[offset] = len(num_kv)
                 num_kv.append(end)  # a decode query at position c sees 0..c
-                tables.append(table)
-            else:
-                local_tables.pop()
+                local = list(s.block_ids[: -(-local_len // bs)])
+                local_tables.append(local)
+                tables.append(local + [self.base[g.holders[0].worker] + b for g in s.segments for b in g.holders[0].block_ids])
             offset += n
         blocks: dict[int, int] = {}
         inverse, fresh = [], []
