@@ -47,6 +47,12 @@ class AttentionBackend(ABC):
         """Causal attention of the queries over the paged KV -> (out, lse)."""
 
 
+def empty_partial(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of attention over no KV for query [T, H, D]: 0 in query's dtype, lse -inf."""
+    lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+    return torch.zeros_like(query), lse
+
+
 def merge_partials(
     outs: list[torch.Tensor], lses: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ A shard that a query cannot see at all yields out = 0 and lse = -inf, which merg
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,18 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    def without_kv(self, seqs: list[int]) -> AttentionMetadata:
+        """The same batch with sequences `seqs` seeing no KV, so a backend gives their rows 0
+        and lse -inf (sparse decode attends them on its own and overwrites those rows). No
+        host sync: the device lengths are masked with a non-blocking copy."""
+        kv_lens_cpu = list(self.kv_lens_cpu)
+        for s in seqs:
+            kv_lens_cpu[s] = 0
+        drop = torch.zeros(self.num_seqs, dtype=torch.bool)
+        drop[seqs] = True
+        kv_lens = torch.where(drop.to(self.kv_lens.device, non_blocking=True), 0, self.kv_lens)
+        return dataclasses.replace(self, kv_lens=kv_lens, kv_lens_cpu=kv_lens_cpu)
 
     @classmethod
     def build(

@@ -42,13 +42,12 @@ it per key).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass
 
 import torch
 
-from fapool.attention.backend import AttentionBackend
+from fapool.attention.backend import AttentionBackend, empty_partial
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import DEFAULT_SPARSE_MIN_CONTEXT
 from fapool.sparse.selection import (
@@ -200,18 +199,9 @@ class SparseAttentionBackend(AttentionBackend):
             return self.dense.forward(query, k_cache, v_cache, meta, scale)
 
         if len(seqs) < meta.num_seqs:  # the others densely; the sparse rows see no KV there
-            kv_lens_cpu = list(meta.kv_lens_cpu)
-            for s in seqs:
-                kv_lens_cpu[s] = 0
-            rest = dataclasses.replace(
-                meta,
-                kv_lens=torch.tensor(kv_lens_cpu, dtype=meta.kv_lens.dtype).to(meta.kv_lens.device),
-                kv_lens_cpu=kv_lens_cpu,
-            )
-            out, lse = self.dense.forward(query, k_cache, v_cache, rest, scale)
+            out, lse = self.dense.forward(query, k_cache, v_cache, meta.without_kv(seqs), scale)
         else:
-            out = torch.zeros_like(query)
-            lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+            out, lse = empty_partial(query)
         device = query.device
         tok = torch.tensor([starts[s] for s in seqs], device=device)
         o, l = self.sparse_decode(
@@ -247,17 +237,7 @@ class SparseAttentionBackend(AttentionBackend):
         # Mixed batch (eager): the dense backend sees the decode rows without KV (they come out
         # as 0 / -inf), then the sparse results overwrite them.
         device = query.device
-        kv_lens_cpu = list(meta.kv_lens_cpu)
-        for s in decode:
-            kv_lens_cpu[s] = 0
-        is_decode = torch.zeros(meta.num_seqs, dtype=torch.bool)
-        is_decode[decode] = True
-        rest = dataclasses.replace(
-            meta,
-            kv_lens=torch.where(is_decode.to(device, non_blocking=True), 0, meta.kv_lens),
-            kv_lens_cpu=kv_lens_cpu,
-        )
-        out, lse = self.dense.forward(query, k_cache, v_cache, rest, scale)
+        out, lse = self.dense.forward(query, k_cache, v_cache, meta.without_kv(decode), scale)
         starts = list(itertools.accumulate(meta.query_lens_cpu, initial=0))
         seqs = torch.tensor(decode).to(device, non_blocking=True)
         tok = torch.tensor([starts[s] for s in decode]).to(device, non_blocking=True)

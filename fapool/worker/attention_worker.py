@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fapool.attention.backend import empty_partial
 from fapool.attention.selector import make_backend
 from fapool.worker import comm
 from fapool.worker.model_runner import DTYPES
@@ -95,8 +96,7 @@ class AttentionWorker:
             if nq:
                 q = q.view(nq, H, D)
                 if ns == nq:  # every row decodes sparsely
-                    out = torch.zeros_like(q)
-                    lse = torch.full((nq, H), float("-inf"), dtype=torch.float32, device=self.device)
+                    out, lse = empty_partial(q)
                 else:
                     out, lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
                 if ns:

@@ -11,7 +11,6 @@ recomputed by the engine, the others do not depend on it.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fapool.attention.backend import merge_tree
+from fapool.attention.backend import empty_partial, merge_tree
 from fapool.config import EngineConfig
 from fapool.core.head_placement import HEAD_POLICIES
 from fapool.models.llama import Pending
@@ -202,15 +201,8 @@ class PoolAttend:
         if sparse is not None and sparse.decode is not None:  # decode rows see no KV densely
             decode = set(sparse.decode.token_list)
             self.all_decode = len(decode) == num_tokens
-            kv_lens_cpu = list(meta.kv_lens_cpu)
             starts = itertools.accumulate(meta.query_lens_cpu, initial=0)
-            for s, start in zip(range(meta.num_seqs), starts):
-                if start in decode:
-                    kv_lens_cpu[s] = 0
-            self.dense_meta = dataclasses.replace(
-                meta, kv_lens=torch.tensor(kv_lens_cpu, dtype=meta.kv_lens.dtype, device=meta.kv_lens.device),
-                kv_lens_cpu=kv_lens_cpu,
-            )
+            self.dense_meta = meta.without_kv([s for s, start in zip(range(meta.num_seqs), starts) if start in decode])
 
     def __call__(self, layer: int, q, k, v, kv_cache) -> Pending:
         chosen = None
@@ -264,8 +256,7 @@ class PoolAttend:
             out, lse = backend.forward(q, k_cache, v_cache, self.meta, scale)
         else:
             if self.all_decode:
-                out = torch.zeros_like(q)
-                lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+                out, lse = empty_partial(q)
             else:
                 out, lse = backend.forward(q, k_cache, v_cache, self.dense_meta, scale)
             d = self.sparse.decode
