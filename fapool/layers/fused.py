@@ -218,10 +218,10 @@ class FusedAttention(Attention):
 
 
 class FusedMLP(MLP):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def activated(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated and x.is_cuda and self.act.name in FUSED_ACTS:
-            return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act.name))
-        return super().forward(x)
+            return act_and_mul(self.gate_up_proj(x), self.act.name)
+        return super().activated(x)
 
 
 _FUSED_CLASSES = {RMSNorm: FusedRMSNorm, Attention: FusedAttention, MLP: FusedMLP}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 from fapool.config import ConfigError, ModelConfig
 
@@ -42,6 +43,12 @@ def check_tp(config: ModelConfig, tp_size: int) -> None:
                 f"whole heads (query and KV) and an equal FFN slice; choose a divisor of "
                 f"num_key_value_heads ({config.num_key_value_heads})"
             )
+
+
+def row_partial(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A row-parallel linear's local partial sum, without its all-reduce hook (CUDA graphs
+    capture the work around the all-reduce, which runs between them)."""
+    return F.linear(x, linear.weight, linear.bias)
 
 
 def _parts(linear: nn.Linear) -> tuple[int, ...]:

@@ -103,10 +103,14 @@ class MLP(nn.Module):
         self.act = Activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activated(x))
+
+    def activated(self, x: torch.Tensor) -> torch.Tensor:
+        """The down projection's input."""
         if self.gated:
             gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.up_proj(x)))
+            return self.act(gate) * up
+        return self.act(self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -271,8 +271,12 @@ def select_blocks_triton(
     min_blocks: int = 4,
     query_pos_start: torch.Tensor | None = None,  # [B] int32, with kv_start: clip n_kv causally
     kv_start: torch.Tensor | None = None,
+    page_tables: torch.Tensor | None = None,  # [B, W] int32: what pages holds (default block_tables)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compacted tables pages [B, Hkv, max_pages] int32 and lengths lens [B, Hkv] int32.
+
+    The summaries are read at block_tables' entries; pages holds the chosen blocks' entries
+    of page_tables (a caller whose summary rows are not its KV pages, as the pool's driver).
 
     A row sees n_kv entries, or with query_pos_start and kv_start (an AttentionMetadata's, for
     its one-query rows) min(n_kv, query_pos_start - kv_start + 1), computed in the kernels.
@@ -302,6 +306,14 @@ def select_blocks_triton(
         )
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables rows must be contiguous")
+    if page_tables is None:
+        page_tables = block_tables
+    elif (page_tables.dtype, page_tables.shape, page_tables.stride()) != (
+        torch.int32,
+        block_tables.shape,
+        block_tables.stride(),
+    ):
+        raise ValueError("page_tables must be int32 with block_tables' shape and strides")
     if n_kv.shape != (num_seqs,):
         raise ValueError(f"n_kv must be [{num_seqs}], got {tuple(n_kv.shape)}")
     if (query_pos_start is None) != (kv_start is None):
@@ -349,7 +361,7 @@ def select_blocks_triton(
         knot_nb = knot_k = slope = budgets  # not read
     _select_compact_kernel[(num_seqs, num_kv_heads)](
         score,
-        block_tables,
+        page_tables,
         n_kv,
         query_pos_start if clip else n_kv,
         kv_start if clip else n_kv,

@@ -39,7 +39,7 @@ from fapool.attention.backend import merge_partials, merge_tree
 from fapool.attention.metadata import AttentionMetadata
 from fapool.attention.selector import make_backend
 from fapool.config import EngineConfig
-from fapool.layers.tp import apply_tp
+from fapool.layers.tp import AllReduce, apply_tp
 from fapool.models.llama import LocalAttend, Pending, run_steps
 from fapool.models.registry import build_model
 from fapool.worker import comm
@@ -102,12 +102,10 @@ class DenseStage:
         self._sends: list = []  # the step's outgoing sends, waited for at its end
         self.last_seconds: dict[str, float] = {}  # the last step's seconds per clock kind
         self._host: dict[torch.dtype, torch.Tensor] = {}  # pinned all-reduce buffers (staged)
-        # Decode micro-batches replay CUDA graphs between exchanges (segment_graphs). Not with
-        # TP ranks: their all-reduces, inside the segments, run through the host on gloo.
-        self.use_graphs = (
-            self.device.type == "cuda" and topology.tensor_parallel_size == 1 and not config.enforce_eager
-        )
+        # Decode micro-batches replay CUDA graphs between exchanges and all-reduces (segment_graphs).
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.graphs: SegmentGraphs | None = None
+        self.tp_all_reduce: AllReduce | None = None  # set by shard_model on a TP rank
 
     @property
     def transport(self) -> str:
@@ -285,7 +283,9 @@ class DenseStage:
             return None
         if self.graphs is None:
             sched = self.config.scheduler
-            self.graphs = SegmentGraphs(self.model, self.layers, sched.max_num_seqs, self.device, self.dtype)
+            self.graphs = SegmentGraphs(
+                self.model, self.layers, sched.max_num_seqs, self.device, self.dtype, self.tp_all_reduce
+            )
         return self.graphs if self.graphs.padded_size(mb.num_tokens) is not None else None
 
     def _attend_hook(self, mb: MicroBatch, index: int, count: int, meta: AttentionMetadata):
@@ -445,7 +445,9 @@ def shard_model(model: nn.Module, stage: DenseStage, group) -> None:
     through `stage.all_reduce`) and drop the other stages' layers."""
     tp = stage.topology.tensor_parallel_size
     peer = stage.topology.dense_rank(stage.stage, (stage.tp_rank + 1) % tp)
-    apply_tp(model, stage.tp_rank, tp, group, all_reduce=stage.all_reduce(group, peer), layers=stage.layers)
+    if tp > 1:
+        stage.tp_all_reduce = stage.all_reduce(group, peer)
+        apply_tp(model, stage.tp_rank, tp, group, all_reduce=stage.tp_all_reduce, layers=stage.layers)
     blocks = model.model.layers
     for i in range(len(blocks)):
         if i not in stage.layers:

@@ -48,7 +48,7 @@ from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights
 from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
-from fapool.worker.pool_sparse import PoolSparse, SparseBatch
+from fapool.worker.pool_sparse import PoolSparse, SparseBatch, uses_triton
 from fapool.worker.protocol import AttentionInit, DenseInit, DenseStep, RankReport, StepReport, Tag
 from fapool.worker.step_plan import MicroBatchPlan, MicroBatchPolicy, plan_micro_batch, split_micro_batches
 
@@ -229,7 +229,13 @@ class MultiRankRunner(ModelRunner):
             self.stage.link = self.link
             if self.config.sparse_attention:  # the driver selects for every holder (pool_sparse)
                 self.link.sparse = PoolSparse(
-                    self.config, self.num_blocks, self.worker_num_blocks, self.pool_kv_heads, self.device, self.dtype
+                    self.config,
+                    self.num_blocks,
+                    self.worker_num_blocks,
+                    self.pool_kv_heads,
+                    self.device,
+                    self.dtype,
+                    triton=uses_triton(self.backend),
                 )
         groups = tp_groups(topo, GROUP_TIMEOUT_S)  # attention ranks next to TP ranks join in too
         if topo.num_dense > 1:

@@ -49,8 +49,9 @@ class DecodeRows:
     tokens: torch.Tensor  # [B] the same, on the device
     num_kv: torch.Tensor  # [B] visible KV entries
     num_blocks: torch.Tensor  # [B]
-    table: torch.Tensor  # [B, N] summary-table rows of each row's blocks
-    budgets: list[torch.Tensor]  # per layer [B, Hkv] blocks
+    table: torch.Tensor  # [B, N] int32 summary-table rows of each row's blocks
+    order: torch.Tensor | None  # [B, N] int32 1..N: block index + 1 (the Triton selection's pages)
+    budgets: torch.Tensor  # [layers, B, Hkv] blocks
     width: int  # the largest budget
     local: Holding
     remote: dict[int, Holding]  # attention worker -> its share
@@ -84,8 +85,10 @@ class PoolSparse:
         kv_heads: dict[int, list[int]],
         device: torch.device,
         dtype: torch.dtype,
+        triton: bool = False,  # select with the Triton kernels (as the single process's Triton backend)
     ) -> None:
         m = config.model
+        self.triton = triton
         profile = SparseProfile.load(config.sparse_attention)
         self.rules = [profile.rule(i) for i in range(m.num_hidden_layers)]
         self.min_blocks = profile.min_blocks
@@ -97,6 +100,7 @@ class PoolSparse:
             w: None if len(hs) == m.num_key_value_heads else torch.tensor(hs, device=device)
             for w, hs in kv_heads.items()
         }
+        self._budgets: dict[int, torch.Tensor] = {}  # visible blocks -> [layers, Hkv] budgets (host)
         shape = (local_blocks + len(kv_heads) * worker_blocks, m.num_key_value_heads, m.head_dim)
         self.kmin = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.rules]
         self.kmax = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.rules]
@@ -157,8 +161,8 @@ class PoolSparse:
     def _decode_rows(self, mb: MicroBatchPlan, decode: dict[int, int], num_kv, tables, local_tables) -> DecodeRows:
         bs, dev = self.block_size, self.device
         kv = torch.tensor(num_kv, dtype=torch.long)
-        budgets = [budget_blocks_batched(rule, kv, bs, self.min_blocks) for rule in self.rules]
-        width = max(1, max(int(b.max()) for b in budgets))
+        budgets = torch.stack([self._budgets_at(-(-n // bs)) for n in num_kv], dim=1)  # [layers, B, Hkv]
+        width = max(1, int(budgets.max()))
         local_nb = [len(t) for t in local_tables]
         local = Holding(
             None,
@@ -194,17 +198,33 @@ class PoolSparse:
                 batch.sparse_pages,
                 self.heads[w],
             )
+        table = _padded(tables, dev).to(torch.int32)
+        order = None
+        if self.triton:
+            n = table.shape[1]
+            order = torch.arange(1, n + 1, dtype=torch.int32, device=dev).repeat(table.shape[0], 1)
         return DecodeRows(
             list(decode),
             torch.tensor(list(decode), dtype=torch.long, device=dev),
             kv.to(dev),
             ((kv + bs - 1) // bs).to(dev),
-            _padded(tables, dev),
-            [b.to(dev) for b in budgets],
+            table,
+            order,
+            budgets.to(dev),
             width,
             local,
             remote,
         )
+
+    def _budgets_at(self, num_blocks: int) -> torch.Tensor:
+        """Every layer's budgets for a row of `num_blocks` blocks: they change once a block, so
+        they are computed once per block count, not per layer and step."""
+        got = self._budgets.get(num_blocks)
+        if got is None:
+            kv = torch.tensor([num_blocks * self.block_size])
+            got = torch.cat([budget_blocks_batched(rule, kv, self.block_size, self.min_blocks) for rule in self.rules])
+            self._budgets[num_blocks] = got
+        return got
 
     # Per layer --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,8 +246,18 @@ class PoolSparse:
         d = batch.decode
         if d is None:
             return None
-        score = decode_block_scores(q.index_select(0, d.tokens), kmin, kmax, d.table)
-        return select_block_indices(score, d.num_blocks, d.budgets[layer], d.width)
+        q = q.index_select(0, d.tokens)
+        if d.order is None:
+            score = decode_block_scores(q, kmin, kmax, d.table)
+            return select_block_indices(score, d.num_blocks, d.budgets[layer], d.width)
+        from fapool.sparse.triton_select import select_blocks_triton
+
+        picked, _ = select_blocks_triton(
+            q, kmin, kmax, d.table, d.num_kv, d.budgets[layer], self.block_size, d.width,
+            self.min_blocks, page_tables=d.order,
+        )
+        # Block index + 1, zero-padded -> select_block_indices' layout (padding N).
+        return torch.where(picked > 0, picked.long() - 1, d.table.shape[1])
 
     def pages(self, chosen: torch.Tensor, d: DecodeRows, h: Holding) -> tuple[torch.Tensor, torch.Tensor]:
         """One holder's pages and lens (pages_in_range) of the chosen blocks."""
@@ -250,10 +280,15 @@ class PoolSparse:
             kmax[dst] = kmax[src]
 
 
+def uses_triton(backend) -> bool:
+    """A Triton attention backend (or a sparse backend over one): the Triton sparse kernels."""
+    return getattr(getattr(backend, "dense", backend), "name", "") == "triton"
+
+
 def attend_pages(backend, q, k_cache, v_cache, pages, lens, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over per-head pages (pages_in_range's layout): the Triton work-balanced kernel
     next to a Triton backend, else torch. -> (out, lse float32)."""
-    if getattr(getattr(backend, "dense", backend), "name", "") == "triton":
+    if uses_triton(backend):
         from fapool.sparse.triton_balanced_decode import balanced_sparse_decode
 
         return balanced_sparse_decode(q, k_cache, v_cache, pages, lens, scale)

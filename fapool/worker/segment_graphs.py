@@ -15,6 +15,10 @@ rows (padded to a capture size) replays
 through static buffers, one set per micro-batch slot (micro-batches interleave layer by layer).
 Padded rows compute on stale values and are never read: every op here is row-wise.
 
+A tensor-parallel rank's all-reduces (after the output and down projections) run eagerly too, so
+its layer after the exchange is three graphs: the output projection's partial sum; the residual
+and the MLP's partial sum; the residual and the next layer's q/k/v.
+
 Graphs are captured lazily per (slot, padded size) into one memory pool; everything that lives
 from one graph to the next is in the static buffers, so a graph's temporaries may reuse another's.
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fapool.layers.tp import AllReduce, row_partial
 from fapool.models.llama import AttendFn, KVCache
 from fapool.worker.cuda_graphs import capture_sizes
 
@@ -42,20 +47,31 @@ class _Buffers:
     k: torch.Tensor
     v: torch.Tensor
     attn: torch.Tensor  # the attend hook's result [B, H, D]
+    part: torch.Tensor  # a TP rank's partial sum, all-reduced between graphs [B, hidden]
     out: torch.Tensor  # hidden states leaving the rank [B, hidden]
 
 
 class SegmentGraphs:
-    def __init__(self, model: nn.Module, layers: range, max_num_seqs: int, device: torch.device, dtype) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: range,
+        max_num_seqs: int,
+        device: torch.device,
+        dtype,
+        all_reduce: AllReduce | None = None,  # a TP rank's in-place sum over its group
+    ) -> None:
         self.model = model.model  # the LlamaModel: embeddings, rotary table, layers, final norm
         self.layers = layers
+        self.all_reduce = all_reduce
         self.first = layers.start == 0
         self.last = layers.stop == len(self.model.layers)
         self.sizes = capture_sizes(max_num_seqs)
         self.device = device
         self.dtype = dtype
         self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple[int, int], tuple[_Buffers, list[torch.cuda.CUDAGraph]]] = {}
+        # (slot, size) -> buffers, the head graph, each layer's graphs after its attention
+        self._graphs: dict[tuple[int, int], tuple[_Buffers, list[list[torch.cuda.CUDAGraph]]]] = {}
 
     def padded_size(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
@@ -69,13 +85,17 @@ class SegmentGraphs:
         b, graphs = self._get(slot, self.padded_size(n))
         b.inp[:n].copy_(x)
         b.pos[:n].copy_(positions)
-        graphs[0].replay()
+        graphs[0][0].replay()
         for j, (i, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             pending = attend(i, b.q[:n], b.k[:n], b.v[:n], kv_cache)
             if pending.in_flight:
                 yield
             b.attn[:n].copy_(pending.result())
-            graphs[j + 1].replay()
+            first, *rest = graphs[j + 1]
+            first.replay()
+            for graph in rest:  # a TP rank: sum the partial, then the next segment
+                self.all_reduce(b.part[:n])
+                graph.replay()
         return b.out[:n].clone()  # the slot's buffers are rewritten by its next step
 
     # Segments ---------------------------------------------------------------------------------
@@ -87,11 +107,33 @@ class SegmentGraphs:
         b.sin.copy_(sin)
         self._project(b, self.layers[0])
 
-    def _after(self, b: _Buffers, j: int) -> None:
-        """Layer layers[j]'s output and MLP; then the next layer's q/k/v, or the stage's output."""
+    def _layer_segments(self, b: _Buffers, j: int) -> list:
+        """Layer layers[j]'s work after its attention, cut at the all-reduces on a TP rank."""
         layer = self.model.layers[self.layers[j]]
-        b.x.add_(layer.self_attn.output(b.attn))
-        b.x.add_(layer.mlp(layer.post_attention_layernorm(b.x)))
+        if self.all_reduce is None:
+
+            def whole() -> None:
+                b.x.add_(layer.self_attn.output(b.attn))
+                b.x.add_(layer.mlp(layer.post_attention_layernorm(b.x)))
+                self._next(b, j)
+
+            return [whole]
+
+        def output() -> None:
+            b.part.copy_(row_partial(layer.self_attn.o_proj, b.attn.reshape(b.attn.shape[0], -1)))
+
+        def mlp() -> None:
+            b.x.add_(b.part)
+            b.part.copy_(row_partial(layer.mlp.down_proj, layer.mlp.activated(layer.post_attention_layernorm(b.x))))
+
+        def residual() -> None:
+            b.x.add_(b.part)
+            self._next(b, j)
+
+        return [output, mlp, residual]
+
+    def _next(self, b: _Buffers, j: int) -> None:
+        """The next layer's q/k/v, or the stage's output."""
         if j + 1 < len(self.layers):
             self._project(b, self.layers[j + 1])
         else:
@@ -105,7 +147,7 @@ class SegmentGraphs:
         b.v.copy_(v)
 
     # Capture ----------------------------------------------------------------------------------
-    def _get(self, slot: int, size: int | None) -> tuple[_Buffers, list[torch.cuda.CUDAGraph]]:
+    def _get(self, slot: int, size: int | None) -> tuple[_Buffers, list[list[torch.cuda.CUDAGraph]]]:
         if size is None:
             raise ValueError(f"a decode micro-batch larger than the largest graph ({self.sizes[-1]})")
         entry = self._graphs.get((slot, size))
@@ -135,24 +177,30 @@ class SegmentGraphs:
             k=torch.zeros(size, kv_heads, dim, dtype=dt, device=dev),
             v=torch.zeros(size, kv_heads, dim, dtype=dt, device=dev),
             attn=torch.zeros(size, heads, dim, dtype=dt, device=dev),
+            part=torch.zeros(size, hidden, dtype=dt, device=dev),
             out=torch.zeros(size, hidden, dtype=dt, device=dev),
         )
 
     @torch.inference_mode()
-    def _capture(self, size: int) -> tuple[_Buffers, list[torch.cuda.CUDAGraph]]:
+    def _capture(self, size: int) -> tuple[_Buffers, list[list[torch.cuda.CUDAGraph]]]:
         b = self._buffers(size)
-        segments = [lambda: self._head(b)] + [lambda j=j: self._after(b, j) for j in range(len(self.layers))]
-        # Warm-up on a side stream (kernels compiled, workspaces created), then capture.
+        segments = [[lambda: self._head(b)]] + [self._layer_segments(b, j) for j in range(len(self.layers))]
+        # Warm-up on a side stream (kernels compiled, workspaces created), then capture. The
+        # warm-up's partial sums are not all-reduced: its values are never read.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for run in segments:
-                run()
+            for group in segments:
+                for run in group:
+                    run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graphs = []
-        for run in segments:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                run()
-            graphs.append(graph)
+        for group in segments:
+            captured = []
+            for run in group:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    run()
+                captured.append(graph)
+            graphs.append(captured)
         return b, graphs

@@ -90,6 +90,27 @@ def test_selection_equals_reference_exactly(dtype, search, monkeypatch):
 
 
 @needs_triton
+def test_page_tables_give_the_chosen_block_indices():
+    """Summaries read at one table, pages from another: with block index + 1 there (as the
+    pool's driver, whose summary rows are not pages) the pages are select_block_indices' blocks."""
+    from fapool.sparse.selection import select_block_indices
+    from fapool.sparse.triton_select import block_scores_triton, select_blocks_triton
+
+    n_kv = [1, 37, 160, 700]
+    width, k = 48, 6
+    q, _, _, kmin, kmax, tables, nk = _case(n_kv, 8, 2, 16, width, torch.float32, seed=5)
+    budgets = torch.full((len(n_kv), 2), k, device=DEVICE).int()
+    order = torch.arange(1, width + 1, dtype=torch.int32, device=DEVICE).repeat(len(n_kv), 1)
+    pages, _ = select_blocks_triton(q, kmin, kmax, tables, nk, budgets, BS, k, page_tables=order)
+    score = block_scores_triton(q, kmin, kmax, tables, nk, BS)
+    nb = (nk.long() + BS - 1) // BS
+    score = torch.where(torch.arange(width, device=DEVICE) < nb.view(-1, 1, 1), score, float("-inf"))
+    want = select_block_indices(score, nb, budgets, k)
+    got = torch.where(pages > 0, pages.long() - 1, width)
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+@needs_triton
 @pytest.mark.parametrize("search", list(SEARCHES))
 def test_ties_and_signed_zero_follow_the_rule(search, monkeypatch):
     """Scores that all tie (zero queries: every bound is +0.0 or -0.0): the others are taken in

@@ -184,12 +184,19 @@ def test_sparse_decode_inside_the_pool_on_gpu(tiny_checkpoints, tmp_path):
 
 @needs_gpu
 @pytest.mark.parametrize(
-    "kw", [dict(attention_workers=1, **POOL), dict(pipeline_parallel_size=2)], ids=["pool", "pp2"]
+    "kw",
+    [
+        dict(attention_workers=1, **POOL),
+        dict(pipeline_parallel_size=2),
+        dict(tensor_parallel_size=2),
+        dict(tensor_parallel_size=2, attention_workers=1, **POOL),
+    ],
+    ids=["pool", "pp2", "tp2", "tp2-pool"],
 )
 def test_segment_graphs_give_the_eager_tokens(tiny_checkpoints, gpu_reference, kw):
-    """A dense rank's decode work between exchanges replays CUDA graphs (both micro-batch
-    slots with the pool: its policy tries one and two); tokens equal the eager multi-rank
-    engine's and the single process's."""
+    """A dense rank's decode work between exchanges (and, on TP ranks, between all-reduces)
+    replays CUDA graphs (both micro-batch slots with the pool: its policy tries one and two);
+    tokens equal the eager multi-rank engine's and the single process's."""
     folder = tiny_checkpoints["llama"][0]
     base = dict(block_size=16, num_kv_blocks=64)
     want = gpu_reference(**base)
