@@ -23,8 +23,8 @@ dense rank that does stops the engine with an error naming it (restart it).
 At start the driver ships each dense rank its slice of the weights it was given. On CUDA each
 rank gets its own GPU and NCCL when there are enough GPUs, else all share the driver's GPU over
 gloo with host-staged tensors (comm.place_ranks). On CUDA a dense rank's decode work between
-attention exchanges replays CUDA graphs (segment_graphs; not with TP ranks, whose all-reduces
-sit inside those segments); the exchanges and the attention stay eager. With async scheduling
+attention exchanges (and TP all-reduces) replays CUDA graphs (segment_graphs); the exchanges,
+all-reduces and the attention stay eager. With async scheduling
 (`launch`) steps run on one runner thread while the engine schedules the next.
 """
 
