@@ -10,8 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
+from fapool.layers.sampler import request_seed
 from fapool.outputs import Logprob, RequestMetrics
 from fapool.sampling_params import SamplingParams
 
@@ -42,6 +41,7 @@ class Request:
         group_id: str | None = None,
         index: int = 0,
         arrival_time: float | None = None,
+        group_seed: int = 0,  # the group's seed: SamplingParams.seed, else one the engine drew
     ) -> None:
         self.request_id = request_id
         self.group_id = group_id or request_id
@@ -63,9 +63,8 @@ class Request:
         # Siblings still to be forked when the prompt finishes (n - 1 for a fresh group).
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
+        self.group_seed = group_seed
+        self.sampling_seed = request_seed(group_seed, index)  # the sampler's hash key
         # Set by the output processor: detokenized text so far.
         self.text = ""
 
@@ -97,6 +96,11 @@ class Request:
             return self.output_token_ids[start - n : end - n]
         return prompt[start:] + self.output_token_ids[: end - n]
 
+    def sampling_row(self) -> tuple[SamplingParams, int, int]:
+        """What the sampler needs for this request's next token: its parameters, seed and the
+        token's output index (placeholders of a step in flight included)."""
+        return self.params, self.sampling_seed, len(self.output_token_ids) + self.num_output_placeholders
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
@@ -112,7 +116,7 @@ class Request:
 
     def fork(self, index: int, request_id: str) -> Request:
         """A sibling that shares everything computed so far (its KV blocks are forked by the
-        KV cache manager); it gets its own generator so its samples differ."""
+        KV cache manager); its own seed makes its samples differ."""
         child = Request(
             request_id,
             self.prompt_token_ids,
@@ -123,6 +127,7 @@ class Request:
             group_id=self.group_id,
             index=index,
             arrival_time=self.metrics.arrival_time,
+            group_seed=self.group_seed,
         )
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status

@@ -115,8 +115,17 @@ def profile_replay(graphs, replays: int = 5) -> list[dict[str, Any]]:
     return rows
 
 
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}  # the sampled rows of --sampled
+
+
 def measure_engine(
-    engine, batch: int, context: int, steps: int, warmup: int = 4, profile: bool = False
+    engine,
+    batch: int,
+    context: int,
+    steps: int,
+    warmup: int = 4,
+    profile: bool = False,
+    sampling: dict | None = None,  # SamplingParams fields; default greedy
 ) -> dict[str, Any]:
     """Prefill `batch` prompts of `context` tokens, then time `steps` decode steps of the whole
     batch (max_tokens leaves room for the tokens early requests decode while later ones are
@@ -128,7 +137,7 @@ def measure_engine(
     budget = engine.config.scheduler.max_num_batched_tokens
     prefill_steps = -(-batch * context // budget) + 1
     params = SamplingParams(
-        temperature=0.0, max_tokens=4 + warmup + 2 * steps + prefill_steps, ignore_eos=True
+        **(sampling or {"temperature": 0.0}), max_tokens=4 + warmup + 2 * steps + prefill_steps, ignore_eos=True
     )
     prompts = random_prompts(batch, context, engine.config.model.vocab_size, seed=batch * 1_000_003 + context)
     ids = [engine.add_request(p, params) for p in prompts]
@@ -340,6 +349,16 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             row = add_roofline(
                 measure_engine(engine, batch, context, steps, profile=prof), wbytes, kv_per_token, copy_bps
             )
+            if ns.sampled:  # the same point with sampled requests, right after the greedy one
+                sampled = add_roofline(
+                    measure_engine(engine, batch, context, steps, profile=prof, sampling=SAMPLED),
+                    wbytes,
+                    kv_per_token,
+                    copy_bps,
+                )
+                keep = ("tpot_ms", "tpot_sync_ms", "graph_replay_ms", "x_roofline", "kernel_profile")
+                row["sampled"] = {k: sampled[k] for k in keep if k in sampled}
+                row["sampled"]["x_greedy"] = sampled["tpot_ms"] / row["tpot_ms"]
             seed["rows"].append(row)
             print("seed000", _short(row), flush=True)
             for k in row.get("kernel_profile", [])[:12]:
@@ -551,7 +570,10 @@ def _short(row: dict) -> dict:
         "num_running",
         "kv_utilisation",
     )
-    return {k: (round(row[k], 3) if isinstance(row.get(k), float) else row.get(k)) for k in keys}
+    short = {k: (round(row[k], 3) if isinstance(row.get(k), float) else row.get(k)) for k in keys}
+    if "sampled" in row:
+        short["sampled_x_greedy"] = round(row["sampled"]["x_greedy"], 3)
+    return short
 
 
 def summary(res: dict) -> str:
@@ -562,6 +584,12 @@ def summary(res: dict) -> str:
         if rows
         else "no seed000 rows"
     )
+    ratios = [r["sampled"]["x_greedy"] for r in rows if "sampled" in r]
+    if ratios:
+        text += f"; sampled (T 0.8, top-p 0.95) TPOT x{min(ratios):.3f}-{max(ratios):.3f} greedy"
+    ratios = [r["sampled"]["x_greedy"] for r in rows if "sampled" in r]
+    if ratios:
+        text += f"; sampled (T 0.8, top-p 0.95) TPOT x{min(ratios):.3f}-{max(ratios):.3f} greedy"
     gated = res.get("seed000_gated_vs_hf", {}).get("rows", [])
     sp = [r["speedup_tpot"] for r in gated if r.get("speedup_tpot")]
     if sp:
@@ -601,6 +629,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--profile-points", default="8x512,8x16384", help="BxL points whose graph replay is profiled"
+    )
+    p.add_argument(
+        "--sampled",
+        action="store_true",
+        help="also time every seed000 point with sampled requests (temperature 0.8, top-p 0.95, seeded)",
     )
     p.add_argument("--no-hf", dest="hf", action="store_false")
     p.add_argument("--hf-points", default="8x512,8x2048,8x8192,8x16384,32x2048,64x512")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,12 +17,12 @@ from fapool.core.kv_cache_manager import KVCacheManager
 from fapool.core.pool_manager import PoolManager
 from fapool.core.scheduler import Scheduler
 from fapool.engine.output_processor import OutputProcessor
-from fapool.layers.sampler import SampleRow, sample
+from fapool.layers.sampler import SamplingBatch, compute_logprobs, logprob_lists, sample_tokens
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
 from fapool.sampling_params import SamplingParams
 from fapool.worker.executor import Executor, create_executor
-from fapool.worker.model_runner import PendingTokens
+from fapool.worker.model_runner import PendingTokens, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(tokenizer)
         self.groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
-        self._generator = torch.Generator().manual_seed(config.seed)
+        self._seeds = random.Random(config.seed)  # the seeds of requests that give none
         self.eos_token_ids = tuple(config.model.eos_token_ids)
         self.worker_failures: list[tuple[int, str]] = []
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
@@ -154,6 +155,7 @@ class LLMEngine:
             self.eos_token_ids,
             prompt=text,
             arrival_time=arrival_time,
+            group_seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
         )
         self.groups[request_id] = [req]
         self.scheduler.add(req)
@@ -183,16 +185,11 @@ class LLMEngine:
         return _latest(outputs)
 
     def _can_launch(self, sched) -> bool:
-        """Async only when every token due is greedy without logprobs (argmax on the device)
-        and no prompt forks siblings this step (forking needs the tokens on the host)."""
+        """Async unless a prompt forks siblings this step (forking needs the tokens on the
+        host); every other token, greedy or sampled, with logprobs or not, is drawn on the device."""
         if not self.async_scheduling:
             return False
-        for s in sched.scheduled:
-            if s.completes_known_tokens:
-                req = s.request
-                if not req.params.greedy or req.params.logprobs is not None or req.num_pending_forks:
-                    return False
-        return True
+        return not any(s.completes_known_tokens and s.request.num_pending_forks for s in sched.scheduled)
 
     def _launch(self, sched) -> list[RequestOutput]:
         """Launch this step, then process the previous one while the device runs this one.
@@ -222,21 +219,29 @@ class LLMEngine:
         if inflight is None:
             return []
         tokens = inflight.pending.tokens()
+        logprobs = inflight.pending.logprobs()
         # Attention workers lost by now: their requests are recomputed, and their tokens from
         # this step (and from the one launched after it) were computed without that KV.
         lost = self._handle_worker_failures()
         drop = lost | self._lost_inflight
         self._lost_inflight = lost if launched_after else set()
         self._record_pool_stats()
-        for s, tok in zip(inflight.pending.due, tokens):
+        for s, tok, lp in zip(inflight.pending.due, tokens, logprobs):
             req = s.request
             req.num_output_placeholders -= 1
             if req.finished or req.request_id in drop:  # stopped, aborted or lost since scheduled
                 continue
-            status = self.outputs.on_token(req, tok, None)
-            if status is not None:
-                self.scheduler.finish(req, status)
+            self._on_token(req, tok, lp)
         return [self._finalize(g) for g in inflight.groups if g in self.groups]
+
+    def _on_token(self, req: Request, tok: int, lp) -> None:
+        if tok < 0:
+            req.error = "sampling failed: the model's logits hold NaN"
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+            return
+        status = self.outputs.on_token(req, tok, lp)
+        if status is not None:
+            self.scheduler.finish(req, status)
 
     def _step_sync(self, sched) -> list[RequestOutput]:
         logits, due = self.executor.execute(sched)
@@ -278,32 +283,24 @@ class LLMEngine:
             history[-1].kv_tokens_per_worker = self.pool_manager.kv_tokens_per_worker()
 
     def _sample_and_update(self, logits: torch.Tensor, due) -> None:
+        """Draw the due requests' tokens (and those of siblings a prompt forks now, from its
+        row) on the device, then bring them to the host at once."""
         targets: list[Request] = []
-        rows: list[SampleRow] = []
+        rows: list[int] = []
         for row, s in enumerate(due):
-            req = s.request
-            for r in [req, *self._fork_siblings(req)]:
+            for r in [s.request, *self._fork_siblings(s.request)]:
                 targets.append(r)
-                rows.append(SampleRow(row, r.params, r.generator))
-        try:
-            tokens, logprobs = sample(logits, rows, self._generator)
-        except RuntimeError:  # e.g. non-finite logits in one row: isolate the culprit(s)
-            tokens, logprobs = [], []
-            for req, row in zip(targets, rows):
-                try:
-                    (tok,), (lp,) = sample(logits, [row], self._generator)
-                except RuntimeError as e:
-                    tok, lp = -1, None
-                    req.error = f"sampling failed: {e}"
-                tokens.append(tok)
-                logprobs.append(lp)
-        for req, tok, lp in zip(targets, tokens, logprobs):
-            if tok < 0:
-                self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-                continue
-            status = self.outputs.on_token(req, tok, lp)
-            if status is not None:
-                self.scheduler.finish(req, status)
+                rows.append(row)
+        if rows != list(range(len(due))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        batch = SamplingBatch.build([r.sampling_row() for r in targets], logits.shape[-1], logits.device)
+        tokens = sample_tokens(logits, batch)
+        lps = compute_logprobs(logits, tokens, batch.logprobs) if batch.logprobs is not None else None
+        pending = to_host(tokens, lps, [])
+        tokens_host = pending.tokens()
+        asked = [r.params.logprobs for r in targets]
+        for req, tok, lp in zip(targets, tokens_host, logprob_lists(tokens_host, pending.host_logprobs, asked)):
+            self._on_token(req, tok, lp)
 
     def _fork_siblings(self, req: Request) -> list[Request]:
         """When a request with n > 1 finishes its prompt, its n - 1 siblings share its blocks."""

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per (padded batch size, decode split count).
+"""CUDA graphs for decode steps: one graph per (padded batch size, decode split count, sparse
+gate choice).
 
 A decode step of a small model is a few hundred short kernels; launched one by one from Python
 the host takes longer than the GPU (about 77 us per attention call alone, measured on an H100).
@@ -9,10 +10,12 @@ step's inputs go through static buffers:
     vec [5, max_batch] int64   --->   vec: token ids, positions,  query_pos_start, kv_lens
                                            slots, kv lens, src      (int32 casts)
     table [max_batch, max_blocks] -> table (block tables)        block_tables[:batch]
-                                      sampled [max_batch] int64 <- argmax of the logits
+    sampling ints / floats     --->   the same                    sampled [max_batch] int64
+      [3, max_batch] (SamplingBatch)                              (fapool.layers.sampler)
 
-Two H2D copies a step. Rows past the real batch are padding: slot -1 (no KV written), kv len 0
-(the decode kernel writes zeros and lse -inf), token 0.
+Four H2D copies a step. Rows past the real batch are padding: slot -1 (no KV written), kv len 0
+(the decode kernel writes zeros and lse -inf), token 0, greedy sampling. Sampling is one Triton
+launch inside the graph (fapool.layers.triton_sampler), whatever each row asks.
 
 Async scheduling: a row whose input token was sampled by the step still in flight has src >= 0,
 its row in that step's device tokens; one gather before the replay puts it into the token ids
@@ -41,6 +44,7 @@ import torch
 
 from fapool.attention.metadata import AttentionMetadata
 from fapool.core.scheduler import ScheduledRequest
+from fapool.layers.sampler import Mode, SamplingBatch, sample_tokens
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -181,6 +185,13 @@ class DecodeGraphs:
         self._query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
         self._kv_start = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
         self.sampled = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
+        # Sampling parameters (SamplingBatch's layout): pinned host rows, static device copies.
+        self._s_ints_host = torch.zeros((3, self.max_batch), dtype=torch.int64, pin_memory=True)
+        self._s_floats_host = torch.zeros((3, self.max_batch), dtype=torch.float32, pin_memory=True)
+        self._s_ints = torch.zeros_like(self._s_ints_host, device=self.device)
+        self._s_floats = torch.zeros_like(self._s_floats_host, device=self.device)
+        self.vocab_size = model.config.vocab_size
+        self.last_logprobs: int | None = None  # the last run's logprobs count (SamplingBatch.logprobs)
         self._copied = torch.cuda.Event()
         self._copied.record()
         self._pool = torch.cuda.graph_pool_handle()
@@ -203,10 +214,13 @@ class DecodeGraphs:
         scheduled: Sequence[ScheduledRequest],
         prev_tokens: torch.Tensor | None = None,
         prev_rows: dict[str, int] | None = None,
+        sampling: list | None = None,
     ) -> torch.Tensor:
-        """Logits [len(scheduled), vocab] float32 of a decode-only batch; their argmax lands in
-        `sampled[:len(scheduled)]`. Both are views of the graph's outputs: read them before the
-        next step. `prev_tokens`/`prev_rows`: the in-flight step's tokens (async scheduling)."""
+        """Logits [len(scheduled), vocab] float32 of a decode-only batch; tokens sampled from
+        them land in `sampled[:len(scheduled)]` (`sampling`: a row per scheduled request, as
+        SamplingBatch.fill_host takes them; default greedy). Both are views of the graph's
+        outputs: read them before the next step. `prev_tokens`/`prev_rows`: the in-flight
+        step's tokens (async scheduling)."""
         n = len(scheduled)
         padded = self.padded_size(n)
         if padded is None:
@@ -214,8 +228,12 @@ class DecodeGraphs:
         # The pinned buffers are reused: the previous step's copy out of them must be done.
         self._copied.synchronize()
         max_kv, gather = self.inputs.fill(scheduled, padded, prev_rows)
+        rows = (sampling or [None] * n) + [None] * (padded - n)  # padding: greedy
+        _, self.last_logprobs = SamplingBatch.fill_host(rows, self.vocab_size, self._s_ints_host, self._s_floats_host)
         self._vec.copy_(self.inputs.vec, non_blocking=True)
         self._table[:padded].copy_(self.inputs.table[:padded], non_blocking=True)
+        self._s_ints[:, :padded].copy_(self._s_ints_host[:, :padded], non_blocking=True)
+        self._s_floats[:, :padded].copy_(self._s_floats_host[:, :padded], non_blocking=True)
         self._copied.record()
         if gather:
             assert prev_tokens is not None
@@ -251,7 +269,9 @@ class DecodeGraphs:
             vec[DecodeInputs.IDS, :batch], vec[DecodeInputs.POS, :batch], self.kv_caches, meta
         )
         logits = self.model.compute_logits(hidden)
-        self.sampled[:batch].copy_(logits.argmax(dim=-1))  # greedy, for async scheduling
+        # One Triton launch whatever the rows ask (greedy rows stop after their argmax pass).
+        sampling = SamplingBatch(self._s_ints[:, :batch], self._s_floats[:, :batch], Mode.SORT, None)
+        self.sampled[:batch].copy_(sample_tokens(logits, sampling))
         return logits
 
     def _capture(self, batch: int, splits: int, sparse: bool | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

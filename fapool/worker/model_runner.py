@@ -19,6 +19,14 @@ from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.layers.sampler import (
+    DeviceLogprobs,
+    SamplingBatch,
+    compute_logprobs,
+    logprob_lists,
+    sample_tokens,
+)
+from fapool.outputs import Logprob
 from fapool.request import Request
 from fapool.worker.cuda_graphs import DecodeGraphs
 from fapool.worker.step_plan import plan_micro_batch
@@ -31,16 +39,42 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 @dataclass
 class PendingTokens:
-    """Greedy tokens of a launched step, on their way to the host (async scheduling)."""
+    """Sampled tokens (and logprobs) of a launched step, on their way to the host (async
+    scheduling). A token of -1: sampling failed for that row (a NaN logit)."""
 
     due: list[ScheduledRequest]  # one token each, in order
     host: torch.Tensor  # int64 [len(due)]; pinned and filled by a non-blocking copy on CUDA
-    ready: torch.cuda.Event | None  # recorded after that copy; None on CPU (already there)
+    ready: object | None  # has synchronize(): a CUDA event after those copies, a future; None: there
+    host_logprobs: DeviceLogprobs | None = None  # host copies, when a row asked for logprobs
 
     def tokens(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
+
+    def logprobs(self) -> list[list[Logprob] | None]:
+        """Per due row (after tokens()): its logprob entries, or None where none were asked."""
+        asked = [s.request.params.logprobs for s in self.due]
+        return logprob_lists(self.host.tolist(), self.host_logprobs, asked)
+
+
+def to_host(tokens: torch.Tensor, logprobs: DeviceLogprobs | None, due: list[ScheduledRequest]) -> PendingTokens:
+    """Start copying a step's tokens and logprobs to the host; on CUDA without waiting."""
+    if tokens.device.type != "cuda":
+        return PendingTokens(due, tokens, None, logprobs)
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    host_lps = None
+    if logprobs is not None:
+        host_lps = DeviceLogprobs(pinned(logprobs.chosen), pinned(logprobs.top_values), pinned(logprobs.top_ids))
+    host = pinned(tokens)
+    ready = torch.cuda.Event()
+    ready.record()
+    return PendingTokens(due, host, ready, host_lps)
 
 
 class ModelRunner:
@@ -200,34 +234,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> PendingTokens:
-        """Run one step with greedy sampling on the device and return without waiting for it.
-        The sampled tokens stay on the device as the next step's inputs (for requests whose
-        last token is a placeholder) and are copied to the host in the background."""
+        """Run one step, sampling on the device (fapool.layers.sampler), and return without
+        waiting for it. The sampled tokens stay on the device as the next step's inputs (for
+        requests whose last token is a placeholder) and are copied to the host in the
+        background, with the logprobs rows ask for."""
         self.copy_blocks(out.block_copies)
         due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
         due = [out.scheduled[i] for i in due_rows]
         graphs = self._graphs_for(out)
         if graphs is not None:
-            graphs.run(out.scheduled, self._prev_tokens, self._prev_rows)
-            sampled = graphs.sampled  # one row per scheduled request, argmax inside the graph
-            rows = due_rows
+            rows = [s.request.sampling_row() if s.completes_known_tokens else None for s in out.scheduled]
+            logits = graphs.run(out.scheduled, self._prev_tokens, self._prev_rows, rows)
+            sampled = graphs.sampled  # one row per scheduled request, sampled inside the graph
+            asked = graphs.last_logprobs
+            if due_rows != list(range(len(due_rows))):  # a one-token prompt chunk that is not the last
+                logits = logits[self._to_device(torch.tensor(due_rows, dtype=torch.long))]
+            mine = sampled[: len(due)] if len(due) == len(out.scheduled) else sampled[self._to_device(torch.tensor(due_rows))]
+            prev_rows = due_rows
         else:
             ids, pos, meta = self.prepare(out)
             hidden = self.model(ids, pos, self.kv_caches, meta)
             ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))
             last = self._to_device(torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long))
-            sampled = self.model.compute_logits(hidden[last]).argmax(dim=-1) if due else last
-            rows = list(range(len(due)))
+            logits = self.model.compute_logits(hidden[last])
+            batch = SamplingBatch.build([s.request.sampling_row() for s in due], logits.shape[-1], self.device)
+            sampled = mine = sample_tokens(logits, batch)
+            asked = batch.logprobs
+            prev_rows = list(range(len(due)))
         self._prev_tokens = sampled
-        self._prev_rows = {s.request.request_id: r for s, r in zip(due, rows)}
-        mine = sampled[: len(due)] if rows == list(range(len(due))) else sampled[self._to_device(torch.tensor(rows))]
-        if self.device.type != "cuda":
-            return PendingTokens(due, mine, None)
-        host = torch.empty(len(due), dtype=torch.long, pin_memory=True)
-        host.copy_(mine, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return PendingTokens(due, host, ready)
+        self._prev_rows = {s.request.request_id: r for s, r in zip(due, prev_rows)}
+        lps = compute_logprobs(logits, mine, asked) if asked is not None and due else None
+        return to_host(mine, lps, due)
 
     def _graphs_for(self, out: SchedulerOutput) -> DecodeGraphs | None:
         """The decode graphs, when this step is one they can run: every request has exactly one

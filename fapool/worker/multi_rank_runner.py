@@ -42,9 +42,17 @@ import torch
 from fapool.attention.backend import AttentionBackend
 from fapool.config import ConfigError, EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.layers.sampler import DeviceLogprobs, SamplingBatch, compute_logprobs, sample_tokens
 from fapool.layers.tp import check_tp, shard_layer_state
 from fapool.worker import comm
-from fapool.worker.dense_worker import GROUP_TIMEOUT_S, DenseStage, send_weights, shard_model, stage_layers, tp_groups
+from fapool.worker.dense_worker import (
+    GROUP_TIMEOUT_S,
+    DenseStage,
+    send_weights,
+    shard_model,
+    stage_layers,
+    tp_groups,
+)
 from fapool.worker.launcher import WorkerGroup
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
@@ -286,26 +294,34 @@ class MultiRankRunner(ModelRunner):
         return self._run(self._prepare(out))
 
     def launch(self, out: SchedulerOutput) -> PendingTokens:
-        """Run one step in the background with greedy sampling and return at once: the engine
-        schedules the next step meanwhile. Steps run one after another on one thread; a token
-        the step in flight samples is filled into the next step's inputs when that one starts.
-        Attention workers lost in a step are reported by take_failures() as in a synchronous
-        one; the engine drops the lost requests' tokens (LLMEngine._drain)."""
+        """Run one step in the background, sampling on the driver's device, and return at once:
+        the engine schedules the next step meanwhile. Steps run one after another on one
+        thread; a token the step in flight samples is filled into the next step's inputs when
+        that one starts. Attention workers lost in a step are reported by take_failures() as
+        in a synchronous one; the engine drops the lost requests' tokens (LLMEngine._drain)."""
         step = self._prepare(out)  # here: it reads the requests, which the engine then updates
-        host = torch.empty(len(step.due), dtype=torch.long)
+        rows = [s.request.sampling_row() for s in step.due]
+        pending = PendingTokens(step.due, torch.empty(len(step.due), dtype=torch.long), None)
         if self._launcher is None:
             self._launcher = ThreadPoolExecutor(1, thread_name_prefix="fapool-step")
-        return PendingTokens(step.due, host, _Done(self._launcher.submit(self._run_launched, step, host)))
+        pending.ready = _Done(self._launcher.submit(self._run_launched, step, rows, pending))
+        return pending
 
     @torch.inference_mode()
-    def _run_launched(self, step: _Step, host: torch.Tensor) -> None:
+    def _run_launched(self, step: _Step, rows: list, pending: PendingTokens) -> None:
         for plan in step.plans:
             for row, req in plan.placeholders:
                 plan.input_ids[row] = self._sampled[req.request_id]  # also the DenseStep's list
         logits, due = self._run(step)
-        tokens = logits.argmax(dim=-1).cpu() if logits is not None else torch.empty(0, dtype=torch.long)
-        host.copy_(tokens)
-        self._sampled = {s.request.request_id: t for s, t in zip(due, tokens.tolist())}
+        if logits is None:
+            return
+        batch = SamplingBatch.build(rows, logits.shape[-1], logits.device)
+        tokens = sample_tokens(logits, batch)
+        if batch.logprobs is not None:
+            lps = compute_logprobs(logits, tokens, batch.logprobs)
+            pending.host_logprobs = DeviceLogprobs(lps.chosen.cpu(), lps.top_values.cpu(), lps.top_ids.cpu())
+        pending.host.copy_(tokens.cpu())
+        self._sampled = {s.request.request_id: t for s, t in zip(due, pending.host.tolist())}
 
     def _prepare(self, out: SchedulerOutput) -> _Step:
         """The step's plans (host work on the scheduler's output; no rank is contacted)."""

@@ -7,9 +7,9 @@ on the "device" feed the next step, placeholders, blind steps for requests that 
 """
 
 import pytest
+from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
-from tiny_models import random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +102,32 @@ def test_abort_with_a_step_in_flight(llama_folder):
     assert eng.stats().kv_blocks_used == 0
 
 
-def test_sampled_requests_step_synchronously(llama_folder):
-    """A seeded sampled request among greedy ones: those steps run synchronously (sampling needs
-    the logits on the host) and every sequence matches the synchronous engine."""
-    prompts = random_prompts([12, 30, 7], seed=17)
+@pytest.mark.parametrize("seeded", [True, False])
+def test_sampled_requests_launch_and_equal_sync(llama_folder, seeded):
+    """Sampled requests (temperature, top-p, top-k, min-p; logprobs) among greedy ones launch
+    asynchronously too (drawn on the device); with the same seeds every token and logprob
+    equals the synchronous engine's. Unseeded requests get seeds from the engine's seed, so
+    two engines with the same seed agree as well."""
+    prompts = random_prompts([12, 30, 7, 19], seed=17)
+    seed = {"seed": 3} if seeded else {}
     params = [
         SamplingParams(temperature=0.0, max_tokens=12),
-        SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=6),
+        SamplingParams(temperature=0.9, top_p=0.9, max_tokens=16, **seed),
         SamplingParams(temperature=0.0, max_tokens=20, logprobs=2),
+        SamplingParams(temperature=1.2, top_k=20, min_p=0.05, max_tokens=14, logprobs=3, **seed),
     ]
     sync = _run(llama_folder, False, prompts, params)
-    asyn = _run(llama_folder, True, prompts, params)
+    llm = _llm(llama_folder, True)
+    steps = []
+    launch = llm.engine.executor.launch
+    llm.engine.executor.launch = lambda sched: (steps.append(len(sched.scheduled)), launch(sched))[1]
+    asyn = llm.generate(_ids(prompts), params)
+    assert len(steps) > 10  # the sampled rows did not force synchronous steps
     assert [o.outputs[0].token_ids for o in asyn] == [o.outputs[0].token_ids for o in sync]
-    assert asyn[2].outputs[0].logprobs == sync[2].outputs[0].logprobs
+    for a, s in zip(asyn, sync):
+        assert a.outputs[0].logprobs == s.outputs[0].logprobs
+    assert len(asyn[3].outputs[0].logprobs[0]) == 4  # the chosen token and its 3 alternatives
+    assert asyn[1].outputs[0].token_ids != _run(llama_folder, False, prompts[1:2], params[0])[0].outputs[0].token_ids
 
 
 def test_default_is_off_on_cpu(llama_folder):

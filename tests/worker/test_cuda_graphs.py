@@ -203,6 +203,34 @@ def test_async_scheduling_matches_sync(tiny_checkpoints):
 
 
 @needs_gpu
+def test_sampling_inside_graphs_and_async_equals_eager_sync(tiny_checkpoints):
+    """Seeded sampled requests (every filter, logprobs) beside greedy ones: drawn inside the
+    decode graphs with async scheduling, the tokens and logprobs equal eager synchronous
+    steps' (the same counter-based draws from the same logits)."""
+    folder = tiny_checkpoints["llama"][0]
+    prompts = random_prompts([37, 3, 120, 9, 64, 1], seed=7)
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=25, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.7, top_k=10, min_p=0.02, seed=3, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=1.1, seed=4, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.6, top_p=0.8, top_k=40, seed=5, max_tokens=30, ignore_eos=True, logprobs=0),
+    ]
+    ids = [{"prompt_token_ids": p} for p in prompts]
+    llm, runner = _run(folder, async_scheduling=True)
+    graphed = llm.generate(ids, params)
+    assert runner.decode_graphs.graphs
+    eager = _run(folder, graphs=False, async_scheduling=False)[0].generate(ids, params)
+    for g, e in zip(graphed, eager):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        if e.outputs[0].logprobs is not None:
+            for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
+                assert [x.token_id for x in lg] == [x.token_id for x in le]
+                assert [x.logprob for x in lg] == pytest.approx([x.logprob for x in le], abs=1e-4)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_kernels_match_torch(dtype):
     from fapool.layers import fused

@@ -1,0 +1,182 @@
+"""The whole sampler in one Triton launch: one program per row, a few passes over its logits,
+no sort. fapool.layers.sampler's torch code is the reference (same thresholds, same hash).
+
+Per row:
+  1. the max and argmax (greedy rows stop here; a NaN makes the row -1);
+  2. top-k, when set: its threshold in the logits' order-preserving int32 keys, by the radix
+     search of fapool.sparse.triton_select (the largest key with count(key >= t) >= k: the sign,
+     then one bit a pass);
+  3. the draw: Gumbel-max over the tokens min-p and top-k keep, the noise from the counter hash;
+     the same pass sums the kept tokens' mass;
+  4. top-p, when set, by rejection instead of a sort: the kept set is an upper set in logit
+     order, so the drawn token j is in it iff the mass of tokens above x_j is below
+     top_p * total; if not, every token up to x_j is out, and the draw is repeated (same
+     noise) over what is left. With the same noise, argmax over the remaining set equals
+     argmax over the top-p set once the winner is inside it: the reference's exact token.
+     One round almost always (a drawn token falls outside with probability 1 - top_p).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fapool.layers.sampler import MUL_A, MUL_B, SamplingBatch
+
+BLOCK = 2048  # vocab entries a loop turn
+MAX_ROUNDS = 64  # top-p rejection rounds before falling back to the top token (never in practice)
+INT_MIN = tl.constexpr(-(2**31))
+
+
+@triton.jit
+def _mix32(x, MUL_A: tl.constexpr, MUL_B: tl.constexpr):
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, MUL_A, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, MUL_B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _key(x):
+    """int32 keys in the order of the float32 values."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _sample_kernel(
+    X,
+    stride_x,
+    vocab,
+    INTS,
+    stride_i,
+    FLOATS,
+    stride_f,
+    OUT,
+    MUL_A: tl.constexpr,
+    MUL_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    x_row = X + row.to(tl.int64) * stride_x
+    top_k = tl.load(INTS + row)
+    seed = tl.load(INTS + stride_i + row)
+    counter = tl.load(INTS + 2 * stride_i + row)
+    temp = tl.load(FLOATS + row)
+    top_p = tl.load(FLOATS + stride_f + row)
+    min_p = tl.load(FLOATS + 2 * stride_f + row)
+    offs = tl.arange(0, BLOCK)
+
+    # Running values are kept per lane across the loop's tiles and reduced once at the end: a
+    # block-wide reduction a tile would cost more than the tile's work.
+    # 1. max, argmax (the first maximum, as torch.argmax), NaN
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_arg = tl.zeros([BLOCK], tl.int32)
+    lane_nan = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + offs
+        x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        lane_nan = tl.maximum(lane_nan, (x != x).to(tl.int32))  # noqa: PLR0124 - NaN
+        x = tl.where(x != x, float("-inf"), x)  # noqa: PLR0124 - NaN
+        lane_arg = tl.where(x > lane_max, idx, lane_arg)
+        lane_max = tl.maximum(x, lane_max)
+    x_max = tl.max(lane_max, 0)
+    arg = tl.min(tl.where(lane_max == x_max, lane_arg, vocab), 0).to(tl.int64)
+    nan = tl.max(lane_nan, 0)
+    out = arg
+    if (temp > 0) & (nan == 0):
+        inv_t = 1.0 / temp
+        t_min = tl.where(min_p > 0, x_max + temp * tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))
+        # 2. top-k: the largest key t with count(key >= t) >= k
+        k_thr = tl.full([], INT_MIN, tl.int32)
+        if top_k < vocab:
+            lane_n = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, vocab, BLOCK):
+                idx = start + offs
+                x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                lane_n += ((idx < vocab) & (_key(x) >= 0)).to(tl.int32)
+            k_thr = tl.where(tl.sum(lane_n, 0) >= top_k, 0, INT_MIN)
+            for b in range(31):
+                trial = k_thr + (1 << (30 - b))
+                lane_n = tl.zeros([BLOCK], tl.int32)
+                for start in range(0, vocab, BLOCK):
+                    idx = start + offs
+                    x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                    lane_n += ((idx < vocab) & (_key(x) >= trial)).to(tl.int32)
+                k_thr = tl.where(tl.sum(lane_n, 0) >= top_k, trial, k_thr)
+        # Row keys of the hash (fapool.layers.sampler.row_keys).
+        lo = seed.to(tl.uint32)  # int64 -> uint32 keeps the low 32 bits
+        hi = (seed >> 32).to(tl.uint32)
+        c = counter.to(tl.uint32)
+        key_a = _mix32(_mix32(c ^ lo, MUL_A, MUL_B) ^ hi, MUL_A, MUL_B)
+        c2 = c + tl.full([], 0x9E3779B9, tl.uint32)
+        key_b = _mix32(_mix32(c2 ^ hi, MUL_A, MUL_B) ^ lo ^ tl.full([], 0x85EBCA6B, tl.uint32), MUL_A, MUL_B)
+        # 3. + 4. draw, then reject while the winner is outside the top-p set
+        excl = tl.full([], INT_MIN, tl.int32)  # keys up to this are out (top-p rejections)
+        total = tl.full([], 0.0, tl.float32)
+        rnd = tl.full([], 0, tl.int32)
+        going = tl.full([], 1, tl.int32)
+        while going != 0:
+            lane_best = tl.full([BLOCK], float("-inf"), tl.float32)
+            lane_i = tl.zeros([BLOCK], tl.int32)
+            part = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, vocab, BLOCK):
+                idx = start + offs
+                x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                key = _key(x)
+                kept = (idx < vocab) & (x >= t_min) & (key >= k_thr)
+                if rnd == 0:
+                    part += tl.where(kept, tl.exp((x - x_max) * inv_t), 0.0)
+                h = _mix32(_mix32(idx.to(tl.uint32) ^ key_a, MUL_A, MUL_B) ^ key_b, MUL_A, MUL_B)
+                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                score = tl.where(kept & (key > excl), x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+                lane_i = tl.where(score > lane_best, idx, lane_i)
+                lane_best = tl.maximum(score, lane_best)
+            if rnd == 0:
+                total = tl.sum(part, 0)
+            best = tl.max(lane_best, 0)
+            best_i = tl.min(tl.where(lane_best == best, lane_i, vocab), 0).to(tl.int64)
+            out = best_i
+            going = tl.full([], 0, tl.int32)
+            if top_p < 1.0:
+                x_best = tl.load(x_row + best_i).to(tl.float32)
+                above = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, vocab, BLOCK):
+                    idx = start + offs
+                    x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                    kept = (idx < vocab) & (x >= t_min) & (_key(x) >= k_thr) & (x > x_best)
+                    above += tl.where(kept, tl.exp((x - x_max) * inv_t), 0.0)
+                if tl.sum(above, 0) >= top_p * total:  # the winner is outside: exclude up to it
+                    excl = _key(x_best)
+                    rnd += 1
+                    going = tl.where(rnd >= MAX_ROUNDS, 0, 1)
+                    out = tl.where(rnd >= MAX_ROUNDS, arg, out)
+    out = tl.where(nan != 0, -1, out)
+    tl.store(OUT + row, out)
+
+
+def sample_triton(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """sample_tokens on CUDA: logits [N, V] (unit stride in V) -> tokens [N] int64, -1 for a
+    row with a NaN. Graph-safe: no host sync, one launch."""
+    n, vocab = logits.shape
+    out = torch.empty(n, dtype=torch.int64, device=logits.device)
+    if n:
+        _sample_kernel[(n,)](
+            logits,
+            logits.stride(0),
+            vocab,
+            batch.ints,
+            batch.ints.stride(0),
+            batch.floats,
+            batch.floats.stride(0),
+            out,
+            MUL_A=MUL_A,
+            MUL_B=MUL_B,
+            BLOCK=BLOCK,
+            MAX_ROUNDS=MAX_ROUNDS,
+            num_warps=8,
+        )
+    return out
