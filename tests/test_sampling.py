@@ -204,6 +204,7 @@ def test_triton_sampler_equals_the_torch_reference(vocab):
         SamplingParams(temperature=0.7, min_p=0.1),
         SamplingParams(temperature=1.0, top_k=200, top_p=0.5, min_p=0.01),
         SamplingParams(temperature=2.0, top_p=0.2),
+        SamplingParams(temperature=1.0, top_p=1e-46),  # underflows: the top token
     ]
     rows = [(choices[i % len(choices)], request_seed(i, 0), i) for i in range(n)]
     batch = SamplingBatch.build(rows, vocab, "cuda")

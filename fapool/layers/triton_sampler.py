@@ -149,7 +149,10 @@ def _sample_kernel(
                     x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
                     kept = (idx < vocab) & (x >= t_min) & (_key(x) >= k_thr) & (x > x_best)
                     above += tl.where(kept, tl.exp((x - x_max) * inv_t), 0.0)
-                if tl.sum(above, 0) >= top_p * total:  # the winner is outside: exclude up to it
+                mass_above = tl.sum(above, 0)
+                # The winner is outside (the top token never is, even when top_p * total
+                # underflows to 0): exclude everything up to it.
+                if (mass_above > 0) & (mass_above >= top_p * total):
                     excl = _key(x_best)
                     rnd += 1
                     going = tl.where(rnd >= MAX_ROUNDS, 0, 1)
