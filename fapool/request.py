@@ -63,6 +63,7 @@ class Request:
         # Siblings still to be forked when the prompt finishes (n - 1 for a fresh group).
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
+        self.bad_words_token_ids: list[list[int]] = []  # params.bad_words tokenized (by the engine)
         self.group_seed = group_seed
         self.sampling_seed = request_seed(group_seed, index)  # the sampler's hash key
         # Set by the output processor: detokenized text so far.
@@ -129,6 +130,7 @@ class Request:
             arrival_time=self.metrics.arrival_time,
             group_seed=self.group_seed,
         )
+        child.bad_words_token_ids = self.bad_words_token_ids
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status
         child.metrics.first_scheduled_time = self.metrics.first_scheduled_time

@@ -20,15 +20,30 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return per token (0: chosen only)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Logits edits (fapool.layers.logits_processors); a request with any steps synchronously.
+    repetition_penalty: float = 1.0  # > 0; 1: off
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); a dict is accepted
+    min_tokens: int = 0  # end-of-sequence and stop tokens masked until this many tokens
+    bad_words: tuple[str, ...] = ()  # never generated (tokenized by the engine)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
 
     def __post_init__(self) -> None:
-        # Accept lists / a single string for convenience, store tuples (hashable, immutable).
+        # Accept lists / a single string / a dict for convenience, store tuples (hashable, immutable).
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop or ()))
-        if not isinstance(self.stop_token_ids, tuple):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        for name in ("stop_token_ids", "bad_words"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        elif not isinstance(self.logit_bias, tuple):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias or ()))
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, tuple):
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         self._validate()
 
     def _validate(self) -> None:
@@ -55,6 +70,36 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative ints")
+        def number(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (lo < v if lo_open else lo <= v) and v <= hi
+            if not ok:
+                raise bad(name, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+        number("repetition_penalty", 0.0, 2.0**31, lo_open=True)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        for pair in self.logit_bias:
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and _is_int(pair[0])
+                and pair[0] >= 0
+                and isinstance(pair[1], (int, float))
+                and not isinstance(pair[1], bool)
+                and -100.0 <= pair[1] <= 100.0
+            ):
+                raise bad("logit_bias", "must map token ids (ints >= 0) to biases in [-100, 100]")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an int >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
+        if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise bad("bad_words", "must be non-empty strings")
+        if self.allowed_token_ids is not None and not (
+            self.allowed_token_ids and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", "must be a non-empty list of token ids (ints >= 0)")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
         ):
@@ -63,6 +108,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_logits_processing(self) -> bool:
+        """Whether fapool.layers.logits_processors edits this request's logits."""
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+            or self.min_tokens
+            or self.bad_words
+            or self.allowed_token_ids
+        )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -17,6 +17,7 @@ from fapool.core.kv_cache_manager import KVCacheManager
 from fapool.core.pool_manager import PoolManager
 from fapool.core.scheduler import Scheduler
 from fapool.engine.output_processor import OutputProcessor
+from fapool.layers.logits_processors import apply_logits_processors, needs_processing
 from fapool.layers.sampler import SamplingBatch, compute_logprobs, logprob_lists, sample_tokens
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
@@ -139,6 +140,10 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {len(token_ids)} tokens; max_model_len is {max_len}, leaving no room to generate"
             )
+        ids_in_params = [t for t, _ in params.logit_bias] + list(params.allowed_token_ids or ())
+        if any(t >= vocab for t in ids_in_params):
+            raise RequestError(f"logit_bias and allowed_token_ids take token ids in [0, {vocab})")
+        bad_words = self._bad_words_token_ids(params.bad_words)
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if not self.kv.can_ever_fit(len(token_ids) + max_tokens):
@@ -157,9 +162,25 @@ class LLMEngine:
             arrival_time=arrival_time,
             group_seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
         )
+        req.bad_words_token_ids = bad_words
         self.groups[request_id] = [req]
         self.scheduler.add(req)
         return request_id
+
+    def _bad_words_token_ids(self, words: tuple[str, ...]) -> list[list[int]]:
+        """Each bad word as token ids, as it reads at the start of the text and after a space
+        (vLLM's two forms)."""
+        if not words:
+            return []
+        if self.tokenizer is None:
+            raise RequestError("bad_words needs the model's tokenizer; this model has none")
+        out: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def abort_request(self, request_id: str) -> None:
         for req in self.groups.pop(request_id, []):
@@ -186,10 +207,15 @@ class LLMEngine:
 
     def _can_launch(self, sched) -> bool:
         """Async unless a prompt forks siblings this step (forking needs the tokens on the
-        host); every other token, greedy or sampled, with logprobs or not, is drawn on the device."""
+        host) or a request's logits are edited (penalties, biases, masks: they need its token
+        history); every other token, greedy or sampled, with logprobs or not, is drawn on the
+        device."""
         if not self.async_scheduling:
             return False
-        return not any(s.completes_known_tokens and s.request.num_pending_forks for s in sched.scheduled)
+        return not any(
+            s.completes_known_tokens and (s.request.num_pending_forks or needs_processing(s.request))
+            for s in sched.scheduled
+        )
 
     def _launch(self, sched) -> list[RequestOutput]:
         """Launch this step, then process the previous one while the device runs this one.
@@ -293,6 +319,8 @@ class LLMEngine:
                 rows.append(row)
         if rows != list(range(len(due))):
             logits = logits[torch.tensor(rows, device=logits.device)]
+        if any(needs_processing(r) for r in targets):
+            apply_logits_processors(logits, targets)
         batch = SamplingBatch.build([r.sampling_row() for r in targets], logits.shape[-1], logits.device)
         tokens = sample_tokens(logits, batch)
         lps = compute_logprobs(logits, tokens, batch.logprobs) if batch.logprobs is not None else None

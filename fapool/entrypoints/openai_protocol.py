@@ -67,20 +67,47 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # vLLM extension: token ids in each choice
-    # Accepted so that OpenAI clients validate, refused (400) when set to anything but the default.
+    # Logits edits (fapool.layers.logits_processors); vLLM's names and bounds.
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0**31)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[TokenId] | None = None
     user: str | None = None
+    # vLLM extensions this server does not implement: refused (400) when set, never ignored.
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: Any = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a requested feature this server does not implement."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
+        for name in (
+            "prompt_logprobs",
+            "truncate_prompt_tokens",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "structured_outputs",
+        ):
+            if getattr(self, name) is not None:
                 return name, f"{name} is not supported by this server"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported by this server"
         return None
+
+    def logit_bias_by_id(self) -> dict[int, float]:
+        """logit_bias with int keys; raises ValueError naming the field for a key that is not one."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"invalid SamplingParams.logit_bias={self.logit_bias!r}: key {key!r} is not a token id")
+            out[int(key)] = bias
+        return out
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the field (SamplingParams' own validation)."""
@@ -99,6 +126,13 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.logit_bias_by_id(),
+            min_tokens=self.min_tokens,
+            bad_words=tuple(self.bad_words or ()),
+            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
         )
 
     @property
@@ -113,8 +147,11 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=128)
+    response_format: Any = None
 
     def unsupported(self) -> tuple[str, str] | None:
+        if self.response_format is not None:
+            return "response_format", "response_format is not supported by this server"
         if self.echo:
             return "echo", "echo is not supported by this server"
         if self.suffix:
@@ -155,6 +192,9 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -171,6 +211,12 @@ class ChatCompletionRequest(SamplingFields):
             return "response_format", f"response_format {self.response_format.type!r} is not supported"
         if self.tools:
             return "tools", "tool calling is not supported by this server"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool calling is not supported by this server"
+        if self.chat_template_kwargs:
+            return "chat_template_kwargs", "chat_template_kwargs is not supported by this server"
+        if self.continue_final_message:
+            return "continue_final_message", "continue_final_message is not supported by this server"
         return super().unsupported()
 
 

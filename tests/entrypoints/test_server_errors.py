@@ -59,8 +59,20 @@ def test_api_key(server):
         ({"prompt": "hi", "logprobs": 50}, "logprobs"),
         ({"prompt": "hi", "stop": [""]}, "stop"),
         ({"prompt": "hi", "seed": 2**70}, "seed"),
-        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+        ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
         ({"prompt": "hi", "echo": True}, "echo"),
+        # Not implemented: refused, never ignored.
+        ({"prompt": "hi", "guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
+        ({"prompt": "hi", "guided_regex": "a+"}, "guided_regex"),
+        ({"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"prompt": "hi", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+        ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
@@ -83,6 +95,8 @@ def test_completion_bad_input_400(server, body, param):
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_LEN}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, "continue_final_message"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}, "temperature"),
     ],
 )
@@ -131,3 +145,21 @@ def test_tiny_temperature_is_greedy(server):
     tiny = _post(server, "/v1/completions", {**body, "temperature": 1e-30})
     assert tiny.status_code == 200
     assert tiny.json()["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
+
+
+def test_penalties_biases_and_masks_change_the_output(server):
+    """The logits edits are applied, not ignored: a +100 bias makes one token every choice, an
+    allowed set bounds the choices, min_tokens outlasts an early stop."""
+    base = {"prompt": "hi", "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+
+    def ids(**kw) -> list[int]:
+        r = _post(server, "/v1/completions", {**base, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    free = ids()
+    assert set(ids(logit_bias={"7": 100})) == {7}
+    assert set(ids(allowed_token_ids=[5, 9])) <= {5, 9}
+    assert ids(stop_token_ids=[free[0]]) == [free[0]]
+    assert len(ids(stop_token_ids=[free[0]], min_tokens=4)) >= 4
+    assert ids(frequency_penalty=2, presence_penalty=2, repetition_penalty=1.3, max_tokens=6)  # accepted

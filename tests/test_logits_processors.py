@@ -1,0 +1,99 @@
+"""Penalties, biases and masks (fapool.layers.logits_processors) against hand-computed logits,
+and through the engine: each changes greedy output as specified."""
+
+import pytest
+import torch
+from tiny_models import random_prompts
+
+from fapool import LLM, SamplingParams
+from fapool.layers.logits_processors import apply_logits_processors
+from fapool.request import Request
+
+
+def _req(params: SamplingParams, prompt=(1, 2), output=(), eos=(0,)) -> Request:
+    req = Request("r", list(prompt), params, 100, eos_token_ids=eos)
+    req.output_token_ids = list(output)
+    return req
+
+
+def _apply(params: SamplingParams, logits, **kw) -> torch.Tensor:
+    x = torch.tensor([logits], dtype=torch.float32)
+    apply_logits_processors(x, [_req(params, **kw)])
+    return x[0]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    got = _apply(SamplingParams(repetition_penalty=2.0), [1.0, 4.0, -2.0, 3.0, -1.0], prompt=(1,), output=(2,))
+    assert got.tolist() == [1.0, 2.0, -4.0, 3.0, -1.0]
+
+
+def test_presence_and_frequency_penalties_use_output_counts():
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = _apply(p, [0.0] * 5, prompt=(4,), output=(1, 1, 3))
+    assert got.tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]  # the prompt's token 4 untouched
+
+
+def test_logit_bias_min_tokens_bad_words_and_allowed_ids():
+    assert _apply(SamplingParams(logit_bias={2: 5.0, 0: -1.0}), [0.0] * 4).tolist() == [-1.0, 0.0, 5.0, 0.0]
+    inf = float("-inf")
+    p = SamplingParams(min_tokens=3, stop_token_ids=[3])
+    assert _apply(p, [0.0] * 5, output=(1,)).tolist() == [inf, 0.0, 0.0, inf, 0.0]  # eos 0, stop 3
+    assert _apply(p, [0.0] * 5, output=(1, 1, 1)).tolist() == [0.0] * 5  # enough tokens
+    req = _req(SamplingParams(bad_words=["x"]), output=(4, 2))
+    req.bad_words_token_ids = [[3], [2, 1], [4, 4]]  # 3 always; 1 after 2; 4 after 4
+    x = torch.zeros(1, 5)
+    apply_logits_processors(x, [req])
+    assert x[0].tolist() == [0.0, inf, 0.0, inf, 0.0]
+    got = _apply(SamplingParams(allowed_token_ids=[1, 3]), [5.0, 1.0, 2.0, 0.5])
+    assert got.tolist() == [inf, 1.0, inf, 0.5]
+
+
+def test_invalid_values_are_refused():
+    for kw in (
+        {"repetition_penalty": 0.0},
+        {"presence_penalty": 3},
+        {"logit_bias": {1: 101}},
+        {"min_tokens": 9, "max_tokens": 4},
+        {"allowed_token_ids": []},
+        {"bad_words": [" "]},
+    ):
+        with pytest.raises(ValueError, match="SamplingParams"):
+            SamplingParams(**kw)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    return LLM(tiny_checkpoints["llama"][0], device="cpu", block_size=4, num_kv_blocks=256)
+
+
+def _greedy(llm, **kw) -> list[int]:
+    prompt = random_prompts([12], seed=3)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=kw.pop("max_tokens", 12), **kw)
+    return llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
+
+
+def test_engine_applies_them(llm):
+    free = _greedy(llm)
+    # A bias large enough makes token 7 every choice; allowed ids restrict every choice.
+    assert set(_greedy(llm, logit_bias={7: 100.0})) == {7}
+    assert set(_greedy(llm, allowed_token_ids=[5, 9])) <= {5, 9}
+    # min_tokens: a stop token the model would emit at once is masked until 8 tokens exist.
+    stopped = _greedy(llm, stop_token_ids=[free[0]])
+    assert stopped == [free[0]]
+    longer = _greedy(llm, stop_token_ids=[free[0]], min_tokens=8)
+    assert len(longer) >= 8 and free[0] not in longer[:7]
+    # The free greedy continuation repeats tokens within 24; each penalty removes the repeats.
+    repeats = _greedy(llm, max_tokens=24)
+    assert len(set(repeats)) < 24
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 1.5}):
+        penalised = _greedy(llm, max_tokens=24, **kw)
+        assert penalised[:11] == repeats[:11] and len(set(penalised)) == 24, kw
+
+
+def test_engine_refuses_out_of_vocabulary_ids_and_bad_words_without_a_tokenizer(llm):
+    from fapool.engine.llm_engine import RequestError
+
+    with pytest.raises(RequestError, match="logit_bias and allowed_token_ids"):
+        llm.engine.add_request([1, 2], SamplingParams(logit_bias={10**6: 1.0}))
+    with pytest.raises(RequestError, match="bad_words needs the model's tokenizer"):
+        llm.engine.add_request([1, 2], SamplingParams(bad_words=["no"]))
