@@ -1,9 +1,16 @@
 """fapool: an LLM inference engine for long-context decoding."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from fapool.outputs import CompletionOutput, RequestOutput
 from fapool.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+try:
+    __version__ = version("fapool")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 
 def __getattr__(name: str):

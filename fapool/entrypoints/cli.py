@@ -61,10 +61,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     with console.status("loading model"):
         llm = LLM(**vars(EngineArgs.from_cli(ns)))
     if ns.chat:
-        outputs = llm.chat([{"role": "user", "content": ns.chat}], params)
+        outputs = llm.chat([{"role": "user", "content": ns.chat}], params, errors="return")
         prompts = [ns.chat]
     else:
-        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1, errors="return")
     breakdown = None
     stats = llm.engine.executor.reports
     if stats:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -73,9 +73,14 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        errors: Literal["raise", "return"] = "raise",
     ) -> list[RequestOutput]:
-        """Outputs in the order of the prompts. A prompt the engine rejects gets an output
-        with finish_reason "error" and the reason in .error; the others still run."""
+        """Outputs in the order of the prompts. A prompt the engine rejects (empty, too long,
+        out-of-vocabulary ids, bad parameters) raises ValueError naming its index before
+        anything runs, as vLLM does; with errors="return" it gets an output with
+        finish_reason "error" and the reason in .error, and the others still run."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         items = _as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, SamplingParams):
             if len(sampling_params) != len(items):
@@ -86,10 +91,15 @@ class LLM:
 
         results: dict[str, RequestOutput] = {}
         order: list[str] = []
-        for item, params in zip(items, params_list):
+        for i, (item, params) in enumerate(zip(items, params_list)):
             try:
                 rid = self.engine.add_request(_prompt_of(item), params)
             except RequestError as e:
+                if errors == "raise":
+                    for queued in order:  # nothing of this call runs
+                        if queued not in results:
+                            self.engine.abort_request(queued)
+                    raise ValueError(f"prompt {i}: {e}") from e
                 rid = f"rejected-{len(order)}"
                 results[rid] = _error_output(rid, item, str(e))
             order.append(rid)
@@ -102,8 +112,10 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
+        errors: Literal["raise", "return"] = "raise",
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them (`errors`:
+        as in generate)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
@@ -115,7 +127,7 @@ class LLM:
             }
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, errors=errors)
 
     def _run(self, results: dict[str, RequestOutput], total: int, use_tqdm: bool) -> None:
         from tqdm import tqdm

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fapool import __version__
 from fapool.engine.arg_utils import EngineArgs
 from fapool.engine.async_engine import (
     AsyncEngine,
@@ -54,6 +55,7 @@ class ServerSettings:
     api_key: str | None = None
     max_waiting: int = 256
     shutdown_timeout_s: float = 30.0
+    max_request_bytes: int = 8 << 20  # bodies above get 413 before they are read
 
 
 class APIError(Exception):
@@ -144,6 +146,24 @@ class OpenAIServing:
         if encoded and isinstance(encoded[0], list):
             encoded = encoded[0]
         return [int(t) for t in encoded]
+
+    def tokenize(self, req: proto.TokenizeRequest) -> list[int]:
+        if (req.prompt is None) == (req.messages is None):
+            raise _bad("give exactly one of prompt and messages", param="prompt")
+        if req.messages is not None:
+            chat = proto.ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
+            return self.chat_prompt(chat)
+        if self.tokenizer is None:
+            raise _bad("this model has no tokenizer", param="prompt")
+        return list(self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            raise _bad("this model has no tokenizer", param="tokens")
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise _bad(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="tokens")
+        return self.tokenizer.decode(tokens)
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         if not ids:
@@ -265,6 +285,70 @@ async def _until_disconnected(raw: Request) -> None:
 
 
 # The app ------------------------------------------------------------------------------------------
+OPEN_PATHS = ("/health", "/metrics", "/version")  # no API key, as in vLLM
+
+
+class RequestGuard:
+    """ASGI middleware that answers from the headers, before a byte of the body is read: 401
+    without the API key, 413 when Content-Length exceeds the limit. A body sent without a
+    length is read up to the limit and no further (413 past it), then handed on."""
+
+    def __init__(self, app, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        key = self.settings.api_key
+        if key is not None and scope["path"] not in OPEN_PATHS:
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            token = header[7:] if header[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await self._reply(send, 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        limit = self.settings.max_request_bytes
+        length = headers.get(b"content-length")
+        too_big = f"the request body exceeds {limit} bytes (the server's --max-request-bytes)"
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                return await self._reply(send, 413, too_big, "request_too_large")
+            return await self.app(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._reply(send, 413, too_big, "request_too_large")
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _reply(send, status: int, message: str, code: str) -> None:
+        payload = json.dumps(proto.error_body(message, "invalid_request_error", code=code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        if status == 413:
+            headers.append((b"connection", b"close"))  # the unread body is not drained
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
 def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     """A FastAPI app serving `engine`. The app's lifespan starts the engine thread and, at
     shutdown, drains it; until then the caller must not touch the engine."""
@@ -288,46 +372,56 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     errors = {s: {"model": proto.ErrorResponse} for s in (400, 401, 404, 429, 500, 503)}
 
-    def authorize(raw: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = raw.headers.get("authorization", "")
-        token = header[7:] if header[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+    app.add_middleware(RequestGuard, settings=settings)  # the API key and body size, before parsing
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         if async_engine.is_running:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable", "reason": async_engine.dead_reason}, 503)
 
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", response_model=proto.ModelList, responses=errors)
-    async def models(raw: Request) -> proto.ModelList:
-        authorize(raw)
-        card = proto.ModelCard(
+    def model_card() -> proto.ModelCard:
+        return proto.ModelCard(
             id=settings.model_name,
             root=settings.model_name,
             max_model_len=serving.max_model_len,
             vocab_size=serving.vocab_size,
         )
-        return proto.ModelList(data=[card])
+
+    @app.get("/v1/models", response_model=proto.ModelList, responses=errors)
+    async def models() -> proto.ModelList:
+        return proto.ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=proto.ModelCard, responses=errors)
+    async def model(model_id: str) -> proto.ModelCard:
+        serving.check_model(model_id)
+        return model_card()
+
+    @app.post("/tokenize", response_model=proto.TokenizeResponse, responses=errors)
+    async def tokenize(req: proto.TokenizeRequest) -> proto.TokenizeResponse:
+        serving.check_model(req.model)
+        ids = await asyncio.to_thread(serving.tokenize, req)
+        return proto.TokenizeResponse(count=len(ids), max_model_len=serving.max_model_len, tokens=ids)
+
+    @app.post("/detokenize", response_model=proto.DetokenizeResponse, responses=errors)
+    async def detokenize(req: proto.DetokenizeRequest) -> proto.DetokenizeResponse:
+        serving.check_model(req.model)
+        return proto.DetokenizeResponse(prompt=await asyncio.to_thread(serving.detokenize, req.tokens))
 
     @app.post("/v1/completions", response_model=proto.CompletionResponse, responses=errors)
     async def completions(req: proto.CompletionRequest, raw: Request):
         arrival = time.monotonic()
-        authorize(raw)
         serving.check_model(req.model)
         serving.check_supported(req)
-        prompts = serving.completion_prompts(req.prompt)
+        prompts = await asyncio.to_thread(serving.completion_prompts, req.prompt)
         for ids in prompts:
             serving.check_prompt(ids, req.max_tokens, "prompt")
         params = serving.sampling_params(req, req.max_tokens, req.logprobs)
@@ -340,10 +434,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=proto.ChatCompletionResponse, responses=errors)
     async def chat_completions(req: proto.ChatCompletionRequest, raw: Request):
         arrival = time.monotonic()
-        authorize(raw)
         serving.check_model(req.model)
         serving.check_supported(req)
-        ids = serving.chat_prompt(req)
+        ids = await asyncio.to_thread(serving.chat_prompt, req)
         serving.check_prompt(ids, req.max_new_tokens, "messages")
         params = serving.sampling_params(req, req.max_new_tokens, req.num_logprobs)
         rid = proto.new_id("chatcmpl")
@@ -484,7 +577,7 @@ def run_server(ns: argparse.Namespace) -> int:
     api_key = ns.api_key or os.environ.get("FAPOOL_API_KEY") or None
     name = ns.served_model_name or default_model_name(args.model)
     aliases = tuple(a for a in (args.model,) if a and a != name)
-    settings = ServerSettings(name, aliases, api_key, ns.max_waiting, ns.shutdown_timeout)
+    settings = ServerSettings(name, aliases, api_key, ns.max_waiting, ns.shutdown_timeout, ns.max_request_bytes)
     sock = bind_socket(ns.host, ns.port)  # fail fast on a taken port, before loading the model
     engine = build_engine(args)
     app = create_app(engine, settings)
@@ -515,6 +608,12 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=256,
         help="admitted-but-unscheduled requests beyond which new ones get 429",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=ServerSettings.max_request_bytes,
+        help="request bodies larger than this get 413 before they are read (default: %(default)s)",
     )
     g.add_argument(
         "--shutdown-timeout",

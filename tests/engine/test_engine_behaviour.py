@@ -137,6 +137,7 @@ def test_bad_requests_fail_alone(llama_folder):
             {"prompt_token_ids": good[1]},
         ],
         GREEDY,
+        errors="return",
     )
     assert outs[0].finish_reason == "length" and len(outs[0].token_ids) == 20
     assert outs[5].finish_reason == "length" and len(outs[5].token_ids) == 20
@@ -146,6 +147,16 @@ def test_bad_requests_fail_alone(llama_folder):
     assert "prompt_token_ids" in outs[4].error
     for o in outs[1:5]:
         assert o.finish_reason == "error" and o.finished
+
+
+def test_a_bad_prompt_raises_naming_its_index_and_nothing_runs(llama_folder):
+    llm = _llm(llama_folder, max_model_len=64)
+    good = random_prompts([5], seed=10)[0]
+    with pytest.raises(ValueError, match=r"prompt 1: .*empty"):
+        llm.generate([{"prompt_token_ids": good}, {"prompt_token_ids": []}], GREEDY)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_blocks_used == 0
+    with pytest.raises(ValueError, match="errors must be"):
+        llm.generate([good], GREEDY, errors="ignore")
 
 
 def test_request_that_can_never_fit_is_rejected_at_admission(llama_folder):

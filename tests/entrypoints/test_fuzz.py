@@ -12,7 +12,7 @@ from server_helpers import engine_stats, start_server, tiny_engine_args, wait_un
 
 from fapool.entrypoints.llm import build_engine
 
-EXAMPLES = {"GET": 3, "POST": 30}
+EXAMPLES = {"GET": 3, "HEAD": 1, "POST": 30}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_schema_fuzz_no_server_errors(server):
         if op.method.upper() == "POST":
             fuzz_operation(op, GenerationMode.NEGATIVE, server.base_url, seen)
     # Both endpoints were reached with bodies they accepted and bodies they refused.
-    for path in ("POST /v1/completions", "POST /v1/chat/completions"):
+    for path in ("POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize"):
         assert seen[(path, 200)] > 0 and seen[(path, 400)] > 0, seen
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert wait_until(lambda: engine_stats(server).num_running == 0)

@@ -120,7 +120,8 @@ def test_unknown_model_and_path_404(server):
         ),
         404,
     )
-    _error(httpx.get(f"{server.base_url}/v1/nowhere"), 404)
+    _error(httpx.get(f"{server.base_url}/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}), 404)
+    _error(httpx.get(f"{server.base_url}/v1/nowhere"), 401)  # the key is checked before routing
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-9", prompt="hi")
@@ -163,3 +164,47 @@ def test_penalties_biases_and_masks_change_the_output(server):
     assert ids(stop_token_ids=[free[0]]) == [free[0]]
     assert len(ids(stop_token_ids=[free[0]], min_tokens=4)) >= 4
     assert ids(frequency_penalty=2, presence_penalty=2, repetition_penalty=1.3, max_tokens=6)  # accepted
+
+
+def test_oversized_and_unauthenticated_bodies_are_refused_before_reading(tiny_text_model):
+    """413 from Content-Length alone, and 401 before any body is read (an invalid 20 MB body
+    without a key is 401, not 400); a body streamed without a length stops at the limit."""
+    srv = start_server(build_engine(tiny_engine_args(tiny_text_model)), api_key=KEY, max_request_bytes=1 << 20)
+    try:
+        url = f"{srv.base_url}/v1/completions"
+        big = b"x" * (20 << 20)
+        assert _error(httpx.post(url, content=big), 401)["code"] == "invalid_api_key"
+        auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        assert _error(httpx.post(url, content=big, headers=auth), 413)["code"] == "request_too_large"
+
+        def chunks():
+            for _ in range(64):
+                yield b"x" * (64 << 10)
+
+        assert _error(httpx.post(url, content=chunks(), headers=auth), 413)["code"] == "request_too_large"
+        ok = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers=auth, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert httpx.get(f"{srv.base_url}/health").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_tokenize_detokenize_models_version_and_head_health(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "hello world"}, headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] == MAX_LEN
+    r = httpx.post(f"{server.base_url}/detokenize", json={"tokens": body["tokens"]}, headers=auth)
+    assert r.status_code == 200 and "hello world" in r.json()["prompt"]
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{server.base_url}/tokenize", json=chat, headers=auth).json()["count"] > 0
+    _error(httpx.post(f"{server.base_url}/tokenize", json={}, headers=auth), 400, "prompt")
+    _error(httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**9]}, headers=auth), 400, "tokens")
+    models = httpx.get(f"{server.base_url}/v1/models", headers=auth).json()["data"]
+    card = httpx.get(f"{server.base_url}/v1/models/{models[0]['id']}", headers=auth)
+    assert card.status_code == 200 and card.json()["id"] == models[0]["id"]
+    _error(httpx.get(f"{server.base_url}/v1/models/gpt-9", headers=auth), 404, "model")
+    assert httpx.get(f"{server.base_url}/version").json()["version"]
+    head = httpx.head(f"{server.base_url}/health")
+    assert head.status_code == 200 and head.content == b""
