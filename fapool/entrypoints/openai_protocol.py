@@ -24,8 +24,9 @@ TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are ignored (clients send options we do not use); NaN and inf are refused.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Unknown fields are ignored (clients send options we do not use); NaN and inf are refused;
+    # strict: "5" is not a number and false is not a token id (400, not a silent coercion).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 # Errors ---------------------------------------------------------------------------------------

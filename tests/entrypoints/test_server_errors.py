@@ -74,6 +74,9 @@ def test_api_key(server):
         ({"prompt": "hi", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
         ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),  # strict types: no coercion
+        ({"prompt": [[False]]}, "prompt"),
+        ({"prompt": "hi", "n": True}, "n"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": [1, 2, 999]}, "prompt"),
