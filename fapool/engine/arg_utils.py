@@ -12,6 +12,7 @@ import torch
 from fapool.config import (
     DEFAULT_SPARSE_MIN_CONTEXT,
     CacheConfig,
+    ConfigError,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -22,6 +23,22 @@ from fapool.config import (
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    """A ConfigError saying why a device cannot be used, instead of torch's failure later."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r} is not a device torch knows: {e}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"device {device!r}: no CUDA GPU is available (torch {torch.__version__}, {build}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
 
 
 @dataclass
@@ -56,6 +73,7 @@ class EngineArgs:
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
         device = self.device or default_device()
+        check_device(device)
         dtype = self.dtype or ("float32" if device == "cpu" else "bfloat16")
         return EngineConfig(
             model=model_config,

@@ -133,3 +133,26 @@ def test_trace_and_engine_argv(tmp_path, bench_ns):
         "--tp",
         "2",
     ]
+
+
+def test_a_taken_port_and_an_unavailable_device_are_one_line_errors(capsys):
+    """Exit code 2 and a line saying what to change, not a traceback."""
+    import socket
+
+    import torch
+
+    from fapool.entrypoints.cli import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        assert main(["serve", "--port", str(port)]) == 2
+        assert "Address already in use" in capsys.readouterr().err.replace("\n", " ")
+    finally:
+        taken.close()
+    if not torch.cuda.is_available():
+        assert main(["generate", "--device", "cuda", "--prompt", "hi"]) == 2
+        assert "no CUDA GPU is available" in capsys.readouterr().err.replace("\n", " ")
+    assert main(["generate", "--device", "tpu", "--prompt", "hi"]) == 2
