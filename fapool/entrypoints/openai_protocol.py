@@ -79,7 +79,7 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     # vLLM extensions this server does not implement: refused (400) when set, never ignored.
     prompt_logprobs: int | None = None
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)  # keep the last k (-1: max_model_len)
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -88,9 +88,10 @@ class SamplingFields(OpenAIModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a requested feature this server does not implement."""
+        if self.truncate_prompt_tokens == 0:
+            return "truncate_prompt_tokens", "truncate_prompt_tokens must be -1 or at least 1"
         for name in (
             "prompt_logprobs",
-            "truncate_prompt_tokens",
             "guided_json",
             "guided_regex",
             "guided_choice",
@@ -153,8 +154,10 @@ class CompletionRequest(SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.response_format is not None:
             return "response_format", "response_format is not supported by this server"
-        if self.echo:
-            return "echo", "echo is not supported by this server"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs needs prompt logprobs, which this server does not compute"
+        if self.echo and self.stream:
+            return "echo", "echo is not supported with stream=true"
         if self.suffix:
             return "suffix", "suffix is not supported by this server"
         if self.best_of is not None and self.best_of != self.n:
@@ -214,10 +217,10 @@ class ChatCompletionRequest(SamplingFields):
             return "tools", "tool calling is not supported by this server"
         if self.tool_choice not in (None, "none"):
             return "tool_choice", "tool calling is not supported by this server"
-        if self.chat_template_kwargs:
-            return "chat_template_kwargs", "chat_template_kwargs is not supported by this server"
-        if self.continue_final_message:
-            return "continue_final_message", "continue_final_message is not supported by this server"
+        if self.continue_final_message and self.add_generation_prompt:
+            return "continue_final_message", "continue_final_message needs add_generation_prompt=false"
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            return "continue_final_message", "continue_final_message needs the last message to be the assistant's"
         return super().unsupported()
 
 

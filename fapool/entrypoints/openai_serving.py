@@ -171,6 +171,15 @@ class CompletionRenderer(Renderer):
             offset += len(s)
         return out
 
+    def prompt_text(self, index: int) -> str:
+        """echo: the prompt as sent, or its token ids decoded."""
+        prompt = self.req.prompt
+        if self.req.truncate_prompt_tokens is None and isinstance(prompt, str):
+            return prompt
+        if self.req.truncate_prompt_tokens is None and prompt and isinstance(prompt[0], str):
+            return prompt[index]
+        return self.tokenizer.decode(self.prompts[index]) if self.tokenizer is not None else ""
+
     def _choice(self, i: int, text: str, tokens: list[int], lps, done, offset: int) -> dict:
         choice = {"index": i, "text": text, "logprobs": self.logprobs(lps, offset), **self.finish(done)}
         if self.req.return_token_ids:
@@ -189,8 +198,9 @@ class CompletionRenderer(Renderer):
     def full_response(self, finals: list[RequestOutput]) -> dict:
         choices = []
         for index, out in enumerate(finals):
+            echo = self.prompt_text(index) if self.req.echo else ""
             for c in out.outputs:
-                choice = self._choice(index * self.n + c.index, c.text, c.token_ids, c.logprobs, c, 0)
+                choice = self._choice(index * self.n + c.index, echo + c.text, c.token_ids, c.logprobs, c, 0)
                 if self.req.return_token_ids:
                     choice["prompt_token_ids"] = self.prompts[index]
                 choices.append(choice)

@@ -135,9 +135,12 @@ class OpenAIServing:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise _bad("this model has no chat template; use /v1/completions", param="messages")
         messages = [m.as_template_input() for m in req.messages]
+        extra = dict(req.chat_template_kwargs or {})
+        if req.continue_final_message:
+            extra["continue_final_message"] = True
         try:
             encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True, **extra
             )
         except Exception as e:
             raise _bad(f"the chat template could not format these messages: {e}", param="messages") from e
@@ -146,6 +149,13 @@ class OpenAIServing:
         if encoded and isinstance(encoded[0], list):
             encoded = encoded[0]
         return [int(t) for t in encoded]
+
+    def truncate(self, ids: list[int], keep: int | None) -> list[int]:
+        """truncate_prompt_tokens: the last `keep` tokens (-1: the model's context)."""
+        if keep is None:
+            return ids
+        keep = self.max_model_len if keep == -1 else keep
+        return ids[-keep:]
 
     def tokenize(self, req: proto.TokenizeRequest) -> list[int]:
         if (req.prompt is None) == (req.messages is None):
@@ -422,6 +432,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         serving.check_model(req.model)
         serving.check_supported(req)
         prompts = await asyncio.to_thread(serving.completion_prompts, req.prompt)
+        prompts = [serving.truncate(ids, req.truncate_prompt_tokens) for ids in prompts]
         for ids in prompts:
             serving.check_prompt(ids, req.max_tokens, "prompt")
         params = serving.sampling_params(req, req.max_tokens, req.logprobs)
@@ -436,7 +447,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         arrival = time.monotonic()
         serving.check_model(req.model)
         serving.check_supported(req)
-        ids = await asyncio.to_thread(serving.chat_prompt, req)
+        ids = serving.truncate(await asyncio.to_thread(serving.chat_prompt, req), req.truncate_prompt_tokens)
         serving.check_prompt(ids, req.max_new_tokens, "messages")
         params = serving.sampling_params(req, req.max_new_tokens, req.num_logprobs)
         rid = proto.new_id("chatcmpl")

@@ -65,13 +65,13 @@ def test_api_key(server):
         ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
         ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
-        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         # Not implemented: refused, never ignored.
         ({"prompt": "hi", "guided_choice": ["a", "b"]}, "guided_choice"),
         ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
         ({"prompt": "hi", "guided_regex": "a+"}, "guided_regex"),
         ({"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
-        ({"prompt": "hi", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
         ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
         ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),  # strict types: no coercion
@@ -98,8 +98,15 @@ def test_completion_bad_input_400(server, body, param):
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_LEN}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
         ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, "continue_final_message"),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}],
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+            },
+            "continue_final_message",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}, "temperature"),
     ],
 )
@@ -211,3 +218,25 @@ def test_tokenize_detokenize_models_version_and_head_health(server):
     assert httpx.get(f"{server.base_url}/version").json()["version"]
     head = httpx.head(f"{server.base_url}/health")
     assert head.status_code == 200 and head.content == b""
+
+
+def test_echo_truncation_and_chat_template_options(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    base = {"max_tokens": 3, "temperature": 0, "return_token_ids": True}
+    r = _post(server, "/v1/completions", {"prompt": "hello there", "echo": True, **base})
+    plain = _post(server, "/v1/completions", {"prompt": "hello there", **base}).json()["choices"][0]
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello there" + plain["text"]
+    long = list(range(5, 45))
+    r = _post(server, "/v1/completions", {"prompt": long, "truncate_prompt_tokens": 8, **base}).json()
+    assert r["usage"]["prompt_tokens"] == 8 and r["choices"][0]["prompt_token_ids"] == long[-8:]
+    chat = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I"}],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "max_tokens": 3,
+    }
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=chat, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"messages": chat["messages"], "add_generation_prompt": False}, headers=auth).json()
+    assert r.json()["usage"]["prompt_tokens"] < tokens["count"]  # the final message is continued, not closed
