@@ -115,35 +115,74 @@ class EngineArgs:
         g = parser.add_argument_group("engine")
         g.add_argument("--model", default=None, help="HF folder, .gguf file or preset:seed000 (default: embedded SmolLM2)")
         g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-        g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
-        g.add_argument("--block-size", type=int, default=16)
-        g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
-        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        g.add_argument("--num-kv-blocks", type=int, default=None)
-        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-        g.add_argument("--max-num-seqs", type=int, default=128)
-        g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument(
+            "--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+            help="weights, activations and KV (default: float32 on CPU, bfloat16 on GPU)",
+        )
+        g.add_argument(
+            "--attention-backend", default=None, choices=["torch", "triton"],
+            help="attention kernels (default: triton on GPU, torch on CPU)",
+        )
+        g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
+        g.add_argument(
+            "--kv-cache-memory", type=int, default=None,
+            help="KV cache budget in bytes (default: GPU: from --gpu-memory-utilization; CPU: 1 GiB)",
+        )
+        g.add_argument(
+            "--gpu-memory-utilization", type=float, default=0.9,
+            help="share of the GPU's memory for weights, activations and KV (default: %(default)s)",
+        )
+        g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks, overriding the byte budgets")
+        g.add_argument(
+            "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+            help="do not reuse the KV of shared prompt prefixes (default: reused)",
+        )
+        g.add_argument("--max-num-seqs", type=int, default=128, help="requests running at once (default: %(default)s)")
+        g.add_argument(
+            "--max-num-batched-tokens", type=int, default=2048,
+            help="tokens a step computes; longer prompts are prefilled in chunks (default: %(default)s)",
+        )
+        g.add_argument(
+            "--max-model-len", type=int, default=None,
+            help="longest sequence, prompt and output (default: the model's max_position_embeddings)",
+        )
         g.add_argument(
             "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
             help="schedule the next step while the device runs this one (default: on for CUDA)",
         )
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--tp", dest="tensor_parallel_size", type=int, default=1)
-        g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=1)
-        g.add_argument("--attention-workers", type=int, default=0)
-        g.add_argument("--pool-threshold", type=int, default=4096)
-        g.add_argument("--tokens-per-pool-worker", type=int, default=4096)
-        g.add_argument("--pool-mode", default="shard", choices=["shard", "replicate", "head"])
+        g.add_argument("--seed", type=int, default=0, help="seeds of requests that give none (default: %(default)s)")
+        g.add_argument("--tp", dest="tensor_parallel_size", type=int, default=1, help="tensor-parallel ranks (default: %(default)s)")
+        g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=1, help="pipeline stages (default: %(default)s)")
+        g.add_argument(
+            "--attention-workers", type=int, default=0,
+            help="attention-pool worker processes (seed 000); 0: no pool (default: %(default)s)",
+        )
+        g.add_argument(
+            "--pool-threshold", type=int, default=4096,
+            help="a sequence's tokens beyond this go to the pool (default: %(default)s)",
+        )
+        g.add_argument(
+            "--tokens-per-pool-worker", type=int, default=4096,
+            help="pooled tokens per worker before the pool grows (default: %(default)s)",
+        )
+        g.add_argument(
+            "--pool-mode", default="shard", choices=["shard", "replicate", "head"],
+            help="how pooled KV is split: by token range, copied, or by KV head (default: %(default)s)",
+        )
         g.add_argument(
             "--micro-batches", type=int, default=None,
             help="pool: micro-batches per step, so one's remote attention overlaps another's dense work "
             "(default: 1 or 2, chosen per step from measured step times)",
         )
-        g.add_argument("--head-placement", default="contiguous", choices=["contiguous", "lpt"])
+        g.add_argument(
+            "--head-placement", default="contiguous", choices=["contiguous", "lpt"],
+            help="head mode: contiguous heads, or LPT by sparse budgets (seed 003) (default: %(default)s)",
+        )
         g.add_argument("--worker-kv-blocks", type=int, default=None, help="KV blocks per attention worker")
-        g.add_argument("--worker-timeout-s", type=float, default=60.0)
+        g.add_argument(
+            "--worker-timeout-s", type=float, default=60.0,
+            help="a worker silent this long in a step is declared lost (default: %(default)s)",
+        )
         g.add_argument(
             "--sparse-attention", default=None, metavar="PROFILE",
             help="sparse decode with per-head block budgets from this profile (fapool calibrate-heads)",

@@ -176,6 +176,11 @@ class AsyncEngine:
         return self._dead_reason
 
     @property
+    def num_in_flight(self) -> int:
+        """Requests admitted and not yet finished (event-loop thread)."""
+        return len(self._streams)
+
+    @property
     def num_waiting(self) -> int:
         """Requests admitted but not yet scheduled (the bounded queue)."""
         return self._num_waiting

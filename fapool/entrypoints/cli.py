@@ -18,17 +18,17 @@ console = Console(stderr=True)
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s: off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default: %(default)s: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: %(default)s)")
     g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--stop-token-id", type=int, action="append", default=[])
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("-n", "--n", type=int, default=1)
-    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    g.add_argument("-n", "--n", type=int, default=1, help="completions per prompt (default: %(default)s)")
+    g.add_argument("--logprobs", type=int, default=None, help="report this many top alternatives per token")
 
 
 def _sampling_params(ns: argparse.Namespace) -> SamplingParams:

@@ -501,12 +501,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server that, on exit, first tells the engine to drain (finish what it can within
     shutdown_timeout_s, then fail the rest cleanly) so streams end with an error event rather
-    than a cut connection; and that exits 0 after a handled SIGINT/SIGTERM."""
+    than a cut connection; meanwhile it keeps listening and answers new requests 503 (a load
+    balancer sees a refusal, not a refused connection). Exits 0 after a handled SIGINT/SIGTERM."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = self.config.app
         settings: ServerSettings = app.state.settings
-        app.state.engine.begin_shutdown(settings.shutdown_timeout_s)
+        engine = app.state.engine
+        engine.begin_shutdown(settings.shutdown_timeout_s)
+        deadline = time.monotonic() + settings.shutdown_timeout_s + 1.0
+        while engine.num_in_flight and engine.is_running and time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
         await super().shutdown(sockets)
         if hasattr(self, "_captured_signals"):
             self._captured_signals.clear()  # handled: do not re-raise it after serve()
@@ -612,7 +617,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
     EngineArgs.add_cli_args(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: all)")
     g.add_argument("--port", type=int, default=8000, help="0: a free port chosen by the OS (printed)")
     g.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set FAPOOL_API_KEY)"

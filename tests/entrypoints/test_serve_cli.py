@@ -156,3 +156,12 @@ def test_a_taken_port_and_an_unavailable_device_are_one_line_errors(capsys):
         assert main(["generate", "--device", "cuda", "--prompt", "hi"]) == 2
         assert "no CUDA GPU is available" in capsys.readouterr().err.replace("\n", " ")
     assert main(["generate", "--device", "tpu", "--prompt", "hi"]) == 2
+
+
+def test_every_serve_and_generate_flag_has_help():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("serve", "generate"):
+        missing = [a.option_strings for a in sub.choices[name]._actions if a.option_strings and not a.help]
+        assert not missing, (name, missing)

@@ -187,6 +187,18 @@ def test_graceful_shutdown(folder):
         t.start()
     assert wait_until(lambda: engine_stats(srv).num_running == 2, 10)
     t0 = time.monotonic()
+    srv.server.should_exit = True  # what SIGTERM does; stop() below joins
+    # While it drains, the server still listens: a new request is refused with 503, not a
+    # refused connection.
+    refused = None
+    while refused is None and time.monotonic() - t0 < 5:
+        try:
+            r = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": [3], "max_tokens": 2}, timeout=5)
+            if r.status_code == 503:
+                refused = r
+        except httpx.ConnectError:
+            break
+    assert refused is not None and refused.json()["error"]["type"] == "service_unavailable"
     srv.stop()
     for t in threads:
         t.join(30)
