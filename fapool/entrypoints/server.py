@@ -604,13 +604,15 @@ def run_server(ns: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"fapool: serving {name!r} on http://{shown}:{port} (OpenAI API under /v1)", flush=True)
+    server = make_server(app, log_level="info" if ns.verbose else "warning")
     try:
-        make_server(app, log_level="info" if ns.verbose else "warning").run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         stop = getattr(engine, "shutdown", None)  # attention-pool worker processes, if any
         if stop is not None:
             stop()
-    return 0
+    # A supervisor's view: 0 a clean drain, 1 a forced exit (a second signal cut the drain).
+    return 1 if server.force_exit else 0
 
 
 def register_serve(subparsers: argparse._SubParsersAction) -> None:
