@@ -4,6 +4,7 @@ Hugging Face parameter names, laid out exactly as transformers loads them."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -42,8 +43,13 @@ def open_gguf(path: str) -> Any:
 
     try:
         return GGUFReader(path)
-    except (ValueError, OSError) as e:  # the reader raises ValueError on a bad magic or version
-        raise ConfigError(f"cannot read GGUF file {path}: {e}") from None
+    # A bad magic or version is a ValueError; a truncated file fails while the reader maps its
+    # header (IndexError) or its tensors (ValueError: the data is shorter than the shape).
+    except (ValueError, OSError, IndexError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise ConfigError(
+            f"cannot read GGUF file {path} ({size} bytes; truncated or corrupt? re-download it): {e}"
+        ) from None
 
 
 def gguf_model_config(path: str) -> ModelConfig:

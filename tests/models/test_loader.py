@@ -377,6 +377,18 @@ def test_gguf_llama_unpermute_and_dequantize(tmp_path):
     assert (loaded[k] - expected[k]).abs().max() < 0.1 * expected[k].abs().max()
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.01])  # tensors cut short; the header itself cut
+def test_truncated_gguf_is_a_clear_config_error(tmp_path, keep):
+    model = _tiny_llama(rope_scaling=None, eos_token_id=2)
+    path = _write_gguf(tmp_path / "tiny.gguf", "llama", model.config, _convert(model, "llama", _llama_qtype))
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut" / "tiny.gguf"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ConfigError, match="truncated or corrupt"):
+        load_model_config(resolve_model(str(cut)))
+
+
 def test_gguf_qwen2_bias_tied_no_permutation(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
