@@ -92,6 +92,25 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = cfg.max_model_len
         self.vocab_size = cfg.model.vocab_size
+        self.max_prompt_chars = self._max_prompt_chars()
+
+    def _max_prompt_chars(self) -> int | None:
+        """A text longer than this cannot fit max_model_len tokens, so it is refused before
+        tokenizing: no token spells more characters than the longest vocabulary entry (one
+        character per byte in byte-level vocabularies, more for byte-fallback pieces)."""
+        if self.tokenizer is None:
+            return None
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        longest = max((len(p) for p in pieces if p), default=1)
+        return self.max_model_len * longest
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise _bad(
+                f"the prompt has {chars} characters, more than {self.max_model_len} tokens (this model's "
+                f"maximum context length) can hold; shorten it",
+                param=param,
+            )
 
     def check_model(self, model: str | None) -> None:
         if (
@@ -129,12 +148,15 @@ class OpenAIServing:
             )
         if self.tokenizer is None:
             raise _bad("this model has no tokenizer: send the prompt as token ids", param="prompt")
+        for t in texts:
+            self.check_prompt_chars(len(t), "prompt")
         return [self.tokenizer.encode(t, add_special_tokens=True) if t else [] for t in texts]
 
     def chat_prompt(self, req: proto.ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise _bad("this model has no chat template; use /v1/completions", param="messages")
         messages = [m.as_template_input() for m in req.messages]
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         extra = dict(req.chat_template_kwargs or {})
         if req.continue_final_message:
             extra["continue_final_message"] = True

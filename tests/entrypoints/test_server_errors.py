@@ -240,3 +240,20 @@ def test_echo_truncation_and_chat_template_options(server):
     assert r.status_code == 200, r.text
     tokens = httpx.post(f"{server.base_url}/tokenize", json={"messages": chat["messages"], "add_generation_prompt": False}, headers=auth).json()
     assert r.json()["usage"]["prompt_tokens"] < tokens["count"]  # the final message is continued, not closed
+
+
+def test_an_overlong_text_prompt_is_refused_before_tokenizing(server):
+    """A prompt with more characters than max_model_len tokens can spell is a 400 at once: the
+    tokenizer is never called on it."""
+    from unittest import mock
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    huge = "word " * 400_000  # 2 MB, under the body limit
+    tokenizer = type(server.app.state.engine.engine.tokenizer)
+    with mock.patch.object(tokenizer, "encode", side_effect=AssertionError("tokenized")):
+        r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": huge}, headers=auth, timeout=30)
+        err = _error(r, 400, "prompt")
+        assert "characters" in err["message"]
+        chat = {"messages": [{"role": "user", "content": huge}]}
+        r = httpx.post(f"{server.base_url}/v1/chat/completions", json=chat, headers=auth, timeout=30)
+        _error(r, 400, "messages")
