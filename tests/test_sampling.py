@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from fapool.layers.sampler import (
-    Mode,
-    SamplingBatch,
-    compute_logprobs,
-    logprob_lists,
-    request_seed,
-    sample_tokens,
-    uniforms,
-)
+from fapool.layers.sampler import compute_logprobs, logprob_lists, request_seed, sample_tokens, uniforms
+from fapool.layers.sampling_batch import Mode, SamplingBatch
 from fapool.sampling_params import SamplingParams
 
 

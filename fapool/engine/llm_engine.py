@@ -18,7 +18,8 @@ from fapool.core.pool_manager import PoolManager
 from fapool.core.scheduler import Scheduler
 from fapool.engine.output_processor import OutputProcessor
 from fapool.layers.logits_processors import apply_logits_processors, needs_processing
-from fapool.layers.sampler import SamplingBatch, compute_logprobs, logprob_lists, sample_tokens
+from fapool.layers.sampler import compute_logprobs, logprob_lists, sample_tokens
+from fapool.layers.sampling_batch import SamplingBatch
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
 from fapool.sampling_params import SamplingParams

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.layers.sampler import MUL_A, MUL_B, SamplingBatch
+from fapool.layers.sampling_batch import MUL_A, MUL_B, SamplingBatch
 
 BLOCK = 2048  # vocab entries a loop turn
 MAX_ROUNDS = 64  # top-p rejection rounds before falling back to the top token (never in practice)

@@ -44,7 +44,8 @@ import torch
 
 from fapool.attention.metadata import AttentionMetadata
 from fapool.core.scheduler import ScheduledRequest
-from fapool.layers.sampler import Mode, SamplingBatch, sample_tokens
+from fapool.layers.sampler import sample_tokens
+from fapool.layers.sampling_batch import Mode, SamplingBatch
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

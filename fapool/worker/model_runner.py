@@ -19,13 +19,8 @@ from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
-from fapool.layers.sampler import (
-    DeviceLogprobs,
-    SamplingBatch,
-    compute_logprobs,
-    logprob_lists,
-    sample_tokens,
-)
+from fapool.layers.sampler import DeviceLogprobs, compute_logprobs, logprob_lists, sample_tokens
+from fapool.layers.sampling_batch import SamplingBatch
 from fapool.outputs import Logprob
 from fapool.request import Request
 from fapool.worker.cuda_graphs import DecodeGraphs

@@ -42,7 +42,8 @@ import torch
 from fapool.attention.backend import AttentionBackend
 from fapool.config import ConfigError, EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
-from fapool.layers.sampler import DeviceLogprobs, SamplingBatch, compute_logprobs, sample_tokens
+from fapool.layers.sampler import DeviceLogprobs, compute_logprobs, sample_tokens
+from fapool.layers.sampling_batch import SamplingBatch
 from fapool.layers.tp import check_tp, shard_layer_state
 from fapool.worker import comm
 from fapool.worker.dense_worker import (
