@@ -64,6 +64,7 @@ class Request:
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
         self.bad_words_token_ids: list[list[int]] = []  # params.bad_words tokenized (by the engine)
+        self.matcher = None  # structured outputs: the grammar's state (fapool.layers.structured)
         self.group_seed = group_seed
         self.sampling_seed = request_seed(group_seed, index)  # the sampler's hash key
         # Set by the output processor: detokenized text so far.
@@ -131,6 +132,7 @@ class Request:
             group_seed=self.group_seed,
         )
         child.bad_words_token_ids = self.bad_words_token_ids
+        child.matcher = self.matcher.deep_copy() if self.matcher is not None else None
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status
         child.metrics.first_scheduled_time = self.metrics.first_scheduled_time

@@ -6,6 +6,29 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output (vLLM's structured outputs), exactly one of: a JSON schema
+    (as JSON text; '{"type": "object"}' for any object), a regex, a choice among strings, or a
+    Lark grammar. Enforced by a token mask where the sampler runs (fapool.layers.structured)."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, tuple):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"invalid SamplingParams.structured_outputs={given}: give exactly one of json, regex, choice, grammar"
+            )
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"invalid SamplingParams.structured_outputs={self.choice!r}: choices must be non-empty strings")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -28,6 +51,7 @@ class SamplingParams:
     min_tokens: int = 0  # end-of-sequence and stop tokens masked until this many tokens
     bad_words: tuple[str, ...] = ()  # never generated (tokenized by the engine)
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
+    structured_outputs: StructuredOutputs | None = None  # output constrained by a grammar
 
     def __post_init__(self) -> None:
         # Accept lists / a single string / a dict for convenience, store tuples (hashable, immutable).
@@ -120,6 +144,7 @@ class SamplingParams:
             or self.min_tokens
             or self.bad_words
             or self.allowed_token_ids
+            or self.structured_outputs
         )
 
 

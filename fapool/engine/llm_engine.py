@@ -20,6 +20,7 @@ from fapool.engine.output_processor import OutputProcessor
 from fapool.layers.logits_processors import apply_logits_processors, needs_processing
 from fapool.layers.sampler import compute_logprobs, logprob_lists, sample_tokens
 from fapool.layers.sampling_batch import SamplingBatch
+from fapool.layers.structured import GrammarCompiler, StructuredOutputError
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
 from fapool.sampling_params import SamplingParams
@@ -102,6 +103,7 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)  # the seeds of requests that give none
+        self._grammars: GrammarCompiler | None = None  # structured outputs, built on first use
         self.eos_token_ids = tuple(config.model.eos_token_ids)
         self.worker_failures: list[tuple[int, str]] = []
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
@@ -145,6 +147,7 @@ class LLMEngine:
         if any(t >= vocab for t in ids_in_params):
             raise RequestError(f"logit_bias and allowed_token_ids take token ids in [0, {vocab})")
         bad_words = self._bad_words_token_ids(params.bad_words)
+        matcher = self._matcher(params)
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if not self.kv.can_ever_fit(len(token_ids) + max_tokens):
@@ -164,9 +167,24 @@ class LLMEngine:
             group_seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
         )
         req.bad_words_token_ids = bad_words
+        req.matcher = matcher
         self.groups[request_id] = [req]
         self.scheduler.add(req)
         return request_id
+
+    def _matcher(self, params: SamplingParams):
+        """The grammar matcher of a structured-output request (None without a constraint)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self.tokenizer is None:
+            raise RequestError("structured outputs need the model's tokenizer; this model has none")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.config.model.vocab_size)
+        try:
+            return self._grammars.matcher(spec)
+        except StructuredOutputError as e:
+            raise RequestError(str(e)) from e
 
     def _bad_words_token_ids(self, words: tuple[str, ...]) -> list[list[int]]:
         """Each bad word as token ids, as it reads at the start of the text and after a space
@@ -266,7 +284,13 @@ class LLMEngine:
             req.error = "sampling failed: the model's logits hold NaN"
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
             return
+        if req.matcher is not None and not req.matcher.consume_token(tok):
+            req.error = f"structured output: token {tok} rejected by the grammar ({req.matcher.get_error()})"
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+            return
         status = self.outputs.on_token(req, tok, lp)
+        if status is None and req.matcher is not None and req.matcher.is_stopped():
+            status = RequestStatus.FINISHED_STOPPED  # the grammar is complete and allows nothing more
         if status is not None:
             self.scheduler.finish(req, status)
 

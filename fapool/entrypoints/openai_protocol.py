@@ -7,13 +7,14 @@ stop_token_ids, return_token_ids, ...). Bounds are declared on the fields so a b
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fapool.sampling_params import SamplingParams
+from fapool.sampling_params import SamplingParams, StructuredOutputs
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Below this a temperature is treated as greedy, as vLLM does: dividing logits by ~1e-45
@@ -50,6 +51,45 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's response_format: text, json_object or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def spec(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json='{"type": "object"}')
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError(f"invalid SamplingParams.response_format={self.type!r}: json_schema needs a 'schema'")
+        return StructuredOutputs(json=json.dumps(self.json_schema.schema_))
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def spec(self) -> StructuredOutputs:
+        text = self.json_ if self.json_ is None or isinstance(self.json_, str) else json.dumps(self.json_)
+        choice = None if self.choice is None else tuple(self.choice)
+        return StructuredOutputs(json=text, regex=self.regex, choice=choice, grammar=self.grammar)
+
+
+STRUCTURED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "response_format")
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by completions and chat completions."""
 
@@ -80,26 +120,42 @@ class SamplingFields(OpenAIModel):
     # vLLM extensions this server does not implement: refused (400) when set, never ignored.
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)  # keep the last k (-1: max_model_len)
-    guided_json: Any = None
+    # Structured outputs (vLLM's fields; response_format below): at most one.
+    guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    structured_outputs: Any = None
+    guided_grammar: str | None = None  # Lark
+    structured_outputs: StructuredOutputsField | None = None
+    response_format: ResponseFormat | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a requested feature this server does not implement."""
         if self.truncate_prompt_tokens == 0:
             return "truncate_prompt_tokens", "truncate_prompt_tokens must be -1 or at least 1"
-        for name in (
-            "prompt_logprobs",
-            "guided_json",
-            "guided_regex",
-            "guided_choice",
-            "guided_grammar",
-            "structured_outputs",
-        ):
-            if getattr(self, name) is not None:
-                return name, f"{name} is not supported by this server"
+        if self.prompt_logprobs is not None:
+            return "prompt_logprobs", "prompt_logprobs is not supported by this server"
+        given = [n for n in STRUCTURED_FIELDS if getattr(self, n) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            return given[1], f"give one structured-output constraint, not {', '.join(given)}"
+        return None
+
+    def structured(self) -> StructuredOutputs | None:
+        """The request's output constraint; raises ValueError naming the field when it is malformed."""
+        if self.guided_json is not None:
+            text = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            return StructuredOutputs(json=text)
+        if self.guided_regex is not None:
+            return StructuredOutputs(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            return StructuredOutputs(choice=tuple(self.guided_choice))
+        if self.guided_grammar is not None:
+            return StructuredOutputs(grammar=self.guided_grammar)
+        if self.structured_outputs is not None:
+            return self.structured_outputs.spec()
+        if self.response_format is not None:
+            return self.response_format.spec()
         return None
 
     def logit_bias_by_id(self) -> dict[int, float]:
@@ -135,6 +191,7 @@ class SamplingFields(OpenAIModel):
             min_tokens=self.min_tokens,
             bad_words=tuple(self.bad_words or ()),
             allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+            structured_outputs=self.structured(),
         )
 
     @property
@@ -149,11 +206,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=128)
-    response_format: Any = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.response_format is not None:
-            return "response_format", "response_format is not supported by this server"
         if self.echo and self.logprobs is not None:
             return "echo", "echo with logprobs needs prompt logprobs, which this server does not compute"
         if self.echo and self.stream:
@@ -183,10 +237,6 @@ class ChatMessage(OpenAIModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class ResponseFormat(OpenAIModel):
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)  # deprecated name
@@ -194,7 +244,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -211,8 +260,6 @@ class ChatCompletionRequest(SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", f"response_format {self.response_format.type!r} is not supported"
         if self.tools:
             return "tools", "tool calling is not supported by this server"
         if self.tool_choice not in (None, "none"):

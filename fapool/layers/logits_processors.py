@@ -7,6 +7,7 @@
     min_tokens           end-of-sequence and stop tokens masked until that many tokens exist
     bad_words            a word's last token masked where the output ends with its other tokens
     allowed_token_ids    every other token masked
+    structured_outputs   tokens the request's grammar does not allow next masked (llguidance)
 
 They need each request's token history, so a step with such a request runs synchronously (the
 engine applies them to the due rows on the device, then samples); every other request keeps the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fapool.layers.structured import apply_grammar_mask
 from fapool.request import Request
 
 
@@ -59,3 +61,5 @@ def apply_logits_processors(logits: torch.Tensor, reqs: list[Request]) -> None:
             keep = torch.zeros(vocab, dtype=torch.bool, device=dev)
             keep[torch.tensor(p.allowed_token_ids, dtype=torch.long, device=dev)] = True
             row.masked_fill_(~keep, float("-inf"))
+        if req.matcher is not None:
+            apply_grammar_mask(row, req.matcher)

@@ -68,11 +68,13 @@ def test_api_key(server):
         ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         # Not implemented: refused, never ignored.
-        ({"prompt": "hi", "guided_choice": ["a", "b"]}, "guided_choice"),
-        ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
-        ({"prompt": "hi", "guided_regex": "a+"}, "guided_regex"),
         ({"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
-        ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+        # Structured outputs: one constraint, well formed.
+        ({"prompt": "hi", "guided_choice": ["a"], "guided_regex": "a+"}, "guided_choice"),
+        ({"prompt": "hi", "guided_choice": []}, "structured_outputs"),
+        ({"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"prompt": "hi", "response_format": {"type": "yaml"}}, "response_format.type"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
         ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),  # strict types: no coercion
         ({"prompt": [[False]]}, "prompt"),
@@ -257,3 +259,48 @@ def test_an_overlong_text_prompt_is_refused_before_tokenizing(server):
         chat = {"messages": [{"role": "user", "content": huge}]}
         r = httpx.post(f"{server.base_url}/v1/chat/completions", json=chat, headers=auth, timeout=30)
         _error(r, 400, "messages")
+
+
+def test_structured_outputs_constrain_the_text(server):
+    """Every form of constraint is applied: the text is one of the choices, matches the regex,
+    or parses as JSON valid for the schema; a constraint that does not compile is a 400."""
+    import json
+    import re
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def text(path="/v1/completions", **kw) -> str:
+        body = {"prompt": "Answer:", "max_tokens": 40, "temperature": 1.0, "seed": 3, **kw}
+        if path.endswith("chat/completions"):
+            body = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{server.base_url}{path}", json=body, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["text"] if "text" in choice else choice["message"]["content"]
+
+    assert text(guided_choice=["red", "green", "blue"]) in {"red", "green", "blue"}
+    # n = 2: the siblings forked at the prompt's end each carry their own copy of the grammar.
+    r = _post(server, "/v1/completions", {"prompt": "Answer:", "n": 2, "max_tokens": 8, "guided_choice": ["ab", "cd"]})
+    assert r.status_code == 200 and {c["text"] for c in r.json()["choices"]} <= {"ab", "cd"}
+    assert text(structured_outputs={"choice": ["up", "down"]}) in {"up", "down"}
+    assert re.fullmatch(r"[0-9]{2}-[a-c]{3}", text(guided_regex=r"[0-9]{2}-[a-c]{3}"))
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    for kw in (
+        {"guided_json": schema},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+    ):
+        value = json.loads(text(max_tokens=120, **kw))
+        assert set(value) == {"n", "ok"} and isinstance(value["n"], int) and isinstance(value["ok"], bool)
+    small = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": small}}
+    chat = json.loads(text("/v1/chat/completions", max_tokens=100, response_format=fmt))
+    assert set(chat) == {"n"} and isinstance(chat["n"], int)
+    # Any JSON object: a random model may not close it within the budget, but it opens one.
+    assert text(response_format={"type": "json_object"}).lstrip().startswith("{")
+    r = _post(server, "/v1/completions", {"prompt": "x", "guided_regex": "("})
+    assert "invalid structured output constraint" in _error(r, 400)["message"]
