@@ -152,17 +152,25 @@ class OpenAIServing:
             self.check_prompt_chars(len(t), "prompt")
         return [self.tokenizer.encode(t, add_special_tokens=True) if t else [] for t in texts]
 
-    def chat_prompt(self, req: proto.ChatCompletionRequest) -> list[int]:
+    def chat_prompt(
+        self,
+        chat_messages: list[proto.ChatMessage],
+        add_generation_prompt: bool = True,
+        template_kwargs: dict | None = None,
+        continue_final_message: bool = False,
+    ) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise _bad("this model has no chat template; use /v1/completions", param="messages")
-        messages = [m.as_template_input() for m in req.messages]
+        if not chat_messages:
+            raise _bad("messages must not be empty", param="messages")
+        messages = [m.as_template_input() for m in chat_messages]
         self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-        extra = dict(req.chat_template_kwargs or {})
-        if req.continue_final_message:
+        extra = dict(template_kwargs or {})
+        if continue_final_message:
             extra["continue_final_message"] = True
         try:
             encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True, **extra
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, **extra
             )
         except Exception as e:
             raise _bad(f"the chat template could not format these messages: {e}", param="messages") from e
@@ -183,8 +191,7 @@ class OpenAIServing:
         if (req.prompt is None) == (req.messages is None):
             raise _bad("give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
-            chat = proto.ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
-            return self.chat_prompt(chat)
+            return self.chat_prompt(req.messages, req.add_generation_prompt)
         if self.tokenizer is None:
             raise _bad("this model has no tokenizer", param="prompt")
         return list(self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
@@ -469,7 +476,14 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         arrival = time.monotonic()
         serving.check_model(req.model)
         serving.check_supported(req)
-        ids = serving.truncate(await asyncio.to_thread(serving.chat_prompt, req), req.truncate_prompt_tokens)
+        ids = await asyncio.to_thread(
+            serving.chat_prompt,
+            req.messages,
+            req.add_generation_prompt,
+            req.chat_template_kwargs,
+            req.continue_final_message,
+        )
+        ids = serving.truncate(ids, req.truncate_prompt_tokens)
         serving.check_prompt(ids, req.max_new_tokens, "messages")
         params = serving.sampling_params(req, req.max_new_tokens, req.num_logprobs)
         rid = proto.new_id("chatcmpl")

@@ -212,6 +212,7 @@ def test_tokenize_detokenize_models_version_and_head_health(server):
     chat = {"messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(f"{server.base_url}/tokenize", json=chat, headers=auth).json()["count"] > 0
     _error(httpx.post(f"{server.base_url}/tokenize", json={}, headers=auth), 400, "prompt")
+    _error(httpx.post(f"{server.base_url}/tokenize", json={"messages": []}, headers=auth), 400, "messages")
     _error(httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**9]}, headers=auth), 400, "tokens")
     models = httpx.get(f"{server.base_url}/v1/models", headers=auth).json()["data"]
     card = httpx.get(f"{server.base_url}/v1/models/{models[0]['id']}", headers=auth)
