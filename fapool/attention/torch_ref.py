@@ -1,15 +1,18 @@
 """Reference attention in plain PyTorch: the CPU backend and the oracle for GPU kernels.
 
 Computes in float32. Decode tokens (one query per sequence) are batched together over a
-padded gather of their blocks; sequences with several queries (prefill chunks) go one by one,
-so memory stays O(query_len * kv_len) per sequence rather than for the padded batch.
+padded gather of their blocks. Sequences with several queries (prefill chunks) go one by one
+through PyTorch's own flash attention for the CPU, which returns the logsumexp too: a chunk
+whose keys end at its last query is its cached prefix (every key visible) plus the chunk
+itself (causal), merged by lse; keys wholly before the queries need no mask. Other layouts
+take the plain masked matmul (`_attend`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fapool.attention.backend import AttentionBackend
+from fapool.attention.backend import AttentionBackend, merge_partials
 from fapool.attention.metadata import AttentionMetadata
 
 
@@ -53,6 +56,34 @@ def _attend(q, k, v, q_pos, k_pos, valid, scale):
     return out, lse.permute(0, 3, 1, 2)  # lse -> [B, Tq, Hkv, G]
 
 
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """q [Tq, H, D], k/v [L, Hkv, D] -> (out [Tq, H, D] float32, lse [Tq, H]) by
+    aten's CPU flash attention (causal: query i sees keys 0..i, the chunk's own keys)."""
+    group = q.shape[1] // k.shape[1]
+    qh = q.float().transpose(0, 1).unsqueeze(0)
+    kh = k.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    vh = v.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _attend_chunk(q, k, v, q_pos0: int, kv_start: int, scale: float):
+    """A multi-query row, q [Tq, H, D] at positions q_pos0.., over k/v [L, Hkv, D] at
+    kv_start..: the flash paths where the layout allows, else None."""
+    tq, kv_len = q.shape[0], k.shape[0]
+    if q.device.type != "cpu":
+        return None
+    if kv_start + kv_len - 1 <= q_pos0:  # every key at or before the first query
+        return _flash(q, k, v, False, scale)
+    if kv_start + kv_len == q_pos0 + tq and kv_len >= tq:  # a cached prefix, then the chunk
+        out, lse = _flash(q, k[kv_len - tq :], v[kv_len - tq :], True, scale)
+        if kv_len == tq:
+            return out, lse
+        prefix_out, prefix_lse = _flash(q, k[: kv_len - tq], v[: kv_len - tq], False, scale)
+        return merge_partials([prefix_out, out], [prefix_lse, lse])
+    return None
+
+
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
@@ -90,8 +121,13 @@ class TorchReferenceBackend(AttentionBackend):
         for s in multi:
             a, b = starts[s], starts[s + 1]
             kv_len = meta.kv_lens_cpu[s]
-            k = _gather(k_cache, meta.block_tables[s], kv_len).unsqueeze(0)
-            v = _gather(v_cache, meta.block_tables[s], kv_len).unsqueeze(0)
+            k = _gather(k_cache, meta.block_tables[s], kv_len)
+            v = _gather(v_cache, meta.block_tables[s], kv_len)
+            fast = _attend_chunk(query[a:b], k, v, q_pos0[s], kv_start[s], scale)
+            if fast is not None:
+                out[a:b], lse[a:b] = fast
+                continue
+            k, v = k.unsqueeze(0), v.unsqueeze(0)
             k_pos = (kv_start[s] + torch.arange(kv_len, device=query.device))[None]
             q_pos = (q_pos0[s] + torch.arange(b - a, device=query.device))[None]
             valid = torch.ones_like(k_pos, dtype=torch.bool)

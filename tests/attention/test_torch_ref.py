@@ -111,3 +111,31 @@ def test_merge_ignores_unseen_shards():
     torch.testing.assert_close(m_lse, lse)
     z_out, z_lse = merge_partials([empty_out, empty_out], [empty_lse, empty_lse])
     assert torch.equal(z_out, empty_out) and torch.isneginf(z_lse).all()
+
+
+@pytest.mark.parametrize(
+    "tq,kv_len,kv_start,q_pos0",
+    [(37, 37, 0, 0), (16, 53, 0, 37), (5, 20, 0, 40), (9, 30, 3, 20)],
+    ids=["fresh-prompt", "chunk-after-prefix", "keys-before-queries", "other-layout"],
+)
+def test_flash_chunk_paths_equal_the_masked_matmul(tq, kv_len, kv_start, q_pos0):
+    """A multi-query row through aten's CPU flash attention (fresh prompt; cached prefix +
+    causal chunk merged by lse; keys wholly before the queries) equals the plain masked matmul;
+    a layout it does not cover falls back (None)."""
+    from fapool.attention.torch_ref import _attend, _attend_chunk
+
+    g = torch.Generator().manual_seed(tq + kv_len)
+    heads, kv_heads, dim = 6, 2, 16
+    q = torch.randn(tq, heads, dim, generator=g)
+    k = torch.randn(kv_len, kv_heads, dim, generator=g)
+    v = torch.randn(kv_len, kv_heads, dim, generator=g)
+    fast = _attend_chunk(q, k, v, q_pos0, kv_start, 0.25)
+    if kv_start + kv_len - 1 > q_pos0 and kv_start + kv_len != q_pos0 + tq:
+        assert fast is None
+        return
+    q_pos = (q_pos0 + torch.arange(tq))[None]
+    k_pos = (kv_start + torch.arange(kv_len))[None]
+    valid = torch.ones_like(k_pos, dtype=torch.bool)
+    want_o, want_l = _attend(q.view(tq, kv_heads, 3, dim)[None], k[None], v[None], q_pos, k_pos, valid, 0.25)
+    assert torch.allclose(fast[0], want_o[0].reshape(tq, heads, dim), atol=1e-5)
+    assert torch.allclose(fast[1], want_l[0].reshape(tq, heads), atol=1e-5)
