@@ -117,10 +117,10 @@ class SamplingFields(OpenAIModel):
     bad_words: list[str] | None = None
     allowed_token_ids: list[TokenId] | None = None
     user: str | None = None
-    # vLLM extensions this server does not implement: refused (400) when set, never ignored.
-    prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)  # keep the last k (-1: max_model_len)
-    # Structured outputs (vLLM's fields; response_format below): at most one.
+    # A vLLM extension this server does not implement: refused (400) when set, never ignored.
+    prompt_logprobs: int | None = None
+    # Structured outputs (vLLM's fields and OpenAI's response_format): at most one.
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
