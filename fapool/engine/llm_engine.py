@@ -264,7 +264,7 @@ class LLMEngine:
         if inflight is None:
             return []
         tokens = inflight.pending.tokens()
-        logprobs = inflight.pending.logprobs()
+        logprobs = inflight.pending.logprobs(tokens)
         # Attention workers lost by now: their requests are recomputed, and their tokens from
         # this step (and from the one launched after it) were computed without that KV.
         lost = self._handle_worker_failures()

@@ -37,10 +37,6 @@ class SamplingBatch:
     TOP_K, SEED, COUNTER = range(3)
     TEMPERATURE, TOP_P, MIN_P = range(3)
 
-    @property
-    def num_rows(self) -> int:
-        return self.ints.shape[1]
-
     @classmethod
     def fill_host(
         cls,

@@ -47,10 +47,10 @@ class PendingTokens:
             self.ready.synchronize()
         return self.host.tolist()
 
-    def logprobs(self) -> list[list[Logprob] | None]:
-        """Per due row (after tokens()): its logprob entries, or None where none were asked."""
+    def logprobs(self, tokens: list[int]) -> list[list[Logprob] | None]:
+        """Per due row, given tokens(): its logprob entries, or None where none were asked."""
         asked = [s.request.params.logprobs for s in self.due]
-        return logprob_lists(self.host.tolist(), self.host_logprobs, asked)
+        return logprob_lists(tokens, self.host_logprobs, asked)
 
 
 def to_host(tokens: torch.Tensor, logprobs: DeviceLogprobs | None, due: list[ScheduledRequest]) -> PendingTokens:
