@@ -115,6 +115,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -124,6 +127,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # explicit override, mostly for tests
     enable_prefix_caching: bool = True
+    # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-layer scales
+    # (fapool.attention.kv_quant), half the bytes of bf16 per token.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -134,6 +140,8 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.cache.kv_cache_dtype != "auto":
+            multi = self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size > 1
+            if multi or self.pool.attention_workers or self.sparse_attention:
+                raise ConfigError(
+                    "kv_cache_dtype fp8 runs in a single process with dense attention for now: "
+                    "drop tensor/pipeline parallelism, the attention pool or sparse attention"
+                )
         if self.sparse_min_context < 0:
             raise ConfigError(f"sparse_min_context must be >= 0, got {self.sparse_min_context}")
         if self.scheduler.max_model_len is not None and self.scheduler.max_model_len > self.model.max_position_embeddings:
@@ -232,7 +247,8 @@ class EngineConfig:
 
 def seed000_model_config(vocab_size: int = 32000) -> ModelConfig:
     """The FA Pool paper's benchmark model: 4 layers, hidden 4096, 32 heads, FFN 16384,
-    GELU (non-gated), pre-norm RMSNorm. Random weights; used by benchmarks and the simulator."""
+    GELU (non-gated), pre-norm RMSNorm. Random weights; used by benchmarks and the simulator.
+    Positions up to 256K, so long-prompt benchmarks (128K tokens) fit."""
     return ModelConfig(
         architecture="seed-gelu",
         vocab_size=vocab_size,
@@ -242,7 +258,7 @@ def seed000_model_config(vocab_size: int = 32000) -> ModelConfig:
         num_attention_heads=32,
         num_key_value_heads=32,
         head_dim=128,
-        max_position_embeddings=32768,
+        max_position_embeddings=262144,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         hidden_act="gelu",

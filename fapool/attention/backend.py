@@ -7,15 +7,22 @@ Flat slot = block_id * block_size + offset.
 `forward` returns (out, lse): out [num_tokens, num_heads, head_dim] in the query dtype and
 lse [num_tokens, num_heads] float32, the natural-log sum of exp(scaled scores) over the KV
 the query saw. Two results over disjoint KV shards merge exactly with `merge_partials`.
+
+An FP8 cache (fapool.attention.kv_quant) stores K / scales.k and V / scales.v: both calls take
+the layer's `scales`, which matter only when the cache is e4m3.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from fapool.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from fapool.attention.kv_quant import KVScales
 
 
 class AttentionBackend(ABC):
@@ -32,6 +39,7 @@ class AttentionBackend(ABC):
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         value: torch.Tensor,
         slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = not stored on this worker
+        scales: KVScales | None = None,
     ) -> None:
         """Scatter the step's new K/V into their slots."""
 
@@ -43,6 +51,7 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        scales: KVScales | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal attention of the queries over the paged KV -> (out, lse)."""
 

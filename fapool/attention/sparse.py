@@ -75,6 +75,13 @@ class SparseGate:
         return self.pinned if self.pinned is not None else max_kv_len >= self.min_context
 
 
+def _refuse_scales(scales) -> None:
+    # Block selection and the balanced kernel read a full-precision cache (EngineConfig refuses
+    # sparse decode with an FP8 KV cache; this guards direct use).
+    if scales is not None:
+        raise ValueError("sparse decode does not read an FP8 KV cache")
+
+
 class SparseAttentionBackend(AttentionBackend):
     name = "sparse"
 
@@ -127,7 +134,8 @@ class SparseAttentionBackend(AttentionBackend):
 
     # --- KV write and block summaries ------------------------------------------------
 
-    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
+        _refuse_scales(scales)
         if self.budget is not None and self.triton:  # one launch: the KV write and the summaries
             from fapool.sparse.triton_summaries import write_kv_and_summaries
 
@@ -173,7 +181,8 @@ class SparseAttentionBackend(AttentionBackend):
 
     # --- attention ---------------------------------------------------------------------
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
+        _refuse_scales(scales)
         if self.budget is None or self.kmin is None or not self.gate.active(meta.max_kv_len):
             return self.dense.forward(query, k_cache, v_cache, meta, scale)
         if self.triton:

@@ -13,29 +13,34 @@ from __future__ import annotations
 import torch
 
 from fapool.attention.backend import AttentionBackend, merge_partials
+from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize
 from fapool.attention.metadata import AttentionMetadata
 
+_UNIT = KVScales()
 
-def write_kv_torch(k_cache, v_cache, key, value, slot_mapping) -> None:
+
+def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales | None = None) -> None:
+    scales = scales or _UNIT
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    for cache, x, s in ((k_cache, key, scales.k), (v_cache, value, scales.v)):
+        rows = quantize(x, s, cache.dtype)
+        if cache.dtype == FP8_DTYPE:  # no index_copy_ for e4m3 on CPU: copy the bytes
+            cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, rows)
 
 
-def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[num_blocks, bs, H, D] gathered through `table` ([..., nb]) -> [..., kv_len, H, D].
-    index_select over whole blocks as rows: several times faster on CPU than advanced
-    indexing of the 4-d cache."""
+def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float = 1.0) -> torch.Tensor:
+    """[num_blocks, bs, H, D] gathered through `table` ([..., nb]) -> [..., kv_len, H, D]
+    (float32 times `scale` from an FP8 cache). index_select over whole blocks as rows: several
+    times faster on CPU than advanced indexing of the 4-d cache."""
     num_blocks, block_size, heads, dim = cache.shape
     nb = (kv_len + block_size - 1) // block_size
     idx = table[..., :nb].long()
     rows = cache.view(num_blocks, -1).index_select(0, idx.reshape(-1))
-    g = rows.view(*idx.shape[:-1], nb * block_size, heads, dim)
-    return g[..., :kv_len, :, :]
+    g = rows.view(*idx.shape[:-1], nb * block_size, heads, dim)[..., :kv_len, :, :]
+    return g.float().mul_(scale) if cache.dtype == FP8_DTYPE else g
 
 
 def _attend(q, k, v, q_pos, k_pos, valid, scale):
@@ -87,10 +92,11 @@ def _attend_chunk(q, k, v, q_pos0: int, kv_start: int, scale: float):
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
-    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
-        write_kv_torch(k_cache, v_cache, key, value, slot_mapping)
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
+        write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
+        sk, sv = (scales or _UNIT).k, (scales or _UNIT).v
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
@@ -106,8 +112,8 @@ class TorchReferenceBackend(AttentionBackend):
         if decode:
             idx = torch.tensor(decode, device=query.device)
             max_len = max(meta.kv_lens_cpu[s] for s in decode)
-            k = _gather(k_cache, meta.block_tables[idx], max_len)
-            v = _gather(v_cache, meta.block_tables[idx], max_len)
+            k = _gather(k_cache, meta.block_tables[idx], max_len, sk)
+            v = _gather(v_cache, meta.block_tables[idx], max_len, sv)
             ar = torch.arange(max_len, device=query.device)
             lens = meta.kv_lens[idx].long()
             k_pos = meta.kv_start[idx].long()[:, None] + ar[None]
@@ -121,8 +127,8 @@ class TorchReferenceBackend(AttentionBackend):
         for s in multi:
             a, b = starts[s], starts[s + 1]
             kv_len = meta.kv_lens_cpu[s]
-            k = _gather(k_cache, meta.block_tables[s], kv_len)
-            v = _gather(v_cache, meta.block_tables[s], kv_len)
+            k = _gather(k_cache, meta.block_tables[s], kv_len, sk)
+            v = _gather(v_cache, meta.block_tables[s], kv_len, sv)
             fast = _attend_chunk(query[a:b], k, v, q_pos0[s], kv_start[s], scale)
             if fast is not None:
                 out[a:b], lse[a:b] = fast

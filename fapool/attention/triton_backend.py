@@ -33,12 +33,12 @@ class TritonBackend(AttentionBackend):
         # it per call from the batch and the longest context.
         self.num_splits = num_splits
 
-    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         from fapool.attention.triton_kv_write import write_kv
 
-        write_kv(k_cache, v_cache, key, value, slot_mapping)
+        write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
         from fapool.attention.triton_decode import paged_decode
         from fapool.attention.triton_prefill import paged_prefill
 
@@ -47,9 +47,10 @@ class TritonBackend(AttentionBackend):
         lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)
         if num_tokens == 0:
             return out, lse
+        kv = {"k_scale": scales.k, "v_scale": scales.v} if scales else {}
         if meta.is_decode_only:
-            return paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits)
+            return paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv)
         has_decode = any(n == 1 for n in meta.query_lens_cpu)
         if has_decode:
-            paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits)
-        return paged_prefill(query, k_cache, v_cache, meta, scale, out, lse, skip_decode=has_decode)
+            paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv)
+        return paged_prefill(query, k_cache, v_cache, meta, scale, out, lse, skip_decode=has_decode, **kv)

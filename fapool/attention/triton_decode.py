@@ -16,6 +16,9 @@ mostly idle wave is slower than a full single wave (benchmarks/RESULTS.md, kerne
 count is a runtime argument, so CUDA graphs can pin it; choosing it costs a cached lookup, since
 host time per call matters at small batch.
 
+An FP8 (e4m3) cache is read as is and widened to the query's dtype in registers: the K scale
+folds into the softmax scale and the V scale into the output, so the loop reads half the bytes.
+
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
 """
@@ -71,6 +74,7 @@ def _decode_split_kernel(
     kv_start,
     block_tables,
     qk_scale,
+    v_scale,
     num_splits,
     stride_qt,
     stride_qh,
@@ -142,20 +146,20 @@ def _decode_split_kernel(
         k_rows = page * stride_kb + (pos % PAGE) * stride_kt
         v_rows = page * stride_vb + (pos % PAGE) * stride_vt
         kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    o = acc * (v_scale / l_safe[:, None])
     lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))  # log2 units
     if SINGLE_SPLIT:
         tl.store(
@@ -288,7 +292,8 @@ def _check(query, k_cache, v_cache, meta) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {page}")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the head dimension of query and caches must be contiguous")
-    if query.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+    fp8_cache = k_cache.dtype == torch.float8_e4m3fn  # read in the query's dtype
+    if (query.dtype != k_cache.dtype and not fp8_cache) or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"dtype mismatch: {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if meta.block_tables.dtype != torch.int32 or meta.query_start_loc.dtype != torch.int32:
         raise ValueError("block_tables and query_start_loc must be int32")
@@ -303,6 +308,8 @@ def paged_decode(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     num_splits: int | None = None,
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
@@ -311,7 +318,8 @@ def paged_decode(
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
 
     Only sequences with exactly one query token are computed; the rows of the others are left
-    untouched in `out`/`lse` (in a mixed batch the prefill kernel writes them).
+    untouched in `out`/`lse` (in a mixed batch the prefill kernel writes them). `k_scale` and
+    `v_scale` multiply what an FP8 cache holds (kv_quant).
     """
     _check(query, k_cache, v_cache, meta)
     num_tokens, num_heads, head_dim = query.shape
@@ -332,7 +340,7 @@ def paged_decode(
             num_kv_heads,
             meta.max_kv_len,
             head_dim,
-            query.element_size(),
+            k_cache.element_size(),
             query.device,
             block_n,
             num_warps,
@@ -363,7 +371,8 @@ def paged_decode(
         meta.kv_lens,
         meta.kv_start,
         meta.block_tables,
-        scale * LOG2E,
+        scale * k_scale * LOG2E,
+        v_scale,
         num_splits,
         query.stride(0),
         query.stride(1),

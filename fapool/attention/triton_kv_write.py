@@ -3,7 +3,8 @@
 One program per token moves that token's K and V rows ([num_kv_heads, head_dim] each) in one
 launch; slot -1 (stored on another worker) is skipped inside the kernel, so unlike the torch
 reference (`write_kv_torch`, which filters the -1 slots on the host) nothing syncs with the host
-and the call can be captured in a CUDA graph.
+and the call can be captured in a CUDA graph. Into an FP8 cache the rows go divided by the
+layer's scales and saturated to e4m3's range (fapool.attention.kv_quant).
 
 Reference: `fapool.attention.torch_ref.write_kv_torch`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -15,6 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, KVScales
+
+FP8_MAX_C = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -23,6 +28,8 @@ def _write_kv_kernel(
     K_CACHE,
     V_CACHE,
     slot_mapping,
+    k_inv_scale,
+    v_inv_scale,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -37,6 +44,7 @@ def _write_kv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     PAGE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
@@ -50,6 +58,9 @@ def _write_kv_kernel(
     mask = h < NUM_KV_HEADS
     k = tl.load(KEY + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(VALUE + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:
+        k = tl.clamp(k.to(tl.float32) * k_inv_scale, -FP8_MAX_C, FP8_MAX_C)
+        v = tl.clamp(v.to(tl.float32) * v_inv_scale, -FP8_MAX_C, FP8_MAX_C)
     tl.store(
         K_CACHE + page * stride_cb + off * stride_ct + h * stride_ch + d,
         k.to(K_CACHE.dtype.element_ty),
@@ -68,6 +79,7 @@ def write_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+    scales: KVScales | None = None,  # an FP8 cache's (kv_quant)
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     if value.shape != key.shape or k_cache.shape[2:] != key.shape[1:] or v_cache.shape != k_cache.shape:
@@ -91,6 +103,8 @@ def write_kv(
         k_cache,
         v_cache,
         slot_mapping,
+        1.0 / scales.k if scales else 1.0,
+        1.0 / scales.v if scales else 1.0,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -105,5 +119,6 @@ def write_kv(
         HEAD_DIM=head_dim,
         BLOCK=block,
         PAGE=k_cache.shape[1],
+        FP8=k_cache.dtype == FP8_DTYPE,
         num_warps=4,
     )

@@ -5,7 +5,8 @@ absolute positions query_pos_start + j and attend, causally, over the sequence's
 (a cached prefix, the chunk itself, or a shard of either: KV entry i sits at kv_start + i).
 The KV loop has two phases: tiles every row of the query tile sees (no mask), then the tiles
 on the causal diagonal and at the end of the KV (masked). Query tiles run heaviest-first so the
-long causal rows do not trail at the end of the launch.
+long causal rows do not trail at the end of the launch. An FP8 cache is widened to the query's
+dtype as it is loaded, its scales folded into the softmax scale (K) and the output (V).
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -78,6 +79,7 @@ def _prefill_kernel(
     kv_start,
     block_tables,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -150,6 +152,7 @@ def _prefill_kernel(
             BLOCK_N,
             False,
         )
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache widens here
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -175,6 +178,7 @@ def _prefill_kernel(
             BLOCK_N,
             True,
         )
+        k, v = k.to(q.dtype), v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         pos = start + offs_n
         visible = (pos[None, :] <= (diag + offs_m)[:, None]) & (pos < kv_len)[None, :]
@@ -188,7 +192,7 @@ def _prefill_kernel(
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    o = acc * (v_scale / l_safe[:, None])
     tok = q0 + offs_m
     tl.store(
         OUT + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -208,6 +212,8 @@ def paged_prefill(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     skip_decode: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -251,7 +257,8 @@ def paged_prefill(
         meta.kv_lens,
         meta.kv_start,
         meta.block_tables,
-        scale * LOG2E,
+        scale * k_scale * LOG2E,
+        v_scale,
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),

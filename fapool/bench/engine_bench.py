@@ -150,10 +150,12 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from fapool.bench import kernels, tpot
+    from fapool.bench import kernels, kv_quality, tpot, ttft
 
     kernels.add_parser(sub)
     tpot.add_parser(sub)
+    ttft.add_parser(sub)
+    kv_quality.add_parser(sub)
     for mode, help_ in (("latency", "one batch, end to end"), ("throughput", "many prompts at once")):
         p = sub.add_parser(mode, help=help_)
         EngineArgs.add_cli_args(p)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fapool.attention.backend import AttentionBackend
+from fapool.attention.kv_quant import KVScales
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import ModelConfig
 from fapool.layers.activation import Activation
@@ -47,6 +48,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
+        self.kv_scales: KVScales | None = None  # set when the KV cache is FP8 (kv_quant)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
@@ -83,8 +85,8 @@ class Attention(nn.Module):
         """Store this step's K/V, then attend over the paged cache. The one place attention
         runs: the attention pool overrides it to send long sequences elsewhere."""
         k_cache, v_cache = kv_cache
-        self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out, _lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
+        self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.kv_scales)
+        out, _lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.kv_scales)
         return out
 
 

@@ -69,11 +69,11 @@ class RecallRecorder(AttentionBackend):
         self.count = torch.zeros(len(self.edges), dtype=torch.float64)  # positions per bin
         self.context_sum = torch.zeros(len(self.edges), dtype=torch.float64)  # their contexts
 
-    def write_kv(self, k_cache, v_cache, key, value, slot_mapping) -> None:
-        self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping)
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
+        self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        result = self.dense.forward(query, k_cache, v_cache, meta, scale)
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
+        result = self.dense.forward(query, k_cache, v_cache, meta, scale, scales)
         for s, n_q in enumerate(meta.query_lens_cpu):
             a = int(meta.query_start_loc[s])
             self._record(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fapool.attention.backend import AttentionBackend
+from fapool.attention.kv_quant import cache_dtype, calibrate_kv_scales, is_fp8
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
+KV_CALIBRATION_TOKENS = 512
 
 
 @dataclass
@@ -81,6 +83,7 @@ class ModelRunner:
         self.backend = backend
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
+        self.kv_dtype = cache_dtype(self.dtype, config.cache.kv_cache_dtype)
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Processes holding KV on this GPU (worker ranks sharing it over gloo): they split
@@ -100,12 +103,14 @@ class ModelRunner:
             from fapool.layers.fused import fuse_model
 
             fuse_model(model)
+        if is_fp8(config.cache.kv_cache_dtype):
+            self.calibrate_kv_scales()
 
     # KV cache -----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
         m = self.config.model
         extra = getattr(self.backend, "summary_tokens_per_block", 0)  # sparse: key min/max per block
-        return m.kv_bytes_per_token(self.dtype.itemsize) * (self.block_size + extra)
+        return m.kv_bytes_per_token(self.kv_dtype.itemsize) * (self.block_size + extra)
 
     def determine_num_blocks(self, bytes_per_block: int | None = None) -> int:
         """Blocks that fit the KV budget: an explicit count, kv_cache_memory bytes, or (GPU)
@@ -136,17 +141,9 @@ class ModelRunner:
         n = min(self.config.scheduler.max_num_batched_tokens, self.config.max_model_len)
         # A forward at the full token budget with a throwaway one-block-per-16-tokens cache
         # measures peak activation memory.
-        nb = -(-n // self.block_size) + 1
-        self.allocate_kv_cache(nb)
-        meta = AttentionMetadata.build([n], [0], [n], [list(range(nb))], list(range(n)), device=self.device)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        with torch.inference_mode():
-            hidden = self.model(ids, pos, self.kv_caches, meta)
-            self.model.compute_logits(hidden[-1:])
+        self._forward_once(torch.zeros(n, dtype=torch.long), self.kv_dtype)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self.kv_caches = []
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         used_elsewhere = (
@@ -154,15 +151,36 @@ class ModelRunner:
         )
         return int(total * self.config.cache.gpu_memory_utilization - peak - max(0, used_elsewhere))
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def _forward_once(self, ids: torch.Tensor, kv_dtype: torch.dtype) -> None:
+        """One prefill of `ids` over a throwaway cache of `kv_dtype` (released after)."""
+        n = ids.numel()
+        nb = -(-n // self.block_size) + 1
+        self.allocate_kv_cache(nb, kv_dtype)
+        meta = AttentionMetadata.build([n], [0], [n], [list(range(nb))], list(range(n)), device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids.to(self.device), torch.arange(n, device=self.device), self.kv_caches, meta)
+            self.model.compute_logits(hidden[-1:])
+        self.kv_caches = []
+
+    def calibrate_kv_scales(self) -> None:
+        """FP8 KV: per-layer scales from the K/V of one prefill in the model's dtype, over
+        seeded random tokens after BOS (a fixed input, so every start gets the same scales)."""
+        m = self.config.model
+        n = min(KV_CALIBRATION_TOKENS, self.config.max_model_len)
+        ids = torch.randint(0, m.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+        if m.bos_token_id is not None:
+            ids[0] = m.bos_token_id
+        layers = [layer.self_attn for layer in self.model.model.layers]
+        scales = calibrate_kv_scales(layers, lambda: self._forward_once(ids, self.dtype))
+        logger.info("FP8 KV scales (k, v) per layer: %s", [(round(s.k, 5), round(s.v, 5)) for s in scales])
+
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> None:
         self.decode_graphs = None  # captured over the old cache tensors
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
+        dtype = dtype or self.kv_dtype
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(m.num_hidden_layers)
         ]
 

@@ -274,9 +274,9 @@ class MultiRankRunner(ModelRunner):
     def determine_num_blocks(self) -> int:
         return self.num_blocks
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> None:
         if not self._sharded:  # GPU profiling of the whole model, before sharding
-            super().allocate_kv_cache(num_blocks)
+            super().allocate_kv_cache(num_blocks, dtype)
             return
         if num_blocks != self.num_blocks:
             raise ValueError(f"the dense ranks hold {self.num_blocks} KV blocks, not {num_blocks}")

@@ -240,3 +240,46 @@ def test_write_kv_matches_torch(dtype, block_size):
     TritonBackend().write_kv(caches[0], caches[1], key, value, slots)
     write_kv_torch(expect[0], expect[1], key, value, slots)
     assert torch.equal(caches[0], expect[0]) and torch.equal(caches[1], expect[1])
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("heads", HEADS[1:3], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_fp8_cache_matches_reference_over_its_values(block_size, heads):
+    """Decode, prefill and prefix-cached chunks over an e4m3 cache with per-tensor scales equal
+    the reference over the dequantized values (the kernels widen in registers, fold the scales)."""
+    from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize
+    from fapool.attention.triton_backend import TritonBackend
+
+    num_heads, num_kv_heads, head_dim = heads
+    mixed = [(0, 7), (0, 129), (37, 64), (200, 301), (15, 1), (1000, 1), (block_size - 1, 1)]
+    decode = [(n, 1) for n in (0, 15, 1000, 4100, block_size - 1)]
+    scales = KVScales(k=0.011, v=0.007)
+    scale = head_dim**-0.5
+    for specs in (mixed, decode):
+        q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, BF16, seed=block_size)
+        k8, v8 = quantize(kc, scales.k, FP8_DTYPE), quantize(vc, scales.v, FP8_DTYPE)
+        out, lse = TritonBackend().forward(q, k8, v8, meta, scale, scales)
+        _assert_matches_reference(out, lse, q, k8.float() * scales.k, v8.float() * scales.v, meta, scale, BF16)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_write_kv_fp8_matches_torch(block_size):
+    from fapool.attention.kv_quant import FP8_DTYPE, KVScales
+    from fapool.attention.triton_backend import TritonBackend
+
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, num_kv_heads, head_dim, num_tokens = 9, 8, 128, 37
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens].to(DEVICE)
+    slots[::5] = -1
+    key = (4 * torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)).to(DEVICE, BF16)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, BF16)
+    key[0, 0, :4] = torch.tensor([1e4, -1e4, 0.0, 1e-6])  # saturated both ways, zero, tiny
+    scales = KVScales(k=0.05, v=0.01)
+    caches = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=FP8_DTYPE, device=DEVICE) for _ in "kv"]
+    expect = [c.clone() for c in caches]
+    TritonBackend().write_kv(caches[0], caches[1], key, value, slots, scales)
+    write_kv_torch(expect[0], expect[1], key, value, slots, scales)
+    for got, want in zip(caches, expect):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

@@ -171,6 +171,24 @@ def test_graphs_match_eager_and_unfused(tiny_checkpoints, arch):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_kv_cache_graphs_match_eager(tiny_checkpoints, dtype):
+    """An FP8 cache through the Triton KV write, prefill and decode kernels: graphs, eager and
+    unfused give the same greedy tokens (they read the same quantized KV)."""
+    folder = tiny_checkpoints["llama"][0]
+    prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=9)
+    max_tokens = [40, 12, 25, 33, 5, 40, 18]
+    kw = {"kv_cache_dtype": "fp8", "dtype": dtype}
+    llm, runner = _run(folder, **kw)
+    assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    with_graphs = _greedy_tokens(llm, prompts, max_tokens)
+    assert runner.decode_graphs is not None and runner.decode_graphs.graphs
+    eager = _greedy_tokens(_run(folder, graphs=False, **kw)[0], prompts, max_tokens)
+    unfused = _greedy_tokens(_run(folder, graphs=False, fused=False, **kw)[0], prompts, max_tokens)
+    assert with_graphs == eager == unfused
+
+
+@needs_gpu
 def test_graphs_through_fork_and_preemption(tiny_checkpoints):
     folder = tiny_checkpoints["llama"][0]
     prompts = random_prompts([30, 50, 70, 17], seed=8)

@@ -1,0 +1,83 @@
+"""FP8 (e4m3) KV cache: the cache dtype, per-layer scales, and their calibration.
+
+As vLLM's `kv_cache_dtype="fp8"`: each layer stores K / scale_k and V / scale_v as e4m3
+(saturated at +-448) and readers multiply back. A scale is one float per layer and tensor, so
+it folds into the softmax scale (K) and the output (V) at no cost in the kernels. Scales are
+calibrated once at start-up from a forward pass in the model's own dtype: the layer's largest
+|K| and |V| map to FP8_MAX / HEADROOM, so later tokens up to HEADROOM times larger still fit,
+while the smallest values that matter stay in e4m3's normal range (max / 2^15 and up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fapool.attention.backend import AttentionBackend
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+HEADROOM = 4.0
+
+
+def is_fp8(kv_cache_dtype: str) -> bool:
+    return kv_cache_dtype in ("fp8", "fp8_e4m3")
+
+
+def cache_dtype(model_dtype: torch.dtype, kv_cache_dtype: str) -> torch.dtype:
+    """The dtype the KV cache is allocated in: the model's ("auto") or e4m3."""
+    return FP8_DTYPE if is_fp8(kv_cache_dtype) else model_dtype
+
+
+def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in the cache dtype, saturated to e4m3's range (identity cast otherwise)."""
+    if dtype != FP8_DTYPE:
+        return x.to(dtype)
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+@dataclass(frozen=True)
+class KVScales:
+    k: float = 1.0
+    v: float = 1.0
+
+
+class _AmaxObserver(AttentionBackend):
+    """Wraps a layer's backend during calibration: records the largest |K| and |V| it writes."""
+
+    def __init__(self, inner: AttentionBackend) -> None:
+        self.inner = inner
+        self.k_amax = 0.0
+        self.v_amax = 0.0
+
+    def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
+        self.k_amax = max(self.k_amax, float(key.abs().max()))
+        self.v_amax = max(self.v_amax, float(value.abs().max()))
+        self.inner.write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
+
+    def forward(self, query, k_cache, v_cache, meta, scale, scales=None):
+        return self.inner.forward(query, k_cache, v_cache, meta, scale, scales)
+
+
+def scale_for(amax: float) -> float:
+    return max(amax, 1e-6) * HEADROOM / FP8_MAX
+
+
+def calibrate_kv_scales(attention_layers: list, run_forward) -> list[KVScales]:
+    """Per-layer scales from one forward: `run_forward()` runs the model over calibration
+    tokens with a full-precision cache while each layer's backend is observed. The layers'
+    `kv_scales` are set and returned."""
+    observers = []
+    for attn in attention_layers:
+        observers.append(_AmaxObserver(attn.backend))
+        attn.backend = observers[-1]
+    try:
+        run_forward()
+    finally:
+        for attn, obs in zip(attention_layers, observers):
+            attn.backend = obs.inner
+    scales = [KVScales(scale_for(o.k_amax), scale_for(o.v_amax)) for o in observers]
+    for attn, s in zip(attention_layers, scales):
+        attn.kv_scales = s
+    return scales

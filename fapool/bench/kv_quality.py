@@ -1,0 +1,162 @@
+"""What an FP8 KV cache costs in quality: the same model with `--kv-cache-dtype auto` and
+`fp8`, on real text (teacher-forced) and on free-running greedy generation.
+
+Teacher-forced: the text is cut into windows; each window is prefilled in chunks (so later
+chunks read the earlier ones back from the cache) and every position's logits are kept. Top-1
+agreement is the share of positions whose argmax is the same under both caches; perplexity is
+of the text's own next tokens. Free-running: greedy tokens from the same prompts, compared
+position by position, and the length of the common prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fapool.attention.metadata import AttentionMetadata
+from fapool.bench.results import environment, repo_root, write_result
+from fapool.engine.arg_utils import EngineArgs
+from fapool.entrypoints.llm import LLM
+from fapool.sampling_params import SamplingParams
+
+console = Console()
+
+PROMPTS = [
+    "Explain how a paged KV cache works in an inference engine.",
+    "Write a short story about a lighthouse keeper.",
+    "List the planets of the solar system with one fact each.",
+    "What are the trade-offs between tensor and pipeline parallelism?",
+    "Describe the water cycle to a ten-year-old.",
+    "Give three tips for writing clear technical documentation.",
+    "Why do leaves change colour in autumn?",
+    "Summarise the rules of chess in a paragraph.",
+]
+
+
+def default_text() -> str:
+    """The project's own prose (README and docs/), read from the checkout."""
+    root = repo_root()
+    paths = [os.path.join(root, "README.md"), *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]
+    parts = [Path(p).read_text(encoding="utf-8") for p in paths if os.path.exists(p)]
+    if not parts:
+        raise SystemExit("no default text found (README.md, docs/*.md): pass --text FILE")
+    return "\n\n".join(parts)
+
+
+@torch.inference_mode()
+def window_logits(llm: LLM, ids: list[int], chunk: int) -> torch.Tensor:
+    """Logits [len(ids), vocab] (float32, host) of one window, prefilled in chunks over a cache
+    of the engine's KV dtype that belongs to this call alone."""
+    runner = llm.engine.executor.runner
+    m = runner.config.model
+    bs = runner.block_size
+    nb = -(-len(ids) // bs)
+    shape = (nb, bs, m.num_key_value_heads, m.head_dim)
+    caches = [
+        tuple(torch.zeros(shape, dtype=runner.kv_dtype, device=runner.device) for _ in "kv")
+        for _ in range(m.num_hidden_layers)
+    ]
+    table = [list(range(nb))]
+    rows = []
+    for a in range(0, len(ids), chunk):
+        b = min(a + chunk, len(ids))
+        meta = AttentionMetadata.build([b - a], [a], [b], table, list(range(a, b)), device=runner.device)
+        x = torch.tensor(ids[a:b], device=runner.device)
+        hidden = runner.model(x, torch.arange(a, b, device=runner.device), caches, meta)
+        rows.append(runner.model.compute_logits(hidden).float().cpu())
+    return torch.cat(rows)
+
+
+def teacher_forced(llms: dict[str, LLM], ids: list[int], window: int, chunk: int) -> dict[str, Any]:
+    names = list(llms)
+    agree = total = 0
+    nll = dict.fromkeys(names, 0.0)
+    for a in range(0, len(ids) - 1, window):
+        w = ids[a : a + window + 1]
+        if len(w) < 2:
+            break
+        logits = {n: window_logits(llms[n], w[:-1], chunk) for n in names}
+        target = torch.tensor(w[1:])
+        for n in names:
+            nll[n] += float(torch.nn.functional.cross_entropy(logits[n], target, reduction="sum"))
+        agree += int((logits[names[0]].argmax(-1) == logits[names[1]].argmax(-1)).sum())
+        total += len(w) - 1
+    return {
+        "positions": total,
+        "top1_agreement": agree / max(1, total),
+        "perplexity": {n: math.exp(nll[n] / max(1, total)) for n in names},
+    }
+
+
+def free_running(llms: dict[str, LLM], max_tokens: int) -> dict[str, Any]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = {n: [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] for n, llm in llms.items()}
+    ref, cand = outs.values()
+    same = sum(x == y for r, c in zip(ref, cand) for x, y in zip(r, c))
+    prefix = [next((i for i, (x, y) in enumerate(zip(r, c)) if x != y), len(r)) for r, c in zip(ref, cand)]
+    return {
+        "prompts": len(PROMPTS),
+        "tokens_each": max_tokens,
+        "same_position_share": same / (len(PROMPTS) * max_tokens),
+        "common_prefix": prefix,
+        "identical_outputs": sum(p == max_tokens for p in prefix),
+    }
+
+
+def run(ns: argparse.Namespace) -> dict[str, Any]:
+    base = vars(EngineArgs.from_cli(ns))
+    text = Path(ns.text).read_text(encoding="utf-8") if ns.text else default_text()
+    llms = {kv: LLM(**{**base, "kv_cache_dtype": kv}) for kv in ("auto", ns.kv_cache_dtype_test)}
+    config = llms["auto"].engine.config
+    ids = llms["auto"].tokenizer.encode(text, add_special_tokens=False)[: ns.max_tokens]
+    result: dict[str, Any] = {
+        "env": environment(config.device),
+        "shapes": {"model": base["model"] or "embedded SmolLM2-135M-Instruct", "dtype": config.dtype,
+                   "window": ns.window, "chunk": ns.chunk, "text_tokens": len(ids)},
+        "kv_cache_dtypes": list(llms),
+        "free_running": free_running(llms, ns.gen_tokens),
+        "teacher_forced": teacher_forced(llms, ids, ns.window, ns.chunk),
+    }
+    for llm in llms.values():
+        llm.shutdown()
+    tf, fr = result["teacher_forced"], result["free_running"]
+    table = Table(title=f"KV cache {ns.kv_cache_dtype_test} vs {config.dtype} — {result['env']['device']}")
+    for col in ("measure", "value"):
+        table.add_column(col)
+    table.add_row("top-1 agreement (teacher-forced)", f"{tf['top1_agreement']:.2%} of {tf['positions']} positions")
+    for n, p in tf["perplexity"].items():
+        table.add_row(f"perplexity, KV {n}", f"{p:.3f}")
+    table.add_row("greedy tokens equal (free-running)", f"{fr['same_position_share']:.2%}")
+    table.add_row("identical outputs", f"{fr['identical_outputs']} / {fr['prompts']} ({fr['tokens_each']} tokens)")
+    console.print(table)
+    ppl = tf["perplexity"]
+    summary = (
+        f"KV {ns.kv_cache_dtype_test} vs {config.dtype}: top-1 agreement {tf['top1_agreement']:.2%} "
+        f"({tf['positions']} positions), perplexity {ppl[ns.kv_cache_dtype_test]:.3f} vs {ppl['auto']:.3f}, "
+        f"free-running {fr['same_position_share']:.2%} equal"
+    )
+    if not ns.no_save:
+        console.print(f"wrote {write_result('kv_quality', result, summary, ns.out_dir)}")
+    return result
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kv-quality", help="FP8 KV cache against the model's dtype: agreement and perplexity")
+    EngineArgs.add_cli_args(p)
+    p.add_argument("--kv-cache-dtype-test", default="fp8", choices=["fp8", "fp8_e4m3"], help="the cache compared")
+    p.add_argument("--text", default=None, help="text file (default: the project's README and docs)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text used (default: %(default)s)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per teacher-forced window (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk inside a window (default: %(default)s)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="free-running tokens per prompt (default: %(default)s)")
+    p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
+    p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
+    p.set_defaults(func=lambda ns: (run(ns), 0)[1])

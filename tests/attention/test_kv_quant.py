@@ -1,0 +1,128 @@
+"""FP8 (e4m3) KV cache on the CPU: the quantizer, the torch reference reading an FP8 cache, the
+per-layer scale calibration, and the engine with `kv_cache_dtype="fp8"`."""
+
+import pytest
+import torch
+from tiny_models import random_prompts
+
+from fapool import LLM, SamplingParams
+from fapool.attention import AttentionMetadata, TorchReferenceBackend
+from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, HEADROOM, KVScales, calibrate_kv_scales, quantize
+from fapool.attention.torch_ref import write_kv_torch
+from fapool.config import ConfigError
+
+
+def test_quantize_saturates_and_rounds_to_e4m3():
+    x = torch.tensor([1000.0, -1000.0, 1.0, 0.3, -2.5])
+    q = quantize(x, 0.5, FP8_DTYPE)
+    assert q.dtype == FP8_DTYPE
+    back = q.float() * 0.5
+    assert back[0] == FP8_MAX * 0.5 and back[1] == -FP8_MAX * 0.5  # saturated, not inf or NaN
+    # e4m3 keeps 3 mantissa bits: round to nearest is within 1/16 of a normal value.
+    assert torch.all((back[2:] - x[2:]).abs() <= x[2:].abs() / 16)
+    assert quantize(x, 0.5, torch.bfloat16).dtype == torch.bfloat16  # non-FP8 caches: a plain cast
+
+
+def _write_case(dtype, scales, seed=0):
+    """Two sequences (a prompt chunk over a cached prefix, and a decode token) written through
+    write_kv_torch into a cache of `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads, dim, bs, blocks = 4, 2, 16, 4, 12
+    k_cache = torch.zeros(blocks, bs, kv_heads, dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    n = 9 + 6
+    key = 3 * torch.randn(n, kv_heads, dim, generator=g)
+    value = torch.randn(n, kv_heads, dim, generator=g)
+    slots = torch.tensor(list(range(0, 9)) + list(range(20, 26)))
+    write_kv_torch(k_cache, v_cache, key, value, slots, scales)
+    # Sequence 0: 9 tokens (5 cached + a 4-token chunk); sequence 1: 6 tokens, the last decoding.
+    meta = AttentionMetadata.build([4, 1], [5, 5], [9, 6], [[0, 1, 2], [5, 6]], [5, 6, 7, 8, 25])
+    q = torch.randn(5, heads, dim, generator=g)
+    return q, k_cache, v_cache, meta, key, value
+
+
+def test_reference_over_fp8_cache_equals_attention_over_the_dequantized_values():
+    scales = KVScales(k=0.02, v=0.01)
+    q, kc, vc, meta, _, _ = _write_case(FP8_DTYPE, scales)
+    assert kc.dtype == FP8_DTYPE and kc.float().abs().max() > 0
+    deq_k, deq_v = kc.float() * scales.k, vc.float() * scales.v
+    out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
+    ref_out, ref_lse = TorchReferenceBackend().forward(q, deq_k, deq_v, meta, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_fp8_cache_is_close_to_the_float_cache():
+    """What e4m3 costs on random data: outputs within a few percent of the float32 cache's."""
+    key_amax = 3 * 5.0  # |N(0, 3)| stays below 15 for these 15 x 32 draws
+    scales = KVScales(k=key_amax * HEADROOM / FP8_MAX, v=5.0 * HEADROOM / FP8_MAX)
+    q, kc, vc, meta, _, _ = _write_case(FP8_DTYPE, scales, seed=1)
+    out, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
+    q, kc, vc, meta, _, _ = _write_case(torch.float32, None, seed=1)
+    exact, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25)
+    rel = (out - exact).norm() / exact.norm()
+    assert 0 < rel < 0.06
+
+
+class _Layer:
+    def __init__(self, backend):
+        self.backend = backend
+        self.kv_scales = None
+
+
+def test_calibration_sets_each_layers_scales_from_its_amax():
+    layers = [_Layer(TorchReferenceBackend()) for _ in range(2)]
+    cache = torch.zeros(4, 4, 2, 8)
+    key = torch.ones(3, 2, 8)
+    value = torch.ones(3, 2, 8)
+
+    def forward():
+        for i, layer in enumerate(layers):
+            k, v = key * (i + 1), value * 0.5
+            k[1, 0, 3] = -7.0 * (i + 1)  # the largest |K| is negative
+            layer.backend.write_kv(cache, cache.clone(), k, v, torch.arange(3))
+
+    scales = calibrate_kv_scales(layers, forward)
+    assert [layer.kv_scales for layer in layers] == scales
+    assert scales[0] == KVScales(7.0 * HEADROOM / FP8_MAX, 0.5 * HEADROOM / FP8_MAX)
+    assert scales[1].k == pytest.approx(14.0 * HEADROOM / FP8_MAX)
+    assert all(isinstance(layer.backend, TorchReferenceBackend) for layer in layers)  # unwrapped
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tiny_checkpoints):
+    return tiny_checkpoints["llama"][0]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def test_engine_with_fp8_cache(llama_folder):
+    """Calibrated scales on every layer, four times the blocks of a float32 cache in the same
+    bytes, and the same greedy tokens whether prompts are prefilled whole, in chunks, or from
+    the prefix cache (every path reads the same quantized KV)."""
+    budget = 1 << 20
+    f32 = LLM(llama_folder, device="cpu", block_size=4, kv_cache_memory=budget)
+    fp8 = LLM(llama_folder, device="cpu", block_size=4, kv_cache_memory=budget, kv_cache_dtype="fp8")
+    assert fp8.engine.stats().kv_blocks_total == 4 * f32.engine.stats().kv_blocks_total
+    runner = fp8.engine.executor.runner
+    assert runner.kv_caches[0][0].dtype == FP8_DTYPE
+    scales = [layer.self_attn.kv_scales for layer in runner.model.model.layers]
+    assert all(s is not None and s.k > 0 and s.v > 0 for s in scales)
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([40, 7, 33], seed=5)]
+    whole = [o.outputs[0].token_ids for o in fp8.generate(prompts, GREEDY)]
+    again = [o.outputs[0].token_ids for o in fp8.generate(prompts, GREEDY)]  # prefix-cache hits
+    chunked = LLM(llama_folder, device="cpu", block_size=4, kv_cache_memory=budget, kv_cache_dtype="fp8",
+                  max_num_batched_tokens=8, enable_prefix_caching=False)
+    assert again == whole
+    assert [o.outputs[0].token_ids for o in chunked.generate(prompts, GREEDY)] == whole
+
+
+@pytest.mark.parametrize(
+    "kw", [{"tensor_parallel_size": 2}, {"attention_workers": 1}, {"kv_cache_dtype": "int4"}], ids=str
+)
+def test_fp8_cache_refuses_what_it_does_not_support(llama_folder, kw):
+    kw = {"kv_cache_dtype": "fp8", **kw}
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        LLM(llama_folder, device="cpu", **kw)
