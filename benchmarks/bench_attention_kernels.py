@@ -43,6 +43,16 @@ DECODE_SWEEP_CONFIGS = (  # block_n, num_warps, num_stages
     (128, 8, 3),
 )
 DECODE_SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 16)
+FP8_SWEEP_SHAPES = ((8, 32768), (16, 32768), (64, 32768), (16, 8192), (64, 2048))
+FP8_SWEEP_CONFIGS = (  # block_n, num_warps, num_stages
+    (64, 4, 2),
+    (64, 4, 3),
+    (128, 4, 2),
+    (128, 4, 3),
+    (128, 8, 2),
+    (128, 8, 3),
+    (256, 8, 2),
+)
 PREFILL_SWEEP_CONFIGS = (  # block_m, block_n, num_warps, num_stages
     (128, 128, 8, 3),
     (128, 128, 8, 4),
@@ -75,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     ap.add_argument("--plot", default=None, help="only draw the plot from an existing results JSON")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--fp8-sweep", action="store_true", help="sweep tile/warp/stage settings of the FP8 decode")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -248,7 +259,7 @@ def host_us(fn, n: int = 300) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
-def fp8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_bytes) -> None:
+def fp8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_bytes, sweep=None) -> None:
     """The same paged decode over an FP8 (e4m3) copy of the cache with per-tensor scales (the
     engine's --kv-cache-dtype fp8): speed-up over the bf16 cache and error against SDPA's flash."""
     from fapool.attention import triton_decode as td
@@ -263,7 +274,21 @@ def fp8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_byt
     ms = bench(graph.replay)
     row["ours_paged_fp8_TBps"] = kv_bytes / 2 / ms / 1e9  # bytes it really reads
     row["fp8_speedup_vs_bf16"] = (kv_bytes / ms / 1e9) / row["ours_paged_TBps"]  # t_bf16 / t_fp8
-    del graph, k8, v8
+    del graph
+    if sweep is None:
+        return
+    for bn, nw, ns in FP8_SWEEP_CONFIGS:
+        auto = td.auto_num_splits(q.shape[0], NUM_KV_HEADS, meta.max_kv_len, HEAD_DIM, 1, q.device, bn, nw, ns)
+        tuned = partial(fn, block_n=bn, num_warps=nw, num_stages=ns, num_splits=auto)
+        r = {"batch": q.shape[0], "context": meta.max_kv_len, "block_n": bn, "num_warps": nw, "num_stages": ns,
+             "num_splits": auto}
+        graph, err = _try(graphed, tuned)
+        ms, err = (None, err) if err else _try(bench, graph.replay)
+        r.update({"error": err} if err else {"fp8_TBps": kv_bytes / 2 / ms / 1e9,
+                                             "speedup_vs_bf16": (kv_bytes / ms / 1e9) / row["ours_paged_TBps"]})
+        sweep.append(r)
+        print("fp8 sweep", r, flush=True)
+        del graph
 
 
 def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
@@ -272,7 +297,7 @@ def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
 
     from fapool.attention import triton_decode as td
 
-    rows, sweep = [], []
+    rows, sweep, fp8_rows = [], [], []
     for B, L in DECODE_SHAPES:
         q, k, v, metas, caches = decode_case(B, L)
         kv_bytes = 2 * B * L * NUM_KV_HEADS * HEAD_DIM * 2
@@ -305,7 +330,8 @@ def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
             ms, err = _try(bench, fn)
             row[f"sdpa_{name}_eager_TBps"] = kv_bytes / ms / 1e9 if ms else None
             del graph
-        fp8_decode(row, q, caches["paged"], metas["paged"], scale, out, lse, ref, bench, rel_err, kv_bytes)
+        fp8_sweep = fp8_rows if args.fp8_sweep and (B, L) in FP8_SWEEP_SHAPES else None
+        fp8_decode(row, q, caches["paged"], metas["paged"], scale, out, lse, ref, bench, rel_err, kv_bytes, fp8_sweep)
         flash = row["sdpa_flash_TBps"]
         row["ratio_vs_flash"] = row["ours_paged_TBps"] / flash if flash else None
         row["ratio_vs_copy"] = row["ours_paged_TBps"] / res["copy_TBps"]
@@ -367,7 +393,7 @@ def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
         "CUDA-graph replay (GPU time) for the main figures and the sweep; *_eager_* without a graph, "
         "where Python and launch overhead can exceed the kernel at small sizes"
     )
-    return {"shape": shape, "timing": timing, "rows": rows, "sweep": sweep, "host_overhead": host}
+    return {"shape": shape, "timing": timing, "rows": rows, "sweep": sweep, "fp8_sweep": fp8_rows, "host_overhead": host}
 
 
 def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:

@@ -16,8 +16,10 @@ mostly idle wave is slower than a full single wave (benchmarks/RESULTS.md, kerne
 count is a runtime argument, so CUDA graphs can pin it; choosing it costs a cached lookup, since
 host time per call matters at small batch.
 
-An FP8 (e4m3) cache is read as is and widened to the query's dtype in registers: the K scale
-folds into the softmax scale and the V scale into the output, so the loop reads half the bytes.
+An FP8 (e4m3) cache is read as is and widened in registers, to fp16 for a 16-bit query (e4m3
+converts to fp16 natively, and P in [0, 1] and the query fit fp16 well) or to the float32
+query's dtype: the K scale folds into the softmax scale and the V scale into the output, so the
+loop reads half the bytes.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -98,6 +100,7 @@ def _decode_split_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -126,6 +129,8 @@ def _decode_split_kernel(
         mask=h_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if FP16_DOT:
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -278,6 +283,11 @@ def auto_num_splits(
     )
 
 
+def fp16_dot(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """An FP8 cache under a 16-bit query: the kernels compute its dots in fp16."""
+    return k_cache.dtype == torch.float8_e4m3fn and query.dtype in (torch.float16, torch.bfloat16)
+
+
 def _check(query, k_cache, v_cache, meta) -> None:
     if query.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -394,6 +404,7 @@ def paged_decode(
         PAGE=page,
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
+        FP16_DOT=fp16_dot(query, k_cache),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -6,7 +6,8 @@ absolute positions query_pos_start + j and attend, causally, over the sequence's
 The KV loop has two phases: tiles every row of the query tile sees (no mask), then the tiles
 on the causal diagonal and at the end of the KV (masked). Query tiles run heaviest-first so the
 long causal rows do not trail at the end of the launch. An FP8 cache is widened to the query's
-dtype as it is loaded, its scales folded into the softmax scale (K) and the output (V).
+dtype (fp16 under a 16-bit query) as it is loaded, its scales folded into the softmax scale (K)
+and the output (V).
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.attention.triton_decode import LN2, LOG2E, _check
+from fapool.attention.triton_decode import LN2, LOG2E, _check, fp16_dot
 
 # Chosen by sweep (benchmarks/bench_attention_kernels.py --sweep; figures in
 # benchmarks/RESULTS.md): 128 x 128 tiles, 8 warps, 3 stages were the fastest over 4K and 16K
@@ -98,6 +99,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     head = tl.program_id(0)
     m_blk = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest query tiles first
@@ -126,6 +128,8 @@ def _prefill_kernel(
         mask=m_mask[:, None],
         other=0.0,
     )
+    if FP16_DOT:  # an FP8 cache under a 16-bit query (see triton_decode)
+        q = q.to(tl.float16)
 
     kvh = head // GROUP
     K = K + kvh * stride_kh
@@ -277,6 +281,7 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SKIP_DECODE=skip_decode,
+        FP16_DOT=fp16_dot(query, k_cache),
         num_warps=num_warps,
         num_stages=num_stages,
     )

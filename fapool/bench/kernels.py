@@ -26,7 +26,7 @@ def load_script():
 def _argv(ns: argparse.Namespace) -> list[str]:
     argv = [
         f"--{flag}"
-        for flag in ("sweep", "skip-decode", "skip-prefill", "no-save")
+        for flag in ("sweep", "fp8-sweep", "skip-decode", "skip-prefill", "no-save")
         if getattr(ns, flag.replace("-", "_"))
     ]
     for flag in ("out-dir", "plot"):
@@ -39,6 +39,7 @@ def _argv(ns: argparse.Namespace) -> list[str]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kernels", help="Triton attention kernels vs SDPA and the copy bandwidth (GPU)")
     p.add_argument("--sweep", action="store_true", help="also sweep tile/warp/stage/split settings")
+    p.add_argument("--fp8-sweep", action="store_true", help="sweep the FP8-cache decode's tile/warp/stage settings")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results; plots beside)")
