@@ -324,6 +324,7 @@ def paged_decode(
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int = DEFAULT_NUM_STAGES,
+    dot_fp16: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
 
@@ -404,7 +405,7 @@ def paged_decode(
         PAGE=page,
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
-        FP16_DOT=fp16_dot(query, k_cache),
+        FP16_DOT=fp16_dot(query, k_cache) if dot_fp16 is None else dot_fp16,
         num_warps=num_warps,
         num_stages=num_stages,
     )
