@@ -43,6 +43,10 @@ LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
+# An FP8 cache: 128-token tiles (the bytes of a 64-token bf16 tile) and one more stage in
+# flight, with fp16 dots; fastest of the --fp8-sweep settings at 32K context.
+FP8_BLOCK_N = 128
+FP8_NUM_STAGES = 4
 PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
 REDUCE_COST_TILES = 1  # stage 2 (second launch, mid-buffer round trip)
 MAX_SPLITS = 64
@@ -264,6 +268,13 @@ def choose_num_splits(num_pairs: int, num_tiles: int, capacity: int) -> int:
     return best
 
 
+def decode_config(elem_size: int) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of the decode kernel for a cache of `elem_size` bytes."""
+    if elem_size == 1:
+        return FP8_BLOCK_N, DEFAULT_NUM_WARPS, FP8_NUM_STAGES
+    return DEFAULT_BLOCK_N, DEFAULT_NUM_WARPS, DEFAULT_NUM_STAGES
+
+
 def auto_num_splits(
     num_seqs: int,
     num_kv_heads: int,
@@ -271,11 +282,14 @@ def auto_num_splits(
     head_dim: int,
     elem_size: int,
     device: torch.device,
-    block_n: int = DEFAULT_BLOCK_N,
-    num_warps: int = DEFAULT_NUM_WARPS,
-    num_stages: int = DEFAULT_NUM_STAGES,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> int:
-    """The split count paged_decode picks when none is given."""
+    """The split count paged_decode picks when none is given (the cache's own tile settings
+    where none are given)."""
+    dflt = decode_config(elem_size)
+    block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
     block_d = triton.next_power_of_2(head_dim)
     per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size)
     return choose_num_splits(
@@ -321,9 +335,9 @@ def paged_decode(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     num_splits: int | None = None,
-    block_n: int = DEFAULT_BLOCK_N,
-    num_warps: int = DEFAULT_NUM_WARPS,
-    num_stages: int = DEFAULT_NUM_STAGES,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     dot_fp16: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
@@ -337,6 +351,8 @@ def paged_decode(
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_seqs = meta.num_seqs
+    dflt = decode_config(k_cache.element_size())
+    block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
     if out is None:
         out = torch.empty_like(query)
     if lse is None:
