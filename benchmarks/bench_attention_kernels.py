@@ -577,6 +577,9 @@ def plot(res: dict, out_dir: str) -> None:
             ys = [r.get(key) for r in rs]
             if any(y is not None for y in ys):
                 ax.plot(ctx, ys, style, color=color, label=label)
+        fp8 = [r["ours_paged_TBps"] * r["fp8_speedup_vs_bf16"] if "fp8_speedup_vs_bf16" in r else None for r in rs]
+        if any(y is not None for y in fp8):  # bf16 bytes over the FP8 kernel's time: above copy = faster than bf16 can be
+            ax.plot(ctx, fp8, "-D", color="C3", label="fapool Triton, FP8 cache (bf16-equivalent bytes)")
         ax.axhline(res["copy_TBps"], color="gray", ls=":", label=f"device copy {res['copy_TBps']:.2f} TB/s")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ctx, [f"{c // 1024}K" for c in ctx])
