@@ -12,7 +12,7 @@ import torch
 from fapool.attention.selector import make_backend
 from fapool.engine.arg_utils import EngineArgs
 from fapool.engine.llm_engine import LLMEngine, RequestError
-from fapool.models.loader import iter_weights, load_model_config, load_tokenizer, resolve_model
+from fapool.models.loader import iter_weights, load_model_config, load_tokenizer, release_model_files, resolve_model
 from fapool.models.registry import build_model
 from fapool.outputs import RequestMetrics, RequestOutput
 from fapool.sampling_params import SamplingParams
@@ -34,6 +34,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
         model.init_random_weights(config.seed)
     else:
         model.load_weights(iter_weights(src))
+    release_model_files()
     model.eval()
     if config.sparse_attention:
         from fapool.attention.sparse import enable_sparse_attention

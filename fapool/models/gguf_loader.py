@@ -3,6 +3,7 @@ Hugging Face parameter names, laid out exactly as transformers loads them."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -39,6 +40,26 @@ _MISSING = object()
 
 
 def open_gguf(path: str) -> Any:
+    """The file's reader. Parsing the metadata (a vocabulary of ~50K strings) takes seconds, so
+    the last file read is kept until `release_gguf_readers`: the config and the weights of one
+    start share one parse."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _read_gguf(path)  # raises the ConfigError below
+    return _cached_reader(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> Any:
+    return _read_gguf(path)
+
+
+def release_gguf_readers() -> None:
+    _cached_reader.cache_clear()
+
+
+def _read_gguf(path: str) -> Any:
     from gguf import GGUFReader
 
     try:

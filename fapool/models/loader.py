@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fapool.config import PRESETS, ConfigError, ModelConfig
-from fapool.models.gguf_loader import gguf_model_config, iter_gguf_weights
+from fapool.models.gguf_loader import gguf_model_config, iter_gguf_weights, release_gguf_readers
 from fapool.models.hf_loader import hf_model_config, iter_hf_weights
 from fapool.models.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
 
@@ -99,6 +99,11 @@ def iter_weights(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if src.format == "preset":
         return iter(())
     raise ConfigError(f"unknown model source format {src.format!r}")
+
+
+def release_model_files() -> None:
+    """Drop the file readers kept between reading a model's config and its weights."""
+    release_gguf_readers()
 
 
 def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase | None:

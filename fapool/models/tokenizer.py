@@ -27,8 +27,10 @@ def load_hf_tokenizer(folder: str) -> PreTrainedTokenizerBase | None:
 
 
 def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """Vocabulary, merges, special tokens and chat template all come from GGUF metadata."""
-    from transformers import AutoTokenizer
+    """Vocabulary, merges, special tokens and chat template all come from GGUF metadata.
+    The fast-tokenizer class directly: AutoTokenizer would first parse the whole file again for
+    a model config it does not need (8 of 9 s for the embedded model)."""
+    from transformers import PreTrainedTokenizerFast
 
     folder, name = os.path.split(os.path.abspath(path))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)

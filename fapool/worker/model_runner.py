@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,16 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
 KV_CALIBRATION_TOKENS = 512
+
+
+def lazy_zeros(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """`count` zero CPU tensors of `shape` as one [count, *shape] tensor whose memory is taken
+    only as it is written: numpy's zeros is a calloc, whose large blocks are fresh zero pages,
+    where torch.zeros writes every byte (a 1 GiB KV budget would be resident at start-up)."""
+    import numpy as np
+
+    nbytes = count * math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(count, *shape)
 
 
 @dataclass
@@ -179,6 +190,10 @@ class ModelRunner:
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
         dtype = dtype or self.kv_dtype
+        if self.device.type == "cpu":
+            flat = lazy_zeros(2 * m.num_hidden_layers, shape, dtype)
+            self.kv_caches = [(flat[2 * i], flat[2 * i + 1]) for i in range(m.num_hidden_layers)]
+            return
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(m.num_hidden_layers)

@@ -377,6 +377,25 @@ def test_gguf_llama_unpermute_and_dequantize(tmp_path):
     assert (loaded[k] - expected[k]).abs().max() < 0.1 * expected[k].abs().max()
 
 
+def test_gguf_is_parsed_once_per_start(tmp_path, monkeypatch):
+    """Config and weights share one parse of the file; release_model_files drops it."""
+    from fapool.models.loader import release_model_files
+
+    model = _tiny_llama(rope_scaling=None, eos_token_id=2)
+    path = _write_gguf(tmp_path / "tiny.gguf", "llama", model.config, _convert(model, "llama", _llama_qtype))
+    opened = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda p: opened.append(p) or real(p))
+    release_model_files()
+    src = resolve_model(path)
+    load_model_config(src)
+    weights = dict(iter_weights(src))
+    assert len(opened) == 1 and weights
+    release_model_files()
+    load_model_config(src)
+    assert len(opened) == 2
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.01])  # tensors cut short; the header itself cut
 def test_truncated_gguf_is_a_clear_config_error(tmp_path, keep):
     model = _tiny_llama(rope_scaling=None, eos_token_id=2)
@@ -493,7 +512,16 @@ def test_embedded_config_and_weights_equal_transformers(smollm2):
 
 
 def test_embedded_tokenizer(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
     tok = load_tokenizer(smollm2)
+    # Built from the GGUF without AutoTokenizer's second parse of the file, and the same.
+    folder, name = os.path.split(smollm2.path)
+    auto = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = ["Hello world!", "  spaces\nnewlines\t", "ünïcödé 漢字 🙂", "<|im_start|>user\nhi<|im_end|>"]
+    assert [tok.encode(t) for t in texts] == [auto.encode(t) for t in texts]
+    assert tok.all_special_ids == auto.all_special_ids and tok.chat_template == auto.chat_template
+    assert tok.decode(auto.encode(texts[2])) == auto.decode(auto.encode(texts[2]))
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     chat = [{"role": "user", "content": "hi"}]
     prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
