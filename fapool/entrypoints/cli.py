@@ -60,11 +60,16 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         return 2
     with console.status("loading model"):
         llm = LLM(**vars(EngineArgs.from_cli(ns)))
+    out_console = Console()
+    # One completion to a terminal streams as it is generated; several, or --json, print at the end.
+    stream = _Stream(out_console) if not ns.json and params.n == 1 and (ns.chat or len(prompts) == 1) else None
+    if stream:
+        out_console.rule(f"[bold]{(ns.chat or prompts[0])[:70]}")
     if ns.chat:
-        outputs = llm.chat([{"role": "user", "content": ns.chat}], params, errors="return")
+        outputs = llm.chat([{"role": "user", "content": ns.chat}], params, errors="return", on_output=stream)
         prompts = [ns.chat]
     else:
-        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1, errors="return")
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1, errors="return", on_output=stream)
     breakdown = None
     stats = llm.engine.executor.reports
     if stats:
@@ -93,14 +98,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             payload = {"outputs": records, "breakdown": breakdown}
         print(json.dumps(payload, indent=2))
         return 0 if all(r["error"] is None for r in records) else 1
-    out_console = Console()
     for rec in records:
-        out_console.rule(f"[bold]{rec['prompt'][:70]}")
+        if not stream:
+            out_console.rule(f"[bold]{rec['prompt'][:70]}")
         if rec["error"]:
             out_console.print(f"[red]error:[/] {rec['error']}")
             continue
         for c in rec["completions"]:
-            out_console.print(c["text"], markup=False, highlight=False)
+            if not stream:
+                out_console.print(c["text"], markup=False, highlight=False)
             out_console.print(f"[dim](finish: {c['finish_reason']}, {len(c['token_ids'])} tokens)")
         fmt = lambda v, scale, unit: f"{v * scale:.1f} {unit}" if v is not None else "-"  # noqa: E731
         out_console.print(
@@ -110,6 +116,25 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if breakdown is not None:
         out_console.print(breakdown_table(breakdown))
     return 0 if all(r["error"] is None for r in records) else 1
+
+
+class _Stream:
+    """Prints a single completion's new text as each step produces it."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.printed = 0
+
+    def __call__(self, out) -> None:
+        if not out.outputs:
+            return
+        text = out.outputs[0].text
+        if len(text) > self.printed:
+            self.console.file.write(text[self.printed :])
+            self.console.file.flush()
+            self.printed = len(text)
+        if out.finished:
+            self.console.file.write("\n")
 
 
 def _needs_extra(extra: str, missing: str | None) -> int:

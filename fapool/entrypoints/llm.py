@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -75,11 +75,14 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         errors: Literal["raise", "return"] = "raise",
+        on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in the order of the prompts. A prompt the engine rejects (empty, too long,
         out-of-vocabulary ids, bad parameters) raises ValueError naming its index before
         anything runs, as vLLM does; with errors="return" it gets an output with
-        finish_reason "error" and the reason in .error, and the others still run."""
+        finish_reason "error" and the reason in .error, and the others still run.
+        `on_output` sees every request's output (text so far) each step it changes, the
+        final one included: what streaming to a terminal needs."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         items = _as_prompt_list(prompts)
@@ -104,7 +107,7 @@ class LLM:
                 rid = f"rejected-{len(order)}"
                 results[rid] = _error_output(rid, item, str(e))
             order.append(rid)
-        self._run(results, len(order), use_tqdm)
+        self._run(results, len(order), use_tqdm, on_output)
         return [results[rid] for rid in order]
 
     def chat(
@@ -114,6 +117,7 @@ class LLM:
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
         errors: Literal["raise", "return"] = "raise",
+        on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them (`errors`:
         as in generate)."""
@@ -128,15 +132,17 @@ class LLM:
             }
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, errors=errors)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, errors=errors, on_output=on_output)
 
-    def _run(self, results: dict[str, RequestOutput], total: int, use_tqdm: bool) -> None:
+    def _run(self, results: dict[str, RequestOutput], total: int, use_tqdm: bool, on_output=None) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="generating", disable=not use_tqdm, unit="req")
         bar.update(len(results))
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
+                if on_output is not None:
+                    on_output(out)
                 if out.finished:
                     results[out.request_id] = out
                     bar.update(1)
