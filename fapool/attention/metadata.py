@@ -16,7 +16,7 @@ A shard that a query cannot see at all yields out = 0 and lse = -inf, which merg
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class AttentionMetadata:
     # Host copies of the per-sequence lengths, so reference code and launchers avoid syncs.
     query_lens_cpu: list[int]
     kv_lens_cpu: list[int]
+    # What a backend derives from the batch once and reuses in every layer (the torch
+    # reference's gather indices and masks), keyed by backend.
+    host_plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -57,7 +60,7 @@ class AttentionMetadata:
         drop = torch.zeros(self.num_seqs, dtype=torch.bool)
         drop[seqs] = True
         kv_lens = torch.where(drop.to(self.kv_lens.device, non_blocking=True), 0, self.kv_lens)
-        return dataclasses.replace(self, kv_lens=kv_lens, kv_lens_cpu=kv_lens_cpu)
+        return dataclasses.replace(self, kv_lens=kv_lens, kv_lens_cpu=kv_lens_cpu, host_plans={})
 
     @classmethod
     def build(

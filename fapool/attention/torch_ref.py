@@ -43,22 +43,51 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float 
     return g.float().mul_(scale) if cache.dtype == FP8_DTYPE else g
 
 
-def _attend(q, k, v, q_pos, k_pos, valid, scale):
-    """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], q_pos [B, Tq], k_pos [B, L], valid [B, L].
-    Batched matmuls over [B, Hkv] with the G query heads of a KV head stacked as rows, so
-    each KV head is read once for its whole group (GQA)."""
+def _attend(q, k, v, mask, scale):
+    """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], mask [B, Tq, L] (True: the query sees the key)
+    or None for all visible. Batched matmuls over [B, Hkv] with the G query heads of a KV head
+    stacked as rows, so each KV head is read once for its whole group (GQA)."""
     B, Tq, Hkv, G, D = q.shape
     L = k.shape[1]
     qf = q.float().permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tq, D)
     scores = torch.matmul(qf, k.float().permute(0, 2, 3, 1)).mul_(scale).view(B, Hkv, G, Tq, L)
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [B, Tq, L]
-    if not bool(mask.all()):
+    if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Tq]
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))
     out = torch.matmul(probs.view(B, Hkv, G * Tq, L), v.float().permute(0, 2, 1, 3))
     out = out.view(B, Hkv, G, Tq, D).permute(0, 3, 1, 2, 4)  # -> [B, Tq, Hkv, G, D]
     return out, lse.permute(0, 3, 1, 2)  # lse -> [B, Tq, Hkv, G]
+
+
+def _causal_mask(q_pos, k_pos, valid):
+    """[B, Tq, L] from q_pos [B, Tq], k_pos [B, L], valid [B, L]; None when all visible."""
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]
+    return None if bool(mask.all()) else mask
+
+
+class _Plan:
+    """What forward derives from the batch alone, once per step instead of once per layer."""
+
+    def __init__(self, meta: AttentionMetadata, device) -> None:
+        self.starts = meta.query_start_loc.tolist()
+        self.q_pos0 = meta.query_pos_start.tolist()
+        self.kv_start = meta.kv_start.tolist()
+        self.decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1 and meta.kv_lens_cpu[s] > 0]
+        self.multi = [s for s, n in enumerate(meta.query_lens_cpu) if n > 1 and meta.kv_lens_cpu[s] > 0]
+        if not self.decode:
+            return
+        idx = torch.tensor(self.decode, device=device)
+        self.max_len = max(meta.kv_lens_cpu[s] for s in self.decode)
+        self.tables = meta.block_tables[idx].long()
+        ar = torch.arange(self.max_len, device=device)
+        k_pos = meta.kv_start[idx].long()[:, None] + ar[None]
+        valid = ar[None] < meta.kv_lens[idx].long()[:, None]
+        self.mask = _causal_mask(meta.query_pos_start[idx].long()[:, None], k_pos, valid)
+        self.tok = [self.starts[s] for s in self.decode]
+        # Decode rows that are the whole batch, in order: their result is the output as is.
+        self.all_decode = self.tok == list(range(meta.num_tokens))
+        self.tok_index = torch.tensor(self.tok, device=device)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
@@ -100,31 +129,26 @@ class TorchReferenceBackend(AttentionBackend):
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
+        plan = meta.host_plans.get(self.name)
+        if plan is None:
+            plan = meta.host_plans[self.name] = _Plan(meta, query.device)
+        q = query.view(num_tokens, num_kv_heads, group, head_dim)
+        if plan.decode:
+            k = _gather(k_cache, plan.tables, plan.max_len, sk)
+            v = _gather(v_cache, plan.tables, plan.max_len, sv)
+            qd = q.unsqueeze(1) if plan.all_decode else q[plan.tok_index].unsqueeze(1)
+            o, l = _attend(qd, k, v, plan.mask, scale)
+            o = o[:, 0].reshape(len(plan.decode), num_heads, head_dim)
+            l = l[:, 0].reshape(len(plan.decode), num_heads)
+            if plan.all_decode:
+                return o.to(query.dtype), l
         out = torch.zeros((num_tokens, num_heads, head_dim), dtype=torch.float32, device=query.device)
         lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=query.device)
-        q = query.view(num_tokens, num_kv_heads, group, head_dim)
-        starts = meta.query_start_loc.tolist()
-        q_pos0 = meta.query_pos_start.tolist()
-        kv_start = meta.kv_start.tolist()
-        decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1 and meta.kv_lens_cpu[s] > 0]
-        multi = [s for s, n in enumerate(meta.query_lens_cpu) if n > 1 and meta.kv_lens_cpu[s] > 0]
+        if plan.decode:
+            out[plan.tok_index], lse[plan.tok_index] = o, l
 
-        if decode:
-            idx = torch.tensor(decode, device=query.device)
-            max_len = max(meta.kv_lens_cpu[s] for s in decode)
-            k = _gather(k_cache, meta.block_tables[idx], max_len, sk)
-            v = _gather(v_cache, meta.block_tables[idx], max_len, sv)
-            ar = torch.arange(max_len, device=query.device)
-            lens = meta.kv_lens[idx].long()
-            k_pos = meta.kv_start[idx].long()[:, None] + ar[None]
-            valid = ar[None] < lens[:, None]
-            tok = torch.tensor([starts[s] for s in decode], device=query.device)
-            q_pos = meta.query_pos_start[idx].long()[:, None]
-            o, l = _attend(q[tok].unsqueeze(1), k, v, q_pos, k_pos, valid, scale)
-            out[tok] = o[:, 0].reshape(len(decode), num_heads, head_dim)
-            lse[tok] = l[:, 0].reshape(len(decode), num_heads)
-
-        for s in multi:
+        starts, q_pos0, kv_start = plan.starts, plan.q_pos0, plan.kv_start
+        for s in plan.multi:
             a, b = starts[s], starts[s + 1]
             kv_len = meta.kv_lens_cpu[s]
             k = _gather(k_cache, meta.block_tables[s], kv_len, sk)
@@ -133,11 +157,10 @@ class TorchReferenceBackend(AttentionBackend):
             if fast is not None:
                 out[a:b], lse[a:b] = fast
                 continue
-            k, v = k.unsqueeze(0), v.unsqueeze(0)
             k_pos = (kv_start[s] + torch.arange(kv_len, device=query.device))[None]
             q_pos = (q_pos0[s] + torch.arange(b - a, device=query.device))[None]
-            valid = torch.ones_like(k_pos, dtype=torch.bool)
-            o, l = _attend(q[a:b].unsqueeze(0), k, v, q_pos, k_pos, valid, scale)
+            mask = _causal_mask(q_pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool))
+            o, l = _attend(q[a:b].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask, scale)
             out[a:b] = o[0].reshape(b - a, num_heads, head_dim)
             lse[a:b] = l[0].reshape(b - a, num_heads)
         return out.to(query.dtype), lse

@@ -122,7 +122,7 @@ def test_flash_chunk_paths_equal_the_masked_matmul(tq, kv_len, kv_start, q_pos0)
     """A multi-query row through aten's CPU flash attention (fresh prompt; cached prefix +
     causal chunk merged by lse; keys wholly before the queries) equals the plain masked matmul;
     a layout it does not cover falls back (None)."""
-    from fapool.attention.torch_ref import _attend, _attend_chunk
+    from fapool.attention.torch_ref import _attend, _attend_chunk, _causal_mask
 
     g = torch.Generator().manual_seed(tq + kv_len)
     heads, kv_heads, dim = 6, 2, 16
@@ -136,6 +136,7 @@ def test_flash_chunk_paths_equal_the_masked_matmul(tq, kv_len, kv_start, q_pos0)
     q_pos = (q_pos0 + torch.arange(tq))[None]
     k_pos = (kv_start + torch.arange(kv_len))[None]
     valid = torch.ones_like(k_pos, dtype=torch.bool)
-    want_o, want_l = _attend(q.view(tq, kv_heads, 3, dim)[None], k[None], v[None], q_pos, k_pos, valid, 0.25)
+    mask = _causal_mask(q_pos, k_pos, valid)
+    want_o, want_l = _attend(q.view(tq, kv_heads, 3, dim)[None], k[None], v[None], mask, 0.25)
     assert torch.allclose(fast[0], want_o[0].reshape(tq, heads, dim), atol=1e-5)
     assert torch.allclose(fast[1], want_l[0].reshape(tq, heads), atol=1e-5)
