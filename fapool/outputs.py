@@ -61,6 +61,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None
+    # Per prompt token (None for the first): its logprob, then the top alternatives asked for.
+    prompt_logprobs: list[list[Logprob] | None] | None = None
 
     # The first completion's fields, for the common n == 1 case.
     @property

@@ -50,6 +50,10 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[list[Logprob]] = []
+        # Per prompt position (None for the first, and until computed), when asked for.
+        self.prompt_logprobs: list[list[Logprob] | None] | None = (
+            [None] * len(self.prompt_token_ids) if params.prompt_logprobs is not None else None
+        )
         self.params = params
         self.max_tokens = max_tokens
         self.eos_token_ids = eos_token_ids

@@ -41,6 +41,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0: chosen only)
+    # Per prompt token after the first: its logprob and this many top alternatives. The whole
+    # prompt is computed (no prefix-cache hits), in a single-process engine.
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # Logits edits (fapool.layers.logits_processors); a request with any steps synchronously.
@@ -128,6 +131,12 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
         ):
             raise bad("logprobs", "must be an int in [0, 20] or None")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int)
+            or isinstance(self.prompt_logprobs, bool)
+            or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise bad("prompt_logprobs", "must be an int in [0, 20] or None")
 
     @property
     def greedy(self) -> bool:

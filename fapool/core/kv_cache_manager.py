@@ -72,6 +72,8 @@ class KVCacheManager:
         prompt gives back its last block."""
         if not self.pool.enable_caching or request.request_id in self.block_tables:
             return [], 0
+        if request.prompt_logprobs is not None:  # every prompt position's logits are wanted
+            return [], 0
         tokens = request.all_token_ids
         hits: list[KVBlock] = []
         parent = None

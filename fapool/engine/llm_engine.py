@@ -143,6 +143,8 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {len(token_ids)} tokens; max_model_len is {max_len}, leaving no room to generate"
             )
+        if params.prompt_logprobs is not None and not self.executor.supports_prompt_logprobs:
+            raise RequestError("prompt_logprobs needs a single-process engine (no pool, TP or PP)")
         ids_in_params = [t for t, _ in params.logit_bias] + list(params.allowed_token_ids or ())
         if any(t >= vocab for t in ids_in_params):
             raise RequestError(f"logit_bias and allowed_token_ids take token ids in [0, {vocab})")
@@ -226,13 +228,14 @@ class LLMEngine:
 
     def _can_launch(self, sched) -> bool:
         """Async unless a prompt forks siblings this step (forking needs the tokens on the
-        host) or a request's logits are edited (penalties, biases, masks: they need its token
-        history); every other token, greedy or sampled, with logprobs or not, is drawn on the
+        host), a request's logits are edited (penalties, biases, masks: they need its token
+        history) or its prompt's logprobs are being computed (ModelRunner.execute); every other token, greedy or sampled, with logprobs or not, is drawn on the
         device."""
         if not self.async_scheduling:
             return False
         return not any(
-            s.completes_known_tokens and (s.request.num_pending_forks or needs_processing(s.request))
+            (s.completes_known_tokens and (s.request.num_pending_forks or needs_processing(s.request)))
+            or (s.request.prompt_logprobs is not None and s.num_computed_tokens < s.request.num_prompt_tokens)
             for s in sched.scheduled
         )
 

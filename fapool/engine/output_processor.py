@@ -69,4 +69,5 @@ class OutputProcessor:
             finished=finished,
             metrics=first.metrics,
             error=next((r.error for r in group if r.error), None),
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
         )

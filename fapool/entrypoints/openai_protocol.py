@@ -118,8 +118,8 @@ class SamplingFields(OpenAIModel):
     allowed_token_ids: list[TokenId] | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)  # keep the last k (-1: max_model_len)
-    # A vLLM extension this server does not implement: refused (400) when set, never ignored.
-    prompt_logprobs: int | None = None
+    # vLLM's extension: each prompt token's logprob and this many alternatives (non-streaming).
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # Structured outputs (vLLM's fields and OpenAI's response_format): at most one.
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -132,8 +132,8 @@ class SamplingFields(OpenAIModel):
         """(field, message) for a requested feature this server does not implement."""
         if self.truncate_prompt_tokens == 0:
             return "truncate_prompt_tokens", "truncate_prompt_tokens must be -1 or at least 1"
-        if self.prompt_logprobs is not None:
-            return "prompt_logprobs", "prompt_logprobs is not supported by this server"
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs is returned in non-streaming responses only"
         given = [n for n in STRUCTURED_FIELDS if getattr(self, n) is not None]
         if self.response_format is not None and self.response_format.type == "text":
             given.remove("response_format")
@@ -182,6 +182,7 @@ class SamplingFields(OpenAIModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             presence_penalty=self.presence_penalty or 0.0,
@@ -209,7 +210,7 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs needs prompt logprobs, which this server does not compute"
+            return "echo", "echo with logprobs is not supported; prompt_logprobs gives the prompt's logprobs"
         if self.echo and self.stream:
             return "echo", "echo is not supported with stream=true"
         if self.suffix:

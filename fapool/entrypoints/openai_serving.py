@@ -149,6 +149,20 @@ class Renderer(ABC):
         return {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
+def prompt_logprobs_json(renderer: Renderer, out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's shape: per prompt token, None for the first, else {token id: {logprob,
+    decoded_token}} for the prompt's token and the top alternatives."""
+    if out.prompt_logprobs is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {str(lp.token_id): {"logprob": _finite(lp.logprob), "decoded_token": renderer.token_str(lp.token_id)}
+              for lp in entry}
+        for entry in out.prompt_logprobs
+    ]
+
+
 class CompletionRenderer(Renderer):
     object_name = chunk_object = "text_completion"
 
@@ -203,6 +217,8 @@ class CompletionRenderer(Renderer):
                 choice = self._choice(index * self.n + c.index, echo + c.text, c.token_ids, c.logprobs, c, 0)
                 if self.req.return_token_ids:
                     choice["prompt_token_ids"] = self.prompts[index]
+                if out.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(self, out)
                 choices.append(choice)
         tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
         return {
@@ -296,4 +312,6 @@ class ChatRenderer(Renderer):
         }
         if self.req.return_token_ids:
             body["prompt_token_ids"] = self.prompts[0]
+        if out.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs_json(self, out)
         return body

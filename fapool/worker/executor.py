@@ -36,6 +36,7 @@ class Executor:
     """Runs steps on one or more ranks. Subclasses wrap the rank-0 runner of a topology."""
 
     supports_async = False
+    supports_prompt_logprobs = False  # every prompt position's logits (ModelRunner.execute)
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
@@ -68,6 +69,7 @@ class InProcessExecutor(Executor):
     """One process, one device: decode steps through CUDA graphs and async scheduling on GPU."""
 
     supports_async = True
+    supports_prompt_logprobs = True
 
 
 class MultiprocessExecutor(Executor):

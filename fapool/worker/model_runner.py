@@ -254,11 +254,29 @@ class ModelRunner:
             return (logits if due else None), due
         ids, pos, meta = self.prepare(out)
         hidden = self.model(ids, pos, self.kv_caches, meta)
+        self._prompt_logprobs(out.scheduled, hidden)
         if not due:
             return None, []
         ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))  # exclusive ends
         rows = torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long)
         return self.model.compute_logits(hidden[self._to_device(rows)]), due
+
+    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor) -> None:
+        """For requests that ask: the logits at each computed prompt position p score prompt
+        token p + 1; its logprob and the top alternatives go to request.prompt_logprobs[p + 1]
+        (a recomputation after preemption writes the same values again)."""
+        start = 0
+        for s in scheduled:
+            req, first = s.request, s.num_computed_tokens
+            last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)  # exclusive
+            if req.prompt_logprobs is not None and first < last:
+                logits = self.model.compute_logits(hidden[start : start + last - first])
+                targets = req.prompt_token_ids[first + 1 : last + 1]
+                k = req.params.prompt_logprobs
+                lps = compute_logprobs(logits, self._to_device(torch.tensor(targets)), k)
+                lps = DeviceLogprobs(lps.chosen.cpu(), lps.top_values.cpu(), lps.top_ids.cpu())
+                req.prompt_logprobs[first + 1 : last + 1] = logprob_lists(targets, lps, [k] * len(targets))
+            start += s.num_new_tokens
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> PendingTokens:

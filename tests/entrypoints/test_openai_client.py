@@ -165,6 +165,20 @@ def test_logprobs_and_seed(tiny):
     assert a.choices[0].token_ids == b.choices[0].token_ids
 
 
+def test_prompt_logprobs(tiny):
+    """vLLM's prompt_logprobs: None for the first token, then each prompt token's logprob (the
+    largest of its entry when it is the top choice) with the alternatives asked for."""
+    server, _ = tiny
+    client = _client(server)
+    prompt = random_prompts([9], seed=4)[0]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(prompt) and plp[0] is None
+    for token, entry in zip(prompt[1:], plp[1:]):
+        assert str(token) in entry and 2 <= len(entry) <= 3
+        assert all(v["logprob"] <= 0 for v in entry.values())
+
+
 def test_held_back():
     assert held_back("abc</", ("</s>",)) == 2 and held_back("abc", ("</s>",)) == 0
     assert held_back("ab\n", ("\n\n", "b\nx")) == 2

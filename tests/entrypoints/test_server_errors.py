@@ -67,8 +67,8 @@ def test_api_key(server):
         ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
         ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-        # Not implemented: refused, never ignored.
-        ({"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         # Structured outputs: one constraint, well formed.
         ({"prompt": "hi", "guided_choice": ["a"], "guided_regex": "a+"}, "guided_choice"),
         ({"prompt": "hi", "guided_choice": []}, "structured_outputs"),
