@@ -87,6 +87,9 @@ def to_host(tokens: torch.Tensor, logprobs: DeviceLogprobs | None, due: list[Sch
 
 class ModelRunner:
     worker_num_blocks: int | None = None  # KV blocks of each attention worker (a pool's runners)
+    # CPU: float32 linears through oneDNN with packed weights (fapool.layers.cpu_linear). A
+    # multi-rank driver shards the dense weights later, so it keeps them as they are.
+    pack_cpu_linears = True
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         self.config = config
@@ -114,6 +117,10 @@ class ModelRunner:
             from fapool.layers.fused import fuse_model
 
             fuse_model(model)
+        elif self.pack_cpu_linears:
+            from fapool.layers.cpu_linear import pack_linears
+
+            pack_linears(model)
         if is_fp8(config.cache.kv_cache_dtype):
             self.calibrate_kv_scales()
 

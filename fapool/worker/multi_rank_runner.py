@@ -162,6 +162,8 @@ class _Done:
 
 
 class MultiRankRunner(ModelRunner):
+    pack_cpu_linears = False
+
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         check_parallel(config)
         super().__init__(config, model, backend)

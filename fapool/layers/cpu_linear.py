@@ -1,0 +1,58 @@
+"""Linears on the CPU through oneDNN with weights packed once (as torch.compile's CPU freezing
+does), instead of MKL's sgemm.
+
+MKL's sgemm on the AMD EPYC CPUs this project runs on takes twice as long for 2-16 rows as for
+one (a decode batch of 8 reads every weight at half the memory bandwidth); oneDNN's kernels on
+weights reordered for a small batch do not (benchmarks/RESULTS.md). float32 only: the bf16
+reorder needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, which a CPU may lack; other dtypes keep
+torch's own linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fapool.layers.linear import MergedLinear
+
+DECODE_BATCH_HINT = 8  # rows the packed layout is chosen for (it serves every row count)
+
+
+class _Packed:
+    """forward through the packed copy of the weight (the dense one is dropped)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+class PackedLinear(_Packed, nn.Linear):
+    pass
+
+
+class PackedMergedLinear(_Packed, MergedLinear):
+    pass
+
+
+_PACKED = {nn.Linear: PackedLinear, MergedLinear: PackedMergedLinear}
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Switch every float32 linear of `model` to its packed twin; a weight shared with another
+    module (a tied LM head) is packed as a copy and kept. Returns how many were packed."""
+    n = 0
+    for module in model.modules():
+        cls = _PACKED.get(type(module))
+        if cls is None or not can_pack(module.weight.dtype):
+            continue
+        weight = module.weight.detach()
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_BATCH_HINT)
+        shared = any(p is module.weight for m in model.modules() if m is not module for p in m.parameters(False))
+        if not shared:
+            module.weight.data = torch.empty(0, dtype=weight.dtype)  # the packed copy replaces it
+        module.__class__ = cls
+        n += 1
+    return n
