@@ -15,14 +15,19 @@ the layer's `scales`, which matter only when the cache is e4m3.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from fapool.attention.metadata import AttentionMetadata
 
-if TYPE_CHECKING:
-    from fapool.attention.kv_quant import KVScales
+
+@dataclass(frozen=True)
+class KVScales:
+    """A layer's FP8 cache scales: the cache holds K / k and V / v."""
+
+    k: float = 1.0
+    v: float = 1.0
 
 
 class AttentionBackend(ABC):

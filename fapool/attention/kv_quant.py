@@ -10,11 +10,9 @@ while the smallest values that matter stay in e4m3's normal range (max / 2^15 an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from fapool.attention.backend import AttentionBackend
+from fapool.attention.backend import AttentionBackend, KVScales
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -35,12 +33,6 @@ def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     if dtype != FP8_DTYPE:
         return x.to(dtype)
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(dtype)
-
-
-@dataclass(frozen=True)
-class KVScales:
-    k: float = 1.0
-    v: float = 1.0
 
 
 class _AmaxObserver(AttentionBackend):

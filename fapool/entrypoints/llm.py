@@ -12,7 +12,13 @@ import torch
 from fapool.attention.selector import make_backend
 from fapool.engine.arg_utils import EngineArgs
 from fapool.engine.llm_engine import LLMEngine, RequestError
-from fapool.models.loader import iter_weights, load_model_config, load_tokenizer, release_model_files, resolve_model
+from fapool.models.loader import (
+    iter_weights,
+    load_model_config,
+    load_tokenizer,
+    release_model_files,
+    resolve_model,
+)
 from fapool.models.registry import build_model
 from fapool.outputs import RequestMetrics, RequestOutput
 from fapool.sampling_params import SamplingParams

@@ -33,7 +33,7 @@ def _write_case(dtype, scales, seed=0):
     n = 9 + 6
     key = 3 * torch.randn(n, kv_heads, dim, generator=g)
     value = torch.randn(n, kv_heads, dim, generator=g)
-    slots = torch.tensor(list(range(0, 9)) + list(range(20, 26)))
+    slots = torch.tensor(list(range(9)) + list(range(20, 26)))
     write_kv_torch(k_cache, v_cache, key, value, slots, scales)
     # Sequence 0: 9 tokens (5 cached + a 4-token chunk); sequence 1: 6 tokens, the last decoding.
     meta = AttentionMetadata.build([4, 1], [5, 5], [9, 6], [[0, 1, 2], [5, 6]], [5, 6, 7, 8, 25])
