@@ -17,38 +17,28 @@ from fapool.entrypoints.cli import build_parser
 from fapool.entrypoints.llm import build_engine
 
 
-def test_fapool_serve_process(tiny_text_model, tmp_path):
+def _serve(model: str, tmp_path, *extra: str):
+    """`fapool serve` as a process on an OS-chosen port: (process, base url, log file)."""
     log = tmp_path / "serve.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fapool.entrypoints.cli",
-        "serve",
-        "--model",
-        tiny_text_model,
-        "--device",
-        "cpu",
-        "--num-kv-blocks",
-        "64",
-        "--block-size",
-        "4",
-        "--port",
-        "0",
-        "--served-model-name",
-        "tiny",
-        "--api-key",
-        "k",
-    ]
+    cmd = [sys.executable, "-m", "fapool.entrypoints.cli", "serve", "--model", model, "--device", "cpu",
+           "--block-size", "4", "--port", "0", "--served-model-name", "tiny", "--api-key", "k", *extra]
     with open(log, "w") as f:
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
+    deadline, url = time.monotonic() + 60, None
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
+        url = m.group(1) if m else time.sleep(0.1)
+    if url is None:
+        proc.kill()
+        raise AssertionError(log.read_text())
+    return proc, url, log
+
+
+def test_fapool_serve_process(tiny_text_model, tmp_path):
+    proc, url, log = _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "64")
     try:
-        deadline, url = time.monotonic() + 60, None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            m = re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
-            url = m.group(1) if m else time.sleep(0.1)
-        assert url, log.read_text()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=5)
         r = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
@@ -56,6 +46,27 @@ def test_fapool_serve_process(tiny_text_model, tmp_path):
         assert r.usage.completion_tokens == 4
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_second_signal_forces_exit_with_status_1(tiny_text_model, tmp_path):
+    """The first SIGINT drains (the running stream may finish); a second cuts the drain short,
+    and the exit status says so to a supervisor."""
+    proc, url, log = _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "300", "--shutdown-timeout", "60")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        stream = client.completions.create(
+            model="tiny", prompt="hi", max_tokens=1000, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(iter(stream))  # the request is running
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the drain should wait for the running stream"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 1, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
