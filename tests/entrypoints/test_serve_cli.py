@@ -176,3 +176,30 @@ def test_every_serve_and_generate_flag_has_help():
     for name in ("serve", "generate"):
         missing = [a.option_strings for a in sub.choices[name]._actions if a.option_strings and not a.help]
         assert not missing, (name, missing)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_memory_returns_after_rejected_large_bodies(tiny_text_model, tmp_path):
+    """Bodies just under the 8 MiB limit (refused as overlong prompts) and over it (413 before
+    reading) leave the server's memory where it was, within a margin, not gigabytes up."""
+    import httpx
+
+    proc, url, log = _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "64")
+    try:
+        auth = {"Authorization": "Bearer k"}
+        httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, headers=auth)
+        before = _rss_mb(proc.pid)
+        under = {"model": "tiny", "prompt": "x" * (7 << 20)}
+        over = {"model": "tiny", "prompt": "x" * (9 << 20)}
+        for body, status in [(under, 400)] * 5 + [(over, 413)] * 3:
+            assert httpx.post(f"{url}/v1/completions", json=body, headers=auth, timeout=60).status_code == status
+        grown = _rss_mb(proc.pid) - before
+        print(f"server RSS {before:.0f} MB, after 8 rejected 7-9 MB bodies +{grown:.0f} MB")
+        assert grown < 150, log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,6 +1,8 @@
 """Errors leave in OpenAI's shape with the right status: 400 bad input (naming the field),
 401 API key, 404 unknown model or path, and the openai client maps them to its exceptions."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -305,3 +307,32 @@ def test_structured_outputs_constrain_the_text(server):
     assert text(response_format={"type": "json_object"}).lstrip().startswith("{")
     r = _post(server, "/v1/completions", {"prompt": "x", "guided_regex": "("})
     assert "invalid structured output constraint" in _error(r, 400)["message"]
+
+
+def test_health_answers_while_a_prompt_is_tokenized(server, monkeypatch):
+    """Tokenizing runs off the event loop: with a tokenizer that takes 2 s, /health still answers
+    at once and the request then completes."""
+    import threading
+
+    tokenizer = server.app.state.engine.engine.tokenizer
+    encode = tokenizer.encode
+    started = threading.Event()
+
+    def slow_encode(*args, **kwargs):
+        started.set()
+        time.sleep(2.0)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(r=_post(server, "/v1/completions", {"prompt": "hello", "max_tokens": 2}))
+    )
+    worker.start()
+    assert started.wait(10)
+    t = time.monotonic()
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    assert time.monotonic() - t < 0.5
+    assert worker.is_alive()  # still tokenizing
+    worker.join(30)
+    assert result["r"].status_code == 200, result["r"].text
