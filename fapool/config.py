@@ -191,8 +191,8 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.attention_workers < 0:
             raise ConfigError(f"attention_workers must be >= 0, got {self.attention_workers}")
-        if self.pool_threshold < 1 or self.tokens_per_pool_worker < 1:
-            raise ConfigError("pool_threshold and tokens_per_pool_worker must be >= 1")
+        if self.pool_threshold < 0 or self.tokens_per_pool_worker < 1:
+            raise ConfigError("pool_threshold must be >= 0 and tokens_per_pool_worker >= 1")
         if self.pool_mode not in ("shard", "replicate", "head"):
             raise ConfigError(f"pool_mode must be shard, replicate or head, got {self.pool_mode!r}")
         if self.micro_batches is not None and self.micro_batches < 1:

@@ -167,7 +167,8 @@ class EngineArgs:
         )
         g.add_argument(
             "--pool-threshold", type=int, default=4096,
-            help="a sequence's tokens beyond this go to the pool (default: %(default)s)",
+            help="a sequence's tokens beyond this go to the pool; 0: all of them, the dense side keeps "
+            "no KV (Lamina, seed 004) (default: %(default)s)",
         )
         g.add_argument(
             "--tokens-per-pool-worker", type=int, default=4096,

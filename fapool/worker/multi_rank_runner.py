@@ -206,6 +206,10 @@ class MultiRankRunner(ModelRunner):
         # Decided while the model is still whole (GPU profiling runs a full forward), for
         # the largest per-rank share of the KV, then the same block ids everywhere.
         self.num_blocks = ModelRunner.determine_num_blocks(self)
+        if self.pool_kv_heads is not None and self.pool_start == 0:
+            # Lamina (seed 004): every token's KV is on the attention ranks. The dense ranks
+            # keep one block that nothing writes, so block tables stay uniform.
+            self.num_blocks = 1
         self.stage = DenseStage(config, model, self.topology, 0, self._wait)
         if self.device.type == "cpu":
             # Other ranks compute on one thread each; leave the driver the remaining cores, since

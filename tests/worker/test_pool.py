@@ -70,6 +70,20 @@ def test_pool_matches_single_process(tiny_checkpoints, reference, arch, mode, wo
 
 
 @pytest.mark.parametrize("mode", ["shard", "head"])
+def test_lamina_all_attention_remote_matches_single_process(tiny_checkpoints, reference, mode):
+    """Seed 004's topology: pool_threshold 0 puts every token's KV on the attention workers
+    (request-level with shard, head-level with head); the dense rank holds a single unused block."""
+    kw = _engine_kwargs(attention_workers=2, pool_mode=mode, **{**POOL, "pool_threshold": 0})
+    with LLM(tiny_checkpoints["llama"][0], **kw) as llm:
+        assert llm.engine.stats().kv_blocks_total == 1
+        outs = llm.generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)
+        assert [o.token_ids for o in outs] == reference("llama")
+        stats = llm.engine.executor.reports
+        assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
+        assert max(s.pool_size for s in stats) == 2
+
+
+@pytest.mark.parametrize("mode", ["shard", "head"])
 def test_pool_with_async_scheduling_matches_single_process(tiny_checkpoints, reference, mode):
     """Async scheduling with the pool: steps run on the runner's thread while the engine
     schedules the next (micro-batch counts still chosen per step); greedy tokens unchanged."""
