@@ -7,6 +7,7 @@ stop_token_ids, return_token_ids, ...). Bounds are declared on the fields so a b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -209,8 +210,6 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, le=128)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs is not supported; prompt_logprobs gives the prompt's logprobs"
         if self.echo and self.stream:
             return "echo", "echo is not supported with stream=true"
         if self.suffix:
@@ -218,6 +217,14 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", "best_of must equal n (beam search is not supported)"
         return super().unsupported()
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """echo with logprobs reports the prompt's tokens too (OpenAI's legacy completions):
+        their logprobs are prompt_logprobs."""
+        params = super().sampling_params(max_tokens, logprobs)
+        if self.echo and logprobs is not None and params.prompt_logprobs is None:
+            params = dataclasses.replace(params, prompt_logprobs=logprobs)
+        return params
 
 
 class TextPart(OpenAIModel):

@@ -185,6 +185,20 @@ class CompletionRenderer(Renderer):
             offset += len(s)
         return out
 
+    def echo_logprobs(self, out: RequestOutput, lps: list[list[Logprob]]) -> dict:
+        """The prompt's tokens then the completion's, as OpenAI reports them with echo: the
+        first prompt token has no logprob (nothing precedes it)."""
+        first = self.token_str(out.prompt_token_ids[0])
+        prompt = self.logprobs(out.prompt_logprobs[1:], len(first))
+        offset = prompt["text_offset"][-1] + len(prompt["tokens"][-1]) if prompt["tokens"] else len(first)
+        completion = self.logprobs(lps, offset)
+        return {
+            "text_offset": [0, *prompt["text_offset"], *completion["text_offset"]],
+            "token_logprobs": [None, *prompt["token_logprobs"], *completion["token_logprobs"]],
+            "tokens": [first, *prompt["tokens"], *completion["tokens"]],
+            "top_logprobs": [None, *prompt["top_logprobs"], *completion["top_logprobs"]],
+        }
+
     def prompt_text(self, index: int) -> str:
         """echo: the prompt as sent, or its token ids decoded."""
         prompt = self.req.prompt
@@ -215,6 +229,8 @@ class CompletionRenderer(Renderer):
             echo = self.prompt_text(index) if self.req.echo else ""
             for c in out.outputs:
                 choice = self._choice(index * self.n + c.index, echo + c.text, c.token_ids, c.logprobs, c, 0)
+                if self.req.echo and c.logprobs is not None and out.prompt_logprobs is not None:
+                    choice["logprobs"] = self.echo_logprobs(out, c.logprobs)
                 if self.req.return_token_ids:
                     choice["prompt_token_ids"] = self.prompts[index]
                 if out.prompt_logprobs is not None:

@@ -179,6 +179,26 @@ def test_prompt_logprobs(tiny):
         assert all(v["logprob"] <= 0 for v in entry.values())
 
 
+def test_echo_with_logprobs_reports_the_prompt_tokens_first(tiny):
+    """OpenAI's legacy echo + logprobs: the prompt's tokens (the first without a logprob) then
+    the completion's, the prompt's values equal to prompt_logprobs."""
+    server, _ = tiny
+    client = _client(server)
+    prompt = random_prompts([7], seed=5)[0]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == sorted(lp.text_offset)
+    plp = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 2}
+    ).choices[0].model_extra["prompt_logprobs"]
+    for p in range(1, len(prompt)):
+        assert lp.token_logprobs[p] == pytest.approx(plp[p][str(prompt[p])]["logprob"], abs=1e-5)
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    assert lp.token_logprobs[len(prompt):] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+
+
 def test_held_back():
     assert held_back("abc</", ("</s>",)) == 2 and held_back("abc", ("</s>",)) == 0
     assert held_back("ab\n", ("\n\n", "b\nx")) == 2

@@ -67,7 +67,6 @@ def test_api_key(server):
         ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
         ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
-        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
