@@ -236,13 +236,40 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
-    def as_template_input(self) -> dict[str, str]:
+    def as_template_input(self) -> dict[str, Any]:
         content = (
             self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         )
         # Templates written before the "developer" role know it as "system".
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class ToolFunction(OpenAIModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -252,8 +279,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     chat_template_kwargs: dict[str, Any] | None = None
     continue_final_message: bool = False
 
@@ -262,16 +289,41 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
+
+    @property
+    def effective_tool_choice(self) -> str | dict:
+        """"none", "auto", "required" or {"type": "function", "function": {"name": ...}}."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice if isinstance(self.tool_choice, str) else self.tool_choice.model_dump()
+
+    def structured(self) -> StructuredOutputs | None:
+        from fapool.entrypoints.tool_calls import constraint
+
+        return constraint(self.tool_dicts, self.effective_tool_choice) or super().structured()
+
+    @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
-        if self.tools:
-            return "tools", "tool calling is not supported by this server"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported by this server"
+        choice = self.effective_tool_choice
+        if choice != "none" and self.stream:
+            return "tools", "tool calls are returned in non-streaming responses only"
+        if self.tool_choice not in (None, "none") and not self.tools:
+            return "tool_choice", "tool_choice needs tools"
+        if isinstance(choice, dict) and choice["function"]["name"] not in {t.function.name for t in self.tools or ()}:
+            return "tool_choice", f"tool_choice names {choice['function']['name']!r}, which is not among the tools"
+        if choice in ("required",) or isinstance(choice, dict):
+            given = [n for n in STRUCTURED_FIELDS if getattr(self, n) is not None]
+            if given:
+                return "tool_choice", f"tool_choice {choice!r} constrains the output already; drop {given[0]}"
         if self.continue_final_message and self.add_generation_prompt:
             return "continue_final_message", "continue_final_message needs add_generation_prompt=false"
         if self.continue_final_message and self.messages[-1].role != "assistant":
@@ -330,6 +382,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -358,6 +411,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -377,6 +431,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from fapool.entrypoints import openai_protocol as proto
+from fapool.entrypoints import tool_calls
 from fapool.outputs import CompletionOutput, Logprob, RequestOutput
 
 
@@ -308,6 +309,7 @@ class ChatRenderer(Renderer):
     def full_response(self, finals: list[RequestOutput]) -> dict:
         out = finals[0]
         choices = []
+        tool_choice = self.req.effective_tool_choice
         for c in out.outputs:
             choice = {
                 "index": c.index,
@@ -315,6 +317,12 @@ class ChatRenderer(Renderer):
                 "logprobs": self.logprobs(c.logprobs),
                 **self.finish(c),
             }
+            if tool_choice != "none":
+                content, calls = tool_calls.parse(c.text, self.req.tool_dicts, tool_choice)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": [t.json() for t in calls]}
+                    if c.finish_reason == "stop" and not isinstance(tool_choice, dict):
+                        choice["finish_reason"] = "tool_calls"
             if self.req.return_token_ids:
                 choice["token_ids"] = c.token_ids
             choices.append(choice)

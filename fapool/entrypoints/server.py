@@ -158,6 +158,7 @@ class OpenAIServing:
         add_generation_prompt: bool = True,
         template_kwargs: dict | None = None,
         continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise _bad("this model has no chat template; use /v1/completions", param="messages")
@@ -168,6 +169,8 @@ class OpenAIServing:
         extra = dict(template_kwargs or {})
         if continue_final_message:
             extra["continue_final_message"] = True
+        if tools:
+            extra["tools"] = tools
         try:
             encoded = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True, **extra
@@ -482,6 +485,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             req.add_generation_prompt,
             req.chat_template_kwargs,
             req.continue_final_message,
+            req.tool_dicts if req.effective_tool_choice != "none" else None,
         )
         ids = serving.truncate(ids, req.truncate_prompt_tokens)
         serving.check_prompt(ids, req.max_new_tokens, "messages")

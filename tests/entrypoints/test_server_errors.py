@@ -12,6 +12,25 @@ from fapool.entrypoints.llm import build_engine
 
 KEY = "sk-test-key"
 MAX_LEN = 128
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
+
+
+def NAMED(name):  # noqa: N802 - reads as the value it builds
+    return {"type": "function", "function": {"name": name}}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +119,15 @@ def test_completion_bad_input_400(server, body, param):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_LEN}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
-        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": NAMED("other")}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "stream": True}, "tools"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": "required",
+             "guided_regex": "a+"},
+            "tool_choice",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, "continue_final_message"),
         (
             {
@@ -335,3 +362,42 @@ def test_health_answers_while_a_prompt_is_tokenized(server, monkeypatch):
     assert worker.is_alive()  # still tokenizing
     worker.join(30)
     assert result["r"].status_code == 200, result["r"].text
+
+
+def test_tool_calls(server):
+    """A named tool_choice makes the output that function's arguments (valid for its schema);
+    "required" makes it one or more calls of the tools; earlier calls and tool results are
+    accepted in the messages."""
+    import json
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    history = [  # short: the byte-level test model has 128 positions
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sun"},
+    ]
+
+    def chat(**kw):
+        body = {"messages": history, "tools": [WEATHER, TIME], "max_tokens": 70, "temperature": 0, **kw}
+        r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    named = chat(tool_choice=NAMED("get_weather"))
+    (call,) = named["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather" and named["message"]["content"] is None
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+    assert named["finish_reason"] == "stop"
+
+    required = chat(tool_choice="required")
+    calls = required["message"]["tool_calls"]
+    assert calls and required["finish_reason"] == "tool_calls"
+    for c in calls:
+        args = json.loads(c["function"]["arguments"])
+        assert c["function"]["name"] in ("get_weather", "get_time")
+        assert set(args) == ({"city"} if c["function"]["name"] == "get_weather" else {"utc"})
+
+    none = chat(tool_choice="none", max_tokens=4)
+    assert "tool_calls" not in none["message"]
