@@ -1,6 +1,7 @@
 """`fapool generate`: a single completion streams to the terminal as it is generated, and what
 streams is the completion itself; LLM.generate's on_output hook behind it."""
 
+import itertools
 import json
 
 from fapool import LLM, SamplingParams
@@ -15,7 +16,7 @@ def test_on_output_sees_growing_text_then_the_final_output(tiny_text_model):
     outs = llm.generate(["hello there"], SamplingParams(max_tokens=12, ignore_eos=True), on_output=seen.append)
     texts = [o.outputs[0].text for o in seen]
     assert len(seen) >= 12  # one call per step at least (prefill, then each token)
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
     assert seen[-1].finished and not any(o.finished for o in seen[:-1])
     assert texts[-1] == outs[0].outputs[0].text
 

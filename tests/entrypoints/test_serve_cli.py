@@ -1,6 +1,7 @@
 """`fapool serve` as a process (OS-chosen port, SIGINT exits cleanly) and `fapool bench serve`
 against a live server."""
 
+import contextlib
 import os
 import re
 import signal
@@ -17,8 +18,10 @@ from fapool.entrypoints.cli import build_parser
 from fapool.entrypoints.llm import build_engine
 
 
+@contextlib.contextmanager
 def _serve(model: str, tmp_path, *extra: str):
-    """`fapool serve` as a process on an OS-chosen port: (process, base url, log file)."""
+    """`fapool serve` as a process on an OS-chosen port: (process, base url, log file); killed
+    on the way out if it is still running."""
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "fapool.entrypoints.cli", "serve", "--model", model, "--device", "cpu",
            "--block-size", "4", "--port", "0", "--served-model-name", "tiny", "--api-key", "k", *extra]
@@ -30,15 +33,17 @@ def _serve(model: str, tmp_path, *extra: str):
     while url is None and time.monotonic() < deadline and proc.poll() is None:
         m = re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
         url = m.group(1) if m else time.sleep(0.1)
-    if url is None:
-        proc.kill()
-        raise AssertionError(log.read_text())
-    return proc, url, log
+    try:
+        assert url is not None, log.read_text()
+        yield proc, url, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_fapool_serve_process(tiny_text_model, tmp_path):
-    proc, url, log = _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "64")
-    try:
+    with _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "64") as (proc, url, log):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=5)
         r = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
@@ -46,17 +51,13 @@ def test_fapool_serve_process(tiny_text_model, tmp_path):
         assert r.usage.completion_tokens == 4
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_second_signal_forces_exit_with_status_1(tiny_text_model, tmp_path):
     """The first SIGINT drains (the running stream may finish); a second cuts the drain short,
     and the exit status says so to a supervisor."""
-    proc, url, log = _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "300", "--shutdown-timeout", "60")
-    try:
+    args = ("--num-kv-blocks", "300", "--shutdown-timeout", "60")
+    with _serve(tiny_text_model, tmp_path, *args) as (proc, url, log):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         stream = client.completions.create(
             model="tiny", prompt="hi", max_tokens=1000, stream=True, extra_body={"ignore_eos": True}
@@ -67,10 +68,6 @@ def test_second_signal_forces_exit_with_status_1(tiny_text_model, tmp_path):
         assert proc.poll() is None, "the drain should wait for the running stream"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 1, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -188,8 +185,7 @@ def test_memory_returns_after_rejected_large_bodies(tiny_text_model, tmp_path):
     reading) leave the server's memory where it was, within a margin, not gigabytes up."""
     import httpx
 
-    proc, url, log = _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "64")
-    try:
+    with _serve(tiny_text_model, tmp_path, "--num-kv-blocks", "64") as (proc, url, log):
         auth = {"Authorization": "Bearer k"}
         httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, headers=auth)
         before = _rss_mb(proc.pid)
@@ -200,6 +196,3 @@ def test_memory_returns_after_rejected_large_bodies(tiny_text_model, tmp_path):
         grown = _rss_mb(proc.pid) - before
         print(f"server RSS {before:.0f} MB, after 8 rejected 7-9 MB bodies +{grown:.0f} MB")
         assert grown < 150, log.read_text()
-    finally:
-        proc.kill()
-        proc.wait()
