@@ -46,6 +46,23 @@ def _key(x):
 
 
 @triton.jit
+def _tile(x_row, start, offs, vocab):
+    """Tile `start` of a row: its positions and float32 logits (-inf past the vocabulary)."""
+    idx = start + offs
+    return idx, tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _count_at_least(x_row, offs, vocab, threshold, BLOCK: tl.constexpr):
+    """How many of the row's logits have a key >= threshold."""
+    lane_n = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx, x = _tile(x_row, start, offs, vocab)
+        lane_n += ((idx < vocab) & (_key(x) >= threshold)).to(tl.int32)
+    return tl.sum(lane_n, 0)
+
+
+@triton.jit
 def _sample_kernel(
     X,
     stride_x,
@@ -77,8 +94,7 @@ def _sample_kernel(
     lane_arg = tl.zeros([BLOCK], tl.int32)
     lane_nan = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
-        idx = start + offs
-        x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        idx, x = _tile(x_row, start, offs, vocab)
         lane_nan = tl.maximum(lane_nan, (x != x).to(tl.int32))  # noqa: PLR0124 - NaN
         x = tl.where(x != x, float("-inf"), x)  # noqa: PLR0124 - NaN
         lane_arg = tl.where(x > lane_max, idx, lane_arg)
@@ -93,20 +109,10 @@ def _sample_kernel(
         # 2. top-k: the largest key t with count(key >= t) >= k
         k_thr = tl.full([], INT_MIN, tl.int32)
         if top_k < vocab:
-            lane_n = tl.zeros([BLOCK], tl.int32)
-            for start in range(0, vocab, BLOCK):
-                idx = start + offs
-                x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-                lane_n += ((idx < vocab) & (_key(x) >= 0)).to(tl.int32)
-            k_thr = tl.where(tl.sum(lane_n, 0) >= top_k, 0, INT_MIN)
+            k_thr = tl.where(_count_at_least(x_row, offs, vocab, 0, BLOCK) >= top_k, 0, INT_MIN)
             for b in range(31):
                 trial = k_thr + (1 << (30 - b))
-                lane_n = tl.zeros([BLOCK], tl.int32)
-                for start in range(0, vocab, BLOCK):
-                    idx = start + offs
-                    x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-                    lane_n += ((idx < vocab) & (_key(x) >= trial)).to(tl.int32)
-                k_thr = tl.where(tl.sum(lane_n, 0) >= top_k, trial, k_thr)
+                k_thr = tl.where(_count_at_least(x_row, offs, vocab, trial, BLOCK) >= top_k, trial, k_thr)
         # Row keys of the hash (fapool.layers.sampler.row_keys).
         lo = seed.to(tl.uint32)  # int64 -> uint32 keeps the low 32 bits
         hi = (seed >> 32).to(tl.uint32)
@@ -124,8 +130,7 @@ def _sample_kernel(
             lane_i = tl.zeros([BLOCK], tl.int32)
             part = tl.zeros([BLOCK], tl.float32)
             for start in range(0, vocab, BLOCK):
-                idx = start + offs
-                x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                idx, x = _tile(x_row, start, offs, vocab)
                 key = _key(x)
                 kept = (idx < vocab) & (x >= t_min) & (key >= k_thr)
                 if rnd == 0:
@@ -145,8 +150,7 @@ def _sample_kernel(
                 x_best = tl.load(x_row + best_i).to(tl.float32)
                 above = tl.zeros([BLOCK], tl.float32)
                 for start in range(0, vocab, BLOCK):
-                    idx = start + offs
-                    x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+                    idx, x = _tile(x_row, start, offs, vocab)
                     kept = (idx < vocab) & (x >= t_min) & (_key(x) >= k_thr) & (x > x_best)
                     above += tl.where(kept, tl.exp((x - x_max) * inv_t), 0.0)
                 mass_above = tl.sum(above, 0)
