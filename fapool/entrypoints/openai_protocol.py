@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fapool.entrypoints import tool_calls
 from fapool.sampling_params import SamplingParams, StructuredOutputs
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -302,9 +303,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.tool_choice if isinstance(self.tool_choice, str) else self.tool_choice.model_dump()
 
     def structured(self) -> StructuredOutputs | None:
-        from fapool.entrypoints.tool_calls import constraint
-
-        return constraint(self.tool_dicts, self.effective_tool_choice) or super().structured()
+        return tool_calls.constraint(self.tool_dicts, self.effective_tool_choice) or super().structured()
 
     @property
     def num_logprobs(self) -> int | None:
@@ -320,7 +319,7 @@ class ChatCompletionRequest(SamplingFields):
             return "tool_choice", "tool_choice needs tools"
         if isinstance(choice, dict) and choice["function"]["name"] not in {t.function.name for t in self.tools or ()}:
             return "tool_choice", f"tool_choice names {choice['function']['name']!r}, which is not among the tools"
-        if choice in ("required",) or isinstance(choice, dict):
+        if choice == "required" or isinstance(choice, dict):
             given = [n for n in STRUCTURED_FIELDS if getattr(self, n) is not None]
             if given:
                 return "tool_choice", f"tool_choice {choice!r} constrains the output already; drop {given[0]}"
