@@ -229,8 +229,8 @@ class LLMEngine:
     def _can_launch(self, sched) -> bool:
         """Async unless a prompt forks siblings this step (forking needs the tokens on the
         host), a request's logits are edited (penalties, biases, masks: they need its token
-        history) or its prompt's logprobs are being computed (ModelRunner.execute); every other token, greedy or sampled, with logprobs or not, is drawn on the
-        device."""
+        history) or its prompt's logprobs are being computed (ModelRunner.execute); every
+        other token, greedy or sampled, with logprobs or not, is drawn on the device."""
         if not self.async_scheduling:
             return False
         return not any(
