@@ -1,10 +1,10 @@
 """What an FP8 KV cache costs in quality: the same model with `--kv-cache-dtype auto` and
 `fp8`, on real text (teacher-forced) and on free-running greedy generation.
 
-Teacher-forced: the text is cut into windows; each window is prefilled in chunks (so later
-chunks read the earlier ones back from the cache) and every position's logits are kept. Top-1
-agreement is the share of positions whose argmax is the same under both caches; perplexity is
-of the text's own next tokens. Free-running: greedy tokens from the same prompts, compared
+Teacher-forced: the text is cut into windows; each window is a prompt whose prompt_logprobs
+the engine computes in chunks of `--chunk` tokens (so later chunks read the earlier ones back
+from the cache). Top-1 agreement is the share of positions whose top token is the same under
+both caches; perplexity is of the text's own next tokens. Free-running: greedy tokens from the same prompts, compared
 position by position, and the length of the common prefix.
 """
 
@@ -17,11 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from fapool.attention.metadata import AttentionMetadata
 from fapool.bench.results import environment, repo_root, write_result
 from fapool.engine.arg_utils import EngineArgs
 from fapool.entrypoints.llm import LLM
@@ -51,43 +49,21 @@ def default_text() -> str:
     return "\n\n".join(parts)
 
 
-@torch.inference_mode()
-def window_logits(llm: LLM, ids: list[int], chunk: int) -> torch.Tensor:
-    """Logits [len(ids), vocab] (float32, host) of one window, prefilled in chunks over a cache
-    of the engine's KV dtype that belongs to this call alone."""
-    runner = llm.engine.executor.runner
-    m = runner.config.model
-    bs = runner.block_size
-    nb = -(-len(ids) // bs)
-    shape = (nb, bs, m.num_key_value_heads, m.head_dim)
-    caches = [
-        tuple(torch.zeros(shape, dtype=runner.kv_dtype, device=runner.device) for _ in "kv")
-        for _ in range(m.num_hidden_layers)
-    ]
-    table = [list(range(nb))]
-    rows = []
-    for a in range(0, len(ids), chunk):
-        b = min(a + chunk, len(ids))
-        meta = AttentionMetadata.build([b - a], [a], [b], table, list(range(a, b)), device=runner.device)
-        x = torch.tensor(ids[a:b], device=runner.device)
-        hidden = runner.model(x, torch.arange(a, b, device=runner.device), caches, meta)
-        rows.append(runner.model.compute_logits(hidden).float().cpu())
-    return torch.cat(rows)
-
-
-def teacher_forced(llms: dict[str, LLM], ids: list[int], window: int, chunk: int) -> dict[str, Any]:
+def teacher_forced(llms: dict[str, LLM], ids: list[int], window: int) -> dict[str, Any]:
+    """Each window's prompt logprobs under both caches (prompt_logprobs=1: the text's token and
+    the top-1 token at every position)."""
     names = list(llms)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
     agree = total = 0
     nll = dict.fromkeys(names, 0.0)
     for a in range(0, len(ids) - 1, window):
         w = ids[a : a + window + 1]
         if len(w) < 2:
             break
-        logits = {n: window_logits(llms[n], w[:-1], chunk) for n in names}
-        target = torch.tensor(w[1:])
+        rows = {n: llms[n].generate([{"prompt_token_ids": w}], params)[0].prompt_logprobs[1:] for n in names}
         for n in names:
-            nll[n] += float(torch.nn.functional.cross_entropy(logits[n], target, reduction="sum"))
-        agree += int((logits[names[0]].argmax(-1) == logits[names[1]].argmax(-1)).sum())
+            nll[n] -= sum(chosen.logprob for chosen, _top in rows[n])
+        agree += sum(x[1].token_id == y[1].token_id for x, y in zip(rows[names[0]], rows[names[1]]))
         total += len(w) - 1
     return {
         "positions": total,
@@ -112,7 +88,7 @@ def free_running(llms: dict[str, LLM], max_tokens: int) -> dict[str, Any]:
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
-    base = vars(EngineArgs.from_cli(ns))
+    base = {**vars(EngineArgs.from_cli(ns)), "max_num_batched_tokens": ns.chunk}
     text = Path(ns.text).read_text(encoding="utf-8") if ns.text else default_text()
     llms = {kv: LLM(**{**base, "kv_cache_dtype": kv}) for kv in ("auto", ns.kv_cache_dtype_test)}
     config = llms["auto"].engine.config
@@ -123,7 +99,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                    "window": ns.window, "chunk": ns.chunk, "text_tokens": len(ids)},
         "kv_cache_dtypes": list(llms),
         "free_running": free_running(llms, ns.gen_tokens),
-        "teacher_forced": teacher_forced(llms, ids, ns.window, ns.chunk),
+        "teacher_forced": teacher_forced(llms, ids, ns.window),
     }
     for llm in llms.values():
         llm.shutdown()
@@ -155,7 +131,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", default=None, help="text file (default: the project's README and docs)")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text used (default: %(default)s)")
     p.add_argument("--window", type=int, default=1024, help="tokens per teacher-forced window (default: %(default)s)")
-    p.add_argument("--chunk", type=int, default=256, help="prefill chunk inside a window (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens) (default: %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=64, help="free-running tokens per prompt (default: %(default)s)")
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
