@@ -39,24 +39,29 @@ ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored by llama.cpp as 
 _MISSING = object()
 
 
-def open_gguf(path: str) -> Any:
-    """The file's reader. Parsing the metadata (a vocabulary of ~50K strings) takes seconds, so
-    the last file read is kept until `release_gguf_readers`: the config and the weights of one
-    start share one parse."""
+def open_gguf(path: str) -> tuple[Any, ModelConfig]:
+    """The file's reader and its model config. Parsing the metadata (a vocabulary of ~50K
+    strings) takes seconds, so the last file read is kept until `release_gguf_readers`: the
+    config and the weights of one start share one parse. The parsed metadata is dropped once
+    the config holds what it needs (~90 MB of Python objects for the embedded model)."""
     try:
         st = os.stat(path)
     except OSError:
-        return _read_gguf(path)  # raises the ConfigError below
-    return _cached_reader(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        _read_gguf(path)  # raises the ConfigError below
+        raise
+    return _cached_file(os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_reader(path: str, mtime_ns: int, size: int) -> Any:
-    return _read_gguf(path)
+def _cached_file(path: str, mtime_ns: int, size: int) -> tuple[Any, ModelConfig]:
+    reader = _read_gguf(path)
+    config = _config_of(reader, path)
+    reader.fields.clear()  # the tensors keep their own index (reader.tensors)
+    return reader, config
 
 
 def release_gguf_readers() -> None:
-    _cached_reader.cache_clear()
+    _cached_file.cache_clear()
 
 
 def _read_gguf(path: str) -> Any:
@@ -74,14 +79,13 @@ def _read_gguf(path: str) -> Any:
 
 
 def gguf_model_config(path: str) -> ModelConfig:
-    return _config_of(open_gguf(path), path)
+    return open_gguf(path)[1]
 
 
 def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, float32 tensor). A tied lm_head (no output.weight) is not yielded.
     The file is opened and checked at the call, before the first tensor is asked for."""
-    reader = open_gguf(path)
-    config = _config_of(reader, path)
+    reader, config = open_gguf(path)
     # Check every tensor before yielding any, so a bad file fails before a partial load.
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
@@ -105,7 +109,9 @@ def _iter_tensors(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch
             continue  # folded into config.rope_scaling
         name = hf_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        data = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        if not data.flags.writeable:  # an F32 tensor comes back as a view of the mapped file
+            data = data.copy()
         tensor = torch.from_numpy(data)
         if config.architecture == "llama":
             tensor = _unpermute_llama(name, tensor, config)
