@@ -10,6 +10,8 @@ torch's own linear.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -43,6 +45,7 @@ def can_pack(dtype: torch.dtype) -> bool:
 def pack_linears(model: nn.Module) -> int:
     """Switch every float32 linear of `model` to its packed twin; a weight shared with another
     module (a tied LM head) is packed as a copy and kept. Returns how many were packed."""
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     n = 0
     for module in model.modules():
         cls = _PACKED.get(type(module))
@@ -50,8 +53,7 @@ def pack_linears(model: nn.Module) -> int:
             continue
         weight = module.weight.detach()
         module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_BATCH_HINT)
-        shared = any(p is module.weight for m in model.modules() if m is not module for p in m.parameters(False))
-        if not shared:
+        if owners[id(module.weight)] == 1:
             module.weight.data = torch.empty(0, dtype=weight.dtype)  # the packed copy replaces it
         module.__class__ = cls
         n += 1

@@ -46,10 +46,10 @@ def open_gguf(path: str) -> tuple[Any, ModelConfig]:
     the config holds what it needs (~90 MB of Python objects for the embedded model)."""
     try:
         st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
     except OSError:
-        _read_gguf(path)  # raises the ConfigError below
-        raise
-    return _cached_file(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        stamp = (0, 0)  # _read_gguf raises a ConfigError for it, and errors are not cached
+    return _cached_file(os.path.abspath(path), *stamp)
 
 
 @functools.lru_cache(maxsize=1)
