@@ -167,10 +167,32 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Attention-FFN disaggregation (seed 002): attention ranks, each owning a share of the
+    # requests (their KV and attention layers), and FFN ranks running every layer's FFN for all
+    # of them (tensor parallel among themselves). None: off; both are set together.
+    afd_attention_ranks: int | None = None
+    afd_ffn_ranks: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        afd = {"afd_attention_ranks": self.afd_attention_ranks, "afd_ffn_ranks": self.afd_ffn_ranks}
+        given = {k: v for k, v in afd.items() if v is not None}
+        if given and len(given) < 2:
+            (name,) = set(afd) - set(given)
+            raise ConfigError(f"attention-FFN disaggregation needs {name} too (both >= 1)")
+        for name, value in given.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if given and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ConfigError(
+                "afd_attention_ranks / afd_ffn_ranks replace tensor_parallel_size / pipeline_parallel_size "
+                "(the FFN ranks are tensor parallel among themselves): set one topology"
+            )
+
+    @property
+    def afd(self) -> bool:
+        return self.afd_attention_ranks is not None
 
 
 @dataclass(frozen=True)
@@ -225,8 +247,22 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.parallel.afd:
+            if self.pool.attention_workers:
+                raise ConfigError(
+                    "attention_workers (the attention pool) cannot be combined with afd_attention_ranks / "
+                    "afd_ffn_ranks: they are separate topologies"
+                )
+            if self.sparse_attention:
+                raise ConfigError("sparse_attention with afd_attention_ranks / afd_ffn_ranks is not supported")
+            f = self.parallel.afd_ffn_ranks
+            if self.model.intermediate_size % f:
+                raise ConfigError(
+                    f"afd_ffn_ranks {f} does not divide intermediate_size ({self.model.intermediate_size}): "
+                    "the FFN ranks hold equal slices"
+                )
         if self.cache.kv_cache_dtype != "auto":
-            multi = self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size > 1
+            multi = self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size > 1 or self.parallel.afd
             if multi or self.pool.attention_workers or self.sparse_attention:
                 raise ConfigError(
                     "kv_cache_dtype fp8 runs in a single process with dense attention for now: "

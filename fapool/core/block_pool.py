@@ -3,6 +3,10 @@ prefix cache (hash of a full block's tokens, chained through its predecessors ->
 
 A block with ref_cnt 0 sits in the free queue but keeps its hash and contents until it is
 handed out again, so a later request with the same prefix can still hit it (vLLM v1's design).
+
+Partitions: the ids may be cut into equal ranges held by different ranks (attention-FFN
+disaggregation: each attention rank holds one range). Each range has its own free queue, and a
+request takes every block from one range (KVCacheManager).
 """
 
 from __future__ import annotations
@@ -32,14 +36,22 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, worker: int = LOCAL_WORKER, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, worker: int = LOCAL_WORKER, enable_caching: bool = True, partitions: int = 1
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
+        if partitions < 1 or num_blocks % partitions:
+            raise ValueError(f"{num_blocks} blocks cannot be cut into {partitions} equal partitions")
         self.worker = worker
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i, worker) for i in range(num_blocks)]
-        # Front = evicted first. Freed blocks go to the back (LRU).
-        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.partition_size = num_blocks // partitions
+        # Per partition; front = evicted first. Freed blocks go to the back (LRU).
+        self._free: list[OrderedDict[int, KVBlock]] = [
+            OrderedDict((b.block_id, b) for b in self.blocks[p * self.partition_size : (p + 1) * self.partition_size])
+            for p in range(partitions)
+        ]
         self._cached: dict[int, KVBlock] = {}
         self.num_cache_hits = 0  # blocks served from the prefix cache
         self.num_cache_queries = 0
@@ -49,20 +61,35 @@ class BlockPool:
         return len(self.blocks)
 
     @property
-    def num_free_blocks(self) -> int:
+    def num_partitions(self) -> int:
         return len(self._free)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(len(f) for f in self._free)
+
+    def num_free_in(self, partition: int) -> int:
+        return len(self._free[partition])
+
+    def partition_of(self, block: KVBlock) -> int:
+        return block.block_id // self.partition_size
+
+    def emptiest_partition(self) -> int:
+        """Where a new request goes: the partition with the most free blocks (the first on a tie)."""
+        return max(range(len(self._free)), key=lambda p: (len(self._free[p]), -p))
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
-    def get_new_blocks(self, n: int) -> list[KVBlock]:
-        """Take n blocks off the free queue (evicting their cached identity), ref_cnt 1 each."""
-        if n > len(self._free):
-            raise ValueError(f"cannot allocate {n} blocks, only {len(self._free)} free")
+    def get_new_blocks(self, n: int, partition: int = 0) -> list[KVBlock]:
+        """Take n blocks off a partition's free queue (evicting their cached identity), ref_cnt 1 each."""
+        free = self._free[partition]
+        if n > len(free):
+            raise ValueError(f"cannot allocate {n} blocks, only {len(free)} free")
         out = []
         for _ in range(n):
-            _, block = self._free.popitem(last=False)
+            _, block = free.popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)
@@ -81,7 +108,7 @@ class BlockPool:
         """Take a reference on cached blocks a new request reuses."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.block_id]
+                del self._free[self.partition_of(block)][block.block_id]
             block.ref_cnt += 1
 
     def cache_block(self, block: KVBlock, block_hash: int) -> None:
@@ -100,7 +127,7 @@ class BlockPool:
                 raise RuntimeError(f"double free of {block}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free[block.block_id] = block
+                self._free[self.partition_of(block)][block.block_id] = block
 
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():

@@ -10,6 +10,9 @@ Only the partial tail block can be written, so only it needs copy-on-write when 
 
 With an attention pool, the local table stops at the pool threshold and the PoolManager
 places the rest on attention workers; this class keeps both in step (all or nothing).
+
+With a partitioned BlockPool (each partition on its own attention rank), a request takes all
+its blocks from one partition: the one its prefix-cache hits are in, else the emptiest.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class KVCacheManager:
         self._hashes: dict[str, list[int]] = {}  # their chained hashes
         self._pending_copies: list[tuple[int, int]] = []  # (src, dst) block ids, CoW
         self._ids: dict[str, list[int]] = {}  # block_tables as ids
+        self._partition: dict[str, int] = {}  # request -> the BlockPool partition of its blocks
 
     # Queries ------------------------------------------------------------------------------
     def num_blocks_needed(self, num_tokens: int) -> int:
@@ -43,7 +47,7 @@ class KVCacheManager:
     def can_ever_fit(self, num_tokens: int) -> bool:
         pm = self.pool_manager
         if pm is None or not pm.enabled:
-            return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
+            return self.num_blocks_needed(num_tokens) <= self.pool.partition_size
         local = self.num_blocks_needed(min(num_tokens, pm.pool_start))
         return local <= self.pool.num_blocks and pm.can_ever_fit(num_tokens)
 
@@ -80,7 +84,9 @@ class KVCacheManager:
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
             parent = hash_block_tokens(parent, tokens[start : start + self.block_size])
             block = self.pool.lookup(parent)
-            if block is None:
+            # A chain's blocks may lie in different partitions when two requests filled the
+            # same prefix at once; a request's blocks must share one.
+            if block is None or (hits and self.pool.partition_of(block) != self.pool.partition_of(hits[0])):
                 break
             hits.append(block)
         if hits and len(hits) * self.block_size >= len(tokens):
@@ -106,7 +112,10 @@ class KVCacheManager:
         cow = writes_local and tail_idx < len(table) and table[tail_idx].ref_cnt > 1
         # Cached hits sitting in the free queue stop being free once touched.
         num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if num_new_blocks + int(cow) + num_revived > self.pool.num_free_blocks:
+        part = self._partition.get(request.request_id)
+        if part is None:
+            part = self.pool.partition_of(computed_blocks[0]) if computed_blocks else self.pool.emptiest_partition()
+        if num_new_blocks + int(cow) + num_revived > self.pool.num_free_in(part):
             return False
         if limit is not None and total > limit:
             # Pool side first: its copy-on-write and allocation each leave a valid state
@@ -130,15 +139,16 @@ class KVCacheManager:
             self._num_hashed[request.request_id] = len(computed_blocks)
             self.pool.num_cache_hits += len(computed_blocks)
         if cow:
-            (fresh,) = self.pool.get_new_blocks(1)
+            (fresh,) = self.pool.get_new_blocks(1, part)
             shared = table[tail_idx]
             self._pending_copies.append((shared.block_id, fresh.block_id))
             self.pool.free_blocks([shared])
             table[tail_idx] = fresh
             ids[tail_idx] = fresh.block_id
-        new_blocks = self.pool.get_new_blocks(num_new_blocks)
+        new_blocks = self.pool.get_new_blocks(num_new_blocks, part)
         table.extend(new_blocks)
         ids.extend(b.block_id for b in new_blocks)
+        self._partition[request.request_id] = part
         self.block_tables[request.request_id] = table
         self._ids[request.request_id] = ids
         self._cache_full_blocks(request, table, local_total)
@@ -169,6 +179,8 @@ class KVCacheManager:
         self.pool.touch(table)
         self.block_tables[child.request_id] = list(table)
         self._ids[child.request_id] = list(self._ids[parent.request_id])
+        if parent.request_id in self._partition:
+            self._partition[child.request_id] = self._partition[parent.request_id]
         self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
         self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
         if self.pool_manager is not None:
@@ -177,6 +189,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         table = self.block_tables.pop(request.request_id, [])
         self._ids.pop(request.request_id, None)
+        self._partition.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
         self.pool.free_blocks(list(reversed(table)))

@@ -61,6 +61,8 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    afd_attention_ranks: int | None = None
+    afd_ffn_ranks: int | None = None
     attention_workers: int = 0
     pool_threshold: int = 4096
     tokens_per_pool_worker: int = 4096
@@ -93,7 +95,9 @@ class EngineArgs:
                 max_model_len=self.max_model_len,
                 async_scheduling=self.async_scheduling,
             ),
-            parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size),
+            parallel=ParallelConfig(
+                self.tensor_parallel_size, self.pipeline_parallel_size, self.afd_attention_ranks, self.afd_ffn_ranks
+            ),
             pool=PoolConfig(
                 attention_workers=self.attention_workers,
                 pool_threshold=self.pool_threshold,
@@ -162,6 +166,16 @@ class EngineArgs:
         g.add_argument("--tp", dest="tensor_parallel_size", type=int, default=1, help="tensor-parallel ranks (default: %(default)s)")
         g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=1, help="pipeline stages (default: %(default)s)")
         g.add_argument(
+            "--afd-attention-ranks", type=int, default=None,
+            help="attention-FFN disaggregation (seed 002): ranks that each own a share of the requests' "
+            "KV and attention; set with --afd-ffn-ranks (default: off)",
+        )
+        g.add_argument(
+            "--afd-ffn-ranks", type=int, default=None,
+            help="attention-FFN disaggregation: ranks running every layer's FFN for all requests, "
+            "tensor parallel among themselves (default: off)",
+        )
+        g.add_argument(
             "--attention-workers", type=int, default=0,
             help="attention-pool worker processes (seed 000); 0: no pool (default: %(default)s)",
         )
@@ -180,7 +194,7 @@ class EngineArgs:
         )
         g.add_argument(
             "--micro-batches", type=int, default=None,
-            help="pool: micro-batches per step, so one's remote attention overlaps another's dense work "
+            help="pool / AFD: micro-batches per step, so one's remote work overlaps another's local work "
             "(default: 1 or 2, chosen per step from measured step times)",
         )
         g.add_argument(

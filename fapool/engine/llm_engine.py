@@ -95,7 +95,7 @@ class LLMEngine:
         pool_manager = None
         if layout.pool_blocks_per_worker is not None:
             pool_manager = PoolManager(config.pool, config.cache.block_size, layout.pool_blocks_per_worker)
-        pool = BlockPool(num_blocks, enable_caching=config.cache.enable_prefix_caching)
+        pool = BlockPool(num_blocks, enable_caching=config.cache.enable_prefix_caching, partitions=layout.partitions)
         self.kv = KVCacheManager(pool, config.cache.block_size, pool_manager)
         self.pool_manager = pool_manager
         self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)

@@ -150,11 +150,13 @@ class LlamaModel(nn.Module):
         kv_caches: list[KVCache],  # one per layer in `layers`
         attend: AttendFn,
         layers: range | None = None,  # a pipeline stage's layers; default all
+        ffn: FFNFn | None = None,  # where each layer's FFN runs; default this model's MLPs
     ) -> Generator[None, None, torch.Tensor]:
-        """The layer loop as a generator that yields while attention is in flight, so a
-        driver can interleave micro-batches: the dense work of one runs while the attention
-        of another is computed elsewhere (seed 000's asynchronous execution, seed 004's
-        ping-pong). Returns hidden [T, hidden], final-normed on the last stage."""
+        """The layer loop as a generator that yields while attention (or, disaggregated, the
+        FFN) is in flight, so a driver can interleave micro-batches: the local work of one
+        runs while the remote work of another is computed elsewhere (seed 000's asynchronous
+        execution, seed 004's ping-pong, seed 002's attention-FFN micro-batches). Returns
+        hidden [T, hidden], final-normed on the last stage."""
         layers = layers if layers is not None else range(len(self.layers))
         if len(kv_caches) != len(layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} layers")
@@ -168,7 +170,13 @@ class LlamaModel(nn.Module):
             if pending.in_flight:
                 yield
             x = x + layer.self_attn.output(pending.result())
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if ffn is None:
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                continue
+            pending = ffn(i, layer.post_attention_layernorm(x))
+            if pending.in_flight:
+                yield
+            x = x + pending.result()
         return self.norm(x) if layers.stop == len(self.layers) else x
 
 
@@ -192,6 +200,7 @@ class Pending:
 
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, KVCache], Pending]
+FFNFn = Callable[[int, torch.Tensor], Pending]  # (layer, normed hidden [T, hidden]) -> FFN output
 
 
 class LocalAttend:

@@ -8,7 +8,8 @@
 
 `create_executor` picks the implementation from the config: in-process (one rank, today's
 single runner) or multiprocess (the driver is rank 0 and spawns the other ranks on this host,
-or joins the ranks torchrun started across hosts). The engine never asks which one it has.
+or joins the ranks torchrun started across hosts): the attention pool, TP and PP, or
+attention-FFN disaggregation. The engine never asks which one it has.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fapool.attention.backend import AttentionBackend
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
 from fapool.worker import comm
+from fapool.worker.afd_runner import AFDRunner
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.multi_rank_runner import MultiRankRunner
 from fapool.worker.protocol import StepReport
@@ -30,6 +32,7 @@ from fapool.worker.protocol import StepReport
 class KVLayout:
     num_blocks: int  # blocks of the dense side (every dense rank uses the same ids)
     pool_blocks_per_worker: int | None  # None without an attention pool
+    partitions: int = 1  # equal ranges of block ids on different ranks (AFD attention ranks)
 
 
 class Executor:
@@ -98,7 +101,22 @@ class MultiprocessExecutor(Executor):
         self.runner.shutdown()
 
 
+class AFDExecutor(MultiprocessExecutor):
+    """Attention-FFN disaggregation (seed 002): rank 0 is attention rank 0; each attention rank
+    holds one partition of the block ids."""
+
+    runner: AFDRunner
+    supports_async = False
+
+    def initialize_kv_cache(self) -> KVLayout:
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        return KVLayout(num_blocks, None, self.runner.topology.attention_ranks)
+
+
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> Executor:
+    if config.parallel.afd:
+        return AFDExecutor(AFDRunner(config, model, backend))
     if comm.Topology(
         config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size, config.pool.attention_workers
     ).world_size > 1:

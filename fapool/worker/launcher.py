@@ -1,7 +1,8 @@
 """Starting and stopping the ranks of a multi-rank engine, and what each rank runs.
 
 The driver (rank 0, this process) spawns ranks 1..N-1 (or joins ranks torchrun started) and
-sends each its role: AttentionInit makes an attention rank, DenseInit a dense rank. The
+sends each its role: AttentionInit makes an attention rank, DenseInit a dense rank, AFDInit an
+attention or FFN rank of a disaggregated engine. The
 ranks stop when the driver says so (shutdown), and in any case when the group is dropped
 (the engine garbage-collected, the interpreter exiting): its finalizer kills what is left and
 releases the process group, so a new engine can start one in the same process.
@@ -21,9 +22,10 @@ import torch.distributed as dist
 
 from fapool.config import EngineConfig
 from fapool.worker import comm
+from fapool.worker.afd_worker import afd_rank_main
 from fapool.worker.attention_worker import AttentionWorker
 from fapool.worker.dense_worker import GROUP_TIMEOUT_S, dense_worker_main, tp_groups
-from fapool.worker.protocol import SHUTDOWN, AttentionInit, Tag
+from fapool.worker.protocol import SHUTDOWN, AFDInit, AttentionInit, Tag
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ def rank_main(rank: int, world_size: int, init_method: str, backend: str, device
                 topology = comm.Topology(par.tensor_parallel_size, 1, init.config.pool.attention_workers)
                 tp_groups(topology, GROUP_TIMEOUT_S)
             AttentionWorker(init, rank, device).run()
+        elif isinstance(init, AFDInit):
+            afd_rank_main(init, rank, device)
         else:
             dense_worker_main(init, rank, device)
     except comm.WorkerFailure as e:

@@ -5,6 +5,8 @@ that messages of different layers and micro-batches never cross under gloo.
 
 Roles: a *dense* rank holds a tensor/pipeline-parallel shard of the model and its heads' local
 KV; an *attention* rank holds pool KV blocks and answers (out, lse) for its share of a layer.
+Disaggregated (AFD), an *AFD attention* rank runs everything but the FFN for its share of the
+requests, and an *FFN* rank runs every layer's FFN (a tensor-parallel slice) for all of them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ class DenseInit:
     # With an attention pool next to pipeline stages: every worker's KV heads (each stage
     # exchanges with the pool for its own layers).
     pool_kv_heads: dict[int, list[int]] | None = None
+
+
+@dataclass
+class AFDInit:
+    config: EngineConfig
+    role: str  # "attention" | "ffn"
+    num_blocks: int = 0  # an attention rank's KV blocks (its partition of the block ids)
 
 
 # A step, for an attention rank -----------------------------------------------------------
@@ -159,6 +168,19 @@ class DenseStep:
     micro_batches: list[MicroBatch]
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     failed_workers: list[int] = field(default_factory=list)  # attention ranks the driver gave up on
+    hang_s: float = 0.0  # fault injection for tests: stall this long before the step
+
+
+@dataclass
+class AFDStep:
+    """One step of a disaggregated engine. An attention rank gets its own micro-batches (an
+    empty one where it has no request in it) with block ids local to its partition; an FFN
+    rank gets the token counts it will receive, [micro-batch][attention rank]."""
+
+    step: int
+    micro_batches: list[MicroBatch] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    tokens: list[list[int]] = field(default_factory=list)
     hang_s: float = 0.0  # fault injection for tests: stall this long before the step
 
 

@@ -61,3 +61,40 @@ def test_fork_then_copy_on_write_of_partial_tail():
     assert copies == [(1, 2)]
     assert kv.block_ids("p") == [0, 2] and kv.block_ids("p#1") == [0, 1]
     assert kv.pool.blocks[0].ref_cnt == 2 and kv.pool.blocks[1].ref_cnt == 1
+
+
+def test_partitioned_pool_keeps_each_request_in_one_partition():
+    """AFD: each attention rank holds one range of block ids; a request lives in one, new ones
+    go to the emptiest, prefix hits pull a request into the hits' partition, and a request that
+    does not fit its partition waits even when the other has room."""
+    kv = KVCacheManager(BlockPool(8, partitions=2), block_size=4)
+    a = _req("a", list(range(10)))
+    assert kv.allocate_slots(a, 10) and kv.block_ids("a") == [0, 1, 2]  # partition 0 (tie: first)
+    b = _req("b", [70 + i for i in range(6)])
+    assert kv.allocate_slots(b, 6) and kv.block_ids("b") == [4, 5]  # partition 1: more free
+    c = _req("c", list(range(8)) + [60])  # shares a's first two blocks
+    hits, n = kv.get_computed_blocks(c)
+    assert [h.block_id for h in hits] == [0, 1] and n == 8
+    assert kv.allocate_slots(c, 1, hits) and kv.block_ids("c") == [0, 1, 3]  # with its hits
+    a.num_computed_tokens = 10
+    for t in range(3):
+        a.append_token(90 + t)
+    # Partition 0 is full (blocks 0-3); partition 1 has 2 free, but a's blocks are in 0.
+    assert kv.pool.num_free_in(0) == 0 and kv.pool.num_free_in(1) == 2
+    assert not kv.allocate_slots(a, 3)
+    kv.free(b)
+    d = _req("d", [80 + i for i in range(16)])
+    assert kv.can_ever_fit(16) and not kv.can_ever_fit(17)  # one partition's 4 blocks
+    assert kv.allocate_slots(d, 16) and kv.block_ids("d") == [6, 7, 5, 4]  # LRU within 1 (tails freed first)
+
+
+def test_prefix_chain_stops_at_a_partition_change():
+    kv = KVCacheManager(BlockPool(8, partitions=2), block_size=4)
+    x = _req("x", list(range(4)))
+    y = _req("y", list(range(8)))
+    assert kv.allocate_slots(x, 4)  # block 0 (partition 0) caches the first 4 tokens
+    assert kv.allocate_slots(y, 8)  # admitted with no hits: partition 1, blocks 4 and 5
+    z = _req("z", list(range(8)) + [1])
+    hits, _ = kv.get_computed_blocks(z)
+    # Block 4's twin (block 0) won the first hash; block 5 holds the second, in partition 1.
+    assert [h.block_id for h in hits] == [0]
