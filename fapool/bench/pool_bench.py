@@ -1,6 +1,8 @@
 """`fapool bench pool`: the same requests through the single-process engine and through each
-attention-pool configuration, side by side: greedy parity, TPOT, throughput and the
-per-rank breakdown (utilisation, communication share, overlap).
+multi-rank topology, side by side: the attention pool (seed 000) and the static TP / PP
+baselines, Lamina (seed 004: every token's KV on attention workers, --lamina-modes) and
+attention-FFN disaggregation (seed 002, --afd R:F). Greedy parity, TPOT, throughput and the
+per-rank breakdown (utilisation of each side, communication share, overlap, micro-batches).
 
 Every configuration is one engine that serves each --input-len in turn (starting worker
 processes is the slow part). On CUDA the ranks get their own GPUs when there are enough,
@@ -65,6 +67,18 @@ def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if pp > 1:
         for mode in modes:
             out.append((f"PP {pp} + pool {mode} x{a}", cfg(1, a, pp, pool_mode=mode, **pool)))
+    for mode in ns.lamina_modes:
+        lamina = dict(pool, pool_threshold=0)
+        out.append((f"Lamina {mode} x{a}", cfg(1, a, pool_mode=mode, micro_batches=fixed, **lamina)))
+        if fixed is None:
+            for m in (1, 2):
+                out.append((f"Lamina {mode} x{a}, {m} mb", cfg(1, a, pool_mode=mode, micro_batches=m, **lamina)))
+    for spec in ns.afd:
+        r, f = (int(x) for x in spec.split(":"))
+        out.append((f"AFD {r}:{f}", cfg(1, 0, afd_attention_ranks=r, afd_ffn_ranks=f, micro_batches=fixed)))
+        if fixed is None:
+            for m in (1, 2):
+                out.append((f"AFD {r}:{f}, {m} mb", cfg(1, 0, afd_attention_ranks=r, afd_ffn_ranks=f, micro_batches=m)))
     return out
 
 
@@ -175,7 +189,8 @@ def run(ns: argparse.Namespace) -> int:
             "batch": ns.batch_size, "input_len": list(ns.input_len), "output_len": ns.output_len,
             "pool_threshold": ns.pool_threshold, "tp": ns.tensor_parallel_size, "pp": ns.pipeline_parallel_size,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker, "workers": list(ns.workers),
-            "pool_modes": list(ns.pool_modes), "kv_cache_memory_per_rank": base.kv_cache_memory,
+            "pool_modes": list(ns.pool_modes), "lamina_modes": list(ns.lamina_modes), "afd": list(ns.afd),
+            "kv_cache_memory_per_rank": base.kv_cache_memory,
             "micro_batches": ns.micro_batches, "threads": torch.get_num_threads(), "enforce_eager": base.enforce_eager,
         },
         "runs": rows,
@@ -204,8 +219,8 @@ def _utilisation(b: dict | None) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], ns: argparse.Namespace) -> None:
-    table = Table(title=f"attention pool vs single process — batch {ns.batch_size}, out {ns.output_len}")
-    cols = ("config", "in", "same tokens (prefix)", "TPOT (ms)", "tok/s", "util dense | attn", "comm share", "overlap",
+    table = Table(title=f"multi-rank topologies vs single process — batch {ns.batch_size}, out {ns.output_len}")
+    cols = ("config", "in", "same tokens (prefix)", "TPOT (ms)", "tok/s", "util ranks | pool", "comm share", "overlap",
             "pool size", "micro-batches", "plan (ms)", "comm")
     for col in cols:
         table.add_column(col, justify="right")
@@ -235,16 +250,31 @@ def _prefix_agreement(tokens: list[list[int]], reference: list[list[int]]) -> fl
     return same / total if total else 1.0
 
 
+def _afd_spec(text: str) -> str:
+    r, sep, f = text.partition(":")
+    if not (sep and r.isdigit() and f.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected R:F (attention and FFN ranks), got {text!r}")
+    return text
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pool", help="attention pool configurations vs the single-process engine")
+    p = sub.add_parser("pool", help="attention pool, Lamina and AFD topologies vs the single-process engine")
     EngineArgs.add_cli_args(p)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--input-len", type=int, nargs="+", default=[96], help="one or more prompt lengths")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument(
-        "--pool-modes", nargs="+", default=["shard", "replicate", "head"], choices=["shard", "replicate", "head"],
-        help="pool modes to run (shard also runs each --workers count and 1 micro-batch)",
+        "--pool-modes", nargs="*", default=["shard", "replicate", "head"], choices=["shard", "replicate", "head"],
+        help="pool modes to run (shard also runs each --workers count and 1 micro-batch); none: no pool rows",
+    )
+    p.add_argument(
+        "--lamina-modes", nargs="*", default=[], choices=["shard", "replicate", "head"],
+        help="Lamina rows (pool threshold 0, the largest --workers) in these modes (default: none)",
+    )
+    p.add_argument(
+        "--afd", nargs="*", default=[], metavar="R:F", type=_afd_spec,
+        help="attention-FFN disaggregation rows, R attention and F FFN ranks each (default: none)",
     )
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the single process and of the pool's driver (workers use one each)")

@@ -17,7 +17,9 @@ def _totals(per_step: list[dict[int, RankReport]], total_s: float) -> dict[int, 
     out: dict[int, dict[str, float]] = {}
     for reports in per_step:
         for r, rep in reports.items():
-            acc = out.setdefault(r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0, "q_rows": 0})
+            acc = out.setdefault(
+                r, {"compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "tokens": 0, "q_rows": 0, "role": rep.role}
+            )
             acc["compute_s"] += rep.compute_s
             acc["comm_s"] += rep.comm_s
             acc["idle_s"] += rep.idle_s
@@ -84,11 +86,12 @@ def breakdown_table(summary: dict[str, Any]) -> Table:
     for col in ("worker", "compute (s)", "attention (s)", "comm / wait (s)", "idle (s)", "utilisation", "peak KV tokens"):
         t.add_column(col, justify="right")
     d = summary["driver"]
-    t.add_row("driver (dense)", f"{d['dense_s']:.3f}", f"{d['local_attention_s']:.3f}", f"{d['wait_s']:.3f}", "-",
+    ranks = summary.get("dense_ranks") or {}
+    t.add_row(f"driver ({ranks.get(0, {}).get('role', 'dense')})", f"{d['dense_s']:.3f}", f"{d['local_attention_s']:.3f}", f"{d['wait_s']:.3f}", "-",
               f"{d['utilisation']:.0%}", "-")
-    for r, acc in sorted((summary.get("dense_ranks") or {}).items()):
+    for r, acc in sorted(ranks.items()):
         if r:
-            t.add_row(f"dense rank {r}", f"{acc['compute_s']:.3f}", "-", f"{acc['comm_s']:.3f}", f"{acc['idle_s']:.3f}",
+            t.add_row(f"{acc.get('role', 'dense')} rank {r}", f"{acc['compute_s']:.3f}", "-", f"{acc['comm_s']:.3f}", f"{acc['idle_s']:.3f}",
                       f"{acc['utilisation']:.0%}", "-")
     for w, acc in sorted(summary["workers"].items()):
         t.add_row(f"attention {w}", "-", f"{acc['attention_s']:.3f}", f"{acc['comm_s']:.3f}", f"{acc['idle_s']:.3f}",
@@ -97,5 +100,7 @@ def breakdown_table(summary: dict[str, Any]) -> Table:
     t.caption = (
         f"driver communication share {d['comm_share']:.0%}; attention overlap {ov:.0%}" if ov is not None
         else f"driver communication share {d['comm_share']:.0%}"
-    ) + f"; pool size {summary['pool_size']['min']}..{summary['pool_size']['max']}"
+    )
+    if summary["workers"]:
+        t.caption += f"; pool size {summary['pool_size']['min']}..{summary['pool_size']['max']}"
     return t

@@ -182,7 +182,7 @@ class AFDRunner(ModelRunner):
             if hang:
                 msg = dataclasses.replace(msg, hang_s=hang)
             comm.send_object(msg, r, self.waiter, self.timeout_s, tag=Tag.STEP, device=self.transport)
-        own = RankReport(0, comm_s=time.perf_counter() - t0)
+        own = RankReport(0, comm_s=time.perf_counter() - t0, role="attention")
         parts: dict[tuple[int, int], torch.Tensor] = {}
         for i, lg in enumerate(self.side.run(steps[0], own)):
             if lg is not None:

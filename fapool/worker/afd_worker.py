@@ -259,7 +259,7 @@ class FFNWorker:
             msg = comm.recv_object(0, None, tag=Tag.STEP, device=self.transport)
             if msg == SHUTDOWN:
                 return
-            stats = RankReport(self.rank, idle_s=time.perf_counter() - idle_since)
+            stats = RankReport(self.rank, idle_s=time.perf_counter() - idle_since, role="FFN")
             if msg.hang_s:
                 time.sleep(msg.hang_s)
             self.step(msg, stats)
@@ -341,7 +341,7 @@ class AttentionRankWorker:
             msg = comm.recv_object(0, None, tag=Tag.STEP, device=self.side.transport)
             if msg == SHUTDOWN:
                 return
-            stats = RankReport(self.rank, idle_s=time.perf_counter() - idle_since)
+            stats = RankReport(self.rank, idle_s=time.perf_counter() - idle_since, role="attention")
             if msg.hang_s:
                 time.sleep(msg.hang_s)
             self.side.run(msg, stats)

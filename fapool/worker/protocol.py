@@ -196,6 +196,7 @@ class RankReport:
     comm_s: float = 0.0
     idle_s: float = 0.0
     num_tokens: int = 0
+    role: str = "dense"  # "dense"; disaggregated: "attention" or "FFN"
     q_rows: int = 0  # attention ranks: query rows answered
     sparse_rows: int = 0  # attention ranks: of those, rows attended over chosen pages only
     failed_workers: dict[int, str] = field(default_factory=dict)  # attention ranks this one lost
