@@ -1,7 +1,9 @@
 """Reference attention in plain PyTorch: the CPU backend and the oracle for GPU kernels.
 
 Computes in float32. Decode tokens (one query per sequence) are batched together over a
-padded gather of their blocks. Sequences with several queries (prefill chunks) go one by one
+padded gather of their blocks; with long contexts on the CPU each goes through PyTorch's CPU
+flash attention over its own gathered blocks instead (its query heads of a KV head as the
+query rows). Sequences with several queries (prefill chunks) go one by one
 through PyTorch's own flash attention for the CPU, which returns the logsumexp too: a chunk
 whose keys end at its last query is its cached prefix (every key visible) plus the chunk
 itself (causal), merged by lse; keys wholly before the queries need no mask. Other layouts
@@ -17,6 +19,10 @@ from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize
 from fapool.attention.metadata import AttentionMetadata
 
 _UNIT = KVScales()
+# Decode rows attend one sequence at a time once the longest has this many keys (and each sees
+# all of its keys): a padded batch gather and the batched matmuls' copies of it cost several
+# times more at 2K keys; with fewer keys the per-sequence calls' overhead dominates.
+PER_SEQUENCE_MIN_KEYS = 256
 
 
 def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales | None = None) -> None:
@@ -85,9 +91,35 @@ class _Plan:
         valid = ar[None] < meta.kv_lens[idx].long()[:, None]
         self.mask = _causal_mask(meta.query_pos_start[idx].long()[:, None], k_pos, valid)
         self.tok = [self.starts[s] for s in self.decode]
+        lens = [meta.kv_lens_cpu[s] for s in self.decode]
+        self.per_seq = (
+            str(device).startswith("cpu")
+            and self.max_len >= PER_SEQUENCE_MIN_KEYS
+            and all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
+        )
+        if self.per_seq:
+            self.seq_tables = [meta.block_tables[s] for s in self.decode]
+            self.seq_lens = lens
         # Decode rows that are the whole batch, in order: their result is the output as is.
         self.all_decode = self.tok == list(range(meta.num_tokens))
         self.tok_index = torch.tensor(self.tok, device=device)
+
+
+def _decode_each(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, sk: float, sv: float):
+    """Decode rows one sequence at a time: q [T, Hkv, G, D] -> (out [n, Hkv*G, D], lse [n, Hkv*G])
+    for the plan's decode rows, every key visible. The G query heads of a KV head are the query
+    rows of one flash call, so no KV head is repeated."""
+    outs, lses = [], []
+    for tok, table, n in zip(plan.tok, plan.seq_tables, plan.seq_lens):
+        k = _gather(k_cache, table, n, sk).float().unsqueeze(0).transpose(1, 2)  # [1, Hkv, n, D], strided
+        v = _gather(v_cache, table, n, sv).float().unsqueeze(0).transpose(1, 2)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[tok].float().unsqueeze(0), k, v, 0.0, False, scale=scale
+        )[:2]
+        outs.append(o[0])
+        lses.append(lse[0])
+    out, lse = torch.stack(outs), torch.stack(lses)
+    return out.view(out.shape[0], -1, out.shape[-1]), lse.view(lse.shape[0], -1)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
@@ -133,7 +165,11 @@ class TorchReferenceBackend(AttentionBackend):
         if plan is None:
             plan = meta.host_plans[self.name] = _Plan(meta, query.device)
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
-        if plan.decode:
+        if plan.decode and plan.per_seq:
+            o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)
+            if plan.all_decode:
+                return o.to(query.dtype), l
+        elif plan.decode:
             k = _gather(k_cache, plan.tables, plan.max_len, sk)
             v = _gather(v_cache, plan.tables, plan.max_len, sv)
             qd = q.unsqueeze(1) if plan.all_decode else q[plan.tok_index].unsqueeze(1)

@@ -140,3 +140,28 @@ def test_flash_chunk_paths_equal_the_masked_matmul(tq, kv_len, kv_start, q_pos0)
     want_o, want_l = _attend(q.view(tq, kv_heads, 3, dim)[None], k[None], v[None], mask, 0.25)
     assert torch.allclose(fast[0], want_o[0].reshape(tq, heads, dim), atol=1e-5)
     assert torch.allclose(fast[1], want_l[0].reshape(tq, heads), atol=1e-5)
+
+
+def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypatch):
+    """Decode rows with >= PER_SEQUENCE_MIN_KEYS keys go one sequence at a time through the CPU
+    flash kernel: the same as the oracle and as the padded batch (which a mixed batch, a
+    prefill chunk beside them, still leaves for the chunk)."""
+    from fapool.attention import torch_ref
+
+    specs = [(299, 1), (700, 1), (257, 1), (40, 5)]
+    q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
+    backend = TorchReferenceBackend()
+    out, lse = backend.forward(q, kc, vc, meta, 0.3)
+    assert meta.host_plans["torch"].per_seq
+    row = 0
+    for (ctx, ql), (k, v), qs in zip(specs, dense, queries):
+        want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
+        torch.testing.assert_close(out[row : row + ql], want_o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[row : row + ql], want_l, atol=1e-5, rtol=1e-5)
+        row += ql
+    monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_KEYS", 10**9)
+    meta.host_plans.clear()
+    batched = backend.forward(q, kc, vc, meta, 0.3)
+    assert not meta.host_plans["torch"].per_seq
+    torch.testing.assert_close(batched[0], out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1], lse, atol=1e-5, rtol=1e-5)
