@@ -58,3 +58,8 @@ def pack_linears(model: nn.Module) -> int:
         module.__class__ = cls
         n += 1
     return n
+
+
+def pack_for_device(module: nn.Module, device: torch.device) -> int:
+    """pack_linears where the module computes on the CPU (a rank's shard, once its weights are final)."""
+    return pack_linears(module) if device.type == "cpu" else 0

@@ -22,6 +22,7 @@ from torch import nn
 from fapool.attention.backend import AttentionBackend
 from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.layers.cpu_linear import pack_for_device
 from fapool.worker import comm
 from fapool.worker.afd_worker import (
     AttentionSide,
@@ -29,7 +30,6 @@ from fapool.worker.afd_worker import (
     attention_weights,
     drop_mlps,
     mlp_slice,
-    pack_for_cpu,
 )
 from fapool.worker.dense_worker import send_weights
 from fapool.worker.launcher import WorkerGroup
@@ -105,7 +105,7 @@ class AFDRunner(ModelRunner):
                 }
                 send_weights(weights, r, self.waiter, startup_s, self.transport)
         drop_mlps(self.model)
-        pack_for_cpu(self.model, self.device)
+        pack_for_device(self.model, self.device)
         self.side = AttentionSide(self.config, self.model, topo, 0, self.device, self._wait)
 
     def _wait(self, work, peer: int, what: str, buf) -> None:

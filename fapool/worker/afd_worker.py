@@ -33,6 +33,7 @@ from torch import nn
 from fapool.attention.metadata import AttentionMetadata
 from fapool.attention.selector import make_backend
 from fapool.config import EngineConfig, ModelConfig
+from fapool.layers.cpu_linear import pack_for_device
 from fapool.layers.tp import shard_linear
 from fapool.models.llama import MLP, LocalAttend, Pending
 from fapool.models.registry import build_model
@@ -104,14 +105,6 @@ def attention_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def drop_mlps(model: nn.Module) -> None:
     for layer in model.model.layers:
         layer.mlp = nn.Module()
-
-
-def pack_for_cpu(module: nn.Module, device: torch.device) -> None:
-    """The same oneDNN-packed float32 linears as the single-process engine (cpu_linear)."""
-    if device.type == "cpu":
-        from fapool.layers.cpu_linear import pack_linears
-
-        pack_linears(module)
 
 
 # The attention side --------------------------------------------------------------------------
@@ -250,7 +243,7 @@ class FFNWorker:
             from fapool.layers.fused import fuse_model
 
             fuse_model(layers)
-        pack_for_cpu(layers, self.device)
+        pack_for_device(layers, self.device)
         self.layers = layers
 
     def run(self) -> None:
@@ -331,7 +324,7 @@ class AttentionRankWorker:
             from fapool.layers.fused import fuse_model
 
             fuse_model(model)
-        pack_for_cpu(model, torch.device(device))
+        pack_for_device(model, torch.device(device))
         self.side = AttentionSide(cfg, model.eval(), afd_topology(cfg), rank, device, blocking_wait)
         self.side.allocate_kv_cache(init.num_blocks)
 

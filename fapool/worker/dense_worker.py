@@ -39,6 +39,7 @@ from fapool.attention.backend import merge_partials, merge_tree
 from fapool.attention.metadata import AttentionMetadata
 from fapool.attention.selector import make_backend
 from fapool.config import EngineConfig
+from fapool.layers.cpu_linear import pack_for_device
 from fapool.layers.tp import AllReduce, apply_tp
 from fapool.models.llama import LocalAttend, Pending, run_steps
 from fapool.models.registry import build_model
@@ -518,6 +519,7 @@ class DenseWorker:
             from fapool.layers.fused import fuse_model
 
             fuse_model(model)
+        pack_for_device(model, self.stage.device)
         self.stage.model = model.eval()
         self.stage.allocate_kv_cache(init.num_blocks)
         if init.pool_kv_heads is not None and self.stage.tp_rank == 0:  # a stage leader next to a pool

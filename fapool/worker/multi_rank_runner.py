@@ -42,6 +42,7 @@ import torch
 from fapool.attention.backend import AttentionBackend
 from fapool.config import ConfigError, EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
+from fapool.layers.cpu_linear import pack_for_device
 from fapool.layers.sampler import DeviceLogprobs, compute_logprobs, sample_tokens
 from fapool.layers.sampling_batch import SamplingBatch
 from fapool.layers.tp import check_tp, shard_layer_state
@@ -162,7 +163,7 @@ class _Done:
 
 
 class MultiRankRunner(ModelRunner):
-    pack_cpu_linears = False
+    pack_cpu_linears = False  # packed once the weights are sharded (_start_workers)
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
         check_parallel(config)
@@ -259,6 +260,7 @@ class MultiRankRunner(ModelRunner):
                     weights = rank_weights(self.model, topo, self.layer_ranges, r)
                     send_weights(weights, r, self.waiter, startup_s, self.transport)
                 shard_model(self.model, self.stage, groups[0])
+        pack_for_device(self.model, self.device)
         self._sharded = True
 
     def _ranks(self) -> range:
