@@ -172,8 +172,14 @@ class ParallelConfig:
     # of them (tensor parallel among themselves). None: off; both are set together.
     afd_attention_ranks: int | None = None
     afd_ffn_ranks: int | None = None
+    # "mp": worker processes this engine spawns (or torchrun started); "ray": attention-pool
+    # workers are Ray actors, started when the pool grows and stopped when idle (worker/ray_pool).
+    distributed_executor: str = "mp"
+    ray_address: str | None = None  # an existing Ray cluster ("auto", "host:port"); None: a local one
 
     def __post_init__(self) -> None:
+        if self.distributed_executor not in ("mp", "ray"):
+            raise ConfigError(f"distributed_executor must be mp or ray, got {self.distributed_executor!r}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
         afd = {"afd_attention_ranks": self.afd_attention_ranks, "afd_ffn_ranks": self.afd_ffn_ranks}
@@ -209,8 +215,13 @@ class PoolConfig:
     head_placement: str = "contiguous"  # head mode: "contiguous" or "lpt" (weighted, seed 003)
     worker_kv_blocks: int | None = None  # KV blocks per attention worker (default: as many as local)
     worker_timeout_s: float = 60.0  # a worker silent this long during a step counts as failed
+    # Ray executor: a worker that has held no KV this long is stopped (its memory and device
+    # go back to Ray); None: never.
+    pool_idle_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
+        if self.pool_idle_timeout_s is not None and self.pool_idle_timeout_s < 0:
+            raise ConfigError(f"pool_idle_timeout_s must be >= 0, got {self.pool_idle_timeout_s}")
         if self.attention_workers < 0:
             raise ConfigError(f"attention_workers must be >= 0, got {self.attention_workers}")
         if self.pool_threshold < 0 or self.tokens_per_pool_worker < 1:
@@ -247,6 +258,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.parallel.distributed_executor == "ray":
+            par = self.parallel
+            if not self.pool.attention_workers or par.afd or par.tensor_parallel_size * par.pipeline_parallel_size > 1:
+                raise ConfigError(
+                    "distributed_executor 'ray' runs the attention pool (attention_workers >= 1) beside one dense "
+                    "rank for now: no tensor/pipeline parallelism or AFD with it"
+                )
         if self.parallel.afd:
             if self.pool.attention_workers:
                 raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,8 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     afd_attention_ranks: int | None = None
     afd_ffn_ranks: int | None = None
+    distributed_executor: str = "mp"  # "mp" | "ray" (the attention pool's workers as Ray actors)
+    ray_address: str | None = None
     attention_workers: int = 0
     pool_threshold: int = 4096
     tokens_per_pool_worker: int = 4096
@@ -71,11 +74,34 @@ class EngineArgs:
     head_placement: str = "contiguous"
     worker_kv_blocks: int | None = None
     worker_timeout_s: float = 60.0
+    pool_idle_timeout_s: float | None = 60.0
     sparse_attention: str | None = None  # profile JSON from `fapool calibrate-heads`; None: dense
     sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # steps with a shorter longest KV attend densely
     enforce_eager: bool = False  # no CUDA graphs
+    plan: str | None = None  # `fapool plan --json` output: take its recommended topology
+
+    def with_plan(self) -> EngineArgs:
+        """These arguments with the plan file's recommended topology (engine_args) applied. An
+        argument the caller set to another value than the plan's is a ConfigError."""
+        if self.plan is None:
+            return self
+        try:
+            with open(self.plan) as f:
+                planned = json.load(f)["engine_args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"plan {self.plan!r}: not a `fapool plan --json` file ({e})") from None
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in planned.items():
+            if name not in defaults:
+                raise ConfigError(f"plan {self.plan!r}: unknown engine argument {name!r}")
+            mine = getattr(self, name)
+            if mine != defaults[name] and mine != value:
+                raise ConfigError(f"plan {self.plan!r} sets {name}={value!r}, but {name}={mine!r} was given")
+        return dataclasses.replace(self, plan=None, **planned)
 
     def create_engine_config(self, model_config: ModelConfig) -> EngineConfig:
+        if self.plan is not None:
+            return self.with_plan().create_engine_config(model_config)
         device = self.device or default_device()
         check_device(device)
         dtype = self.dtype or ("float32" if device == "cpu" else "bfloat16")
@@ -96,7 +122,12 @@ class EngineArgs:
                 async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(
-                self.tensor_parallel_size, self.pipeline_parallel_size, self.afd_attention_ranks, self.afd_ffn_ranks
+                self.tensor_parallel_size,
+                self.pipeline_parallel_size,
+                self.afd_attention_ranks,
+                self.afd_ffn_ranks,
+                self.distributed_executor,
+                self.ray_address,
             ),
             pool=PoolConfig(
                 attention_workers=self.attention_workers,
@@ -107,6 +138,7 @@ class EngineArgs:
                 head_placement=self.head_placement,
                 worker_kv_blocks=self.worker_kv_blocks,
                 worker_timeout_s=self.worker_timeout_s,
+                pool_idle_timeout_s=self.pool_idle_timeout_s,
             ),
             device=device,
             dtype=dtype,
@@ -165,6 +197,23 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=0, help="seeds of requests that give none (default: %(default)s)")
         g.add_argument("--tp", dest="tensor_parallel_size", type=int, default=1, help="tensor-parallel ranks (default: %(default)s)")
         g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=1, help="pipeline stages (default: %(default)s)")
+        g.add_argument(
+            "--plan", default=None, metavar="FILE",
+            help="take the topology `fapool plan --json FILE` recommended (TP/PP, pool or AFD ranks)",
+        )
+        g.add_argument(
+            "--distributed-executor", default="mp", choices=["mp", "ray"],
+            help="mp: worker processes started with the engine; ray: attention-pool workers as Ray actors that "
+            "start as the pool grows and stop when idle (default: %(default)s)",
+        )
+        g.add_argument(
+            "--ray-address", "--address", dest="ray_address", default=None,
+            help="ray: the cluster to join (auto, or host:port) so the pool can span hosts (default: a local Ray)",
+        )
+        g.add_argument(
+            "--pool-idle-timeout-s", type=float, default=60.0,
+            help="ray: stop a pool worker that held no KV this long (default: %(default)s)",
+        )
         g.add_argument(
             "--afd-attention-ranks", type=int, default=None,
             help="attention-FFN disaggregation (seed 002): ranks that each own a share of the requests' "

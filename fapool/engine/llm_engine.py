@@ -46,6 +46,11 @@ class EngineStats:
     prefix_cache_hit_blocks: int
     prefix_cache_query_blocks: int
     pool_size: int = 0  # attention workers serving at least one request now
+    pool_live_workers: int = 0  # attention-pool worker processes alive now
+    pool_workers_lost: int = 0  # attention-pool workers lost so far (their requests recomputed)
+    pool_worker_starts: int = 0  # elastic pool (Ray): workers started as the pool grew
+    pool_worker_stops: int = 0  # ... and stopped once idle
+    pool_join_seconds: list[float] = field(default_factory=list)  # each start's latency until it joined
     kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)  # pool workers' KV (whole blocks)
 
     @property
@@ -224,7 +229,14 @@ class LLMEngine:
             if not sched.is_empty:
                 outputs += self._step_sync(sched)
         outputs += [self._finalize(r.group_id) for r in sched.failed if r.group_id in self.groups]
+        self.release_idle_workers()
         return _latest(outputs)
+
+    def release_idle_workers(self) -> None:
+        """An elastic pool (Ray) stops the workers idle past pool_idle_timeout_s: after every
+        step, and from an idle server's loop."""
+        if self.pool_manager is not None:
+            self.executor.release_idle(self.pool_manager.active_workers())
 
     def _can_launch(self, sched) -> bool:
         """Async unless a prompt forks siblings this step (forking needs the tokens on the
@@ -389,6 +401,7 @@ class LLMEngine:
     # Introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         pool = self.kv.pool
+        starts, stops, joins = self.executor.pool_events()
         running = self.scheduler.running
         return EngineStats(
             num_running=len(running),
@@ -401,6 +414,11 @@ class LLMEngine:
             prefix_cache_hit_blocks=pool.num_cache_hits,
             prefix_cache_query_blocks=pool.num_cache_queries,
             pool_size=len(self.pool_manager.active_workers()) if self.pool_manager else 0,
+            pool_live_workers=self.executor.live_pool_workers(),
+            pool_workers_lost=len(self.worker_failures),
+            pool_worker_starts=starts,
+            pool_worker_stops=stops,
+            pool_join_seconds=joins,
             kv_tokens_per_worker=self.pool_manager.kv_tokens_per_worker() if self.pool_manager else {},
         )
 

@@ -3,13 +3,12 @@ servers in one process, as in the tests, keep separate figures).
 
 Request latencies are observed from the engine's own timestamps (RequestMetrics) as outputs
 come out of the engine thread; engine gauges are read from the latest EngineStats snapshot at
-scrape time. Attention-pool figures are read with getattr so they appear once the engine's
-stats carry them (see POOL_SIZE_FIELDS and POOL_KV_FIELDS); until then the pool size is 0.
+scrape time, the attention pool's among them (0 without a pool).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,10 +19,6 @@ from fapool.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# EngineStats fields the attention pool may add: number of pool workers in use, and KV tokens
-# held by each worker (a sequence indexed by worker, or a mapping worker -> tokens).
-POOL_SIZE_FIELDS = ("pool_size", "num_pool_workers", "attention_pool_size")
-POOL_KV_FIELDS = ("kv_tokens_per_worker", "pool_kv_tokens_per_worker")
 
 TTFT_BUCKETS = (
     0.001,
@@ -237,22 +232,32 @@ class _EngineCollector:
         c.add_metric(name, s.prefix_cache_query_blocks)
         yield c
 
-        size = next((getattr(s, f) for f in POOL_SIZE_FIELDS if getattr(s, f, None) is not None), 0)
-        yield gauge("fapool_attention_pool_size", "Attention-pool workers in use", size)
-        per_worker = next((getattr(s, f) for f in POOL_KV_FIELDS if getattr(s, f, None) is not None), None)
+        yield gauge("fapool_attention_pool_size", "Attention-pool workers in use", s.pool_size)
+        yield gauge("fapool_attention_pool_live_workers", "Attention-pool worker processes alive", s.pool_live_workers)
+        c = CounterMetricFamily(
+            "fapool_attention_pool_workers_lost", "Attention-pool workers lost (their requests recomputed)",
+            labels=["model_name"],
+        )
+        c.add_metric(name, s.pool_workers_lost)
+        yield c
+        for metric, doc, value in (
+            ("fapool_attention_pool_worker_starts", "Elastic-pool workers started as the pool grew", s.pool_worker_starts),
+            ("fapool_attention_pool_worker_stops", "Elastic-pool workers stopped once idle", s.pool_worker_stops),
+        ):
+            c = CounterMetricFamily(metric, doc, labels=["model_name"])
+            c.add_metric(name, value)
+            yield c
+        if s.pool_join_seconds:
+            yield gauge(
+                "fapool_attention_pool_last_join_seconds", "Latency of the last elastic-pool worker start",
+                s.pool_join_seconds[-1],
+            )
         g = GaugeMetricFamily(
             "fapool_attention_pool_kv_tokens",
             "KV tokens held by each attention-pool worker",
             labels=["model_name", "worker"],
         )
-        for worker, tokens in _per_worker(per_worker):
+        for worker, tokens in s.kv_tokens_per_worker.items():
             g.add_metric([self.model_name, str(worker)], tokens)
         yield g
 
-
-def _per_worker(value: Mapping | Sequence | None) -> list[tuple[object, float]]:
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        return list(value.items())
-    return list(enumerate(value))

@@ -242,6 +242,8 @@ def cmd_plan(args) -> int:
             "tpot_slo_s": plan.tpot_slo,
             "context_moments": vars(m),
             "recommended": plan.recommended,
+            # What `--plan FILE` gives the engine: the recommended row's topology, one instance.
+            "engine_args": rec.strategy.engine_args(),
             "rows": [
                 {
                     "kind": r.kind,
@@ -252,6 +254,8 @@ def cmd_plan(args) -> int:
                     "throughput_per_gpu": r.throughput_per_gpu,
                     "gpu_seconds_per_token": r.gpu_seconds_per_token,
                     "notes": r.notes,
+                    "engine_args": r.strategy.engine_args(),
+                    "replicas": r.strategy.replicas,
                     "sim": r.sim.summary(plan.tpot_slo) if r.sim else None,
                 }
                 for r in plan.rows

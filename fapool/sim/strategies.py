@@ -74,6 +74,10 @@ class Strategy:
     def make_ledger(self, cost: CostModel, num_slots: int, group_of_slot: np.ndarray): ...
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost: ...
     def describe(self) -> str: ...
+    def engine_args(self) -> dict:
+        """The EngineArgs that run one instance of this strategy in the engine (`fapool plan
+        --json`, read back by `--plan`)."""
+        ...
 
     def total_gpus(self) -> int:
         return self.num_gpus() * self.replicas
@@ -159,6 +163,9 @@ class StaticTPPP(Strategy):
     def describe(self) -> str:
         rep = f" x{self.replicas}" if self.replicas > 1 else ""
         return f"static TP{self.tp}xPP{self.pp}{rep} ({self.total_gpus()} GPUs)"
+
+    def engine_args(self) -> dict:
+        return {"tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp}
 
 
 @dataclass
@@ -419,6 +426,16 @@ class FAPool(Strategy):
             f"{self.placement}, {ov}{rep} ({self.total_gpus()} GPUs)"
         )
 
+    def engine_args(self) -> dict:
+        # spread and pack both split a sequence's KV by token range: the engine's shard mode.
+        return {
+            "tensor_parallel_size": self.base_tp,
+            "attention_workers": self.pool_size,
+            "pool_threshold": self.threshold,
+            "tokens_per_pool_worker": self.tokens_per_worker,
+            "pool_mode": "head" if self.placement == "head" else "shard",
+        }
+
 
 def head_parallel(dense_tp: int = 8, attn_workers: int = 8, overlap: bool = True, **kw) -> FAPool:
     """Lamina-style attention offload: all KV on attention workers, split by head."""
@@ -547,3 +564,6 @@ class AFD(Strategy):
             f"AFD {self.r}A-1F(TP{self.f_tp}), {self.max_batch_per_attn} seqs/attn GPU, {ov}{rep} "
             f"({self.total_gpus()} GPUs)"
         )
+
+    def engine_args(self) -> dict:
+        return {"afd_attention_ranks": self.r, "afd_ffn_ranks": self.f_tp}

@@ -183,18 +183,15 @@ class AFDRunner(ModelRunner):
                 msg = dataclasses.replace(msg, hang_s=hang)
             comm.send_object(msg, r, self.waiter, self.timeout_s, tag=Tag.STEP, device=self.transport)
         own = RankReport(0, comm_s=time.perf_counter() - t0, role="attention")
-        parts: dict[tuple[int, int], torch.Tensor] = {}
-        for i, lg in enumerate(self.side.run(steps[0], own)):
-            if lg is not None:
-                parts[0, i] = lg
+        parts = [self.side.run(steps[0], own)]
         t0 = time.perf_counter()
         vocab = self.config.model.vocab_size
         for a in range(1, topo.attention_ranks):
-            for i, mb in enumerate(steps[a].micro_batches):
-                if mb.logit_rows and mb.num_tokens:
-                    buf = torch.empty(len(mb.logit_rows), vocab, dtype=torch.float32, device=self.transport)
-                    self._wait(comm.recv_tensor(buf, a, Tag.LOGITS + i), a, "logits", buf)
-                    parts[a, i] = buf.to(self.device)
+            n = sum(len(mb.logit_rows) for mb in steps[a].micro_batches if mb.num_tokens)
+            if n:
+                buf = torch.empty(n, vocab, dtype=torch.float32, device=self.transport)
+                self._wait(comm.recv_tensor(buf, a, Tag.LOGITS), a, "logits", buf)
+                parts.append(buf.to(self.device))
         stats = StepReport(self._step, out.num_tokens, count)
         for r in range(1, topo.world_size):
             stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=Tag.REPORT, device=self.transport)
@@ -204,7 +201,7 @@ class AFDRunner(ModelRunner):
         due = [s for s in out.scheduled if s.completes_known_tokens]
         logits = None
         if due:
-            stacked = torch.cat([parts[k] for k in sorted(parts)])  # rank-major, as `order`
+            stacked = torch.cat([p for p in parts if p is not None])  # rank-major, as `order`
             row = {id(s): k for k, s in enumerate(order)}
             logits = stacked[torch.tensor([row[id(s)] for s in due], device=stacked.device)]
         stats.plan_s = plan_s

@@ -147,9 +147,9 @@ class AttentionSide:
             v[dst] = v[src]
 
     @torch.inference_mode()
-    def run(self, step: AFDStep, stats: RankReport) -> list[torch.Tensor | None]:
-        """Run this rank's micro-batches; returns each one's due logits (None: none due). A
-        rank other than the driver also sends them to the driver."""
+    def run(self, step: AFDStep, stats: RankReport) -> torch.Tensor | None:
+        """Run this rank's micro-batches; returns the logits of their due rows in order (None:
+        none due), through one LM head pass. A rank other than the driver sends them to it."""
         t_start = time.perf_counter()
         self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
         self._sends = []
@@ -157,20 +157,16 @@ class AttentionSide:
         count = len(step.micro_batches)
         gens = [self._forward(i, mb, count) for i, mb in enumerate(step.micro_batches) if mb.num_tokens]
         hidden = iter(drive_micro_batches(gens))
-        logits: list[torch.Tensor | None] = []
+        due = []
         for mb in step.micro_batches:
             stats.num_tokens += mb.num_tokens
             h = next(hidden) if mb.num_tokens else None
-            if h is None or not mb.logit_rows:
-                logits.append(None)
-                continue
-            rows = torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device)
-            logits.append(self.model.compute_logits(h.index_select(0, rows)).contiguous())
-        if self.rank != 0:
-            for i, lg in enumerate(logits):
-                if lg is not None:
-                    msg = lg.to(self.transport)
-                    self._sends.append((comm.send_tensor(msg, 0, Tag.LOGITS + i), msg, 0))
+            if h is not None and mb.logit_rows:
+                due.append(h.index_select(0, torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device)))
+        logits = self.model.compute_logits(torch.cat(due)).contiguous() if due else None
+        if self.rank != 0 and logits is not None:
+            msg = logits.to(self.transport)
+            self._sends.append((comm.send_tensor(msg, 0, Tag.LOGITS), msg, 0))
         self.clock.measure("comm", self._wait_sends)
         seconds = self.clock.finish()
         wall = time.perf_counter() - t_start

@@ -34,8 +34,11 @@ logger = logging.getLogger(__name__)
 
 
 class AttentionWorker:
-    def __init__(self, init: AttentionInit, rank: int, device: str) -> None:
+    def __init__(self, init: AttentionInit, rank: int, device: str, peers: dict[int, comm.Peer] | None = None) -> None:
+        """`peers`: dense ranks reached through pair groups (an elastic pool's worker); the
+        others through the default group."""
         cfg = init.config
+        self.peers = peers or {}
         m = cfg.model
         self.init = init
         self.rank = rank
@@ -57,10 +60,13 @@ class AttentionWorker:
 
     def run(self) -> None:
         while True:
-            msg = comm.recv_object(0, None, tag=Tag.STEP, device=self.transport)
+            msg = comm.recv_object(self.peer(0), None, tag=Tag.STEP, device=self.transport)
             if msg == SHUTDOWN:
                 return
             self.step(msg)
+
+    def peer(self, rank: int) -> int | comm.Peer:
+        return self.peers.get(rank, rank)
 
     @torch.inference_mode()
     def step(self, plan: AttentionStep) -> None:
@@ -76,7 +82,8 @@ class AttentionWorker:
         prepared = {mb: (batch, *batch.metadata(self.device)) for mb, batch in plan.batches.items()}
         pending_sends = []
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        for layer, mb, peer in plan.order:
+        for layer, mb, dense_rank in plan.order:
+            peer = self.peer(dense_rank)
             k_cache, v_cache = self.kv_caches[layer]
             batch, meta, kv_slots, sparse_rows = prepared[mb]
             nq, nkv = batch.num_q_rows, len(batch.kv_slots)
@@ -123,5 +130,5 @@ class AttentionWorker:
         for work, _, peer in pending_sends:
             comm.wait(work, peer, "send")
         stats.comm_s += time.perf_counter() - t3
-        comm.send_object(stats, 0, None, tag=Tag.REPORT, device=self.transport)
+        comm.send_object(stats, self.peer(0), None, tag=Tag.REPORT, device=self.transport)
 

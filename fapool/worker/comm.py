@@ -20,10 +20,25 @@ import torch.distributed as dist
 
 
 class WorkerFailure(RuntimeError):
-    def __init__(self, rank: int, what: str, cause: BaseException | str) -> None:
-        super().__init__(f"worker rank {rank} failed during {what}: {cause}")
+    def __init__(self, rank: int | Peer, what: str, cause: BaseException | str) -> None:
+        who = f"worker rank {rank}" if isinstance(rank, int) else str(rank)
+        super().__init__(f"{who} failed during {what}: {cause}")
         self.rank = rank
         self.what = what
+
+
+@dataclass(frozen=True, eq=False)
+class Peer:
+    """A process reached through a process group of its own (an elastic pool worker's pair
+    group, made when it joins), not through the default group: `rank` is its rank there.
+    Every send/recv here takes a Peer wherever it takes a rank."""
+
+    group: object  # a torch ProcessGroup (ProcessGroupGloo)
+    rank: int
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -155,7 +170,7 @@ class Waiter:
         self._threads: dict[int, ThreadPoolExecutor] = {}
         self._abandoned: list = []
 
-    def wait(self, work, timeout_s: float, peer: int, what: str, keep=None) -> None:
+    def wait(self, work, timeout_s: float, peer: int | Peer, what: str, keep=None) -> None:
         if math.isinf(timeout_s) or (isinstance(keep, torch.Tensor) and keep.is_cuda):
             # A CUDA buffer means NCCL, whose wait() does not block the host: it makes the
             # calling thread's current stream wait for the transfer. So it must run on this
@@ -183,7 +198,7 @@ class Waiter:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _blocking_wait(work, peer: int, what: str) -> None:
+def _blocking_wait(work, peer: int | Peer, what: str) -> None:
     try:
         work.wait()
     except RuntimeError as e:
@@ -204,24 +219,28 @@ def _trace(op: str, peer: int, t: torch.Tensor) -> None:
             f.write(f"{op} {peer} {t.numel()} {t.dtype}\n")
 
 
-def send_tensor(t: torch.Tensor, dst: int, tag: int = 0):
+def send_tensor(t: torch.Tensor, dst: int | Peer, tag: int = 0):
     """Asynchronous send; returns the request (keep `t` alive until it completes)."""
     t = t.contiguous()
+    if isinstance(dst, Peer):
+        return dst.group.send([t], dst.rank, tag)
     _trace("send", dst, t)
     return dist.isend(t, dst=dst, tag=tag)
 
 
-def recv_tensor(buf: torch.Tensor, src: int, tag: int = 0):
+def recv_tensor(buf: torch.Tensor, src: int | Peer, tag: int = 0):
+    if isinstance(src, Peer):
+        return src.group.recv([buf], src.rank, tag)
     _trace("recv", src, buf)
     return dist.irecv(buf, src=src, tag=tag)
 
 
-def wait(work, peer: int, what: str) -> None:
+def wait(work, peer: int | Peer, what: str) -> None:
     """Block until a request completes (no deadline)."""
     _blocking_wait(work, peer, what)
 
 
-def send_object(obj, dst: int, waiter: Waiter | None, timeout_s: float = math.inf, tag: int = 0, device: str = "cpu") -> None:
+def send_object(obj, dst: int | Peer, waiter: Waiter | None, timeout_s: float = math.inf, tag: int = 0, device: str = "cpu") -> None:
     """Pickle and send (size first). For step plans and stats; tensors go as tensors."""
     data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64)
@@ -239,7 +258,7 @@ def send_object(obj, dst: int, waiter: Waiter | None, timeout_s: float = math.in
             waiter.wait(w, timeout_s, dst, "send", buf)
 
 
-def recv_object(src: int, waiter: Waiter | None, timeout_s: float = math.inf, tag: int = 0, device: str = "cpu"):
+def recv_object(src: int | Peer, waiter: Waiter | None, timeout_s: float = math.inf, tag: int = 0, device: str = "cpu"):
     """Receive a pickled object (no waiter: block, e.g. an idle worker awaiting its next step)."""
     size = torch.zeros(1, dtype=torch.int64, device=device)
     data = None

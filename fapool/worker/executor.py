@@ -3,6 +3,7 @@
     Executor.execute(SchedulerOutput) -> (logits of due rows, due requests)   synchronous step
     Executor.launch(SchedulerOutput)  -> PendingTokens                        async scheduling
     Executor.take_failures()          -> attention workers lost since the last call
+    Executor.live_pool_workers()      -> attention-pool worker processes alive now
     Executor.reports                  -> one StepReport per multi-rank step (the breakdown)
     Executor.shutdown()
 
@@ -60,6 +61,17 @@ class Executor:
     def take_failures(self) -> list[tuple[int, str]]:
         return []
 
+    def live_pool_workers(self) -> int:
+        """Attention-pool worker processes alive now."""
+        return 0
+
+    def release_idle(self, active_workers: set[int]) -> None:
+        """After a step: the pool workers holding KV now (an elastic pool stops idle ones)."""
+
+    def pool_events(self) -> tuple[int, int, list[float]]:
+        """(workers started, workers stopped, each start's join latency in s): an elastic pool's."""
+        return 0, 0, []
+
     @property
     def reports(self) -> list[StepReport]:
         return []
@@ -84,6 +96,9 @@ class MultiprocessExecutor(Executor):
 
     def take_failures(self) -> list[tuple[int, str]]:
         return self.runner.take_failures()
+
+    def live_pool_workers(self) -> int:
+        return self.runner.live_pool_workers()
 
     @property
     def reports(self) -> list[StepReport]:
@@ -113,8 +128,27 @@ class AFDExecutor(MultiprocessExecutor):
         self.runner.allocate_kv_cache(num_blocks)
         return KVLayout(num_blocks, None, self.runner.topology.attention_ranks)
 
+    def live_pool_workers(self) -> int:
+        return 0  # no attention pool: its attention ranks are fixed
+
+
+class RayPoolExecutor(MultiprocessExecutor):
+    """The attention pool with its workers as Ray actors, started as it grows and stopped when
+    idle (worker/ray_pool). Steps run synchronously: workers start and stop between steps."""
+
+    supports_async = False
+
+    def release_idle(self, active_workers: set[int]) -> None:
+        self.runner.ray_pool.release_idle(active_workers)
+
+    def pool_events(self) -> tuple[int, int, list[float]]:
+        pool = self.runner.ray_pool
+        return len(pool.join_seconds), pool.num_stopped, list(pool.join_seconds)
+
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> Executor:
+    if config.parallel.distributed_executor == "ray":
+        return RayPoolExecutor(MultiRankRunner(config, model, backend))
     if config.parallel.afd:
         return AFDExecutor(AFDRunner(config, model, backend))
     if comm.Topology(

@@ -203,6 +203,7 @@ class MultiRankRunner(ModelRunner):
         self._sampled: dict[str, int] = {}  # the last launched step's greedy tokens, by request
         self._stopped = False
         self.workers: WorkerGroup | None = None
+        self.ray_pool = None  # RayPool: the attention workers are Ray actors (distributed_executor "ray")
         self.transport = "cpu"  # message buffers' device, known once the process group is up
         # Decided while the model is still whole (GPU profiling runs a full forward), for
         # the largest per-rank share of the KV, then the same block ids everywhere.
@@ -227,7 +228,9 @@ class MultiRankRunner(ModelRunner):
     def _start_workers(self) -> None:
         topo = self.topology
         startup_s = max(60.0, self.timeout_s)
-        self.workers = WorkerGroup(self.config, topo.world_size)
+        on_ray = self.config.parallel.distributed_executor == "ray"
+        # On Ray the attention workers are actors with pair groups of their own (ray_pool).
+        self.workers = WorkerGroup(self.config, topo.num_dense if on_ray else topo.world_size)
         self.transport = comm.transport_device(str(self.device))
         # Each stage's leader (TP rank 0) exchanges with the pool for the stage's layers; its
         # TP ranks go through it.
@@ -236,13 +239,17 @@ class MultiRankRunner(ModelRunner):
         for r in self._ranks():
             comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
         if self.pool_kv_heads is not None:
-            for w, heads in self.pool_kv_heads.items():
+            for w, heads in self.pool_kv_heads.items() if not on_ray else ():
                 msg = AttentionInit(self.config, w, self.worker_num_blocks, heads)
                 comm.send_object(msg, topo.attention_rank(w), self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
             self.link = PoolLink(
                 self.config, topo, self.pool_kv_heads, self.device, self.transport, self.waiter, self.backend
             )
             self.stage.link = self.link
+            if on_ray:
+                from fapool.worker.ray_pool import RayPool  # Ray loads only for this executor
+
+                self.ray_pool = RayPool(self.config, self.pool_kv_heads, self.worker_num_blocks, self.link)
             if self.config.sparse_attention:  # the driver selects for every holder (pool_sparse)
                 self.link.sparse = PoolSparse(
                     self.config,
@@ -271,6 +278,14 @@ class MultiRankRunner(ModelRunner):
         if self.link is None:
             return []
         return [self.topology.attention_rank(w) for w in self.pool_kv_heads if not live_only or self.link.live(w)]
+
+    def live_pool_workers(self) -> int:
+        """Attention workers whose process is alive and that the driver has not given up on."""
+        if self.ray_pool is not None:
+            return self.ray_pool.num_live
+        if self.workers is None:
+            return 0
+        return sum(1 for r in self._worker_ranks() if self.workers.alive(r))
 
     # KV cache -----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -428,8 +443,10 @@ class MultiRankRunner(ModelRunner):
         layer by layer, the micro-batches round-robin; with stages, stage by stage, each
         stage's micro-batches in turn, each through the stage's layers."""
         link, topo = self.link, self.topology
+        if self.ray_pool is not None:  # the elastic pool grows onto workers that are not running yet
+            self.ray_pool.ensure(w for p in plans for w in p.routes)
         for w in self.pool_kv_heads:
-            if link.live(w) and not self.workers.alive(topo.attention_rank(w)):
+            if self.ray_pool is None and link.live(w) and not self.workers.alive(topo.attention_rank(w)):
                 link.fail(w, "process exited")
         if topo.pipeline_parallel_size == 1:
             order = [(layer, i, 0) for layer in self.layer_ranges[0] for i in range(len(plans))]
@@ -455,9 +472,12 @@ class MultiRankRunner(ModelRunner):
         self._stopped = True
         if self._launcher is not None:  # a launched step finishes (or fails) first
             self._launcher.shutdown(wait=True)
+        if self.ray_pool is not None:
+            self.ray_pool.shutdown()
         if self.workers is not None:
             if self.failure is not None or not self._sharded:
                 self.workers.kill()
             else:
-                self.workers.shutdown([*self._ranks(), *self._worker_ranks()], self.waiter, self.transport)
+                workers = self._worker_ranks() if self.ray_pool is None else []
+                self.workers.shutdown([*self._ranks(), *workers], self.waiter, self.transport)
         self.waiter.close()

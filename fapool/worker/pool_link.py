@@ -75,6 +75,9 @@ class PoolLink:
             )
             for w, hs in kv_heads.items()
         }
+        # Where each worker is reached: its rank in the default group, or (an elastic pool's
+        # worker) a Peer of its own pair group, set when it joins.
+        self.peers: dict[int, int | comm.Peer] = {w: topology.attention_rank(w) for w in kv_heads}
         self.failed: dict[int, str] = {}
         self._new_failures: list[int] = []
         self.clock = StepClock(device)
@@ -91,8 +94,7 @@ class PoolLink:
 
     def fail(self, worker: int, why: str) -> None:
         if worker not in self.failed:
-            rank = self.topology.attention_rank(worker)
-            logger.error("attention worker %d (rank %d) failed: %s", worker, rank, why)
+            logger.error("attention worker %d (%s) failed: %s", worker, self.peers[worker], why)
             self.failed[worker] = why
             self._new_failures.append(worker)
 
@@ -120,7 +122,7 @@ class PoolLink:
                 self.waiter.abandon(work, buf)
                 continue
             try:
-                self.waiter.wait(work, self.timeout_s, self.topology.attention_rank(w), "send", buf)
+                self.waiter.wait(work, self.timeout_s, self.peers[w], "send", buf)
             except comm.WorkerFailure as e:
                 self.fail(w, str(e))
         self.sends = []
@@ -153,7 +155,7 @@ class PoolLink:
             mine = [(layer, mb, peer) for layer, mb, peer in order if mb in batches]
             msg = AttentionStep(step, copies, batches, len(plans), mine, stall)
             try:
-                rank = self.topology.attention_rank(w)
+                rank = self.peers[w]
                 comm.send_object(msg, rank, self.waiter, self.timeout_s, tag=Tag.STEP, device=self.transport)
                 told.append(w)
             except comm.WorkerFailure as e:
@@ -166,7 +168,7 @@ class PoolLink:
             if not self.live(w):
                 continue
             try:
-                rank = self.topology.attention_rank(w)
+                rank = self.peers[w]
                 reports[w] = comm.recv_object(rank, self.waiter, self.timeout_s, tag=Tag.REPORT, device=self.transport)
             except comm.WorkerFailure as e:
                 self.fail(w, str(e))
@@ -232,7 +234,7 @@ class PoolAttend:
                 pages, lens = link.sparse.pages(chosen, self.sparse.decode, self.sparse.decode.remote[w])
                 parts.append(torch.cat([pages, lens[..., None]], dim=-1))
             msg = pack_bytes(parts).to(link.transport)
-            rank = link.topology.attention_rank(w)
+            rank = link.peers[w]
             try:
                 link.sends.append((comm.send_tensor(msg, rank, tag), msg, w))
                 if cut.nq:
@@ -280,7 +282,7 @@ class PoolAttend:
         T, H, D = shape
         outs, lses = [], []
         for w, cut, work, buf in recvs:
-            rank = link.topology.attention_rank(w)
+            rank = link.peers[w]
             try:
                 link.clock.measure("wait", lambda: link.waiter.wait(work, link.timeout_s, rank, "attention", buf))  # noqa: B023
             except comm.WorkerFailure as e:

@@ -226,6 +226,7 @@ def test_serves_attention_pool(folder):
             assert asyncio.run(_burst(srv.base_url, prompts, 30, stream=True)) == [(200, w) for w in want]
             assert engine_stats(srv).kv_blocks_used == 0
             assert "fapool_attention_pool_size" in httpx.get(f"{srv.base_url}/metrics").text
+            assert engine_stats(srv).pool_live_workers == 2
         finally:
             srv.stop()
     finally:

@@ -100,6 +100,18 @@ def test_plan_prints_a_recommendation(tmp_path, capsys):
     assert "recommend:" in text and "AFD closed form" in text
     plan = json.loads(out.read_text())
     assert len(plan["rows"]) == 4 and 0 <= plan["recommended"] < 4
+    # Each row names the engine arguments of its topology; the recommended one is what
+    # `--plan` gives the engine.
+    by_kind = {r["kind"]: r["engine_args"] for r in plan["rows"]}
+    assert set(by_kind["afd"]) == {"afd_attention_ranks", "afd_ffn_ranks"}
+    assert by_kind["head-parallel"]["pool_threshold"] == 0 and by_kind["head-parallel"]["pool_mode"] == "head"
+    assert by_kind["fapool"]["attention_workers"] >= 1
+    assert plan["engine_args"] == plan["rows"][plan["recommended"]]["engine_args"]
+    from fapool.engine.arg_utils import EngineArgs
+
+    planned = EngineArgs(plan=str(out)).with_plan()
+    for name, value in plan["engine_args"].items():
+        assert getattr(planned, name) == value
 
 
 @pytest.mark.parametrize(

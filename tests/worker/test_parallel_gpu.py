@@ -159,6 +159,25 @@ def test_tp2_with_pool_on_gpu_matches_single_process(tiny_checkpoints, gpu_refer
 
 
 @needs_gpu
+@pytest.mark.parametrize("r,f", [(2, 1), (1, 2)])
+def test_afd_on_gpu_matches_single_process(tiny_checkpoints, gpu_reference, r, f, tmp_path, monkeypatch):
+    """Attention-FFN disaggregation on the GPU(s): the Triton attention on the attention ranks,
+    the FFN slices on the FFN ranks, the GPU profiled for the KV of each attention rank."""
+    want = gpu_reference(**SMALL_CACHE)
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
+    kw = dict(afd_attention_ranks=r, afd_ffn_ranks=f, micro_batches=2, **SMALL_CACHE)
+    with _gpu_engine(tiny_checkpoints["llama"][0], **kw) as llm:
+        outs = llm.generate(_prompts(), PARAMS)
+        engine, runner = llm.engine, llm.engine.executor.runner
+        assert [o.token_ids for o in outs] == want
+        _check_placement(runner, r + f)
+        assert engine.kv.pool.num_partitions == r
+        stats = engine.executor.reports
+        assert all(sum(s.ranks[k].compute_s for s in stats) > 0 for k in range(r + f))
+    assert assert_pairs_mirror(str(tmp_path), r + f) > 0
+
+
+@needs_gpu
 def test_sparse_decode_inside_the_pool_on_gpu(tiny_checkpoints, tmp_path):
     """Sparse decode with two attention workers sharing the GPU: the driver selects, each
     holder runs the Triton work-balanced kernel on its chosen pages; greedy tokens equal the

@@ -190,8 +190,11 @@ def test_dead_worker_is_detected_and_its_requests_recomputed(tiny_checkpoints, r
             if step == 5:
                 runner.workers.procs[runner.topology.attention_rank(1)].kill()
 
+        assert llm.engine.stats().pool_live_workers == 2
         got = _run_until(llm, random_prompts(LENGTHS, seed=21), PARAMS, kill)
         assert [w for w, _ in llm.engine.worker_failures] == [1]
+        stats = llm.engine.stats()
+        assert stats.pool_live_workers == 1 and stats.pool_workers_lost == 1
         why = llm.engine.worker_failures[0][1]
         assert f"rank {runner.topology.attention_rank(1)}" in why or "exited" in why
         assert llm.engine.pool_manager.alive == {2}

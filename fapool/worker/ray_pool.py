@@ -1,0 +1,178 @@
+"""An elastic attention pool on Ray (seed 000's resource manager, which activates workers as
+sequences grow and releases them): each attention worker is a Ray actor, started when the
+pool places KV on it and stopped after `pool_idle_timeout_s` holding none, its memory (and
+GPU) going back to Ray. With `ray_address` the actors may live on other hosts of the cluster.
+
+Control plane: the actor is created, and handed its AttentionInit, through Ray. Data plane:
+the driver and the actor then make a process group of their own (gloo over TCP; rendezvous
+through a TCPStore the driver hosts) and every step plan, q/k/v message, partial and report
+goes through it, in the wire protocol of the multiprocess executor's workers (comm.Peer),
+never as a Ray object. A worker that joins mid-generation serves the segments placed on it
+from then on; a killed actor fails its pair group's transfers, and its requests are
+recomputed, as with a dead worker process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+
+from fapool.config import ConfigError, EngineConfig
+from fapool.worker import comm
+from fapool.worker.attention_worker import AttentionWorker
+from fapool.worker.protocol import SHUTDOWN, AttentionInit, Tag
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 120.0  # an actor that has not joined by then (no free CPU/GPU in the cluster) fails the step
+PAIR_TIMEOUT = dt.timedelta(days=7)  # deadlines are comm.Waiter's; gloo's own would close the pair
+
+
+@ray.remote
+class PoolWorkerActor:
+    """One attention worker in a Ray actor: joins the driver's pair group, then serves steps on
+    a thread until the driver says stop (or goes away)."""
+
+    def start(self, init: AttentionInit, host: str, port: int, prefix: str, device: str) -> int:
+        torch.set_num_threads(1)
+        store = dist.TCPStore(host, port, is_master=False, timeout=dt.timedelta(seconds=JOIN_TIMEOUT_S))
+        group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), 1, 2, PAIR_TIMEOUT)
+        worker = AttentionWorker(init, init.worker_id, device, peers={0: comm.Peer(group, 0, "the driver")})
+        self._thread = threading.Thread(target=self._serve, args=(worker,), daemon=True)
+        self._thread.start()
+        return os.getpid()
+
+    @staticmethod
+    def _serve(worker: AttentionWorker) -> None:
+        try:
+            worker.run()
+        except comm.WorkerFailure as e:
+            logger.warning("Ray attention worker %d stopping: %s", worker.init.worker_id, e)
+
+
+@dataclass
+class _Live:
+    actor: object  # the actor handle
+    peer: comm.Peer
+    pid: int
+
+
+class RayPool:
+    """The driver's side: which workers are running, starting and stopping them."""
+
+    def __init__(self, config: EngineConfig, kv_heads: dict[int, list[int]], num_blocks: int, link) -> None:
+        self.config = config
+        self.kv_heads = kv_heads
+        self.num_blocks = num_blocks
+        self.link = link  # PoolLink: a joining worker's Peer goes into link.peers
+        self.idle_timeout_s = config.pool.pool_idle_timeout_s
+        address = config.parallel.ray_address
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            _check_reachable(address)
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"ray_address {address!r}: no Ray cluster reachable there ({e})") from None
+        self.host = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(
+            self.host, 0, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=JOIN_TIMEOUT_S)
+        )
+        self.live: dict[int, _Live] = {}
+        self.join_seconds: list[float] = []  # from asking Ray for an actor to its first message
+        self.num_stopped = 0
+        self.pids_seen: set[int] = set()  # every actor process that joined (tests: gone once stopped)
+        self._idle_since: dict[int, float] = {}
+        self._generation = itertools.count()
+
+    @property
+    def num_live(self) -> int:
+        return len(self.live)
+
+    def ensure(self, workers: Iterable[int]) -> None:
+        """Start the workers not running yet (all at once) and wait until each has joined."""
+        missing = sorted(w for w in set(workers) if w not in self.live and self.link.live(w))
+        if not missing:
+            return
+        on_gpu = self.config.device.startswith("cuda")
+        t0 = time.perf_counter()
+        pending = []
+        for w in missing:
+            prefix = f"pool/{w}/{next(self._generation)}"
+            actor = PoolWorkerActor.options(num_cpus=1, num_gpus=1 if on_gpu else 0).remote()
+            init = AttentionInit(self.config, w, self.num_blocks, self.kv_heads[w])
+            ref = actor.start.remote(init, self.host, self.store.port, prefix, "cuda" if on_gpu else "cpu")
+            pending.append((w, actor, ref, prefix))
+        for w, actor, ref, prefix in pending:
+            try:
+                group = _pair_group(self.store, prefix)
+                (pid,) = ray.get([ref], timeout=JOIN_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - Ray's and gloo's errors alike: the worker is lost
+                ray.kill(actor, no_restart=True)
+                self.link.fail(w, f"could not start a Ray attention worker: {e}")
+                continue
+            peer = comm.Peer(group, 1, f"Ray attention worker {w}")
+            self.live[w] = _Live(actor, peer, pid)
+            self.pids_seen.add(pid)
+            self.link.peers[w] = peer
+            self.join_seconds.append(time.perf_counter() - t0)
+            logger.info("attention worker %d joined (Ray actor, pid %d) in %.2f s", w, pid, self.join_seconds[-1])
+
+    def release_idle(self, active: set[int], now: float | None = None) -> None:
+        """Stop workers that held no KV for idle_timeout_s (`active`: workers holding some now)."""
+        now = time.monotonic() if now is None else now
+        for w in list(self.live):
+            if w in active or not self.link.live(w):
+                self._idle_since.pop(w, None)
+                if not self.link.live(w):  # failed: its actor is gone or useless
+                    self._drop(w, graceful=False)
+                continue
+            since = self._idle_since.setdefault(w, now)
+            if self.idle_timeout_s is not None and now - since >= self.idle_timeout_s:
+                self._drop(w, graceful=True)
+
+    def _drop(self, w: int, graceful: bool) -> None:
+        live = self.live.pop(w)
+        self._idle_since.pop(w, None)
+        if graceful:
+            try:
+                comm.send_object(SHUTDOWN, live.peer, self.link.waiter, 5.0, tag=Tag.STEP)
+            except comm.WorkerFailure:
+                pass
+        ray.kill(live.actor, no_restart=True)
+        self.num_stopped += 1
+        logger.info("attention worker %d stopped (Ray actor, pid %d)", w, live.pid)
+
+    def shutdown(self) -> None:
+        for w in list(self.live):
+            self._drop(w, graceful=self.link.live(w))
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A host:port address must accept a connection: ray.init retries an unreachable one forever."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"ray_address {address!r}: no Ray cluster reachable there ({e})") from None
+
+
+def _pair_group(store: dist.TCPStore, prefix: str):
+    """The driver's end (rank 0) of a pair group; returns once the worker has connected."""
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), 0, 2, PAIR_TIMEOUT)

@@ -1,0 +1,149 @@
+"""The elastic attention pool on Ray (CPU, a local Ray instance): workers are actors started when
+the pool grows onto them and stopped once idle; greedy tokens equal the single-process engine
+through joins and leaves; a killed actor's requests are recomputed. Asserted on state (actor
+counts, live processes), not on timing."""
+
+import os
+import time
+
+import pytest
+import ray
+
+from fapool import LLM, SamplingParams
+from fapool.config import ConfigError
+from tiny_models import random_prompts
+
+LENGTHS = [3, 10, 25, 40, 70]
+POOL = dict(pool_threshold=32, tokens_per_pool_worker=16, worker_timeout_s=30.0)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=30)
+
+
+def _ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def _kw(**kw):
+    return dict(device="cpu", block_size=4, num_kv_blocks=256, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the module (the engine leaves a Ray it did not start running)."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    folder = tiny_checkpoints["llama"][0]
+    return [o.token_ids for o in LLM(folder, **_kw()).generate(_ids(random_prompts(LENGTHS, seed=21)), PARAMS)]
+
+
+# Prompts of 3, 10 and 25 tokens: local at first, they cross the threshold (32) while decoding.
+CROSSING = random_prompts(LENGTHS, seed=21)[:3]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _gone(pids, within_s: float = 20.0) -> bool:
+    """The processes have exited (Ray kills an actor asynchronously)."""
+    deadline = time.monotonic() + within_s
+    while any(_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _run(llm, prompts, params, on_step=lambda engine, step: None):
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    finished, step, live = {}, 0, []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o.outputs[0].token_ids
+        step += 1
+        live.append(engine.stats().pool_live_workers)
+        on_step(engine, step)
+    return [finished[i] for i in ids], live
+
+
+def test_ray_pool_grows_serves_and_releases(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    with LLM(folder, **kw) as llm:
+        engine = llm.engine
+        pool = engine.executor.runner.ray_pool
+        assert engine.stats().pool_live_workers == 0  # nothing starts before the pool is needed
+        got, live = _run(llm, CROSSING, PARAMS)
+        assert got == reference[:3]
+        # The pool grew past the threshold onto two actors, which joined mid-generation...
+        assert live[0] == 0 and max(live) == 2
+        reports = engine.executor.reports
+        assert sum(w.q_rows for s in reports for w in s.workers.values()) > 0
+        pids = sorted(pool.pids_seen)
+        assert len(pids) == 2
+        # ...and once no KV was left on them they were stopped, their processes gone.
+        stats = engine.stats()
+        assert stats.pool_live_workers == 0 and stats.pool_worker_starts == 2 and stats.pool_worker_stops == 2
+        assert len(stats.pool_join_seconds) == 2 and all(s > 0 for s in stats.pool_join_seconds)
+        assert engine.pool_manager.active_workers() == set()
+        assert _gone(pids)
+        # A second long request starts them again.
+        got, live = _run(llm, random_prompts(LENGTHS, seed=21)[-1:], PARAMS)
+        assert got == reference[-1:]
+        assert max(live) >= 1 and engine.stats().pool_worker_starts >= 3
+        assert engine.stats().pool_live_workers == 0
+
+
+def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=None, **POOL)
+    with LLM(folder, **kw) as llm:
+        pool = llm.engine.executor.runner.ray_pool
+        killed = []
+
+        def kill(engine, step):
+            if not killed and 1 in pool.live and step >= 12:
+                ray.kill(pool.live[1].actor, no_restart=True)
+                killed.append(step)
+
+        got, _ = _run(llm, random_prompts(LENGTHS, seed=21), PARAMS, kill)
+        assert killed
+        assert [w for w, _ in llm.engine.worker_failures] == [1]
+        assert got == reference
+        assert llm.engine.stats().pool_workers_lost == 1
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(attention_workers=2, tensor_parallel_size=2), "distributed_executor 'ray'"),
+        (dict(attention_workers=0), "distributed_executor 'ray'"),
+        (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "distributed_executor 'ray'"),
+        (dict(attention_workers=1, pool_idle_timeout_s=-1.0), "pool_idle_timeout_s"),
+    ],
+)
+def test_ray_configurations_that_cannot_run(tiny_checkpoints, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        LLM(tiny_checkpoints["llama"][0], device="cpu", distributed_executor="ray", **kw)
+
+
+def test_unreachable_ray_address_is_a_config_error(tiny_checkpoints):
+    """Checked before ray.init (which would retry forever); Ray is not started."""
+    ray.shutdown()  # the module's local instance: the engine only dials an address when none runs
+    try:
+        with pytest.raises(ConfigError, match="ray_address '127.0.0.1:9'"):
+            LLM(tiny_checkpoints["llama"][0], device="cpu", attention_workers=1, distributed_executor="ray",
+                ray_address="127.0.0.1:9")
+        assert not ray.is_initialized()
+    finally:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
