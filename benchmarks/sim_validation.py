@@ -1,5 +1,6 @@
-"""Validation of fapool.sim (issue 6): seed 000 reproduction (simulated), the closed-form AFD
-ratio against the simulator's sweep optimum, a planner run, and this CPU's calibration.
+"""Validation of fapool.sim: seed 000 reproduction (simulated), the closed-form AFD ratio
+against the layer-level event simulation (throughput regret at the closed form's r*), a
+planner run, and this CPU's calibration.
 
     .venv/bin/python benchmarks/sim_validation.py            # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/sim_validation.py --quick    # fewer steps, < 1 min
@@ -26,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fapool.sim.afd import sweep_ratio
+from fapool.sim.afd_events import regret_sweep
 from fapool.sim.calibrate import calibrate, cpu_name, summary_lines
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware
@@ -158,40 +159,23 @@ AFD_WORKLOADS = [  # (label, kv heads, hardware, prompt, output, b, f_tp, overla
 ]
 
 
-def afd_validation(quick: bool, policy: str, max_points: int) -> list[dict]:
+def afd_validation(quick: bool, max_points: int) -> list[dict]:
     rows = []
     for label, kvh, hw, p, o, b, f_tp, overlap, steps in AFD_WORKLOADS:
         cost = CostModel(load_model_config("seed000").replace(num_key_value_heads=kvh), get_hardware(hw))
+        steps = steps // 5 if quick else steps
         t = time.perf_counter()
-        res = sweep_ratio(
-            cost,
-            LengthDist.parse(p, hi=32768),
-            LengthDist.parse(o, hi=8192),
-            b,
-            f_tp,
-            overlap,
-            steps=steps // 5 if quick else steps,
-            max_points=max_points,
-            group_policy=policy,
+        res = regret_sweep(
+            cost, LengthDist.parse(p, hi=32768), LengthDist.parse(o, hi=8192), b, f_tp, overlap,
+            steps=steps, max_points=max_points,
         )
-        res.update(
-            label=label,
-            kv_heads=kvh,
-            hardware=hw,
-            prompt=p,
-            output=o,
-            b=b,
-            f_tp=f_tp,
-            overlap=overlap,
-            steps=steps // 5 if quick else steps,
-            group_policy=policy,
-            seconds=round(time.perf_counter() - t, 1),
-        )
+        res.update(label=label, kv_heads=kvh, hardware=hw, prompt=p, output=o, b=b, f_tp=f_tp,
+                   overlap=overlap, seconds=round(time.perf_counter() - t, 1))
         rows.append(res)
         print(
-            f"  [{policy}] {label:28s} closed r*={res['r_closed_form']:4d}  simulated r*={res['r_simulated']:4d}  "
-            f"error {res['rel_error']:5.1%}  throughput regret {res['throughput_regret']:5.2%}  "
-            f"({res['seconds']} s)",
+            f"  {label:28s} closed r*={res['r_closed_form']:4d}  simulated best r={res['r_simulated']:4d}  "
+            f"regret {res['throughput_regret']:5.2%}  closed/simulated at r* "
+            f"{res['closed_form_vs_simulated_at_r_star']:+5.1%}  ({res['seconds']} s)",
             flush=True,
         )
     return rows
@@ -282,7 +266,7 @@ def plots(seed: dict, afd: list[dict], outdir: Path) -> list[str]:
         cf = row["closed_form_curve"]
         sim = row["simulated_curve"]
         ax.plot(list(cf), list(cf.values()), label="closed form")
-        ax.plot(list(sim), list(sim.values()), "o", label="simulated")
+        ax.plot(list(sim), list(sim.values()), "o", label="event simulation")
         ax.axvline(row["r_closed_form"], color="tab:blue", ls="--", lw=0.8)
         ax.axvline(row["r_simulated"], color="tab:orange", ls=":", lw=1.2)
         ax.set_title(f"{row['label']} (b={row['b']}, F=TP{row['f_tp']})", fontsize=8)
@@ -292,7 +276,7 @@ def plots(seed: dict, afd: list[dict], outdir: Path) -> list[str]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(
-        "AFD rA-1F: closed-form throughput vs simulated sweep (dashed: closed-form r*, dotted: sim r*)"
+        "AFD rA-1F: closed-form throughput vs the event simulation (dashed: closed-form r*, dotted: simulated best)"
     )
     fig.tight_layout()
     p = outdir / "sim_afd_ratio.png"
@@ -372,19 +356,10 @@ def main() -> int:
     print("seed 000 reproduction (simulated) ...", flush=True)
     seed = seed000(h100)
     print_seed_table(seed)
-    print("AFD ratio: closed form vs simulated sweep ...", flush=True)
-    afd = afd_validation(args.quick, "pinned", 7 if args.quick else 13)
-    errs = [r["rel_error"] for r in afd]
-    print(
-        f"  pinned (the closed form's independence assumption): within 5%: {sum(e <= 0.05 for e in errs)}"
-        f"/{len(errs)}; max error {max(errs):.1%}; max regret {max(r['throughput_regret'] for r in afd):.2%}"
-    )
-    afd_ll = afd_validation(args.quick, "least-loaded", 7 if args.quick else 9)
-    errs_ll = [r["rel_error"] for r in afd_ll]
-    print(
-        f"  least-loaded placement: within 5%: {sum(e <= 0.05 for e in errs_ll)}/{len(errs_ll)}; "
-        f"max error {max(errs_ll):.1%}; max regret {max(r['throughput_regret'] for r in afd_ll):.2%}"
-    )
+    print("AFD ratio: closed form vs the layer-level event simulation ...", flush=True)
+    afd = afd_validation(args.quick, 7 if args.quick else 13)
+    regrets = [r["throughput_regret"] for r in afd]
+    print(f"  regret <= 2%: {sum(x <= 0.02 for x in regrets)}/{len(regrets)}; max {max(regrets):.2%}")
     calibrated = None
     cal_path = ROOT / "benchmarks" / "results" / "sim_calibration_h100.json"
     if cal_path.is_file():
@@ -438,20 +413,10 @@ def main() -> int:
         "seed000": seed,
         "afd_ratio": afd,
         "afd_summary": {
-            "group_policy": "pinned",
+            "simulation": "layer-level event simulation (fapool.sim.afd_events), no shared step formula",
             "workloads": len(afd),
-            "within_5pct": sum(e <= 0.05 for e in errs),
-            "max_rel_error": max(errs),
-            "mean_rel_error": float(np.mean(errs)),
-            "max_throughput_regret": max(r["throughput_regret"] for r in afd),
-        },
-        "afd_ratio_least_loaded": afd_ll,
-        "afd_summary_least_loaded": {
-            "workloads": len(afd_ll),
-            "within_5pct": sum(e <= 0.05 for e in errs_ll),
-            "max_rel_error": max(errs_ll),
-            "mean_rel_error": float(np.mean(errs_ll)),
-            "max_throughput_regret": max(r["throughput_regret"] for r in afd_ll),
+            "regret_within_2pct": sum(x <= 0.02 for x in regrets),
+            "max_throughput_regret": max(regrets),
         },
         "seed000_h100_calibrated": calibrated,
         "h100_calibration_file": str(cal_path.relative_to(ROOT)) if cal_path.is_file() else None,

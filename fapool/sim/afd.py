@@ -144,77 +144,9 @@ class AFDModel:
         )
 
 
-def simulate_ratio(
-    cost: CostModel,
-    prompt,
-    output,
-    b: int,
-    f_tp: int,
-    r: int,
-    steps: int,
-    overlap: bool = True,
-    seed: int = 0,
-    group_policy: str = "pinned",
-) -> float:
-    """Simulated tokens/s/GPU of an rA-1F bundle kept full by a closed loop (steady-state start,
-    `steps` mean steps long). The same seed gives every r the same clients' requests.
-    group_policy 'pinned' refills each attention GPU independently (the closed form's
-    assumption); 'least-loaded' sends each new request to the least-loaded GPU with room."""
-    from fapool.sim.simulator import SimConfig, simulate
-    from fapool.sim.workload import ClosedLoopWorkload
-
-    step = AFDModel(cost, _moments_of(prompt, output, seed), b, f_tp, overlap).point(r).step_time
-    wl = ClosedLoopWorkload(prompt, output, concurrency=r * b, num_requests=10**9, seed=seed)
-    res = simulate(
-        AFD(r=r, f_tp=f_tp, max_batch_per_attn=b, overlap=overlap),
-        cost,
-        wl,
-        SimConfig(prefill="skip", max_sim_time=steps * step, group_policy=group_policy),
-    )
-    return res.throughput_per_gpu
-
-
-def _moments_of(prompt, output, seed: int) -> ContextMoments:
+def length_moments(prompt, output, seed: int = 0) -> ContextMoments:
+    """The context moments of a (prompt, output) length distribution, from 200,000 draws."""
     from fapool.sim.queueing import context_moments
 
     rng = np.random.default_rng([seed, 17])
     return context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))
-
-
-def sweep_ratio(
-    cost: CostModel,
-    prompt,
-    output,
-    b: int,
-    f_tp: int = 1,
-    overlap: bool = True,
-    steps: int = 2000,
-    span: float = 0.3,
-    max_points: int = 13,
-    seed: int = 0,
-    group_policy: str = "pinned",
-) -> dict:
-    """Closed-form optimum vs the simulator's: simulate r over [r*(1-span), r*(1+span)]
-    (integers, at most `max_points`, always r*-1, r*, r*+1) and take the best."""
-    model = AFDModel(cost, _moments_of(prompt, output, seed), b, f_tp, overlap)
-    plan = model.optimise()
-    r0 = plan.best.r
-    lo, hi = max(1, int(r0 * (1 - span))), max(r0 + 1, math.ceil(r0 * (1 + span)))
-    rs = set(np.unique(np.linspace(lo, hi, max_points).round().astype(int)).tolist())
-    rs |= {r for r in (r0 - 1, r0, r0 + 1) if r >= 1}
-    sims = {
-        r: simulate_ratio(cost, prompt, output, b, f_tp, r, steps, overlap, seed, group_policy)
-        for r in sorted(rs)
-    }
-    r_sim = max(sims, key=sims.get)
-    return {
-        "r_closed_form": r0,
-        "r_simulated": r_sim,
-        "rel_error": abs(r0 - r_sim) / r_sim,
-        "throughput_regret": 1 - sims[r0] / sims[r_sim],
-        "balance_ratio": plan.balance_ratio,
-        "ffn_bound_ratio": plan.ffn_bound_ratio,
-        "step_time_s": plan.best.step_time,
-        "closed_form_curve": {p.r: p.throughput_per_gpu for p in plan.curve if lo <= p.r <= hi},
-        "simulated_curve": sims,
-    }

@@ -40,19 +40,12 @@ class SimConfig:
     # their time is the trapezoid of the first and last step's (exact when a step's time is
     # affine in the contexts, as the roofline's decode attention is). 1 disables.
     max_macro_steps: int = 128
-    # Which attention group (AFD: attention GPU) takes a new request: "least-loaded" (fewest
-    # committed KV tokens among groups with a free slot) or "pinned" (closed-loop client c
-    # always uses group c // slots_per_group: every group is refilled independently, the
-    # assumption of the closed-form AFD model).
-    group_policy: str = "least-loaded"
 
     def __post_init__(self) -> None:
         if self.prefill not in ("chunked", "skip"):
             raise SimInputError(f"prefill must be 'chunked' or 'skip', got {self.prefill!r}")
         if self.max_num_batched_tokens < 1:
             raise SimInputError("max_num_batched_tokens must be >= 1")
-        if self.group_policy not in ("least-loaded", "pinned"):
-            raise SimInputError(f"group_policy must be 'least-loaded' or 'pinned', got {self.group_policy!r}")
 
 
 class _Requests:
@@ -103,7 +96,6 @@ class _Instance:
         self.idx = idx
         self.num_groups = strategy.num_groups()
         spg = strategy.slots_per_group()
-        self.slots_per_group = spg
         n = self.num_groups * spg
         self.group = np.repeat(np.arange(self.num_groups), spg)
         self.req = np.full(n, -1, np.int64)
@@ -215,13 +207,7 @@ class Simulator:
         inst.ledger.begin_admission((inst.ctx + inst.pre_left) * (inst.req >= 0))
         while inst.waiting:
             rid = inst.waiting[0]
-            client = int(self.reqs.client[rid])
-            if self.config.group_policy == "pinned" and client >= 0 and inst.num_groups > 1:
-                groups = [client // inst.slots_per_group % inst.num_groups]
-                if not inst.free_slots[groups[0]]:
-                    return
-            else:
-                groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
+            groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
             if not groups:
                 return
             if len(groups) > 1:

@@ -528,12 +528,17 @@ class AFD(Strategy):
         lm = float(cost.lm_head(n_seqs, self.f_tp))
         if self.overlap:
             # Ping-pong: attention of one micro-batch overlaps the FFN of the other. The step
-            # takes the busier side's total (the LM head runs on the FFN side), or one
+            # takes the busier side's total plus the pipeline's fill or drain (the FFN side
+            # waits for the first micro-batch's attention; after the attention side's last
+            # task come the last micro-batch's transfer, FFN and the LM head), or one
             # micro-batch's own chain: half of each side plus two transfers a layer.
             a_tot = L * np.asarray(a_side)
-            f_tot = L * max(f_compute + f_ar, f_net) + lm
+            f_layer = max(f_compute + f_ar, f_net)
+            f_tot = L * f_layer + lm
+            drain = (f_compute + f_ar + f_net) / 2 + lm
+            fill = np.asarray(a_side) / 2 + f_net / 2
             chain = (a_tot + L * (f_compute + f_ar + 2 * f_net) + lm) / 2
-            step = np.maximum(np.maximum(a_tot, f_tot), chain)
+            step = np.maximum(np.maximum(a_tot + drain, f_tot + fill), chain)
         else:
             step = L * (np.asarray(a_side) + f_compute + f_ar + 2 * np.maximum(f_net, a_net)) + lm
         return cost.finish_step(step, n_seqs, kv_tokens)
