@@ -13,7 +13,7 @@ One run does everything here:
      decode step of the whole batch is timed. All engines stay up and are measured in turns
      (`--repeats` rounds), so drifting load from other processes falls on all alike.
   3. The simulator's step for each: StaticTPPP(1, 1) or FAPool(base 1, pool A, threshold,
-     tokens per worker, spread placement, overlap = micro-batches > 1) priced at the same
+     tokens per worker, shard mode, overlap = micro-batches > 1) priced at the same
      batch and mean context, whole step (host model) and device only.
 
     PYTHONPATH=. python benchmarks/sim_vs_engine_cpu.py [--batch 4 --input-len 96 ...]
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool_size=extra["attention_workers"],
                 threshold=ns.pool_threshold,
                 tokens_per_worker=ns.tokens_per_pool_worker,
-                placement="spread",
+                mode="shard",
                 overlap=extra["micro_batches"] > 1,
                 max_batch=ns.batch,
             )

@@ -96,7 +96,7 @@ def _strategies(args) -> list:
                     pool_size=args.pool_size,
                     threshold=args.threshold,
                     tokens_per_worker=args.tokens_per_worker,
-                    placement=args.placement,
+                    mode=args.pool_mode,
                     overlap=not args.no_overlap,
                     replicas=args.replicas,
                     max_batch=args.max_batch,
@@ -311,7 +311,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--pool-size", type=int, default=24)
     s.add_argument("--threshold", type=int, default=4096)
     s.add_argument("--tokens-per-worker", type=int, default=4096)
-    s.add_argument("--placement", default="spread", choices=("spread", "pack", "head"))
+    s.add_argument("--pool-mode", default="shard", choices=("shard", "replicate", "head"),
+                   help="where pool KV lives, as the engine's --pool-mode (placed by its PoolManager)")
     s.add_argument("--no-overlap", action="store_true", help="no micro-batch ping-pong (pool / AFD)")
     s.add_argument("--afd-r", type=int, default=8)
     s.add_argument("--afd-f-tp", type=int, default=1)

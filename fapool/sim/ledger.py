@@ -4,22 +4,28 @@ new tokens do not fit (which triggers preemption).
 Two ledgers:
   GroupLedger  every slot's KV lives in its attention group (static TP x PP: one group;
                AFD: one group per attention GPU). Usage is derived from the slots' contexts.
-  PoolLedger   FA Pool / head-parallel: the first `threshold` tokens of a sequence stay on the
-               base GPUs; later tokens go to pool workers in chunks of `tokens_per_worker`
-               (placement 'spread': a least-loaded worker the sequence does not use yet;
-               'pack': the lowest-numbered worker with room) or, for 'head', every pool token
-               is split over all workers by KV head.
+  PoolLedger   FA Pool / Lamina: the first `threshold` tokens of a sequence stay on the base
+               GPUs; the rest is placed by the engine's own PoolManager (fapool.core), in its
+               modes (shard, replicate, head), so the simulated policy is the engine's.
 
-A ledger's `try_allocate` is transactional: it either places all of a step's new tokens and
-returns None, or changes nothing and returns the domain that overflowed, so the simulator can
-preempt the youngest request there and try again.
+`try_allocate` places a step's new tokens slot by slot and returns None, or the domain that
+overflowed (tokens placed for earlier slots stay placed, as in the engine's scheduler), so the
+simulator can preempt the youngest request there and try again.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from fapool.config import PoolConfig
+from fapool.core.pool_manager import PoolManager
+
 Domain = tuple[str, int]  # ("group", g) | ("base", 0) | ("pool", w)
+# A worker's capacity is cut at this many blocks (BlockPool keeps an object per block): at
+# 256-token blocks that is 2M tokens, what an H200 holds of a 64 KiB-a-token model.
+MAX_BLOCKS_PER_WORKER = 1 << 13
 
 
 class GroupLedger:
@@ -69,141 +75,145 @@ class PoolLedger:
         num_workers: int,
         threshold: int,
         tokens_per_worker: int,
-        placement: str,
+        mode: str,
         head_share: np.ndarray | None = None,
+        max_tokens: int | None = None,
     ):
         self.base_capacity = base_capacity
         self.threshold = threshold
-        self.tpw = tokens_per_worker
-        self.placement = placement
+        self.mode = mode
         self.num_workers = num_workers
-        # head placement: worker w holds head_share[w] of every pool token's KV, so its
-        # capacity in whole-token units is worker_capacity / head_share[w].
-        self.head_share = head_share
-        if placement == "head":
-            self.capacity = worker_capacity / np.maximum(head_share, 1e-12)
-        else:
-            self.capacity = np.full(num_workers, float(worker_capacity))
-        self.load = np.zeros(num_workers)  # tokens (head: whole-token units of the pool part)
-        self.owned = np.zeros((num_slots, num_workers), np.int64)  # spread/pack only
-        self.cur = np.full(num_slots, -1, np.int64)  # worker taking the slot's next pool token
-        self.fill = np.zeros(num_slots, np.int64)  # tokens in the slot's current chunk
+        # head: every worker holds its heads of every pool token, so the fullest share binds.
+        per_worker = worker_capacity / float(head_share.max()) if mode == "head" else worker_capacity
+        # Blocks divide the threshold and the segment (so the placement is the engine's), and
+        # are large enough that a worker needs at most MAX_BLOCKS_PER_WORKER of them.
+        g = math.gcd(threshold, min(tokens_per_worker, 1 << 20))
+        least = max(16, math.ceil(per_worker / MAX_BLOCKS_PER_WORKER))
+        self.block_size = next((d for d in range(least, g + 1) if g % d == 0), g)
+        self.pm = None
+        if num_workers:
+            config = PoolConfig(
+                attention_workers=num_workers, pool_threshold=threshold,
+                tokens_per_pool_worker=tokens_per_worker, pool_mode=mode,
+            )
+            # `max_tokens`: what the caller will ever place (pricing one step needs no more).
+            need = per_worker if max_tokens is None else min(per_worker, max_tokens + self.block_size)
+            blocks = min(int(need) // self.block_size, MAX_BLOCKS_PER_WORKER)
+            self.pm = PoolManager(config, self.block_size, max(1, blocks))
+        self.pool_start = threshold if self.pm is None else self.pm.pool_start
+        self.owned = np.zeros((num_slots, num_workers), np.int64)  # pool tokens per slot and worker
+        self.room = np.full(num_slots, self.pool_start, np.int64)  # end of the slot's pool blocks
+        # Positions counted in `owned` (a step that failed part-way, or a macro step's look
+        # ahead, may have placed tokens past the slot's context: they are not counted twice).
+        self.counted = np.full(num_slots, self.pool_start, np.int64)
+        self.last = np.zeros(num_slots, np.int64)  # shard: the worker of the slot's open segment
         self.placed = np.zeros(num_workers)  # tokens placed on each worker by the last allocation
-        self.pool_tokens = np.zeros(num_slots, np.int64)  # head placement: pool part per slot
+
+    @property
+    def load(self) -> np.ndarray:
+        return self.owned.sum(axis=0).astype(np.float64)
+
+    @property
+    def pool_tokens(self) -> np.ndarray:
+        """Pool tokens per slot (every worker holds a share of each in head mode)."""
+        return self.owned.max(axis=1) if self.mode != "shard" else self.owned.sum(axis=1)
 
     # -- queries -----------------------------------------------------------------------
     def base_usage(self, tokens: np.ndarray) -> float:
-        return float(np.minimum(tokens, self.threshold).sum())
+        return float(np.minimum(tokens, self.pool_start).sum())
 
     def begin_admission(self, committed: np.ndarray) -> None:
         self._base_used = self.base_usage(committed)
-        self._pending_pool = float(np.maximum(committed - self.threshold, 0).sum()) - self.load_tokens()
+        promised = float(np.maximum(committed - self.pool_start, 0).sum())
+        self._pending_pool = promised - float(self.pool_tokens.sum())
 
     def group_usage(self) -> np.ndarray:
         return np.array([self._base_used])
 
     def can_admit(self, group: int, tokens: int) -> bool:
-        if self._base_used + min(tokens, self.threshold) > self.base_capacity:
+        if self._base_used + min(tokens, self.pool_start) > self.base_capacity:
             return False
-        return self.free_pool_tokens() - self._pending_pool >= max(0, tokens - self.threshold)
+        return self.free_pool_tokens() - self._pending_pool >= max(0, tokens - self.pool_start)
 
     def admit(self, slot: int, group: int, now: int, later: int) -> bool:
         if now:
-            new = np.zeros(len(self.cur), np.int64)
+            new = np.zeros(len(self.room), np.int64)
             new[slot] = now
-            if self.try_allocate(np.zeros(len(self.cur), np.int64), new) is not None:
+            if self.try_allocate(np.zeros(len(self.room), np.int64), new) is not None:
+                self.free(slot)
                 return False
         total = now + later
-        self._base_used += min(total, self.threshold)
-        self._pending_pool += max(0, total - self.threshold) - max(0, now - self.threshold)
+        self._base_used += min(total, self.pool_start)
+        self._pending_pool += max(0, total - self.pool_start) - max(0, now - self.pool_start)
         return True
 
-    def load_tokens(self) -> float:
-        return float(self.pool_tokens.sum()) if self.placement == "head" else float(self.owned.sum())
-
     def free_pool_tokens(self) -> float:
-        if self.num_workers == 0:
+        if self.pm is None:
             return 0.0
-        if self.placement == "head":
-            return float((self.capacity - self.load).min())
-        return float((self.capacity - self.load).sum())
+        free = [p.num_free_blocks * self.block_size for p in self.pm.pools.values()]
+        return float(sum(free) if self.mode == "shard" else min(free))
 
     def holds(self, domain: Domain) -> np.ndarray:
         if domain[0] == "base":
-            return np.ones(len(self.cur), bool)
-        if self.placement == "head":
-            return self.pool_tokens > 0
+            return np.ones(len(self.room), bool)
         return self.owned[:, domain[1]] > 0
+
+    def attend(self, slots: np.ndarray) -> np.ndarray:
+        """[len(slots), workers]: the pool tokens each worker attends to for these slots (a
+        micro-batch, in batch order). Replicate mode splits the queries: each slot's query
+        goes to one holder, by its index in the batch (fapool.worker.step_plan)."""
+        rows = self.owned[slots]
+        if self.mode != "replicate" or self.num_workers == 0:
+            return rows
+        out = np.zeros_like(rows)
+        pick = np.arange(len(slots)) % self.num_workers
+        out[np.arange(len(slots)), pick] = rows[np.arange(len(slots)), pick]
+        return out
 
     # -- allocation ----------------------------------------------------------------------
     def try_allocate(self, ctx: np.ndarray, new: np.ndarray) -> Domain | None:
-        if self.base_usage(ctx + new) > self.base_capacity:
+        end = ctx + new
+        if self.base_usage(end) > self.base_capacity:
             return ("base", 0)
-        pool_new = np.maximum(ctx + new - self.threshold, 0) - np.maximum(ctx - self.threshold, 0)
-        slots = np.flatnonzero(pool_new)
+        before = self.owned.sum(axis=0)
         self.placed = np.zeros(self.num_workers)
-        if len(slots) == 0:
+        grow = np.flatnonzero(end > self.counted)
+        if len(grow) == 0:
             return None
-        if self.num_workers == 0:
+        if self.pm is None:
             return ("base", 0)
-        if self.placement == "head":
-            add = pool_new.sum() * np.ones(self.num_workers)
-            if np.any(self.load + add > self.capacity + 1e-9):
-                return ("pool", int(np.argmax(self.load + add - self.capacity)))
-            self.load += add
-            self.pool_tokens += pool_new
-            self.placed = add
-            return None
-        load, owned, cur, fill = self.load.copy(), self.owned.copy(), self.cur.copy(), self.fill.copy()
-        # Fast path: one token into an open chunk (most decode steps).
-        easy = (pool_new[slots] == 1) & (cur[slots] >= 0) & (fill[slots] < self.tpw)
-        es = slots[easy]
-        if len(es):
-            w = cur[es]
-            load += np.bincount(w, minlength=self.num_workers)
-            owned[es, w] += 1
-            fill[es] += 1
-            if np.any(load > self.capacity):
-                return ("pool", int(np.argmax(load - self.capacity)))
-        for s in slots[~easy]:
-            remaining = int(pool_new[s])
-            while remaining:
-                if cur[s] < 0 or fill[s] >= self.tpw:
-                    w = self._pick(load, owned[s])
-                    if w < 0:
-                        return ("pool", int(np.argmax(load - self.capacity)))
-                    cur[s], fill[s] = w, 0
-                w = int(cur[s])
-                take = int(min(remaining, self.tpw - fill[s], self.capacity[w] - load[w]))
-                if take <= 0:
-                    fill[s] = self.tpw  # worker full: close the chunk, pick another
-                    continue
-                load[w] += take
-                owned[s, w] += take
-                fill[s] += take
-                remaining -= take
-        self.placed = load - self.load
-        self.load, self.owned, self.cur, self.fill = load, owned, cur, fill
+        inside = grow[end[grow] <= self.room[grow]]  # within blocks the slot already has
+        add = end[inside] - self.counted[inside]
+        if self.mode == "shard":
+            np.add.at(self.owned, (inside, self.last[inside]), add)
+        else:
+            self.owned[inside] += add[:, None]
+        self.counted[inside] = end[inside]
+        for s in grow[end[grow] > self.room[grow]]:
+            if not self.pm.allocate(str(s), int(end[s])):
+                free = {w: p.num_free_blocks for w, p in self.pm.pools.items()}
+                self.placed = (self.owned.sum(axis=0) - before).astype(np.float64)
+                return ("pool", min(free, key=free.get) - 1)
+            self._recount(int(s), int(end[s]))
+        self.placed = (self.owned.sum(axis=0) - before).astype(np.float64)
         return None
 
-    def _pick(self, load: np.ndarray, owned_row: np.ndarray) -> int:
-        room = self.capacity - load >= 1
-        if not room.any():
-            return -1
-        if self.placement == "pack":
-            return int(np.flatnonzero(room)[0])
-        unused = room & (owned_row == 0)
-        cand = unused if unused.any() else room
-        masked = np.where(cand, load, np.inf)
-        return int(np.argmin(masked))
+    def _recount(self, slot: int, end: int) -> None:
+        """The slot's pool tokens per worker and its room, from the PoolManager's segments."""
+        row = np.zeros(self.num_workers, np.int64)
+        segs = self.pm.segments_of(str(slot))
+        for seg in segs:
+            n = max(0, min(end, seg.start + seg.num_blocks * self.block_size) - seg.start)
+            for holder in seg.holders:
+                row[holder.worker - 1] += n
+        self.owned[slot] = row
+        self.counted[slot] = end
+        if segs:
+            self.room[slot] = segs[-1].start + segs[-1].num_blocks * self.block_size
+            self.last[slot] = segs[-1].holders[0].worker - 1
 
     def free(self, slot: int) -> None:
-        if self.placement == "head":
-            self.load -= self.pool_tokens[slot]
-            self.pool_tokens[slot] = 0
-        else:
-            self.load -= self.owned[slot]
-            self.owned[slot] = 0
-        np.maximum(self.load, 0, out=self.load)
-        self.cur[slot] = -1
-        self.fill[slot] = 0
+        if self.pm is not None:
+            self.pm.free(str(slot))
+        self.owned[slot] = 0
+        self.room[slot] = self.counted[slot] = self.pool_start

@@ -153,7 +153,7 @@ class _PoolMeanField:
             # With calibrated pool terms each micro-batch is its own call on a worker (as the
             # simulator prices it); the terms and contention come from FAPool.machinery.
             n_mb = 2 if s.overlap and cost.hw.pool is not None else 1
-            if s.placement == "head":
+            if s.mode == "head":
                 share = 1.0 / P  # even split (P divides the KV heads in the plans made here)
                 tokens = B * e_pool
                 attn = n_mb * float(cost.attention(tokens / n_mb, tokens / n_mb, B * q / n_mb, share))

@@ -89,7 +89,7 @@ def _modelled(cost, sample: dict):
         pool_size=sample["workers"],
         threshold=sample["threshold"],
         tokens_per_worker=sample["tokens_per_worker"],
-        placement="spread",
+        mode="shard",
         overlap=sample["micro_batches"] > 1,
         max_batch=sample["batch"],
     )

@@ -4,11 +4,12 @@ decode/prefill step costs on them.
   StaticTPPP   tp x pp GPUs; pp micro-batches circulate through the stages.
   FAPool       seed 000: base_tp GPUs run every dense part and attend to the first `threshold`
                tokens of each sequence; pool workers attend to the rest and return (out, lse)
-               for an exact merge. Placement 'spread' | 'pack' | 'head'. With overlap, two
-               micro-batches ping-pong so the pool's attention hides the base's dense work.
+               for an exact merge. The engine's pool modes (shard | replicate | head), placed
+               by its PoolManager. With overlap, two micro-batches ping-pong so the pool's
+               attention hides the base's dense work.
   AFD          seed 002: r attention GPUs (QKV, attention, O over their own sequences' KV)
                feed one FFN instance of f_tp GPUs; ping-pong micro-batches when overlapped.
-  head_parallel  Lamina (seed 004): FAPool with threshold 0 and head placement -- every
+  head_parallel  Lamina (seed 004): FAPool with threshold 0 and head mode -- every
                sequence's KV is split by head over the attention workers.
 
 A StepBatch holds per-slot arrays; `step_cost` returns the step's wall time and each GPU's
@@ -174,7 +175,7 @@ class FAPool(Strategy):
     pool_size: int = 24
     threshold: int = 4096
     tokens_per_worker: int = 4096
-    placement: str = "spread"  # spread | pack | head
+    mode: str = "shard"  # the engine's pool_mode: shard | replicate | head
     overlap: bool = True
     replicas: int = 1
     max_batch: int = 1024
@@ -182,32 +183,26 @@ class FAPool(Strategy):
 
     @classmethod
     def from_config(cls, pool: PoolConfig, parallel: ParallelConfig, **kw) -> FAPool:
-        if pool.pool_mode == "replicate":
-            raise SimInputError(
-                "pool_mode 'replicate' is not simulated: the seed's query split needs every pool GPU to hold "
-                "the whole KV of the sequences it serves; use 'shard' (spread placement) or 'head'"
-            )
-        placement = "head" if pool.pool_mode == "head" else "spread"
         return cls(
             base_tp=parallel.tensor_parallel_size,
             pool_size=pool.attention_workers,
             threshold=pool.pool_threshold,
             tokens_per_worker=pool.tokens_per_pool_worker,
-            placement=placement,
+            mode=pool.pool_mode,
             **kw,
         )
 
     def validate(self, cost: CostModel) -> None:
         m = cost.model
-        if self.placement not in ("spread", "pack", "head"):
-            raise SimInputError(f"placement must be spread, pack or head, got {self.placement!r}")
+        if self.mode not in ("shard", "replicate", "head"):
+            raise SimInputError(f"pool mode must be shard, replicate or head, got {self.mode!r}")
         if self.base_tp < 1 or self.pool_size < 0 or self.replicas < 1 or self.max_batch < 1:
             raise SimInputError("fapool needs base_tp >= 1, pool_size >= 0, replicas >= 1, max_batch >= 1")
         if self.threshold < 0 or self.tokens_per_worker < 1:
             raise SimInputError("fapool needs threshold >= 0 and tokens_per_worker >= 1")
-        if self.placement == "head" and self.pool_size > m.num_key_value_heads:
+        if self.mode == "head" and self.pool_size > m.num_key_value_heads:
             raise SimInputError(
-                f"head placement over {self.pool_size} workers needs at least that many KV heads "
+                f"head mode over {self.pool_size} workers needs at least that many KV heads "
                 f"(model has {m.num_key_value_heads})"
             )
         if self.threshold == 0 and self.pool_size == 0:
@@ -234,14 +229,14 @@ class FAPool(Strategy):
         return kv_capacity_tokens(cost.hw.kv_budget_bytes, cost.kv_bytes_per_token())
 
     def head_share(self, cost: CostModel) -> np.ndarray:
-        """Fraction of KV heads each pool worker holds (head placement)."""
+        """Fraction of KV heads each pool worker holds (head mode)."""
         h = cost.model.num_key_value_heads
         counts = np.array(
             [h // self.pool_size + (1 if i < h % self.pool_size else 0) for i in range(self.pool_size)]
         )
         return counts / h
 
-    def make_ledger(self, cost, num_slots, group_of_slot):
+    def make_ledger(self, cost, num_slots, group_of_slot, max_tokens: int | None = None):
         return PoolLedger(
             num_slots,
             self.base_capacity(cost),
@@ -249,8 +244,9 @@ class FAPool(Strategy):
             self.pool_size,
             self.threshold,
             self.tokens_per_worker,
-            self.placement,
-            self.head_share(cost) if self.placement == "head" else None,
+            self.mode,
+            self.head_share(cost) if self.mode == "head" else None,
+            max_tokens,
         )
 
     def micro_batches(self, b: StepBatch) -> list[np.ndarray]:
@@ -270,12 +266,12 @@ class FAPool(Strategy):
         pool_mbs = 0
         pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
         for idx in mbs:
-            if self.placement == "head":
+            if self.mode == "head":
                 n = float((pool_tok[idx] > 0).sum())
                 on = np.full(P, n > 0)  # every worker holds some heads (validate: P <= KV heads)
                 seqs += np.where(on, n, 0.0)
             else:
-                held = ledger.owned[idx] > 0
+                held = ledger.attend(idx) > 0
                 on = held.any(axis=0)
                 seqs += held.sum(axis=0)
             calls += on
@@ -321,7 +317,7 @@ class FAPool(Strategy):
         if P and pool_tok.any():
             # Causal: only queries past the threshold see pool keys (all of a decode step's).
             pool_q = np.minimum(b.new, pool_tok)
-            if self.placement == "head":
+            if self.mode == "head":
                 share = self.head_share(cost)
                 queries = float(pool_q.sum())
                 pairs = float((pool_q * pool_tok).sum())
@@ -330,15 +326,17 @@ class FAPool(Strategy):
                 ret_bytes_w = cost.partial_bytes(queries, 1.0) * share
                 new_kv_w = ledger.placed * share  # whole-token units -> this worker's heads
             else:
-                holds = ledger.owned > 0  # [slots, workers]
+                act = np.flatnonzero(b.active)
+                att = np.zeros_like(ledger.owned)  # [slots, workers]: the KV each worker reads
+                att[act] = ledger.attend(act)
+                holds = att > 0
                 queries_w = pool_q @ holds
-                pairs_w = pool_q @ ledger.owned
                 if overheads is None:
-                    attn_w = np.asarray(cost.attention(ledger.load, pairs_w, queries_w))
+                    attn_w = np.asarray(cost.attention(att.sum(axis=0), pool_q @ att, queries_w))
                 else:  # one call per micro-batch, each over its own sequences' KV
                     attn_w = sum(
-                        np.asarray(cost.attention(ledger.owned[i].sum(axis=0), pool_q[i] @ ledger.owned[i],
-                                                  pool_q[i] @ holds[i]), dtype=np.float64)
+                        np.asarray(cost.attention(att[i].sum(axis=0), pool_q[i] @ att[i], pool_q[i] @ holds[i]),
+                                   dtype=np.float64)
                         for i in self.micro_batches(b)
                     )
                 q_bytes_w = cost.query_bytes(queries_w)
@@ -423,17 +421,16 @@ class FAPool(Strategy):
             return f"head-parallel TP{self.base_tp} + {self.pool_size} attn GPUs, {ov}{rep} ({self.total_gpus()} GPUs)"
         return (
             f"FA Pool TP{self.base_tp} + {self.pool_size} pool, threshold {self.threshold}, "
-            f"{self.placement}, {ov}{rep} ({self.total_gpus()} GPUs)"
+            f"{self.mode}, {ov}{rep} ({self.total_gpus()} GPUs)"
         )
 
     def engine_args(self) -> dict:
-        # spread and pack both split a sequence's KV by token range: the engine's shard mode.
         return {
             "tensor_parallel_size": self.base_tp,
             "attention_workers": self.pool_size,
             "pool_threshold": self.threshold,
             "tokens_per_pool_worker": self.tokens_per_worker,
-            "pool_mode": "head" if self.placement == "head" else "shard",
+            "pool_mode": self.mode,
         }
 
 
@@ -444,7 +441,7 @@ def head_parallel(dense_tp: int = 8, attn_workers: int = 8, overlap: bool = True
         pool_size=attn_workers,
         threshold=0,
         tokens_per_worker=1 << 30,
-        placement="head",
+        mode="head",
         overlap=overlap,
         name="head-parallel",
         **kw,

@@ -44,7 +44,7 @@ def predict_pool_cost(cost: CostModel, pool: FAPool, batch: int, context: int) -
 def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) -> tuple[StepBatch, PoolLedger]:
     """The decode StepBatch and the ledger with the prompts' KV placed, for pricing a step."""
     ctx = np.full(batch, context, np.int64)
-    ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64))
+    ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64), max_tokens=batch * (context + 1))
     assert isinstance(ledger, PoolLedger)
     # Prompts arrive one by one (the engine prefills in order), each placed whole.
     for s in range(batch):

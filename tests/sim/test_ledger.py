@@ -14,54 +14,58 @@ def test_group_ledger_reports_the_overflowing_group():
     assert led.holds(("group", 1)).tolist() == [False, False, True, True]
 
 
-def _pool(placement="spread", workers=4, cap=10_000, tpw=100, threshold=50, slots=3):
-    share = np.full(workers, 1 / workers) if placement == "head" else None
-    return PoolLedger(slots, 10_000, cap, workers, threshold, tpw, placement, share)
+def _pool(mode="shard", workers=4, cap=10_000, tpw=100, threshold=50, slots=3):
+    share = np.full(workers, 1 / workers) if mode == "head" else None
+    return PoolLedger(slots, 10_000, cap, workers, threshold, tpw, mode, share)
 
 
-def test_spread_placement_chunks_over_distinct_workers():
+def test_shard_places_segments_as_the_engines_pool_manager():
     led = _pool()
+    assert 50 % led.block_size == 0 and led.pm is not None  # blocks divide threshold and segment
     ctx = np.zeros(3, np.int64)
-    # Slot 0 prefills 350 tokens: 50 stay on the base, 300 go to the pool in chunks of 100.
+    # Slot 0 prefills 350 tokens: 50 stay on the base, 300 go to the pool in segments of 100
+    # on three distinct workers (the sequence's pool grows with its length).
     assert led.try_allocate(ctx, np.array([350, 0, 0])) is None
-    assert led.owned[0].tolist() == [100, 100, 100, 0]  # three distinct least-loaded workers
-    assert led.load.tolist() == [100, 100, 100, 0]
-    # Slot 1 takes the empty worker first.
+    assert sorted(led.owned[0].tolist()) == [0, 100, 100, 100]
+    assert led.pm.workers_of("0") == [w + 1 for w in np.flatnonzero(led.owned[0])]
+    # Slot 1 takes the empty worker first (least used blocks).
     assert led.try_allocate(ctx, np.array([0, 60, 0])) is None
-    assert led.owned[1].tolist() == [0, 0, 0, 10]
-    # Decode tokens extend the open chunk (fast path), then open a new one.
+    empty = int(np.flatnonzero(led.owned[0] == 0)[0])
+    assert led.owned[1, empty] == 10
+    # Decode tokens extend the open segment, then open a new one.
     ctx = np.array([350, 60, 0])
     for _ in range(3):
         assert led.try_allocate(ctx, np.array([1, 1, 0])) is None
         ctx += np.array([1, 1, 0])
-    assert led.owned[1, 3] == 13
-    assert led.owned[0].sum() == 303
+    assert led.owned[1, empty] == 13
+    assert led.owned[0].sum() == 303 and led.placed.sum() == 2
     led.free(0)
-    assert led.load.tolist() == [0, 0, 0, 13] and led.owned[0].sum() == 0
+    assert led.load.sum() == 13 and led.owned[0].sum() == 0 and led.pm.workers_of("0") == []
 
 
-def test_pack_placement_fills_the_first_worker():
-    led = _pool("pack")
-    assert led.try_allocate(np.zeros(3, np.int64), np.array([250, 150, 0])) is None
-    assert led.load.tolist() == [300, 0, 0, 0]
-    led = _pool("pack", cap=120)
-    assert led.try_allocate(np.zeros(3, np.int64), np.array([250, 150, 0])) is None
-    assert led.load.tolist() == [120, 120, 60, 0]
-
-
-def test_pool_capacity_overflow_is_transactional():
-    led = _pool(cap=120, workers=2)
+def test_a_retried_step_does_not_count_tokens_twice():
+    led = _pool(cap=150, workers=2)  # 150 tokens a worker
     ctx = np.zeros(3, np.int64)
-    assert led.try_allocate(ctx, np.array([250, 0, 0])) is None  # 200 pool tokens, 100 + 100
-    before = (led.load.copy(), led.owned.copy())
-    domain = led.try_allocate(ctx, np.array([0, 150, 0]))  # 100 more pool tokens: 40 free
+    assert led.try_allocate(ctx, np.array([250, 0, 0])) is None  # 200 pool tokens: 4 blocks
+    # Slot 1 fits (2 blocks), slot 2 does not: the pool is full; slot 1 keeps its blocks.
+    domain = led.try_allocate(ctx, np.array([0, 110, 110]))
     assert domain is not None and domain[0] == "pool"
-    np.testing.assert_array_equal(led.load, before[0])
-    np.testing.assert_array_equal(led.owned, before[1])
-    assert led.try_allocate(ctx, np.array([0, 80, 0])) is None  # 30 pool tokens fit
+    led.free(2)
+    held = led.owned.sum()
+    assert held == 260
+    assert led.try_allocate(ctx, np.array([0, 110, 0])) is None  # the retry: already counted
+    assert led.owned.sum() == held
 
 
-def test_head_placement_splits_every_pool_token():
+def test_replicate_holds_every_pool_token_on_every_worker_and_splits_queries():
+    led = _pool("replicate", workers=2, threshold=50)
+    assert led.try_allocate(np.zeros(3, np.int64), np.array([150, 90, 0])) is None
+    assert led.owned[:2].tolist() == [[100, 100], [40, 40]]
+    # Each slot's query goes to one holder, by its index in the batch.
+    assert led.attend(np.array([0, 1])).tolist() == [[100, 0], [0, 40]]
+
+
+def test_head_mode_splits_every_pool_token():
     led = _pool("head", threshold=0)
     assert led.try_allocate(np.zeros(3, np.int64), np.array([40, 0, 8])) is None
     assert led.load.tolist() == [48, 48, 48, 48]  # whole-token units: each worker holds 1/4 of each
@@ -81,14 +85,7 @@ def test_pool_admission_counts_promised_tokens():
 
 
 def test_base_overflow():
-    led = PoolLedger(
-        2,
-        base_capacity=60,
-        worker_capacity=1000,
-        num_workers=1,
-        threshold=50,
-        tokens_per_worker=100,
-        placement="spread",
-    )
+    led = PoolLedger(2, base_capacity=60, worker_capacity=1000, num_workers=1, threshold=50,
+                     tokens_per_worker=100, mode="shard")
     assert led.try_allocate(np.zeros(2, np.int64), np.array([500, 10])) is None  # base 50 + 10
     assert led.try_allocate(np.array([500, 10]), np.array([0, 1])) == ("base", 0)

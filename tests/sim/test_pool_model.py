@@ -28,7 +28,7 @@ def _cpu_cost(pool=None, cores=None, layers=4) -> CostModel:
 
 
 def _pool(workers: int, mb: int, batch: int = 4) -> FAPool:
-    return FAPool(base_tp=1, pool_size=workers, threshold=32, tokens_per_worker=32, placement="spread",
+    return FAPool(base_tp=1, pool_size=workers, threshold=32, tokens_per_worker=32, mode="shard",
                   overlap=mb > 1, max_batch=batch)
 
 
