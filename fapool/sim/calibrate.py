@@ -38,9 +38,8 @@ import numpy as np
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads
 
-SCHEMA = 3
-# schema 1: kernels only (no engine / host section); 2: no pool section, no cpu_cores
-READABLE_SCHEMAS = (1, 2, 3)
+SCHEMA = 3  # the one schema read; older files in benchmarks/results were converted once
+REQUIRED = ("gemm", "attention", "engine", "pool", "cpu_cores")  # engine / pool may be null
 # The small (n, k) and (batch, ctx) points are the tiny engine model's own sizes: they pin the
 # fixed cost of a call, so the engine fit's per-layer residual does not count it twice.
 QUICK = {
@@ -599,9 +598,12 @@ def load_calibration(path: str | Path) -> dict:
         cal = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SimInputError(f"{path}: not JSON ({exc})") from exc
-    if cal.get("schema") not in READABLE_SCHEMAS or "gemm" not in cal or "attention" not in cal:
+    missing = [k for k in REQUIRED if k not in cal]
+    if cal.get("schema") != SCHEMA or missing:
         raise SimInputError(
-            f"{path}: not a fapool calibration (schema {', '.join(map(str, READABLE_SCHEMAS))})"
+            f"{path}: not a fapool calibration of schema {SCHEMA}"
+            + (f" (missing {', '.join(missing)})" if missing else f" (schema {cal.get('schema')!r})")
+            + "; rerun `fapool calibrate`"
         )
     cal["_path"] = str(path)
     return cal
@@ -621,7 +623,7 @@ def attn_table(samples: list[dict]) -> tuple[tuple[float, float], ...]:
 
 
 def host_profile(cal: dict) -> HostProfile | None:
-    """The host model of a calibration (None for schema 1 or `--no-engine` runs)."""
+    """The host model of a calibration (None for `--no-engine` runs)."""
     eng = cal.get("engine")
     if not eng:
         return None
@@ -634,7 +636,7 @@ def host_profile(cal: dict) -> HostProfile | None:
         launch_step_s=h["launch_step_s"],
         cuda_graphs=bool(h["cuda_graphs"]),
         launch_overlaps_device=bool(h["launch_overlaps_device"]),
-        async_scheduling=bool(h.get("async_scheduling", False)),  # absent before async scheduling
+        async_scheduling=bool(h["async_scheduling"]),
     )
 
 
@@ -664,7 +666,7 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["layer_fixed_s"] = eng["device_fixed"]["layer_fixed_s"]
         changes["step_fixed_s"] = eng["device_fixed"]["step_fixed_s"]
         changes["host"] = host_profile(cal)
-    pool = cal.get("pool")  # absent before schema 3
+    pool = cal["pool"]
     if pool:
         changes["pool"] = PoolOverheads(**{k: float(pool[k]) for k in (
             "worker_call_s", "worker_per_seq_s", "driver_mb_s", "driver_pool_mb_s", "driver_route_s",

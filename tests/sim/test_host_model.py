@@ -185,10 +185,12 @@ def test_calibrate_on_cpu_writes_the_engine_terms_and_they_load_back(tmp_path):
     assert len(hw.gemm_by_m) == 2 and len(hw.attn_by_bytes) == 2
     cost = CostModel(load_model_config("seed000"), hw)
     assert predict_tpot(cost, 4, 100) > predict_tpot(cost.device_only(), 4, 100)
-    # A schema-1 file (kernels only) still loads, without a host model.
-    old = {k: v for k, v in cal.items() if k != "engine"} | {"schema": 1}
-    (tmp_path / "old.json").write_text(json.dumps(old))
-    assert apply_calibration(get_hardware("cpu"), load_calibration(tmp_path / "old.json")).host is None
+    # A kernels-only file (engine null) loads without a host model; an older schema is refused.
+    (tmp_path / "kernels.json").write_text(json.dumps(cal | {"engine": None}))
+    assert apply_calibration(get_hardware("cpu"), load_calibration(tmp_path / "kernels.json")).host is None
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in cal.items() if k != "engine"} | {"schema": 1}))
+    with pytest.raises(SimInputError, match="schema 3"):
+        load_calibration(tmp_path / "old.json")
 
 
 def test_engine_calibration_fits_the_depth_slope_over_three_depths():

@@ -1,5 +1,5 @@
 """The attention pool's calibrated machinery costs and the CPU contention model: the fit
-recovers known terms, the calibration JSON carries them (old files still load), FA Pool's
+recovers known terms, the calibration JSON carries them (one schema), FA Pool's
 pricing adds exactly what the terms say, and contention stretches only past the cores."""
 
 import itertools
@@ -68,31 +68,38 @@ def test_fit_pool_terms_needs_samples():
         fit_pool_terms(_synthetic_samples(TERMS)[:2], _cpu_cost(PoolOverheads()))
 
 
-def _minimal_cal(schema: int, **extra) -> dict:
+def _minimal_cal(**extra) -> dict:
     return {
-        "schema": schema,
+        "schema": 3,
         "device_kind": "cpu",
         "device_name": "test",
         "dtype_bytes": 4,
         "gemm": {"flops_per_s": 5e10, "bytes_per_s": 4e9, "overhead_s": 1e-5},
         "attention": {"flops_per_s": 1e9, "bytes_per_s": 1e9, "overhead_s": 4e-4},
+        "engine": None,
+        "pool": None,
+        "cpu_cores": None,
         **extra,
     }
 
 
-def test_calibration_json_round_trips_pool_terms_and_old_files_load(tmp_path):
+def test_calibration_json_round_trips_pool_terms(tmp_path):
     pool = {f: getattr(TERMS, f) for f in TERMS.__dataclass_fields__}
     new = tmp_path / "new.json"
-    write_calibration(_minimal_cal(3, pool={**pool, "samples": [], "seconds": 1.0}, cpu_cores=3), new)
+    write_calibration(_minimal_cal(pool={**pool, "samples": [], "seconds": 1.0}, cpu_cores=3), new)
     hw = apply_calibration(get_hardware("cpu"), load_calibration(new))
     assert hw.pool == TERMS and hw.cpu_cores == 3
-    old = tmp_path / "old.json"
-    write_calibration(_minimal_cal(2), old)  # schema 2: no pool section, no cpu_cores
-    hw_old = apply_calibration(get_hardware("cpu"), load_calibration(old))
-    assert hw_old.pool is None and hw_old.cpu_cores is None
+    bare = tmp_path / "bare.json"
+    write_calibration(_minimal_cal(), bare)  # no pool terms, no cores recorded
+    hw_bare = apply_calibration(get_hardware("cpu"), load_calibration(bare))
+    assert hw_bare.pool is None and hw_bare.cpu_cores is None
+    missing = tmp_path / "missing.json"
+    write_calibration({k: v for k, v in _minimal_cal().items() if k != "pool"}, missing)
+    with pytest.raises(SimInputError, match="missing pool"):
+        load_calibration(missing)
     # A GPU calibration never turns contention on, whatever it records.
     gpu = tmp_path / "gpu.json"
-    write_calibration({**_minimal_cal(3, cpu_cores=2), "device_kind": "cuda"}, gpu)
+    write_calibration({**_minimal_cal(cpu_cores=2), "device_kind": "cuda"}, gpu)
     assert apply_calibration(get_hardware("h100"), load_calibration(gpu)).cpu_cores is None
 
 
@@ -162,9 +169,9 @@ def test_pool_terms_reach_the_planner_through_a_calibration(tmp_path):
     from fapool.sim.planner import PlannerInputs, _PoolMeanField
 
     pool = {f: getattr(TERMS, f) for f in TERMS.__dataclass_fields__}
-    new, old = tmp_path / "new.json", tmp_path / "old.json"
-    write_calibration(_minimal_cal(3, pool=pool, cpu_cores=2), new)
-    write_calibration(_minimal_cal(2), old)
+    new, old = tmp_path / "new.json", tmp_path / "bare.json"
+    write_calibration(_minimal_cal(pool=pool, cpu_cores=2), new)
+    write_calibration(_minimal_cal(), old)
     model = load_model_config("seed000").replace(num_hidden_layers=4)
     x = np.full(64, 600.0)
     for overlap in (False, True):
