@@ -1,39 +1,35 @@
-"""Simulator vs the real engine (issue 6) on the CPU: the single-process engine and the
-multi-process attention pool (gloo), predicted vs measured decode step time.
+"""Simulator vs the real engine on the CPU: every topology the engine runs on processes
+(single, TP, PP, the attention pool in each mode, Lamina, AFD), predicted vs measured decode
+step time.
 
 One run does everything here:
-  1. `fapool calibrate --pool` on this CPU (torch threads 1, as the pool's processes use):
-     kernel rooflines, gloo send/recv and all-reduce, the tiny-engine decode that fits the
-     fixed per-layer / per-step costs and the host model, and the tiny-engine pool run (one
-     worker) that fits the pool machinery's costs; the cores are recorded for the contention
-     model. Written beside the result JSON.
-  2. The engine on the embedded SmolLM2-135M (float32) for each configuration: single
-     process; pool shard x1 and x2 with 2 micro-batches (overlap); shard x1 and x2 with 1.
+  1. `fapool calibrate --pool` on this CPU (torch threads 1, as the ranks use): kernel
+     rooflines, gloo send/recv and all-reduce, the engine decode that fits the fixed
+     per-layer / per-step costs and the host model, and the tiny-engine pool run that fits the
+     pool machinery's costs; the cores are recorded for the contention model. Written beside
+     the result JSON (or `--calibration FILE`: one made in an earlier, separate run).
+  2. The engine on the embedded SmolLM2-135M (float32) for each topology (`--topologies`):
      `batch` prompts of `input_len` random tokens; after the prefill and a warm-up, each
-     decode step of the whole batch is timed. All engines stay up and are measured in turns
-     (`--repeats` rounds), so drifting load from other processes falls on all alike.
-  3. The simulator's step for each: StaticTPPP(1, 1) or FAPool(base 1, pool A, threshold,
-     tokens per worker, shard mode, overlap = micro-batches > 1) priced at the same
-     batch and mean context, whole step (host model) and device only.
+     decode step of the whole batch is timed. The single process stays up and is measured in
+     turn with each other engine (`--repeats` rounds), so drifting load from other processes
+     falls on both alike.
+  3. The simulator's step for each, from the same strategy classes `fapool simulate` and
+     `fapool plan` use (StaticTPPP, FAPool in the engine's pool modes, AFD), priced at the same
+     batch and mean context by `validate.predict_step`: whole step (host model) and device only.
 
-    PYTHONPATH=. python benchmarks/sim_vs_engine_cpu.py [--batch 4 --input-len 96 ...]
+    PYTHONPATH=. python benchmarks/sim_vs_engine_cpu.py [--topologies single tp3 pool-shard-x2 ...]
 
 Nothing here is fitted to the engine rows. With --twin model (default) the engine part of the
-calibration decodes SmolLM2's own layer shapes cut to 1, 4 and 8 layers (random weights, batches
-1/4/8 at contexts 32/256): on a CPU a layer's fixed costs (norms, rotary, residuals, the
-attention call) depend on its widths and on the caches its weights evict, which a tiny layer
-does not show; the 30-layer model and its real weights never run there. --twin tiny is the
-previous calibration (a 256-wide twin). The pool terms come from a tiny twin with at most two
-workers.
+calibration decodes SmolLM2's own layer shapes cut to 1, 4 and 8 layers (random weights).
 The measured step is reported as median and 20th percentile (the machine may be shared:
-other processes only ever add time); errors are against the median. Each engine process
-has one thread, and a pool of A workers runs A + 1 processes on the machine's cores.
+other processes only ever add time); errors are against the median. Each engine process has
+one thread; a topology of n ranks runs n processes on the machine's cores. Sparse attention
+is not simulated (no row).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -44,13 +40,41 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fapool
 
 
-def configs(ns) -> list[tuple[str, dict]]:
-    pool = dict(pool_threshold=ns.pool_threshold, tokens_per_pool_worker=ns.tokens_per_pool_worker, pool_mode="shard")
-    out: list[tuple[str, dict]] = [("single process", {})]
-    for mb in (2, 1):
-        for a in ns.workers:
-            out.append((f"pool shard x{a}, {mb} micro-batch{'es' if mb > 1 else ''}", dict(attention_workers=a, micro_batches=mb, **pool)))
+def topologies(ns) -> dict[str, tuple[str, dict, object]]:
+    """key -> (label, EngineArgs for the engine, the simulator's strategy)."""
+    from fapool.sim.strategies import AFD, FAPool, StaticTPPP
+
+    B = ns.batch
+    out: dict[str, tuple[str, dict, object]] = {
+        "single": ("single process", {}, StaticTPPP(tp=1, pp=1, max_batch=B)),
+        "tp3": ("TP 3 (3 ranks on the cores)", {"tensor_parallel_size": 3}, StaticTPPP(tp=3, pp=1, max_batch=B)),
+        "pp2": ("PP 2", {"pipeline_parallel_size": 2}, StaticTPPP(tp=1, pp=2, max_batch=B)),
+    }
+
+    def pool(mode: str, workers: int, mb: int, threshold: int) -> tuple[dict, FAPool]:
+        args = {"attention_workers": workers, "micro_batches": mb, "pool_threshold": threshold,
+                "tokens_per_pool_worker": ns.tokens_per_pool_worker, "pool_mode": mode}
+        return args, FAPool(base_tp=1, pool_size=workers, threshold=threshold,
+                            tokens_per_worker=ns.tokens_per_pool_worker, mode=mode, overlap=mb > 1, max_batch=B)
+
+    for mode, workers, mb in (("shard", 1, 1), ("shard", 1, 2), ("shard", 2, 1), ("shard", 2, 2),
+                              ("replicate", 2, 1), ("head", 2, 1)):
+        key = f"pool-{mode}-x{workers}" + ("-mb2" if mb > 1 else "")
+        out[key] = (f"pool {mode} x{workers}, {mb} micro-batch{'es' if mb > 1 else ''}",
+                    *pool(mode, workers, mb, ns.pool_threshold))
+    for mode in ("shard", "head"):
+        out[f"lamina-{mode}-x2"] = (f"Lamina (threshold 0) {mode} x2, 2 micro-batches", *pool(mode, 2, 2, 0))
+    for mb in (1, 2):
+        out["afd-1-1" + ("-mb2" if mb > 1 else "")] = (
+            f"AFD 1:1, {mb} micro-batch{'es' if mb > 1 else ''}",
+            {"afd_attention_ranks": 1, "afd_ffn_ranks": 1, "micro_batches": mb},
+            AFD(r=1, f_tp=1, max_batch_per_attn=B, overlap=mb > 1),
+        )
     return out
+
+
+DEFAULT_TOPOLOGIES = ("single", "tp3", "pp2", "pool-shard-x1", "pool-shard-x2-mb2", "pool-replicate-x2",
+                      "pool-head-x2", "lamina-head-x2", "afd-1-1", "afd-1-1-mb2")
 
 
 def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
@@ -109,14 +133,14 @@ def gemm_probe(model_config, m: int = 4):
     ratio probe / calibration says how much slower the machine ran while the engine was
     measured than while it was calibrated (memory bandwidth shared with other tenants)."""
     import torch
-    import torch.nn.functional as F
 
+    from fapool.layers.cpu_linear import linear_fn
     from fapool.sim.calibrate import _copies, _cycle, model_linear_shapes, time_op
 
     n, k = model_linear_shapes(model_config)[2]
-    ws = [torch.randn(n, k) for _ in range(_copies(n * k * 4))]
+    ws = [linear_fn(torch.randn(n, k)) for _ in range(_copies(n * k * 4))]
     a = torch.randn(m, k)
-    return {"m": m, "n": n, "k": k, "s": time_op(_cycle(lambda w: F.linear(a, w), ws), torch.device("cpu"))}
+    return {"m": m, "n": n, "k": k, "s": time_op(_cycle(lambda w: w(a), ws), torch.device("cpu"))}
 
 
 def _merge(runs: list[dict]) -> dict:
@@ -151,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pool-threshold", type=int, default=64)
     p.add_argument("--tokens-per-pool-worker", type=int, default=32)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--topologies", nargs="+", default=list(DEFAULT_TOPOLOGIES),
+                   help="keys of topologies(): single, tp3, pp2, pool-MODE-xN[-mb2], lamina-MODE-x2, afd-1-1[-mb2]")
     p.add_argument("--calibration", default=None, help="reuse this CPU calibration instead of running one")
     p.add_argument(
         "--twin", choices=("tiny", "model"), default="model",
@@ -165,11 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     from fapool.bench.results import environment, write_result
     from fapool.entrypoints.llm import LLM
     from fapool.models.loader import load_model_config, resolve_model
-    from fapool.sim.calibrate import apply_calibration, calibrate, load_calibration, summary_lines, write_calibration
+    from fapool.sim.calibrate import (
+        apply_calibration,
+        calibrate,
+        load_calibration,
+        summary_lines,
+        write_calibration,
+    )
     from fapool.sim.cost_model import CostModel
     from fapool.sim.hardware import get_hardware
-    from fapool.sim.strategies import FAPool
-    from fapool.sim.validate import error_summary, predict_pool_cost, predict_pool_step, predict_tpot
+    from fapool.sim.validate import error_summary, predict_step
 
     torch.set_num_threads(1)
     load_start = os.getloadavg()
@@ -193,50 +223,43 @@ def main(argv: list[str] | None = None) -> int:
     calib_s = time.perf_counter() - t0
     cost = CostModel(model_config, apply_calibration(get_hardware("cpu"), cal))
 
-    # One pool engine at a time (a process holds one process group). The single-process engine
-    # stays up and is measured in turn with each pool engine, `repeats` rounds: drifting load
-    # from other processes then falls on both alike, and the pool / single ratio at the same
+    # One multi-process engine at a time (a process holds one process group). The single
+    # process stays up and is measured in turn with each, `repeats` rounds: drifting load from
+    # other processes then falls on both alike, and the ratio to the single process at the same
     # time is a load-robust check beside the absolute times.
+    table = topologies(ns)
+    unknown = [k for k in ns.topologies if k not in table]
+    if unknown:
+        p.error(f"unknown topologies {unknown}; known: {sorted(table)}")
+    keys = ["single"] + [k for k in ns.topologies if k != "single"]
     rows, reference = [], None
     runs: dict[str, list[dict]] = {}
     beside: dict[str, list[dict]] = {}
     probes = [gemm_probe(model_config)]
-    single_name, *_ = (name for name, _ in configs(ns))
     with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20) as single:
         torch.set_num_threads(1)
-        for name, extra in configs(ns)[1:]:
-            with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20, **extra) as llm:
+        for key in keys[1:]:
+            with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20, **table[key][1]) as llm:
                 torch.set_num_threads(1)
                 for _ in range(ns.repeats):
                     probes.append(gemm_probe(model_config))
-                    beside.setdefault(name, []).append(measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup))
-                    runs.setdefault(name, []).append(measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup))
-    runs[single_name] = [r for rs in beside.values() for r in rs]
-    for name, extra in configs(ns):
-        m = _merge(runs[name])
+                    beside.setdefault(key, []).append(measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup))
+                    runs.setdefault(key, []).append(measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup))
+        if len(keys) == 1:
+            runs["single"] = [measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup) for _ in range(ns.repeats)]
+    if len(keys) > 1:
+        runs["single"] = [r for rs in beside.values() for r in rs]
+    for key in keys:
+        name, extra, strategy = table[key]
+        m = _merge(runs[key])
         reference = reference or m["tokens"]
-        ctx = int(round(m["context_mean"]))
-        if extra:
-            pool = FAPool(
-                base_tp=1,
-                pool_size=extra["attention_workers"],
-                threshold=ns.pool_threshold,
-                tokens_per_worker=ns.tokens_per_pool_worker,
-                mode="shard",
-                overlap=extra["micro_batches"] > 1,
-                max_batch=ns.batch,
-            )
-            sc = predict_pool_cost(cost, pool, ns.batch, ctx)
-            pred, pred_dev = sc.duration, predict_pool_step(cost.device_only(), pool, ns.batch, ctx)
-            predicted_parts = {"driver_busy_s": float(sc.busy[0]), "driver_comm_s": float(sc.comm[0]),
-                               "worker_busy_s": [float(v) for v in sc.busy[1:]],
-                               "worker_comm_s": [float(v) for v in sc.comm[1:]]}
-        else:
-            pred = predict_tpot(cost, ns.batch, ctx)
-            pred_dev = predict_tpot(cost.device_only(), ns.batch, ctx)
-            predicted_parts = None
+        ctx = round(m["context_mean"])
+        sc = predict_step(cost, strategy, ns.batch, ctx)
+        pred, pred_dev = sc.duration, predict_step(cost.device_only(), strategy, ns.batch, ctx).duration
+        predicted_parts = {"busy_s": [float(v) for v in sc.busy], "comm_s": [float(v) for v in sc.comm]}
         row = {
             "config": name,
+            "topology": key,
             **extra,
             "tokens_equal_single_process": m["tokens"] == reference,
             "context_mean": m["context_mean"],
@@ -250,33 +273,32 @@ def main(argv: list[str] | None = None) -> int:
             "rel_error": (pred - m["step_median_s"]) / m["step_median_s"],
             "rel_error_vs_p20": (pred - m["step_p20_s"]) / m["step_p20_s"],
         }
-        if extra:  # against the single process measured in the same rounds
-            ref = _merge(beside[name])
-            single_pred = predict_tpot(cost, ns.batch, int(round(ref["context_mean"])))
+        if key != "single":  # against the single process measured in the same rounds
+            ref = _merge(beside[key])
+            single_pred = predict_step(cost, table["single"][2], ns.batch, round(ref["context_mean"])).duration
             row["single_beside_s"] = ref["step_median_s"]
             row["measured_ratio"] = m["step_median_s"] / ref["step_median_s"]
             row["predicted_ratio"] = pred / single_pred
             row["ratio_rel_error"] = row["predicted_ratio"] / row["measured_ratio"] - 1
         rows.append(row)
         print(
-            f"{name:32s} measured {row['measured_s'] * 1e3:7.1f} ms (p20 {row['measured_p20_s'] * 1e3:6.1f}) "
+            f"{name:44s} measured {row['measured_s'] * 1e3:7.1f} ms (p20 {row['measured_p20_s'] * 1e3:6.1f}) "
             f"predicted {pred * 1e3:7.1f} ms (device {pred_dev * 1e3:6.1f}) err {row['rel_error']:+6.1%} "
             f"(vs p20 {row['rel_error_vs_p20']:+6.1%}) same tokens {row['tokens_equal_single_process']}"
             + (
                 f"; x single beside it: measured {row['measured_ratio']:.2f} predicted {row['predicted_ratio']:.2f}"
-                if extra
+                if key != "single"
                 else ""
             ),
             flush=True,
         )
         b = m["breakdown"]
-        if b and predicted_parts:
+        if b:
             print(
-                f"    driver measured: dense {b['driver_dense_s'] * 1e3:.1f} + local attention "
+                f"    rank 0 measured: dense {b['driver_dense_s'] * 1e3:.1f} + local attention "
                 f"{b['driver_local_attention_s'] * 1e3:.1f} + wait {b['driver_wait_s'] * 1e3:.1f} ms; predicted busy "
-                f"{predicted_parts['driver_busy_s'] * 1e3:.1f} + comm {predicted_parts['driver_comm_s'] * 1e3:.1f} ms; "
-                f"workers' attention measured {[round(v * 1e3, 1) for v in b['worker_attention_s'].values()]} "
-                f"predicted {[round(v * 1e3, 1) for v in predicted_parts['worker_busy_s']]} ms",
+                f"{[round(v * 1e3, 1) for v in predicted_parts['busy_s']]} ms; other ranks measured "
+                f"{[round(v * 1e3, 1) for v in b['worker_attention_s'].values()]} ms",
                 flush=True,
             )
     cal_probe = [x["s"] for x in cal["samples"]["gemm"]
@@ -306,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": ns.repeats,
             "warmup": ns.warmup,
             "pool_threshold": ns.pool_threshold,
+            "topologies": keys,
             "tokens_per_pool_worker": ns.tokens_per_pool_worker,
             "threads_per_process": 1,
             "calibration_twin": ns.twin if not ns.calibration else "from the given calibration",
@@ -318,13 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     load = os.getloadavg()[0]
     summary = (
-        f"simulated vs measured decode step, CPU engine + gloo pool (SmolLM2, batch {ns.batch}, ctx ~{rows[0]['context_mean']:.0f}, "
-        f"1 thread/process, load avg {load:.1f}): within 10% on {s['within_10pct']}/{s['rows']} (max {s['max_abs_rel_error']:.0%}); "
-        + ", ".join(f"{r['config']} {r['measured_s'] * 1e3:.0f}->{r['predicted_s'] * 1e3:.0f} ms" for r in rows)
-        + "; pool/single measured x"
-        + "/".join(f"{r['measured_ratio']:.2f}" for r in rows[1:])
-        + " vs predicted x"
-        + "/".join(f"{r['predicted_ratio']:.2f}" for r in rows[1:])
+        f"simulated vs measured decode step, CPU engine topologies (SmolLM2, batch {ns.batch}, "
+        f"ctx ~{rows[0]['context_mean']:.0f}, 1 thread/process, load avg {load:.1f}): within 10% on "
+        f"{s['within_10pct']}/{s['rows']} (max {s['max_abs_rel_error']:.0%}); "
+        + ", ".join(f"{r['topology']} {r['measured_s'] * 1e3:.0f}->{r['predicted_s'] * 1e3:.0f} ms" for r in rows)
+        + "; x single measured / predicted "
+        + ", ".join(f"{r['topology']} {r['measured_ratio']:.2f}/{r['predicted_ratio']:.2f}" for r in rows[1:])
     )
     print(summary)
     print("wrote", write_result("sim_vs_engine_cpu", result, summary, out_dir=ns.out_dir))

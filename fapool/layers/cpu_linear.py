@@ -11,6 +11,7 @@ torch's own linear.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,6 +41,15 @@ _PACKED = {nn.Linear: PackedLinear, MergedLinear: PackedMergedLinear}
 
 def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def linear_fn(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> x @ weight.T as the engine's linears compute it where `weight` lives (packed on
+    the CPU in float32): what kernel timings (fapool calibrate) must time."""
+    if weight.device.type == "cpu" and can_pack(weight.dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_BATCH_HINT)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return lambda x: torch.nn.functional.linear(x, weight)
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -2,7 +2,8 @@
 device, fit the roofline's effective rates, and write them as JSON for the cost model.
 
 What is timed:
-  GEMM       F.linear (the engine's op) [m, k] x [n, k]^T over a grid of m (tokens) and (n, k)
+  GEMM       the engine's linear (layers.cpu_linear.linear_fn: packed oneDNN on a CPU in float32,
+             F.linear elsewhere) [m, k] x [n, k]^T over a grid of m (tokens) and (n, k)
   attention  decode: the engine's own attention backend (Triton paged decode on a GPU, the torch
              reference on a CPU) over a paged KV cache, one query per sequence; prefill: torch
              SDPA causal (the FLOP rate). SDPA decode is kept beside it for comparison.
@@ -243,16 +244,17 @@ def model_linear_shapes(model) -> list[tuple[int, int]]:
 
 def _gemm_samples(device, dtype, grid) -> list[dict]:
     import torch
-    import torch.nn.functional as F
+
+    from fapool.layers.cpu_linear import linear_fn
 
     out = []
     d = torch.tensor([], dtype=dtype).element_size()
     for n, k in grid["gemm_nk"]:
         # nn.Linear's layout, [n, k]
-        ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(_copies(n * k * d))]
+        ws = [linear_fn(torch.randn(n, k, device=device, dtype=dtype)) for _ in range(_copies(n * k * d))]
         for m in grid["gemm_m"]:
             a = torch.randn(m, k, device=device, dtype=dtype)
-            t = time_graph(_cycle(lambda w, a=a: F.linear(a, w), ws), device)
+            t = time_graph(_cycle(lambda w, a=a: w(a), ws), device)
             out.append(
                 {
                     "m": m,

@@ -77,7 +77,7 @@ class PoolLedger:
         tokens_per_worker: int,
         mode: str,
         head_share: np.ndarray | None = None,
-        max_tokens: int | None = None,
+        max_slot_tokens: int | None = None,
     ):
         self.base_capacity = base_capacity
         self.threshold = threshold
@@ -96,8 +96,10 @@ class PoolLedger:
                 attention_workers=num_workers, pool_threshold=threshold,
                 tokens_per_pool_worker=tokens_per_worker, pool_mode=mode,
             )
-            # `max_tokens`: what the caller will ever place (pricing one step needs no more).
-            need = per_worker if max_tokens is None else min(per_worker, max_tokens + self.block_size)
+            # `max_slot_tokens`: the most a slot will ever hold (pricing one step needs no more).
+            need = per_worker
+            if max_slot_tokens is not None:
+                need = min(need, num_slots * (-(-max_slot_tokens // self.block_size) + 1) * self.block_size)
             blocks = min(int(need) // self.block_size, MAX_BLOCKS_PER_WORKER)
             self.pm = PoolManager(config, self.block_size, max(1, blocks))
         self.pool_start = threshold if self.pm is None else self.pm.pool_start

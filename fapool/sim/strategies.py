@@ -142,7 +142,9 @@ class StaticTPPP(Strategy):
         t_mb = tokens / n_mb
         dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
         attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
-        stage_c = lps * (dense_c + attn)
+        # CPU ranks: the tp ranks of every stage that holds a micro-batch compute at once.
+        stretch = contention_stretch(self.tp * n_mb, cost.hw.cpu_cores)
+        stage_c = lps * (dense_c + attn) * stretch
         stage_comm = lps * dense_ar + (
             float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0
         )
@@ -236,7 +238,7 @@ class FAPool(Strategy):
         )
         return counts / h
 
-    def make_ledger(self, cost, num_slots, group_of_slot, max_tokens: int | None = None):
+    def make_ledger(self, cost, num_slots, group_of_slot, max_slot_tokens: int | None = None):
         return PoolLedger(
             num_slots,
             self.base_capacity(cost),
@@ -246,7 +248,7 @@ class FAPool(Strategy):
             self.tokens_per_worker,
             self.mode,
             self.head_share(cost) if self.mode == "head" else None,
-            max_tokens,
+            max_slot_tokens,
         )
 
     def micro_batches(self, b: StepBatch) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.ledger import PoolLedger
-from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost
+from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost, Strategy
 
 
 def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int = 1) -> float:
@@ -28,23 +28,23 @@ def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int
     return StaticTPPP(tp=tp, pp=pp).timing(cost, batch, batch, kv, kv)[0]
 
 
-def predict_pool_step(cost: CostModel, pool: FAPool, batch: int, context: int) -> float:
-    """One decode step of `batch` sequences with `context` cached tokens each under FA Pool:
-    the prompt's KV is placed as the engine places it (first `threshold` tokens local, then
-    chunks of `tokens_per_worker` on the workers), then the step is priced."""
-    return predict_pool_cost(cost, pool, batch, context).duration
-
-
-def predict_pool_cost(cost: CostModel, pool: FAPool, batch: int, context: int) -> StepCost:
-    """predict_pool_step's StepCost: the duration and each process's busy / comm seconds."""
-    step, ledger = pool_step_inputs(cost, pool, batch, context)
-    return pool.step_cost(cost, step, ledger)
+def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) -> StepCost:
+    """One decode step of `batch` sequences with `context` cached tokens each under any
+    strategy: its duration and each process's busy / comm seconds. The pool's KV is placed as
+    the engine places it (first `threshold` tokens local, the rest by the PoolManager); AFD's
+    requests are spread evenly over the attention ranks."""
+    if isinstance(strategy, FAPool):
+        step, ledger = pool_step_inputs(cost, strategy, batch, context)
+        return strategy.step_cost(cost, step, ledger)
+    group = np.arange(batch) * strategy.num_groups() // batch
+    step = StepBatch(np.full(batch, context, np.int64), np.ones(batch, np.int64), np.ones(batch, bool), group)
+    return strategy.step_cost(cost, step, None)
 
 
 def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) -> tuple[StepBatch, PoolLedger]:
     """The decode StepBatch and the ledger with the prompts' KV placed, for pricing a step."""
     ctx = np.full(batch, context, np.int64)
-    ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64), max_tokens=batch * (context + 1))
+    ledger = pool.make_ledger(cost, batch, np.zeros(batch, np.int64), max_slot_tokens=context + 1)
     assert isinstance(ledger, PoolLedger)
     # Prompts arrive one by one (the engine prefills in order), each placed whole.
     for s in range(batch):

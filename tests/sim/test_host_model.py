@@ -14,7 +14,7 @@ from fapool.sim.engine_calibrate import engine_twin, fit_host, fit_launch, fit_n
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HostProfile, get_hardware
 from fapool.sim.strategies import FAPool
-from fapool.sim.validate import checkerboard_split, predict_pool_step, predict_tpot
+from fapool.sim.validate import checkerboard_split, predict_step, predict_tpot
 
 TINY_KERNELS = {
     "gemm_m": [1, 4],
@@ -138,12 +138,12 @@ def test_checkerboard_split_covers_every_batch_and_context():
 def test_pool_step_prediction_uses_the_pool_only_past_the_threshold():
     cost = CostModel(load_model_config("seed000"), get_hardware("h100"), include_host=False)
     below = FAPool(base_tp=1, pool_size=2, threshold=4096, tokens_per_worker=1024, max_batch=8)
-    assert predict_pool_step(cost, below, 8, 2000) == pytest.approx(predict_tpot(cost, 8, 2000), rel=1e-9)
+    assert predict_step(cost, below, 8, 2000).duration == pytest.approx(predict_tpot(cost, 8, 2000), rel=1e-9)
     # Past the threshold the base attends to 4096 tokens and two workers split the rest.
-    far = predict_pool_step(cost, below, 8, 32768)
+    far = predict_step(cost, below, 8, 32768).duration
     assert far < predict_tpot(cost, 8, 32768)
     with pytest.raises(ValueError, match="do not fit"):
-        predict_pool_step(cost, FAPool(base_tp=1, pool_size=0, threshold=10, max_batch=8), 8, 100)
+        predict_step(cost, FAPool(base_tp=1, pool_size=0, threshold=10, max_batch=8), 8, 100)
 
 
 def test_tiny_twin_keeps_the_architecture_flags():
@@ -212,3 +212,16 @@ def test_a_failing_engine_run_keeps_the_kernel_calibration():
     cal = calibrate(device="cpu", grid=TINY_KERNELS, collectives=False, engine_grid=bad, checkpoint=saved.append)
     assert saved and cal["engine"] is None and "two or more depths" in cal["engine_error"]
     assert apply_calibration(get_hardware("cpu"), cal).host is None
+
+
+def test_predict_step_prices_every_topology_from_one_entry_point():
+    """Static TP x PP through predict_step is predict_tpot; AFD spreads the batch over its
+    attention ranks (two ranks: each reads half the KV, so attention is cheaper a rank)."""
+    from fapool.sim.strategies import AFD, StaticTPPP
+
+    cost = CostModel(load_model_config("seed000"), get_hardware("h100"), include_host=False)
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        assert predict_step(cost, StaticTPPP(tp=tp, pp=pp), 8, 4000).duration == pytest.approx(
+            predict_tpot(cost, 8, 4000, tp, pp), rel=1e-12)
+    one, two = (predict_step(cost, AFD(r=r, f_tp=1, max_batch_per_attn=8), 8, 16000) for r in (1, 2))
+    assert two.busy[:2].max() < one.busy[0] and len(two.busy) == 3

@@ -14,7 +14,7 @@ from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import PoolOverheads, contention_stretch, get_hardware
 from fapool.sim.pool_calibrate import _modelled, fit_pool_terms
 from fapool.sim.strategies import FAPool
-from fapool.sim.validate import pool_step_inputs, predict_pool_cost
+from fapool.sim.validate import pool_step_inputs, predict_step
 
 TERMS = PoolOverheads(
     worker_call_s=8e-4, worker_per_seq_s=5e-5, driver_mb_s=1.1e-3, driver_pool_mb_s=3e-3,
@@ -118,7 +118,7 @@ def test_contention_stretches_only_past_the_cores():
 
 def test_contention_in_fapool_pricing():
     def step(workers, mb, cores):
-        return predict_pool_cost(_cpu_cost(TERMS, cores), _pool(workers, mb), 4, 80)
+        return predict_step(_cpu_cost(TERMS, cores), _pool(workers, mb), 4, 80)
 
     # Overlapped: driver + 2 workers = 3 busy processes; on 2 cores they share them.
     free, shared = step(2, 2, None), step(2, 2, 2)
@@ -135,10 +135,10 @@ def test_contention_in_fapool_pricing():
 
 def test_gpu_pricing_unchanged_by_the_new_fields(h100_cost):
     pool = FAPool(base_tp=8, pool_size=4, threshold=2048, tokens_per_worker=2048, max_batch=64)
-    before = predict_pool_cost(h100_cost, pool, 64, 8192)
+    before = predict_step(h100_cost, pool, 64, 8192)
     assert h100_cost.hw.pool is None and h100_cost.hw.cpu_cores is None
     same = CostModel(h100_cost.model, h100_cost.hw.replace(pool=None, cpu_cores=None))
-    after = predict_pool_cost(same, pool, 64, 8192)
+    after = predict_step(same, pool, 64, 8192)
     assert after.duration == before.duration
     assert np.array_equal(after.busy, before.busy)
 
@@ -146,8 +146,8 @@ def test_gpu_pricing_unchanged_by_the_new_fields(h100_cost):
 def test_fapool_pricing_adds_exactly_the_pool_terms():
     L = 4
     for workers, mb in ((1, 1), (2, 1), (1, 2), (2, 2)):
-        zero = predict_pool_cost(_cpu_cost(PoolOverheads(), layers=L), _pool(workers, mb), 4, 80)
-        with_terms = predict_pool_cost(_cpu_cost(TERMS, layers=L), _pool(workers, mb), 4, 80)
+        zero = predict_step(_cpu_cost(PoolOverheads(), layers=L), _pool(workers, mb), 4, 80)
+        with_terms = predict_step(_cpu_cost(TERMS, layers=L), _pool(workers, mb), 4, 80)
         step, ledger = pool_step_inputs(_cpu_cost(TERMS, layers=L), _pool(workers, mb), 4, 80)
         calls, seqs, routes, pool_mbs, n_mb = _pool(workers, mb).pool_calls(step, ledger)
         assert routes == workers * mb and pool_mbs == mb and n_mb == mb
@@ -157,8 +157,8 @@ def test_fapool_pricing_adds_exactly_the_pool_terms():
         assert with_terms.busy[0] == pytest.approx(zero.busy[0] + extra_d)
         assert with_terms.duration > zero.duration
     # One micro-batch and zero terms price as before the pool terms existed.
-    none = predict_pool_cost(_cpu_cost(None, layers=L), _pool(2, 1), 4, 80)
-    zero = predict_pool_cost(_cpu_cost(PoolOverheads(), layers=L), _pool(2, 1), 4, 80)
+    none = predict_step(_cpu_cost(None, layers=L), _pool(2, 1), 4, 80)
+    zero = predict_step(_cpu_cost(PoolOverheads(), layers=L), _pool(2, 1), 4, 80)
     assert none.duration == pytest.approx(zero.duration)
 
 
