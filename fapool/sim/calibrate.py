@@ -75,6 +75,10 @@ FULL = {
     "comm_bytes": [4096, 1 << 20, 16 << 20, 64 << 20],
 }
 
+# (batch, heads, ctx, head_dim) added on a GPU: 67 MB, 268 MB, 1.1 GB, 2.1 GB, 4.3 GB of KV.
+GPU_DECODE = [(8, 32, 512, 128), (8, 32, 2048, 128), (32, 32, 2048, 128), (16, 32, 8192, 128),
+              (64, 32, 4096, 128), (8, 32, 32768, 128)]
+
 
 def cpu_name() -> str:
     try:
@@ -461,9 +465,10 @@ def calibrate(
     custom = grid is not None
     grid = grid or (QUICK if quick else FULL)
     if dev.type == "cuda" and quick and not custom:
-        # The attention table extrapolates at its largest sample's rate: give a GPU the sizes
-        # where it streams at full bandwidth (seconds there).
-        grid = {**grid, "decode": grid["decode"] + [(64, 32, 4096, 128), (8, 32, 32768, 128)]}
+        # The attention table interpolates between samples in log-log and extrapolates at the
+        # largest one's rate: give a GPU every decade from 64 MB (where the split-KV kernel
+        # leaves the launch-bound regime) to 4 GB, where it streams at full bandwidth.
+        grid = {**grid, "decode": grid["decode"] + GPU_DECODE}
     if model is not None:  # the target model's own linears join the GEMM grid
         grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
     t0 = time.perf_counter()
