@@ -6,7 +6,7 @@ What is timed:
              F.linear elsewhere) [m, k] x [n, k]^T over a grid of m (tokens) and (n, k)
   attention  decode: the engine's own attention backend (Triton paged decode on a GPU, the torch
              reference on a CPU) over a paged KV cache, one query per sequence; prefill: torch
-             SDPA causal (the FLOP rate). SDPA decode is kept beside it for comparison.
+             SDPA causal (the FLOP rate).
   comm       all_reduce and send/recv between two gloo processes (forked, FileStore, no
              ports), CPU only; on a GPU with one device there is nothing to time
   engine     a short decode of the real engine on a tiny model (fapool.sim.engine_calibrate):
@@ -304,7 +304,7 @@ def _paged_decode_call(backend, device, dtype, bsz: int, h: int, ctx: int, hd: i
     return _cycle(lambda kv: backend.forward(q, kv[0], kv[1], meta, scale), caches)
 
 
-def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], list[dict], str]:
+def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str]:
     import torch
     import torch.nn.functional as F
 
@@ -312,7 +312,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], lis
 
     backend = make_backend(None, str(device))
     d = torch.tensor([], dtype=dtype).element_size()
-    decode, sdpa, prefill = [], [], []
+    decode, prefill = [], []
     for bsz, h, ctx, hd in grid["decode"]:
         nbytes = (2.0 * bsz * h * (ctx + 1) * hd + 2.0 * bsz * h * hd) * d
         paged = _paged_decode_call(backend, device, dtype, bsz, h, ctx, hd)
@@ -328,21 +328,6 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], lis
             }
         )
         del paged
-        q = torch.randn(bsz, h, 1, hd, device=device, dtype=dtype)
-        k = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
-        v = torch.randn_like(k)
-        t = time_graph(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device)
-        sdpa.append(
-            {
-                "batch": bsz,
-                "heads": h,
-                "ctx": ctx,
-                "head_dim": hd,
-                "flops": 4.0 * bsz * h * ctx * hd,
-                "bytes": (2.0 * bsz * h * ctx * hd + 2.0 * bsz * h * hd) * d,
-                "s": t,
-            }
-        )
     for bsz, h, ctx, hd in grid["prefill"]:
         q = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
@@ -358,7 +343,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], lis
                 "s": t,
             }
         )
-    return decode, sdpa, prefill, f"{backend.name} backend (paged decode)"
+    return decode, prefill, f"{backend.name} backend (paged decode)"
 
 
 def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
@@ -473,7 +458,7 @@ def calibrate(
         grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
     t0 = time.perf_counter()
     gemm = _gemm_samples(dev, dtype, grid)
-    decode, sdpa_decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
+    decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
     comm, comm_note = (None, "skipped")
     if collectives and dev.type == "cpu":
         comm, comm_note = _comm_samples(grid["comm_bytes"])
@@ -482,9 +467,6 @@ def calibrate(
     g = fit_roofline([s["flops"] for s in gemm], [s["bytes"] for s in gemm], [s["s"] for s in gemm])
     g["by_m"] = fit_gemm_by_m(gemm, g["overhead_s"])
     a = fit_roofline([s["flops"] for s in decode], [s["bytes"] for s in decode], [s["s"] for s in decode])
-    a_sdpa = fit_roofline(
-        [s["flops"] for s in sdpa_decode], [s["bytes"] for s in sdpa_decode], [s["s"] for s in sdpa_decode]
-    )
     pf = [s["flops"] / max(s["s"] - a["overhead_s"], 1e-9) for s in prefill]
     out = {
         "schema": SCHEMA,
@@ -500,14 +482,12 @@ def calibrate(
             **a,
             "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
             "decode_kernel": decode_kernel,
-            "sdpa_decode": a_sdpa,
         },
         "comm": None,
         "comm_note": comm_note,
         "samples": {
             "gemm": gemm,
             "decode": decode,
-            "sdpa_decode": sdpa_decode,
             "prefill": prefill,
             "comm": comm,
         },
