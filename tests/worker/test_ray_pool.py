@@ -123,10 +123,22 @@ def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
         assert llm.engine.stats().pool_workers_lost == 1
 
 
+def test_ray_pool_beside_tensor_parallel_ranks(tiny_checkpoints, reference):
+    """TP 2 dense ranks (worker processes) + two Ray attention actors: the driver gathers its
+    TP ranks' heads for the pool, so the actors' pair groups are with the driver only."""
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, tensor_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    with LLM(folder, **kw) as llm:
+        got, live = _run(llm, CROSSING, PARAMS)
+        assert got == reference[:3]
+        assert live[0] == 0 and max(live) == 2
+        assert llm.engine.stats().pool_live_workers == 0
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(attention_workers=2, tensor_parallel_size=2), "distributed_executor 'ray'"),
+        (dict(attention_workers=2, pipeline_parallel_size=2), "distributed_executor 'ray'"),
         (dict(attention_workers=0), "distributed_executor 'ray'"),
         (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "distributed_executor 'ray'"),
         (dict(attention_workers=1, pool_idle_timeout_s=-1.0), "pool_idle_timeout_s"),
