@@ -104,6 +104,24 @@ def test_ray_pool_grows_serves_and_releases(tiny_checkpoints, reference):
         assert engine.stats().pool_live_workers == 0
 
 
+def test_bench_pool_records_the_pool_size_over_time(tiny_checkpoints):
+    """`fapool bench pool`'s series: workers holding KV and live actors after each step."""
+    from fapool.bench.pool_bench import PoolSizes
+
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    with LLM(folder, **kw) as llm:
+        sizes = PoolSizes(llm.engine)
+        _run(llm, CROSSING, PARAMS, lambda engine, step: sizes.record())
+        llm.engine.release_idle_workers()
+        sizes.record()
+    assert sizes.series["live"][0] == 0 and max(sizes.series["live"]) == 2 and sizes.series["live"][-1] == 0
+    assert max(sizes.series["with_kv"]) == 2
+    # Grows with the sequences' length, one actor at a time, then back to none.
+    runs = [r.split(" x")[0] for r in sizes.describe().split(", ")]
+    assert runs == ["0/0", "1/1", "2/2", "0/0"]
+
+
 def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
     folder = tiny_checkpoints["llama"][0]
     kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=None, **POOL)
