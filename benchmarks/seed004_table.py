@@ -10,6 +10,8 @@ throughput (output tokens/s between `--warmup` and `--duration` simulated second
   static        every TP x replicas split of the GPUs (PP 1)
   head-parallel Lamina's topology: dense TP d + (GPUs - d) attention GPUs holding all KV, split
                 by KV head (the simulator's head_parallel)
+  lamina-request the same topology with request-level attention parallelism: each sequence's
+                KV whole on one attention GPU (FAPool, threshold 0, one chunk a sequence)
   fapool        base TP d + the rest as pool GPUs, threshold `--threshold`
   afd           r attention GPUs + an FFN instance of TP f (seed 002, for reference)
 
@@ -47,7 +49,8 @@ from fapool.sim.workload import RequestBatch, Workload
 CONFIGS = Path(__file__).parent / "configs"
 MODELS = {"Llama-3-8B": CONFIGS / "llama3_8b.json", "Llama-3.1-70B": CONFIGS / "llama3_70b.json"}
 SEED_CLAIM = "+16.1% to +90.1% throughput vs homogeneous GPUs at similar hardware cost (H100 + H20)"
-FAMILIES = ("static", "head-parallel", "fapool", "afd")
+FAMILIES = ("static", "head-parallel", "lamina-request", "fapool", "afd")
+LAMINA = ("head-parallel", "lamina-request")
 
 
 class TraceLoop(Workload):
@@ -102,6 +105,17 @@ def layouts(gpus: int, max_batch: int, threshold: int) -> list[Strategy]:
     for d in (1, 2, 4):
         if 1 <= gpus - d <= 8:  # head placement: at most one attention GPU per KV head
             out.append(head_parallel(dense_tp=d, attn_workers=gpus - d, max_batch=max_batch))
+    for d in (1, 2, 4):  # Lamina's request-level attention parallelism: each sequence on one GPU
+        out.append(
+            FAPool(
+                base_tp=d,
+                pool_size=gpus - d,
+                threshold=0,
+                tokens_per_worker=1 << 30,
+                max_batch=max_batch,
+                name="lamina-request",
+            )
+        )
     for d in (1, 2, 4):
         out.append(
             FAPool(
@@ -190,16 +204,19 @@ def main() -> None:
                         f"TPOT p50 {run['tpot_p50_ms']:.1f} ms ({run['wall_s']:.1f} s)",
                         flush=True,
                     )
-                static = best["static"]["throughput_tok_s"]
+                lamina = [best[f] for f in LAMINA if f in best]
+                best_lamina = max(lamina, key=lambda r: r["throughput_tok_s"]) if lamina else None
                 row = {
                     "model": model_name,
                     "hardware": hw_name,
                     "workload": wl_name,
                     "usd_per_hour": args.gpus * cost.hw.cost_per_hour,
                     "best": best,
-                    "head_vs_static": best["head-parallel"]["throughput_tok_s"] / static - 1
-                    if "head-parallel" in best
+                    "lamina_vs_static": best_lamina["throughput_tok_s"] / best["static"]["throughput_tok_s"]
+                    - 1
+                    if best_lamina
                     else None,
+                    "best_lamina": best_lamina,
                 }
                 table_rows.append(row)
 
@@ -213,11 +230,12 @@ def main() -> None:
         "$/h",
         "workload",
         "static tok/s (layout)",
-        "head-parallel (Lamina)",
+        "Lamina by KV head",
+        "Lamina by request",
         "FA Pool",
         "AFD",
-        "head vs static",
-        "tok/s per $/h: static / head",
+        "best Lamina vs static",
+        "tok/s per $/h: static / Lamina",
         "seed 004 claims",
     ):
         t.add_column(col)
@@ -227,13 +245,14 @@ def main() -> None:
         def cell(f: str, b: dict = b) -> str:
             if f not in b:
                 return "does not fit"
-            return f"{b[f]['throughput_tok_s']:,.0f} ({b[f]['layout'].split(' (')[0]}; p50 {b[f]['tpot_p50_ms']:.0f} ms)"
+            layout = b[f]["layout"].split(" (")[0].split(", threshold 0")[0].split(", overlap")[0]
+            return f"{b[f]['throughput_tok_s']:,.0f} ({layout}; p50 {b[f]['tpot_p50_ms']:.0f} ms)"
 
-        per_usd = " / ".join(
-            f"{b[f]['throughput_tok_s'] / r['usd_per_hour']:,.0f}" if f in b else "-"
-            for f in ("static", "head-parallel")
+        lam = r["best_lamina"]
+        per_usd = f"{b['static']['throughput_tok_s'] / r['usd_per_hour']:,.0f} / " + (
+            f"{lam['throughput_tok_s'] / r['usd_per_hour']:,.0f}" if lam else "-"
         )
-        hv = r["head_vs_static"]
+        hv = r["lamina_vs_static"]
         t.add_row(
             f"SIMULATED {r['model']}",
             f"{args.gpus}x {r['hardware']}",
@@ -241,6 +260,7 @@ def main() -> None:
             r["workload"],
             cell("static"),
             cell("head-parallel"),
+            cell("lamina-request"),
             cell("fapool"),
             cell("afd"),
             f"{hv:+.1%}" if hv is not None else "-",
@@ -279,11 +299,12 @@ def main() -> None:
         "runs": runs,
     }
     summary = (
-        "SIMULATED seed 004 at equal GPU count: head-parallel (Lamina topology) vs best static, "
+        "SIMULATED seed 004 at equal GPU count: best Lamina topology (attention GPUs hold all KV, by KV head "
+        "or by request) vs best static, "
         + "; ".join(
-            f"{r['model']} {r['hardware']} {r['workload']} {r['head_vs_static']:+.0%}"
+            f"{r['model']} {r['hardware']} {r['workload']} {r['lamina_vs_static']:+.0%}"
             for r in table_rows
-            if r["head_vs_static"] is not None
+            if r["lamina_vs_static"] is not None
         )
         + f" (seed: {SEED_CLAIM})"
     )
