@@ -5,8 +5,9 @@ computes:
   * KV bytes per sequence and in all; the attention pool size P: the fewest H200s whose KV
     budget (the preset's kv_budget_bytes: 90% of HBM less 2 GB reserved) holds the batch's KV
     (threshold 0: every KV token on the pool, the base holds only weights);
-  * memory per GPU: weights per base GPU, the busiest pool GPU's KV (the simulator's own spread
-    placement, chunks of `--chunk` tokens) and its headroom;
+  * memory per GPU: weights per base GPU, the busiest pool GPU's KV (placed by the simulator's
+    PoolLedger, i.e. the engine's PoolManager in shard mode, segments of `--chunk` tokens) and
+    its headroom;
   * predicted TPOT, composed from the simulator's CostModel and FAPool.step_time: per layer the
     base's dense work, each pool GPU's attention over its own KV, the exchange of queries (+ the
     new token's K/V) out and (out, lse) back over NVLink for pool GPUs in the base's node and
@@ -60,13 +61,14 @@ ASSUMPTIONS = {
     "GEMM 0.70 of 989 TFLOP/s",
     "latency_sensitivity": "seed 004 (Lamina, arXiv 2405.01814, section 6.3): end-to-end latency 33.0 us "
     "(its fully host-bypassed stack) vs 66.6 us (NCCL)",
-    "placement": "threshold 0 (all KV on the pool), spread placement in chunks of --chunk tokens",
+    "placement": "threshold 0 (all KV on the pool); the engine's shard mode (PoolManager), "
+    "segments of --chunk tokens",
     "no_host_model": "the preset has no host model: device time + 20 kernel overheads a step",
 }
 
 
 def pool_size(cost: CostModel, total_tokens: int, chunk: int) -> int:
-    """Fewest pool GPUs whose KV budget holds `total_tokens` in whole chunks."""
+    """Fewest pool GPUs whose KV budget holds `total_tokens` in whole segments."""
     per_gpu = (FAPool().worker_capacity(cost) // chunk) * chunk
     return max(1, math.ceil(total_tokens / per_gpu))
 
@@ -80,8 +82,8 @@ def predict(cost: CostModel, s: FAPool, ctx: int, batch: int) -> dict:
     q_w = (ledger.owned > 0).sum(axis=0).astype(np.float64)  # sequences (queries) per pool GPU
     same = np.arange(tp, tp + P) < cost.hw.gpus_per_node  # pool GPU in the base's node
     attn_w = np.asarray(cost.attention(kv_w, kv_w, q_w), dtype=np.float64)
-    # Out: queries + the new token's K/V (one token a sequence, on the GPU holding its last chunk).
-    new_kv_w = np.bincount(ledger.cur, minlength=P).astype(np.float64)
+    # Out: queries + the new token's K/V (one token a sequence, on the GPU holding its open segment).
+    new_kv_w = np.bincount(ledger.last, minlength=P).astype(np.float64)
     q_bytes = cost.query_bytes(q_w) + new_kv_w * cost.kv_bytes_per_token_layer()
     r_bytes = cost.partial_bytes(q_w)
     links = [(same, True), (~same, False)]
@@ -130,7 +132,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072, 262144, 1048576])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--base-tps", type=int, nargs="+", default=[1, 2, 8])
-    ap.add_argument("--chunk", type=int, default=16384, help="tokens per pool chunk (spread placement)")
+    ap.add_argument("--chunk", type=int, default=16384, help="tokens a pool segment (shard mode)")
     ap.add_argument("--sim-steps", type=int, default=32)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -148,7 +150,7 @@ def main() -> None:
                     pool_size=P,
                     threshold=0,
                     tokens_per_worker=args.chunk,
-                    placement="spread",
+                    mode="shard",
                     overlap=batch > 1,
                     max_batch=batch,
                 )
