@@ -11,7 +11,7 @@ throughput (output tokens/s between `--warmup` and `--duration` simulated second
   head-parallel Lamina's topology: dense TP d + (GPUs - d) attention GPUs holding all KV, split
                 by KV head (the simulator's head_parallel)
   lamina-request the same topology with request-level attention parallelism: each sequence's
-                KV whole on one attention GPU (FAPool, threshold 0, one chunk a sequence)
+                KV whole on one attention GPU (FAPool, threshold 0, shard mode, one segment a sequence)
   fapool        base TP d + the rest as pool GPUs, threshold `--threshold`
   afd           r attention GPUs + an FFN instance of TP f (seed 002, for reference)
 
