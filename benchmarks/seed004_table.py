@@ -299,7 +299,7 @@ def main() -> None:
         "runs": runs,
     }
     summary = (
-        "SIMULATED seed 004 at equal GPU count: best Lamina topology (attention GPUs hold all KV, by KV head "
+        f"SIMULATED seed 004 at equal GPU count, closed loop of {args.concurrency:,}: best Lamina topology (attention GPUs hold all KV, by KV head "
         "or by request) vs best static, "
         + "; ".join(
             f"{r['model']} {r['hardware']} {r['workload']} {r['lamina_vs_static']:+.0%}"
