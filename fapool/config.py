@@ -260,10 +260,12 @@ class EngineConfig:
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.parallel.distributed_executor == "ray":
             par = self.parallel
-            if not self.pool.attention_workers or par.afd or par.tensor_parallel_size * par.pipeline_parallel_size > 1:
+            # The pool's workers talk only to the driver (it gathers its TP ranks' heads); with
+            # pipeline stages each stage leader would need pair groups of its own.
+            if not self.pool.attention_workers or par.afd or par.pipeline_parallel_size > 1:
                 raise ConfigError(
-                    "distributed_executor 'ray' runs the attention pool (attention_workers >= 1) beside one dense "
-                    "rank for now: no tensor/pipeline parallelism or AFD with it"
+                    "distributed_executor 'ray' runs the attention pool (attention_workers >= 1) beside the dense "
+                    "ranks of one stage for now: no pipeline parallelism or AFD with it"
                 )
         if self.parallel.afd:
             if self.pool.attention_workers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import time
@@ -102,9 +103,11 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
     params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     reqs = [engine.groups[i][0] for i in ids]
+    pool_size = PoolSizes(engine)
     t = time.perf_counter()
     while any(not r.output_token_ids for r in reqs):
         engine.step()
+        pool_size.record()
     prefill_s = time.perf_counter() - t
     executor.reports.clear()
     steps: list[float] = []
@@ -112,12 +115,15 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
         t0 = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - t0)
+        pool_size.record()
     elapsed = time.perf_counter() - t
     summary = summarize(executor.reports)
     for i in ids:
         engine.abort_request(i)
     while engine.has_unfinished_requests():  # drain an in-flight step (async scheduling)
         engine.step()
+    engine.release_idle_workers()  # an elastic pool stops its idle workers (after their timeout)
+    pool_size.record()
     tokens = [list(r.output_token_ids[: ns.output_len]) for r in reqs]
     if min(map(len, tokens)) < ns.output_len - 1:
         raise RuntimeError(f"a request decoded fewer than {ns.output_len - 1} tokens in the window")
@@ -134,8 +140,32 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
         "tpot_ms_p20": 1e3 * sorted(steps)[len(steps) // 5] if steps else None,
         "output_tokens_per_s": ns.batch_size * len(steps) / sum(steps) if steps else None,
         "breakdown": summary,
+        "pool_size_over_time": pool_size.series if pool_size.enabled else None,
     }
+    if pool_size.enabled:
+        console.print(f"  pool size over time (per step; workers holding KV / live): {pool_size.describe()}")
     return tokens, row
+
+
+class PoolSizes:
+    """The attention pool's size after each step: workers holding KV (the PoolManager's
+    placement) and live worker processes (on Ray, the actors running)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.enabled = engine.pool_manager is not None
+        self.series: dict[str, list[int]] = {"with_kv": [], "live": []}
+
+    def record(self) -> None:
+        if self.enabled:
+            self.series["with_kv"].append(len(self.engine.pool_manager.active_workers()))
+            self.series["live"].append(self.engine.stats().pool_live_workers)
+
+    def describe(self) -> str:
+        """Run-length: "0/0 x3, 1/1 x2, 2/2 x27" (with KV / live, steps)."""
+        pairs = list(zip(self.series["with_kv"], self.series["live"]))
+        runs = [(p, len(list(g))) for p, g in itertools.groupby(pairs)]
+        return ", ".join(f"{k}/{lv} x{n}" for (k, lv), n in runs)
 
 
 def _run_config(kwargs: dict[str, Any], ns: argparse.Namespace) -> list[tuple[list[list[int]], dict]]:
@@ -161,7 +191,10 @@ def run(ns: argparse.Namespace) -> int:
     t_run = time.perf_counter()
     for name, extra in _configs(ns):
         t_config = time.perf_counter()
-        results = _run_config({**vars(base), **extra}, ns)
+        kwargs = {**vars(base), **extra}
+        if not extra.get("attention_workers") or extra.get("pipeline_parallel_size", 1) > 1:
+            kwargs["distributed_executor"] = "mp"  # --distributed-executor ray is for the pool's rows
+        results = _run_config(kwargs, ns)
         _release_device()
         for tokens, row in results:
             want = reference.setdefault(row["input_len"], tokens)

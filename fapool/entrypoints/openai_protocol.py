@@ -313,8 +313,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
         choice = self.effective_tool_choice
-        if choice != "none" and self.stream:
-            return "tools", "tool calls are returned in non-streaming responses only"
         if self.tool_choice not in (None, "none") and not self.tools:
             return "tool_choice", "tool_choice needs tools"
         if isinstance(choice, dict) and choice["function"]["name"] not in {t.function.name for t in self.tools or ()}:

@@ -11,6 +11,8 @@ request's `tool_choice` asks for decides the output:
 - "required": the output is constrained to a JSON array of one or more `{"name", "arguments"}`
   objects, each for one of the tools;
 - "none": the tools are not offered and nothing is parsed.
+
+Streaming (openai_serving.ChatRenderer.chunks) sends the same calls as deltas.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from fapool.sampling_params import StructuredOutputs
 
+OPENING = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # Compact JSON (llguidance's option): a model cannot spend its tokens on whitespace inside a call.

@@ -6,7 +6,7 @@ What is timed:
              F.linear elsewhere) [m, k] x [n, k]^T over a grid of m (tokens) and (n, k)
   attention  decode: the engine's own attention backend (Triton paged decode on a GPU, the torch
              reference on a CPU) over a paged KV cache, one query per sequence; prefill: torch
-             SDPA causal (the FLOP rate). SDPA decode is kept beside it for comparison.
+             SDPA causal (the FLOP rate).
   comm       all_reduce and send/recv between two gloo processes (forked, FileStore, no
              ports), CPU only; on a GPU with one device there is nothing to time
   engine     a short decode of the real engine on a tiny model (fapool.sim.engine_calibrate):
@@ -74,6 +74,10 @@ FULL = {
     "prefill": [(1, 32, 4096, 128), (1, 32, 8192, 128)],
     "comm_bytes": [4096, 1 << 20, 16 << 20, 64 << 20],
 }
+
+# (batch, heads, ctx, head_dim) added on a GPU: 67 MB, 268 MB, 1.1 GB, 2.1 GB, 4.3 GB of KV.
+GPU_DECODE = [(8, 32, 512, 128), (8, 32, 2048, 128), (32, 32, 2048, 128), (16, 32, 8192, 128),
+              (64, 32, 4096, 128), (8, 32, 32768, 128)]
 
 
 def cpu_name() -> str:
@@ -300,7 +304,7 @@ def _paged_decode_call(backend, device, dtype, bsz: int, h: int, ctx: int, hd: i
     return _cycle(lambda kv: backend.forward(q, kv[0], kv[1], meta, scale), caches)
 
 
-def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], list[dict], str]:
+def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str]:
     import torch
     import torch.nn.functional as F
 
@@ -308,7 +312,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], lis
 
     backend = make_backend(None, str(device))
     d = torch.tensor([], dtype=dtype).element_size()
-    decode, sdpa, prefill = [], [], []
+    decode, prefill = [], []
     for bsz, h, ctx, hd in grid["decode"]:
         nbytes = (2.0 * bsz * h * (ctx + 1) * hd + 2.0 * bsz * h * hd) * d
         paged = _paged_decode_call(backend, device, dtype, bsz, h, ctx, hd)
@@ -324,21 +328,6 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], lis
             }
         )
         del paged
-        q = torch.randn(bsz, h, 1, hd, device=device, dtype=dtype)
-        k = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
-        v = torch.randn_like(k)
-        t = time_graph(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device)
-        sdpa.append(
-            {
-                "batch": bsz,
-                "heads": h,
-                "ctx": ctx,
-                "head_dim": hd,
-                "flops": 4.0 * bsz * h * ctx * hd,
-                "bytes": (2.0 * bsz * h * ctx * hd + 2.0 * bsz * h * hd) * d,
-                "s": t,
-            }
-        )
     for bsz, h, ctx, hd in grid["prefill"]:
         q = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
@@ -354,7 +343,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], lis
                 "s": t,
             }
         )
-    return decode, sdpa, prefill, f"{backend.name} backend (paged decode)"
+    return decode, prefill, f"{backend.name} backend (paged decode)"
 
 
 def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
@@ -461,14 +450,15 @@ def calibrate(
     custom = grid is not None
     grid = grid or (QUICK if quick else FULL)
     if dev.type == "cuda" and quick and not custom:
-        # The attention table extrapolates at its largest sample's rate: give a GPU the sizes
-        # where it streams at full bandwidth (seconds there).
-        grid = {**grid, "decode": grid["decode"] + [(64, 32, 4096, 128), (8, 32, 32768, 128)]}
+        # The attention table interpolates between samples in log-log and extrapolates at the
+        # largest one's rate: give a GPU every decade from 64 MB (where the split-KV kernel
+        # leaves the launch-bound regime) to 4 GB, where it streams at full bandwidth.
+        grid = {**grid, "decode": grid["decode"] + GPU_DECODE}
     if model is not None:  # the target model's own linears join the GEMM grid
         grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
     t0 = time.perf_counter()
     gemm = _gemm_samples(dev, dtype, grid)
-    decode, sdpa_decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
+    decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
     comm, comm_note = (None, "skipped")
     if collectives and dev.type == "cpu":
         comm, comm_note = _comm_samples(grid["comm_bytes"])
@@ -477,9 +467,6 @@ def calibrate(
     g = fit_roofline([s["flops"] for s in gemm], [s["bytes"] for s in gemm], [s["s"] for s in gemm])
     g["by_m"] = fit_gemm_by_m(gemm, g["overhead_s"])
     a = fit_roofline([s["flops"] for s in decode], [s["bytes"] for s in decode], [s["s"] for s in decode])
-    a_sdpa = fit_roofline(
-        [s["flops"] for s in sdpa_decode], [s["bytes"] for s in sdpa_decode], [s["s"] for s in sdpa_decode]
-    )
     pf = [s["flops"] / max(s["s"] - a["overhead_s"], 1e-9) for s in prefill]
     out = {
         "schema": SCHEMA,
@@ -495,14 +482,12 @@ def calibrate(
             **a,
             "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
             "decode_kernel": decode_kernel,
-            "sdpa_decode": a_sdpa,
         },
         "comm": None,
         "comm_note": comm_note,
         "samples": {
             "gemm": gemm,
             "decode": decode,
-            "sdpa_decode": sdpa_decode,
             "prefill": prefill,
             "comm": comm,
         },

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 
 import torch
@@ -32,7 +31,7 @@ from fapool.worker.afd_worker import (
     mlp_slice,
 )
 from fapool.worker.dense_worker import send_weights
-from fapool.worker.launcher import WorkerGroup
+from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks
 from fapool.worker.model_runner import ModelRunner
 from fapool.worker.protocol import AFDInit, AFDStep, MicroBatch, RankReport, StepReport, Tag
 from fapool.worker.step_plan import MicroBatchPolicy, plan_micro_batch, split_micro_batches
@@ -76,9 +75,7 @@ class AFDRunner(ModelRunner):
         self.transport = "cpu"
         self.side: AttentionSide | None = None
         if self.device.type == "cpu":
-            # One thread per other rank (launcher.rank_main); the driver keeps the rest.
-            cores = os.cpu_count() or 1
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - (topo.world_size - 1))))
+            leave_cores_to_ranks(topo.world_size - 1)
         try:
             self._start_workers()
         except BaseException:

@@ -39,7 +39,8 @@ from fapool.models.llama import MLP, LocalAttend, Pending
 from fapool.models.registry import build_model
 from fapool.worker import comm
 from fapool.worker.dense_worker import blocking_wait, drive_micro_batches, receive_weights
-from fapool.worker.model_runner import DTYPES, lazy_zeros
+from fapool.worker.kv_tensors import allocate_kv, copy_kv_blocks
+from fapool.worker.model_runner import DTYPES
 from fapool.worker.protocol import SHUTDOWN, AFDInit, AFDStep, MicroBatch, RankReport, Tag, exchange_tag
 from fapool.worker.step_clock import StepClock
 
@@ -128,23 +129,7 @@ class AttentionSide:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
         shape = (num_blocks, self.config.cache.block_size, m.num_key_value_heads, m.head_dim)
-        if self.device.type == "cpu":
-            flat = lazy_zeros(2 * m.num_hidden_layers, shape, self.dtype)
-            self.kv_caches = [(flat[2 * i], flat[2 * i + 1]) for i in range(m.num_hidden_layers)]
-            return
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(m.num_hidden_layers)
-        ]
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+        self.kv_caches = allocate_kv(m.num_hidden_layers, shape, self.dtype, self.device)
 
     @torch.inference_mode()
     def run(self, step: AFDStep, stats: RankReport) -> torch.Tensor | None:
@@ -153,7 +138,7 @@ class AttentionSide:
         t_start = time.perf_counter()
         self.clock = StepClock(self.device, stream_ordered=self.transport != "cpu")
         self._sends = []
-        self.copy_blocks(step.copies)
+        copy_kv_blocks(self.kv_caches, step.copies, self.device)
         count = len(step.micro_batches)
         gens = [self._forward(i, mb, count) for i, mb in enumerate(step.micro_batches) if mb.num_tokens]
         hidden = iter(drive_micro_batches(gens))

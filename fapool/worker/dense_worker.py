@@ -44,6 +44,7 @@ from fapool.layers.tp import AllReduce, apply_tp
 from fapool.models.llama import LocalAttend, Pending, run_steps
 from fapool.models.registry import build_model
 from fapool.worker import comm
+from fapool.worker.kv_tensors import allocate_kv, copy_kv_blocks
 from fapool.worker.model_runner import DTYPES
 from fapool.worker.pool_link import PoolAttend, PoolLink
 from fapool.worker.protocol import SHUTDOWN, DenseInit, DenseStep, MicroBatch, RankReport, Tag, exchange_tag
@@ -151,22 +152,10 @@ class DenseStage:
         m = self.config.model
         heads = m.num_key_value_heads // self.topology.tensor_parallel_size
         shape = (num_blocks, self.config.cache.block_size, heads, m.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in self.layers
-        ]
+        self.kv_caches = allocate_kv(len(self.layers), shape, self.dtype, self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+        copy_kv_blocks(self.kv_caches, copies, self.device)
 
     def all_reduce(self, group, peer: int) -> Callable[[torch.Tensor], None]:
         """The in-place sum used by the row-parallel hooks, timed as communication."""

@@ -144,6 +144,14 @@ def _spawned_rank_main(*args) -> None:
     os._exit(0)
 
 
+def leave_cores_to_ranks(other_ranks: int) -> None:
+    """The driver's CPU threads: the other ranks compute on one thread each (rank_main) and the
+    driver keeps the remaining cores, since oversubscribed OpenMP threads spin against each
+    other and stall every step."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - other_ranks)))
+
+
 def rank_main(rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float) -> None:
     """Entry point of a non-driver rank (spawned, or started by torchrun): join the group,
     take the role the driver sends, serve until told to stop or the driver goes away."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from fapool.layers.sampling_batch import SamplingBatch
 from fapool.outputs import Logprob
 from fapool.request import Request
 from fapool.worker.cuda_graphs import DecodeGraphs
+from fapool.worker.kv_tensors import allocate_kv, copy_kv_blocks
 from fapool.worker.step_plan import plan_micro_batch
 
 logger = logging.getLogger(__name__)
@@ -33,16 +33,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
 KV_CALIBRATION_TOKENS = 512
-
-
-def lazy_zeros(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """`count` zero CPU tensors of `shape` as one [count, *shape] tensor whose memory is taken
-    only as it is written: numpy's zeros is a calloc, whose large blocks are fresh zero pages,
-    where torch.zeros writes every byte (a 1 GiB KV budget would be resident at start-up)."""
-    import numpy as np
-
-    nbytes = count * math.prod(shape) * dtype.itemsize
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(count, *shape)
 
 
 @dataclass
@@ -196,25 +186,14 @@ class ModelRunner:
         self.decode_graphs = None  # captured over the old cache tensors
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
-        dtype = dtype or self.kv_dtype
-        if self.device.type == "cpu":
-            flat = lazy_zeros(2 * m.num_hidden_layers, shape, dtype)
-            self.kv_caches = [(flat[2 * i], flat[2 * i + 1]) for i in range(m.num_hidden_layers)]
-            return
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(m.num_hidden_layers)
-        ]
+        self.kv_caches = allocate_kv(m.num_hidden_layers, shape, dtype or self.kv_dtype, self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer."""
-        if not copies:
+        copied = copy_kv_blocks(self.kv_caches, copies, self.device)
+        if copied is None:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+        src, dst = copied
         for layer in getattr(getattr(self.model, "model", None), "layers", ()):
             # State a backend keeps per block beside the cache (sparse decode's key summaries).
             copy = getattr(layer.self_attn.backend, "copy_block_state", None)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from fapool.worker.dense_worker import (
     stage_layers,
     tp_groups,
 )
-from fapool.worker.launcher import WorkerGroup
+from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
 from fapool.worker.pool_sparse import PoolSparse, SparseBatch, uses_triton
@@ -214,10 +213,7 @@ class MultiRankRunner(ModelRunner):
             self.num_blocks = 1
         self.stage = DenseStage(config, model, self.topology, 0, self._wait)
         if self.device.type == "cpu":
-            # Other ranks compute on one thread each; leave the driver the remaining cores, since
-            # oversubscribed OpenMP threads spin against each other and stall every step.
-            cores = os.cpu_count() or 1
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - (self.topology.world_size - 1))))
+            leave_cores_to_ranks(self.topology.world_size - 1)
         try:
             self._start_workers()
         except BaseException:

@@ -122,7 +122,6 @@ def test_completion_bad_input_400(server, body, param):
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools.0.function"),
         ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": NAMED("other")}, "tool_choice"),
-        ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "stream": True}, "tools"),
         (
             {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": "required",
              "guided_regex": "a+"},
@@ -401,3 +400,20 @@ def test_tool_calls(server):
 
     none = chat(tool_choice="none", max_tokens=4)
     assert "tool_calls" not in none["message"]
+
+    # Streamed, the deltas assemble into the same calls.
+    for choice, whole in ((NAMED("get_weather"), named), ("required", required)):
+        body = {"messages": history, "tools": [WEATHER, TIME], "max_tokens": 70, "temperature": 0,
+                "tool_choice": choice, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+            assert r.status_code == 200
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assembled: dict[int, dict] = {}
+        for ch in chunks:
+            for d in ch["choices"][0]["delta"].get("tool_calls", []):
+                call = assembled.setdefault(d["index"], {"name": None, "arguments": ""})
+                call["name"] = d.get("function", {}).get("name") or call["name"]
+                call["arguments"] += d["function"].get("arguments", "")
+        want = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]]
+        assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(assembled.items())] == want
+        assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from fapool.worker.model_runner import lazy_zeros
+from fapool.worker.kv_tensors import lazy_zeros
 
 
 def _rss_bytes() -> int:

@@ -104,6 +104,24 @@ def test_ray_pool_grows_serves_and_releases(tiny_checkpoints, reference):
         assert engine.stats().pool_live_workers == 0
 
 
+def test_bench_pool_records_the_pool_size_over_time(tiny_checkpoints):
+    """`fapool bench pool`'s series: workers holding KV and live actors after each step."""
+    from fapool.bench.pool_bench import PoolSizes
+
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    with LLM(folder, **kw) as llm:
+        sizes = PoolSizes(llm.engine)
+        _run(llm, CROSSING, PARAMS, lambda engine, step: sizes.record())
+        llm.engine.release_idle_workers()
+        sizes.record()
+    assert sizes.series["live"][0] == 0 and max(sizes.series["live"]) == 2 and sizes.series["live"][-1] == 0
+    assert max(sizes.series["with_kv"]) == 2
+    # Grows with the sequences' length, one actor at a time, then back to none.
+    runs = [r.split(" x")[0] for r in sizes.describe().split(", ")]
+    assert runs == ["0/0", "1/1", "2/2", "0/0"]
+
+
 def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
     folder = tiny_checkpoints["llama"][0]
     kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=None, **POOL)
@@ -123,10 +141,22 @@ def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
         assert llm.engine.stats().pool_workers_lost == 1
 
 
+def test_ray_pool_beside_tensor_parallel_ranks(tiny_checkpoints, reference):
+    """TP 2 dense ranks (worker processes) + two Ray attention actors: the driver gathers its
+    TP ranks' heads for the pool, so the actors' pair groups are with the driver only."""
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, tensor_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    with LLM(folder, **kw) as llm:
+        got, live = _run(llm, CROSSING, PARAMS)
+        assert got == reference[:3]
+        assert live[0] == 0 and max(live) == 2
+        assert llm.engine.stats().pool_live_workers == 0
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(attention_workers=2, tensor_parallel_size=2), "distributed_executor 'ray'"),
+        (dict(attention_workers=2, pipeline_parallel_size=2), "distributed_executor 'ray'"),
         (dict(attention_workers=0), "distributed_executor 'ray'"),
         (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "distributed_executor 'ray'"),
         (dict(attention_workers=1, pool_idle_timeout_s=-1.0), "pool_idle_timeout_s"),
