@@ -80,7 +80,6 @@ class PoolLedger:
         max_slot_tokens: int | None = None,
     ):
         self.base_capacity = base_capacity
-        self.threshold = threshold
         self.mode = mode
         self.num_workers = num_workers
         # head: every worker holds its heads of every pool token, so the fullest share binds.
