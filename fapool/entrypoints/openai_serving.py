@@ -97,22 +97,30 @@ class Renderer(ABC):
             st = self.choices[i]
             if st.finished:
                 continue
-            finished = c.finish_reason is not None
-            visible = (
-                len(c.text) if finished or not self.stops else len(c.text) - held_back(c.text, self.stops)
-            )
-            delta = c.text[st.text_len : visible] if visible > st.text_len else ""
             new_tokens = c.token_ids[st.num_tokens :]
-            if not (delta or finished or (new_tokens and self.token_level)):
-                continue
             lps = c.logprobs[st.num_tokens :] if c.logprobs is not None else None
-            result.append(self.chunk(i, delta, new_tokens, lps, c if finished else None, st.text_len))
-            st.text_len = max(st.text_len, visible)
+            chunk = self.choice_chunk(i, c, st, new_tokens, lps)
+            if chunk is None:  # nothing to send yet: its tokens go with the next chunk
+                continue
+            result.append(chunk)
             st.num_tokens = len(c.token_ids)
-            st.finished = finished
+            st.finished = c.finish_reason is not None
         if result and all(st.finished for st in self.choices) and not self.req.include_usage:
             result[-1]["usage"] = self.usage(sum(st.num_tokens for st in self.choices))
         return result
+
+    def choice_chunk(
+        self, i: int, c: CompletionOutput, st: _Choice, new_tokens: list[int], lps: list[list[Logprob]] | None
+    ) -> dict | None:
+        """Choice i's next chunk (None: nothing new to send): the text it can show now."""
+        finished = c.finish_reason is not None
+        visible = len(c.text) if finished or not self.stops else len(c.text) - held_back(c.text, self.stops)
+        delta = c.text[st.text_len : visible] if visible > st.text_len else ""
+        if not (delta or finished or (new_tokens and self.token_level)):
+            return None
+        chunk = self.chunk(i, delta, new_tokens, lps, c if finished else None, st.text_len)
+        st.text_len = max(st.text_len, visible)
+        return chunk
 
     def final_chunks(self) -> list[dict]:
         if not self.req.include_usage:
@@ -290,60 +298,46 @@ class ChatRenderer(Renderer):
             for i in range(len(self.choices))
         ]
 
-    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+    def choice_chunk(self, i, c, st, new_tokens, lps) -> dict | None:
         """With tools, content is streamed only while it cannot be a call: a named call's
         arguments stream as argument deltas; "auto" streams the text before a `<tool_call>`
         and the calls once finished; "required" sends its calls once finished."""
         choice = self.req.effective_tool_choice
         if choice == "none":
-            return super().chunks(index, out)
-        result = []
-        for c in out.outputs:
-            i = index * self.n + c.index
-            st = self.choices[i]
-            if st.finished:
-                continue
-            finished = c.finish_reason is not None
-            new_tokens, lps = c.token_ids[st.num_tokens :], None
-            if c.logprobs is not None:
-                lps = c.logprobs[st.num_tokens :]
-            delta: dict = {}
-            if isinstance(choice, dict):  # the whole text is the call's arguments
-                call: dict = {"index": 0, "function": {"arguments": c.text[st.text_len :]}}
-                if st.call_id is None:
-                    st.call_id = tool_calls.ToolCall(choice["function"]["name"], "").json()["id"]
-                    call.update(id=st.call_id, type="function")
-                    call["function"]["name"] = choice["function"]["name"]
-                if call["function"]["arguments"] or "id" in call:
-                    delta["tool_calls"] = [call]
+            return super().choice_chunk(i, c, st, new_tokens, lps)
+        finished = c.finish_reason is not None
+        delta: dict = {}
+        if isinstance(choice, dict):  # the whole text is the call's arguments
+            call: dict = {"index": 0, "function": {"arguments": c.text[st.text_len :]}}
+            if st.call_id is None:
+                st.call_id = tool_calls.ToolCall(choice["function"]["name"], "").json()["id"]
+                call.update(id=st.call_id, type="function")
+                call["function"]["name"] = choice["function"]["name"]
+            if call["function"]["arguments"] or "id" in call:
+                delta["tool_calls"] = [call]
+            st.text_len = len(c.text)
+        else:
+            if choice == "auto" and not finished:
+                opening = c.text.find(tool_calls.OPENING, st.text_len)
+                visible = len(c.text) - held_back(c.text, (tool_calls.OPENING, *self.stops))
+                visible = min(visible, opening) if opening >= 0 else visible
+                if visible > st.text_len:
+                    delta["content"] = c.text[st.text_len : visible]
+                    st.text_len = visible
+            if finished:
+                rest, calls = tool_calls.parse(c.text[st.text_len :], self.req.tool_dicts, choice)
+                if rest:
+                    delta["content"] = rest
+                if calls:
+                    delta["tool_calls"] = [{"index": k, **t.json()} for k, t in enumerate(calls)]
                 st.text_len = len(c.text)
-            else:
-                if choice == "auto":
-                    opening = c.text.find(tool_calls.OPENING, st.text_len)
-                    visible = len(c.text) - held_back(c.text, (tool_calls.OPENING, *self.stops))
-                    visible = min(visible, opening) if opening >= 0 else visible
-                    if not finished and visible > st.text_len:
-                        delta["content"] = c.text[st.text_len : visible]
-                        st.text_len = visible
-                if finished:
-                    rest, calls = tool_calls.parse(c.text[st.text_len :], self.req.tool_dicts, choice)
-                    if rest:
-                        delta["content"] = rest
-                    if calls:
-                        delta["tool_calls"] = [{"index": k, **t.json()} for k, t in enumerate(calls)]
-                    st.text_len = len(c.text)
-            if not (delta or finished or (new_tokens and self.token_level)):
-                continue
-            chunk = self.chunk(i, "", new_tokens, lps, c if finished else None, st.text_len)
-            chunk["choices"][0]["delta"] = delta
-            if finished and c.finish_reason == "stop" and "tool_calls" in delta and not isinstance(choice, dict):
-                chunk["choices"][0]["finish_reason"] = "tool_calls"
-            result.append(chunk)
-            st.num_tokens = len(c.token_ids)
-            st.finished = finished
-        if result and all(st.finished for st in self.choices) and not self.req.include_usage:
-            result[-1]["usage"] = self.usage(sum(st.num_tokens for st in self.choices))
-        return result
+        if not (delta or finished or (new_tokens and self.token_level)):
+            return None
+        chunk = self.chunk(i, "", new_tokens, lps, c if finished else None, st.text_len)
+        chunk["choices"][0]["delta"] = delta
+        if finished and c.finish_reason == "stop" and "tool_calls" in delta and not isinstance(choice, dict):
+            chunk["choices"][0]["finish_reason"] = "tool_calls"
+        return chunk
 
     def chunk(self, i, delta, tokens, lps, done, offset) -> dict:
         choice = {
