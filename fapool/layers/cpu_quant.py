@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fapool.config import ConfigError
+from fapool.config import QUANTIZATIONS, ConfigError
 from fapool.layers.linear import MergedLinear
 
 GROUP_SIZE = 32  # int4 group: llama.cpp's Q4_0 / Q4_1 block
@@ -99,7 +99,6 @@ class QuantizedHead(_Quantized, nn.Linear):
 
 
 _QUANTIZED = {nn.Linear: QuantizedLinear, MergedLinear: QuantizedMergedLinear}
-SCHEMES = ("int8", "int4")
 
 
 def check_shape(scheme: str, name: str, out_features: int, in_features: int) -> None:
@@ -125,7 +124,7 @@ def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
             torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
         )
     else:
-        raise ConfigError(f"quantization must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
     module.scheme = scheme
     module.__class__ = cls
 
