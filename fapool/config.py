@@ -116,6 +116,7 @@ class ModelConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+QUANTIZATIONS = ("int8", "int4")  # weight-only, CPU (fapool.layers.cpu_quant)
 
 
 @dataclass(frozen=True)
@@ -254,10 +255,15 @@ class EngineConfig:
     sparse_attention: str | None = None  # sparse decode profile JSON (fapool calibrate-heads); None: dense
     sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # sparse decode only in steps whose longest KV reaches this
     enforce_eager: bool = False  # no CUDA graphs (decode steps, or a dense rank's segments between exchanges)
+    # Weights of the linears and the LM head: None (the model's dtype) or one of QUANTIZATIONS;
+    # dtype stays the activations' (and the embedding's and KV's).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.quantization is not None:
+            self._check_quantization()
         if self.parallel.distributed_executor == "ray":
             par = self.parallel
             # The pool's workers talk only to the driver (it gathers its TP ranks' heads); with
@@ -294,6 +300,24 @@ class EngineConfig:
             raise ConfigError(
                 f"max_model_len ({self.scheduler.max_model_len}) exceeds the model's "
                 f"max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+
+    def _check_quantization(self) -> None:
+        q = self.quantization
+        if q not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or none), got {q!r}")
+        if self.device.split(":")[0] != "cpu":
+            raise ConfigError(
+                f"quantization {q} runs on the CPU only (PyTorch's CPU weight-only kernels); "
+                f"device is {self.device!r}: use --dtype bfloat16 on a GPU"
+            )
+        if self.dtype == "float16":
+            raise ConfigError(f"quantization {q} takes float32 or bfloat16 activations, not float16")
+        par = self.parallel
+        if par.tensor_parallel_size * par.pipeline_parallel_size > 1 or par.afd or self.pool.attention_workers:
+            raise ConfigError(
+                f"quantization {q} runs in a single process for now: drop tensor/pipeline parallelism, "
+                "the attention pool or attention-FFN disaggregation"
             )
 
     @property

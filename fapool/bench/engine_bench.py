@@ -82,7 +82,7 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
     n = ns.batch_size if mode == "latency" else ns.num_prompts
     prompts = random_prompts(n, ns.input_len, config.model.vocab_size, ns.bench_seed)
     shapes = {"model": src.path, "batch": n, "input_len": ns.input_len, "output_len": ns.output_len,
-              "dtype": config.dtype, "block_size": config.cache.block_size}
+              "dtype": config.dtype, "quantization": config.quantization, "block_size": config.cache.block_size}
 
     fapool_run(llm, prompts[:1], 2)  # warm-up
     step_stats = llm.engine.executor.reports
@@ -148,7 +148,8 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
     if cached_ttft is not None:
         table.add_row("fapool, prompts prefix-cached", "-", f"{cached_ttft * 1e3:.1f}", "-", "-")
     console.print(table)
-    summary = f"batch {n}, in {ns.input_len}, out {ns.output_len}: {ours['output_tokens_per_s']:.1f} tok/s"
+    weights = f", weights {config.quantization}" if config.quantization else ""
+    summary = f"batch {n}, in {ns.input_len}, out {ns.output_len}{weights}: {ours['output_tokens_per_s']:.1f} tok/s"
     if "speedup_vs_hf" in result:
         s = result["speedup_vs_hf"]
         console.print(f"speed-up vs HF generate: throughput x{s['throughput']:.2f}, TPOT x{s['tpot'] or 0:.2f}")

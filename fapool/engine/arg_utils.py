@@ -13,6 +13,7 @@ import torch
 from fapool.config import (
     DEFAULT_SPARSE_MIN_CONTEXT,
     KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     ConfigError,
     EngineConfig,
@@ -48,6 +49,7 @@ class EngineArgs:
     model: str | None = None  # HF folder, .gguf file, "preset:seed000"; None: embedded SmolLM2
     device: str | None = None  # default: cuda if present, else cpu
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on GPU
+    quantization: str | None = None  # weight-only "int8" | "int4" (CPU); None: weights in dtype
     attention_backend: str | None = None  # "torch" | "triton"; default: triton on GPU
     block_size: int = 16
     kv_cache_memory: int | None = None
@@ -147,6 +149,7 @@ class EngineArgs:
             sparse_attention=self.sparse_attention,
             sparse_min_context=self.sparse_min_context,
             enforce_eager=self.enforce_eager,
+            quantization=self.quantization,
         )
 
     @staticmethod
@@ -157,6 +160,12 @@ class EngineArgs:
         g.add_argument(
             "--dtype", default=None, choices=["float32", "float16", "bfloat16"],
             help="weights, activations and KV (default: float32 on CPU, bfloat16 on GPU)",
+        )
+        g.add_argument(
+            "--quantization", default=None, choices=list(QUANTIZATIONS),
+            help="CPU, one process: weight-only quantized linears and LM head (--dtype stays the activations'). "
+            "int4: groups of 32 with scale and offset (a Q4_1 GGUF's weights exactly); int8: per output "
+            "channel. The head's top tokens are rescored in --dtype (default: weights in --dtype)",
         )
         g.add_argument(
             "--attention-backend", default=None, choices=["torch", "triton"],

@@ -77,8 +77,9 @@ def to_host(tokens: torch.Tensor, logprobs: DeviceLogprobs | None, due: list[Sch
 
 class ModelRunner:
     worker_num_blocks: int | None = None  # KV blocks of each attention worker (a pool's runners)
-    # CPU: float32 linears through oneDNN with packed weights (fapool.layers.cpu_linear). A
-    # multi-rank driver shards the dense weights later, so it keeps them as they are.
+    # CPU: float32 linears through oneDNN with packed weights (fapool.layers.cpu_linear), or
+    # quantized (fapool.layers.cpu_quant, single process only). A multi-rank driver shards the
+    # dense weights later, so it keeps them as they are.
     pack_cpu_linears = True
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> None:
@@ -107,6 +108,10 @@ class ModelRunner:
             from fapool.layers.fused import fuse_model
 
             fuse_model(model)
+        elif config.quantization is not None:
+            from fapool.layers.cpu_quant import quantize_linears
+
+            quantize_linears(model, config.quantization)
         elif self.pack_cpu_linears:
             from fapool.layers.cpu_linear import pack_linears
 

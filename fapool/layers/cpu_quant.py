@@ -1,0 +1,150 @@
+"""Weight-only quantized linears on the CPU (EngineConfig.quantization), through PyTorch's own
+CPU kernels, chosen by measurement on the embedded model's shapes (benchmarks/RESULTS.md):
+
+  int4: 4-bit weights in groups of GROUP_SIZE input channels, a scale and an offset per group
+        (`w = scale * q + offset`, q in 0..15): llama.cpp's Q4_1 layout, so a Q4_1 GGUF's
+        weights are recovered exactly from their float32 dequantization. aten's
+        `_weight_int4pack_mm_for_cpu`.
+  int8: symmetric int8 per output channel. aten's `_weight_int8pack_mm`.
+
+Both kernels take bfloat16 activations (their float32 paths are over ten times slower), so x is
+rounded to bf16 on the way in and the result, rounded to bf16 by the kernel, is cast back.
+Dynamic int8 (fbgemm / oneDNN, activations quantized per tensor) was faster still at 8-16 rows
+but loses far more quality on this model's outlier activations.
+
+The LM head's logits decide greedy tokens, so its quantized product (int8 under either scheme:
+int4's coarser tail of logits moved perplexity) only ranks the vocabulary: the RESCORE_TOP_K
+best tokens of each row get their logits again from the float weight (for a tied head the
+embedding table, which stays exact for the lookup anyway). Greedy then matches the float head
+unless the true best token falls outside the quantized top k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fapool.config import QUANTIZATIONS, ConfigError
+from fapool.layers.linear import MergedLinear
+
+GROUP_SIZE = 32  # int4 group: llama.cpp's Q4_0 / Q4_1 block
+RESCORE_TOP_K = 16  # LM head: tokens per row whose logits are recomputed from the float weight
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 [N, K], float32 scale [N]) with w ~= q * scale[:, None]."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(
+    w: torch.Tensor, group: int = GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int32 [N, K] in 0..15, scale [N, K/group], offset [N, K/group]) with
+    w ~= scale * q + offset per group; offset is the group's minimum, as llama.cpp's Q4_1."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    low, high = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.view(n, k), scale, low
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The plain-torch inverse of quantize_int4 (the reference the kernel is tested against)."""
+    n, k = q.shape
+    groups = scale.shape[1]
+    return (q.view(n, groups, k // groups).float() * scale[..., None] + offset[..., None]).view(n, k)
+
+
+class _Quantized:
+    """forward through the quantized copy of the weight; the dense one is dropped (or, for the
+    LM head, kept for rescoring)."""
+
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.scheme == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP_SIZE, self.qscale)
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized_matmul(x)
+
+
+class QuantizedLinear(_Quantized, nn.Linear):
+    pass
+
+
+class QuantizedMergedLinear(_Quantized, MergedLinear):
+    pass
+
+
+class QuantizedHead(_Quantized, nn.Linear):
+    """The LM head: quantized logits, the top RESCORE_TOP_K of each row recomputed exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.quantized_matmul(x)
+        rows = x.reshape(-1, x.shape[-1])
+        flat = logits.view(-1, logits.shape[-1])
+        top = flat.topk(min(RESCORE_TOP_K, flat.shape[-1]), dim=-1).indices  # [rows, k]
+        exact = torch.einsum("rh,rkh->rk", rows, self.weight[top])
+        if self.bias is not None:
+            exact = exact + self.bias[top]
+        return flat.scatter_(1, top, exact.to(flat.dtype)).view_as(logits)
+
+
+_QUANTIZED = {nn.Linear: QuantizedLinear, MergedLinear: QuantizedMergedLinear}
+
+
+def check_shape(scheme: str, name: str, out_features: int, in_features: int) -> None:
+    """A ConfigError naming the option when the kernel cannot take this weight."""
+    if scheme == "int4" and (in_features % GROUP_SIZE or out_features % 16):
+        raise ConfigError(
+            f"quantization int4 needs linears with input features a multiple of {GROUP_SIZE} and output "
+            f"features a multiple of 16; {name} is {out_features}x{in_features} (try quantization int8)"
+        )
+
+
+def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
+    """Give `module` its quantized weight and switch it to `cls`."""
+    weight = module.weight.detach()
+    if scheme == "int8":
+        module.qweight, scale = quantize_int8(weight)
+        module.qscale = scale.to(torch.bfloat16)
+    elif scheme == "int4":
+        q, scale, offset = quantize_int4(weight)
+        # The kernel's form: (q - 8) * scale + zero per group, as [K/group, N, 2].
+        module.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        module.qscale = (
+            torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
+        )
+    else:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
+    module.scheme = scheme
+    module.__class__ = cls
+
+
+def quantize_linears(model: nn.Module, scheme: str) -> int:
+    """Switch every linear of `model` to its `scheme` twin; `model.lm_head`, if there is one,
+    becomes an int8 QuantizedHead that keeps its float weight (shared with the embedding when
+    tied). Returns how many were quantized."""
+    head = getattr(model, "lm_head", None)
+    for name, module in model.named_modules():
+        if module is not head and type(module) in _QUANTIZED:
+            check_shape(scheme, name, module.out_features, module.in_features)
+    n = 0
+    for module in list(model.modules()):
+        if module is head:
+            quantize_module(module, "int8", QuantizedHead)
+        elif type(module) in _QUANTIZED:
+            quantize_module(module, scheme, _QUANTIZED[type(module)])
+            module.weight.data = torch.empty(0, dtype=module.weight.dtype)  # the quantized copy replaces it
+        else:
+            continue
+        n += 1
+    return n

@@ -1,0 +1,96 @@
+"""Weight-only quantized CPU linears: close to the float linear, Q4_1 weights recovered exactly,
+the LM head's top tokens rescored exactly, shapes the kernels cannot take refused."""
+
+import pytest
+import torch
+from torch import nn
+
+from fapool.config import ConfigError
+from fapool.layers.cpu_quant import (
+    RESCORE_TOP_K,
+    QuantizedHead,
+    QuantizedLinear,
+    QuantizedMergedLinear,
+    dequantize_int4,
+    quantize_int4,
+    quantize_linears,
+)
+from fapool.layers.linear import MergedLinear
+
+
+class _Tiny(nn.Module):
+    def __init__(self, hidden: int = 64, vocab: int = 512):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.qkv = MergedLinear(hidden, (64, 32, 32), ("q", "k", "v"), bias=True)
+        self.down = nn.Linear(128, hidden, bias=False)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def _q4_1_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A weight on llama.cpp's Q4_1 grid: per 32 inputs, min + scale * q with q = 0 and 15 used."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, k // 32, 1, generator=g).half().float() * 0.01 + 1e-3
+    low = -torch.rand(n, k // 32, 1, generator=g).half().float() * 0.05
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (scale * q + low).view(n, k)
+
+
+def test_int4_recovers_q4_1_weights():
+    w = _q4_1_weight(48, 96)
+    q, scale, offset = quantize_int4(w)
+    assert q.min() >= 0 and q.max() <= 15
+    torch.testing.assert_close(dequantize_int4(q, scale, offset), w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scheme, bound", [("int8", 0.02), ("int4", 0.01)])
+def test_quantized_linears_close_to_float(scheme, bound):
+    """int8 per channel on Gaussian weights; int4 on Q4_1-grid weights (only bf16 rounding is
+    left). Bounds on ||y - y_float|| / ||y_float||."""
+    torch.manual_seed(0)
+    model = _Tiny()
+    with torch.no_grad():
+        model.down.weight.copy_(_q4_1_weight(64, 128) if scheme == "int4" else torch.randn(64, 128) / 11)
+    x64, x128 = torch.randn(7, 64), torch.randn(3, 5, 128)
+    want = (model.qkv(x64), model.down(x128))
+    assert quantize_linears(model, scheme) == 3
+    assert type(model.qkv) is QuantizedMergedLinear and type(model.down) is QuantizedLinear
+    got = (model.qkv(x64), model.down(x128))
+    assert got[1].shape == (3, 5, 64) and got[0].dtype == torch.float32
+    assert _relative_error(got[1], want[1]) < bound
+    # qkv keeps nn.Linear's uniform init, off any grid: int4's 16 levels per group cost more.
+    assert _relative_error(got[0], want[0]) < (0.02 if scheme == "int8" else 0.1)
+    assert [t.shape for t in model.qkv.split(got[0])] == [(7, 64), (7, 32), (7, 32)]
+    assert model.qkv.weight.numel() == 0 and model.down.weight.numel() == 0  # dense copies dropped
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_head_rescores_its_top_tokens_exactly(scheme):
+    torch.manual_seed(1)
+    model = _Tiny()
+    x = torch.randn(5, 64)
+    want = model.lm_head(x)
+    quantize_linears(model, scheme)
+    assert type(model.lm_head) is QuantizedHead
+    assert (
+        model.lm_head.weight is model.embed.weight and model.embed.weight.numel() == 512 * 64
+    )  # lookup exact
+    got = model.lm_head(x)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    top = got.topk(RESCORE_TOP_K, dim=-1).indices
+    torch.testing.assert_close(got.gather(1, top), want.gather(1, top), atol=1e-5, rtol=1e-5)
+    assert _relative_error(got, want) < 0.02  # the tail: int8 per channel
+
+
+def test_int4_refuses_shapes_its_kernel_cannot_take():
+    model = nn.Sequential(nn.Linear(40, 64))  # 40 inputs: not whole groups of 32
+    with pytest.raises(ConfigError, match="quantization int4"):
+        quantize_linears(model, "int4")
+    assert type(model[0]) is nn.Linear  # checked before anything changed
+    assert quantize_linears(model, "int8") == 1
