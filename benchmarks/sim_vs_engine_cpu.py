@@ -64,6 +64,7 @@ def topologies(ns) -> dict[str, tuple[str, dict, object]]:
                     *pool(mode, workers, mb, ns.pool_threshold))
     for mode in ("shard", "head"):
         out[f"lamina-{mode}-x2"] = (f"Lamina (threshold 0) {mode} x2, 2 micro-batches", *pool(mode, 2, 2, 0))
+    out["lamina-shard-x1"] = ("Lamina (threshold 0) x1, 2 micro-batches", *pool("shard", 1, 2, 0))
     for mb in (1, 2):
         out["afd-1-1" + ("-mb2" if mb > 1 else "")] = (
             f"AFD 1:1, {mb} micro-batch{'es' if mb > 1 else ''}",
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool-threshold", type=int, default=64)
     p.add_argument("--tokens-per-pool-worker", type=int, default=32)
     p.add_argument("--topologies", nargs="+", default=list(DEFAULT_TOPOLOGIES),
-                   help="keys of topologies(): single, tp3, pp2, pool-MODE-xN[-mb2], lamina-MODE-x2, afd-1-1[-mb2]")
+                   help="keys of topologies(): single, tp3, pp2, pool-MODE-xN[-mb2], lamina-MODE-x2, lamina-shard-x1, afd-1-1[-mb2]")
     p.add_argument("--calibration", default=None, help="reuse this CPU calibration instead of running one")
     p.add_argument(
         "--twin", choices=("tiny", "model"), default="model",
