@@ -157,9 +157,9 @@ class PoolSizes:
         self.series: dict[str, list[int]] = {"with_kv": [], "live": []}
 
     def record(self) -> None:
-        if self.enabled:
+        if self.enabled:  # the two counts only: engine.stats() walks every request's blocks
             self.series["with_kv"].append(len(self.engine.pool_manager.active_workers()))
-            self.series["live"].append(self.engine.stats().pool_live_workers)
+            self.series["live"].append(self.engine.executor.live_pool_workers())
 
     def describe(self) -> str:
         """Run-length: "0/0 x3, 1/1 x2, 2/2 x27" (with KV / live, steps)."""

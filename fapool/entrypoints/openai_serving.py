@@ -310,7 +310,7 @@ class ChatRenderer(Renderer):
         if isinstance(choice, dict):  # the whole text is the call's arguments
             call: dict = {"index": 0, "function": {"arguments": c.text[st.text_len :]}}
             if st.call_id is None:
-                st.call_id = tool_calls.ToolCall(choice["function"]["name"], "").json()["id"]
+                st.call_id = tool_calls.new_call_id()
                 call.update(id=st.call_id, type="function")
                 call["function"]["name"] = choice["function"]["name"]
             if call["function"]["arguments"] or "id" in call:

@@ -39,10 +39,14 @@ class ToolCall:
 
     def json(self) -> dict:
         return {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "id": new_call_id(),
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def parameters(tool: dict) -> dict:
@@ -98,7 +102,8 @@ def parse(text: str, tools: list[dict], choice: Any) -> tuple[str | None, list[T
 
 
 def _compact(text: str) -> str:
+    """The arguments as compact JSON (what a named call streams, so both responses agree)."""
     try:
-        return json.dumps(json.loads(text))
+        return json.dumps(json.loads(text), separators=(",", ":"))
     except json.JSONDecodeError:  # cut by max_tokens: the arguments as generated
         return text

@@ -7,13 +7,12 @@ CPU kernels, chosen by measurement on the embedded model's shapes (benchmarks/RE
         `_weight_int4pack_mm_for_cpu`.
   int8: symmetric int8 per output channel. aten's `_weight_int8pack_mm`.
 
-Both kernels take bfloat16 activations (their float32 paths are over ten times slower), so x is
-rounded to bf16 on the way in and the result, rounded to bf16 by the kernel, is cast back.
-Dynamic int8 (fbgemm / oneDNN, activations quantized per tensor) was faster still at 8-16 rows
-but loses far more quality on this model's outlier activations.
+Both kernels take bfloat16 activations (their fast path), so x is rounded to bf16 on the way in
+and the result, rounded to bf16 by the kernel, is cast back. Activations stay unquantized:
+this model's outlier activations rule out dynamic int8 (benchmarks/RESULTS.md).
 
-The LM head's logits decide greedy tokens, so its quantized product (int8 under either scheme:
-int4's coarser tail of logits moved perplexity) only ranks the vocabulary: the RESCORE_TOP_K
+The LM head's logits decide greedy tokens, so its quantized product (int8 under either scheme)
+only ranks the vocabulary: the RESCORE_TOP_K
 best tokens of each row get their logits again from the float weight (for a tied head the
 embedding table, which stays exact for the lookup anyway). Greedy then matches the float head
 unless the true best token falls outside the quantized top k.

@@ -4,17 +4,21 @@ One bundle: r attention GPUs, each holding b decoding sequences, and one FFN ins
 f_tp GPUs that runs every layer's FFN (and the LM head) on the r*b tokens. With ping-pong
 micro-batches a decode step takes
 
-    step(r) = max( L * A_max(r),  L * F(r b) + LM(r b),  chain )
+    step(r) = max( L * A_max(r) + drain,  L * F(r b) + LM(r b) + fill,  chain )
 
 where A_max(r) is the slowest attention GPU's layer time (affine in the KV tokens S it reads;
 the distribution of max_r S is in queueing.py), F(n) the FFN instance's layer time on n tokens and
-`chain` one micro-batch's own dependency chain. Throughput per GPU is
+`chain` one micro-batch's own dependency chain; `drain` (the last micro-batch's transfer, FFN
+and the LM head after the attention side's last task) and `fill` (the first micro-batch's
+attention and transfer before the FFN side's first task) are the ping-pong pipeline's ends
+(AFD.combine). Throughput per GPU is
 
     Theta(r) = r b / ( E[step(r)] * (r + f_tp) ),
 
 and the optimal ratio is its argmax over integers r. E[step] is a closed-form expression
-averaged over a discretised distribution of max_r S, so scanning r costs microseconds each. `balance_ratio` (A = F on average) and `ffn_bound_ratio` (the sqrt rule when the FFN side
-binds) are the analytic landmarks; the argmax lies at or below the balance point.
+averaged over a discretised distribution of max_r S, so scanning r costs microseconds each.
+`balance_ratio` (A = F on average) and `ffn_bound_ratio` (the sqrt rule when the FFN side
+binds) are the analytic landmarks; the argmax lies between them.
 """
 
 from __future__ import annotations
@@ -84,8 +88,10 @@ class AFDModel:
         return self._a_cache[key]
 
     def _f_total(self, r: int) -> float:
-        """The FFN side's share of a step: with two ping-pong micro-batches a micro-batch's
-        transfers to and from the FFN instance cannot hide, so they count with its compute."""
+        """The FFN side's total for the landmarks (balance point, sqrt rule): its compute with a
+        micro-batch's two transfers, which ping-pong cannot hide, and the LM head. The step
+        itself (AFD.combine) also weighs the busier of compute and transfer and the pipeline's
+        fill; the landmarks only bracket its argmax."""
         c, ar, net = self._bundle(r).ffn_layer(self.cost, r * self.b)
         side = c + ar + 2 * net if self.overlap else c + ar
         return self.L * side + float(self.cost.lm_head(r * self.b, self.f_tp))

@@ -102,20 +102,19 @@ def simulate_bundle(
     hb = cost.hidden_bytes(1)
     cuts = np.linspace(0, b, n_mb + 1).round().astype(int)
     slots = _Slots(r * b, prompt, output, seed)
+    # What does not change from step to step: [r, n_mb] micro-batch tokens, the projections
+    # and small kernels on them, the bytes each GPU sends (and gets back) per layer, the FFN.
+    tok = np.stack([np.full(r, float(hi - lo)) for lo, hi in itertools.pairwise(cuts)], axis=1)
+    dense = cost.qkv_proj(tok) + cost.o_proj(tok) + cost.layer_misc(tok)
+    sent = tok * hb
+    ffn_tok = tok.sum(axis=0)
+    ffn = [float(cost.ffn(t, f_tp)) + float(cost.allreduce(cost.hidden_bytes(t), f_tp)) for t in ffn_tok]
+    lm = float(cost.lm_head(r * b, f_tp))
     total_s = attn_busy = ffn_busy = 0.0
     for _ in range(steps):
         ctx = slots.context().reshape(r, b).astype(np.float64)
-        # [r, n_mb]: each GPU's micro-batch tokens and the KV tokens they read.
-        tok = np.stack([np.full(r, float(hi - lo)) for lo, hi in itertools.pairwise(cuts)], axis=1)
         kv = np.stack([ctx[:, lo:hi].sum(axis=1) for lo, hi in itertools.pairwise(cuts)], axis=1)
-        attn = (
-            cost.qkv_proj(tok) + cost.attention(kv, kv, tok) + cost.o_proj(tok) + cost.layer_misc(tok)
-        )
-        attn = np.broadcast_to(np.asarray(attn, dtype=np.float64), (r, n_mb))
-        sent = tok * hb  # bytes each GPU sends (and gets back) per layer and micro-batch
-        ffn_tok = tok.sum(axis=0)
-        ffn = [float(cost.ffn(t, f_tp)) + float(cost.allreduce(cost.hidden_bytes(t), f_tp)) for t in ffn_tok]
-        lm = float(cost.lm_head(r * b, f_tp))
+        attn = np.broadcast_to(np.asarray(dense + cost.attention(kv, kv, tok), dtype=np.float64), (r, n_mb))
         gpu_free = np.zeros(r)
         back = np.zeros((n_mb, r))  # when micro-batch m's previous layer is back on each GPU
         ffn_free = in_free = out_free = 0.0

@@ -23,8 +23,8 @@ from fapool.config import PoolConfig
 from fapool.core.pool_manager import PoolManager
 
 Domain = tuple[str, int]  # ("group", g) | ("base", 0) | ("pool", w)
-# A worker's capacity is cut at this many blocks (BlockPool keeps an object per block): at
-# 256-token blocks that is 2M tokens, what an H200 holds of a 64 KiB-a-token model.
+# Blocks a worker is given when the block size can be chosen (BlockPool keeps an object per
+# block); its capacity is kept whole either way.
 MAX_BLOCKS_PER_WORKER = 1 << 13
 
 
@@ -84,23 +84,26 @@ class PoolLedger:
         self.num_workers = num_workers
         # head: every worker holds its heads of every pool token, so the fullest share binds.
         per_worker = worker_capacity / float(head_share.max()) if mode == "head" else worker_capacity
-        # Blocks divide the threshold and the segment (so the placement is the engine's), and
-        # are large enough that a worker needs at most MAX_BLOCKS_PER_WORKER of them.
+        # `max_slot_tokens`: the most a slot will ever hold (pricing one step needs no more).
+        need = per_worker if max_slot_tokens is None else min(per_worker, num_slots * (max_slot_tokens + 256))
+        # Blocks that divide the threshold and the segment, so the placement is the engine's
+        # exactly, and large enough that a worker needs at most MAX_BLOCKS_PER_WORKER of them.
+        # Where no such divisor exists: larger blocks that PoolManager rounds the threshold and
+        # segments up to (as the engine does with its own) while they stay small beside the
+        # threshold, else the divisor with more blocks (never a smaller capacity).
+        least = max(16, math.ceil(need / MAX_BLOCKS_PER_WORKER))
         g = math.gcd(threshold, min(tokens_per_worker, 1 << 20))
-        least = max(16, math.ceil(per_worker / MAX_BLOCKS_PER_WORKER))
-        self.block_size = next((d for d in range(least, g + 1) if g % d == 0), g)
+        exact = next((d for d in range(least, min(g, 64 * least) + 1) if g % d == 0), None)
+        if exact is None and g and least * 8 > g:
+            exact = max(d for d in range(1, min(g, 256) + 1) if g % d == 0)
+        self.block_size = exact or least
         self.pm = None
         if num_workers:
             config = PoolConfig(
                 attention_workers=num_workers, pool_threshold=threshold,
                 tokens_per_pool_worker=tokens_per_worker, pool_mode=mode,
             )
-            # `max_slot_tokens`: the most a slot will ever hold (pricing one step needs no more).
-            need = per_worker
-            if max_slot_tokens is not None:
-                need = min(need, num_slots * (-(-max_slot_tokens // self.block_size) + 1) * self.block_size)
-            blocks = min(int(need) // self.block_size, MAX_BLOCKS_PER_WORKER)
-            self.pm = PoolManager(config, self.block_size, max(1, blocks))
+            self.pm = PoolManager(config, self.block_size, max(1, int(need) // self.block_size))
         self.pool_start = threshold if self.pm is None else self.pm.pool_start
         self.owned = np.zeros((num_slots, num_workers), np.int64)  # pool tokens per slot and worker
         self.room = np.full(num_slots, self.pool_start, np.int64)  # end of the slot's pool blocks
@@ -109,6 +112,7 @@ class PoolLedger:
         self.counted = np.full(num_slots, self.pool_start, np.int64)
         self.last = np.zeros(num_slots, np.int64)  # shard: the worker of the slot's open segment
         self.placed = np.zeros(num_workers)  # tokens placed on each worker by the last allocation
+        self._placing = np.zeros(num_workers)  # placed by calls since the last that succeeded
 
     @property
     def load(self) -> np.ndarray:
@@ -159,16 +163,19 @@ class PoolLedger:
             return np.ones(len(self.room), bool)
         return self.owned[:, domain[1]] > 0
 
-    def attend(self, slots: np.ndarray) -> np.ndarray:
-        """[len(slots), workers]: the pool tokens each worker attends to for these slots (a
-        micro-batch, in batch order). Replicate mode splits the queries: each slot's query
-        goes to one holder, by its index in the batch (fapool.worker.step_plan)."""
+    def attend(self, slots: np.ndarray, micro_batch: int = 0) -> np.ndarray:
+        """[len(slots), workers]: the pool tokens each worker attends to for micro-batch
+        `micro_batch`'s slots, in batch order. Replicate mode splits the queries: the slot at
+        position i goes to holder (micro_batch + i) % workers, as fapool.worker.step_plan routes
+        a decode query (a prefill chunk's queries, which the engine splits over the holders,
+        go to that one holder here)."""
         rows = self.owned[slots]
         if self.mode != "replicate" or self.num_workers == 0:
             return rows
         out = np.zeros_like(rows)
-        pick = np.arange(len(slots)) % self.num_workers
-        out[np.arange(len(slots)), pick] = rows[np.arange(len(slots)), pick]
+        at = np.arange(len(slots))
+        pick = (micro_batch + at) % self.num_workers
+        out[at, pick] = rows[at, pick]
         return out
 
     # -- allocation ----------------------------------------------------------------------
@@ -177,9 +184,9 @@ class PoolLedger:
         if self.base_usage(end) > self.base_capacity:
             return ("base", 0)
         before = self.owned.sum(axis=0)
-        self.placed = np.zeros(self.num_workers)
         grow = np.flatnonzero(end > self.counted)
         if len(grow) == 0:
+            self._placed_by(before)
             return None
         if self.pm is None:
             return ("base", 0)
@@ -193,11 +200,16 @@ class PoolLedger:
         for s in grow[end[grow] > self.room[grow]]:
             if not self.pm.allocate(str(s), int(end[s])):
                 free = {w: p.num_free_blocks for w, p in self.pm.pools.items()}
-                self.placed = (self.owned.sum(axis=0) - before).astype(np.float64)
+                self._placing += self.owned.sum(axis=0) - before  # written by the step once it runs
                 return ("pool", min(free, key=free.get) - 1)
             self._recount(int(s), int(end[s]))
-        self.placed = (self.owned.sum(axis=0) - before).astype(np.float64)
+        self._placed_by(before)
         return None
+
+    def _placed_by(self, before: np.ndarray) -> None:
+        """A successful allocation: `placed` is what it and the failed tries before it placed."""
+        self.placed = self._placing + (self.owned.sum(axis=0) - before)
+        self._placing = np.zeros(self.num_workers)
 
     def _recount(self, slot: int, end: int) -> None:
         """The slot's pool tokens per worker and its room, from the PoolManager's segments."""

@@ -267,13 +267,13 @@ class FAPool(Strategy):
         calls, seqs = np.zeros(P), np.zeros(P)
         pool_mbs = 0
         pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
-        for idx in mbs:
+        for k, idx in enumerate(mbs):
             if self.mode == "head":
                 n = float((pool_tok[idx] > 0).sum())
                 on = np.full(P, n > 0)  # every worker holds some heads (validate: P <= KV heads)
                 seqs += np.where(on, n, 0.0)
             else:
-                held = ledger.attend(idx) > 0
+                held = ledger.attend(idx, k) > 0
                 on = held.any(axis=0)
                 seqs += held.sum(axis=0)
             calls += on
@@ -328,9 +328,9 @@ class FAPool(Strategy):
                 ret_bytes_w = cost.partial_bytes(queries, 1.0) * share
                 new_kv_w = ledger.placed * share  # whole-token units -> this worker's heads
             else:
-                act = np.flatnonzero(b.active)
                 att = np.zeros_like(ledger.owned)  # [slots, workers]: the KV each worker reads
-                att[act] = ledger.attend(act)
+                for k, idx in enumerate(self.micro_batches(b)):
+                    att[idx] = ledger.attend(idx, k)
                 holds = att > 0
                 queries_w = pool_q @ holds
                 if overheads is None:

@@ -18,6 +18,7 @@ import torch
 from fapool.attention.backend import empty_partial
 from fapool.attention.selector import make_backend
 from fapool.worker import comm
+from fapool.worker.kv_tensors import allocate_kv, copy_kv_blocks
 from fapool.worker.model_runner import DTYPES
 from fapool.worker.pool_sparse import attend_pages
 from fapool.worker.protocol import (
@@ -53,10 +54,7 @@ class AttentionWorker:
         self.num_layers = m.num_hidden_layers
         self.transport = comm.transport_device(device)
         shape = (init.num_blocks, cfg.cache.block_size, self.num_kv_heads, m.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.num_layers)
-        ]
+        self.kv_caches = allocate_kv(self.num_layers, shape, self.dtype, self.device)
 
     def run(self) -> None:
         while True:
@@ -73,12 +71,7 @@ class AttentionWorker:
         if plan.hang_s:
             time.sleep(plan.hang_s)
         stats = RankReport(self.rank)
-        if plan.copies:
-            src = torch.tensor([s for s, _ in plan.copies], device=self.device)
-            dst = torch.tensor([d for _, d in plan.copies], device=self.device)
-            for k, v in self.kv_caches:
-                k[dst] = k[src]
-                v[dst] = v[src]
+        copy_kv_blocks(self.kv_caches, plan.copies, self.device)
         prepared = {mb: (batch, *batch.metadata(self.device)) for mb, batch in plan.batches.items()}
         pending_sends = []
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim

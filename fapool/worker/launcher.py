@@ -148,7 +148,7 @@ def leave_cores_to_ranks(other_ranks: int) -> None:
     """The driver's CPU threads: the other ranks compute on one thread each (rank_main) and the
     driver keeps the remaining cores, since oversubscribed OpenMP threads spin against each
     other and stall every step."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - other_ranks)))
 
 

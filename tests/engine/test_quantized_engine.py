@@ -42,14 +42,18 @@ def _top1(llm: LLM, prompts: list[list[int]]) -> list[int]:
     return [row[1].token_id for o in outs for row in o.prompt_logprobs[1:]]
 
 
+def _top1_of(prompts: list[list[int]], *args, **kwargs) -> list[int]:
+    """_top1 of an engine built for the call and shut down after it."""
+    with LLM(*args, **kwargs) as llm:
+        return _top1(llm, prompts)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: qkv bias, tied head
 def test_quantized_greedy_agrees_with_float32(grid_checkpoints, arch, scheme):
     folder = grid_checkpoints[arch]
     prompts = random_prompts([40, 90, 150], seed=3)
-    ref, got = (
-        _top1(LLM(folder, device="cpu", quantization=q, num_kv_blocks=64), prompts) for q in (None, scheme)
-    )
+    ref, got = (_top1_of(prompts, folder, device="cpu", quantization=q, num_kv_blocks=64) for q in (None, scheme))
     assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= AGREEMENT_FLOOR[scheme]
 
 
@@ -57,8 +61,8 @@ def test_bfloat16_activations_with_int4_weights(grid_checkpoints):
     """--dtype stays the activations': bf16 runs through the same kernels, greedy near float32's."""
     prompts = random_prompts([40, 90], seed=4)
     folder = grid_checkpoints["llama"]
-    ref = _top1(LLM(folder, device="cpu", num_kv_blocks=64), prompts)
-    got = _top1(LLM(folder, device="cpu", dtype="bfloat16", quantization="int4", num_kv_blocks=64), prompts)
+    ref = _top1_of(prompts, folder, device="cpu", num_kv_blocks=64)
+    got = _top1_of(prompts, folder, device="cpu", dtype="bfloat16", quantization="int4", num_kv_blocks=64)
     assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= 0.9
 
 
@@ -68,8 +72,8 @@ def test_embedded_model_int4_keeps_its_greedy_tokens(smollm2_llm):
     (benchmarks/RESULTS.md, quant_quality, has the full measure)."""
     with open(__file__) as f:
         ids = smollm2_llm.tokenizer.encode(f.read(), add_special_tokens=False)[:256]
-    quantized = LLM(device="cpu", quantization="int4", kv_cache_memory=64 << 20)
-    ref, got = (_top1(llm, [ids]) for llm in (smollm2_llm, quantized))
+    ref = _top1(smollm2_llm, [ids])
+    got = _top1_of([ids], device="cpu", quantization="int4", kv_cache_memory=64 << 20)
     assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= 0.97
 
 

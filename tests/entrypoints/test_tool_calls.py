@@ -27,7 +27,7 @@ def test_auto_without_calls_is_plain_content():
 
 def test_named_and_required_read_the_constrained_json():
     named = {"type": "function", "function": {"name": "add"}}
-    assert parse('{ "a": 1 }', TOOLS, named)[1][0].arguments == '{"a": 1}'
+    assert parse('{ "a": 1 }', TOOLS, named)[1][0].arguments == '{"a":1}'
     content, calls = parse('[{"name": "mul", "arguments": {"x": 3}}]', TOOLS, "required")
     assert content is None and [(c.name, c.arguments) for c in calls] == [("mul", '{"x": 3}')]
     assert parse('[{"name": "mul", "argum', TOOLS, "required") == ('[{"name": "mul", "argum', [])  # cut short

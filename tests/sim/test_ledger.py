@@ -89,3 +89,21 @@ def test_base_overflow():
                      tokens_per_worker=100, mode="shard")
     assert led.try_allocate(np.zeros(2, np.int64), np.array([500, 10])) is None  # base 50 + 10
     assert led.try_allocate(np.array([500, 10]), np.array([0, 1])) == ("base", 0)
+
+
+def test_block_size_never_cuts_a_workers_capacity():
+    """A threshold and segment with no large common divisor (1000, 4096): the blocks stay
+    small enough to hold the placement, and the worker keeps its whole capacity."""
+    led = PoolLedger(2, base_capacity=10_000, worker_capacity=800_000, num_workers=2, threshold=1000,
+                     tokens_per_worker=4096, mode="shard")
+    pool = led.pm.pools[1]
+    assert pool.num_blocks * led.block_size >= 800_000 - led.block_size
+    assert led.pool_start - 1000 < led.block_size  # the threshold rounded up by less than a block
+
+
+def test_replicate_routes_queries_as_the_engines_step_plan():
+    """Position i of micro-batch k goes to holder (k + i) % workers (fapool.worker.step_plan)."""
+    led = _pool("replicate", workers=2, threshold=50, slots=4)
+    assert led.try_allocate(np.zeros(4, np.int64), np.array([150, 90, 70, 60])) is None
+    second = led.attend(np.array([2, 3]), micro_batch=1)
+    assert second.tolist() == [[0, 20], [10, 0]]
