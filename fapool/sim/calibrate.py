@@ -54,6 +54,9 @@ QUICK = {
         (4, 4, 512, 64),
         (8, 4, 256, 64),
         (8, 8, 1024, 64),
+        # Long rows take the backend's per-sequence flash path (>= 256 keys): 34-134 MB of KV.
+        (8, 8, 2048, 64),
+        (8, 8, 4096, 64),
     ],
     "prefill": [(1, 8, 512, 64)],
     "comm_bytes": [4096, 262144, 2097152],
