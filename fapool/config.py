@@ -241,6 +241,13 @@ class PoolConfig:
 DEFAULT_SPARSE_MIN_CONTEXT = 4096
 
 
+def ray_runs(attention_workers: int, afd: bool, pipeline_parallel_size: int) -> bool:
+    """The topologies distributed_executor 'ray' runs: the attention pool beside the dense ranks
+    of one stage. The pool's workers talk only to the driver (it gathers its TP ranks' heads);
+    with pipeline stages each stage leader would need pair groups of its own."""
+    return attention_workers > 0 and not afd and pipeline_parallel_size == 1
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -266,9 +273,7 @@ class EngineConfig:
             self._check_quantization()
         if self.parallel.distributed_executor == "ray":
             par = self.parallel
-            # The pool's workers talk only to the driver (it gathers its TP ranks' heads); with
-            # pipeline stages each stage leader would need pair groups of its own.
-            if not self.pool.attention_workers or par.afd or par.pipeline_parallel_size > 1:
+            if not ray_runs(self.pool.attention_workers, par.afd, par.pipeline_parallel_size):
                 raise ConfigError(
                     "distributed_executor 'ray' runs the attention pool (attention_workers >= 1) beside the dense "
                     "ranks of one stage for now: no pipeline parallelism or AFD with it"

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fapool.bench.results import environment, write_result
+from fapool.config import ray_runs
 from fapool.engine.arg_utils import EngineArgs
 from fapool.entrypoints.breakdown import summarize
 from fapool.entrypoints.llm import LLM
@@ -192,8 +193,9 @@ def run(ns: argparse.Namespace) -> int:
     for name, extra in _configs(ns):
         t_config = time.perf_counter()
         kwargs = {**vars(base), **extra}
-        if not extra.get("attention_workers") or extra.get("pipeline_parallel_size", 1) > 1:
-            kwargs["distributed_executor"] = "mp"  # --distributed-executor ray is for the pool's rows
+        afd = bool(extra.get("afd_attention_ranks") or extra.get("afd_ffn_ranks"))
+        if not ray_runs(extra.get("attention_workers", 0), afd, extra.get("pipeline_parallel_size", 1)):
+            kwargs["distributed_executor"] = "mp"  # --distributed-executor ray is for the rows Ray runs
         results = _run_config(kwargs, ns)
         _release_device()
         for tokens, row in results:
