@@ -131,11 +131,10 @@ class AFDRunner(ModelRunner):
         try:
             return self._execute(out)
         except (comm.WorkerFailure, RuntimeError) as e:
-            dead = {r: p.exitcode for r, p in self.workers.procs.items() if not p.is_alive()}
-            rank = min(dead) if dead else getattr(e, "rank", None)
-            if rank is None:
+            blamed = comm.blame_rank(self.workers.procs, e)
+            if blamed is None:
                 raise
-            why = f"exited with code {dead[rank]}" if rank in dead else f"failed: {e}"
+            rank, why = blamed
             self.failure = comm.WorkerFailure(rank, f"step {self._step}", why)
             self.failure.args = (
                 f"{self.topology.describe(rank)} {why}; the disaggregated engine cannot continue (restart it)",

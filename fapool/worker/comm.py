@@ -11,6 +11,7 @@ import os
 import pickle
 import math
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
@@ -25,6 +26,29 @@ class WorkerFailure(RuntimeError):
         super().__init__(f"{who} failed during {what}: {cause}")
         self.rank = rank
         self.what = what
+
+
+def blame_rank(procs: dict, error: BaseException, grace_s: float = 0.5) -> tuple[int, str] | None:
+    """The rank behind a failed step and why: one that exited (a killed one before those that
+    stopped because a peer vanished), else the rank the failed wait was on; None when no rank
+    in `procs` (rank -> process) is implicated. A peer's socket can reset before its process is
+    reaped, and its neighbours exit on the reset, so an implicated failure waits up to `grace_s`
+    for a killed rank to show."""
+    implicated = isinstance(error, WorkerFailure) and error.rank in procs
+    deadline = time.monotonic() + (grace_s if implicated else 0.0)
+    while True:
+        dead = {r: p.exitcode for r, p in procs.items() if not p.is_alive()}
+        killed = any((code or 0) < 0 for code in dead.values())
+        if killed or (dead and not implicated) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if dead:
+        rank = min(dead, key=lambda r: (not (dead[r] or 0) < 0, r))
+        others = sorted(set(dead) - {rank})
+        return rank, f"exited with code {dead[rank]}" + (f" (ranks {others} stopped too)" if others else "")
+    if implicated:
+        return error.rank, f"failed: {error}"
+    return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -107,26 +107,13 @@ def describe_dense_rank(topology: comm.Topology, rank: int) -> str:
 def diagnose_dense_failure(
     topology: comm.Topology, procs: dict, error: BaseException, step: int
 ) -> comm.WorkerFailure | None:
-    """Name the dense rank behind a failed step: one that exited (a killed one before those
-    that stopped because a peer vanished), else the dense peer the failed wait was on. None
-    when no dense rank is implicated (then the error is the driver's own, or an attention
-    worker's, which the pool handles). `procs`: rank -> process, of every spawned rank."""
-    dense = {r: p for r, p in procs.items() if r < topology.num_dense}
-    implicated = isinstance(error, comm.WorkerFailure) and error.rank < topology.num_dense
-    deadline = time.monotonic() + (0.5 if implicated else 0.0)
-    while True:
-        dead = {r: p.exitcode for r, p in dense.items() if not p.is_alive()}
-        if dead or time.monotonic() >= deadline:
-            break
-        time.sleep(0.05)
-    if dead:
-        rank = min(dead, key=lambda r: (not (dead[r] or 0) < 0, r))
-        others = sorted(set(dead) - {rank})
-        why = f"exited with code {dead[rank]}" + (f" (ranks {others} stopped too)" if others else "")
-    elif implicated:
-        rank, why = error.rank, f"failed: {error}"
-    else:
+    """The failure naming the dense rank behind a failed step; None when no dense rank is
+    implicated (then the error is the driver's own, or an attention worker's, which the pool
+    handles). `procs`: rank -> process, of every spawned rank."""
+    blamed = comm.blame_rank({r: p for r, p in procs.items() if r < topology.num_dense}, error)
+    if blamed is None:
         return None
+    rank, why = blamed
     failure = comm.WorkerFailure(rank, f"step {step}", why)
     failure.args = (
         f"{describe_dense_rank(topology, rank)} {why}; "
