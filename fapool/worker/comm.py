@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fapool.worker.local_transport import LOCAL_WORK, LocalTransport, PeerLost
+
 
 class WorkerFailure(RuntimeError):
     def __init__(self, rank: int | Peer, what: str, cause: BaseException | str) -> None:
@@ -108,7 +110,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The process's same-host transport, beside torch.distributed's default group (which is
+# process-wide state too): set up with the group, used by every message to a default-group rank.
+_local: LocalTransport | None = None
+
+
 def init_process_group(rank: int, world_size: int, init_method: str, backend: str, timeout_s: float) -> None:
+    """Join the default group. With gloo and every rank on this host, messages and sums go
+    over Unix-domain sockets instead of gloo's TCP pairs."""
+    global _local
     dist.init_process_group(
         backend=backend,
         init_method=init_method,
@@ -116,6 +126,35 @@ def init_process_group(rank: int, world_size: int, init_method: str, backend: st
         world_size=world_size,
         timeout=dt.timedelta(seconds=timeout_s),
     )
+    name = _one_host_world_name(init_method)
+    if name is not None and backend == "gloo" and world_size > 1:
+        _local = LocalTransport(rank, world_size, name)
+
+
+def _one_host_world_name(init_method: str) -> str | None:
+    """A name unique to this group among the host's groups (its rendezvous port), when every
+    rank runs on this host: spawned by this engine, or a one-node torchrun."""
+    if init_method.startswith("tcp://127.0.0.1:"):
+        return init_method.rsplit(":", 1)[1]
+    if init_method == "env://" and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        return os.environ.get("MASTER_PORT")
+    return None
+
+
+def destroy_process_group() -> None:
+    global _local
+    if _local is not None:
+        _local.close()
+        _local = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(t: torch.Tensor, group):
+    """Start an in-place sum of `t` over `group`; returns the request to wait on."""
+    if _local is not None:
+        return _local.all_reduce(t, dist.get_process_group_ranks(group))
+    return dist.all_reduce(t, group=group, async_op=True)
 
 
 @dataclass(frozen=True)
@@ -195,6 +234,9 @@ class Waiter:
         self._abandoned: list = []
 
     def wait(self, work, timeout_s: float, peer: int | Peer, what: str, keep=None) -> None:
+        if isinstance(work, LOCAL_WORK):  # waits on its own thread, with its own deadline
+            _wait_local(work, timeout_s, peer, what)
+            return
         if math.isinf(timeout_s) or (isinstance(keep, torch.Tensor) and keep.is_cuda):
             # A CUDA buffer means NCCL, whose wait() does not block the host: it makes the
             # calling thread's current stream wait for the transfer. So it must run on this
@@ -222,7 +264,19 @@ class Waiter:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _wait_local(work, timeout_s: float, peer: int | Peer, what: str) -> None:
+    try:
+        work.wait(timeout_s)
+    except TimeoutError:
+        raise WorkerFailure(peer, what, f"no answer within {timeout_s:g} s (hung?)") from None
+    except (PeerLost, OSError) as e:
+        raise WorkerFailure(peer, what, e) from None
+
+
 def _blocking_wait(work, peer: int | Peer, what: str) -> None:
+    if isinstance(work, LOCAL_WORK):
+        _wait_local(work, math.inf, peer, what)
+        return
     try:
         work.wait()
     except RuntimeError as e:
@@ -249,6 +303,8 @@ def send_tensor(t: torch.Tensor, dst: int | Peer, tag: int = 0):
     if isinstance(dst, Peer):
         return dst.group.send([t], dst.rank, tag)
     _trace("send", dst, t)
+    if _local is not None:
+        return _local.send(t, dst, tag)
     return dist.isend(t, dst=dst, tag=tag)
 
 
@@ -256,6 +312,8 @@ def recv_tensor(buf: torch.Tensor, src: int | Peer, tag: int = 0):
     if isinstance(src, Peer):
         return src.group.recv([buf], src.rank, tag)
     _trace("recv", src, buf)
+    if _local is not None:
+        return _local.recv(buf, src, tag)
     return dist.irecv(buf, src=src, tag=tag)
 
 

@@ -165,7 +165,7 @@ class DenseStage:
                 self.clock.measure("comm", lambda: self._staged_all_reduce(t, group, peer))
             else:
                 self.clock.measure(
-                    "comm", lambda: self.wait(dist.all_reduce(t, group=group, async_op=True), peer, "all-reduce", t)
+                    "comm", lambda: self.wait(comm.all_reduce(t, group), peer, "all-reduce", t)
                 )
 
         return reduce
@@ -180,7 +180,7 @@ class DenseStage:
             self._host[t.dtype] = host
         host = host[: flat.numel()]
         host.copy_(flat)
-        self.wait(dist.all_reduce(host, group=group, async_op=True), peer, "all-reduce", host)
+        self.wait(comm.all_reduce(host, group), peer, "all-reduce", host)
         flat.copy_(host)
 
     def _recv_hidden(self, buf: torch.Tensor, prev: int, index: int) -> None:

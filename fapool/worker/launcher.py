@@ -129,7 +129,7 @@ def _reap(procs: dict[int, multiprocessing.Process]) -> None:
         p.join(timeout=5)
     if dist.is_initialized():
         try:
-            dist.destroy_process_group()
+            comm.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - best effort: the ranks are gone either way
             logger.warning("releasing the process group: %s", e)
 
@@ -181,6 +181,6 @@ def rank_main(rank: int, world_size: int, init_method: str, backend: str, device
         logger.warning("rank %d stopping: %s", rank, e)
     finally:
         try:
-            dist.destroy_process_group()
+            comm.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
