@@ -265,7 +265,7 @@ class Simulator:
                 held = inst.req >= 0
             victims = np.flatnonzero(held)
             self._preempt(inst, int(victims[np.argmax(inst.order[victims])]))
-        batch = StepBatch(inst.ctx.copy(), new, decode, inst.group)
+        batch = StepBatch(inst.ctx.copy(), new, inst.group)
         sc = self.strategy.step_cost(self.cost, batch, inst.ledger)
         if not sc.duration > 0 or not math.isfinite(sc.duration):
             raise RuntimeError(f"non-positive step time {sc.duration} from {self.strategy.describe()}")
@@ -276,7 +276,7 @@ class Simulator:
             if hasattr(inst.ledger, "placed"):
                 inst.ledger.placed = inst.ledger.placed / (k - 1)
             last = self.strategy.step_cost(
-                self.cost, StepBatch(inst.ctx + k - 1, new, decode, inst.group), inst.ledger
+                self.cost, StepBatch(inst.ctx + k - 1, new, inst.group), inst.ledger
             )
             sc = StepCost(
                 k * (sc.duration + last.duration) / 2,

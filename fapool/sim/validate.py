@@ -37,7 +37,7 @@ def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) 
         step, ledger = pool_step_inputs(cost, strategy, batch, context)
         return strategy.step_cost(cost, step, ledger)
     group = np.arange(batch) * strategy.num_groups() // batch
-    step = StepBatch(np.full(batch, context, np.int64), np.ones(batch, np.int64), np.ones(batch, bool), group)
+    step = StepBatch(np.full(batch, context, np.int64), np.ones(batch, np.int64), group)
     return strategy.step_cost(cost, step, None)
 
 
@@ -54,7 +54,7 @@ def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) ->
         if over is not None:
             raise ValueError(f"{batch} x {context} tokens do not fit {pool.describe()} ({over})")
     one = np.ones(batch, np.int64)
-    step = StepBatch(ctx=ctx, new=one, decode=np.ones(batch, bool), group=np.zeros(batch, np.int64))
+    step = StepBatch(ctx=ctx, new=one, group=np.zeros(batch, np.int64))
     if ledger.try_allocate(ctx, one) is not None:
         raise ValueError("the decode step's new tokens do not fit")
     return step, ledger
