@@ -78,12 +78,13 @@ class SimResult:
             "num_gpus": self.num_gpus, "sim_time_s": self.sim_time, "requests_total": self.requests_total,
             "requests_finished": self.requests_finished, "output_tokens": self.output_tokens,
             "preemptions": self.preemptions, "throughput_tok_s": self.throughput,
-            "throughput_per_gpu_tok_s": self.throughput_per_gpu, "gpu_seconds_per_token": self.gpu_seconds_per_token,
+            "throughput_per_gpu_tok_s": self.throughput_per_gpu,
+            "gpu_seconds_per_token": self.gpu_seconds_per_token,
             "active_gpu_seconds_per_token": self.active_gpu_seconds_per_token,
             "usd_per_million_tokens": self.usd_per_million_tokens,
             "ttft_s": _pct(self.ttft), "tpot_s": _pct(self.tpot), "e2e_s": _pct(self.e2e),
-            "gpu_util_mean": float(util.mean()), "gpu_util_min": float(util.min()), "gpu_util_max": float(util.max()),
-            "comm_share": self.comm_share, "idle_mean": float(idle.mean()),
+            "gpu_util_mean": float(util.mean()), "gpu_util_min": float(util.min()),
+            "gpu_util_max": float(util.max()), "comm_share": self.comm_share, "idle_mean": float(idle.mean()),
             "per_gpu": {lab: {"util": float(u), "comm": float(c), "idle": float(i)}
                         for lab, u, c, i in zip(self.gpu_labels, util, self.gpu_comm, idle, strict=True)},
         }
