@@ -17,7 +17,7 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.workload import LengthDist
+from fapool.sim.workload import LengthDist, steady_state_draw
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,7 @@ class _Slots:
         self.output = np.empty(n, np.int64)
         self.age = np.empty(n, np.int64)
         for s, rng in enumerate(self.rngs):
-            # Steady state: a slot holds a request with probability proportional to its
-            # output length, at a uniform age (sampling-importance-resampling).
-            p, d = prompt.sample(rng, 256), output.sample(rng, 256)
-            j = rng.choice(256, p=d / d.sum())
-            self.prompt[s], self.output[s], self.age[s] = p[j], d[j], rng.integers(0, d[j])
+            self.prompt[s], self.output[s], self.age[s] = steady_state_draw(prompt, output, rng)
 
     def context(self) -> np.ndarray:
         return self.prompt + self.age + 1  # cached tokens and the new one
