@@ -1,24 +1,9 @@
 """Closed-form sizing of AFD rA-1F bundles (seed 002); derivation in docs/afd_ratio.md.
 
-One bundle: r attention GPUs, each holding b decoding sequences, and one FFN instance of
-f_tp GPUs that runs every layer's FFN (and the LM head) on the r*b tokens. With ping-pong
-micro-batches a decode step takes
-
-    step(r) = max( L * A_max(r) + drain,  L * F(r b) + LM(r b) + fill,  chain )
-
-where A_max(r) is the slowest attention GPU's layer time (affine in the KV tokens S it reads;
-the distribution of max_r S is in queueing.py), F(n) the FFN instance's layer time on n tokens and
-`chain` one micro-batch's own dependency chain; `drain` (the last micro-batch's transfer, FFN
-and the LM head after the attention side's last task) and `fill` (the first micro-batch's
-attention and transfer before the FFN side's first task) are the ping-pong pipeline's ends
-(AFD.combine). Throughput per GPU is
-
-    Theta(r) = r b / ( E[step(r)] * (r + f_tp) ),
-
-and the optimal ratio is its argmax over integers r. E[step] is a closed-form expression
-averaged over a discretised distribution of max_r S, so scanning r costs microseconds each.
-`balance_ratio` (A = F on average) and `ffn_bound_ratio` (the sqrt rule when the FFN side
-binds) are the analytic landmarks; the argmax lies between them.
+r attention GPUs of b sequences each feed one FFN instance of f_tp GPUs. A step is AFD.combine
+of the slowest attention GPU (affine in its KV tokens, whose max over r GPUs is queueing.py's
+distribution) and the FFN side; Theta(r) = r b / (E[step(r)] (r + f_tp)) is maximised over r.
+`balance_ratio` and `ffn_bound_ratio` (the sqrt rule) are the analytic landmarks around r*.
 """
 
 from __future__ import annotations
@@ -70,8 +55,7 @@ class AFDModel:
         return AFD(r=r, f_tp=self.f_tp, max_batch_per_attn=self.b, overlap=self.overlap)
 
     def _a_terms(self, r: int) -> tuple[float, float, float]:
-        """(mean layer time, slope in S, network time) of one attention GPU. The attention side
-        is affine in S over the range that matters, so it is linearised at the mean."""
+        """(mean layer time, slope in S, network time) of one attention GPU, linearised at the mean."""
         bundle = self._bundle(r)
         key = bundle.same_node(self.cost)  # NVLink inside one node, the NIC otherwise
         if key not in self._a_cache:
@@ -88,17 +72,13 @@ class AFDModel:
         return self._a_cache[key]
 
     def _f_total(self, r: int) -> float:
-        """The FFN side's total for the landmarks (balance point, sqrt rule): its compute with a
-        micro-batch's two transfers, which ping-pong cannot hide, and the LM head. The step
-        itself (AFD.combine) also weighs the busier of compute and transfer and the pipeline's
-        fill; the landmarks only bracket its argmax."""
+        """The FFN side's total for the landmarks: compute, a micro-batch's two transfers, LM head."""
         c, ar, net = self._bundle(r).ffn_layer(self.cost, r * self.b)
         side = c + ar + 2 * net if self.overlap else c + ar
         return self.L * side + float(self.cost.lm_head(r * self.b, self.f_tp))
 
     def point(self, r: int) -> AFDPoint:
-        # The slowest attention GPU's layer time over the distribution of max_r S; E[step] is
-        # taken over it because the step is a max of A and F terms (step-level blocking).
+        # E[step] over the distribution of the slowest attention GPU (the step is a max of terms).
         s_max, w = max_of_sums_distribution(self.m, self.b, r)
         a_mean, alpha, a_net = self._a_terms(r)
         a_max = a_mean + alpha * (s_max - self.b * self.m.mean)
@@ -108,9 +88,8 @@ class AFDModel:
         steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b, r * self.b * self.m.mean)
         step = float((np.asarray(steps) * w).sum())
         n = r * self.b
-        return AFDPoint(
-            r, step, n / (step * (r + self.f_tp)), self.L * a_mean, self.L * a_max_mean, self._f_total(r)
-        )
+        thr = n / (step * (r + self.f_tp))
+        return AFDPoint(r, step, thr, self.L * a_mean, self.L * a_max_mean, self._f_total(r))
 
     def _f_line(self) -> tuple[float, float]:
         """F_total(r) ~ beta + gamma * r, fitted where the FFN side is compute-bound."""
@@ -127,8 +106,7 @@ class AFDModel:
         return max(0.0, (self.L * a_mean - beta) / gamma) if gamma > 0 else math.inf
 
     def ffn_bound_ratio(self) -> float:
-        """Maximiser of r / ((r + f_tp)(beta + gamma r)): sqrt(f_tp * beta / gamma), with beta,
-        gamma fitted at small r (weights streamed once a step, then per-token cost)."""
+        """Maximiser of r / ((r + f_tp)(beta + gamma r)), sqrt(f_tp beta / gamma), fitted at small r."""
         f1, f2 = self._f_total(1), self._f_total(2)
         gamma = max(f2 - f1, 1e-15)
         beta = max(f1 - gamma, 0.0)
@@ -145,9 +123,8 @@ class AFDModel:
             elif r > 2 * best.r + 8 and p.throughput_per_gpu < 0.8 * best.throughput_per_gpu:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
-        return AFDPlan(
-            best, self.b, self.f_tp, self.overlap, self.balance_ratio(), self.ffn_bound_ratio(), curve
-        )
+        ratios = (self.balance_ratio(), self.ffn_bound_ratio())
+        return AFDPlan(best, self.b, self.f_tp, self.overlap, *ratios, curve)
 
 
 def length_moments(prompt, output, seed: int = 0) -> ContextMoments:

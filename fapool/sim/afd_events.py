@@ -1,24 +1,10 @@
 """A layer-level event simulation of an rA-1F bundle (seed 002), independent of the closed form.
 
-afd.py's closed form prices a step as a max of totals (attention side, FFN side, one
-micro-batch's chain) over a *distribution* of the slowest attention GPU's KV. This simulation
-shares none of that: every slot carries its own request (prompt P, output D, age k) from its
-own random stream, every attention GPU prices its own micro-batches from their contexts with
-the cost model's kernels, and a step is the schedule of its tasks:
-
-    attention GPU i, layer l, micro-batch m:  QKV + attention over m's KV + O + small kernels,
-        once GPU i is free and m's layer l-1 has come back from the FFN instance
-    to the FFN instance:  each GPU's activations leave over its own NIC and arrive through
-        the FFN instance's f_tp NICs (a FIFO of the r senders)
-    FFN instance:  the FFN GEMMs and their TP all-reduce over all r GPUs' tokens of m, once
-        every GPU's activations have arrived; after the last layer of every micro-batch, the
-        LM head over all of them (as the closed form prices it)
-    back:  the outputs leave through the f_tp NICs, rank by rank, each into its GPU's NIC
-
-Each GPU and the FFN instance run their tasks in ping-pong order (layer by layer, micro-batch
-by micro-batch). The step ends when every queue drains; `CostModel.finish_step` adds the
-host's work, as for every strategy. Prefill is not simulated (requests arrive prefilled),
-matching the closed form's steady decode.
+It shares nothing with afd.py / AFD.combine: each slot carries its own request from its own
+random stream, each attention GPU prices its own micro-batches, and a step is the schedule of
+its tasks (attention per GPU, layer and micro-batch; activations over each GPU's NIC into the
+FFN instance's f_tp NICs; FFN and all-reduce once all have arrived; outputs back rank by rank;
+the LM head after the last layer). `CostModel.finish_step` adds the host's work. Decode only.
 """
 
 from __future__ import annotations
@@ -31,7 +17,7 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.workload import LengthDist
+from fapool.sim.workload import LengthDist, steady_state_draw
 
 
 @dataclass(frozen=True)
@@ -55,15 +41,10 @@ class _Slots:
         self.output = np.empty(n, np.int64)
         self.age = np.empty(n, np.int64)
         for s, rng in enumerate(self.rngs):
-            # Steady state: a slot holds a request with probability proportional to its
-            # output length, at a uniform age (sampling-importance-resampling).
-            p, d = prompt.sample(rng, 256), output.sample(rng, 256)
-            j = rng.choice(256, p=d / d.sum())
-            self.prompt[s], self.output[s], self.age[s] = p[j], d[j], rng.integers(0, d[j])
+            self.prompt[s], self.output[s], self.age[s] = steady_state_draw(prompt, output, rng)
 
     def context(self) -> np.ndarray:
-        """Tokens each slot's attention reads this step (its cached tokens and the new one)."""
-        return self.prompt + self.age + 1
+        return self.prompt + self.age + 1  # cached tokens and the new one
 
     def advance(self) -> None:
         self.age += 1
@@ -82,17 +63,8 @@ def _fifo_done(ready: np.ndarray, service: np.ndarray, free: float) -> float:
     return float(max(free + tail[0], float((ready[order] + tail).max())))
 
 
-def simulate_bundle(
-    cost: CostModel,
-    prompt: LengthDist,
-    output: LengthDist,
-    r: int,
-    b: int,
-    f_tp: int = 1,
-    overlap: bool = True,
-    steps: int = 1000,
-    seed: int = 0,
-) -> BundleRun:
+def simulate_bundle(cost: CostModel, prompt: LengthDist, output: LengthDist, r: int, b: int, f_tp: int = 1,
+                    overlap: bool = True, steps: int = 1000, seed: int = 0) -> BundleRun:
     """Run `steps` decode steps of an rA-1F bundle kept full (b slots per attention GPU)."""
     if r < 1 or b < 1 or f_tp < 1 or steps < 1:
         raise SimInputError("the AFD event simulation needs r, b, f_tp, steps >= 1")
@@ -143,18 +115,9 @@ def simulate_bundle(
     return BundleRun(r, steps, mean, r * b / (mean * (r + f_tp)), attn_busy / steps, ffn_busy / steps)
 
 
-def regret_sweep(
-    cost: CostModel,
-    prompt: LengthDist,
-    output: LengthDist,
-    b: int,
-    f_tp: int = 1,
-    overlap: bool = True,
-    steps: int = 1000,
-    span: float = 0.3,
-    max_points: int = 9,
-    seed: int = 0,
-) -> dict:
+def regret_sweep(cost: CostModel, prompt: LengthDist, output: LengthDist, b: int, f_tp: int = 1,
+                 overlap: bool = True, steps: int = 1000, span: float = 0.3, max_points: int = 9,
+                 seed: int = 0) -> dict:
     """The closed form's r* against this simulation's best r: simulate r over
     [r*(1 - span), r*(1 + span)] (at most `max_points` integers, always r* - 1, r*, r* + 1;
     widened while the best sits on an edge) and report the throughput lost at r*."""

@@ -1,30 +1,15 @@
-"""`fapool calibrate`: time real torch GEMMs, attention and (gloo) collectives on the current
-device, fit the roofline's effective rates, and write them as JSON for the cost model.
+"""`fapool calibrate`: time the engine's GEMMs, attention and (CPU, gloo) collectives here, fit
+the roofline's effective rates, and write them as JSON (schema 3) for the cost model.
 
-What is timed:
-  GEMM       the engine's linear (layers.cpu_linear.linear_fn: packed oneDNN on a CPU in float32,
-             F.linear elsewhere) [m, k] x [n, k]^T over a grid of m (tokens) and (n, k)
-  attention  decode: the engine's own attention backend (Triton paged decode on a GPU, the torch
-             reference on a CPU) over a paged KV cache, one query per sequence; prefill: torch
-             SDPA causal (the FLOP rate).
-  comm       all_reduce and send/recv between two gloo processes (forked, FileStore, no
-             ports), CPU only; on a GPU with one device there is nothing to time
-  engine     a short decode of the real engine on a tiny model (fapool.sim.engine_calibrate):
-             fixed device cost of a layer and of a step, and the host model (per step, per
-             sequence, per cached token; eager launch cost on a GPU)
-  pool       CPU, with `pool=True` (`--pool`, and `--full`): the tiny model with one attention
-             worker (fapool.sim.pool_calibrate): the pool machinery's per-call and per-layer
-             costs (PoolOverheads). The cores the processes share are recorded as cpu_cores.
-
-On a GPU, kernels are timed as CUDA-graph replays (what the engine's decode steps are), so a
-small call's host launch does not stand in for its device time.
-
-Fit: time = overhead + max(flops / F, bytes / B), choosing overhead, F, B to minimise the mean
-absolute log error over the samples. The JSON also keeps every sample and the fit error.
+Kernels: time = overhead + max(flops / F, bytes / B), fitted by the least mean absolute log
+error; on a GPU they are timed as CUDA-graph replays. Unless `engine` is false, a short decode
+of the real engine fits the fixed and host terms (engine_calibrate.py); on a CPU with `pool`,
+a tiny pool run fits the pool machinery's terms (pool_calibrate.py). docs/simulator.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,39 +31,22 @@ REQUIRED = ("gemm", "attention", "engine", "pool", "cpu_cores")  # engine / pool
 QUICK = {
     "gemm_m": [1, 2, 4, 8, 16, 64, 256],
     "gemm_nk": [(256, 256), (512, 512), (2048, 512)],
-    # (batch, heads, ctx, head_dim): small models' sizes, where a CPU's reference attention runs
-    "decode": [
-        (1, 4, 32, 64),
-        (1, 4, 256, 64),
-        (4, 4, 128, 64),
-        (4, 4, 512, 64),
-        (8, 4, 256, 64),
-        (8, 8, 1024, 64),
-        # Long rows take the backend's per-sequence flash path (>= 256 keys): 34-134 MB of KV.
-        (8, 8, 2048, 64),
-        (8, 8, 4096, 64),
-    ],
+    # (batch, heads, ctx, head_dim); rows of >= 256 keys take the backend's per-sequence flash path
+    "decode": [(1, 4, 32, 64), (1, 4, 256, 64), (4, 4, 128, 64), (4, 4, 512, 64), (8, 4, 256, 64),
+               (8, 8, 1024, 64), (8, 8, 2048, 64), (8, 8, 4096, 64)],
     "prefill": [(1, 8, 512, 64)],
     "comm_bytes": [4096, 262144, 2097152],
 }
 FULL = {
     "gemm_m": [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096],
     "gemm_nk": [(256, 256), (1024, 1024), (4096, 4096), (16384, 4096), (4096, 16384)],
-    "decode": [
-        (1, 4, 128, 64),
-        (8, 4, 2048, 64),
-        (32, 4, 2048, 64),
-        (8, 32, 512, 128),
-        (16, 32, 1024, 128),
-        (64, 32, 4096, 128),
-        (128, 32, 8192, 128),
-        (8, 32, 32768, 128),
-    ],
+    "decode": [(1, 4, 128, 64), (8, 4, 2048, 64), (32, 4, 2048, 64), (8, 32, 512, 128), (16, 32, 1024, 128),
+               (64, 32, 4096, 128), (128, 32, 8192, 128), (8, 32, 32768, 128)],
     "prefill": [(1, 32, 4096, 128), (1, 32, 8192, 128)],
     "comm_bytes": [4096, 1 << 20, 16 << 20, 64 << 20],
 }
-
-# (batch, heads, ctx, head_dim) added on a GPU: 67 MB, 268 MB, 1.1 GB, 2.1 GB, 4.3 GB of KV.
+# Decode points added on a GPU (67 MB to 4.3 GB of KV): the attention table interpolates between
+# samples and extrapolates at the largest one's rate, so it needs every decade up to full bandwidth.
 GPU_DECODE = [(8, 32, 512, 128), (8, 32, 2048, 128), (32, 32, 2048, 128), (16, 32, 8192, 128),
               (64, 32, 4096, 128), (8, 32, 32768, 128)]
 
@@ -96,31 +64,26 @@ def cpu_name() -> str:
 def _timer(device):
     import torch
 
-    if device.type == "cuda":
-
-        def run(fn, reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3 / reps
-    else:
-
-        def run(fn, reps):
+    def run(fn, reps):
+        if device.type != "cuda":
             t = time.perf_counter()
             for _ in range(reps):
                 fn()
             return (time.perf_counter() - t) / reps
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
 
     return run
 
 
 def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
-    """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: the 20th percentile
-    of individually timed calls -- on a shared machine noise only ever adds time, and a call
-    that waited for a descheduled thread says nothing about the hardware."""
+    """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: the 20th percentile of
+    single calls (on a shared machine noise only ever adds time)."""
     run = _timer(device)
     fn()
     fn()  # warm-up: allocation, kernel selection
@@ -128,14 +91,13 @@ def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
     reps = int(min(max_reps, max(5, min_time / once)))
     if device.type == "cuda":
         return float(min(run(fn, max(1, reps // 3)) for _ in range(3)))
-    times = [run(fn, 1) for _ in range(reps)]
-    return float(np.percentile(times, 20))
+    return float(np.percentile([run(fn, 1) for _ in range(reps)], 20))
 
 
 def time_graph(fn, device, target_s: float = 2e-4) -> float:
-    """Seconds per call of `fn` replayed inside a CUDA graph (median of 10 replays), so the
-    host's launch cost does not hide in the device time; falls back to `time_op` when the
-    call cannot be captured. Enough copies go into one graph to last ~`target_s`."""
+    """Seconds per call of `fn` replayed in a CUDA graph (median of 10 replays, enough copies in
+    one graph to last ~`target_s`), so host launch cost does not hide in the device time;
+    `time_op` on a CPU or for a call that cannot be captured."""
     import torch
 
     if device.type != "cuda":
@@ -166,9 +128,9 @@ def time_graph(fn, device, target_s: float = 2e-4) -> float:
 
 
 def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
-    """Fit time = o + max(flops / F, bytes / B); returns overhead_s, flops_per_s, bytes_per_s,
-    mean_abs_log_err. Candidates for F and B are the rates each sample implies; `overheads`
-    restricts o (default: 24 values from 0 to 95% of the fastest sample)."""
+    """Fit time = o + max(flops / F, bytes / B): overhead_s, flops_per_s, bytes_per_s,
+    mean_abs_log_err. F and B range over the rates each sample implies; o over `overheads`
+    (default: 24 values from 0 to 95% of the fastest sample)."""
     f, b, t = (np.asarray(x, dtype=np.float64) for x in (flops, nbytes, seconds))
     best = None
     if overheads is None:
@@ -176,12 +138,9 @@ def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
     for o in overheads:
         o = min(float(o), 0.95 * float(t.min()))
         rest = t - o
-        f_cands = np.unique(f / rest)
-        b_cands = np.unique(b / rest)
-        for F in f_cands:
-            for B in b_cands:
-                pred = o + np.maximum(f / F, b / B)
-                err = float(np.mean(np.abs(np.log(pred / t))))
+        for F in np.unique(f / rest):
+            for B in np.unique(b / rest):
+                err = float(np.mean(np.abs(np.log((o + np.maximum(f / F, b / B)) / t))))
                 key = (round(err, 9), -B, -F)
                 if best is None or key < best[0]:
                     best = (key, o, F, B, err)
@@ -189,19 +148,18 @@ def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
     return {"overhead_s": float(o), "flops_per_s": float(F), "bytes_per_s": float(B), "mean_abs_log_err": err}
 
 
+def _fit_samples(samples: list[dict], overheads=None) -> dict:
+    cols = ([s[k] for s in samples] for k in ("flops", "bytes", "s"))
+    return fit_roofline(*cols, overheads)
+
+
 def fit_gemm_by_m(samples: list[dict], overhead: float) -> list[dict]:
-    """Per token count m, the GEMM's own (F, B) with the global fit's overhead: small-m GEMMs
-    reach a lower FLOP rate than large ones (on a CPU a GEMV path at m = 1 streams the weights
-    far faster than the packed-GEMM path at m = 2..32). The cost model interpolates these in
-    log m; the global fit stays for m outside the grid's shapes."""
+    """Per token count m, the GEMM's own (F, B) at the global fit's overhead: small-m GEMMs reach
+    lower rates (on a CPU the GEMV at m = 1 is far faster than packed GEMMs at m = 2..32)."""
     out = []
     for m in sorted({s["m"] for s in samples}):
-        at = [s for s in samples if s["m"] == m]
-        fit = fit_roofline(
-            [s["flops"] for s in at], [s["bytes"] for s in at], [s["s"] for s in at], [overhead]
-        )
-        out.append({"m": m, "flops_per_s": fit["flops_per_s"], "bytes_per_s": fit["bytes_per_s"],
-                    "mean_abs_log_err": fit["mean_abs_log_err"]})
+        fit = _fit_samples([s for s in samples if s["m"] == m], [overhead])
+        out.append({"m": m, **{k: fit[k] for k in ("flops_per_s", "bytes_per_s", "mean_abs_log_err")}})
     return out
 
 
@@ -209,19 +167,13 @@ def fit_linear(x, seconds) -> dict:
     """Fit time = latency + x / bandwidth by least squares (non-negative latency)."""
     x, t = np.asarray(x, dtype=np.float64), np.asarray(seconds, dtype=np.float64)
     slope, intercept = np.polyfit(x, t, 1)
-    slope = max(slope, 1e-15)
-    intercept = max(intercept, 0.0)
-    pred = intercept + slope * x
-    return {
-        "latency_s": float(intercept),
-        "bytes_per_s": float(1.0 / slope),
-        "mean_abs_log_err": float(np.mean(np.abs(np.log(pred / t)))),
-    }
+    slope, intercept = max(slope, 1e-15), max(intercept, 0.0)
+    err = float(np.mean(np.abs(np.log((intercept + slope * x) / t))))
+    return {"latency_s": float(intercept), "bytes_per_s": float(1.0 / slope), "mean_abs_log_err": err}
 
 
-# Operands are rotated over copies that together exceed the last-level cache, so every call
-# reads them from memory, as the engine's step does (each layer's weights and KV are read once
-# a step; 4 MB of weights called in a loop would stay in a CPU's L3 and run several times faster).
+# Operands rotate over copies that together exceed the last-level cache, so every call reads
+# them from memory, as the engine's step does.
 COLD_BYTES = 256 << 20
 
 
@@ -241,8 +193,7 @@ def _cycle(fn_of, items):
 
 
 def model_linear_shapes(model) -> list[tuple[int, int]]:
-    """(n, k) of the linears a decode step of `model` runs (merged q/k/v and gate/up, as the
-    engine runs them), so the GEMM fit sees the target's own shapes."""
+    """(n, k) of the linears a decode step of `model` runs (merged q/k/v and gate/up)."""
     q, kv = model.num_attention_heads * model.head_dim, model.num_key_value_heads * model.head_dim
     h, f = model.hidden_size, model.intermediate_size
     up = 2 * f if model.gated_mlp else f
@@ -256,22 +207,13 @@ def _gemm_samples(device, dtype, grid) -> list[dict]:
 
     out = []
     d = torch.tensor([], dtype=dtype).element_size()
-    for n, k in grid["gemm_nk"]:
-        # nn.Linear's layout, [n, k]
+    for n, k in grid["gemm_nk"]:  # nn.Linear's layout, [n, k]
         ws = [linear_fn(torch.randn(n, k, device=device, dtype=dtype)) for _ in range(_copies(n * k * d))]
         for m in grid["gemm_m"]:
             a = torch.randn(m, k, device=device, dtype=dtype)
             t = time_graph(_cycle(lambda w, a=a: w(a), ws), device)
-            out.append(
-                {
-                    "m": m,
-                    "n": n,
-                    "k": k,
-                    "flops": 2.0 * m * n * k,
-                    "bytes": (m * k + k * n + m * n) * d,
-                    "s": t,
-                }
-            )
+            out.append({"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k, "bytes": (m * k + k * n + m * n) * d,
+                        "s": t})
         del ws
     return out
 
@@ -319,33 +261,17 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str
     for bsz, h, ctx, hd in grid["decode"]:
         nbytes = (2.0 * bsz * h * (ctx + 1) * hd + 2.0 * bsz * h * hd) * d
         paged = _paged_decode_call(backend, device, dtype, bsz, h, ctx, hd)
-        decode.append(
-            {
-                "batch": bsz,
-                "heads": h,
-                "ctx": ctx + 1,
-                "head_dim": hd,
-                "flops": 4.0 * bsz * h * (ctx + 1) * hd,
-                "bytes": nbytes,
-                "s": time_graph(paged, device),
-            }
-        )
+        flops = 4.0 * bsz * h * (ctx + 1) * hd
+        decode.append({"batch": bsz, "heads": h, "ctx": ctx + 1, "head_dim": hd, "flops": flops,
+                       "bytes": nbytes, "s": time_graph(paged, device)})
         del paged
     for bsz, h, ctx, hd in grid["prefill"]:
         q = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
         t = time_graph(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
-        prefill.append(
-            {
-                "batch": bsz,
-                "heads": h,
-                "ctx": ctx,
-                "head_dim": hd,
-                "flops": 4.0 * bsz * h * hd * ctx * (ctx + 1) / 2,
-                "bytes": 4.0 * bsz * h * ctx * hd * d,
-                "s": t,
-            }
-        )
+        prefill.append({"batch": bsz, "heads": h, "ctx": ctx, "head_dim": hd, "s": t,
+                        "flops": 4.0 * bsz * h * hd * ctx * (ctx + 1) / 2,
+                        "bytes": 4.0 * bsz * h * ctx * hd * d})
     return decode, prefill, f"{backend.name} backend (paged decode)"
 
 
@@ -430,12 +356,9 @@ def calibrate(
     pool: bool | None = None,
     twin: str = "tiny",
 ) -> dict:
-    """Time kernels (and collectives on CPU) here, fit the rooflines, and unless `engine` is
-    false run the tiny-engine decode that fits the fixed and host terms; `model` (a
-    ModelConfig) picks the architecture flags of the tiny engine model, or with twin="model"
-    is itself the engine model, cut to the calibration's depths; `checkpoint(cal)`
-    gets the kernels-only result before the engine part runs. `pool` (default: not quick)
-    adds the CPU pool part after the engine part."""
+    """Time and fit the kernels (and collectives on a CPU), then unless `engine` is false the
+    engine decode of `model`'s tiny twin (or with twin="model" of `model` cut to depth), then
+    with `pool` (default: not quick) the CPU pool part. `checkpoint(cal)` gets each partial result."""
     if engine and twin != "tiny":  # checked before minutes of kernel timing, not after
         from fapool.sim.engine_calibrate import engine_twin
 
@@ -450,13 +373,9 @@ def calibrate(
         raise SimInputError("calibrate: --device cuda asked for but torch sees no CUDA device")
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    custom = grid is not None
+    if dev.type == "cuda" and quick and grid is None:
+        grid = {**QUICK, "decode": QUICK["decode"] + GPU_DECODE}
     grid = grid or (QUICK if quick else FULL)
-    if dev.type == "cuda" and quick and not custom:
-        # The attention table interpolates between samples in log-log and extrapolates at the
-        # largest one's rate: give a GPU every decade from 64 MB (where the split-KV kernel
-        # leaves the launch-bound regime) to 4 GB, where it streams at full bandwidth.
-        grid = {**grid, "decode": grid["decode"] + GPU_DECODE}
     if model is not None:  # the target model's own linears join the GEMM grid
         grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
     t0 = time.perf_counter()
@@ -467,9 +386,9 @@ def calibrate(
         comm, comm_note = _comm_samples(grid["comm_bytes"])
     elif collectives:
         comm_note = "not measured: one GPU here (NCCL needs two ranks)"
-    g = fit_roofline([s["flops"] for s in gemm], [s["bytes"] for s in gemm], [s["s"] for s in gemm])
+    g = _fit_samples(gemm)
     g["by_m"] = fit_gemm_by_m(gemm, g["overhead_s"])
-    a = fit_roofline([s["flops"] for s in decode], [s["bytes"] for s in decode], [s["s"] for s in decode])
+    a = _fit_samples(decode)
     pf = [s["flops"] / max(s["s"] - a["overhead_s"], 1e-9) for s in prefill]
     out = {
         "schema": SCHEMA,
@@ -481,19 +400,11 @@ def calibrate(
         "dtype": str(dtype).replace("torch.", ""),
         "dtype_bytes": torch.tensor([], dtype=dtype).element_size(),
         "gemm": g,
-        "attention": {
-            **a,
-            "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
-            "decode_kernel": decode_kernel,
-        },
+        "attention": {**a, "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
+                      "decode_kernel": decode_kernel},
         "comm": None,
         "comm_note": comm_note,
-        "samples": {
-            "gemm": gemm,
-            "decode": decode,
-            "prefill": prefill,
-            "comm": comm,
-        },
+        "samples": {"gemm": gemm, "decode": decode, "prefill": prefill, "comm": comm},
         "engine": None,
         "pool": None,
         # The cores this process may run on: the engine's processes (one thread each) share them.
@@ -504,12 +415,9 @@ def calibrate(
         ar = [s for s in comm if s["op"] == "all_reduce"]
         p2p = [s for s in comm if s["op"] == "p2p"]
         # Ring all-reduce over n ranks moves 2(n-1)/n of the bytes: x for the fit.
-        out["comm"] = {
-            "all_reduce": fit_linear(
-                [2 * (s["ranks"] - 1) / s["ranks"] * s["bytes"] for s in ar], [s["s"] for s in ar]
-            ),
-            "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p]),
-        }
+        ar_x = [2 * (s["ranks"] - 1) / s["ranks"] * s["bytes"] for s in ar]
+        out["comm"] = {"all_reduce": fit_linear(ar_x, [s["s"] for s in ar]),
+                       "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p])}
     out["seconds"] = round(time.perf_counter() - t0, 3)
     if engine:
         if twin != "tiny":
@@ -528,51 +436,46 @@ def calibrate(
     return out
 
 
-def add_pool_section(cal: dict, model=None, grid=None, progress=None, checkpoint=None) -> dict:
-    """Run the tiny pool engines (CPU) and store the PoolOverheads fit under cal["pool"]; a
-    failure is recorded as cal["pool_error"] and leaves the rest of the calibration intact."""
-    from fapool.sim.cost_model import CostModel
-    from fapool.sim.hardware import get_hardware
-    from fapool.sim.pool_calibrate import calibrate_pool
-
+def _add_section(cal: dict, key: str, run, progress, checkpoint, lost: str) -> dict:
+    """cal[key] = run(); `checkpoint(cal)` first, so the earlier parts survive a crash, and an
+    exception is recorded as cal[key + "_error"] rather than losing them."""
     if checkpoint:
         checkpoint(cal)
-    # Everything calibrated so far, zero pool terms, no contention (one worker: 2 processes).
-    hw = apply_calibration(get_hardware("cpu"), {**cal, "pool": None}).replace(pool=PoolOverheads(), cpu_cores=None)
     try:
-        cal["pool"] = calibrate_pool(lambda mc: CostModel(mc, hw), model, grid, progress)
+        cal[key] = run()
     except Exception as exc:  # noqa: BLE001 - keep the rest, say why
-        cal["pool"] = None
-        cal["pool_error"] = f"{type(exc).__name__}: {exc}"
+        cal[key] = None
+        cal[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
         if progress:
-            progress(f"warning: the pool calibration failed ({cal['pool_error']}); no pool terms")
+            progress(f"warning: the {key} calibration failed ({cal[f'{key}_error']}); {lost}")
     return cal
 
 
 def add_engine_section(cal: dict, model=None, engine_grid=None, progress=None, checkpoint=None) -> dict:
-    """Run the tiny-engine decode on the calibration's device and store its fits under
-    cal["engine"]. `checkpoint(cal)` is called first, so a kernels-only file survives a crash;
-    an exception in the engine run is recorded as cal["engine_error"] (no host model) rather
-    than losing the kernel fits."""
+    """The engine decode on the calibration's device, priced by the kernel fits alone."""
     from fapool.sim.cost_model import CostModel
     from fapool.sim.engine_calibrate import calibrate_engine
     from fapool.sim.hardware import get_hardware
 
-    if checkpoint:
-        checkpoint(cal)
     device = "cuda" if cal["device_kind"] == "cuda" else "cpu"
-    # The kernel fits alone (no fixed or host terms yet) price the tiny model's parts.
     hw = apply_calibration(get_hardware("cpu" if device == "cpu" else "h100"), {**cal, "engine": None})
-    try:
-        cal["engine"] = calibrate_engine(
-            device, lambda mc: CostModel(mc, hw, include_host=False), model, engine_grid, progress
-        )
-    except Exception as exc:  # noqa: BLE001 - keep the kernel calibration, say why
-        cal["engine"] = None
-        cal["engine_error"] = f"{type(exc).__name__}: {exc}"
-        if progress:
-            progress(f"warning: the engine calibration failed ({cal['engine_error']}); no host model")
-    return cal
+    run = lambda: calibrate_engine(
+        device, lambda mc: CostModel(mc, hw, include_host=False), model, engine_grid, progress
+    )
+    return _add_section(cal, "engine", run, progress, checkpoint, "no host model")
+
+
+def add_pool_section(cal: dict, model=None, grid=None, progress=None, checkpoint=None) -> dict:
+    """The tiny pool engines (CPU), priced by everything calibrated so far with zero pool terms
+    and no contention (one worker: 2 processes)."""
+    from fapool.sim.cost_model import CostModel
+    from fapool.sim.hardware import get_hardware
+    from fapool.sim.pool_calibrate import calibrate_pool
+
+    hw = apply_calibration(get_hardware("cpu"), {**cal, "pool": None})
+    hw = hw.replace(pool=PoolOverheads(), cpu_cores=None)
+    run = lambda: calibrate_pool(lambda mc: CostModel(mc, hw), model, grid, progress)
+    return _add_section(cal, "pool", run, progress, checkpoint, "no pool terms")
 
 
 def write_calibration(cal: dict, path: str | Path) -> None:
@@ -612,39 +515,23 @@ def attn_table(samples: list[dict]) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
-def host_profile(cal: dict) -> HostProfile | None:
-    """The host model of a calibration (None for `--no-engine` runs)."""
-    eng = cal.get("engine")
-    if not eng:
-        return None
-    h = eng["host"]
-    return HostProfile(
-        step_s=h["step_s"],
-        per_seq_s=h["per_seq_s"],
-        per_kv_token_s=h["per_kv_token_s"],
-        launch_layer_s=h["launch_layer_s"],
-        launch_step_s=h["launch_step_s"],
-        cuda_graphs=bool(h["cuda_graphs"]),
-        launch_overlaps_device=bool(h["launch_overlaps_device"]),
-        async_scheduling=bool(h["async_scheduling"]),
-    )
+def _fields(cls, section: dict) -> dict:
+    """A dataclass's fields from a calibration section, cast to the field's type."""
+    return {f.name: type(f.default)(section[f.name]) for f in dataclasses.fields(cls)}
 
 
 def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
     """The profile with fitted rates in place of the preset's (memory and, unless measured,
-    the interconnect stay the preset's); with an engine section also the fixed device costs
-    of a layer and a step and the host model."""
+    the interconnect stay the preset's), and the engine's fixed costs, host and pool terms."""
     g, a = cal["gemm"], cal["attention"]
     changes = {
         "gemm_flops": g["flops_per_s"],
         "gemm_bandwidth": g["bytes_per_s"],
         "kernel_overhead": g["overhead_s"],
         "attn_by_bytes": attn_table(cal.get("samples", {}).get("decode") or [])
-        if cal.get("attention", {}).get("decode_kernel")
-        else (),
-        "gemm_by_m": tuple(
-            (int(r["m"]), float(r["flops_per_s"]), float(r["bytes_per_s"])) for r in g.get("by_m", [])
-        ),
+        if a.get("decode_kernel") else (),
+        "gemm_by_m": tuple((int(r["m"]), float(r["flops_per_s"]), float(r["bytes_per_s"]))
+                           for r in g.get("by_m", [])),
         "attn_flops": a.get("prefill_flops_per_s", a["flops_per_s"]),
         "attn_bandwidth": a["bytes_per_s"],
         "attn_overhead": a["overhead_s"],
@@ -655,82 +542,64 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
     if eng:
         changes["layer_fixed_s"] = eng["device_fixed"]["layer_fixed_s"]
         changes["step_fixed_s"] = eng["device_fixed"]["step_fixed_s"]
-        changes["host"] = host_profile(cal)
-    pool = cal["pool"]
-    if pool:
-        changes["pool"] = PoolOverheads(**{k: float(pool[k]) for k in (
-            "worker_call_s", "worker_per_seq_s", "driver_mb_s", "driver_pool_mb_s", "driver_route_s",
-            "driver_step_s")})
+        changes["host"] = HostProfile(**_fields(HostProfile, eng["host"]))
+    if cal["pool"]:
+        changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
         changes["cpu_cores"] = int(cal["cpu_cores"])
-    comm = cal.get("comm")
-    if comm:
-        ar, p2p = comm["all_reduce"], comm["p2p"]
-        link = LinkProfile(
-            bandwidth=p2p["bytes_per_s"],
-            latency=p2p["latency_s"],
-            hop_latency=max(0.0, ar["latency_s"] - p2p["latency_s"]) / 2,
-        )
-        changes["intra_node"] = link
-        changes["inter_node"] = link
+    if cal.get("comm"):
+        ar, p2p = cal["comm"]["all_reduce"], cal["comm"]["p2p"]
+        hop = max(0.0, ar["latency_s"] - p2p["latency_s"]) / 2
+        link = LinkProfile(bandwidth=p2p["bytes_per_s"], latency=p2p["latency_s"], hop_latency=hop)
+        changes["intra_node"] = changes["inter_node"] = link
     return hw.replace(**changes)
 
 
 def summary_lines(cal: dict) -> list[str]:
     g, a = cal["gemm"], cal["attention"]
     lines = [
-        (
-            f"device: {cal['device_kind']} ({cal['device_name']}), torch {cal['torch']}, {cal['dtype']}, "
-            f"{cal['threads']} threads, {cal['seconds']} s"
-        ),
-        (
-            f"GEMM: {g['flops_per_s'] / 1e9:,.1f} GFLOP/s, {g['bytes_per_s'] / 1e9:,.2f} GB/s, "
-            f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})"
-        ),
-        (
-            f"attention: decode ({a.get('decode_kernel', 'SDPA')}) {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill {a['prefill_flops_per_s'] / 1e9:,.1f} "
-            f"GFLOP/s, overhead {a['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(a['mean_abs_log_err']):.0%})"
-        ),
+        (f"device: {cal['device_kind']} ({cal['device_name']}), torch {cal['torch']}, {cal['dtype']}, "
+        f"{cal['threads']} threads, {cal['seconds']} s"),
+        (f"GEMM: {g['flops_per_s'] / 1e9:,.1f} GFLOP/s, {g['bytes_per_s'] / 1e9:,.2f} GB/s, "
+        f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})"),
+        (f"attention: decode ({a.get('decode_kernel', 'SDPA')}) {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill "
+        f"{a['prefill_flops_per_s'] / 1e9:,.1f} GFLOP/s, overhead {a['overhead_s'] * 1e6:.1f} us "
+        f"(fit error {math.expm1(a['mean_abs_log_err']):.0%})"),
     ]
     if max(g["mean_abs_log_err"], a["mean_abs_log_err"]) > 0.4:
-        lines.append(
-            "warning: the roofline fits these timings badly; a busy machine (other processes, more "
-            "threads than free cores) is the usual cause -- rerun, or try --threads 1"
-        )
+        lines.append("warning: the roofline fits these timings badly; a busy machine (other processes, more "
+                     "threads than free cores) is the usual cause -- rerun, or try --threads 1")
     if cal.get("comm"):
         ar, p2p = cal["comm"]["all_reduce"], cal["comm"]["p2p"]
         lines.append(
-            f"comm ({cal['comm_note']}): p2p {p2p['bytes_per_s'] / 1e9:.2f} GB/s + {p2p['latency_s'] * 1e6:.0f} us; "
-            f"all-reduce {ar['bytes_per_s'] / 1e9:.2f} GB/s + {ar['latency_s'] * 1e6:.0f} us"
+            f"comm ({cal['comm_note']}): p2p {p2p['bytes_per_s'] / 1e9:.2f} GB/s + "
+            f"{p2p['latency_s'] * 1e6:.0f} us; all-reduce {ar['bytes_per_s'] / 1e9:.2f} GB/s + "
+            f"{ar['latency_s'] * 1e6:.0f} us"
         )
     else:
         lines.append(f"comm: {cal['comm_note']}")
-    eng = cal.get("engine")
     if cal.get("engine_error"):
         lines.append(f"engine: not calibrated ({cal['engine_error']})")
-    if eng:
+    if eng := cal.get("engine"):
         f, h = eng["device_fixed"], eng["host"]
-        lines.append(
-            f"engine ({eng['model']}, {eng['seconds']} s): device fixed {f['layer_fixed_s'] * 1e6:.1f} us a layer, "
-            f"{f['step_fixed_s'] * 1e6:.1f} us a step"
-        )
-        lines.append(
-            f"host: {h['step_s'] * 1e6:.1f} us a step + {h['per_seq_s'] * 1e6:.2f} us a sequence + "
-            f"{h['per_kv_token_s'] * 1e9:.2f} ns a cached token (fit error {h['mean_abs_rel_err']:.0%}); "
-            + (
-                f"eager launch {h['launch_layer_s'] * 1e6:.1f} us a layer + {h['launch_step_s'] * 1e6:.1f} us a step"
-                if h["launch_overlaps_device"]
-                else "launch: in the device's fixed costs (CPU)"
-            )
-        )
+        launch = "launch: in the device's fixed costs (CPU)"
+        if h["launch_overlaps_device"]:
+            launch = (f"eager launch {h['launch_layer_s'] * 1e6:.1f} us a layer + "
+                      f"{h['launch_step_s'] * 1e6:.1f} us a step")
+        lines += [
+            (f"engine ({eng['model']}, {eng['seconds']} s): device fixed {f['layer_fixed_s'] * 1e6:.1f} us a "
+            f"layer, {f['step_fixed_s'] * 1e6:.1f} us a step"),
+            (f"host: {h['step_s'] * 1e6:.1f} us a step + {h['per_seq_s'] * 1e6:.2f} us a sequence + "
+            f"{h['per_kv_token_s'] * 1e9:.2f} ns a cached token "
+            f"(fit error {h['mean_abs_rel_err']:.0%}); {launch}"),
+        ]
     if cal.get("pool_error"):
         lines.append(f"pool: not calibrated ({cal['pool_error']})")
-    pool = cal.get("pool")
-    if pool:
+    if pool := cal.get("pool"):
         lines.append(
             f"pool ({pool['seconds']} s): worker {pool['worker_call_s'] * 1e6:.0f} us a call + "
-            f"{pool['worker_per_seq_s'] * 1e6:.1f} us a sequence; driver {pool['driver_mb_s'] * 1e6:.0f} us a layer "
-            f"and micro-batch + {pool['driver_pool_mb_s'] * 1e6:.0f} us a layer and pool micro-batch + "
+            f"{pool['worker_per_seq_s'] * 1e6:.1f} us a sequence; driver {pool['driver_mb_s'] * 1e6:.0f} us a "
+            f"layer and micro-batch + {pool['driver_pool_mb_s'] * 1e6:.0f} us a layer and pool micro-batch + "
             f"{pool['driver_route_s'] * 1e6:.0f} us a layer and route + "
             f"{pool['driver_step_s'] * 1e6:.0f} us a step"
         )

@@ -1,9 +1,5 @@
-"""CLI for the simulator: `plan`, `simulate`, `calibrate`.
-
-`register(subparsers)` adds the three subcommands to the main `fapool` CLI; each sets
-`func(args) -> int`. Run standalone with `python -m fapool.sim.cli {plan,simulate,calibrate}`.
-Bad input (unknown model or hardware, malformed trace, impossible SLO) prints one line to
-stderr and exits with code 2.
+"""CLI for the simulator: `plan`, `simulate`, `calibrate` (`register` adds them to `fapool`'s CLI;
+standalone: `python -m fapool.sim.cli`). Bad input prints one line to stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -45,14 +41,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload (default: built-in synthetic Poisson stream)")
-    g.add_argument(
-        "--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)"
-    )
+    g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, "
+                   "GeneratedTokens)")
     g.add_argument("--trace-limit", type=int, help="use the first N rows")
     g.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
-    g.add_argument(
-        "--prompt", default=DEFAULT_PROMPT, help="prompt length distribution, e.g. lognormal:4096,1.0"
-    )
+    g.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="prompt length distribution, e.g. lognormal:4096,1.0")
     g.add_argument("--output", default=DEFAULT_OUTPUT, help="output length distribution, e.g. exp:256")
     g.add_argument("--max-len", type=int, default=32768, help="clip sampled lengths to this")
 
@@ -70,14 +64,12 @@ def _workload(args):
     if args.trace:
         if args.speedup <= 0:
             raise SimInputError("--speedup must be > 0")
-        return TraceWorkload(
-            load_azure_trace(args.trace, args.trace_limit), args.speedup, Path(args.trace).name
-        )
+        trace = load_azure_trace(args.trace, args.trace_limit)
+        return TraceWorkload(trace, args.speedup, Path(args.trace).name)
     prompt, output = _lengths(args)
     if args.concurrency:
-        return ClosedLoopWorkload(
-            prompt, output, args.concurrency, max(args.num_requests, args.concurrency), seed=args.seed
-        )
+        n = max(args.num_requests, args.concurrency)
+        return ClosedLoopWorkload(prompt, output, args.concurrency, n, seed=args.seed)
     rate = math.inf if str(args.rate).lower() in ("inf", "burst") else float(args.rate)
     return PoissonWorkload(prompt, output, rate, args.num_requests, args.seed)
 
@@ -85,45 +77,22 @@ def _workload(args):
 def _strategies(args) -> list:
     from fapool.sim.strategies import AFD, FAPool, StaticTPPP, head_parallel
 
+    ov, rep, mb = not args.no_overlap, args.replicas, args.max_batch
+    make = {
+        "static": lambda: StaticTPPP(tp=args.tp, pp=args.pp, replicas=rep, max_batch=mb),
+        "fapool": lambda: FAPool(base_tp=args.base_tp, pool_size=args.pool_size, threshold=args.threshold,
+                                 tokens_per_worker=args.tokens_per_worker, mode=args.pool_mode, overlap=ov,
+                                 replicas=rep, max_batch=mb),
+        "afd": lambda: AFD(r=args.afd_r, f_tp=args.afd_f_tp, max_batch_per_attn=args.afd_batch, overlap=ov,
+                           replicas=rep),
+        "head": lambda: head_parallel(dense_tp=args.base_tp, attn_workers=args.attn_workers, overlap=ov,
+                                      replicas=rep, max_batch=mb),
+    }
     out = []
     for name in [s.strip() for s in args.strategy.split(",") if s.strip()]:
-        if name == "static":
-            out.append(StaticTPPP(tp=args.tp, pp=args.pp, replicas=args.replicas, max_batch=args.max_batch))
-        elif name == "fapool":
-            out.append(
-                FAPool(
-                    base_tp=args.base_tp,
-                    pool_size=args.pool_size,
-                    threshold=args.threshold,
-                    tokens_per_worker=args.tokens_per_worker,
-                    mode=args.pool_mode,
-                    overlap=not args.no_overlap,
-                    replicas=args.replicas,
-                    max_batch=args.max_batch,
-                )
-            )
-        elif name == "afd":
-            out.append(
-                AFD(
-                    r=args.afd_r,
-                    f_tp=args.afd_f_tp,
-                    max_batch_per_attn=args.afd_batch,
-                    overlap=not args.no_overlap,
-                    replicas=args.replicas,
-                )
-            )
-        elif name == "head":
-            out.append(
-                head_parallel(
-                    dense_tp=args.base_tp,
-                    attn_workers=args.attn_workers,
-                    overlap=not args.no_overlap,
-                    replicas=args.replicas,
-                    max_batch=args.max_batch,
-                )
-            )
-        else:
+        if name not in make:
             raise SimInputError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        out.append(make[name]())
     if not out:
         raise SimInputError("no strategy given")
     return out
@@ -134,6 +103,12 @@ def _console():
 
     # Piped output gets a width that fits the tables instead of rich's 80-column default.
     return Console() if sys.stdout.isatty() else Console(width=220)
+
+
+def _write_json(console, path: str, data) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    console.print(f"wrote {path}")
 
 
 def _guard(fn):
@@ -158,16 +133,10 @@ def cmd_simulate(args) -> int:
 
     cost = _cost(args)
     strategies = _strategies(args)
-    config = SimConfig(
-        prefill=args.prefill,
-        max_num_batched_tokens=args.max_batched_tokens,
-        max_sim_time=args.max_time or math.inf,
-        warmup=args.warmup,
-        progress=not args.no_progress,
-    )
-    results = []
-    for s in strategies:
-        results.append(simulate(s, cost, _workload(args), config))  # fresh workload: same requests for each
+    config = SimConfig(prefill=args.prefill, max_num_batched_tokens=args.max_batched_tokens, warmup=args.warmup,
+                       max_sim_time=args.max_time or math.inf, progress=not args.no_progress)
+    # A fresh workload for each strategy: the same requests.
+    results = [simulate(s, cost, _workload(args), config) for s in strategies]
     slo = args.tpot_slo / 1e3 if args.tpot_slo else None
     console = _console()
     console.print(
@@ -176,9 +145,7 @@ def cmd_simulate(args) -> int:
     )
     console.print(results_table(results, "simulated", slo))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([r.summary(slo) for r in results], indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+        _write_json(console, args.json, [r.summary(slo) for r in results])
     if args.plot:
         for p in plot_results(results, args.plot):
             console.print(f"wrote {p}")
@@ -195,9 +162,9 @@ def cmd_plan(args) -> int:
     cost = _cost(args)
     prompt_d, output_d = _lengths(args)
     if args.trace:
-        tr = load_azure_trace(args.trace, args.trace_limit)
         from fapool.sim.workload import LengthDist
 
+        tr = load_azure_trace(args.trace, args.trace_limit)
         # Verification draws prompts and outputs from the trace's own lengths (independently).
         prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len), 1, 1 << 30)
         output_d = LengthDist("choice", tuple(float(x) for x in tr.output_len), 1, 1 << 30)
@@ -207,15 +174,8 @@ def cmd_plan(args) -> int:
         prompts, outputs = prompt_d.sample(rng, 100_000), output_d.sample(rng, 100_000)
     if args.tpot_slo <= 0:
         raise SimInputError(f"--tpot-slo must be > 0 ms, got {args.tpot_slo}")
-    inp = PlannerInputs(
-        cost,
-        prompts,
-        outputs,
-        args.tpot_slo / 1e3,
-        max_gpus=args.max_gpus,
-        max_batch=args.max_batch,
-        max_batch_per_attn=args.max_batch_per_attn,
-    )
+    inp = PlannerInputs(cost, prompts, outputs, args.tpot_slo / 1e3, max_gpus=args.max_gpus,
+                        max_batch=args.max_batch, max_batch_per_attn=args.max_batch_per_attn)
     plan = make_plan(inp, prompt_d, output_d, verify_steps=args.verify_steps, seed=args.seed)
     console = _console()
     m = plan.moments
@@ -238,51 +198,27 @@ def cmd_plan(args) -> int:
             f"(docs/afd_ratio.md)"
         )
     if args.json:
-        out = {
-            "tpot_slo_s": plan.tpot_slo,
-            "context_moments": vars(m),
-            "recommended": plan.recommended,
-            # What `--plan FILE` gives the engine: the recommended row's topology, one instance.
-            "engine_args": rec.strategy.engine_args(),
-            "rows": [
-                {
-                    "kind": r.kind,
-                    "strategy": r.strategy.describe(),
-                    "gpus": r.gpus,
-                    "batch": r.batch,
-                    "tpot_s": r.tpot,
-                    "throughput_per_gpu": r.throughput_per_gpu,
-                    "gpu_seconds_per_token": r.gpu_seconds_per_token,
-                    "notes": r.notes,
-                    "engine_args": r.strategy.engine_args(),
-                    "replicas": r.strategy.replicas,
-                    "sim": r.sim.summary(plan.tpot_slo) if r.sim else None,
-                }
-                for r in plan.rows
-            ],
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+        rows = [{"kind": r.kind, "strategy": r.strategy.describe(), "gpus": r.gpus, "batch": r.batch,
+                 "tpot_s": r.tpot, "throughput_per_gpu": r.throughput_per_gpu,
+                 "gpu_seconds_per_token": r.gpu_seconds_per_token, "notes": r.notes,
+                 "engine_args": r.strategy.engine_args(), "replicas": r.strategy.replicas,
+                 "sim": r.sim.summary(plan.tpot_slo) if r.sim else None} for r in plan.rows]
+        # engine_args: what `--plan FILE` gives the engine (the recommended row, one instance).
+        _write_json(console, args.json, {"tpot_slo_s": plan.tpot_slo, "context_moments": vars(m),
+                                         "recommended": plan.recommended,
+                                         "engine_args": rec.strategy.engine_args(), "rows": rows})
     return 0
 
 
 @_guard
 def cmd_calibrate(args) -> int:
     from fapool.sim.calibrate import calibrate, summary_lines, write_calibration
-
     from fapool.sim.cost_model import load_model_config
 
-    model = load_model_config(args.model) if args.model else None
     cal = calibrate(
-        device=args.device,
-        quick=not args.full,
-        collectives=not args.no_collectives,
-        threads=args.threads,
-        engine=not args.no_engine,
-        pool=True if args.pool else None,  # None: with --full
-        model=model,
-        twin=args.twin,
+        device=args.device, quick=not args.full, collectives=not args.no_collectives, threads=args.threads,
+        engine=not args.no_engine, pool=True if args.pool else None,  # None: with --full
+        model=load_model_config(args.model) if args.model else None, twin=args.twin,
         progress=None if args.quiet else lambda line: print(line, flush=True),
         checkpoint=lambda partial: write_calibration(partial, args.out),
     )
@@ -294,9 +230,8 @@ def cmd_calibrate(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "simulate", help="discrete-event simulation of a cluster serving a request stream"
-    )
+    p = subparsers.add_parser("simulate",
+                              help="discrete-event simulation of a cluster serving a request stream")
     _common(p)
     _workload_args(p)
     g = p.add_argument_group("open / closed workload")
@@ -305,21 +240,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--concurrency", type=int, help="closed loop: keep this many requests in flight")
     s = p.add_argument_group("strategies")
     s.add_argument("--strategy", default="static,fapool", help=f"comma list of {', '.join(STRATEGIES)}")
-    s.add_argument("--tp", type=int, default=8)
-    s.add_argument("--pp", type=int, default=2)
-    s.add_argument("--base-tp", type=int, default=8)
-    s.add_argument("--pool-size", type=int, default=24)
-    s.add_argument("--threshold", type=int, default=4096)
-    s.add_argument("--tokens-per-worker", type=int, default=4096)
+    for flag, default in (("tp", 8), ("pp", 2), ("base-tp", 8), ("pool-size", 24), ("threshold", 4096),
+                          ("tokens-per-worker", 4096)):
+        s.add_argument(f"--{flag}", type=int, default=default)
     s.add_argument("--pool-mode", default="shard", choices=("shard", "replicate", "head"),
                    help="where pool KV lives, as the engine's --pool-mode (placed by its PoolManager)")
     s.add_argument("--no-overlap", action="store_true", help="no micro-batch ping-pong (pool / AFD)")
-    s.add_argument("--afd-r", type=int, default=8)
-    s.add_argument("--afd-f-tp", type=int, default=1)
-    s.add_argument("--afd-batch", type=int, default=64)
-    s.add_argument("--attn-workers", type=int, default=8)
-    s.add_argument("--replicas", type=int, default=1)
-    s.add_argument("--max-batch", type=int, default=256)
+    for flag, default in (("afd-r", 8), ("afd-f-tp", 1), ("afd-batch", 64), ("attn-workers", 8),
+                          ("replicas", 1), ("max-batch", 256)):
+        s.add_argument(f"--{flag}", type=int, default=default)
     r = p.add_argument_group("run")
     r.add_argument("--prefill", default="chunked", choices=("chunked", "skip"))
     r.add_argument("--max-batched-tokens", type=int, default=8192)
@@ -338,40 +267,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gpus", type=int, default=40, help="GPUs one instance may use")
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--max-batch-per-attn", type=int, default=256, help="AFD: sequences per attention GPU")
-    p.add_argument(
-        "--verify-steps", type=int, default=300, help="simulate each plan this many steps (0: skip)"
-    )
+    p.add_argument("--verify-steps", type=int, default=300,
+                   help="simulate each plan this many steps (0: skip)")
     p.add_argument("--json", help="write the plan here")
     p.set_defaults(func=cmd_plan)
 
-    p = subparsers.add_parser(
-        "calibrate", help="time GEMMs, attention, collectives and a tiny engine decode here; write JSON"
-    )
+    help_ = "time GEMMs, attention, collectives and a tiny engine decode here; write JSON"
+    p = subparsers.add_parser("calibrate", help=help_)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="larger sizes (minutes on CPU)")
     p.add_argument("--no-collectives", action="store_true")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument(
-        "--no-engine", action="store_true", help="kernels only: skip the tiny-engine decode (no host model)"
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="preset or HF config.json whose architecture the tiny engine model copies (default: gated Llama)",
-    )
-    p.add_argument(
-        "--pool",
-        action="store_true",
-        help="CPU: also run the tiny engine with an attention pool (~1 min) to fit the pool's "
-        "per-call and per-layer costs (included in --full)",
-    )
-    p.add_argument(
-        "--twin",
-        choices=("tiny", "model"),
-        default="tiny",
-        help="engine decode on a tiny model with --model's architecture flags, or on --model itself "
-        "cut to depth (CPU: 1, 4 and 8 layers; its own widths: a CPU's per-layer costs depend on them)",
-    )
+    p.add_argument("--no-engine", action="store_true",
+                   help="kernels only: skip the tiny-engine decode (no host model)")
+    p.add_argument("--model", default=None, help="preset or HF config.json whose architecture the tiny engine "
+                   "model copies (default: gated Llama)")
+    p.add_argument("--pool", action="store_true", help="CPU: also run the tiny engine with an attention pool "
+                   "(~1 min) to fit the pool's per-call and per-layer costs (included in --full)")
+    p.add_argument("--twin", choices=("tiny", "model"), default="tiny",
+                   help="engine decode on a tiny model with --model's architecture flags, or on --model itself "
+                   "cut to depth (CPU: 1, 4 and 8 layers; its own widths: a CPU's per-layer costs depend on "
+                   "them)")
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     p.add_argument("--out", default="fapool_calibration.json")
     p.set_defaults(func=cmd_calibrate)

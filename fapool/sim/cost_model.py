@@ -1,15 +1,7 @@
-"""Roofline cost model: seconds for each part of a decode/prefill step on one device.
-
-Every time is `overhead + max(flops / flop_rate, bytes / byte_rate)` (a roofline), with the
-rates taken from a HardwareProfile (preset or calibrated). Functions accept numpy arrays as
-well as scalars, so the simulator can price every attention group of a step at once.
-Collectives use the ring formula; point-to-point is latency + bytes / bandwidth.
-
-A step's wall time is its device time plus, when the profile has a host model (calibrated
-from the real engine), the host's serial work and, for eager steps, the kernel launches:
-`finish_step`. `device_only()` drops the host part (the "GPU time" of a step).
-
-Sizes are per *layer* unless a name says otherwise; callers multiply by the layers they run.
+"""Roofline cost model: seconds for each part of a step on one device, per *layer* unless a name
+says otherwise. Every time is overhead + max(flops / rate, bytes / bandwidth) with a
+HardwareProfile's rates; arrays are accepted as well as scalars. `finish_step` adds the host
+model (when calibrated); `device_only()` drops it.
 """
 
 from __future__ import annotations
@@ -29,10 +21,7 @@ _HF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 def load_model_config(spec: str) -> ModelConfig:
-    """A preset name (e.g. 'seed000') or a path to a Hugging Face config.json.
-
-    Only the shape fields are read; anything the cost model does not need is ignored.
-    """
+    """A preset name (e.g. 'seed000') or a Hugging Face config.json (its shape fields only)."""
     if spec in PRESETS:
         return PRESETS[spec]()
     path = Path(spec)
@@ -87,7 +76,6 @@ class CostModel:
     def device_only(self) -> CostModel:
         return CostModel(self.model, self.hw, include_host=False)
 
-    # ---- sizes -------------------------------------------------------------------------
     @property
     def dtype_bytes(self) -> int:
         return self.hw.dtype_bytes
@@ -124,7 +112,6 @@ class CostModel:
             raise ValueError(f"unknown weight part {part!r}")
         return parts[part] * self.dtype_bytes
 
-    # ---- compute -----------------------------------------------------------------------
     def gemm_rates(self, m):
         """(FLOP/s, bytes/s) a GEMM of m rows reaches: per-m calibrated rates interpolated in
         log m (clamped to the grid), or the profile's single pair."""
@@ -176,15 +163,13 @@ class CostModel:
         return np.where(nbytes > 0, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth, 0.0)[()]
 
     def layer_misc(self, tokens, tp: int = 1):
-        """Two RMSNorms, rotary and two residual adds: ~8 passes over the hidden state, plus the
-        calibrated fixed device cost of a layer's small kernels and inter-kernel gaps (which the
-        GEMM and attention rooflines do not see; it dominates a decode layer at small batch)."""
+        """Norms, rotary and residual adds (~8 passes over the hidden state) plus the calibrated
+        fixed cost of a layer's small kernels and gaps."""
         return self.elementwise(8 * self.hidden_bytes(tokens) / max(1, tp)) + self.hw.layer_fixed_s
 
     def _attn_table(self, nbytes):
-        """Decode-attention seconds for `nbytes` read, from the calibrated (bytes, s) table:
-        log-log interpolation, the smallest sample's time below the table, the largest
-        sample's rate above it."""
+        """Decode-attention seconds for `nbytes` from the calibrated table: log-log interpolation,
+        the smallest sample's time below it, the largest sample's rate above it."""
         b, t = (np.array(v, dtype=np.float64) for v in zip(*self.hw.attn_by_bytes))
         x = np.maximum(np.asarray(nbytes, dtype=np.float64), 1.0)
         inside = np.exp(np.interp(np.log(x), np.log(b), np.log(t)))
@@ -192,12 +177,8 @@ class CostModel:
         return float(out) if np.ndim(out) == 0 else out
 
     def attention(self, kv_read_tokens, qk_pairs, num_queries, head_fraction: float = 1.0):
-        """Attention of `num_queries` query tokens that together read `kv_read_tokens` cached
-        tokens and score `qk_pairs` (query, key) pairs, over `head_fraction` of the heads.
-
-        Decode: qk_pairs == kv_read_tokens (one query per sequence). Prefill of a chunk of c
-        tokens after p cached ones: kv_read = p + c, qk_pairs = c * (p + (c + 1) / 2).
-        """
+        """`num_queries` queries reading `kv_read_tokens` cached tokens and scoring `qk_pairs`
+        (query, key) pairs over `head_fraction` of the heads (decode: qk_pairs == kv_read_tokens)."""
         m = self.model
         hw = self.hw
         if np.isscalar(kv_read_tokens) and np.isscalar(qk_pairs) and np.isscalar(num_queries):
@@ -228,7 +209,6 @@ class CostModel:
         m = self.model
         return self.gemm(num_seqs, _ceil_div(m.vocab_size, tp), m.hidden_size)
 
-    # ---- communication -----------------------------------------------------------------
     def allreduce(self, nbytes, n: int, same_node: bool = True):
         """Ring all-reduce of `nbytes` over n ranks: one launch latency, 2(n-1) ring steps."""
         if n <= 1:
@@ -250,7 +230,6 @@ class CostModel:
         nbytes = np.asarray(nbytes, dtype=np.float64)
         return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)[()]
 
-    # ---- composites used by strategies and the planner ---------------------------------
     def dense_layer(self, tokens, tp: int = 1, same_node: bool = True) -> tuple[float, float]:
         """(compute, all-reduce) seconds of one layer's non-attention work on one TP rank."""
         compute = self.qkv_proj(tokens, tp) + self.o_proj(tokens, tp) + self.ffn(tokens, tp)
@@ -259,8 +238,7 @@ class CostModel:
         return float(compute), float(comm)
 
     def step_overhead(self) -> float:
-        """Fixed per-step device work outside the layers (embedding, final norm, logits gather);
-        calibrated, or 20 kernel overheads for a preset (which then also stands in for the host)."""
+        """Fixed device work of a step outside the layers: calibrated, or 20 kernel overheads."""
         if self.hw.step_fixed_s is not None:
             return self.hw.step_fixed_s
         return 20 * self.hw.kernel_overhead
@@ -272,16 +250,10 @@ class CostModel:
             return 0.0
         return host.serial(n_seqs, kv_tokens)
 
-    def finish_step(
-        self, device_s, n_seqs=0.0, kv_tokens=0.0, graphs: bool = False, layers: int | None = None
-    ):
-        """Wall seconds of a step whose layers and LM head take `device_s` on the device.
-
-        Adds the fixed device cost of a step, then (with a host model, unless device_only) the
-        host's serial work for `n_seqs` sequences over `kv_tokens` cached tokens, and the launch
-        of `layers` layers: one graph launch (inside the host's step_s) when `graphs` and the
-        engine uses CUDA graphs, else eager launches, which a GPU overlaps with its work.
-        `device_s` may be an array (the planner's quadrature)."""
+    def finish_step(self, device_s, n_seqs=0.0, kv_tokens=0.0, graphs: bool = False, layers: int | None = None):
+        """Wall seconds of a step whose layers and LM head take `device_s` (may be an array): the
+        fixed step cost, then the host's serial work and the launches of `layers` layers (one
+        graph launch inside step_s when `graphs` and the engine uses CUDA graphs)."""
         t = device_s + self.step_overhead()
         host = self.hw.host
         if host is None or not self.include_host:

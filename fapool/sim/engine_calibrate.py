@@ -1,27 +1,12 @@
-"""The engine part of `fapool calibrate`: a short decode of the real engine on a tiny model at
-two or more depths and a few (batch, context) points, to fit what kernel micro-benchmarks cannot see.
+"""The engine part of `fapool calibrate`: a short decode of the real engine on a tiny model (or the
+target cut to depth) at two or more depths, fitting what kernel micro-benchmarks cannot see:
 
-Per point and depth it measures the whole engine step (scheduler, input preparation, launch,
-device, sampling, output processing) and the step's device time:
-on a GPU the replay of the step's CUDA graph, on a CPU the runner's forward (its execute
-minus its input preparation: the CPU is the device). From these:
+  layer_fixed_s / step_fixed_s  device time over depth (slope / intercept) beyond the rooflines
+  host   whole step minus device time ~ step_s + per_seq_s * seqs + per_kv_token_s * cached tokens
+  launch GPU only: the eager forward's cost a layer and a step
 
-  layer_fixed_s  device seconds a layer costs beyond its GEMM and attention rooflines (small
-                 kernels, inter-kernel gaps): the least-squares slope of device time over depth minus the
-                 modelled layer, extrapolated to no cached tokens (a non-negative line in the
-                 batch's cached tokens; its slope, the attention roofline's miss in the engine,
-                 is recorded as a diagnostic, not used)
-  step_fixed_s   the same for the work outside the layers (embedding, final norm, logits)
-  host           whole step minus device time, fitted by non-negative least squares as
-                 step_s + per_seq_s * seqs + per_kv_token_s * cached tokens
-  launch         GPU only: the same points run eagerly (no graphs); the tiny model is
-                 launch-bound, so its forward time over depth gives the launch cost a layer
-
-A step's time is the median of the timed steps on a GPU; on a CPU the 20th percentile, as
-calibrate.time_op does: on a shared machine noise only ever adds time.
-
-The tiny model mirrors the target model's architecture flags (gated MLP, activation, qkv bias,
-tied embeddings, GQA ratio), so a layer launches the same kernels.
+Device time is the CUDA graph's replay on a GPU, the runner's forward on a CPU; a step's time is
+the median (GPU) or 20th percentile (CPU, where noise only adds). docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -36,27 +21,20 @@ import numpy as np
 from fapool.config import ModelConfig
 from fapool.sim.errors import SimInputError
 
-QUICK_CPU = {
-    "layers": (1, 3), "batches": (1, 4, 8), "contexts": (32, 256), "steps": 12, "warmup": 2, "repeats": 2
-}
-QUICK_GPU = {
-    "layers": (1, 3), "batches": (1, 8, 32), "contexts": (128, 2048), "steps": 16, "warmup": 4, "repeats": 1
-}
-# The CPU grid for twin="model": on a CPU a model-wide layer costs about as much as one step's
-# noise, so a depth slope from two close depths is unreliable; three depths spanning 7 layers
-# fit it by least squares (docs/simulator.md).
+QUICK_CPU = {"layers": (1, 3), "batches": (1, 4, 8), "contexts": (32, 256), "steps": 12, "warmup": 2,
+             "repeats": 2}
+QUICK_GPU = {"layers": (1, 3), "batches": (1, 8, 32), "contexts": (128, 2048), "steps": 16, "warmup": 4,
+             "repeats": 1}
+# twin="model" on a CPU: a model-wide layer costs about one step's noise, so three depths spanning
+# 7 layers fit the slope by least squares.
 QUICK_CPU_MODEL = {**QUICK_CPU, "layers": (1, 4, 8)}
 HOST_TERMS = ("step_s", "per_seq_s", "per_kv_token_s")
-
-
 TWINS = ("tiny", "model")
 
 
 def engine_twin(model: ModelConfig | None, num_layers: int, twin: str = "tiny") -> ModelConfig:
-    """The model the engine calibration runs at `num_layers` layers: "tiny" (tiny_twin), or
-    "model": the target itself cut to that depth (its own layer widths, vocabulary and LM
-    head, random weights). Where kernels are not launch-bound (a CPU), a layer's fixed costs
-    depend on its widths and on caches its weights evict, which a tiny layer does not show."""
+    """The model the engine calibration runs at `num_layers` layers: tiny_twin, or ("model") the
+    target cut to that depth, whose own widths set a CPU layer's fixed costs."""
     if twin not in TWINS:
         raise SimInputError(f"engine twin must be one of {TWINS}, got {twin!r}")
     if twin == "model":
@@ -73,43 +51,27 @@ def tiny_twin(model: ModelConfig | None, num_layers: int) -> ModelConfig:
     if model is not None:
         ratio = max(1, model.num_attention_heads // model.num_key_value_heads)
         kv_heads = max(1, heads // min(ratio, heads))
-    base = dict(
-        vocab_size=1024,
-        hidden_size=heads * head_dim,
-        intermediate_size=2 * heads * head_dim,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-    )
+    base = dict(vocab_size=1024, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+                num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=head_dim, max_position_embeddings=4096)
     if model is None:
         return ModelConfig(architecture="llama", **base)
-    return model.replace(
-        **base, rope_scaling=None, sliding_window=None, bos_token_id=None, eos_token_ids=()
-    )
+    return model.replace(**base, rope_scaling=None, sliding_window=None, bos_token_id=None, eos_token_ids=())
 
 
 def build_engine(mc: ModelConfig, device: str, max_batch: int, max_tokens: int, num_blocks: int, **extra):
-    """An engine over `mc` with random weights and an explicit KV size (single process unless
-    `extra` EngineArgs, e.g. attention_workers, say otherwise)."""
+    """An engine over `mc` with random weights and an explicit KV size (`extra`: more EngineArgs)."""
     from fapool.attention.selector import make_backend
     from fapool.engine.arg_utils import EngineArgs
     from fapool.engine.llm_engine import LLMEngine
     from fapool.models.registry import build_model
     from fapool.worker.model_runner import DTYPES
 
-    config = EngineArgs(
-        device=device,
-        num_kv_blocks=num_blocks,
-        max_num_seqs=max_batch,
-        max_num_batched_tokens=max_tokens,
-        enable_prefix_caching=False,  # random prompts never hit; keeps hashing out of the fit
-        # Synchronous steps: the host's serial work is what is measured; the cost model
-        # overlaps it with the device where the engine schedules asynchronously (CUDA).
-        async_scheduling=False,
-        **extra,
-    ).create_engine_config(mc)
+    # No prefix caching (random prompts never hit); synchronous steps, so the host's serial work is
+    # what is measured (the cost model overlaps it where the engine schedules asynchronously).
+    config = EngineArgs(device=device, num_kv_blocks=num_blocks, max_num_seqs=max_batch,
+                        max_num_batched_tokens=max_tokens, enable_prefix_caching=False,
+                        async_scheduling=False, **extra).create_engine_config(mc)
     backend = make_backend(config.attention_backend, config.device)
     model = build_model(mc, backend, DTYPES[config.dtype], config.device)
     model.init_random_weights(config.seed)
@@ -122,9 +84,8 @@ def typical(times: Sequence[float], cpu: bool) -> float:
 
 
 def start_decode(engine, batch: int, context: int, max_tokens: int, warmup: int) -> tuple[list, list]:
-    """Add `batch` random prompts of `context` tokens (seeded by the shape) that generate up to
-    `max_tokens`, step until each has its first token, then `warmup` more steps ->
-    (request ids, requests). The caller aborts the ids when done."""
+    """Add `batch` seeded random prompts of `context` tokens and step until each has its first token,
+    then `warmup` more -> (request ids, requests); the caller aborts the ids."""
     import torch
 
     from fapool.sampling_params import SamplingParams
@@ -146,14 +107,10 @@ def start_decode(engine, batch: int, context: int, max_tokens: int, warmup: int)
     return ids, reqs
 
 
-def measure_decode(
-    engine, batch: int, context: int, steps: int, warmup: int, cpu_percentile: bool = True
-) -> dict:
-    """Prefill `batch` random prompts of `context` tokens, then time `steps` decode steps.
-
-    Returns the typical whole step, runner execute and input preparation (s), the device
-    seconds of a step (graph replay on a GPU with graphs, else execute minus preparation) and
-    the batch's mean cached tokens over the timed steps."""
+def measure_decode(engine, batch: int, context: int, steps: int, warmup: int,
+                   cpu_percentile: bool = True) -> dict:
+    """Time `steps` decode steps of `batch` prompts of `context` tokens: the typical whole step,
+    execute, input preparation and device seconds, and the batch's mean cached tokens."""
     import torch
 
     cuda = engine.executor.runner.device.type == "cuda"
@@ -202,22 +159,13 @@ def measure_decode(
     finally:
         for rid in ids:
             engine.abort_request(rid)
-    return {
-        "batch": batch,
-        "context": context,
-        "mode": mode,
-        "step_s": step_s,
-        "execute_s": exec_s,
-        "prepare_s": prep_s,
-        "device_s": device_s,
-        "step_median_s": float(statistics.median(step_t)),
-        "kv_tokens": batch * (context + warmup + 1 + steps / 2),
-    }
+    return {"batch": batch, "context": context, "mode": mode, "step_s": step_s, "execute_s": exec_s,
+            "prepare_s": prep_s, "device_s": device_s, "step_median_s": float(statistics.median(step_t)),
+            "kv_tokens": batch * (context + warmup + 1 + steps / 2)}
 
 
 def fit_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares y ~ x @ c with c >= 0: the best unconstrained fit over every subset of
-    columns whose coefficients all come out non-negative (exact for the few columns here)."""
+    """Least squares y ~ x @ c with c >= 0: the best fit over column subsets with c >= 0."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = x.shape[1]
     best, best_err = np.zeros(n), float(np.sum(y**2))
@@ -242,10 +190,8 @@ def fit_host(n_seqs: Sequence[float], kv_tokens: Sequence[float], host_s: Sequen
     x = np.stack([np.ones_like(n), n, kv], axis=1)
     c = fit_nonneg(x, y)
     pred = x @ c
-    return {
-        **{name: float(v) for name, v in zip(HOST_TERMS, c)},
-        "mean_abs_rel_err": float(np.mean(np.abs(pred - y) / y)),
-    }
+    err = float(np.mean(np.abs(pred - y) / y))
+    return {**{name: float(v) for name, v in zip(HOST_TERMS, c)}, "mean_abs_rel_err": err}
 
 
 def fit_launch(layers: Sequence[int], forward_s: Sequence[float]) -> dict:
@@ -255,17 +201,10 @@ def fit_launch(layers: Sequence[int], forward_s: Sequence[float]) -> dict:
     return {"launch_step_s": float(c[0]), "launch_layer_s": float(c[1])}
 
 
-def calibrate_engine(
-    device: str,
-    cost_for: Callable[[ModelConfig], object],
-    model: ModelConfig | None = None,
-    grid: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict:
-    """Run the tiny engine and fit the host, fixed-cost and (GPU) launch terms.
-
-    `cost_for(model_config)` builds a CostModel from the kernel fits just made (with no fixed
-    terms and no host model): it prices the GEMMs, attention and LM head of the tiny model."""
+def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], model: ModelConfig | None = None,
+                     grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the engine decode and fit the host, fixed-cost and (GPU) launch terms; `cost_for(config)`
+    is a CostModel of the kernel fits alone, which prices the parts the rooflines see."""
     import gc
 
     import torch
@@ -274,7 +213,8 @@ def calibrate_engine(
     grid = grid or (QUICK_GPU if cuda else QUICK_CPU)
     depths = tuple(grid["layers"])
     if len(depths) < 2 or any(b <= a for a, b in zip(depths, depths[1:])) or depths[0] < 1:
-        raise SimInputError("engine calibration needs two or more depths (>= 1 layer), each larger than the last")
+        raise SimInputError("engine calibration needs two or more depths (>= 1 layer), each larger than "
+                            "the last")
     lo = depths[0]
     max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])
     extra = grid["steps"] + grid["warmup"] + 16
@@ -287,8 +227,7 @@ def calibrate_engine(
     try:
         for engine in engines.values():
             measure_decode(engine, 2, 32, 3, 1)  # compiles kernels, captures the first graph
-        # The depths alternate at each point, and each point is repeated (CPU), keeping the
-        # fastest: load from other processes drifts, and the depth slope is a difference.
+        # Depths alternate at each point, repeated (CPU) keeping the fastest: load drifts.
         for batch, context in itertools.product(grid["batches"], grid["contexts"]):
             for depth, engine in engines.items():
                 reps = [measure_decode(engine, batch, context, grid["steps"], grid["warmup"])
@@ -345,27 +284,14 @@ def calibrate_engine(
         launch = fit_launch([e["layers"] for e in eager], [e["execute_s"] - e["prepare_s"] for e in eager])
     else:
         launch = {"launch_step_s": 0.0, "launch_layer_s": 0.0}
-    return {
-        "model": ("tiny twin of " if twin == "tiny" else "the target cut to depth, ")
-        + (model.architecture if model else "llama")
-        + f" (hidden {engine_twin(model, lo, twin).hidden_size}, layers {', '.join(map(str, depths))})",
-        "twin": twin,
-        "device_fixed": {
-            "layer_fixed_s": layer_fixed,
-            "step_fixed_s": step_fixed,
-            "layer_residuals_s": [float(v) for v in layer_res],
-            "layer_residual_per_kv_token_s": float(line[1]),
-            "step_residuals_s": [float(v) for v in step_res],
-        },
-        "host": {
-            **host,
-            **launch,
-            "cuda_graphs": graphs,
-            "launch_overlaps_device": cuda,
-            "async_scheduling": cuda,  # the engine's default there: host work hidden behind the GPU
-            "note": "host = whole engine step - device time (graph replay on GPU; forward on CPU)",
-        },
-        "samples": samples,
-        "eager_samples": eager,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    name = ("tiny twin of " if twin == "tiny" else "the target cut to depth, ") + (
+        model.architecture if model else "llama")
+    fixed = {"layer_fixed_s": layer_fixed, "step_fixed_s": step_fixed,
+             "layer_residuals_s": list(map(float, layer_res)), "layer_residual_per_kv_token_s": float(line[1]),
+             "step_residuals_s": list(map(float, step_res))}
+    # async_scheduling: the engine's default on CUDA, host work hidden behind the GPU
+    host = {**host, **launch, "cuda_graphs": graphs, "launch_overlaps_device": cuda, "async_scheduling": cuda,
+            "note": "host = whole engine step - device time (graph replay on GPU; forward on CPU)"}
+    name += f" (hidden {engine_twin(model, lo, twin).hidden_size}, layers {', '.join(map(str, depths))})"
+    return {"model": name, "twin": twin, "device_fixed": fixed, "host": host, "samples": samples,
+            "eager_samples": eager, "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,16 +1,8 @@
-"""Hardware profiles: the numbers the roofline cost model needs, with presets.
+"""Hardware profiles: the *effective* rates the roofline cost model needs (what kernels reach).
 
-A profile holds *effective* rates (what kernels reach), not datasheet peaks. Presets derive
-them from public peak figures times an efficiency; a calibration JSON written by
-`fapool calibrate` replaces them with fitted numbers for the device it ran on.
-
-Preset sources (datasheet figures, dense bf16, no sparsity):
-  H100 SXM5: 989 TFLOP/s, HBM3 3.35 TB/s, 80 GB; NVLink 4 900 GB/s bidirectional
-             (450 GB/s a direction); one 400 Gb/s NDR NIC per GPU (50 GB/s).
-  H200 SXM:  989 TFLOP/s, HBM3e 4.8 TB/s, 141 GB; same NVLink and NIC.
-The efficiencies (GEMM 0.70, attention 0.75 of HBM, NVLink 0.80, NIC 0.80), latencies and
-$/GPU-hour are assumptions, stated here so a reader can change them; they are not fitted
-to any paper's figures.
+Presets are datasheet peaks (dense bf16; H100 SXM5 989 TFLOP/s, 3.35 TB/s, 80 GB; H200 SXM the
+same with 4.8 TB/s, 141 GB; NVLink 450 GB/s and a 50 GB/s NIC a direction) times assumed
+efficiencies; `fapool calibrate` replaces them with fitted numbers (docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -23,8 +15,7 @@ from fapool.sim.errors import SimInputError
 
 @dataclass(frozen=True)
 class LinkProfile:
-    """One class of link: effective bandwidth a direction (bytes/s), per-message latency (s)
-    and the extra latency each further ring step of a collective adds (s)."""
+    """Bandwidth a direction (bytes/s), per-message latency (s), latency of each further ring step (s)."""
 
     bandwidth: float
     latency: float
@@ -35,23 +26,17 @@ class LinkProfile:
             raise SimInputError(f"link needs bandwidth > 0 and latency >= 0, got {self}")
 
 
+def _non_negative(obj, what: str) -> None:
+    for f in dataclasses.fields(obj):
+        if f.type == "float" and getattr(obj, f.name) < 0:
+            raise SimInputError(f"{what} field {f.name} must be >= 0, got {getattr(obj, f.name)}")
+
+
 @dataclass(frozen=True)
 class HostProfile:
-    """What the engine's host adds to a step beyond the device's work (fitted by
-    `fapool calibrate` from a short real engine decode; see docs/simulator.md):
-
-        whole step = step_s + per_seq_s * seqs + per_kv_token_s * cached tokens   (serial host)
-                     + device time, or max(device, launches) where launches overlap it;
-                     for graph steps with async scheduling max(serial host, device time)
-
-    step_s covers the scheduler's fixed work, the graph launch (graph mode), input preparation
-    and sampling's fixed part; per_seq_s each running sequence's share (scheduling, sampling,
-    output processing, its row of the inputs); per_kv_token_s the work that grows with the
-    batch's cached tokens (block tables, prefix-cache hashing). Eager steps (no CUDA graph)
-    launch every kernel from Python: `launch_layer_s` a layer, `launch_step_s` outside the
-    layers. On a GPU those launches run ahead of the device (`launch_overlaps_device`); on a
-    CPU the "device" is the same thread, so dispatch is already in the device's fixed costs and
-    both launch terms are 0."""
+    """What the engine's host adds to a step beyond the device's work (fitted by `fapool calibrate`;
+    docs/simulator.md): serial work step_s + per_seq_s * seqs + per_kv_token_s * cached tokens, and
+    for eager steps the launches launch_step_s + launch_layer_s * layers, which a GPU overlaps."""
 
     step_s: float = 0.0
     per_seq_s: float = 0.0
@@ -60,14 +45,10 @@ class HostProfile:
     launch_step_s: float = 0.0
     cuda_graphs: bool = False  # the engine replays CUDA graphs for single-device decode steps
     launch_overlaps_device: bool = True
-    # The engine schedules step n+1 while the device runs step n (its default on CUDA), so a
-    # graph step's serial host work overlaps the device's instead of adding to it.
-    async_scheduling: bool = False
+    async_scheduling: bool = False  # a graph step's serial host work overlaps the device's
 
     def __post_init__(self) -> None:
-        for name in ("step_s", "per_seq_s", "per_kv_token_s", "launch_layer_s", "launch_step_s"):
-            if getattr(self, name) < 0:
-                raise SimInputError(f"host field {name} must be >= 0, got {getattr(self, name)}")
+        _non_negative(self, "host")
 
     def serial(self, n_seqs, kv_tokens):
         """Host seconds a step spends outside the device's work (arrays allowed)."""
@@ -80,19 +61,10 @@ class HostProfile:
 
 @dataclass(frozen=True)
 class PoolOverheads:
-    """Fixed costs of the attention pool's own machinery (fitted by `fapool calibrate --pool`
-    from a tiny-model pool run on a CPU; see docs/simulator.md):
-
-      an attention worker, per call (one layer of one micro-batch that has work there):
-          worker_call_s + worker_per_seq_s * sequences in the call   (beyond the attention
-          roofline: unpacking the message, writing K/V, packing the reply)
-      the pool driver, per layer:
-          driver_mb_s * micro-batches (the micro-batch generators, each a yield a layer)
-          + driver_pool_mb_s * micro-batches that send to the pool (posting the exchange,
-            the merge)
-          + driver_route_s * (micro-batch, worker) routes (packing and sending each worker's
-            share, unpacking its partial)
-          and driver_step_s a step (step plans out, worker reports back)."""
+    """Fixed costs of the attention pool's machinery (fitted by `fapool calibrate --pool`; docs/simulator.md):
+    a worker call (one layer of one micro-batch) worker_call_s + worker_per_seq_s * its sequences; the
+    driver a layer driver_mb_s * micro-batches + driver_pool_mb_s * those that use the pool +
+    driver_route_s * (micro-batch, worker) routes, and driver_step_s a step."""
 
     worker_call_s: float = 0.0
     worker_per_seq_s: float = 0.0
@@ -102,9 +74,7 @@ class PoolOverheads:
     driver_step_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise SimInputError(f"pool field {f.name} must be >= 0, got {getattr(self, f.name)}")
+        _non_negative(self, "pool")
 
     def worker_calls(self, calls, seqs):
         """Worker seconds of `calls` calls over `seqs` sequences in all (arrays allowed)."""
@@ -112,17 +82,13 @@ class PoolOverheads:
 
     def driver_layer(self, micro_batches: float, pool_micro_batches: float, routes: float) -> float:
         """Driver seconds a layer beyond its dense work, over all its micro-batches."""
-        return (
-            self.driver_mb_s * micro_batches
-            + self.driver_pool_mb_s * pool_micro_batches
-            + self.driver_route_s * routes
-        )
+        return (self.driver_mb_s * micro_batches + self.driver_pool_mb_s * pool_micro_batches
+                + self.driver_route_s * routes)
 
 
 def contention_stretch(busy_processes: int, cores: int | None) -> float:
-    """Processor sharing: `busy_processes` runnable at once on `cores` cores each run at
-    cores / busy_processes of full speed, so their work takes that much longer. 1 when the
-    cores are not known (GPU profiles, presets) or suffice."""
+    """Processor sharing: how much longer work takes when `busy_processes` share `cores` cores
+    (1 when the cores are unknown, as for GPUs and presets, or suffice)."""
     if cores is None or busy_processes <= cores:
         return 1.0
     return busy_processes / cores
@@ -146,25 +112,15 @@ class HardwareProfile:
     reserved_bytes: float = 2e9  # activations, workspace, CUDA context
     cost_per_hour: float = 1.0  # $ per device-hour (assumption; for per-GPU cost only)
     source: str = "preset"  # "preset" or the calibration file it came from
-    # Device time a layer / a step costs beyond its GEMMs' and attention's roofline: the small
-    # kernels (norms, rotary, residual adds, KV write, activation) and the gaps between kernels.
-    # Calibrated from the engine's own decode at two depths; 0 / None in presets, where
-    # step_overhead falls back to 20 kernel overheads.
+    # Calibrated device time of a layer / a step beyond the GEMM and attention rooflines (small
+    # kernels, gaps); presets: 0 / None (step_overhead is then 20 kernel overheads).
     layer_fixed_s: float = 0.0
     step_fixed_s: float | None = None
     host: HostProfile | None = None  # None: no host model (device time only)
-    # (m, FLOP/s, bytes/s) of GEMMs with m rows, calibrated per m; the cost model interpolates
-    # in log m. Empty: gemm_flops / gemm_bandwidth for every m.
-    gemm_by_m: tuple[tuple[int, float, float], ...] = ()
-    # (bytes, seconds) of the engine's decode attention calls, calibrated; the cost model
-    # interpolates in log-log (a CPU's reference attention is far from a roofline: cache
-    # effects and ~50 ops of fixed cost). Empty: the attention roofline.
-    attn_by_bytes: tuple[tuple[float, float], ...] = ()
+    gemm_by_m: tuple[tuple[int, float, float], ...] = ()  # calibrated (m, FLOP/s, bytes/s) per GEMM rows m
+    attn_by_bytes: tuple[tuple[float, float], ...] = ()  # calibrated (bytes, s) of decode attention calls
     pool: PoolOverheads | None = None  # None: the pool's machinery costs nothing beyond its parts
-    # CPU "devices": the cores the engine's processes share (one torch thread each). A pool
-    # configuration with more busy processes than cores is priced with contention_stretch.
-    # None (GPUs, presets): every process has its own device.
-    cpu_cores: int | None = None
+    cpu_cores: int | None = None  # CPU: the cores the engine's processes share (contention_stretch)
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth"):
@@ -235,10 +191,6 @@ def _presets() -> dict[str, HardwareProfile]:
 
 
 ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "h200-sxm": "h200"}
-
-
-def hardware_names() -> list[str]:
-    return sorted(_presets())
 
 
 def get_hardware(name: str) -> HardwareProfile:

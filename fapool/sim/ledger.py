@@ -1,16 +1,10 @@
-"""KV bookkeeping for the simulator: where each slot's cached tokens live, and when a step's
-new tokens do not fit (which triggers preemption).
+"""KV bookkeeping for the simulator: where each slot's cached tokens live, and when a step's new
+tokens do not fit (which triggers preemption).
 
-Two ledgers:
-  GroupLedger  every slot's KV lives in its attention group (static TP x PP: one group;
-               AFD: one group per attention GPU). Usage is derived from the slots' contexts.
-  PoolLedger   FA Pool / Lamina: the first `threshold` tokens of a sequence stay on the base
-               GPUs; the rest is placed by the engine's own PoolManager (fapool.core), in its
-               modes (shard, replicate, head), so the simulated policy is the engine's.
-
-`try_allocate` places a step's new tokens slot by slot and returns None, or the domain that
-overflowed (tokens placed for earlier slots stay placed, as in the engine's scheduler), so the
-simulator can preempt the youngest request there and try again.
+GroupLedger: a slot's KV lives in its attention group (static: one group; AFD: one per attention
+GPU). PoolLedger: the first `threshold` tokens stay on the base GPUs and the engine's own
+PoolManager (fapool.core) places the rest in its modes, so the simulated policy is the engine's.
+`try_allocate` returns None, or the domain that overflowed (where the youngest is preempted).
 """
 
 from __future__ import annotations
@@ -23,8 +17,7 @@ from fapool.config import PoolConfig
 from fapool.core.pool_manager import PoolManager
 
 Domain = tuple[str, int]  # ("group", g) | ("base", 0) | ("pool", w)
-# Blocks a worker is given when the block size can be chosen (BlockPool keeps an object per
-# block); its capacity is kept whole either way.
+# Blocks a worker gets when the block size can be chosen (BlockPool keeps an object per block).
 MAX_BLOCKS_PER_WORKER = 1 << 13
 
 
@@ -37,8 +30,7 @@ class GroupLedger:
     def usage(self, tokens: np.ndarray) -> np.ndarray:
         return np.bincount(self.group, weights=tokens, minlength=self.num_groups)
 
-    # Admission: `begin_admission` caches usage for a round of admissions; `can_admit` and
-    # `admit` then cost O(1) each. `committed` = per-slot tokens held or promised (prefill).
+    # A round of admissions: usage of the tokens held or promised is cached, then O(1) a request.
     def begin_admission(self, committed: np.ndarray) -> None:
         self._used = self.usage(committed)
 
@@ -67,18 +59,9 @@ class GroupLedger:
 
 
 class PoolLedger:
-    def __init__(
-        self,
-        num_slots: int,
-        base_capacity: int,
-        worker_capacity: float,
-        num_workers: int,
-        threshold: int,
-        tokens_per_worker: int,
-        mode: str,
-        head_share: np.ndarray | None = None,
-        max_slot_tokens: int | None = None,
-    ):
+    def __init__(self, num_slots: int, base_capacity: int, worker_capacity: float, num_workers: int,
+                 threshold: int, tokens_per_worker: int, mode: str, head_share: np.ndarray | None = None,
+                 max_slot_tokens: int | None = None):
         self.base_capacity = base_capacity
         self.mode = mode
         self.num_workers = num_workers
@@ -86,11 +69,9 @@ class PoolLedger:
         per_worker = worker_capacity / float(head_share.max()) if mode == "head" else worker_capacity
         # `max_slot_tokens`: the most a slot will ever hold (pricing one step needs no more).
         need = per_worker if max_slot_tokens is None else min(per_worker, num_slots * (max_slot_tokens + 256))
-        # Blocks that divide the threshold and the segment, so the placement is the engine's
-        # exactly, and large enough that a worker needs at most MAX_BLOCKS_PER_WORKER of them.
-        # Where no such divisor exists: larger blocks that PoolManager rounds the threshold and
-        # segments up to (as the engine does with its own) while they stay small beside the
-        # threshold, else the divisor with more blocks (never a smaller capacity).
+        # Blocks that divide the threshold and the segment (the engine's placement exactly), at most
+        # MAX_BLOCKS_PER_WORKER a worker; else larger blocks PoolManager rounds up to while they
+        # stay small beside the threshold, else the divisor with more blocks.
         least = max(16, math.ceil(need / MAX_BLOCKS_PER_WORKER))
         g = math.gcd(threshold, min(tokens_per_worker, 1 << 20))
         exact = next((d for d in range(least, min(g, 64 * least) + 1) if g % d == 0), None)
@@ -99,16 +80,13 @@ class PoolLedger:
         self.block_size = exact or least
         self.pm = None
         if num_workers:
-            config = PoolConfig(
-                attention_workers=num_workers, pool_threshold=threshold,
-                tokens_per_pool_worker=tokens_per_worker, pool_mode=mode,
-            )
+            config = PoolConfig(attention_workers=num_workers, pool_threshold=threshold,
+                                tokens_per_pool_worker=tokens_per_worker, pool_mode=mode)
             self.pm = PoolManager(config, self.block_size, max(1, int(need) // self.block_size))
         self.pool_start = threshold if self.pm is None else self.pm.pool_start
         self.owned = np.zeros((num_slots, num_workers), np.int64)  # pool tokens per slot and worker
         self.room = np.full(num_slots, self.pool_start, np.int64)  # end of the slot's pool blocks
-        # Positions counted in `owned` (a step that failed part-way, or a macro step's look
-        # ahead, may have placed tokens past the slot's context: they are not counted twice).
+        # Positions counted in `owned` (a failed or look-ahead step may place past the context).
         self.counted = np.full(num_slots, self.pool_start, np.int64)
         self.last = np.zeros(num_slots, np.int64)  # shard: the worker of the slot's open segment
         self.placed = np.zeros(num_workers)  # tokens placed on each worker by the last allocation
@@ -123,7 +101,6 @@ class PoolLedger:
         """Pool tokens per slot (every worker holds a share of each in head mode)."""
         return self.owned.max(axis=1) if self.mode != "shard" else self.owned.sum(axis=1)
 
-    # -- queries -----------------------------------------------------------------------
     def base_usage(self, tokens: np.ndarray) -> float:
         return float(np.minimum(tokens, self.pool_start).sum())
 
@@ -164,11 +141,8 @@ class PoolLedger:
         return self.owned[:, domain[1]] > 0
 
     def attend(self, slots: np.ndarray, micro_batch: int = 0) -> np.ndarray:
-        """[len(slots), workers]: the pool tokens each worker attends to for micro-batch
-        `micro_batch`'s slots, in batch order. Replicate mode splits the queries: the slot at
-        position i goes to holder (micro_batch + i) % workers, as fapool.worker.step_plan routes
-        a decode query (a prefill chunk's queries, which the engine splits over the holders,
-        go to that one holder here)."""
+        """[len(slots), workers]: the pool tokens each worker attends to for the micro-batch's slots;
+        replicate mode sends position i to holder (micro_batch + i) % workers, as step_plan does."""
         rows = self.owned[slots]
         if self.mode != "replicate" or self.num_workers == 0:
             return rows
@@ -178,7 +152,6 @@ class PoolLedger:
         out[at, pick] = rows[at, pick]
         return out
 
-    # -- allocation ----------------------------------------------------------------------
     def try_allocate(self, ctx: np.ndarray, new: np.ndarray) -> Domain | None:
         end = ctx + new
         if self.base_usage(end) > self.base_capacity:

@@ -1,22 +1,17 @@
-"""Closed-form planner: for a model, hardware, workload statistics and a TPOT SLO, size each
-strategy and say which to deploy.
+"""Closed-form planner: size static TP x PP, FA Pool, head-parallel and AFD for a model, hardware,
+workload and TPOT SLO, and say which to deploy.
 
-Everything here is mean-field: a decode step of B sequences whose contexts follow the
-stationary (length-biased) distribution X of queueing.py, priced with the same cost model
-and the same step-time formulas the simulator uses. Each strategy's best configuration is
-then checked by a short simulation (closed loop, steady-state start) for SLO attainment.
-
-  static TP x PP  the largest batch that fits KV (mean + 3 sd) and meets the SLO, per (tp, pp)
-  FA Pool         (threshold, pool size, batch) maximising tokens/s/GPU; the balance pool size
-                  P* where the pool's attention time meets the base's (the seed's plateau)
-  head-parallel   FA Pool with threshold 0, KV split by head over the attention workers
-  AFD rA-1F       the closed-form optimal ratio of afd.py for each (b, f_tp)
+Mean-field: a decode step of B sequences with contexts from the stationary distribution X
+(queueing.py), priced by the simulator's own step formulas; each strategy's best configuration
+is then checked by a short closed-loop simulation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,7 +52,6 @@ class Plan:
     moments: ContextMoments
     afd: AFDPlan | None = None
     pool_balance: int | None = None  # P* for the chosen FA Pool threshold and batch
-    details: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,16 +125,11 @@ class _PoolMeanField:
         """(E[min(X, th)], E[(X - th)+], P(X > th), E[workers per pool sequence])."""
         key = (threshold, P)
         if key not in self._cache:
-            x, th, tpw = self.x, threshold, self.inp.tokens_per_worker
-            over = np.maximum(x - th, 0)
-            k = np.minimum(P, np.ceil(over / tpw)) if P else np.zeros_like(over)
+            over = np.maximum(self.x - threshold, 0)
+            k = np.minimum(P, np.ceil(over / self.inp.tokens_per_worker)) if P else np.zeros_like(over)
             q = float((over > 0).mean())
-            self._cache[key] = (
-                float(np.minimum(x, th).mean()),
-                float(over.mean()),
-                q,
-                float(k[over > 0].mean()) if q > 0 else 0.0,
-            )
+            e_k = float(k[over > 0].mean()) if q > 0 else 0.0
+            self._cache[key] = (float(np.minimum(self.x, threshold).mean()), float(over.mean()), q, e_k)
         return self._cache[key]
 
     def step(self, s: FAPool, B: float) -> float:
@@ -176,9 +165,8 @@ class _PoolMeanField:
             merge = float(cost.elementwise(3 * P * r_w / tp))
         elif P and cost.hw.pool is not None:
             driver_extra = cost.hw.pool.driver_layer(1, 0, 0)
-        return s.step_time(
-            cost, B, B, local, pool_path, merge, B * (e_loc + e_pool), driver_extra, step_extra
-        )[0]
+        kv = B * (e_loc + e_pool)
+        return s.step_time(cost, B, B, local, pool_path, merge, kv, driver_extra, step_extra)[0]
 
     def fits(self, s: FAPool, B: int, m_sd: float) -> bool:
         e_loc, e_pool, _, _ = self.stats(s.threshold, s.pool_size)
@@ -190,11 +178,12 @@ class _PoolMeanField:
 
 
 def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make, thresholds, sizes):
+    """The (strategy, batch, tokens/s/GPU, TPOT) of the best make(tp, threshold, P) over base TP >= 2."""
     target = inp.tpot_slo * inp.headroom
     best = None
-    for th in thresholds:
-        for P in sizes:
-            s = make(th, P)
+    for tp, th in itertools.product([t for t in _tp_options(inp) if t >= 2], thresholds):
+        for P in sizes(tp):
+            s = make(tp, th, P)
             if s.num_gpus() > inp.max_gpus:
                 continue
             lo_fit = 0
@@ -213,23 +202,15 @@ def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make
     return best
 
 
-def pool_balance_size(
-    mf: _PoolMeanField,
-    base_tp: int,
-    threshold: int,
-    tokens_per_worker: int,
-    B: int,
-    p_max: int,
-    tolerance: float = 0.02,
-) -> int | None:
+def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_per_worker: int, B: int,
+                      p_max: int, tolerance: float = 0.02) -> int | None:
     """The smallest pool whose mean-field step is within `tolerance` of an unbounded pool's:
     past it the base GPUs (dense work + attention to the first `threshold` tokens) set the
     pace and more pool GPUs buy nothing (the seed's plateau)."""
 
     def step(P: int) -> float:
-        return mf.step(
-            FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker), B
-        )
+        pool = FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker)
+        return mf.step(pool, B)
 
     ref = step(p_max)
     return next((P for P in range(1, p_max + 1) if step(P) <= (1 + tolerance) * ref), None)
@@ -238,28 +219,15 @@ def pool_balance_size(
 def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> tuple[PlanRow | None, int | None]:
     mf = _PoolMeanField(inp, x)
     top = int(np.percentile(x, 99))
-    thresholds = sorted(
-        {t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top} | {inp.tokens_per_worker}
-    )
-    best = None
-    for tp in [t for t in _tp_options(inp) if t >= 2]:
-        sizes = range(1, inp.max_gpus - tp + 1)
-        make = lambda th, P, tp=tp: FAPool(
-            base_tp=tp, pool_size=P, threshold=th, tokens_per_worker=inp.tokens_per_worker
-        )
-        found = _pool_search(inp, mf, m, make, thresholds, sizes)
-        if found and (best is None or found[2] > best[2]):
-            best = found
+    thresholds = sorted({t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top}
+                        | {inp.tokens_per_worker})
+    make = lambda tp, th, P: FAPool(base_tp=tp, pool_size=P, threshold=th,
+                                    tokens_per_worker=inp.tokens_per_worker)
+    best = _pool_search(inp, mf, m, make, thresholds, lambda tp: range(1, inp.max_gpus - tp + 1))
     if best is None:
         return None, None
     s, B, thr, tpot = best
-    s = FAPool(
-        base_tp=s.base_tp,
-        pool_size=s.pool_size,
-        threshold=s.threshold,
-        tokens_per_worker=s.tokens_per_worker,
-        max_batch=B,
-    )
+    s = dataclasses.replace(s, max_batch=B)
     p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
     note = f"threshold {s.threshold}, balance pool size P*={p_star}"
     return PlanRow("fapool", s, B, tpot, thr, note), p_star
@@ -269,23 +237,13 @@ def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> 
     mf = _PoolMeanField(inp, x)
     kvh = inp.cost.model.num_key_value_heads
     sizes = [p for p in range(1, kvh + 1) if kvh % p == 0]
-    best = None
-    for tp in [t for t in _tp_options(inp) if t >= 2]:
-        make = lambda th, P, tp=tp: head_parallel(dense_tp=tp, attn_workers=P)
-        found = _pool_search(inp, mf, m, make, [0], sizes)
-        if found and (best is None or found[2] > best[2]):
-            best = found
+    make = lambda tp, th, P: head_parallel(dense_tp=tp, attn_workers=P)
+    best = _pool_search(inp, mf, m, make, [0], lambda tp: sizes)
     if best is None:
         return None
     s, B, thr, tpot = best
-    return PlanRow(
-        "head-parallel",
-        head_parallel(dense_tp=s.base_tp, attn_workers=s.pool_size, max_batch=B),
-        B,
-        tpot,
-        thr,
-        "all KV on attention GPUs, split by head",
-    )
+    s = dataclasses.replace(s, max_batch=B)
+    return PlanRow("head-parallel", s, B, tpot, thr, "all KV on attention GPUs, split by head")
 
 
 def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFDPlan | None]:
@@ -299,51 +257,38 @@ def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFD
             continue
         cap = probe.attn_capacity(cost)
         b_kv = _kv_batch_limit(m, cap, inp.kv_sigmas, inp.max_batch_per_attn)
-        for b in sorted(
-            {x for x in (8, 16, 32, 64, 128, 256, 512) if x <= b_kv} | ({b_kv} if b_kv else set())
-        ):
-            r_cap = inp.max_gpus - f_tp
-            if r_cap < 1:
-                continue
+        r_cap = inp.max_gpus - f_tp
+        if r_cap < 1:
+            continue
+        batches = {x for x in (8, 16, 32, 64, 128, 256, 512) if x <= b_kv} | ({b_kv} if b_kv else set())
+        for b in sorted(batches):
             plan = AFDModel(cost, m, b, f_tp).optimise(r_max=r_cap)
             ok = [p for p in plan.curve if p.step_time <= target]
             if not ok:
                 continue
             pt = max(ok, key=lambda p: p.throughput_per_gpu)
-            row = PlanRow(
-                "afd",
-                AFD(r=pt.r, f_tp=f_tp, max_batch_per_attn=b),
-                pt.r * b,
-                pt.step_time,
-                pt.throughput_per_gpu,
-                f"r*={plan.best.r} (balance {plan.balance_ratio:.1f}), b={b}",
-            )
+            note = f"r*={plan.best.r} (balance {plan.balance_ratio:.1f}), b={b}"
+            row = PlanRow("afd", AFD(r=pt.r, f_tp=f_tp, max_batch_per_attn=b), pt.r * b, pt.step_time,
+                          pt.throughput_per_gpu, note)
             if best is None or row.throughput_per_gpu > best[1].throughput_per_gpu:
                 best = (plan, row)
     return (best[1], best[0]) if best else (None, None)
 
 
-def verify(
-    row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int, seed: int
-) -> SimResult:
+def verify(row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int,
+           seed: int) -> SimResult:
     """Simulate the row's configuration at its planned concurrency, steady state from t=0."""
     wl = ClosedLoopWorkload(prompt, output, concurrency=row.batch, num_requests=10**9, seed=seed)
     cfg = SimConfig(prefill="skip", max_sim_time=steps * row.tpot)
     return simulate(row.strategy, inp.cost, wl, cfg)
 
 
-def make_plan(
-    inp: PlannerInputs,
-    prompt_dist: LengthDist | None = None,
-    output_dist: LengthDist | None = None,
-    verify_steps: int = 300,
-    seed: int = 0,
-) -> Plan:
+def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
+              output_dist: LengthDist | None = None, verify_steps: int = 300, seed: int = 0) -> Plan:
     if inp.tpot_slo <= 0 or not math.isfinite(inp.tpot_slo):
         raise SimInputError(f"TPOT SLO must be a positive number of seconds, got {inp.tpot_slo}")
     m = context_moments(inp.prompt, inp.output)
     x = stationary_context_sample(inp.prompt, inp.output, 50_000, seed)
-    rows: list[PlanRow] = []
     static = plan_static(inp, m)
     pool, p_star = plan_fapool(inp, m, x)
     head = plan_head_parallel(inp, m, x)
@@ -376,19 +321,8 @@ def plan_table(plan: Plan):
     from rich.table import Table
 
     t = Table(title=f"plan (closed form; 'sim' columns simulated), TPOT SLO {plan.tpot_slo * 1e3:g} ms")
-    for col in (
-        "",
-        "strategy",
-        "GPUs",
-        "batch",
-        "TPOT ms",
-        "tok/s/GPU",
-        "GPU-s/Mtok",
-        "sim TPOT p50/p99 ms",
-        "sim tok/s/GPU",
-        "SLO met",
-        "notes",
-    ):
+    for col in ("", "strategy", "GPUs", "batch", "TPOT ms", "tok/s/GPU", "GPU-s/Mtok", "sim TPOT p50/p99 ms",
+                "sim tok/s/GPU", "SLO met", "notes"):
         t.add_column(col, justify="left" if col in ("", "strategy", "notes") else "right")
     for i, r in enumerate(plan.rows):
         sim_tpot = sim_thr = att = "-"
@@ -396,17 +330,7 @@ def plan_table(plan: Plan):
             sim_tpot = f"{np.percentile(r.sim.tpot, 50) * 1e3:.2f}/{np.percentile(r.sim.tpot, 99) * 1e3:.2f}"
             sim_thr = f"{r.sim.throughput_per_gpu:,.0f}"
             att = f"{r.sim.slo_attainment(plan.tpot_slo):.0%}"
-        t.add_row(
-            "*" if i == plan.recommended else "",
-            r.strategy.describe(),
-            str(r.gpus),
-            str(r.batch),
-            f"{r.tpot * 1e3:.2f}",
-            f"{r.throughput_per_gpu:,.0f}",
-            f"{r.gpu_seconds_per_token * 1e6:,.1f}",
-            sim_tpot,
-            sim_thr,
-            att,
-            r.notes,
-        )
+        t.add_row("*" if i == plan.recommended else "", r.strategy.describe(), str(r.gpus), str(r.batch),
+                  f"{r.tpot * 1e3:.2f}", f"{r.throughput_per_gpu:,.0f}",
+                  f"{r.gpu_seconds_per_token * 1e6:,.1f}", sim_tpot, sim_thr, att, r.notes)
     return t

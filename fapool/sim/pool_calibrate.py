@@ -1,22 +1,9 @@
 """The pool part of `fapool calibrate --pool` (CPU): a short decode of the real engine with an
-attention pool on a tiny model, to fit the pool machinery's fixed costs (PoolOverheads).
-
-The tiny twin (engine_calibrate.tiny_twin) runs at two depths with one attention worker at 1
-and 2 micro-batches and with two workers at 1 micro-batch (the driver waits while they
-attend: at most two busy processes, so a machine with two cores or more measures them
-without core contention), at contexts below the pool threshold (the driver's micro-batch
-machinery alone, no routes) and above it. Per point, from the driver's own record
-(StepReport, 20th percentile of the timed steps, as elsewhere on a CPU):
-
-  worker  attention_s (unpack, write K/V, attend, pack the reply) minus the cost model's
-          attention of each call  ~  worker_call_s * calls + worker_per_seq_s * sequences
-  driver  dense + local attention minus the cost model's dense work, local attention, merge
-          and LM head  ~  driver_mb_s * layers x micro-batches + driver_pool_mb_s * layers x
-          micro-batches with routes + driver_route_s * layers x routes + driver_step_s
-
-each a non-negative least-squares fit (engine_calibrate.fit_nonneg). The cost model that
-prices the "modelled" parts is the calibration's own (kernels, fixed and host terms) with
-zero pool terms, so nothing is counted twice.
+attention pool on the tiny twin, at two depths, with (workers, micro-batches) (1, 1), (1, 2) and
+(2, 1) (at most two busy processes), at contexts below and above the pool threshold. From the
+driver's StepReports (20th percentiles) two non-negative least-squares fits give PoolOverheads:
+each worker's attention time beyond the cost model's, and the driver's busy time beyond its
+modelled dense work, local attention, merge and LM head (docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -31,27 +18,16 @@ from fapool.config import ModelConfig
 from fapool.sim.engine_calibrate import build_engine, fit_nonneg, start_decode, tiny_twin
 from fapool.sim.errors import SimInputError
 
-QUICK_POOL = {
-    "layers": (4, 12),
-    # (attention workers, micro-batches): one worker at 1 and 2 micro-batches; two workers at
-    # 1 (the driver waits while they attend: 2 busy processes, no core contention on 2 cores)
-    # separate a route's cost from a pool micro-batch's.
-    "pools": ((1, 1), (1, 2), (2, 1)),
-    "batches": (2, 4),
-    "contexts": (16, 80),  # below and above the threshold
-    "threshold": 32,
-    "tokens_per_worker": 32,
-    "steps": 8,
-    "warmup": 2,
-}
+# pools: (attention workers, micro-batches); contexts below and above the threshold
+QUICK_POOL = {"layers": (4, 12), "pools": ((1, 1), (1, 2), (2, 1)), "batches": (2, 4), "contexts": (16, 80),
+              "threshold": 32, "tokens_per_worker": 32, "steps": 8, "warmup": 2}
 WORKER_TERMS = ("worker_call_s", "worker_per_seq_s")
 DRIVER_TERMS = ("driver_mb_s", "driver_pool_mb_s", "driver_route_s", "driver_step_s")
 
 
 def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: int) -> dict:
-    """Prefill `batch` random prompts of `context` tokens on a pool engine, then record
-    `steps` decode steps' StepReport: 20th percentiles of the driver's busy time (dense +
-    local attention), its wait, and each worker's attention time, plus the mean context."""
+    """20th percentiles of `steps` decode steps' StepReports on a pool engine: the driver's busy time
+    (dense + local attention), its wait and each worker's attention time, and the mean context."""
     ids, reqs = start_decode(engine, batch, context, steps + warmup + 8, warmup)
     try:
         ctx0 = reqs[0].num_computed_tokens
@@ -65,34 +41,22 @@ def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: in
             engine.abort_request(rid)
     p20 = lambda xs: float(np.percentile(xs, 20))  # noqa: E731
     workers = sorted({w for s in rows for w in s.workers})
-    return {
-        "batch": batch,
-        "context": context,
-        "context_mean": ctx0 + (steps - 1) / 2,
-        "driver_busy_s": p20([s.dense_s + s.local_attention_s for s in rows]),
-        "driver_wait_s": p20([s.wait_s for s in rows]),
-        "total_s": p20([s.total_s for s in rows]),
-        "worker_attention_s": {str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows])
-                               for w in workers},
-    }
+    return {"batch": batch, "context": context, "context_mean": ctx0 + (steps - 1) / 2,
+            "driver_busy_s": p20([s.dense_s + s.local_attention_s for s in rows]),
+            "driver_wait_s": p20([s.wait_s for s in rows]), "total_s": p20([s.total_s for s in rows]),
+            "worker_attention_s": {
+                str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows]) for w in workers}}
 
 
 def _modelled(cost, sample: dict):
-    """(driver busy, per-worker busy, calls, seqs, routes, pool micro-batches, micro-batches)
-    of a sample priced
-    with zero pool terms and no contention: the parts the pool terms come on top of."""
+    """(driver busy, per-worker busy, calls, seqs, routes, pool micro-batches, micro-batches) of a
+    sample priced with zero pool terms and no contention: what the pool terms come on top of."""
     from fapool.sim.strategies import FAPool
     from fapool.sim.validate import pool_step_inputs
 
-    pool = FAPool(
-        base_tp=1,
-        pool_size=sample["workers"],
-        threshold=sample["threshold"],
-        tokens_per_worker=sample["tokens_per_worker"],
-        mode="shard",
-        overlap=sample["micro_batches"] > 1,
-        max_batch=sample["batch"],
-    )
+    pool = FAPool(base_tp=1, pool_size=sample["workers"], threshold=sample["threshold"], mode="shard",
+                  tokens_per_worker=sample["tokens_per_worker"], overlap=sample["micro_batches"] > 1,
+                  max_batch=sample["batch"])
     step, ledger = pool_step_inputs(cost, pool, sample["batch"], int(round(sample["context_mean"])))
     sc = pool.step_cost(cost, step, ledger)
     calls, seqs, routes, pool_mbs, n_mb = pool.pool_calls(step, ledger)
@@ -102,9 +66,8 @@ def _modelled(cost, sample: dict):
 
 
 def fit_pool_terms(samples: list[dict], cost) -> dict:
-    """Fit PoolOverheads' terms to pool samples (see the module docstring). `cost` is a
-    CostModel whose profile has pool = PoolOverheads() (zeros) and no cpu_cores, for the
-    model the samples ran (its depth is replaced by each sample's `layers`)."""
+    """Fit PoolOverheads' terms to pool samples; `cost` prices the samples' model with zero pool
+    terms and no cpu_cores (its depth replaced by each sample's `layers`)."""
     if len(samples) < 3:
         raise SimInputError(f"the pool fit needs at least 3 samples, got {len(samples)}")
     from fapool.sim.cost_model import CostModel
@@ -115,8 +78,7 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
         driver, workers, calls, seqs, routes, pool_mbs, n_mb = _modelled(c, s)
         L = s["layers"]
         dx.append([L * n_mb, L * pool_mbs, L * routes, 1.0])
-        # The step's fixed device work (embedding, final norm) is in the driver's busy time and
-        # already priced by finish_step.
+        # The step's fixed device work is in the driver's busy time and priced by finish_step.
         dy.append(s["driver_busy_s"] - driver - c.step_overhead())
         for w in range(s["workers"]):
             if calls[w] > 0:
@@ -135,15 +97,10 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
     return out
 
 
-def calibrate_pool(
-    cost_for: Callable[[ModelConfig], object],
-    model: ModelConfig | None = None,
-    grid: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict:
-    """Run the tiny pool engines on the CPU and fit the pool terms. `cost_for(model_config)`
-    builds the CostModel (calibrated kernels + fixed + host terms, zero pool terms) that
-    prices the modelled parts."""
+def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig | None = None,
+                   grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the tiny pool engines on the CPU and fit the pool terms; `cost_for(config)` is the
+    CostModel (calibrated, zero pool terms) that prices the modelled parts."""
     import gc
 
     grid = grid or QUICK_POOL
@@ -166,15 +123,12 @@ def calibrate_pool(
                 samples.append(row)
                 if progress:
                     progress(f"pool L={depth} A={workers} mb={n_mb} B={batch} ctx={context}: driver busy "
-                             f"{row['driver_busy_s'] * 1e3:.2f} ms, worker {list(row['worker_attention_s'].values())}")
+                             f"{row['driver_busy_s'] * 1e3:.2f} ms, "
+                             f"worker {list(row['worker_attention_s'].values())}")
         finally:
             engine.shutdown()
             gc.collect()
     cost = cost_for(tiny_twin(model, grid["layers"][0]))
     fit = fit_pool_terms(samples, cost)
-    return {
-        "model": f"tiny twin, layers {grid['layers']}, (workers, micro-batches) {grid['pools']}",
-        **fit,
-        "samples": samples,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return {"model": f"tiny twin, layers {grid['layers']}, (workers, micro-batches) {grid['pools']}", **fit,
+            "samples": samples, "seconds": round(time.perf_counter() - t0, 3)}

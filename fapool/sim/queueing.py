@@ -1,23 +1,10 @@
 """The probability the closed-form planner rests on (derivation: docs/afd_ratio.md).
 
-Decode slots are a renewal process: a slot holds one request for D steps (its output length),
-then the next. At a random step a slot therefore holds a request with probability
-proportional to D (length bias), at an age k uniform on 0..D-1, and the step's attention
-reads X = P + k + 1 cached tokens (P = prompt). Summing over a request's steps:
-
-    E[X]   = E[ D*P + D(D+1)/2 ] / E[D]
-    E[X^2] = E[ D*P^2 + P*D(D+1) + D(D+1)(2D+1)/6 ] / E[D]
-
-An attention GPU holding b independent slots reads S = X_1 + ... + X_b, with mean b*E[X],
-variance b*Var[X] and skewness skew(X)/sqrt(b). A step of r such GPUs waits for the largest S.
-We approximate S by a shifted gamma with the same mean, sd and skewness g, written through
-the Wilson-Hilferty transform as an increasing function of a standard normal Z:
-
-    S = mean + sd * sqrt(k) * ( (1 - 1/(9k) + Z / (3 sqrt(k)))^3 - 1 ),   k = 4 / g^2
-
-(g -> 0 gives the plain normal S = mean + sd * Z). Because the map is increasing, max_r S is
-the same map of max_r Z, whose density r*phi*Phi^(r-1) is known. The plain normal
-approximation underestimates the straggler for long-tailed lengths (test_queueing.py).
+A decode slot is a renewal process: at a random step it holds a request with probability
+proportional to its output length D, at an age uniform on 0..D-1, so attention reads
+X = P + k + 1 tokens. The sum S of b slots' X is approximated by a shifted gamma with X's
+mean, sd and skewness (Wilson-Hilferty: an increasing map of a standard normal Z), so the
+largest S over r GPUs is the same map of the largest of r normals, density r phi Phi^(r-1).
 """
 
 from __future__ import annotations
@@ -85,29 +72,6 @@ def stationary_context_sample(prompt: np.ndarray, output: np.ndarray, n: int, se
     return p[idx] + age + 1
 
 
-@lru_cache(maxsize=4096)
-def max_normal_moments(r: int) -> tuple[float, float]:
-    """(E, SD) of the maximum of r iid standard normals, by quadrature of r*phi*Phi^(r-1)."""
-    if r < 1:
-        raise ValueError("r must be >= 1")
-    if r == 1:
-        return 0.0, 1.0
-    x = np.linspace(-9.0, 9.0, 6001)
-    dens = r * norm_pdf(x) * norm_cdf(x) ** (r - 1)
-    dx = x[1] - x[0]
-    m = float((x * dens).sum() * dx)
-    m2 = float((x * x * dens).sum() * dx)
-    return m, math.sqrt(max(m2 - m * m, 0.0))
-
-
-def expected_max_with_constant(mean: float, sd: float, c: float) -> float:
-    """E[max(Y, c)] for Y ~ Normal(mean, sd^2)."""
-    if sd <= 0:
-        return max(mean, c)
-    z = (mean - c) / sd
-    return float(c + (mean - c) * norm_cdf(z) + sd * norm_pdf(z))
-
-
 _Z = np.linspace(-8.0, 9.0, 1201)
 
 
@@ -135,8 +99,3 @@ def expected_max_of_sums(m: ContextMoments, b: int, r: int) -> tuple[float, floa
     v, w = max_of_sums_distribution(m, b, r)
     e = float((v * w).sum())
     return e, float(math.sqrt(max(((v - e) ** 2 * w).sum(), 0.0)))
-
-
-def little_concurrency(arrival_rate: float, mean_time_in_system: float) -> float:
-    """Little's law: mean number in system = arrival rate x mean time in system."""
-    return arrival_rate * mean_time_in_system

@@ -72,35 +72,21 @@ class SimResult:
         return float((self.tpot <= tpot_slo).mean()) if len(self.tpot) else float("nan")
 
     def summary(self, tpot_slo: float | None = None) -> dict:
+        util, idle = self.gpu_util, self.gpu_idle
         out = {
-            "strategy": self.strategy,
-            "workload": self.workload,
-            "hardware": self.hardware,
-            "num_gpus": self.num_gpus,
-            "sim_time_s": self.sim_time,
-            "requests_total": self.requests_total,
-            "requests_finished": self.requests_finished,
-            "output_tokens": self.output_tokens,
-            "preemptions": self.preemptions,
-            "throughput_tok_s": self.throughput,
+            "strategy": self.strategy, "workload": self.workload, "hardware": self.hardware,
+            "num_gpus": self.num_gpus, "sim_time_s": self.sim_time, "requests_total": self.requests_total,
+            "requests_finished": self.requests_finished, "output_tokens": self.output_tokens,
+            "preemptions": self.preemptions, "throughput_tok_s": self.throughput,
             "throughput_per_gpu_tok_s": self.throughput_per_gpu,
             "gpu_seconds_per_token": self.gpu_seconds_per_token,
             "active_gpu_seconds_per_token": self.active_gpu_seconds_per_token,
             "usd_per_million_tokens": self.usd_per_million_tokens,
-            "ttft_s": _pct(self.ttft),
-            "tpot_s": _pct(self.tpot),
-            "e2e_s": _pct(self.e2e),
-            "gpu_util_mean": float(self.gpu_util.mean()),
-            "gpu_util_min": float(self.gpu_util.min()),
-            "gpu_util_max": float(self.gpu_util.max()),
-            "comm_share": self.comm_share,
-            "idle_mean": float(self.gpu_idle.mean()),
-            "per_gpu": {
-                lab: {"util": float(u), "comm": float(c), "idle": float(i)}
-                for lab, u, c, i in zip(
-                    self.gpu_labels, self.gpu_util, self.gpu_comm, self.gpu_idle, strict=True
-                )
-            },
+            "ttft_s": _pct(self.ttft), "tpot_s": _pct(self.tpot), "e2e_s": _pct(self.e2e),
+            "gpu_util_mean": float(util.mean()), "gpu_util_min": float(util.min()),
+            "gpu_util_max": float(util.max()), "comm_share": self.comm_share, "idle_mean": float(idle.mean()),
+            "per_gpu": {lab: {"util": float(u), "comm": float(c), "idle": float(i)}
+                        for lab, u, c, i in zip(self.gpu_labels, util, self.gpu_comm, idle, strict=True)},
         }
         if tpot_slo is not None:
             out["tpot_slo_s"] = tpot_slo
@@ -109,8 +95,7 @@ class SimResult:
 
 
 def build_result(sim, end: float) -> SimResult:
-    r = sim.reqs
-    n = r.n
+    r, n = sim.reqs, sim.reqs.n
     window = max(0.0, end - sim.config.warmup)
     done = ~np.isnan(r.finish[:n])
     measured = done & ~r.warm[:n] & (r.preemptions[:n] >= 0)
@@ -122,28 +107,15 @@ def build_result(sim, end: float) -> SimResult:
     for inst in sim.insts:
         prefix = f"i{inst.idx}." if len(sim.insts) > 1 else ""
         labels += [prefix + lab for lab in sim.strategy.gpu_labels()]
-        util.append(inst.gpu_busy / window if window > 0 else inst.gpu_busy * 0)
-        comm.append(inst.gpu_comm / window if window > 0 else inst.gpu_comm * 0)
-        active.append(inst.gpu_active / window if window > 0 else inst.gpu_active * 0)
+        for out, seconds in ((util, inst.gpu_busy), (comm, inst.gpu_comm), (active, inst.gpu_active)):
+            out.append(seconds / window if window > 0 else seconds * 0)
     return SimResult(
-        strategy=sim.strategy.describe(),
-        workload=sim.workload.describe(),
-        hardware=sim.cost.hw.name,
-        num_gpus=sim.strategy.total_gpus(),
-        sim_time=window,
-        requests_total=n,
-        requests_finished=int(done.sum()),
-        output_tokens=int(sim.tokens_window),
-        preemptions=int(r.preemptions[:n].sum()),
-        ttft=(r.first_token[:n] - r.arrival[:n])[measured],
-        tpot=tpot_all[tpot_mask],
-        e2e=(r.finish[:n] - r.arrival[:n])[measured],
-        gpu_labels=labels,
-        gpu_util=np.concatenate(util),
-        gpu_comm=np.concatenate(comm),
-        gpu_active=np.concatenate(active),
-        cost_per_hour=sim.cost.hw.cost_per_hour,
-        timeline=[inst.timeline for inst in sim.insts],
+        sim.strategy.describe(), sim.workload.describe(), sim.cost.hw.name, sim.strategy.total_gpus(), window,
+        n, int(done.sum()), int(sim.tokens_window), int(r.preemptions[:n].sum()),
+        ttft=(r.first_token[:n] - r.arrival[:n])[measured], tpot=tpot_all[tpot_mask],
+        e2e=(r.finish[:n] - r.arrival[:n])[measured], gpu_labels=labels, gpu_util=np.concatenate(util),
+        gpu_comm=np.concatenate(comm), gpu_active=np.concatenate(active),
+        cost_per_hour=sim.cost.hw.cost_per_hour, timeline=[inst.timeline for inst in sim.insts],
     )
 
 
@@ -152,39 +124,17 @@ def results_table(results: list[SimResult], title: str = "simulated", tpot_slo: 
     from rich.table import Table
 
     t = Table(title=title)
-    for col in (
-        "strategy",
-        "GPUs",
-        "tok/s",
-        "tok/s/GPU",
-        "TPOT p50/p99 ms",
-        "TTFT p50/p99 s",
-        "util",
-        "comm",
-        "idle",
-        "GPU-s/Mtok",
-        "$/Mtok",
-        "preempt",
-    ):
+    for col in ("strategy", "GPUs", "tok/s", "tok/s/GPU", "TPOT p50/p99 ms", "TTFT p50/p99 s", "util", "comm",
+                "idle", "GPU-s/Mtok", "$/Mtok", "preempt"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     if tpot_slo is not None:
         t.add_column(f"SLO<={tpot_slo * 1e3:g}ms", justify="right")
     for r in results:
         tp, tt = _pct(r.tpot), _pct(r.ttft)
-        row = [
-            r.strategy,
-            str(r.num_gpus),
-            f"{r.throughput:,.0f}",
-            f"{r.throughput_per_gpu:,.0f}",
-            f"{tp['p50'] * 1e3:.1f}/{tp['p99'] * 1e3:.1f}",
-            f"{tt['p50']:.2f}/{tt['p99']:.2f}",
-            f"{r.gpu_util.mean():.0%}",
-            f"{r.comm_share:.0%}",
-            f"{r.gpu_idle.mean():.0%}",
-            f"{r.gpu_seconds_per_token * 1e6:,.0f}",
-            f"{r.usd_per_million_tokens:.3f}",
-            str(r.preemptions),
-        ]
+        row = [r.strategy, str(r.num_gpus), f"{r.throughput:,.0f}", f"{r.throughput_per_gpu:,.0f}",
+               f"{tp['p50'] * 1e3:.1f}/{tp['p99'] * 1e3:.1f}", f"{tt['p50']:.2f}/{tt['p99']:.2f}",
+               f"{r.gpu_util.mean():.0%}", f"{r.comm_share:.0%}", f"{r.gpu_idle.mean():.0%}",
+               f"{r.gpu_seconds_per_token * 1e6:,.0f}", f"{r.usd_per_million_tokens:.3f}", str(r.preemptions)]
         if tpot_slo is not None:
             row.append(f"{r.slo_attainment(tpot_slo):.0%}")
         t.add_row(*row)

@@ -1,14 +1,10 @@
 """Discrete-event simulator of a cluster serving a request stream.
 
-Events are whole batch steps of one instance (not tokens, not GPUs): an instance admits
-waiting requests into free slots (FCFS, KV permitting), builds a step of decode tokens plus
-prefill chunks under a token budget (continuous batching with chunked prefill), makes room
-for the step's new KV tokens by preempting the youngest request when needed (recompute), and
-schedules the step's end at now + the strategy's step time. Per-slot state is held in numpy
-arrays, so a step costs a few array operations whatever the batch size.
-
-Deterministic: the only randomness is the workload's, drawn from its seed; ties between
-events at the same time are broken by a sequence number.
+Events are whole batch steps of one instance: it admits waiting requests FCFS while KV fits,
+batches decode tokens and prefill chunks under a token budget, preempts the youngest request
+(recompute) when the step's new KV does not fit, and ends the step after the strategy's step
+time. Per-slot state lives in numpy arrays. Deterministic: the workload's seed is the only
+randomness; ties between events are broken by a sequence number.
 """
 
 from __future__ import annotations
@@ -35,10 +31,8 @@ class SimConfig:
     warmup: float = 0.0  # seconds excluded from throughput and utilisation
     progress: bool = False
     timeline_points: int = 2000  # per instance, for plots
-    # Macro steps: when a batch is pure decode, nobody is waiting for a first token and no
-    # arrival or completion is due, up to this many identical-shape steps become one event;
-    # their time is the trapezoid of the first and last step's (exact when a step's time is
-    # affine in the contexts, as the roofline's decode attention is). 1 disables.
+    # Up to this many pure-decode steps with no first token, arrival or completion due become
+    # one event timed by the trapezoid of the first and last step (exact for affine step times).
     max_macro_steps: int = 128
 
     def __post_init__(self) -> None:
@@ -69,20 +63,10 @@ class _Requests:
         i = self.n
         if i >= len(self.arrival):
             grow = max(16, len(self.arrival))
-            for name in (
-                "arrival",
-                "prompt",
-                "output",
-                "generated",
-                "start_generated",
-                "first_token",
-                "finish",
-                "preemptions",
-                "client",
-                "warm",
-            ):
+            for name in ("arrival", "prompt", "output", "generated", "start_generated", "first_token", "finish",
+                         "preemptions", "client", "warm"):
                 arr = getattr(self, name)
-                fill = np.nan if arr.dtype == np.float64 and name in ("first_token", "finish") else 0
+                fill = np.nan if name in ("first_token", "finish") else 0
                 setattr(self, name, np.concatenate([arr, np.full(grow, fill, dtype=arr.dtype)]))
         self.arrival[i], self.prompt[i], self.output[i], self.client[i] = arrival, prompt, output, client
         self.generated[i] = self.start_generated[i] = self.preemptions[i] = 0
@@ -122,16 +106,13 @@ class _Instance:
 
 
 class Simulator:
-    def __init__(
-        self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None
-    ):
+    def __init__(self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None):
         strategy.validate(cost)
         self.strategy = strategy
         self.cost = cost
         self.workload = workload
         self.config = config or SimConfig()
 
-    # ---- public ----------------------------------------------------------------------
     def run(self) -> SimResult:
         cfg = self.config
         first = self.workload.initial()
@@ -142,14 +123,12 @@ class Simulator:
         self.client_inst: dict[int, int] = {}
         self.events: list[tuple[float, int, int]] = []
         self.seq = 0
-        self.tokens_out = 0
         self.tokens_window = 0
         self._finished_count = 0
         self.now = 0.0
         order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
-        arrivals = deque(int(i) for i in order)
-        self.arrivals = arrivals
-        total = self._expected_requests()
+        self.arrivals = arrivals = deque(int(i) for i in order)
+        total = int(getattr(self.workload, "num_requests", self.reqs.n))
         progress = _Progress(total, cfg.progress, self.strategy.describe())
         done_before = 0
         while True:
@@ -184,11 +163,6 @@ class Simulator:
         end = min(self.now, cfg.max_sim_time) if not math.isinf(cfg.max_sim_time) else self.now
         return build_result(self, end)
 
-    # ---- internals -------------------------------------------------------------------
-    def _expected_requests(self) -> int:
-        wl = self.workload
-        return int(getattr(wl, "num_requests", len(self.reqs.arrival[: self.reqs.n])))
-
     def _route(self, rid: int) -> _Instance:
         client = int(self.reqs.client[rid])
         if client >= 0 and client in self.client_inst:
@@ -210,11 +184,8 @@ class Simulator:
             groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
             if not groups:
                 return
-            if len(groups) > 1:
-                usage = inst.ledger.group_usage()
-                g = min(groups, key=lambda x: (usage[x], x))
-            else:
-                g = groups[0]
+            usage = inst.ledger.group_usage()
+            g = min(groups, key=lambda x: (usage[x], x))
             need = int(self.reqs.prompt[rid] + self.reqs.generated[rid])
             if not inst.ledger.can_admit(g, need + 1):
                 return
@@ -239,13 +210,12 @@ class Simulator:
         new = decode.astype(np.int64)
         budget = self.config.max_num_batched_tokens - int(new.sum())
         prefilling = np.flatnonzero(active & (inst.pre_left > 0))
-        if len(prefilling):
-            for s in prefilling[np.argsort(inst.order[prefilling], kind="stable")]:
-                if budget <= 0:
-                    break
-                c = int(min(inst.pre_left[s], budget))
-                new[s] = c
-                budget -= c
+        for s in prefilling[np.argsort(inst.order[prefilling], kind="stable")]:
+            if budget <= 0:
+                break
+            c = int(min(inst.pre_left[s], budget))
+            new[s] = c
+            budget -= c
         return new, decode
 
     def _start_step(self, inst: _Instance) -> None:
@@ -265,7 +235,7 @@ class Simulator:
                 held = inst.req >= 0
             victims = np.flatnonzero(held)
             self._preempt(inst, int(victims[np.argmax(inst.order[victims])]))
-        batch = StepBatch(inst.ctx.copy(), new, decode, inst.group)
+        batch = StepBatch(inst.ctx.copy(), new, inst.group)
         sc = self.strategy.step_cost(self.cost, batch, inst.ledger)
         if not sc.duration > 0 or not math.isfinite(sc.duration):
             raise RuntimeError(f"non-positive step time {sc.duration} from {self.strategy.describe()}")
@@ -275,14 +245,9 @@ class Simulator:
         if k > 1:
             if hasattr(inst.ledger, "placed"):
                 inst.ledger.placed = inst.ledger.placed / (k - 1)
-            last = self.strategy.step_cost(
-                self.cost, StepBatch(inst.ctx + k - 1, new, decode, inst.group), inst.ledger
-            )
-            sc = StepCost(
-                k * (sc.duration + last.duration) / 2,
-                k * (sc.busy + last.busy) / 2,
-                k * (sc.comm + last.comm) / 2,
-            )
+            last = self.strategy.step_cost(self.cost, StepBatch(inst.ctx + k - 1, new, inst.group), inst.ledger)
+            sc = StepCost(k * (sc.duration + last.duration) / 2, k * (sc.busy + last.busy) / 2,
+                          k * (sc.comm + last.comm) / 2)
             new = new * k
         if self.now >= self.config.warmup:
             inst.gpu_busy += sc.busy
@@ -294,15 +259,14 @@ class Simulator:
             inst.gpu_active += sc.duration * holds_kv
         inst.steps += 1
         if inst.steps % inst.stride == 0:
-            inst.timeline.append(
-                (self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration / k)
-            )
+            inst.timeline.append((self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration / k))
             if len(inst.timeline) >= 2 * self.config.timeline_points:
                 inst.timeline = inst.timeline[::2]
                 inst.stride *= 2
         inst.pending = (new, self.now)
         inst.busy = True
-        heapq.heappush(self.events, (self.now + sc.duration, self._next_seq(), inst.idx))
+        self.seq += 1
+        heapq.heappush(self.events, (self.now + sc.duration, self.seq, inst.idx))
 
     def _macro_k(self, inst: _Instance, new: np.ndarray, decode: np.ndarray, step: float) -> int:
         """How many identical decode steps may run as one event (1 = just this step)."""
@@ -319,10 +283,6 @@ class Simulator:
         if math.isfinite(horizon):
             k = min(k, int((horizon - self.now) / step))
         return max(1, k)
-
-    def _next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
 
     def _preempt(self, inst: _Instance, slot: int) -> None:
         rid = int(inst.req[slot])
@@ -359,7 +319,6 @@ class Simulator:
         inst.fresh[slots] = False
         inst.out_left[slots] -= n_emit
         n = int(n_emit.sum())
-        self.tokens_out += n
         if started >= self.config.warmup:
             self.tokens_window += n
         for s in slots[inst.out_left[slots] <= 0]:
@@ -383,13 +342,8 @@ class _Progress:
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                transient=True,
-            )
+            cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.bar = Progress(*cols, transient=True)
             self.bar.start()
             self.task = self.bar.add_task(label[:60], total=total)
 
@@ -398,12 +352,10 @@ class _Progress:
             self.bar.update(self.task, completed=done)
 
     def close(self, done: int) -> None:
+        self.update(done)
         if self.bar is not None:
-            self.bar.update(self.task, completed=done)
             self.bar.stop()
 
 
-def simulate(
-    strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None
-) -> SimResult:
+def simulate(strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None) -> SimResult:
     return Simulator(strategy, cost, workload, config).run()

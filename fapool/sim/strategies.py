@@ -1,20 +1,9 @@
-"""Deployment strategies: how one serving instance's GPUs split a step's work, and what a
-decode/prefill step costs on them.
+"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs.
 
-  StaticTPPP   tp x pp GPUs; pp micro-batches circulate through the stages.
-  FAPool       seed 000: base_tp GPUs run every dense part and attend to the first `threshold`
-               tokens of each sequence; pool workers attend to the rest and return (out, lse)
-               for an exact merge. The engine's pool modes (shard | replicate | head), placed
-               by its PoolManager. With overlap, two micro-batches ping-pong so the pool's
-               attention hides the base's dense work.
-  AFD          seed 002: r attention GPUs (QKV, attention, O over their own sequences' KV)
-               feed one FFN instance of f_tp GPUs; ping-pong micro-batches when overlapped.
-  head_parallel  Lamina (seed 004): FAPool with threshold 0 and head mode -- every
-               sequence's KV is split by head over the attention workers.
-
-A StepBatch holds per-slot arrays; `step_cost` returns the step's wall time and each GPU's
-compute and communication seconds. Every formula is in the cost model's terms, so a
-calibration moves all strategies consistently.
+StaticTPPP (tp x pp), FAPool (seed 000: base GPUs attend to the first `threshold` tokens, pool
+workers to the rest, in the engine's modes shard | replicate | head), head_parallel (Lamina,
+seed 004: FAPool with threshold 0, head mode) and AFD (seed 002: r attention GPUs, one FFN
+instance). `step_cost` gives a step's wall time and each GPU's compute and comm seconds.
 """
 
 from __future__ import annotations
@@ -24,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fapool.config import ParallelConfig, PoolConfig
 from fapool.sim.cost_model import CostModel, kv_capacity_tokens
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import contention_stretch
@@ -35,7 +23,6 @@ from fapool.sim.ledger import GroupLedger, PoolLedger
 class StepBatch:
     ctx: np.ndarray  # tokens already in KV, per slot
     new: np.ndarray  # tokens this step adds (1 decode, chunk for prefill, 0 idle)
-    decode: np.ndarray  # bool: slot decodes (emits a token from a cached context)
     group: np.ndarray  # attention group per slot
 
     @property
@@ -62,26 +49,34 @@ def _attn_terms(b: StepBatch, cap: float | None = None):
 
 
 class Strategy:
+    """One instance's topology; `engine_args` are the EngineArgs that run it (`fapool plan --json`)."""
+
     name = "strategy"
     replicas = 1
+    max_batch = 1
 
     def validate(self, cost: CostModel) -> None: ...
     def num_gpus(self) -> int: ...
     def gpu_labels(self) -> list[str]: ...
-    def num_groups(self) -> int:
-        return 1
-
-    def slots_per_group(self) -> int: ...
     def make_ledger(self, cost: CostModel, num_slots: int, group_of_slot: np.ndarray): ...
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost: ...
     def describe(self) -> str: ...
-    def engine_args(self) -> dict:
-        """The EngineArgs that run one instance of this strategy in the engine (`fapool plan
-        --json`, read back by `--plan`)."""
-        ...
+    def engine_args(self) -> dict: ...
+
+    def num_groups(self) -> int:
+        return 1
+
+    def slots_per_group(self) -> int:
+        return self.max_batch
 
     def total_gpus(self) -> int:
         return self.num_gpus() * self.replicas
+
+    def _tail(self, overlap: bool | None = None) -> str:
+        """The end of `describe`: overlap, replicas and GPU count."""
+        ov = "" if overlap is None else ", overlap" if overlap else ", no overlap"
+        rep = f" x{self.replicas}" if self.replicas > 1 else ""
+        return f"{ov}{rep} ({self.total_gpus()} GPUs)"
 
 
 @dataclass
@@ -91,10 +86,6 @@ class StaticTPPP(Strategy):
     replicas: int = 1
     max_batch: int = 256
     name: str = "static"
-
-    @classmethod
-    def from_config(cls, parallel: ParallelConfig, **kw) -> StaticTPPP:
-        return cls(tp=parallel.tensor_parallel_size, pp=parallel.pipeline_parallel_size, **kw)
 
     def validate(self, cost: CostModel) -> None:
         m = cost.model
@@ -113,9 +104,6 @@ class StaticTPPP(Strategy):
     def gpu_labels(self) -> list[str]:
         return [f"s{s}r{r}" for s in range(self.pp) for r in range(self.tp)]
 
-    def slots_per_group(self) -> int:
-        return self.max_batch
-
     def kv_capacity(self, cost: CostModel) -> int:
         m = cost.model
         per_gpu_weights = cost.weight_bytes("all") / (self.tp * self.pp)
@@ -126,28 +114,22 @@ class StaticTPPP(Strategy):
     def make_ledger(self, cost, num_slots, group_of_slot):
         return GroupLedger(self.kv_capacity(cost), 1, group_of_slot)
 
-    def _links(self, cost: CostModel) -> tuple[bool, bool]:
-        gpn = cost.hw.gpus_per_node
-        tp_same = self.tp <= gpn
-        pp_same = all((s * self.tp) // gpn == ((s + 1) * self.tp) // gpn for s in range(self.pp - 1))
-        return tp_same, pp_same
-
     def timing(self, cost: CostModel, n_seqs: float, tokens: float, kv: float, pairs: float):
         """(period, per-GPU compute, per-GPU comm, lm head) of one step: pp micro-batches
         circulate through the stages, so every sequence advances once per period."""
         m = cost.model
         n_mb = max(1, min(self.pp, math.ceil(n_seqs)))
         lps = math.ceil(m.num_hidden_layers / self.pp)
-        tp_same, pp_same = self._links(cost)
+        gpn = cost.hw.gpus_per_node
+        tp_same = self.tp <= gpn
+        pp_same = all((s * self.tp) // gpn == ((s + 1) * self.tp) // gpn for s in range(self.pp - 1))
         t_mb = tokens / n_mb
         dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
         attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
         # CPU ranks: the tp ranks of every stage that holds a micro-batch compute at once.
         stretch = contention_stretch(self.tp * n_mb, cost.hw.cpu_cores)
         stage_c = lps * (dense_c + attn) * stretch
-        stage_comm = lps * dense_ar + (
-            float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0
-        )
+        stage_comm = lps * dense_ar + (float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0)
         lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
         # The engine replays CUDA graphs only for single-device, decode-only steps.
         graphs = self.tp * self.pp == 1 and tokens <= n_seqs
@@ -164,8 +146,7 @@ class StaticTPPP(Strategy):
         return StepCost(period, busy, np.full(self.num_gpus(), comm))
 
     def describe(self) -> str:
-        rep = f" x{self.replicas}" if self.replicas > 1 else ""
-        return f"static TP{self.tp}xPP{self.pp}{rep} ({self.total_gpus()} GPUs)"
+        return f"static TP{self.tp}xPP{self.pp}{self._tail()}"
 
     def engine_args(self) -> dict:
         return {"tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp}
@@ -182,17 +163,6 @@ class FAPool(Strategy):
     replicas: int = 1
     max_batch: int = 1024
     name: str = "fapool"
-
-    @classmethod
-    def from_config(cls, pool: PoolConfig, parallel: ParallelConfig, **kw) -> FAPool:
-        return cls(
-            base_tp=parallel.tensor_parallel_size,
-            pool_size=pool.attention_workers,
-            threshold=pool.pool_threshold,
-            tokens_per_worker=pool.tokens_per_pool_worker,
-            mode=pool.pool_mode,
-            **kw,
-        )
 
     def validate(self, cost: CostModel) -> None:
         m = cost.model
@@ -218,9 +188,6 @@ class FAPool(Strategy):
     def gpu_labels(self) -> list[str]:
         return [f"base{i}" for i in range(self.base_tp)] + [f"pool{i}" for i in range(self.pool_size)]
 
-    def slots_per_group(self) -> int:
-        return self.max_batch
-
     def base_capacity(self, cost: CostModel) -> int:
         m = cost.model
         frac = math.ceil(m.num_key_value_heads / self.base_tp) / m.num_key_value_heads
@@ -232,24 +199,13 @@ class FAPool(Strategy):
 
     def head_share(self, cost: CostModel) -> np.ndarray:
         """Fraction of KV heads each pool worker holds (head mode)."""
-        h = cost.model.num_key_value_heads
-        counts = np.array(
-            [h // self.pool_size + (1 if i < h % self.pool_size else 0) for i in range(self.pool_size)]
-        )
-        return counts / h
+        h, P = cost.model.num_key_value_heads, self.pool_size
+        return np.array([h // P + (1 if i < h % P else 0) for i in range(P)]) / h
 
     def make_ledger(self, cost, num_slots, group_of_slot, max_slot_tokens: int | None = None):
-        return PoolLedger(
-            num_slots,
-            self.base_capacity(cost),
-            self.worker_capacity(cost),
-            self.pool_size,
-            self.threshold,
-            self.tokens_per_worker,
-            self.mode,
-            self.head_share(cost) if self.mode == "head" else None,
-            max_slot_tokens,
-        )
+        share = self.head_share(cost) if self.mode == "head" else None
+        return PoolLedger(num_slots, self.base_capacity(cost), self.worker_capacity(cost), self.pool_size,
+                          self.threshold, self.tokens_per_worker, self.mode, share, max_slot_tokens)
 
     def micro_batches(self, b: StepBatch) -> list[np.ndarray]:
         """Slot indices of the step's micro-batches: the engine cuts the scheduled batch into
@@ -259,9 +215,8 @@ class FAPool(Strategy):
         return [g for g in np.array_split(active, n_mb) if len(g)]
 
     def pool_calls(self, b: StepBatch, ledger: PoolLedger) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-        """What one layer asks of the pool's machinery: per worker the calls (micro-batches
-        with work there) and the sequences in them, the driver's (micro-batch, worker) routes,
-        the micro-batches with at least one route, and the micro-batch count."""
+        """One layer's pool machinery: per worker the calls (micro-batches with work there) and
+        their sequences, the (micro-batch, worker) routes, micro-batches with a route, micro-batches."""
         P = self.pool_size
         mbs = self.micro_batches(b)
         calls, seqs = np.zeros(P), np.zeros(P)
@@ -281,11 +236,9 @@ class FAPool(Strategy):
         return calls, seqs, int(calls.sum()), pool_mbs, len(mbs)
 
     def machinery(self, cost: CostModel, attn_w, calls, seqs, routes: float, pool_mbs: float, n_mb: float):
-        """(worker seconds a layer, driver extra a layer, driver extra a step) of a step that
-        uses the pool, from the roofline attention `attn_w` per worker and a layer: adds the
-        calibrated PoolOverheads (when the profile has them) for `calls` / `seqs` per worker,
-        the driver's micro-batches and routes, then CPU core contention. Shared by the
-        simulator and the planner."""
+        """(worker seconds a layer, driver extra a layer, driver extra a step): the roofline
+        attention `attn_w` per worker plus the calibrated PoolOverheads (if any) and CPU core
+        contention. Shared by the simulator and the planner."""
         attn_w = np.asarray(attn_w, dtype=np.float64)
         overheads = cost.hw.pool
         driver_extra = step_extra = 0.0
@@ -293,9 +246,8 @@ class FAPool(Strategy):
             attn_w = attn_w + overheads.worker_calls(calls, seqs)
             driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
             step_extra = overheads.driver_step_s
-        # CPU: processes busy at once beyond the cores share them. Without overlap the driver
-        # waits while the workers attend; with it, it computes beside them and loses the
-        # cores' share they take (its work done later: (s - 1) x the busiest worker's).
+        # CPU: processes busy at once beyond the cores share them; with overlap the driver
+        # computes beside the workers and loses (s - 1) x the busiest worker's time.
         busy_at_once = int((attn_w > 0).sum()) + (self.base_tp if self.overlap else 0)
         stretch = contention_stretch(busy_at_once, cost.hw.cpu_cores)
         if stretch > 1:
@@ -313,9 +265,7 @@ class FAPool(Strategy):
         pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
         P = self.pool_size
         overheads = cost.hw.pool  # None: each worker's attention is one roofline call a layer
-        attn_w = np.zeros(P)
-        q_bytes_w = np.zeros(P)
-        ret_bytes_w = np.zeros(P)
+        attn_w = q_bytes_w = ret_bytes_w = np.zeros(P)
         if P and pool_tok.any():
             # Causal: only queries past the threshold see pool keys (all of a decode step's).
             pool_q = np.minimum(b.new, pool_tok)
@@ -346,63 +296,40 @@ class FAPool(Strategy):
                 new_kv_w = ledger.placed
             q_bytes_w = q_bytes_w + new_kv_w * cost.kv_bytes_per_token_layer()
         same = self.num_gpus() <= cost.hw.gpus_per_node
-        pool_used = bool(attn_w.any())
-        driver_extra = step_extra = 0.0
-        if pool_used:
-            calls = seqs = None
-            routes = pool_mbs = n_mb = 0
-            if overheads is not None:
-                calls, seqs, routes, pool_mbs, n_mb = self.pool_calls(b, ledger)
-            attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, calls, seqs, routes, pool_mbs, n_mb)
-        elif overheads is not None and P:
-            driver_extra = overheads.driver_layer(1, 0, 0)  # the engine's pool path, nothing remote
-        if pool_used:
+        driver_extra = step_extra = send_base = recv_base = pool_path = merge = 0.0
+        recv_w = send_w = np.zeros(P)
+        if attn_w.any():
+            counts = self.pool_calls(b, ledger) if overheads is not None else (None, None, 0, 0, 0)
+            attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, *counts)
             send_base = float(cost.p2p(q_bytes_w.sum() / tp, same))
             recv_base = float(cost.p2p(ret_bytes_w.sum() / tp, same))
             recv_w = np.asarray(cost.p2p(q_bytes_w, same))
             send_w = np.asarray(cost.p2p(ret_bytes_w, same))
             pool_path = max(send_base, recv_w.max()) + attn_w.max() + max(recv_base, send_w.max())
             merge = float(cost.elementwise(3 * ret_bytes_w.sum() / tp))
-        else:
-            send_base = recv_base = 0.0
-            recv_w = send_w = np.zeros(P)
-            pool_path = merge = 0.0
+        elif overheads is not None and P:
+            driver_extra = overheads.driver_layer(1, 0, 0)  # the engine's pool path, nothing remote
         duration, dense_c, dense_ar = self.step_time(
             cost, tokens, n_seqs, local, pool_path, merge, float((b.ctx + b.new)[b.active].sum()),
             driver_extra, step_extra,
         )
         lm = float(cost.lm_head(n_seqs, tp))
-        busy = np.concatenate(
-            [np.full(tp, L * (dense_c + local + merge + driver_extra) + lm + step_extra), L * attn_w]
-        )
+        base = L * (dense_c + local + merge + driver_extra) + lm + step_extra
+        busy = np.concatenate([np.full(tp, base), L * attn_w])
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
 
-    def step_time(
-        self,
-        cost: CostModel,
-        tokens: float,
-        n_seqs: float,
-        local: float,
-        pool_path: float,
-        merge: float,
-        kv_tokens: float = 0.0,
-        driver_extra: float = 0.0,
-        step_extra: float = 0.0,
-    ):
-        """(step seconds, base dense compute per layer, base all-reduce per layer) given one
-        layer's local attention on the base and the pool's path (send queries, attend, return
-        partials); `kv_tokens` (all cached tokens of the batch) prices the host's per-token
-        work; `driver_extra` is the driver's pool machinery a layer (all micro-batches) and
-        `step_extra` a step's (calibrated PoolOverheads, 0 without). Shared by the simulator
-        and the planner."""
+    def step_time(self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float,
+                  merge: float, kv_tokens: float = 0.0, driver_extra: float = 0.0, step_extra: float = 0.0):
+        """(step seconds, base dense compute a layer, base all-reduce a layer) from one layer's
+        local attention, the pool's path (send, attend, return) and merge, the batch's cached
+        tokens (host work) and the pool machinery a layer / a step. Shared with the planner."""
         L, tp = cost.model.num_hidden_layers, self.base_tp
         lm = float(cost.lm_head(n_seqs, tp))
         layers = L
         if self.overlap and pool_path > 0:
             layers = 2 * L  # each micro-batch launches every layer
-            # Two micro-batches ping-pong: the base works on one while the pool attends to the
-            # other. The step takes the busier side's total, or one micro-batch's own chain.
+            # Ping-pong: the step is the busier side's total, or one micro-batch's own chain.
             dc, dar = cost.dense_layer(tokens / 2, tp)
             dense_c, dense_ar = 2 * dc, 2 * dar
             base_total = L * (dense_c + dense_ar + local + merge + driver_extra) + lm
@@ -417,14 +344,10 @@ class FAPool(Strategy):
         return float(cost.finish_step(step, n_seqs, kv_tokens, graphs, layers)), dense_c, dense_ar
 
     def describe(self) -> str:
-        rep = f" x{self.replicas}" if self.replicas > 1 else ""
-        ov = "overlap" if self.overlap else "no overlap"
         if self.name == "head-parallel":
-            return f"head-parallel TP{self.base_tp} + {self.pool_size} attn GPUs, {ov}{rep} ({self.total_gpus()} GPUs)"
-        return (
-            f"FA Pool TP{self.base_tp} + {self.pool_size} pool, threshold {self.threshold}, "
-            f"{self.mode}, {ov}{rep} ({self.total_gpus()} GPUs)"
-        )
+            return f"head-parallel TP{self.base_tp} + {self.pool_size} attn GPUs{self._tail(self.overlap)}"
+        return (f"FA Pool TP{self.base_tp} + {self.pool_size} pool, threshold {self.threshold}, "
+                f"{self.mode}{self._tail(self.overlap)}")
 
     def engine_args(self) -> dict:
         return {
@@ -438,16 +361,8 @@ class FAPool(Strategy):
 
 def head_parallel(dense_tp: int = 8, attn_workers: int = 8, overlap: bool = True, **kw) -> FAPool:
     """Lamina-style attention offload: all KV on attention workers, split by head."""
-    return FAPool(
-        base_tp=dense_tp,
-        pool_size=attn_workers,
-        threshold=0,
-        tokens_per_worker=1 << 30,
-        mode="head",
-        overlap=overlap,
-        name="head-parallel",
-        **kw,
-    )
+    return FAPool(base_tp=dense_tp, pool_size=attn_workers, threshold=0, tokens_per_worker=1 << 30, mode="head",
+                  overlap=overlap, name="head-parallel", **kw)
 
 
 @dataclass
@@ -510,27 +425,16 @@ class AFD(Strategy):
         net = split * float(cost.p2p(cost.hidden_bytes(tokens / split) / self.f_tp, self.same_node(cost)))
         return compute, ar, net
 
-    def combine(
-        self,
-        cost: CostModel,
-        a_side,
-        a_net,
-        f: tuple[float, float, float],
-        n_seqs: float,
-        kv_tokens: float = 0.0,
-    ):
-        """Step seconds from one layer's slowest attention GPU (`a_side`: compute, or with
-        overlap max(compute, network)) and the FFN instance's parts. Shared with the planner;
-        `a_side` may be an array (the planner's quadrature nodes)."""
+    def combine(self, cost: CostModel, a_side, a_net, f: tuple[float, float, float], n_seqs: float,
+                kv_tokens: float = 0.0):
+        """Step seconds from one layer's slowest attention GPU (`a_side`: compute, or with overlap
+        max(compute, network); may be an array) and the FFN instance's parts. Shared with afd.py."""
         f_compute, f_ar, f_net = f
         L = cost.model.num_hidden_layers
         lm = float(cost.lm_head(n_seqs, self.f_tp))
         if self.overlap:
-            # Ping-pong: attention of one micro-batch overlaps the FFN of the other. The step
-            # takes the busier side's total plus the pipeline's fill or drain (the FFN side
-            # waits for the first micro-batch's attention; after the attention side's last
-            # task come the last micro-batch's transfer, FFN and the LM head), or one
-            # micro-batch's own chain: half of each side plus two transfers a layer.
+            # Ping-pong: the busier side's total plus the pipeline's fill or drain, or one
+            # micro-batch's own chain (half of each side plus two transfers a layer).
             a_tot = L * np.asarray(a_side)
             f_layer = max(f_compute + f_ar, f_net)
             f_tot = L * f_layer + lm
@@ -562,12 +466,8 @@ class AFD(Strategy):
         return StepCost(duration, busy, comm)
 
     def describe(self) -> str:
-        rep = f" x{self.replicas}" if self.replicas > 1 else ""
-        ov = "overlap" if self.overlap else "no overlap"
-        return (
-            f"AFD {self.r}A-1F(TP{self.f_tp}), {self.max_batch_per_attn} seqs/attn GPU, {ov}{rep} "
-            f"({self.total_gpus()} GPUs)"
-        )
+        seqs = f"{self.max_batch_per_attn} seqs/attn GPU"
+        return f"AFD {self.r}A-1F(TP{self.f_tp}), {seqs}{self._tail(self.overlap)}"
 
     def engine_args(self) -> dict:
         return {"afd_attention_ranks": self.r, "afd_ffn_ranks": self.f_tp}

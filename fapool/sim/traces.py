@@ -1,10 +1,7 @@
-"""Azure LLM inference trace CSVs (columns TIMESTAMP, ContextTokens, GeneratedTokens).
+"""Azure LLM inference trace CSVs (TIMESTAMP, ContextTokens, GeneratedTokens).
 
-TIMESTAMP may be seconds (a number) or a datetime such as '2023-11-16 18:15:46.6805900'
-(the 2023/2024 Azure traces use seven fractional digits; Python takes six, the seventh is
-dropped). Arrivals are returned relative to the first row, sorted. A malformed row is an
-error that names its line; a row with GeneratedTokens == 0 counts as one token (the request
-still returns its first token).
+TIMESTAMP is seconds or a datetime (seven fractional digits are cut to six); arrivals are made
+relative to the first row and sorted; GeneratedTokens == 0 counts as one token.
 """
 
 from __future__ import annotations

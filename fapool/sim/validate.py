@@ -1,13 +1,7 @@
-"""Simulator vs the real engine: predicted vs measured decode step times, and the error table.
+"""Simulator vs the real engine: predicted decode step times and their error table.
 
-    cal = load_calibration("calib.json")            # `fapool calibrate` on the same device
-    cost = CostModel(model, apply_calibration(get_hardware("h200"), cal))
-    gpu = tpot_error_table(gpu_rows, cost.device_only())   # vs the device time of a step
-    whole = tpot_error_table(step_rows, cost)              # vs the whole engine step (host model)
-
-rows are `(batch, context, measured_seconds)`; benchmarks/sim_vs_engine.py feeds them from
-`fapool bench tpot` (GPU) and from the CPU engine and pool (CPU). The acceptance target
-(issue 6) is |error| <= 10% on every row.
+Rows are (batch, context, measured seconds) from benchmarks/sim_vs_engine*.py; price them with a
+calibrated CostModel (`device_only()` for device time). The target (issue 6): |error| <= 10%.
 """
 
 from __future__ import annotations
@@ -29,15 +23,13 @@ def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int
 
 
 def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) -> StepCost:
-    """One decode step of `batch` sequences with `context` cached tokens each under any
-    strategy: its duration and each process's busy / comm seconds. The pool's KV is placed as
-    the engine places it (first `threshold` tokens local, the rest by the PoolManager); AFD's
-    requests are spread evenly over the attention ranks."""
+    """One decode step of `batch` sequences of `context` cached tokens under any strategy; the pool's
+    KV is placed as the engine places it, AFD's requests spread evenly over the attention ranks."""
     if isinstance(strategy, FAPool):
         step, ledger = pool_step_inputs(cost, strategy, batch, context)
         return strategy.step_cost(cost, step, ledger)
     group = np.arange(batch) * strategy.num_groups() // batch
-    step = StepBatch(np.full(batch, context, np.int64), np.ones(batch, np.int64), np.ones(batch, bool), group)
+    step = StepBatch(np.full(batch, context, np.int64), np.ones(batch, np.int64), group)
     return strategy.step_cost(cost, step, None)
 
 
@@ -54,42 +46,30 @@ def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) ->
         if over is not None:
             raise ValueError(f"{batch} x {context} tokens do not fit {pool.describe()} ({over})")
     one = np.ones(batch, np.int64)
-    step = StepBatch(ctx=ctx, new=one, decode=np.ones(batch, bool), group=np.zeros(batch, np.int64))
+    step = StepBatch(ctx=ctx, new=one, group=np.zeros(batch, np.int64))
     if ledger.try_allocate(ctx, one) is not None:
         raise ValueError("the decode step's new tokens do not fit")
     return step, ledger
 
 
-def tpot_error_table(
-    rows: Iterable[tuple[int, int, float]], cost: CostModel, tp: int = 1, pp: int = 1
-) -> list[dict]:
-    """One dict per measured row: batch, context, measured_s, predicted_s, rel_error
-    ((predicted - measured) / measured)."""
+def tpot_error_table(rows: Iterable[tuple[int, int, float]], cost: CostModel, tp: int = 1,
+                     pp: int = 1) -> list[dict]:
+    """Per measured row: batch, context, measured_s, predicted_s, rel_error (predicted / measured - 1)."""
     out = []
     for batch, context, measured in rows:
         if batch < 1 or context < 0 or measured <= 0:
             raise ValueError(f"bad measurement row {(batch, context, measured)!r}")
         pred = predict_tpot(cost, batch, context, tp, pp)
-        out.append(
-            {
-                "batch": batch,
-                "context": context,
-                "measured_s": measured,
-                "predicted_s": pred,
-                "rel_error": (pred - measured) / measured,
-            }
-        )
+        out.append({"batch": batch, "context": context, "measured_s": measured, "predicted_s": pred,
+                    "rel_error": (pred - measured) / measured})
     return out
 
 
 def error_summary(table: list[dict]) -> dict:
     errs = [abs(r["rel_error"]) for r in table]
-    return {
-        "rows": len(errs),
-        "max_abs_rel_error": max(errs, default=0.0),
-        "mean_abs_rel_error": sum(errs) / len(errs) if errs else 0.0,
-        "within_10pct": sum(e <= 0.10 for e in errs),
-    }
+    return {"rows": len(errs), "max_abs_rel_error": max(errs, default=0.0),
+            "mean_abs_rel_error": sum(errs) / len(errs) if errs else 0.0,
+            "within_10pct": sum(e <= 0.10 for e in errs)}
 
 
 def checkerboard_split(points: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -1,9 +1,7 @@
-"""Request streams for the simulator: Poisson arrivals with length distributions, an Azure
-trace, or a closed loop of clients that keeps a fixed number of requests in flight.
+"""Request streams for the simulator: Poisson arrivals, an Azure trace, or a closed loop of clients.
 
-A length distribution is a short spec string (see LengthDist.parse):
-    "4096"  "fixed:4096"  "uniform:512,16384"  "lognormal:2048,1.0"  "exp:256"  "choice:512,2048,8192"
-The built-in default workload (no trace needed) is DEFAULT_PROMPT / DEFAULT_OUTPUT.
+Length distributions are spec strings: "4096", "fixed:4096", "uniform:512,16384", "lognormal:2048,1.0"
+(median, log-sd), "exp:256", "choice:512,2048,8192".
 """
 
 from __future__ import annotations
@@ -71,6 +69,14 @@ class LengthDist:
         return f"{self.kind}:{','.join(f'{v:g}' for v in self.params)}"
 
 
+def steady_state_draw(prompt: LengthDist, output: LengthDist, rng: np.random.Generator):
+    """(prompt, output, generated) of a decode slot in steady state: a request held with probability
+    proportional to its output length, at a uniform age (sampling-importance-resampling)."""
+    p, d = prompt.sample(rng, 256), output.sample(rng, 256)
+    j = rng.choice(256, p=d / d.sum())
+    return p[j], d[j], rng.integers(0, d[j])
+
+
 @dataclass(frozen=True)
 class RequestBatch:
     """Requests as columns. `generated` > 0 marks a request that enters mid-decode (the
@@ -99,10 +105,6 @@ class Workload(ABC):
         return None
 
     @abstractmethod
-    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt_len, output_len) samples for the planner's workload statistics."""
-
-    @abstractmethod
     def describe(self) -> str: ...
 
 
@@ -126,17 +128,8 @@ class PoissonWorkload(Workload):
         else:
             arrival = np.cumsum(rng.exponential(1.0 / self.rate, size=n))
             arrival -= arrival[0]
-        return RequestBatch(
-            arrival,
-            self.prompt.sample(rng, n),
-            self.output.sample(rng, n),
-            np.zeros(n, np.int64),
-            np.full(n, -1),
-        )
-
-    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 2])
-        return self.prompt.sample(rng, n), self.output.sample(rng, n)
+        prompt, output = self.prompt.sample(rng, n), self.output.sample(rng, n)
+        return RequestBatch(arrival, prompt, output, np.zeros(n, np.int64), np.full(n, -1))
 
     def describe(self) -> str:
         rate = "burst" if math.isinf(self.rate) else f"{self.rate:g} req/s"
@@ -150,17 +143,9 @@ class TraceWorkload(Workload):
     name: str = "trace"
 
     def initial(self) -> RequestBatch:
-        n = len(self.trace)
-        return RequestBatch(
-            self.trace.arrival / self.speedup,
-            self.trace.prompt_len.copy(),
-            self.trace.output_len.copy(),
-            np.zeros(n, np.int64),
-            np.full(n, -1),
-        )
-
-    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-        return self.trace.prompt_len, self.trace.output_len
+        n, t = len(self.trace), self.trace
+        return RequestBatch(t.arrival / self.speedup, t.prompt_len.copy(), t.output_len.copy(),
+                            np.zeros(n, np.int64), np.full(n, -1))
 
     def describe(self) -> str:
         span = float(self.trace.arrival[-1]) / self.speedup
@@ -169,11 +154,9 @@ class TraceWorkload(Workload):
 
 @dataclass
 class ClosedLoopWorkload(Workload):
-    """`concurrency` clients, each sending its next request when the last one finishes, until
-    `num_requests` have been sent. With stationary=True the first requests start mid-decode,
-    drawn from the steady state (length-biased by output length, uniform progress), so the
-    system is in steady state from t=0 and no warm-up is needed. Each client has its own random
-    stream: runs with more clients share the first clients' requests (common random numbers)."""
+    """`concurrency` clients, each sending its next request when its last finishes, until `num_requests`
+    are sent; with `stationary` the first requests start mid-decode in steady state (steady_state_draw).
+    Each client has its own random stream (common random numbers across concurrencies)."""
 
     prompt: LengthDist
     output: LengthDist
@@ -200,12 +183,7 @@ class ClosedLoopWorkload(Workload):
         generated = np.zeros(c, np.int64)
         for i, rng in enumerate(self._rngs):
             if self.stationary:
-                # Sampling-importance-resampling: a slot in steady state holds a request with
-                # probability proportional to its output length (it occupies the slot that long).
-                cand_p, cand_d = self.prompt.sample(rng, 256), self.output.sample(rng, 256)
-                j = rng.choice(256, p=cand_d / cand_d.sum())
-                prompt[i], output[i] = cand_p[j], cand_d[j]
-                generated[i] = rng.integers(0, cand_d[j])
+                prompt[i], output[i], generated[i] = steady_state_draw(self.prompt, self.output, rng)
             else:
                 prompt[i], output[i] = self.prompt.sample(rng, 1)[0], self.output.sample(rng, 1)[0]
         warm = np.full(c, self.stationary)
@@ -218,16 +196,11 @@ class ClosedLoopWorkload(Workload):
         buf = self._buffers.get(client)
         if not buf:  # draw a block at a time from the client's own stream (same for every run)
             rng = self._rngs[client]
-            buf = list(
-                zip(self.prompt.sample(rng, 64).tolist(), self.output.sample(rng, 64).tolist(), strict=True)
-            )
+            prompt, output = self.prompt.sample(rng, 64).tolist(), self.output.sample(rng, 64).tolist()
+            buf = list(zip(prompt, output, strict=True))
             buf.reverse()
             self._buffers[client] = buf
         return buf.pop()
-
-    def length_sample(self, n: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 2])
-        return self.prompt.sample(rng, n), self.output.sample(rng, n)
 
     def describe(self) -> str:
         return (
