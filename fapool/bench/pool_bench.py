@@ -29,6 +29,7 @@ from fapool.engine.arg_utils import EngineArgs
 from fapool.entrypoints.breakdown import summarize
 from fapool.entrypoints.llm import LLM
 from fapool.sampling_params import SamplingParams
+from fapool.worker import comm
 
 console = Console()
 if not console.is_terminal:  # logs (the device tool's output): do not squeeze the table to 80 columns
@@ -131,7 +132,7 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
     ranks = getattr(executor, "rank_devices", None)
     row = {
         "input_len": input_len,
-        "backend": ranks.backend if ranks else None,
+        "backend": comm.transport_name() if ranks else None,
         "devices": list(ranks.devices) if ranks else [str(executor.runner.device)],
         "e2e_s": elapsed,
         "prefill_s": prefill_s,

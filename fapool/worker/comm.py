@@ -141,6 +141,14 @@ def _one_host_world_name(init_method: str) -> str | None:
     return None
 
 
+def transport_name() -> str | None:
+    """What the default group's messages travel over: "unix" (this host's sockets), "gloo"
+    or "nccl"; None outside a multi-rank engine."""
+    if _local is not None:
+        return "unix"
+    return dist.get_backend() if dist.is_initialized() else None
+
+
 def destroy_process_group() -> None:
     global _local
     if _local is not None:
