@@ -235,8 +235,8 @@ class _AllReduce:
     def __init__(self, transport: LocalTransport, t: torch.Tensor, ranks: list[int]) -> None:
         if not t.is_contiguous():
             raise ValueError("all-reduce needs a contiguous tensor")
-        self.t, self.ranks, self.me = t, ranks, transport.rank
-        self.parts = {r: torch.empty(t.shape, dtype=t.dtype) for r in ranks if r != self.me}
+        self.t, self.ranks, self.me, self.transport = t, ranks, transport.rank, transport
+        self.parts = {r: transport.take_buffer(t) for r in ranks if r != self.me}
         self.recvs = [transport.recv(buf, r, ALL_REDUCE_TAG) for r, buf in self.parts.items()]
         self.sends = [transport.send(t, r, ALL_REDUCE_TAG) for r in self.parts]
         self.parts[self.me] = t  # overwritten only once every send of it has completed
@@ -248,11 +248,12 @@ class _AllReduce:
         first, second, *rest = (self.parts[r] for r in self.ranks)
         if not rest:  # own tensor is one of the two summands: add in place
             torch.add(first, second, out=self.t)
-            return True
-        total = first + second
-        for part in rest:
-            total += part
-        self.t.copy_(total)
+        else:
+            total = first + second
+            for part in rest:
+                total += part
+            self.t.copy_(total)
+        self.transport.give_back([b for r, b in self.parts.items() if r != self.me])
         return True
 
 
@@ -266,6 +267,7 @@ class LocalTransport:
     def __init__(self, rank: int, world_size: int, world_name: str) -> None:
         self.rank = rank
         self.channels: dict[int, _Channel] = {}
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(_address(world_name, rank))
@@ -283,6 +285,18 @@ class LocalTransport:
             raise
         finally:
             listener.close()
+
+    def take_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A receive buffer shaped like `like`, reused across sums: a fresh megabyte-sized
+        one costs its page faults on every call."""
+        free = self._buffers.get((like.shape, like.dtype))
+        return free.pop() if free else torch.empty(like.shape, dtype=like.dtype)
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        for b in buffers:
+            free = self._buffers.setdefault((b.shape, b.dtype), [])
+            if len(free) < 8:
+                free.append(b)
 
     def _add(self, peer: int, sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
