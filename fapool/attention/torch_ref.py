@@ -49,25 +49,6 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float 
     return g.float().mul_(scale) if cache.dtype == FP8_DTYPE else g
 
 
-def _first_if_consecutive(table: torch.Tensor, kv_len: int, block_size: int) -> int | None:
-    """The first block id when a sequence's blocks are consecutive in the cache (as the block
-    pool hands them out to a prompt), else None."""
-    nb = (kv_len + block_size - 1) // block_size
-    ids = table[:nb]
-    first = int(ids[0])
-    return first if bool((ids == torch.arange(first, first + nb, dtype=ids.dtype)).all()) else None
-
-
-def _blocks(cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float, first: int | None) -> torch.Tensor:
-    """A sequence's keys or values [kv_len, H, D]: a view of the cache when its blocks are
-    consecutive (`first`), which saves the gather's copy; else gathered."""
-    if first is None or cache.dtype == FP8_DTYPE:
-        return _gather(cache, table, kv_len, scale)
-    num_blocks, block_size, heads, dim = cache.shape
-    nb = (kv_len + block_size - 1) // block_size
-    return cache[first : first + nb].view(nb * block_size, heads, dim)[:kv_len]
-
-
 def _attend(q, k, v, mask, scale):
     """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], mask [B, Tq, L] (True: the query sees the key)
     or None for all visible. Batched matmuls over [B, Hkv] with the G query heads of a KV head
@@ -94,7 +75,7 @@ def _causal_mask(q_pos, k_pos, valid):
 class _Plan:
     """What forward derives from the batch alone, once per step instead of once per layer."""
 
-    def __init__(self, meta: AttentionMetadata, device, block_size: int) -> None:
+    def __init__(self, meta: AttentionMetadata, device) -> None:
         self.starts = meta.query_start_loc.tolist()
         self.q_pos0 = meta.query_pos_start.tolist()
         self.kv_start = meta.kv_start.tolist()
@@ -119,7 +100,6 @@ class _Plan:
         if self.per_seq:
             self.seq_tables = [meta.block_tables[s] for s in self.decode]
             self.seq_lens = lens
-            self.seq_first = [_first_if_consecutive(t, n, block_size) for t, n in zip(self.seq_tables, lens)]
         # Decode rows that are the whole batch, in order: their result is the output as is.
         self.all_decode = self.tok == list(range(meta.num_tokens))
         self.tok_index = torch.tensor(self.tok, device=device)
@@ -130,9 +110,9 @@ def _decode_each(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, s
     for the plan's decode rows, every key visible. The G query heads of a KV head are the query
     rows of one flash call, so no KV head is repeated."""
     outs, lses = [], []
-    for tok, table, n, first in zip(plan.tok, plan.seq_tables, plan.seq_lens, plan.seq_first):
-        k = _blocks(k_cache, table, n, sk, first).float().unsqueeze(0).transpose(1, 2)  # [1, Hkv, n, D], strided
-        v = _blocks(v_cache, table, n, sv, first).float().unsqueeze(0).transpose(1, 2)
+    for tok, table, n in zip(plan.tok, plan.seq_tables, plan.seq_lens):
+        k = _gather(k_cache, table, n, sk).float().unsqueeze(0).transpose(1, 2)  # [1, Hkv, n, D], strided
+        v = _gather(v_cache, table, n, sv).float().unsqueeze(0).transpose(1, 2)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[tok].float().unsqueeze(0), k, v, 0.0, False, scale=scale
         )[:2]
@@ -183,7 +163,7 @@ class TorchReferenceBackend(AttentionBackend):
         group = num_heads // num_kv_heads
         plan = meta.host_plans.get(self.name)
         if plan is None:
-            plan = meta.host_plans[self.name] = _Plan(meta, query.device, k_cache.shape[1])
+            plan = meta.host_plans[self.name] = _Plan(meta, query.device)
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
         if plan.decode and plan.per_seq:
             o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)

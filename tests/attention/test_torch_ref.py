@@ -10,15 +10,12 @@ from paged_cases import shard_metadata
 from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials, merge_tree
 
 
-def _paged_case(seq_specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=0, consecutive=False):
-    """seq_specs: list of (context_len, query_len). Builds a shuffled paged cache (or, with
-    `consecutive`, each sequence's blocks one after another) holding the context plus the new
-    tokens, and dense copies for the oracle."""
+def _paged_case(seq_specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=0):
+    """seq_specs: list of (context_len, query_len). Builds a shuffled paged cache holding the
+    context plus the new tokens, and dense copies for the oracle."""
     g = torch.Generator().manual_seed(seed)
     total_blocks = sum(math.ceil((c + q) / block_size) for c, q in seq_specs) + 3
     perm = torch.randperm(total_blocks, generator=g).tolist()
-    if consecutive:
-        perm = list(range(total_blocks))[::-1]  # popped from the end: 0, 1, 2, ...
     k_cache = torch.zeros(total_blocks, block_size, num_kv_heads, head_dim)
     v_cache = torch.zeros_like(k_cache)
     tables, dense, queries, slots = [], [], [], []
@@ -145,23 +142,17 @@ def test_flash_chunk_paths_equal_the_masked_matmul(tq, kv_len, kv_start, q_pos0)
     assert torch.allclose(fast[1], want_l[0].reshape(tq, heads), atol=1e-5)
 
 
-@pytest.mark.parametrize("consecutive", [False, True], ids=["scattered", "consecutive"])
-def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypatch, consecutive):
+def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypatch):
     """Decode rows with >= PER_SEQUENCE_MIN_KEYS keys go one sequence at a time through the CPU
-    flash kernel, on a view of the cache where a sequence's blocks are consecutive, else on a
-    gathered copy: the same as the oracle and as the padded batch (which a mixed batch, a
+    flash kernel: the same as the oracle and as the padded batch (which a mixed batch, a
     prefill chunk beside them, still leaves for the chunk)."""
     from fapool.attention import torch_ref
 
     specs = [(299, 1), (700, 1), (257, 1), (40, 5)]
-    q, kc, vc, meta, dense, queries = _paged_case(
-        specs, num_heads=6, num_kv_heads=2, block_size=16, consecutive=consecutive
-    )
+    q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
     backend = TorchReferenceBackend()
     out, lse = backend.forward(q, kc, vc, meta, 0.3)
-    plan = meta.host_plans["torch"]
-    assert plan.per_seq
-    assert [f is not None for f in plan.seq_first] == [consecutive] * 3
+    assert meta.host_plans["torch"].per_seq
     row = 0
     for (ctx, ql), (k, v), qs in zip(specs, dense, queries):
         want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
