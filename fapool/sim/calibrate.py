@@ -1,4 +1,4 @@
-"""`fapool calibrate`: time the engine's GEMMs, attention and (CPU, gloo) collectives here, fit
+"""`fapool calibrate`: time the engine's GEMMs, attention and (CPU: the same-host transport's) exchanges here, fit
 the roofline's effective rates, and write them as JSON (schema 3) for the cost model.
 
 Kernels: time = overhead + max(flops / F, bytes / B), fitted by the least mean absolute log
@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,13 +274,17 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str
     return decode, prefill, f"{backend.name} backend (paged decode)"
 
 
-def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
+def _comm_worker(rank: int, port: int, sizes: list[int], queue) -> None:
+    """Time the engine's own exchanges (fapool.worker.comm: this host's transport) between
+    two one-thread ranks: a sum and a one-way message, per size."""
     import torch
     import torch.distributed as dist
 
+    from fapool.worker import comm
+
     torch.set_num_threads(1)
-    store = dist.FileStore(store_path, 2)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    comm.init_process_group(rank, 2, f"tcp://127.0.0.1:{port}", "gloo", 600)
+    group = dist.new_group([0, 1])
     results = []
     for nbytes in sizes:
         x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
@@ -289,17 +292,16 @@ def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
 
             def call(op=op, x=x):
                 if op == "all_reduce":
-                    dist.all_reduce(x)
+                    comm.wait(comm.all_reduce(x, group), 1 - rank, "sum")
                 elif rank == 0:
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
+                    comm.wait(comm.send_tensor(x, 1), 1, "send")
+                    comm.wait(comm.recv_tensor(x, 1), 1, "recv")
                 else:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
+                    comm.wait(comm.recv_tensor(x, 0), 0, "recv")
+                    comm.wait(comm.send_tensor(x, 0), 0, "send")
 
             for _ in range(2):
                 call()
-            dist.barrier()
             times = []
             for _ in range(16):
                 t = time.perf_counter()
@@ -310,7 +312,7 @@ def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
             if op == "p2p":
                 el /= 2  # a round trip is two one-way messages
             results.append({"op": op, "bytes": x.numel() * 4, "ranks": 2, "s": el})
-    dist.destroy_process_group()
+    comm.destroy_process_group()
     if rank == 0:
         queue.put(results)
 
@@ -318,28 +320,29 @@ def _comm_worker(rank: int, store_path: str, sizes: list[int], queue) -> None:
 def _comm_samples(sizes: list[int], timeout: float = 60.0) -> tuple[list[dict] | None, str]:
     import multiprocessing as mp
 
+    from fapool.worker.comm import free_port
+
     try:
         ctx = mp.get_context("fork")
     except ValueError:
         return None, "fork start method unavailable"
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_comm_worker, args=(r, store, sizes, q)) for r in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            res = q.get(timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - report any failure as "not measured"
-            res = None
-            note = f"gloo timing failed: {exc!r}"
-        else:
-            note = "gloo, 2 forked processes, shared memory / loopback"
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-        return res, note
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_comm_worker, args=(r, port, sizes, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        res = q.get(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - report any failure as "not measured"
+        res = None
+        note = f"exchange timing failed: {exc!r}"
+    else:
+        note = "the engine's same-host transport (Unix sockets), 2 one-thread processes"
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.terminate()
+    return res, note
 
 
 def calibrate(

@@ -169,7 +169,7 @@ def _presets() -> dict[str, HardwareProfile]:
     return {
         "h100": _gpu("h100", 989e12, 3.35e12, 80e9, cost=2.50),
         "h200": _gpu("h200", 989e12, 4.8e12, 141e9, cost=3.20),
-        # A CPU "device" = one engine worker process: float32, shared-memory transport (gloo).
+        # A CPU "device" = one engine worker process: float32, the same-host transport (Unix sockets).
         # Rough; run `fapool calibrate` for real numbers.
         "cpu": HardwareProfile(
             name="cpu",
