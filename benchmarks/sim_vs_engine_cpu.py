@@ -4,9 +4,9 @@ step time.
 
 One run does everything here:
   1. `fapool calibrate --pool` on this CPU (torch threads 1, as the ranks use): kernel
-     rooflines, gloo send/recv and all-reduce, the engine decode that fits the fixed
-     per-layer / per-step costs and the host model, and the tiny-engine pool run that fits the
-     pool machinery's costs; the cores are recorded for the contention model. Written beside
+     rooflines, send/recv and all-reduce over the engine's same-host transport, the engine
+     decode that fits the fixed per-layer / per-step costs and the host model, and the
+     tiny-engine pool run that fits the pool machinery's costs; the cores are recorded for the contention model. Written beside
      the result JSON (or `--calibration FILE`: one made in an earlier, separate run).
   2. The engine on the embedded SmolLM2-135M (float32) for each topology (`--topologies`):
      `batch` prompts of `input_len` random tokens; after the prefill and a warm-up, each
