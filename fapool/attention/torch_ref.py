@@ -89,11 +89,18 @@ class _Plan:
         ar = torch.arange(self.max_len, device=device)
         k_pos = meta.kv_start[idx].long()[:, None] + ar[None]
         valid = ar[None] < meta.kv_lens[idx].long()[:, None]
-        self.mask = _causal_mask(meta.query_pos_start[idx].long()[:, None], k_pos, valid)
+        self.mask = _causal_mask(meta.query_pos_start[idx].long()[:, None], k_pos, valid)  # [n, 1, L]
+        self.cpu = str(device).startswith("cpu")
+        # On the CPU, additive and broadcast over a KV head's query rows, for aten's flash kernel.
+        self.flash_mask = None
+        if self.cpu and self.mask is not None:
+            self.flash_mask = torch.zeros(len(self.decode), 1, 1, self.max_len).masked_fill(
+                ~self.mask[:, :, None, :], float("-inf")
+            )
         self.tok = [self.starts[s] for s in self.decode]
         lens = [meta.kv_lens_cpu[s] for s in self.decode]
         self.per_seq = (
-            str(device).startswith("cpu")
+            self.cpu
             and self.max_len >= PER_SEQUENCE_MIN_KEYS
             and all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
         )
@@ -120,6 +127,24 @@ def _decode_each(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, s
         lses.append(lse[0])
     out, lse = torch.stack(outs), torch.stack(lses)
     return out.view(out.shape[0], -1, out.shape[-1]), lse.view(lse.shape[0], -1)
+
+
+def _decode_padded(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, sk: float, sv: float):
+    """Decode rows as one padded batch: q [T, Hkv, G, D] -> (out [n, Hkv*G, D], lse [n, Hkv*G]).
+    On the CPU one flash call, a KV head's G query heads its query rows and the padding masked
+    out (every decode row sees at least its own key); elsewhere the masked matmuls."""
+    n = len(plan.decode)
+    qd = q if plan.all_decode else q[plan.tok_index]
+    k = _gather(k_cache, plan.tables, plan.max_len, sk)
+    v = _gather(v_cache, plan.tables, plan.max_len, sv)
+    if plan.cpu:
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qd.float(), k.float().transpose(1, 2), v.float().transpose(1, 2), 0.0, False,
+            attn_mask=plan.flash_mask, scale=scale,
+        )[:2]
+        return o.reshape(n, -1, o.shape[-1]), l.reshape(n, -1)
+    o, l = _attend(qd.unsqueeze(1), k, v, plan.mask, scale)
+    return o[:, 0].reshape(n, -1, o.shape[-1]), l[:, 0].reshape(n, -1)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
@@ -165,17 +190,11 @@ class TorchReferenceBackend(AttentionBackend):
         if plan is None:
             plan = meta.host_plans[self.name] = _Plan(meta, query.device)
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
-        if plan.decode and plan.per_seq:
-            o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)
-            if plan.all_decode:
-                return o.to(query.dtype), l
-        elif plan.decode:
-            k = _gather(k_cache, plan.tables, plan.max_len, sk)
-            v = _gather(v_cache, plan.tables, plan.max_len, sv)
-            qd = q.unsqueeze(1) if plan.all_decode else q[plan.tok_index].unsqueeze(1)
-            o, l = _attend(qd, k, v, plan.mask, scale)
-            o = o[:, 0].reshape(len(plan.decode), num_heads, head_dim)
-            l = l[:, 0].reshape(len(plan.decode), num_heads)
+        if plan.decode:
+            if plan.per_seq:
+                o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)
+            else:
+                o, l = _decode_padded(q, k_cache, v_cache, plan, scale, sk, sv)
             if plan.all_decode:
                 return o.to(query.dtype), l
         out = torch.zeros((num_tokens, num_heads, head_dim), dtype=torch.float32, device=query.device)
