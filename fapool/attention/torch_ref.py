@@ -19,10 +19,12 @@ from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize
 from fapool.attention.metadata import AttentionMetadata
 
 _UNIT = KVScales()
-# Decode rows attend one sequence at a time once the longest has this many keys (and each sees
-# all of its keys): a padded batch gather and the batched matmuls' copies of it cost several
-# times more at 2K keys; with fewer keys the per-sequence calls' overhead dominates.
+# CPU decode rows attend one sequence at a time (each seeing all of its keys) once the longest
+# has PER_SEQUENCE_MIN_KEYS keys and the padded batch PER_SEQUENCE_MIN_WORK rows x keys: a
+# padded gather that large leaves the cache before the flash call reads it back; below, one
+# padded flash call beats the per-sequence calls' overhead (benchmarks/RESULTS.md).
 PER_SEQUENCE_MIN_KEYS = 256
+PER_SEQUENCE_MIN_WORK = 4096
 
 
 def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales | None = None) -> None:
@@ -102,6 +104,7 @@ class _Plan:
         self.per_seq = (
             self.cpu
             and self.max_len >= PER_SEQUENCE_MIN_KEYS
+            and len(self.decode) * self.max_len >= PER_SEQUENCE_MIN_WORK
             and all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
         )
         if self.per_seq:

@@ -312,7 +312,10 @@ def send_tensor(t: torch.Tensor, dst: int | Peer, tag: int = 0):
         return dst.group.send([t], dst.rank, tag)
     _trace("send", dst, t)
     if _local is not None:
-        return _local.send(t, dst, tag)
+        try:
+            return _local.send(t, dst, tag)
+        except PeerLost as e:  # the peer's socket is gone already: fail as a wait on it would
+            raise WorkerFailure(dst, "send", e) from None
     return dist.isend(t, dst=dst, tag=tag)
 
 

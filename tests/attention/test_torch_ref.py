@@ -148,6 +148,7 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
     prefill chunk beside them, still leaves for the chunk)."""
     from fapool.attention import torch_ref
 
+    monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_WORK", 0)  # this small batch, one at a time
     specs = [(299, 1), (700, 1), (257, 1), (40, 5)]
     q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
     backend = TorchReferenceBackend()
@@ -165,3 +166,18 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
     assert not meta.host_plans["torch"].per_seq
     torch.testing.assert_close(batched[0], out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1], lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,keys,per_seq", [(2, 300, False), (16, 300, True), (8, 200, False)])
+def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, keys, per_seq):
+    """One padded flash call for a small batch (its gather stays in cache), one call per
+    sequence past PER_SEQUENCE_MIN_KEYS keys and PER_SEQUENCE_MIN_WORK rows x keys; both
+    equal the oracle."""
+    specs = [(keys - 1 - i, 1) for i in range(rows)]
+    q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
+    out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.3)
+    assert meta.host_plans["torch"].per_seq == per_seq
+    for row, ((ctx, _), (k, v), qs) in enumerate(zip(specs, dense, queries)):
+        want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
+        torch.testing.assert_close(out[row : row + 1], want_o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
