@@ -100,7 +100,9 @@ def plan_micro_batch(
         local["query_lens"].append(n)
         local["query_pos_start"].append(c)
         local["kv_lens"].append(local_len)
-        local["block_tables"].append(s.block_ids)
+        # Copies of the blocks this step reads: the manager's lists grow while a launched step
+        # is still being planned on (async scheduling builds the next step meanwhile).
+        local["block_tables"].append(s.block_ids[: -(-local_len // block_size)])
 
         for seg in s.segments:
             seg_end = min(seg.start + seg.num_blocks * block_size, end)
@@ -127,7 +129,8 @@ def plan_micro_batch(
                     r.kv_rows.append(offset + p - c)
                 if k in parts:
                     a, b = parts[k]
-                    entry = Entry(b - a, c + a, seg.start, seg_end - seg.start, holder.block_ids)
+                    span = seg_end - seg.start
+                    entry = Entry(b - a, c + a, seg.start, span, holder.block_ids[: -(-span // block_size)])
                     add_entry(holder.worker, s.request.request_id, entry, offset + a)
         offset += n
 

@@ -211,8 +211,9 @@ def test_replicate_uneven_split_and_holder_without_queries():
     plan = plan_micro_batch([b], BS, POOL_START, "replicate")
     assert plan.routes[1].batch.entries == [] and plan.routes[1].q_rows == []
     assert plan.routes[1].kv_rows == [0, 1] and plan.routes[1].batch.kv_slots == [0, 1]
-    assert plan.routes[2].batch.entries == [Entry(1, 8, 8, 2, [2, 3])]
-    assert plan.routes[3].batch.entries == [Entry(1, 9, 8, 2, [4, 5])]
+    # Each entry carries the blocks its 2 keys lie in (a copy: the holder's list keeps growing).
+    assert plan.routes[2].batch.entries == [Entry(1, 8, 8, 2, [2])]
+    assert plan.routes[3].batch.entries == [Entry(1, 9, 8, 2, [4])]
 
 
 @pytest.mark.parametrize("batch_index, worker", [(0, 1), (1, 2), (2, 1), (3, 2)])
@@ -323,3 +324,15 @@ def test_split_uses_the_groups_asked_for_when_a_big_request_comes_last():
     # Running decodes come before a newly admitted prompt: the prompt still gets its own group.
     assert _sizes(split_micro_batches(_batch(1, 1, 1, 1, 10), 2)) == [[1, 1, 1, 1], [10]]
     assert _sizes(split_micro_batches(_batch(1, 1, 10), 3)) == [[1], [1], [10]]
+
+
+def test_the_plan_keeps_its_own_block_lists_while_the_managers_grow():
+    """Async scheduling plans step n+1 while step n still builds its metadata: a plan must not
+    alias the KV manager's lists, which grow as blocks are added."""
+    seg = _seg(8, (1, [0, 1]))
+    a = _sched("a", 12, 11, 1, [5, 3], [seg])
+    plan = plan_micro_batch([a], BS, POOL_START, "shard")
+    a.block_ids.append(7)
+    seg.holders[0].add([KVBlock(9, 1)])
+    assert _local(plan)[3] == [[5, 3]]
+    assert plan.routes[1].batch.entries[0].block_ids == [0]
