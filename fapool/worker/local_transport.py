@@ -1,11 +1,11 @@
 """Point-to-point messages and sums between the ranks of one host, over Unix-domain sockets.
 
-gloo's TCP pairs hand every message through a background I/O thread to the waiting one; on a
-small CPU host busy with the ranks' own compute a round trip costs 0.3-3 ms, against ~10 us
-here, where the waiting thread reads the socket itself. Messages are framed (tag, length) and
-matched like MPI's: by source and tag, in posting order. A send completes on the caller's
-thread when the socket takes it whole, else the rest goes to the peer's sender thread, so a
-send never blocks its caller (two ranks may send to each other before either receives).
+gloo's TCP pairs hand every message through a background I/O thread to the waiting one, which
+on a small CPU host busy with the ranks' compute costs many times the exchange itself; here
+the waiting thread reads its socket (benchmarks/p2p_latency.py). Messages are framed (tag,
+length) and matched like MPI's: by source and tag, in posting order. A send completes on the
+caller's thread when the socket takes it whole, else the rest goes to the peer's sender thread,
+so a send never blocks its caller (two ranks may send to each other before either receives).
 """
 
 from __future__ import annotations
