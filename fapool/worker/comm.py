@@ -282,10 +282,7 @@ def _wait_local(work, timeout_s: float, peer: int | Peer, what: str) -> None:
 
 
 def _blocking_wait(work, peer: int | Peer, what: str) -> None:
-    if isinstance(work, LOCAL_WORK):
-        _wait_local(work, math.inf, peer, what)
-        return
-    try:
+    try:  # gloo's and the same-host transport's failures are RuntimeErrors alike
         work.wait()
     except RuntimeError as e:
         raise WorkerFailure(peer, what, e) from None
