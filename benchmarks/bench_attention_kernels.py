@@ -115,7 +115,9 @@ def one_line(res: dict) -> str:
             f"paging overhead {min(po):+.1%}..{max(po):+.1%}"
         )
     for r in res.get("prefill", {}).get("rows", []):
-        parts.append(f"prefill {r['seq_len']}: x{r['ratio_vs_flash']:.2f} flash")
+        parts.append(f"prefill {r['seq_len']}: Triton x{r['ratio_vs_flash']:.2f} flash")
+        if r.get("backend_ratio_vs_cudnn"):
+            parts.append(f"backend x{r['backend_ratio_vs_cudnn']:.2f} cuDNN")
     return "; ".join(parts)
 
 
@@ -397,6 +399,7 @@ def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
     from torch.nn.attention import SDPBackend
 
     from fapool.attention import AttentionMetadata
+    from fapool.attention.triton_backend import TritonBackend
     from fapool.attention.triton_prefill import paged_prefill
 
     bf16, dev = torch.bfloat16, "cuda"
@@ -426,6 +429,10 @@ def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
             fn()
             row[f"ours_{name}_rel_err_vs_flash"] = rel_err(out, ref)
             row[f"ours_{name}_TFLOPs"] = flops / bench(fn) / 1e9
+        # What the engine runs on these pages: the backend's dispatch (cuDNN for long chunks).
+        fn = partial(TritonBackend().forward, qt, kc, vc, meta, scale)
+        row["ours_backend_rel_err_vs_flash"] = rel_err(fn()[0], ref)
+        row["ours_backend_TFLOPs"] = flops / bench(fn) / 1e9
         for name, be in (
             ("flash", SDPBackend.FLASH_ATTENTION),
             ("cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -436,6 +443,8 @@ def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
             if err:
                 row[f"sdpa_{name}_error"] = err
         row["ratio_vs_flash"] = row["ours_paged_TFLOPs"] / row["sdpa_flash_TFLOPs"]
+        if row["sdpa_cudnn_TFLOPs"]:
+            row["backend_ratio_vs_cudnn"] = row["ours_backend_TFLOPs"] / row["sdpa_cudnn_TFLOPs"]
         rows.append(row)
         print(row, flush=True)
         if args.sweep:
@@ -474,7 +483,50 @@ def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
         causal=True,
         batch=1,
     )
-    return {"shape": shape, "rows": rows, "sweep": sweep}
+    return {"shape": shape, "rows": rows, "sweep": sweep, "crossover": crossover_section(bench, scale)}
+
+
+CROSSOVER_CHUNKS = (128, 256, 512, 1024, 2048, 4096)
+CROSSOVER_PREFIXES = (0, 4096)
+
+
+def crossover_section(bench, scale) -> list[dict]:
+    """The Triton prefill kernel against the cuDNN path on the engine's shape (GQA 32/8, paged),
+    per chunk length, fresh and over a cached prefix: where CUDNN_MIN_QUERY_LEN belongs."""
+    import torch
+
+    from fapool.attention import AttentionMetadata
+    from fapool.attention.triton_backend import TritonBackend
+
+    bf16, dev = torch.bfloat16, "cuda"
+    triton_only, cudnn_always = TritonBackend(cudnn_min_query_len=None), TritonBackend(cudnn_min_query_len=1)
+    rows = []
+    for prefix in CROSSOVER_PREFIXES:
+        for chunk in CROSSOVER_CHUNKS:
+            n = prefix + chunk
+            nb = -(-n // PAGE)
+            kc = torch.randn(nb, PAGE, NUM_KV_HEADS, HEAD_DIM, dtype=bf16, device=dev)
+            vc = torch.randn_like(kc)
+            q = torch.randn(chunk, NUM_HEADS, HEAD_DIM, dtype=bf16, device=dev)
+            table = torch.randperm(nb).tolist()
+            meta = AttentionMetadata.build([chunk], [prefix], [n], [table], [-1] * chunk, device=dev)
+            flops = 4 * NUM_HEADS * HEAD_DIM * chunk * (prefix + (chunk + 1) / 2)
+            t_ms = bench(partial(triton_only.forward, q, kc, vc, meta, scale))
+            c_ms = bench(partial(cudnn_always.forward, q, kc, vc, meta, scale))
+            a, b = triton_only.forward(q, kc, vc, meta, scale)[0], cudnn_always.forward(q, kc, vc, meta, scale)[0]
+            row = dict(
+                chunk=chunk,
+                prefix=prefix,
+                triton_ms=t_ms,
+                cudnn_path_ms=c_ms,
+                triton_TFLOPs=flops / t_ms / 1e9,
+                cudnn_path_TFLOPs=flops / c_ms / 1e9,
+                cudnn_speedup=t_ms / c_ms,
+                rel_diff=((a.float() - b.float()).norm() / b.float().norm()).item(),
+            )
+            rows.append(row)
+            print("crossover", row, flush=True)
+    return rows
 
 
 def kv_write_section(bench) -> dict:
@@ -630,20 +682,26 @@ def summary(res: dict) -> None:
         if "host_overhead" in res["decode"]:
             print("   host us/call:", {k: round(v, 1) for k, v in res["decode"]["host_overhead"].items()})
     if "prefill" in res:
-        print("prefill TFLOP/s  S      paged  contig flash  cudnn  x_flash  rel_err")
+        print("prefill TFLOP/s  S      paged  contig backend flash  cudnn  x_flash  backend/cudnn  rel_err")
         for r in res["prefill"]["rows"]:
             cells = [
                 _fmt(r.get(k), "6.1f")
                 for k in (
                     "ours_paged_TFLOPs",
                     "ours_contiguous_TFLOPs",
+                    "ours_backend_TFLOPs",
                     "sdpa_flash_TFLOPs",
                     "sdpa_cudnn_TFLOPs",
                 )
             ]
             print(
                 f"                {r['seq_len']:<6} {' '.join(cells)}  {r['ratio_vs_flash']:.3f}   "
-                f"{r['ours_paged_rel_err_vs_flash']:.1e}"
+                f"{_fmt(r.get('backend_ratio_vs_cudnn'), '.3f')}  {r['ours_paged_rel_err_vs_flash']:.1e}"
+            )
+        for r in res["prefill"].get("crossover", []):
+            print(
+                f"  chunk {r['chunk']:<5} prefix {r['prefix']:<5} Triton {r['triton_TFLOPs']:6.1f}  "
+                f"cuDNN path {r['cudnn_path_TFLOPs']:6.1f} TFLOP/s  x{r['cudnn_speedup']:.2f}"
             )
     for r in res.get("kv_write", {}).get("rows", []):
         print(

@@ -34,6 +34,9 @@ class AttentionMetadata:
     # Host copies of the per-sequence lengths, so reference code and launchers avoid syncs.
     query_lens_cpu: list[int]
     kv_lens_cpu: list[int]
+    # query_pos_start - kv_start per sequence (row j sees entries i <= diag + j); None where the
+    # builder did not keep it (the decode graphs).
+    diag_cpu: list[int] | None = None
     # What a backend derives from the batch once and reuses in every layer (the torch
     # reference's gather indices and masks), keyed by backend.
     host_plans: dict = field(default_factory=dict, repr=False, compare=False)
@@ -75,6 +78,8 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Build from host lists (one H2D copy per field; pinned on CUDA)."""
         num_seqs = len(query_lens)
+        if kv_start is None:
+            kv_start = [0] * num_seqs
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
@@ -95,11 +100,12 @@ class AttentionMetadata:
             query_start_loc=to_dev(starts, torch.int32),
             query_pos_start=to_dev(query_pos_start, torch.int32),
             kv_lens=to_dev(kv_lens, torch.int32),
-            kv_start=to_dev(kv_start if kv_start is not None else [0] * num_seqs, torch.int32),
+            kv_start=to_dev(kv_start, torch.int32),
             block_tables=(table.pin_memory() if pin else table).to(device, non_blocking=True),
             slot_mapping=to_dev(slot_mapping, torch.int64),
             max_query_len=max(query_lens, default=0),
             max_kv_len=max(kv_lens, default=0),
             query_lens_cpu=list(query_lens),
             kv_lens_cpu=list(kv_lens),
+            diag_cpu=[p - k for p, k in zip(query_pos_start, kv_start)],
         )

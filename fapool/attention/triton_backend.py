@@ -6,7 +6,8 @@ without Triton or a GPU (CI); `triton_available()` says whether the kernels can 
 Dispatch: a decode-only batch (every sequence has one query token) goes to the split-KV
 decode kernel. A batch with longer query chunks goes to the prefill kernel; if it also holds
 decode sequences, those go to the decode kernel and the prefill kernel skips them, so both
-write disjoint rows of one output.
+write disjoint rows of one output. Long prefill chunks over a sequence's whole KV go to cuDNN
+(`fapool.attention.cudnn_prefill`), faster there than the Triton kernel, which skips them too.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import importlib.util
 
 import torch
 
+from fapool.attention import cudnn_prefill
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
+
+# Query chunks from this many tokens go to cuDNN where it is usable (the crossover measured by
+# benchmarks/bench_attention_kernels.py, figures in benchmarks/RESULTS.md).
+CUDNN_MIN_QUERY_LEN = 1024
 
 
 def triton_available() -> bool:
@@ -28,10 +34,12 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     graph_safe = True
 
-    def __init__(self, num_splits: int | None = None) -> None:
+    def __init__(self, num_splits: int | None = None, cudnn_min_query_len: int | None = CUDNN_MIN_QUERY_LEN) -> None:
         # num_splits pins the decode split count (CUDA graphs need a fixed grid); None chooses
-        # it per call from the batch and the longest context.
+        # it per call from the batch and the longest context. cudnn_min_query_len None keeps
+        # every prefill on the Triton kernel.
         self.num_splits = num_splits
+        self.cudnn_min_query_len = cudnn_min_query_len
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         from fapool.attention.triton_kv_write import write_kv
@@ -53,4 +61,31 @@ class TritonBackend(AttentionBackend):
         has_decode = any(n == 1 for n in meta.query_lens_cpu)
         if has_decode:
             paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv)
-        return paged_prefill(query, k_cache, v_cache, meta, scale, out, lse, skip_decode=has_decode, **kv)
+        to_cudnn, skip, rest_max = self._cudnn_share(query, k_cache, meta)
+        if to_cudnn:
+            cudnn_prefill.prefill(query, k_cache, v_cache, meta, scale, to_cudnn, out, lse)
+        if rest_max > 1:
+            paged_prefill(
+                query, k_cache, v_cache, meta, scale, out, lse,
+                skip_decode=has_decode, skip=skip, max_query_len=rest_max, **kv,
+            )
+        return out, lse
+
+    def _cudnn_share(self, query, k_cache, meta: AttentionMetadata):
+        """(sequences cuDNN takes, the Triton kernel's skip mask or None, the longest chunk left to
+        the Triton kernel), derived once per batch and kept for every layer."""
+        key = ("cudnn", self.cudnn_min_query_len)
+        share = meta.host_plans.get(key)
+        if share is None:
+            seqs = []
+            if self.cudnn_min_query_len is not None and cudnn_prefill.usable(query, k_cache):
+                seqs = cudnn_prefill.plan(meta, self.cudnn_min_query_len)
+            taken = set(seqs)
+            rest = [n for s, n in enumerate(meta.query_lens_cpu) if s not in taken]
+            skip = None
+            if seqs:
+                mask = torch.zeros(meta.num_seqs, dtype=torch.int8)
+                mask[seqs] = 1
+                skip = mask.to(query.device, non_blocking=True)
+            share = meta.host_plans[key] = (seqs, skip, max(rest, default=0))
+        return share

@@ -79,6 +79,7 @@ def _prefill_kernel(
     kv_lens,
     kv_start,
     block_tables,
+    skip,
     qk_scale,
     v_scale,
     stride_qt,
@@ -99,6 +100,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     FP16_DOT: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -111,6 +113,9 @@ def _prefill_kernel(
         return
     if SKIP_DECODE and q_len == 1:  # the decode kernel owns it
         return
+    if HAS_SKIP:  # another kernel (cuDNN) owns it
+        if tl.load(skip + seq) != 0:
+            return
     # Row j sees KV entries i with i < kv_len and i <= diag + j.
     diag = tl.load(query_pos_start + seq) - tl.load(kv_start + seq)
     kv_len = tl.load(kv_lens + seq)
@@ -219,6 +224,8 @@ def paged_prefill(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     skip_decode: bool = False,
+    skip: torch.Tensor | None = None,
+    max_query_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -227,7 +234,8 @@ def paged_prefill(
     """Causal attention of each sequence's query chunk over its paged KV -> (out, lse).
 
     With `skip_decode`, sequences with a single query token are left untouched (the decode
-    kernel handles them in a mixed batch).
+    kernel handles them in a mixed batch); so are those where `skip` ([num_seqs] int8 on the
+    device) is nonzero. `max_query_len` bounds the chunks left to this kernel (default: all).
     """
     _check(query, k_cache, v_cache, meta)
     num_tokens, num_heads, head_dim = query.shape
@@ -240,8 +248,10 @@ def paged_prefill(
         lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)
     if meta.num_seqs == 0 or num_tokens == 0:
         return out, lse
+    if max_query_len is None:
+        max_query_len = meta.max_query_len
     if block_m is None:
-        block_m = DEFAULT_BLOCK_M if meta.max_query_len > 64 else SMALL_CONFIG["block_m"]
+        block_m = DEFAULT_BLOCK_M if max_query_len > 64 else SMALL_CONFIG["block_m"]
     small = block_m < DEFAULT_BLOCK_M
     if block_n is None:
         block_n = SMALL_CONFIG["block_n"] if small else DEFAULT_BLOCK_N
@@ -249,7 +259,7 @@ def paged_prefill(
         num_warps = SMALL_CONFIG["num_warps"] if small else DEFAULT_NUM_WARPS
     if num_stages is None:
         num_stages = SMALL_CONFIG["num_stages"] if small else DEFAULT_NUM_STAGES
-    grid = (num_heads, triton.cdiv(meta.max_query_len, block_m), meta.num_seqs)
+    grid = (num_heads, triton.cdiv(max_query_len, block_m), meta.num_seqs)
     _prefill_kernel[grid](
         query,
         k_cache,
@@ -261,6 +271,7 @@ def paged_prefill(
         meta.kv_lens,
         meta.kv_start,
         meta.block_tables,
+        skip if skip is not None else meta.kv_lens,
         scale * k_scale * LOG2E,
         v_scale,
         query.stride(0),
@@ -281,6 +292,7 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SKIP_DECODE=skip_decode,
+        HAS_SKIP=skip is not None,
         FP16_DOT=fp16_dot(query, k_cache),
         num_warps=num_warps,
         num_stages=num_stages,

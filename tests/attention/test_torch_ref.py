@@ -181,3 +181,37 @@ def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, 
         want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
         torch.testing.assert_close(out[row : row + 1], want_o, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
+
+
+def _math_cudnn_attention(q, k, v, bias, compute_lse, dropout_p, is_causal, debug_mask, scale=None):
+    """torch's cuDNN attention op computed in float32 on any device: top-left causal mask, LSE
+    [B, H, Q, 1]; fewer KV heads than query heads are shared (cuDNN's GQA)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    s = q.float() @ k.transpose(-1, -2) * scale
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return (s.softmax(-1) @ v).to(q.dtype), s.logsumexp(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("native_gqa", [True, False])
+def test_cudnn_prefill_glue_matches_the_reference(monkeypatch, native_gqa):
+    """cudnn_prefill's gather, prefix/chunk split and LSE merge, with cuDNN's op replaced by the
+    same math: chunks over a prefix on and off a page boundary, a fresh prompt, and rows of
+    sequences it does not take left as they were."""
+    from fapool.attention import cudnn_prefill
+
+    monkeypatch.setattr(cudnn_prefill, "_cudnn_sdpa", _math_cudnn_attention)
+    monkeypatch.setattr(cudnn_prefill, "_native_gqa", lambda device, dtype: native_gqa)
+    specs = [(0, 9), (13, 6), (8, 8), (5, 1), (3, 2)]
+    q, kc, vc, meta, _, _ = _paged_case(specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
+    seqs = cudnn_prefill.plan(meta, 6)
+    assert seqs == [0, 1, 2]
+    out = torch.full_like(q, 7.0)
+    lse = torch.full(q.shape[:2], 7.0)
+    cudnn_prefill.prefill(q, kc, vc, meta, 0.3, seqs, out, lse)
+    ref_out, ref_lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.3)
+    taken = sum(n for _, n in specs[:3])
+    torch.testing.assert_close(out[:taken], ref_out[:taken], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[:taken], ref_lse[:taken], atol=1e-5, rtol=1e-5)
+    assert (out[taken:] == 7.0).all() and (lse[taken:] == 7.0).all()

@@ -180,19 +180,59 @@ def test_prefill_long_prompt_and_prefix(block_m):
     _assert_matches_reference(out, lse, q, kc, vc, meta, 0.09, dtype)
 
 
+def test_cudnn_takes_long_chunks_over_their_whole_kv_only():
+    """The host plan: cuDNN gets a long fresh prompt, a long chunk over a cached prefix and a shard
+    holding a chunk with part of its prefix (kv_start > 0); a short chunk, a decode token and a
+    shard that ends before its chunk does stay with the Triton kernels."""
+    from fapool.attention import cudnn_prefill
+
+    meta = AttentionMetadata.build(
+        query_lens=[1024, 2000, 1023, 1, 1500, 1500],
+        query_pos_start=[0, 3000, 0, 9000, 4096, 0],
+        kv_lens=[1024, 5000, 1023, 9001, 1500 + 2048, 1024],
+        block_tables=[[0]] * 6,
+        slot_mapping=[-1] * (1024 + 2000 + 1023 + 1 + 1500 + 1500),
+        kv_start=[0, 0, 0, 0, 2048, 0],
+    )
+    assert cudnn_prefill.plan(meta, 1024) == [0, 1, 4]
+    assert cudnn_prefill.plan(meta, 2001) == []
+    assert cudnn_prefill.plan(meta.without_kv([1]), 1024) == [0, 4]
+
+
 @needs_gpu
+@pytest.mark.parametrize("min_query_len", [64, 1024])
+@pytest.mark.parametrize("heads", [(32, 8, 128), (16, 16, 64)], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_cudnn_prefill_in_a_mixed_batch_matches_reference(min_query_len, heads):
+    """Long chunks (fresh, and over a cached prefix off a page boundary) through cuDNN beside
+    short chunks and decode tokens through the Triton kernels: every row matches the reference."""
+    from fapool.attention import cudnn_prefill
+    from fapool.attention.triton_backend import TritonBackend
+
+    num_heads, num_kv_heads, head_dim = heads
+    specs = [(0, 1500), (3001, 1100), (37, 64), (5, 2), (40, 1), (0, 77), (16, 16)]
+    q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, 16, BF16, seed=min_query_len)
+    assert cudnn_prefill.usable(q, kc), "torch's CUDA builds ship cuDNN 9: the path must be live here"
+    taken = cudnn_prefill.plan(meta, min_query_len)
+    assert taken == [s for s, (_, n) in enumerate(specs) if n >= min_query_len]
+    out, lse = TritonBackend(cudnn_min_query_len=min_query_len).forward(q, kc, vc, meta, 0.1)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, BF16)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cudnn_min_query_len", [None, 48])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("num_shards", [2, 3])
-def test_shards_with_kv_start_merge_to_the_whole(block_size, num_shards):
+def test_shards_with_kv_start_merge_to_the_whole(block_size, num_shards, cudnn_min_query_len):
     """The attention pool's placement: each sequence's pages split into contiguous position ranges
     (kv_start > 0), some of which a chunk's early queries cannot see. Each shard matches the
-    reference, and the LSE merge of the shards matches attention over the whole KV."""
+    reference, and the LSE merge of the shards matches attention over the whole KV; with the
+    Triton kernel alone and with cuDNN taking the chunks of 48 tokens or more where it can."""
     from fapool.attention.triton_backend import TritonBackend
 
     dtype = BF16
     specs = [(21, 1), (9, 6), (700, 1), (300, 90), (0, 50)]
     q, kc, vc, meta = _paged_case(specs, 8, 2, 128, block_size, dtype, seed=num_shards)
-    backend = TritonBackend()
+    backend = TritonBackend(cudnn_min_query_len=cudnn_min_query_len)
     whole_out, whole_lse = backend.forward(q, kc, vc, meta, 0.1)
     _assert_matches_reference(whole_out, whole_lse, q, kc, vc, meta, 0.1, dtype)
     tables = meta.block_tables.tolist()
