@@ -221,11 +221,12 @@ class DenseStage:
                 return graphs.steps(i, x, pos, self.kv_caches, attend)
             return self.model.model.forward_steps(x, pos, self.kv_caches, attend, layers=self.layers)
 
-        def finish(i: int, mb: MicroBatch, hidden: torch.Tensor) -> None:
-            logits = None
-            if self.computes_logits and mb.logit_rows:
-                rows = torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device)
-                logits = self.model.compute_logits(hidden.index_select(0, rows)).contiguous()
+        def due_rows(mb: MicroBatch, hidden: torch.Tensor) -> torch.Tensor | None:
+            if not (self.computes_logits and mb.logit_rows):
+                return None
+            return hidden.index_select(0, torch.tensor(mb.logit_rows, dtype=torch.long, device=self.device))
+
+        def finish(i: int, mb: MicroBatch, hidden: torch.Tensor, logits: torch.Tensor | None) -> None:
             if nxt is not None:
                 msg = hidden.to(self.transport)
                 self._sends.append((comm.send_tensor(msg, nxt, Tag.HIDDEN + i), msg, nxt))
@@ -241,8 +242,15 @@ class DenseStage:
                 forward(i, mb, torch.tensor(mb.input_ids, dtype=torch.long, device=self.device))
                 for i, mb in enumerate(plan.micro_batches)
             ]
-            for i, (mb, hidden) in enumerate(zip(plan.micro_batches, drive_micro_batches(gens))):
-                finish(i, mb, hidden)
+            hiddens = drive_micro_batches(gens)
+            # One LM-head pass for every micro-batch's due rows: on a CPU the head's weights are
+            # the largest read of the step, and at the step's end nothing else runs beside it.
+            due = [due_rows(mb, h) for mb, h in zip(plan.micro_batches, hiddens)]
+            rows = [d for d in due if d is not None]
+            logits = self.model.compute_logits(torch.cat(rows)).split([len(d) for d in rows]) if rows else []
+            parts = iter(logits)
+            for i, (mb, hidden, d) in enumerate(zip(plan.micro_batches, hiddens, due)):
+                finish(i, mb, hidden, None if d is None else next(parts).contiguous())
         else:
             for i, mb in enumerate(plan.micro_batches):
                 if self.is_first:
@@ -251,7 +259,9 @@ class DenseStage:
                     buf = torch.empty(mb.num_tokens, hidden_size, dtype=self.dtype, device=self.transport)
                     clock.measure("idle", lambda: self._recv_hidden(buf, prev, i))  # noqa: B023 - runs now
                     x = buf.to(self.device)
-                finish(i, mb, run_steps(forward(i, mb, x)))
+                hidden = run_steps(forward(i, mb, x))
+                d = due_rows(mb, hidden)
+                finish(i, mb, hidden, None if d is None else self.model.compute_logits(d).contiguous())
         # The logits go to the driver after every hidden state has arrived, not per micro-
         # batch: with two stages the driver is also this rank's previous stage, it sends all
         # its hidden states before it receives logits, and under NCCL the traffic between two

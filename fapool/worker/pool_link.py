@@ -199,6 +199,9 @@ class PoolAttend:
         self.sparse = sparse
         self.cuts = {w: _Cut.of(rt, num_tokens, link, w) for w, rt in routes.items()}
         self.dense_meta = meta
+        # No KV of this micro-batch here (Lamina: every block pooled): nothing to store, attend
+        # or merge locally. The local share's new K/V would count in its kv_lens.
+        self.no_local = sparse is None and not any(meta.kv_lens_cpu)
         self.all_decode = False
         if sparse is not None and sparse.decode is not None:  # decode rows see no KV densely
             decode = set(sparse.decode.token_list)
@@ -211,11 +214,14 @@ class PoolAttend:
         if self.sparse is not None:
             chosen = self.link.sparse.select(layer, q, k, self.sparse)
         recvs = self.post_remote(layer, q, k, v, chosen)
-        out, lse = self.attend_local(layer, q, k, v, kv_cache, chosen)
+        if self.no_local:
+            out, lse = None, None
+        else:
+            out, lse = self.attend_local(layer, q, k, v, kv_cache, chosen)
         # Always hand control back, even with nothing remote: micro-batches then advance in
         # lockstep, layer by layer, so K/V an earlier micro-batch writes into a block that a
         # later one shares through the prefix cache is in place before that one reads it.
-        return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else out)
+        return Pending(finish=lambda: self._merge(q, out, lse, recvs) if recvs else self._local_only(q, out))
 
     def post_remote(self, layer: int, q, k, v, chosen: torch.Tensor | None = None) -> list:
         """Send each live worker its query rows and new K/V rows (of its heads), with sparse
@@ -271,8 +277,16 @@ class PoolAttend:
 
     def _merge(self, q, out, lse, recvs) -> torch.Tensor:
         outs, lses = self.remote_partials(q.shape, recvs)
-        merged, _ = merge_tree([out.float()] + outs, [lse] + lses)
+        if out is not None:
+            outs, lses = [out.float()] + outs, [lse] + lses
+        if not outs:  # every worker of this micro-batch failed: the engine recomputes its requests
+            return torch.zeros_like(q)
+        merged, _ = merge_tree(outs, lses)
         return merged.to(q.dtype)
+
+    @staticmethod
+    def _local_only(q, out) -> torch.Tensor:
+        return torch.zeros_like(q) if out is None else out
 
     def remote_partials(self, shape, recvs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Wait for the workers' answers; each (worker, round) becomes one full-shape partial
