@@ -81,6 +81,8 @@ def test_lamina_all_attention_remote_matches_single_process(tiny_checkpoints, re
         stats = llm.engine.executor.reports
         assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
         assert max(s.pool_size for s in stats) == 2
+        # No KV on the dense rank: it stores, attends and merges nothing of its own.
+        assert all(s.local_attention_s == 0.0 for s in stats)
 
 
 @pytest.mark.parametrize("mode", ["shard", "head"])
