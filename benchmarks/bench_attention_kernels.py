@@ -486,8 +486,8 @@ def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
     return {"shape": shape, "rows": rows, "sweep": sweep, "crossover": crossover_section(bench, scale)}
 
 
-CROSSOVER_CHUNKS = (128, 256, 512, 1024, 2048, 4096)
-CROSSOVER_PREFIXES = (0, 4096)
+CROSSOVER_CHUNKS = (512, 1024, 2048, 4096, 8192, 16384)
+CROSSOVER_PREFIXES = (0, 4096, 16384)
 
 
 def crossover_section(bench, scale) -> list[dict]:

@@ -219,6 +219,31 @@ def test_cudnn_prefill_in_a_mixed_batch_matches_reference(min_query_len, heads):
 
 
 @needs_gpu
+@pytest.mark.parametrize("heads,head_dim", [(32, 128), (9, 64), (4, 96)])
+def test_merge_two_into_matches_merge_partials(heads, head_dim):
+    """The fused two-way merge against merge_partials, into strided destination rows, with rows
+    one side (or neither side) saw nothing of and lses in a transposed layout (cuDNN's)."""
+    from fapool.attention.triton_merge import merge_two_into
+
+    T = 300
+    g = torch.Generator(device=DEVICE).manual_seed(heads)
+    oa, ob = (torch.randn(T, heads, head_dim, device=DEVICE, generator=g).to(BF16) for _ in range(2))
+    la = (torch.randn(heads, T, device=DEVICE, generator=g) * 3).t()  # [T, H] with strides (1, T)
+    lb = torch.randn(T, heads, device=DEVICE, generator=g) * 3
+    la[:10] = float("-inf")
+    lb[5:15] = float("-inf")  # rows 5-9: neither side
+    oa[:10] = 0
+    ob[5:15] = 0
+    ref_o, ref_l = merge_partials([oa, ob], [la, lb])
+    out = torch.full((T + 20, heads, head_dim), float("nan"), device=DEVICE, dtype=BF16)
+    lse = torch.full((T + 20, heads), float("nan"), device=DEVICE)
+    merge_two_into(oa, la, ob, lb, out[10 : 10 + T], lse[10 : 10 + T])
+    torch.testing.assert_close(out[10 : 10 + T].float(), ref_o.float(), **TOL[BF16])
+    torch.testing.assert_close(lse[10 : 10 + T], ref_l, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(out[:10]).all() and torch.isnan(lse[T + 10 :]).all()
+
+
+@needs_gpu
 @pytest.mark.parametrize("cudnn_min_query_len", [None, 48])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("num_shards", [2, 3])
