@@ -499,7 +499,8 @@ def crossover_section(bench, scale) -> list[dict]:
     from fapool.attention.triton_backend import TritonBackend
 
     bf16, dev = torch.bfloat16, "cuda"
-    triton_only, cudnn_always = TritonBackend(cudnn_min_query_len=None), TritonBackend(cudnn_min_query_len=1)
+    triton_only = TritonBackend(cudnn_min_query_len=None)
+    cudnn_always = TritonBackend(cudnn_min_query_len=1, cudnn_min_pairs=0)
     rows = []
     for prefix in CROSSOVER_PREFIXES:
         for chunk in CROSSOVER_CHUNKS:

@@ -35,16 +35,20 @@ def usable(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     )
 
 
-def plan(meta: AttentionMetadata, min_query_len: int) -> list[int]:
-    """The sequences cuDNN takes: query chunks of at least `min_query_len` tokens whose KV here
-    ends with the chunk itself (a whole sequence, or a shard holding the chunk and part of its
-    prefix). A shard that ends before the chunk does stays on the Triton kernel."""
+def plan(meta: AttentionMetadata, min_query_len: int, min_pairs: int = 0) -> list[int]:
+    """The sequences cuDNN takes: query chunks of at least `min_query_len` tokens and
+    `min_pairs` causal query-key pairs whose KV here ends with the chunk itself (a whole
+    sequence, or a shard holding the chunk and part of its prefix). A shard that ends before the
+    chunk does stays on the Triton kernel."""
     if meta.diag_cpu is None:
         return []
     return [
         s
         for s, (q_len, kv_len, diag) in enumerate(zip(meta.query_lens_cpu, meta.kv_lens_cpu, meta.diag_cpu))
-        if q_len >= min_query_len and diag >= 0 and diag + q_len == kv_len
+        if q_len >= min_query_len
+        and diag >= 0
+        and diag + q_len == kv_len
+        and q_len * (diag + (q_len + 1) / 2) >= min_pairs
     ]
 
 

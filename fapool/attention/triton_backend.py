@@ -20,9 +20,11 @@ from fapool.attention import cudnn_prefill
 from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
 
-# Query chunks from this many tokens go to cuDNN where it is usable (the crossover measured by
-# benchmarks/bench_attention_kernels.py, figures in benchmarks/RESULTS.md).
-CUDNN_MIN_QUERY_LEN = 1024
+# Query chunks of this many tokens and causal query-key pairs (per head) go to cuDNN where it
+# is usable: below, its fixed cost per call loses to the Triton kernel (the crossover measured by
+# benchmarks/bench_attention_kernels.py on GQA 32/8, d128; figures in benchmarks/RESULTS.md).
+CUDNN_MIN_QUERY_LEN = 512
+CUDNN_MIN_PAIRS = 8 << 20
 
 
 def triton_available() -> bool:
@@ -34,12 +36,18 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     graph_safe = True
 
-    def __init__(self, num_splits: int | None = None, cudnn_min_query_len: int | None = CUDNN_MIN_QUERY_LEN) -> None:
+    def __init__(
+        self,
+        num_splits: int | None = None,
+        cudnn_min_query_len: int | None = CUDNN_MIN_QUERY_LEN,
+        cudnn_min_pairs: int = CUDNN_MIN_PAIRS,
+    ) -> None:
         # num_splits pins the decode split count (CUDA graphs need a fixed grid); None chooses
         # it per call from the batch and the longest context. cudnn_min_query_len None keeps
         # every prefill on the Triton kernel.
         self.num_splits = num_splits
         self.cudnn_min_query_len = cudnn_min_query_len
+        self.cudnn_min_pairs = cudnn_min_pairs
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         from fapool.attention.triton_kv_write import write_kv
@@ -74,12 +82,12 @@ class TritonBackend(AttentionBackend):
     def _cudnn_share(self, query, k_cache, meta: AttentionMetadata):
         """(sequences cuDNN takes, the Triton kernel's skip mask or None, the longest chunk left to
         the Triton kernel), derived once per batch and kept for every layer."""
-        key = ("cudnn", self.cudnn_min_query_len)
+        key = ("cudnn", self.cudnn_min_query_len, self.cudnn_min_pairs)
         share = meta.host_plans.get(key)
         if share is None:
             seqs = []
             if self.cudnn_min_query_len is not None and cudnn_prefill.usable(query, k_cache):
-                seqs = cudnn_prefill.plan(meta, self.cudnn_min_query_len)
+                seqs = cudnn_prefill.plan(meta, self.cudnn_min_query_len, self.cudnn_min_pairs)
             taken = set(seqs)
             rest = [n for s, n in enumerate(meta.query_lens_cpu) if s not in taken]
             skip = None

@@ -196,6 +196,8 @@ def test_cudnn_takes_long_chunks_over_their_whole_kv_only():
     )
     assert cudnn_prefill.plan(meta, 1024) == [0, 1, 4]
     assert cudnn_prefill.plan(meta, 2001) == []
+    # Enough causal pairs: the chunk over 3,000 cached tokens and the shard over 2,048 only.
+    assert cudnn_prefill.plan(meta, 1024, min_pairs=4_000_000) == [1, 4]
     assert cudnn_prefill.plan(meta.without_kv([1]), 1024) == [0, 4]
 
 
@@ -214,7 +216,7 @@ def test_cudnn_prefill_in_a_mixed_batch_matches_reference(min_query_len, heads):
     assert cudnn_prefill.usable(q, kc), "torch's CUDA builds ship cuDNN 9: the path must be live here"
     taken = cudnn_prefill.plan(meta, min_query_len)
     assert taken == [s for s, (_, n) in enumerate(specs) if n >= min_query_len]
-    out, lse = TritonBackend(cudnn_min_query_len=min_query_len).forward(q, kc, vc, meta, 0.1)
+    out, lse = TritonBackend(cudnn_min_query_len=min_query_len, cudnn_min_pairs=0).forward(q, kc, vc, meta, 0.1)
     _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, BF16)
 
 
@@ -257,7 +259,7 @@ def test_shards_with_kv_start_merge_to_the_whole(block_size, num_shards, cudnn_m
     dtype = BF16
     specs = [(21, 1), (9, 6), (700, 1), (300, 90), (0, 50)]
     q, kc, vc, meta = _paged_case(specs, 8, 2, 128, block_size, dtype, seed=num_shards)
-    backend = TritonBackend(cudnn_min_query_len=cudnn_min_query_len)
+    backend = TritonBackend(cudnn_min_query_len=cudnn_min_query_len, cudnn_min_pairs=0)
     whole_out, whole_lse = backend.forward(q, kc, vc, meta, 0.1)
     _assert_matches_reference(whole_out, whole_lse, q, kc, vc, meta, 0.1, dtype)
     tables = meta.block_tables.tolist()
