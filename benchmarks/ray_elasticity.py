@@ -1,0 +1,141 @@
+"""Join and leave latency of the elastic attention pool on Ray (CPU, a local Ray instance), on the
+embedded default model: requests whose contexts cross the pool threshold while decoding make the
+pool start Ray actors mid-generation; once they finish, the workers idle past
+`pool_idle_timeout_s` are stopped. Per cycle:
+
+    join   from asking Ray for an actor to its first message through the pair group (RayPool)
+    the decode step that waited for the join, against the median decode step
+    leave  from the driver's stop to the actor's process gone, and to Ray's CPUs free again
+
+    PYTHONPATH=. python benchmarks/ray_elasticity.py [--cycles 3] [--no-save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import ray
+import torch
+
+from fapool import LLM, SamplingParams
+from fapool.bench.engine_bench import random_prompts
+from fapool.bench.results import environment, write_result
+
+WORKERS = 2
+THRESHOLD = 256  # tokens held by the dense rank before a sequence's KV goes to the pool
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _cycle(llm: LLM, seed: int, ns: argparse.Namespace) -> dict:
+    engine = llm.engine
+    pool = engine.executor.runner.ray_pool
+    joins_before = len(pool.join_seconds)
+    prompts = random_prompts(ns.batch_size, THRESHOLD - 32, engine.config.model.vocab_size, seed)
+    params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    steps = []  # (seconds, live workers after the step, workers joined during the step)
+    while engine.has_unfinished_requests():
+        joined = len(pool.join_seconds)
+        t0 = time.perf_counter()
+        engine.step()
+        steps.append((time.perf_counter() - t0, pool.num_live, len(pool.join_seconds) - joined))
+    joins = pool.join_seconds[joins_before:]
+    # Leave: the workers idle now; the engine stops them once idle past the timeout.
+    pids = {w: live.pid for w, live in pool.live.items()}
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    t_idle = time.perf_counter()
+    stopped_before = pool.num_stopped
+    while pool.num_stopped - stopped_before < len(pids):
+        engine.release_idle_workers()
+        time.sleep(0.005)
+    t_stop = time.perf_counter()
+    gone_s = free_s = None
+    while gone_s is None or free_s is None:
+        now = time.perf_counter() - t_stop
+        if gone_s is None and not any(_alive(p) for p in pids.values()):
+            gone_s = now
+        if free_s is None and ray.available_resources().get("CPU", 0.0) >= cpus:
+            free_s = now
+        if now > 60:
+            raise RuntimeError("Ray did not return the stopped workers within 60 s")
+        time.sleep(0.005)
+    decode = [s for s, _, j in steps[1:] if not j]
+    join_steps = [s for s, _, j in steps if j]
+    return {
+        "join_s": joins,
+        "join_step_s": join_steps,
+        "median_step_s": statistics.median(decode),
+        "live_workers_per_step": [n for _, n, _ in steps],
+        "step_s": [s for s, _, _ in steps],
+        "idle_to_stop_s": t_stop - t_idle,
+        "stop_to_process_gone_s": gone_s,
+        "stop_to_ray_cpus_free_s": free_s,
+        "workers_stopped": len(pids),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--output-len", type=int, default=96, help="tokens decoded per request (crossing the threshold)")
+    ap.add_argument("--idle-timeout-s", type=float, default=1.0)
+    ap.add_argument("--no-save", action="store_true")
+    ns = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    kw = dict(
+        distributed_executor="ray",
+        attention_workers=WORKERS,
+        pool_threshold=THRESHOLD,
+        tokens_per_pool_worker=THRESHOLD,
+        pool_idle_timeout_s=ns.idle_timeout_s,
+    )
+    try:
+        with LLM(**kw) as llm:
+            cycles = []
+            for c in range(ns.cycles):
+                cycles.append(_cycle(llm, c, ns))
+                r = cycles[-1]
+                print(
+                    f"cycle {c}: joins {[round(x, 2) for x in r['join_s']]} s; join step "
+                    f"{[round(x, 2) for x in r['join_step_s']]} s vs median step {r['median_step_s'] * 1e3:.0f} ms; "
+                    f"stop -> process gone {r['stop_to_process_gone_s'] * 1e3:.0f} ms, "
+                    f"-> Ray CPUs free {r['stop_to_ray_cpus_free_s'] * 1e3:.0f} ms",
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+    joins = [x for r in cycles for x in r["join_s"]]
+    gone = [r["stop_to_process_gone_s"] for r in cycles]
+    free = [r["stop_to_ray_cpus_free_s"] for r in cycles]
+    res = {
+        "env": environment("cpu"),
+        "shapes": dict(vars(ns), workers=WORKERS, pool_threshold=THRESHOLD, model="embedded SmolLM2-135M (float32)"),
+        "cycles": cycles,
+    }
+    summary = (
+        f"Ray elastic pool, embedded model, {WORKERS} workers, {ns.cycles} cycles of {ns.batch_size} requests "
+        f"crossing the {THRESHOLD}-token threshold: join {min(joins):.2f}-{max(joins):.2f} s (actor start to "
+        f"first message); stop to process gone {min(gone) * 1e3:.0f}-{max(gone) * 1e3:.0f} ms, to Ray's CPUs "
+        f"free {min(free) * 1e3:.0f}-{max(free) * 1e3:.0f} ms"
+    )
+    print(summary)
+    if not ns.no_save:
+        print("wrote", write_result("ray_elasticity", res, summary))
+    return res
+
+
+if __name__ == "__main__":
+    main()
