@@ -57,7 +57,7 @@ def _cycle(llm: LLM, seed: int, ns: argparse.Namespace) -> dict:
     t_idle = time.perf_counter()
     stopped_before = pool.num_stopped
     while pool.num_stopped - stopped_before < len(pids):
-        engine.release_idle_workers()
+        engine.resize_pool()
         time.sleep(0.005)
     t_stop = time.perf_counter()
     gone_s = free_s = None

@@ -219,8 +219,13 @@ class PoolConfig:
     # Ray executor: a worker that has held no KV this long is stopped (its memory and device
     # go back to Ray); None: never.
     pool_idle_timeout_s: float | None = 60.0
+    # Ray executor: a worker that a running sequence's KV will reach within this many more
+    # tokens is started ahead, so its join (seconds) does not stall a step; 0: on demand.
+    pool_prestart_tokens: int = 128
 
     def __post_init__(self) -> None:
+        if self.pool_prestart_tokens < 0:
+            raise ConfigError(f"pool_prestart_tokens must be >= 0, got {self.pool_prestart_tokens}")
         if self.pool_idle_timeout_s is not None and self.pool_idle_timeout_s < 0:
             raise ConfigError(f"pool_idle_timeout_s must be >= 0, got {self.pool_idle_timeout_s}")
         if self.attention_workers < 0:

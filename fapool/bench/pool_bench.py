@@ -124,7 +124,7 @@ def _measure(llm: LLM, ns: argparse.Namespace, input_len: int) -> tuple[list[lis
         engine.abort_request(i)
     while engine.has_unfinished_requests():  # drain an in-flight step (async scheduling)
         engine.step()
-    engine.release_idle_workers()  # an elastic pool stops its idle workers (after their timeout)
+    engine.resize_pool()  # an elastic pool stops its idle workers (after their timeout)
     pool_size.record()
     tokens = [list(r.output_token_ids[: ns.output_len]) for r in reqs]
     if min(map(len, tokens)) < ns.output_len - 1:

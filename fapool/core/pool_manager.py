@@ -94,6 +94,16 @@ class PoolManager:
         """Used blocks x block size on each pool worker (an upper bound on stored tokens)."""
         return {w: p.num_used_blocks * self.block_size for w, p in self.pools.items()}
 
+    def workers_at(self, request_id: str, num_tokens: int) -> set[int]:
+        """The workers the request's KV would be on once it holds num_tokens, placed as the pool
+        stands now (nothing is allocated): where an elastic pool starts workers ahead."""
+        workers = set(self.assigned.get(request_id, []))
+        segs = self.segments.get(request_id, [])
+        missing = self.pool_blocks_needed(num_tokens) - sum(s.num_blocks for s in segs)
+        if missing > 0:
+            workers.update(w for _, ws, _ in self._plan(request_id, segs, missing) or [] for w in ws)
+        return workers
+
     def pool_blocks_needed(self, num_tokens: int) -> int:
         return max(0, -(-(num_tokens - self.pool_start) // self.block_size)) if self.enabled else 0
 

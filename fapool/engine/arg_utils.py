@@ -77,6 +77,7 @@ class EngineArgs:
     worker_kv_blocks: int | None = None
     worker_timeout_s: float = 60.0
     pool_idle_timeout_s: float | None = 60.0
+    pool_prestart_tokens: int = 128
     sparse_attention: str | None = None  # profile JSON from `fapool calibrate-heads`; None: dense
     sparse_min_context: int = DEFAULT_SPARSE_MIN_CONTEXT  # steps with a shorter longest KV attend densely
     enforce_eager: bool = False  # no CUDA graphs
@@ -141,6 +142,7 @@ class EngineArgs:
                 worker_kv_blocks=self.worker_kv_blocks,
                 worker_timeout_s=self.worker_timeout_s,
                 pool_idle_timeout_s=self.pool_idle_timeout_s,
+                pool_prestart_tokens=self.pool_prestart_tokens,
             ),
             device=device,
             dtype=dtype,
@@ -222,6 +224,11 @@ class EngineArgs:
         g.add_argument(
             "--pool-idle-timeout-s", type=float, default=60.0,
             help="ray: stop a pool worker that held no KV this long (default: %(default)s)",
+        )
+        g.add_argument(
+            "--pool-prestart-tokens", type=int, default=128,
+            help="ray: start a pool worker ahead once a running sequence's KV will reach it within this many "
+            "tokens, so its join does not stall a step; 0 starts workers on demand (default: %(default)s)",
         )
         g.add_argument(
             "--afd-attention-ranks", type=int, default=None,

@@ -283,7 +283,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 else:
-                    self.engine.release_idle_workers()
+                    self.engine.resize_pool()
                 self._refresh_stats(force=not self.engine.has_unfinished_requests())
         except BaseException as e:  # a bug in this loop, not in a request: fail everything
             logger.exception("engine loop died")

@@ -229,14 +229,22 @@ class LLMEngine:
             if not sched.is_empty:
                 outputs += self._step_sync(sched)
         outputs += [self._finalize(r.group_id) for r in sched.failed if r.group_id in self.groups]
-        self.release_idle_workers()
+        self.resize_pool()
         return _latest(outputs)
 
-    def release_idle_workers(self) -> None:
-        """An elastic pool (Ray) stops the workers idle past pool_idle_timeout_s: after every
-        step, and from an idle server's loop."""
-        if self.pool_manager is not None:
-            self.executor.release_idle(self.pool_manager.active_workers())
+    def resize_pool(self) -> None:
+        """An elastic pool (Ray) starts the workers that running sequences will reach within
+        pool_prestart_tokens and stops those idle past pool_idle_timeout_s: after every step,
+        and from an idle server's loop."""
+        pm = self.pool_manager
+        if pm is None:
+            return
+        ahead = self.config.pool.pool_prestart_tokens
+        soon = set()
+        if ahead:
+            for req in self.scheduler.running:
+                soon |= pm.workers_at(req.request_id, req.num_tokens + ahead)
+        self.executor.resize_pool(pm.active_workers(), soon)
 
     def _can_launch(self, sched) -> bool:
         """Async unless a prompt forks siblings this step (forking needs the tokens on the

@@ -65,8 +65,9 @@ class Executor:
         """Attention-pool worker processes alive now."""
         return 0
 
-    def release_idle(self, active_workers: set[int]) -> None:
-        """After a step: the pool workers holding KV now (an elastic pool stops idle ones)."""
+    def resize_pool(self, active_workers: set[int], soon: set[int]) -> None:
+        """After a step: the pool workers holding KV now and those running sequences will reach
+        soon (an elastic pool starts the latter ahead and stops the idle rest)."""
 
     def pool_events(self) -> tuple[int, int, list[float]]:
         """(workers started, workers stopped, each start's join latency in s): an elastic pool's."""
@@ -138,8 +139,8 @@ class RayPoolExecutor(MultiprocessExecutor):
 
     supports_async = False
 
-    def release_idle(self, active_workers: set[int]) -> None:
-        self.runner.ray_pool.release_idle(active_workers)
+    def resize_pool(self, active_workers: set[int], soon: set[int]) -> None:
+        self.runner.ray_pool.resize(active_workers, soon)
 
     def pool_events(self) -> tuple[int, int, list[float]]:
         pool = self.runner.ray_pool

@@ -18,10 +18,12 @@ import datetime as dt
 import itertools
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import ray
@@ -68,8 +70,16 @@ class _Live:
     pid: int
 
 
+@dataclass
+class _Joining:
+    actor: object
+    future: Future  # -> (pair group, pid, seconds from the start to the join)
+
+
 class RayPool:
-    """The driver's side: which workers are running, starting and stopping them."""
+    """The driver's side: which workers are running, starting and stopping them. Joins run on
+    one background thread (it alone uses the rendezvous store), so a worker started ahead joins
+    while steps go on; a step that needs a worker still joining waits for it."""
 
     def __init__(self, config: EngineConfig, kv_heads: dict[int, list[int]], num_blocks: int, link) -> None:
         self.config = config
@@ -90,8 +100,14 @@ class RayPool:
             self.host, 0, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=JOIN_TIMEOUT_S)
         )
         self.live: dict[int, _Live] = {}
+        self.joining: dict[int, _Joining] = {}
+        # A daemon thread: a join still waiting when the engine shuts down must not hold up exit.
+        self._joins: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._join_loop, daemon=True, name="fapool-ray-join").start()
         self.join_seconds: list[float] = []  # from asking Ray for an actor to its first message
+        self.join_wait_seconds: list[float] = []  # how long a step waited for a join (0: hidden)
         self.num_stopped = 0
+        self.num_started_on_demand = 0  # starts a step asked for (not ahead of need)
         self.pids_seen: set[int] = set()  # every actor process that joined (tests: gone once stopped)
         self._idle_since: dict[int, float] = {}
         self._generation = itertools.count()
@@ -101,33 +117,66 @@ class RayPool:
         return len(self.live)
 
     def ensure(self, workers: Iterable[int]) -> None:
-        """Start the workers not running yet (all at once) and wait until each has joined."""
-        missing = sorted(w for w in set(workers) if w not in self.live and self.link.live(w))
-        if not missing:
+        """Make the workers a step needs live: start those not running or joining yet (all at
+        once) and wait for each join."""
+        needed = sorted(w for w in set(workers) if w not in self.live and self.link.live(w))
+        if not needed:
             return
-        on_gpu = self.config.device.startswith("cuda")
+        self.num_started_on_demand += sum(w not in self.joining for w in needed)
+        self._start(needed)
         t0 = time.perf_counter()
-        pending = []
-        for w in missing:
+        for w in needed:
+            self._settle(w, wait=True)
+        self.join_wait_seconds.append(time.perf_counter() - t0)
+
+    def resize(self, active: set[int], soon: set[int]) -> None:
+        """Between steps: register finished joins, start the workers wanted soon, and stop the
+        others that held no KV for idle_timeout_s (`active`: workers holding some now)."""
+        for w in list(self.joining):
+            if self.joining[w].future.done():
+                self._settle(w, wait=False)
+        self._start(sorted(w for w in soon if w not in self.live and self.link.live(w)))
+        self.release_idle(active | soon)
+
+    def _start(self, workers: list[int]) -> None:
+        on_gpu = self.config.device.startswith("cuda")
+        for w in workers:
+            if w in self.joining:
+                continue
             prefix = f"pool/{w}/{next(self._generation)}"
             actor = PoolWorkerActor.options(num_cpus=1, num_gpus=1 if on_gpu else 0).remote()
             init = AttentionInit(self.config, w, self.num_blocks, self.kv_heads[w])
             ref = actor.start.remote(init, self.host, self.store.port, prefix, "cuda" if on_gpu else "cpu")
-            pending.append((w, actor, ref, prefix))
-        for w, actor, ref, prefix in pending:
+            future: Future = Future()
+            self._joins.put((prefix, ref, time.perf_counter(), future))
+            self.joining[w] = _Joining(actor, future)
+
+    def _join_loop(self) -> None:
+        while (job := self._joins.get()) is not None:
+            prefix, ref, t0, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
             try:
                 group = _pair_group(self.store, prefix)
                 (pid,) = ray.get([ref], timeout=JOIN_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - Ray's and gloo's errors alike: the worker is lost
-                ray.kill(actor, no_restart=True)
-                self.link.fail(w, f"could not start a Ray attention worker: {e}")
-                continue
-            peer = comm.Peer(group, 1, f"Ray attention worker {w}")
-            self.live[w] = _Live(actor, peer, pid)
-            self.pids_seen.add(pid)
-            self.link.peers[w] = peer
-            self.join_seconds.append(time.perf_counter() - t0)
-            logger.info("attention worker %d joined (Ray actor, pid %d) in %.2f s", w, pid, self.join_seconds[-1])
+                future.set_result((group, pid, time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001 - handed to the step that needs the worker
+                future.set_exception(e)
+
+    def _settle(self, w: int, wait: bool) -> None:
+        joining = self.joining.pop(w)
+        try:
+            group, pid, seconds = joining.future.result(timeout=JOIN_TIMEOUT_S if wait else 0)
+        except Exception as e:  # noqa: BLE001 - Ray's and gloo's errors alike: the worker is lost
+            ray.kill(joining.actor, no_restart=True)
+            self.link.fail(w, f"could not start a Ray attention worker: {e}")
+            return
+        peer = comm.Peer(group, 1, f"Ray attention worker {w}")
+        self.live[w] = _Live(joining.actor, peer, pid)
+        self.pids_seen.add(pid)
+        self.link.peers[w] = peer
+        self.join_seconds.append(seconds)
+        logger.info("attention worker %d joined (Ray actor, pid %d) in %.2f s", w, pid, seconds)
 
     def release_idle(self, active: set[int], now: float | None = None) -> None:
         """Stop workers that held no KV for idle_timeout_s (`active`: workers holding some now)."""
@@ -155,6 +204,14 @@ class RayPool:
         logger.info("attention worker %d stopped (Ray actor, pid %d)", w, live.pid)
 
     def shutdown(self) -> None:
+        for w, joining in list(self.joining.items()):
+            if joining.future.done():
+                self._settle(w, wait=False)
+            else:
+                joining.future.cancel()
+                ray.kill(joining.actor, no_restart=True)
+                del self.joining[w]
+        self._joins.put(None)
         for w in list(self.live):
             self._drop(w, graceful=self.link.live(w))
         if self.started_ray and ray.is_initialized():

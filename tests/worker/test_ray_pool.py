@@ -23,7 +23,8 @@ def _ids(prompts):
 
 
 def _kw(**kw):
-    return dict(device="cpu", block_size=4, num_kv_blocks=256, **kw)
+    # Workers start on demand unless a test asks for them ahead (pool_prestart_tokens).
+    return dict(device="cpu", block_size=4, num_kv_blocks=256, **{"pool_prestart_tokens": 0, **kw})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,6 +105,22 @@ def test_ray_pool_grows_serves_and_releases(tiny_checkpoints, reference):
         assert engine.stats().pool_live_workers == 0
 
 
+def test_ray_pool_starts_workers_ahead_of_need(tiny_checkpoints, reference):
+    """With pool_prestart_tokens, the workers the decoding sequences will reach are started
+    between steps, before a step places KV on them: no step starts one itself, none is stopped
+    while it is wanted soon (idle timeout 0), and the tokens are unchanged."""
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=0.0, pool_prestart_tokens=24, **POOL)
+    with LLM(folder, **kw) as llm:
+        pool = llm.engine.executor.runner.ray_pool
+        got, live = _run(llm, CROSSING, PARAMS)
+        assert got == reference[:3]
+        assert max(live) == 2 and live[-1] == 0
+        stats = llm.engine.stats()
+        assert pool.num_started_on_demand == 0
+        assert stats.pool_worker_starts == 2 and stats.pool_worker_stops == 2
+
+
 def test_bench_pool_records_the_pool_size_over_time(tiny_checkpoints):
     """`fapool bench pool`'s series: workers holding KV and live actors after each step."""
     from fapool.bench.pool_bench import PoolSizes
@@ -113,7 +130,7 @@ def test_bench_pool_records_the_pool_size_over_time(tiny_checkpoints):
     with LLM(folder, **kw) as llm:
         sizes = PoolSizes(llm.engine)
         _run(llm, CROSSING, PARAMS, lambda engine, step: sizes.record())
-        llm.engine.release_idle_workers()
+        llm.engine.resize_pool()
         sizes.record()
     assert sizes.series["live"][0] == 0 and max(sizes.series["live"]) == 2 and sizes.series["live"][-1] == 0
     assert max(sizes.series["with_kv"]) == 2
