@@ -1,10 +1,6 @@
-"""`fapool calibrate`: time the engine's GEMMs, attention and (CPU: the same-host transport's) exchanges here, fit
-the roofline's effective rates, and write them as JSON (schema 3) for the cost model.
-
-Kernels: time = overhead + max(flops / F, bytes / B), fitted by the least mean absolute log
-error; on a GPU they are timed as CUDA-graph replays. Unless `engine` is false, a short decode
-of the real engine fits the fixed and host terms (engine_calibrate.py); on a CPU with `pool`,
-a tiny pool run fits the pool machinery's terms (engine_calibrate.py). docs/simulator.md.
+"""`fapool calibrate`: time the engine's GEMMs, decode attention and (CPU) exchanges here, fit the
+roofline's effective rates, and write them as JSON (schema 3); engine_calibrate.py adds the engine's
+fixed, host and pool terms. Method: docs/simulator.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """Hardware profiles: the *effective* rates the roofline cost model needs (what kernels reach).
-
-Presets are datasheet peaks (dense bf16; H100 SXM5 989 TFLOP/s, 3.35 TB/s, 80 GB; H200 SXM the
-same with 4.8 TB/s, 141 GB; NVLink 450 GB/s and a 50 GB/s NIC a direction) times assumed
-efficiencies; `fapool calibrate` replaces them with fitted numbers (docs/simulator.md).
+Presets are datasheet peaks times assumed efficiencies (docs/simulator.md); `fapool calibrate` fits them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """Closed-form planner: size static TP x PP, FA Pool, head-parallel and AFD for a model, hardware,
-workload and TPOT SLO, and say which to deploy.
-
-Mean-field: a decode step of B sequences with contexts from the stationary distribution X
-(queueing.py), priced by the simulator's own step formulas; each strategy's best configuration
-is then checked by a short closed-loop simulation.
+workload and TPOT SLO (mean-field steps over the stationary contexts of queueing.py, priced by the
+simulator's step formulas), check each by a short simulation, and say which to deploy.
 """
 
 from __future__ import annotations

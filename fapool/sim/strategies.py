@@ -1,9 +1,6 @@
-"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs.
-
-StaticTPPP (tp x pp), FAPool (seed 000: base GPUs attend to the first `threshold` tokens, pool
-workers to the rest, in the engine's modes shard | replicate | head), head_parallel (Lamina,
-seed 004: FAPool with threshold 0, head mode) and AFD (seed 002: r attention GPUs, one FFN
-instance). `step_cost` gives a step's wall time and each GPU's compute and comm seconds.
+"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs (wall time,
+each GPU's compute and comm seconds): StaticTPPP, FAPool (seed 000, the engine's pool modes),
+head_parallel (Lamina, seed 004) and AFD (seed 002).
 """
 
 from __future__ import annotations
