@@ -11,7 +11,7 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.queueing import ContextMoments, max_of_sums_distribution
+from fapool.sim.queueing import ContextMoments, context_moments, max_of_sums_distribution
 from fapool.sim.strategies import AFD
 
 
@@ -125,7 +125,5 @@ class AFDModel:
 
 def length_moments(prompt, output, seed: int = 0) -> ContextMoments:
     """The context moments of a (prompt, output) length distribution, from 200,000 draws."""
-    from fapool.sim.queueing import context_moments
-
     rng = np.random.default_rng([seed, 17])
     return context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))
