@@ -314,11 +314,12 @@ def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: in
             engine.abort_request(rid)
     p20 = lambda xs: float(np.percentile(xs, 20))  # noqa: E731
     workers = sorted({w for s in rows for w in s.workers})
+    worker_s = {str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows])
+                for w in workers}
     return {"batch": batch, "context": context, "context_mean": ctx0 + (steps - 1) / 2,
             "driver_busy_s": p20([s.dense_s + s.local_attention_s for s in rows]),
             "driver_wait_s": p20([s.wait_s for s in rows]), "total_s": p20([s.total_s for s in rows]),
-            "worker_attention_s": {
-                str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows]) for w in workers}}
+            "worker_attention_s": worker_s}
 
 
 def _modelled(cost, sample: dict):
