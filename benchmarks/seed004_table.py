@@ -43,8 +43,7 @@ from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import get_hardware
 from fapool.sim.simulator import SimConfig, simulate
 from fapool.sim.strategies import AFD, FAPool, StaticTPPP, Strategy, head_parallel
-from fapool.sim.traces import load_azure_trace
-from fapool.sim.workload import RequestBatch, Workload
+from fapool.sim.workload import RequestBatch, Workload, load_azure_trace
 
 CONFIGS = Path(__file__).parent / "configs"
 MODELS = {"Llama-3-8B": CONFIGS / "llama3_8b.json", "Llama-3.1-70B": CONFIGS / "llama3_70b.json"}

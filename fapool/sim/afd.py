@@ -1,9 +1,5 @@
-"""Closed-form sizing of AFD rA-1F bundles (seed 002); derivation in docs/afd_ratio.md.
-
-r attention GPUs of b sequences each feed one FFN instance of f_tp GPUs. A step is AFD.combine
-of the slowest attention GPU (affine in its KV tokens, whose max over r GPUs is queueing.py's
-distribution) and the FFN side; Theta(r) = r b / (E[step(r)] (r + f_tp)) is maximised over r.
-`balance_ratio` and `ffn_bound_ratio` (the sqrt rule) are the analytic landmarks around r*.
+"""Closed-form sizing of AFD rA-1F bundles (seed 002): the r maximising r b / (E[step(r)] (r + f_tp)),
+and the balance and sqrt-rule landmarks around it; derivation in docs/afd_ratio.md.
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.queueing import ContextMoments, max_of_sums_distribution
+from fapool.sim.queueing import ContextMoments, context_moments, max_of_sums_distribution
 from fapool.sim.strategies import AFD
 
 
@@ -129,7 +125,5 @@ class AFDModel:
 
 def length_moments(prompt, output, seed: int = 0) -> ContextMoments:
     """The context moments of a (prompt, output) length distribution, from 200,000 draws."""
-    from fapool.sim.queueing import context_moments
-
     rng = np.random.default_rng([seed, 17])
     return context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))

@@ -1,10 +1,5 @@
-"""A layer-level event simulation of an rA-1F bundle (seed 002), independent of the closed form.
-
-It shares nothing with afd.py / AFD.combine: each slot carries its own request from its own
-random stream, each attention GPU prices its own micro-batches, and a step is the schedule of
-its tasks (attention per GPU, layer and micro-batch; activations over each GPU's NIC into the
-FFN instance's f_tp NICs; FFN and all-reduce once all have arrived; outputs back rank by rank;
-the LM head after the last layer). `CostModel.finish_step` adds the host's work. Decode only.
+"""A layer-level event simulation of an rA-1F bundle (seed 002) that shares no step formula with the
+closed form (afd.py): each slot its own request stream, each task scheduled (docs/afd_ratio.md). Decode only.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""`fapool calibrate`: time the engine's GEMMs, attention and (CPU: the same-host transport's) exchanges here, fit
-the roofline's effective rates, and write them as JSON (schema 3) for the cost model.
-
-Kernels: time = overhead + max(flops / F, bytes / B), fitted by the least mean absolute log
-error; on a GPU they are timed as CUDA-graph replays. Unless `engine` is false, a short decode
-of the real engine fits the fixed and host terms (engine_calibrate.py); on a CPU with `pool`,
-a tiny pool run fits the pool machinery's terms (pool_calibrate.py). docs/simulator.md.
+"""`fapool calibrate`: time the engine's GEMMs, decode attention and (CPU) exchanges here, fit the
+roofline's effective rates, and write them as JSON (schema 3); engine_calibrate.py adds the engine's
+fixed, host and pool terms. Method: docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -472,8 +468,8 @@ def add_pool_section(cal: dict, model=None, grid=None, progress=None, checkpoint
     """The tiny pool engines (CPU), priced by everything calibrated so far with zero pool terms
     and no contention (one worker: 2 processes)."""
     from fapool.sim.cost_model import CostModel
+    from fapool.sim.engine_calibrate import calibrate_pool
     from fapool.sim.hardware import get_hardware
-    from fapool.sim.pool_calibrate import calibrate_pool
 
     hw = apply_calibration(get_hardware("cpu"), {**cal, "pool": None})
     hw = hw.replace(pool=PoolOverheads(), cpu_cores=None)

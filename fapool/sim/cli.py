@@ -12,7 +12,15 @@ from pathlib import Path
 
 from fapool.config import ConfigError
 from fapool.sim.errors import SimInputError
-from fapool.sim.workload import DEFAULT_OUTPUT, DEFAULT_PROMPT
+from fapool.sim.workload import (
+    DEFAULT_OUTPUT,
+    DEFAULT_PROMPT,
+    ClosedLoopWorkload,
+    LengthDist,
+    PoissonWorkload,
+    TraceWorkload,
+    load_azure_trace,
+)
 
 STRATEGIES = ("static", "fapool", "afd", "head")
 
@@ -52,15 +60,10 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _lengths(args):
-    from fapool.sim.workload import LengthDist
-
     return LengthDist.parse(args.prompt, hi=args.max_len), LengthDist.parse(args.output, hi=args.max_len)
 
 
 def _workload(args):
-    from fapool.sim.traces import load_azure_trace
-    from fapool.sim.workload import ClosedLoopWorkload, PoissonWorkload, TraceWorkload
-
     if args.trace:
         if args.speedup <= 0:
             raise SimInputError("--speedup must be > 0")
@@ -127,8 +130,7 @@ def _guard(fn):
 
 @_guard
 def cmd_simulate(args) -> int:
-    from fapool.sim.plots import plot_results
-    from fapool.sim.results import results_table
+    from fapool.sim.results import plot_results, results_table
     from fapool.sim.simulator import SimConfig, simulate
 
     cost = _cost(args)
@@ -157,13 +159,10 @@ def cmd_plan(args) -> int:
     import numpy as np
 
     from fapool.sim.planner import PlannerInputs, make_plan, plan_table
-    from fapool.sim.traces import load_azure_trace
 
     cost = _cost(args)
     prompt_d, output_d = _lengths(args)
     if args.trace:
-        from fapool.sim.workload import LengthDist
-
         tr = load_azure_trace(args.trace, args.trace_limit)
         # Verification draws prompts and outputs from the trace's own lengths (independently).
         prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len), 1, 1 << 30)

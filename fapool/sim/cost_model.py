@@ -28,9 +28,8 @@ def load_model_config(spec: str) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise SimInputError(
-            f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) and no config.json at that path"
-        )
+        raise SimInputError(f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) "
+                            "and no config.json at that path")
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -65,6 +64,22 @@ def load_model_config(spec: str) -> ModelConfig:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _f64(x):
+    """Scalars as they are (a fast path: the simulator prices thousands of steps), else float64 arrays."""
+    return x if np.isscalar(x) else np.asarray(x, dtype=np.float64)
+
+
+def _max(a, b):
+    return max(a, b) if np.isscalar(a) and np.isscalar(b) else np.maximum(a, b)
+
+
+def _if_positive(x, t):
+    """`t` where `x` > 0, else 0."""
+    if np.isscalar(x):
+        return t if x > 0 else 0.0
+    return np.where(x > 0, t, 0.0)[()]
 
 
 @dataclass(frozen=True)
@@ -127,18 +142,10 @@ class CostModel:
 
     def gemm(self, m, n: int, k: int):
         """[m, k] @ [k, n]; zero when m == 0."""
-        d, hw = self.dtype_bytes, self.hw
-        if np.isscalar(m):  # scalar fast path: the simulator prices thousands of steps
-            if m <= 0:
-                return 0.0
-            f, b = self.gemm_rates(m) if hw.gemm_by_m else (hw.gemm_flops, hw.gemm_bandwidth)
-            return hw.kernel_overhead + max(2.0 * m * n * k / f, (m * k + k * n + m * n) * d / b)
-        m = np.asarray(m, dtype=np.float64)
+        m, d = _f64(m), self.dtype_bytes
         f, b = self.gemm_rates(m)
-        flops = 2.0 * m * n * k
-        nbytes = (m * k + k * n + m * n) * d
-        t = hw.kernel_overhead + np.maximum(flops / f, nbytes / b)
-        return np.where(m > 0, t, 0.0)[()]
+        t = self.hw.kernel_overhead + _max(2.0 * m * n * k / f, (m * k + k * n + m * n) * d / b)
+        return _if_positive(m, t)
 
     def qkv_proj(self, tokens, tp: int = 1):
         m = self.model
@@ -157,10 +164,8 @@ class CostModel:
 
     def elementwise(self, nbytes):
         """Memory-bound pass (norms, residual adds, rotary, the LSE merge)."""
-        if np.isscalar(nbytes):
-            return self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth if nbytes > 0 else 0.0
-        nbytes = np.asarray(nbytes, dtype=np.float64)
-        return np.where(nbytes > 0, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth, 0.0)[()]
+        nbytes = _f64(nbytes)
+        return _if_positive(nbytes, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth)
 
     def layer_misc(self, tokens, tp: int = 1):
         """Norms, rotary and residual adds (~8 passes over the hidden state) plus the calibrated
@@ -179,28 +184,19 @@ class CostModel:
     def attention(self, kv_read_tokens, qk_pairs, num_queries, head_fraction: float = 1.0):
         """`num_queries` queries reading `kv_read_tokens` cached tokens and scoring `qk_pairs`
         (query, key) pairs over `head_fraction` of the heads (decode: qk_pairs == kv_read_tokens)."""
-        m = self.model
-        hw = self.hw
-        if np.isscalar(kv_read_tokens) and np.isscalar(qk_pairs) and np.isscalar(num_queries):
-            if kv_read_tokens <= 0 and num_queries <= 0:
-                return 0.0
-            flops = 4.0 * m.num_attention_heads * m.head_dim * qk_pairs * head_fraction
-            nbytes = (
-                kv_read_tokens * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(num_queries)
-            ) * head_fraction
-            if hw.attn_by_bytes:
-                return max(self._attn_table(nbytes), hw.attn_overhead + flops / hw.attn_flops)
-            return hw.attn_overhead + max(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
-        kv_read = np.asarray(kv_read_tokens, dtype=np.float64)
-        pairs = np.asarray(qk_pairs, dtype=np.float64)
-        nq = np.asarray(num_queries, dtype=np.float64)
+        m, hw = self.model, self.hw
+        scalar = np.isscalar(kv_read_tokens) and np.isscalar(qk_pairs) and np.isscalar(num_queries)
+        kv_read, pairs, nq = (x if scalar else np.asarray(x, dtype=np.float64)
+                              for x in (kv_read_tokens, qk_pairs, num_queries))
+        if scalar and kv_read <= 0 and nq <= 0:
+            return 0.0
         flops = 4.0 * m.num_attention_heads * m.head_dim * pairs * head_fraction
         nbytes = (kv_read * self.kv_bytes_per_token_layer() + 2 * self.query_bytes(nq)) * head_fraction
         if hw.attn_by_bytes:
-            t = np.maximum(self._attn_table(nbytes), hw.attn_overhead + flops / hw.attn_flops)
+            t = _max(self._attn_table(nbytes), hw.attn_overhead + flops / hw.attn_flops)
         else:
-            t = hw.attn_overhead + np.maximum(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
-        return np.where((kv_read > 0) | (nq > 0), t, 0.0)[()]
+            t = hw.attn_overhead + _max(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
+        return t if scalar else np.where((kv_read > 0) | (nq > 0), t, 0.0)[()]
 
     def decode_attention(self, kv_tokens, num_seqs, head_fraction: float = 1.0):
         return self.attention(kv_tokens, kv_tokens, num_seqs, head_fraction)
@@ -213,22 +209,14 @@ class CostModel:
         """Ring all-reduce of `nbytes` over n ranks: one launch latency, 2(n-1) ring steps."""
         if n <= 1:
             return 0.0
-        link = self.hw.link(same_node)
-        if np.isscalar(nbytes):
-            if nbytes <= 0:
-                return 0.0
-            return link.latency + 2 * (n - 1) * link.hop_latency + 2 * (n - 1) / n * nbytes / link.bandwidth
-        nbytes = np.asarray(nbytes, dtype=np.float64)
+        link, nbytes = self.hw.link(same_node), _f64(nbytes)
         t = link.latency + 2 * (n - 1) * link.hop_latency + 2 * (n - 1) / n * nbytes / link.bandwidth
-        return np.where(nbytes > 0, t, 0.0)[()]
+        return _if_positive(nbytes, t)
 
     def p2p(self, nbytes, same_node: bool = False):
         """One send (or receive) of `nbytes`; arrays allowed (one entry per link)."""
-        link = self.hw.link(same_node)
-        if np.isscalar(nbytes):
-            return link.latency + nbytes / link.bandwidth if nbytes > 0 else 0.0
-        nbytes = np.asarray(nbytes, dtype=np.float64)
-        return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)[()]
+        link, nbytes = self.hw.link(same_node), _f64(nbytes)
+        return _if_positive(nbytes, link.latency + nbytes / link.bandwidth)
 
     def dense_layer(self, tokens, tp: int = 1, same_node: bool = True) -> tuple[float, float]:
         """(compute, all-reduce) seconds of one layer's non-attention work on one TP rank."""

@@ -1,8 +1,5 @@
 """Hardware profiles: the *effective* rates the roofline cost model needs (what kernels reach).
-
-Presets are datasheet peaks (dense bf16; H100 SXM5 989 TFLOP/s, 3.35 TB/s, 80 GB; H200 SXM the
-same with 4.8 TB/s, 141 GB; NVLink 450 GB/s and a 50 GB/s NIC a direction) times assumed
-efficiencies; `fapool calibrate` replaces them with fitted numbers (docs/simulator.md).
+Presets are datasheet peaks times assumed efficiencies (docs/simulator.md); `fapool calibrate` fits them.
 """
 
 from __future__ import annotations
@@ -149,19 +146,13 @@ class HardwareProfile:
 
 def _gpu(name: str, peak_flops: float, hbm: float, memory: float, cost: float) -> HardwareProfile:
     return HardwareProfile(
-        name=name,
-        memory_bytes=memory,
-        gemm_flops=0.70 * peak_flops,
-        gemm_bandwidth=0.80 * hbm,
-        attn_flops=0.50 * peak_flops,  # flash-attention forward reaches ~50-60% of peak on Hopper
-        attn_bandwidth=0.75 * hbm,
-        kernel_overhead=4e-6,
-        attn_overhead=6e-6,
+        name=name, memory_bytes=memory, gpus_per_node=8, dtype_bytes=2, cost_per_hour=cost,
+        gemm_flops=0.70 * peak_flops, gemm_bandwidth=0.80 * hbm,
+        # flash-attention forward reaches ~50-60% of peak on Hopper
+        attn_flops=0.50 * peak_flops, attn_bandwidth=0.75 * hbm,
+        kernel_overhead=4e-6, attn_overhead=6e-6,
         intra_node=LinkProfile(bandwidth=0.80 * 450e9, latency=8e-6, hop_latency=1e-6),
         inter_node=LinkProfile(bandwidth=0.80 * 50e9, latency=15e-6, hop_latency=4e-6),
-        gpus_per_node=8,
-        dtype_bytes=2,
-        cost_per_hour=cost,
     )
 
 
@@ -172,20 +163,11 @@ def _presets() -> dict[str, HardwareProfile]:
         # A CPU "device" = one engine worker process: float32, the same-host transport (Unix sockets).
         # Rough; run `fapool calibrate` for real numbers.
         "cpu": HardwareProfile(
-            name="cpu",
-            memory_bytes=16e9,
-            gemm_flops=2e11,
-            gemm_bandwidth=2e10,
-            attn_flops=5e10,
-            attn_bandwidth=1e10,
-            kernel_overhead=2e-5,
-            attn_overhead=5e-5,
+            name="cpu", memory_bytes=16e9, gpus_per_node=64, dtype_bytes=4, reserved_bytes=0.5e9,
+            cost_per_hour=0.05, gemm_flops=2e11, gemm_bandwidth=2e10, attn_flops=5e10, attn_bandwidth=1e10,
+            kernel_overhead=2e-5, attn_overhead=5e-5,
             intra_node=LinkProfile(bandwidth=2e9, latency=1e-4, hop_latency=2e-5),
             inter_node=LinkProfile(bandwidth=1e9, latency=2e-4, hop_latency=5e-5),
-            gpus_per_node=64,
-            dtype_bytes=4,
-            reserved_bytes=0.5e9,
-            cost_per_hour=0.05,
         ),
     }
 

@@ -1,10 +1,6 @@
-"""KV bookkeeping for the simulator: where each slot's cached tokens live, and when a step's new
-tokens do not fit (which triggers preemption).
-
-GroupLedger: a slot's KV lives in its attention group (static: one group; AFD: one per attention
-GPU). PoolLedger: the first `threshold` tokens stay on the base GPUs and the engine's own
-PoolManager (fapool.core) places the rest in its modes, so the simulated policy is the engine's.
-`try_allocate` returns None, or the domain that overflowed (where the youngest is preempted).
+"""KV bookkeeping: where each slot's cached tokens live (GroupLedger: its attention group; PoolLedger:
+the base below `threshold`, the rest placed by the engine's own PoolManager), and which domain overflows
+when a step's new tokens do not fit (`try_allocate`; the simulator preempts the youngest there).
 """
 
 from __future__ import annotations

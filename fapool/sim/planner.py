@@ -1,9 +1,6 @@
 """Closed-form planner: size static TP x PP, FA Pool, head-parallel and AFD for a model, hardware,
-workload and TPOT SLO, and say which to deploy.
-
-Mean-field: a decode step of B sequences with contexts from the stationary distribution X
-(queueing.py), priced by the simulator's own step formulas; each strategy's best configuration
-is then checked by a short closed-loop simulation.
+workload and TPOT SLO (mean-field steps over the stationary contexts of queueing.py, priced by the
+simulator's step formulas), check each by a short simulation, and say which to deploy.
 """
 
 from __future__ import annotations
@@ -51,7 +48,6 @@ class Plan:
     tpot_slo: float
     moments: ContextMoments
     afd: AFDPlan | None = None
-    pool_balance: int | None = None  # P* for the chosen FA Pool threshold and batch
 
 
 @dataclass(frozen=True)
@@ -77,16 +73,16 @@ def _kv_batch_limit(m: ContextMoments, capacity: float, z: float, cap: int) -> i
     return int(min(cap, math.floor(root * root)))
 
 
-def _max_batch_meeting(tpot_of, limit: int, target: float) -> int:
-    """Largest B in [1, limit] with tpot_of(B) <= target (tpot_of non-decreasing); 0 if none."""
-    if limit < 1 or tpot_of(1) > target:
+def _largest(ok, limit: int) -> int:
+    """Largest B in [1, limit] with ok(B), for ok true up to some B and false after; 0 if none."""
+    if limit < 1 or not ok(1):
         return 0
     lo, hi = 1, limit
-    if tpot_of(hi) <= target:
+    if ok(hi):
         return hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if tpot_of(mid) <= target else (lo, mid)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
 
 
@@ -104,7 +100,7 @@ def plan_static(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
             s = StaticTPPP(tp=tp, pp=pp)
             limit = _kv_batch_limit(m, s.kv_capacity(cost), inp.kv_sigmas, inp.max_batch)
             tpot = lambda B, s=s: s.timing(cost, B, B, B * m.mean, B * m.mean)[0]
-            B = _max_batch_meeting(tpot, limit, target)
+            B = _largest(lambda b, tpot=tpot: tpot(b) <= target, limit)
             if B < 1:
                 continue
             thr = B / (tpot(B) * s.num_gpus())
@@ -138,25 +134,22 @@ class _PoolMeanField:
         local = float(cost.attention(B * e_loc, B * e_loc, B, 1.0 / tp)) if e_loc > 0 else 0.0
         pool_path = merge = driver_extra = step_extra = 0.0
         if P and e_pool > 0:
-            same = s.num_gpus() <= cost.hw.gpus_per_node
+            same = s.same_node(cost)
             # With calibrated pool terms each micro-batch is its own call on a worker (as the
             # simulator prices it); the terms and contention come from FAPool.machinery.
             n_mb = 2 if s.overlap and cost.hw.pool is not None else 1
-            if s.mode == "head":
-                share = 1.0 / P  # even split (P divides the KV heads in the plans made here)
-                tokens = B * e_pool
-                attn = n_mb * float(cost.attention(tokens / n_mb, tokens / n_mb, B * q / n_mb, share))
-                q_w = float(cost.query_bytes(B * q, share)) + B * q * cost.kv_bytes_per_token_layer() * share
-                r_w = float(cost.partial_bytes(B * q, share))
-                seqs = B * q
+            # Per worker: the KV it reads, its queries, its share of the heads, the new tokens' KV.
+            if s.mode == "head":  # every pool sequence, 1/P of the heads (P divides the KV heads here)
+                share, kv_w, queries = 1.0 / P, B * e_pool, B * q
+                new_kv = B * q * cost.kv_bytes_per_token_layer() * share
             else:
-                load, queries = B * e_pool / P, B * q * e_k / P
-                attn = n_mb * float(cost.attention(load / n_mb, load / n_mb, queries / n_mb))
-                q_w = float(cost.query_bytes(queries)) + B * q / P * cost.kv_bytes_per_token_layer()
-                r_w = float(cost.partial_bytes(queries))
-                seqs = queries
+                share, kv_w, queries = 1.0, B * e_pool / P, B * q * e_k / P
+                new_kv = B * q / P * cost.kv_bytes_per_token_layer()
+            attn = n_mb * float(cost.attention(kv_w / n_mb, kv_w / n_mb, queries / n_mb, share))
+            q_w = float(cost.query_bytes(queries, share)) + new_kv
+            r_w = float(cost.partial_bytes(queries, share))
             attn_w, driver_extra, step_extra = s.machinery(
-                cost, np.full(P, attn), np.full(P, float(n_mb)), np.full(P, seqs), n_mb * P, n_mb, n_mb
+                cost, np.full(P, attn), np.full(P, float(n_mb)), np.full(P, queries), n_mb * P, n_mb, n_mb
             )
             attn = float(attn_w.max())
             send = max(float(cost.p2p(P * q_w / tp, same)), float(cost.p2p(q_w, same)))
@@ -177,8 +170,9 @@ class _PoolMeanField:
         return B * e_pool + (z if e_pool else 0) <= pool_cap
 
 
-def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make, thresholds, sizes):
-    """The (strategy, batch, tokens/s/GPU, TPOT) of the best make(tp, threshold, P) over base TP >= 2."""
+def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make, thresholds,
+                 sizes) -> PlanRow | None:
+    """The row of the best make(tp, threshold, P) over base TP >= 2 (tokens/s/GPU within the SLO)."""
     target = inp.tpot_slo * inp.headroom
     best = None
     for tp, th in itertools.product([t for t in _tp_options(inp) if t >= 2], thresholds):
@@ -186,20 +180,18 @@ def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make
             s = make(tp, th, P)
             if s.num_gpus() > inp.max_gpus:
                 continue
-            lo_fit = 0
-            hi = inp.max_batch
-            while hi - lo_fit > 1:  # largest B that fits memory (fit is monotone in B)
-                mid = (lo_fit + hi) // 2
-                lo_fit, hi = (mid, hi) if mf.fits(s, mid, m.sd) else (lo_fit, mid)
-            limit = inp.max_batch if mf.fits(s, inp.max_batch, m.sd) else lo_fit
-            B = _max_batch_meeting(lambda b, s=s: mf.step(s, b), limit, target)
+            limit = _largest(lambda b, s=s: mf.fits(s, b, m.sd), inp.max_batch)  # fits KV memory
+            B = _largest(lambda b, s=s: mf.step(s, b) <= target, limit)
             if B < 1:
                 continue
             tpot = mf.step(s, B)
             thr = B / (tpot * s.num_gpus())
             if best is None or thr > best[2]:
                 best = (s, B, thr, tpot)
-    return best
+    if best is None:
+        return None
+    s, B, thr, tpot = best
+    return PlanRow(s.name, dataclasses.replace(s, max_batch=B), B, tpot, thr)
 
 
 def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_per_worker: int, B: int,
@@ -216,34 +208,29 @@ def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_p
     return next((P for P in range(1, p_max + 1) if step(P) <= (1 + tolerance) * ref), None)
 
 
-def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> tuple[PlanRow | None, int | None]:
+def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow | None:
     mf = _PoolMeanField(inp, x)
     top = int(np.percentile(x, 99))
     thresholds = sorted({t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top}
                         | {inp.tokens_per_worker})
     make = lambda tp, th, P: FAPool(base_tp=tp, pool_size=P, threshold=th,
                                     tokens_per_worker=inp.tokens_per_worker)
-    best = _pool_search(inp, mf, m, make, thresholds, lambda tp: range(1, inp.max_gpus - tp + 1))
-    if best is None:
-        return None, None
-    s, B, thr, tpot = best
-    s = dataclasses.replace(s, max_batch=B)
-    p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
-    note = f"threshold {s.threshold}, balance pool size P*={p_star}"
-    return PlanRow("fapool", s, B, tpot, thr, note), p_star
+    row = _pool_search(inp, mf, m, make, thresholds, lambda tp: range(1, inp.max_gpus - tp + 1))
+    if row is not None:
+        s, B = row.strategy, row.batch
+        p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
+        row.notes = f"threshold {s.threshold}, balance pool size P*={p_star}"
+    return row
 
 
 def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow | None:
-    mf = _PoolMeanField(inp, x)
     kvh = inp.cost.model.num_key_value_heads
     sizes = [p for p in range(1, kvh + 1) if kvh % p == 0]
     make = lambda tp, th, P: head_parallel(dense_tp=tp, attn_workers=P)
-    best = _pool_search(inp, mf, m, make, [0], lambda tp: sizes)
-    if best is None:
-        return None
-    s, B, thr, tpot = best
-    s = dataclasses.replace(s, max_batch=B)
-    return PlanRow("head-parallel", s, B, tpot, thr, "all KV on attention GPUs, split by head")
+    row = _pool_search(inp, _PoolMeanField(inp, x), m, make, [0], lambda tp: sizes)
+    if row is not None:
+        row.notes = "all KV on attention GPUs, split by head"
+    return row
 
 
 def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFDPlan | None]:
@@ -290,7 +277,7 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
     m = context_moments(inp.prompt, inp.output)
     x = stationary_context_sample(inp.prompt, inp.output, 50_000, seed)
     static = plan_static(inp, m)
-    pool, p_star = plan_fapool(inp, m, x)
+    pool = plan_fapool(inp, m, x)
     head = plan_head_parallel(inp, m, x)
     afd_row, afd_plan = plan_afd(inp, m)
     rows = [r for r in (static, pool, head, afd_row) if r is not None]
@@ -314,7 +301,7 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
         return (meets, thr)
 
     rec = max(range(len(rows)), key=lambda i: score(rows[i]))
-    return Plan(rows, rec, inp.tpot_slo, m, afd_plan, p_star)
+    return Plan(rows, rec, inp.tpot_slo, m, afd_plan)
 
 
 def plan_table(plan: Plan):

@@ -1,10 +1,5 @@
-"""The probability the closed-form planner rests on (derivation: docs/afd_ratio.md).
-
-A decode slot is a renewal process: at a random step it holds a request with probability
-proportional to its output length D, at an age uniform on 0..D-1, so attention reads
-X = P + k + 1 tokens. The sum S of b slots' X is approximated by a shifted gamma with X's
-mean, sd and skewness (Wilson-Hilferty: an increasing map of a standard normal Z), so the
-largest S over r GPUs is the same map of the largest of r normals, density r phi Phi^(r-1).
+"""The probability the closed-form planner rests on: decode contexts as a renewal process and the
+largest of r sums of b slots' contexts (skew-matched gamma); derivation in docs/afd_ratio.md.
 """
 
 from __future__ import annotations

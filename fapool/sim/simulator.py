@@ -1,10 +1,6 @@
-"""Discrete-event simulator of a cluster serving a request stream.
-
-Events are whole batch steps of one instance: it admits waiting requests FCFS while KV fits,
-batches decode tokens and prefill chunks under a token budget, preempts the youngest request
-(recompute) when the step's new KV does not fit, and ends the step after the strategy's step
-time. Per-slot state lives in numpy arrays. Deterministic: the workload's seed is the only
-randomness; ties between events are broken by a sequence number.
+"""Discrete-event simulator of a cluster serving a request stream: events are whole batch steps of
+one instance (FCFS admission while KV fits, token budget, preemption by recompute); docs/simulator.md.
+Deterministic: the workload's seed is the only randomness; ties between events go by a sequence number.
 """
 
 from __future__ import annotations

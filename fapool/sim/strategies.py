@@ -1,9 +1,6 @@
-"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs.
-
-StaticTPPP (tp x pp), FAPool (seed 000: base GPUs attend to the first `threshold` tokens, pool
-workers to the rest, in the engine's modes shard | replicate | head), head_parallel (Lamina,
-seed 004: FAPool with threshold 0, head mode) and AFD (seed 002: r attention GPUs, one FFN
-instance). `step_cost` gives a step's wall time and each GPU's compute and comm seconds.
+"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs (wall time,
+each GPU's compute and comm seconds): StaticTPPP, FAPool (seed 000, the engine's pool modes),
+head_parallel (Lamina, seed 004) and AFD (seed 002).
 """
 
 from __future__ import annotations
@@ -72,6 +69,10 @@ class Strategy:
     def total_gpus(self) -> int:
         return self.num_gpus() * self.replicas
 
+    def same_node(self, cost: CostModel) -> bool:
+        """Whether the instance fits one node (NVLink between its GPUs, else the NIC)."""
+        return self.num_gpus() <= cost.hw.gpus_per_node
+
     def _tail(self, overlap: bool | None = None) -> str:
         """The end of `describe`: overlap, replicas and GPU count."""
         ov = "" if overlap is None else ", overlap" if overlap else ", no overlap"
@@ -105,6 +106,7 @@ class StaticTPPP(Strategy):
         return [f"s{s}r{r}" for s in range(self.pp) for r in range(self.tp)]
 
     def kv_capacity(self, cost: CostModel) -> int:
+        """KV tokens one GPU holds beside its share of the weights (its layers, its KV heads)."""
         m = cost.model
         per_gpu_weights = cost.weight_bytes("all") / (self.tp * self.pp)
         kv_heads_frac = math.ceil(m.num_key_value_heads / self.tp) / m.num_key_value_heads
@@ -189,10 +191,7 @@ class FAPool(Strategy):
         return [f"base{i}" for i in range(self.base_tp)] + [f"pool{i}" for i in range(self.pool_size)]
 
     def base_capacity(self, cost: CostModel) -> int:
-        m = cost.model
-        frac = math.ceil(m.num_key_value_heads / self.base_tp) / m.num_key_value_heads
-        free = cost.hw.kv_budget_bytes - cost.weight_bytes("all") / self.base_tp
-        return kv_capacity_tokens(free, cost.kv_bytes_per_token() * frac)
+        return StaticTPPP(tp=self.base_tp).kv_capacity(cost)  # the base holds all weights, as TP base_tp
 
     def worker_capacity(self, cost: CostModel) -> int:
         return kv_capacity_tokens(cost.hw.kv_budget_bytes, cost.kv_bytes_per_token())
@@ -295,7 +294,7 @@ class FAPool(Strategy):
                 ret_bytes_w = cost.partial_bytes(queries_w)
                 new_kv_w = ledger.placed
             q_bytes_w = q_bytes_w + new_kv_w * cost.kv_bytes_per_token_layer()
-        same = self.num_gpus() <= cost.hw.gpus_per_node
+        same = self.same_node(cost)
         driver_extra = step_extra = send_base = recv_base = pool_path = merge = 0.0
         recv_w = send_w = np.zeros(P)
         if attn_w.any():
@@ -403,9 +402,6 @@ class AFD(Strategy):
 
     def make_ledger(self, cost, num_slots, group_of_slot):
         return GroupLedger(self.attn_capacity(cost), self.r, group_of_slot)
-
-    def same_node(self, cost: CostModel) -> bool:
-        return self.num_gpus() <= cost.hw.gpus_per_node
 
     def attn_layer(self, cost: CostModel, tokens, kv_read, pairs):
         """Per attention GPU, one layer: (compute, network) seconds. Arrays allowed."""

@@ -1,7 +1,5 @@
-"""Simulator vs the real engine: predicted decode step times and their error table.
-
-Rows are (batch, context, measured seconds) from benchmarks/sim_vs_engine*.py; price them with a
-calibrated CostModel (`device_only()` for device time). The target (issue 6): |error| <= 10%.
+"""Simulator vs the real engine: predicted decode step times of measured (batch, context) rows and
+their error table (benchmarks/sim_vs_engine*.py; the target, issue 6: |error| <= 10%).
 """
 
 from __future__ import annotations

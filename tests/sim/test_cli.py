@@ -6,7 +6,7 @@ from fapool.sim.calibrate import apply_calibration, calibrate, fit_roofline, loa
 from fapool.sim.cli import main
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware
-from fapool.sim.traces import write_azure_trace
+from fapool.sim.workload import write_azure_trace
 
 TINY = {
     "gemm_m": [1, 32],

@@ -9,10 +9,9 @@ import pytest
 
 from fapool.sim.calibrate import apply_calibration, load_calibration, write_calibration
 from fapool.sim.cost_model import CostModel, load_model_config
-from fapool.sim.engine_calibrate import tiny_twin
+from fapool.sim.engine_calibrate import _modelled, fit_pool_terms, tiny_twin
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import PoolOverheads, contention_stretch, get_hardware
-from fapool.sim.pool_calibrate import _modelled, fit_pool_terms
 from fapool.sim.strategies import FAPool
 from fapool.sim.validate import pool_step_inputs, predict_step
 

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from fapool.sim.errors import SimInputError
-from fapool.sim.traces import load_azure_trace, write_azure_trace
-from fapool.sim.workload import ClosedLoopWorkload, LengthDist, PoissonWorkload, TraceWorkload
+from fapool.sim.workload import (
+    ClosedLoopWorkload,
+    LengthDist,
+    PoissonWorkload,
+    TraceWorkload,
+    load_azure_trace,
+    write_azure_trace,
+)
 
 
 def test_length_specs():
