@@ -94,15 +94,26 @@ class PoolManager:
         """Used blocks x block size on each pool worker (an upper bound on stored tokens)."""
         return {w: p.num_used_blocks * self.block_size for w, p in self.pools.items()}
 
-    def workers_at(self, request_id: str, num_tokens: int) -> set[int]:
-        """The workers the request's KV would be on once it holds num_tokens, placed as the pool
-        stands now (nothing is allocated): where an elastic pool starts workers ahead."""
-        workers = set(self.assigned.get(request_id, []))
-        segs = self.segments.get(request_id, [])
-        missing = self.pool_blocks_needed(num_tokens) - sum(s.num_blocks for s in segs)
-        if missing > 0:
-            workers.update(w for _, ws, _ in self._plan(request_id, segs, missing) or [] for w in ws)
+    def workers_at(self, lengths: dict[str, int]) -> set[int]:
+        """The workers the requests' KV would be on once each holds lengths[request_id] tokens,
+        placed in turn as allocate() would (nothing is allocated): where an elastic pool starts
+        workers ahead."""
+        load = self._load()
+        workers: set[int] = set()
+        for rid, num_tokens in lengths.items():
+            workers.update(self.assigned.get(rid, []))
+            segs = self.segments.get(rid, [])
+            missing = self.pool_blocks_needed(num_tokens) - sum(s.num_blocks for s in segs)
+            if missing > 0:
+                workers.update(w for _, ws, _ in self._plan(rid, segs, missing, load) or [] for w in ws)
         return workers
+
+    def _load(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(used, free) blocks of each live worker."""
+        return (
+            {w: self.pools[w].num_used_blocks for w in self.alive},
+            {w: self.pools[w].num_free_blocks for w in self.alive},
+        )
 
     def pool_blocks_needed(self, num_tokens: int) -> int:
         return max(0, -(-(num_tokens - self.pool_start) // self.block_size)) if self.enabled else 0
@@ -143,14 +154,15 @@ class PoolManager:
             self.history.append(PoolEvent(self.step, request_id, "grow", tuple(assigned)))
         return True
 
-    def _plan(self, request_id: str, segs: list[Segment], num_new: int):
+    def _plan(self, request_id: str, segs: list[Segment], num_new: int, load=None):
         """[(opens_new_segment, workers, num_blocks)] covering num_new more blocks, or None
-        when some worker lacks the free blocks (or holds the request's KV but is dead)."""
+        when some worker lacks the free blocks (or holds the request's KV but is dead). `load`
+        ((used, free) from _load) is read and updated in place when given: a dry run over
+        several requests."""
         assigned = list(self.assigned.get(request_id, []))
         if any(w not in self.alive for w in assigned):
             return None
-        used = {w: self.pools[w].num_used_blocks for w in self.alive}
-        free = {w: self.pools[w].num_free_blocks for w in self.alive}
+        used, free = load if load is not None else self._load()
         steps: list[tuple[bool, list[int], int]] = []
         if self.mode != "shard":  # one segment on every pool worker, growing in place
             workers = [p.worker for p in segs[0].holders] if segs else sorted(self.alive)

@@ -240,10 +240,7 @@ class LLMEngine:
         if pm is None:
             return
         ahead = self.config.pool.pool_prestart_tokens
-        soon = set()
-        if ahead:
-            for req in self.scheduler.running:
-                soon |= pm.workers_at(req.request_id, req.num_tokens + ahead)
+        soon = pm.workers_at({r.request_id: r.num_tokens + ahead for r in self.scheduler.running}) if ahead else set()
         self.executor.resize_pool(pm.active_workers(), soon)
 
     def _can_launch(self, sched) -> bool:

@@ -390,3 +390,19 @@ def test_mark_dead_in_replicate_mode_shrinks_new_segments():
     assert _layout(pm, "b") == [(8, [(1, [1]), (3, [1])])]
     assert pm.workers_of("b") == [1, 3]
     assert pm.can_ever_fit(8 + 2 * BS) and not pm.can_ever_fit(8 + 2 * BS + 1)
+
+
+def test_workers_at_predicts_allocate_across_requests_and_changes_nothing():
+    """Where an elastic pool starts workers ahead: the dry run places the requests in turn, as
+    allocate() would (so two sequences crossing the threshold together spread over two workers),
+    includes the workers already serving them, and leaves the pool untouched."""
+    pm = _pm(workers=3, per_worker=8, threshold=8)
+    assert pm.allocate("a", 12)  # a: one pool block on worker 1
+    before = _snapshot(pm)
+    assert pm.workers_at({"a": 12, "b": 8}) == {1}  # b still fits locally
+    assert pm.workers_at({"b": 16, "c": 16}) == {2, 3}  # least loaded first, each in turn
+    assert pm.workers_at({"a": 24}) == {1, 2}  # a's next segment opens on a new worker
+    assert _snapshot(pm) == before
+    for rid, n in {"b": 16, "c": 16}.items():
+        pm.allocate(rid, n)
+    assert set(pm.workers_of("b")) | set(pm.workers_of("c")) == {2, 3}
