@@ -51,6 +51,7 @@ class EngineStats:
     pool_worker_starts: int = 0  # elastic pool (Ray): workers started as the pool grew
     pool_worker_stops: int = 0  # ... and stopped once idle
     pool_join_seconds: list[float] = field(default_factory=list)  # each start's latency until it joined
+    pool_join_wait_s: float = 0.0  # steps' total wait for joins (workers started ahead hide theirs)
     kv_tokens_per_worker: dict[int, int] = field(default_factory=dict)  # pool workers' KV (whole blocks)
 
     @property
@@ -406,7 +407,7 @@ class LLMEngine:
     # Introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         pool = self.kv.pool
-        starts, stops, joins = self.executor.pool_events()
+        starts, stops, joins, join_wait = self.executor.pool_events()
         running = self.scheduler.running
         return EngineStats(
             num_running=len(running),
@@ -424,6 +425,7 @@ class LLMEngine:
             pool_worker_starts=starts,
             pool_worker_stops=stops,
             pool_join_seconds=joins,
+            pool_join_wait_s=join_wait,
             kv_tokens_per_worker=self.pool_manager.kv_tokens_per_worker() if self.pool_manager else {},
         )
 

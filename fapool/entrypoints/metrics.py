@@ -243,6 +243,11 @@ class _EngineCollector:
         for metric, doc, value in (
             ("fapool_attention_pool_worker_starts", "Elastic-pool workers started as the pool grew", s.pool_worker_starts),
             ("fapool_attention_pool_worker_stops", "Elastic-pool workers stopped once idle", s.pool_worker_stops),
+            (
+                "fapool_attention_pool_join_wait_seconds",
+                "Seconds steps waited for elastic-pool workers to join (0 when started ahead)",
+                s.pool_join_wait_s,
+            ),
         ):
             c = CounterMetricFamily(metric, doc, labels=["model_name"])
             c.add_metric(name, value)

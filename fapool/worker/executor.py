@@ -69,9 +69,10 @@ class Executor:
         """After a step: the pool workers holding KV now and those running sequences will reach
         soon (an elastic pool starts the latter ahead and stops the idle rest)."""
 
-    def pool_events(self) -> tuple[int, int, list[float]]:
-        """(workers started, workers stopped, each start's join latency in s): an elastic pool's."""
-        return 0, 0, []
+    def pool_events(self) -> tuple[int, int, list[float], float]:
+        """(workers started, workers stopped, each start's join latency in s, seconds steps waited
+        for joins): an elastic pool's."""
+        return 0, 0, [], 0.0
 
     @property
     def reports(self) -> list[StepReport]:
@@ -142,9 +143,9 @@ class RayPoolExecutor(MultiprocessExecutor):
     def resize_pool(self, active_workers: set[int], soon: set[int]) -> None:
         self.runner.ray_pool.resize(active_workers, soon)
 
-    def pool_events(self) -> tuple[int, int, list[float]]:
+    def pool_events(self) -> tuple[int, int, list[float], float]:
         pool = self.runner.ray_pool
-        return len(pool.join_seconds), pool.num_stopped, list(pool.join_seconds)
+        return len(pool.join_seconds), pool.num_stopped, list(pool.join_seconds), sum(pool.join_wait_seconds)
 
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> Executor:

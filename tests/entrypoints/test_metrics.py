@@ -43,7 +43,7 @@ def test_engine_gauges_without_pool():
 def test_pool_figures_light_up():
     stats = dataclasses.replace(
         STATS, pool_size=2, pool_live_workers=3, pool_workers_lost=1, kv_tokens_per_worker={1: 640, 2: 512},
-        pool_worker_starts=4, pool_worker_stops=1, pool_join_seconds=[2.5, 1.5],
+        pool_worker_starts=4, pool_worker_stops=1, pool_join_seconds=[2.5, 1.5], pool_join_wait_s=0.75,
     )
     samples = _samples(ServerMetrics("m", lambda: stats))
     assert samples[("fapool_attention_pool_size", (("model_name", "m"),))] == 2
@@ -52,5 +52,6 @@ def test_pool_figures_light_up():
     assert samples[("fapool_attention_pool_worker_starts_total", (("model_name", "m"),))] == 4
     assert samples[("fapool_attention_pool_worker_stops_total", (("model_name", "m"),))] == 1
     assert samples[("fapool_attention_pool_last_join_seconds", (("model_name", "m"),))] == 1.5
+    assert samples[("fapool_attention_pool_join_wait_seconds_total", (("model_name", "m"),))] == 0.75
     assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "1")))] == 640
     assert samples[("fapool_attention_pool_kv_tokens", (("model_name", "m"), ("worker", "2")))] == 512

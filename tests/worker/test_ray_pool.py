@@ -96,6 +96,7 @@ def test_ray_pool_grows_serves_and_releases(tiny_checkpoints, reference):
         stats = engine.stats()
         assert stats.pool_live_workers == 0 and stats.pool_worker_starts == 2 and stats.pool_worker_stops == 2
         assert len(stats.pool_join_seconds) == 2 and all(s > 0 for s in stats.pool_join_seconds)
+        assert stats.pool_join_wait_s > 0  # started on demand: the steps waited for them
         assert engine.pool_manager.active_workers() == set()
         assert _gone(pids)
         # A second long request starts them again.
