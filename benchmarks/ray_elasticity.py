@@ -30,14 +30,6 @@ WORKERS = 2
 THRESHOLD = 256  # tokens held by the dense rank before a sequence's KV goes to the pool
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _cycle(llm: LLM, seed: int, ns: argparse.Namespace) -> dict:
     engine = llm.engine
     pool = engine.executor.runner.ray_pool
@@ -65,7 +57,7 @@ def _cycle(llm: LLM, seed: int, ns: argparse.Namespace) -> dict:
     gone_s = free_s = None
     while gone_s is None or free_s is None:
         now = time.perf_counter() - t_stop
-        if gone_s is None and not any(_alive(p) for p in pids.values()):
+        if gone_s is None and not any(os.path.exists(f"/proc/{p}") for p in pids.values()):  # Linux
             gone_s = now
         if free_s is None and ray.available_resources().get("CPU", 0.0) >= cpus:
             free_s = now
