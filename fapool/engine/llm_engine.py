@@ -238,7 +238,7 @@ class LLMEngine:
         pool_prestart_tokens and stops those idle past pool_idle_timeout_s: after every step,
         and from an idle server's loop."""
         pm = self.pool_manager
-        if pm is None:
+        if pm is None or not self.executor.elastic_pool:
             return
         ahead = self.config.pool.pool_prestart_tokens
         soon = pm.workers_at({r.request_id: r.num_tokens + ahead for r in self.scheduler.running}) if ahead else set()

@@ -41,6 +41,7 @@ class Executor:
 
     supports_async = False
     supports_prompt_logprobs = False  # every prompt position's logits (ModelRunner.execute)
+    elastic_pool = False  # pool workers start and stop with demand (resize_pool does something)
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
@@ -139,6 +140,7 @@ class RayPoolExecutor(MultiprocessExecutor):
     idle (worker/ray_pool). Steps run synchronously: workers start and stop between steps."""
 
     supports_async = False
+    elastic_pool = True
 
     def resize_pool(self, active_workers: set[int], soon: set[int]) -> None:
         self.runner.ray_pool.resize(active_workers, soon)
