@@ -82,6 +82,8 @@ def _configs(ns: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
         if fixed is None:
             for m in (1, 2):
                 out.append((f"AFD {r}:{f}, {m} mb", cfg(1, 0, afd_attention_ranks=r, afd_ffn_ranks=f, micro_batches=m)))
+    if len(out) > 1:  # the reference once more at the end: its ratio to the first is the machine's drift
+        out.append(("single process, again", cfg(1, 0)))
     return out
 
 

@@ -140,6 +140,22 @@ def test_bench_pool_records_the_pool_size_over_time(tiny_checkpoints):
     assert runs == ["0/0", "1/1", "2/2", "0/0"]
 
 
+def test_bench_pool_runs_the_reference_first_and_again_last():
+    """`fapool bench pool`'s rows: the single process first (every ratio's reference) and once
+    more at the end, so a machine that drifted during the run shows in the ratio of the two."""
+    import argparse
+
+    from fapool.bench.pool_bench import _configs, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    names = [n for n, _ in _configs(parser.parse_args(["pool", "--pool-modes", "--lamina-modes", "shard"]))]
+    assert names[0] == "single process" and names[-1] == "single process, again"
+    assert any(n.startswith("Lamina") for n in names)
+    only = [n for n, _ in _configs(parser.parse_args(["pool", "--pool-modes"]))]
+    assert only == ["single process"]
+
+
 def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
     folder = tiny_checkpoints["llama"][0]
     kw = _kw(attention_workers=2, distributed_executor="ray", pool_idle_timeout_s=None, **POOL)
