@@ -6,8 +6,8 @@ without Triton or a GPU (CI); `triton_available()` says whether the kernels can 
 Dispatch: a decode-only batch (every sequence has one query token) goes to the split-KV
 decode kernel. A batch with longer query chunks goes to the prefill kernel; if it also holds
 decode sequences, those go to the decode kernel and the prefill kernel skips them, so both
-write disjoint rows of one output. Long prefill chunks over a sequence's whole KV go to cuDNN
-(`fapool.attention.cudnn_prefill`), faster there than the Triton kernel, which skips them too.
+write disjoint rows of one output. Long prefill chunks whose KV here ends with the chunk go to
+cuDNN (`fapool.attention.cudnn_prefill`), faster there than the Triton kernel, which skips them.
 """
 
 from __future__ import annotations

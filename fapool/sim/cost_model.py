@@ -142,6 +142,8 @@ class CostModel:
 
     def gemm(self, m, n: int, k: int):
         """[m, k] @ [k, n]; zero when m == 0."""
+        if np.isscalar(m) and m <= 0:  # no rate lookup for the many steps without such rows
+            return 0.0
         m, d = _f64(m), self.dtype_bytes
         f, b = self.gemm_rates(m)
         t = self.hw.kernel_overhead + _max(2.0 * m * n * k / f, (m * k + k * n + m * n) * d / b)

@@ -132,9 +132,7 @@ class RayPool:
     def resize(self, active: set[int], soon: set[int]) -> None:
         """Between steps: register finished joins, start the workers wanted soon, and stop the
         others that held no KV for idle_timeout_s (`active`: workers holding some now)."""
-        for w in list(self.joining):
-            if self.joining[w].future.done():
-                self._settle(w, wait=False)
+        self._settle_finished()
         self._start(sorted(w for w in soon if w not in self.live and self.link.live(w)))
         self.release_idle(active | soon)
 
@@ -162,6 +160,10 @@ class RayPool:
                 future.set_result((group, pid, time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001 - handed to the step that needs the worker
                 future.set_exception(e)
+
+    def _settle_finished(self) -> None:
+        for w in [w for w, j in self.joining.items() if j.future.done()]:
+            self._settle(w, wait=False)
 
     def _settle(self, w: int, wait: bool) -> None:
         joining = self.joining.pop(w)
@@ -204,13 +206,11 @@ class RayPool:
         logger.info("attention worker %d stopped (Ray actor, pid %d)", w, live.pid)
 
     def shutdown(self) -> None:
-        for w, joining in list(self.joining.items()):
-            if joining.future.done():
-                self._settle(w, wait=False)
-            else:
-                joining.future.cancel()
-                ray.kill(joining.actor, no_restart=True)
-                del self.joining[w]
+        self._settle_finished()
+        for joining in self.joining.values():  # still joining: never to be used
+            joining.future.cancel()
+            ray.kill(joining.actor, no_restart=True)
+        self.joining.clear()
         self._joins.put(None)
         for w in list(self.live):
             self._drop(w, graceful=self.link.live(w))
