@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -25,3 +26,14 @@ def smollm2_llm():
     from fapool import LLM
 
     return LLM(device="cpu", dtype="float32", kv_cache_memory=256 << 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tiny_checkpoints, tmp_path_factory) -> str:
+    """A copy of the tiny Llama checkpoint with a byte-level tokenizer and chat template."""
+    from tiny_models import add_byte_tokenizer
+
+    folder = str(tmp_path_factory.mktemp("tiny-text") / "llama")
+    shutil.copytree(tiny_checkpoints["llama"][0], folder)
+    add_byte_tokenizer(folder)
+    return folder

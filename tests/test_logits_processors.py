@@ -6,8 +6,8 @@ import torch
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
-from fapool.layers.logits_processors import apply_logits_processors
-from fapool.request import Request
+from fapool.layers.logits_processors import LogitsEditor, apply_logits_processors
+from fapool.request import Request, RequestStatus
 
 
 def _req(params: SamplingParams, prompt=(1, 2), output=(), eos=(0,)) -> Request:
@@ -46,6 +46,40 @@ def test_logit_bias_min_tokens_bad_words_and_allowed_ids():
     assert x[0].tolist() == [0.0, inf, 0.0, inf, 0.0]
     got = _apply(SamplingParams(allowed_token_ids=[1, 3]), [5.0, 1.0, 2.0, 0.5])
     assert got.tolist() == [inf, 1.0, inf, 0.5]
+
+
+def test_an_editor_kept_across_steps_equals_a_fresh_one():
+    """The editor's device state (output counts, prompt tokens per slot) follows each request's
+    new tokens step by step, frees the slots of finished requests for new ones, and edits
+    every row as a fresh editor would, whatever the batch."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    kinds = [
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(presence_penalty=0.4, frequency_penalty=0.9),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.5, logit_bias={3: 1.5, 7: -2.0}),
+        SamplingParams(min_tokens=4, stop_token_ids=[5], allowed_token_ids=[1, 2, 5, 9]),
+        SamplingParams(),
+    ]
+    editor = LogitsEditor(vocab, "cpu")
+    reqs = [_req(p, prompt=torch.randint(0, vocab, (6,), generator=g).tolist()) for p in kinds]
+    for req, rid in zip(reqs, "abcde"):
+        req.request_id = rid
+    for step in range(8):
+        if step == 4:  # one finishes; a new request takes its slot
+            reqs[1].status = RequestStatus.FINISHED_STOPPED
+            new = _req(SamplingParams(repetition_penalty=1.3, presence_penalty=0.2), prompt=[4, 4, 8])
+            new.request_id = "f"
+            reqs.append(new)
+        live = [r for r in reqs if not r.finished]
+        logits = torch.randn(len(live), vocab, generator=g)
+        fresh = logits.clone()
+        editor.apply(logits, live)
+        apply_logits_processors(fresh, live)
+        assert torch.equal(logits, fresh), step
+        for r in live:
+            r.output_token_ids.append(int(torch.randint(0, vocab, (1,), generator=g)))
+    assert editor.counts.shape[0] == 8  # three penalised at once: one growth; the freed slot went to "f"
 
 
 def test_invalid_values_are_refused():

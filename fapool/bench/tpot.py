@@ -116,6 +116,10 @@ def profile_replay(graphs, replays: int = 5) -> list[dict[str, Any]]:
 
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}  # the sampled rows of --sampled
+# --penalised: the same draws with the penalties chat clients send (their logits are edited
+# between the forward pass and the draw)
+PENALISED = {**SAMPLED, "repetition_penalty": 1.1, "presence_penalty": 0.3, "frequency_penalty": 0.3}
+VARIANTS = {"sampled": ("sampled (T 0.8, top-p 0.95)", SAMPLED), "penalised": ("penalised (+ repetition, presence, frequency)", PENALISED)}
 
 
 def measure_engine(
@@ -349,16 +353,18 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             row = add_roofline(
                 measure_engine(engine, batch, context, steps, profile=prof), wbytes, kv_per_token, copy_bps
             )
-            if ns.sampled:  # the same point with sampled requests, right after the greedy one
-                sampled = add_roofline(
-                    measure_engine(engine, batch, context, steps, profile=prof, sampling=SAMPLED),
+            for name, (_, sampling) in VARIANTS.items():  # the same point, right after the greedy one
+                if not getattr(ns, name):
+                    continue
+                other = add_roofline(
+                    measure_engine(engine, batch, context, steps, profile=prof, sampling=sampling),
                     wbytes,
                     kv_per_token,
                     copy_bps,
                 )
                 keep = ("tpot_ms", "tpot_sync_ms", "graph_replay_ms", "x_roofline", "kernel_profile")
-                row["sampled"] = {k: sampled[k] for k in keep if k in sampled}
-                row["sampled"]["x_greedy"] = sampled["tpot_ms"] / row["tpot_ms"]
+                row[name] = {k: other[k] for k in keep if k in other}
+                row[name]["x_greedy"] = other["tpot_ms"] / row["tpot_ms"]
             seed["rows"].append(row)
             print("seed000", _short(row), flush=True)
             for k in row.get("kernel_profile", [])[:12]:
@@ -571,8 +577,9 @@ def _short(row: dict) -> dict:
         "kv_utilisation",
     )
     short = {k: (round(row[k], 3) if isinstance(row.get(k), float) else row.get(k)) for k in keys}
-    if "sampled" in row:
-        short["sampled_x_greedy"] = round(row["sampled"]["x_greedy"], 3)
+    for name in VARIANTS:
+        if name in row:
+            short[f"{name}_x_greedy"] = round(row[name]["x_greedy"], 3)
     return short
 
 
@@ -584,12 +591,10 @@ def summary(res: dict) -> str:
         if rows
         else "no seed000 rows"
     )
-    ratios = [r["sampled"]["x_greedy"] for r in rows if "sampled" in r]
-    if ratios:
-        text += f"; sampled (T 0.8, top-p 0.95) TPOT x{min(ratios):.3f}-{max(ratios):.3f} greedy"
-    ratios = [r["sampled"]["x_greedy"] for r in rows if "sampled" in r]
-    if ratios:
-        text += f"; sampled (T 0.8, top-p 0.95) TPOT x{min(ratios):.3f}-{max(ratios):.3f} greedy"
+    for name, (label, _) in VARIANTS.items():
+        ratios = [r[name]["x_greedy"] for r in rows if name in r]
+        if ratios:
+            text += f"; {label} TPOT x{min(ratios):.3f}-{max(ratios):.3f} greedy"
     gated = res.get("seed000_gated_vs_hf", {}).get("rows", [])
     sp = [r["speedup_tpot"] for r in gated if r.get("speedup_tpot")]
     if sp:
@@ -634,6 +639,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--sampled",
         action="store_true",
         help="also time every seed000 point with sampled requests (temperature 0.8, top-p 0.95, seeded)",
+    )
+    p.add_argument(
+        "--penalised",
+        action="store_true",
+        help="also time every seed000 point with sampled requests that add repetition 1.1, presence 0.3 "
+        "and frequency 0.3 penalties",
     )
     p.add_argument("--no-hf", dest="hf", action="store_false")
     p.add_argument("--hf-points", default="8x512,8x2048,8x8192,8x16384,32x2048,64x512")

@@ -17,7 +17,7 @@ from fapool.core.kv_cache_manager import KVCacheManager
 from fapool.core.pool_manager import PoolManager
 from fapool.core.scheduler import Scheduler
 from fapool.engine.output_processor import OutputProcessor
-from fapool.layers.logits_processors import apply_logits_processors, needs_processing
+from fapool.layers.logits_processors import LogitsEditor, needs_processing
 from fapool.layers.sampler import compute_logprobs, logprob_lists, sample_tokens
 from fapool.layers.sampling_batch import SamplingBatch
 from fapool.layers.structured import GrammarCompiler, StructuredOutputError
@@ -110,6 +110,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)  # the seeds of requests that give none
         self._grammars: GrammarCompiler | None = None  # structured outputs, built on first use
+        self._editor: LogitsEditor | None = None  # penalties, biases, masks: built on first use
         self.eos_token_ids = tuple(config.model.eos_token_ids)
         self.worker_failures: list[tuple[int, str]] = []
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
@@ -246,16 +247,22 @@ class LLMEngine:
 
     def _can_launch(self, sched) -> bool:
         """Async unless a prompt forks siblings this step (forking needs the tokens on the
-        host), a request's logits are edited (penalties, biases, masks: they need its token
-        history) or its prompt's logprobs are being computed (ModelRunner.execute); every
-        other token, greedy or sampled, with logprobs or not, is drawn on the device."""
+        host), its prompt's logprobs are being computed (ModelRunner.execute), or a request's
+        logits are edited (penalties, biases, masks) and the executor cannot launch in halves;
+        every other token, greedy or sampled, with logprobs or not, is drawn on the device."""
         if not self.async_scheduling:
             return False
-        return not any(
-            (s.completes_known_tokens and (s.request.num_pending_forks or needs_processing(s.request)))
-            or (s.request.prompt_logprobs is not None and s.num_computed_tokens < s.request.num_prompt_tokens)
-            for s in sched.scheduled
-        )
+        for s in sched.scheduled:
+            due = s.completes_known_tokens
+            if due and (s.request.num_pending_forks or (needs_processing(s.request) and not self._split_launch)):
+                return False
+            if s.request.prompt_logprobs is not None and s.num_computed_tokens < s.request.num_prompt_tokens:
+                return False
+        return True
+
+    @property
+    def _split_launch(self) -> bool:
+        return self.executor.supports_split_launch
 
     def _launch(self, sched) -> list[RequestOutput]:
         """Launch this step, then process the previous one while the device runs this one.
@@ -268,13 +275,24 @@ class LLMEngine:
 
         A request that stopped at step n-1 has been scheduled blind for step n; that result is
         dropped when step n is processed (its KV write lands in blocks it no longer owns, but
-        before any later step can reuse them: the device runs steps in order)."""
-        pending = self.executor.launch(sched)
+        before any later step can reuse them: the device runs steps in order).
+
+        A step whose logits are edited (penalties, biases, grammar masks: they read each
+        request's tokens up to the last) launches in halves, as vLLM's async scheduling with
+        structured outputs: the forward pass, then step n-1's tokens processed while it runs,
+        then the edits and the draw, still without waiting for the device."""
+        edit = any(s.completes_known_tokens and needs_processing(s.request) for s in sched.scheduled)
+        fwd = self.executor.launch_forward(sched) if edit else None
+        pending = None if edit else self.executor.launch(sched)
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-        for s in pending.due:
+        for s in fwd.due if fwd is not None else pending.due:
             s.request.num_output_placeholders += 1
         drained = self._drain(launched_after=True)
+        if fwd is not None:
+            # Requests the drain just stopped keep their row, unedited: its token is dropped.
+            self._edit_logits(fwd.logits, [s.request for s in fwd.due])
+            pending = self.executor.launch_sample(fwd, edited=True)
         groups = list(dict.fromkeys(s.request.group_id for s in sched.scheduled))
         self._inflight = _InFlight(pending, groups)
         return drained
@@ -366,7 +384,7 @@ class LLMEngine:
         if rows != list(range(len(due))):
             logits = logits[torch.tensor(rows, device=logits.device)]
         if any(needs_processing(r) for r in targets):
-            apply_logits_processors(logits, targets)
+            self._edit_logits(logits, targets)
         batch = SamplingBatch.build([r.sampling_row() for r in targets], logits.shape[-1], logits.device)
         tokens = sample_tokens(logits, batch)
         lps = compute_logprobs(logits, tokens, batch.logprobs) if batch.logprobs is not None else None
@@ -375,6 +393,11 @@ class LLMEngine:
         asked = [r.params.logprobs for r in targets]
         for req, tok, lp in zip(targets, tokens_host, logprob_lists(tokens_host, pending.host_logprobs, asked)):
             self._on_token(req, tok, lp)
+
+    def _edit_logits(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        if self._editor is None:
+            self._editor = LogitsEditor(logits.shape[-1], logits.device)
+        self._editor.apply(logits, reqs)
 
     def _fork_siblings(self, req: Request) -> list[Request]:
         """When a request with n > 1 finishes its prompt, its n - 1 siblings share its blocks."""

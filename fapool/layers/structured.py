@@ -48,17 +48,19 @@ class GrammarCompiler:
         return matcher
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
-def apply_grammar_mask(logits_row: torch.Tensor, matcher) -> None:
-    """Set the logits of tokens the matcher does not allow next to -inf (in place). The packed
-    bitmask is unpacked here with plain torch ops (llguidance's helper compiles with
-    torch.compile on first use)."""
+def apply_grammar_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """Set logits[rows[k]] to -inf wherever matchers[k] does not allow the token next (in place):
+    the packed bitmasks are filled on the host, copied once and unpacked on the logits' device
+    (llguidance's own helper compiles with torch.compile on first use)."""
     import llguidance.torch as llt
 
-    vocab = logits_row.shape[-1]
-    packed = llt.allocate_token_bitmask(1, vocab)
-    llt.fill_next_token_bitmask(matcher, packed, 0)
-    allowed = ((packed.view(-1, 1) >> _BITS) & 1).flatten()[:vocab].bool()
-    logits_row.masked_fill_(~allowed.to(logits_row.device), float("-inf"))
+    vocab = logits.shape[-1]
+    packed = llt.allocate_token_bitmask(len(rows), vocab)
+    for k, matcher in enumerate(matchers):
+        llt.fill_next_token_bitmask(matcher, packed, k)
+    dev = logits.device
+    packed = packed.to(dev, non_blocking=True) if dev.type == "cuda" else packed
+    bits = torch.arange(32, dtype=torch.int32, device=dev)
+    allowed = ((packed.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab].bool()
+    idx = torch.tensor(rows, dtype=torch.long).to(dev)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))

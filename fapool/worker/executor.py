@@ -2,6 +2,8 @@
 
     Executor.execute(SchedulerOutput) -> (logits of due rows, due requests)   synchronous step
     Executor.launch(SchedulerOutput)  -> PendingTokens                        async scheduling
+    Executor.launch_forward / launch_sample                                   the same in two halves,
+                                          logits editable between them (penalties, grammar masks)
     Executor.take_failures()          -> attention workers lost since the last call
     Executor.live_pool_workers()      -> attention-pool worker processes alive now
     Executor.reports                  -> one StepReport per multi-rank step (the breakdown)
@@ -24,7 +26,7 @@ from fapool.config import EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
 from fapool.worker import comm
 from fapool.worker.afd_runner import AFDRunner
-from fapool.worker.model_runner import ModelRunner, PendingTokens
+from fapool.worker.model_runner import LaunchedForward, ModelRunner, PendingTokens
 from fapool.worker.multi_rank_runner import MultiRankRunner
 from fapool.worker.protocol import StepReport
 
@@ -40,6 +42,8 @@ class Executor:
     """Runs steps on one or more ranks. Subclasses wrap the rank-0 runner of a topology."""
 
     supports_async = False
+    # launch in two halves (launch_forward, launch_sample), the logits editable between them
+    supports_split_launch = False
     supports_prompt_logprobs = False  # every prompt position's logits (ModelRunner.execute)
     elastic_pool = False  # pool workers start and stop with demand (resize_pool does something)
 
@@ -58,6 +62,14 @@ class Executor:
         if not self.supports_async:
             raise RuntimeError(f"{type(self).__name__} steps synchronously: launch() needs supports_async")
         return self.runner.launch(out)
+
+    def launch_forward(self, out: SchedulerOutput) -> LaunchedForward:
+        if not self.supports_split_launch:
+            raise RuntimeError(f"{type(self).__name__} cannot launch a step in halves")
+        return self.runner.launch_forward(out)
+
+    def launch_sample(self, fwd: LaunchedForward, edited: bool) -> PendingTokens:
+        return self.runner.launch_sample(fwd, edited)
 
     def take_failures(self) -> list[tuple[int, str]]:
         return []
@@ -87,6 +99,7 @@ class InProcessExecutor(Executor):
     """One process, one device: decode steps through CUDA graphs and async scheduling on GPU."""
 
     supports_async = True
+    supports_split_launch = True
     supports_prompt_logprobs = True
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,6 +73,20 @@ def to_host(tokens: torch.Tensor, logprobs: DeviceLogprobs | None, due: list[Sch
     ready = torch.cuda.Event()
     ready.record()
     return PendingTokens(due, host, ready, host_lps)
+
+
+@dataclass
+class LaunchedForward:
+    """A launched step's forward pass (ModelRunner.launch_forward): its due requests and their
+    logits on the device; from a decode graph also the tokens it drew inside the graph, one per
+    scheduled request (due ones at `due_rows`), and the logprobs they ask for."""
+
+    due: list[ScheduledRequest]
+    logits: torch.Tensor  # [len(due), vocab] float32
+    rows: list  # each due request's sampling row, taken at launch (Request.sampling_row)
+    graph_sampled: torch.Tensor | None = None
+    due_rows: list[int] = field(default_factory=list)
+    graph_logprobs: int | None = None  # SamplingBatch.logprobs of the graph's rows
 
 
 class ModelRunner:
@@ -269,38 +283,54 @@ class ModelRunner:
                 req.prompt_logprobs[first + 1 : last + 1] = logprob_lists(targets, lps, [k] * len(targets))
             start += s.num_new_tokens
 
-    @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> PendingTokens:
         """Run one step, sampling on the device (fapool.layers.sampler), and return without
         waiting for it. The sampled tokens stay on the device as the next step's inputs (for
         requests whose last token is a placeholder) and are copied to the host in the
         background, with the logprobs rows ask for."""
+        return self.launch_sample(self.launch_forward(out))
+
+    @torch.inference_mode()
+    def launch_forward(self, out: SchedulerOutput) -> LaunchedForward:
+        """The first half of `launch`: the forward pass up to the due rows' logits, queued on
+        the device. Between the halves the engine may edit those logits in place (penalties,
+        grammar masks) once the previous step's tokens are on the host."""
         self.copy_blocks(out.block_copies)
         due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
         due = [out.scheduled[i] for i in due_rows]
+        rows = [s.request.sampling_row() for s in due]
         graphs = self._graphs_for(out)
-        if graphs is not None:
-            rows = [s.request.sampling_row() if s.completes_known_tokens else None for s in out.scheduled]
-            logits = graphs.run(out.scheduled, self._prev_tokens, self._prev_rows, rows)
-            sampled = graphs.sampled  # one row per scheduled request, sampled inside the graph
-            asked = graphs.last_logprobs
-            if due_rows != list(range(len(due_rows))):  # a one-token prompt chunk that is not the last
-                logits = logits[self._to_device(torch.tensor(due_rows, dtype=torch.long))]
-            mine = sampled[: len(due)] if len(due) == len(out.scheduled) else sampled[self._to_device(torch.tensor(due_rows))]
-            prev_rows = due_rows
-        else:
+        if graphs is None:
             ids, pos, meta = self.prepare(out)
             hidden = self.model(ids, pos, self.kv_caches, meta)
             ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))
             last = self._to_device(torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long))
-            logits = self.model.compute_logits(hidden[last])
-            batch = SamplingBatch.build([s.request.sampling_row() for s in due], logits.shape[-1], self.device)
-            sampled = mine = sample_tokens(logits, batch)
-            asked = batch.logprobs
-            prev_rows = list(range(len(due)))
+            return LaunchedForward(due, self.model.compute_logits(hidden[last]), rows)
+        per_row = iter(rows)
+        graph_rows = [next(per_row) if s.completes_known_tokens else None for s in out.scheduled]
+        logits = graphs.run(out.scheduled, self._prev_tokens, self._prev_rows, graph_rows)
+        if due_rows != list(range(len(due_rows))):  # a one-token prompt chunk that is not the last
+            logits = logits[self._to_device(torch.tensor(due_rows, dtype=torch.long))]
+        return LaunchedForward(due, logits, rows, graphs.sampled, due_rows, graphs.last_logprobs)
+
+    @torch.inference_mode()
+    def launch_sample(self, fwd: LaunchedForward, edited: bool = False) -> PendingTokens:
+        """The second half of `launch`: the due rows' tokens, drawn on the device (inside the
+        decode graph already, unless the logits were edited after it ran)."""
+        due = fwd.due
+        if fwd.graph_sampled is not None and not edited:
+            sampled, rows, asked = fwd.graph_sampled, fwd.due_rows, fwd.graph_logprobs
+            if rows == list(range(len(due))):
+                mine = sampled[: len(due)]
+            else:
+                mine = sampled[self._to_device(torch.tensor(rows, dtype=torch.long))]
+        else:
+            batch = SamplingBatch.build(fwd.rows, fwd.logits.shape[-1], self.device)
+            sampled = mine = sample_tokens(fwd.logits, batch)
+            rows, asked = list(range(len(due))), batch.logprobs
         self._prev_tokens = sampled
-        self._prev_rows = {s.request.request_id: r for s, r in zip(due, prev_rows)}
-        lps = compute_logprobs(logits, mine, asked) if asked is not None and due else None
+        self._prev_rows = {s.request.request_id: r for s, r in zip(due, rows)}
+        lps = compute_logprobs(fwd.logits, mine, asked) if asked is not None and due else None
         return to_host(mine, lps, due)
 
     def _graphs_for(self, out: SchedulerOutput) -> DecodeGraphs | None:

@@ -132,3 +132,76 @@ def test_sampled_requests_launch_and_equal_sync(llama_folder, seeded):
 
 def test_default_is_off_on_cpu(llama_folder):
     assert _llm(llama_folder, None).engine.async_scheduling is False
+
+
+def _count_split_launches(llm) -> list[int]:
+    halves = []
+    launch_forward = llm.engine.executor.launch_forward
+    llm.engine.executor.launch_forward = lambda sched: (halves.append(1), launch_forward(sched))[1]
+    return halves
+
+
+def test_edited_logits_launch_in_halves_and_equal_sync(llama_folder):
+    """Penalties, biases and masks read each request's tokens up to the last: their steps launch
+    in halves (forward, the previous step processed meanwhile, edits, draw) instead of running
+    synchronously, and give the synchronous engine's tokens and logprobs, greedy and seeded."""
+    prompts = random_prompts([12, 30, 7, 19, 9], seed=23)
+    early = _run(llama_folder, False, prompts[3:4], SamplingParams(temperature=0.0, max_tokens=4))[0]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=14, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=16, presence_penalty=0.5,
+                       frequency_penalty=0.7, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=12, logit_bias={5: 2.5, 9: -3.0}, allowed_token_ids=list(range(3, 120))),
+        # min_tokens masks the stop token the model emits second until 6 tokens exist
+        SamplingParams(temperature=0.0, max_tokens=10, min_tokens=6, stop_token_ids=[early.outputs[0].token_ids[1]]),
+        SamplingParams(temperature=0.0, max_tokens=10),
+    ]
+    sync = _run(llama_folder, False, prompts, params)
+    llm = _llm(llama_folder, True)
+    halves = _count_split_launches(llm)
+    asyn = llm.generate(_ids(prompts), params)
+    assert len(halves) > 10  # the edited rows did not force synchronous steps
+    assert [o.outputs[0].token_ids for o in asyn] == [o.outputs[0].token_ids for o in sync]
+    assert [o.outputs[0].finish_reason for o in asyn] == [o.outputs[0].finish_reason for o in sync]
+    assert asyn[1].outputs[0].logprobs == sync[1].outputs[0].logprobs
+    assert len(asyn[3].outputs[0].token_ids) >= 6
+    assert llm.engine.stats().kv_blocks_used == 0
+
+
+def test_grammar_masks_launch_in_halves_and_stop_one_step_late(tiny_text_model, monkeypatch):
+    """Structured outputs under async scheduling: a grammar that completes stops its request at
+    the drain while its next row is already launched; that row is left unedited (no mask from
+    a finished grammar) and dropped, and every output equals the synchronous engine's."""
+    import fapool.layers.logits_processors as lp
+    from fapool.sampling_params import StructuredOutputs
+
+    stopped = []
+    mask = lp.apply_grammar_masks
+    monkeypatch.setattr(
+        lp, "apply_grammar_masks", lambda x, rows, ms: (stopped.extend(m.is_stopped() for m in ms), mask(x, rows, ms))[1]
+    )
+
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputs(choice=["red", "green", "blue"])),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=12, structured_outputs=StructuredOutputs(regex=r"[0-9]{2}-[a-c]{3}")),
+        SamplingParams(temperature=0.0, max_tokens=12, bad_words=["a"]),
+        SamplingParams(temperature=0.0, max_tokens=9),
+    ]
+    prompts = ["Colour:", "Code:", "Say", "Hello"]
+
+    def run(async_scheduling):
+        llm = LLM(tiny_text_model, device="cpu", block_size=4, num_kv_blocks=256, async_scheduling=async_scheduling)
+        halves = _count_split_launches(llm) if async_scheduling else []
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        return outs, halves
+
+    sync, _ = run(False)
+    asyn, halves = run(True)
+    assert len(halves) > 5
+    assert stopped and not any(stopped)
+    assert [o.token_ids for o in asyn] == [o.token_ids for o in sync]
+    assert asyn[0].text in {"red", "green", "blue"} and asyn[0].finish_reason == "stop"
+    import re
+
+    assert re.fullmatch(r"[0-9]{2}-[a-c]{3}", asyn[1].text)
+    assert "a" not in asyn[2].text

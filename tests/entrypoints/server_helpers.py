@@ -1,5 +1,5 @@
-"""Helpers for the entrypoint tests: tiny-model engine args, a byte-level tokenizer with a
-chat template, in-process servers, and reading the engine's state through its thread."""
+"""Helpers for the entrypoint tests: tiny-model engine args, in-process servers, and reading
+the engine's state through its thread."""
 
 from __future__ import annotations
 
@@ -8,25 +8,6 @@ import time
 
 from fapool.engine.arg_utils import EngineArgs
 from fapool.entrypoints.server import BackgroundServer, ServerSettings, create_app
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-def add_byte_tokenizer(folder: str) -> None:
-    """A byte-level tokenizer whose 256 ids are the tiny models' vocabulary, with a plain-text
-    chat template, so text prompts and chat run on a model that takes milliseconds a step."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE).save_pretrained(folder)
-
 
 def tiny_engine_args(folder: str, **kw) -> EngineArgs:
     kw.setdefault("num_kv_blocks", 256)

@@ -249,6 +249,38 @@ def test_sampling_inside_graphs_and_async_equals_eager_sync(tiny_checkpoints):
 
 
 @needs_gpu
+def test_edited_logits_with_graphs_and_async_equal_eager_sync(tiny_text_model):
+    """Penalties, biases, min_tokens, bad words and grammar masks beside plain rows: the decode
+    graph runs the forward pass, the edits and the draw follow on the device once the previous
+    step is on the host (a launch in halves); tokens and logprobs equal eager synchronous steps'."""
+    from fapool.sampling_params import StructuredOutputs
+
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=30, repetition_penalty=1.2, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=20, presence_penalty=0.4, frequency_penalty=0.6),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=25, logit_bias={100: 2.0}, min_tokens=10, bad_words=["e"]),
+        SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputs(choice=["red", "green"])),
+        SamplingParams(temperature=0.7, seed=3, max_tokens=12, structured_outputs=StructuredOutputs(regex=r"[0-9]{3}")),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+    ]
+    prompts = ["Alpha", "Beta gamma", "Delta", "Colour:", "Number:", "Zeta eta theta"]
+    llm, runner = _run(tiny_text_model, async_scheduling=True)
+    halves = []
+    forward = llm.engine.executor.launch_forward
+    llm.engine.executor.launch_forward = lambda sched: (halves.append(1), forward(sched))[1]
+    graphed = llm.generate(prompts, params)
+    assert runner.decode_graphs.graphs and len(halves) > 10
+    eager = _run(tiny_text_model, graphs=False, async_scheduling=False)[0].generate(prompts, params)
+    for g, e in zip(graphed, eager):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        if e.outputs[0].logprobs is not None:
+            for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
+                assert [x.token_id for x in lg] == [x.token_id for x in le]
+                assert [x.logprob for x in lg] == pytest.approx([x.logprob for x in le], abs=1e-4)
+    assert graphed[3].outputs[0].text in {"red", "green"}
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_kernels_match_torch(dtype):
     from fapool.layers import fused
