@@ -32,6 +32,34 @@ def needs_processing(req: Request) -> bool:
     return req.params.has_logits_processing
 
 
+class _Upload:
+    """The host-side index and value lists of one edit, sent to the device in one copy per
+    dtype (pinned on CUDA: a copy from pageable memory would wait for the queued forward pass)."""
+
+    def __init__(self) -> None:
+        self._ints: list[int] = []
+        self._floats: list[float] = []
+        self._at: dict[str, tuple[bool, int, int]] = {}
+        self._dev: dict[bool, torch.Tensor] = {}
+
+    def put(self, name: str, values, floating: bool = False) -> None:
+        buf = self._floats if floating else self._ints
+        self._at[name] = (floating, len(buf), len(values))
+        buf.extend(values)
+
+    def send(self, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        for floating, values in ((False, self._ints), (True, self._floats)):
+            host = torch.tensor(values, dtype=torch.float32 if floating else torch.long)
+            if pin and values:
+                host = host.pin_memory().to(device, non_blocking=True)
+            self._dev[floating] = host.to(device)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        floating, start, n = self._at[name]
+        return self._dev[floating][start : start + n]
+
+
 class LogitsEditor:
     """The edits above for one engine (one vocabulary, one device). Penalised requests hold a
     slot in `counts` (output tokens per id) and `prompt_seen` until they finish."""
@@ -44,10 +72,6 @@ class LogitsEditor:
         self._slots: dict[str, tuple[Request, int, int]] = {}  # request id -> (request, slot, tokens counted)
         self._free: list[int] = []
 
-    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
-
     @torch.inference_mode()
     def apply(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         """Edit logits [N, V] in place, row i for reqs[i]. Rows of requests without any edit, or
@@ -55,7 +79,10 @@ class LogitsEditor:
         rows = [(i, r) for i, r in enumerate(reqs) if needs_processing(r) and not r.finished]
         if not rows:
             return
-        self._penalties(logits, [(i, r) for i, r in rows if _penalised(r.params)])
+        up = _Upload()
+        pen = [(i, r) for i, r in rows if _penalised(r.params)]
+        if pen:
+            self._stage_penalties(up, pen)
         bias: list[tuple[int, int, float]] = []
         masked: list[tuple[int, int]] = []
         allowed: list[tuple[int, list[int]]] = []
@@ -73,42 +100,34 @@ class LogitsEditor:
                 allowed.append((i, list(p.allowed_token_ids)))
             if req.matcher is not None:
                 grammar.append((i, req.matcher))
+        up.put("bias_rows", [i for i, _, _ in bias])
+        up.put("bias_ids", [t for _, t, _ in bias])
+        up.put("bias", [b for _, _, b in bias], floating=True)
+        up.put("mask_rows", [i for i, _ in masked])
+        up.put("mask_ids", [t for _, t in masked])
+        at = [(k, t) for k, (_, ids) in enumerate(allowed) for t in ids]
+        up.put("allowed_rows", [i for i, _ in allowed])
+        up.put("allowed_k", [k for k, _ in at])
+        up.put("allowed_ids", [t for _, t in at])
+        up.send(self.device)
+
+        if pen:
+            self._penalties(logits, up, [r.params for _, r in pen])
         if bias:
-            r, t, b = zip(*bias)
-            logits.index_put_((self._tensor(r), self._tensor(t)), self._tensor(b, logits.dtype), accumulate=True)
+            logits.index_put_((up["bias_rows"], up["bias_ids"]), up["bias"].to(logits.dtype), accumulate=True)
         if masked:
-            r, t = zip(*masked)
-            logits[self._tensor(r), self._tensor(t)] = float("-inf")
+            logits[up["mask_rows"], up["mask_ids"]] = float("-inf")
         if allowed:
             keep = torch.zeros(len(allowed), self.vocab, dtype=torch.bool, device=self.device)
-            at = [(k, t) for k, (_, ids) in enumerate(allowed) for t in ids]
-            keep[self._tensor([k for k, _ in at]), self._tensor([t for _, t in at])] = True
-            idx = self._tensor([i for i, _ in allowed])
+            keep[up["allowed_k"], up["allowed_ids"]] = True
+            idx = up["allowed_rows"]
             logits[idx] = logits[idx].masked_fill(~keep, float("-inf"))
         if grammar:
             apply_grammar_masks(logits, [i for i, _ in grammar], [m for _, m in grammar])
 
-    def _penalties(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> None:
-        if not rows:
-            return
-        slots = self._update_slots([r for _, r in rows])
-        idx = self._tensor([i for i, _ in rows])
-        counts = self.counts[self._tensor(slots)]
-        x = logits[idx]
-        params = [r.params for _, r in rows]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            rep = self._tensor([[p.repetition_penalty] for p in params], x.dtype)
-            seen = self.prompt_seen[self._tensor(slots)] | (counts > 0)
-            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            freq = self._tensor([[p.frequency_penalty] for p in params], x.dtype)
-            pres = self._tensor([[p.presence_penalty] for p in params], x.dtype)
-            c = counts.to(x.dtype)
-            x = x - (freq * c + pres * (c > 0).to(x.dtype))
-        logits[idx] = x
-
-    def _update_slots(self, reqs: list[Request]) -> list[int]:
-        """Each request's slot, its counts brought up to its last output token."""
+    def _stage_penalties(self, up: _Upload, rows: list[tuple[int, Request]]) -> None:
+        """Each penalised request's slot (a new one zeroed and given its prompt's tokens), and the
+        output tokens added since the last call, to be counted."""
         for rid, (req, slot, _) in list(self._slots.items()):
             if req.finished:
                 del self._slots[rid]
@@ -117,7 +136,7 @@ class LogitsEditor:
         new_rows: list[int] = []
         new_tokens: list[int] = []
         slots = []
-        for req in reqs:
+        for _, req in rows:
             entry = self._slots.get(req.request_id)
             if entry is None or entry[0] is not req:
                 entry = (req, self._take_slot(), 0)
@@ -128,17 +147,39 @@ class LogitsEditor:
             new_tokens += added
             self._slots[req.request_id] = (req, slot, counted + len(added))
             slots.append(slot)
-        if fresh:
-            at = self._tensor([s for s, _ in fresh])
-            self.counts[at] = 0
-            self.prompt_seen[at] = False
-            seen_rows = [s for s, r in fresh for _ in r.prompt_token_ids]
-            seen_ids = [t for _, r in fresh for t in r.prompt_token_ids]
-            self.prompt_seen[self._tensor(seen_rows), self._tensor(seen_ids)] = True
-        if new_tokens:
-            ones = torch.ones(len(new_tokens), dtype=torch.int32, device=self.device)
-            self.counts.index_put_((self._tensor(new_rows), self._tensor(new_tokens)), ones, accumulate=True)
-        return slots
+        up.put("pen_rows", [i for i, _ in rows])
+        up.put("pen_slots", slots)
+        up.put("fresh", [s for s, _ in fresh])
+        up.put("seen_rows", [s for s, r in fresh for _ in r.prompt_token_ids])
+        up.put("seen_ids", [t for _, r in fresh for t in r.prompt_token_ids])
+        up.put("new_rows", new_rows)
+        up.put("new_ids", new_tokens)
+        params = [r.params for _, r in rows]
+        up.put("rep", [p.repetition_penalty for p in params], floating=True)
+        up.put("freq", [p.frequency_penalty for p in params], floating=True)
+        up.put("pres", [p.presence_penalty for p in params], floating=True)
+
+    def _penalties(self, logits: torch.Tensor, up: _Upload, params: list) -> None:
+        fresh = up["fresh"]
+        if fresh.numel():
+            self.counts[fresh] = 0
+            self.prompt_seen[fresh] = False
+            self.prompt_seen[up["seen_rows"], up["seen_ids"]] = True
+        new_ids = up["new_ids"]
+        if new_ids.numel():
+            ones = torch.ones(new_ids.shape, dtype=torch.int32, device=self.device)
+            self.counts.index_put_((up["new_rows"], new_ids), ones, accumulate=True)
+        idx, slots = up["pen_rows"], up["pen_slots"]
+        counts = self.counts[slots]
+        x = logits[idx]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            rep = up["rep"].to(x.dtype)[:, None]
+            seen = self.prompt_seen[slots] | (counts > 0)
+            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            c = counts.to(x.dtype)
+            x = x - (up["freq"].to(x.dtype)[:, None] * c + up["pres"].to(x.dtype)[:, None] * (c > 0).to(x.dtype))
+        logits[idx] = x
 
     def _take_slot(self) -> int:
         if not self._free:

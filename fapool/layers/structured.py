@@ -59,8 +59,9 @@ def apply_grammar_masks(logits: torch.Tensor, rows: list[int], matchers: list) -
     for k, matcher in enumerate(matchers):
         llt.fill_next_token_bitmask(matcher, packed, k)
     dev = logits.device
-    packed = packed.to(dev, non_blocking=True) if dev.type == "cuda" else packed
+    idx = torch.tensor(rows, dtype=torch.long)
+    if dev.type == "cuda":  # pinned: a copy from pageable memory would wait for the queued work
+        packed, idx = (t.pin_memory().to(dev, non_blocking=True) for t in (packed, idx))
     bits = torch.arange(32, dtype=torch.int32, device=dev)
     allowed = ((packed.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab].bool()
-    idx = torch.tensor(rows, dtype=torch.long).to(dev)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
