@@ -17,7 +17,7 @@ from fapool.core.kv_cache_manager import KVCacheManager
 from fapool.core.pool_manager import PoolManager
 from fapool.core.scheduler import Scheduler
 from fapool.engine.output_processor import OutputProcessor
-from fapool.layers.logits_processors import LogitsEditor, needs_processing
+from fapool.layers.logits_processors import LogitsEditor, needs_processing, needs_token_values
 from fapool.layers.sampler import compute_logprobs, logprob_lists, sample_tokens
 from fapool.layers.sampling_batch import SamplingBatch
 from fapool.layers.structured import GrammarCompiler, StructuredOutputError
@@ -277,19 +277,27 @@ class LLMEngine:
         dropped when step n is processed (its KV write lands in blocks it no longer owns, but
         before any later step can reuse them: the device runs steps in order).
 
-        A step whose logits are edited (penalties, biases, grammar masks: they read each
-        request's tokens up to the last) launches in halves, as vLLM's async scheduling with
-        structured outputs: the forward pass, then step n-1's tokens processed while it runs,
-        then the edits and the draw, still without waiting for the device."""
-        edit = any(s.completes_known_tokens and needs_processing(s.request) for s in sched.scheduled)
-        fwd = self.executor.launch_forward(sched) if edit else None
-        pending = None if edit else self.executor.launch(sched)
+        A step whose logits are edited (penalties, biases, masks) launches in halves: the
+        forward pass, the edits, then the draw, still without waiting for the device. The
+        penalties count the in-flight step's tokens on the device, so most edits go in at once;
+        a grammar or a bad word of several tokens reads the values of the latest tokens, so
+        then step n-1 is processed on the host first, while the forward pass of step n runs (as
+        vLLM's async scheduling with structured outputs)."""
+        edit = [s.request for s in sched.scheduled if s.completes_known_tokens and needs_processing(s.request)]
+        after_drain = any(needs_token_values(r) for r in edit)
+        if edit:
+            fwd = self.executor.launch_forward(sched)
+            if not after_drain:
+                self._edit_logits(fwd.logits, [s.request for s in fwd.due], self.executor.tokens_in_flight())
+                pending = self.executor.launch_sample(fwd, edited=True)
+        else:
+            pending = self.executor.launch(sched)
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-        for s in fwd.due if fwd is not None else pending.due:
+        for s in fwd.due if edit else pending.due:
             s.request.num_output_placeholders += 1
         drained = self._drain(launched_after=True)
-        if fwd is not None:
+        if after_drain:
             # Requests the drain just stopped keep their row, unedited: its token is dropped.
             self._edit_logits(fwd.logits, [s.request for s in fwd.due])
             pending = self.executor.launch_sample(fwd, edited=True)
@@ -394,10 +402,10 @@ class LLMEngine:
         for req, tok, lp in zip(targets, tokens_host, logprob_lists(tokens_host, pending.host_logprobs, asked)):
             self._on_token(req, tok, lp)
 
-    def _edit_logits(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+    def _edit_logits(self, logits: torch.Tensor, reqs: list[Request], in_flight=None) -> None:
         if self._editor is None:
             self._editor = LogitsEditor(logits.shape[-1], logits.device)
-        self._editor.apply(logits, reqs)
+        self._editor.apply(logits, reqs, in_flight)
 
     def _fork_siblings(self, req: Request) -> list[Request]:
         """When a request with n > 1 finishes its prompt, its n - 1 siblings share its blocks."""

@@ -32,6 +32,13 @@ def needs_processing(req: Request) -> bool:
     return req.params.has_logits_processing
 
 
+def needs_token_values(req: Request) -> bool:
+    """Whether the edits read the values of the request's latest tokens (a grammar, a bad word of
+    several tokens), not only their number: then every earlier token must be on the host. The
+    penalties' counts follow tokens still on the device (LogitsEditor.apply's in_flight)."""
+    return req.matcher is not None or any(len(w) > 1 for w in req.bad_words_token_ids)
+
+
 class _Upload:
     """The host-side index and value lists of one edit, sent to the device in one copy per
     dtype (pinned on CUDA: a copy from pageable memory would wait for the queued forward pass)."""
@@ -73,16 +80,25 @@ class LogitsEditor:
         self._free: list[int] = []
 
     @torch.inference_mode()
-    def apply(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+    def apply(
+        self,
+        logits: torch.Tensor,
+        reqs: list[Request],
+        in_flight: tuple[torch.Tensor | None, dict[str, int]] | None = None,
+    ) -> None:
         """Edit logits [N, V] in place, row i for reqs[i]. Rows of requests without any edit, or
-        already finished (async scheduling: a row drawn blind, whose token is dropped), are untouched."""
+        already finished (async scheduling: a row drawn blind, whose token is dropped), are untouched.
+        `in_flight`: (tokens, request id -> row) of a step whose tokens are not on the host yet
+        (async scheduling); each listed request's latest token is that row, counted on the device.
+        Requests that needs_token_values must have every token on the host."""
+        tokens, at = in_flight if in_flight is not None else (None, {})
         rows = [(i, r) for i, r in enumerate(reqs) if needs_processing(r) and not r.finished]
         if not rows:
             return
         up = _Upload()
         pen = [(i, r) for i, r in rows if _penalised(r.params)]
         if pen:
-            self._stage_penalties(up, pen)
+            self._stage_penalties(up, pen, at)
         bias: list[tuple[int, int, float]] = []
         masked: list[tuple[int, int]] = []
         allowed: list[tuple[int, list[int]]] = []
@@ -90,7 +106,7 @@ class LogitsEditor:
         for i, req in rows:
             p = req.params
             bias += [(i, t, b) for t, b in p.logit_bias]
-            if len(req.output_token_ids) < p.min_tokens:
+            if len(req.output_token_ids) + (req.request_id in at) < p.min_tokens:
                 stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(req.eos_token_ids))
                 masked += [(i, t) for t in stops]
             for word in req.bad_words_token_ids:
@@ -112,7 +128,7 @@ class LogitsEditor:
         up.send(self.device)
 
         if pen:
-            self._penalties(logits, up, [r.params for _, r in pen])
+            self._penalties(logits, up, [r.params for _, r in pen], tokens)
         if bias:
             logits.index_put_((up["bias_rows"], up["bias_ids"]), up["bias"].to(logits.dtype), accumulate=True)
         if masked:
@@ -125,9 +141,10 @@ class LogitsEditor:
         if grammar:
             apply_grammar_masks(logits, [i for i, _ in grammar], [m for _, m in grammar])
 
-    def _stage_penalties(self, up: _Upload, rows: list[tuple[int, Request]]) -> None:
+    def _stage_penalties(self, up: _Upload, rows: list[tuple[int, Request]], in_flight: dict[str, int]) -> None:
         """Each penalised request's slot (a new one zeroed and given its prompt's tokens), and the
-        output tokens added since the last call, to be counted."""
+        output tokens added since the last call, to be counted: from the host, and the one still
+        in flight from its row of the in-flight tokens."""
         for rid, (req, slot, _) in list(self._slots.items()):
             if req.finished:
                 del self._slots[rid]
@@ -135,6 +152,8 @@ class LogitsEditor:
         fresh: list[tuple[int, Request]] = []
         new_rows: list[int] = []
         new_tokens: list[int] = []
+        flight_slots: list[int] = []
+        flight_rows: list[int] = []
         slots = []
         for _, req in rows:
             entry = self._slots.get(req.request_id)
@@ -145,7 +164,13 @@ class LogitsEditor:
             added = req.output_token_ids[counted:]
             new_rows += [slot] * len(added)
             new_tokens += added
-            self._slots[req.request_id] = (req, slot, counted + len(added))
+            counted += len(added)
+            row = in_flight.get(req.request_id)
+            if row is not None and counted == len(req.output_token_ids):  # not yet counted
+                flight_slots.append(slot)
+                flight_rows.append(row)
+                counted += 1
+            self._slots[req.request_id] = (req, slot, counted)
             slots.append(slot)
         up.put("pen_rows", [i for i, _ in rows])
         up.put("pen_slots", slots)
@@ -154,12 +179,14 @@ class LogitsEditor:
         up.put("seen_ids", [t for _, r in fresh for t in r.prompt_token_ids])
         up.put("new_rows", new_rows)
         up.put("new_ids", new_tokens)
+        up.put("flight_slots", flight_slots)
+        up.put("flight_rows", flight_rows)
         params = [r.params for _, r in rows]
         up.put("rep", [p.repetition_penalty for p in params], floating=True)
         up.put("freq", [p.frequency_penalty for p in params], floating=True)
         up.put("pres", [p.presence_penalty for p in params], floating=True)
 
-    def _penalties(self, logits: torch.Tensor, up: _Upload, params: list) -> None:
+    def _penalties(self, logits: torch.Tensor, up: _Upload, params: list, in_flight: torch.Tensor | None) -> None:
         fresh = up["fresh"]
         if fresh.numel():
             self.counts[fresh] = 0
@@ -169,6 +196,11 @@ class LogitsEditor:
         if new_ids.numel():
             ones = torch.ones(new_ids.shape, dtype=torch.int32, device=self.device)
             self.counts.index_put_((up["new_rows"], new_ids), ones, accumulate=True)
+        flight = up["flight_rows"]
+        if flight.numel():
+            assert in_flight is not None
+            ones = torch.ones(flight.shape, dtype=torch.int32, device=self.device)
+            self.counts.index_put_((up["flight_slots"], in_flight.index_select(0, flight)), ones, accumulate=True)
         idx, slots = up["pen_rows"], up["pen_slots"]
         counts = self.counts[slots]
         x = logits[idx]

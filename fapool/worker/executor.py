@@ -71,6 +71,9 @@ class Executor:
     def launch_sample(self, fwd: LaunchedForward, edited: bool) -> PendingTokens:
         return self.runner.launch_sample(fwd, edited)
 
+    def tokens_in_flight(self) -> tuple[torch.Tensor | None, dict[str, int]]:
+        return self.runner.tokens_in_flight()
+
     def take_failures(self) -> list[tuple[int, str]]:
         return []
 

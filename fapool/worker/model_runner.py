@@ -313,6 +313,11 @@ class ModelRunner:
             logits = logits[self._to_device(torch.tensor(due_rows, dtype=torch.long))]
         return LaunchedForward(due, logits, rows, graphs.sampled, due_rows, graphs.last_logprobs)
 
+    def tokens_in_flight(self) -> tuple[torch.Tensor | None, dict[str, int]]:
+        """The last launched step's sampled tokens (on the device) and each due request's row in
+        them: between launch_forward and launch_sample, the tokens the host may not have yet."""
+        return self._prev_tokens, self._prev_rows
+
     @torch.inference_mode()
     def launch_sample(self, fwd: LaunchedForward, edited: bool = False) -> PendingTokens:
         """The second half of `launch`: the due rows' tokens, drawn on the device (inside the

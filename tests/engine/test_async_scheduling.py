@@ -10,6 +10,7 @@ import pytest
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
+from fapool.layers.logits_processors import LogitsEditor
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +142,24 @@ def _count_split_launches(llm) -> list[int]:
     return halves
 
 
-def test_edited_logits_launch_in_halves_and_equal_sync(llama_folder):
-    """Penalties, biases and masks read each request's tokens up to the last: their steps launch
-    in halves (forward, the previous step processed meanwhile, edits, draw) instead of running
-    synchronously, and give the synchronous engine's tokens and logprobs, greedy and seeded."""
+def _record_in_flight(monkeypatch) -> list[int | None]:
+    """Per edit: how many in-flight tokens the editor was given (None: every token on the host)."""
+    seen = []
+    editor_apply = LogitsEditor.apply
+
+    def apply(self, logits, reqs, in_flight=None):
+        seen.append(None if in_flight is None else len(in_flight[1]))
+        return editor_apply(self, logits, reqs, in_flight)
+
+    monkeypatch.setattr(LogitsEditor, "apply", apply)
+    return seen
+
+
+def test_edited_logits_launch_in_halves_and_equal_sync(llama_folder, monkeypatch):
+    """Penalties, biases, allowed ids and min_tokens launch asynchronously in halves (forward,
+    edits, draw): the penalties count the in-flight step's tokens on the device, so the edits go
+    in before the previous step is processed. Tokens and logprobs equal the synchronous
+    engine's, greedy and seeded."""
     prompts = random_prompts([12, 30, 7, 19, 9], seed=23)
     early = _run(llama_folder, False, prompts[3:4], SamplingParams(temperature=0.0, max_tokens=4))[0]
     params = [
@@ -159,8 +174,10 @@ def test_edited_logits_launch_in_halves_and_equal_sync(llama_folder):
     sync = _run(llama_folder, False, prompts, params)
     llm = _llm(llama_folder, True)
     halves = _count_split_launches(llm)
+    in_flight = _record_in_flight(monkeypatch)
     asyn = llm.generate(_ids(prompts), params)
     assert len(halves) > 10  # the edited rows did not force synchronous steps
+    assert None not in in_flight and max(in_flight) == len(prompts)  # none waited for the host
     assert [o.outputs[0].token_ids for o in asyn] == [o.outputs[0].token_ids for o in sync]
     assert [o.outputs[0].finish_reason for o in asyn] == [o.outputs[0].finish_reason for o in sync]
     assert asyn[1].outputs[0].logprobs == sync[1].outputs[0].logprobs
@@ -176,6 +193,7 @@ def test_grammar_masks_launch_in_halves_and_stop_one_step_late(tiny_text_model, 
     from fapool.sampling_params import StructuredOutputs
 
     stopped = []
+    in_flight = _record_in_flight(monkeypatch)
     mask = lp.apply_grammar_masks
     monkeypatch.setattr(
         lp, "apply_grammar_masks", lambda x, rows, ms: (stopped.extend(m.is_stopped() for m in ms), mask(x, rows, ms))[1]
@@ -198,6 +216,7 @@ def test_grammar_masks_launch_in_halves_and_stop_one_step_late(tiny_text_model, 
     sync, _ = run(False)
     asyn, halves = run(True)
     assert len(halves) > 5
+    assert set(in_flight) == {None}  # a grammar reads its latest token: the host has every one first
     assert stopped and not any(stopped)
     assert [o.token_ids for o in asyn] == [o.token_ids for o in sync]
     assert asyn[0].text in {"red", "green", "blue"} and asyn[0].finish_reason == "stop"
