@@ -3,14 +3,14 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from fapool.outputs import CompletionOutput, RequestOutput
-from fapool.sampling_params import SamplingParams
+from fapool.sampling_params import RequestOutputKind, SamplingParams
 
 try:
     __version__ = version("fapool")
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "__version__"]
 
 
 def __getattr__(name: str):

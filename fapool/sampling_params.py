@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries (vLLM's kinds): everything so far, only what
+    is new since its last output, or a single output once it finishes (LLM.generate's choice:
+    no output is built for the steps in between)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # Logits edits (fapool.layers.logits_processors); a request with any steps synchronously.
+    # Logits edits (fapool.layers.logits_processors), applied on the device between the forward
+    # pass and the draw.
     repetition_penalty: float = 1.0  # > 0; 1: off
     presence_penalty: float = 0.0  # [-2, 2]
     frequency_penalty: float = 0.0  # [-2, 2]
@@ -55,6 +67,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # never generated (tokenized by the engine)
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
     structured_outputs: StructuredOutputs | None = None  # output constrained by a grammar
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         # Accept lists / a single string / a dict for convenience, store tuples (hashable, immutable).

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fapool.bench.results import environment, write_result
-from fapool.sampling_params import SamplingParams
+from fapool.sampling_params import RequestOutputKind, SamplingParams
 
 SEED_GATED = {
     "hidden_size": 4096,
@@ -141,7 +141,10 @@ def measure_engine(
     budget = engine.config.scheduler.max_num_batched_tokens
     prefill_steps = -(-batch * context // budget) + 1
     params = SamplingParams(
-        **(sampling or {"temperature": 0.0}), max_tokens=4 + warmup + 2 * steps + prefill_steps, ignore_eos=True
+        **(sampling or {"temperature": 0.0}),
+        max_tokens=4 + warmup + 2 * steps + prefill_steps,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,  # as LLM.generate: no output built for the steps between
     )
     prompts = random_prompts(batch, context, engine.config.model.vocab_size, seed=batch * 1_000_003 + context)
     ids = [engine.add_request(p, params) for p in prompts]

@@ -221,18 +221,21 @@ class LLMEngine:
 
     # The step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run a step; returns one output for each request group whose tokens it processed, in
+        first-touched order (none for a FINAL_ONLY group still running)."""
         sched = self.scheduler.schedule()
         if not sched.is_empty and self._can_launch(sched):
-            outputs = self._launch(sched)
+            touched = self._launch(sched)
         else:
-            outputs = self._drain()
+            touched = self._drain()
             # The drained step may have stopped requests that this one scheduled blind.
             sched.scheduled = [s for s in sched.scheduled if not s.request.finished]
             if not sched.is_empty:
-                outputs += self._step_sync(sched)
-        outputs += [self._finalize(r.group_id) for r in sched.failed if r.group_id in self.groups]
+                touched += self._step_sync(sched)
+        touched += [r.group_id for r in sched.failed]
         self.resize_pool()
-        return _latest(outputs)
+        outputs = [self._finalize(g) for g in dict.fromkeys(touched) if g in self.groups]
+        return [o for o in outputs if o is not None]
 
     def resize_pool(self) -> None:
         """An elastic pool (Ray) starts the workers that running sequences will reach within
@@ -264,7 +267,7 @@ class LLMEngine:
     def _split_launch(self) -> bool:
         return self.executor.supports_split_launch
 
-    def _launch(self, sched) -> list[RequestOutput]:
+    def _launch(self, sched) -> list[str]:
         """Launch this step, then process the previous one while the device runs this one.
 
         Timeline (host above, device below): the host schedules and fills step n+1 and
@@ -305,8 +308,8 @@ class LLMEngine:
         self._inflight = _InFlight(pending, groups)
         return drained
 
-    def _drain(self, launched_after: bool = False) -> list[RequestOutput]:
-        """Process the in-flight step's tokens (waits for them) and finalize its groups."""
+    def _drain(self, launched_after: bool = False) -> list[str]:
+        """Process the in-flight step's tokens (waits for them); returns its groups."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
@@ -324,7 +327,7 @@ class LLMEngine:
             if req.finished or req.request_id in drop:  # stopped, aborted or lost since scheduled
                 continue
             self._on_token(req, tok, lp)
-        return [self._finalize(g) for g in inflight.groups if g in self.groups]
+        return inflight.groups
 
     def _on_token(self, req: Request, tok: int, lp) -> None:
         if tok < 0:
@@ -341,7 +344,7 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(req, status)
 
-    def _step_sync(self, sched) -> list[RequestOutput]:
+    def _step_sync(self, sched) -> list[str]:
         logits, due = self.executor.execute(sched)
         lost = self._handle_worker_failures()
         if lost:
@@ -352,10 +355,9 @@ class LLMEngine:
             if s.request.request_id not in lost:
                 s.request.num_computed_tokens += s.num_new_tokens
         self._record_pool_stats()
-        touched: dict[str, None] = {s.request.group_id: None for s in sched.scheduled}
         if due:
             self._sample_and_update(logits, due)
-        return [self._finalize(gid) for gid in touched if gid in self.groups]
+        return [s.request.group_id for s in sched.scheduled]
 
     def _handle_worker_failures(self) -> set[str]:
         """Attention workers that died or hung this step: stop placing KV on them and
@@ -421,10 +423,11 @@ class LLMEngine:
         req.num_pending_forks = 0
         return siblings
 
-    def _finalize(self, group_id: str) -> RequestOutput:
+    def _finalize(self, group_id: str) -> RequestOutput | None:
+        """The group's output (None: FINAL_ONLY and still running); a finished group is forgotten."""
         group = self.groups[group_id]
         out = self.outputs.make_output(group)
-        if out.finished:
+        if out is not None and out.finished:
             for r in group:
                 self.outputs.forget(r)
             del self.groups[group_id]
@@ -468,12 +471,3 @@ class LLMEngine:
             for i, bid in enumerate(self.kv.block_ids(req.request_id)):
                 fill[bid] = max(fill.get(bid, 0), min(bs, req.num_computed_tokens - i * bs))
         return sum(max(0, v) for v in fill.values())
-
-
-def _latest(outputs: list[RequestOutput]) -> list[RequestOutput]:
-    """One output per request group, its latest, in first-seen order (a step that drains the
-    previous one and then runs its own can touch a group twice)."""
-    latest: dict[str, RequestOutput] = {}
-    for out in outputs:
-        latest[out.request_id] = out
-    return list(latest.values())

@@ -8,12 +8,14 @@ import time
 from fapool.detokenizer import DetokenizerState, IncrementalDetokenizer, find_stop
 from fapool.outputs import CompletionOutput, Logprob, RequestOutput
 from fapool.request import Request, RequestStatus
+from fapool.sampling_params import RequestOutputKind
 
 
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._detok: dict[str, tuple[IncrementalDetokenizer, DetokenizerState]] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # DELTA requests: (tokens, characters) already output
 
     def on_token(self, req: Request, token: int, logprobs: list[Logprob] | None) -> RequestStatus | None:
         """Record one sampled token; returns the finishing status if the request is done."""
@@ -41,24 +43,18 @@ class OutputProcessor:
 
     def forget(self, req: Request) -> None:
         self._detok.pop(req.request_id, None)
+        self._sent.pop(req.request_id, None)
 
-    @staticmethod
-    def make_output(group: list[Request]) -> RequestOutput:
+    def make_output(self, group: list[Request]) -> RequestOutput | None:
+        """The group's output as its output_kind asks; None for a FINAL_ONLY group still running."""
         first = group[0]
-        outs = [
-            CompletionOutput(
-                index=r.index,
-                text=r.text,
-                token_ids=list(r.output_token_ids),
-                finish_reason=r.status.value if r.finished else None,
-                stop_reason=r.stop_reason,
-                logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None,
-            )
-            for r in sorted(group, key=lambda r: r.index)
-        ]
+        kind = first.params.output_kind
         # A group is done when all n completions are; a parent that ended before forking its
         # siblings (error, abort) ends the group alone.
         finished = all(r.finished for r in group) and (len(group) == first.params.n or first.num_pending_forks > 0)
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        outs = [self._completion(r, kind is RequestOutputKind.DELTA) for r in sorted(group, key=lambda r: r.index)]
         if finished and first.metrics.finished_time is None:
             first.metrics.finished_time = time.monotonic()
         return RequestOutput(
@@ -70,4 +66,17 @@ class OutputProcessor:
             metrics=first.metrics,
             error=next((r.error for r in group if r.error), None),
             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
+        )
+
+    def _completion(self, r: Request, delta: bool) -> CompletionOutput:
+        tok0, char0 = self._sent.get(r.request_id, (0, 0)) if delta else (0, 0)
+        if delta:
+            self._sent[r.request_id] = (len(r.output_token_ids), max(char0, len(r.text)))
+        return CompletionOutput(
+            index=r.index,
+            text=r.text[char0:],
+            token_ids=r.output_token_ids[tok0:],
+            finish_reason=r.status.value if r.finished else None,
+            stop_reason=r.stop_reason,
+            logprobs=r.output_logprobs[tok0:] if r.params.logprobs is not None else None,
         )

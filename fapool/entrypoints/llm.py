@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from fapool.models.loader import (
 )
 from fapool.models.registry import build_model
 from fapool.outputs import RequestMetrics, RequestOutput
-from fapool.sampling_params import SamplingParams
+from fapool.sampling_params import RequestOutputKind, SamplingParams
 from fapool.worker.model_runner import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class LLM:
         else:
             params_list = [sampling_params or SamplingParams()] * len(items)
 
+        if on_output is None:  # only the final outputs are returned: none is built before (vLLM's LLM too)
+            params_list = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
         results: dict[str, RequestOutput] = {}
         order: list[str] = []
         for i, (item, params) in enumerate(zip(items, params_list)):

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fapool.entrypoints import tool_calls
-from fapool.sampling_params import SamplingParams, StructuredOutputs
+from fapool.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputs
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Below this a temperature is treated as greedy, as vLLM does: dividing logits by ~1e-45
@@ -195,6 +195,8 @@ class SamplingFields(OpenAIModel):
             bad_words=tuple(self.bad_words or ()),
             allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
             structured_outputs=self.structured(),
+            # A full response needs only the final output: none is built for the steps between.
+            output_kind=RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
     @property

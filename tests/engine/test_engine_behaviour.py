@@ -205,3 +205,30 @@ def test_a_row_that_cannot_be_sampled_fails_alone(llama_folder):
     assert outs[0].finish_reason == "error" and "sampling failed" in outs[0].error
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_output_kinds(llama_folder):
+    """CUMULATIVE: each output holds everything so far; DELTA: only what is new, the pieces adding
+    up to the cumulative output; FINAL_ONLY: one output, at the end. The tokens are the same."""
+    from fapool import RequestOutputKind
+
+    llm = LLM(llama_folder, device="cpu", block_size=4, num_kv_blocks=256)
+    eng = llm.engine
+    prompts = random_prompts([11, 5], seed=31)
+    seen: dict = {}
+    for kind in RequestOutputKind:
+        params = SamplingParams(temperature=0.0, max_tokens=9, n=2, seed=1, output_kind=kind)
+        ids = [eng.add_request(p, params) for p in prompts]
+        outs = {i: [] for i in ids}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                outs[out.request_id].append(out)
+        seen[kind] = [outs[i] for i in ids]
+    for cum, delta, final in zip(*(seen[k] for k in RequestOutputKind)):
+        assert len(final) == 1 and final[0].finished and len(cum) > 2 and len(delta) == len(cum)
+        for index in range(2):
+            pieces = [c for o in delta for c in o.outputs if c.index == index]
+            joined = [t for c in pieces for t in c.token_ids]
+            full = next(c for c in cum[-1].outputs if c.index == index)
+            assert joined == full.token_ids == next(c for c in final[0].outputs if c.index == index).token_ids
+            assert len(full.token_ids) == 9 and max(len(c.token_ids) for c in pieces) == 1
