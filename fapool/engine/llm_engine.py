@@ -257,15 +257,12 @@ class LLMEngine:
             return False
         for s in sched.scheduled:
             due = s.completes_known_tokens
-            if due and (s.request.num_pending_forks or (needs_processing(s.request) and not self._split_launch)):
+            edits = needs_processing(s.request) and not self.executor.supports_split_launch
+            if due and (s.request.num_pending_forks or edits):
                 return False
             if s.request.prompt_logprobs is not None and s.num_computed_tokens < s.request.num_prompt_tokens:
                 return False
         return True
-
-    @property
-    def _split_launch(self) -> bool:
-        return self.executor.supports_split_launch
 
     def _launch(self, sched) -> list[str]:
         """Launch this step, then process the previous one while the device runs this one.

@@ -14,10 +14,12 @@ read per-request state kept on the logits' device (output-token counts, the prom
 updated with only the tokens added since the last step, so a step's host work does not grow
 with the length of the prompts and outputs.
 
-They need each request's token history up to its last token, so under async scheduling a step
-with such a request launches in halves (LLMEngine._launch): the forward pass, the previous step's
-tokens processed on the host meanwhile, then these edits of the due rows on the device and the
-draw, without waiting for the device. Executors that cannot split a launch step synchronously.
+Under async scheduling a step with such a request launches in halves (LLMEngine._launch): the
+forward pass, these edits of the due rows on the device, then the draw. The penalties' counts
+take the in-flight step's tokens on the device; a grammar or a bad word of several tokens reads
+the latest tokens' values (needs_token_values), so for those the host first processes the
+previous step while the forward pass runs. Executors that cannot split a launch step
+synchronously.
 """
 
 from __future__ import annotations

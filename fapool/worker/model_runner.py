@@ -294,7 +294,7 @@ class ModelRunner:
     def launch_forward(self, out: SchedulerOutput) -> LaunchedForward:
         """The first half of `launch`: the forward pass up to the due rows' logits, queued on
         the device. Between the halves the engine may edit those logits in place (penalties,
-        grammar masks) once the previous step's tokens are on the host."""
+        biases, grammar masks: LLMEngine._launch)."""
         self.copy_blocks(out.block_copies)
         due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
         due = [out.scheduled[i] for i in due_rows]
