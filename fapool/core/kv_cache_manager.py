@@ -101,6 +101,13 @@ class KVCacheManager:
         prefix-cache hits, which must be passed on the request's first allocation). Returns
         False, changing nothing, when the pool cannot supply the blocks."""
         table = self.block_tables.get(request.request_id, [])
+        if table and not computed_blocks and self._local_limit(request.request_id) is None:
+            # The decode step's common case: the tokens fit the blocks held, the tail one unshared.
+            total = request.num_computed_tokens + num_new_tokens
+            tail = request.num_computed_tokens // self.block_size
+            if total <= len(table) * self.block_size and (num_new_tokens == 0 or table[tail].ref_cnt == 1):
+                self._cache_full_blocks(request, table, total)
+                return True
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         limit = self._local_limit(request.request_id)

@@ -25,12 +25,15 @@ class ScheduledRequest:
     num_computed_tokens: int  # before this step
     block_ids: list[int]  # local blocks
     segments: list[Segment] = field(default_factory=list)  # KV on attention workers, if any
+    # True when this step computes up to the request's last known token, so its logits give
+    # the next token (false for a non-final prefill chunk). Taken when scheduled: launching
+    # the step adds a placeholder to the request.
+    completes_known_tokens: bool = field(init=False)
 
-    @property
-    def completes_known_tokens(self) -> bool:
-        """True when this step computes up to the request's last known token, so its logits
-        give the next token (false for a non-final prefill chunk)."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens_with_placeholders
+    def __post_init__(self) -> None:
+        self.completes_known_tokens = (
+            self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens_with_placeholders
+        )
 
 
 @dataclass
