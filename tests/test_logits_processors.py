@@ -1,6 +1,8 @@
 """Penalties, biases and masks (fapool.layers.logits_processors) against hand-computed logits,
 and through the engine: each changes greedy output as specified."""
 
+import importlib.util
+
 import pytest
 import torch
 from tiny_models import random_prompts
@@ -80,6 +82,34 @@ def test_an_editor_kept_across_steps_equals_a_fresh_one():
         for r in live:
             r.output_token_ids.append(int(torch.randint(0, vocab, (1,), generator=g)))
     assert editor.counts.shape[0] == 8  # three penalised at once: one growth; the freed slot went to "f"
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("triton")), reason="needs a CUDA GPU and triton"
+)
+def test_penalties_kernel_matches_the_torch_path():
+    """On CUDA the penalties run as one Triton launch; over steps of growing outputs, with
+    slots reused, it gives the torch path's logits (the CPU editor) to float32 rounding."""
+    g = torch.Generator().manual_seed(1)
+    vocab = 5000
+    kinds = [
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(presence_penalty=0.4, frequency_penalty=0.9),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.5, presence_penalty=1.5),
+        SamplingParams(),
+    ]
+    reqs = [_req(p, prompt=torch.randint(0, vocab, (40,), generator=g).tolist()) for p in kinds]
+    for req, rid in zip(reqs, "abcd"):
+        req.request_id = rid
+    cpu, gpu = LogitsEditor(vocab, "cpu"), LogitsEditor(vocab, "cuda")
+    for _ in range(6):
+        logits = torch.randn(len(reqs), vocab, generator=g) * 4
+        on_gpu = logits.cuda()
+        cpu.apply(logits, reqs)
+        gpu.apply(on_gpu, reqs)
+        torch.testing.assert_close(on_gpu.cpu(), logits, rtol=1e-6, atol=1e-6)
+        for r in reqs:
+            r.output_token_ids += torch.randint(0, vocab, (3,), generator=g).tolist()
 
 
 def test_invalid_values_are_refused():

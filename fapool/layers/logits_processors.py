@@ -204,6 +204,11 @@ class LogitsEditor:
             ones = torch.ones(flight.shape, dtype=torch.int32, device=self.device)
             self.counts.index_put_((up["flight_slots"], in_flight.index_select(0, flight)), ones, accumulate=True)
         idx, slots = up["pen_rows"], up["pen_slots"]
+        if logits.is_cuda and logits.dtype == torch.float32:  # one launch instead of about twenty
+            from fapool.layers.triton_penalties import apply_penalties_triton
+
+            apply_penalties_triton(logits, idx, slots, self.counts, self.prompt_seen, up["rep"], up["freq"], up["pres"])
+            return
         counts = self.counts[slots]
         x = logits[idx]
         if any(p.repetition_penalty != 1.0 for p in params):
