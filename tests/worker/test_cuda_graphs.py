@@ -220,6 +220,16 @@ def test_async_scheduling_matches_sync(tiny_checkpoints):
             assert llm.engine.scheduler.num_preemptions > 0
 
 
+def _assert_same_outputs(graphed, eager):
+    """The same tokens, and logprobs within float32 rounding of the log-softmax."""
+    for g, e in zip(graphed, eager):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        if e.outputs[0].logprobs is not None:
+            for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
+                assert [x.token_id for x in lg] == [x.token_id for x in le]
+                assert [x.logprob for x in lg] == pytest.approx([x.logprob for x in le], abs=1e-4)
+
+
 @needs_gpu
 def test_sampling_inside_graphs_and_async_equals_eager_sync(tiny_checkpoints):
     """Seeded sampled requests (every filter, logprobs) beside greedy ones: drawn inside the
@@ -240,19 +250,15 @@ def test_sampling_inside_graphs_and_async_equals_eager_sync(tiny_checkpoints):
     graphed = llm.generate(ids, params)
     assert runner.decode_graphs.graphs
     eager = _run(folder, graphs=False, async_scheduling=False)[0].generate(ids, params)
-    for g, e in zip(graphed, eager):
-        assert g.outputs[0].token_ids == e.outputs[0].token_ids
-        if e.outputs[0].logprobs is not None:
-            for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
-                assert [x.token_id for x in lg] == [x.token_id for x in le]
-                assert [x.logprob for x in lg] == pytest.approx([x.logprob for x in le], abs=1e-4)
+    _assert_same_outputs(graphed, eager)
 
 
 @needs_gpu
 def test_edited_logits_with_graphs_and_async_equal_eager_sync(tiny_text_model):
     """Penalties, biases, min_tokens, bad words and grammar masks beside plain rows: the decode
-    graph runs the forward pass, the edits and the draw follow on the device once the previous
-    step is on the host (a launch in halves); tokens and logprobs equal eager synchronous steps'."""
+    graph runs the forward pass, the edits and the draw follow on the device (a launch in
+    halves; after the previous step reaches the host where a grammar reads it); tokens and
+    logprobs equal eager synchronous steps'."""
     from fapool.sampling_params import StructuredOutputs
 
     params = [
@@ -271,12 +277,7 @@ def test_edited_logits_with_graphs_and_async_equal_eager_sync(tiny_text_model):
     graphed = llm.generate(prompts, params)
     assert runner.decode_graphs.graphs and len(halves) > 10
     eager = _run(tiny_text_model, graphs=False, async_scheduling=False)[0].generate(prompts, params)
-    for g, e in zip(graphed, eager):
-        assert g.outputs[0].token_ids == e.outputs[0].token_ids
-        if e.outputs[0].logprobs is not None:
-            for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
-                assert [x.token_id for x in lg] == [x.token_id for x in le]
-                assert [x.logprob for x in lg] == pytest.approx([x.logprob for x in le], abs=1e-4)
+    _assert_same_outputs(graphed, eager)
     assert graphed[3].outputs[0].text in {"red", "green"}
 
 
