@@ -32,9 +32,10 @@ from fapool.worker.afd_worker import (
 )
 from fapool.worker.dense_worker import send_weights
 from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks
-from fapool.worker.model_runner import ModelRunner
+from fapool.worker.background_steps import BackgroundSteps
+from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.protocol import AFDInit, AFDStep, MicroBatch, RankReport, StepReport, Tag
-from fapool.worker.step_plan import MicroBatchPolicy, plan_micro_batch, split_micro_batches
+from fapool.worker.step_plan import MicroBatchPlan, MicroBatchPolicy, plan_micro_batch, split_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,22 @@ def localize(mb: MicroBatch, first_block: int, block_size: int) -> MicroBatch:
     shift = first_block * block_size
     meta["slot_mapping"] = [s - shift if s >= 0 else s for s in meta["slot_mapping"]]
     return dataclasses.replace(mb, meta_args=meta)
+
+
+@dataclasses.dataclass
+class _AFDStep:
+    """A step's per-rank plans, built before any rank is contacted."""
+
+    index: int
+    out: SchedulerOutput
+    shape: tuple[int, int, int]  # (sequences on the busiest rank, tokens, longest context)
+    count: int  # micro-batches
+    steps: list[AFDStep]  # per attention rank
+    tokens: list[list[int]]  # [micro-batch][attention rank]: the FFN ranks' row counts
+    order: list[ScheduledRequest]  # the due requests in the order the ranks' logits arrive
+    plans: list[MicroBatchPlan]  # every micro-batch's plan (their input ids: async placeholders)
+    due: list[ScheduledRequest]
+    plan_s: float
 
 
 class AFDRunner(ModelRunner):
@@ -71,6 +88,7 @@ class AFDRunner(ModelRunner):
         self.fault_hang: dict[int, float] = {}  # tests: rank -> seconds to stall on its next step
         self._step = 0
         self._stopped = False
+        self.background = BackgroundSteps()  # async scheduling
         self.workers: WorkerGroup | None = None
         self.transport = "cpu"
         self.side: AttentionSide | None = None
@@ -125,29 +143,35 @@ class AFDRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
-        if self.failure is not None:
-            raise self.failure
-        self._step += 1
+        return self._run(self._prepare(out))
+
+    def launch(self, out: SchedulerOutput) -> PendingTokens:
+        """Run one step in the background (BackgroundSteps) and return at once."""
+        step = self._prepare(out)
+        return self.background.launch(step.plans, step.due, lambda: self._run(step))
+
+    def _run(self, step: _AFDStep) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
         try:
-            return self._execute(out)
+            return self._execute(step)
         except (comm.WorkerFailure, RuntimeError) as e:
             blamed = comm.blame_rank(self.workers.procs, e)
             if blamed is None:
                 raise
             rank, why = blamed
-            self.failure = comm.WorkerFailure(rank, f"step {self._step}", why)
+            self.failure = comm.WorkerFailure(rank, f"step {step.index}", why)
             self.failure.args = (
                 f"{self.topology.describe(rank)} {why}; the disaggregated engine cannot continue (restart it)",
             )
             logger.error("%s", self.failure)
             raise self.failure from e
 
-    def _execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+    def _prepare(self, out: SchedulerOutput) -> _AFDStep:
+        """Each rank's plans (host work on the scheduler's output; no rank is contacted)."""
+        if self.failure is not None:
+            raise self.failure
+        self._step += 1
         t_start = time.perf_counter()
         topo, bs, n = self.topology, self.block_size, self.partition_blocks
-        for r, p in self.workers.procs.items():
-            if not p.is_alive():
-                raise comm.WorkerFailure(r, f"step {self._step}", "process exited")
         per_rank: list[list[ScheduledRequest]] = [[] for _ in range(topo.attention_ranks)]
         for s in out.scheduled:
             per_rank[self.rank_of(s)].append(s)
@@ -157,23 +181,32 @@ class AFDRunner(ModelRunner):
             max(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled),
         )
         count = self.micro_batches.choose(*shape)
-        steps, order = [], []  # per attention rank; the due requests in logits order
+        steps, order, plans = [], [], []  # per attention rank; the due requests in logits order
         tokens = [[0] * topo.attention_ranks for _ in range(count)]
         for a, reqs in enumerate(per_rank):
             groups = split_micro_batches(reqs, count) if reqs else []
             groups += [[] for _ in range(count - len(groups))]
             mbs = []
             for i, g in enumerate(groups):
-                mbs.append(localize(plan_micro_batch(g, bs).dense(), a * n, bs))
+                plans.append(plan_micro_batch(g, bs))
+                mbs.append(localize(plans[-1].dense(), a * n, bs))  # shares the plan's input ids
                 tokens[i][a] = mbs[-1].num_tokens
                 order += [s for s in g if s.completes_known_tokens]
             copies = [(s - a * n, d - a * n) for s, d in out.block_copies if s // n == a]
             steps.append(AFDStep(self._step, mbs, copies))
-        plan_s = time.perf_counter() - t_start
+        due = [s for s in out.scheduled if s.completes_known_tokens]
+        return _AFDStep(self._step, out, shape, count, steps, tokens, order, plans, due, time.perf_counter() - t_start)
 
+    def _execute(self, step: _AFDStep) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        t_start = time.perf_counter()
+        topo = self.topology
+        for r, p in self.workers.procs.items():
+            if not p.is_alive():
+                raise comm.WorkerFailure(r, f"step {step.index}", "process exited")
+        steps, tokens, order, count, out = step.steps, step.tokens, step.order, step.count, step.out
         t0 = time.perf_counter()
         for r in range(1, topo.world_size):
-            msg = steps[r] if r < topo.attention_ranks else AFDStep(self._step, tokens=tokens)
+            msg = steps[r] if r < topo.attention_ranks else AFDStep(step.index, tokens=tokens)
             hang = self.fault_hang.pop(r, 0.0)
             if hang:
                 msg = dataclasses.replace(msg, hang_s=hang)
@@ -188,23 +221,23 @@ class AFDRunner(ModelRunner):
                 buf = torch.empty(n, vocab, dtype=torch.float32, device=self.transport)
                 self._wait(comm.recv_tensor(buf, a, Tag.LOGITS), a, "logits", buf)
                 parts.append(buf.to(self.device))
-        stats = StepReport(self._step, out.num_tokens, count)
+        stats = StepReport(step.index, out.num_tokens, count)
         for r in range(1, topo.world_size):
             stats.ranks[r] = comm.recv_object(r, self.waiter, self.timeout_s, tag=Tag.REPORT, device=self.transport)
         own.idle_s += time.perf_counter() - t0
         stats.ranks[0] = own
 
-        due = [s for s in out.scheduled if s.completes_known_tokens]
+        due = step.due
         logits = None
         if due:
             stacked = torch.cat([p for p in parts if p is not None])  # rank-major, as `order`
             row = {id(s): k for k, s in enumerate(order)}
             logits = stacked[torch.tensor([row[id(s)] for s in due], device=stacked.device)]
-        stats.plan_s = plan_s
+        stats.plan_s = step.plan_s
         stats.dense_s = own.compute_s
         stats.wait_s = own.idle_s
-        stats.total_s = time.perf_counter() - t_start
-        self.micro_batches.record(*shape, count, stats.total_s)
+        stats.total_s = step.plan_s + time.perf_counter() - t_start
+        self.micro_batches.record(*step.shape, count, stats.total_s)
         self.step_stats.append(stats)
         return logits, due
 
@@ -215,6 +248,7 @@ class AFDRunner(ModelRunner):
         if self._stopped:
             return
         self._stopped = True
+        self.background.shutdown()
         if self.workers is not None:
             if self.failure is not None or self.side is None:
                 self.workers.kill()

@@ -140,7 +140,6 @@ class AFDExecutor(MultiprocessExecutor):
     holds one partition of the block ids."""
 
     runner: AFDRunner
-    supports_async = False
 
     def initialize_kv_cache(self) -> KVLayout:
         num_blocks = self.runner.determine_num_blocks()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +41,9 @@ from fapool.attention.backend import AttentionBackend
 from fapool.config import ConfigError, EngineConfig
 from fapool.core.scheduler import ScheduledRequest, SchedulerOutput
 from fapool.layers.cpu_linear import pack_for_device
-from fapool.layers.sampler import DeviceLogprobs, compute_logprobs, sample_tokens
-from fapool.layers.sampling_batch import SamplingBatch
 from fapool.layers.tp import check_tp, shard_layer_state
 from fapool.worker import comm
+from fapool.worker.background_steps import BackgroundSteps
 from fapool.worker.dense_worker import (
     GROUP_TIMEOUT_S,
     DenseStage,
@@ -138,16 +136,6 @@ class _Step:
     sparse: list[SparseBatch] | None = None  # the pool's sparse plans, one per micro-batch
 
 
-class _Done:
-    """A launched step's completion, as PendingTokens waits for it (re-raises its failure)."""
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def synchronize(self) -> None:
-        self.future.result()
-
-
 class MultiRankRunner(ModelRunner):
     pack_cpu_linears = False  # packed once the weights are sharded (_start_workers)
 
@@ -185,8 +173,7 @@ class MultiRankRunner(ModelRunner):
         self.failure: comm.WorkerFailure | None = None
         self.waiter = comm.Waiter()
         self._step = 0
-        self._launcher: ThreadPoolExecutor | None = None  # async scheduling: the step thread
-        self._sampled: dict[str, int] = {}  # the last launched step's greedy tokens, by request
+        self.background = BackgroundSteps()  # async scheduling
         self._stopped = False
         self.workers: WorkerGroup | None = None
         self.ray_pool = None  # RayPool: the attention workers are Ray actors (distributed_executor "ray")
@@ -301,34 +288,12 @@ class MultiRankRunner(ModelRunner):
         return self._run(self._prepare(out))
 
     def launch(self, out: SchedulerOutput) -> PendingTokens:
-        """Run one step in the background, sampling on the driver's device, and return at once:
-        the engine schedules the next step meanwhile. Steps run one after another on one
-        thread; a token the step in flight samples is filled into the next step's inputs when
-        that one starts. Attention workers lost in a step are reported by take_failures() as
-        in a synchronous one; the engine drops the lost requests' tokens (LLMEngine._drain)."""
-        step = self._prepare(out)  # here: it reads the requests, which the engine then updates
-        rows = [s.request.sampling_row() for s in step.due]
-        pending = PendingTokens(step.due, torch.empty(len(step.due), dtype=torch.long), None)
-        if self._launcher is None:
-            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="fapool-step")
-        pending.ready = _Done(self._launcher.submit(self._run_launched, step, rows, pending))
-        return pending
-
-    @torch.inference_mode()
-    def _run_launched(self, step: _Step, rows: list, pending: PendingTokens) -> None:
-        for plan in step.plans:
-            for row, req in plan.placeholders:
-                plan.input_ids[row] = self._sampled[req.request_id]  # also the DenseStep's list
-        logits, due = self._run(step)
-        if logits is None:
-            return
-        batch = SamplingBatch.build(rows, logits.shape[-1], logits.device)
-        tokens = sample_tokens(logits, batch)
-        if batch.logprobs is not None:
-            lps = compute_logprobs(logits, tokens, batch.logprobs)
-            pending.host_logprobs = DeviceLogprobs(lps.chosen.cpu(), lps.top_values.cpu(), lps.top_ids.cpu())
-        pending.host.copy_(tokens.cpu())
-        self._sampled = {s.request.request_id: t for s, t in zip(due, pending.host.tolist())}
+        """Run one step in the background (BackgroundSteps) and return at once: the engine
+        schedules the next step meanwhile. Attention workers lost in a step are reported by
+        take_failures() as in a synchronous one; the engine drops the lost requests' tokens
+        (LLMEngine._drain)."""
+        step = self._prepare(out)
+        return self.background.launch(step.plans, step.due, lambda: self._run(step))
 
     def _prepare(self, out: SchedulerOutput) -> _Step:
         """The step's plans (host work on the scheduler's output; no rank is contacted)."""
@@ -453,8 +418,7 @@ class MultiRankRunner(ModelRunner):
         if self._stopped:
             return
         self._stopped = True
-        if self._launcher is not None:  # a launched step finishes (or fails) first
-            self._launcher.shutdown(wait=True)
+        self.background.shutdown()
         if self.ray_pool is not None:
             self.ray_pool.shutdown()
         if self.workers is not None:

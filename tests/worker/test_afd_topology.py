@@ -83,6 +83,30 @@ def test_afd_with_prefix_caching_chunked_prefill_and_preemption(tiny_checkpoints
     assert [o.token_ids for o in outs] == want
 
 
+def test_afd_with_async_scheduling_gives_the_sync_tokens(tiny_checkpoints):
+    """Async scheduling with AFD: steps run on the driver's step thread while the engine
+    schedules the next, each decode step's input token filled from the step before it when
+    it starts; greedy and seeded tokens equal the synchronous engine's, through chunked
+    prefill, prefix hits and preemption, and the steps really were launched."""
+    folder = tiny_checkpoints["llama"][0]
+    shared = list(range(3, 31))
+    prompts = [shared + p for p in random_prompts([5, 9, 2, 14], seed=4)] + random_prompts([33, 7], seed=5)
+    params = [PARAMS, SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=20)] * 3
+    base = dict(device="cpu", block_size=4, max_num_batched_tokens=24, num_kv_blocks=20)
+    kw = dict(base, afd_attention_ranks=2, afd_ffn_ranks=1, micro_batches=2)
+    with LLM(folder, **kw) as llm:
+        want = [o.token_ids for o in llm.generate(_ids(prompts), params)]
+    with LLM(folder, async_scheduling=True, **kw) as llm:
+        assert llm.engine.async_scheduling
+        launched = []
+        launch = llm.engine.executor.launch
+        llm.engine.executor.launch = lambda sched: (launched.append(1), launch(sched))[1]
+        outs = llm.generate(_ids(prompts), params)
+        assert llm.engine.stats().num_preemptions > 0
+    assert [o.token_ids for o in outs] == want
+    assert len(launched) > 10
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
