@@ -61,8 +61,8 @@ class _Upload:
         for floating, values in ((False, self._ints), (True, self._floats)):
             host = torch.tensor(values, dtype=torch.float32 if floating else torch.long)
             if pin and values:
-                host = host.pin_memory().to(device, non_blocking=True)
-            self._dev[floating] = host.to(device)
+                host = host.pin_memory()
+            self._dev[floating] = host.to(device, non_blocking=pin)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         floating, start, n = self._at[name]
@@ -123,10 +123,10 @@ class LogitsEditor:
         up.put("bias", [b for _, _, b in bias], floating=True)
         up.put("mask_rows", [i for i, _ in masked])
         up.put("mask_ids", [t for _, t in masked])
-        at = [(k, t) for k, (_, ids) in enumerate(allowed) for t in ids]
+        pairs = [(k, t) for k, (_, ids) in enumerate(allowed) for t in ids]
         up.put("allowed_rows", [i for i, _ in allowed])
-        up.put("allowed_k", [k for k, _ in at])
-        up.put("allowed_ids", [t for _, t in at])
+        up.put("allowed_k", [k for k, _ in pairs])
+        up.put("allowed_ids", [t for _, t in pairs])
         up.send(self.device)
 
         if pen:
