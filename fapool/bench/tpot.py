@@ -119,7 +119,10 @@ SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}  # the sampled rows of 
 # --penalised: the same draws with the penalties chat clients send (their logits are edited
 # between the forward pass and the draw)
 PENALISED = {**SAMPLED, "repetition_penalty": 1.1, "presence_penalty": 0.3, "frequency_penalty": 0.3}
-VARIANTS = {"sampled": ("sampled (T 0.8, top-p 0.95)", SAMPLED), "penalised": ("penalised (+ repetition, presence, frequency)", PENALISED)}
+VARIANTS = {
+    "sampled": ("sampled (T 0.8, top-p 0.95)", SAMPLED),
+    "penalised": ("penalised (+ repetition, presence, frequency)", PENALISED),
+}
 
 
 def measure_engine(

@@ -207,7 +207,9 @@ class LogitsEditor:
         if logits.is_cuda and logits.dtype == torch.float32:  # one launch instead of about twenty
             from fapool.layers.triton_penalties import apply_penalties_triton
 
-            apply_penalties_triton(logits, idx, slots, self.counts, self.prompt_seen, up["rep"], up["freq"], up["pres"])
+            apply_penalties_triton(
+                logits, idx, slots, self.counts, self.prompt_seen, up["rep"], up["freq"], up["pres"]
+            )
             return
         counts = self.counts[slots]
         x = logits[idx]

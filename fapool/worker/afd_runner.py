@@ -195,7 +195,8 @@ class AFDRunner(ModelRunner):
             copies = [(s - a * n, d - a * n) for s, d in out.block_copies if s // n == a]
             steps.append(AFDStep(self._step, mbs, copies))
         due = [s for s in out.scheduled if s.completes_known_tokens]
-        return _AFDStep(self._step, out, shape, count, steps, tokens, order, plans, due, time.perf_counter() - t_start)
+        plan_s = time.perf_counter() - t_start
+        return _AFDStep(self._step, out, shape, count, steps, tokens, order, plans, due, plan_s)
 
     def _execute(self, step: _AFDStep) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
         t_start = time.perf_counter()
