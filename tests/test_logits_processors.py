@@ -8,8 +8,13 @@ import torch
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
-from fapool.layers.logits_processors import LogitsEditor, apply_logits_processors
+from fapool.layers.logits_processors import LogitsEditor
 from fapool.request import Request, RequestStatus
+
+
+def apply_logits_processors(logits: torch.Tensor, reqs: list[Request]) -> None:
+    """The edits with a fresh editor (no state kept between calls)."""
+    LogitsEditor(logits.shape[-1], logits.device).apply(logits, reqs)
 
 
 def _req(params: SamplingParams, prompt=(1, 2), output=(), eos=(0,)) -> Request:

@@ -234,8 +234,3 @@ class LogitsEditor:
 
 def _penalised(p) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-
-
-def apply_logits_processors(logits: torch.Tensor, reqs: list[Request]) -> None:
-    """The edits with a fresh editor (no state kept between calls)."""
-    LogitsEditor(logits.shape[-1], logits.device).apply(logits, reqs)
