@@ -161,9 +161,10 @@ def run_bench(mode: str, ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from fapool.bench import kernels, kv_quality, tpot, ttft
+    from fapool.bench import kernels, kv_quality, linear, tpot, ttft
 
     kernels.add_parser(sub)
+    linear.add_parser(sub)
     tpot.add_parser(sub)
     ttft.add_parser(sub)
     kv_quality.add_parser(sub)

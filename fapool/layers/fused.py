@@ -21,9 +21,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 
+from fapool.layers.linear import MergedLinear
 from fapool.layers.norm import RMSNorm
 from fapool.layers.rotary import apply_rotary
+from fapool.layers.triton_linear import MAX_ROWS, pick_config, skinny_linear
 from fapool.models.llama import MLP, Attention
 
 
@@ -40,18 +43,72 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps, BLOCK: tl.constex
     tl.store(Y + row * stride_y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, hidden] (last dim contiguous), weight [hidden] of x's dtype -> [T, hidden]."""
+@triton.jit
+def _add_rms_norm_kernel(
+    X, D, W, S, Y, stride_x, stride_d, stride_s, stride_y, n_cols, eps, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(D + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (x + d).to(S.dtype.element_ty)  # the residual sum, rounded as torch's `x + d` rounds it
+    tl.store(S + row * stride_s + offs, s, mask=mask)
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, 0) / n_cols + eps)
+    xn = (sf * rstd).to(Y.dtype.element_ty)
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    tl.store(
+        Y + row * stride_y + offs, (w.to(tl.float32) * xn.to(tl.float32)).to(Y.dtype.element_ty), mask=mask
+    )
+
+
+def _check_rows(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 2 or x.stride(1) != 1 or weight.dtype != x.dtype:
         raise ValueError(
             f"rms_norm wants [T, hidden] with weight of its dtype, got {x.shape} {x.dtype}/{weight.dtype}"
         )
+
+
+def _norm_launch(n_cols: int) -> dict:
+    block = triton.next_power_of_2(n_cols)
+    return {"BLOCK": block, "num_warps": min(16, max(1, block // 256))}
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, delta [T, hidden] -> (x + delta, rms_norm(x + delta)), one pass over both."""
+    _check_rows(x, weight)
+    _check_rows(delta, weight)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(s)
+    if x.shape[0]:
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x,
+            delta,
+            weight,
+            s,
+            y,
+            x.stride(0),
+            delta.stride(0),
+            s.stride(0),
+            y.stride(0),
+            x.shape[1],
+            eps,
+            **_norm_launch(x.shape[1]),
+        )
+    return s, y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, hidden] (last dim contiguous), weight [hidden] of x's dtype -> [T, hidden]."""
+    _check_rows(x, weight)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n = x.shape[1]
-    block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x.shape[0],)](
-        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=block, num_warps=min(16, max(1, block // 256))
-    )
+    if x.shape[0]:
+        _rms_norm_kernel[(x.shape[0],)](
+            x, weight, y, x.stride(0), y.stride(0), x.shape[1], eps, **_norm_launch(x.shape[1])
+        )
     return y
 
 
@@ -195,11 +252,20 @@ def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
 # --- rewriting a model ---------------------------------------------------------------------
 
 
+def _fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.dtype == weight.dtype
+
+
 class FusedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.dtype == self.weight.dtype:
+        if _fusable(x, self.weight):
             return rms_norm(x, self.weight, self.eps)
         return super().forward(x)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if _fusable(x, self.weight) and _fusable(delta, self.weight) and x.shape == delta.shape:
+            return add_rms_norm(x, delta, self.weight, self.eps)
+        return super().add_forward(x, delta)
 
 
 class FusedAttention(Attention):
@@ -224,7 +290,38 @@ class FusedMLP(MLP):
         return super().activated(x)
 
 
-_FUSED_CLASSES = {RMSNorm: FusedRMSNorm, Attention: FusedAttention, MLP: FusedMLP}
+class _SkinnyForward:
+    """A linear that takes the Triton small-M matmul where the tuned table says it is faster."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and self.weight.dtype in _SKINNY_DTYPES:
+            cfg = pick_config(x.shape[0], self.weight.shape[0], self.weight.shape[1])
+            if cfg is not None and x.dtype == self.weight.dtype and self.weight.is_contiguous():
+                return skinny_linear(x if x.stride(1) == 1 else x.contiguous(), self.weight, self.bias, cfg)
+        return super().forward(x)  # type: ignore[misc]
+
+
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class FusedLinear(_SkinnyForward, nn.Linear):
+    pass
+
+
+class FusedMergedLinear(_SkinnyForward, MergedLinear):
+    pass
+
+
+_FUSED_CLASSES = {
+    RMSNorm: FusedRMSNorm,
+    Attention: FusedAttention,
+    MLP: FusedMLP,
+    nn.Linear: FusedLinear,
+    MergedLinear: FusedMergedLinear,
+}
 _PLAIN_CLASSES = {v: k for k, v in _FUSED_CLASSES.items()}
 
 

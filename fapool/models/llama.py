@@ -163,21 +163,29 @@ class LlamaModel(nn.Module):
         if layers.start == 0:
             x = self.embed_tokens(x)
         cos, sin = self.rotary_emb(positions)  # looked up once, shared by all layers
+        last = layers.stop == len(self.layers)
+        delta = None  # the last FFN output; the next norm adds it to x (one fused kernel on a GPU)
         for i, kv_cache in zip(layers, kv_caches):
             layer = self.layers[i]
-            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+            if delta is None:
+                h = layer.input_layernorm(x)
+            else:
+                x, h = layer.input_layernorm.add_forward(x, delta)
+            q, k, v = layer.self_attn.project(h, cos, sin)
             pending = attend(i, q, k, v, kv_cache)
             if pending.in_flight:
                 yield
-            x = x + layer.self_attn.output(pending.result())
+            x, h = layer.post_attention_layernorm.add_forward(x, layer.self_attn.output(pending.result()))
             if ffn is None:
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                delta = layer.mlp(h)
                 continue
-            pending = ffn(i, layer.post_attention_layernorm(x))
+            pending = ffn(i, h)
             if pending.in_flight:
                 yield
-            x = x + pending.result()
-        return self.norm(x) if layers.stop == len(self.layers) else x
+            delta = pending.result()
+        if delta is None:
+            return self.norm(x) if last else x
+        return self.norm.add_forward(x, delta)[1] if last else x + delta
 
 
 class Pending:

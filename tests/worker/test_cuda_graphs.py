@@ -296,6 +296,11 @@ def test_fused_kernels_match_torch(dtype):
     ref = rms_norm(x, w, 1e-5)
     got = fused.rms_norm(x, w, 1e-5)
     assert (got.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
+    delta = torch.randn_like(x)
+    total, normed = fused.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(total, x + delta)  # the residual sum rounds exactly as torch's does
+    ref = rms_norm(x + delta, w, 1e-5)
+    assert (normed.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
 
     qkv = torch.randn(37, (32 + 2 * 8) * 128, device=dev, dtype=dtype)
     q = qkv[:, : 32 * 128].view(37, 32, 128)  # strided views, as the model passes them

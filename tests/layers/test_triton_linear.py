@@ -1,0 +1,58 @@
+"""The small-M Triton matmul (fapool.layers.triton_linear) against torch's linear.
+
+Runs on a CUDA GPU, or on CPU through Triton's interpreter with TRITON_INTERPRET=1; skipped
+elsewhere (CI has neither)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not ((torch.cuda.is_available() or INTERPRET) and HAVE_TRITON),
+    reason="needs a CUDA GPU with triton, or TRITON_INTERPRET=1 (interpreter on CPU)",
+)
+# The interpreter computes through numpy, which has no bfloat16.
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "m, n, k, cfg, bias",
+    [
+        (8, 256, 512, (64, 128, 1), False),  # one K pass, even tiles
+        (5, 96, 320, (32, 64, 2), True),  # ragged N and K, two splits, bias added after the sum
+        (16, 64, 1024, (32, 128, 4), True),
+        (33, 40, 200, (16, 32, 3), False),  # M past 32: a 64-row tile
+        (64, 128, 256, (64, 64, 1), True),
+        (1, 128, 256, None, False),  # the default setting
+    ],
+)
+def test_skinny_linear_matches_torch(m, n, k, cfg, bias):
+    from fapool.layers.triton_linear import SkinnyConfig, skinny_linear
+
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=g).to(DEVICE, DTYPE)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, DTYPE)
+    b = torch.randn(n, generator=g).to(DEVICE, DTYPE) if bias else None
+    config = SkinnyConfig(*cfg, num_warps=4, num_stages=2) if cfg else None
+    got = skinny_linear(x, w, b, config)
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = 2**-7 if DTYPE == torch.bfloat16 else 1e-5  # one bf16 rounding of the output
+    assert got.dtype == DTYPE and got.shape == (m, n)
+    assert (got.float() - want).abs().max() <= tol * want.abs().max() + 1e-6
+
+
+@needs_triton
+def test_skinny_linear_refuses_what_it_cannot_take():
+    from fapool.layers.triton_linear import MAX_ROWS, skinny_linear
+
+    w = torch.randn(64, 128, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="skinny_linear wants"):
+        skinny_linear(torch.randn(MAX_ROWS + 1, 128, device=DEVICE, dtype=DTYPE), w)
+    with pytest.raises(ValueError, match="skinny_linear wants"):
+        skinny_linear(torch.randn(4, 128, device=DEVICE, dtype=DTYPE), w.t().contiguous().t())
