@@ -1,7 +1,5 @@
-"""Roofline cost model: seconds for each part of a step on one device, per *layer* unless a name
-says otherwise. Every time is overhead + max(flops / rate, bytes / bandwidth) with a
-HardwareProfile's rates; arrays are accepted as well as scalars. `finish_step` adds the host
-model (when calibrated); `device_only()` drops it.
+"""Roofline cost model: seconds of each part of a step on one device, per *layer* unless a name says
+otherwise (overhead + max(flops / rate, bytes / bandwidth)); scalars or arrays. docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -13,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fapool.config import PRESETS, ConfigError, ModelConfig
+from fapool.config import PRESETS, ModelConfig
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HardwareProfile
 
-_HF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-
 
 def load_model_config(spec: str) -> ModelConfig:
-    """A preset name (e.g. 'seed000') or a Hugging Face config.json (its shape fields only)."""
+    """A preset name (e.g. 'seed000') or a Hugging Face config.json, read by the engine's own parser."""
     if spec in PRESETS:
         return PRESETS[spec]()
     path = Path(spec)
@@ -30,35 +26,11 @@ def load_model_config(spec: str) -> ModelConfig:
     if not path.is_file():
         raise SimInputError(f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) "
                             "and no config.json at that path")
+    from fapool.models.hf_loader import config_from_dict
+
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SimInputError(f"cannot read model config {path}: {exc}") from exc
-    arch = _HF_ARCHS.get(str(raw.get("model_type", "")).lower())
-    if arch is None:
-        raise SimInputError(
-            f"{path}: model_type {raw.get('model_type')!r} not supported; supported: {', '.join(_HF_ARCHS)}"
-        )
-    try:
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            hidden_act=str(raw.get("hidden_act", "silu")),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2",
-        )
-    except KeyError as exc:
-        raise SimInputError(f"{path}: missing field {exc.args[0]!r}") from exc
-    except (TypeError, ValueError, ConfigError) as exc:
+        return config_from_dict(json.loads(path.read_text()))
+    except (OSError, TypeError, ValueError) as exc:  # ValueError: bad JSON and ConfigError
         raise SimInputError(f"{path}: {exc}") from exc
 
 
@@ -128,16 +100,14 @@ class CostModel:
         return parts[part] * self.dtype_bytes
 
     def gemm_rates(self, m):
-        """(FLOP/s, bytes/s) a GEMM of m rows reaches: per-m calibrated rates interpolated in
-        log m (clamped to the grid), or the profile's single pair."""
+        """(FLOP/s, bytes/s) of a GEMM of m rows: calibrated per-m rates interpolated in log m, or the
+        profile's single pair."""
         hw = self.hw
         if not hw.gemm_by_m:
             return hw.gemm_flops, hw.gemm_bandwidth
-        ms, fs, bs = (np.array(v, dtype=np.float64) for v in zip(*hw.gemm_by_m))
+        log_m, log_f, log_b = np.log(np.array(hw.gemm_by_m, dtype=np.float64)).T
         x = np.log(np.maximum(np.asarray(m, dtype=np.float64), 1.0))
-        lm = np.log(ms)
-        f = np.exp(np.interp(x, lm, np.log(fs)))
-        b = np.exp(np.interp(x, lm, np.log(bs)))
+        f, b = np.exp(np.interp(x, log_m, log_f)), np.exp(np.interp(x, log_m, log_b))
         return (float(f), float(b)) if np.ndim(x) == 0 else (f, b)
 
     def gemm(self, m, n: int, k: int):
@@ -170,14 +140,13 @@ class CostModel:
         return _if_positive(nbytes, self.hw.kernel_overhead + nbytes / self.hw.gemm_bandwidth)
 
     def layer_misc(self, tokens, tp: int = 1):
-        """Norms, rotary and residual adds (~8 passes over the hidden state) plus the calibrated
-        fixed cost of a layer's small kernels and gaps."""
+        """Norms, rotary and residual adds (~8 passes over the hidden state) + layer_fixed_s."""
         return self.elementwise(8 * self.hidden_bytes(tokens) / max(1, tp)) + self.hw.layer_fixed_s
 
     def _attn_table(self, nbytes):
-        """Decode-attention seconds for `nbytes` from the calibrated table: log-log interpolation,
-        the smallest sample's time below it, the largest sample's rate above it."""
-        b, t = (np.array(v, dtype=np.float64) for v in zip(*self.hw.attn_by_bytes))
+        """Decode-attention seconds for `nbytes` from the calibrated table (log-log interpolation,
+        the largest sample's rate above it)."""
+        b, t = np.array(self.hw.attn_by_bytes, dtype=np.float64).T
         x = np.maximum(np.asarray(nbytes, dtype=np.float64), 1.0)
         inside = np.exp(np.interp(np.log(x), np.log(b), np.log(t)))
         out = np.where(x > b[-1], t[-1] * x / b[-1], inside)
@@ -241,9 +210,8 @@ class CostModel:
         return host.serial(n_seqs, kv_tokens)
 
     def finish_step(self, device_s, n_seqs=0.0, kv_tokens=0.0, graphs: bool = False, layers: int | None = None):
-        """Wall seconds of a step whose layers and LM head take `device_s` (may be an array): the
-        fixed step cost, then the host's serial work and the launches of `layers` layers (one
-        graph launch inside step_s when `graphs` and the engine uses CUDA graphs)."""
+        """Wall seconds of a step whose layers and LM head take `device_s`: plus the fixed step
+        cost, the host's serial work and the launches of `layers` layers (or one graph replay)."""
         t = device_s + self.step_overhead()
         host = self.hw.host
         if host is None or not self.include_host:

@@ -66,10 +66,10 @@ def test_model_resolution(tmp_path):
     with pytest.raises(SimInputError, match="unknown model"):
         load_model_config("no-such-model")
     (tmp_path / "bad.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(SimInputError, match="not supported"):
+    with pytest.raises(SimInputError, match="unsupported architecture"):
         load_model_config(str(tmp_path / "bad.json"))
     (tmp_path / "short.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(SimInputError, match="missing field"):
+    with pytest.raises(SimInputError, match="missing hidden_size"):
         load_model_config(str(tmp_path / "short.json"))
 
 
