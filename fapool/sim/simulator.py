@@ -1,6 +1,5 @@
-"""Discrete-event simulator of a cluster serving a request stream: events are whole batch steps of
-one instance (FCFS admission while KV fits, token budget, preemption by recompute); docs/simulator.md.
-Deterministic: the workload's seed is the only randomness; ties between events go by a sequence number.
+"""Discrete-event simulator of a cluster serving a request stream: events are whole batch steps of one
+instance (FCFS admission while KV fits, token budget, preemption by recompute); docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ class _Requests:
 
 
 class _Instance:
-    def __init__(self, idx: int, strategy: Strategy, cost: CostModel, config: SimConfig):
+    def __init__(self, idx: int, strategy: Strategy, cost: CostModel):
         self.idx = idx
         self.num_groups = strategy.num_groups()
         spg = strategy.slots_per_group()
@@ -97,9 +96,6 @@ class _Instance:
         self.timeline: list[tuple[float, int, float, float]] = []
         self.stride = 1
 
-    def outstanding(self) -> int:
-        return int((self.req >= 0).sum()) + len(self.waiting)
-
 
 class Simulator:
     def __init__(self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None):
@@ -110,12 +106,14 @@ class Simulator:
         self.config = config or SimConfig()
 
     def run(self) -> SimResult:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         cfg = self.config
         first = self.workload.initial()
         if len(first) == 0:
             raise SimInputError("workload has no requests")
         self.reqs = _Requests(first)
-        self.insts = [_Instance(i, self.strategy, self.cost, cfg) for i in range(self.strategy.replicas)]
+        self.insts = [_Instance(i, self.strategy, self.cost) for i in range(self.strategy.replicas)]
         self.client_inst: dict[int, int] = {}
         self.events: list[tuple[float, int, int]] = []
         self.seq = 0
@@ -123,47 +121,50 @@ class Simulator:
         self._finished_count = 0
         self.now = 0.0
         order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
-        self.arrivals = arrivals = deque(int(i) for i in order)
+        self.arrivals = deque(int(i) for i in order)
         total = int(getattr(self.workload, "num_requests", self.reqs.n))
-        progress = _Progress(total, cfg.progress, self.strategy.describe())
-        done_before = 0
-        while True:
-            t_arr = self.reqs.arrival[arrivals[0]] if arrivals else math.inf
-            t_evt = self.events[0][0] if self.events else math.inf
-            t = min(t_arr, t_evt)
-            if math.isinf(t) or t > cfg.max_sim_time:
-                break
-            self.now = t
-            if t_arr <= t_evt:
-                # Take every request arriving at this instant before any idle instance starts
-                # a step, so a burst forms one batch rather than a batch of one.
-                touched = []
-                while arrivals and self.reqs.arrival[arrivals[0]] <= t:
-                    rid = arrivals.popleft()
-                    inst = self._route(rid)
-                    inst.waiting.append(rid)
-                    touched.append(inst)
-                for inst in touched:
-                    if not inst.busy:
-                        self._start_step(inst)
-            else:
-                _, _, idx = heapq.heappop(self.events)
-                inst = self.insts[idx]
-                self._finish_step(inst)
-                self._start_step(inst)
-            done = self._finished_count
-            if done - done_before >= 64:
-                progress.update(done)
-                done_before = done
-        progress.close(self._finished_count)
-        end = min(self.now, cfg.max_sim_time) if not math.isinf(cfg.max_sim_time) else self.now
-        return build_result(self, end)
+        cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*cols, transient=True, disable=not cfg.progress) as bar:
+            task = bar.add_task(self.strategy.describe()[:60], total=total)
+            shown = 0
+            while self._next_event():
+                if self._finished_count - shown >= 64:
+                    shown = self._finished_count
+                    bar.update(task, completed=shown)
+        return build_result(self, min(self.now, cfg.max_sim_time))
+
+    def _next_event(self) -> bool:
+        """Advance the clock to the next arrival or step end and handle it; False when none is left."""
+        arrivals = self.arrivals
+        t_arr = self.reqs.arrival[arrivals[0]] if arrivals else math.inf
+        t_evt = self.events[0][0] if self.events else math.inf
+        t = min(t_arr, t_evt)
+        if math.isinf(t) or t > self.config.max_sim_time:
+            return False
+        self.now = t
+        if t_arr <= t_evt:
+            # Take every request arriving at this instant before any idle instance starts
+            # a step, so a burst forms one batch rather than a batch of one.
+            touched = []
+            while arrivals and self.reqs.arrival[arrivals[0]] <= t:
+                rid = arrivals.popleft()
+                inst = self._route(rid)
+                inst.waiting.append(rid)
+                touched.append(inst)
+            for inst in touched:
+                if not inst.busy:
+                    self._start_step(inst)
+        else:
+            inst = self.insts[heapq.heappop(self.events)[2]]
+            self._finish_step(inst)
+            self._start_step(inst)
+        return True
 
     def _route(self, rid: int) -> _Instance:
         client = int(self.reqs.client[rid])
         if client >= 0 and client in self.client_inst:
             return self.insts[self.client_inst[client]]
-        inst = min(self.insts, key=lambda x: (x.outstanding(), x.idx))
+        inst = min(self.insts, key=lambda x: (int((x.req >= 0).sum()) + len(x.waiting), x.idx))
         if client >= 0:
             self.client_inst[client] = inst.idx
         return inst
@@ -230,7 +231,11 @@ class Simulator:
             if not held.any():
                 held = inst.req >= 0
             victims = np.flatnonzero(held)
-            self._preempt(inst, int(victims[np.argmax(inst.order[victims])]))
+            slot = int(victims[np.argmax(inst.order[victims])])  # the youngest, recomputed later
+            rid = int(inst.req[slot])
+            self.reqs.preemptions[rid] += 1
+            self._free(inst, slot)
+            inst.waiting.appendleft(rid)
         batch = StepBatch(inst.ctx.copy(), new, inst.group)
         sc = self.strategy.step_cost(self.cost, batch, inst.ledger)
         if not sc.duration > 0 or not math.isfinite(sc.duration):
@@ -280,12 +285,6 @@ class Simulator:
             k = min(k, int((horizon - self.now) / step))
         return max(1, k)
 
-    def _preempt(self, inst: _Instance, slot: int) -> None:
-        rid = int(inst.req[slot])
-        self.reqs.preemptions[rid] += 1
-        self._free(inst, slot)
-        inst.waiting.appendleft(rid)
-
     def _free(self, inst: _Instance, slot: int) -> None:
         inst.ledger.free(slot)
         inst.req[slot] = -1
@@ -328,29 +327,6 @@ class Simulator:
                 if nxt is not None:
                     new_rid = r.append(now, nxt[0], nxt[1], client)
                     inst.waiting.append(new_rid)
-
-
-class _Progress:
-    """A rich progress bar over finished requests (no-op when disabled)."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            self.bar = Progress(*cols, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(label[:60], total=total)
-
-    def update(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done)
-
-    def close(self, done: int) -> None:
-        self.update(done)
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def simulate(strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None) -> SimResult:
