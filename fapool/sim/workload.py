@@ -1,13 +1,13 @@
 """Request streams for the simulator: Poisson arrivals, an Azure trace, or a closed loop of clients.
 
-Length distributions are spec strings: "4096", "fixed:4096", "uniform:512,16384", "lognormal:2048,1.0"
-(median, log-sd), "exp:256", "choice:512,2048,8192". Azure LLM inference trace CSVs have columns
-TIMESTAMP (seconds or a datetime), ContextTokens, GeneratedTokens (0 counts as one token).
+Length specs: "4096", "fixed:4096", "uniform:512,16384", "lognormal:2048,1.0" (median, log-sd), "exp:256",
+"choice:512,2048,8192". Azure trace CSVs: TIMESTAMP (seconds or a datetime), ContextTokens, GeneratedTokens.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -97,46 +97,23 @@ class RequestBatch:
         return len(self.arrival)
 
 
-@dataclass(frozen=True)
-class Trace:
-    arrival: np.ndarray  # float64 seconds from the first request, non-decreasing
-    prompt_len: np.ndarray  # int64
-    output_len: np.ndarray  # int64, >= 1
-
-    def __len__(self) -> int:
-        return len(self.arrival)
-
-
-def _parse_time(text: str) -> float:
-    text = text.strip()
+def _seconds(text: str) -> float:
+    """A TIMESTAMP: seconds, or a datetime (the Azure traces' form)."""
     try:
         return float(text)
     except ValueError:
-        pass
-    if "." in text:  # trim fractional seconds to the microseconds datetime accepts
-        head, frac = text.rsplit(".", 1)
-        digits = "".join(ch for ch in frac if ch.isdigit())
-        text = f"{head}.{digits[:6]}" + frac[len(digits) :]
-    try:
         return datetime.fromisoformat(text).timestamp()
-    except ValueError as exc:
-        raise ValueError(f"TIMESTAMP {text!r} is neither seconds nor a datetime") from exc
 
 
-def load_azure_trace(path: str | Path, limit: int | None = None) -> Trace:
-    """The first `limit` rows of a trace CSV, arrivals relative to the first and sorted."""
+def load_azure_trace(path: str | Path, limit: int | None = None) -> RequestBatch:
+    """The first `limit` rows of a trace CSV as open-loop requests, sorted, arrivals from the first."""
     path = Path(path)
     if not path.is_file():
         raise SimInputError(f"trace file not found: {path}")
-    times: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
+    rows: list[tuple[float, int, int]] = []
     with path.open(newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise SimInputError(f"{path}: empty trace")
-        names = [h.strip() for h in header]
+        names = [h.strip() for h in next(reader, [])]
         missing = [c for c in TRACE_COLUMNS if c not in names]
         if missing:
             raise SimInputError(
@@ -144,37 +121,25 @@ def load_azure_trace(path: str | Path, limit: int | None = None) -> Trace:
             )
         idx = [names.index(c) for c in TRACE_COLUMNS]
         for lineno, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
+            if not any(cell.strip() for cell in row):
                 continue
-            if limit is not None and len(times) >= limit:
+            if limit is not None and len(rows) >= limit:
                 break
             try:
                 if len(row) < len(names):
                     raise ValueError(f"{len(row)} fields, header has {len(names)}")
-                t = _parse_time(row[idx[0]])
-                p, g = int(row[idx[1]].strip()), int(row[idx[2]].strip())
+                p, g = int(row[idx[1]]), int(row[idx[2]])
                 if p < 1 or g < 0:
                     raise ValueError(f"ContextTokens must be >= 1 and GeneratedTokens >= 0, got {p}, {g}")
+                rows.append((_seconds(row[idx[0]].strip()), p, max(1, g)))
             except ValueError as exc:
                 raise SimInputError(f"{path}:{lineno}: malformed trace row {row!r}: {exc}") from exc
-            times.append(t)
-            prompts.append(p)
-            outputs.append(max(1, g))
-    if not times:
+    if not rows:
         raise SimInputError(f"{path}: no requests in trace")
-    arrival = np.asarray(times, dtype=np.float64)
-    order = np.argsort(arrival, kind="stable")
-    arrival = arrival[order] - arrival[order][0]
-    return Trace(arrival, np.asarray(prompts, np.int64)[order], np.asarray(outputs, np.int64)[order])
-
-
-def write_azure_trace(path: str | Path, arrival, prompt_len, output_len) -> None:
-    """Write a trace in the same format (seconds timestamps); used by tests and examples."""
-    with Path(path).open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(TRACE_COLUMNS)
-        for t, p, g in zip(arrival, prompt_len, output_len, strict=True):
-            w.writerow([f"{float(t):.6f}", int(p), int(g)])
+    rows.sort(key=lambda r: r[0])  # stable: equal times keep the file's order
+    arrival, prompt, output = (np.array(col) for col in zip(*rows))
+    n = len(rows)
+    return RequestBatch(arrival - arrival[0], prompt, output, np.zeros(n, np.int64), np.full(n, -1))
 
 
 class Workload(ABC):
@@ -222,14 +187,12 @@ class PoissonWorkload(Workload):
 
 @dataclass
 class TraceWorkload(Workload):
-    trace: Trace
+    trace: RequestBatch  # load_azure_trace's
     speedup: float = 1.0  # arrivals come this many times faster than recorded
     name: str = "trace"
 
     def initial(self) -> RequestBatch:
-        n, t = len(self.trace), self.trace
-        return RequestBatch(t.arrival / self.speedup, t.prompt_len.copy(), t.output_len.copy(),
-                            np.zeros(n, np.int64), np.full(n, -1))
+        return dataclasses.replace(self.trace, arrival=self.trace.arrival / self.speedup)
 
     def describe(self) -> str:
         span = float(self.trace.arrival[-1]) / self.speedup

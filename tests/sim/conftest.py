@@ -1,3 +1,5 @@
+import csv
+
 import pytest
 
 from fapool.sim.cost_model import CostModel, load_model_config
@@ -13,3 +15,17 @@ def h100_cost() -> CostModel:
 def gqa_cost() -> CostModel:
     """seed000 with 8 KV heads (GQA): a second model shape for the AFD checks."""
     return CostModel(load_model_config("seed000").replace(num_key_value_heads=8), get_hardware("h100"))
+
+
+@pytest.fixture(scope="session")
+def write_trace():
+    """Writes an Azure-format trace CSV (TIMESTAMP in seconds, ContextTokens, GeneratedTokens)."""
+
+    def write(path, arrival, prompt_len, output_len) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(("TIMESTAMP", "ContextTokens", "GeneratedTokens"))
+            for t, p, g in zip(arrival, prompt_len, output_len, strict=True):
+                w.writerow([f"{float(t):.6f}", int(p), int(g)])
+
+    return write

@@ -6,7 +6,6 @@ from fapool.sim.calibrate import apply_calibration, calibrate, fit_roofline, loa
 from fapool.sim.cli import main
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware
-from fapool.sim.workload import write_azure_trace
 
 TINY = {
     "gemm_m": [1, 32],
@@ -53,9 +52,9 @@ def test_simulate_all_strategies_writes_json_and_plots(tmp_path, capsys):
     assert len(pngs) == 5 and "sim_latency_cdf.png" in pngs
 
 
-def test_simulate_from_a_trace(tmp_path, capsys):
+def test_simulate_from_a_trace(tmp_path, capsys, write_trace):
     trace = tmp_path / "t.csv"
-    write_azure_trace(trace, [0.0, 0.1, 0.5, 0.7], [100, 3000, 500, 9000], [20, 5, 40, 8])
+    write_trace(trace, [0.0, 0.1, 0.5, 0.7], [100, 3000, 500, 9000], [20, 5, 40, 8])
     assert (
         main(
             [
@@ -178,13 +177,13 @@ def test_calibrate_cli(tmp_path, capsys):
     assert main(["plan", "--calibration", str(bad)]) == 2
 
 
-def test_plan_from_a_trace(tmp_path, capsys):
+def test_plan_from_a_trace(tmp_path, capsys, write_trace):
     import numpy as np
 
     rng = np.random.default_rng(0)
     n = 300
     trace = tmp_path / "azure.csv"
-    write_azure_trace(trace, np.sort(rng.random(n) * 60), rng.integers(200, 4000, n), rng.integers(5, 300, n))
+    write_trace(trace, np.sort(rng.random(n) * 60), rng.integers(200, 4000, n), rng.integers(5, 300, n))
     assert (
         main(["plan", "--trace", str(trace), "--tpot-slo", "40", "--max-gpus", "12", "--verify-steps", "30"])
         == 0

@@ -10,7 +10,6 @@ from fapool.sim.workload import (
     PoissonWorkload,
     TraceWorkload,
     load_azure_trace,
-    write_azure_trace,
 )
 
 
@@ -48,9 +47,9 @@ def test_closed_loop_stationary_start_is_length_biased():
     assert wl.replenish(0, 1.0) is None  # num_requests already sent
 
 
-def test_trace_round_trip_and_datetimes(tmp_path):
+def test_trace_round_trip_and_datetimes(tmp_path, write_trace):
     path = tmp_path / "t.csv"
-    write_azure_trace(path, [5.0, 1.0, 3.5], [100, 200, 300], [10, 0, 30])
+    write_trace(path, [5.0, 1.0, 3.5], [100, 200, 300], [10, 0, 30])
     tr = load_azure_trace(path)
     np.testing.assert_allclose(tr.arrival, [0.0, 2.5, 4.0])
     np.testing.assert_array_equal(tr.prompt_len, [200, 300, 100])
