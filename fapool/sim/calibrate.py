@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads
+from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads, get_hardware
 
 SCHEMA = 3  # the one schema read; older files in benchmarks/results were converted once
 REQUIRED = ("gemm", "attention", "engine", "pool", "cpu_cores")  # engine / pool may be null
@@ -56,43 +57,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _timer(device):
+def _run(fn, reps: int, device) -> float:
+    """Seconds per call of `reps` back-to-back calls (CUDA events on a GPU)."""
     import torch
 
-    def run(fn, reps):
-        if device.type != "cuda":
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return (time.perf_counter() - t) / reps
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    if device.type != "cuda":
+        t = time.perf_counter()
         for _ in range(reps):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-
-    return run
+        return (time.perf_counter() - t) / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
 
 
 def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
     """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: the 20th percentile of
     single calls (on a shared machine noise only ever adds time)."""
-    run = _timer(device)
     fn()
     fn()  # warm-up: allocation, kernel selection
-    once = max(run(fn, 1), 1e-7)
+    once = max(_run(fn, 1, device), 1e-7)
     reps = int(min(max_reps, max(5, min_time / once)))
     if device.type == "cuda":
-        return float(min(run(fn, max(1, reps // 3)) for _ in range(3)))
-    return float(np.percentile([run(fn, 1) for _ in range(reps)], 20))
+        return float(min(_run(fn, max(1, reps // 3), device) for _ in range(3)))
+    return float(np.percentile([_run(fn, 1, device) for _ in range(reps)], 20))
 
 
 def time_graph(fn, device, target_s: float = 2e-4) -> float:
-    """Seconds per call of `fn` replayed in a CUDA graph (median of 10 replays, enough copies in
-    one graph to last ~`target_s`), so host launch cost does not hide in the device time;
-    `time_op` on a CPU or for a call that cannot be captured."""
+    """Seconds per call of `fn` replayed in a CUDA graph of ~`target_s` (no host launch cost in the
+    device time); `time_op` on a CPU or for a call that cannot be captured."""
     import torch
 
     if device.type != "cuda":
@@ -123,9 +120,8 @@ def time_graph(fn, device, target_s: float = 2e-4) -> float:
 
 
 def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
-    """Fit time = o + max(flops / F, bytes / B): overhead_s, flops_per_s, bytes_per_s,
-    mean_abs_log_err. F and B range over the rates each sample implies; o over `overheads`
-    (default: 24 values from 0 to 95% of the fastest sample)."""
+    """Fit time = o + max(flops / F, bytes / B) by search: F and B over the rates each sample implies,
+    o over `overheads` (default: 24 values from 0 to 95% of the fastest sample)."""
     f, b, t = (np.asarray(x, dtype=np.float64) for x in (flops, nbytes, seconds))
     best = None
     if overheads is None:
@@ -149,8 +145,7 @@ def _fit_samples(samples: list[dict], overheads=None) -> dict:
 
 
 def fit_gemm_by_m(samples: list[dict], overhead: float) -> list[dict]:
-    """Per token count m, the GEMM's own (F, B) at the global fit's overhead: small-m GEMMs reach
-    lower rates (on a CPU the GEMV at m = 1 is far faster than packed GEMMs at m = 2..32)."""
+    """Per token count m, the GEMM's own (F, B) at the global fit's overhead (small m reach other rates)."""
     out = []
     for m in sorted({s["m"] for s in samples}):
         fit = _fit_samples([s for s in samples if s["m"] == m], [overhead])
@@ -214,8 +209,8 @@ def _gemm_samples(device, dtype, grid) -> list[dict]:
 
 
 def _paged_decode_call(backend, device, dtype, bsz: int, h: int, ctx: int, hd: int, block_size: int = 16):
-    """A closure running the engine backend's decode attention: `bsz` sequences of `ctx`
-    cached tokens (+ the new one) in a paged cache whose blocks are shuffled, as in use."""
+    """A closure running the engine backend's decode attention over `bsz` x (`ctx` + 1) tokens in a
+    paged cache whose blocks are shuffled, as in use."""
     import torch
 
     from fapool.attention.metadata import AttentionMetadata
@@ -271,8 +266,8 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str
 
 
 def _comm_worker(rank: int, port: int, sizes: list[int], queue) -> None:
-    """Time the engine's own exchanges (fapool.worker.comm: this host's transport) between
-    two one-thread ranks: a sum and a one-way message, per size."""
+    """Time the engine's own exchanges (fapool.worker.comm) between two one-thread ranks: a sum and a
+    one-way message, per size."""
     import torch
     import torch.distributed as dist
 
@@ -418,24 +413,32 @@ def calibrate(
         out["comm"] = {"all_reduce": fit_linear(ar_x, [s["s"] for s in ar]),
                        "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p])}
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    if engine:
-        if twin != "tiny":
-            from fapool.sim.engine_calibrate import QUICK_CPU_MODEL, QUICK_GPU
+    if engine:  # the engine decode, priced by the kernel fits alone
+        from fapool.sim.engine_calibrate import QUICK_CPU_MODEL, QUICK_GPU, calibrate_engine
 
+        if twin != "tiny":
             base = engine_grid or (QUICK_GPU if dev.type == "cuda" else QUICK_CPU_MODEL)
             engine_grid = {**base, "twin": twin}
-        add_engine_section(out, model, engine_grid, progress, checkpoint)
+        hw = apply_calibration(get_hardware("h100" if dev.type == "cuda" else "cpu"), out)
+        cost_for = lambda mc: CostModel(mc, hw, include_host=False)  # noqa: E731
+        kind = "cuda" if dev.type == "cuda" else "cpu"
+        run = lambda: calibrate_engine(kind, cost_for, model, engine_grid, progress)  # noqa: E731
+        _add_section(out, "engine", run, progress, checkpoint, "no host model")
         out["seconds"] = round(time.perf_counter() - t0, 3)
     if (not quick if pool is None else pool) and out.get("engine"):
         if dev.type != "cpu":
             out["pool_note"] = "not measured: the pool calibration runs on CPU only"
-        else:
-            add_pool_section(out, model, progress=progress, checkpoint=checkpoint)
+        else:  # the tiny pool engines, priced with zero pool terms and no contention
+            from fapool.sim.engine_calibrate import calibrate_pool
+
+            hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
+            run = lambda: calibrate_pool(lambda mc: CostModel(mc, hw), model, None, progress)  # noqa: E731
+            _add_section(out, "pool", run, progress, checkpoint, "no pool terms")
         out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
 
-def _add_section(cal: dict, key: str, run, progress, checkpoint, lost: str) -> dict:
+def _add_section(cal: dict, key: str, run, progress, checkpoint, lost: str) -> None:
     """cal[key] = run(); `checkpoint(cal)` first, so the earlier parts survive a crash, and an
     exception is recorded as cal[key + "_error"] rather than losing them."""
     if checkpoint:
@@ -447,34 +450,6 @@ def _add_section(cal: dict, key: str, run, progress, checkpoint, lost: str) -> d
         cal[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
         if progress:
             progress(f"warning: the {key} calibration failed ({cal[f'{key}_error']}); {lost}")
-    return cal
-
-
-def add_engine_section(cal: dict, model=None, engine_grid=None, progress=None, checkpoint=None) -> dict:
-    """The engine decode on the calibration's device, priced by the kernel fits alone."""
-    from fapool.sim.cost_model import CostModel
-    from fapool.sim.engine_calibrate import calibrate_engine
-    from fapool.sim.hardware import get_hardware
-
-    device = "cuda" if cal["device_kind"] == "cuda" else "cpu"
-    hw = apply_calibration(get_hardware("cpu" if device == "cpu" else "h100"), {**cal, "engine": None})
-    run = lambda: calibrate_engine(
-        device, lambda mc: CostModel(mc, hw, include_host=False), model, engine_grid, progress
-    )
-    return _add_section(cal, "engine", run, progress, checkpoint, "no host model")
-
-
-def add_pool_section(cal: dict, model=None, grid=None, progress=None, checkpoint=None) -> dict:
-    """The tiny pool engines (CPU), priced by everything calibrated so far with zero pool terms
-    and no contention (one worker: 2 processes)."""
-    from fapool.sim.cost_model import CostModel
-    from fapool.sim.engine_calibrate import calibrate_pool
-    from fapool.sim.hardware import get_hardware
-
-    hw = apply_calibration(get_hardware("cpu"), {**cal, "pool": None})
-    hw = hw.replace(pool=PoolOverheads(), cpu_cores=None)
-    run = lambda: calibrate_pool(lambda mc: CostModel(mc, hw), model, grid, progress)
-    return _add_section(cal, "pool", run, progress, checkpoint, "no pool terms")
 
 
 def write_calibration(cal: dict, path: str | Path) -> None:
