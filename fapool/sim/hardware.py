@@ -1,6 +1,5 @@
-"""Hardware profiles: the *effective* rates the roofline cost model needs (what kernels reach).
-Presets are datasheet peaks times assumed efficiencies (docs/simulator.md); `fapool calibrate` fits them.
-"""
+"""Hardware profiles: the *effective* rates the roofline cost model needs (presets: datasheet peaks
+times assumed efficiencies; `fapool calibrate` fits them)."""
 
 from __future__ import annotations
 
@@ -31,9 +30,8 @@ def _non_negative(obj, what: str) -> None:
 
 @dataclass(frozen=True)
 class HostProfile:
-    """What the engine's host adds to a step beyond the device's work (fitted by `fapool calibrate`;
-    docs/simulator.md): serial work step_s + per_seq_s * seqs + per_kv_token_s * cached tokens, and
-    for eager steps the launches launch_step_s + launch_layer_s * layers, which a GPU overlaps."""
+    """What the engine's host adds to a step beyond the device's work: serial work and eager launches
+    (fitted by `fapool calibrate`)."""
 
     step_s: float = 0.0
     per_seq_s: float = 0.0
@@ -48,20 +46,18 @@ class HostProfile:
         _non_negative(self, "host")
 
     def serial(self, n_seqs, kv_tokens):
-        """Host seconds a step spends outside the device's work (arrays allowed)."""
+        """step_s + per_seq_s * seqs + per_kv_token_s * cached tokens (arrays allowed)."""
         return self.step_s + self.per_seq_s * n_seqs + self.per_kv_token_s * kv_tokens
 
     def launches(self, layers: int) -> float:
-        """Host seconds to launch an eager step of `layers` layers."""
+        """Host seconds to launch an eager step of `layers` layers (a GPU overlaps them)."""
         return self.launch_step_s + self.launch_layer_s * layers
 
 
 @dataclass(frozen=True)
 class PoolOverheads:
-    """Fixed costs of the attention pool's machinery (fitted by `fapool calibrate --pool`; docs/simulator.md):
-    a worker call (one layer of one micro-batch) worker_call_s + worker_per_seq_s * its sequences; the
-    driver a layer driver_mb_s * micro-batches + driver_pool_mb_s * those that use the pool +
-    driver_route_s * (micro-batch, worker) routes, and driver_step_s a step."""
+    """Fixed costs of the attention pool's machinery: a worker call (one layer of one micro-batch), the
+    driver's per-layer and per-step work (fitted by `fapool calibrate --pool`)."""
 
     worker_call_s: float = 0.0
     worker_per_seq_s: float = 0.0
@@ -84,8 +80,7 @@ class PoolOverheads:
 
 
 def contention_stretch(busy_processes: int, cores: int | None) -> float:
-    """Processor sharing: how much longer work takes when `busy_processes` share `cores` cores
-    (1 when the cores are unknown, as for GPUs and presets, or suffice)."""
+    """Processor sharing: how much longer work takes when `busy_processes` share `cores` (None: no limit)."""
     if cores is None or busy_processes <= cores:
         return 1.0
     return busy_processes / cores

@@ -1,6 +1,5 @@
-"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs (wall time,
-each GPU's compute and comm seconds): StaticTPPP, FAPool (seed 000, the engine's pool modes),
-head_parallel (Lamina, seed 004) and AFD (seed 002).
+"""Deployment strategies: how one instance's GPUs split a step's work and what a step costs: StaticTPPP,
+FAPool (seed 000, the engine's pool modes), head_parallel (Lamina, seed 004) and AFD (seed 002).
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ class StepCost:
 
 
 def _attn_terms(b: StepBatch, cap: float | None = None):
-    """(kv_read, qk_pairs, queries) summed over slots; `cap` limits each slot's context (the
-    part held locally under FA Pool)."""
+    """(kv_read, qk_pairs, queries) summed over slots; `cap` limits each slot's context (FA Pool's base)."""
     end = b.ctx + b.new
     mid = b.ctx + (b.new + 1) / 2.0
     if cap is not None:
@@ -117,8 +115,8 @@ class StaticTPPP(Strategy):
         return GroupLedger(self.kv_capacity(cost), 1, group_of_slot)
 
     def timing(self, cost: CostModel, n_seqs: float, tokens: float, kv: float, pairs: float):
-        """(period, per-GPU compute, per-GPU comm, lm head) of one step: pp micro-batches
-        circulate through the stages, so every sequence advances once per period."""
+        """(period, per-GPU compute, per-GPU comm, lm head) of one step; pp micro-batches circulate
+        through the stages."""
         m = cost.model
         n_mb = max(1, min(self.pp, math.ceil(n_seqs)))
         lps = math.ceil(m.num_hidden_layers / self.pp)
@@ -207,15 +205,14 @@ class FAPool(Strategy):
                           self.threshold, self.tokens_per_worker, self.mode, share, max_slot_tokens)
 
     def micro_batches(self, b: StepBatch) -> list[np.ndarray]:
-        """Slot indices of the step's micro-batches: the engine cuts the scheduled batch into
-        contiguous groups of about equal tokens (two with overlap)."""
+        """Slot indices of the step's micro-batches, cut as the engine cuts them (two with overlap)."""
         active = np.flatnonzero(b.active)
         n_mb = max(1, min(2 if self.overlap else 1, len(active)))
         return [g for g in np.array_split(active, n_mb) if len(g)]
 
     def pool_calls(self, b: StepBatch, ledger: PoolLedger) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-        """One layer's pool machinery: per worker the calls (micro-batches with work there) and
-        their sequences, the (micro-batch, worker) routes, micro-batches with a route, micro-batches."""
+        """One layer's pool machinery: per worker the calls and their sequences, the (micro-batch,
+        worker) routes, micro-batches with a route, micro-batches."""
         P = self.pool_size
         mbs = self.micro_batches(b)
         calls, seqs = np.zeros(P), np.zeros(P)
@@ -235,9 +232,8 @@ class FAPool(Strategy):
         return calls, seqs, int(calls.sum()), pool_mbs, len(mbs)
 
     def machinery(self, cost: CostModel, attn_w, calls, seqs, routes: float, pool_mbs: float, n_mb: float):
-        """(worker seconds a layer, driver extra a layer, driver extra a step): the roofline
-        attention `attn_w` per worker plus the calibrated PoolOverheads (if any) and CPU core
-        contention. Shared by the simulator and the planner."""
+        """(worker seconds a layer, driver extra a layer, driver extra a step): roofline attention `attn_w`
+        plus the calibrated PoolOverheads and CPU core contention. Shared with the planner."""
         attn_w = np.asarray(attn_w, dtype=np.float64)
         overheads = cost.hw.pool
         driver_extra = step_extra = 0.0
@@ -320,9 +316,8 @@ class FAPool(Strategy):
 
     def step_time(self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float,
                   merge: float, kv_tokens: float = 0.0, driver_extra: float = 0.0, step_extra: float = 0.0):
-        """(step seconds, base dense compute a layer, base all-reduce a layer) from one layer's
-        local attention, the pool's path (send, attend, return) and merge, the batch's cached
-        tokens (host work) and the pool machinery a layer / a step. Shared with the planner."""
+        """(step seconds, base dense compute a layer, base all-reduce a layer) from one layer's local
+        attention, pool path (send, attend, return) and merge. Shared with the planner."""
         L, tp = cost.model.num_hidden_layers, self.base_tp
         lm = float(cost.lm_head(n_seqs, tp))
         layers = L
@@ -396,9 +391,8 @@ class AFD(Strategy):
         return self.max_batch_per_attn
 
     def attn_capacity(self, cost: CostModel) -> int:
-        return kv_capacity_tokens(
-            cost.hw.kv_budget_bytes - cost.weight_bytes("attn"), cost.kv_bytes_per_token()
-        )
+        free = cost.hw.kv_budget_bytes - cost.weight_bytes("attn")
+        return kv_capacity_tokens(free, cost.kv_bytes_per_token())
 
     def make_ledger(self, cost, num_slots, group_of_slot):
         return GroupLedger(self.attn_capacity(cost), self.r, group_of_slot)
@@ -412,9 +406,8 @@ class AFD(Strategy):
         return compute, net
 
     def ffn_layer(self, cost: CostModel, tokens: float) -> tuple[float, float, float]:
-        """The FFN instance, one layer: (compute, all-reduce, network) seconds. The f_tp GPUs'
-        NICs share the incoming and outgoing activations (each takes 1/f_tp of the tokens and
-        the TP all-reduce inside the node redistributes them)."""
+        """The FFN instance, one layer: (compute, all-reduce, network) seconds; its f_tp NICs share
+        the activations."""
         split = 2 if self.overlap else 1
         compute = split * float(cost.ffn(tokens / split, self.f_tp))
         ar = split * float(cost.allreduce(cost.hidden_bytes(tokens / split), self.f_tp))
@@ -423,8 +416,8 @@ class AFD(Strategy):
 
     def combine(self, cost: CostModel, a_side, a_net, f: tuple[float, float, float], n_seqs: float,
                 kv_tokens: float = 0.0):
-        """Step seconds from one layer's slowest attention GPU (`a_side`: compute, or with overlap
-        max(compute, network); may be an array) and the FFN instance's parts. Shared with afd.py."""
+        """Step seconds from one layer's slowest attention GPU (`a_side`, may be an array) and the FFN
+        instance's parts. Shared with afd.py."""
         f_compute, f_ar, f_net = f
         L = cost.model.num_hidden_layers
         lm = float(cost.lm_head(n_seqs, self.f_tp))
