@@ -429,8 +429,9 @@ def prefill_section(args, bench, rel_err, sdpa, scale) -> dict:
             fn()
             row[f"ours_{name}_rel_err_vs_flash"] = rel_err(out, ref)
             row[f"ours_{name}_TFLOPs"] = flops / bench(fn) / 1e9
-        # What the engine runs on these pages: the backend's dispatch (cuDNN for long chunks).
-        fn = partial(TritonBackend().forward, qt, kc, vc, meta, scale)
+        # What the engine runs on these pages: the backend's dispatch (cuDNN for long chunks),
+        # given the step's new K/V rows as the model passes them.
+        fn = partial(TritonBackend().forward, qt, kc, vc, meta, scale, new_kv=(k_rows[0], v_rows[0]))
         row["ours_backend_rel_err_vs_flash"] = rel_err(fn()[0], ref)
         row["ours_backend_TFLOPs"] = flops / bench(fn) / 1e9
         for name, be in (
@@ -512,9 +513,11 @@ def crossover_section(bench, scale) -> list[dict]:
             table = torch.randperm(nb).tolist()
             meta = AttentionMetadata.build([chunk], [prefix], [n], [table], [-1] * chunk, device=dev)
             flops = 4 * NUM_HEADS * HEAD_DIM * chunk * (prefix + (chunk + 1) / 2)
+            new_kv = tuple(c[table].flatten(0, 1)[prefix:n] for c in (kc, vc))  # as the model passes them
             t_ms = bench(partial(triton_only.forward, q, kc, vc, meta, scale))
-            c_ms = bench(partial(cudnn_always.forward, q, kc, vc, meta, scale))
-            a, b = triton_only.forward(q, kc, vc, meta, scale)[0], cudnn_always.forward(q, kc, vc, meta, scale)[0]
+            c_ms = bench(partial(cudnn_always.forward, q, kc, vc, meta, scale, new_kv=new_kv))
+            a = triton_only.forward(q, kc, vc, meta, scale)[0]
+            b = cudnn_always.forward(q, kc, vc, meta, scale, new_kv=new_kv)[0]
             row = dict(
                 chunk=chunk,
                 prefix=prefix,

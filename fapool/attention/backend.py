@@ -57,8 +57,11 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         scales: KVScales | None = None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal attention of the queries over the paged KV -> (out, lse)."""
+        """Causal attention of the queries over the paged KV -> (out, lse). `new_kv`: this step's
+        (key, value) rows, in query order, as write_kv just stored them; a backend may read them
+        there instead of gathering them back from the pages."""
 
 
 def empty_partial(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

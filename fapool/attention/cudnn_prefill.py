@@ -3,9 +3,9 @@
 
 cuDNN's SDPA is the fastest causal prefill that torch ships for Hopper. Its causal mask is
 aligned top-left, so a chunk over a cached prefix runs as two calls, merged exactly by their
-LSEs: the prefix with no mask, then the chunk's own square with the causal mask. The sequence's
-KV is first gathered from the paged cache into one contiguous run. At the chunk lengths this path
-takes, the gather's bytes are small against the FLOPs.
+LSEs: the prefix with no mask, then the chunk's own square with the causal mask. The chunk's own
+K/V are read where the projection left them; a prefix is gathered from the paged cache into one
+contiguous run. One fresh sequence that is the whole batch gets cuDNN's output as is.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def plan(meta: AttentionMetadata, min_query_len: int, min_pairs: int = 0) -> lis
     ]
 
 
-def _attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [Q, H, D], k / v [L, Hkv, D] -> out [Q, H, D], lse [Q, H] float32 (natural log)."""
     group = q.shape[1] // k.shape[1]
     if group > 1 and not _native_gqa(q.device.index or 0, q.dtype):
@@ -85,7 +85,9 @@ def _native_gqa(device: int, dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     full = kv.repeat_interleave(2, dim=1)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), full.float(), full.float(), is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), full.float(), full.float(), is_causal=True
+    )
     return out.shape == q.shape and torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
@@ -105,8 +107,10 @@ def prefill(
     seqs: list[int],
     out: torch.Tensor,
     lse: torch.Tensor,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Attention of `seqs` (from `plan`) into their rows of out / lse."""
+    """Attention of `seqs` (from `plan`) into their rows of out / lse. With `new_kv` (the step's
+    K/V rows in query order) a chunk's own keys are read there; only a prefix is gathered."""
     starts = [0]
     for n in meta.query_lens_cpu:
         starts.append(starts[-1] + n)
@@ -114,15 +118,19 @@ def prefill(
         q0, q_len, kv_len = starts[s], meta.query_lens_cpu[s], meta.kv_lens_cpu[s]
         prefix = kv_len - q_len
         q = query[q0 : q0 + q_len]
-        k = _gather(k_cache, meta.block_tables[s], kv_len)
-        v = _gather(v_cache, meta.block_tables[s], kv_len)
-        o, l = _attend(q, k[prefix:], v[prefix:], scale, causal=True)
         rows = slice(q0, q0 + q_len)
+        gathered = prefix if new_kv is not None else kv_len
+        k = _gather(k_cache, meta.block_tables[s], gathered) if gathered else None
+        v = _gather(v_cache, meta.block_tables[s], gathered) if gathered else None
+        if new_kv is not None:
+            o, l = attend(q, new_kv[0][rows], new_kv[1][rows], scale, causal=True)
+        else:
+            o, l = attend(q, k[prefix:], v[prefix:], scale, causal=True)
         if not prefix:
             out[rows] = o
             lse[rows] = l
             continue
-        o_pre, l_pre = _attend(q, k[:prefix], v[:prefix], scale, causal=False)
+        o_pre, l_pre = attend(q, k[:prefix], v[:prefix], scale, causal=False)
         if query.is_cuda:
             from fapool.attention.triton_merge import merge_two_into
 

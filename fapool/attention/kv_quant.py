@@ -48,8 +48,8 @@ class _AmaxObserver(AttentionBackend):
         self.v_amax = max(self.v_amax, float(value.abs().max()))
         self.inner.write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta, scale, scales=None):
-        return self.inner.forward(query, k_cache, v_cache, meta, scale, scales)
+    def forward(self, query, k_cache, v_cache, meta, scale, scales=None, new_kv=None):
+        return self.inner.forward(query, k_cache, v_cache, meta, scale, scales, new_kv)
 
 
 def scale_for(amax: float) -> float:

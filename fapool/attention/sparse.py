@@ -181,10 +181,12 @@ class SparseAttentionBackend(AttentionBackend):
 
     # --- attention ---------------------------------------------------------------------
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
+    def forward(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None, new_kv=None
+    ):
         _refuse_scales(scales)
         if self.budget is None or self.kmin is None or not self.gate.active(meta.max_kv_len):
-            return self.dense.forward(query, k_cache, v_cache, meta, scale)
+            return self.dense.forward(query, k_cache, v_cache, meta, scale, new_kv=new_kv)
         if self.triton:
             return self._forward_triton(query, k_cache, v_cache, meta, scale)
         block_size = k_cache.shape[1]
@@ -198,7 +200,9 @@ class SparseAttentionBackend(AttentionBackend):
                 rows.append(s)
                 visible.append(seen)
         # Budgets of all decode rows at once; a row goes sparse if some head skips a block.
-        k_all = budget_blocks_batched(self.budget, torch.tensor(visible, dtype=torch.long), block_size, self.min_blocks)
+        k_all = budget_blocks_batched(
+            self.budget, torch.tensor(visible, dtype=torch.long), block_size, self.min_blocks
+        )
         num_blocks = [-(-v // block_size) for v in visible]
         sparse = [i for i, nb in enumerate(num_blocks) if int(k_all[i].min()) < nb] if rows else []
         seqs = [rows[i] for i in sparse]
@@ -242,7 +246,7 @@ class SparseAttentionBackend(AttentionBackend):
             )
         decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1]
         if not decode:
-            return self.dense.forward(query, k_cache, v_cache, meta, scale)
+            return self.dense.forward(query, k_cache, v_cache, meta, scale, new_kv=new_kv)
         # Mixed batch (eager): the dense backend sees the decode rows without KV (they come out
         # as 0 / -inf), then the sparse results overwrite them.
         device = query.device
@@ -313,14 +317,18 @@ class SparseAttentionBackend(AttentionBackend):
         score = decode_block_scores(q, self.kmin, self.kmax, table)
         width = int(budgets.max())
         blocks = select_block_indices(score, num_blocks, budgets, width)
-        pages, lens = pages_in_range(blocks, n_kv, table, torch.zeros_like(num_blocks), num_blocks, block_size, width)
+        pages, lens = pages_in_range(
+            blocks, n_kv, table, torch.zeros_like(num_blocks), num_blocks, block_size, width
+        )
         out, lse = attend_selected(q, k_cache, v_cache, pages, lens, scale)
         self.sparse_tokens += int(lens.sum()) * (q.shape[1] // k_cache.shape[2])
         self.sparse_dense_tokens += int(n_kv.sum()) * q.shape[1]
         return out, lse
 
 
-def decode_block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def decode_block_scores(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
     """q [B, Hq, D] one query per row, kmin/kmax [num_blocks, Hkv, D], table [B, N] -> [B, Hkv, N]:
     per block the upper bound of q . k from the key min/max, max over each KV head's query heads.
     The torch sparse decode's score (the Triton selection computes the same bound)."""
@@ -330,12 +338,19 @@ def decode_block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     table = table.long()
     lo = kmin[table].float().permute(0, 2, 1, 3)  # [B, H, N, D]
     hi = kmax[table].float().permute(0, 2, 1, 3)
-    bound = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), hi) + torch.einsum("bhgd,bhnd->bhgn", qg.clamp(max=0), lo)
+    bound = torch.einsum("bhgd,bhnd->bhgn", qg.clamp(min=0), hi) + torch.einsum(
+        "bhgd,bhnd->bhgn", qg.clamp(max=0), lo
+    )
     return bound.amax(dim=2)
 
 
 def attend_selected(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pages: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] one query per row over each KV head's own pages [B, Hkv, K] holding lens
     [B, Hkv] visible entries (pages_in_range's layout) -> out [B, Hq, D] f32, lse [B, Hq] f32;

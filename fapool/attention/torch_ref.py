@@ -142,8 +142,13 @@ def _decode_padded(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float,
     v = _gather(v_cache, plan.tables, plan.max_len, sv)
     if plan.cpu:
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qd.float(), k.float().transpose(1, 2), v.float().transpose(1, 2), 0.0, False,
-            attn_mask=plan.flash_mask, scale=scale,
+            qd.float(),
+            k.float().transpose(1, 2),
+            v.float().transpose(1, 2),
+            0.0,
+            False,
+            attn_mask=plan.flash_mask,
+            scale=scale,
         )[:2]
         return o.reshape(n, -1, o.shape[-1]), l.reshape(n, -1)
     o, l = _attend(qd.unsqueeze(1), k, v, plan.mask, scale)
@@ -157,7 +162,9 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scal
     qh = q.float().transpose(0, 1).unsqueeze(0)
     kh = k.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
     vh = v.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qh, kh, vh, 0.0, causal, scale=scale
+    )[:2]
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
@@ -184,7 +191,9 @@ class TorchReferenceBackend(AttentionBackend):
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
+    def forward(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None, new_kv=None
+    ):
         sk, sv = (scales or _UNIT).k, (scales or _UNIT).v
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = k_cache.shape[2]

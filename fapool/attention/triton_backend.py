@@ -54,28 +54,45 @@ class TritonBackend(AttentionBackend):
 
         write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
+    def forward(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None, new_kv=None
+    ):
         from fapool.attention.triton_decode import paged_decode
         from fapool.attention.triton_prefill import paged_prefill
 
         num_tokens, num_heads, _ = query.shape
+        if num_tokens and not meta.is_decode_only:
+            to_cudnn, skip, rest_max = self._cudnn_share(query, k_cache, meta)
+            if to_cudnn and new_kv is not None and meta.num_seqs == 1 and meta.kv_lens_cpu[0] == num_tokens:
+                # One fresh sequence: cuDNN on the new K/V, its output returned as is (no copies).
+                return cudnn_prefill.attend(query, *new_kv, scale, causal=True)
         out = torch.empty_like(query)
         lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)
         if num_tokens == 0:
             return out, lse
         kv = {"k_scale": scales.k, "v_scale": scales.v} if scales else {}
         if meta.is_decode_only:
-            return paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv)
+            return paged_decode(
+                query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv
+            )
         has_decode = any(n == 1 for n in meta.query_lens_cpu)
         if has_decode:
             paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv)
-        to_cudnn, skip, rest_max = self._cudnn_share(query, k_cache, meta)
         if to_cudnn:
-            cudnn_prefill.prefill(query, k_cache, v_cache, meta, scale, to_cudnn, out, lse)
+            cudnn_prefill.prefill(query, k_cache, v_cache, meta, scale, to_cudnn, out, lse, new_kv)
         if rest_max > 1:
             paged_prefill(
-                query, k_cache, v_cache, meta, scale, out, lse,
-                skip_decode=has_decode, skip=skip, max_query_len=rest_max, **kv,
+                query,
+                k_cache,
+                v_cache,
+                meta,
+                scale,
+                out,
+                lse,
+                skip_decode=has_decode,
+                skip=skip,
+                max_query_len=rest_max,
+                **kv,
             )
         return out, lse
 

@@ -86,7 +86,7 @@ class Attention(nn.Module):
         runs: the attention pool overrides it to send long sequences elsewhere."""
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.kv_scales)
-        out, _lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.kv_scales)
+        out, _lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.kv_scales, new_kv=(k, v))
         return out
 
 

@@ -72,8 +72,10 @@ class RecallRecorder(AttentionBackend):
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         self.dense.write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
-    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None):
-        result = self.dense.forward(query, k_cache, v_cache, meta, scale, scales)
+    def forward(
+        self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None, new_kv=None
+    ):
+        result = self.dense.forward(query, k_cache, v_cache, meta, scale, scales, new_kv)
         for s, n_q in enumerate(meta.query_lens_cpu):
             a = int(meta.query_start_loc[s])
             self._record(
@@ -121,7 +123,9 @@ class RecallRecorder(AttentionBackend):
             rank = bound.amax(dim=2)
         order = block_order(rank, visible.to(dev)).repeat_interleave(group, dim=1)  # [S, Hq, nb]
         cum = mass.gather(-1, order).cumsum(-1)  # [S, Hq, nb]
-        k = torch.stack([budget_blocks(self.grid, int(v), self.min_blocks) for v in visible]).to(dev)  # [S, F]
+        k = torch.stack([budget_blocks(self.grid, int(v), self.min_blocks) for v in visible]).to(
+            dev
+        )  # [S, F]
         recall = cum.gather(-1, (k - 1)[:, None, :].expand(-1, num_heads, -1))  # [S, Hq, F]
         # A query at position p decodes at context p + 1: bins are context edges.
         bins = (torch.bucketize(pos + 1, self.edges, right=True) - 1).clamp(min=0)  # [S]
@@ -251,7 +255,8 @@ def calibrate(
     layers = model.model.layers
     dense = [layer.self_attn.backend for layer in layers]
     recorders = [
-        RecallRecorder(TorchReferenceBackend(), grid, min_blocks, min_pos, stride, bins, selector) for _ in layers
+        RecallRecorder(TorchReferenceBackend(), grid, min_blocks, min_pos, stride, bins, selector)
+        for _ in layers
     ]
     for layer, rec in zip(layers, recorders):
         layer.self_attn.backend = rec
@@ -332,7 +337,9 @@ def build_profile(
         kv_by, need_by = [c[0] for c in chosen], [c[1] for c in chosen]
         kv_budget, need = kv_by[0], need_by[0]
         lengths = contexts
-        recall_by = [[[[round(v, 4) for v in curve] for curve in layer] for layer in c.tolist()] for c in by_bin]
+        recall_by = [
+            [[[round(v, 4) for v in curve] for curve in layer] for layer in c.tolist()] for c in by_bin
+        ]
         per_bin = [_adaptive_vs_uniform(c, kv, grid, group) for c, kv in zip(by_bin, kv_by)]
         for key in per_bin[0]:
             info[f"{key}_by_length"] = [b[key] for b in per_bin]
@@ -372,7 +379,9 @@ def plot_profile(profile: SparseProfile, path: str) -> str:
     ui = min(range(len(profile.grid)), key=lambda i: abs(profile.grid[i] - uni))
     need = torch.tensor(profile.head_need)
     ratios = [3, 3, 1.4] + ([3] if profile.lengths else [])
-    fig, axes = plt.subplots(1, len(ratios), figsize=(4.3 * len(ratios), 6), gridspec_kw={"width_ratios": ratios})
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(4.3 * len(ratios), 6), gridspec_kw={"width_ratios": ratios}
+    )
     im0 = axes[0].imshow(recall[..., ui], aspect="auto", cmap="viridis", origin="lower")
     axes[0].set_title(f"attention recall at uniform budget {profile.grid[ui]:.0%}")
     im1 = axes[1].imshow(need, aspect="auto", cmap="magma_r", origin="lower")
@@ -438,10 +447,14 @@ def run_calibration(
     t0 = time.perf_counter()
     bins = bins or length_bins(min_pos, length)
     if bins[0] < min_pos or any(b <= a for a, b in zip(bins, bins[1:])) or bins[-1] >= length:
-        raise ValueError(f"bins must ascend from min_pos {min_pos} and stay below the window length {length}: {bins}")
+        raise ValueError(
+            f"bins must ascend from min_pos {min_pos} and stay below the window length {length}: {bins}"
+        )
     m, tokenizer, src = load_model(model, TorchReferenceBackend(), device)
     windows, plays = token_windows(tokenizer, "calibration", num_windows, length, with_names=True)
-    curves = calibrate(m, windows, block_size, DEFAULT_GRID, min_blocks, min_pos, stride, bins=bins, device=device)
+    curves = calibrate(
+        m, windows, block_size, DEFAULT_GRID, min_blocks, min_pos, stride, bins=bins, device=device
+    )
     info = {
         "corpus": f"{CORPUS_PACKAGE} (Shakespeare), calibration split",
         "plays": plays,

@@ -195,22 +195,30 @@ def _math_cudnn_attention(q, k, v, bias, compute_lse, dropout_p, is_causal, debu
 
 
 @pytest.mark.parametrize("native_gqa", [True, False])
-def test_cudnn_prefill_glue_matches_the_reference(monkeypatch, native_gqa):
+@pytest.mark.parametrize("with_new_kv", [False, True], ids=["gathered", "new_kv"])
+def test_cudnn_prefill_glue_matches_the_reference(monkeypatch, native_gqa, with_new_kv):
     """cudnn_prefill's gather, prefix/chunk split and LSE merge, with cuDNN's op replaced by the
     same math: chunks over a prefix on and off a page boundary, a fresh prompt, and rows of
-    sequences it does not take left as they were."""
+    sequences it does not take left as they were; the chunks' own K/V gathered from the pages
+    or read from the step's new rows."""
     from fapool.attention import cudnn_prefill
 
     monkeypatch.setattr(cudnn_prefill, "_cudnn_sdpa", _math_cudnn_attention)
     monkeypatch.setattr(cudnn_prefill, "_native_gqa", lambda device, dtype: native_gqa)
     specs = [(0, 9), (13, 6), (8, 8), (5, 1), (3, 2)]
-    q, kc, vc, meta, _, _ = _paged_case(specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
+    q, kc, vc, meta, dense, _ = _paged_case(specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
     seqs = cudnn_prefill.plan(meta, 6)
     assert seqs == [0, 1, 2]
     out = torch.full_like(q, 7.0)
     lse = torch.full(q.shape[:2], 7.0)
-    cudnn_prefill.prefill(q, kc, vc, meta, 0.3, seqs, out, lse)
     ref_out, ref_lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.3)
+    new_kv = None
+    if with_new_kv:  # the new rows in query order; their copies in the pages poisoned: unread
+        new_kv = tuple(torch.cat([t[ctx:] for (ctx, _), t in zip(specs, side)]) for side in zip(*dense))
+        slots = meta.slot_mapping[: sum(n for _, n in specs[:3])]
+        for cache in (kc, vc):
+            cache.view(-1, *cache.shape[2:])[slots] = 1e4
+    cudnn_prefill.prefill(q, kc, vc, meta, 0.3, seqs, out, lse, new_kv)
     taken = sum(n for _, n in specs[:3])
     torch.testing.assert_close(out[:taken], ref_out[:taken], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse[:taken], ref_lse[:taken], atol=1e-5, rtol=1e-5)

@@ -216,7 +216,40 @@ def test_cudnn_prefill_in_a_mixed_batch_matches_reference(min_query_len, heads):
     assert cudnn_prefill.usable(q, kc), "torch's CUDA builds ship cuDNN 9: the path must be live here"
     taken = cudnn_prefill.plan(meta, min_query_len)
     assert taken == [s for s, (_, n) in enumerate(specs) if n >= min_query_len]
-    out, lse = TritonBackend(cudnn_min_query_len=min_query_len, cudnn_min_pairs=0).forward(q, kc, vc, meta, 0.1)
+    backend = TritonBackend(cudnn_min_query_len=min_query_len, cudnn_min_pairs=0)
+    out, lse = backend.forward(q, kc, vc, meta, 0.1)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, BF16)
+    # The step's new K/V rows passed along (as the model does); their page copies poisoned.
+    new_kv, poisoned = _new_rows_and_poisoned_pages(kc, vc, meta)
+    out, lse = backend.forward(q, *poisoned, meta, 0.1, new_kv=new_kv)
+    taken_rows = torch.cat(
+        [torch.arange(meta.query_start_loc[s], meta.query_start_loc[s + 1]) for s in taken]
+    )
+    ref_out, ref_lse = backend.forward(q, kc, vc, meta, 0.1)
+    torch.testing.assert_close(out[taken_rows].float(), ref_out[taken_rows].float(), **TOL[BF16])
+    torch.testing.assert_close(lse[taken_rows], ref_lse[taken_rows], atol=1e-3, rtol=1e-3)
+
+
+def _new_rows_and_poisoned_pages(kc, vc, meta):
+    """(this step's K/V rows in query order, copies of the caches with those slots poisoned)."""
+    slots = meta.slot_mapping.long()
+    new_kv = tuple(c.view(-1, *c.shape[2:])[slots].clone() for c in (kc, vc))
+    poisoned = tuple(c.clone() for c in (kc, vc))
+    for c in poisoned:
+        c.view(-1, *c.shape[2:])[slots] = POISON
+    return new_kv, poisoned
+
+
+@needs_gpu
+def test_cudnn_fresh_prompt_alone_reads_the_new_rows():
+    """A batch of one fresh long prompt: cuDNN on the new K/V, its output handed back as is."""
+    from fapool.attention.triton_backend import TritonBackend
+
+    q, kc, vc, meta = _paged_case([(0, 2048)], 32, 8, 128, 16, BF16, seed=3)
+    new_kv, poisoned = _new_rows_and_poisoned_pages(kc, vc, meta)
+    out, lse = TritonBackend(cudnn_min_query_len=512, cudnn_min_pairs=0).forward(
+        q, *poisoned, meta, 0.1, new_kv=new_kv
+    )
     _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, BF16)
 
 
@@ -324,10 +357,14 @@ def test_fp8_cache_matches_reference_over_its_values(block_size, heads):
     scales = KVScales(k=0.011, v=0.007)
     scale = head_dim**-0.5
     for specs in (mixed, decode):
-        q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, BF16, seed=block_size)
+        q, kc, vc, meta = _paged_case(
+            specs, num_heads, num_kv_heads, head_dim, block_size, BF16, seed=block_size
+        )
         k8, v8 = quantize(kc, scales.k, FP8_DTYPE), quantize(vc, scales.v, FP8_DTYPE)
         out, lse = TritonBackend().forward(q, k8, v8, meta, scale, scales)
-        _assert_matches_reference(out, lse, q, k8.float() * scales.k, v8.float() * scales.v, meta, scale, BF16)
+        _assert_matches_reference(
+            out, lse, q, k8.float() * scales.k, v8.float() * scales.v, meta, scale, BF16
+        )
 
 
 @needs_gpu
@@ -344,7 +381,10 @@ def test_write_kv_fp8_matches_torch(block_size):
     value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, BF16)
     key[0, 0, :4] = torch.tensor([1e4, -1e4, 0.0, 1e-6])  # saturated both ways, zero, tiny
     scales = KVScales(k=0.05, v=0.01)
-    caches = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=FP8_DTYPE, device=DEVICE) for _ in "kv"]
+    caches = [
+        torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=FP8_DTYPE, device=DEVICE)
+        for _ in "kv"
+    ]
     expect = [c.clone() for c in caches]
     TritonBackend().write_kv(caches[0], caches[1], key, value, slots, scales)
     write_kv_torch(expect[0], expect[1], key, value, slots, scales)
