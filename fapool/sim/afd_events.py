@@ -1,5 +1,5 @@
 """A layer-level event simulation of an rA-1F bundle (seed 002) that shares no step formula with the
-closed form (afd.py): each slot its own request stream, each task scheduled (docs/afd_ratio.md). Decode only.
+closed form in afd.py (docs/afd_ratio.md). Decode only.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class BundleRun:
 
 
 class _Slots:
-    """Per-slot request trajectories: slot s draws from stream (seed, s) in every run, so runs
-    with more GPUs share the first GPUs' requests (common random numbers across r)."""
+    """Per-slot request trajectories; slot s draws from stream (seed, s) in every run (common random
+    numbers across r)."""
 
     def __init__(self, n: int, prompt: LengthDist, output: LengthDist, seed: int):
         self.prompt_dist, self.output_dist = prompt, output
@@ -51,8 +51,7 @@ class _Slots:
 
 
 def _fifo_done(ready: np.ndarray, service: np.ndarray, free: float) -> float:
-    """When a FIFO server, free from `free`, finishes jobs ready at `ready` taking `service`:
-    the latest of (a job's ready time + the service of it and every job after it)."""
+    """When a FIFO server, free from `free`, finishes jobs ready at `ready` taking `service`."""
     order = np.argsort(ready, kind="stable")
     tail = np.cumsum(service[order][::-1])[::-1]
     return float(max(free + tail[0], float((ready[order] + tail).max())))
@@ -113,9 +112,8 @@ def simulate_bundle(cost: CostModel, prompt: LengthDist, output: LengthDist, r: 
 def regret_sweep(cost: CostModel, prompt: LengthDist, output: LengthDist, b: int, f_tp: int = 1,
                  overlap: bool = True, steps: int = 1000, span: float = 0.3, max_points: int = 9,
                  seed: int = 0) -> dict:
-    """The closed form's r* against this simulation's best r: simulate r over
-    [r*(1 - span), r*(1 + span)] (at most `max_points` integers, always r* - 1, r*, r* + 1;
-    widened while the best sits on an edge) and report the throughput lost at r*."""
+    """The closed form's r* against this simulation's best r over about r*(1 +- span) (widened while the
+    best sits on an edge): the throughput lost at r*."""
     from fapool.sim.afd import AFDModel, length_moments
 
     plan = AFDModel(cost, length_moments(prompt, output, seed), b, f_tp, overlap).optimise()

@@ -1,6 +1,4 @@
-"""CLI for the simulator: `plan`, `simulate`, `calibrate` (`register` adds them to `fapool`'s CLI;
-standalone: `python -m fapool.sim.cli`). Bad input prints one line to stderr and exits with 2.
-"""
+"""CLI for the simulator: `plan`, `simulate`, `calibrate` (`register` adds them to `fapool`'s CLI)."""
 
 from __future__ import annotations
 

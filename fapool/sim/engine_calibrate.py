@@ -1,7 +1,5 @@
-"""The engine parts of `fapool calibrate` (docs/simulator.md): a short decode of the real engine on a
-tiny model (or the target cut to depth) at two or more depths fits what kernel micro-benchmarks cannot
-see (fixed device costs a layer and a step, the host's work a step, GPU launches); with `--pool`, the
-tiny twin with an attention pool (CPU) fits the pool machinery's PoolOverheads.
+"""The engine parts of `fapool calibrate`: a short decode of the real engine at two or more depths fits
+what kernel timings cannot see (fixed device costs, host work, launches; with --pool, PoolOverheads).
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ TWINS = ("tiny", "model")
 
 
 def engine_twin(model: ModelConfig | None, num_layers: int, twin: str = "tiny") -> ModelConfig:
-    """The model the engine calibration runs at `num_layers` layers: tiny_twin, or ("model") the
-    target cut to that depth, whose own widths set a CPU layer's fixed costs."""
+    """The model the engine calibration runs at `num_layers` layers: tiny_twin, or the target cut to depth."""
     if twin not in TWINS:
         raise SimInputError(f"engine twin must be one of {TWINS}, got {twin!r}")
     if twin == "model":
@@ -81,8 +78,8 @@ def typical(times: Sequence[float], cpu: bool) -> float:
 
 
 def start_decode(engine, batch: int, context: int, max_tokens: int, warmup: int) -> tuple[list, list]:
-    """Add `batch` seeded random prompts of `context` tokens and step until each has its first token,
-    then `warmup` more -> (request ids, requests); the caller aborts the ids."""
+    """Add `batch` seeded random prompts of `context` tokens, step past their first tokens and `warmup`
+    more -> (request ids, requests); the caller aborts the ids."""
     import torch
 
     from fapool.sampling_params import SamplingParams
@@ -119,8 +116,7 @@ def _timed(fn, times: list[float], sync=lambda: None):
 
 def measure_decode(engine, batch: int, context: int, steps: int, warmup: int,
                    cpu_percentile: bool = True) -> dict:
-    """Time `steps` decode steps of `batch` prompts of `context` tokens: the typical whole step,
-    execute, input preparation and device seconds, and the batch's mean cached tokens."""
+    """Typical whole-step, execute, prepare and device seconds of `steps` decode steps."""
     import torch
 
     cuda = engine.executor.runner.device.type == "cuda"
@@ -198,8 +194,8 @@ def fit_launch(layers: Sequence[int], forward_s: Sequence[float]) -> dict:
 
 def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], model: ModelConfig | None = None,
                      grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the engine decode and fit the host, fixed-cost and (GPU) launch terms; `cost_for(config)`
-    is a CostModel of the kernel fits alone, which prices the parts the rooflines see."""
+    """Run the engine decode and fit the host, fixed-cost and (GPU) launch terms; `cost_for(config)` is a
+    CostModel of the kernel fits alone."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -299,8 +295,8 @@ DRIVER_TERMS = ("driver_mb_s", "driver_pool_mb_s", "driver_route_s", "driver_ste
 
 
 def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: int) -> dict:
-    """20th percentiles of `steps` decode steps' StepReports on a pool engine: the driver's busy time
-    (dense + local attention), its wait and each worker's attention time, and the mean context."""
+    """20th percentiles of `steps` decode steps' StepReports on a pool engine (driver busy and wait, each
+    worker's attention) and the mean context."""
     ids, reqs = start_decode(engine, batch, context, steps + warmup + 8, warmup)
     try:
         ctx0 = reqs[0].num_computed_tokens
@@ -324,7 +320,7 @@ def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: in
 
 def _modelled(cost, sample: dict):
     """(driver busy, per-worker busy, calls, seqs, routes, pool micro-batches, micro-batches) of a
-    sample priced with zero pool terms and no contention: what the pool terms come on top of."""
+    sample priced with zero pool terms and no contention."""
     from fapool.sim.strategies import FAPool
     from fapool.sim.validate import pool_step_inputs
 
@@ -340,8 +336,7 @@ def _modelled(cost, sample: dict):
 
 
 def fit_pool_terms(samples: list[dict], cost) -> dict:
-    """Fit PoolOverheads' terms to pool samples; `cost` prices the samples' model with zero pool
-    terms and no cpu_cores (its depth replaced by each sample's `layers`)."""
+    """Fit PoolOverheads' terms to pool samples; `cost` has zero pool terms and no cpu_cores."""
     if len(samples) < 3:
         raise SimInputError(f"the pool fit needs at least 3 samples, got {len(samples)}")
     wx, wy, dx, dy = [], [], [], []
@@ -371,8 +366,7 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
 
 def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig | None = None,
                    grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the tiny pool engines on the CPU and fit the pool terms; `cost_for(config)` is the
-    CostModel (calibrated, zero pool terms) that prices the modelled parts."""
+    """Run the tiny pool engines on the CPU and fit the pool terms; `cost_for(config)` prices the rest."""
     grid = grid or QUICK_POOL
     t0 = time.perf_counter()
     max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])

@@ -1,6 +1,5 @@
 """KV bookkeeping: where each slot's cached tokens live (GroupLedger: its attention group; PoolLedger:
-the base below `threshold`, the rest placed by the engine's own PoolManager), and which domain overflows
-when a step's new tokens do not fit (`try_allocate`; the simulator preempts the youngest there).
+the base, then the engine's own PoolManager), and which domain overflows when a step does not fit.
 """
 
 from __future__ import annotations
@@ -137,8 +136,8 @@ class PoolLedger:
         return self.owned[:, domain[1]] > 0
 
     def attend(self, slots: np.ndarray, micro_batch: int = 0) -> np.ndarray:
-        """[len(slots), workers]: the pool tokens each worker attends to for the micro-batch's slots;
-        replicate mode sends position i to holder (micro_batch + i) % workers, as step_plan does."""
+        """[len(slots), workers]: the pool tokens each worker attends to; replicate mode routes position i
+        to holder (micro_batch + i) % workers, as step_plan does."""
         rows = self.owned[slots]
         if self.mode != "replicate" or self.num_workers == 0:
             return rows

@@ -1,6 +1,5 @@
-"""Closed-form planner: size static TP x PP, FA Pool, head-parallel and AFD for a model, hardware,
-workload and TPOT SLO (mean-field steps over the stationary contexts of queueing.py, priced by the
-simulator's step formulas), check each by a short simulation, and say which to deploy.
+"""Closed-form planner: size static TP x PP, FA Pool, head-parallel and AFD for a TPOT SLO (mean-field
+steps priced by the simulator's formulas), check each by a short simulation, and say which to deploy.
 """
 
 from __future__ import annotations
@@ -196,9 +195,8 @@ def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make
 
 def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_per_worker: int, B: int,
                       p_max: int, tolerance: float = 0.02) -> int | None:
-    """The smallest pool whose mean-field step is within `tolerance` of an unbounded pool's:
-    past it the base GPUs (dense work + attention to the first `threshold` tokens) set the
-    pace and more pool GPUs buy nothing (the seed's plateau)."""
+    """The smallest pool whose mean-field step is within `tolerance` of an unbounded pool's (past it the
+    base GPUs set the pace: the seed's plateau)."""
 
     def step(P: int) -> float:
         pool = FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker)

@@ -1,5 +1,5 @@
-"""The probability the closed-form planner rests on: decode contexts as a renewal process and the
-largest of r sums of b slots' contexts (skew-matched gamma); derivation in docs/afd_ratio.md.
+"""Decode contexts as a renewal process and the largest of r sums of b slots' contexts (skew-matched
+gamma), for the closed-form planner; derivation in docs/afd_ratio.md.
 """
 
 from __future__ import annotations
@@ -77,8 +77,7 @@ def _max_weights(r: int) -> np.ndarray:
 
 
 def max_of_sums_distribution(m: ContextMoments, b: int, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values, weights): a discretised distribution of max over r GPUs of S = sum of b slots'
-    X, by the skew-matched (shifted gamma, Wilson-Hilferty) approximation above."""
+    """(values, weights): a discretised distribution of max over r GPUs of the sum of b slots' X."""
     g = m.skew / math.sqrt(b)
     if g > 0.02:
         k = 4.0 / (g * g)

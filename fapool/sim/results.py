@@ -1,6 +1,5 @@
-"""What a simulation run reports: latency percentiles, throughput, per-GPU utilisation,
-communication share, idle time, GPU-seconds and dollars per token; as JSON, a rich table or
-PNG plots (matplotlib, Agg backend)."""
+"""What a simulation run reports (latency, throughput, per-GPU time, cost per token) as JSON, a rich
+table or PNG plots."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ class Simulator:
         order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
         self.arrivals = deque(int(i) for i in order)
         total = int(getattr(self.workload, "num_requests", self.reqs.n))
-        cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        cols = TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
         with Progress(*cols, transient=True, disable=not cfg.progress) as bar:
             task = bar.add_task(self.strategy.describe()[:60], total=total)
             shown = 0

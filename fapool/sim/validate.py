@@ -1,6 +1,4 @@
-"""Simulator vs the real engine: predicted decode step times of measured (batch, context) rows and
-their error table (benchmarks/sim_vs_engine*.py; the target, issue 6: |error| <= 10%).
-"""
+"""Simulator vs the real engine: predicted decode steps and their error tables (benchmarks/sim_vs_engine*)."""
 
 from __future__ import annotations
 
@@ -14,15 +12,14 @@ from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost, Strat
 
 
 def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int = 1) -> float:
-    """Steady-state decode step time of `batch` sequences each with `context` cached tokens
-    (whole step when `cost` has a host model, else device time)."""
+    """Decode step time of `batch` sequences of `context` cached tokens under TP x PP."""
     kv = batch * (context + 1)
     return StaticTPPP(tp=tp, pp=pp).timing(cost, batch, batch, kv, kv)[0]
 
 
 def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) -> StepCost:
-    """One decode step of `batch` sequences of `context` cached tokens under any strategy; the pool's
-    KV is placed as the engine places it, AFD's requests spread evenly over the attention ranks."""
+    """One decode step of `batch` sequences of `context` cached tokens under any strategy (pool KV placed
+    as the engine places it, AFD's requests spread evenly)."""
     if isinstance(strategy, FAPool):
         step, ledger = pool_step_inputs(cost, strategy, batch, context)
         return strategy.step_cost(cost, step, ledger)
@@ -71,8 +68,7 @@ def error_summary(table: list[dict]) -> dict:
 
 
 def checkerboard_split(points: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Indices of (fit, validate) rows: a (batch, context) grid split like a checkerboard, so
-    both halves cover every batch and every context."""
+    """Indices of (fit, validate) rows of a (batch, context) grid split like a checkerboard."""
     batches = sorted({b for b, _ in points})
     contexts = sorted({c for _, c in points})
     fit, val = [], []
