@@ -8,7 +8,8 @@ import gc
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -77,9 +78,10 @@ def typical(times: Sequence[float], cpu: bool) -> float:
     return float(np.percentile(times, 20)) if cpu else float(statistics.median(times))
 
 
-def start_decode(engine, batch: int, context: int, max_tokens: int, warmup: int) -> tuple[list, list]:
-    """Add `batch` seeded random prompts of `context` tokens, step past their first tokens and `warmup`
-    more -> (request ids, requests); the caller aborts the ids."""
+@contextmanager
+def decoding(engine, batch: int, context: int, max_tokens: int, warmup: int) -> Iterator[list]:
+    """`batch` seeded random prompts of `context` tokens stepped past their first tokens and `warmup`
+    more steps; yields the requests, aborted on exit."""
     import torch
 
     from fapool.sampling_params import SamplingParams
@@ -88,17 +90,16 @@ def start_decode(engine, batch: int, context: int, max_tokens: int, warmup: int)
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     prompts = torch.randint(0, engine.config.model.vocab_size, (batch, context), generator=gen).tolist()
     ids = [engine.add_request(p, params) for p in prompts]
-    reqs = [engine.groups[i][0] for i in ids]
     try:
+        reqs = [engine.groups[i][0] for i in ids]
         while any(not r.output_token_ids for r in reqs):
             engine.step()
         for _ in range(warmup):
             engine.step()
-    except BaseException:
+        yield reqs
+    finally:
         for rid in ids:
             engine.abort_request(rid)
-        raise
-    return ids, reqs
 
 
 def _timed(fn, times: list[float], sync=lambda: None):
@@ -114,8 +115,7 @@ def _timed(fn, times: list[float], sync=lambda: None):
     return call
 
 
-def measure_decode(engine, batch: int, context: int, steps: int, warmup: int,
-                   cpu_percentile: bool = True) -> dict:
+def measure_decode(engine, batch: int, context: int, steps: int, warmup: int) -> dict:
     """Typical whole-step, execute, prepare and device seconds of `steps` decode steps."""
     import torch
 
@@ -123,8 +123,7 @@ def measure_decode(engine, batch: int, context: int, steps: int, warmup: int,
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # Early requests decode while later ones are still in prefill: leave room for those tokens.
     prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens) + 1
-    ids, reqs = start_decode(engine, batch, context, prefill_steps + steps + warmup + 4, warmup)
-    try:
+    with decoding(engine, batch, context, prefill_steps + steps + warmup + 4, warmup) as reqs:
         runner = engine.executor.runner
         exec_t: list[float] = []
         prep_t: list[float] = []
@@ -137,9 +136,8 @@ def measure_decode(engine, batch: int, context: int, steps: int, warmup: int,
                 step_t.append(time.perf_counter() - t)
         finally:
             del runner.execute, runner.prepare
-        low = cpu_percentile and not cuda
-        step_s, exec_s = typical(step_t, low), typical(exec_t, low)
-        prep_s = typical(prep_t, low) if prep_t else 0.0
+        step_s, exec_s = typical(step_t, not cuda), typical(exec_t, not cuda)
+        prep_s = typical(prep_t, not cuda) if prep_t else 0.0
         graphs = runner.decode_graphs if runner.use_cuda_graphs else None
         if graphs is not None and graphs.last_key is not None:
             device_s, mode = graphs.time_replay(*graphs.last_key) / 1e3, "graph"
@@ -147,9 +145,6 @@ def measure_decode(engine, batch: int, context: int, steps: int, warmup: int,
             device_s, mode = exec_s - prep_s, "eager"
         if not all(len(r.output_token_ids) > 0 for r in reqs) or any(r.finished for r in reqs):
             raise RuntimeError("a calibration request finished inside the timed window")
-    finally:
-        for rid in ids:
-            engine.abort_request(rid)
     return {"batch": batch, "context": context, "mode": mode, "step_s": step_s, "execute_s": exec_s,
             "prepare_s": prep_s, "device_s": device_s, "step_median_s": float(statistics.median(step_t)),
             "kv_tokens": batch * (context + warmup + 1 + steps / 2)}
@@ -297,17 +292,13 @@ DRIVER_TERMS = ("driver_mb_s", "driver_pool_mb_s", "driver_route_s", "driver_ste
 def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: int) -> dict:
     """20th percentiles of `steps` decode steps' StepReports on a pool engine (driver busy and wait, each
     worker's attention) and the mean context."""
-    ids, reqs = start_decode(engine, batch, context, steps + warmup + 8, warmup)
-    try:
+    with decoding(engine, batch, context, steps + warmup + 8, warmup) as reqs:
         ctx0 = reqs[0].num_computed_tokens
         stats = engine.executor.reports
         stats.clear()
         for _ in range(steps):
             engine.step()
         rows = list(stats)
-    finally:
-        for rid in ids:
-            engine.abort_request(rid)
     p20 = lambda xs: float(np.percentile(xs, 20))  # noqa: E731
     workers = sorted({w for s in rows for w in s.workers})
     worker_s = {str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows])
