@@ -87,17 +87,13 @@ class AFDModel:
         thr = n / (step * (r + self.f_tp))
         return AFDPoint(r, step, thr, self.L * a_mean, self.L * a_max_mean, self._f_total(r))
 
-    def _f_line(self) -> tuple[float, float]:
-        """F_total(r) ~ beta + gamma * r, fitted where the FFN side is compute-bound."""
-        r1 = max(1, 4096 // self.b)
-        r2 = 2 * r1
-        f1, f2 = self._f_total(r1), self._f_total(r2)
-        gamma = (f2 - f1) / (r2 - r1)
-        return f1 - gamma * r1, gamma
-
     def balance_ratio(self) -> float:
-        """r solving L * mean attention layer = F_total(r)."""
-        beta, gamma = self._f_line()
+        """r solving L * mean attention layer = F_total(r) ~ beta + gamma * r (fitted where the FFN side
+        is compute-bound)."""
+        r1 = max(1, 4096 // self.b)
+        f1, f2 = self._f_total(r1), self._f_total(2 * r1)
+        gamma = (f2 - f1) / r1
+        beta = f1 - gamma * r1
         a_mean = self._a_terms(64)[0]  # large bundles: attention GPUs reach the FFN over the NIC
         return max(0.0, (self.L * a_mean - beta) / gamma) if gamma > 0 else math.inf
 

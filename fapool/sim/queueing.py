@@ -86,10 +86,3 @@ def max_of_sums_distribution(m: ContextMoments, b: int, r: int) -> tuple[np.ndar
     else:
         z = _Z
     return b * m.mean + m.sd * math.sqrt(b) * z, _max_weights(r)
-
-
-def expected_max_of_sums(m: ContextMoments, b: int, r: int) -> tuple[float, float]:
-    """(E, SD) of max over r attention GPUs of S = sum of b slots' X."""
-    v, w = max_of_sums_distribution(m, b, r)
-    e = float((v * w).sum())
-    return e, float(math.sqrt(max(((v - e) ** 2 * w).sum(), 0.0)))

@@ -156,7 +156,14 @@ def plot_results(results: list[SimResult], outdir: str | Path, prefix: str = "si
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths.append(outdir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
         for ax, data, name in ((axes[0], r.tpot * 1e3, "TPOT (ms)"), (axes[1], r.ttft, "TTFT (s)")):
@@ -168,11 +175,7 @@ def plot_results(results: list[SimResult], outdir: str | Path, prefix: str = "si
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("simulated latency CDF")
-    fig.tight_layout()
-    p = outdir / f"{prefix}_latency_cdf.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, f"{prefix}_latency_cdf.png")
     for i, r in enumerate(results):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         idx = np.arange(len(r.gpu_labels))
@@ -195,9 +198,5 @@ def plot_results(results: list[SimResult], outdir: str | Path, prefix: str = "si
         axes[1].set_ylabel("running sequences")
         axes[1].set_title("timeline")
         fig.suptitle(f"simulated: {r.strategy}", fontsize=9)
-        fig.tight_layout()
-        p = outdir / f"{prefix}_{i}_{_slug(r.strategy)}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        save(fig, f"{prefix}_{i}_{_slug(r.strategy)}.png")
     return paths

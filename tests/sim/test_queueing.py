@@ -1,11 +1,24 @@
 """The planner's probability, checked against Monte Carlo."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
-from fapool.sim.queueing import ContextMoments, context_moments, expected_max_of_sums, stationary_context_sample
+from fapool.sim.queueing import (
+    ContextMoments,
+    context_moments,
+    max_of_sums_distribution,
+    stationary_context_sample,
+)
+
+
+def expected_max_of_sums(m: ContextMoments, b: int, r: int) -> tuple[float, float]:
+    """(E, SD) of the max over r GPUs of the sum of b slots' X, from the planner's distribution."""
+    v, w = max_of_sums_distribution(m, b, r)
+    e = float((v * w).sum())
+    return e, float(math.sqrt(max(((v - e) ** 2 * w).sum(), 0.0)))
 
 
 def _renewal_monte_carlo(rng, prompt_sampler, output_sampler, steps: int, slots: int) -> np.ndarray:
