@@ -78,7 +78,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import track
 
     from fapool.bench.tpot import copy_bandwidth
-    from fapool.layers.triton_linear import skinny_linear
+    from fapool.layers.triton_linear import pick_config, skinny_linear
 
     dtype = torch.bfloat16
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -105,7 +105,11 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "configs": [],
         }
         sweep = m in ns.sweep_rows
-        configs = list(candidate_configs(n, k, num_sms)) if sweep else [None]
+        configs = list(candidate_configs(n, k, num_sms)) if sweep else [pick_config(m, n, k)]
+        if configs == [None]:  # not swept: the engine's choice, here cuBLAS
+            row.update(choice="cublas", x_cublas=1.0)
+            rows_out.append(row)
+            continue
         for cfg in configs:
             try:
                 t = time_graph(
@@ -161,7 +165,7 @@ def table(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         lines.append(
             f"{r['model']:8} {r['name']:8} {r['m']:3d} {r['n']:6d} {r['k']:6d} {r['cublas_TBps']:11.2f} "
-            f"{r.get('best_TBps', 0):9.2f} {r.get('x_cublas', 0):5.2f}  {r.get('best_config')}"
+            f"{r.get('best_TBps', 0):9.2f} {r.get('x_cublas', 0):5.2f}  {r.get('best_config') or r.get('choice')}"
         )
     return "\n".join(lines)
 

@@ -56,3 +56,24 @@ def test_skinny_linear_refuses_what_it_cannot_take():
         skinny_linear(torch.randn(MAX_ROWS + 1, 128, device=DEVICE, dtype=DTYPE), w)
     with pytest.raises(ValueError, match="skinny_linear wants"):
         skinny_linear(torch.randn(4, 128, device=DEVICE, dtype=DTYPE), w.t().contiguous().t())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and triton")
+def test_fused_linear_takes_the_tuned_kernel_and_matches_cublas():
+    """A linear of a tuned shape takes the Triton kernel for a few rows, cuBLAS for many."""
+    from unittest import mock
+
+    from fapool.layers import fused, triton_linear
+    from fapool.layers.fused import fuse_model
+
+    (_, n, k), _ = next((key, c) for key, c in triton_linear.TUNED.items() if key[0] == 16 and c)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).to("cuda", torch.bfloat16)
+    fuse_model(model)
+    assert isinstance(model[0], fused.FusedLinear)
+    for m, expect_calls in ((8, 1), (triton_linear.MAX_ROWS + 1, 0)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        with mock.patch.object(fused, "skinny_linear", wraps=triton_linear.skinny_linear) as spy:
+            got = model(x)
+        assert spy.call_count == expect_calls, m
+        want = torch.nn.functional.linear(x, model[0].weight)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
