@@ -78,7 +78,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import track
 
     from fapool.bench.tpot import copy_bandwidth
-    from fapool.layers.triton_linear import pick_config, skinny_linear
+    from fapool.layers.triton_linear import pick_config, row_bucket, skinny_linear
 
     dtype = torch.bfloat16
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -131,8 +131,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 x_cublas=cublas_s * 1e6 / best["us"],
             )
             if sweep:
-                bucket = 16 if m <= 16 else 64
-                key = f"{bucket},{n},{k}"
+                key = f"{row_bucket(m)},{n},{k}"
                 if key not in tuned or tuned[key]["x_cublas"] < row["x_cublas"]:
                     tuned[key] = {"config": best["config"], "x_cublas": row["x_cublas"]}
         rows_out.append(row)
@@ -193,7 +192,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"shape sets, of {', '.join(SHAPES)}",
     )
     p.add_argument("--rows", type=_ints, default=[1, 8, 16, 32, 64], help="M values timed")
-    p.add_argument("--sweep-rows", type=_ints, default=[8, 64], help="M values whose settings are swept")
+    p.add_argument("--sweep-rows", type=_ints, default=[8, 32, 64], help="M values whose settings are swept")
     p.add_argument("--calls", type=int, default=20, help="launches per timed graph")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-save", action="store_true")

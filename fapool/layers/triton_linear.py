@@ -109,7 +109,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
 
 
 # (row bucket, N, K) -> the fastest setting of `fapool bench linear` on an H200, or None where
-# cuBLAS was faster. The buckets: M <= 16, and 16 < M <= 64.
+# cuBLAS was faster. The row buckets: M <= 16, 16 < M <= 32, 32 < M <= 64.
 # Settings within 2% of cuBLAS are left out (noise, not a measured win).
 _C = SkinnyConfig
 TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {
@@ -119,20 +119,31 @@ TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {
     (16, 16384, 4096): _C(64, 128, 1, num_warps=4, num_stages=4),
     (16, 4096, 16384): _C(32, 256, 1, num_warps=4, num_stages=5),
     (16, 32000, 4096): _C(128, 128, 1, num_warps=4, num_stages=3),
+    (32, 12288, 4096): _C(64, 128, 1, num_warps=4, num_stages=4),
+    (32, 4096, 4096): _C(64, 256, 1, num_warps=4, num_stages=4),
+    (32, 4096, 16384): _C(64, 128, 2, num_warps=4, num_stages=5),
+    (32, 32000, 4096): _C(128, 128, 1, num_warps=4, num_stages=4),
     (64, 4096, 16384): _C(64, 128, 2, num_warps=4, num_stages=4),
     (64, 32000, 4096): _C(128, 128, 1, num_warps=4, num_stages=4),
     # Llama-3-8B shapes: qkv, down (o as seed 000's), gate_up
     (16, 6144, 4096): _C(64, 256, 1, num_warps=4, num_stages=4),
     (16, 4096, 14336): _C(32, 256, 1, num_warps=4, num_stages=5),
+    (32, 6144, 4096): _C(64, 128, 1, num_warps=4, num_stages=5),
+    (32, 28672, 4096): _C(64, 128, 1, num_warps=4, num_stages=4),
+    (32, 4096, 14336): _C(64, 128, 2, num_warps=4, num_stages=5),
     (64, 28672, 4096): _C(64, 128, 1, num_warps=4, num_stages=3),
     (64, 4096, 14336): _C(64, 128, 2, num_warps=4, num_stages=5),
 }
 
 
+def row_bucket(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
 def pick_config(m: int, n: int, k: int) -> SkinnyConfig | None:
     """The setting for a linear of this shape, None where cuBLAS is the faster choice (shapes the
     table does not list keep cuBLAS: an untuned setting is not a measured choice)."""
-    return TUNED.get((16 if m <= 16 else 64, n, k))
+    return TUNED.get((row_bucket(m), n, k))
 
 
 def skinny_linear(
