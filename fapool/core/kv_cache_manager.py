@@ -165,6 +165,8 @@ class KVCacheManager:
         """Hash blocks that become full once the step's known tokens are written. Writes land
         before any read in the same step (every layer writes K/V before attending), so a
         request admitted in the same step may already share them."""
+        if not self.pool.enable_caching:  # nothing would ever look the hashes up
+            return
         rid = request.request_id
         done = self._num_hashed.get(rid, 0)
         num_full = min(num_tokens, request.num_tokens) // self.block_size

@@ -159,6 +159,16 @@ def test_a_bad_prompt_raises_naming_its_index_and_nothing_runs(llama_folder):
         llm.generate([good], GREEDY, errors="ignore")
 
 
+@pytest.mark.parametrize(
+    "ids", [[5, -1], [5, 256], [5, 2.0], [5, True], [5, "7"]], ids=["negative", "past_vocab", "float", "bool", "str"]
+)
+def test_prompt_token_ids_outside_the_vocabulary_or_not_ints_are_refused(llama_folder, ids):
+    llm = _llm(llama_folder, max_model_len=64)
+    with pytest.raises(RequestError, match=r"ints in \[0, 256\)"):
+        llm.engine.add_request(ids, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_request_that_can_never_fit_is_rejected_at_admission(llama_folder):
     llm = _llm(llama_folder, num_kv_blocks=8)  # 32 tokens in all
     with pytest.raises(RequestError, match="KV blocks"):

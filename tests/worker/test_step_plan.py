@@ -22,6 +22,7 @@ from fapool.worker.step_plan import (
     Route,
     WorkerBatch,
     plan_micro_batch,
+    slots_of,
     split_micro_batches,
 )
 
@@ -336,3 +337,11 @@ def test_the_plan_keeps_its_own_block_lists_while_the_managers_grow():
     seg.holders[0].add([KVBlock(9, 1)])
     assert _local(plan)[3] == [[5, 3]]
     assert plan.routes[1].batch.entries[0].block_ids == [0]
+
+
+@pytest.mark.parametrize("start, end", [(0, 0), (3, 9), (5, 70), (13, 300), (64, 129)])
+def test_slots_of_matches_the_per_position_formula(start, end):
+    """The vectorised slot lookup (long runs) and the loop (short ones) agree with the definition."""
+    blocks = random.Random(start).sample(range(1000), -(-end // BS) + 1)
+    want = [blocks[p // BS] * BS + p % BS for p in range(start, end)]
+    assert slots_of(blocks, start, end, BS) == want
