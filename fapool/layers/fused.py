@@ -1,5 +1,7 @@
-"""Fused GPU kernels for the small ops around the matmuls: RMSNorm, rotary embedding, and
-activation-times-up. Each replaces a chain of 5 to 10 elementwise torch kernels by one.
+"""Fused GPU kernels for the small ops around the matmuls: RMSNorm (with the residual add before
+it), rotary embedding, activation-times-up, and the row gathers of the embedding and the rotary
+table; and the decode-sized linears through the Triton small-M matmul (layers/triton_linear.py),
+with a non-gated MLP's activation in its epilogue. Each replaces a chain of torch kernels by one.
 
 Why: inside a CUDA-graphed decode step the weights dominate the bytes, but every kernel still
 costs a couple of microseconds of launch and drain; the torch versions of these three ops add
@@ -10,10 +12,11 @@ fapool.layers.rotary.apply_rotary, Activation then `*`), so bf16 results stay wi
 rounding of the unfused model's.
 
 `fuse_model(model)` rewrites a built model after the fact (as gpt-fast's apply_tp rewrites
-linears): RMSNorm, Attention and MLP instances get subclasses whose forward takes the fused
-path for CUDA tensors and falls back to the parent's code otherwise, so the model file stays
-kernel-agnostic and the CPU path is untouched. `unfuse_model` undoes it (benchmarks A/B).
-Test: tests/worker/test_cuda_graphs.py (GPU); benchmark: fapool bench tpot (--no-fused).
+linears): RMSNorm, Attention, MLP, linear, embedding and rotary-table instances get subclasses
+whose forward takes the fused path for CUDA tensors and falls back to the parent's code
+otherwise, so the model file stays kernel-agnostic and the CPU path is untouched.
+`unfuse_model` undoes it (benchmarks A/B). Tests: tests/worker/test_cuda_graphs.py and
+tests/layers/test_triton_linear.py (GPU); benchmark: fapool bench tpot (A/B points).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from torch import nn
 
 from fapool.layers.linear import MergedLinear
 from fapool.layers.norm import RMSNorm
-from fapool.layers.rotary import apply_rotary
-from fapool.layers.triton_linear import MAX_ROWS, pick_config, skinny_linear
+from fapool.layers.rotary import RotaryEmbedding, apply_rotary
+from fapool.layers.triton_linear import MAX_ROWS, SkinnyConfig, activation, pick_config, skinny_linear
 from fapool.models.llama import MLP, Attention
 
 
@@ -222,14 +225,7 @@ def _act_and_mul_kernel(X, Y, stride_x, stride_y, n_cols, ACT: tl.constexpr, BLO
     mask = offs < n_cols
     g = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0)
-    if ACT == "silu":
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == "gelu":  # exact (erf)
-        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    else:  # gelu, tanh approximation
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
-    a = a.to(Y.dtype.element_ty).to(tl.float32)  # the activation's output is rounded first
+    a = activation(g, ACT).to(Y.dtype.element_ty).to(tl.float32)  # the activation's output is rounded first
     tl.store(Y + row * stride_y + offs, (a * u.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -247,6 +243,28 @@ def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
             gate_up, y, gate_up.stride(0), y.stride(0), f, ACT=FUSED_ACTS[act], BLOCK=block, num_warps=4
         )
     return y
+
+
+@triton.jit
+def _gather_rows_kernel(TABLE, IDX, OUT, n_cols, stride_t, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    src = tl.load(IDX + row).to(tl.int64)
+    tl.store(OUT + row * stride_o + offs, tl.load(TABLE + src * stride_t + offs, mask=mask), mask=mask)
+
+
+def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table [R, C] (rows contiguous), idx [T] of valid row ids -> table[idx] [T, C], one launch
+    (torch's index_select takes ~7 us on an 8-row decode batch)."""
+    out = torch.empty((idx.shape[0], table.shape[1]), dtype=table.dtype, device=table.device)
+    if idx.shape[0]:
+        block = min(4096, triton.next_power_of_2(table.shape[1]))
+        grid = (idx.shape[0], triton.cdiv(table.shape[1], block))
+        _gather_rows_kernel[grid](
+            table, idx, out, table.shape[1], table.stride(0), out.stride(0), BLOCK=block
+        )
+    return out
 
 
 # --- rewriting a model ---------------------------------------------------------------------
@@ -268,6 +286,20 @@ class FusedRMSNorm(RMSNorm):
         return super().add_forward(x, delta)
 
 
+class FusedEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.is_cuda and ids.dim() == 1 and self.weight.stride(1) == 1:
+            return gather_rows(self.weight, ids)  # ids are checked against the vocabulary at admission
+        return super().forward(ids)
+
+
+class FusedRotaryEmbedding(RotaryEmbedding):
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.is_cuda and positions.dim() == 1:
+            return gather_rows(self.cos_sin_cache, positions).chunk(2, dim=-1)
+        return super().forward(positions)
+
+
 class FusedAttention(Attention):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         if not x.is_cuda:
@@ -285,8 +317,13 @@ class FusedAttention(Attention):
 
 class FusedMLP(MLP):
     def activated(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated and x.is_cuda and self.act.name in FUSED_ACTS:
-            return act_and_mul(self.gate_up_proj(x), self.act.name)
+        if x.is_cuda and self.act.name in FUSED_ACTS:
+            if self.gated:
+                return act_and_mul(self.gate_up_proj(x), self.act.name)
+            cfg = self.up_proj.skinny_config(x) if isinstance(self.up_proj, FusedLinear) else None
+            if cfg is not None:  # the activation in the matmul's epilogue
+                w = self.up_proj
+                return skinny_linear(x, w.weight, w.bias, cfg, FUSED_ACTS[self.act.name])
         return super().activated(x)
 
 
@@ -297,11 +334,19 @@ class _SkinnyForward:
     bias: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and self.weight.dtype in _SKINNY_DTYPES:
-            cfg = pick_config(x.shape[0], self.weight.shape[0], self.weight.shape[1])
-            if cfg is not None and x.dtype == self.weight.dtype and self.weight.is_contiguous():
-                return skinny_linear(x if x.stride(1) == 1 else x.contiguous(), self.weight, self.bias, cfg)
+        cfg = self.skinny_config(x)
+        if cfg is not None:
+            return skinny_linear(x, self.weight, self.bias, cfg)
         return super().forward(x)  # type: ignore[misc]
+
+    def skinny_config(self, x: torch.Tensor) -> SkinnyConfig | None:
+        """The Triton kernel's setting for this input, None where cuBLAS takes it."""
+        w = self.weight
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1):
+            return None
+        if w.dtype not in _SKINNY_DTYPES or x.dtype != w.dtype or not w.is_contiguous():
+            return None
+        return pick_config(x.shape[0], w.shape[0], w.shape[1])
 
 
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
@@ -320,6 +365,8 @@ _FUSED_CLASSES = {
     Attention: FusedAttention,
     MLP: FusedMLP,
     nn.Linear: FusedLinear,
+    nn.Embedding: FusedEmbedding,
+    RotaryEmbedding: FusedRotaryEmbedding,
     MergedLinear: FusedMergedLinear,
 }
 _PLAIN_CLASSES = {v: k for k, v in _FUSED_CLASSES.items()}

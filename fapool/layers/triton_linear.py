@@ -30,6 +30,29 @@ class SkinnyConfig:
 
 
 @triton.jit
+def activation(g, ACT: tl.constexpr):
+    """GELU (exact, erf) / GELU (tanh approximation) / SiLU of float32 g; "" leaves g as is."""
+    if ACT == "silu":
+        g = g / (1.0 + tl.exp(-g))
+    elif ACT == "gelu":
+        g = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == "tanh":
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        g = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    return g
+
+
+@triton.jit
+def _store_rows(Y, acc, offs_m, offs_n, stride_ym, mask, ACT: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] float32 -> Y[m, n]: rounded to Y's dtype, then (as torch applies
+    an activation to the linear's rounded output) activated and rounded again."""
+    y = acc.to(Y.dtype.element_ty)
+    if ACT != "":
+        y = activation(y.to(tl.float32), ACT).to(Y.dtype.element_ty)
+    tl.store(Y + offs_m[None, :] * stride_ym + offs_n[:, None], y, mask=mask)
+
+
+@triton.jit
 def _skinny_kernel(
     X,
     W,
@@ -49,6 +72,7 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -77,15 +101,16 @@ def _skinny_kernel(
     if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
+        _store_rows(Y, acc, offs_m, offs_n, stride_ym, out_mask, ACT)
     else:  # partial sums [SPLIT, M, N] float32
         p_ptrs = PART + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
         tl.store(p_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
-def _split_sum_kernel(PART, BIAS, Y, M, N, stride_ym, split, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(
+    PART, BIAS, Y, M, N, stride_ym, split, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr
+):
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -94,7 +119,10 @@ def _split_sum_kernel(PART, BIAS, Y, M, N, stride_ym, split, HAS_BIAS: tl.conste
         acc += tl.load(PART + (s * M + m) * N + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + m * stride_ym + offs, acc.to(Y.dtype.element_ty), mask=mask)
+    y = acc.to(Y.dtype.element_ty)
+    if ACT != "":
+        y = activation(y.to(tl.float32), ACT).to(Y.dtype.element_ty)
+    tl.store(Y + m * stride_ym + offs, y, mask=mask)
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
@@ -151,8 +179,10 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
+    act: str = "",
 ) -> torch.Tensor:
-    """x [M, K] (M <= 64, rows contiguous), weight [N, K] contiguous -> [M, N] in x's dtype."""
+    """x [M, K] (M <= 64, rows contiguous), weight [N, K] contiguous -> [M, N] in x's dtype;
+    `act` ("gelu", "tanh", "silu") applied to the rounded output, as torch would after it."""
     m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS or x.stride(1) != 1 or not weight.is_contiguous() or weight.shape[1] != k:
@@ -189,12 +219,22 @@ def skinny_linear(
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        ACT=act,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if split > 1:
         block = 1024
         _split_sum_kernel[(m, triton.cdiv(n, block))](
-            part, bias if has_bias else part, y, m, n, y.stride(0), split, HAS_BIAS=has_bias, BLOCK=block
+            part,
+            bias if has_bias else part,
+            y,
+            m,
+            n,
+            y.stride(0),
+            split,
+            HAS_BIAS=has_bias,
+            BLOCK=block,
+            ACT=act,
         )
     return y

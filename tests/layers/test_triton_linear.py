@@ -77,3 +77,22 @@ def test_fused_linear_takes_the_tuned_kernel_and_matches_cublas():
         assert spy.call_count == expect_calls, m
         want = torch.nn.functional.linear(x, model[0].weight)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("act, torch_act", [("gelu", "gelu"), ("tanh", "gelu_pytorch_tanh"), ("silu", "silu")])
+@pytest.mark.parametrize("split", [1, 4])
+def test_skinny_linear_activation_epilogue_matches_torch(act, torch_act, split):
+    """The activation in the epilogue equals torch's on the linear's rounded output, with and
+    without a split K (where the sum kernel applies it)."""
+    from fapool.layers.activation import Activation
+    from fapool.layers.triton_linear import SkinnyConfig, skinny_linear
+
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(8, 512, generator=g).to(DEVICE, DTYPE)
+    w = (torch.randn(192, 512, generator=g) / 512**0.5).to(DEVICE, DTYPE)
+    cfg = SkinnyConfig(64, 64, split, num_warps=4, num_stages=2)
+    got = skinny_linear(x, w, None, cfg, act)
+    want = Activation(torch_act)(skinny_linear(x, w, None, cfg))
+    tol = 2**-7 if DTYPE == torch.bfloat16 else 1e-5
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max() + 1e-6

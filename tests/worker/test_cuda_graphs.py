@@ -302,6 +302,10 @@ def test_fused_kernels_match_torch(dtype):
     ref = rms_norm(x + delta, w, 1e-5)
     assert (normed.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
 
+    table = torch.randn(1000, 4096, device=dev, dtype=dtype)
+    idx = torch.randint(0, 1000, (37,), device=dev)
+    assert torch.equal(fused.gather_rows(table, idx), table.index_select(0, idx))
+
     qkv = torch.randn(37, (32 + 2 * 8) * 128, device=dev, dtype=dtype)
     q = qkv[:, : 32 * 128].view(37, 32, 128)  # strided views, as the model passes them
     k = qkv[:, 32 * 128 : 40 * 128].view(37, 8, 128)
