@@ -4,7 +4,8 @@ roofline, on the seed 000 preset (GPU).
 The roofline is the prompt's FLOPs over the bf16 matmul rate measured in the same run: the
 projections, FFN and LM head (2 x matmul parameters x tokens; the LM head for the last token
 only) plus causal attention (QK^T and PV over the lower triangle: 2 x 2 x L(L+1)/2 x heads x
-head_dim per layer). Every timed prompt is fresh and prefix caching is off, so nothing is reused.
+head_dim per layer). Every timed prompt is fresh and prefix caching is off, so nothing is reused;
+one untimed prompt of each length runs first.
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     )
     m = llm.engine.config.model
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    warm = random_prompts(1, min(4096, max(lengths)), m.vocab_size, seed=99)
-    llm.generate([{"prompt_token_ids": warm[0]}], params)
     tflops = matmul_tflops()
     rows = []
     for i, n in enumerate(lengths):
+        # One untimed prompt of this length first: the chunk shapes' one-time costs (cuDNN
+        # builds an execution plan per new shape) are not TTFT.
+        llm.generate([{"prompt_token_ids": random_prompts(1, n, m.vocab_size, seed=99 + i)[0]}], params)
         times = []
         for r in range(ns.iters):
             prompt = random_prompts(1, n, m.vocab_size, seed=1000 * i + r)[0]
@@ -114,7 +116,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="32768,131072", help="prompt lengths (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="prefill chunk (default: %(default)s)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--iters", type=int, default=2, help="fresh prompts timed per length (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=3, help="fresh prompts timed per length (default: %(default)s)")
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=lambda ns: (run(ns), 0)[1])
