@@ -48,6 +48,8 @@ FP8_SWEEP_CONFIGS = tuple(  # block_n, num_warps, num_stages, dots in fp16 (else
     (bn, 4, ns, dot16)
     for bn, ns in ((32, 4), (32, 6), (64, 3), (64, 4), (64, 5), (128, 3), (128, 4))
     for dot16 in (True, False)
+) + tuple(  # more warps and longer tiles (fp16 dots, which won every earlier pairing)
+    (bn, nw, ns, True) for bn, nw, ns in ((64, 8, 4), (128, 8, 3), (128, 8, 4), (256, 4, 3), (256, 8, 2), (256, 8, 3))
 )
 PREFILL_SWEEP_CONFIGS = (  # block_m, block_n, num_warps, num_stages
     (128, 128, 8, 3),
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--fp8-sweep", action="store_true", help="sweep tile/warp/stage settings of the FP8 decode")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--decode-shapes", default=None, help="BxL,... decode shapes (default: all)")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
     if args.plot:
@@ -296,7 +299,10 @@ def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
     from fapool.attention import triton_decode as td
 
     rows, sweep, fp8_rows = [], [], []
-    for B, L in DECODE_SHAPES:
+    shapes = DECODE_SHAPES
+    if args.decode_shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.decode_shapes.split(",")]
+    for B, L in shapes:
         q, k, v, metas, caches = decode_case(B, L)
         kv_bytes = 2 * B * L * NUM_KV_HEADS * HEAD_DIM * 2
         out = torch.empty_like(q)

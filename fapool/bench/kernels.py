@@ -29,7 +29,7 @@ def _argv(ns: argparse.Namespace) -> list[str]:
         for flag in ("sweep", "fp8-sweep", "skip-decode", "skip-prefill", "no-save")
         if getattr(ns, flag.replace("-", "_"))
     ]
-    for flag in ("out-dir", "plot"):
+    for flag in ("out-dir", "plot", "decode-shapes"):
         value = getattr(ns, flag.replace("-", "_"))
         if value is not None:
             argv += [f"--{flag}", value]
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp8-sweep", action="store_true", help="sweep the FP8-cache decode's tile/warp/stage settings")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--decode-shapes", default=None, help="BxL,... decode shapes (default: all)")
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results; plots beside)")
     p.add_argument("--plot", default=None, help="only redraw the plot from a results JSON (no GPU)")
     p.add_argument("--no-save", action="store_true")
