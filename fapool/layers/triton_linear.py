@@ -43,13 +43,13 @@ def activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(Y, acc, offs_m, offs_n, stride_ym, mask, ACT: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] float32 -> Y[m, n]: rounded to Y's dtype, then (as torch applies
-    an activation to the linear's rounded output) activated and rounded again."""
+def _output(acc, Y, ACT: tl.constexpr):
+    """float32 sums -> Y's dtype; with ACT, activated after that rounding and rounded again, as
+    torch applies an activation to the linear's rounded output."""
     y = acc.to(Y.dtype.element_ty)
     if ACT != "":
         y = activation(y.to(tl.float32), ACT).to(Y.dtype.element_ty)
-    tl.store(Y + offs_m[None, :] * stride_ym + offs_n[:, None], y, mask=mask)
+    return y
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _skinny_kernel(
     k_per_split,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # whether K is split (the count is the grid's second axis)
-    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and k_per_split % BLOCK_K == 0 and K == SPLIT * k_per_split
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K == the split count * k_per_split (no masks)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -101,7 +101,7 @@ def _skinny_kernel(
     if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        _store_rows(Y, acc, offs_m, offs_n, stride_ym, out_mask, ACT)
+        tl.store(Y + offs_m[None, :] * stride_ym + offs_n[:, None], _output(acc, Y, ACT), mask=out_mask)
     else:  # partial sums [SPLIT, M, N] float32
         p_ptrs = PART + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
         tl.store(p_ptrs, acc, mask=out_mask)
@@ -119,10 +119,7 @@ def _split_sum_kernel(
         acc += tl.load(PART + (s * M + m) * N + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
-    y = acc.to(Y.dtype.element_ty)
-    if ACT != "":
-        y = activation(y.to(tl.float32), ACT).to(Y.dtype.element_ty)
-    tl.store(Y + m * stride_ym + offs, y, mask=mask)
+    tl.store(Y + m * stride_ym + offs, _output(acc, Y, ACT), mask=mask)
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
@@ -136,11 +133,11 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
     return SkinnyConfig(block_n, block_k, split, num_warps=4, num_stages=4)
 
 
-# (row bucket, N, K) -> the fastest setting of `fapool bench linear` on an H200, or None where
-# cuBLAS was faster. The row buckets: M <= 16, 16 < M <= 32, 32 < M <= 64.
-# Settings within 2% of cuBLAS are left out (noise, not a measured win).
+# (row bucket, N, K) -> the fastest setting of `fapool bench linear` on an H200 (row buckets:
+# M <= 16, 16 < M <= 32, 32 < M <= 64). Shapes not listed stay on cuBLAS, as do those where
+# cuBLAS measured faster or the best setting was within 2% of it (noise, not a measured win).
 _C = SkinnyConfig
-TUNED: dict[tuple[int, int, int], SkinnyConfig | None] = {
+TUNED: dict[tuple[int, int, int], SkinnyConfig] = {
     # seed 000: qkv, o, up, down, LM head
     (16, 12288, 4096): _C(64, 128, 1, num_warps=4, num_stages=4),
     (16, 4096, 4096): _C(64, 256, 1, num_warps=4, num_stages=4),
