@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the calibration's engine decode: a tiny model, or the target cut to 1, 4 and 8 layers (CPU)",
     )
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
+    p.add_argument("--calibrate-only", action="store_true", help="write the calibration and stop")
     ns = p.parse_args(argv)
 
     import torch
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         cal = load_calibration(cal_path)
     for line in summary_lines(cal):
         print(line)
+    if ns.calibrate_only:
+        print("wrote", cal_path)
+        return 0
     calib_s = time.perf_counter() - t0
     cost = CostModel(model_config, apply_calibration(get_hardware("cpu"), cal))
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads, get_hardware
+from fapool.sim.hardware import (HardwareProfile, HostProfile, LinkProfile, PoolOverheads, RankOverheads,
+                                 get_hardware)
 
 SCHEMA = 3  # the one schema read; older files in benchmarks/results were converted once
 REQUIRED = ("gemm", "attention", "engine", "pool", "cpu_cores")  # engine / pool may be null
@@ -429,7 +430,13 @@ def calibrate(
         if dev.type != "cpu":
             out["pool_note"] = "not measured: the pool calibration runs on CPU only"
         else:  # the tiny pool engines, priced with zero pool terms and no contention
-            from fapool.sim.engine_calibrate import calibrate_pool
+            from fapool.sim.engine_calibrate import calibrate_pool, calibrate_ranks
+
+            if model is not None:  # TP and AFD engines of the target, priced with contention
+                hw = apply_calibration(get_hardware("cpu"), out)
+                run = lambda: calibrate_ranks(  # noqa: E731
+                    lambda mc: CostModel(mc, hw), model, twin, out["cpu_cores"], None, progress)
+                _add_section(out, "ranks", run, progress, checkpoint, "no rank terms")
 
             hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
             run = lambda: calibrate_pool(lambda mc: CostModel(mc, hw), model, None, progress)  # noqa: E731
@@ -519,6 +526,10 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["host"] = HostProfile(**_fields(HostProfile, eng["host"]))
     if cal["pool"]:
         changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
+    if cal.get("ranks"):  # absent from calibrations made before the rank terms
+        r = cal["ranks"]
+        extra = tuple((int(n), float(v)) for n, v in r["allreduce_extra_s"])
+        changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]), extra)
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
         changes["cpu_cores"] = int(cal["cpu_cores"])
     if cal.get("comm"):
@@ -577,6 +588,11 @@ def summary_lines(cal: dict) -> list[str]:
             f"{pool['driver_route_s'] * 1e6:.0f} us a layer and route + "
             f"{pool['driver_step_s'] * 1e6:.0f} us a step"
         )
+    if r := cal.get("ranks"):
+        ar = ", ".join(f"{int(n)} ranks +{v * 1e6:.0f} us" for n, v in r["allreduce_extra_s"])
+        lines.append(f"ranks ({r['seconds']} s): exchange {r['exchange_s'] * 1e6:.0f} us a side, layer and "
+                     f"micro-batch; ranks computing at once x{r['concurrent_stretch']:.2f}; all-reduce "
+                     f"{ar or 'not measured'}")
     if cal.get("cpu_cores"):
         lines.append(f"cores shared by the engine's processes: {cal['cpu_cores']}")
     return lines

@@ -13,7 +13,7 @@ import numpy as np
 
 from fapool.config import PRESETS, ModelConfig
 from fapool.sim.errors import SimInputError
-from fapool.sim.hardware import HardwareProfile
+from fapool.sim.hardware import HardwareProfile, contention_stretch
 
 
 def load_model_config(spec: str) -> ModelConfig:
@@ -182,7 +182,19 @@ class CostModel:
             return 0.0
         link, nbytes = self.hw.link(same_node), _f64(nbytes)
         t = link.latency + 2 * (n - 1) * link.hop_latency + 2 * (n - 1) / n * nbytes / link.bandwidth
+        if self.hw.ranks is not None:  # the engine's measured extra at this rank count (CPU)
+            t = t + dict(self.hw.ranks.allreduce_extra_s).get(n, 0.0)
         return _if_positive(nbytes, t)
+
+    def exchange(self) -> float:
+        """A rank's own seconds per (layer, micro-batch) exchange with a peer (0 unless calibrated)."""
+        return self.hw.ranks.exchange_s if self.hw.ranks is not None else 0.0
+
+    def concurrency(self, busy: int) -> float:
+        """How much slower each of `busy` ranks computing at once runs: core sharing past the cores
+        times the calibrated stretch of sharing the host (1 where not measured)."""
+        shared = self.hw.ranks.concurrent_stretch if self.hw.ranks is not None and busy > 1 else 1.0
+        return contention_stretch(busy, self.hw.cpu_cores) * shared
 
     def p2p(self, nbytes, same_node: bool = False):
         """One send (or receive) of `nbytes`; arrays allowed (one entry per link)."""

@@ -387,3 +387,96 @@ def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig
     fit = fit_pool_terms(samples, cost)
     return {"model": f"tiny twin, layers {grid['layers']}, (workers, micro-batches) {grid['pools']}", **fit,
             "samples": samples, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# The multi-rank part (with --pool, CPU): AFD 1:1 with one and two micro-batches and TP engines (each
+# rank count up to cores + 1 that the model's heads allow), the target at two depths.
+# Depths 2 and 12: a layer's exchanges cost ~1 ms, about a short step's noise, so they need a wide span.
+QUICK_RANKS = {"layers": (2, 12), "batch": 4, "context": 64, "steps": 8, "warmup": 2, "repeats": 2,
+               "rounds": 2}
+
+
+def rank_strategy(kind: str, n: int, batch: int):
+    """The simulator's strategy for a calibration engine: ("tp", ranks) or ("afd", micro-batches)."""
+    from fapool.sim.strategies import AFD, StaticTPPP
+
+    if kind == "tp":
+        return StaticTPPP(tp=n, pp=1, max_batch=batch)
+    return AFD(r=1, f_tp=1, max_batch_per_attn=batch, overlap=n > 1)
+
+
+def fit_rank_terms(samples: list[dict], cost) -> dict:
+    """RankOverheads from samples {kind, n, layers, batch, context, step_s}; `cost` has no rank terms.
+    In turn, each from the slope over depth of (measured - modelled) step: AFD with one micro-batch
+    (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
+    concurrent_stretch; TP at n ranks its two all-reduces a layer."""
+    from dataclasses import replace
+
+    from fapool.sim.hardware import RankOverheads
+    from fapool.sim.validate import predict_step
+
+    def slope(kind: str, n: int, ranks: RankOverheads) -> float:
+        rows = [s for s in samples if (s["kind"], s["n"]) == (kind, n)]
+        if len({s["layers"] for s in rows}) < 2:
+            raise SimInputError(f"the rank fit needs {kind} {n} at two depths")
+        res = []
+        for s in rows:
+            c = CostModel(cost.model.replace(num_hidden_layers=s["layers"]), cost.hw.replace(ranks=ranks))
+            res.append(s["step_s"] - predict_step(c, rank_strategy(kind, n, s["batch"]), s["batch"],
+                                                  s["context"]).duration)
+        return float(np.polyfit([s["layers"] for s in rows], res, 1)[0])
+
+    ranks = RankOverheads(exchange_s=max(0.0, slope("afd", 1, RankOverheads()) / 2))
+    lo, hi = 1.0, 3.0  # the stretch that leaves no slope: bisection (the slope falls as it grows)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope("afd", 2, replace(ranks, concurrent_stretch=mid)) > 0 else (lo, mid)
+    ranks = replace(ranks, concurrent_stretch=lo)
+    tps = sorted({s["n"] for s in samples if s["kind"] == "tp"})
+    extra = tuple((n, max(0.0, slope("tp", n, ranks) / 2)) for n in tps)
+    return {"exchange_s": ranks.exchange_s, "concurrent_stretch": ranks.concurrent_stretch,
+            "allreduce_extra_s": [list(e) for e in extra],
+            "layer_residuals_s": {f"{k}{n}": slope(k, n, replace(ranks, allreduce_extra_s=extra))
+                                  for k, n in sorted({(s["kind"], s["n"]) for s in samples})}}
+
+
+def calibrate_ranks(cost_for: Callable[[ModelConfig], object], model: ModelConfig, twin: str, cores: int,
+                    grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the multi-rank engines on the CPU and fit RankOverheads; `cost_for(config)` prices the rest."""
+    grid = grid or QUICK_RANKS
+    t0 = time.perf_counter()
+    m = engine_twin(model, 1, twin)
+    tps = [n for n in range(2, cores + 2) if m.num_key_value_heads % n == 0 == m.num_attention_heads % n]
+    afd = {"afd_attention_ranks": 1, "afd_ffn_ranks": 1}
+    configs = [("afd", mb, {**afd, "micro_batches": mb}) for mb in (1, 2)]
+    configs += [("tp", n, {"tensor_parallel_size": n}) for n in tps]
+    b, ctx, steps, warmup = grid["batch"], grid["context"], grid["steps"], grid["warmup"]
+    blocks = b * (-(-(ctx + steps + warmup + 24) // 16) + 1) + 8
+    samples = []
+    for kind, n, args in configs:
+        # One multi-rank engine a process: the depths alternate, `rounds` times each, so drifting load
+        # falls on both alike.
+        times: dict[int, list[float]] = {d: [] for d in grid["layers"]}
+        ctx_mean = []
+        for _, d in itertools.product(range(grid["rounds"]), grid["layers"]):
+            engine = build_engine(engine_twin(model, d, twin), "cpu", b, 8192, blocks, **args)
+            try:
+                for _ in range(grid["repeats"]):
+                    with decoding(engine, b, ctx, steps + warmup + 8, warmup) as reqs:
+                        ctx_mean.append(reqs[0].num_computed_tokens + (steps - 1) / 2)
+                        for _ in range(steps):
+                            t = time.perf_counter()
+                            engine.step()
+                            times[d].append(time.perf_counter() - t)
+            finally:
+                engine.shutdown()
+                gc.collect()
+        for d in grid["layers"]:
+            row = {"kind": kind, "n": n, "layers": d, "batch": b, "context": round(float(np.mean(ctx_mean))),
+                   "step_s": typical(times[d], True)}
+            samples.append(row)
+            if progress:
+                progress(f"ranks {kind} {n} L={d}: step {row['step_s'] * 1e3:.2f} ms")
+    fit = fit_rank_terms(samples, cost_for(engine_twin(model, 1, twin)))
+    return {"model": f"{twin} twin, layers {grid['layers']}", **fit, "samples": samples,
+            "seconds": round(time.perf_counter() - t0, 3)}

@@ -79,6 +79,21 @@ class PoolOverheads:
                 + self.driver_route_s * routes)
 
 
+@dataclass(frozen=True)
+class RankOverheads:
+    """The engine's own cost of exchanges between dense / AFD ranks beyond the link model (fitted by
+    `fapool calibrate --pool` on a CPU from multi-rank engine runs at two depths)."""
+
+    exchange_s: float = 0.0  # a side's work per (layer, micro-batch) exchange with its peer rank
+    concurrent_stretch: float = 1.0  # how much slower a rank computes while another computes beside it
+    allreduce_extra_s: tuple[tuple[int, float], ...] = ()  # (ranks, seconds an all-reduce adds)
+
+    def __post_init__(self) -> None:
+        bad_ar = any(n < 2 or s < 0 for n, s in self.allreduce_extra_s)
+        if self.exchange_s < 0 or self.concurrent_stretch < 1 or bad_ar:
+            raise SimInputError(f"rank overheads must be >= 0 over >= 2 ranks (stretch >= 1), got {self}")
+
+
 def contention_stretch(busy_processes: int, cores: int | None) -> float:
     """Processor sharing: how much longer work takes when `busy_processes` share `cores` (None: no limit)."""
     if cores is None or busy_processes <= cores:
@@ -113,6 +128,7 @@ class HardwareProfile:
     attn_by_bytes: tuple[tuple[float, float], ...] = ()  # calibrated (bytes, s) of decode attention calls
     pool: PoolOverheads | None = None  # None: the pool's machinery costs nothing beyond its parts
     cpu_cores: int | None = None  # CPU: the cores the engine's processes share (contention_stretch)
+    ranks: RankOverheads | None = None  # None: exchanges cost what the link model says
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth"):

@@ -115,8 +115,9 @@ class StaticTPPP(Strategy):
         return GroupLedger(self.kv_capacity(cost), 1, group_of_slot)
 
     def timing(self, cost: CostModel, n_seqs: float, tokens: float, kv: float, pairs: float):
-        """(period, per-GPU compute, per-GPU comm, lm head) of one step; pp micro-batches circulate
-        through the stages."""
+        """(period, per-GPU compute, per-GPU comm, lm head) of one step: as the engine runs it, the
+        step's pp micro-batches fill the stages and drain within the step, the last stage running
+        the LM head for each."""
         m = cost.model
         n_mb = max(1, min(self.pp, math.ceil(n_seqs)))
         lps = math.ceil(m.num_hidden_layers / self.pp)
@@ -126,16 +127,21 @@ class StaticTPPP(Strategy):
         t_mb = tokens / n_mb
         dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
         attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
-        # CPU ranks: the tp ranks of every stage that holds a micro-batch compute at once.
-        stretch = contention_stretch(self.tp * n_mb, cost.hw.cpu_cores)
-        stage_c = lps * (dense_c + attn) * stretch
-        stage_comm = lps * dense_ar + (float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) if self.pp > 1 else 0.0)
+        # CPU ranks: a stage's tp ranks compute at once, and in the pipeline's middle those of every
+        # stage; the first stage time (fill) and the last (drain) run alone.
+        segs = n_mb + self.pp - 1
+        alone = min(segs, 2)
+        stage = lps * (dense_c + attn)
+        both = cost.concurrency(self.tp * n_mb)
+        stage_c = stage * both
+        compute = stage * (alone * cost.concurrency(self.tp) + (segs - alone) * both)
+        boundary = float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) + cost.exchange()
+        stage_comm = lps * dense_ar + (boundary if self.pp > 1 else 0.0)
         lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
         # The engine replays CUDA graphs only for single-device, decode-only steps.
         graphs = self.tp * self.pp == 1 and tokens <= n_seqs
-        period = float(
-            cost.finish_step(self.pp * (stage_c + stage_comm + lm / self.pp), n_seqs, kv, graphs, lps * n_mb)
-        )
+        chain = compute + segs * stage_comm + n_mb * lm
+        period = float(cost.finish_step(chain, n_seqs, kv, graphs, lps * n_mb))
         return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
@@ -402,6 +408,8 @@ class AFD(Strategy):
         split = 2 if self.overlap else 1
         gemm = split * (cost.qkv_proj(np.asarray(tokens) / split) + cost.o_proj(np.asarray(tokens) / split))
         compute = gemm + cost.attention(kv_read, pairs, tokens) + cost.layer_misc(tokens)
+        # Its send and receive each micro-batch; with overlap the FFN side computes beside it.
+        compute = (compute + split * cost.exchange()) * cost.concurrency(self.r + self.f_tp * (split - 1))
         net = cost.p2p(cost.hidden_bytes(tokens), self.same_node(cost))
         return compute, net
 
@@ -409,7 +417,8 @@ class AFD(Strategy):
         """The FFN instance, one layer: (compute, all-reduce, network) seconds; its f_tp NICs share
         the activations."""
         split = 2 if self.overlap else 1
-        compute = split * float(cost.ffn(tokens / split, self.f_tp))
+        compute = split * (float(cost.ffn(tokens / split, self.f_tp)) + cost.exchange())
+        compute *= cost.concurrency(self.f_tp + self.r * (split - 1))
         ar = split * float(cost.allreduce(cost.hidden_bytes(tokens / split), self.f_tp))
         net = split * float(cost.p2p(cost.hidden_bytes(tokens / split) / self.f_tp, self.same_node(cost)))
         return compute, ar, net

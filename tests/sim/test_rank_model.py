@@ -1,0 +1,82 @@
+"""TP, PP and AFD ranks' calibrated exchange costs (RankOverheads): the engine's pipeline fills and
+drains within a step, each term adds exactly what it says and only where calibrated, the fit recovers
+known terms, and the calibration JSON carries them."""
+
+import itertools
+
+import pytest
+
+from fapool.sim.calibrate import apply_calibration, load_calibration, write_calibration
+from fapool.sim.cost_model import CostModel
+from fapool.sim.engine_calibrate import fit_rank_terms, rank_strategy, tiny_twin
+from fapool.sim.errors import SimInputError
+from fapool.sim.hardware import RankOverheads, get_hardware
+from fapool.sim.strategies import AFD, StaticTPPP
+from fapool.sim.validate import predict_step
+
+TERMS = RankOverheads(exchange_s=1.2e-4, concurrent_stretch=1.3, allreduce_extra_s=((2, 3e-4),))
+
+
+def _cpu_cost(ranks=None, cores=None, layers=4) -> CostModel:
+    model = tiny_twin(None, layers).replace(num_attention_heads=4, num_key_value_heads=2)
+    return CostModel(model, get_hardware("cpu").replace(ranks=ranks, cpu_cores=cores))
+
+
+def test_pipeline_fills_and_drains_within_a_step(h100_cost):
+    """pp stages, pp micro-batches: (2 pp - 1) stage times, the last stage's LM head for each."""
+    cost = h100_cost.device_only()
+    L, pp, batch = cost.model.num_hidden_layers, 2, 8
+    kv = batch * 1025
+    period = StaticTPPP(tp=1, pp=pp).timing(cost, batch, batch, kv, kv)[0]
+    dense_c, _ = cost.dense_layer(batch / pp)
+    stage = L // pp * (dense_c + float(cost.attention(kv / pp, kv / pp, batch / pp)))
+    hop = float(cost.p2p(cost.hidden_bytes(batch / pp), True))
+    lm = float(cost.lm_head(batch / pp))
+    assert period == pytest.approx((2 * pp - 1) * (stage + hop) + pp * lm + cost.step_overhead(), rel=1e-9)
+
+
+def test_rank_terms_add_exactly_what_they_say():
+    base, with_x = _cpu_cost(), _cpu_cost(RankOverheads(exchange_s=1e-3))
+    L = base.model.num_hidden_layers
+    serial = AFD(r=1, f_tp=1, max_batch_per_attn=4, overlap=False)
+    grown = predict_step(with_x, serial, 4, 50).duration - predict_step(base, serial, 4, 50).duration
+    assert grown == pytest.approx(2 * L * 1e-3)  # a send and a receive a layer on each side, in turn
+    # The all-reduce's extra applies at its own rank count only.
+    with_ar = _cpu_cost(RankOverheads(allreduce_extra_s=((2, 5e-4),)))
+    assert with_ar.allreduce(1e3, 2) - base.allreduce(1e3, 2) == pytest.approx(5e-4)
+    assert with_ar.allreduce(1e3, 4) == base.allreduce(1e3, 4)
+    # Ranks computing at once: the calibrated stretch, times core sharing past the cores.
+    shared = _cpu_cost(RankOverheads(concurrent_stretch=1.3), cores=2)
+    assert [shared.concurrency(n) for n in (1, 2, 3)] == pytest.approx([1.0, 1.3, 1.95])
+    assert base.concurrency(3) == 1.0 and base.exchange() == 0.0  # nothing measured: no change
+
+
+def _samples(terms: RankOverheads) -> list[dict]:
+    out = []
+    for (kind, n), layers in itertools.product((("afd", 1), ("afd", 2), ("tp", 2)), (2, 12)):
+        c = _cpu_cost(terms, cores=2, layers=layers)
+        step = predict_step(c, rank_strategy(kind, n, 4), 4, 70).duration
+        out.append({"kind": kind, "n": n, "layers": layers, "batch": 4, "context": 70, "step_s": step})
+    return out
+
+
+def test_fit_rank_terms_recovers_known_terms():
+    fit = fit_rank_terms(_samples(TERMS), _cpu_cost(cores=2))
+    assert fit["exchange_s"] == pytest.approx(TERMS.exchange_s, rel=1e-6)
+    assert fit["concurrent_stretch"] == pytest.approx(TERMS.concurrent_stretch, rel=1e-6)
+    assert fit["allreduce_extra_s"] == [[2, pytest.approx(3e-4, rel=1e-6)]]
+    with pytest.raises(SimInputError, match="two depths"):
+        fit_rank_terms([s for s in _samples(TERMS) if s["layers"] == 2], _cpu_cost(cores=2))
+
+
+def test_calibration_json_carries_rank_terms(tmp_path):
+    cal = {"schema": 3, "device_kind": "cpu", "device_name": "test", "dtype_bytes": 4,
+           "gemm": {"flops_per_s": 5e10, "bytes_per_s": 4e9, "overhead_s": 1e-5},
+           "attention": {"flops_per_s": 1e9, "bytes_per_s": 1e9, "overhead_s": 4e-4},
+           "engine": None, "pool": None, "cpu_cores": 2}
+    path = tmp_path / "c.json"
+    write_calibration({**cal, "ranks": {"exchange_s": 1.2e-4, "concurrent_stretch": 1.3,
+                                        "allreduce_extra_s": [[2, 3e-4]]}}, path)
+    assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks == TERMS
+    write_calibration(cal, path)  # made before the rank terms: none
+    assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks is None
