@@ -528,8 +528,9 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
     if cal.get("ranks"):  # absent from calibrations made before the rank terms
         r = cal["ranks"]
-        extra = tuple((int(n), float(v)) for n, v in r["allreduce_extra_s"])
-        changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]), extra)
+        pairs = lambda key: tuple((int(n), float(v)) for n, v in r[key])  # noqa: E731
+        changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
+                                         pairs("allreduce_extra_s"), pairs("step_extra_s"))
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
         changes["cpu_cores"] = int(cal["cpu_cores"])
     if cal.get("comm"):
@@ -590,6 +591,8 @@ def summary_lines(cal: dict) -> list[str]:
         )
     if r := cal.get("ranks"):
         ar = ", ".join(f"{int(n)} ranks +{v * 1e6:.0f} us" for n, v in r["allreduce_extra_s"])
+        ar += "; a step of " + ", ".join(f"{int(n)} processes +{v * 1e6:.0f} us"
+                                         for n, v in r["step_extra_s"])
         lines.append(f"ranks ({r['seconds']} s): exchange {r['exchange_s'] * 1e6:.0f} us a side, layer and "
                      f"micro-batch; ranks computing at once x{r['concurrent_stretch']:.2f}; all-reduce "
                      f"{ar or 'not measured'}")

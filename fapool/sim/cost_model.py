@@ -190,6 +190,10 @@ class CostModel:
         """A rank's own seconds per (layer, micro-batch) exchange with a peer (0 unless calibrated)."""
         return self.hw.ranks.exchange_s if self.hw.ranks is not None else 0.0
 
+    def rank_step(self, processes: int) -> float:
+        """Seconds a step of `processes` ranks adds beyond their layers (0 unless calibrated)."""
+        return dict(self.hw.ranks.step_extra_s).get(processes, 0.0) if self.hw.ranks is not None else 0.0
+
     def concurrency(self, busy: int) -> float:
         """How much slower each of `busy` ranks computing at once runs: core sharing past the cores
         times the calibrated stretch of sharing the host (1 where not measured)."""

@@ -415,7 +415,7 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     from fapool.sim.hardware import RankOverheads
     from fapool.sim.validate import predict_step
 
-    def slope(kind: str, n: int, ranks: RankOverheads) -> float:
+    def line(kind: str, n: int, ranks: RankOverheads) -> tuple[float, float]:
         rows = [s for s in samples if (s["kind"], s["n"]) == (kind, n)]
         if len({s["layers"] for s in rows}) < 2:
             raise SimInputError(f"the rank fit needs {kind} {n} at two depths")
@@ -424,8 +424,10 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
             c = CostModel(cost.model.replace(num_hidden_layers=s["layers"]), cost.hw.replace(ranks=ranks))
             res.append(s["step_s"] - predict_step(c, rank_strategy(kind, n, s["batch"]), s["batch"],
                                                   s["context"]).duration)
-        return float(np.polyfit([s["layers"] for s in rows], res, 1)[0])
+        slope, intercept = np.polyfit([s["layers"] for s in rows], res, 1)
+        return float(slope), float(intercept)
 
+    slope = lambda *a: line(*a)[0]  # noqa: E731
     ranks = RankOverheads(exchange_s=max(0.0, slope("afd", 1, RankOverheads()) / 2))
     lo, hi = 1.0, 3.0  # the stretch that leaves no slope: bisection (the slope falls as it grows)
     for _ in range(30):
@@ -433,11 +435,16 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
         lo, hi = (mid, hi) if slope("afd", 2, replace(ranks, concurrent_stretch=mid)) > 0 else (lo, mid)
     ranks = replace(ranks, concurrent_stretch=lo)
     tps = sorted({s["n"] for s in samples if s["kind"] == "tp"})
-    extra = tuple((n, max(0.0, slope("tp", n, ranks) / 2)) for n in tps)
+    ranks = replace(ranks, allreduce_extra_s=tuple((n, max(0.0, slope("tp", n, ranks) / 2)) for n in tps))
+    # What is left at zero depth, per step, by the number of processes (TP: n; AFD 1:1: 2).
+    fits = {(k, n): line(k, n, ranks) for k, n in sorted({(s["kind"], s["n"]) for s in samples})}
+    by_procs: dict[int, list[float]] = {}
+    for (kind, n), (_, intercept) in fits.items():
+        by_procs.setdefault(n if kind == "tp" else 2, []).append(intercept)
     return {"exchange_s": ranks.exchange_s, "concurrent_stretch": ranks.concurrent_stretch,
-            "allreduce_extra_s": [list(e) for e in extra],
-            "layer_residuals_s": {f"{k}{n}": slope(k, n, replace(ranks, allreduce_extra_s=extra))
-                                  for k, n in sorted({(s["kind"], s["n"]) for s in samples})}}
+            "allreduce_extra_s": [list(e) for e in ranks.allreduce_extra_s],
+            "step_extra_s": [[p, max(0.0, float(np.mean(v)))] for p, v in sorted(by_procs.items())],
+            "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
 def calibrate_ranks(cost_for: Callable[[ModelConfig], object], model: ModelConfig, twin: str, cores: int,

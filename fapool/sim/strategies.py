@@ -140,7 +140,7 @@ class StaticTPPP(Strategy):
         lm = float(cost.lm_head(n_seqs / n_mb, self.tp))
         # The engine replays CUDA graphs only for single-device, decode-only steps.
         graphs = self.tp * self.pp == 1 and tokens <= n_seqs
-        chain = compute + segs * stage_comm + n_mb * lm
+        chain = compute + segs * stage_comm + n_mb * lm + cost.rank_step(self.num_gpus())
         period = float(cost.finish_step(chain, n_seqs, kv, graphs, lps * n_mb))
         return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
 
@@ -442,7 +442,7 @@ class AFD(Strategy):
             step = np.maximum(np.maximum(a_tot + drain, f_tot + fill), chain)
         else:
             step = L * (np.asarray(a_side) + f_compute + f_ar + 2 * np.maximum(f_net, a_net)) + lm
-        return cost.finish_step(step, n_seqs, kv_tokens)
+        return cost.finish_step(step + cost.rank_step(self.num_gpus()), n_seqs, kv_tokens)
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
         L = cost.model.num_hidden_layers

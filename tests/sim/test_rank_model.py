@@ -14,7 +14,8 @@ from fapool.sim.hardware import RankOverheads, get_hardware
 from fapool.sim.strategies import AFD, StaticTPPP
 from fapool.sim.validate import predict_step
 
-TERMS = RankOverheads(exchange_s=1.2e-4, concurrent_stretch=1.3, allreduce_extra_s=((2, 3e-4),))
+TERMS = RankOverheads(exchange_s=1.2e-4, concurrent_stretch=1.3, allreduce_extra_s=((2, 3e-4),),
+                      step_extra_s=((2, 6e-4),))
 
 
 def _cpu_cost(ranks=None, cores=None, layers=4) -> CostModel:
@@ -49,6 +50,12 @@ def test_rank_terms_add_exactly_what_they_say():
     shared = _cpu_cost(RankOverheads(concurrent_stretch=1.3), cores=2)
     assert [shared.concurrency(n) for n in (1, 2, 3)] == pytest.approx([1.0, 1.3, 1.95])
     assert base.concurrency(3) == 1.0 and base.exchange() == 0.0  # nothing measured: no change
+    # A step of n processes adds its own extra once; the single process nothing.
+    stepped = _cpu_cost(RankOverheads(step_extra_s=((2, 2e-3),)))
+    tp2, single = StaticTPPP(tp=2, pp=1, max_batch=4), StaticTPPP(tp=1, pp=1, max_batch=4)
+    grown = predict_step(stepped, tp2, 4, 50).duration - predict_step(base, tp2, 4, 50).duration
+    assert grown == pytest.approx(2e-3)
+    assert predict_step(stepped, single, 4, 50).duration == predict_step(base, single, 4, 50).duration
 
 
 def _samples(terms: RankOverheads) -> list[dict]:
@@ -65,6 +72,7 @@ def test_fit_rank_terms_recovers_known_terms():
     assert fit["exchange_s"] == pytest.approx(TERMS.exchange_s, rel=1e-6)
     assert fit["concurrent_stretch"] == pytest.approx(TERMS.concurrent_stretch, rel=1e-6)
     assert fit["allreduce_extra_s"] == [[2, pytest.approx(3e-4, rel=1e-6)]]
+    assert fit["step_extra_s"] == [[2, pytest.approx(6e-4, rel=1e-6)]]
     with pytest.raises(SimInputError, match="two depths"):
         fit_rank_terms([s for s in _samples(TERMS) if s["layers"] == 2], _cpu_cost(cores=2))
 
@@ -76,7 +84,7 @@ def test_calibration_json_carries_rank_terms(tmp_path):
            "engine": None, "pool": None, "cpu_cores": 2}
     path = tmp_path / "c.json"
     write_calibration({**cal, "ranks": {"exchange_s": 1.2e-4, "concurrent_stretch": 1.3,
-                                        "allreduce_extra_s": [[2, 3e-4]]}}, path)
+                                        "allreduce_extra_s": [[2, 3e-4]], "step_extra_s": [[2, 6e-4]]}}, path)
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks == TERMS
     write_calibration(cal, path)  # made before the rank terms: none
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks is None
