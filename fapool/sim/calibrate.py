@@ -528,7 +528,7 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
     if cal.get("ranks"):  # absent from calibrations made before the rank terms
         r = cal["ranks"]
-        pairs = lambda key: tuple((int(n), float(v)) for n, v in r[key])  # noqa: E731
+        pairs = lambda key: tuple((int(n), float(v)) for n, v in r.get(key, ()))  # noqa: E731
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
                                          pairs("allreduce_extra_s"), pairs("step_extra_s"))
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
