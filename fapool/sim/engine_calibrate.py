@@ -391,8 +391,8 @@ def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig
 
 # The multi-rank part (with --pool, CPU): AFD 1:1 with one and two micro-batches and TP engines (each
 # rank count up to cores + 1 that the model's heads allow), the target at two depths.
-# Depths 2 and 16: a layer's exchanges cost ~1 ms, about a short step's noise, so they need a wide span,
-# and past the cores a TP layer costs more in a deeper step (2-12 layers under-priced 30 by ~10%).
+# A wide span of depths: a layer's exchanges cost about a short step's noise, and past the cores a TP
+# layer costs more in a deeper step (docs/simulator.md).
 QUICK_RANKS = {"layers": (2, 16), "batch": 4, "context": 64, "steps": 8, "warmup": 2, "repeats": 2,
                "rounds": 2}
 
