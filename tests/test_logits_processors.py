@@ -1,10 +1,9 @@
 """Penalties, biases and masks (fapool.layers.logits_processors) against hand-computed logits,
 and through the engine: each changes greedy output as specified."""
 
-import importlib.util
-
 import pytest
 import torch
+from gpu_marks import needs_cuda
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
@@ -30,7 +29,9 @@ def _apply(params: SamplingParams, logits, **kw) -> torch.Tensor:
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
-    got = _apply(SamplingParams(repetition_penalty=2.0), [1.0, 4.0, -2.0, 3.0, -1.0], prompt=(1,), output=(2,))
+    got = _apply(
+        SamplingParams(repetition_penalty=2.0), [1.0, 4.0, -2.0, 3.0, -1.0], prompt=(1,), output=(2,)
+    )
     assert got.tolist() == [1.0, 2.0, -4.0, 3.0, -1.0]
 
 
@@ -89,9 +90,7 @@ def test_an_editor_kept_across_steps_equals_a_fresh_one():
     assert editor.counts.shape[0] == 8  # three penalised at once: one growth; the freed slot went to "f"
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("triton")), reason="needs a CUDA GPU and triton"
-)
+@needs_cuda
 def test_penalties_kernel_matches_the_torch_path():
     """On CUDA the penalties run as one Triton launch; over steps of growing outputs, with
     slots reused, it gives the torch path's logits (the CPU editor) to float32 rounding."""

@@ -4,23 +4,18 @@ Runs on a CUDA GPU; elsewhere the kernel tests skip. `TRITON_INTERPRET=1` runs t
 Triton's interpreter on CPU tensors (slow, for kernel debugging without a GPU).
 """
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
-
+from gpu_marks import INTERPRET
+from gpu_marks import needs_triton as needs_gpu
 from paged_cases import shard_metadata
+
 from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials
 from fapool.attention.torch_ref import write_kv_torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_gpu = pytest.mark.skipif(
-    not ((torch.cuda.is_available() or INTERPRET) and HAVE_TRITON), reason="needs a CUDA GPU (triton kernels)"
-)
 # Triton's interpreter computes through numpy, which has no bfloat16: it stands in with float16.
 BF16 = torch.float16 if INTERPRET and not torch.cuda.is_available() else torch.bfloat16
 DTYPES = sorted({BF16, torch.float16}, key=str)

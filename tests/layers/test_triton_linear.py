@@ -3,19 +3,11 @@
 Runs on a CUDA GPU, or on CPU through Triton's interpreter with TRITON_INTERPRET=1; skipped
 elsewhere (CI has neither)."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from gpu_marks import needs_cuda, needs_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not ((torch.cuda.is_available() or INTERPRET) and HAVE_TRITON),
-    reason="needs a CUDA GPU with triton, or TRITON_INTERPRET=1 (interpreter on CPU)",
-)
 # The interpreter computes through numpy, which has no bfloat16.
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
@@ -58,7 +50,7 @@ def test_skinny_linear_refuses_what_it_cannot_take():
         skinny_linear(torch.randn(4, 128, device=DEVICE, dtype=DTYPE), w.t().contiguous().t())
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and triton")
+@needs_cuda
 def test_fused_linear_takes_the_tuned_kernel_and_matches_cublas():
     """A linear of a tuned shape takes the Triton kernel for a few rows, cuBLAS for many."""
     from unittest import mock
@@ -80,7 +72,9 @@ def test_fused_linear_takes_the_tuned_kernel_and_matches_cublas():
 
 
 @needs_triton
-@pytest.mark.parametrize("act, torch_act", [("gelu", "gelu"), ("tanh", "gelu_pytorch_tanh"), ("silu", "silu")])
+@pytest.mark.parametrize(
+    "act, torch_act", [("gelu", "gelu"), ("tanh", "gelu_pytorch_tanh"), ("silu", "silu")]
+)
 @pytest.mark.parametrize("split", [1, 4])
 def test_skinny_linear_activation_epilogue_matches_torch(act, torch_act, split):
     """The activation in the epilogue equals torch's on the linear's rounded output, with and

@@ -1,11 +1,11 @@
 """Sparse decode end to end on a tiny Llama, profiles, and calibration mechanics; on a GPU
 (skipped elsewhere) the Triton path through the engine with CUDA graphs."""
 
-import importlib.util
 import math
 
 import pytest
 import torch
+from gpu_marks import needs_cuda as needs_gpu
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
@@ -92,7 +92,9 @@ def test_copy_on_write_copies_the_summaries(llama_folder, tmp_path):
     with torch.inference_mode():  # as in a step (the cache tensors are inference tensors)
         runner.copy_blocks([(2, 200), (5, 201)])
     for b in backends:
-        assert torch.equal(b.kmin[[200, 201]], b.kmin[[2, 5]]) and torch.equal(b.kmax[[200, 201]], b.kmax[[2, 5]])
+        assert torch.equal(b.kmin[[200, 201]], b.kmin[[2, 5]]) and torch.equal(
+            b.kmax[[200, 201]], b.kmax[[2, 5]]
+        )
     for k, _ in runner.kv_caches:
         assert torch.equal(k[[200, 201]], k[[2, 5]])
 
@@ -129,7 +131,9 @@ def test_version_1_profile_loads_as_one_fraction_per_head(tmp_path):
     import json
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "sparse_profile-smollm2.json")
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "..", "benchmarks", "results", "sparse_profile-smollm2.json"
+    )
     with open(path) as f:
         assert json.load(f)["version"] == 1
     p = SparseProfile.load(path)
@@ -191,15 +195,19 @@ def test_calibration_by_length_gives_a_length_rule(llama_folder, tmp_path):
     # At each calibrated length the rule gives that bin's blocks, made non-decreasing in the
     # length (a longer context never gets fewer blocks).
     nbs = torch.tensor(profile.lengths, dtype=torch.float64) / 4
-    want = torch.cummax(torch.tensor(profile.kv_budget_by_length, dtype=torch.float64)[:, 1] * nbs[:, None], 0).values
+    want = torch.cummax(
+        torch.tensor(profile.kv_budget_by_length, dtype=torch.float64)[:, 1] * nbs[:, None], 0
+    ).values
     for j, nb in enumerate(nbs):
         torch.testing.assert_close(profile.rule(1).raw(nb), want[j])
     retargeted = profile.retarget(0.8)
     assert len(retargeted.kv_budget_by_length) == 3
     assert retargeted.kv_budget == retargeted.kv_budget_by_length[0]
     assert all(
-        a <= b for t8, t9 in zip(retargeted.kv_budget_by_length, profile.kv_budget_by_length)
-        for r8, r9 in zip(t8, t9) for a, b in zip(r8, r9)
+        a <= b
+        for t8, t9 in zip(retargeted.kv_budget_by_length, profile.kv_budget_by_length)
+        for r8, r9 in zip(t8, t9)
+        for a, b in zip(r8, r9)
     )
 
 
@@ -223,15 +231,29 @@ def test_length_rule_profiles_are_validated():
     with pytest.raises(ValueError, match="one table per calibrated length"):
         SparseProfile("m", 16, 0.9, 4, 2, 4, 2, table, lengths=[512.0])
     with pytest.raises(ValueError, match="ascending"):
-        SparseProfile("m", 16, 0.9, 4, 2, 4, 2, table, lengths=[512.0, 256.0], kv_budget_by_length=[table, table])
+        SparseProfile(
+            "m", 16, 0.9, 4, 2, 4, 2, table, lengths=[512.0, 256.0], kv_budget_by_length=[table, table]
+        )
     with pytest.raises(ValueError, match="shortest"):
-        SparseProfile("m", 16, 0.9, 4, 2, 4, 2, table, lengths=[256.0, 512.0],
-                      kv_budget_by_length=[[[0.5, 0.5]] * 2, table])
+        SparseProfile(
+            "m",
+            16,
+            0.9,
+            4,
+            2,
+            4,
+            2,
+            table,
+            lengths=[256.0, 512.0],
+            kv_budget_by_length=[[[0.5, 0.5]] * 2, table],
+        )
 
 
 def test_uniform_of_a_length_rule_keeps_the_total_at_each_length():
     short, long = [[0.5, 0.25], [0.75, 0.5]], [[0.25, 0.125], [0.25, 0.25]]
-    p = SparseProfile("m", 16, 0.9, 4, 2, 4, 2, short, lengths=[1024.0, 4096.0], kv_budget_by_length=[short, long])
+    p = SparseProfile(
+        "m", 16, 0.9, 4, 2, 4, 2, short, lengths=[1024.0, 4096.0], kv_budget_by_length=[short, long]
+    )
     u = p.uniform()
     assert u.kv_budget_by_length == [[[0.5, 0.5]] * 2, [[0.21875, 0.21875]] * 2]
     for ctx in (1024, 4096):
@@ -250,10 +272,6 @@ def test_cli_has_calibrate_heads_and_flag():
 
 # --- GPU: the Triton path (selection + balanced decode, summaries in write_kv) in the engine ---
 
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
-    reason="needs a CUDA GPU and triton (Triton sparse path, CUDA graphs)",
-)
 # Chunked prefill (64-token steps) mixes prefill chunks with decode rows; the rest is decode-only
 # steps, which replay CUDA graphs.
 GPU_KW = dict(
@@ -301,7 +319,9 @@ SHORT, LONG = [[0.5, 0.6], [0.4, 0.5]], [[0.25, 0.4], [0.2, 0.3]]
     [
         SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]),
         # a length rule: the prompts (90-400 tokens) sit below, between and past its knots
-        SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, SHORT, lengths=[96.0, 256.0], kv_budget_by_length=[SHORT, LONG]),
+        SparseProfile(
+            "tiny", 16, 0.9, 4, 2, 4, 2, SHORT, lengths=[96.0, 256.0], kv_budget_by_length=[SHORT, LONG]
+        ),
     ],
     ids=["fractions", "length-rule"],
 )
@@ -341,7 +361,9 @@ def test_gpu_gate_crossing_captures_both_graphs(llama_folder, tmp_path):
     SparseProfile("tiny", 16, 0.9, 4, 2, 4, 2, [[0.25, 0.5], [0.3, 0.4]]).save(path)
     prompts = random_prompts([150, 120], seed=9)
     dense, _ = _gpu_generate(llama_folder, prompts, max_tokens=80)
-    tokens, llm = _gpu_generate(llama_folder, prompts, max_tokens=80, sparse_attention=path, sparse_min_context=200)
+    tokens, llm = _gpu_generate(
+        llama_folder, prompts, max_tokens=80, sparse_attention=path, sparse_min_context=200
+    )
     graphs = llm.engine.executor.runner.decode_graphs
     assert graphs is not None and {key[2] for key in graphs.graphs} == {False, True}
     # Token j (j >= 1) of the 150-token row comes from a step whose longest KV is 150 + j:
@@ -350,5 +372,7 @@ def test_gpu_gate_crossing_captures_both_graphs(llama_folder, tmp_path):
     eager_llm = LLM(llama_folder, **GPU_KW, sparse_attention=path, sparse_min_context=200)
     eager_llm.engine.executor.runner.use_cuda_graphs = False
     params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
-    eager = [o.outputs[0].token_ids for o in eager_llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    eager = [
+        o.outputs[0].token_ids for o in eager_llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    ]
     assert tokens == eager

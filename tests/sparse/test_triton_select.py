@@ -7,12 +7,11 @@ score exact whatever the summation order, so the selections must agree exactly, 
 (there are many: small integers collide often).
 """
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
+from gpu_marks import HAVE_TRITON, INTERPRET, needs_triton
 
 from fapool.attention import TorchReferenceBackend
 from fapool.attention.sparse import SparseAttentionBackend
@@ -25,14 +24,8 @@ from fapool.sparse.selection import (
     select_blocks_torch,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and not INTERPRET
 DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(
-    not ((torch.cuda.is_available() or INTERPRET) and HAVE_TRITON),
-    reason="needs a CUDA GPU with triton, or TRITON_INTERPRET=1 with triton installed (interpreter on CPU)",
-)
 needs_cuda = pytest.mark.skipif(not (CUDA and HAVE_TRITON), reason="CUDA graphs need a CUDA GPU with triton")
 # The interpreter computes through numpy, which has no bfloat16.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -173,7 +166,9 @@ def test_budget_rule_through_its_knots():
     assert all(bool((b >= a).all()) for a, b in zip(ks, ks[1:]))  # monotone in the length
     one = BudgetRule.from_knots([[0.3, 0.7]], [100.0])  # one knot: the plain fraction rule
     for nb in range(1, 300):
-        assert torch.equal(budget_blocks(one, nb, 4), budget_blocks(torch.tensor([0.3, 0.7], dtype=torch.float64), nb, 4))
+        assert torch.equal(
+            budget_blocks(one, nb, 4), budget_blocks(torch.tensor([0.3, 0.7], dtype=torch.float64), nb, 4)
+        )
     with pytest.raises(ValueError, match="ascending"):
         BudgetRule.from_knots([[0.5], [0.4]], [64.0, 64.0])
     with pytest.raises(ValueError, match="one row of head fractions per knot"):

@@ -7,10 +7,9 @@ without the fused kernels, through finishing requests, n > 1 (copy-on-write) and
 the fused kernels against the torch code they replace.
 """
 
-import importlib.util
-
 import pytest
 import torch
+from gpu_marks import needs_cuda as needs_gpu
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
@@ -18,10 +17,6 @@ from fapool.core.scheduler import ScheduledRequest
 from fapool.request import Request
 from fapool.worker.cuda_graphs import DecodeInputs, capture_sizes
 
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
-    reason="needs a CUDA GPU and triton (CUDA graphs, Triton kernels)",
-)
 BS = 16
 
 
@@ -243,7 +238,9 @@ def test_sampling_inside_graphs_and_async_equals_eager_sync(tiny_checkpoints):
         SamplingParams(temperature=1.0, seed=2, max_tokens=25, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0.7, top_k=10, min_p=0.02, seed=3, max_tokens=30, ignore_eos=True),
         SamplingParams(temperature=1.1, seed=4, max_tokens=12, ignore_eos=True),
-        SamplingParams(temperature=0.6, top_p=0.8, top_k=40, seed=5, max_tokens=30, ignore_eos=True, logprobs=0),
+        SamplingParams(
+            temperature=0.6, top_p=0.8, top_k=40, seed=5, max_tokens=30, ignore_eos=True, logprobs=0
+        ),
     ]
     ids = [{"prompt_token_ids": p} for p in prompts]
     llm, runner = _run(folder, async_scheduling=True)
@@ -262,11 +259,19 @@ def test_edited_logits_with_graphs_and_async_equal_eager_sync(tiny_text_model):
     from fapool.sampling_params import StructuredOutputs
 
     params = [
-        SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=30, repetition_penalty=1.2, logprobs=2),
+        SamplingParams(
+            temperature=0.8, top_p=0.95, seed=1, max_tokens=30, repetition_penalty=1.2, logprobs=2
+        ),
         SamplingParams(temperature=0.0, max_tokens=20, presence_penalty=0.4, frequency_penalty=0.6),
-        SamplingParams(temperature=1.0, seed=2, max_tokens=25, logit_bias={100: 2.0}, min_tokens=10, bad_words=["e"]),
-        SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputs(choice=["red", "green"])),
-        SamplingParams(temperature=0.7, seed=3, max_tokens=12, structured_outputs=StructuredOutputs(regex=r"[0-9]{3}")),
+        SamplingParams(
+            temperature=1.0, seed=2, max_tokens=25, logit_bias={100: 2.0}, min_tokens=10, bad_words=["e"]
+        ),
+        SamplingParams(
+            temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputs(choice=["red", "green"])
+        ),
+        SamplingParams(
+            temperature=0.7, seed=3, max_tokens=12, structured_outputs=StructuredOutputs(regex=r"[0-9]{3}")
+        ),
         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
     ]
     prompts = ["Alpha", "Beta gamma", "Delta", "Colour:", "Number:", "Zeta eta theta"]

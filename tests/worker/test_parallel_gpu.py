@@ -8,21 +8,14 @@ ranks share it over gloo with host-staged tensors; on a machine with a GPU per r
 tests run over NCCL.
 """
 
-import importlib.util
-
 import pytest
 import torch
+from gpu_marks import needs_cuda as needs_gpu
 from p2p_order import assert_pairs_mirror
 from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
 from fapool.worker.comm import TRACE_ENV, Topology, place_ranks
-
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
-    reason="needs a CUDA GPU and triton",
-)
-
 
 # --- placement (CPU) ---------------------------------------------------------------------
 
@@ -111,10 +104,10 @@ def _check_placement(runner, world_size):
 
 
 @needs_gpu
-@pytest.mark.parametrize(
-    "tp,pp,backend", [(2, 1, "triton"), (1, 2, "triton"), (2, 1, "torch")]
-)
-def test_parallel_on_gpu_matches_single_process(tiny_checkpoints, gpu_reference, tp, pp, backend, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tp,pp,backend", [(2, 1, "triton"), (1, 2, "triton"), (2, 1, "torch")])
+def test_parallel_on_gpu_matches_single_process(
+    tiny_checkpoints, gpu_reference, tp, pp, backend, tmp_path, monkeypatch
+):
     want = gpu_reference(attention_backend=backend, **SMALL_CACHE)
     monkeypatch.setenv(TRACE_ENV, str(tmp_path))
     kw = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, attention_backend=backend, **SMALL_CACHE)
