@@ -143,7 +143,7 @@ class LLMEngine:
         if not token_ids:
             raise RequestError("the prompt is empty")
         vocab = self.config.model.vocab_size
-        # C-speed checks (a 32K-token prompt is validated in about a millisecond); bools are refused.
+        # Checks that run in C (a long prompt has tens of thousands of ids); bools are refused.
         if set(map(type, token_ids)) != {int} or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise RequestError(f"prompt token ids must be ints in [0, {vocab})")
         max_len = self.config.max_model_len
