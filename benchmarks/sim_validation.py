@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fapool.sim.afd_events import regret_sweep
-from fapool.sim.calibrate import calibrate, cpu_name, summary_lines
+from fapool.bench.results import device_name
+from fapool.sim.calibrate import calibrate, summary_lines
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware
 from fapool.sim.planner import PlannerInputs, _PoolMeanField, make_plan, pool_balance_size
@@ -393,7 +394,7 @@ def main() -> int:
         "label": "SIMULATED -- roofline presets, not measurements",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "cpu": cpu_name(),
+        "cpu": device_name("cpu"),
         "python": platform.python_version(),
         "quick": args.quick,
         "hardware_presets": {

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,14 +47,10 @@ GPU_DECODE = [(8, 32, 512, 128), (8, 32, 2048, 128), (32, 32, 2048, 128), (16, 3
               (64, 32, 4096, 128), (8, 32, 32768, 128)]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def typical(times, cpu: bool) -> float:
+    """The 20th percentile (CPU: on a shared machine noise from other processes only adds time)
+    or the median (GPU)."""
+    return float(np.percentile(times, 20 if cpu else 50))
 
 
 def _run(fn, reps: int, device) -> float:
@@ -77,47 +72,29 @@ def _run(fn, reps: int, device) -> float:
 
 
 def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
-    """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: the 20th percentile of
-    single calls (on a shared machine noise only ever adds time)."""
+    """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: `typical` of single calls."""
     fn()
     fn()  # warm-up: allocation, kernel selection
     once = max(_run(fn, 1, device), 1e-7)
     reps = int(min(max_reps, max(5, min_time / once)))
     if device.type == "cuda":
         return float(min(_run(fn, max(1, reps // 3), device) for _ in range(3)))
-    return float(np.percentile([_run(fn, 1, device) for _ in range(reps)], 20))
+    return typical([_run(fn, 1, device) for _ in range(reps)], cpu=True)
 
 
 def time_graph(fn, device, target_s: float = 2e-4) -> float:
     """Seconds per call of `fn` replayed in a CUDA graph of ~`target_s` (no host launch cost in the
-    device time); `time_op` on a CPU or for a call that cannot be captured."""
-    import torch
-
+    device time; fapool.bench.linear's timer); `time_op` on a CPU or for a call that cannot be captured."""
     if device.type != "cuda":
         return time_op(fn, device)
+    from fapool.bench.linear import time_graph as graph_median
+
     once = time_op(fn, device, min_time=0.005, max_reps=20)
     copies = int(min(64, max(1, target_s / max(once, 1e-7))))
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(copies):
-                fn()
+        return float(graph_median(lambda _: fn(), copies))
     except Exception:  # noqa: BLE001 - an op that cannot be captured is timed eagerly
         return once
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / copies)
-    return float(np.median(times[2:]))
 
 
 def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
@@ -299,8 +276,7 @@ def _comm_worker(rank: int, port: int, sizes: list[int], queue) -> None:
                 t = time.perf_counter()
                 call()
                 times.append(time.perf_counter() - t)
-            # 20th percentile, as time_op: on a shared machine a descheduled peer only adds.
-            el = float(np.percentile(times, 20))
+            el = typical(times, cpu=True)  # a descheduled peer only adds time
             if op == "p2p":
                 el /= 2  # a round trip is two one-way messages
             results.append({"op": op, "bytes": x.numel() * 4, "ranks": 2, "s": el})
@@ -360,6 +336,8 @@ def calibrate(
         engine_twin(model, 1, twin)
     import torch
 
+    from fapool.bench.results import device_name
+
     if threads:
         torch.set_num_threads(threads)
     if device == "auto":
@@ -389,7 +367,7 @@ def calibrate(
         "schema": SCHEMA,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device_kind": dev.type,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "device_name": device_name(str(dev)),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),

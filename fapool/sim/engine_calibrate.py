@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from fapool.config import ModelConfig
+from fapool.sim.calibrate import typical
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 
@@ -54,28 +54,44 @@ def tiny_twin(model: ModelConfig | None, num_layers: int) -> ModelConfig:
     return model.replace(**base, rope_scaling=None, sliding_window=None, bos_token_id=None, eos_token_ids=())
 
 
-def build_engine(mc: ModelConfig, device: str, max_batch: int, max_tokens: int, num_blocks: int, **extra):
-    """An engine over `mc` with random weights and an explicit KV size (`extra`: more EngineArgs)."""
+def kv_blocks(batch: int, tokens: int) -> int:
+    """16-token KV blocks for `batch` sequences of up to `tokens` tokens each, with a margin."""
+    return batch * (-(-tokens // 16) + 1) + 8
+
+
+@contextmanager
+def engines_of(models: Sequence[ModelConfig], device: str, max_batch: int, num_blocks: int,
+               **extra) -> Iterator[list]:
+    """An engine over each of `models`, random weights and an explicit KV size (`extra`: more
+    EngineArgs); shut down and freed on exit."""
+    import torch
+
     from fapool.attention.selector import make_backend
     from fapool.engine.arg_utils import EngineArgs
     from fapool.engine.llm_engine import LLMEngine
     from fapool.models.registry import build_model
     from fapool.worker.model_runner import DTYPES
 
-    # No prefix caching (random prompts never hit); synchronous steps, so the host's serial work is
-    # what is measured (the cost model overlaps it where the engine schedules asynchronously).
-    config = EngineArgs(device=device, num_kv_blocks=num_blocks, max_num_seqs=max_batch,
-                        max_num_batched_tokens=max_tokens, enable_prefix_caching=False,
-                        async_scheduling=False, **extra).create_engine_config(mc)
-    backend = make_backend(config.attention_backend, config.device)
-    model = build_model(mc, backend, DTYPES[config.dtype], config.device)
-    model.init_random_weights(config.seed)
-    return LLMEngine(config, model.eval(), backend)
-
-
-def typical(times: Sequence[float], cpu: bool) -> float:
-    """The median (GPU) or 20th percentile (CPU, where noise from other processes only adds)."""
-    return float(np.percentile(times, 20)) if cpu else float(statistics.median(times))
+    engines = []
+    try:
+        for mc in models:
+            # No prefix caching (random prompts never hit); synchronous steps, so the host's serial
+            # work is what is measured (the cost model overlaps it where the engine runs asynchronously).
+            config = EngineArgs(device=device, num_kv_blocks=num_blocks, max_num_seqs=max_batch,
+                                max_num_batched_tokens=8192, enable_prefix_caching=False,
+                                async_scheduling=False, **extra).create_engine_config(mc)
+            backend = make_backend(config.attention_backend, config.device)
+            model = build_model(mc, backend, DTYPES[config.dtype], config.device)
+            model.init_random_weights(config.seed)
+            engines.append(LLMEngine(config, model.eval(), backend))
+        yield engines
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        engines.clear()
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 @contextmanager
@@ -115,6 +131,16 @@ def _timed(fn, times: list[float], sync=lambda: None):
     return call
 
 
+def step_times(engine, steps: int) -> list[float]:
+    """Seconds of each of `steps` engine steps."""
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def measure_decode(engine, batch: int, context: int, steps: int, warmup: int) -> dict:
     """Typical whole-step, execute, prepare and device seconds of `steps` decode steps."""
     import torch
@@ -128,12 +154,8 @@ def measure_decode(engine, batch: int, context: int, steps: int, warmup: int) ->
         exec_t: list[float] = []
         prep_t: list[float] = []
         runner.execute, runner.prepare = _timed(runner.execute, exec_t, sync), _timed(runner.prepare, prep_t)
-        step_t = []
         try:
-            for _ in range(steps):
-                t = time.perf_counter()
-                engine.step()
-                step_t.append(time.perf_counter() - t)
+            step_t = step_times(engine, steps)
         finally:
             del runner.execute, runner.prepare
         step_s, exec_s = typical(step_t, not cuda), typical(exec_t, not cuda)
@@ -146,7 +168,7 @@ def measure_decode(engine, batch: int, context: int, steps: int, warmup: int) ->
         if not all(len(r.output_token_ids) > 0 for r in reqs) or any(r.finished for r in reqs):
             raise RuntimeError("a calibration request finished inside the timed window")
     return {"batch": batch, "context": context, "mode": mode, "step_s": step_s, "execute_s": exec_s,
-            "prepare_s": prep_s, "device_s": device_s, "step_median_s": float(statistics.median(step_t)),
+            "prepare_s": prep_s, "device_s": device_s, "step_median_s": typical(step_t, cpu=False),
             "kv_tokens": batch * (context + warmup + 1 + steps / 2)}
 
 
@@ -191,8 +213,6 @@ def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], mod
                      grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Run the engine decode and fit the host, fixed-cost and (GPU) launch terms; `cost_for(config)` is a
     CostModel of the kernel fits alone."""
-    import torch
-
     cuda = device.startswith("cuda")
     grid = grid or (QUICK_GPU if cuda else QUICK_CPU)
     depths = tuple(grid["layers"])
@@ -200,16 +220,15 @@ def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], mod
         raise SimInputError("engine calibration needs two or more depths (>= 1 layer), each larger than "
                             "the last")
     lo = depths[0]
-    max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])
-    extra = grid["steps"] + grid["warmup"] + 16
-    blocks = max_b * (-(-(max_ctx + extra) // 16) + 1) + 8
+    max_b = max(grid["batches"])
+    blocks = kv_blocks(max_b, max(grid["contexts"]) + grid["steps"] + grid["warmup"] + 16)
     t0 = time.perf_counter()
     twin = grid.get("twin", "tiny")
-    engines = {d: build_engine(engine_twin(model, d, twin), device, max_b, 8192, blocks) for d in depths}
     samples: list[dict] = []
     eager: list[dict] = []
-    try:
-        for engine in engines.values():
+    with engines_of([engine_twin(model, d, twin) for d in depths], device, max_b, blocks) as built:
+        engines = dict(zip(depths, built))
+        for engine in built:
             measure_decode(engine, 2, 32, 3, 1)  # compiles kernels, captures the first graph
         # Depths alternate at each point, repeated (CPU) keeping the fastest: load drifts.
         for batch, context in itertools.product(grid["batches"], grid["contexts"]):
@@ -230,13 +249,6 @@ def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], mod
                 engine.executor.runner.decode_graphs = None
                 row = measure_decode(engine, b, c, grid["steps"], grid["warmup"])
                 eager.append({"layers": depth, **row})
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
-        engines.clear()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
 
     # Device: the slope over depth, minus what the rooflines already price.
     layer_res, step_res = [], []
@@ -299,7 +311,7 @@ def measure_pool_decode(engine, batch: int, context: int, steps: int, warmup: in
         for _ in range(steps):
             engine.step()
         rows = list(stats)
-    p20 = lambda xs: float(np.percentile(xs, 20))  # noqa: E731
+    p20 = lambda xs: typical(xs, cpu=True)  # noqa: E731
     workers = sorted({w for s in rows for w in s.workers})
     worker_s = {str(w): p20([s.workers[w].compute_s if w in s.workers else 0.0 for s in rows])
                 for w in workers}
@@ -361,15 +373,13 @@ def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig
     grid = grid or QUICK_POOL
     t0 = time.perf_counter()
     max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])
-    blocks = max_b * (-(-(max_ctx + grid["steps"] + grid["warmup"] + 16) // 16) + 1) + 8
+    blocks = kv_blocks(max_b, max_ctx + grid["steps"] + grid["warmup"] + 16)
     samples: list[dict] = []
     for depth, (workers, n_mb) in itertools.product(grid["layers"], grid["pools"]):
-        engine = build_engine(
-            tiny_twin(model, depth), "cpu", max_b, 8192, blocks,
-            attention_workers=workers, micro_batches=n_mb, pool_threshold=grid["threshold"],
-            tokens_per_pool_worker=grid["tokens_per_worker"], pool_mode="shard", worker_kv_blocks=blocks,
-        )
-        try:
+        pool = {"attention_workers": workers, "micro_batches": n_mb, "pool_threshold": grid["threshold"],
+                "tokens_per_pool_worker": grid["tokens_per_worker"], "pool_mode": "shard",
+                "worker_kv_blocks": blocks}
+        with engines_of([tiny_twin(model, depth)], "cpu", max_b, blocks, **pool) as (engine,):
             measure_pool_decode(engine, 2, max_ctx, 2, 1)  # first steps: allocation, warm caches
             for batch, context in itertools.product(grid["batches"], grid["contexts"]):
                 row = measure_pool_decode(engine, batch, context, grid["steps"], grid["warmup"])
@@ -380,9 +390,6 @@ def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig
                     progress(f"pool L={depth} A={workers} mb={n_mb} B={batch} ctx={context}: driver busy "
                              f"{row['driver_busy_s'] * 1e3:.2f} ms, "
                              f"worker {list(row['worker_attention_s'].values())}")
-        finally:
-            engine.shutdown()
-            gc.collect()
     cost = cost_for(tiny_twin(model, grid["layers"][0]))
     fit = fit_pool_terms(samples, cost)
     return {"model": f"tiny twin, layers {grid['layers']}, (workers, micro-batches) {grid['pools']}", **fit,
@@ -459,7 +466,7 @@ def calibrate_ranks(cost_for: Callable[[ModelConfig], object], model: ModelConfi
     configs = [("afd", mb, {**afd, "micro_batches": mb}) for mb in (1, 2)]
     configs += [("tp", n, {"tensor_parallel_size": n}) for n in tps]
     b, ctx, steps, warmup = grid["batch"], grid["context"], grid["steps"], grid["warmup"]
-    blocks = b * (-(-(ctx + steps + warmup + 24) // 16) + 1) + 8
+    blocks = kv_blocks(b, ctx + steps + warmup + 24)
     samples = []
     for kind, n, args in configs:
         # One multi-rank engine a process: the depths alternate, `rounds` times each, so drifting load
@@ -467,18 +474,11 @@ def calibrate_ranks(cost_for: Callable[[ModelConfig], object], model: ModelConfi
         times: dict[int, list[float]] = {d: [] for d in grid["layers"]}
         ctx_mean = []
         for _, d in itertools.product(range(grid["rounds"]), grid["layers"]):
-            engine = build_engine(engine_twin(model, d, twin), "cpu", b, 8192, blocks, **args)
-            try:
+            with engines_of([engine_twin(model, d, twin)], "cpu", b, blocks, **args) as (engine,):
                 for _ in range(grid["repeats"]):
                     with decoding(engine, b, ctx, steps + warmup + 8, warmup) as reqs:
                         ctx_mean.append(reqs[0].num_computed_tokens + (steps - 1) / 2)
-                        for _ in range(steps):
-                            t = time.perf_counter()
-                            engine.step()
-                            times[d].append(time.perf_counter() - t)
-            finally:
-                engine.shutdown()
-                gc.collect()
+                        times[d] += step_times(engine, steps)
         # The median, not the 20th percentile: the ranks' wake-ups spread a multi-process step's times
         # (median/p20 1.05-1.16 against the single process's 1.04), and the median is what is predicted.
         for d in grid["layers"]:
