@@ -20,9 +20,6 @@ class AFDPoint:
     r: int
     step_time: float  # expected seconds per decode step (= TPOT in steady state)
     throughput_per_gpu: float  # tokens/s/GPU
-    attn_total_mean: float  # L * mean attention-GPU layer time
-    attn_total_max: float  # L * expected slowest of the r
-    ffn_total: float  # L * FFN layer + LM head
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,6 @@ class AFDPlan:
     best: AFDPoint
     b: int
     f_tp: int
-    overlap: bool
     balance_ratio: float  # r where the mean attention total equals the FFN total
     ffn_bound_ratio: float  # optimum if the FFN side bound from r = 1 (sqrt rule)
     curve: list[AFDPoint]
@@ -78,14 +74,13 @@ class AFDModel:
         s_max, w = max_of_sums_distribution(self.m, self.b, r)
         a_mean, alpha, a_net = self._a_terms(r)
         a_max = a_mean + alpha * (s_max - self.b * self.m.mean)
-        a_max_mean = float((a_max * w).sum())
         bundle = self._bundle(r)
         f_parts = bundle.ffn_layer(self.cost, r * self.b)
         steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b, r * self.b * self.m.mean)
         step = float((np.asarray(steps) * w).sum())
         n = r * self.b
         thr = n / (step * (r + self.f_tp))
-        return AFDPoint(r, step, thr, self.L * a_mean, self.L * a_max_mean, self._f_total(r))
+        return AFDPoint(r, step, thr)
 
     def balance_ratio(self) -> float:
         """r solving L * mean attention layer = F_total(r) ~ beta + gamma * r (fitted where the FFN side
@@ -116,7 +111,7 @@ class AFDModel:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
         ratios = (self.balance_ratio(), self.ffn_bound_ratio())
-        return AFDPlan(best, self.b, self.f_tp, self.overlap, *ratios, curve)
+        return AFDPlan(best, self.b, self.f_tp, *ratios, curve)
 
 
 def length_moments(prompt, output, seed: int = 0) -> ContextMoments:
