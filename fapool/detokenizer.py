@@ -7,6 +7,7 @@ sequence ("\ufffd").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -17,16 +18,44 @@ class DetokenizerState:
     text: str = ""
 
 
+def backend_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str] | None:
+    """The Rust `tokenizers` decode of a transformers fast tokenizer, when the wrapper's decode
+    would return exactly its text (no subclass override, no clean-up of tokenization spaces);
+    else None. The wrapper costs several times the decode itself, twice per token."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: keep its decode
+        return None
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        not isinstance(tokenizer, TokenizersBackend)
+        or backend is None
+        or cls.decode is not PreTrainedTokenizerBase.decode
+        or cls._decode is not TokenizersBackend._decode
+        or getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    ):
+        return None
+    skip = bool(skip_special_tokens)
+    return lambda ids: backend.decode(ids, skip_special_tokens=skip)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode = None
+        if tokenizer is not None:
+            self._decode = backend_decode(tokenizer, skip_special_tokens) or (
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            )
 
     def step(self, state: DetokenizerState, token_ids: list[int]) -> str:
         """Append the text of token_ids' newest tokens to state.text; return the new text."""
-        if self.tokenizer is None:
+        decode = self._decode
+        if decode is None:
             return ""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
         prefix = decode(token_ids[state.prefix_offset : state.read_offset])
         full = decode(token_ids[state.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

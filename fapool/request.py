@@ -26,7 +26,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self._finished
+
+
+for _s in RequestStatus:  # a plain attribute: Request.finished is read per request per step
+    _s._finished = _s.name.startswith("FINISHED")
 
 
 class Request:
@@ -113,7 +117,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.status.finished
+        return self.status._finished
 
     def append_token(self, token_id: int, logprobs: list[Logprob] | None = None) -> None:
         self.output_token_ids.append(token_id)
@@ -146,14 +150,16 @@ class Request:
     def check_stop(self) -> RequestStatus | None:
         """Token-level stop conditions after the last appended token (stop strings are checked
         on text by the detokenizer)."""
-        last = self.output_token_ids[-1]
-        if not self.params.ignore_eos and last in self.eos_token_ids:
+        out = self.output_token_ids
+        last = out[-1]
+        params = self.params
+        if last in self.eos_token_ids and not params.ignore_eos:
             self.stop_reason = None
             return RequestStatus.FINISHED_STOPPED
-        if last in self.params.stop_token_ids:
+        if last in params.stop_token_ids:
             self.stop_reason = last
             return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.max_tokens:
+        if len(out) >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -319,15 +320,17 @@ class LLMEngine:
         drop = lost | self._lost_inflight
         self._lost_inflight = lost if launched_after else set()
         self._record_pool_stats()
+        now = time.monotonic()  # the step's tokens all reach the host now
+        on_token = self._on_token
         for s, tok, lp in zip(inflight.pending.due, tokens, logprobs):
             req = s.request
             req.num_output_placeholders -= 1
-            if req.finished or req.request_id in drop:  # stopped, aborted or lost since scheduled
+            if req.finished or (drop and req.request_id in drop):  # stopped, aborted or lost since scheduled
                 continue
-            self._on_token(req, tok, lp)
+            on_token(req, tok, lp, now)
         return inflight.groups
 
-    def _on_token(self, req: Request, tok: int, lp) -> None:
+    def _on_token(self, req: Request, tok: int, lp, now: float | None = None) -> None:
         if tok < 0:
             req.error = "sampling failed: the model's logits hold NaN"
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
@@ -336,7 +339,7 @@ class LLMEngine:
             req.error = f"structured output: token {tok} rejected by the grammar ({req.matcher.get_error()})"
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
             return
-        status = self.outputs.on_token(req, tok, lp)
+        status = self.outputs.on_token(req, tok, lp, now)
         if status is None and req.matcher is not None and req.matcher.is_stopped():
             status = RequestStatus.FINISHED_STOPPED  # the grammar is complete and allows nothing more
         if status is not None:

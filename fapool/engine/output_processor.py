@@ -14,29 +14,41 @@ from fapool.sampling_params import RequestOutputKind
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._detok: dict[str, tuple[IncrementalDetokenizer, DetokenizerState]] = {}
+        self._detokenizers: dict[bool, IncrementalDetokenizer] = {}  # by skip_special_tokens (stateless)
+        self._detok: dict[str, DetokenizerState] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # DELTA requests: (tokens, characters) already output
 
-    def on_token(self, req: Request, token: int, logprobs: list[Logprob] | None) -> RequestStatus | None:
-        """Record one sampled token; returns the finishing status if the request is done."""
-        now = time.monotonic()
+    def on_token(
+        self, req: Request, token: int, logprobs: list[Logprob] | None, now: float | None = None
+    ) -> RequestStatus | None:
+        """Record one sampled token (arrived at `now`, time.monotonic; default now); returns the
+        finishing status if the request is done."""
+        if now is None:
+            now = time.monotonic()
         req.append_token(token, logprobs)
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.metrics.last_token_time = now
+        metrics = req.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         status = req.check_stop()
-        stops = req.params.stop
         if self.tokenizer is not None:
-            detok, state = self._detok.setdefault(
-                req.request_id, (IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens), DetokenizerState())
-            )
+            params = req.params
+            state = self._detok.get(req.request_id)
+            if state is None:
+                state = self._detok[req.request_id] = DetokenizerState()
+            detok = self._detokenizers.get(params.skip_special_tokens)
+            if detok is None:
+                detok = self._detokenizers[params.skip_special_tokens] = IncrementalDetokenizer(
+                    self.tokenizer, params.skip_special_tokens
+                )
             new = detok.step(state, req.output_token_ids)
             req.text = state.text
+            stops = params.stop
             if stops and new:
                 hit = find_stop(req.text, len(new), stops)
                 if hit is not None:
                     idx, stop = hit
-                    req.text = req.text[: idx + len(stop)] if req.params.include_stop_str_in_output else req.text[:idx]
+                    req.text = req.text[: idx + len(stop)] if params.include_stop_str_in_output else req.text[:idx]
                     req.stop_reason = stop
                     status = RequestStatus.FINISHED_STOPPED
         return status

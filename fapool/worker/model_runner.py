@@ -52,6 +52,8 @@ class PendingTokens:
 
     def logprobs(self, tokens: list[int]) -> list[list[Logprob] | None]:
         """Per due row, given tokens(): its logprob entries, or None where none were asked."""
+        if self.host_logprobs is None:  # no row asked
+            return [None] * len(tokens)
         asked = [s.request.params.logprobs for s in self.due]
         return logprob_lists(tokens, self.host_logprobs, asked)
 
