@@ -3,10 +3,12 @@ Hugging Face parameter names, laid out exactly as transformers loads them."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import re
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from fapool.config import ConfigError, ModelConfig, RopeScaling
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # llama.cpp files Mistral under "llama"
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml type id -> dtype
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -39,11 +41,37 @@ ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored by llama.cpp as 
 _MISSING = object()
 
 
-def open_gguf(path: str) -> tuple[Any, ModelConfig]:
-    """The file's reader and its model config. Parsing the metadata (a vocabulary of ~50K
-    strings) takes seconds, so the last file read is kept until `release_gguf_readers`: the
-    config and the weights of one start share one parse. The parsed metadata is dropped once
-    the config holds what it needs (~90 MB of Python objects for the embedded model)."""
+@dataclasses.dataclass(frozen=True)
+class GgufFile:
+    """A parsed GGUF file: its metadata (string arrays such as the vocabulary as their lengths)
+    and tensor table, and the file mapped read-only; tensor bytes are read when asked for."""
+
+    path: str
+    metadata: dict[str, Any]
+    tensors: dict[str, Any]  # GGUF name -> transformers' TensorInfo (shape in torch order)
+    data_start: int
+    blob: np.ndarray
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A tensor's bytes as stored (uint8, flat), copied out of the mapping."""
+        info = self.tensors[name]
+        start = self.data_start + info.offset
+        return torch.from_numpy(np.array(self.blob[start : start + info.nbytes]))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A tensor as float32 in torch order."""
+        info = self.tensors[name]
+        raw = self.raw(name)
+        if info.ggml_type in FLOAT_TYPES:
+            values = raw.view(FLOAT_TYPES[info.ggml_type]).float()
+        else:
+            values = dequantize_blocks(raw, info.ggml_type)
+        return values.reshape(info.shape)
+
+
+def open_gguf(path: str) -> tuple[GgufFile, ModelConfig]:
+    """The parsed file and its model config. The last file read is kept until
+    `release_gguf_readers`, so the config and the weights of one start share one parse."""
     try:
         st = os.stat(path)
         stamp = (st.st_mtime_ns, st.st_size)
@@ -53,29 +81,49 @@ def open_gguf(path: str) -> tuple[Any, ModelConfig]:
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_file(path: str, mtime_ns: int, size: int) -> tuple[Any, ModelConfig]:
-    reader = _read_gguf(path)
-    config = _config_of(reader, path)
-    reader.fields.clear()  # the tensors keep their own index (reader.tensors)
-    return reader, config
+def _cached_file(path: str, mtime_ns: int, size: int) -> tuple[GgufFile, ModelConfig]:
+    file = _read_gguf(path)
+    return file, _config_of(file, path)
 
 
 def release_gguf_readers() -> None:
     _cached_file.cache_clear()
 
 
-def _read_gguf(path: str) -> Any:
-    from gguf import GGUFReader
+def _read_gguf(path: str) -> GgufFile:
+    """transformers' GGUF reader: the header in milliseconds (gguf-py's GGUFReader builds an
+    object per vocabulary entry and takes seconds)."""
+    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
 
+    size = os.path.getsize(path) if os.path.exists(path) else 0
     try:
-        return GGUFReader(path)
-    # A bad magic or version is a ValueError; a truncated file fails while the reader maps its
-    # header (IndexError) or its tensors (ValueError: the data is shorter than the shape).
-    except (ValueError, OSError, IndexError) as e:
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        raise ConfigError(
-            f"cannot read GGUF file {path} ({size} bytes; truncated or corrupt? re-download it): {e}"
-        ) from None
+        metadata, _ = read_gguf_metadata(path)
+        header = GgufHeader.from_file(path)
+    except ValueError as e:
+        if "not supported" in str(e):  # a tensor type with no dequantizer; the message names the file
+            raise ConfigError(str(e)) from None
+        raise _unreadable(path, size, e) from None
+    # A truncated header runs the reader off the end of the file (struct.error).
+    except (OSError, IndexError, struct.error) as e:
+        raise _unreadable(path, size, e) from None
+    for info in header.tensors:
+        if header.data_start + info.offset + info.nbytes > size:
+            raise _unreadable(path, size, f"tensor {info.name} ends past the end of the file")
+    tensors = {info.name: info for info in header.tensors}
+    return GgufFile(path, metadata, tensors, header.data_start, np.memmap(path, mode="r", dtype=np.uint8))
+
+
+def _unreadable(path: str, size: int, cause: object) -> ConfigError:
+    return ConfigError(f"cannot read GGUF file {path} ({size} bytes; truncated or corrupt? re-download it): {cause}")
+
+
+def dequantize_blocks(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Flat GGUF blocks -> flat float32 values, by gguf-py (numpy; on a CPU faster than
+    transformers' torch dequantizers for Q4_0 / Q4_1, the embedded model's types)."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    values = dequantize(raw.numpy(), GGMLQuantizationType(ggml_type))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(-1)
 
 
 def gguf_model_config(path: str) -> ModelConfig:
@@ -85,34 +133,23 @@ def gguf_model_config(path: str) -> ModelConfig:
 def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, float32 tensor). A tied lm_head (no output.weight) is not yielded.
     The file is opened and checked at the call, before the first tensor is asked for."""
-    reader, config = open_gguf(path)
-    # Check every tensor before yielding any, so a bad file fails before a partial load.
-    for t in reader.tensors:
-        if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
-            raise ConfigError(
-                f"{path}: tensor {t.name} has unsupported GGUF type {t.tensor_type.name}; "
-                f"supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
-            )
-        if t.name != ROPE_FREQS:
+    file, config = open_gguf(path)
+    # Check every name before yielding any, so a bad file fails before a partial load.
+    for name in file.tensors:
+        if name != ROPE_FREQS:
             try:
-                hf_name(t.name)
+                hf_name(name)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
-    return _iter_tensors(reader, config)
+    return _iter_tensors(file, config)
 
 
-def _iter_tensors(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf import dequantize
-
-    for t in reader.tensors:
-        if t.name == ROPE_FREQS:
+def _iter_tensors(file: GgufFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for gguf_name in file.tensors:
+        if gguf_name == ROPE_FREQS:
             continue  # folded into config.rope_scaling
-        name = hf_name(t.name)
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if not data.flags.writeable:  # an F32 tensor comes back as a view of the mapped file
-            data = data.copy()
-        tensor = torch.from_numpy(data)
+        name = hf_name(gguf_name)
+        tensor = file.tensor(gguf_name)
         if config.architecture == "llama":
             tensor = _unpermute_llama(name, tensor, config)
         yield name, tensor
@@ -144,25 +181,25 @@ def _unpermute_llama(name: str, w: torch.Tensor, config: ModelConfig) -> torch.T
     return w
 
 
-def _config_of(reader: Any, path: str) -> ModelConfig:
+def _config_of(file: GgufFile, path: str) -> ModelConfig:
     try:
-        return _config(reader)
+        return _config(file)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:  # metadata of the wrong type
         raise ConfigError(f"{path}: bad GGUF metadata: {e}") from None
 
 
-def _config(reader: Any) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+def _config(file: GgufFile) -> ModelConfig:
+    arch = _field(file, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         supported = ", ".join(GGUF_ARCHITECTURES)
         raise ConfigError(f"unsupported architecture {arch!r}; supported GGUF: {supported}")
 
     def key(suffix: str, default: Any = _MISSING) -> Any:
-        return _field(reader, f"{arch}.{suffix}", default)
+        return _field(file, f"{arch}.{suffix}", default)
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = file.tensors
     hidden = int(key("embedding_length"))
     num_heads = int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", hidden // num_heads))
@@ -172,7 +209,7 @@ def _config(reader: Any) -> ModelConfig:
     rope_theta = float(key("rope.freq_base", 10000.0))
 
     if ROPE_FREQS in tensors:
-        factors = torch.from_numpy(np.array(tensors[ROPE_FREQS].data, dtype=np.float32).reshape(-1))
+        factors = file.tensor(ROPE_FREQS).reshape(-1)
         original = int(key("rope.scaling.original_context_length", 8192))
         rope_scaling = llama3_scaling_from_factors(factors, head_dim, rope_theta, original)
     else:
@@ -185,14 +222,16 @@ def _config(reader: Any) -> ModelConfig:
     if vocab is None and "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[-1])
     if vocab is None:
-        vocab = _array_len(reader, "tokenizer.ggml.tokens")
+        vocab = _field(file, "tokenizer.ggml.tokens", None)  # a string array reads as its length
+        if vocab is None:
+            raise ConfigError("GGUF metadata has neither vocab_size nor tokenizer.ggml.tokens")
 
     eos: list[int] = []
     for name in ("eos_token_id", "eot_token_id", "eom_token_id"):  # all end a turn
-        token = _field(reader, f"tokenizer.ggml.{name}", None)
+        token = _field(file, f"tokenizer.ggml.{name}", None)
         if token is not None and int(token) not in eos:
             eos.append(int(token))
-    bos = _field(reader, "tokenizer.ggml.bos_token_id", None)
+    bos = _field(file, "tokenizer.ggml.bos_token_id", None)
     return ModelConfig(
         architecture=arch,
         vocab_size=int(vocab),
@@ -259,26 +298,14 @@ def llama3_scaling_from_factors(
     return guess
 
 
-def _field(reader: Any, key: str, default: Any = _MISSING) -> Any:
-    """One scalar or string metadata value (transformers' read_field, minus arrays)."""
-    from gguf import GGUFValueType
-
-    field = reader.fields.get(key)
-    if field is None:
+def _field(file: GgufFile, key: str, default: Any = _MISSING) -> Any:
+    """One metadata value."""
+    value = file.metadata.get(key, _MISSING)
+    if value is _MISSING:
         if default is _MISSING:
             raise ConfigError(f"GGUF metadata is missing {key}")
         return default
-    part = field.parts[field.data[0]]
-    if field.types[0] == GGUFValueType.STRING:
-        return bytes(part).decode("utf-8")
-    if part.dtype == np.float32:
-        # Shortest decimal that round-trips float32: 1e-05, not 9.999999747378752e-06.
-        return float(str(part[0]))
-    return part.tolist()[0]
-
-
-def _array_len(reader: Any, key: str) -> int:
-    field = reader.fields.get(key)
-    if field is None:
-        raise ConfigError(f"GGUF metadata has neither vocab_size nor {key}")
-    return len(field.data)
+    if isinstance(value, float) and float(np.float32(value)) == value:
+        # Stored as float32: its shortest decimal that round-trips, 1e-05 not 9.999999747378752e-06.
+        return float(str(np.float32(value)))
+    return value

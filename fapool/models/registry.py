@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from fapool.attention.backend import AttentionBackend
 from fapool.config import ModelConfig
@@ -28,6 +29,19 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def _no_parameter_init():
+    """Linear and Embedding parameters left as allocated: the loader or init_random_weights
+    writes every one, and the default init (random numbers for every weight) costs as much as
+    loading a small model."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def build_model(
     config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device | str
 ) -> LlamaForCausalLM:
@@ -39,6 +53,6 @@ def build_model(
         raise ValueError(
             f"no model class for architecture {config.architecture!r}; known: {', '.join(MODEL_CLASSES)}"
         ) from None
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), _default_dtype(dtype), _no_parameter_init():
         model = cls(config, backend)
     return model.eval()

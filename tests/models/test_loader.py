@@ -312,9 +312,9 @@ def _write_gguf(path, arch, hf_cfg, tensors, extra=()):
             w.add_tensor(name, array.astype(np.float32))
         elif qtype == QT.F16:
             w.add_tensor(name, array.astype(np.float16))
-        elif qtype == QT.Q8_0:
+        elif qtype == QT.Q8_0 and array.dtype != np.uint8:
             w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:  # raw bytes of another type, for the error test
+        else:  # blocks already (uint8 bytes)
             w.add_tensor(name, array, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -379,13 +379,14 @@ def test_gguf_llama_unpermute_and_dequantize(tmp_path):
 
 def test_gguf_is_parsed_once_per_start(tmp_path, monkeypatch):
     """Config and weights share one parse of the file; release_model_files drops it."""
+    from fapool.models import gguf_loader
     from fapool.models.loader import release_model_files
 
     model = _tiny_llama(rope_scaling=None, eos_token_id=2)
     path = _write_gguf(tmp_path / "tiny.gguf", "llama", model.config, _convert(model, "llama", _llama_qtype))
     opened = []
-    real = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda p: opened.append(p) or real(p))
+    real = gguf_loader._read_gguf
+    monkeypatch.setattr(gguf_loader, "_read_gguf", lambda p: opened.append(p) or real(p))
     release_model_files()
     src = resolve_model(path)
     load_model_config(src)
@@ -456,15 +457,50 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     assert cfg.rope_scaling == scaling and cfg.rope_theta == 500000.0
 
 
+def _random_blocks(qtype, rows: int, cols: int) -> np.ndarray:
+    """Random GGUF blocks of `qtype` for a [rows, cols] tensor, their fp16 scales kept finite."""
+    elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    blocks = rng.integers(0, 256, size=(rows * cols // elems, nbytes), dtype=np.uint8)
+    scale_at = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q8_0: (0,), QT.Q4_K: (0, 2), QT.Q6_K: (208,)}[qtype]
+    for at in scale_at:
+        scales = rng.uniform(0.001, 0.02, size=blocks.shape[0]).astype(np.float16)
+        blocks[:, at : at + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def test_gguf_quantized_types_dequantize_as_gguf_py(tmp_path):
+    """Each block type we read equals gguf-py's own dequantization of the same bytes, bit for bit."""
+    model = _tiny_llama(hidden_size=256, intermediate_size=256, num_hidden_layers=1, rope_scaling=None)
+    types = {
+        "blk.0.attn_v.weight": QT.Q4_0,
+        "blk.0.attn_output.weight": QT.Q4_1,
+        "blk.0.ffn_gate.weight": QT.Q8_0,
+        "blk.0.ffn_up.weight": QT.Q4_K,
+        "blk.0.ffn_down.weight": QT.Q6_K,
+    }
+    tensors, expected = [], {}
+    for name, array, qtype in _convert(model, "llama", lambda n: QT.F32):
+        if name in types:
+            array = _random_blocks(types[name], *array.shape)
+            expected[name] = gguf.quants.dequantize(array, types[name]).astype(np.float32)
+            qtype = types[name]
+        tensors.append((name, array, qtype))
+    path = _write_gguf(tmp_path / "q.gguf", "llama", model.config, tensors)
+    loaded = dict(iter_weights(resolve_model(path)))
+    for name, ref in expected.items():
+        hf = [k for k in loaded if _gguf_name(k) == name][0]
+        assert torch.equal(loaded[hf], torch.from_numpy(ref)), name
+
+
 def test_gguf_unsupported_quant_type(tmp_path):
     model = _tiny_llama(num_hidden_layers=1, rope_scaling=None)
     tensors = _convert(model, "llama", lambda n: QT.F32)
-    q4k = np.zeros((64, 144), dtype=np.uint8)  # one Q4_K block (256 values) per row of ffn_down
+    q5 = np.zeros((64, 22 * 3), dtype=np.uint8)  # Q5_0: three 22-byte blocks of 32 per row
     down = "blk.0.ffn_down.weight"
-    tensors = [t for t in tensors if t[0] != down] + [(down, q4k, QT.Q4_K)]
+    tensors = [t for t in tensors if t[0] != down] + [(down, q5, QT.Q5_0)]
     path = _write_gguf(tmp_path / "k.gguf", "llama", model.config, tensors)
-    message = r"k.gguf: tensor blk.0.ffn_down.weight has unsupported GGUF type Q4_K"
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=r"k.gguf holds tensors of ggml type 6, which is not supported"):
         iter_weights(resolve_model(path))
 
 
