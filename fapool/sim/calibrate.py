@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import (HardwareProfile, HostProfile, LinkProfile, PoolOverheads, RankOverheads,
                                  get_hardware)
@@ -330,10 +329,10 @@ def calibrate(
     """Time and fit the kernels (and collectives on a CPU), then unless `engine` is false the
     engine decode of `model`'s tiny twin (or with twin="model" of `model` cut to depth), then
     with `pool` (default: not quick) the CPU pool part. `checkpoint(cal)` gets each partial result."""
-    if engine and twin != "tiny":  # checked before minutes of kernel timing, not after
-        from fapool.sim.engine_calibrate import engine_twin
+    from fapool.sim import engine_calibrate as ec
 
-        engine_twin(model, 1, twin)
+    if engine and twin != "tiny":  # checked before minutes of kernel timing, not after
+        ec.engine_twin(model, 1, twin)
     import torch
 
     from fapool.bench.results import device_name
@@ -392,40 +391,31 @@ def calibrate(
         out["comm"] = {"all_reduce": fit_linear(ar_x, [s["s"] for s in ar]),
                        "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p])}
     out["seconds"] = round(time.perf_counter() - t0, 3)
+    cpu = dev.type == "cpu"
     if engine:  # the engine decode, priced by the kernel fits alone
-        from fapool.sim.engine_calibrate import QUICK_CPU_MODEL, QUICK_GPU, calibrate_engine
-
         if twin != "tiny":
-            base = engine_grid or (QUICK_GPU if dev.type == "cuda" else QUICK_CPU_MODEL)
-            engine_grid = {**base, "twin": twin}
-        hw = apply_calibration(get_hardware("h100" if dev.type == "cuda" else "cpu"), out)
-        cost_for = lambda mc: CostModel(mc, hw, include_host=False)  # noqa: E731
-        kind = "cuda" if dev.type == "cuda" else "cpu"
-        run = lambda: calibrate_engine(kind, cost_for, model, engine_grid, progress)  # noqa: E731
-        _add_section(out, "engine", run, progress, checkpoint, "no host model")
-        out["seconds"] = round(time.perf_counter() - t0, 3)
-    if (not quick if pool is None else pool) and out.get("engine"):
-        if dev.type != "cpu":
+            engine_grid = {**(engine_grid or (ec.QUICK_CPU_MODEL if cpu else ec.QUICK_GPU)), "twin": twin}
+        hw = apply_calibration(get_hardware("cpu" if cpu else "h100"), out)
+        run = lambda: ec.calibrate_engine("cpu" if cpu else "cuda", hw, model, engine_grid, progress)
+        _add_section(out, "engine", run, t0, progress, checkpoint, "no host model")
+    if (not quick if pool is None else pool) and out["engine"]:
+        if not cpu:
             out["pool_note"] = "not measured: the pool calibration runs on CPU only"
-        else:  # the tiny pool engines, priced with zero pool terms and no contention
-            from fapool.sim.engine_calibrate import calibrate_pool, calibrate_ranks
-
-            if model is not None:  # TP and AFD engines of the target, priced with contention
-                hw = apply_calibration(get_hardware("cpu"), out)
-                run = lambda: calibrate_ranks(  # noqa: E731
-                    lambda mc: CostModel(mc, hw), model, twin, out["cpu_cores"], None, progress)
-                _add_section(out, "ranks", run, progress, checkpoint, "no rank terms")
-
-            hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
-            run = lambda: calibrate_pool(lambda mc: CostModel(mc, hw), model, None, progress)  # noqa: E731
-            _add_section(out, "pool", run, progress, checkpoint, "no pool terms")
-        out["seconds"] = round(time.perf_counter() - t0, 3)
+            return out
+        if model is not None:  # TP and AFD engines of the target, priced with contention
+            hw = apply_calibration(get_hardware("cpu"), out)
+            run = lambda: ec.calibrate_ranks(hw, model, twin, out["cpu_cores"], None, progress)
+            _add_section(out, "ranks", run, t0, progress, checkpoint, "no rank terms")
+        # The tiny pool engines, priced with zero pool terms and no contention.
+        hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
+        run = lambda: ec.calibrate_pool(hw, model, None, progress)
+        _add_section(out, "pool", run, t0, progress, checkpoint, "no pool terms")
     return out
 
 
-def _add_section(cal: dict, key: str, run, progress, checkpoint, lost: str) -> None:
+def _add_section(cal: dict, key: str, run, t0: float, progress, checkpoint, lost: str) -> None:
     """cal[key] = run(); `checkpoint(cal)` first, so the earlier parts survive a crash, and an
-    exception is recorded as cal[key + "_error"] rather than losing them."""
+    exception is recorded as cal[key + "_error"] rather than losing them; cal["seconds"] since `t0`."""
     if checkpoint:
         checkpoint(cal)
     try:
@@ -435,6 +425,7 @@ def _add_section(cal: dict, key: str, run, progress, checkpoint, lost: str) -> N
         cal[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
         if progress:
             progress(f"warning: the {key} calibration failed ({cal[f'{key}_error']}); {lost}")
+    cal["seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def write_calibration(cal: dict, path: str | Path) -> None:

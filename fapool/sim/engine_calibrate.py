@@ -16,6 +16,7 @@ from fapool.config import ModelConfig
 from fapool.sim.calibrate import typical
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
+from fapool.sim.hardware import HardwareProfile
 
 QUICK_CPU = {"layers": (1, 3), "batches": (1, 4, 8), "contexts": (32, 256), "steps": 12, "warmup": 2,
              "repeats": 2}
@@ -209,10 +210,10 @@ def fit_launch(layers: Sequence[int], forward_s: Sequence[float]) -> dict:
     return {"launch_step_s": float(c[0]), "launch_layer_s": float(c[1])}
 
 
-def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], model: ModelConfig | None = None,
+def calibrate_engine(device: str, hw: HardwareProfile, model: ModelConfig | None = None,
                      grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the engine decode and fit the host, fixed-cost and (GPU) launch terms; `cost_for(config)` is a
-    CostModel of the kernel fits alone."""
+    """Run the engine decode and fit the host, fixed-cost and (GPU) launch terms; `hw` holds the kernel
+    fits alone."""
     cuda = device.startswith("cuda")
     grid = grid or (QUICK_GPU if cuda else QUICK_CPU)
     depths = tuple(grid["layers"])
@@ -255,7 +256,7 @@ def calibrate_engine(device: str, cost_for: Callable[[ModelConfig], object], mod
     by_point = {}
     for s in samples:
         by_point.setdefault((s["batch"], s["context"]), {})[s["layers"]] = s
-    cost = cost_for(engine_twin(model, lo, twin))
+    cost = CostModel(engine_twin(model, lo, twin), hw, include_host=False)
     for (batch, _), pair in sorted(by_point.items()):
         kv = pair[lo]["kv_tokens"]
         dense_c, _ = cost.dense_layer(batch)
@@ -367,9 +368,9 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
     return out
 
 
-def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig | None = None,
-                   grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the tiny pool engines on the CPU and fit the pool terms; `cost_for(config)` prices the rest."""
+def calibrate_pool(hw: HardwareProfile, model: ModelConfig | None = None, grid: dict | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """Run the tiny pool engines on the CPU and fit the pool terms; `hw` (zero pool terms) prices the rest."""
     grid = grid or QUICK_POOL
     t0 = time.perf_counter()
     max_b, max_ctx = max(grid["batches"]), max(grid["contexts"])
@@ -390,7 +391,7 @@ def calibrate_pool(cost_for: Callable[[ModelConfig], object], model: ModelConfig
                     progress(f"pool L={depth} A={workers} mb={n_mb} B={batch} ctx={context}: driver busy "
                              f"{row['driver_busy_s'] * 1e3:.2f} ms, "
                              f"worker {list(row['worker_attention_s'].values())}")
-    cost = cost_for(tiny_twin(model, grid["layers"][0]))
+    cost = CostModel(tiny_twin(model, grid["layers"][0]), hw)
     fit = fit_pool_terms(samples, cost)
     return {"model": f"tiny twin, layers {grid['layers']}, (workers, micro-batches) {grid['pools']}", **fit,
             "samples": samples, "seconds": round(time.perf_counter() - t0, 3)}
@@ -455,9 +456,9 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
             "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
-def calibrate_ranks(cost_for: Callable[[ModelConfig], object], model: ModelConfig, twin: str, cores: int,
-                    grid: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the multi-rank engines on the CPU and fit RankOverheads; `cost_for(config)` prices the rest."""
+def calibrate_ranks(hw: HardwareProfile, model: ModelConfig, twin: str, cores: int, grid: dict | None = None,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Run the multi-rank engines on the CPU and fit RankOverheads; `hw` (no rank terms) prices the rest."""
     grid = grid or QUICK_RANKS
     t0 = time.perf_counter()
     m = engine_twin(model, 1, twin)
@@ -487,6 +488,6 @@ def calibrate_ranks(cost_for: Callable[[ModelConfig], object], model: ModelConfi
             samples.append(row)
             if progress:
                 progress(f"ranks {kind} {n} L={d}: step {row['step_s'] * 1e3:.2f} ms")
-    fit = fit_rank_terms(samples, cost_for(engine_twin(model, 1, twin)))
+    fit = fit_rank_terms(samples, CostModel(engine_twin(model, 1, twin), hw))
     return {"model": f"{twin} twin, layers {grid['layers']}", **fit, "samples": samples,
             "seconds": round(time.perf_counter() - t0, 3)}

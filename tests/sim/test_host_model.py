@@ -197,8 +197,7 @@ def test_engine_calibration_fits_the_depth_slope_over_three_depths():
     from fapool.sim.engine_calibrate import calibrate_engine
 
     hw = get_hardware("cpu")
-    out = calibrate_engine("cpu", lambda mc: CostModel(mc, hw, include_host=False),
-                           grid={**TINY_ENGINE, "layers": (1, 2, 4)})
+    out = calibrate_engine("cpu", hw, grid={**TINY_ENGINE, "layers": (1, 2, 4)})
     assert sorted({s["layers"] for s in out["samples"]}) == [1, 2, 4]
     assert "layers 1, 2, 4" in out["model"]
     fixed = out["device_fixed"]
