@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 # On a CPU, int4 weights: the embedded Q4_1 GGUF's own, held exactly; faster than float32, its
 # greedy agreement with float32 measured in benchmarks/RESULTS.md (quant_quality).
-CPU_RUN_FLAGS = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quantization int4')")
+CPU_RUN_FLAGS = $$(nvidia-smi -L >/dev/null 2>&1 || echo --quantization int4)
 
 run: venv
 	$(PY) -m fapool.entrypoints.cli generate --chat "Explain in two sentences why the sky is blue." --max-tokens 64 \

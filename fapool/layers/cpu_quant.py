@@ -109,19 +109,30 @@ def check_shape(scheme: str, name: str, out_features: int, in_features: int) -> 
         )
 
 
+def _row_chunks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row blocks of about 512 KB of float32: quantizing a block while it sits in cache is over
+    10x faster than each elementwise pass sweeping the whole weight. Multiples of 64 rows: the
+    int4 packing lays rows out in blocks of 64, so only such blocks pack as the whole does."""
+    rows = max(64, (1 << 19) // (4 * w.shape[1]) // 64 * 64)
+    return w.split(rows)
+
+
 def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
     """Give `module` its quantized weight and switch it to `cls`."""
-    weight = module.weight.detach()
+    chunks = _row_chunks(module.weight.detach())
     if scheme == "int8":
-        module.qweight, scale = quantize_int8(weight)
-        module.qscale = scale.to(torch.bfloat16)
+        qs, scales = zip(*(quantize_int8(c) for c in chunks))
+        module.qweight = torch.cat(qs)
+        module.qscale = torch.cat(scales).to(torch.bfloat16)
     elif scheme == "int4":
-        q, scale, offset = quantize_int4(weight)
-        # The kernel's form: (q - 8) * scale + zero per group, as [K/group, N, 2].
-        module.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        module.qscale = (
-            torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
-        )
+        packed, scales = [], []
+        for chunk in chunks:
+            q, scale, offset = quantize_int4(chunk)
+            # The kernel's form: (q - 8) * scale + zero per group, as [K/group, N, 2].
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+            scales.append(torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1))
+        module.qweight = torch.cat(packed)
+        module.qscale = torch.cat(scales, dim=1).to(torch.bfloat16).contiguous()
     else:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
     module.scheme = scheme

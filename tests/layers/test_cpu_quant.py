@@ -94,3 +94,26 @@ def test_int4_refuses_shapes_its_kernel_cannot_take():
         quantize_linears(model, "int4")
     assert type(model[0]) is nn.Linear  # checked before anything changed
     assert quantize_linears(model, "int8") == 1
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_in_row_blocks_equals_the_whole_weight(scheme):
+    """quantize_module works on cache-sized row blocks; the result is the whole weight's."""
+    from fapool.layers.cpu_quant import _row_chunks, quantize_int8
+
+    torch.manual_seed(2)
+    linear = nn.Linear(576, 1040, bias=False)  # 192-row blocks: five full and an 80-row tail
+    assert len(_row_chunks(linear.weight)) == 6
+    w = linear.weight.detach().clone()
+    x = torch.randn(5, 576)
+    if scheme == "int8":
+        q, scale = quantize_int8(w)
+        want = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16())
+    else:
+        q, scale, offset = quantize_int4(w)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        scales = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).bfloat16().contiguous()
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, scales)
+    model = nn.Sequential(linear)
+    quantize_linears(model, scheme)
+    assert torch.equal(model[0](x), want.float())
