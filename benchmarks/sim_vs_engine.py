@@ -5,17 +5,18 @@ the GPU time of a step (CUDA graph replay) and as the whole engine step (host in
     python benchmarks/sim_vs_engine.py --tpot tpot-X.json --calibration calib.json [--out-dir D]
 
 The device prediction uses the calibration's kernel fits and, when it has an engine section
-(`fapool calibrate` schema 2), its fixed per-layer / per-step device costs. The whole-step
-prediction adds a host model:
+(`fapool calibrate` without --no-engine), its fixed per-layer / per-step device costs. The
+whole-step prediction adds a host model:
   --host calibration  the calibration's host terms (fitted on a tiny engine model, so every
                       bench row is a validation row);
-  --host split        (default when the calibration has no host model, e.g. the H100 file of
-                      schema 1) host terms fitted to the bench's own measured host time
+  --host split        (default when the calibration has no host model, e.g. the kernels-only
+                      H100 file) host terms fitted to the bench's own measured host time
                       (tpot_ms - graph_replay_ms = engine_host_ms + runner_host_ms) on half the
                       rows (a batch x context checkerboard) and validated on the other half.
-With --fixed-from-profile (for schema-1 calibrations) the small kernels' time is read from the
-bench's kernel_profile rows (norms, adds, rotary, KV write, activation, the split-KV reduce,
-copies): those rows then leave the GPU-time validation. Both choices are printed and recorded.
+With --fixed-from-profile (for calibrations without an engine section) the small kernels' time
+is read from the bench's kernel_profile rows (norms, adds, rotary, KV write, activation, the
+split-KV reduce, copies): those rows then leave the GPU-time validation. Both choices are
+printed and recorded.
 """
 
 from __future__ import annotations
