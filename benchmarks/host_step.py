@@ -14,8 +14,9 @@ tokens (append, stop checks, detokenization) and the outputs, as on the GPU.
 Per batch: `batch` prompts of `--context` tokens, FINAL_ONLY greedy (as LLM.generate), then
 `--steps` decode steps of the whole batch timed one by one (median and mean), each split into
 phases by timers around the engine's methods (phase = the method's own time, nested phases
-taken out). `--ref REF` first runs the same measurement on the fapool of git REF (extracted
-with git archive into a temporary folder), back to back, so before/after share the machine.
+taken out; each phase's median over the steps). `--ref REF` first runs the same measurement on
+the fapool of git REF (extracted with git archive into a temporary folder), back to back, so
+before/after share the machine.
 
     .venv/bin/python benchmarks/host_step.py [--batches 16 64] [--ref HEAD~3] [--profile]
 """
@@ -174,8 +175,8 @@ def measure(folder: str, batch: int, context: int, steps: int, warmup: int, prof
         engine.step()
     for _ in range(warmup):
         engine.step()
-    timer.reset()
     times = []
+    per_phase: dict[str, list[float]] = {}
     prof = None
     if profile:
         import cProfile
@@ -183,15 +184,20 @@ def measure(folder: str, batch: int, context: int, steps: int, warmup: int, prof
         prof = cProfile.Profile()
         prof.enable()
     for _ in range(steps):
+        timer.reset()
         t = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        times.append(dt)
+        for k, v in timer.totals.items():
+            per_phase.setdefault(k, []).append(v)
+        per_phase.setdefault("other", []).append(dt - sum(timer.totals.values()))
     if prof is not None:
         prof.disable()
     assert all(len(r.output_token_ids) < r.max_tokens for r in reqs), "a request finished inside the timed steps"
     assert engine.executor.runner.decode_graphs.last_key is not None, "decode steps did not use the graph path"
-    phases = {k: v / steps * 1e3 for k, v in timer.totals.items()}
-    phases["other"] = statistics.fmean(times) * 1e3 - sum(phases.values())
+    # Each phase's median over the steps (a step another process delays moves the mean).
+    phases = {k: statistics.median(v + [0.0] * (steps - len(v))) * 1e3 for k, v in per_phase.items()}
     for rid in rids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
@@ -216,7 +222,7 @@ def measure(folder: str, batch: int, context: int, steps: int, warmup: int, prof
         "host_ms_median": statistics.median(times) * 1e3,
         "host_ms_mean": statistics.fmean(times) * 1e3,
         "host_ms_p90": sorted(times)[int(0.9 * len(times))] * 1e3,
-        "phases_ms_mean": phases,
+        "phases_ms_median": phases,
         **({"profile": profile_rows} if profile_rows else {}),
     }
 
@@ -280,7 +286,7 @@ def main() -> None:
     from fapool.bench.results import environment, write_result
 
     def fmt(r):
-        ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phases_ms_mean"].items())
+        ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phases_ms_median"].items())
         return f"B{r['batch']}: {r['host_ms_median']:.3f} ms ({ph})"
 
     for name, res in (("before", before), ("after", after)):
@@ -306,7 +312,7 @@ def main() -> None:
         b = before["rows"][i] if before else None
         head = f"B{r['batch']}x{ns.context}: host {b['host_ms_median']:.3f} -> {r['host_ms_median']:.3f} ms/step" if b else \
             f"B{r['batch']}x{ns.context}: host {r['host_ms_median']:.3f} ms/step"
-        ph = lambda x: "/".join(f"{x['phases_ms_mean'].get(k, 0):.3f}" for k in ("schedule", "launch", "process_tokens", "outputs", "other"))  # noqa: E731
+        ph = lambda x: "/".join(f"{x['phases_ms_median'].get(k, 0):.3f}" for k in ("schedule", "launch", "process_tokens", "outputs", "other"))  # noqa: E731
         parts.append(head + f" (schedule/launch/tokens/outputs/other {ph(b) + ' -> ' if b else ''}{ph(r)})")
     summary = ("decode-step host time, null graph (CPU), FINAL_ONLY greedy, async: " + "; ".join(parts)
                + (f"; before = {ns.ref}" if ns.ref else ""))

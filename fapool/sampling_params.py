@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 
@@ -155,7 +156,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @functools.cached_property  # read per request per step; the fields are frozen
     def has_logits_processing(self) -> bool:
         """Whether fapool.layers.logits_processors edits this request's logits."""
         return bool(

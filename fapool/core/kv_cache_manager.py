@@ -101,12 +101,14 @@ class KVCacheManager:
         prefix-cache hits, which must be passed on the request's first allocation). Returns
         False, changing nothing, when the pool cannot supply the blocks."""
         table = self.block_tables.get(request.request_id, [])
-        if table and not computed_blocks and self._local_limit(request.request_id) is None:
+        if table and not computed_blocks and (self.pool_manager is None or self._local_limit(request.request_id) is None):
             # The decode step's common case: the tokens fit the blocks held, the tail one unshared.
+            bs = self.block_size
             total = request.num_computed_tokens + num_new_tokens
-            tail = request.num_computed_tokens // self.block_size
-            if total <= len(table) * self.block_size and (num_new_tokens == 0 or table[tail].ref_cnt == 1):
-                self._cache_full_blocks(request, table, total)
+            if total <= len(table) * bs and (num_new_tokens == 0 or table[request.num_computed_tokens // bs].ref_cnt == 1):
+                # _cache_full_blocks, when a block fills
+                if min(total, request.num_tokens) // bs > self._num_hashed.get(request.request_id, 0):
+                    self._cache_full_blocks(request, table, total)
                 return True
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens

@@ -18,21 +18,36 @@ from fapool.core.pool_manager import Segment
 from fapool.request import Request, RequestStatus
 
 
-@dataclass
 class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    num_computed_tokens: int  # before this step
-    block_ids: list[int]  # local blocks
-    segments: list[Segment] = field(default_factory=list)  # KV on attention workers, if any
-    # True when this step computes up to the request's last known token, so its logits give
-    # the next token (false for a non-final prefill chunk). Taken when scheduled: launching
-    # the step adds a placeholder to the request.
-    completes_known_tokens: bool = field(init=False)
+    """One request's work in a step. A plain slotted class: one is built per request per step."""
 
-    def __post_init__(self) -> None:
-        self.completes_known_tokens = (
-            self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens_with_placeholders
+    __slots__ = ("request", "num_new_tokens", "num_computed_tokens", "block_ids", "segments", "completes_known_tokens")
+
+    def __init__(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        num_computed_tokens: int,  # before this step
+        block_ids: list[int],  # local blocks
+        segments: list[Segment] | None = None,  # KV on attention workers, if any
+    ) -> None:
+        self.request = request
+        self.num_new_tokens = num_new_tokens
+        self.num_computed_tokens = num_computed_tokens
+        self.block_ids = block_ids
+        self.segments: list[Segment] = [] if segments is None else segments
+        # True when this step computes up to the request's last known token, so its logits give
+        # the next token (false for a non-final prefill chunk). Taken when scheduled: launching
+        # the step adds a placeholder to the request.
+        self.completes_known_tokens: bool = (
+            num_computed_tokens + num_new_tokens == request.num_tokens_with_placeholders
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ScheduledRequest({self.request!r}, num_new_tokens={self.num_new_tokens}, "
+            f"num_computed_tokens={self.num_computed_tokens}, blocks={len(self.block_ids)}, "
+            f"segments={len(self.segments)}, completes_known_tokens={self.completes_known_tokens})"
         )
 
 
@@ -76,27 +91,27 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
+        running, scheduled, allocate = self.running, out.scheduled, self.kv.allocate_slots
 
         # 1. Running requests first, in arrival order; preempt from the back when full.
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
-            if req.num_output_placeholders and req.num_output_tokens + req.num_output_placeholders >= req.max_tokens:
+        while i < len(running) and budget > 0:
+            req = running[i]
+            out_len, in_flight = len(req.output_token_ids), req.num_output_placeholders
+            num_new = min(len(req.prompt_token_ids) + out_len + in_flight - req.num_computed_tokens, budget)
+            if in_flight and out_len + in_flight >= req.max_tokens:
                 num_new = 0  # the token still in flight is its last one
             if num_new <= 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, num_new):
-                victim = self.running[-1]
+            while not allocate(req, num_new):
+                victim = running[-1]
                 self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(self._scheduled(req, num_new))
-                scheduled_ids.add(req.request_id)
+                scheduled.append(self._scheduled(req, num_new))
                 budget -= num_new
                 i += 1
                 continue
@@ -139,10 +154,9 @@ class Scheduler:
         return out
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        rid = req.request_id
-        return ScheduledRequest(
-            req, num_new, req.num_computed_tokens, self.kv.block_ids(rid), self.kv.pool_segments(rid)
-        )
+        rid, kv = req.request_id, self.kv
+        segments = kv.pool_segments(rid) if kv.pool_manager is not None else None
+        return ScheduledRequest(req, num_new, req.num_computed_tokens, kv.block_ids(rid), segments)
 
     def preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop its blocks (full ones stay in the prefix cache),

@@ -321,13 +321,18 @@ class LLMEngine:
         self._lost_inflight = lost if launched_after else set()
         self._record_pool_stats()
         now = time.monotonic()  # the step's tokens all reach the host now
-        on_token = self._on_token
+        record, finish = self.outputs.on_token, self.scheduler.finish
         for s, tok, lp in zip(inflight.pending.due, tokens, logprobs):
             req = s.request
             req.num_output_placeholders -= 1
             if req.finished or (drop and req.request_id in drop):  # stopped, aborted or lost since scheduled
                 continue
-            on_token(req, tok, lp, now)
+            if tok < 0 or req.matcher is not None:
+                self._on_token(req, tok, lp, now)
+            else:  # _on_token's common case
+                status = record(req, tok, lp, now)
+                if status is not None:
+                    finish(req, status)
         return inflight.groups
 
     def _on_token(self, req: Request, tok: int, lp, now: float | None = None) -> None:

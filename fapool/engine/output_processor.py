@@ -25,7 +25,9 @@ class OutputProcessor:
         finishing status if the request is done."""
         if now is None:
             now = time.monotonic()
-        req.append_token(token, logprobs)
+        req.output_token_ids.append(token)  # Request.append_token, inlined
+        if logprobs is not None:
+            req.output_logprobs.append(logprobs)
         metrics = req.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
@@ -61,6 +63,8 @@ class OutputProcessor:
         """The group's output as its output_kind asks; None for a FINAL_ONLY group still running."""
         first = group[0]
         kind = first.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not first.finished:  # the common case, at once
+            return None
         # A group is done when all n completions are; a parent that ended before forking its
         # siblings (error, abort) ends the group alone.
         finished = all(r.finished for r in group) and (len(group) == first.params.n or first.num_pending_forks > 0)

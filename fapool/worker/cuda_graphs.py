@@ -74,7 +74,8 @@ class DecodeInputs:
         self._vec = self.vec.numpy()
         self._table = self.table.numpy()
         # Which request (object, preemption count) each table row holds, and its length.
-        self._owner: list[tuple[object, int] | None] = [None] * max_batch
+        self._owner: list[object | None] = [None] * max_batch
+        self._owner_preempts = [0] * max_batch
         self._row_len = [0] * max_batch
         self.rows_rewritten = 0  # entries written into the table (tests, profiling)
 
@@ -87,42 +88,55 @@ class DecodeInputs:
         n = len(scheduled)
         if not 0 < n <= padded <= self.max_batch:
             raise ValueError(f"batch of {n} padded to {padded} does not fit {self.max_batch} rows")
-        bs = self.block_size
+        bs, max_blocks = self.block_size, self.max_blocks
         vec, table = self._vec, self._table
-        pos = [s.num_computed_tokens for s in scheduled]
-        toks = []
-        slots = []
+        owner, owner_preempts, row_len = self._owner, self._owner_preempts, self._row_len
+        pos = [0] * n
+        toks = [0] * n
+        slots = [0] * n
         src = [-1] * n
+        gather = False
+        rewritten = 0
+        # Single-entry table writes (a decode step's usual one per row), applied in one go.
+        one_rows: list[int] = []
+        one_cols: list[int] = []
+        one_vals: list[int] = []
         for i, s in enumerate(scheduled):
-            req, p, ids = s.request, pos[i], s.block_ids
-            prompt = req.prompt_token_ids
-            if p < len(prompt):
-                toks.append(prompt[p])
-            elif p - len(prompt) < len(req.output_token_ids):
-                toks.append(req.output_token_ids[p - len(prompt)])
+            req, p, ids = s.request, s.num_computed_tokens, s.block_ids
+            pos[i] = p
+            j = p - len(req.prompt_token_ids)
+            if j < 0:
+                toks[i] = req.prompt_token_ids[p]
+            elif j < len(req.output_token_ids):
+                toks[i] = req.output_token_ids[j]
             else:  # sampled by the step in flight
                 row = None if prev_rows is None else prev_rows.get(req.request_id)
                 if row is None:
                     raise RuntimeError(f"request {req.request_id}: input token is neither known nor in flight")
                 src[i] = row
-                toks.append(0)
-            slots.append(ids[p // bs] * bs + p % bs)
+                gather = True
+            slots[i] = ids[p // bs] * bs + p % bs
             num_blocks = len(ids)
-            if num_blocks > self.max_blocks:
-                raise ValueError(f"a block table of {num_blocks} blocks exceeds {self.max_blocks}")
-            key = (req, req.metrics.num_preemptions)
-            owner, old = self._owner[i], self._row_len[i]
-            if owner is not None and owner[0] is req and owner[1] == key[1] and 0 < old <= num_blocks:
+            if num_blocks > max_blocks:
+                raise ValueError(f"a block table of {num_blocks} blocks exceeds {max_blocks}")
+            preempts = req.metrics.num_preemptions
+            old = row_len[i]
+            if owner[i] is req and owner_preempts[i] == preempts and 0 < old <= num_blocks:
                 start = old - 1  # the old tail block may have been replaced (copy-on-write)
             else:
                 start = 0
-                self._owner[i] = key
+                owner[i], owner_preempts[i] = req, preempts
             if num_blocks - start == 1:
-                table[i, start] = ids[start]
+                one_rows.append(i)
+                one_cols.append(start)
+                one_vals.append(ids[start])
             else:
                 table[i, start:num_blocks] = ids[start:]
-            self.rows_rewritten += num_blocks - start
-            self._row_len[i] = num_blocks
+            rewritten += num_blocks - start
+            row_len[i] = num_blocks
+        if one_rows:
+            table[one_rows, one_cols] = one_vals
+        self.rows_rewritten += rewritten
         vec[self.IDS, :n] = toks
         vec[self.POS, :n] = pos
         vec[self.SLOT, :n] = slots
@@ -132,7 +146,7 @@ class DecodeInputs:
             vec[:, n:padded] = 0
             vec[self.SLOT, n:padded] = -1
             vec[self.SRC, n:padded] = -1
-        return max(pos) + 1, max(src) >= 0
+        return max(pos) + 1, gather
 
 
 @contextlib.contextmanager

@@ -298,8 +298,10 @@ class ModelRunner:
         the device. Between the halves the engine may edit those logits in place (penalties,
         biases, grammar masks: LLMEngine._launch)."""
         self.copy_blocks(out.block_copies)
-        due_rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
-        due = [out.scheduled[i] for i in due_rows]
+        scheduled = out.scheduled
+        due_rows = [i for i, s in enumerate(scheduled) if s.completes_known_tokens]
+        all_due = len(due_rows) == len(scheduled)  # a decode step's case
+        due = list(scheduled) if all_due else [scheduled[i] for i in due_rows]
         rows = [s.request.sampling_row() for s in due]
         graphs = self._graphs_for(out)
         if graphs is None:
@@ -308,10 +310,13 @@ class ModelRunner:
             ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))
             last = self._to_device(torch.tensor([ends[i] - 1 for i in due_rows], dtype=torch.long))
             return LaunchedForward(due, self.model.compute_logits(hidden[last]), rows)
-        per_row = iter(rows)
-        graph_rows = [next(per_row) if s.completes_known_tokens else None for s in out.scheduled]
-        logits = graphs.run(out.scheduled, self._prev_tokens, self._prev_rows, graph_rows)
-        if due_rows != list(range(len(due_rows))):  # a one-token prompt chunk that is not the last
+        if all_due:
+            graph_rows = rows
+        else:
+            per_row = iter(rows)
+            graph_rows = [next(per_row) if s.completes_known_tokens else None for s in scheduled]
+        logits = graphs.run(scheduled, self._prev_tokens, self._prev_rows, graph_rows)
+        if not all_due and due_rows != list(range(len(due_rows))):  # a one-token prompt chunk, not the last
             logits = logits[self._to_device(torch.tensor(due_rows, dtype=torch.long))]
         return LaunchedForward(due, logits, rows, graphs.sampled, due_rows, graphs.last_logprobs)
 
@@ -345,8 +350,9 @@ class ModelRunner:
         new token, all its KV is local, and the batch fits the largest graph."""
         if not self.use_cuda_graphs or not self.kv_caches:
             return None
-        if any(s.num_new_tokens != 1 or s.segments for s in out.scheduled):
-            return None
+        for s in out.scheduled:
+            if s.num_new_tokens != 1 or s.segments:
+                return None
         if self.decode_graphs is None:
             sched = self.config.scheduler
             self.decode_graphs = DecodeGraphs(
