@@ -3,13 +3,13 @@ does), instead of MKL's sgemm.
 
 MKL's sgemm on the AMD EPYC CPUs this project runs on takes twice as long for 2-16 rows as for
 one (a decode batch of 8 reads every weight at half the memory bandwidth); oneDNN's kernels on
-weights reordered for a small batch do not (benchmarks/RESULTS.md). float32 only: the bf16
-reorder needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, which a CPU may lack; other dtypes keep
-torch's own linear.
+weights reordered for a small batch do not (benchmarks/RESULTS.md). bfloat16 too where oneDNN
+has bf16 kernels for the CPU (AVX512-BF16 or AMX); other dtypes keep torch's own linear.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -25,7 +25,7 @@ class _Packed:
     """forward through the packed copy of the weight (the dense one is dropped)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return packed_linear(x, self.packed_weight, self.bias)
 
 
 class PackedLinear(_Packed, nn.Linear):
@@ -40,15 +40,31 @@ _PACKED = {nn.Linear: PackedLinear, MergedLinear: PackedMergedLinear}
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_supported())
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_supported() -> bool:
+    """oneDNN has native bf16 matmuls on this CPU (else its bf16 path emulates them, slowly)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_BATCH_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def linear_fn(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> x @ weight.T as the engine's linears compute it where `weight` lives (packed on
-    the CPU in float32): what kernel timings (fapool calibrate) must time."""
+    the CPU): what kernel timings (fapool calibrate) must time."""
     if weight.device.type == "cpu" and can_pack(weight.dtype):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_BATCH_HINT)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        packed = pack(weight)
+        return lambda x: packed_linear(x, packed)
     return lambda x: torch.nn.functional.linear(x, weight)
 
 
@@ -62,7 +78,7 @@ def pack_linears(model: nn.Module) -> int:
         if cls is None or not can_pack(module.weight.dtype):
             continue
         weight = module.weight.detach()
-        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_BATCH_HINT)
+        module.packed_weight = pack(weight)
         if owners[id(module.weight)] == 1:
             module.weight.data = torch.empty(0, dtype=weight.dtype)  # the packed copy replaces it
         module.__class__ = cls

@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from fapool.config import QUANTIZATIONS, ConfigError
+from fapool.layers.cpu_linear import bf16_supported, pack, packed_linear
 from fapool.layers.linear import MergedLinear
 
 GROUP_SIZE = 32  # int4 group: llama.cpp's Q4_0 / Q4_1 block
 RESCORE_TOP_K = 16  # LM head: tokens per row whose logits are recomputed from the float weight
+MAX_QUANTIZED_ROWS = 8  # above: the packed bf16 copy (benchmarks/RESULTS.md, cpu_quant_kernels)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +62,17 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) 
 
 class _Quantized:
     """forward through the quantized copy of the weight; the dense one is dropped (or, for the
-    LM head, kept for rescoring)."""
+    LM head, kept for rescoring). More than MAX_QUANTIZED_ROWS rows (a prefill) go through a
+    packed bf16 copy where the CPU has bf16 matmuls: the weight-only kernels dequantize per
+    row block and run several times slower than oneDNN's bf16 GEMM there."""
+
+    bf16_weight: torch.Tensor | None = None
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if self.scheme == "int8":
+        if self.bf16_weight is not None and rows.shape[0] > MAX_QUANTIZED_ROWS:
+            y = packed_linear(rows, self.bf16_weight)
+        elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP_SIZE, self.qscale)
@@ -135,6 +143,8 @@ def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
         module.qscale = torch.cat(scales, dim=1).to(torch.bfloat16).contiguous()
     else:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
+    if cls is not QuantizedHead and bf16_supported():  # the head's prefill rows are few
+        module.bf16_weight = pack(module.weight.detach().to(torch.bfloat16))
     module.scheme = scheme
     module.__class__ = cls
 

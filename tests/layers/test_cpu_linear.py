@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fapool.layers.cpu_linear import PackedLinear, PackedMergedLinear, can_pack, pack_linears
+from fapool.layers.cpu_linear import PackedLinear, PackedMergedLinear, bf16_supported, can_pack, pack_linears
 from fapool.layers.linear import MergedLinear
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.float32), reason="torch built without oneDNN")
@@ -38,6 +38,15 @@ def test_packed_linears_equal_torch_and_drop_the_dense_weight():
         torch.testing.assert_close(model.head(x16[:1].expand(rows, 16)), want[2][:1].expand(rows, 50))
 
 
-def test_other_dtypes_keep_torch_linear():
+def test_bf16_packs_where_the_cpu_has_bf16_matmuls_and_other_dtypes_keep_torch_linear():
+    torch.manual_seed(1)
     model = _Tiny().to(torch.bfloat16)
-    assert pack_linears(model) == 0 and type(model.down) is nn.Linear
+    x = torch.randn(8, 32, dtype=torch.bfloat16)
+    want = model.down(x)
+    packed = pack_linears(model)
+    if bf16_supported():
+        assert packed == 3 and type(model.down) is PackedLinear
+        torch.testing.assert_close(model.down(x), want, atol=1e-2, rtol=1e-2)
+    else:
+        assert packed == 0 and type(model.down) is nn.Linear
+    assert pack_linears(_Tiny().to(torch.float16)) == 0

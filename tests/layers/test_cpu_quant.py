@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from fapool.config import ConfigError
+from fapool.layers.cpu_linear import bf16_supported
 from fapool.layers.cpu_quant import (
+    MAX_QUANTIZED_ROWS,
     RESCORE_TOP_K,
     QuantizedHead,
     QuantizedLinear,
@@ -117,3 +119,24 @@ def test_quantizing_in_row_blocks_equals_the_whole_weight(scheme):
     model = nn.Sequential(linear)
     quantize_linears(model, scheme)
     assert torch.equal(model[0](x), want.float())
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="needs a CPU with bf16 matmuls (AVX512-BF16 or AMX)")
+def test_many_rows_go_through_the_bf16_copy():
+    """A prefill's rows use the packed bf16 weight (the dequantized weight rounded to bf16); a
+    decode batch's the int4 kernel."""
+    torch.manual_seed(3)
+    linear = nn.Linear(64, 128, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(_q4_1_weight(128, 64))
+    w = linear.weight.detach().clone()
+    model = nn.Sequential(linear)
+    quantize_linears(model, "int4")
+    many, few = torch.randn(MAX_QUANTIZED_ROWS + 1, 64), torch.randn(MAX_QUANTIZED_ROWS, 64)
+    want = torch.nn.functional.linear(many.bfloat16().float(), w.bfloat16().float())
+    torch.testing.assert_close(model[0](many), want, rtol=1e-2, atol=1e-3)
+    q, scale, offset = quantize_int4(w)
+    scales = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).bfloat16().contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(few.bfloat16(), packed, 32, scales)
+    assert torch.equal(model[0](few), kernel.float())
