@@ -173,7 +173,7 @@ def _gemm_samples(device, dtype, grid) -> list[dict]:
     from fapool.layers.cpu_linear import linear_fn
 
     out = []
-    d = torch.tensor([], dtype=dtype).element_size()
+    d = dtype.itemsize
     for n, k in grid["gemm_nk"]:  # nn.Linear's layout, [n, k]
         ws = [linear_fn(torch.randn(n, k, device=device, dtype=dtype)) for _ in range(_copies(n * k * d))]
         for m in grid["gemm_m"]:
@@ -198,7 +198,7 @@ def _paged_decode_call(backend, device, dtype, bsz: int, h: int, ctx: int, hd: i
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(bsz)]
     shape = (num_blocks, block_size, h, hd)
-    kv_bytes = 2 * num_blocks * block_size * h * hd * torch.tensor([], dtype=dtype).element_size()
+    kv_bytes = 2 * num_blocks * block_size * h * hd * dtype.itemsize
     caches = [
         (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
         for _ in range(_copies(kv_bytes))
@@ -223,7 +223,7 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str
     from fapool.attention.selector import make_backend
 
     backend = make_backend(None, str(device))
-    d = torch.tensor([], dtype=dtype).element_size()
+    d = dtype.itemsize
     decode, prefill = [], []
     for bsz, h, ctx, hd in grid["decode"]:
         nbytes = (2.0 * bsz * h * (ctx + 1) * hd + 2.0 * bsz * h * hd) * d
@@ -370,7 +370,7 @@ def calibrate(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
-        "dtype_bytes": torch.tensor([], dtype=dtype).element_size(),
+        "dtype_bytes": dtype.itemsize,
         "gemm": g,
         "attention": {**a, "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
                       "decode_kernel": decode_kernel},
@@ -560,11 +560,10 @@ def summary_lines(cal: dict) -> list[str]:
         )
     if r := cal.get("ranks"):
         ar = ", ".join(f"{int(n)} ranks +{v * 1e6:.0f} us" for n, v in r["allreduce_extra_s"])
-        ar += "; a step of " + ", ".join(f"{int(n)} processes +{v * 1e6:.0f} us"
-                                         for n, v in r["step_extra_s"])
+        steps = ", ".join(f"{int(n)} processes +{v * 1e6:.0f} us" for n, v in r.get("step_extra_s", ()))
         lines.append(f"ranks ({r['seconds']} s): exchange {r['exchange_s'] * 1e6:.0f} us a side, layer and "
                      f"micro-batch; ranks computing at once x{r['concurrent_stretch']:.2f}; all-reduce "
-                     f"{ar or 'not measured'}")
+                     f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term"))
     if cal.get("cpu_cores"):
         lines.append(f"cores shared by the engine's processes: {cal['cpu_cores']}")
     return lines
