@@ -464,7 +464,8 @@ def calibrate_ranks(hw: HardwareProfile, model: ModelConfig, twin: str, cores: i
     m = engine_twin(model, 1, twin)
     tps = [n for n in range(2, cores + 2) if m.num_key_value_heads % n == 0 == m.num_attention_heads % n]
     # The engine runs what the simulator prices: each strategy's own engine_args.
-    configs = [("afd", mb, {**rank_strategy("afd", mb, 1).engine_args(), "micro_batches": mb}) for mb in (1, 2)]
+    configs = [("afd", mb, {**rank_strategy("afd", mb, 1).engine_args(), "micro_batches": mb})
+               for mb in (1, 2)]
     configs += [("tp", n, rank_strategy("tp", n, 1).engine_args()) for n in tps]
     b, ctx, steps, warmup = grid["batch"], grid["context"], grid["steps"], grid["warmup"]
     blocks = kv_blocks(b, ctx + steps + warmup + 24)
