@@ -24,7 +24,7 @@ from fapool.layers.sampling_batch import SamplingBatch
 from fapool.layers.structured import GrammarCompiler, StructuredOutputError
 from fapool.outputs import RequestOutput
 from fapool.request import Request, RequestStatus
-from fapool.sampling_params import SamplingParams
+from fapool.sampling_params import RequestOutputKind, SamplingParams
 from fapool.worker.executor import Executor, create_executor
 from fapool.worker.model_runner import PendingTokens, to_host
 
@@ -236,8 +236,18 @@ class LLMEngine:
                 touched += self._step_sync(sched)
         touched += [r.group_id for r in sched.failed]
         self.resize_pool()
-        outputs = [self._finalize(g) for g in dict.fromkeys(touched) if g in self.groups]
-        return [o for o in outputs if o is not None]
+        outputs = []
+        for g in dict.fromkeys(touched):
+            group = self.groups.get(g)
+            if group is None:
+                continue
+            first = group[0]
+            if first.params.output_kind is RequestOutputKind.FINAL_ONLY and not first.finished:
+                continue  # make_output's None, without the call: a running FINAL_ONLY group
+            out = self._finalize(g)
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     def resize_pool(self) -> None:
         """An elastic pool (Ray) starts the workers that running sequences will reach within
@@ -257,12 +267,12 @@ class LLMEngine:
         every other token, greedy or sampled, with logprobs or not, is drawn on the device."""
         if not self.async_scheduling:
             return False
+        split = self.executor.supports_split_launch
         for s in sched.scheduled:
-            due = s.completes_known_tokens
-            edits = needs_processing(s.request) and not self.executor.supports_split_launch
-            if due and (s.request.num_pending_forks or edits):
+            req = s.request
+            if s.completes_known_tokens and (req.num_pending_forks or (not split and needs_processing(req))):
                 return False
-            if s.request.prompt_logprobs is not None and s.num_computed_tokens < s.request.num_prompt_tokens:
+            if req.prompt_logprobs is not None and s.num_computed_tokens < req.num_prompt_tokens:
                 return False
         return True
 
@@ -285,7 +295,8 @@ class LLMEngine:
         a grammar or a bad word of several tokens reads the values of the latest tokens, so
         then step n-1 is processed on the host first, while the forward pass of step n runs (as
         vLLM's async scheduling with structured outputs)."""
-        edit = [s.request for s in sched.scheduled if s.completes_known_tokens and needs_processing(s.request)]
+        scheduled = sched.scheduled
+        edit = [s.request for s in scheduled if s.completes_known_tokens and needs_processing(s.request)]
         after_drain = any(needs_token_values(r) for r in edit)
         if edit:
             fwd = self.executor.launch_forward(sched)
@@ -294,8 +305,11 @@ class LLMEngine:
                 pending = self.executor.launch_sample(fwd, edited=True)
         else:
             pending = self.executor.launch(sched)
-        for s in sched.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+        groups: dict[str, None] = {}  # the groups it touched, in order
+        for s in scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            groups[req.group_id] = None
         for s in fwd.due if edit else pending.due:
             s.request.num_output_placeholders += 1
         drained = self._drain(launched_after=True)
@@ -303,8 +317,7 @@ class LLMEngine:
             # Requests the drain just stopped keep their row, unedited: its token is dropped.
             self._edit_logits(fwd.logits, [s.request for s in fwd.due])
             pending = self.executor.launch_sample(fwd, edited=True)
-        groups = list(dict.fromkeys(s.request.group_id for s in sched.scheduled))
-        self._inflight = _InFlight(pending, groups)
+        self._inflight = _InFlight(pending, list(groups))
         return drained
 
     def _drain(self, launched_after: bool = False) -> list[str]:

@@ -46,21 +46,43 @@ class SamplingBatch:
         greedily) into the first columns of host tensors laid out as `ints` and `floats`;
         returns the step's mode and logprobs count."""
         n = len(rows)
-        params = [GREEDY if r is None else r[0] for r in rows]
-        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        seeds, counters = [0] * n, [0] * n
+        # Runs of rows sharing one params object (a batch of one SamplingParams, then the
+        # padding): each run's parameter values are written as one slice.
+        runs: list[tuple[int, SamplingParams]] = []
+        last = None
+        for i, r in enumerate(rows):
+            if r is None:
+                p = GREEDY
+            else:
+                p, seeds[i], counters[i] = r
+            if p is not last:
+                runs.append((i, p))
+                last = p
         iv, fv = ints.numpy(), floats.numpy()
-        iv[cls.TOP_K, :n] = top_k
-        iv[cls.SEED, :n] = [0 if r is None else r[1] for r in rows]
-        iv[cls.COUNTER, :n] = [0 if r is None else r[2] for r in rows]
-        fv[cls.TEMPERATURE, :n] = [p.temperature for p in params]
-        fv[cls.TOP_P, :n] = [p.top_p for p in params]
-        fv[cls.MIN_P, :n] = [p.min_p for p in params]
-        sampled = [(p, k) for p, k in zip(params, top_k) if not p.greedy]
+        iv[cls.SEED, :n] = seeds
+        iv[cls.COUNTER, :n] = counters
         mode = Mode.GREEDY
-        if sampled:
-            mode = Mode.SORT if any(k < vocab_size or p.top_p < 1.0 for p, k in sampled) else Mode.SAMPLE
-        asked = [p.logprobs for p in params if p.logprobs is not None]
-        return mode, (max(asked) if asked else None)
+        asked = None
+        distinct: dict[int, SamplingParams] = {}
+        for j, (start, p) in enumerate(runs):
+            end = runs[j + 1][0] if j + 1 < len(runs) else n
+            top_k = p.top_k if 0 < p.top_k < vocab_size else vocab_size
+            iv[cls.TOP_K, start:end] = top_k
+            fv[cls.TEMPERATURE, start:end] = p.temperature
+            fv[cls.TOP_P, start:end] = p.top_p
+            fv[cls.MIN_P, start:end] = p.min_p
+            if id(p) in distinct:
+                continue
+            distinct[id(p)] = p
+            if not p.greedy:
+                if top_k < vocab_size or p.top_p < 1.0:
+                    mode = Mode.SORT
+                elif mode is Mode.GREEDY:
+                    mode = Mode.SAMPLE
+            if p.logprobs is not None:
+                asked = p.logprobs if asked is None else max(asked, p.logprobs)
+        return mode, asked
 
     @classmethod
     def build(

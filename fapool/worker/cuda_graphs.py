@@ -19,7 +19,8 @@ launch inside the graph (fapool.layers.triton_sampler), whatever each row asks.
 
 Async scheduling: a row whose input token was sampled by the step still in flight has src >= 0,
 its row in that step's device tokens; one gather before the replay puts it into the token ids
-(outside the graph, so a capture's warm-up run, which rewrites `sampled`, cannot change it).
+(outside the graph, so a capture's warm-up run, which rewrites `sampled`, cannot change it), a
+plain copy when every row reads its own row (an unchanged batch).
 
 Per-step host work is O(batch), not O(context): each row's block table is kept in the pinned
 buffer and only the entries from the request's previous last block on are rewritten (the
@@ -78,6 +79,9 @@ class DecodeInputs:
         self._owner_preempts = [0] * max_batch
         self._row_len = [0] * max_batch
         self.rows_rewritten = 0  # entries written into the table (tests, profiling)
+        # After fill: every row i reads row i of the in-flight step's tokens (async decode of an
+        # unchanged batch), so the gather is one copy.
+        self.src_in_order = False
 
     def fill(
         self, scheduled: Sequence[ScheduledRequest], padded: int, prev_rows: dict[str, int] | None = None
@@ -96,6 +100,7 @@ class DecodeInputs:
         slots = [0] * n
         src = [-1] * n
         gather = False
+        in_order = True  # every row i reads row i of the in-flight tokens
         rewritten = 0
         # Single-entry table writes (a decode step's usual one per row), applied in one go.
         one_rows: list[int] = []
@@ -107,14 +112,18 @@ class DecodeInputs:
             j = p - len(req.prompt_token_ids)
             if j < 0:
                 toks[i] = req.prompt_token_ids[p]
+                in_order = False
             elif j < len(req.output_token_ids):
                 toks[i] = req.output_token_ids[j]
+                in_order = False
             else:  # sampled by the step in flight
                 row = None if prev_rows is None else prev_rows.get(req.request_id)
                 if row is None:
                     raise RuntimeError(f"request {req.request_id}: input token is neither known nor in flight")
                 src[i] = row
                 gather = True
+                if row != i:
+                    in_order = False
             slots[i] = ids[p // bs] * bs + p % bs
             num_blocks = len(ids)
             if num_blocks > max_blocks:
@@ -136,6 +145,7 @@ class DecodeInputs:
             row_len[i] = num_blocks
         if one_rows:
             table[one_rows, one_cols] = one_vals
+        self.src_in_order = gather and in_order
         self.rows_rewritten += rewritten
         vec[self.IDS, :n] = toks
         vec[self.POS, :n] = pos
@@ -252,8 +262,12 @@ class DecodeGraphs:
         self._copied.record()
         if gather:
             assert prev_tokens is not None
-            ids, src = self._vec[DecodeInputs.IDS, :n], self._vec[DecodeInputs.SRC, :n]
-            ids.copy_(torch.where(src >= 0, prev_tokens.index_select(0, src.clamp(min=0)), ids))
+            ids = self._vec[DecodeInputs.IDS, :n]
+            if self.inputs.src_in_order:
+                ids.copy_(prev_tokens[:n])
+            else:
+                src = self._vec[DecodeInputs.SRC, :n]
+                ids.copy_(torch.where(src >= 0, prev_tokens.index_select(0, src.clamp(min=0)), ids))
         splits = self._auto_num_splits(
             padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device
         )

@@ -114,9 +114,17 @@ def test_decode_inputs_token_in_flight():
     assert inputs.vec[DecodeInputs.IDS, 1] == 0 and inputs.vec[DecodeInputs.IDS, 0] == a.all_token_ids[21]
     with pytest.raises(RuntimeError, match="neither known nor in flight"):
         inputs.fill(batch, 4, prev_rows={})
+    assert not inputs.src_in_order  # row 1 reads row 5; row 0's token is known
     b.output_token_ids.append(7)  # the token arrived: read from the host again
     b.num_output_placeholders = 0
     assert inputs.fill(batch, 4)[1] is False and inputs.vec[DecodeInputs.IDS, 1] == 7
+    assert not inputs.src_in_order
+
+    # Both tokens in flight, each at its own row of the step in flight: the gather is a copy.
+    a.num_output_placeholders = b.num_output_placeholders = 1
+    batch = [ScheduledRequest(a, 1, 22, [0, 1]), ScheduledRequest(b, 1, 34, [2, 3, 4])]
+    assert inputs.fill(batch, 4, prev_rows={"a": 0, "b": 1})[1] is True and inputs.src_in_order
+    assert inputs.fill(batch, 4, prev_rows={"a": 1, "b": 0})[1] is True and not inputs.src_in_order
 
 
 def test_decode_inputs_rejects_overflow():
