@@ -290,6 +290,21 @@ def test_seed_gelu_matches_dense_reference():
         torch.testing.assert_close(step[0], expected[j], rtol=0, atol=ATOL)
 
 
+def test_long_cpu_prefill_mlp_in_row_blocks_equals_one_pass(monkeypatch):
+    import fapool.models.llama as llama
+
+    cfg = _seed_gelu_config()
+    model = build_model(cfg, TorchReferenceBackend(), torch.float32, "cpu")
+    model.init_random_weights(seed=0)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2 * llama.CPU_MLP_ROWS + 37, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    blocks = []
+    monkeypatch.setattr(mlp, "activated", lambda rows: blocks.append(len(rows)) or type(mlp).activated(mlp, rows))
+    got = mlp(x)
+    assert blocks == [llama.CPU_MLP_ROWS, llama.CPU_MLP_ROWS, 37]
+    torch.testing.assert_close(got, mlp.down_proj(type(mlp).activated(mlp, x)), rtol=1e-6, atol=1e-6)
+
+
 # --- load_weights contract and random init ------------------------------------------------
 
 
