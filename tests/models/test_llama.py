@@ -299,10 +299,11 @@ def test_long_cpu_prefill_mlp_in_row_blocks_equals_one_pass(monkeypatch):
     mlp = model.model.layers[0].mlp
     x = torch.randn(2 * llama.CPU_MLP_ROWS + 37, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
     blocks = []
-    monkeypatch.setattr(mlp, "activated", lambda rows: blocks.append(len(rows)) or type(mlp).activated(mlp, rows))
+    one_pass = type(mlp).activated
+    monkeypatch.setattr(mlp, "activated", lambda rows: blocks.append(len(rows)) or one_pass(mlp, rows))
     got = mlp(x)
     assert blocks == [llama.CPU_MLP_ROWS, llama.CPU_MLP_ROWS, 37]
-    torch.testing.assert_close(got, mlp.down_proj(type(mlp).activated(mlp, x)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, mlp.down_proj(one_pass(mlp, x)), rtol=1e-6, atol=1e-6)
 
 
 # --- load_weights contract and random init ------------------------------------------------
