@@ -7,7 +7,6 @@ sequence ("\ufffd").
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -18,10 +17,11 @@ class DetokenizerState:
     text: str = ""
 
 
-def backend_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str] | None:
-    """The Rust `tokenizers` decode of a transformers fast tokenizer, when the wrapper's decode
-    would return exactly its text (no subclass override, no clean-up of tokenization spaces);
-    else None. The wrapper costs several times the decode itself, twice per token."""
+def backend_of(tokenizer):
+    """The Rust `tokenizers` Tokenizer of a transformers fast tokenizer, when the wrapper's
+    decode would return exactly its decode's text (no subclass override, no clean-up of
+    tokenization spaces); else None. The wrapper costs several times the decode itself, and
+    detokenization decodes twice per token."""
     try:
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -37,30 +37,36 @@ def backend_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]]
         or getattr(tokenizer, "clean_up_tokenization_spaces", True)
     ):
         return None
-    skip = bool(skip_special_tokens)
-    return lambda ids: backend.decode(ids, skip_special_tokens=skip)
+    return backend
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._decode = None
-        if tokenizer is not None:
-            self._decode = backend_decode(tokenizer, skip_special_tokens) or (
-                lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-            )
+        self._skip = bool(skip_special_tokens)
+        self._backend = backend_of(tokenizer) if tokenizer is not None else None
+
+    def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, self._skip)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def step(self, state: DetokenizerState, token_ids: list[int]) -> str:
         """Append the text of token_ids' newest tokens to state.text; return the new text."""
-        decode = self._decode
-        if decode is None:
+        if self.tokenizer is None:
             return ""
-        prefix = decode(token_ids[state.prefix_offset : state.read_offset])
-        full = decode(token_ids[state.prefix_offset :])
+        po, ro = state.prefix_offset, state.read_offset
+        backend = self._backend
+        if backend is not None:  # _decode, without a call per window
+            prefix = backend.decode(token_ids[po:ro], self._skip)
+            full = backend.decode(token_ids[po:], self._skip)
+        else:
+            prefix = self._decode(token_ids[po:ro])
+            full = self._decode(token_ids[po:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new = full[len(prefix) :]
-            state.prefix_offset = state.read_offset
+            state.prefix_offset = ro
             state.read_offset = len(token_ids)
             state.text += new
             return new

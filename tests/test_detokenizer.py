@@ -3,7 +3,7 @@ wrapper gives, token by token."""
 
 import random
 
-from fapool.detokenizer import DetokenizerState, IncrementalDetokenizer, backend_decode
+from fapool.detokenizer import DetokenizerState, IncrementalDetokenizer, backend_of
 from fapool.models.tokenizer import load_hf_tokenizer
 
 
@@ -17,10 +17,10 @@ class _Wrapped:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def test_backend_decode_matches_wrapper(tiny_text_model):
+def test_backend_of_matches_wrapper(tiny_text_model):
     tok = load_hf_tokenizer(tiny_text_model)
-    assert backend_decode(tok, True) is not None
-    assert backend_decode(_Wrapped(tok), True) is None
+    assert backend_of(tok) is not None
+    assert backend_of(_Wrapped(tok)) is None
     rng = random.Random(0)
     # Bytes of multi-byte UTF-8 characters cut anywhere, between ASCII.
     text = "".join(rng.choice(["a", " b", "é", "日本", "🙂", "\n"]) for _ in range(200))

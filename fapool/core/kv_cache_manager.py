@@ -100,14 +100,16 @@ class KVCacheManager:
         """Make room for num_new_tokens more tokens after request.num_computed_tokens (plus any
         prefix-cache hits, which must be passed on the request's first allocation). Returns
         False, changing nothing, when the pool cannot supply the blocks."""
-        table = self.block_tables.get(request.request_id, [])
-        if table and not computed_blocks and (self.pool_manager is None or self._local_limit(request.request_id) is None):
+        rid = request.request_id
+        table = self.block_tables.get(rid, [])
+        if table and not computed_blocks and (self.pool_manager is None or self._local_limit(rid) is None):
             # The decode step's common case: the tokens fit the blocks held, the tail one unshared.
             bs = self.block_size
-            total = request.num_computed_tokens + num_new_tokens
-            if total <= len(table) * bs and (num_new_tokens == 0 or table[request.num_computed_tokens // bs].ref_cnt == 1):
-                # _cache_full_blocks, when a block fills
-                if min(total, request.num_tokens) // bs > self._num_hashed.get(request.request_id, 0):
+            computed = request.num_computed_tokens
+            total = computed + num_new_tokens
+            if total <= len(table) * bs and (num_new_tokens == 0 or table[computed // bs].ref_cnt == 1):
+                known = len(request.prompt_token_ids) + len(request.output_token_ids)
+                if min(total, known) // bs > self._num_hashed.get(rid, 0):  # a block fills: hash it
                     self._cache_full_blocks(request, table, total)
                 return True
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
