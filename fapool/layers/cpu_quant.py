@@ -11,8 +11,8 @@ Both kernels take bfloat16 activations (their fast path), so x is rounded to bf1
 and the result, rounded to bf16 by the kernel, is cast back. Activations stay unquantized:
 this model's outlier activations rule out dynamic int8 (benchmarks/RESULTS.md).
 
-The LM head's logits decide greedy tokens, so its quantized product (int8 under either scheme)
-only ranks the vocabulary: the RESCORE_TOP_K
+The LM head's logits decide greedy tokens, so its quantized product (bf16, or int8 on a CPU
+without bf16 matmuls, under either scheme) only ranks the vocabulary: the RESCORE_TOP_K
 best tokens of each row get their logits again from the float weight (for a tied head the
 embedding table, which stays exact for the lookup anyway). Greedy then matches the float head
 unless the true best token falls outside the quantized top k.
@@ -67,10 +67,11 @@ class _Quantized:
     row block and run several times slower than oneDNN's bf16 GEMM there."""
 
     bf16_weight: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if self.bf16_weight is not None and rows.shape[0] > MAX_QUANTIZED_ROWS:
+        if self.bf16_weight is not None and (self.qweight is None or rows.shape[0] > MAX_QUANTIZED_ROWS):
             y = packed_linear(rows, self.bf16_weight)
         elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
@@ -141,9 +142,9 @@ def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
             scales.append(torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1))
         module.qweight = torch.cat(packed)
         module.qscale = torch.cat(scales, dim=1).to(torch.bfloat16).contiguous()
-    else:
+    elif scheme != "bf16":
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
-    if cls is not QuantizedHead and bf16_supported():  # the head's prefill rows are few
+    if scheme == "bf16" or (cls is not QuantizedHead and bf16_supported()):
         module.bf16_weight = pack(module.weight.detach().to(torch.bfloat16))
     module.scheme = scheme
     module.__class__ = cls
@@ -151,8 +152,9 @@ def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
 
 def quantize_linears(model: nn.Module, scheme: str) -> int:
     """Switch every linear of `model` to its `scheme` twin; `model.lm_head`, if there is one,
-    becomes an int8 QuantizedHead that keeps its float weight (shared with the embedding when
-    tied). Returns how many were quantized."""
+    becomes a QuantizedHead (bf16 where the CPU has bf16 matmuls: oneDNN's bf16 GEMM beats
+    aten's int8 kernel on the head at every row count; else int8) that keeps its float weight
+    (shared with the embedding when tied). Returns how many were quantized."""
     head = getattr(model, "lm_head", None)
     for name, module in model.named_modules():
         if module is not head and type(module) in _QUANTIZED:
@@ -160,7 +162,7 @@ def quantize_linears(model: nn.Module, scheme: str) -> int:
     n = 0
     for module in list(model.modules()):
         if module is head:
-            quantize_module(module, "int8", QuantizedHead)
+            quantize_module(module, "bf16" if bf16_supported() else "int8", QuantizedHead)
         elif type(module) in _QUANTIZED:
             quantize_module(module, scheme, _QUANTIZED[type(module)])
             module.weight.data = torch.empty(0, dtype=module.weight.dtype)  # the quantized copy replaces it

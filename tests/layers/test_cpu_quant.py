@@ -85,9 +85,10 @@ def test_head_rescores_its_top_tokens_exactly(scheme):
     )  # lookup exact
     got = model.lm_head(x)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    top = got.topk(RESCORE_TOP_K, dim=-1).indices
-    torch.testing.assert_close(got.gather(1, top), want.gather(1, top), atol=1e-5, rtol=1e-5)
-    assert _relative_error(got, want) < 0.02  # the tail: int8 per channel
+    # The quantized ranking's top k are recomputed exactly (a tail logit may outrank one of them).
+    exact = (got - want).abs() <= 1e-5 * want.abs().clamp_min(1)
+    assert exact.sum(-1).min() >= RESCORE_TOP_K
+    assert _relative_error(got, want) < 0.02  # the tail: bf16 (or int8 per channel)
 
 
 def test_int4_refuses_shapes_its_kernel_cannot_take():
