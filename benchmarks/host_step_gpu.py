@@ -2,13 +2,14 @@
 scheduling) at `--batches` x `--context`, FINAL_ONLY greedy.
 
 Per batch, `--steps` async decode steps are timed one by one; a step's host time is its wall
-time minus its wait for the in-flight step's tokens (PendingTokens.tokens), so it is the host's
-own work whether or not the GPU is the bottleneck. `fapool bench tpot`'s measure_engine then
+time minus its waits on the device (the in-flight step's tokens, PendingTokens.tokens, and the
+last step's input copies, which queue behind its graph), so it is the host's own work whether
+or not the GPU is the bottleneck. `fapool bench tpot`'s measure_engine then
 gives TPOT, the graph replay and its sync-mode engine/runner host split for the same point.
 
 `--ref-path DIR`: a folder holding another fapool (e.g. `git archive REF fapool | tar -x -C DIR`,
-carried to the device machine, which has no git history) measured first, back to back in a
-child process, for before/after on the same machine.
+carried to the device machine, which has no git history), measured in turn with this checkout's,
+each run in its own process, `--repeats` times: before/after on the same machine.
 
     python3 benchmarks/host_step_gpu.py [--ref-path benchmarks/tmp/old] [--ref-name 0e263f1]
 """
@@ -50,6 +51,21 @@ def measure(batches: list[int], context: int, steps: int) -> dict:
     llm = LLM("preset:seed000", gpu_memory_utilization=0.5, max_num_seqs=max(batches), max_num_batched_tokens=16384)
     engine = llm.engine
     measure_engine(engine, 2, 64, 4)  # compiles the kernels
+    graphs = engine.executor.runner.decode_graphs
+
+    class TimedEvent:  # DecodeGraphs waits on it for the last step's input copies: device time
+        def __init__(self, event) -> None:
+            self.event = event
+
+        def record(self) -> None:
+            self.event.record()
+
+        def synchronize(self) -> None:
+            t = time.perf_counter()
+            self.event.synchronize()
+            waits.append(time.perf_counter() - t)
+
+    graphs._copied = TimedEvent(graphs._copied)
     rows = []
     for batch in batches:
         params = SamplingParams(
@@ -99,6 +115,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--ref-path", help="a folder with another fapool to measure first")
     p.add_argument("--ref-name", default=None, help="what --ref-path holds (a commit), for the record")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of before and after")
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     ns = p.parse_args()
@@ -106,16 +123,40 @@ def main() -> None:
         with open(ns.child, "w") as f:
             json.dump(measure(ns.batches, ns.context, ns.steps), f)
         return
-    before = None
-    if ns.ref_path:
-        out = os.path.join(os.path.abspath(ns.ref_path), "host_step_gpu.json")
+
+    def child(path: str, tag: str) -> dict:
+        out = os.path.join(ROOT, "benchmarks", "tmp", f"host_step_gpu-{tag}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         args = [sys.executable, os.path.abspath(__file__), "--child", out, "--context", str(ns.context),
                 "--steps", str(ns.steps), "--batches", *map(str, ns.batches)]
-        subprocess.run(args, env={**os.environ, "PYTHONPATH": os.path.abspath(ns.ref_path)}, check=True)
+        subprocess.run(args, env={**os.environ, "PYTHONPATH": os.path.abspath(path)}, check=True)
         with open(out) as f:
-            before = json.load(f)
+            return json.load(f)
+
+    # Before and after alternate, each in a fresh process; each figure is the median over the
+    # repeats (the host's speed drifts between runs on a shared machine).
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for _ in range(ns.repeats):
+        if ns.ref_path:
+            runs["before"].append(child(ns.ref_path, "before"))
+        runs["after"].append(child(ROOT, "after"))
+
+    def merged(results: list[dict]) -> dict | None:
+        if not results:
+            return None
+        rows = []
+        for i, row in enumerate(results[0]["rows"]):
+            m = dict(row)
+            for k, v in row.items():
+                if k.endswith("_ms") and v is not None:
+                    m[k] = statistics.median(r["rows"][i][k] for r in results)
+                    m[k + "_runs"] = [r["rows"][i][k] for r in results]
+            rows.append(m)
+        return {"fapool": results[0]["fapool"], "repeats": len(results), "rows": rows}
+
+    before, after = merged(runs["before"]), merged(runs["after"])
+    assert after is not None
     sys.path.insert(0, ROOT)
-    after = measure(ns.batches, ns.context, ns.steps)
     from fapool.bench.results import environment, write_result
 
     parts = []
