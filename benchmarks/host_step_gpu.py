@@ -4,7 +4,8 @@ scheduling) at `--batches` x `--context`, FINAL_ONLY greedy.
 Per batch, `--steps` async decode steps are timed one by one; a step's host time is its wall
 time minus its waits on the device (the in-flight step's tokens, PendingTokens.tokens, and the
 last step's input copies, which queue behind its graph), so it is the host's own work whether
-or not the GPU is the bottleneck. `fapool bench tpot`'s measure_engine then
+or not the GPU is the bottleneck; the graph launch can block too while the device is behind,
+so the host time without it is reported as well. `fapool bench tpot`'s measure_engine then
 gives TPOT, the graph replay and its sync-mode engine/runner host split for the same point.
 
 `--ref-path DIR`: a folder holding another fapool (e.g. `git archive REF fapool | tar -x -C DIR`,
@@ -48,6 +49,17 @@ def measure(batches: list[int], context: int, steps: int) -> dict:
             waits.append(time.perf_counter() - t)
 
     model_runner.PendingTokens.tokens = timed_tokens
+    launches: list[float] = []
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed_replay(self):  # the graph launch: it blocks while the device is behind
+        t = time.perf_counter()
+        try:
+            return replay(self)
+        finally:
+            launches.append(time.perf_counter() - t)
+
+    torch.cuda.CUDAGraph.replay = timed_replay
     llm = LLM("preset:seed000", gpu_memory_utilization=0.5, max_num_seqs=max(batches), max_num_batched_tokens=16384)
     engine = llm.engine
     measure_engine(engine, 2, 64, 4)  # compiles the kernels
@@ -79,14 +91,16 @@ def measure(batches: list[int], context: int, steps: int) -> dict:
             engine.step()
         for _ in range(8):
             engine.step()
-        wall, host = [], []
+        wall, host, launch = [], [], []
         for _ in range(steps):
             waits.clear()
+            launches.clear()
             t = time.perf_counter()
             engine.step()
             dt = time.perf_counter() - t
             wall.append(dt)
             host.append(dt - sum(waits))
+            launch.append(sum(launches))
         for i in ids:
             engine.abort_request(i)
         while engine.has_unfinished_requests():
@@ -98,6 +112,8 @@ def measure(batches: list[int], context: int, steps: int) -> dict:
                 "context": context,
                 "async_step_ms": statistics.median(wall) * 1e3,
                 "async_host_ms": statistics.median(host) * 1e3,
+                "graph_launch_ms": statistics.median(launch) * 1e3,  # inside async_host_ms
+                "async_host_excl_launch_ms": statistics.median([h - g for h, g in zip(host, launch)]) * 1e3,
                 "tpot_ms": ref["tpot_ms"],
                 "graph_replay_ms": ref["graph_replay_ms"],
                 "sync_engine_host_ms": ref["engine_host_ms"],
@@ -164,7 +180,9 @@ def main() -> None:
         b = before["rows"][i] if before else None
         head = f"B{r['batch']}x{r['context']}: "
         if b:
-            head += (f"async host {b['async_host_ms']:.2f} -> {r['async_host_ms']:.2f} ms/step, step "
+            head += (f"async host {b['async_host_ms']:.2f} -> {r['async_host_ms']:.2f} ms/step (without the "
+                     f"graph launch, which waits for the device: {b['async_host_excl_launch_ms']:.2f} -> "
+                     f"{r['async_host_excl_launch_ms']:.2f}), step "
                      f"{b['async_step_ms']:.2f} -> {r['async_step_ms']:.2f} ms (graph {r['graph_replay_ms']:.2f})")
         else:
             head += (f"async host {r['async_host_ms']:.2f} ms/step, step {r['async_step_ms']:.2f} ms "
