@@ -30,6 +30,7 @@ class ScheduledRequest:
         num_computed_tokens: int,  # before this step
         block_ids: list[int],  # local blocks
         segments: list[Segment] | None = None,  # KV on attention workers, if any
+        completes_known_tokens: bool | None = None,  # None: computed from the request
     ) -> None:
         self.request = request
         self.num_new_tokens = num_new_tokens
@@ -39,9 +40,9 @@ class ScheduledRequest:
         # True when this step computes up to the request's last known token, so its logits give
         # the next token (false for a non-final prefill chunk). Taken when scheduled: launching
         # the step adds a placeholder to the request.
-        self.completes_known_tokens: bool = (
-            num_computed_tokens + num_new_tokens == request.num_tokens_with_placeholders
-        )
+        if completes_known_tokens is None:
+            completes_known_tokens = num_computed_tokens + num_new_tokens == request.num_tokens_with_placeholders
+        self.completes_known_tokens: bool = completes_known_tokens
 
     def __repr__(self) -> str:
         return (
@@ -98,7 +99,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             out_len, in_flight = len(req.output_token_ids), req.num_output_placeholders
-            num_new = min(len(req.prompt_token_ids) + out_len + in_flight - req.num_computed_tokens, budget)
+            total = len(req.prompt_token_ids) + out_len + in_flight  # num_tokens_with_placeholders
+            num_new = min(total - req.num_computed_tokens, budget)
             if in_flight and out_len + in_flight >= req.max_tokens:
                 num_new = 0  # the token still in flight is its last one
             if num_new <= 0:
@@ -111,7 +113,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(self._scheduled(req, num_new))
+                scheduled.append(self._scheduled(req, num_new, req.num_computed_tokens + num_new == total))
                 budget -= num_new
                 i += 1
                 continue
@@ -153,10 +155,10 @@ class Scheduler:
             self.kv.pool_manager.step += 1
         return out
 
-    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, req: Request, num_new: int, completes: bool | None = None) -> ScheduledRequest:
         rid, kv = req.request_id, self.kv
         segments = kv.pool_segments(rid) if kv.pool_manager is not None else None
-        return ScheduledRequest(req, num_new, req.num_computed_tokens, kv.block_ids(rid), segments)
+        return ScheduledRequest(req, num_new, req.num_computed_tokens, kv.block_ids(rid), segments, completes)
 
     def preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop its blocks (full ones stay in the prefix cache),

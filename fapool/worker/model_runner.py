@@ -299,9 +299,12 @@ class ModelRunner:
         biases, grammar masks: LLMEngine._launch)."""
         self.copy_blocks(out.block_copies)
         scheduled = out.scheduled
-        due_rows = [i for i, s in enumerate(scheduled) if s.completes_known_tokens]
-        all_due = len(due_rows) == len(scheduled)  # a decode step's case
-        due = list(scheduled) if all_due else [scheduled[i] for i in due_rows]
+        all_due = all(s.completes_known_tokens for s in scheduled)  # a decode step's case
+        if all_due:
+            due_rows, due = list(range(len(scheduled))), list(scheduled)
+        else:
+            due_rows = [i for i, s in enumerate(scheduled) if s.completes_known_tokens]
+            due = [scheduled[i] for i in due_rows]
         rows = [s.request.sampling_row() for s in due]
         graphs = self._graphs_for(out)
         if graphs is None:
