@@ -13,8 +13,9 @@ step's inputs go through static buffers:
     sampling ints / floats     --->   the same                    sampled [max_batch] int64
       [3, max_batch] (SamplingBatch)                              (fapool.layers.sampler)
 
-Four H2D copies a step. Rows past the real batch are padding: slot -1 (no KV written), kv len 0
-(the decode kernel writes zeros and lse -inf), token 0, greedy sampling. Sampling is one Triton
+Two H2D copies a step: vec and the sampling rows are views of one buffer (RowBuffers). Rows
+past the real batch are padding: slot -1 (no KV written), kv len 0 (the decode kernel writes
+zeros and lse -inf), token 0, greedy sampling. Sampling is one Triton
 launch inside the graph (fapool.layers.triton_sampler), whatever each row asks.
 
 Async scheduling: a row whose input token was sampled by the step still in flight has src >= 0,
@@ -66,11 +67,14 @@ class DecodeInputs:
 
     IDS, POS, SLOT, KV_LEN, SRC = range(5)
 
-    def __init__(self, max_batch: int, max_blocks: int, block_size: int, pin: bool) -> None:
+    def __init__(
+        self, max_batch: int, max_blocks: int, block_size: int, pin: bool, vec: torch.Tensor | None = None
+    ) -> None:
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.block_size = block_size
-        self.vec = torch.zeros((5, max_batch), dtype=torch.int64, pin_memory=pin)
+        # `vec`: [5, max_batch] int64 given by the caller (a view of a larger buffer), else its own.
+        self.vec = torch.zeros((5, max_batch), dtype=torch.int64, pin_memory=pin) if vec is None else vec
         self.table = torch.zeros((max_batch, max_blocks), dtype=torch.int32, pin_memory=pin)
         self._vec = self.vec.numpy()
         self._table = self.table.numpy()
@@ -159,6 +163,21 @@ class DecodeInputs:
         return max(pos) + 1, gather
 
 
+class RowBuffers:
+    """Views of one byte buffer: DecodeInputs.vec [5, B] int64, then the sampling parameters
+    (SamplingBatch's ints [3, B] int64 and floats [3, B] float32)."""
+
+    @staticmethod
+    def nbytes(max_batch: int) -> int:
+        return (5 + 3) * 8 * max_batch + 3 * 4 * max_batch
+
+    def __init__(self, buf: torch.Tensor, max_batch: int) -> None:
+        a, b = 5 * 8 * max_batch, 8 * 8 * max_batch
+        self.vec = buf[:a].view(torch.int64).view(5, max_batch)
+        self.ints = buf[a:b].view(torch.int64).view(3, max_batch)
+        self.floats = buf[b : b + 3 * 4 * max_batch].view(torch.float32).view(3, max_batch)
+
+
 @contextlib.contextmanager
 def pinned_splits(backend, num_splits: int):
     """Fix the Triton backend's decode split count while a graph is captured."""
@@ -204,17 +223,20 @@ class DecodeGraphs:
         self.num_kv_heads, self.head_dim = k_cache.shape[2], k_cache.shape[3]
         self.elem_size = k_cache.element_size()
         max_blocks = -(-max_model_len // block_size)
-        self.inputs = DecodeInputs(self.max_batch, max_blocks, block_size, pin=True)
-        self._vec = torch.zeros_like(self.inputs.vec, device=self.device)
+        # The per-row inputs (DecodeInputs.vec) and sampling parameters (SamplingBatch's layout)
+        # share one pinned buffer and one static device copy: one H2D copy a step for both.
+        mb = self.max_batch
+        self._rows_host = torch.zeros(RowBuffers.nbytes(mb), dtype=torch.uint8, pin_memory=True)
+        self._rows = torch.zeros_like(self._rows_host, device=self.device)
+        host, dev = RowBuffers(self._rows_host, mb), RowBuffers(self._rows, mb)
+        self.inputs = DecodeInputs(mb, max_blocks, block_size, pin=True, vec=host.vec)
+        self._vec = dev.vec
         self._table = torch.zeros_like(self.inputs.table, device=self.device)
         self._query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=self.device)
         self._kv_start = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
         self.sampled = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
-        # Sampling parameters (SamplingBatch's layout): pinned host rows, static device copies.
-        self._s_ints_host = torch.zeros((3, self.max_batch), dtype=torch.int64, pin_memory=True)
-        self._s_floats_host = torch.zeros((3, self.max_batch), dtype=torch.float32, pin_memory=True)
-        self._s_ints = torch.zeros_like(self._s_ints_host, device=self.device)
-        self._s_floats = torch.zeros_like(self._s_floats_host, device=self.device)
+        self._s_ints_host, self._s_floats_host = host.ints, host.floats
+        self._s_ints, self._s_floats = dev.ints, dev.floats
         self.vocab_size = model.config.vocab_size
         self.last_logprobs: int | None = None  # the last run's logprobs count (SamplingBatch.logprobs)
         self._copied = torch.cuda.Event()
@@ -255,10 +277,8 @@ class DecodeGraphs:
         max_kv, gather = self.inputs.fill(scheduled, padded, prev_rows)
         rows = (sampling or [None] * n) + [None] * (padded - n)  # padding: greedy
         _, self.last_logprobs = SamplingBatch.fill_host(rows, self.vocab_size, self._s_ints_host, self._s_floats_host)
-        self._vec.copy_(self.inputs.vec, non_blocking=True)
+        self._rows.copy_(self._rows_host, non_blocking=True)  # vec and the sampling parameters
         self._table[:padded].copy_(self.inputs.table[:padded], non_blocking=True)
-        self._s_ints[:, :padded].copy_(self._s_ints_host[:, :padded], non_blocking=True)
-        self._s_floats[:, :padded].copy_(self._s_floats_host[:, :padded], non_blocking=True)
         self._copied.record()
         if gather:
             assert prev_tokens is not None
