@@ -105,7 +105,6 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP16_DOT: tl.constexpr,
-    USE_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -157,20 +156,14 @@ def _decode_split_kernel(
         v_rows = page * stride_vb + (pos % PAGE) * stride_vt
         kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
-        else:  # a head or two per KV head: FMAs on the CUDA cores, no tensor-core tile padding
-            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2) * qk_scale
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -346,14 +339,12 @@ def paged_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     dot_fp16: bool | None = None,
-    use_dot: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
 
     Only sequences with exactly one query token are computed; the rows of the others are left
     untouched in `out`/`lse` (in a mixed batch the prefill kernel writes them). `k_scale` and
-    `v_scale` multiply what an FP8 cache holds (kv_quant). `use_dot=False` computes the
-    scores and the weighted sum with elementwise FMAs instead of tensor-core dots.
+    `v_scale` multiply what an FP8 cache holds (kv_quant).
     """
     _check(query, k_cache, v_cache, meta)
     num_tokens, num_heads, head_dim = query.shape
@@ -369,9 +360,7 @@ def paged_decode(
     if num_seqs == 0 or num_tokens == 0:
         return out, lse
     block_d = triton.next_power_of_2(head_dim)
-    block_h = triton.next_power_of_2(group)
-    if use_dot:
-        block_h = max(16, block_h)  # tl.dot's smallest tile
+    block_h = max(16, triton.next_power_of_2(group))
     if num_splits is None:
         num_splits = auto_num_splits(
             num_seqs,
@@ -433,7 +422,6 @@ def paged_decode(
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
         FP16_DOT=fp16_dot(query, k_cache) if dot_fp16 is None else dot_fp16,
-        USE_DOT=use_dot,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -133,28 +133,6 @@ def test_decode_forced_split_counts(num_splits, num_stages):
 
 
 @needs_gpu
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("heads", [(4, 4, 128), (8, 2, 64)], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
-def test_decode_without_tensor_core_dots(fp8, heads):
-    """use_dot=False (elementwise FMAs, one row per query head) over boundary lengths and splits."""
-    from fapool.attention.kv_quant import FP8_DTYPE, quantize
-    from fapool.attention.triton_decode import paged_decode
-
-    num_heads, num_kv_heads, head_dim = heads
-    specs = [(n - 1, 1) for n in _boundary_lengths(16)]
-    q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, 16, BF16, seed=7)
-    ks, vs = (0.011, 0.007) if fp8 else (1.0, 1.0)
-    if fp8:
-        kc, vc = quantize(kc, ks, FP8_DTYPE), quantize(vc, vs, FP8_DTYPE)
-    scale = head_dim**-0.5
-    for splits in (1, 3):
-        out = torch.full_like(q, float("nan"))
-        lse = torch.full(q.shape[:2], float("nan"), device=q.device)
-        paged_decode(q, kc, vc, meta, scale, out, lse, k_scale=ks, v_scale=vs, num_splits=splits, use_dot=False)
-        _assert_matches_reference(out, lse, q, kc.float() * ks, vc.float() * vs, meta, scale, BF16)
-
-
-@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("heads", HEADS[:3], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
