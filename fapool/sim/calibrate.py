@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fapool.sim.engine_calibrate import typical
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import (HardwareProfile, HostProfile, LinkProfile, PoolOverheads, RankOverheads,
                                  get_hardware)
@@ -44,12 +45,6 @@ FULL = {
 # samples and extrapolates at the largest one's rate, so it needs every decade up to full bandwidth.
 GPU_DECODE = [(8, 32, 512, 128), (8, 32, 2048, 128), (32, 32, 2048, 128), (16, 32, 8192, 128),
               (64, 32, 4096, 128), (8, 32, 32768, 128)]
-
-
-def typical(times, cpu: bool) -> float:
-    """The 20th percentile (CPU: on a shared machine noise from other processes only adds time)
-    or the median (GPU)."""
-    return float(np.percentile(times, 20 if cpu else 50))
 
 
 def _run(fn, reps: int, device) -> float:
