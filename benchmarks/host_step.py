@@ -146,7 +146,8 @@ def build_engine(folder: str, batch: int, context: int, steps: int):
         max_num_seqs=max(batch, 8),
         max_num_batched_tokens=4096,
         max_model_len=max_len,
-        kv_cache_memory=(batch * max_len * 2 * 2 * 2 * 16 * 4) * 2,  # 2 layers, K+V, 2 heads x 16, fp32, 2x room
+        # 2 layers, K and V, 2 KV heads of 16, float32, twice the room needed
+        kv_cache_memory=(batch * max_len * 2 * 2 * 2 * 16 * 4) * 2,
     )
     return llm
 
@@ -165,7 +166,10 @@ def measure(folder: str, batch: int, context: int, steps: int, warmup: int, prof
     timer.wrap(engine, "_drain", "process_tokens")  # append, stop checks, detokenize
     timer.wrap(engine, "_finalize", "outputs")
     params = SamplingParams(
-        temperature=0.0, max_tokens=steps + warmup + 8 + 2 * -(-batch * context // 4096), ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY
+        temperature=0.0,
+        max_tokens=steps + warmup + 8 + 2 * -(-batch * context // 4096),  # early rows decode during prefill
+        ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,
     )
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(3, engine.config.model.vocab_size, (batch, context), generator=g).tolist()
@@ -194,8 +198,8 @@ def measure(folder: str, batch: int, context: int, steps: int, warmup: int, prof
         per_phase.setdefault("other", []).append(dt - sum(timer.totals.values()))
     if prof is not None:
         prof.disable()
-    assert all(len(r.output_token_ids) < r.max_tokens for r in reqs), "a request finished inside the timed steps"
-    assert engine.executor.runner.decode_graphs.last_key is not None, "decode steps did not use the graph path"
+    assert all(len(r.output_token_ids) < r.max_tokens for r in reqs), "a request finished in the timed steps"
+    assert engine.executor.runner.decode_graphs.last_key is not None, "decode steps missed the graph path"
     # Each phase's median over the steps (a step another process delays moves the mean).
     phases = {k: statistics.median(v + [0.0] * (steps - len(v))) * 1e3 for k, v in per_phase.items()}
     for rid in rids:
@@ -209,7 +213,8 @@ def measure(folder: str, batch: int, context: int, steps: int, warmup: int, prof
         st = pstats.Stats(prof)
         rows = []
         for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
-            rows.append({"fn": f"{os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)}:{line}:{fn}",
+            where = os.path.relpath(file, ROOT) if file.startswith(ROOT) else os.path.basename(file)
+            rows.append({"fn": f"{where}:{line}:{fn}",
                          "calls_per_step": nc / steps, "own_us_per_step": tt / steps * 1e6,
                          "cum_us_per_step": ct / steps * 1e6})
         rows.sort(key=lambda r: -r["own_us_per_step"])
@@ -238,7 +243,8 @@ def make_model(folder: str) -> None:
 def run_ref(ref: str, ns, folder: str) -> dict:
     """The same measurement on the fapool of `ref`, in a child process."""
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", ref, "fapool"], cwd=ROOT, capture_output=True, check=True).stdout
+        git = ["git", "archive", ref, "fapool"]
+        archive = subprocess.run(git, cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         out = os.path.join(tmp, "result.json")
         args = [sys.executable, os.path.abspath(__file__), "--child", out, "--model", folder,
@@ -262,7 +268,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--ref", help="also measure the fapool of this git ref first (before/after)")
-    p.add_argument("--profile", action="store_true", help="cProfile the timed steps (slower; top rows in the JSON)")
+    p.add_argument("--profile", action="store_true", help="cProfile the timed steps (top rows in the JSON)")
     p.add_argument("--model", help="a tiny checkpoint folder (default: built in a temporary folder)")
     p.add_argument("--no-write", action="store_true", help="print only; no JSON, no RESULTS.md line")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -310,9 +316,11 @@ def main() -> None:
     parts = []
     for i, r in enumerate(after["rows"]):
         b = before["rows"][i] if before else None
-        head = f"B{r['batch']}x{ns.context}: host {b['host_ms_median']:.3f} -> {r['host_ms_median']:.3f} ms/step" if b else \
-            f"B{r['batch']}x{ns.context}: host {r['host_ms_median']:.3f} ms/step"
-        ph = lambda x: "/".join(f"{x['phases_ms_median'].get(k, 0):.3f}" for k in ("schedule", "launch", "process_tokens", "outputs", "other"))  # noqa: E731
+        head = f"B{r['batch']}x{ns.context}: host "
+        head += f"{b['host_ms_median']:.3f} -> " if b else ""
+        head += f"{r['host_ms_median']:.3f} ms/step"
+        names = ("schedule", "launch", "process_tokens", "outputs", "other")
+        ph = lambda x: "/".join(f"{x['phases_ms_median'].get(k, 0):.3f}" for k in names)  # noqa: E731
         parts.append(head + f" (schedule/launch/tokens/outputs/other {ph(b) + ' -> ' if b else ''}{ph(r)})")
     summary = ("decode-step host time, null graph (CPU), FINAL_ONLY greedy, async: " + "; ".join(parts)
                + (f"; before = {ns.ref}" if ns.ref else ""))

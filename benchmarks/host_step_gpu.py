@@ -60,7 +60,9 @@ def measure(batches: list[int], context: int, steps: int) -> dict:
             launches.append(time.perf_counter() - t)
 
     torch.cuda.CUDAGraph.replay = timed_replay
-    llm = LLM("preset:seed000", gpu_memory_utilization=0.5, max_num_seqs=max(batches), max_num_batched_tokens=16384)
+    llm = LLM(
+        "preset:seed000", gpu_memory_utilization=0.5, max_num_seqs=max(batches), max_num_batched_tokens=16384
+    )
     engine = llm.engine
     measure_engine(engine, 2, 64, 4)  # compiles the kernels
     graphs = engine.executor.runner.decode_graphs
@@ -183,7 +185,8 @@ def main() -> None:
             head += (f"async host {b['async_host_ms']:.2f} -> {r['async_host_ms']:.2f} ms/step (without the "
                      f"graph launch, which waits for the device: {b['async_host_excl_launch_ms']:.2f} -> "
                      f"{r['async_host_excl_launch_ms']:.2f}), step "
-                     f"{b['async_step_ms']:.2f} -> {r['async_step_ms']:.2f} ms (graph {r['graph_replay_ms']:.2f})")
+                     f"{b['async_step_ms']:.2f} -> {r['async_step_ms']:.2f} ms "
+                     f"(graph {r['graph_replay_ms']:.2f})")
         else:
             head += (f"async host {r['async_host_ms']:.2f} ms/step, step {r['async_step_ms']:.2f} ms "
                      f"(graph {r['graph_replay_ms']:.2f})")

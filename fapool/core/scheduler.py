@@ -21,7 +21,9 @@ from fapool.request import Request, RequestStatus
 class ScheduledRequest:
     """One request's work in a step. A plain slotted class: one is built per request per step."""
 
-    __slots__ = ("request", "num_new_tokens", "num_computed_tokens", "block_ids", "segments", "completes_known_tokens")
+    __slots__ = (
+        "request", "num_new_tokens", "num_computed_tokens", "block_ids", "segments", "completes_known_tokens"
+    )
 
     def __init__(
         self,
@@ -41,7 +43,8 @@ class ScheduledRequest:
         # the next token (false for a non-final prefill chunk). Taken when scheduled: launching
         # the step adds a placeholder to the request.
         if completes_known_tokens is None:
-            completes_known_tokens = num_computed_tokens + num_new_tokens == request.num_tokens_with_placeholders
+            total = request.num_tokens_with_placeholders
+            completes_known_tokens = num_computed_tokens + num_new_tokens == total
         self.completes_known_tokens: bool = completes_known_tokens
 
     def __repr__(self) -> str:

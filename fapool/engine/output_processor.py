@@ -50,7 +50,8 @@ class OutputProcessor:
                 hit = find_stop(req.text, len(new), stops)
                 if hit is not None:
                     idx, stop = hit
-                    req.text = req.text[: idx + len(stop)] if params.include_stop_str_in_output else req.text[:idx]
+                    end = idx + len(stop) if params.include_stop_str_in_output else idx
+                    req.text = req.text[:end]
                     req.stop_reason = stop
                     status = RequestStatus.FINISHED_STOPPED
         return status
