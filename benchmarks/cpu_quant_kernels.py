@@ -4,9 +4,10 @@ from memory as in the engine) and the tied LM head, at 1, 8 and 16 rows.
 
     PYTHONPATH=. python benchmarks/cpu_quant_kernels.py [--threads 2] [--no-save]
 
-Candidates: float32 through oneDNN with packed weights (the float32 default), int8 per channel
-and int4 in groups of 32 through aten's weight-only kernels (bf16 activations), and fbgemm's
-dynamic int8 linear (activations quantized per tensor at run time).
+Candidates: float32 and bf16 through oneDNN with packed weights (the float32 default; bf16 is
+what the quantized linears use above 8 rows and the quantized head at every row count), int8 per
+channel and int4 in groups of 32 through aten's weight-only kernels (bf16 activations), and
+fbgemm's dynamic int8 linear (activations quantized per tensor at run time).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fapool.layers.cpu_quant import GROUP_SIZE, quantize_int4, quantize_int8
 NUM_LAYERS = 30
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # [out, in]: qkv, o, gate_up, down
 HEAD_SHAPE = (49152, 576)
-ROWS = (1, 8, 16)
+ROWS = (1, 4, 8, 12, 16, 64)
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -33,6 +34,10 @@ def make(method: str, w: torch.Tensor) -> Matmul:
     if method == "float32_packed":
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    if method == "bf16_packed":
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 8)
+        bf16 = torch.bfloat16
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(bf16), packed, None, "none", [], "").float()
     if method == "int8_weight_only":
         q, scale = quantize_int8(w)
         scale = scale.to(torch.bfloat16)
@@ -91,7 +96,7 @@ def main() -> None:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     torch.manual_seed(0)
-    methods = ("float32_packed", "int8_weight_only", "int4_weight_only", "int8_dynamic_fbgemm")
+    methods = ("float32_packed", "bf16_packed", "int8_weight_only", "int4_weight_only", "int8_dynamic_fbgemm")
     table = {method: time_method(method, ns.reps) for method in methods}
     if ns.no_save:
         return
