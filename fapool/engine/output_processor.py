@@ -25,9 +25,7 @@ class OutputProcessor:
         finishing status if the request is done."""
         if now is None:
             now = time.monotonic()
-        req.output_token_ids.append(token)  # Request.append_token, inlined
-        if logprobs is not None:
-            req.output_logprobs.append(logprobs)
+        req.append_token(token, logprobs)
         metrics = req.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
