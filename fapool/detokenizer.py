@@ -57,13 +57,8 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return ""
         po, ro = state.prefix_offset, state.read_offset
-        backend = self._backend
-        if backend is not None:  # _decode, without a call per window
-            prefix = backend.decode(token_ids[po:ro], self._skip)
-            full = backend.decode(token_ids[po:], self._skip)
-        else:
-            prefix = self._decode(token_ids[po:ro])
-            full = self._decode(token_ids[po:])
+        prefix = self._decode(token_ids[po:ro])
+        full = self._decode(token_ids[po:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new = full[len(prefix) :]
             state.prefix_offset = ro
