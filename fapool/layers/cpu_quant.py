@@ -68,7 +68,6 @@ class _Quantized:
 
     bf16_weight: torch.Tensor | None = None
     qweight: torch.Tensor | None = None
-    bf16_out = False  # return the kernel's bf16 result as is (see quantize_linears)
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -78,7 +77,7 @@ class _Quantized:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP_SIZE, self.qscale)
-        y = (y if self.bf16_out else y.to(x.dtype)).view(*x.shape[:-1], y.shape[-1])
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,16 +160,12 @@ def quantize_linears(model: nn.Module, scheme: str) -> int:
         if module is not head and type(module) in _QUANTIZED:
             check_shape(scheme, name, module.out_features, module.in_features)
     n = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         if module is head:
             quantize_module(module, "bf16" if bf16_supported() else "int8", QuantizedHead)
         elif type(module) in _QUANTIZED:
             quantize_module(module, scheme, _QUANTIZED[type(module)])
             module.weight.data = torch.empty(0, dtype=module.weight.dtype)  # the quantized copy replaces it
-            # A gated MLP's gate/up output feeds only the activation, the product and the down
-            # projection, whose input is rounded to bf16 anyway: kept in bf16, the largest
-            # activation of a layer is neither widened nor narrowed again.
-            module.bf16_out = name.endswith("mlp.gate_up_proj") and module.bias is None
         else:
             continue
         n += 1
