@@ -372,6 +372,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 row[name] = {k: other[k] for k in keep if k in other}
                 row[name]["x_greedy"] = other["tpot_ms"] / row["tpot_ms"]
             seed["rows"].append(row)
+            res["seed000"] = seed
+            _checkpoint(res, ns)  # each point kept if a later one or the command's limit cuts the run short
             print("seed000", _short(row), flush=True)
             for k in row.get("kernel_profile", [])[:12]:
                 print(f"    {k['us_per_step']:9.1f} us  x{k['calls_per_step']:<4g} {k['kernel']}", flush=True)
