@@ -188,7 +188,7 @@ class SparseAttentionBackend(AttentionBackend):
         if self.budget is None or self.kmin is None or not self.gate.active(meta.max_kv_len):
             return self.dense.forward(query, k_cache, v_cache, meta, scale, new_kv=new_kv)
         if self.triton:
-            return self._forward_triton(query, k_cache, v_cache, meta, scale)
+            return self._forward_triton(query, k_cache, v_cache, meta, scale, new_kv)
         block_size = k_cache.shape[1]
         q_pos = meta.query_pos_start.tolist()
         kv_start = meta.kv_start.tolist()
@@ -230,7 +230,7 @@ class SparseAttentionBackend(AttentionBackend):
         lse[tok] = l
         return out, lse
 
-    def _forward_triton(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def _forward_triton(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, new_kv=None):
         """Decode rows: Triton selection + balanced sparse decode; other rows: the dense backend.
         Reads no device value on the host (graph-safe for a decode-only batch)."""
         if meta.is_decode_only:  # one query per row: the rows are the sequences
