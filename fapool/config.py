@@ -128,7 +128,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # explicit override, mostly for tests
     enable_prefix_caching: bool = True
-    # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-layer scales
+    # "auto": the model's dtype (bf16 under CPU quantization, cpu_quant.quantized_kv_dtype);
+    # "fp8" (= "fp8_e4m3"): e4m3 with per-layer scales
     # (fapool.attention.kv_quant), half the bytes of bf16 per token.
     kv_cache_dtype: str = "auto"
 

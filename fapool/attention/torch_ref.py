@@ -51,6 +51,12 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float 
     return g.float().mul_(scale) if cache.dtype == FP8_DTYPE else g
 
 
+def _flash_dtype(k: torch.Tensor) -> torch.dtype:
+    """What aten's CPU flash attention computes in for gathered keys `k`: a bf16 cache stays
+    bf16 (the kernel accumulates in float32), so no widened copy of every key is made."""
+    return torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32
+
+
 def _attend(q, k, v, mask, scale):
     """q [B, Tq, Hkv, G, D], k/v [B, L, Hkv, D], mask [B, Tq, L] (True: the query sees the key)
     or None for all visible. Batched matmuls over [B, Hkv] with the G query heads of a KV head
@@ -77,7 +83,7 @@ def _causal_mask(q_pos, k_pos, valid):
 class _Plan:
     """What forward derives from the batch alone, once per step instead of once per layer."""
 
-    def __init__(self, meta: AttentionMetadata, device) -> None:
+    def __init__(self, meta: AttentionMetadata, device, flash_dtype: torch.dtype) -> None:
         self.starts = meta.query_start_loc.tolist()
         self.q_pos0 = meta.query_pos_start.tolist()
         self.kv_start = meta.kv_start.tolist()
@@ -96,7 +102,7 @@ class _Plan:
         # On the CPU, additive and broadcast over a KV head's query rows, for aten's flash kernel.
         self.flash_mask = None
         if self.cpu and self.mask is not None:
-            self.flash_mask = torch.zeros(len(self.decode), 1, 1, self.max_len).masked_fill(
+            self.flash_mask = torch.zeros(len(self.decode), 1, 1, self.max_len, dtype=flash_dtype).masked_fill(
                 ~self.mask[:, :, None, :], float("-inf")
             )
         self.tok = [self.starts[s] for s in self.decode]
@@ -121,10 +127,12 @@ def _decode_each(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, s
     rows of one flash call, so no KV head is repeated."""
     outs, lses = [], []
     for tok, table, n in zip(plan.tok, plan.seq_tables, plan.seq_lens):
-        k = _gather(k_cache, table, n, sk).float().unsqueeze(0).transpose(1, 2)  # [1, Hkv, n, D], strided
-        v = _gather(v_cache, table, n, sv).float().unsqueeze(0).transpose(1, 2)
+        k = _gather(k_cache, table, n, sk)
+        dt = _flash_dtype(k)
+        k = k.to(dt).unsqueeze(0).transpose(1, 2)  # [1, Hkv, n, D], strided
+        v = _gather(v_cache, table, n, sv).to(dt).unsqueeze(0).transpose(1, 2)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[tok].float().unsqueeze(0), k, v, 0.0, False, scale=scale
+            q[tok].to(dt).unsqueeze(0), k, v, 0.0, False, scale=scale
         )[:2]
         outs.append(o[0])
         lses.append(lse[0])
@@ -141,10 +149,11 @@ def _decode_padded(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float,
     k = _gather(k_cache, plan.tables, plan.max_len, sk)
     v = _gather(v_cache, plan.tables, plan.max_len, sv)
     if plan.cpu:
+        dt = _flash_dtype(k)
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qd.float(),
-            k.float().transpose(1, 2),
-            v.float().transpose(1, 2),
+            qd.to(dt),
+            k.to(dt).transpose(1, 2),
+            v.to(dt).transpose(1, 2),
             0.0,
             False,
             attn_mask=plan.flash_mask,
@@ -158,10 +167,10 @@ def _decode_padded(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float,
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
     """q [Tq, H, D], k/v [L, Hkv, D] -> (out [Tq, H, D] float32, lse [Tq, H]) by
     aten's CPU flash attention (causal: query i sees keys 0..i, the chunk's own keys)."""
-    group = q.shape[1] // k.shape[1]
-    qh = q.float().transpose(0, 1).unsqueeze(0)
-    kh = k.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-    vh = v.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    group, dt = q.shape[1] // k.shape[1], _flash_dtype(k)
+    qh = q.to(dt).transpose(0, 1).unsqueeze(0)
+    kh = k.to(dt).repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+    vh = v.to(dt).repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qh, kh, vh, 0.0, causal, scale=scale
     )[:2]
@@ -200,7 +209,7 @@ class TorchReferenceBackend(AttentionBackend):
         group = num_heads // num_kv_heads
         plan = meta.host_plans.get(self.name)
         if plan is None:
-            plan = meta.host_plans[self.name] = _Plan(meta, query.device)
+            plan = meta.host_plans[self.name] = _Plan(meta, query.device, _flash_dtype(k_cache))
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
         if plan.decode:
             if plan.per_seq:
@@ -212,7 +221,7 @@ class TorchReferenceBackend(AttentionBackend):
         out = torch.zeros((num_tokens, num_heads, head_dim), dtype=torch.float32, device=query.device)
         lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=query.device)
         if plan.decode:
-            out[plan.tok_index], lse[plan.tok_index] = o, l
+            out[plan.tok_index], lse[plan.tok_index] = o.to(out.dtype), l
 
         starts, q_pos0, kv_start = plan.starts, plan.q_pos0, plan.kv_start
         for s in plan.multi:

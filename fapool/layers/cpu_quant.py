@@ -109,6 +109,13 @@ class QuantizedHead(_Quantized, nn.Linear):
 _QUANTIZED = {nn.Linear: QuantizedLinear, MergedLinear: QuantizedMergedLinear}
 
 
+def quantized_kv_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype under quantization ("auto"): bf16 where the CPU has bf16 matmuls.
+    The quantized qkv projection already rounds K and V to bf16 (only rotary touches K after
+    it), and a bf16 cache halves the bytes decode attention gathers and reads."""
+    return torch.bfloat16 if bf16_supported() else model_dtype
+
+
 def check_shape(scheme: str, name: str, out_features: int, in_features: int) -> None:
     """A ConfigError naming the option when the kernel cannot take this weight."""
     if scheme == "int4" and (in_features % GROUP_SIZE or out_features % 16):

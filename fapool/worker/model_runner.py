@@ -125,9 +125,11 @@ class ModelRunner:
 
             fuse_model(model)
         elif config.quantization is not None:
-            from fapool.layers.cpu_quant import quantize_linears
+            from fapool.layers.cpu_quant import quantize_linears, quantized_kv_dtype
 
             quantize_linears(model, config.quantization)
+            if config.cache.kv_cache_dtype == "auto":
+                self.kv_dtype = quantized_kv_dtype(self.dtype)
         elif self.pack_cpu_linears:
             from fapool.layers.cpu_linear import pack_linears
 

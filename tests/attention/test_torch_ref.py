@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from paged_cases import shard_metadata
+
 from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials, merge_tree
 
 
@@ -166,6 +166,28 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
     assert not meta.host_plans["torch"].per_seq
     torch.testing.assert_close(batched[0], out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1], lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_seq_min_work", [0, 10**9])
+def test_bf16_cache_is_attended_in_bf16_within_its_rounding(monkeypatch, per_seq_min_work):
+    """A bf16 cache (CPU quantization's default) goes to aten's flash kernel as bf16, every
+    path: a prefill chunk over a cached prefix, decode rows one at a time and padded. Against
+    the oracle on the same bf16 keys and values, within bf16's rounding of q and of P."""
+    from fapool.attention import torch_ref
+
+    monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_WORK", per_seq_min_work)
+    monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_KEYS", 1)
+    specs = [(299, 1), (40, 5), (0, 9), (257, 1), (18, 1)]
+    q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
+    out, lse = TorchReferenceBackend().forward(q, kc.bfloat16(), vc.bfloat16(), meta, 0.3)
+    assert meta.host_plans["torch"].per_seq == (per_seq_min_work == 0)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    row = 0
+    for (ctx, ql), (k, v), qs in zip(specs, dense, queries):
+        want_o, want_l = _sdpa_oracle(qs, k.bfloat16().float(), v.bfloat16().float(), ctx, 0.3)
+        torch.testing.assert_close(out[row : row + ql], want_o, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse[row : row + ql], want_l, atol=2e-2, rtol=2e-2)
+        row += ql
 
 
 @pytest.mark.parametrize("rows,keys,per_seq", [(2, 300, False), (16, 300, True), (8, 200, False)])

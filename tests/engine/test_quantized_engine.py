@@ -57,6 +57,27 @@ def test_quantized_greedy_agrees_with_float32(grid_checkpoints, arch, scheme):
     assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= AGREEMENT_FLOOR[scheme]
 
 
+def test_quantized_engines_keep_kv_in_bf16_where_the_cpu_has_bf16(grid_checkpoints, monkeypatch):
+    """The quantized qkv projection rounds K and V to bf16, so the cache stores them so (half
+    the bytes attention gathers); greedy decode stays that of a float32 cache."""
+    import torch
+
+    from fapool.layers import cpu_quant
+
+    prompts = random_prompts([30, 50, 70], seed=5)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    folder = grid_checkpoints["llama"]
+    want = torch.bfloat16 if cpu_quant.bf16_supported() else torch.float32
+    with LLM(folder, device="cpu", quantization="int4", num_kv_blocks=64) as llm:
+        assert llm.engine.executor.runner.kv_caches[0][0].dtype == want
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    monkeypatch.setattr(cpu_quant, "quantized_kv_dtype", lambda dtype: dtype)
+    with LLM(folder, device="cpu", quantization="int4", num_kv_blocks=64) as llm:
+        assert llm.engine.executor.runner.kv_caches[0][0].dtype == torch.float32
+        ref = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    assert sum(a == b for a, b in zip(ref, got)) >= 2
+
+
 def test_bfloat16_activations_with_int4_weights(grid_checkpoints):
     """--dtype stays the activations': bf16 runs through the same kernels, greedy near float32's."""
     prompts = random_prompts([40, 90], seed=4)
