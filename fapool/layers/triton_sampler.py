@@ -25,6 +25,9 @@ import triton.language as tl
 from fapool.layers.sampling_batch import MUL_A, MUL_B, SamplingBatch
 
 BLOCK = 2048  # vocab entries a loop turn
+# A program (one row) takes a whole SM's worth of warps: a decode batch has fewer rows than the
+# GPU has SMs, so the row's passes over the vocabulary are latency-bound and more warps split them.
+NUM_WARPS = 32
 MAX_ROUNDS = 64  # top-p rejection rounds before falling back to the top token (never in practice)
 INT_MIN = tl.constexpr(-(2**31))
 
@@ -184,6 +187,6 @@ def sample_triton(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             MUL_B=MUL_B,
             BLOCK=BLOCK,
             MAX_ROUNDS=MAX_ROUNDS,
-            num_warps=8,
+            num_warps=NUM_WARPS,
         )
     return out
