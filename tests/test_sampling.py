@@ -150,6 +150,9 @@ def test_a_row_with_nan_logits_fails_alone():
     rows = [(SamplingParams(temperature=t), 5, 0) for t in (0.0, 1.0, 1.0)]
     tokens = sample_tokens(logits, SamplingBatch.build(rows, 20, "cpu"))
     assert tokens[1] == -1 and tokens[0] >= 0 and tokens[2] >= 0
+    logits[0, 19] = float("nan")  # a greedy batch too, the NaN in the last column
+    tokens = sample_tokens(logits, SamplingBatch.build([(SamplingParams(temperature=0.0), 5, 0)] * 3, 20, "cpu"))
+    assert tokens.tolist() == [-1, -1, int(logits[2].argmax())]
 
 
 def test_uniforms_are_uniform_and_distinct_per_key():

@@ -13,6 +13,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     activations (`weight * x.to(input_dtype)`), so doing the same keeps greedy tokens equal.
     """
     input_dtype = x.dtype
+    if x.device.type == "cpu" and input_dtype == weight.dtype == torch.float32:
+        # aten's fused CPU kernel: one pass, the same bits (tests/layers/test_norm.py).
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(input_dtype)

@@ -97,6 +97,8 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def sample_tokens_torch(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """The torch sampler (CPU, and the Triton kernel's reference): thresholds by a sort."""
     greedy = x.argmax(dim=-1)
+    # argmax takes a NaN for the maximum, so a row holds a NaN iff its argmax is one.
+    has_nan = torch.isnan(x.gather(-1, greedy[:, None]))[:, 0]
     if batch.mode != Mode.GREEDY:
         temp = batch.floats[batch.TEMPERATURE]
         inv_t = torch.where(temp > 0, 1.0 / temp.clamp(min=1e-30), 1.0)
@@ -105,7 +107,7 @@ def sample_tokens_torch(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         g = -torch.log(-torch.log(uniforms(key_a, key_b, x.shape[-1])))
         score = torch.where(x >= thr[:, None], x * inv_t[:, None] + g, float("-inf"))
         greedy = torch.where(temp > 0, score.argmax(dim=-1), greedy)
-    return torch.where(torch.isnan(x).any(dim=-1), -1, greedy)
+    return torch.where(has_nan, -1, greedy)
 
 
 @dataclass

@@ -57,12 +57,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """[T, hidden] -> q [T, H, D], k, v [T, Hkv, D], rotary applied."""
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        """[T, hidden] -> q [T, H, D], k, v [T, Hkv, D], rotary applied. q and k lie side by
+        side in the projection's output, so one rotary pass serves both (q, k: views of it)."""
+        num_tokens, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)
+        q, k, v = self.qkv_proj.split(qkv)
+        nq, nk = q.shape[-1] // d, k.shape[-1] // d
+        qk = apply_rotary(qkv[:, : (nq + nk) * d].view(num_tokens, nq + nk, d), cos, sin)
+        return qk[:, :nq], qk[:, nq:], v.view(num_tokens, nk, d)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """Attention result [T, H, D] -> [T, hidden]."""
