@@ -80,6 +80,24 @@ def test_write_kv_scatters_into_slots_and_skips_minus_one():
     assert kc.abs().sum() == key[0].sum() + key[2].sum()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_write_in_serial_chunks_lands_every_row(dtype):
+    """A prefill's rows past aten's grain size are written chunk by chunk: every slot as a
+    single scatter would leave it, -1 slots skipped, in the cache's dtype."""
+    g = torch.Generator().manual_seed(1)
+    kc = torch.zeros(200, 16, 4, 32, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    key, value = torch.randn(2, 1000, 4, 32, generator=g)
+    slots = torch.randperm(200 * 16, generator=g)[:1000]
+    slots[::7] = -1
+    TorchReferenceBackend().write_kv(kc, vc, key, value, slots)
+    want_k, want_v = torch.zeros_like(kc).view(-1, 4, 32), torch.zeros_like(vc).view(-1, 4, 32)
+    keep = slots >= 0
+    want_k[slots[keep]] = key[keep].to(dtype)
+    want_v[slots[keep]] = value[keep].to(dtype)
+    assert torch.equal(kc.view(-1, 4, 32), want_k) and torch.equal(vc.view(-1, 4, 32), want_v)
+
+
 @pytest.mark.parametrize("num_shards", [2, 3, 5])
 def test_shards_merge_to_the_whole(num_shards):
     """Split each sequence's KV into contiguous position ranges (as the pool does), attend per
