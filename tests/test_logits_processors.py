@@ -116,6 +116,47 @@ def test_penalties_kernel_matches_the_torch_path():
             r.output_token_ids += torch.randint(0, vocab, (3,), generator=g).tolist()
 
 
+@needs_cuda
+def test_penalties_kernel_counts_a_steps_token_itself():
+    """The Triton launch counts a row's one new token itself: one from the host (a synchronous
+    step), or the in-flight step's token on the device at any row of it (async). Logits and the
+    editor's counts equal the torch path's, tokens on vocab-block edges included."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 9000  # three blocks of the kernel's 4096
+    edges = [0, 4095, 4096, 8191, 8192, vocab - 1]
+    kinds = [
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(presence_penalty=0.4, frequency_penalty=0.9),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.5, presence_penalty=1.5),
+    ]
+    reqs = [_req(p, prompt=torch.randint(0, vocab, (40,), generator=g).tolist()) for p in kinds]
+    for req, rid in zip(reqs, "abc"):
+        req.request_id = rid
+    cpu, gpu = LogitsEditor(vocab, "cpu"), LogitsEditor(vocab, "cuda")
+
+    def token(k: int) -> int:
+        return edges[k % len(edges)] if k % 2 else int(torch.randint(0, vocab, (1,), generator=g))
+
+    for step in range(10):
+        logits = torch.randn(len(reqs), vocab, generator=g) * 4
+        on_gpu = logits.cuda()
+        if step % 3 == 2:  # async: each request's latest token still in flight, rows shuffled
+            flight = torch.tensor([token(step + k) for k in range(len(reqs) + 2)])
+            perm = torch.randperm(len(reqs) + 2, generator=g).tolist()
+            rows = {r.request_id: i for r, i in zip(reqs, perm)}
+            cpu.apply(logits, reqs, (flight, rows))
+            gpu.apply(on_gpu, reqs, (flight.cuda(), rows))
+            for r in reqs:  # the token reaches the host after the edit
+                r.output_token_ids.append(int(flight[rows[r.request_id]]))
+        else:
+            cpu.apply(logits, reqs)
+            gpu.apply(on_gpu, reqs)
+            for k, r in enumerate(reqs):
+                r.output_token_ids.append(token(step + k))
+        torch.testing.assert_close(on_gpu.cpu(), logits, rtol=1e-6, atol=1e-6)
+        assert torch.equal(gpu.counts.cpu(), cpu.counts), step
+
+
 def test_invalid_values_are_refused():
     for kw in (
         {"repetition_penalty": 0.0},

@@ -24,6 +24,7 @@ synchronously.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fapool.layers.structured import apply_grammar_masks
@@ -42,8 +43,9 @@ def needs_token_values(req: Request) -> bool:
 
 
 class _Upload:
-    """The host-side index and value lists of one edit, sent to the device in one copy per
-    dtype (pinned on CUDA: a copy from pageable memory would wait for the queued forward pass)."""
+    """The host-side index and value lists of one edit, sent to the device in one copy (pinned
+    on CUDA: a copy from pageable memory would wait for the queued forward pass): the int64
+    values, then the float32 ones, in one byte buffer."""
 
     def __init__(self) -> None:
         self._ints: list[int] = []
@@ -57,12 +59,15 @@ class _Upload:
         buf.extend(values)
 
     def send(self, device: torch.device) -> None:
-        pin = device.type == "cuda"
-        for floating, values in ((False, self._ints), (True, self._floats)):
-            host = torch.tensor(values, dtype=torch.float32 if floating else torch.long)
-            if pin and values:
-                host = host.pin_memory()
-            self._dev[floating] = host.to(device, non_blocking=pin)
+        ni, nf = 8 * len(self._ints), 4 * len(self._floats)
+        pin = device.type == "cuda" and ni + nf > 0
+        host = torch.empty(ni + nf, dtype=torch.uint8, pin_memory=pin)
+        buf = host.numpy()
+        buf[:ni].view(np.int64)[:] = self._ints
+        buf[ni:].view(np.float32)[:] = self._floats
+        dev = host.to(device, non_blocking=pin)
+        self._dev[False] = dev[:ni].view(torch.int64)
+        self._dev[True] = dev[ni:].view(torch.float32)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         floating, start, n = self._at[name]
@@ -99,8 +104,10 @@ class LogitsEditor:
             return
         up = _Upload()
         pen = [(i, r) for i, r in rows if _penalised(r.params)]
+        fused = logits.is_cuda and logits.dtype == torch.float32  # the Triton launch (_penalties)
+        flight = False  # a penalised row counts its in-flight token
         if pen:
-            self._stage_penalties(up, pen, at)
+            flight = self._stage_penalties(up, pen, at, fused)
         bias: list[tuple[int, int, float]] = []
         masked: list[tuple[int, int]] = []
         allowed: list[tuple[int, list[int]]] = []
@@ -130,7 +137,8 @@ class LogitsEditor:
         up.send(self.device)
 
         if pen:
-            self._penalties(logits, up, [r.params for _, r in pen], tokens)
+            assert tokens is not None or not flight
+            self._penalties(logits, up, [r.params for _, r in pen], tokens if flight else None, fused)
         if bias:
             logits.index_put_((up["bias_rows"], up["bias_ids"]), up["bias"].to(logits.dtype), accumulate=True)
         if masked:
@@ -143,10 +151,15 @@ class LogitsEditor:
         if grammar:
             apply_grammar_masks(logits, [i for i, _ in grammar], [m for _, m in grammar])
 
-    def _stage_penalties(self, up: _Upload, rows: list[tuple[int, Request]], in_flight: dict[str, int]) -> None:
+    def _stage_penalties(
+        self, up: _Upload, rows: list[tuple[int, Request]], in_flight: dict[str, int], fused: bool = False
+    ) -> bool:
         """Each penalised request's slot (a new one zeroed and given its prompt's tokens), and the
         output tokens added since the last call, to be counted: from the host, and the one still
-        in flight from its row of the in-flight tokens."""
+        in flight from its row of the in-flight tokens. `fused`: the Triton launch counts one
+        token a row itself (the in-flight one, else a single new one from the host), so a
+        decode step's counting needs no separate scatter (index_put_ with accumulate costs a
+        dozen small launches of host time). Returns whether a row counts its in-flight token."""
         for rid, (req, slot, _) in list(self._slots.items()):
             if req.finished:
                 del self._slots[rid]
@@ -157,21 +170,32 @@ class LogitsEditor:
         flight_slots: list[int] = []
         flight_rows: list[int] = []
         slots = []
+        add: list[int] = []  # fused: per row, a host token the launch counts (-1: none)
+        frows: list[int] = []  # fused: per row, its row of the in-flight tokens (-1: none)
         for _, req in rows:
             entry = self._slots.get(req.request_id)
             if entry is None or entry[0] is not req:
                 entry = (req, self._take_slot(), 0)
                 fresh.append((entry[1], req))
             _, slot, counted = entry
-            added = req.output_token_ids[counted:]
-            new_rows += [slot] * len(added)
-            new_tokens += added
+            out = req.output_token_ids
+            added = out[counted:] if counted < len(out) else []
             counted += len(added)
             row = in_flight.get(req.request_id)
-            if row is not None and counted == len(req.output_token_ids):  # not yet counted
+            if row is None or counted != len(out):  # none in flight, or counted already
+                row = -1
+            else:
+                counted += 1
+            if fused and row < 0 and len(added) == 1:
+                add.append(added[0])
+            else:
+                new_rows += [slot] * len(added)
+                new_tokens += added
+                add.append(-1)
+            if row >= 0 and not fused:
                 flight_slots.append(slot)
                 flight_rows.append(row)
-                counted += 1
+            frows.append(row)
             self._slots[req.request_id] = (req, slot, counted)
             slots.append(slot)
         up.put("pen_rows", [i for i, _ in rows])
@@ -183,12 +207,22 @@ class LogitsEditor:
         up.put("new_ids", new_tokens)
         up.put("flight_slots", flight_slots)
         up.put("flight_rows", flight_rows)
+        up.put("pen_add", add)
+        up.put("pen_frows", frows)
         params = [r.params for _, r in rows]
         up.put("rep", [p.repetition_penalty for p in params], floating=True)
         up.put("freq", [p.frequency_penalty for p in params], floating=True)
         up.put("pres", [p.presence_penalty for p in params], floating=True)
+        return any(r >= 0 for r in frows)
 
-    def _penalties(self, logits: torch.Tensor, up: _Upload, params: list, in_flight: torch.Tensor | None) -> None:
+    def _penalties(
+        self,
+        logits: torch.Tensor,
+        up: _Upload,
+        params: list,
+        in_flight: torch.Tensor | None,
+        fused: bool = False,
+    ) -> None:
         fresh = up["fresh"]
         if fresh.numel():
             self.counts[fresh] = 0
@@ -200,15 +234,15 @@ class LogitsEditor:
             self.counts.index_put_((up["new_rows"], new_ids), ones, accumulate=True)
         flight = up["flight_rows"]
         if flight.numel():
-            assert in_flight is not None
             ones = torch.ones(flight.shape, dtype=torch.int32, device=self.device)
             self.counts.index_put_((up["flight_slots"], in_flight.index_select(0, flight)), ones, accumulate=True)
         idx, slots = up["pen_rows"], up["pen_slots"]
-        if logits.is_cuda and logits.dtype == torch.float32:  # one launch instead of about twenty
+        if fused:  # one launch instead of about twenty, the step's one new token a row counted in it
             from fapool.layers.triton_penalties import apply_penalties_triton
 
             apply_penalties_triton(
-                logits, idx, slots, self.counts, self.prompt_seen, up["rep"], up["freq"], up["pres"]
+                logits, idx, slots, self.counts, self.prompt_seen, up["rep"], up["freq"], up["pres"],
+                up["pen_add"], in_flight, up["pen_frows"],
             )
             return
         counts = self.counts[slots]
