@@ -8,8 +8,11 @@ CPU kernels, chosen by measurement on the embedded model's shapes (benchmarks/RE
   int8: symmetric int8 per output channel. aten's `_weight_int8pack_mm`.
 
 Both kernels take bfloat16 activations (their fast path), so x is rounded to bf16 on the way in
-and the result, rounded to bf16 by the kernel, is cast back. Activations stay unquantized:
-this model's outlier activations rule out dynamic int8 (benchmarks/RESULTS.md).
+and the result stays in the kernel's bf16: what reads a linear's output (rotary, attention, the
+activation and product, the next linear) computes in bf16 without a round trip through
+float32, while the residual stream and the norms keep the model's dtype (an add promotes).
+Activations stay unquantized: this model's outlier activations rule out dynamic int8
+(benchmarks/RESULTS.md).
 
 The LM head's logits decide greedy tokens, so its quantized product (bf16, or int8 on a CPU
 without bf16 matmuls, under either scheme) only ranks the vocabulary: the RESCORE_TOP_K
@@ -77,7 +80,7 @@ class _Quantized:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP_SIZE, self.qscale)
-        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        y = y.view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,7 @@ class QuantizedHead(_Quantized, nn.Linear):
     """The LM head: quantized logits, the top RESCORE_TOP_K of each row recomputed exactly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.quantized_matmul(x)
+        logits = self.quantized_matmul(x).to(x.dtype)
         rows = x.reshape(-1, x.shape[-1])
         flat = logits.view(-1, logits.shape[-1])
         top = flat.topk(min(RESCORE_TOP_K, flat.shape[-1]), dim=-1).indices  # [rows, k]
