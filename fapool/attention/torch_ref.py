@@ -23,8 +23,8 @@ _UNIT = KVScales()
 # has PER_SEQUENCE_MIN_KEYS keys and the padded batch PER_SEQUENCE_MIN_WORK rows x keys: a
 # padded gather that large leaves the cache before the flash call reads it back; below, one
 # padded flash call beats the per-sequence calls' overhead (benchmarks/RESULTS.md).
-PER_SEQUENCE_MIN_KEYS = 256
-PER_SEQUENCE_MIN_WORK = 4096
+PER_SEQUENCE_MIN_KEYS = 2048
+PER_SEQUENCE_MIN_WORK = 16384
 
 
 # aten splits a copy over its threads above this many elements (at::internal::GRAIN_SIZE).

@@ -167,6 +167,7 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
     from fapool.attention import torch_ref
 
     monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_WORK", 0)  # this small batch, one at a time
+    monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_KEYS", 256)
     specs = [(299, 1), (700, 1), (257, 1), (40, 5)]
     q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
     backend = TorchReferenceBackend()
@@ -208,7 +209,7 @@ def test_bf16_cache_is_attended_in_bf16_within_its_rounding(monkeypatch, per_seq
         row += ql
 
 
-@pytest.mark.parametrize("rows,keys,per_seq", [(2, 300, False), (16, 300, True), (8, 200, False)])
+@pytest.mark.parametrize("rows,keys,per_seq", [(2, 300, False), (16, 300, False), (4, 2100, False), (8, 2100, True)])
 def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, keys, per_seq):
     """One padded flash call for a small batch (its gather stays in cache), one call per
     sequence past PER_SEQUENCE_MIN_KEYS keys and PER_SEQUENCE_MIN_WORK rows x keys; both
