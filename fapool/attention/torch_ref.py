@@ -1,6 +1,7 @@
 """Reference attention in plain PyTorch: the CPU backend and the oracle for GPU kernels.
 
-Computes in float32. Decode tokens (one query per sequence) are batched together over a
+Computes in float32, except that aten's CPU flash kernel reads a bf16 cache as bf16 (it
+accumulates in float32). Decode tokens (one query per sequence) are batched together over a
 padded gather of their blocks; with long contexts on the CPU each goes through PyTorch's CPU
 flash attention over its own gathered blocks instead (its query heads of a KV head as the
 query rows). Sequences with several queries (prefill chunks) go one by one
@@ -178,8 +179,8 @@ def _decode_padded(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float,
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-    """q [Tq, H, D], k/v [L, Hkv, D] -> (out [Tq, H, D] float32, lse [Tq, H]) by
-    aten's CPU flash attention (causal: query i sees keys 0..i, the chunk's own keys)."""
+    """q [Tq, H, D], k/v [L, Hkv, D] -> (out [Tq, H, D] in _flash_dtype(k), lse [Tq, H] float32)
+    by aten's CPU flash attention (causal: query i sees keys 0..i, the chunk's own keys)."""
     group, dt = q.shape[1] // k.shape[1], _flash_dtype(k)
     qh = q.to(dt).transpose(0, 1).unsqueeze(0)
     kh = k.to(dt).repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
