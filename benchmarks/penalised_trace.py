@@ -6,14 +6,11 @@ under OUT when given. Runs against any fapool tree with bench.tpot's measure_eng
 import os
 import statistics
 import sys
-import time
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+from step_profile import profile_steps
 
-from fapool import LLM, SamplingParams
-from fapool.bench.tpot import PENALISED, measure_engine, random_prompts
-from fapool.sampling_params import RequestOutputKind
+from fapool import LLM
+from fapool.bench.tpot import PENALISED, measure_engine
 
 tag = sys.argv[1] if len(sys.argv) > 1 else "tree"
 out = sys.argv[2] if len(sys.argv) > 2 else None
@@ -34,36 +31,10 @@ for b, c in [(8, 512), (16, 512), (8, 2048), (64, 512), (8, 512)][: int(os.envir
     )
 
 
-def prof(b, c, s, steps=24):
-    sp = SamplingParams(**s, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
-    ids = [eng.add_request(x, sp) for x in random_prompts(b, c, eng.config.model.vocab_size, 7)]
-    reqs = [eng.groups[i][0] for i in ids]
-    while any(not r.output_token_ids for r in reqs):
-        eng.step()
-    for _ in range(6):
-        eng.step()
-    torch.cuda.synchronize()
-    ts = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
-        for _ in range(steps):
-            t = time.perf_counter()
-            eng.step()
-            ts.append(time.perf_counter() - t)
-    torch.cuda.synchronize()
-    for i in ids:
-        eng.abort_request(i)
-    while eng.has_unfinished_requests():
-        eng.step()
+def prof(b, c, s):
     name = "greedy" if s.get("temperature") == 0.0 else "penalised"
-    if out:
-        pr.export_chrome_trace(os.path.join(out, f"pen_trace-{tag}-{name}.json"))
-    rows = []
-    for e in pr.key_averages():
-        dev = getattr(e, "device_time_total", 0) or 0
-        rows.append((e.key[:60], e.count / steps, e.self_cpu_time_total / steps, dev / steps))
-    print(f"--- [{tag}] B{b}x{c} {name}: step median {statistics.median(ts) * 1e3:.3f} ms", flush=True)
-    for r in sorted(rows, key=lambda r: -(r[2] + r[3]))[:30]:
-        print("  %-60s x%-6.2f cpu %8.1f us  dev %8.1f us" % r)
+    trace = os.path.join(out, f"pen_trace-{tag}-{name}.json") if out else None
+    profile_steps(eng, b, c, s, f"[{tag}] {name}", trace_path=trace)
 
 
 if (sys.argv[3] if len(sys.argv) > 3 else "prof") == "prof":

@@ -2,13 +2,11 @@
 requests add to a decode step over greedy ones goes. TPOT and graph replay of five sampling variants
 alternated at three seed000 points, then a torch.profiler table of real async steps, greedy and sampled."""
 import statistics
-import time
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-from fapool import LLM, SamplingParams
-from fapool.sampling_params import RequestOutputKind
-from fapool.bench.tpot import measure_engine, random_prompts, SAMPLED
+from step_profile import profile_steps
+
+from fapool import LLM
+from fapool.bench.tpot import SAMPLED, measure_engine
 
 llm = LLM("preset:seed000", gpu_memory_utilization=0.6, max_num_seqs=64, max_num_batched_tokens=16384)
 eng = llm.engine
@@ -25,33 +23,5 @@ for b, c in [(8, 512), (8, 8192), (64, 512)]:
         print(f"B{b}x{c} {k:12s} tpot/replay", " ".join("%.3f/%.3f" % t for t in v),
               "med tpot %.3f" % statistics.median(t[0] for t in v), flush=True)
 
-def prof(b, c, s, steps=24):
-    p = SamplingParams(**s, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
-    ids = [eng.add_request(x, p) for x in random_prompts(b, c, eng.config.model.vocab_size, 7)]
-    reqs = [eng.groups[i][0] for i in ids]
-    while any(not r.output_token_ids for r in reqs):
-        eng.step()
-    for _ in range(6):
-        eng.step()
-    torch.cuda.synchronize()
-    ts = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
-        for _ in range(steps):
-            t = time.perf_counter()
-            eng.step()
-            ts.append(time.perf_counter() - t)
-    torch.cuda.synchronize()
-    for i in ids:
-        eng.abort_request(i)
-    while eng.has_unfinished_requests():
-        eng.step()
-    rows = []
-    for e in pr.key_averages():
-        dev = getattr(e, "device_time_total", 0) or 0
-        rows.append((e.key[:60], e.count / steps, e.self_cpu_time_total / steps, dev / steps))
-    print(f"--- B{b}x{c} {s}: step median {statistics.median(ts)*1e3:.3f} ms", flush=True)
-    for r in sorted(rows, key=lambda r: -(r[2] + r[3]))[:28]:
-        print("  %-60s x%-6.2f cpu %8.1f us  dev %8.1f us" % r)
-
 for s in ({"temperature": 0.0}, SAMPLED):
-    prof(8, 8192, s)
+    profile_steps(eng, 8, 8192, s, str(s), rows_shown=28)
