@@ -18,14 +18,14 @@ llm = LLM("preset:seed000", gpu_memory_utilization=0.6, max_num_seqs=64, max_num
 eng = llm.engine
 measure_engine(eng, 2, 64, 4)
 GREEDY = {"temperature": 0.0}
-for b, c in [(8, 512), (16, 512), (8, 2048), (64, 512), (8, 512)][: int(os.environ.get("PEN_POINTS", 5))]:
+for b, c in [(8, 512), (16, 512), (8, 2048), (64, 512), (8, 512)][: int(os.environ.get("PEN_POINTS", "5"))]:
     g = [measure_engine(eng, b, c, 32, sampling=GREEDY) for _ in range(2)]
     p = [measure_engine(eng, b, c, 32, sampling=PENALISED) for _ in range(2)]
-    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
     print(
-        f"[{tag}] B{b}x{c} greedy tpot {' '.join('%.3f' % r['tpot_ms'] for r in g)} sync "
-        f"{' '.join('%.3f' % r['tpot_sync_ms'] for r in g)} | penalised tpot "
-        f"{' '.join('%.3f' % r['tpot_ms'] for r in p)} sync {' '.join('%.3f' % r['tpot_sync_ms'] for r in p)}"
+        f"[{tag}] B{b}x{c} greedy tpot {' '.join('{:.3f}'.format(r['tpot_ms']) for r in g)} sync "
+        f"{' '.join('{:.3f}'.format(r['tpot_sync_ms']) for r in g)} | penalised tpot "
+        f"{' '.join('{:.3f}'.format(r['tpot_ms']) for r in p)} sync {' '.join('{:.3f}'.format(r['tpot_sync_ms']) for r in p)}"
         f" | x{med(p, 'tpot_ms') / med(g, 'tpot_ms'):.3f}",
         flush=True,
     )

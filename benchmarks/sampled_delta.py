@@ -20,8 +20,8 @@ for b, c in [(8, 512), (8, 8192), (64, 512)]:
             r = measure_engine(eng, b, c, 32, sampling=s)
             res[k].append((r["tpot_ms"], r["graph_replay_ms"]))
     for k, v in res.items():
-        print(f"B{b}x{c} {k:12s} tpot/replay", " ".join("%.3f/%.3f" % t for t in v),
-              "med tpot %.3f" % statistics.median(t[0] for t in v), flush=True)
+        print(f"B{b}x{c} {k:12s} tpot/replay", " ".join("{:.3f}/{:.3f}".format(*t) for t in v),
+              "med tpot {:.3f}".format(statistics.median(t[0] for t in v)), flush=True)
 
 for s in ({"temperature": 0.0}, SAMPLED):
     profile_steps(eng, 8, 8192, s, str(s), rows_shown=28)
