@@ -41,4 +41,5 @@ def profile_steps(eng, batch: int, context: int, sampling: dict, label: str, ste
         rows.append((e.key[:60], e.count / steps, e.self_cpu_time_total / steps, dev / steps))
     print(f"--- {label} B{batch}x{context}: step median {statistics.median(times) * 1e3:.3f} ms", flush=True)
     for r in sorted(rows, key=lambda r: -(r[2] + r[3]))[:rows_shown]:
-        print("  %-60s x%-6.2f cpu %8.1f us  dev %8.1f us" % r)
+        name, count, cpu_us, dev_us = r
+        print(f"  {name:<60s} x{count:<6.2f} cpu {cpu_us:8.1f} us  dev {dev_us:8.1f} us")
