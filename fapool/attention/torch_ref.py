@@ -46,8 +46,8 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales 
             flat.index_copy_(0, slot_mapping, rows)
             continue
         # A prefill's rows in serial chunks: two threads taking first-touch page faults on a
-        # lazily committed cache at once stall for ~5 ms (measured on this project's CPU VMs;
-        # serially the same write takes ~0.1 ms).
+        # lazily committed cache at once can stall for milliseconds, far longer than the copy
+        # (benchmarks/RESULTS.md).
         step = max(1, _GRAIN_SIZE // rows[0].numel())
         for i in range(0, rows.shape[0], step):
             flat.index_copy_(0, slot_mapping[i : i + step], rows[i : i + step])
