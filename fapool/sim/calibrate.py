@@ -397,14 +397,14 @@ def calibrate(
         if not cpu:
             out["pool_note"] = "not measured: the pool calibration runs on CPU only"
             return out
-        if model is not None:  # TP and AFD engines of the target, priced with contention
-            hw = apply_calibration(get_hardware("cpu"), out)
-            run = lambda: ec.calibrate_ranks(hw, model, twin, out["cpu_cores"], None, progress)
-            _add_section(out, "ranks", run, t0, progress, checkpoint, "no rank terms")
         # The tiny pool engines, priced with zero pool terms and no contention.
         hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
         run = lambda: ec.calibrate_pool(hw, model, None, progress)
         _add_section(out, "pool", run, t0, progress, checkpoint, "no pool terms")
+        if model is not None:  # TP, AFD and pool engines of the target, priced with contention
+            hw = apply_calibration(get_hardware("cpu"), out)
+            run = lambda: ec.calibrate_ranks(hw, model, twin, out["cpu_cores"], None, progress)
+            _add_section(out, "ranks", run, t0, progress, checkpoint, "no rank terms")
     return out
 
 
@@ -492,9 +492,9 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
     if cal.get("ranks"):  # absent from calibrations made before the rank terms
         r = cal["ranks"]
-        pairs = lambda key: tuple((int(n), float(v)) for n, v in r.get(key, ()))  # noqa: E731
+        pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))  # noqa: E731
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
-                                         pairs("allreduce_extra_s"), pairs("step_extra_s"))
+                                         pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"))
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
         changes["cpu_cores"] = int(cal["cpu_cores"])
     if cal.get("comm"):
@@ -558,7 +558,9 @@ def summary_lines(cal: dict) -> list[str]:
         steps = ", ".join(f"{int(n)} processes +{v * 1e6:.0f} us" for n, v in r.get("step_extra_s", ()))
         lines.append(f"ranks ({r['seconds']} s): exchange {r['exchange_s'] * 1e6:.0f} us a side, layer and "
                      f"micro-batch; ranks computing at once x{r['concurrent_stretch']:.2f}; all-reduce "
-                     f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term"))
+                     f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term")
+                     + "".join(f"; a 1-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
+                               f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_extra_s", ())))
     if cal.get("cpu_cores"):
         lines.append(f"cores shared by the engine's processes: {cal['cpu_cores']}")
     return lines

@@ -402,20 +402,27 @@ def calibrate_pool(hw: HardwareProfile, model: ModelConfig | None = None, grid: 
             "samples": samples, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-# The multi-rank part (with --pool, CPU): AFD 1:1 with one and two micro-batches and TP engines (each
-# rank count up to cores + 1 that the model's heads allow), the target at two depths.
+# The multi-rank part (with --pool, CPU): AFD 1:1 with one and two micro-batches, TP engines (each
+# rank count up to cores + 1 that the model's heads allow) and pool engines, the target at two depths.
 # A wide span of depths: a layer's exchanges cost about a short step's noise, and past the cores a TP
 # layer costs more in a deeper step (docs/simulator.md).
 QUICK_RANKS = {"layers": (2, 16), "batch": 4, "context": 64, "steps": 8, "warmup": 2, "repeats": 2,
                "rounds": 2}
+# Pool engines of one micro-batch, (mode, workers): each mode the engine runs, at 1 and 2 workers.
+RANK_POOLS = (("shard", 1), ("replicate", 2), ("head", 2))
+POOL_MODES = ("shard", "replicate", "head")
 
 
 def rank_strategy(kind: str, n: int, batch: int):
-    """The simulator's strategy for a calibration engine: ("tp", ranks) or ("afd", micro-batches)."""
-    from fapool.sim.strategies import AFD, StaticTPPP
+    """The simulator's strategy for a calibration engine: ("tp", ranks), ("afd", micro-batches) or
+    (a pool mode, workers) with one micro-batch, the pool holding the KV past 32 tokens."""
+    from fapool.sim.strategies import AFD, FAPool, StaticTPPP
 
     if kind == "tp":
         return StaticTPPP(tp=n, pp=1, max_batch=batch)
+    if kind in POOL_MODES:
+        return FAPool(base_tp=1, pool_size=n, threshold=32, tokens_per_worker=32, mode=kind, overlap=False,
+                      max_batch=batch)
     return AFD(r=1, f_tp=1, max_batch_per_attn=batch, overlap=n > 1)
 
 
@@ -423,7 +430,8 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     """RankOverheads from samples {kind, n, layers, batch, context, step_s}; `cost` has no rank terms.
     In turn, each from the slope over depth of (measured - modelled) step: AFD with one micro-batch
     (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
-    concurrent_stretch; TP at n ranks its two all-reduces a layer."""
+    concurrent_stretch; TP at n ranks its two all-reduces a layer; the intercepts a step's extra by
+    processes; a pool engine's slope and intercept, averaged over its modes, pool_extra_s by workers."""
     from dataclasses import replace
 
     from fapool.sim.hardware import RankOverheads
@@ -453,11 +461,17 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     # What is left at zero depth, per step, by the number of processes (TP: n; AFD 1:1: 2).
     fits = {(k, n): line(k, n, ranks) for k, n in sorted({(s["kind"], s["n"]) for s in samples})}
     by_procs: dict[int, list[float]] = {}
-    for (kind, n), (_, intercept) in fits.items():
-        by_procs.setdefault(n if kind == "tp" else 2, []).append(intercept)
+    by_workers: dict[int, list[tuple[float, float]]] = {}  # a pool step's whole rest: slope and intercept
+    for (kind, n), fit in fits.items():
+        if kind in POOL_MODES:
+            by_workers.setdefault(n, []).append(fit)
+        else:
+            by_procs.setdefault(n if kind == "tp" else 2, []).append(fit[1])
+    pool = [[n, *(max(0.0, float(v)) for v in np.mean(f, axis=0))] for n, f in sorted(by_workers.items())]
     return {"exchange_s": ranks.exchange_s, "concurrent_stretch": ranks.concurrent_stretch,
             "allreduce_extra_s": [list(e) for e in ranks.allreduce_extra_s],
             "step_extra_s": [[p, max(0.0, float(np.mean(v)))] for p, v in sorted(by_procs.items())],
+            "pool_extra_s": pool,
             "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
@@ -474,6 +488,9 @@ def calibrate_ranks(hw: HardwareProfile, model: ModelConfig, twin: str, cores: i
     configs += [("tp", n, rank_strategy("tp", n, 1).engine_args()) for n in tps]
     b, ctx, steps, warmup = grid["batch"], grid["context"], grid["steps"], grid["warmup"]
     blocks = kv_blocks(b, ctx + steps + warmup + 24)
+    configs += [(mode, n, {**rank_strategy(mode, n, 1).engine_args(), "micro_batches": 1,
+                           "worker_kv_blocks": blocks})
+                for mode, n in grid.get("pools", RANK_POOLS) if mode != "head" or n <= m.num_key_value_heads]
     samples = []
     for kind, n, args in configs:
         # One multi-rank engine a process: the depths alternate, `rounds` times each, so drifting load

@@ -81,16 +81,19 @@ class PoolOverheads:
 
 @dataclass(frozen=True)
 class RankOverheads:
-    """The engine's own cost of exchanges between dense / AFD ranks beyond the link model (fitted by
-    `fapool calibrate --pool` on a CPU from multi-rank engine runs at two depths)."""
+    """The engine's own cost of exchanges between dense / AFD / pool ranks beyond the link model (fitted
+    by `fapool calibrate --pool` on a CPU from multi-rank engine runs at two depths, to the whole step)."""
 
     exchange_s: float = 0.0  # a side's work per (layer, micro-batch) exchange with its peer rank
     concurrent_stretch: float = 1.0  # how much slower a rank computes while another computes beside it
     allreduce_extra_s: tuple[tuple[int, float], ...] = ()  # (ranks, seconds an all-reduce adds)
     step_extra_s: tuple[tuple[int, float], ...] = ()  # (processes, seconds a step adds: plans, reports)
+    # (pool workers, seconds a layer, seconds a step) a one-micro-batch pool step adds beyond its parts
+    pool_extra_s: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         bad_ar = any(n < 2 or s < 0 for n, s in self.allreduce_extra_s + self.step_extra_s)
+        bad_ar |= any(n < 1 or a < 0 or s < 0 for n, a, s in self.pool_extra_s)
         if self.exchange_s < 0 or self.concurrent_stretch < 1 or bad_ar:
             raise SimInputError(f"rank overheads must be >= 0 over >= 2 ranks (stretch >= 1), got {self}")
 

@@ -1,6 +1,6 @@
-"""TP, PP and AFD ranks' calibrated exchange costs (RankOverheads): the engine's pipeline fills and
-drains within a step, each term adds exactly what it says and only where calibrated, the fit recovers
-known terms, and the calibration JSON carries them."""
+"""TP, PP, AFD and pool ranks' calibrated exchange costs (RankOverheads): the engine's pipeline fills
+and drains within a step, each term adds exactly what it says and only where calibrated, the fit
+recovers known terms, and the calibration JSON carries them."""
 
 import itertools
 
@@ -11,11 +11,11 @@ from fapool.sim.cost_model import CostModel
 from fapool.sim.engine_calibrate import fit_rank_terms, rank_strategy, tiny_twin
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import RankOverheads, get_hardware
-from fapool.sim.strategies import AFD, StaticTPPP
+from fapool.sim.strategies import AFD, FAPool, StaticTPPP
 from fapool.sim.validate import predict_step
 
 TERMS = RankOverheads(exchange_s=1.2e-4, concurrent_stretch=1.3, allreduce_extra_s=((2, 3e-4),),
-                      step_extra_s=((2, 6e-4),))
+                      step_extra_s=((2, 6e-4),), pool_extra_s=((1, 5e-5, 1e-3), (2, 2e-4, 3e-3)))
 
 
 def _cpu_cost(ranks=None, cores=None, layers=4) -> CostModel:
@@ -58,9 +58,27 @@ def test_rank_terms_add_exactly_what_they_say():
     assert predict_step(stepped, single, 4, 50).duration == predict_step(base, single, 4, 50).duration
 
 
+def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_batch():
+    base, pooled = _cpu_cost(), _cpu_cost(RankOverheads(pool_extra_s=((2, 2e-4, 3e-3),)))
+    L = base.model.num_hidden_layers
+
+    def grown(workers: int, mode: str, overlap: bool) -> float:
+        pool = FAPool(base_tp=1, pool_size=workers, threshold=32, tokens_per_worker=32, mode=mode,
+                      overlap=overlap, max_batch=4)
+        return predict_step(pooled, pool, 4, 70).duration - predict_step(base, pool, 4, 70).duration
+
+    for mode in ("shard", "replicate", "head"):
+        assert grown(2, mode, False) == pytest.approx(L * 2e-4 + 3e-3)
+    assert grown(1, "shard", False) == 0.0 and grown(2, "shard", True) == 0.0  # not calibrated there
+    # Below the threshold the pool is idle: nothing added.
+    idle = FAPool(base_tp=1, pool_size=2, threshold=32, tokens_per_worker=32, mode="head", overlap=False, max_batch=4)
+    assert predict_step(pooled, idle, 4, 16).duration == predict_step(base, idle, 4, 16).duration
+
+
 def _samples(terms: RankOverheads) -> list[dict]:
     out = []
-    for (kind, n), layers in itertools.product((("afd", 1), ("afd", 2), ("tp", 2)), (2, 12)):
+    kinds = (("afd", 1), ("afd", 2), ("tp", 2), ("shard", 1), ("replicate", 2), ("head", 2))
+    for (kind, n), layers in itertools.product(kinds, (2, 12)):
         c = _cpu_cost(terms, cores=2, layers=layers)
         step = predict_step(c, rank_strategy(kind, n, 4), 4, 70).duration
         out.append({"kind": kind, "n": n, "layers": layers, "batch": 4, "context": 70, "step_s": step})
@@ -73,6 +91,8 @@ def test_fit_rank_terms_recovers_known_terms():
     assert fit["concurrent_stretch"] == pytest.approx(TERMS.concurrent_stretch, rel=1e-6)
     assert fit["allreduce_extra_s"] == [[2, pytest.approx(3e-4, rel=1e-6)]]
     assert fit["step_extra_s"] == [[2, pytest.approx(6e-4, rel=1e-6)]]
+    assert fit["pool_extra_s"] == [[1, pytest.approx(5e-5, rel=1e-6), pytest.approx(1e-3, rel=1e-6)],
+                                   [2, pytest.approx(2e-4, rel=1e-6), pytest.approx(3e-3, rel=1e-6)]]
     with pytest.raises(SimInputError, match="two depths"):
         fit_rank_terms([s for s in _samples(TERMS) if s["layers"] == 2], _cpu_cost(cores=2))
 
@@ -84,7 +104,8 @@ def test_calibration_json_carries_rank_terms(tmp_path):
            "engine": None, "pool": None, "cpu_cores": 2}
     path = tmp_path / "c.json"
     write_calibration({**cal, "ranks": {"exchange_s": 1.2e-4, "concurrent_stretch": 1.3,
-                                        "allreduce_extra_s": [[2, 3e-4]], "step_extra_s": [[2, 6e-4]]}}, path)
+                                        "allreduce_extra_s": [[2, 3e-4]], "step_extra_s": [[2, 6e-4]],
+                                        "pool_extra_s": [[1, 5e-5, 1e-3], [2, 2e-4, 3e-3]]}}, path)
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks == TERMS
     write_calibration(cal, path)  # made before the rank terms: none
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks is None
