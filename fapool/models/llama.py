@@ -61,10 +61,9 @@ class Attention(nn.Module):
         side in the projection's output, so one rotary pass serves both (q, k: views of it)."""
         num_tokens, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
-        q, k, v = self.qkv_proj.split(qkv)
-        nq, nk = q.shape[-1] // d, k.shape[-1] // d
+        nq, nk = (size // d for size in self.qkv_proj.output_sizes[:2])
         qk = apply_rotary(qkv[:, : (nq + nk) * d].view(num_tokens, nq + nk, d), cos, sin)
-        return qk[:, :nq], qk[:, nq:], v.view(num_tokens, nk, d)
+        return qk[:, :nq], qk[:, nq:], qkv[:, (nq + nk) * d :].view(num_tokens, nk, d)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """Attention result [T, H, D] -> [T, hidden]."""
