@@ -32,8 +32,6 @@ def _cost(args):
     hw = get_hardware(args.hardware)
     if args.calibration:
         hw = apply_calibration(hw, load_calibration(args.calibration))
-    if args.gpu_cost is not None:
-        hw = hw.replace(cost_per_hour=args.gpu_cost)
     return CostModel(model, hw)
 
 
@@ -41,7 +39,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="seed000", help="preset name (seed000) or path to a HF config.json")
     p.add_argument("--hardware", default="h100", help="h100, h200 or cpu")
     p.add_argument("--calibration", help="JSON written by `fapool calibrate` (replaces the preset's rates)")
-    p.add_argument("--gpu-cost", type=float, help="$ per GPU-hour (default: the preset's assumption)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -49,7 +46,6 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload (default: built-in synthetic Poisson stream)")
     g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, "
                    "GeneratedTokens)")
-    g.add_argument("--trace-limit", type=int, help="use the first N rows")
     g.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
     g.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help="prompt length distribution, e.g. lognormal:4096,1.0")
@@ -65,7 +61,7 @@ def _workload(args):
     if args.trace:
         if args.speedup <= 0:
             raise SimInputError("--speedup must be > 0")
-        trace = load_azure_trace(args.trace, args.trace_limit)
+        trace = load_azure_trace(args.trace)
         return TraceWorkload(trace, args.speedup, Path(args.trace).name)
     prompt, output = _lengths(args)
     if args.concurrency:
@@ -134,7 +130,7 @@ def cmd_simulate(args) -> int:
     cost = _cost(args)
     strategies = _strategies(args)
     config = SimConfig(prefill=args.prefill, max_num_batched_tokens=args.max_batched_tokens, warmup=args.warmup,
-                       max_sim_time=args.max_time or math.inf, progress=not args.no_progress)
+                       progress=not args.no_progress)
     # A fresh workload for each strategy: the same requests.
     results = [simulate(s, cost, _workload(args), config) for s in strategies]
     slo = args.tpot_slo / 1e3 if args.tpot_slo else None
@@ -161,7 +157,7 @@ def cmd_plan(args) -> int:
     cost = _cost(args)
     prompt_d, output_d = _lengths(args)
     if args.trace:
-        tr = load_azure_trace(args.trace, args.trace_limit)
+        tr = load_azure_trace(args.trace)
         # Verification draws prompts and outputs from the trace's own lengths (independently).
         prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len), 1, 1 << 30)
         output_d = LengthDist("choice", tuple(float(x) for x in tr.output_len), 1, 1 << 30)
@@ -249,7 +245,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--prefill", default="chunked", choices=("chunked", "skip"))
     r.add_argument("--max-batched-tokens", type=int, default=8192)
-    r.add_argument("--max-time", type=float, help="stop at this simulated second")
     r.add_argument("--warmup", type=float, default=0.0)
     r.add_argument("--tpot-slo", type=float, help="ms; adds an SLO attainment column")
     r.add_argument("--json", help="write the summaries here")

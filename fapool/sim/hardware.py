@@ -187,12 +187,9 @@ def _presets() -> dict[str, HardwareProfile]:
     }
 
 
-ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "h200-sxm": "h200"}
-
-
 def get_hardware(name: str) -> HardwareProfile:
     """A preset by name (h100, h200, cpu); SimInputError names the choices otherwise."""
-    key = ALIASES.get(name.lower(), name.lower())
+    key = name.lower()
     presets = _presets()
     if key not in presets:
         raise SimInputError(f"unknown hardware {name!r}; choose one of: {', '.join(sorted(presets))}")

@@ -34,7 +34,6 @@ class SimResult:
     gpu_labels: list[str]
     gpu_util: np.ndarray  # compute-busy fraction of the window, per GPU (all instances)
     gpu_comm: np.ndarray  # communication fraction
-    gpu_active: np.ndarray  # fraction of the window a GPU held KV or ran steps
     cost_per_hour: float
     timeline: list[list[tuple[float, int, float, float]]] = field(default_factory=list)
 
@@ -49,11 +48,6 @@ class SimResult:
     @property
     def gpu_seconds_per_token(self) -> float:
         return self.num_gpus * self.sim_time / max(1, self.output_tokens)
-
-    @property
-    def active_gpu_seconds_per_token(self) -> float:
-        """Counting a pool worker only while it holds KV (what the seed's release policy saves)."""
-        return float(self.gpu_active.sum()) * self.sim_time / max(1, self.output_tokens)
 
     @property
     def gpu_idle(self) -> np.ndarray:
@@ -81,7 +75,6 @@ class SimResult:
             "preemptions": self.preemptions, "throughput_tok_s": self.throughput,
             "throughput_per_gpu_tok_s": self.throughput_per_gpu,
             "gpu_seconds_per_token": self.gpu_seconds_per_token,
-            "active_gpu_seconds_per_token": self.active_gpu_seconds_per_token,
             "usd_per_million_tokens": self.usd_per_million_tokens,
             "ttft_s": _pct(self.ttft), "tpot_s": _pct(self.tpot), "e2e_s": _pct(self.e2e),
             "gpu_util_mean": float(util.mean()), "gpu_util_min": float(util.min()),
@@ -104,18 +97,18 @@ def build_result(sim, end: float) -> SimResult:
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot_all = (r.finish[:n] - r.first_token[:n]) / decode_tokens
     tpot_mask = measured & (decode_tokens > 0)
-    labels, util, comm, active = [], [], [], []
+    labels, util, comm = [], [], []
     for inst in sim.insts:
         prefix = f"i{inst.idx}." if len(sim.insts) > 1 else ""
         labels += [prefix + lab for lab in sim.strategy.gpu_labels()]
-        for out, seconds in ((util, inst.gpu_busy), (comm, inst.gpu_comm), (active, inst.gpu_active)):
+        for out, seconds in ((util, inst.gpu_busy), (comm, inst.gpu_comm)):
             out.append(seconds / window if window > 0 else seconds * 0)
     return SimResult(
         sim.strategy.describe(), sim.workload.describe(), sim.cost.hw.name, sim.strategy.total_gpus(), window,
         n, int(done.sum()), int(sim.tokens_window), int(r.preemptions[:n].sum()),
         ttft=(r.first_token[:n] - r.arrival[:n])[measured], tpot=tpot_all[tpot_mask],
         e2e=(r.finish[:n] - r.arrival[:n])[measured], gpu_labels=labels, gpu_util=np.concatenate(util),
-        gpu_comm=np.concatenate(comm), gpu_active=np.concatenate(active),
+        gpu_comm=np.concatenate(comm),
         cost_per_hour=sim.cost.hw.cost_per_hour, timeline=[inst.timeline for inst in sim.insts],
     )
 

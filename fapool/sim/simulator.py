@@ -91,7 +91,6 @@ class _Instance:
         g = strategy.num_gpus()
         self.gpu_busy = np.zeros(g)
         self.gpu_comm = np.zeros(g)
-        self.gpu_active = np.zeros(g)  # seconds a GPU held any KV or ran a step (for 'active' cost)
         self.steps = 0
         self.timeline: list[tuple[float, int, float, float]] = []
         self.stride = 1
@@ -253,11 +252,6 @@ class Simulator:
         if self.now >= self.config.warmup:
             inst.gpu_busy += sc.busy
             inst.gpu_comm += sc.comm
-            holds_kv = np.ones(len(sc.busy), bool)
-            if hasattr(inst.ledger, "load"):
-                nb = len(sc.busy) - len(inst.ledger.load)
-                holds_kv[nb:] = inst.ledger.load > 0
-            inst.gpu_active += sc.duration * holds_kv
         inst.steps += 1
         if inst.steps % inst.stride == 0:
             inst.timeline.append((self.now, int((inst.req >= 0).sum()), float(inst.ctx.sum()), sc.duration / k))

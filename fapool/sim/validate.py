@@ -13,8 +13,7 @@ from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost, Strat
 
 def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int = 1) -> float:
     """Decode step time of `batch` sequences of `context` cached tokens under TP x PP."""
-    kv = batch * (context + 1)
-    return StaticTPPP(tp=tp, pp=pp).timing(cost, batch, batch, kv, kv)[0]
+    return predict_step(cost, StaticTPPP(tp=tp, pp=pp), batch, context).duration
 
 
 def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) -> StepCost:

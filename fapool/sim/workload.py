@@ -105,8 +105,8 @@ def _seconds(text: str) -> float:
         return datetime.fromisoformat(text).timestamp()
 
 
-def load_azure_trace(path: str | Path, limit: int | None = None) -> RequestBatch:
-    """The first `limit` rows of a trace CSV as open-loop requests, sorted, arrivals from the first."""
+def load_azure_trace(path: str | Path) -> RequestBatch:
+    """A trace CSV's rows as open-loop requests, sorted, arrivals from the first."""
     path = Path(path)
     if not path.is_file():
         raise SimInputError(f"trace file not found: {path}")
@@ -123,8 +123,6 @@ def load_azure_trace(path: str | Path, limit: int | None = None) -> RequestBatch
         for lineno, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
                 continue
-            if limit is not None and len(rows) >= limit:
-                break
             try:
                 if len(row) < len(names):
                     raise ValueError(f"{len(row)} fields, header has {len(names)}")
