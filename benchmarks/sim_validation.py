@@ -27,9 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fapool.sim.afd_events import regret_sweep
+from fapool.bench.calibrate import calibrate
 from fapool.bench.results import device_name
-from fapool.sim.calibrate import calibrate, summary_lines
+from fapool.sim.afd_events import regret_sweep
+from fapool.sim.calibrate import summary_lines
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware
 from fapool.sim.planner import PlannerInputs, _PoolMeanField, make_plan, pool_balance_size

@@ -31,9 +31,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fapool
 
 from fapool.bench.results import environment, repo_root, write_result
-from fapool.sim.calibrate import apply_calibration, load_calibration
+from fapool.sim.calibrate import apply_calibration, fit_host, load_calibration
 from fapool.sim.cost_model import CostModel, load_model_config
-from fapool.sim.engine_calibrate import fit_host
 from fapool.sim.hardware import HostProfile, get_hardware
 from fapool.sim.validate import checkerboard_split, error_summary, tpot_error_table
 

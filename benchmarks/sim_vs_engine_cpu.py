@@ -135,8 +135,8 @@ def gemm_probe(model_config, m: int = 4):
     measured than while it was calibrated (memory bandwidth shared with other tenants)."""
     import torch
 
+    from fapool.bench.calibrate import _copies, _cycle, model_linear_shapes, time_op
     from fapool.layers.cpu_linear import linear_fn
-    from fapool.sim.calibrate import _copies, _cycle, model_linear_shapes, time_op
 
     n, k = model_linear_shapes(model_config)[2]
     ws = [linear_fn(torch.randn(n, k)) for _ in range(_copies(n * k * 4))]
@@ -189,16 +189,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from fapool.bench.calibrate import calibrate
     from fapool.bench.results import environment, write_result
     from fapool.entrypoints.llm import LLM
     from fapool.models.loader import load_model_config, resolve_model
-    from fapool.sim.calibrate import (
-        apply_calibration,
-        calibrate,
-        load_calibration,
-        summary_lines,
-        write_calibration,
-    )
+    from fapool.sim.calibrate import apply_calibration, load_calibration, summary_lines, write_calibration
     from fapool.sim.cost_model import CostModel
     from fapool.sim.hardware import get_hardware
     from fapool.sim.validate import error_summary, predict_step

@@ -1,94 +1,30 @@
-"""`fapool calibrate`: time the engine's GEMMs, decode attention and (CPU) exchanges here, fit the
-roofline's effective rates, and write them as JSON (schema 3); engine_calibrate.py adds the engine's
-fixed, host and pool terms. Method: docs/simulator.md.
+"""The calibration file (`fapool calibrate`'s JSON, schema 3) and the fits that turn measured samples
+into the cost model's terms: roofline rates, the engine's fixed and host terms, the pool's and the
+ranks' overheads; `apply_calibration` puts them in a HardwareProfile. The measuring is
+fapool/bench/calibrate.py's. Method: docs/simulator.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
-import os
-import time
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from fapool.sim.engine_calibrate import typical
+from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.hardware import (HardwareProfile, HostProfile, LinkProfile, PoolOverheads, RankOverheads,
-                                 get_hardware)
+from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads, RankOverheads
 
 SCHEMA = 3  # the one schema read; older files in benchmarks/results were converted once
 REQUIRED = ("gemm", "attention", "engine", "pool", "cpu_cores")  # engine / pool may be null
-# The small (n, k) and (batch, ctx) points are the tiny engine model's own sizes: they pin the
-# fixed cost of a call, so the engine fit's per-layer residual does not count it twice.
-QUICK = {
-    "gemm_m": [1, 2, 4, 8, 16, 64, 256],
-    "gemm_nk": [(256, 256), (512, 512), (2048, 512)],
-    # (batch, heads, ctx, head_dim); rows of >= 256 keys take the backend's per-sequence flash path
-    "decode": [(1, 4, 32, 64), (1, 4, 256, 64), (4, 4, 128, 64), (4, 4, 512, 64), (8, 4, 256, 64),
-               (8, 8, 1024, 64), (8, 8, 2048, 64), (8, 8, 4096, 64)],
-    "prefill": [(1, 8, 512, 64)],
-    "comm_bytes": [4096, 262144, 2097152],
-}
-FULL = {
-    "gemm_m": [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096],
-    "gemm_nk": [(256, 256), (1024, 1024), (4096, 4096), (16384, 4096), (4096, 16384)],
-    "decode": [(1, 4, 128, 64), (8, 4, 2048, 64), (32, 4, 2048, 64), (8, 32, 512, 128), (16, 32, 1024, 128),
-               (64, 32, 4096, 128), (128, 32, 8192, 128), (8, 32, 32768, 128)],
-    "prefill": [(1, 32, 4096, 128), (1, 32, 8192, 128)],
-    "comm_bytes": [4096, 1 << 20, 16 << 20, 64 << 20],
-}
-# Decode points added on a GPU (67 MB to 4.3 GB of KV): the attention table interpolates between
-# samples and extrapolates at the largest one's rate, so it needs every decade up to full bandwidth.
-GPU_DECODE = [(8, 32, 512, 128), (8, 32, 2048, 128), (32, 32, 2048, 128), (16, 32, 8192, 128),
-              (64, 32, 4096, 128), (8, 32, 32768, 128)]
-
-
-def _run(fn, reps: int, device) -> float:
-    """Seconds per call of `reps` back-to-back calls (CUDA events on a GPU)."""
-    import torch
-
-    if device.type != "cuda":
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
-
-
-def time_op(fn, device, min_time: float = 0.02, max_reps: int = 200) -> float:
-    """Seconds per call. GPU: the fastest of 3 event-timed batches. CPU: `typical` of single calls."""
-    fn()
-    fn()  # warm-up: allocation, kernel selection
-    once = max(_run(fn, 1, device), 1e-7)
-    reps = int(min(max_reps, max(5, min_time / once)))
-    if device.type == "cuda":
-        return float(min(_run(fn, max(1, reps // 3), device) for _ in range(3)))
-    return typical([_run(fn, 1, device) for _ in range(reps)], cpu=True)
-
-
-def time_graph(fn, device, target_s: float = 2e-4) -> float:
-    """Seconds per call of `fn` replayed in a CUDA graph of ~`target_s` (no host launch cost in the
-    device time; fapool.bench.linear's timer); `time_op` on a CPU or for a call that cannot be captured."""
-    if device.type != "cuda":
-        return time_op(fn, device)
-    from fapool.bench.linear import time_graph as graph_median
-
-    once = time_op(fn, device, min_time=0.005, max_reps=20)
-    copies = int(min(64, max(1, target_s / max(once, 1e-7))))
-    try:
-        return float(graph_median(lambda _: fn(), copies))
-    except Exception:  # noqa: BLE001 - an op that cannot be captured is timed eagerly
-        return once
+HOST_TERMS = ("step_s", "per_seq_s", "per_kv_token_s")
+WORKER_TERMS = ("worker_call_s", "worker_per_seq_s")
+DRIVER_TERMS = ("driver_mb_s", "driver_pool_mb_s", "driver_route_s", "driver_step_s")
+POOL_MODES = ("shard", "replicate", "head")
 
 
 def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
@@ -134,293 +70,174 @@ def fit_linear(x, seconds) -> dict:
     return {"latency_s": float(intercept), "bytes_per_s": float(1.0 / slope), "mean_abs_log_err": err}
 
 
-# Operands rotate over copies that together exceed the last-level cache, so every call reads
-# them from memory, as the engine's step does.
-COLD_BYTES = 256 << 20
+def fit_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares y ~ x @ c with c >= 0: the best fit over column subsets with c >= 0."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = x.shape[1]
+    best, best_err = np.zeros(n), float(np.sum(y**2))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            c, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(c < 0):
+                continue
+            err = float(np.sum((x[:, cols] @ c - y) ** 2))
+            if err < best_err:
+                best = np.zeros(n)
+                best[list(cols)] = c
+                best_err = err
+    return best
 
 
-def _copies(nbytes: float) -> int:
-    return int(max(1, min(1024, -(-COLD_BYTES // max(1, int(nbytes))))))
+def fit_host(n_seqs: Sequence[float], kv_tokens: Sequence[float], host_s: Sequence[float]) -> dict:
+    """step_s + per_seq_s * n + per_kv_token_s * kv fitted to measured host seconds."""
+    n, kv, y = (np.asarray(v, dtype=np.float64) for v in (n_seqs, kv_tokens, host_s))
+    if len(y) < 3:
+        raise SimInputError(f"the host fit needs at least 3 measured steps, got {len(y)}")
+    x = np.stack([np.ones_like(n), n, kv], axis=1)
+    c = fit_nonneg(x, y)
+    pred = x @ c
+    err = float(np.mean(np.abs(pred - y) / y))
+    return {**{name: float(v) for name, v in zip(HOST_TERMS, c)}, "mean_abs_rel_err": err}
 
 
-def _cycle(fn_of, items):
-    """A no-argument callable that applies `fn_of` to the next of `items` each call."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(items)
-        return fn_of(items[state["i"]])
-
-    return call
+def fit_launch(layers: Sequence[int], forward_s: Sequence[float]) -> dict:
+    """Eager forward seconds ~ launch_step_s + launch_layer_s * layers (non-negative)."""
+    layers_a, t = np.asarray(layers, dtype=np.float64), np.asarray(forward_s, dtype=np.float64)
+    c = fit_nonneg(np.stack([np.ones_like(layers_a), layers_a], axis=1), t)
+    return {"launch_step_s": float(c[0]), "launch_layer_s": float(c[1])}
 
 
-def model_linear_shapes(model) -> list[tuple[int, int]]:
-    """(n, k) of the linears a decode step of `model` runs (merged q/k/v and gate/up)."""
-    q, kv = model.num_attention_heads * model.head_dim, model.num_key_value_heads * model.head_dim
-    h, f = model.hidden_size, model.intermediate_size
-    up = 2 * f if model.gated_mlp else f
-    return [(q + 2 * kv, h), (h, q), (up, h), (h, f), (model.vocab_size, h)]
+def fit_device_fixed(samples: list[dict], cost: CostModel, depths: Sequence[int]) -> dict:
+    """The device's fixed seconds a layer and a step beyond the rooflines, from engine decode samples at
+    `depths`: per (batch, context) the slope and intercept of device time over depth, less what `cost`
+    (the shallowest engine model, kernel fits alone, no host) prices."""
+    lo = depths[0]
+    layer_res, step_res = [], []
+    by_point = {}
+    for s in samples:
+        by_point.setdefault((s["batch"], s["context"]), {})[s["layers"]] = s
+    for (batch, _), pair in sorted(by_point.items()):
+        kv = pair[lo]["kv_tokens"]
+        dense_c, _ = cost.dense_layer(batch)
+        modelled_layer = dense_c + float(cost.decode_attention(kv, batch))
+        # Device time over depth by least squares (with two depths: the line through both).
+        slope, intercept = np.polyfit(depths, [pair[d]["device_s"] for d in depths], 1)
+        layer_res.append(float(slope) - modelled_layer)
+        # The intercept of device time over depth, less the modelled LM head.
+        step_res.append(float(intercept) - float(cost.lm_head(batch)))
+    kvs = [pair[lo]["kv_tokens"] for _, pair in sorted(by_point.items())]
+    line = fit_nonneg(np.stack([np.ones(len(kvs)), kvs], axis=1), np.asarray(layer_res))
+    return {"layer_fixed_s": float(line[0]), "step_fixed_s": max(0.0, float(np.median(step_res))),
+            "layer_residuals_s": list(map(float, layer_res)), "layer_residual_per_kv_token_s": float(line[1]),
+            "step_residuals_s": list(map(float, step_res))}
 
 
-def _gemm_samples(device, dtype, grid) -> list[dict]:
-    import torch
+def _modelled(cost, sample: dict):
+    """(driver busy, per-worker busy, calls, seqs, routes, pool micro-batches, micro-batches) of a
+    sample priced with zero pool terms and no contention."""
+    from fapool.sim.strategies import FAPool
+    from fapool.sim.validate import pool_step_inputs
 
-    from fapool.layers.cpu_linear import linear_fn
-
-    out = []
-    d = dtype.itemsize
-    for n, k in grid["gemm_nk"]:  # nn.Linear's layout, [n, k]
-        ws = [linear_fn(torch.randn(n, k, device=device, dtype=dtype)) for _ in range(_copies(n * k * d))]
-        for m in grid["gemm_m"]:
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            t = time_graph(_cycle(lambda w, a=a: w(a), ws), device)
-            out.append({"m": m, "n": n, "k": k, "flops": 2.0 * m * n * k, "bytes": (m * k + k * n + m * n) * d,
-                        "s": t})
-        del ws
-    return out
-
-
-def _paged_decode_call(backend, device, dtype, bsz: int, h: int, ctx: int, hd: int, block_size: int = 16):
-    """A closure running the engine backend's decode attention over `bsz` x (`ctx` + 1) tokens in a
-    paged cache whose blocks are shuffled, as in use."""
-    import torch
-
-    from fapool.attention.metadata import AttentionMetadata
-
-    per_seq = -(-(ctx + 1) // block_size)
-    num_blocks = bsz * per_seq
-    gen = torch.Generator().manual_seed(bsz * 131 + ctx)
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(bsz)]
-    shape = (num_blocks, block_size, h, hd)
-    kv_bytes = 2 * num_blocks * block_size * h * hd * dtype.itemsize
-    caches = [
-        (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
-        for _ in range(_copies(kv_bytes))
-    ]
-    meta = AttentionMetadata.build(
-        query_lens=[1] * bsz,
-        query_pos_start=[ctx] * bsz,
-        kv_lens=[ctx + 1] * bsz,
-        block_tables=tables,
-        slot_mapping=[t[ctx // block_size] * block_size + ctx % block_size for t in tables],
-        device=device,
-    )
-    q = torch.randn(bsz, h, hd, device=device, dtype=dtype)
-    scale = hd**-0.5
-    return _cycle(lambda kv: backend.forward(q, kv[0], kv[1], meta, scale), caches)
+    pool = FAPool(base_tp=1, pool_size=sample["workers"], threshold=sample["threshold"], mode="shard",
+                  tokens_per_worker=sample["tokens_per_worker"], overlap=sample["micro_batches"] > 1,
+                  max_batch=sample["batch"])
+    step, ledger = pool_step_inputs(cost, pool, sample["batch"], round(sample["context_mean"]))
+    sc = pool.step_cost(cost, step, ledger)
+    calls, seqs, routes, pool_mbs, n_mb = pool.pool_calls(step, ledger)
+    if not np.any(sc.busy[1:] > 0):
+        routes, pool_mbs, n_mb = 0, 0, 1
+    return float(sc.busy[0]), sc.busy[1:], calls, seqs, routes, pool_mbs, n_mb
 
 
-def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str]:
-    import torch
-    import torch.nn.functional as F
-
-    from fapool.attention.selector import make_backend
-
-    backend = make_backend(None, str(device))
-    d = dtype.itemsize
-    decode, prefill = [], []
-    for bsz, h, ctx, hd in grid["decode"]:
-        nbytes = (2.0 * bsz * h * (ctx + 1) * hd + 2.0 * bsz * h * hd) * d
-        paged = _paged_decode_call(backend, device, dtype, bsz, h, ctx, hd)
-        flops = 4.0 * bsz * h * (ctx + 1) * hd
-        decode.append({"batch": bsz, "heads": h, "ctx": ctx + 1, "head_dim": hd, "flops": flops,
-                       "bytes": nbytes, "s": time_graph(paged, device)})
-        del paged
-    for bsz, h, ctx, hd in grid["prefill"]:
-        q = torch.randn(bsz, h, ctx, hd, device=device, dtype=dtype)
-        k, v = torch.randn_like(q), torch.randn_like(q)
-        t = time_graph(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
-        prefill.append({"batch": bsz, "heads": h, "ctx": ctx, "head_dim": hd, "s": t,
-                        "flops": 4.0 * bsz * h * hd * ctx * (ctx + 1) / 2,
-                        "bytes": 4.0 * bsz * h * ctx * hd * d})
-    return decode, prefill, f"{backend.name} backend (paged decode)"
-
-
-def _comm_worker(rank: int, port: int, sizes: list[int], queue) -> None:
-    """Time the engine's own exchanges (fapool.worker.comm) between two one-thread ranks: a sum and a
-    one-way message, per size."""
-    import torch
-    import torch.distributed as dist
-
-    from fapool.worker import comm
-
-    torch.set_num_threads(1)
-    comm.init_process_group(rank, 2, f"tcp://127.0.0.1:{port}", "gloo", 600)
-    group = dist.new_group([0, 1])
-    results = []
-    for nbytes in sizes:
-        x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
-        for op in ("all_reduce", "p2p"):
-
-            def call(op=op, x=x):
-                if op == "all_reduce":
-                    comm.wait(comm.all_reduce(x, group), 1 - rank, "sum")
-                elif rank == 0:
-                    comm.wait(comm.send_tensor(x, 1), 1, "send")
-                    comm.wait(comm.recv_tensor(x, 1), 1, "recv")
-                else:
-                    comm.wait(comm.recv_tensor(x, 0), 0, "recv")
-                    comm.wait(comm.send_tensor(x, 0), 0, "send")
-
-            for _ in range(2):
-                call()
-            times = []
-            for _ in range(16):
-                t = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t)
-            el = typical(times, cpu=True)  # a descheduled peer only adds time
-            if op == "p2p":
-                el /= 2  # a round trip is two one-way messages
-            results.append({"op": op, "bytes": x.numel() * 4, "ranks": 2, "s": el})
-    comm.destroy_process_group()
-    if rank == 0:
-        queue.put(results)
-
-
-def _comm_samples(sizes: list[int], timeout: float = 60.0) -> tuple[list[dict] | None, str]:
-    import multiprocessing as mp
-
-    from fapool.worker.comm import free_port
-
-    try:
-        ctx = mp.get_context("fork")
-    except ValueError:
-        return None, "fork start method unavailable"
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_comm_worker, args=(r, port, sizes, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        res = q.get(timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - report any failure as "not measured"
-        res = None
-        note = f"exchange timing failed: {exc!r}"
+def fit_pool_terms(samples: list[dict], cost) -> dict:
+    """Fit PoolOverheads' terms to pool samples; `cost` has zero pool terms and no cpu_cores."""
+    if len(samples) < 3:
+        raise SimInputError(f"the pool fit needs at least 3 samples, got {len(samples)}")
+    wx, wy, dx, dy = [], [], [], []
+    for s in samples:
+        c = CostModel(cost.model.replace(num_hidden_layers=s["layers"]), cost.hw, cost.include_host)
+        driver, workers, calls, seqs, routes, pool_mbs, n_mb = _modelled(c, s)
+        L = s["layers"]
+        dx.append([L * n_mb, L * pool_mbs, L * routes, 1.0])
+        # The step's fixed device work is in the driver's busy time and priced by finish_step.
+        dy.append(s["driver_busy_s"] - driver - c.step_overhead())
+        for w in range(s["workers"]):
+            if calls[w] > 0:
+                wx.append([L * calls[w], L * seqs[w]])
+                wy.append(s["worker_attention_s"][str(w + 1)] - float(workers[w]))
+    out: dict = {}
+    if len(wy) >= 2:
+        cw = fit_nonneg(np.array(wx), np.array(wy))
+        out.update({name: float(v) for name, v in zip(WORKER_TERMS, cw)})
+        out["worker_residuals_s"] = [float(v) for v in np.array(wy) - np.array(wx) @ cw]
     else:
-        note = "the engine's same-host transport (Unix sockets), 2 one-thread processes"
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.terminate()
-    return res, note
-
-
-def calibrate(
-    device: str = "auto",
-    quick: bool = True,
-    collectives: bool = True,
-    grid: dict | None = None,
-    threads: int | None = None,
-    engine: bool = True,
-    model=None,
-    engine_grid: dict | None = None,
-    progress=None,
-    checkpoint=None,
-    pool: bool | None = None,
-    twin: str = "tiny",
-) -> dict:
-    """Time and fit the kernels (and collectives on a CPU), then unless `engine` is false the
-    engine decode of `model`'s tiny twin (or with twin="model" of `model` cut to depth), then
-    with `pool` (default: not quick) the CPU pool part. `checkpoint(cal)` gets each partial result."""
-    from fapool.sim import engine_calibrate as ec
-
-    if engine and twin != "tiny":  # checked before minutes of kernel timing, not after
-        ec.engine_twin(model, 1, twin)
-    import torch
-
-    from fapool.bench.results import device_name
-
-    if threads:
-        torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SimInputError("calibrate: --device cuda asked for but torch sees no CUDA device")
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if dev.type == "cuda" and quick and grid is None:
-        grid = {**QUICK, "decode": QUICK["decode"] + GPU_DECODE}
-    grid = grid or (QUICK if quick else FULL)
-    if model is not None:  # the target model's own linears join the GEMM grid
-        grid = {**grid, "gemm_nk": list(dict.fromkeys([*grid["gemm_nk"], *model_linear_shapes(model)]))}
-    t0 = time.perf_counter()
-    gemm = _gemm_samples(dev, dtype, grid)
-    decode, prefill, decode_kernel = _attention_samples(dev, dtype, grid)
-    comm, comm_note = (None, "skipped")
-    if collectives and dev.type == "cpu":
-        comm, comm_note = _comm_samples(grid["comm_bytes"])
-    elif collectives:
-        comm_note = "not measured: one GPU here (NCCL needs two ranks)"
-    g = _fit_samples(gemm)
-    g["by_m"] = fit_gemm_by_m(gemm, g["overhead_s"])
-    a = _fit_samples(decode)
-    pf = [s["flops"] / max(s["s"] - a["overhead_s"], 1e-9) for s in prefill]
-    out = {
-        "schema": SCHEMA,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device_kind": dev.type,
-        "device_name": device_name(str(dev)),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "dtype_bytes": dtype.itemsize,
-        "gemm": g,
-        "attention": {**a, "prefill_flops_per_s": float(max(pf)) if pf else a["flops_per_s"],
-                      "decode_kernel": decode_kernel},
-        "comm": None,
-        "comm_note": comm_note,
-        "samples": {"gemm": gemm, "decode": decode, "prefill": prefill, "comm": comm},
-        "engine": None,
-        "pool": None,
-        # The cores this process may run on: the engine's processes (one thread each) share them.
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "seconds": None,
-    }
-    if comm:
-        ar = [s for s in comm if s["op"] == "all_reduce"]
-        p2p = [s for s in comm if s["op"] == "p2p"]
-        # Ring all-reduce over n ranks moves 2(n-1)/n of the bytes: x for the fit.
-        ar_x = [2 * (s["ranks"] - 1) / s["ranks"] * s["bytes"] for s in ar]
-        out["comm"] = {"all_reduce": fit_linear(ar_x, [s["s"] for s in ar]),
-                       "p2p": fit_linear([s["bytes"] for s in p2p], [s["s"] for s in p2p])}
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    cpu = dev.type == "cpu"
-    if engine:  # the engine decode, priced by the kernel fits alone
-        if twin != "tiny":
-            engine_grid = {**(engine_grid or (ec.QUICK_CPU_MODEL if cpu else ec.QUICK_GPU)), "twin": twin}
-        hw = apply_calibration(get_hardware("cpu" if cpu else "h100"), out)
-        run = lambda: ec.calibrate_engine("cpu" if cpu else "cuda", hw, model, engine_grid, progress)
-        _add_section(out, "engine", run, t0, progress, checkpoint, "no host model")
-    if (not quick if pool is None else pool) and out["engine"]:
-        if not cpu:
-            out["pool_note"] = "not measured: the pool calibration runs on CPU only"
-            return out
-        # The tiny pool engines, priced with zero pool terms and no contention.
-        hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
-        run = lambda: ec.calibrate_pool(hw, model, None, progress)
-        _add_section(out, "pool", run, t0, progress, checkpoint, "no pool terms")
-        if model is not None:  # TP, AFD and pool engines of the target, priced with contention
-            hw = apply_calibration(get_hardware("cpu"), out)
-            run = lambda: ec.calibrate_ranks(hw, model, twin, out["cpu_cores"], None, progress)
-            _add_section(out, "ranks", run, t0, progress, checkpoint, "no rank terms")
+        out.update({name: 0.0 for name in WORKER_TERMS})
+    cd = fit_nonneg(np.array(dx), np.array(dy))
+    out.update({name: float(v) for name, v in zip(DRIVER_TERMS, cd)})
+    out["driver_residuals_s"] = [float(v) for v in np.array(dy) - np.array(dx) @ cd]
     return out
 
 
-def _add_section(cal: dict, key: str, run, t0: float, progress, checkpoint, lost: str) -> None:
-    """cal[key] = run(); `checkpoint(cal)` first, so the earlier parts survive a crash, and an
-    exception is recorded as cal[key + "_error"] rather than losing them; cal["seconds"] since `t0`."""
-    if checkpoint:
-        checkpoint(cal)
-    try:
-        cal[key] = run()
-    except Exception as exc:  # noqa: BLE001 - keep the rest, say why
-        cal[key] = None
-        cal[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
-        if progress:
-            progress(f"warning: the {key} calibration failed ({cal[f'{key}_error']}); {lost}")
-    cal["seconds"] = round(time.perf_counter() - t0, 3)
+def rank_strategy(kind: str, n: int, batch: int):
+    """The simulator's strategy for a calibration engine: ("tp", ranks), ("afd", micro-batches) or
+    (a pool mode, workers) with one micro-batch, the pool holding the KV past 32 tokens."""
+    from fapool.sim.strategies import AFD, FAPool, StaticTPPP
+
+    if kind == "tp":
+        return StaticTPPP(tp=n, pp=1, max_batch=batch)
+    if kind in POOL_MODES:
+        return FAPool(base_tp=1, pool_size=n, threshold=32, tokens_per_worker=32, mode=kind, overlap=False,
+                      max_batch=batch)
+    return AFD(r=1, f_tp=1, max_batch_per_attn=batch, overlap=n > 1)
+
+
+def fit_rank_terms(samples: list[dict], cost) -> dict:
+    """RankOverheads from samples {kind, n, layers, batch, context, step_s}; `cost` has no rank terms.
+    In turn, each from the slope over depth of (measured - modelled) step: AFD with one micro-batch
+    (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
+    concurrent_stretch; TP at n ranks its two all-reduces a layer; the intercepts a step's extra by
+    processes; a pool engine's slope and intercept, averaged over its modes, pool_extra_s by workers."""
+    from dataclasses import replace
+
+    from fapool.sim.hardware import RankOverheads
+    from fapool.sim.validate import predict_step
+
+    def line(kind: str, n: int, ranks: RankOverheads) -> tuple[float, float]:
+        rows = [s for s in samples if (s["kind"], s["n"]) == (kind, n)]
+        if len({s["layers"] for s in rows}) < 2:
+            raise SimInputError(f"the rank fit needs {kind} {n} at two depths")
+        res = []
+        for s in rows:
+            c = CostModel(cost.model.replace(num_hidden_layers=s["layers"]), cost.hw.replace(ranks=ranks))
+            res.append(s["step_s"] - predict_step(c, rank_strategy(kind, n, s["batch"]), s["batch"],
+                                                  s["context"]).duration)
+        slope, intercept = np.polyfit([s["layers"] for s in rows], res, 1)
+        return float(slope), float(intercept)
+
+    slope = lambda *a: line(*a)[0]
+    ranks = RankOverheads(exchange_s=max(0.0, slope("afd", 1, RankOverheads()) / 2))
+    lo, hi = 1.0, 3.0  # the stretch that leaves no slope: bisection (the slope falls as it grows)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope("afd", 2, replace(ranks, concurrent_stretch=mid)) > 0 else (lo, mid)
+    ranks = replace(ranks, concurrent_stretch=lo)
+    tps = sorted({s["n"] for s in samples if s["kind"] == "tp"})
+    ranks = replace(ranks, allreduce_extra_s=tuple((n, max(0.0, slope("tp", n, ranks) / 2)) for n in tps))
+    # What is left at zero depth, per step, by the number of processes (TP: n; AFD 1:1: 2).
+    fits = {(k, n): line(k, n, ranks) for k, n in sorted({(s["kind"], s["n"]) for s in samples})}
+    by_procs: dict[int, list[float]] = {}
+    by_workers: dict[int, list[tuple[float, float]]] = {}  # a pool step's whole rest: slope and intercept
+    for (kind, n), fit in fits.items():
+        if kind in POOL_MODES:
+            by_workers.setdefault(n, []).append(fit)
+        else:
+            by_procs.setdefault(n if kind == "tp" else 2, []).append(fit[1])
+    pool = [[n, *(max(0.0, float(v)) for v in np.mean(f, axis=0))] for n, f in sorted(by_workers.items())]
+    return {"exchange_s": ranks.exchange_s, "concurrent_stretch": ranks.concurrent_stretch,
+            "allreduce_extra_s": [list(e) for e in ranks.allreduce_extra_s],
+            "step_extra_s": [[p, max(0.0, float(np.mean(v)))] for p, v in sorted(by_procs.items())],
+            "pool_extra_s": pool,
+            "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
 def write_calibration(cal: dict, path: str | Path) -> None:
@@ -492,7 +309,7 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
     if cal.get("ranks"):  # absent from calibrations made before the rank terms
         r = cal["ranks"]
-        pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))  # noqa: E731
+        pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
                                          pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"))
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):

@@ -205,7 +205,8 @@ def cmd_plan(args) -> int:
 
 @_guard
 def cmd_calibrate(args) -> int:
-    from fapool.sim.calibrate import calibrate, summary_lines, write_calibration
+    from fapool.bench.calibrate import calibrate
+    from fapool.sim.calibrate import summary_lines, write_calibration
     from fapool.sim.cost_model import load_model_config
 
     cal = calibrate(

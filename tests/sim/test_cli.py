@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from fapool.sim.calibrate import apply_calibration, calibrate, fit_roofline, load_calibration
+from fapool.bench.calibrate import calibrate
+from fapool.sim.calibrate import apply_calibration, fit_roofline, load_calibration
 from fapool.sim.cli import main
 from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.hardware import get_hardware

@@ -7,10 +7,18 @@ import json
 import numpy as np
 import pytest
 
+from fapool.bench.calibrate import calibrate, engine_twin, tiny_twin
 from fapool.config import ModelConfig
-from fapool.sim.calibrate import apply_calibration, attn_table, calibrate, fit_gemm_by_m, load_calibration
+from fapool.sim.calibrate import (
+    apply_calibration,
+    attn_table,
+    fit_gemm_by_m,
+    fit_host,
+    fit_launch,
+    fit_nonneg,
+    load_calibration,
+)
 from fapool.sim.cost_model import CostModel, load_model_config
-from fapool.sim.engine_calibrate import engine_twin, fit_host, fit_launch, fit_nonneg, tiny_twin
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HostProfile, get_hardware
 from fapool.sim.strategies import FAPool
@@ -194,7 +202,7 @@ def test_calibrate_on_cpu_writes_the_engine_terms_and_they_load_back(tmp_path):
 
 
 def test_engine_calibration_fits_the_depth_slope_over_three_depths():
-    from fapool.sim.engine_calibrate import calibrate_engine
+    from fapool.bench.calibrate import calibrate_engine
 
     hw = get_hardware("cpu")
     out = calibrate_engine("cpu", hw, grid={**TINY_ENGINE, "layers": (1, 2, 4)})

@@ -7,9 +7,15 @@ import itertools
 import numpy as np
 import pytest
 
-from fapool.sim.calibrate import apply_calibration, load_calibration, write_calibration
+from fapool.bench.calibrate import tiny_twin
+from fapool.sim.calibrate import (
+    _modelled,
+    apply_calibration,
+    fit_pool_terms,
+    load_calibration,
+    write_calibration,
+)
 from fapool.sim.cost_model import CostModel, load_model_config
-from fapool.sim.engine_calibrate import _modelled, fit_pool_terms, tiny_twin
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import PoolOverheads, contention_stretch, get_hardware
 from fapool.sim.strategies import FAPool

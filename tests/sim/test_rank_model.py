@@ -6,9 +6,15 @@ import itertools
 
 import pytest
 
-from fapool.sim.calibrate import apply_calibration, load_calibration, write_calibration
+from fapool.bench.calibrate import tiny_twin
+from fapool.sim.calibrate import (
+    apply_calibration,
+    fit_rank_terms,
+    load_calibration,
+    rank_strategy,
+    write_calibration,
+)
 from fapool.sim.cost_model import CostModel
-from fapool.sim.engine_calibrate import fit_rank_terms, rank_strategy, tiny_twin
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import RankOverheads, get_hardware
 from fapool.sim.strategies import AFD, FAPool, StaticTPPP
