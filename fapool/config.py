@@ -174,8 +174,9 @@ class ParallelConfig:
     # of them (tensor parallel among themselves). None: off; both are set together.
     afd_attention_ranks: int | None = None
     afd_ffn_ranks: int | None = None
-    # "mp": worker processes this engine spawns (or torchrun started); "ray": attention-pool
-    # workers are Ray actors, started when the pool grows and stopped when idle (worker/ray_pool).
+    # "mp": worker processes this engine spawns (or torchrun started); "ray": the ranks are Ray
+    # actors (worker/ray_ranks), the attention pool's started when it grows and stopped when
+    # idle (worker/ray_pool).
     distributed_executor: str = "mp"
     ray_address: str | None = None  # an existing Ray cluster ("auto", "host:port"); None: a local one
 
@@ -201,6 +202,13 @@ class ParallelConfig:
     @property
     def afd(self) -> bool:
         return self.afd_attention_ranks is not None
+
+    @property
+    def world_size(self) -> int:
+        """Ranks without the attention pool's workers: AFD's attention and FFN ranks, or TP x PP."""
+        if self.afd:
+            return self.afd_attention_ranks + self.afd_ffn_ranks
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)
@@ -247,11 +255,13 @@ class PoolConfig:
 DEFAULT_SPARSE_MIN_CONTEXT = 4096
 
 
-def ray_runs(attention_workers: int, afd: bool, pipeline_parallel_size: int) -> bool:
-    """The topologies distributed_executor 'ray' runs: the attention pool beside the dense ranks
-    of one stage. The pool's workers talk only to the driver (it gathers its TP ranks' heads);
-    with pipeline stages each stage leader would need pair groups of its own."""
-    return attention_workers > 0 and not afd and pipeline_parallel_size == 1
+def ray_runs(attention_workers: int, world_size: int, pipeline_parallel_size: int) -> bool:
+    """The topologies distributed_executor 'ray' runs: any of several ranks (the attention pool,
+    TP, PP, AFD), each rank but the driver a Ray actor (worker/ray_ranks), the pool's workers
+    elastic ones (worker/ray_pool). Not the pool with pipeline stages: its workers pair with the
+    driver only (it gathers its TP ranks' heads), and each stage leader would need pair groups
+    of its own."""
+    return (attention_workers > 0 or world_size > 1) and not (attention_workers and pipeline_parallel_size > 1)
 
 
 @dataclass(frozen=True)
@@ -279,10 +289,16 @@ class EngineConfig:
             self._check_quantization()
         if self.parallel.distributed_executor == "ray":
             par = self.parallel
-            if not ray_runs(self.pool.attention_workers, par.afd, par.pipeline_parallel_size):
+            if self.pool.attention_workers and par.pipeline_parallel_size > 1:
                 raise ConfigError(
-                    "distributed_executor 'ray' runs the attention pool (attention_workers >= 1) beside the dense "
-                    "ranks of one stage for now: no pipeline parallelism or AFD with it"
+                    "distributed_executor 'ray' runs the attention pool (attention_workers) beside the dense ranks "
+                    "of one stage only: not with pipeline_parallel_size > 1"
+                )
+            if not ray_runs(self.pool.attention_workers, par.world_size, par.pipeline_parallel_size):
+                raise ConfigError(
+                    "distributed_executor 'ray' runs the ranks of a multi-rank engine as Ray actors: set "
+                    "attention_workers, tensor_parallel_size, pipeline_parallel_size or afd_attention_ranks / "
+                    "afd_ffn_ranks (this configuration has one rank)"
                 )
         if self.parallel.afd:
             if self.pool.attention_workers:

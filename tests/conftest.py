@@ -37,3 +37,13 @@ def tiny_text_model(tiny_checkpoints, tmp_path_factory) -> str:
     shutil.copytree(tiny_checkpoints["llama"][0], folder)
     add_byte_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray instance for every Ray test (an engine leaves a Ray it did not start running)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -196,8 +196,11 @@ def run(ns: argparse.Namespace) -> int:
     for name, extra in _configs(ns):
         t_config = time.perf_counter()
         kwargs = {**vars(base), **extra}
-        afd = bool(extra.get("afd_attention_ranks") or extra.get("afd_ffn_ranks"))
-        if not ray_runs(extra.get("attention_workers", 0), afd, extra.get("pipeline_parallel_size", 1)):
+        if kwargs.get("afd_attention_ranks"):
+            world = kwargs["afd_attention_ranks"] + (kwargs.get("afd_ffn_ranks") or 0)
+        else:
+            world = (kwargs.get("tensor_parallel_size") or 1) * (kwargs.get("pipeline_parallel_size") or 1)
+        if not ray_runs(kwargs.get("attention_workers") or 0, world, kwargs.get("pipeline_parallel_size") or 1):
             kwargs["distributed_executor"] = "mp"  # --distributed-executor ray is for the rows Ray runs
         results = _run_config(kwargs, ns)
         _release_device()

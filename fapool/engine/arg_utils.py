@@ -66,7 +66,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     afd_attention_ranks: int | None = None
     afd_ffn_ranks: int | None = None
-    distributed_executor: str = "mp"  # "mp" | "ray" (the attention pool's workers as Ray actors)
+    distributed_executor: str = "mp"  # "mp" | "ray" (the ranks and the attention pool's workers as Ray actors)
     ray_address: str | None = None
     attention_workers: int = 0
     pool_threshold: int = 4096
@@ -214,8 +214,8 @@ class EngineArgs:
         )
         g.add_argument(
             "--distributed-executor", default="mp", choices=["mp", "ray"],
-            help="mp: worker processes started with the engine; ray: attention-pool workers as Ray actors that "
-            "start as the pool grows and stop when idle (default: %(default)s)",
+            help="mp: worker processes started with the engine; ray: the ranks (TP, PP, AFD) as Ray actors, and "
+            "attention-pool workers as Ray actors that start as the pool grows and stop when idle (default: %(default)s)",
         )
         g.add_argument(
             "--ray-address", "--address", dest="ray_address", default=None,

@@ -31,7 +31,7 @@ from fapool.worker.afd_worker import (
     mlp_slice,
 )
 from fapool.worker.dense_worker import send_weights
-from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks
+from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks, rank_devices
 from fapool.worker.background_steps import BackgroundSteps
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.protocol import AFDInit, AFDStep, MicroBatch, RankReport, StepReport, Tag
@@ -75,7 +75,7 @@ class AFDRunner(ModelRunner):
         self.use_cuda_graphs = False
         self.topology = afd_topology(config)
         topo = self.topology
-        self.rank_devices = comm.engine_rank_devices(config.device, topo.world_size)
+        self.rank_devices = rank_devices(config, topo.world_size)
         # Attention ranks sharing the driver's GPU split its KV budget; FFN ranks hold no KV.
         shared = self.rank_devices.devices[: topo.attention_ranks]
         self.ranks_on_device = shared.count(shared[0])

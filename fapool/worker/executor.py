@@ -11,8 +11,9 @@
 
 `create_executor` picks the implementation from the config: in-process (one rank, today's
 single runner) or multiprocess (the driver is rank 0 and spawns the other ranks on this host,
-or joins the ranks torchrun started across hosts): the attention pool, TP and PP, or
-attention-FFN disaggregation. The engine never asks which one it has.
+joins the ranks torchrun started across hosts, or, with distributed_executor "ray", starts them
+as Ray actors): the attention pool, TP and PP, or attention-FFN disaggregation. The engine
+never asks which one it has.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class RayPoolExecutor(MultiprocessExecutor):
 
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: AttentionBackend) -> Executor:
-    if config.parallel.distributed_executor == "ray":
+    if config.parallel.distributed_executor == "ray" and config.pool.attention_workers:
         return RayPoolExecutor(MultiRankRunner(config, model, backend))
     if config.parallel.afd:
         return AFDExecutor(AFDRunner(config, model, backend))

@@ -2,7 +2,8 @@
 
 The driver (rank 0, this process) spawns ranks 1..N-1 (or joins ranks torchrun started) and
 sends each its role: AttentionInit makes an attention rank, DenseInit a dense rank, AFDInit an
-attention or FFN rank of a disaggregated engine. The
+attention or FFN rank of a disaggregated engine. With distributed_executor "ray" the ranks are
+Ray actors (ray_ranks) running the same rank_main; only their start and rendezvous differ. The
 ranks stop when the driver says so (shutdown), and in any case when the group is dropped
 (the engine garbage-collected, the interpreter exiting): its finalizer kills what is left and
 releases the process group, so a new engine can start one in the same process.
@@ -16,11 +17,12 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from fapool.config import EngineConfig
+from fapool.config import ConfigError, EngineConfig
 from fapool.worker import comm
 from fapool.worker.afd_worker import afd_rank_main
 from fapool.worker.attention_worker import AttentionWorker
@@ -40,8 +42,8 @@ class WorkerGroup:
                 "with llm.shutdown(), a `with LLM(...)` block, or by dropping it (del llm)"
             )
         self.world_size = world_size
-        self.procs: dict[int, multiprocessing.Process] = {}
-        self.rank_devices = comm.engine_rank_devices(config.device, world_size)
+        self.procs: dict[int, multiprocessing.Process] = {}  # or ray_ranks.RayRank, the same interface
+        self.rank_devices = rank_devices(config, world_size)
         backend = self.rank_devices.backend
         if backend == "nccl":
             comm.disable_nvlink_multicast()
@@ -51,9 +53,19 @@ class WorkerGroup:
         # Deadlines are the engine's (comm.Waiter); gloo's own timeout would close every
         # connection when it fires, so it is set out of the way.
         timeout = GROUP_TIMEOUT_S
+        launched = comm.env_rank()
+        if config.parallel.distributed_executor == "ray" and world_size > 1:
+            if launched is not None:
+                raise ConfigError("distributed_executor 'ray' starts the ranks as Ray actors: run without torchrun")
+            from fapool.worker.ray_ranks import RayRanks  # Ray loads only for this executor
+
+            ray_ranks = RayRanks(config, world_size, self.rank_devices, timeout)
+            self.procs = ray_ranks.procs
+            self._reaper = weakref.finalize(self, _reap, self.procs, ray_ranks.release)
+            self._rendezvous(ray_ranks.init_method, backend, timeout)
+            return
         # Dropped without shutdown(): kill the ranks and release the process group.
         self._reaper = weakref.finalize(self, _reap, self.procs)
-        launched = comm.env_rank()
         if launched is not None:
             rank, world = launched
             if world != world_size or rank != 0:
@@ -121,7 +133,16 @@ class WorkerGroup:
         self._reaper()
 
 
-def _reap(procs: dict[int, multiprocessing.Process]) -> None:
+def rank_devices(config: EngineConfig, world_size: int) -> comm.RankDevices:
+    """Backend and device of each rank: as Ray places its actors, or as this host's GPUs allow."""
+    if config.parallel.distributed_executor == "ray" and world_size > 1:
+        from fapool.worker.ray_ranks import rank_devices as ray_rank_devices
+
+        return ray_rank_devices(config, world_size)
+    return comm.engine_rank_devices(config.device, world_size)
+
+
+def _reap(procs: dict[int, multiprocessing.Process], release: Callable[[], None] | None = None) -> None:
     for p in procs.values():
         if p.is_alive():
             p.kill()
@@ -132,6 +153,8 @@ def _reap(procs: dict[int, multiprocessing.Process]) -> None:
             comm.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - best effort: the ranks are gone either way
             logger.warning("releasing the process group: %s", e)
+    if release is not None:
+        release()
 
 
 def _spawned_rank_main(*args) -> None:

@@ -52,7 +52,7 @@ from fapool.worker.dense_worker import (
     stage_layers,
     tp_groups,
 )
-from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks
+from fapool.worker.launcher import WorkerGroup, leave_cores_to_ranks, rank_devices
 from fapool.worker.model_runner import ModelRunner, PendingTokens
 from fapool.worker.pool_link import PoolLink, pool_kv_heads
 from fapool.worker.pool_sparse import PoolSparse, SparseBatch, uses_triton
@@ -146,7 +146,7 @@ class MultiRankRunner(ModelRunner):
         par, pool = config.parallel, config.pool
         self.topology = comm.Topology(par.tensor_parallel_size, par.pipeline_parallel_size, pool.attention_workers)
         # Ranks sharing the driver's GPU split its KV budget (ModelRunner.determine_num_blocks).
-        self.rank_devices = comm.engine_rank_devices(config.device, self.topology.world_size)
+        self.rank_devices = rank_devices(config, self.topology.world_size)
         self.ranks_on_device = self.rank_devices.ranks_sharing(0)
         self.layer_ranges = stage_layers(config.model.num_hidden_layers, par.pipeline_parallel_size)
         self.timeout_s = pool.worker_timeout_s

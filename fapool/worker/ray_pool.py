@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -30,10 +29,11 @@ import ray
 import torch
 import torch.distributed as dist
 
-from fapool.config import ConfigError, EngineConfig
+from fapool.config import EngineConfig
 from fapool.worker import comm
 from fapool.worker.attention_worker import AttentionWorker
 from fapool.worker.protocol import SHUTDOWN, AttentionInit, Tag
+from fapool.worker.ray_ranks import connect
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,7 @@ class RayPool:
         self.num_blocks = num_blocks
         self.link = link  # PoolLink: a joining worker's Peer goes into link.peers
         self.idle_timeout_s = config.pool.pool_idle_timeout_s
-        address = config.parallel.ray_address
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:
-            _check_reachable(address)
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"ray_address {address!r}: no Ray cluster reachable there ({e})") from None
+        self.started_ray = connect(config.parallel.ray_address)
         self.host = ray.util.get_node_ip_address()
         self.store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=JOIN_TIMEOUT_S)
@@ -216,18 +209,6 @@ class RayPool:
             self._drop(w, graceful=self.link.live(w))
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
-
-
-def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """A host:port address must accept a connection: ray.init retries an unreachable one forever."""
-    if address is None or address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"ray_address {address!r}: no Ray cluster reachable there ({e})") from None
 
 
 def _pair_group(store: dist.TCPStore, prefix: str):

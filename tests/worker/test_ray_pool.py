@@ -27,12 +27,7 @@ def _kw(**kw):
     return dict(device="cpu", block_size=4, num_kv_blocks=256, **{"pool_prestart_tokens": 0, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One local Ray instance for the module (the engine leaves a Ray it did not start running)."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for every Ray test (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +171,15 @@ def test_killed_ray_actor_requests_are_recomputed(tiny_checkpoints, reference):
 
 
 def test_ray_pool_beside_tensor_parallel_ranks(tiny_checkpoints, reference):
-    """TP 2 dense ranks (worker processes) + two Ray attention actors: the driver gathers its
-    TP ranks' heads for the pool, so the actors' pair groups are with the driver only."""
+    """TP 2 dense ranks (the second a Ray actor too, ray_ranks) + two Ray attention actors: the
+    driver gathers its TP ranks' heads for the pool, so the actors' pair groups are with the
+    driver only."""
+    from fapool.worker.ray_ranks import RayRank
+
     folder = tiny_checkpoints["llama"][0]
     kw = _kw(attention_workers=2, tensor_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
     with LLM(folder, **kw) as llm:
+        assert isinstance(llm.engine.executor.runner.workers.procs[1], RayRank)
         got, live = _run(llm, CROSSING, PARAMS)
         assert got == reference[:3]
         assert live[0] == 0 and max(live) == 2
@@ -192,7 +191,7 @@ def test_ray_pool_beside_tensor_parallel_ranks(tiny_checkpoints, reference):
     [
         (dict(attention_workers=2, pipeline_parallel_size=2), "distributed_executor 'ray'"),
         (dict(attention_workers=0), "distributed_executor 'ray'"),
-        (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "distributed_executor 'ray'"),
+        (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "attention_workers"),
         (dict(attention_workers=1, pool_idle_timeout_s=-1.0), "pool_idle_timeout_s"),
     ],
 )
