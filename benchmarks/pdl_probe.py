@@ -2,9 +2,10 @@
 like seed000's decode step at 8 rows (per layer: norm, qkv, a small kernel, o, norm, up, down;
 4 layers), before building it into the engine's kernels.
 
-Three variants of the same chain, timed as graph replays: plain launches; PDL (each kernel lets
-its dependents launch at its start and waits for its predecessor before reading); PDL with the
-matmul's first weight tile loaded before the wait (weights are no predecessor's output). Also
+Variants of the same chain, timed as graph replays: plain launches; PDL (each kernel waits for
+its predecessor before reading) with the dependents let launch at a kernel's start, after its
+main loop, or at its end; each with and without the matmul's first weight tile loaded before
+the wait (weights are no predecessor's output). Also
 checks that the graphs give the same outputs and that the PTX holds the griddepcontrol ops.
 
     python benchmarks/pdl_probe.py [--out FILE]
@@ -22,17 +23,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _trigger_wait(USE_PDL: tl.constexpr):
+def _trigger(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
+
+
+@triton.jit
+def _trigger_wait(USE_PDL: tl.constexpr, EARLY: tl.constexpr = 1):
+    """EARLY: 1 lets the dependents launch at once, 0 leaves it to this kernel's end (or to a
+    later _trigger)."""
+    if EARLY == 1:
+        _trigger(USE_PDL)
+    if USE_PDL:
         tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
 
 @triton.jit
-def _small(X, Y, n, USE_PDL: tl.constexpr, BLOCK: tl.constexpr):
-    _trigger_wait(USE_PDL)
+def _small(X, Y, n, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr, BLOCK: tl.constexpr):
+    _trigger_wait(USE_PDL, TRIGGER == 1)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     x = tl.load(X + row * n + offs, mask=offs < n, other=0.0).to(tl.float32)
@@ -41,7 +51,7 @@ def _small(X, Y, n, USE_PDL: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mm(X, W, Y, M, N, K, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+def _mm(X, W, Y, M, N, K, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr, PREFETCH: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,19 +63,21 @@ def _mm(X, W, Y, M, N, K, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
     k0 = 0
     if PREFETCH:
         w0 = tl.load(w_ptrs)
-        _trigger_wait(USE_PDL)
+        _trigger_wait(USE_PDL, TRIGGER == 1)
         acc = tl.dot(w0, tl.load(x_ptrs, mask=(offs_m < M)[None, :], other=0.0), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         k0 = BLOCK_K
     else:
-        _trigger_wait(USE_PDL)
+        _trigger_wait(USE_PDL, TRIGGER == 1)
     for _ in range(k0, K, BLOCK_K):
         w = tl.load(w_ptrs)
         xt = tl.load(x_ptrs, mask=(offs_m < M)[None, :], other=0.0)
         acc = tl.dot(w, xt, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    if TRIGGER == 2:  # after the main loop: the dependents launch into this kernel's tail
+        _trigger(USE_PDL)
     tl.store(Y + offs_m[None, :] * N + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=(offs_m < M)[None, :])
 
 
@@ -82,37 +94,37 @@ def main() -> None:
     bufs = {n: torch.empty(m, n, dtype=bf16, device=dev) for n in (h, 12288, 16384, 32000)}
     small_out = torch.empty(m, h, dtype=bf16, device=dev)
 
-    def mm(x, w, cfg, pdl, pre):
+    def mm(x, w, cfg, pdl, pre, trig):
         n, k = w.shape
         bn, bk, ns = cfg
         y = bufs[n]
         kw = {"launch_pdl": True} if pdl else {}
-        _mm[(n // bn,)](x, w, y, m, n, k, USE_PDL=pdl, PREFETCH=pre, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+        _mm[(n // bn,)](x, w, y, m, n, k, USE_PDL=pdl, TRIGGER=trig, PREFETCH=pre, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
                         num_warps=4, num_stages=ns, **kw)
         return y
 
-    def small(x, pdl):
+    def small(x, pdl, trig):
         kw = {"launch_pdl": True} if pdl else {}
-        _small[(m,)](x, small_out, h, USE_PDL=pdl, BLOCK=h, num_warps=16, **kw)
+        _small[(m,)](x, small_out, h, USE_PDL=pdl, TRIGGER=1 if trig else 0, BLOCK=h, num_warps=16, **kw)
         return small_out
 
-    def step(pdl, pre):
+    def step(pdl, pre, trig):  # trig: the matmuls' TRIGGER; small kernels trigger at once unless 0
         x = x0
         for layer in weights:
-            x = small(x, pdl)
-            qkv = mm(x, layer[0], shapes[0][2:], pdl, pre)
-            x = small(qkv[:, :h], pdl)
-            x = mm(x, layer[1], shapes[1][2:], pdl, pre)
-            x = small(x, pdl)
-            u = mm(x, layer[2], shapes[2][2:], pdl, pre)
-            x = mm(u, layer[3], shapes[3][2:], pdl, pre)
-        x = small(x, pdl)
-        return mm(x, head, (128, 128, 3), pdl, pre).clone()
+            x = small(x, pdl, trig)
+            qkv = mm(x, layer[0], shapes[0][2:], pdl, pre, trig)
+            x = small(qkv[:, :h], pdl, trig)
+            x = mm(x, layer[1], shapes[1][2:], pdl, pre, trig)
+            x = small(x, pdl, trig)
+            u = mm(x, layer[2], shapes[2][2:], pdl, pre, trig)
+            x = mm(u, layer[3], shapes[3][2:], pdl, pre, trig)
+        x = small(x, pdl, trig)
+        return mm(x, head, (128, 128, 3), pdl, pre, trig).clone()
 
     res = {"gpu": torch.cuda.get_device_name(0), "triton": triton.__version__, "torch": torch.__version__,
            "commit": os.environ.get("FAPOOL_COMMIT", "?"), "variants": {}}
     try:
-        ptx = _mm.warmup(bufs[h], weights[0][0], bufs[h], m, 12288, h, USE_PDL=True, PREFETCH=True, BLOCK_M=16,
+        ptx = _mm.warmup(bufs[h], weights[0][0], bufs[h], m, 12288, h, USE_PDL=True, TRIGGER=1, PREFETCH=True, BLOCK_M=16,
                          BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, grid=(1,)).asm["ptx"]
     except Exception as ex:  # the check is secondary to the timing
         ptx = f"warmup failed: {ex}"
@@ -120,18 +132,26 @@ def main() -> None:
     res["ptx_has_launch_dependents"] = "griddepcontrol.launch_dependents" in ptx
     outs = {}
     graphs = {}
-    variants = {"plain": (False, False), "pdl": (True, False), "pdl_prefetch": (True, True)}
-    for name, (pdl, pre) in variants.items():
-        step(pdl, pre)
+    variants = {  # (PDL, weight tile before the wait, trigger: 0 at the end, 1 at the start, 2 after the loop)
+        "plain": (False, False, 0),
+        "pdl_trigger_start": (True, False, 1),
+        "pdl_trigger_start_prefetch": (True, True, 1),
+        "pdl_no_trigger": (True, False, 0),
+        "pdl_no_trigger_prefetch": (True, True, 0),
+        "pdl_trigger_after_loop": (True, False, 2),
+        "pdl_trigger_after_loop_prefetch": (True, True, 2),
+    }
+    for name, (pdl, pre, trig) in variants.items():
+        step(pdl, pre, trig)
         torch.cuda.synchronize()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            step(pdl, pre)
+            step(pdl, pre, trig)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            outs[name] = step(pdl, pre)
+            outs[name] = step(pdl, pre, trig)
         graphs[name] = g
     times = {k: [] for k in variants}
     for _ in range(30):  # alternate the variants, 10 replays each a round

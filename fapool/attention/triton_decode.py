@@ -14,7 +14,10 @@ count minimises  waves(S) * (tiles_per_split(S) + PROGRAM_COST_TILES) + REDUCE_C
 A nearly empty last wave is what the model avoids: one more split that spills into a second,
 mostly idle wave is slower than a full single wave (benchmarks/RESULTS.md, kernels sweep). The
 count is a runtime argument, so CUDA graphs can pin it; choosing it costs a cached lookup, since
-host time per call matters at small batch.
+host time per call matters at small batch. One case the model misjudges: from about 1.5 (sequence,
+KV head) pairs per SM up to what one wave of 3-stage programs holds, one unsplit program per
+pair with a third stage in flight already keeps the memory busy, and splitting only adds the
+stage-2 pass and per-program costs (`unsplit_one_wave`; benchmarks/RESULTS.md, decode_peer_sweep).
 
 An FP8 (e4m3) cache is read as is and widened in registers, to fp16 for a 16-bit query (e4m3
 converts to fp16 natively, and P in [0, 1] and the query fit fp16 well) or to the float32
@@ -47,6 +50,8 @@ DEFAULT_NUM_STAGES = 2
 # flight, with fp16 dots; fastest of the --fp8-sweep settings at 32K context.
 FP8_BLOCK_N = 128
 FP8_NUM_STAGES = 4
+ONE_WAVE_STAGES = 3  # stages of the unsplit one-wave launch (unsplit_one_wave)
+ONE_WAVE_MIN_PAIRS_PER_SM = 1.5
 PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
 REDUCE_COST_TILES = 1  # stage 2 (second launch, mid-buffer round trip)
 MAX_SPLITS = 64
@@ -268,6 +273,14 @@ def choose_num_splits(num_pairs: int, num_tiles: int, capacity: int) -> int:
     return best
 
 
+@functools.lru_cache(maxsize=1024)
+def unsplit_one_wave(num_pairs: int, block_d: int, num_sms: int) -> bool:
+    """Whether a bf16/fp16 cache's default launch runs one unsplit program per pair at
+    ONE_WAVE_STAGES: enough pairs to keep ~1.5 programs on every SM, few enough for one wave."""
+    per_sm = resident_programs_per_sm(DEFAULT_BLOCK_N, block_d, ONE_WAVE_STAGES, DEFAULT_NUM_WARPS, 2)
+    return ONE_WAVE_MIN_PAIRS_PER_SM * num_sms <= num_pairs <= per_sm * num_sms
+
+
 def decode_config(elem_size: int) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) of the decode kernel for a cache of `elem_size` bytes."""
     if elem_size == 1:
@@ -288,13 +301,14 @@ def auto_num_splits(
 ) -> int:
     """The split count paged_decode picks when none is given (the cache's own tile settings
     where none are given)."""
+    block_d = triton.next_power_of_2(head_dim)
+    pairs = max(1, num_seqs * num_kv_heads)
+    if elem_size == 2 and block_n is num_warps is num_stages is None and unsplit_one_wave(pairs, block_d, _num_sms(device)):
+        return 1
     dflt = decode_config(elem_size)
     block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
-    block_d = triton.next_power_of_2(head_dim)
     per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size)
-    return choose_num_splits(
-        max(1, num_seqs * num_kv_heads), max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device)
-    )
+    return choose_num_splits(pairs, max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device))
 
 
 def fp16_dot(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -352,6 +366,7 @@ def paged_decode(
     group = num_heads // num_kv_heads
     num_seqs = meta.num_seqs
     dflt = decode_config(k_cache.element_size())
+    default_tiles = block_n is num_warps is num_stages is None
     block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
     if out is None:
         out = torch.empty_like(query)
@@ -374,6 +389,13 @@ def paged_decode(
             num_stages,
         )
     single = num_splits == 1
+    if (
+        single
+        and default_tiles
+        and k_cache.element_size() == 2
+        and unsplit_one_wave(num_seqs * num_kv_heads, block_d, _num_sms(query.device))
+    ):
+        num_stages = ONE_WAVE_STAGES
     if single:
         mid_o = mid_lse = out  # unused
         strides_m = (0, 0, 0)

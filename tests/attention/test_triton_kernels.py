@@ -133,6 +133,27 @@ def test_decode_forced_split_counts(num_splits, num_stages):
 
 
 @needs_gpu
+def test_decode_unsplit_one_wave():
+    """From ~1.5 (sequence, KV head) pairs per SM to one wave of 3-stage programs, the default
+    launch runs one unsplit 3-stage program per pair; it still matches the reference."""
+    from fapool.attention import triton_decode as td
+    from fapool.attention.triton_backend import TritonBackend
+
+    # 132 SMs (H100 / H200), head dim 128: 3 programs an SM at 3 stages, so 198..396 pairs.
+    assert [td.unsplit_one_wave(p, 128, 132) for p in (128, 197, 198, 256, 396, 397, 512)] == [
+        False, False, True, True, True, False, False
+    ]
+    cpu = torch.device("cpu")  # counted as 132 SMs
+    assert td.auto_num_splits(32, 8, 2048, 128, 2, cpu) == 1  # 256 pairs
+    assert td.auto_num_splits(16, 8, 2048, 128, 2, cpu) > 1  # 128 pairs: split
+    assert td.auto_num_splits(32, 8, 2048, 128, 1, cpu) > 1  # an FP8 cache keeps its own setting
+    specs = [(50 + 61 * i, 1) for i in range(32)]  # 32 sequences x 8 KV heads = 256 pairs
+    q, kc, vc, meta = _paged_case(specs, 32, 8, 128, 16, BF16, seed=11)
+    out, lse = TritonBackend().forward(q, kc, vc, meta, 0.1)
+    _assert_matches_reference(out, lse, q, kc, vc, meta, 0.1, BF16)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("heads", HEADS[:3], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
