@@ -124,7 +124,7 @@ def _guard(fn):
 
 @_guard
 def cmd_simulate(args) -> int:
-    from fapool.sim.results import plot_results, results_table
+    from fapool.sim.results import results_table
     from fapool.sim.simulator import SimConfig, simulate
 
     cost = _cost(args)
@@ -142,9 +142,6 @@ def cmd_simulate(args) -> int:
     console.print(results_table(results, "simulated", slo))
     if args.json:
         _write_json(console, args.json, [r.summary(slo) for r in results])
-    if args.plot:
-        for p in plot_results(results, args.plot):
-            console.print(f"wrote {p}")
     return 0
 
 
@@ -249,7 +246,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--warmup", type=float, default=0.0)
     r.add_argument("--tpot-slo", type=float, help="ms; adds an SLO attainment column")
     r.add_argument("--json", help="write the summaries here")
-    r.add_argument("--plot", help="write PNG plots into this directory")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_simulate)
 

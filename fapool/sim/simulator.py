@@ -25,7 +25,7 @@ class SimConfig:
     max_sim_time: float = math.inf  # stop the clock here (unfinished requests are reported)
     warmup: float = 0.0  # seconds excluded from throughput and utilisation
     progress: bool = False
-    timeline_points: int = 2000  # per instance, for plots
+    timeline_points: int = 2000  # (time, running, cached tokens, step) samples kept per instance
     # Up to this many pure-decode steps with no first token, arrival or completion due become
     # one event timed by the trapezoid of the first and last step (exact for affine step times).
     max_macro_steps: int = 128

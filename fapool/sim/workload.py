@@ -200,14 +200,13 @@ class TraceWorkload(Workload):
 @dataclass
 class ClosedLoopWorkload(Workload):
     """`concurrency` clients, each sending its next request when its last finishes, until `num_requests`
-    are sent; with `stationary` the first requests start mid-decode in steady state (steady_state_draw).
+    are sent; the first requests start mid-decode in steady state (steady_state_draw).
     Each client has its own random stream (common random numbers across concurrencies)."""
 
     prompt: LengthDist
     output: LengthDist
     concurrency: int
     num_requests: int
-    stationary: bool = True
     seed: int = 0
     closed_loop: bool = True
     _rngs: list = field(default_factory=list, init=False, repr=False)
@@ -223,16 +222,9 @@ class ClosedLoopWorkload(Workload):
         self._buffers = {}
         self._sent = self.concurrency
         c = self.concurrency
-        prompt = np.empty(c, np.int64)
-        output = np.empty(c, np.int64)
-        generated = np.zeros(c, np.int64)
-        for i, rng in enumerate(self._rngs):
-            if self.stationary:
-                prompt[i], output[i], generated[i] = steady_state_draw(self.prompt, self.output, rng)
-            else:
-                prompt[i], output[i] = self.prompt.sample(rng, 1)[0], self.output.sample(rng, 1)[0]
-        warm = np.full(c, self.stationary)
-        return RequestBatch(np.zeros(c), prompt, output, generated, np.arange(c), warm)
+        draws = [steady_state_draw(self.prompt, self.output, rng) for rng in self._rngs]
+        prompt, output, generated = (np.array(col, np.int64) for col in zip(*draws, strict=True))
+        return RequestBatch(np.zeros(c), prompt, output, generated, np.arange(c), np.ones(c, bool))
 
     def replenish(self, client: int, now: float) -> tuple[int, int] | None:
         if self._sent >= self.num_requests:
