@@ -102,12 +102,12 @@ class WorkerGroup:
             t.join(timeout=0.2)
             dead = [(r, p.exitcode) for r, p in self.procs.items() if p.exitcode is not None]
             if dead and t.is_alive():
-                self.kill()
                 r, code = dead[0]
-                raise RuntimeError(
-                    f"worker rank {r} exited with code {code} while starting (see its error above; "
-                    "scripts that start a pool need an `if __name__ == '__main__':` guard)"
-                )
+                # A Ray actor's error is not printed here (its log stays with Ray): name it.
+                error = getattr(self.procs[r], "error", None)
+                self.kill()
+                why = error or "see its error above; scripts that start a pool need an `if __name__ == '__main__':` guard"
+                raise RuntimeError(f"worker rank {r} exited with code {code} while starting ({why})")
         if errors:
             self.kill()
             raise RuntimeError(f"could not start the worker group: {errors[0]}") from errors[0]

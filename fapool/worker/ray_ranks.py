@@ -115,6 +115,7 @@ class RayRank:
         self.ref = ref  # serve's result: ready when the rank stopped, an error when its actor died
         self.pid = pid
         self._exitcode: int | None = None
+        self.error: str | None = None  # why the rank stopped, when it failed
 
     @property
     def exitcode(self) -> int | None:
@@ -123,10 +124,13 @@ class RayRank:
             try:
                 ray.get(self.ref)
                 self._exitcode = 0
-            except ray.exceptions.RayActorError:
-                self._exitcode = -signal.SIGKILL
-            except ray.exceptions.RayError:
-                self._exitcode = 1
+            except ray.exceptions.RayActorError as e:
+                self._exitcode, self.error = -signal.SIGKILL, f"its Ray actor died: {e}"
+            except ray.exceptions.RayTaskError as e:  # rank_main raised: its own exception
+                cause = getattr(e, "cause", None) or e
+                self._exitcode, self.error = 1, f"{type(cause).__name__}: {cause}"
+            except ray.exceptions.RayError as e:
+                self._exitcode, self.error = 1, str(e)
         return self._exitcode
 
     def is_alive(self) -> bool:
