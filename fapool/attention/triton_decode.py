@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
+
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 
@@ -110,7 +112,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_predecessor(USE_PDL)  # before the early return too: see fapool.layers.triton_pdl
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -170,6 +174,7 @@ def _decode_split_kernel(
         v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
+    launch_dependents(USE_PDL)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -205,7 +210,10 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     tok = tl.load(query_start_loc + seq)
@@ -407,6 +415,7 @@ def paged_decode(
         mid_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
         strides_m = mid_o.stride()[:3]
     grid = (num_seqs, num_kv_heads, num_splits)
+    pdl = pdl_enabled(query)
     _decode_split_kernel[grid](
         query,
         k_cache,
@@ -444,8 +453,10 @@ def paged_decode(
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
         FP16_DOT=fp16_dot(query, k_cache) if dot_fp16 is None else dot_fp16,
+        USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(pdl),
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -462,6 +473,8 @@ def paged_decode(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(num_splits),
+            USE_PDL=pdl,
             num_warps=4,
+            **pdl_launch(pdl),
         )
     return out, lse

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, KVScales
+from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
 
@@ -45,7 +46,10 @@ def _write_kv_kernel(
     BLOCK: tl.constexpr,
     PAGE: tl.constexpr,
     FP8: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
@@ -97,6 +101,7 @@ def write_kv(
     block = triton.next_power_of_2(num_kv_heads * triton.next_power_of_2(head_dim))
     if head_dim & (head_dim - 1):
         raise ValueError(f"write_kv needs a power-of-two head_dim, got {head_dim}")
+    pdl = pdl_enabled(key)
     _write_kv_kernel[(num_tokens,)](
         key,
         value,
@@ -120,5 +125,7 @@ def write_kv(
         BLOCK=block,
         PAGE=k_cache.shape[1],
         FP8=k_cache.dtype == FP8_DTYPE,
+        USE_PDL=pdl,
         num_warps=4,
+        **pdl_launch(pdl),
     )

@@ -30,11 +30,14 @@ from fapool.layers.linear import MergedLinear
 from fapool.layers.norm import RMSNorm
 from fapool.layers.rotary import RotaryEmbedding, apply_rotary
 from fapool.layers.triton_linear import MAX_ROWS, SkinnyConfig, activation, pick_config, skinny_linear
+from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 from fapool.models.llama import MLP, Attention
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -48,8 +51,10 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps, BLOCK: tl.constex
 
 @triton.jit
 def _add_rms_norm_kernel(
-    X, D, W, S, Y, stride_x, stride_d, stride_s, stride_y, n_cols, eps, BLOCK: tl.constexpr
+    X, D, W, S, Y, stride_x, stride_d, stride_s, stride_y, n_cols, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
 ):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -73,9 +78,10 @@ def _check_rows(x: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def _norm_launch(n_cols: int) -> dict:
-    block = triton.next_power_of_2(n_cols)
-    return {"BLOCK": block, "num_warps": min(16, max(1, block // 256))}
+def _norm_launch(x: torch.Tensor) -> dict:
+    block = triton.next_power_of_2(x.shape[1])
+    pdl = pdl_enabled(x)
+    return {"BLOCK": block, "num_warps": min(16, max(1, block // 256)), "USE_PDL": pdl, **pdl_launch(pdl)}
 
 
 def add_rms_norm(
@@ -99,7 +105,7 @@ def add_rms_norm(
             y.stride(0),
             x.shape[1],
             eps,
-            **_norm_launch(x.shape[1]),
+            **_norm_launch(x),
         )
     return s, y
 
@@ -110,7 +116,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0]:
         _rms_norm_kernel[(x.shape[0],)](
-            x, weight, y, x.stride(0), y.stride(0), x.shape[1], eps, **_norm_launch(x.shape[1])
+            x, weight, y, x.stride(0), y.stride(0), x.shape[1], eps, **_norm_launch(x)
         )
     return y
 
@@ -170,7 +176,10 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     t = tl.program_id(0)
     _rotate(
         Q, QO, COS, SIN, t, stride_qt, stride_qh, stride_qot, stride_qoh, stride_c, n_q_heads, BLOCK_HQ, HALF
@@ -192,6 +201,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if num_tokens:
+        pdl = pdl_enabled(q)
         _rotary_kernel[(num_tokens,)](
             q,
             k,
@@ -213,13 +223,19 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             BLOCK_HQ=triton.next_power_of_2(num_heads),
             BLOCK_HK=triton.next_power_of_2(k.shape[1]),
             HALF=half,
+            USE_PDL=pdl,
             num_warps=4,
+            **pdl_launch(pdl),
         )
     return qo, ko
 
 
 @triton.jit
-def _act_and_mul_kernel(X, Y, stride_x, stride_y, n_cols, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_and_mul_kernel(
+    X, Y, stride_x, stride_y, n_cols, ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -239,14 +255,26 @@ def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     y = torch.empty((num_tokens, f), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     if num_tokens:
+        pdl = pdl_enabled(gate_up)
         _act_and_mul_kernel[(num_tokens, triton.cdiv(f, block))](
-            gate_up, y, gate_up.stride(0), y.stride(0), f, ACT=FUSED_ACTS[act], BLOCK=block, num_warps=4
+            gate_up,
+            y,
+            gate_up.stride(0),
+            y.stride(0),
+            f,
+            ACT=FUSED_ACTS[act],
+            BLOCK=block,
+            USE_PDL=pdl,
+            num_warps=4,
+            **pdl_launch(pdl),
         )
     return y
 
 
 @triton.jit
-def _gather_rows_kernel(TABLE, IDX, OUT, n_cols, stride_t, stride_o, BLOCK: tl.constexpr):
+def _gather_rows_kernel(TABLE, IDX, OUT, n_cols, stride_t, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -261,8 +289,10 @@ def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if idx.shape[0]:
         block = min(4096, triton.next_power_of_2(table.shape[1]))
         grid = (idx.shape[0], triton.cdiv(table.shape[1], block))
+        pdl = pdl_enabled(table)
         _gather_rows_kernel[grid](
-            table, idx, out, table.shape[1], table.stride(0), out.stride(0), BLOCK=block
+            table, idx, out, table.shape[1], table.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl,
+            **pdl_launch(pdl),
         )
     return out
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
+
 MAX_ROWS = 64  # beyond this a linear is no longer a pure weight read; cuBLAS takes it
 
 
@@ -73,7 +75,9 @@ def _skinny_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_predecessor(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,6 +101,7 @@ def _skinny_kernel(
         acc = tl.dot(w, xt, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    launch_dependents(USE_PDL)  # after the weight stream: the next kernel launches into its tail
     out_mask = n_mask[:, None] & m_mask[None, :]
     if not SPLIT:
         if HAS_BIAS:
@@ -109,8 +114,20 @@ def _skinny_kernel(
 
 @triton.jit
 def _split_sum_kernel(
-    PART, BIAS, Y, M, N, stride_ym, split, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr
+    PART,
+    BIAS,
+    Y,
+    M,
+    N,
+    stride_ym,
+    split,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -197,6 +214,7 @@ def skinny_linear(
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     block_m = max(16, triton.next_power_of_2(m))
     has_bias = bias is not None
+    pdl = pdl_enabled(x)
     _skinny_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x,
         weight,
@@ -217,8 +235,10 @@ def skinny_linear(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         ACT=act,
+        USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_launch(pdl),
     )
     if split > 1:
         block = 1024
@@ -233,5 +253,7 @@ def skinny_linear(
             HAS_BIAS=has_bias,
             BLOCK=block,
             ACT=act,
+            USE_PDL=pdl,
+            **pdl_launch(pdl),
         )
     return y

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fapool.layers.sampling_batch import MUL_A, MUL_B, SamplingBatch
+from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 
 BLOCK = 2048  # vocab entries a loop turn
 # A program (one row) takes a whole SM's worth of warps: a decode batch has fewer rows than the
@@ -79,7 +80,10 @@ def _sample_kernel(
     MUL_B: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_ROUNDS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch_dependents(USE_PDL)
+    wait_predecessor(USE_PDL)
     row = tl.program_id(0)
     x_row = X + row.to(tl.int64) * stride_x
     top_k = tl.load(INTS + row)
@@ -174,6 +178,7 @@ def sample_triton(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n:
+        pdl = pdl_enabled(logits)
         _sample_kernel[(n,)](
             logits,
             logits.stride(0),
@@ -187,6 +192,8 @@ def sample_triton(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             MUL_B=MUL_B,
             BLOCK=BLOCK,
             MAX_ROUNDS=MAX_ROUNDS,
+            USE_PDL=pdl,
             num_warps=NUM_WARPS,
+            **pdl_launch(pdl),
         )
     return out

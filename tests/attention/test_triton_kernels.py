@@ -146,7 +146,9 @@ def test_decode_unsplit_one_wave():
     cpu = torch.device("cpu")  # counted as 132 SMs
     assert td.auto_num_splits(32, 8, 2048, 128, 2, cpu) == 1  # 256 pairs
     assert td.auto_num_splits(16, 8, 2048, 128, 2, cpu) > 1  # 128 pairs: split
-    assert td.auto_num_splits(32, 8, 2048, 128, 1, cpu) > 1  # an FP8 cache keeps its own setting
+    fp8_capacity = td.resident_programs_per_sm(td.FP8_BLOCK_N, 128, td.FP8_NUM_STAGES, 4, 1) * 132
+    fp8_model = td.choose_num_splits(256, 2048 // td.FP8_BLOCK_N, fp8_capacity)
+    assert td.auto_num_splits(32, 8, 2048, 128, 1, cpu) == fp8_model  # an FP8 cache: its own model
     specs = [(50 + 61 * i, 1) for i in range(32)]  # 32 sequences x 8 KV heads = 256 pairs
     q, kc, vc, meta = _paged_case(specs, 32, 8, 128, 16, BF16, seed=11)
     out, lse = TritonBackend().forward(q, kc, vc, meta, 0.1)

@@ -333,3 +333,34 @@ def test_fused_kernels_match_torch(dtype):
         want = Activation(act)(gate) * up
         got = fused.act_and_mul(gate_up, act)
         assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7, act
+
+
+@needs_gpu
+def test_pdl_graphs_equal_plain_launches(tiny_checkpoints, monkeypatch):
+    """Programmatic dependent launch changes when kernels start, never what they compute: bf16
+    decode graphs with async scheduling give bitwise the same greedy and seeded tokens and
+    logprobs with it (the default on Hopper) and without it (FAPOOL_PDL=0). A kernel that read
+    its predecessor's output before `wait_predecessor` would differ here."""
+    from fapool.layers.triton_pdl import pdl_enabled
+
+    folder = tiny_checkpoints["llama"][0]
+    prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=11)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=30, ignore_eos=True, logprobs=1),
+    ] * 4
+    ids = [{"prompt_token_ids": p} for p in prompts]
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FAPOOL_PDL", flag)
+        llm, runner = _run(folder, dtype="bfloat16", async_scheduling=True)
+        assert pdl_enabled(torch.empty(1, device="cuda")) == (
+            flag == "1" and torch.cuda.get_device_capability()[0] >= 9
+        )
+        outs[flag] = llm.generate(ids, params[: len(ids)])
+        assert runner.decode_graphs.graphs
+    for a, b in zip(outs["1"], outs["0"]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [[(x.token_id, x.logprob) for x in lp] for lp in a.outputs[0].logprobs] == [
+            [(x.token_id, x.logprob) for x in lp] for lp in b.outputs[0].logprobs
+        ]
