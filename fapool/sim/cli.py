@@ -48,6 +48,7 @@ def _workload_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                    help="prompt length distribution, e.g. lognormal:4096,1.0")
     g.add_argument("--output", default=DEFAULT_OUTPUT, help="output length distribution, e.g. exp:256")
     g.add_argument("--max-len", type=int, default=32768, help="clip sampled lengths to this")
+    g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
     return g
 
 
@@ -151,8 +152,15 @@ def cmd_plan(args) -> int:
 
     cost = _cost(args)
     prompt_d, output_d = _lengths(args)
-    rng = np.random.default_rng([args.seed, 9])
-    prompts, outputs = prompt_d.sample(rng, 100_000), output_d.sample(rng, 100_000)
+    if args.trace:
+        tr = load_azure_trace(args.trace)
+        # Verification draws prompts and outputs from the trace's own lengths (independently).
+        prompt_d = LengthDist("choice", tuple(float(x) for x in tr.prompt_len), 1, 1 << 30)
+        output_d = LengthDist("choice", tuple(float(x) for x in tr.output_len), 1, 1 << 30)
+        prompts, outputs = tr.prompt_len, tr.output_len
+    else:
+        rng = np.random.default_rng([args.seed, 9])
+        prompts, outputs = prompt_d.sample(rng, 100_000), output_d.sample(rng, 100_000)
     if args.tpot_slo <= 0:
         raise SimInputError(f"--tpot-slo must be > 0 ms, got {args.tpot_slo}")
     inp = PlannerInputs(cost, prompts, outputs, args.tpot_slo / 1e3, max_gpus=args.max_gpus,
@@ -198,7 +206,7 @@ def cmd_calibrate(args) -> int:
     from fapool.sim.cost_model import load_model_config
 
     cal = calibrate(
-        device=args.device, quick=not args.full, threads=args.threads,
+        device=args.device, quick=not args.full, collectives=not args.no_collectives, threads=args.threads,
         engine=not args.no_engine, pool=True if args.pool else None,  # None: with --full
         model=load_model_config(args.model) if args.model else None, twin=args.twin,
         progress=None if args.quiet else lambda line: print(line, flush=True),
@@ -216,7 +224,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               help="discrete-event simulation of a cluster serving a request stream")
     _common(p)
     g = _workload_args(p)
-    g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)")
     g.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
     g.add_argument("--rate", default="8", help="Poisson arrivals per second, or 'inf' (all at t=0)")
     g.add_argument("--num-requests", type=int, default=1000)
@@ -255,6 +262,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calibrate", help=help_)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--full", action="store_true", help="larger sizes (minutes on CPU)")
+    p.add_argument("--no-collectives", action="store_true")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--no-engine", action="store_true",
                    help="kernels only: skip the tiny-engine decode (no host model)")
