@@ -83,3 +83,18 @@ def test_killed_ray_rank_is_named(tiny_checkpoints):
 def test_ray_configurations_that_cannot_run(tiny_checkpoints, kw, match):
     with pytest.raises(ConfigError, match=match):
         LLM(tiny_checkpoints["llama"][0], device="cpu", distributed_executor="ray", **kw)
+
+
+def test_engine_starts_and_stops_its_own_ray(tiny_checkpoints, reference):
+    """Without a running Ray (the CLI's case) the engine starts a local one for its ranks and
+    stops it on shutdown, its actors with it."""
+    import ray
+
+    ray.shutdown()  # the session's instance
+    try:
+        with LLM(tiny_checkpoints["llama"][0], distributed_executor="ray", **_kw(afd_attention_ranks=1, afd_ffn_ranks=1)) as llm:
+            assert ray.is_initialized()
+            assert [o.token_ids for o in llm.generate(PROMPTS[:2], PARAMS)] == reference[:2]
+        assert not ray.is_initialized()
+    finally:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
