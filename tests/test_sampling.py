@@ -210,3 +210,38 @@ def test_triton_sampler_equals_the_torch_reference(vocab):
     assert (got != want).sum() <= n // 100, (got != want).nonzero().flatten().tolist()
     cpu = sample_tokens_torch(x, SamplingBatch.build(rows, vocab, "cpu"))
     assert (cpu != want).sum() <= n // 100
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("triton")), reason="needs a CUDA GPU and triton"
+)
+@pytest.mark.parametrize("vocab", [1000, 32000, 151936])
+def test_triton_sampler_chunks_equal_one_program_a_row(vocab):
+    """A row's first passes split over chunk programs (what a small batch gets) give the tokens
+    of one program a row: the same maxima, argmaxes and draw winners; only the top-p mass is
+    summed in another order (allow one row in a hundred)."""
+    from fapool.layers.triton_sampler import chunks_per_row, sample_triton
+
+    assert chunks_per_row(8, 32000, torch.device("cuda")) > 1
+    n = 256
+    g = torch.Generator().manual_seed(vocab + 1)
+    x = (torch.randn(n, vocab, generator=g) * 3).cuda()
+    x[7, 3] = float("nan")
+    x[9, : vocab // 2] = float("-inf")  # whole chunks masked out
+    choices = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_p=0.95),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=2.0, top_p=0.2),
+        SamplingParams(temperature=0.7, min_p=0.1, top_p=0.9),
+        SamplingParams(temperature=1.3, top_k=40),
+    ]
+    rows = [(choices[i % len(choices)], request_seed(i, 0), i) for i in range(n)]
+    batch = SamplingBatch.build(rows, vocab, "cuda")
+    whole = sample_triton(x, batch, num_chunks=1).cpu()
+    for chunks in (2, 7, 16):
+        got = sample_triton(x, batch, num_chunks=chunks).cpu()
+        assert got[7] == whole[7] == -1
+        greedy = torch.arange(n) % len(choices) == 0
+        assert torch.equal(got[greedy], whole[greedy])
+        assert (got != whole).sum() <= n // 100, (chunks, (got != whole).nonzero().flatten().tolist())
