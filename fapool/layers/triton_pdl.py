@@ -10,8 +10,8 @@ The contract every kernel launched with `pdl_launch` keeps: `wait_predecessor` r
 program before any read of another kernel's output and before any write, so ordering holds
 transitively down the stream. Kernels that stream a large input (the small-M matmul, the decode
 attention) call `launch_dependents` after their main loop, small ones at their start: in a
-probe of seed000's step shape, a trigger at the matmuls' start was 8% slower than no PDL at all,
-one after their loop 2.7% faster (benchmarks/RESULTS.md, pdl_probe).
+probe of seed000's step shape a trigger at the matmuls' start was slower than no PDL at all, and
+loading weights ahead of the wait lost too (benchmarks/pdl_probe.py; figures in RESULTS.md).
 
 FAPOOL_PDL=0 turns it off (A/B runs); it is off on CPU tensors and before compute capability 9.
 """
