@@ -1,7 +1,9 @@
 """Reference attention in plain PyTorch: the CPU backend and the oracle for GPU kernels.
 
 Computes in float32, except that aten's CPU flash kernel reads a bf16 cache as bf16 (it
-accumulates in float32). Decode tokens (one query per sequence) are batched together over a
+accumulates in float32). On the CPU, decode tokens (one query per sequence, every key of its
+table visible) go through the C kernel of cpu_decode, which reads the pages in place. Where it
+cannot run (no C compiler, an FP8 cache), or off the CPU, they are batched together over a
 padded gather of their blocks; with long contexts on the CPU each goes through PyTorch's CPU
 flash attention over its own gathered blocks instead (its query heads of a KV head as the
 query rows). Sequences with several queries (prefill chunks) go one by one
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fapool.attention import cpu_decode
 from fapool.attention.backend import AttentionBackend, merge_partials
 from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize
 from fapool.attention.metadata import AttentionMetadata
@@ -121,11 +124,16 @@ class _Plan:
             )
         self.tok = [self.starts[s] for s in self.decode]
         lens = [meta.kv_lens_cpu[s] for s in self.decode]
+        all_visible = all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
+        self.native = self.cpu and all_visible  # cpu_decode's kernel, where the cache allows
+        if self.native:
+            self.tables32 = meta.block_tables[idx].to(torch.int32).contiguous()
+            self.lens32 = meta.kv_lens[idx].to(torch.int32).contiguous()
         self.per_seq = (
-            self.cpu
+            all_visible
+            and self.cpu
             and self.max_len >= PER_SEQUENCE_MIN_KEYS
             and len(self.decode) * self.max_len >= PER_SEQUENCE_MIN_WORK
-            and all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
         )
         if self.per_seq:
             self.seq_tables = [meta.block_tables[s] for s in self.decode]
@@ -133,6 +141,17 @@ class _Plan:
         # Decode rows that are the whole batch, in order: their result is the output as is.
         self.all_decode = self.tok == list(range(meta.num_tokens))
         self.tok_index = torch.tensor(self.tok, device=device)
+
+
+def _decode_native(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float):
+    """Decode rows through cpu_decode's C kernel: q [T, Hkv, G, D] -> (out [n, Hkv*G, D] float32,
+    lse [n, Hkv*G]), reading the paged cache in place."""
+    n = len(plan.decode)
+    qd = q if plan.all_decode else q[plan.tok_index]
+    o, lse = cpu_decode.decode_attention(
+        cpu_decode.load(), (qd.float() * scale).contiguous(), k_cache, v_cache, plan.tables32, plan.lens32
+    )
+    return o.view(n, -1, o.shape[-1]), lse.view(n, -1)
 
 
 def _decode_each(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, sk: float, sv: float):
@@ -226,7 +245,9 @@ class TorchReferenceBackend(AttentionBackend):
             plan = meta.host_plans[self.name] = _Plan(meta, query.device, _flash_dtype(k_cache))
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
         if plan.decode:
-            if plan.per_seq:
+            if plan.native and cpu_decode.supports(k_cache, group) and cpu_decode.load() is not None:
+                o, l = _decode_native(q, k_cache, v_cache, plan, scale)
+            elif plan.per_seq:
                 o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)
             else:
                 o, l = _decode_padded(q, k_cache, v_cache, plan, scale, sk, sv)

@@ -7,7 +7,20 @@ import torch
 import torch.nn.functional as F
 from paged_cases import shard_metadata
 
-from fapool.attention import AttentionMetadata, TorchReferenceBackend, merge_partials, merge_tree
+from fapool.attention import AttentionMetadata, TorchReferenceBackend, cpu_decode, merge_partials, merge_tree
+
+needs_cc = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler to build cpu_decode.c")
+
+
+@pytest.fixture(params=["c", "aten"])
+def decode_kernel(request, monkeypatch):
+    """CPU decode rows through cpu_decode's C kernel, or (as without a C compiler) aten's flash paths."""
+    if request.param == "c":
+        if cpu_decode.load() is None:
+            pytest.skip("no C compiler to build cpu_decode.c")
+    else:
+        monkeypatch.setattr(cpu_decode, "load", lambda: None)
+    return request.param
 
 
 def _paged_case(seq_specs, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=0):
@@ -160,7 +173,7 @@ def test_flash_chunk_paths_equal_the_masked_matmul(tq, kv_len, kv_start, q_pos0)
     assert torch.allclose(fast[1], want_l[0].reshape(tq, heads), atol=1e-5)
 
 
-def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypatch):
+def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypatch, decode_kernel):
     """Decode rows with >= PER_SEQUENCE_MIN_KEYS keys go one sequence at a time through the CPU
     flash kernel: the same as the oracle and as the padded batch (which a mixed batch, a
     prefill chunk beside them, still leaves for the chunk)."""
@@ -188,7 +201,7 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
 
 
 @pytest.mark.parametrize("per_seq_min_work", [0, 10**9])
-def test_bf16_cache_is_attended_in_bf16_within_its_rounding(monkeypatch, per_seq_min_work):
+def test_bf16_cache_is_attended_in_bf16_within_its_rounding(monkeypatch, per_seq_min_work, decode_kernel):
     """A bf16 cache (CPU quantization's default) goes to aten's flash kernel as bf16, every
     path: a prefill chunk over a cached prefix, decode rows one at a time and padded. Against
     the oracle on the same bf16 keys and values, within bf16's rounding of q and of P."""
@@ -210,7 +223,7 @@ def test_bf16_cache_is_attended_in_bf16_within_its_rounding(monkeypatch, per_seq
 
 
 @pytest.mark.parametrize("rows,keys,per_seq", [(2, 300, False), (16, 300, False), (4, 2100, False), (8, 2100, True)])
-def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, keys, per_seq):
+def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, keys, per_seq, decode_kernel):
     """One padded flash call for a small batch (its gather stays in cache), one call per
     sequence past PER_SEQUENCE_MIN_KEYS keys and PER_SEQUENCE_MIN_WORK rows x keys; both
     equal the oracle."""
@@ -222,6 +235,34 @@ def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, 
         want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
         torch.testing.assert_close(out[row : row + 1], want_o, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 16), (6, 2, 24, 8)])
+def test_c_decode_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, head_dim, block_size):
+    """cpu_decode's kernel (constant head sizes 64 and 128, any other size generic) reads the
+    shuffled pages in place: ragged lengths, one partial block, many blocks, GQA and MHA."""
+    specs = [(0, 1), (block_size - 1, 1), (block_size, 1), (5 * block_size + 3, 1), (200, 1)]
+    q, kc, vc, meta, dense, queries = _paged_case(
+        specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size
+    )
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, head_dim**-0.5)
+    assert meta.host_plans["torch"].native
+    for row, ((ctx, _), (k, v), qs) in enumerate(zip(specs, dense, queries)):
+        want_o, want_l = _sdpa_oracle(qs, k.to(dtype).float(), v.to(dtype).float(), ctx, head_dim**-0.5)
+        torch.testing.assert_close(out[row : row + 1], want_o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
+
+
+def test_c_decode_kernel_refuses_what_it_was_not_built_for():
+    """supports() keeps FP8 and oversized layouts on the aten paths."""
+    assert cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16), 3)
+    assert not cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.float8_e4m3fn), 3)
+    assert not cpu_decode.supports(torch.zeros(2, 16, 1, 512), 1)  # head size
+    assert not cpu_decode.supports(torch.zeros(2, 128, 1, 64), 1)  # block size
+    assert not cpu_decode.supports(torch.zeros(2, 16, 8, 64), 16)  # query heads of a token
 
 
 def _math_cudnn_attention(q, k, v, bias, compute_lse, dropout_p, is_causal, debug_mask, scale=None):

@@ -1,0 +1,145 @@
+/* Paged decode attention on the CPU: one query token per sequence, every key of its block
+ * table visible. Reads the paged cache in place (no gather); a token's K and V rows (all KV
+ * heads, contiguous in the cache) are converted once for every query head; an online softmax
+ * runs over the sequence's blocks. Built by cpu_decode.py with -O3 -march=native
+ * -fopenmp; called through ctypes, one call per layer for the whole batch. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_D 256
+#define MAX_R 64   /* query rows of a sequence: heads */
+#define MAX_ROW 2048 /* KV heads x head size of one token */
+#define MAX_BS 64
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* exp(x) for x <= 0 (a score minus its running max): 2^t = 2^round(t) * 2^f with |f| <= 1/2,
+ * 2^f by its degree-7 Taylor polynomial (relative error ~1e-8); branch-free so loops vectorise. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.4426950408889634f;
+    float r = nearbyintf(t);
+    float f = (t - r) * 0.6931471805599453f;
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    int32_t e = (int32_t)r + 127;
+    uint32_t bits = (uint32_t)e << 23;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return p * s;
+}
+
+static inline __attribute__((always_inline)) void load_row(const void *cache, int bf16, int64_t offset, int D, float *dst) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)cache + offset;
+#pragma omp simd
+        for (int d = 0; d < D; d++) dst[d] = bf16_to_f32(src[d]);
+    } else {
+        memcpy(dst, (const float *)cache + offset, (size_t)D * sizeof(float));
+    }
+}
+
+/* One sequence: q [R = H * G rows, D] already scaled, out [R, D], lse [R]. A token's keys
+ * (all H heads) are one contiguous row of the cache, read once for every query row. */
+static inline __attribute__((always_inline)) void attend_seq(
+    const float *q, const void *k_cache, const void *v_cache, int bf16, const int32_t *table,
+    int len, int H, int G, int D, int bs, float *out, float *lse) {
+    const int R = H * G;
+    float acc[MAX_R][MAX_D];
+    float m[MAX_R], l[MAX_R];
+    float s[MAX_R][MAX_BS];
+    float row[MAX_ROW];
+    for (int r = 0; r < R; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        for (int d = 0; d < D; d++) acc[r][d] = 0.0f;
+    }
+    int nblocks = (len + bs - 1) / bs;
+    for (int b = 0; b < nblocks; b++) {
+        int64_t base = (int64_t)table[b] * bs;
+        int ntok = len - b * bs < bs ? len - b * bs : bs;
+        for (int j = 0; j < ntok; j++) {
+            load_row(k_cache, bf16, (base + j) * H * D, H * D, row);
+            for (int r = 0; r < R; r++) {
+                const float *qr = q + r * D, *kr = row + (r / G) * D;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < D; d++) dot += qr[d] * kr[d];
+                s[r][j] = dot;
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float mx = m[r];
+            for (int j = 0; j < ntok; j++) mx = s[r][j] > mx ? s[r][j] : mx;
+            float corr = exp_nonpos(m[r] - mx); /* the first block: exp(-inf) clamps to ~0 */
+            m[r] = mx;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < ntok; j++) {
+                float p = exp_nonpos(s[r][j] - mx);
+                s[r][j] = p;
+                sum += p;
+            }
+            l[r] = l[r] * corr + sum;
+            if (corr != 1.0f) {
+#pragma omp simd
+                for (int d = 0; d < D; d++) acc[r][d] *= corr;
+            }
+        }
+        for (int j = 0; j < ntok; j++) {
+            load_row(v_cache, bf16, (base + j) * H * D, H * D, row);
+            for (int r = 0; r < R; r++) {
+                float p = s[r][j];
+                const float *vr = row + (r / G) * D;
+                float *a = acc[r];
+#pragma omp simd
+                for (int d = 0; d < D; d++) a[d] += p * vr[d];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float inv = 1.0f / l[r];
+        for (int d = 0; d < D; d++) out[r * D + d] = acc[r][d] * inv;
+        lse[r] = m[r] + logf(l[r]);
+    }
+}
+
+/* Items [first, last) of the n * H (sequence, KV head) pairs. q/out [n, H, G, D] float32,
+ * lse [n, H, G]; caches [num_blocks, bs, H, D] bf16 (bf16 != 0) or float32; tables int32
+ * [n, table_stride]; lens int32 [n], each > 0. Returns 0, or -1 for sizes it was not built for. */
+/* Sequences [first, last) of n. q/out [n, H, G, D] float32, lse [n, H, G]; caches
+ * [num_blocks, bs, H, D] bf16 (bf16 != 0) or float32; tables int32 [n, table_stride];
+ * lens int32 [n], each > 0. Returns 0, or -1 for sizes it was not built for. */
+int fapool_decode_attention(const float *q, const void *k_cache, const void *v_cache, int bf16,
+                            const int32_t *tables, int table_stride, const int32_t *lens,
+                            int n, int H, int G, int D, int bs, float *out, float *lse,
+                            int first, int last) {
+    if (D > MAX_D || H * G > MAX_R || H * D > MAX_ROW || bs > MAX_BS) return -1;
+    if (last > n) last = n;
+    /* Sequences over the threads of the OpenMP runtime torch already loaded (same soname). */
+#pragma omp parallel for schedule(dynamic, 1) if (last - first > 1)
+    for (int seq = first; seq < last; seq++) {
+        int64_t qo = (int64_t)seq * H * G;
+        const int32_t *table = tables + (int64_t)seq * table_stride;
+        /* Head sizes as constants: the compiler unrolls the row loops into whole vectors. */
+        if (D == 64 && bf16)
+            attend_seq(q + qo * D, k_cache, v_cache, 1, table, lens[seq], H, G, 64, bs, out + qo * D, lse + qo);
+        else if (D == 128 && bf16)
+            attend_seq(q + qo * D, k_cache, v_cache, 1, table, lens[seq], H, G, 128, bs, out + qo * D, lse + qo);
+        else
+            attend_seq(q + qo * D, k_cache, v_cache, bf16, table, lens[seq], H, G, D, bs, out + qo * D, lse + qo);
+    }
+    return 0;
+}
