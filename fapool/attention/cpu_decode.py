@@ -22,6 +22,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
+SPLIT_MIN_KEYS = 512  # shorter sequences are not worth a partial result and a merge
+MAX_PARTS = 64  # as in cpu_decode.c
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 
@@ -70,7 +72,7 @@ def load() -> ctypes.CDLL | None:
     fn = lib.fapool_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                   ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -95,16 +97,22 @@ def decode_attention(
     v_cache: torch.Tensor,
     tables: torch.Tensor,  # [n, width] int32, contiguous
     lens: torch.Tensor,  # [n] int32, each > 0
+    max_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [n, Hkv, G, D] float32, lse [n, Hkv, G] float32) over every key of each row's table."""
     n, heads, group, dim = q.shape
+    threads = torch.get_num_threads()
+    # Fewer long sequences than threads: each sequence's blocks split over the idle threads.
+    parts = min(threads // n, MAX_PARTS) if n < threads and max_len >= SPLIT_MIN_KEYS else 1
     out = torch.empty_like(q)
     lse = torch.empty(n, heads, group, dtype=torch.float32)
     rc = lib.fapool_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
         tables.data_ptr(), tables.shape[1], lens.data_ptr(), n, heads, group, dim, k_cache.shape[1],
-        out.data_ptr(), lse.data_ptr(), 0, n,
+        out.data_ptr(), lse.data_ptr(), parts,
     )
+    if rc == -2:
+        raise MemoryError("cpu_decode: no memory for the split sequences' partial results")
     if rc != 0:
         raise ValueError(f"cpu_decode: sizes out of range (D {dim}, {heads} x {group} heads, block size {k_cache.shape[1]})")
     return out, lse

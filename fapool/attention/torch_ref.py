@@ -149,7 +149,7 @@ def _decode_native(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float)
     n = len(plan.decode)
     qd = q if plan.all_decode else q[plan.tok_index]
     o, lse = cpu_decode.decode_attention(
-        cpu_decode.load(), (qd.float() * scale).contiguous(), k_cache, v_cache, plan.tables32, plan.lens32
+        cpu_decode.load(), (qd.float() * scale).contiguous(), k_cache, v_cache, plan.tables32, plan.lens32, plan.max_len
     )
     return o.view(n, -1, o.shape[-1]), lse.view(n, -1)
 

@@ -256,6 +256,26 @@ def test_c_decode_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, hea
         torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
 
 
+@needs_cc
+@pytest.mark.parametrize("threads", [2, 5])
+@pytest.mark.parametrize("specs", [[(700, 1)], [(1000, 1), (515, 1)], [(600, 1), (3, 1)]])
+def test_c_decode_kernel_splits_long_sequences_over_idle_threads(threads, specs):
+    """Fewer sequences than threads, one long: its blocks go to several threads in ranges
+    (a short sequence's fewer blocks than ranges too) and the partials merge to the oracle."""
+    q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, head_dim=64, block_size=16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = TorchReferenceBackend().forward(q, kc.bfloat16(), vc.bfloat16(), meta, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert meta.host_plans["torch"].native
+    for row, ((ctx, _), (k, v), qs) in enumerate(zip(specs, dense, queries)):
+        want_o, want_l = _sdpa_oracle(qs, k.bfloat16().float(), v.bfloat16().float(), ctx, 0.125)
+        torch.testing.assert_close(out[row : row + 1], want_o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
+
+
 def test_c_decode_kernel_refuses_what_it_was_not_built_for():
     """supports() keeps FP8 and oversized layouts on the aten paths."""
     assert cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16), 3)
