@@ -59,7 +59,7 @@ class WorkerGroup:
                 raise ConfigError("distributed_executor 'ray' starts the ranks as Ray actors: run without torchrun")
             from fapool.worker.ray_ranks import RayRanks  # Ray loads only for this executor
 
-            ray_ranks = RayRanks(config, world_size, self.rank_devices, timeout)
+            ray_ranks = RayRanks(config, world_size, self.rank_devices, timeout, rank_main)
             self.procs = ray_ranks.procs
             self._reaper = weakref.finalize(self, _reap, self.procs, ray_ranks.release)
             self._rendezvous(ray_ranks.init_method, backend, timeout)

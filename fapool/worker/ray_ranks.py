@@ -16,12 +16,16 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 import ray
 import torch
 
 from fapool.config import ConfigError, EngineConfig
 from fapool.worker import comm
+
+# launcher.rank_main: (rank, world_size, init_method, backend, device, timeout_s)
+RankMain = Callable[[int, int, str, str, str, float], None]
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +100,12 @@ class RankActor:
         node = ray.get_runtime_context().get_node_id()
         return ray.util.get_node_ip_address(), node, [str(g) for g in ray.get_gpu_ids()], os.getpid()
 
-    def serve(self, rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float) -> int:
-        """Join the group, take the role the driver sends and serve until told to stop."""
-        from fapool.worker.launcher import rank_main  # the launcher imports this module lazily
-
-        rank_main(rank, world_size, init_method, backend, device, timeout_s)
+    def serve(
+        self, main: RankMain, rank: int, world_size: int, init_method: str, backend: str, device: str, timeout_s: float
+    ) -> int:
+        """Join the group, take the role the driver sends and serve until told to stop (`main`:
+        the launcher's rank_main, passed in so this module does not import the launcher)."""
+        main(rank, world_size, init_method, backend, device, timeout_s)
         return 0
 
 
@@ -150,7 +155,10 @@ class RayRanks:
     """Ranks 1..world_size-1 as Ray actors. `procs` (rank -> RayRank) and `init_method` are what
     the launcher needs; release() stops every actor (and the Ray this started)."""
 
-    def __init__(self, config: EngineConfig, world_size: int, devices: comm.RankDevices, timeout_s: float) -> None:
+    def __init__(
+        self, config: EngineConfig, world_size: int, devices: comm.RankDevices, timeout_s: float, main: RankMain
+    ) -> None:
+        self._main = main
         on_gpu = config.device.startswith("cuda")
         self.started = connect(config.parallel.ray_address, config.device if on_gpu else None)
         self.procs: dict[int, RayRank] = {}
@@ -192,6 +200,7 @@ class RayRanks:
         self.init_method = f"tcp://{host}:{comm.free_port()}"
         for rank, actor, (ip, _, gpus, pid) in zip(ranks, self._actors, places):
             ref = actor.serve.remote(
+                self._main,
                 rank, world_size, self.init_method, devices.backend, devices.devices[rank], timeout_s
             )
             self.procs[rank] = RayRank(actor, ref, pid)
