@@ -100,7 +100,7 @@ def _causal_mask(q_pos, k_pos, valid):
 class _Plan:
     """What forward derives from the batch alone, once per step instead of once per layer."""
 
-    def __init__(self, meta: AttentionMetadata, device, flash_dtype: torch.dtype) -> None:
+    def __init__(self, meta: AttentionMetadata, device, flash_dtype: torch.dtype, native_kernel: bool) -> None:
         self.starts = meta.query_start_loc.tolist()
         self.q_pos0 = meta.query_pos_start.tolist()
         self.kv_start = meta.kv_start.tolist()
@@ -110,25 +110,30 @@ class _Plan:
             return
         idx = torch.tensor(self.decode, device=device)
         self.max_len = max(meta.kv_lens_cpu[s] for s in self.decode)
+        self.cpu = str(device).startswith("cpu")
+        self.tok = [self.starts[s] for s in self.decode]
+        # Decode rows that are the whole batch, in order: their result is the output as is.
+        self.all_decode = self.tok == list(range(meta.num_tokens))
+        self.tok_index = torch.tensor(self.tok, device=device)
+        lens = [meta.kv_lens_cpu[s] for s in self.decode]
+        all_visible = all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
+        # cpu_decode's kernel where it runs (the caller checked the cache), else aten's paths below.
+        self.native = native_kernel and self.cpu and all_visible
+        if self.native:
+            self.tables32 = meta.block_tables[idx].to(torch.int32).contiguous()
+            self.lens32 = meta.kv_lens[idx].to(torch.int32).contiguous()
+            return
         self.tables = meta.block_tables[idx].long()
         ar = torch.arange(self.max_len, device=device)
         k_pos = meta.kv_start[idx].long()[:, None] + ar[None]
         valid = ar[None] < meta.kv_lens[idx].long()[:, None]
         self.mask = _causal_mask(meta.query_pos_start[idx].long()[:, None], k_pos, valid)  # [n, 1, L]
-        self.cpu = str(device).startswith("cpu")
         # On the CPU, additive and broadcast over a KV head's query rows, for aten's flash kernel.
         self.flash_mask = None
         if self.cpu and self.mask is not None:
             self.flash_mask = torch.zeros(len(self.decode), 1, 1, self.max_len, dtype=flash_dtype).masked_fill(
                 ~self.mask[:, :, None, :], float("-inf")
             )
-        self.tok = [self.starts[s] for s in self.decode]
-        lens = [meta.kv_lens_cpu[s] for s in self.decode]
-        all_visible = all(self.kv_start[s] + n - 1 <= self.q_pos0[s] for s, n in zip(self.decode, lens))
-        self.native = self.cpu and all_visible  # cpu_decode's kernel, where the cache allows
-        if self.native:
-            self.tables32 = meta.block_tables[idx].to(torch.int32).contiguous()
-            self.lens32 = meta.kv_lens[idx].to(torch.int32).contiguous()
         self.per_seq = (
             all_visible
             and self.cpu
@@ -138,9 +143,6 @@ class _Plan:
         if self.per_seq:
             self.seq_tables = [meta.block_tables[s] for s in self.decode]
             self.seq_lens = lens
-        # Decode rows that are the whole batch, in order: their result is the output as is.
-        self.all_decode = self.tok == list(range(meta.num_tokens))
-        self.tok_index = torch.tensor(self.tok, device=device)
 
 
 def _decode_native(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float):
@@ -242,10 +244,11 @@ class TorchReferenceBackend(AttentionBackend):
         group = num_heads // num_kv_heads
         plan = meta.host_plans.get(self.name)
         if plan is None:
-            plan = meta.host_plans[self.name] = _Plan(meta, query.device, _flash_dtype(k_cache))
+            native = cpu_decode.supports(k_cache, group) and cpu_decode.load() is not None
+            plan = meta.host_plans[self.name] = _Plan(meta, query.device, _flash_dtype(k_cache), native)
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
         if plan.decode:
-            if plan.native and cpu_decode.supports(k_cache, group) and cpu_decode.load() is not None:
+            if plan.native:
                 o, l = _decode_native(q, k_cache, v_cache, plan, scale)
             elif plan.per_seq:
                 o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)

@@ -12,6 +12,12 @@ from fapool.attention import AttentionMetadata, TorchReferenceBackend, cpu_decod
 needs_cc = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler to build cpu_decode.c")
 
 
+def _decode_path(meta) -> str:
+    """Which of the CPU decode paths the step's plan took."""
+    plan = meta.host_plans["torch"]
+    return "c" if plan.native else "per_seq" if plan.per_seq else "padded"
+
+
 @pytest.fixture(params=["c", "aten"])
 def decode_kernel(request, monkeypatch):
     """CPU decode rows through cpu_decode's C kernel, or (as without a C compiler) aten's flash paths."""
@@ -185,7 +191,7 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
     q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
     backend = TorchReferenceBackend()
     out, lse = backend.forward(q, kc, vc, meta, 0.3)
-    assert meta.host_plans["torch"].per_seq
+    assert _decode_path(meta) == ("c" if decode_kernel == "c" else "per_seq")
     row = 0
     for (ctx, ql), (k, v), qs in zip(specs, dense, queries):
         want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
@@ -195,7 +201,7 @@ def test_long_decode_rows_one_at_a_time_match_sdpa_and_the_batched_path(monkeypa
     monkeypatch.setattr(torch_ref, "PER_SEQUENCE_MIN_KEYS", 10**9)
     meta.host_plans.clear()
     batched = backend.forward(q, kc, vc, meta, 0.3)
-    assert not meta.host_plans["torch"].per_seq
+    assert _decode_path(meta) == ("c" if decode_kernel == "c" else "padded")
     torch.testing.assert_close(batched[0], out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1], lse, atol=1e-5, rtol=1e-5)
 
@@ -212,7 +218,7 @@ def test_bf16_cache_is_attended_in_bf16_within_its_rounding(monkeypatch, per_seq
     specs = [(299, 1), (40, 5), (0, 9), (257, 1), (18, 1)]
     q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
     out, lse = TorchReferenceBackend().forward(q, kc.bfloat16(), vc.bfloat16(), meta, 0.3)
-    assert meta.host_plans["torch"].per_seq == (per_seq_min_work == 0)
+    assert _decode_path(meta) == ("c" if decode_kernel == "c" else "per_seq" if per_seq_min_work == 0 else "padded")
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     row = 0
     for (ctx, ql), (k, v), qs in zip(specs, dense, queries):
@@ -230,7 +236,7 @@ def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, 
     specs = [(keys - 1 - i, 1) for i in range(rows)]
     q, kc, vc, meta, dense, queries = _paged_case(specs, num_heads=6, num_kv_heads=2, block_size=16)
     out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.3)
-    assert meta.host_plans["torch"].per_seq == per_seq
+    assert _decode_path(meta) == ("c" if decode_kernel == "c" else "per_seq" if per_seq else "padded")
     for row, ((ctx, _), (k, v), qs) in enumerate(zip(specs, dense, queries)):
         want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 0.3)
         torch.testing.assert_close(out[row : row + 1], want_o, atol=1e-5, rtol=1e-5)
