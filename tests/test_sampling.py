@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from fapool.layers.sampler import compute_logprobs, logprob_lists, request_seed, sample_tokens, uniforms
+from fapool.layers.sampler import (
+    compute_logprobs,
+    logprob_lists,
+    request_seed,
+    row_argmax,
+    sample_tokens,
+    uniforms,
+)
 from fapool.layers.sampling_batch import Mode, SamplingBatch
 from fapool.sampling_params import SamplingParams
 
@@ -142,6 +149,25 @@ def test_greedy_rows_take_the_argmax_and_the_mode_follows_the_rows():
     assert SamplingBatch.build(rows[:1], 50, "cpu").mode == Mode.GREEDY
     assert SamplingBatch.build([(SamplingParams(top_p=0.9), 1, 0)], 50, "cpu").mode == Mode.SORT
     assert SamplingBatch.build([(SamplingParams(top_k=50), 1, 0)], 50, "cpu").mode == Mode.SAMPLE  # k >= V: off
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024, 1025, 49152, 50257])
+def test_row_argmax_is_torch_argmax_with_ties_nans_and_a_short_last_chunk(vocab):
+    """The chunked argmax gives aten's index: the first maximum (ties across and within chunks,
+    in the short last chunk too), the first NaN, and 0 for a row of -inf."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(0, 7, (12, vocab), generator=g).float()  # many ties
+    x[1] = torch.randn(vocab, generator=g)
+    x[2, -1] = 99.0  # the very last column
+    x[3, vocab - 2], x[3, vocab // 2] = float("nan"), float("nan")
+    x[4, -1] = float("nan")
+    x[5] = float("-inf")
+    x[6, :] = 3.0
+    x[7, 5] = float("inf")
+    x[7, vocab - 3] = float("inf")
+    torch.testing.assert_close(row_argmax(x), x.argmax(dim=-1), rtol=0, atol=0)
+    strided = x.t().contiguous().t()  # not contiguous: aten's argmax itself
+    torch.testing.assert_close(row_argmax(strided), x.argmax(dim=-1), rtol=0, atol=0)
 
 
 def test_a_row_with_nan_logits_fails_alone():
