@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from fapool.layers.row_reduce import row_argmax, row_topk_indices
 from fapool.layers.sampler import (
     compute_logprobs,
     logprob_lists,
     request_seed,
-    row_argmax,
     sample_tokens,
     uniforms,
 )
@@ -168,6 +168,22 @@ def test_row_argmax_is_torch_argmax_with_ties_nans_and_a_short_last_chunk(vocab)
     torch.testing.assert_close(row_argmax(x), x.argmax(dim=-1), rtol=0, atol=0)
     strided = x.t().contiguous().t()  # not contiguous: aten's argmax itself
     torch.testing.assert_close(row_argmax(strided), x.argmax(dim=-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab", [1024, 5000, 49152])
+def test_row_topk_indices_are_a_top_k(vocab):
+    """The chunked top-k returns k distinct columns whose values are the row's k largest (ties
+    may pick other columns of an equal value), the short last chunk's clamped columns once."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(0, 50, (6, vocab), generator=g).float()  # ties
+    x[1] = torch.randn(vocab, generator=g)
+    x[2, -3:] = 100.0  # the top in the short last chunk
+    x[3, :] = 1.0
+    got = row_topk_indices(x, 16)
+    assert got.shape == (6, 16)
+    for r in range(6):
+        assert got[r].unique().numel() == 16
+        torch.testing.assert_close(x[r, got[r]].sort().values, x[r].topk(16).values.sort().values, rtol=0, atol=0)
 
 
 def test_a_row_with_nan_logits_fails_alone():

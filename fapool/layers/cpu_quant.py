@@ -29,6 +29,7 @@ from torch import nn
 from fapool.config import QUANTIZATIONS, ConfigError
 from fapool.layers.cpu_linear import bf16_supported, pack, packed_linear
 from fapool.layers.linear import MergedLinear
+from fapool.layers.row_reduce import row_topk_indices
 
 GROUP_SIZE = 32  # int4 group: llama.cpp's Q4_0 / Q4_1 block
 RESCORE_TOP_K = 16  # LM head: tokens per row whose logits are recomputed from the float weight
@@ -102,7 +103,7 @@ class QuantizedHead(_Quantized, nn.Linear):
         logits = self.quantized_matmul(x).to(x.dtype)
         rows = x.reshape(-1, x.shape[-1])
         flat = logits.view(-1, logits.shape[-1])
-        top = flat.topk(min(RESCORE_TOP_K, flat.shape[-1]), dim=-1).indices  # [rows, k]
+        top = row_topk_indices(flat, min(RESCORE_TOP_K, flat.shape[-1]))  # [rows, k]
         exact = torch.einsum("rh,rkh->rk", rows, self.weight[top])
         if self.bias is not None:
             exact = exact + self.bias[top]

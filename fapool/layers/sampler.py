@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fapool.layers.row_reduce import row_argmax
 from fapool.layers.sampling_batch import MUL_A, MUL_B, Mode, SamplingBatch
 from fapool.outputs import Logprob
 
@@ -92,27 +93,6 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
         return sample_triton(x, batch)
     return sample_tokens_torch(x, batch)
-
-
-_ARGMAX_CHUNK = 256
-
-
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) of a [N, V] tensor, the same index (the first maximum; a NaN counts as the
-    maximum), through the maxima of 256-wide chunks: aten's CPU argmax does not vectorise and
-    its amax does, ~10x faster over a 49K vocabulary (benchmarks/RESULTS.md)."""
-    rows, n = x.shape
-    c = _ARGMAX_CHUNK
-    if x.device.type != "cpu" or not x.is_contiguous() or n < 4 * c:
-        return x.argmax(dim=-1)
-    full = n // c * c
-    maxima = x[:, :full].view(rows, -1, c).amax(-1)
-    if full < n:
-        maxima = torch.cat([maxima, x[:, full:].amax(-1, keepdim=True)], dim=1)
-    chunk = maxima.argmax(dim=-1)  # the first chunk holding the row's maximum (or a NaN)
-    # The chunk's columns; the short last chunk repeats column n-1, whose first copy comes first.
-    cols = (chunk[:, None] * c + torch.arange(c, device=x.device)).clamp_(max=n - 1)
-    return chunk * c + x.gather(1, cols).argmax(dim=-1)
 
 
 def sample_tokens_torch(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
