@@ -1,11 +1,11 @@
 """SamplingParams validation and the device sampler (fapool.layers.sampler): its filters, its
 distribution against a reference sampler, per-request seeds, logprobs."""
 
-import importlib.util
 import math
 
 import pytest
 import torch
+from gpu_marks import needs_cuda
 
 from fapool.layers.row_reduce import row_argmax, row_topk_indices
 from fapool.layers.sampler import (
@@ -218,9 +218,7 @@ def test_logprobs_are_the_log_softmax():
     assert entries[0][0].logprob == pytest.approx(float(want[0, 4]))
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("triton")), reason="needs a CUDA GPU and triton"
-)
+@needs_cuda
 @pytest.mark.parametrize("vocab", [1000, 32000, 151936])
 def test_triton_sampler_equals_the_torch_reference(vocab):
     """The one-launch kernel (radix top-k, top-p by rejection) against sample_tokens_torch
@@ -254,9 +252,7 @@ def test_triton_sampler_equals_the_torch_reference(vocab):
     assert (cpu != want).sum() <= n // 100
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("triton")), reason="needs a CUDA GPU and triton"
-)
+@needs_cuda
 @pytest.mark.parametrize("vocab", [1000, 32000, 151936])
 def test_triton_sampler_chunks_equal_one_program_a_row(vocab):
     """A row's first passes split over chunk programs (what a small batch gets) give the tokens
