@@ -294,27 +294,11 @@ def _sample_kernel(
         rnd = tl.full([], 0, tl.int32)
         going = tl.full([], 1, tl.int32)
         while going != 0:
+            from_chunks: tl.constexpr = False  # a top-p-only row's first round: the chunks drew it
             if HAS_PART:
-                if (min_p <= 0) & (top_k >= vocab) & (rnd == 0):  # the chunks drew this round
-                    total, _best, best_i = _from_partials(part_row, c_mask, c_max, x_max, inv_t, vocab)
-                else:
-                    _best, best_i, total = _draw(
-                        x_row,
-                        offs,
-                        vocab,
-                        x_max,
-                        inv_t,
-                        t_min,
-                        k_thr,
-                        excl,
-                        rnd,
-                        total,
-                        key_a,
-                        key_b,
-                        MUL_A,
-                        MUL_B,
-                        BLOCK,
-                    )
+                from_chunks = (min_p <= 0) & (top_k >= vocab) & (rnd == 0)
+            if from_chunks:
+                total, _best, best_i = _from_partials(part_row, c_mask, c_max, x_max, inv_t, vocab)
             else:
                 _best, best_i, total = _draw(
                     x_row,
