@@ -22,7 +22,10 @@ stage-2 pass and per-program costs (`unsplit_one_wave`; benchmarks/RESULTS.md, d
 An FP8 (e4m3) cache is read as is and widened in registers, to fp16 for a 16-bit query (e4m3
 converts to fp16 natively, and P in [0, 1] and the query fit fp16 well) or to the float32
 query's dtype: the K scale folds into the softmax scale and the V scale into the output, so the
-loop reads half the bytes.
+loop reads half the bytes. The widening happens in the tile's load layout (`_e4m3_to_f16`):
+left to Triton, it moves into the dot operand's layout, where V (tokens along the reduction,
+not contiguous) is read from shared memory one byte at a time, since no ldmatrix transposes
+8-bit elements on Hopper.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -48,10 +51,10 @@ LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
-# An FP8 cache: 128-token tiles (the bytes of a 64-token bf16 tile) and one more stage in
-# flight, with fp16 dots; fastest of the --fp8-sweep settings at 32K context.
-FP8_BLOCK_N = 128
-FP8_NUM_STAGES = 4
+# An FP8 cache: 64-token tiles and 3 stages (two tiles in flight, the bytes of the bf16
+# kernel's one), 96 registers and 55 KB with the fp16 staging tile: 4 programs an SM.
+FP8_BLOCK_N = 64
+FP8_NUM_STAGES = 3
 ONE_WAVE_STAGES = 3  # stages of the unsplit one-wave launch (unsplit_one_wave)
 ONE_WAVE_MIN_PAIRS_PER_SM = 1.5
 PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
@@ -70,6 +73,30 @@ def _tile_pages(table, t, offs_n, n_kv, PAGE: tl.constexpr, BLOCK_N: tl.constexp
     else:
         page = tl.load(table + pos // PAGE, mask=pos < n_kv, other=0)
     return page.to(tl.int64)
+
+
+@triton.jit
+def _e4m3_to_f16(x):
+    """e4m3 -> fp16, four elements per call with the native pair conversion. Not pure, so Triton
+    keeps it where it stands (in the load's layout) instead of moving it into the dot operand's
+    layout: the fp16 tile then reaches the MMA through shared memory and ldmatrix, as a bf16
+    cache's does."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r",
+        [x.to(tl.uint8, bitcast=True)],
+        dtype=tl.float16,
+        is_pure=False,
+        pack=4,
+    )
+
+
+@triton.jit
+def _widen(x, dtype: tl.constexpr):
+    """A K or V tile in the dtype of the dots."""
+    if x.dtype == tl.float8e4nv and dtype == tl.float16:
+        return _e4m3_to_f16(x)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -164,14 +191,14 @@ def _decode_split_kernel(
         k_rows = page * stride_kb + (pos % PAGE) * stride_kt
         v_rows = page * stride_vb + (pos % PAGE) * stride_vt
         kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        k = _widen(tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0), q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        v = _widen(tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0), q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     launch_dependents(USE_PDL)
@@ -256,9 +283,11 @@ def resident_programs_per_sm(
 ) -> int:
     """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiles for
     sm_90 (ptxas -v; the bench JSON's "compiled"): num_stages - 1 buffered K and V tiles plus
-    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages), and about 40 + BLOCK_N * D / 128
+    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages), with an FP8 cache one more fp16
+    tile (where the widened K or V is staged for ldmatrix), and about 40 + BLOCK_N * D / 128
     registers a thread (105 at BLOCK_N 64, 72 at 32, 165 at 128, head dim 128)."""
-    smem = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + 7168
+    staged = 2 * block_n * block_d if elem_size == 1 else 0
+    smem = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + staged + 7168
     regs = (40 + block_n * block_d // 128) * 32 * num_warps
     return max(1, min(SMEM_PER_SM // smem, REGS_PER_SM // regs, 64 // num_warps))
 
