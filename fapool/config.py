@@ -255,13 +255,11 @@ class PoolConfig:
 DEFAULT_SPARSE_MIN_CONTEXT = 4096
 
 
-def ray_runs(attention_workers: int, world_size: int, pipeline_parallel_size: int) -> bool:
+def ray_runs(attention_workers: int, world_size: int) -> bool:
     """The topologies distributed_executor 'ray' runs: any of several ranks (the attention pool,
-    TP, PP, AFD), each rank but the driver a Ray actor (worker/ray_ranks), the pool's workers
-    elastic ones (worker/ray_pool). Not the pool with pipeline stages: its workers pair with the
-    driver only (it gathers its TP ranks' heads), and each stage leader would need pair groups
-    of its own."""
-    return (attention_workers > 0 or world_size > 1) and not (attention_workers and pipeline_parallel_size > 1)
+    TP, PP, AFD, the pool beside TP or PP), each rank but the driver a Ray actor
+    (worker/ray_ranks), the pool's workers elastic ones (worker/ray_pool)."""
+    return attention_workers > 0 or world_size > 1
 
 
 @dataclass(frozen=True)
@@ -289,12 +287,7 @@ class EngineConfig:
             self._check_quantization()
         if self.parallel.distributed_executor == "ray":
             par = self.parallel
-            if self.pool.attention_workers and par.pipeline_parallel_size > 1:
-                raise ConfigError(
-                    "distributed_executor 'ray' runs the attention pool (attention_workers) beside the dense ranks "
-                    "of one stage only: not with pipeline_parallel_size > 1"
-                )
-            if not ray_runs(self.pool.attention_workers, par.world_size, par.pipeline_parallel_size):
+            if not ray_runs(self.pool.attention_workers, par.world_size):
                 raise ConfigError(
                     "distributed_executor 'ray' runs the ranks of a multi-rank engine as Ray actors: set "
                     "attention_workers, tensor_parallel_size, pipeline_parallel_size or afd_attention_ranks / "

@@ -200,7 +200,7 @@ def run(ns: argparse.Namespace) -> int:
             world = kwargs["afd_attention_ranks"] + (kwargs.get("afd_ffn_ranks") or 0)
         else:
             world = (kwargs.get("tensor_parallel_size") or 1) * (kwargs.get("pipeline_parallel_size") or 1)
-        if not ray_runs(kwargs.get("attention_workers") or 0, world, kwargs.get("pipeline_parallel_size") or 1):
+        if not ray_runs(kwargs.get("attention_workers") or 0, world):
             kwargs["distributed_executor"] = "mp"  # --distributed-executor ray is for the rows Ray runs
         results = _run_config(kwargs, ns)
         _release_device()

@@ -202,7 +202,7 @@ class DenseStage:
         clock = self.new_clock()
         if self.link is not None:
             self.link.known_failed(plan.failed_workers)
-            self.link.begin_step(clock)
+            self.link.begin_step(clock, (w for mb in plan.micro_batches for w in mb.routes or {}))
         self.copy_blocks(plan.copies)
         prev = self.topology.dense_rank(self.stage - 1, self.tp_rank) if not self.is_first else None
         nxt = self.topology.dense_rank(self.stage + 1, self.tp_rank) if not self.is_last else None
@@ -525,6 +525,10 @@ class DenseWorker:
             self.stage.link = PoolLink(
                 cfg, self.topology, init.pool_kv_heads, self.stage.device, self.transport, comm.Waiter(), backend
             )
+            if init.pool_store is not None:  # the pool's workers are Ray actors, joining as it grows
+                from fapool.worker.ray_pool import StagePairs  # Ray loads only for this executor
+
+                self.pool_pairs = StagePairs(self.stage.link, *init.pool_store, rank)
 
     def run(self) -> None:
         idle_since = time.perf_counter()

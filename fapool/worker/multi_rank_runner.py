@@ -204,14 +204,8 @@ class MultiRankRunner(ModelRunner):
         self.transport = comm.transport_device(str(self.device))
         # Each stage's leader (TP rank 0) exchanges with the pool for the stage's layers; its
         # TP ranks go through it.
-        stage_links = self.pool_kv_heads if topo.pipeline_parallel_size > 1 else None
-        init = DenseInit(self.config, self.num_blocks, stage_links)
-        for r in self._ranks():
-            comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
+        leaders = [topo.dense_rank(s, 0) for s in range(1, topo.pipeline_parallel_size)]
         if self.pool_kv_heads is not None:
-            for w, heads in self.pool_kv_heads.items() if not on_ray else ():
-                msg = AttentionInit(self.config, w, self.worker_num_blocks, heads)
-                comm.send_object(msg, topo.attention_rank(w), self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
             self.link = PoolLink(
                 self.config, topo, self.pool_kv_heads, self.device, self.transport, self.waiter, self.backend
             )
@@ -219,7 +213,16 @@ class MultiRankRunner(ModelRunner):
             if on_ray:
                 from fapool.worker.ray_pool import RayPool  # Ray loads only for this executor
 
-                self.ray_pool = RayPool(self.config, self.pool_kv_heads, self.worker_num_blocks, self.link)
+                self.ray_pool = RayPool(self.config, self.pool_kv_heads, self.worker_num_blocks, self.link, leaders)
+        stage_links = self.pool_kv_heads if leaders else None
+        store = (self.ray_pool.host, self.ray_pool.store.port) if self.ray_pool is not None and leaders else None
+        init = DenseInit(self.config, self.num_blocks, stage_links, store)
+        for r in self._ranks():
+            comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
+        if self.pool_kv_heads is not None:
+            for w, heads in self.pool_kv_heads.items() if not on_ray else ():
+                msg = AttentionInit(self.config, w, self.worker_num_blocks, heads)
+                comm.send_object(msg, topo.attention_rank(w), self.waiter, startup_s, tag=Tag.INIT, device=self.transport)
             if self.config.sparse_attention:  # the driver selects for every holder (pool_sparse)
                 self.link.sparse = PoolSparse(
                     self.config,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,9 @@ class PoolLink:
         # Where each worker is reached: its rank in the default group, or (an elastic pool's
         # worker) a Peer of its own pair group, set when it joins.
         self.peers: dict[int, int | comm.Peer] = {w: topology.attention_rank(w) for w in kv_heads}
+        # A later stage's leader beside an elastic pool: pair groups still being made with
+        # joining workers (ray_pool.StagePairs), each a Future of its Peer.
+        self.joins: dict[int, Future] = {}
         self.failed: dict[int, str] = {}
         self._new_failures: list[int] = []
         self.clock = StepClock(device)
@@ -108,11 +113,18 @@ class PoolLink:
             self.failed.setdefault(w, "failed (seen by the driver)")
 
     # A step -------------------------------------------------------------------------------
-    def begin_step(self, clock: StepClock) -> StepClock:
-        """Start a step; waits on attention ranks are booked as "wait" on the rank's `clock`."""
+    def begin_step(self, clock: StepClock, workers: Iterable[int] = ()) -> StepClock:
+        """Start a step whose plan routes work to `workers`; waits on attention ranks are
+        booked as "wait" on the rank's `clock`. A worker whose pair group with this rank is
+        still being made is waited for (a worker that never comes is failed)."""
         self.clock = clock
         self.sends = []
         self.local_attention_s = 0.0
+        for w in set(workers) & self.joins.keys():
+            try:
+                self.peers[w] = self.joins.pop(w).result(timeout=self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - gloo's error or the timeout: the worker is lost
+                self.fail(w, f"could not make a pair group with it: {e!r}")
         return self.clock
 
     def finish_sends(self) -> None:

@@ -64,6 +64,9 @@ class DenseInit:
     # With an attention pool next to pipeline stages: every worker's KV heads (each stage
     # exchanges with the pool for its own layers).
     pool_kv_heads: dict[int, list[int]] | None = None
+    # With an elastic pool on Ray: the driver's rendezvous store (host, port), where a stage
+    # leader learns of joining workers (ray_pool.StagePairs).
+    pool_store: tuple[str, int] | None = None
 
 
 @dataclass

@@ -7,9 +7,12 @@ Control plane: the actor is created, and handed its AttentionInit, through Ray. 
 the driver and the actor then make a process group of their own (gloo over TCP; rendezvous
 through a TCPStore the driver hosts) and every step plan, q/k/v message, partial and report
 goes through it, in the wire protocol of the multiprocess executor's workers (comm.Peer),
-never as a Ray object. A worker that joins mid-generation serves the segments placed on it
-from then on; a killed actor fails its pair group's transfers, and its requests are
-recomputed, as with a dead worker process.
+never as a Ray object. With pipeline stages each later stage's leader (TP rank 0) exchanges
+with the pool for its own layers, as beside worker processes: it learns of each join from a
+key the driver sets in the store (StagePairs) and makes a pair group of its own with the
+worker, which joins the driver's first, then the leaders' in stage order. A worker that joins
+mid-generation serves the segments placed on it from then on; a killed actor fails its pair
+groups' transfers, and its requests are recomputed, as with a dead worker process.
 """
 
 from __future__ import annotations
@@ -46,11 +49,16 @@ class PoolWorkerActor:
     """One attention worker in a Ray actor: joins the driver's pair group, then serves steps on
     a thread until the driver says stop (or goes away)."""
 
-    def start(self, init: AttentionInit, host: str, port: int, prefix: str, device: str) -> int:
+    def start(self, init: AttentionInit, host: str, port: int, prefix: str, device: str, leaders: list[int]) -> int:
+        """Join the driver's pair group, then each stage leader's (`leaders`: their ranks);
+        returns once every group is up, so a step the driver plans after the join reaches
+        every stage's end."""
         torch.set_num_threads(1)
-        store = dist.TCPStore(host, port, is_master=False, timeout=dt.timedelta(seconds=JOIN_TIMEOUT_S))
-        group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), 1, 2, PAIR_TIMEOUT)
-        worker = AttentionWorker(init, init.worker_id, device, peers={0: comm.Peer(group, 0, "the driver")})
+        store = _client(host, port, JOIN_TIMEOUT_S)
+        peers = {0: comm.Peer(_pair_group(store, prefix, 1), 0, "the driver")}
+        for r in leaders:
+            peers[r] = comm.Peer(_pair_group(store, _leader_prefix(prefix, r), 1), 0, f"stage leader rank {r}")
+        worker = AttentionWorker(init, init.worker_id, device, peers=peers)
         self._thread = threading.Thread(target=self._serve, args=(worker,), daemon=True)
         self._thread.start()
         return os.getpid()
@@ -81,17 +89,23 @@ class RayPool:
     one background thread (it alone uses the rendezvous store), so a worker started ahead joins
     while steps go on; a step that needs a worker still joining waits for it."""
 
-    def __init__(self, config: EngineConfig, kv_heads: dict[int, list[int]], num_blocks: int, link) -> None:
+    def __init__(
+        self, config: EngineConfig, kv_heads: dict[int, list[int]], num_blocks: int, link, leaders: list[int]
+    ) -> None:
         self.config = config
         self.kv_heads = kv_heads
         self.num_blocks = num_blocks
         self.link = link  # PoolLink: a joining worker's Peer goes into link.peers
+        self.leaders = leaders  # the later pipeline stages' leaders: each pairs with every worker too
         self.idle_timeout_s = config.pool.pool_idle_timeout_s
         self.started_ray = connect(config.parallel.ray_address)
         self.host = ray.util.get_node_ip_address()
         self.store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=JOIN_TIMEOUT_S)
         )
+        # A store client serves one call at a time, and a join's rendezvous blocks in it: joins
+        # are announced to the stage leaders through a client of their own.
+        self._announce = _client(self.host, self.store.port, JOIN_TIMEOUT_S) if leaders else None
         self.live: dict[int, _Live] = {}
         self.joining: dict[int, _Joining] = {}
         # A daemon thread: a join still waiting when the engine shuts down must not hold up exit.
@@ -134,10 +148,14 @@ class RayPool:
         for w in workers:
             if w in self.joining:
                 continue
-            prefix = f"pool/{w}/{next(self._generation)}"
+            generation = next(self._generation)
+            prefix = f"pool/{w}/{generation}"
+            if self.leaders:  # StagePairs on each leader reads the joins in this order
+                self._announce.set(_join_key(generation), f"{w} {prefix}")
             actor = PoolWorkerActor.options(num_cpus=1, num_gpus=1 if on_gpu else 0).remote()
             init = AttentionInit(self.config, w, self.num_blocks, self.kv_heads[w])
-            ref = actor.start.remote(init, self.host, self.store.port, prefix, "cuda" if on_gpu else "cpu")
+            device = "cuda" if on_gpu else "cpu"
+            ref = actor.start.remote(init, self.host, self.store.port, prefix, device, self.leaders)
             future: Future = Future()
             self._joins.put((prefix, ref, time.perf_counter(), future))
             self.joining[w] = _Joining(actor, future)
@@ -148,7 +166,7 @@ class RayPool:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                group = _pair_group(self.store, prefix)
+                group = _pair_group(self.store, prefix, 0)
                 (pid,) = ray.get([ref], timeout=JOIN_TIMEOUT_S)
                 future.set_result((group, pid, time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001 - handed to the step that needs the worker
@@ -211,6 +229,58 @@ class RayPool:
             ray.shutdown()
 
 
-def _pair_group(store: dist.TCPStore, prefix: str):
-    """The driver's end (rank 0) of a pair group; returns once the worker has connected."""
-    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), 0, 2, PAIR_TIMEOUT)
+class StagePairs:
+    """A later pipeline stage's leader's side of the joins: a thread reads each join from the
+    driver's store as the driver announces it and makes this rank's pair group with the
+    worker (one thread per join, so a worker that never comes holds up no other). The Peer is
+    a Future in link.joins until then; PoolLink.begin_step waits for it before a step that
+    routes work to that worker, which the driver plans only once the worker has joined every
+    leader (PoolWorkerActor.start), so the Future is in place by then."""
+
+    def __init__(self, link, host: str, port: int, rank: int) -> None:
+        self.link = link
+        self.rank = rank
+        self.host, self.port = host, port
+        threading.Thread(target=self._watch, daemon=True, name="fapool-stage-joins").start()
+
+    def _watch(self) -> None:
+        # Its own store client, blocked between joins (a client serves one call at a time).
+        store = _client(self.host, self.port, PAIR_TIMEOUT.total_seconds())
+        for generation in itertools.count():
+            while True:
+                try:
+                    w, prefix = store.get(_join_key(generation)).decode().split()
+                    break
+                except dist.DistStoreError:  # no join within the client's timeout: keep waiting
+                    continue
+                except Exception:  # noqa: BLE001 - the driver (its store) is gone: no more joins
+                    return
+            future: Future = Future()
+            self.link.joins[int(w)] = future
+            threading.Thread(target=self._pair, args=(int(w), prefix, future), daemon=True).start()
+
+    def _pair(self, w: int, prefix: str, future: Future) -> None:
+        try:
+            store = _client(self.host, self.port, JOIN_TIMEOUT_S)
+            group = _pair_group(store, _leader_prefix(prefix, self.rank), 0)
+            future.set_result(comm.Peer(group, 1, f"Ray attention worker {w}"))
+        except Exception as e:  # noqa: BLE001 - handed to the step that needs the worker
+            future.set_exception(e)
+
+
+def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=False, timeout=dt.timedelta(seconds=timeout_s))
+
+
+def _join_key(generation: int) -> str:
+    return f"pool/join/{generation}"
+
+
+def _leader_prefix(prefix: str, rank: int) -> str:
+    return f"{prefix}/stage-leader-{rank}"
+
+
+def _pair_group(store: dist.TCPStore, prefix: str, rank: int):
+    """One end of a pair group (the dense rank is 0, the worker 1); returns once both ends
+    have connected."""
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, 2, PAIR_TIMEOUT)

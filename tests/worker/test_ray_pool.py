@@ -186,10 +186,42 @@ def test_ray_pool_beside_tensor_parallel_ranks(tiny_checkpoints, reference):
         assert llm.engine.stats().pool_live_workers == 0
 
 
+def test_ray_pool_beside_pipeline_stages(tiny_checkpoints, reference):
+    """PP 2 (stage 1 a Ray actor, ray_ranks) + two elastic Ray attention actors: each stage's
+    leader exchanges with the pool for its own layers, so a joining worker makes a pair group
+    with the driver and one with the stage-1 leader. The pool grows mid-generation, shrinks to
+    none, and grows again (new pair groups on both stages), with the tokens unchanged."""
+    from fapool.worker.ray_ranks import RayRank
+
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, pipeline_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    with LLM(folder, **kw) as llm:
+        engine = llm.engine
+        runner = engine.executor.runner
+        pool = runner.ray_pool
+        assert isinstance(runner.workers.procs[1], RayRank) and pool.leaders == [1]
+        got, live = _run(llm, CROSSING, PARAMS)
+        assert got == reference[:3]
+        assert live[0] == 0 and max(live) == 2
+        # Both actors attended, for the layers of both stages: a stage-1 leader that never sent
+        # would leave its worker waiting, and the step would fail the worker.
+        reports = engine.executor.reports
+        assert all(sum(s.workers[w].q_rows for s in reports if w in s.workers) > 0 for w in (1, 2))
+        assert sum(s.ranks[1].comm_s for s in reports) > 0
+        assert engine.worker_failures == [] and runner.link.failed == {}
+        stats = engine.stats()
+        assert stats.pool_live_workers == 0 and stats.pool_worker_starts == 2 and stats.pool_worker_stops == 2
+        assert _gone(sorted(pool.pids_seen))
+        # A second long request starts them again, with new pair groups on both stages.
+        got, live = _run(llm, random_prompts(LENGTHS, seed=21)[-1:], PARAMS)
+        assert got == reference[-1:]
+        assert max(live) >= 1 and engine.stats().pool_worker_starts >= 3
+        assert engine.worker_failures == []
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(attention_workers=2, pipeline_parallel_size=2), "distributed_executor 'ray'"),
         (dict(attention_workers=0), "distributed_executor 'ray'"),
         (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "attention_workers"),
         (dict(attention_workers=1, pool_idle_timeout_s=-1.0), "pool_idle_timeout_s"),

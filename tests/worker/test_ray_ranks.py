@@ -76,7 +76,6 @@ def test_killed_ray_rank_is_named(tiny_checkpoints):
     [
         # AFD with the attention pool is refused whatever the executor.
         (dict(attention_workers=1, afd_attention_ranks=1, afd_ffn_ranks=1), "attention_workers"),
-        (dict(attention_workers=2, pipeline_parallel_size=2), "not with pipeline_parallel_size > 1"),
         (dict(), "this configuration has one rank"),  # nothing for Ray to run
     ],
 )
