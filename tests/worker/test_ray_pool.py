@@ -219,6 +219,33 @@ def test_ray_pool_beside_pipeline_stages(tiny_checkpoints, reference):
         assert engine.worker_failures == []
 
 
+def test_killed_ray_actor_beside_pipeline_stages_requests_are_recomputed(tiny_checkpoints, reference):
+    """PP 2: an actor serving both stages' pool segments is killed between steps; the next step's
+    exchanges with it fail on both stages (the stage-1 leader reports it to the driver), its
+    requests are recomputed, and the other actor keeps serving both stages."""
+    folder = tiny_checkpoints["llama"][0]
+    kw = _kw(attention_workers=2, pipeline_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=None, **POOL)
+    with LLM(folder, **kw) as llm:
+        engine = llm.engine
+        pool = engine.executor.runner.ray_pool
+        killed = []
+
+        def kill(engine, step):
+            if not killed and {1, 2} <= pool.live.keys() and step >= 12:
+                ray.kill(pool.live[1].actor, no_restart=True)
+                killed.append((step, pool.live[1].pid, len(engine.executor.reports)))
+
+        got, live = _run(llm, random_prompts(LENGTHS, seed=21), PARAMS, kill)
+        assert killed
+        step, pid, before = killed[0]
+        assert got == reference
+        assert [w for w, _ in engine.worker_failures] == [1] and engine.stats().pool_workers_lost == 1
+        assert 1 not in pool.live and live[step] == 1 and _gone([pid])
+        assert 1 in engine.executor.reports[before].ranks[1].failed_workers  # seen by the stage-1 leader
+        # The survivor served the steps after the kill, for the layers of both stages.
+        assert sum(s.workers[2].q_rows for s in engine.executor.reports[before + 1 :] if 2 in s.workers) > 0
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
