@@ -7,7 +7,7 @@ from memory as in the engine) and the tied LM head, at 1, 8 and 16 rows.
 Candidates: float32 and bf16 through oneDNN with packed weights (the float32 default; bf16 is
 what the quantized linears use above 8 rows and the quantized head at every row count), int8 per
 channel and int4 in groups of 32 through aten's weight-only kernels (bf16 activations), and
-fbgemm's dynamic int8 linear (activations quantized per tensor at run time).
+fapool's own int4 kernel (cpu_int4.c, AVX512-BF16), fbgemm's dynamic int8 linear (activations quantized per tensor at run time).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from collections.abc import Callable
 import torch
 
 from fapool.bench.results import environment, write_result
+from fapool.layers import cpu_int4
 from fapool.layers.cpu_quant import GROUP_SIZE, quantize_int4, quantize_int8
 
 NUM_LAYERS = 30
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # [out, in]: qkv, o, gate_up, down
 HEAD_SHAPE = (49152, 576)
 ROWS = (1, 4, 8, 12, 16, 64)
+METHODS = ("float32_packed", "bf16_packed", "int8_weight_only", "int4_weight_only", "int4_native", "int8_dynamic_fbgemm")
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -49,6 +51,12 @@ def make(method: str, w: torch.Tensor) -> Matmul:
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), packed, GROUP_SIZE, sz
         ).float()
+    if method == "int4_native":
+        lib = cpu_int4.load()
+        if lib is None:
+            raise SystemExit("cpu_int4.c cannot run here (no C compiler or no AVX512-BF16)")
+        packed4 = cpu_int4.pack(*quantize_int4(w))
+        return lambda x: cpu_int4.matmul(lib, x.to(torch.bfloat16), packed4).float()
     if method == "int8_dynamic_fbgemm":
         _, scale = quantize_int8(w)
         with warnings.catch_warnings():  # quantized-tensor constructors warn of their deprecation
@@ -91,20 +99,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--no-save", action="store_true")
     ns = ap.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
     torch.manual_seed(0)
-    methods = ("float32_packed", "bf16_packed", "int8_weight_only", "int4_weight_only", "int8_dynamic_fbgemm")
+    methods = ns.methods
     table = {method: time_method(method, ns.reps) for method in methods}
     if ns.no_save:
         return
-    base = table["float32_packed"]
+    base = table[methods[0]]
 
     def cell(method: str) -> str:
         totals = "/".join(f"{table[method][str(m)]['total_ms']:.1f}" for m in ROWS)
-        if method == "float32_packed":
+        if method == methods[0]:
             return f"{method} {totals}"
         ratios = "/".join(f"{base[str(m)]['total_ms'] / table[method][str(m)]['total_ms']:.2f}" for m in ROWS)
         return f"{method} {totals} (x{ratios} faster)"

@@ -1,74 +1,28 @@
-"""CPU paged decode attention in C (cpu_decode.c), compiled on first use with the machine's C
-compiler and loaded through ctypes. aten's CPU flash kernel pays a fixed cost per (sequence,
-KV head) and needs the keys gathered out of the pages first; this reads the pages in place.
-Where no compiler is found or the build fails, `load()` returns None and the caller keeps the
-aten path."""
+"""CPU paged decode attention in C (cpu_decode.c), built and loaded by fapool.native. aten's
+CPU flash kernel pays a fixed cost per (sequence, KV head) and needs the keys gathered out of
+the pages first; this reads the pages in place. Where the build fails, `load()` returns None
+and the caller keeps the aten path."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from fapool import native
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 SPLIT_MIN_KEYS = 512  # shorter sequences are not worth a partial result and a merge
 MAX_PARTS = 64  # as in cpu_decode.c
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("FAPOOL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fapool"
-    )
-    return Path(root)
-
-
-def _cpu_key() -> str:
-    """-march=native code runs only where it was built: the CPU's model and flags name the build."""
-    info = ""
-    try:
-        info = "".join(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines(True) if line.startswith(("flags", "model name"))
-        )
-    except OSError:
-        pass
-    return platform.machine() + info
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        logger.info("no C compiler found: CPU decode attention stays on aten's flash kernel")
+    lib = native.build(SOURCE)
+    if lib is None:
         return None
-    src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"cpu_decode-{digest}.so"
-    if not lib_path.exists():
-        try:
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            # Built under a temporary name and renamed: processes that start together never load half a file.
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                out = Path(tmp) / lib_path.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
-                os.replace(out, lib_path)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            logger.warning("building %s failed (%s): CPU decode attention stays on aten's flash kernel\n%s",
-                           SOURCE.name, e, detail.decode(errors="replace")[-2000:])
-            return None
-    lib = ctypes.CDLL(str(lib_path))
     fn = lib.fapool_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,

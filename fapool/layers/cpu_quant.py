@@ -3,8 +3,8 @@ CPU kernels, chosen by measurement on the embedded model's shapes (benchmarks/RE
 
   int4: 4-bit weights in groups of GROUP_SIZE input channels, a scale and an offset per group
         (`w = scale * q + offset`, q in 0..15): llama.cpp's Q4_1 layout, so a Q4_1 GGUF's
-        weights are recovered exactly from their float32 dequantization. aten's
-        `_weight_int4pack_mm_for_cpu`.
+        weights are recovered exactly from their float32 dequantization. fapool's own kernel
+        (cpu_int4.c) on CPUs with AVX512-BF16, else aten's `_weight_int4pack_mm_for_cpu`.
   int8: symmetric int8 per output channel. aten's `_weight_int8pack_mm`.
 
 Both kernels take bfloat16 activations (their fast path), so x is rounded to bf16 on the way in
@@ -27,13 +27,16 @@ import torch
 from torch import nn
 
 from fapool.config import QUANTIZATIONS, ConfigError
+from fapool.layers import cpu_int4
 from fapool.layers.cpu_linear import bf16_supported, pack, packed_linear
 from fapool.layers.linear import MergedLinear
 from fapool.layers.row_reduce import row_topk_indices
 
 GROUP_SIZE = 32  # int4 group: llama.cpp's Q4_0 / Q4_1 block
 RESCORE_TOP_K = 16  # LM head: tokens per row whose logits are recomputed from the float weight
-MAX_QUANTIZED_ROWS = 8  # above: the packed bf16 copy (benchmarks/RESULTS.md, cpu_quant_kernels)
+# Rows up to which the quantized kernel beats the packed bf16 copy (benchmarks/RESULTS.md, cpu_quant_kernels).
+MAX_QUANTIZED_ROWS = 8  # aten's int8 and int4 kernels
+MAX_NATIVE_INT4_ROWS = 16  # cpu_int4.c
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,17 +69,22 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) 
 
 class _Quantized:
     """forward through the quantized copy of the weight; the dense one is dropped (or, for the
-    LM head, kept for rescoring). More than MAX_QUANTIZED_ROWS rows (a prefill) go through a
-    packed bf16 copy where the CPU has bf16 matmuls: the weight-only kernels dequantize per
-    row block and run several times slower than oneDNN's bf16 GEMM there."""
+    LM head, kept for rescoring). More than `max_quantized_rows` rows (a prefill) go through a
+    packed bf16 copy where the CPU has bf16 matmuls: the weight-only kernels run several times
+    slower than oneDNN's bf16 GEMM there."""
 
     bf16_weight: torch.Tensor | None = None
     qweight: torch.Tensor | None = None
+    native_int4: cpu_int4.PackedInt4 | None = None
+    max_quantized_rows = MAX_QUANTIZED_ROWS
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if self.bf16_weight is not None and (self.qweight is None or rows.shape[0] > MAX_QUANTIZED_ROWS):
+        many = rows.shape[0] > self.max_quantized_rows
+        if self.bf16_weight is not None and (many or (self.qweight is None and self.native_int4 is None)):
             y = packed_linear(rows, self.bf16_weight)
+        elif self.native_int4 is not None:
+            y = cpu_int4.matmul(cpu_int4.load(), rows, self.native_int4)
         elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
         else:
@@ -144,6 +152,15 @@ def quantize_module(module: nn.Linear, scheme: str, cls: type) -> None:
         qs, scales = zip(*(quantize_int8(c) for c in chunks))
         module.qweight = torch.cat(qs)
         module.qscale = torch.cat(scales).to(torch.bfloat16)
+    elif scheme == "int4" and cpu_int4.load() is not None:
+        qs, scales, offsets = [], [], []
+        for chunk in chunks:
+            q, scale, offset = quantize_int4(chunk)
+            qs.append(q.to(torch.uint8))
+            scales.append(scale)
+            offsets.append(offset)
+        module.native_int4 = cpu_int4.pack(torch.cat(qs), torch.cat(scales), torch.cat(offsets))
+        module.max_quantized_rows = MAX_NATIVE_INT4_ROWS
     elif scheme == "int4":
         packed, scales = [], []
         for chunk in chunks:

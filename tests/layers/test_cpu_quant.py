@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from fapool.config import ConfigError
+from fapool.layers import cpu_int4
 from fapool.layers.cpu_linear import bf16_supported
 from fapool.layers.cpu_quant import (
+    MAX_NATIVE_INT4_ROWS,
     MAX_QUANTIZED_ROWS,
     RESCORE_TOP_K,
     QuantizedHead,
@@ -114,19 +116,27 @@ def test_quantizing_in_row_blocks_equals_the_whole_weight(scheme):
         q, scale = quantize_int8(w)
         want = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16())
     else:
-        q, scale, offset = quantize_int4(w)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        scales = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).bfloat16().contiguous()
-        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, scales)
+        want = _int4_kernel(w, x)
     model = nn.Sequential(linear)
     quantize_linears(model, scheme)
     assert torch.equal(model[0](x), want)
 
 
+def _int4_kernel(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x @ int4(w).T through the kernel quantize_linears picks here: cpu_int4.c where it runs, else aten's."""
+    q, scale, offset = quantize_int4(w)
+    if cpu_int4.load() is not None:
+        return cpu_int4.matmul(cpu_int4.load(), x.bfloat16(), cpu_int4.pack(q, scale, offset))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    scales = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).bfloat16().contiguous()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, scales)
+
+
 @pytest.mark.skipif(not bf16_supported(), reason="needs a CPU with bf16 matmuls (AVX512-BF16 or AMX)")
 def test_many_rows_go_through_the_bf16_copy():
     """A prefill's rows use the packed bf16 weight (the dequantized weight rounded to bf16); a
-    decode batch's the int4 kernel."""
+    decode batch's the int4 kernel (up to MAX_NATIVE_INT4_ROWS rows for cpu_int4.c, else
+    MAX_QUANTIZED_ROWS for aten's)."""
     torch.manual_seed(3)
     linear = nn.Linear(64, 128, bias=False)
     with torch.no_grad():
@@ -134,11 +144,9 @@ def test_many_rows_go_through_the_bf16_copy():
     w = linear.weight.detach().clone()
     model = nn.Sequential(linear)
     quantize_linears(model, "int4")
-    many, few = torch.randn(MAX_QUANTIZED_ROWS + 1, 64), torch.randn(MAX_QUANTIZED_ROWS, 64)
+    limit = MAX_NATIVE_INT4_ROWS if cpu_int4.load() is not None else MAX_QUANTIZED_ROWS
+    assert model[0].max_quantized_rows == limit
+    many, few = torch.randn(limit + 1, 64), torch.randn(limit, 64)
     want = torch.nn.functional.linear(many.bfloat16().float(), w.bfloat16().float())
     torch.testing.assert_close(model[0](many).float(), want, rtol=1e-2, atol=1e-3)
-    q, scale, offset = quantize_int4(w)
-    scales = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).bfloat16().contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(few.bfloat16(), packed, 32, scales)
-    assert torch.equal(model[0](few), kernel)
+    assert torch.equal(model[0](few), _int4_kernel(w, few))
