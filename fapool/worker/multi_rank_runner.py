@@ -213,9 +213,13 @@ class MultiRankRunner(ModelRunner):
             if on_ray:
                 from fapool.worker.ray_pool import RayPool  # Ray loads only for this executor
 
-                self.ray_pool = RayPool(self.config, self.pool_kv_heads, self.worker_num_blocks, self.link, leaders)
+                self.ray_pool = RayPool(
+                    self.config, self.pool_kv_heads, self.worker_num_blocks, self.link, leaders
+                )
         stage_links = self.pool_kv_heads if leaders else None
-        store = (self.ray_pool.host, self.ray_pool.store.port) if self.ray_pool is not None and leaders else None
+        store = None
+        if self.ray_pool is not None and leaders:  # where the stage leaders learn of joins
+            store = (self.ray_pool.host, self.ray_pool.store.port)
         init = DenseInit(self.config, self.num_blocks, stage_links, store)
         for r in self._ranks():
             comm.send_object(init, r, self.waiter, startup_s, tag=Tag.INIT, device=self.transport)

@@ -49,7 +49,9 @@ class PoolWorkerActor:
     """One attention worker in a Ray actor: joins the driver's pair group, then serves steps on
     a thread until the driver says stop (or goes away)."""
 
-    def start(self, init: AttentionInit, host: str, port: int, prefix: str, device: str, leaders: list[int]) -> int:
+    def start(
+        self, init: AttentionInit, host: str, port: int, prefix: str, device: str, leaders: list[int]
+    ) -> int:
         """Join the driver's pair group, then each stage leader's (`leaders`: their ranks);
         returns once every group is up, so a step the driver plans after the join reaches
         every stage's end."""
@@ -57,7 +59,8 @@ class PoolWorkerActor:
         store = _client(host, port, JOIN_TIMEOUT_S)
         peers = {0: comm.Peer(_pair_group(store, prefix, 1), 0, "the driver")}
         for r in leaders:
-            peers[r] = comm.Peer(_pair_group(store, _leader_prefix(prefix, r), 1), 0, f"stage leader rank {r}")
+            group = _pair_group(store, _leader_prefix(prefix, r), 1)
+            peers[r] = comm.Peer(group, 0, f"stage leader rank {r}")
         worker = AttentionWorker(init, init.worker_id, device, peers=peers)
         self._thread = threading.Thread(target=self._serve, args=(worker,), daemon=True)
         self._thread.start()

@@ -194,7 +194,8 @@ def test_ray_pool_beside_pipeline_stages(tiny_checkpoints, reference):
     from fapool.worker.ray_ranks import RayRank
 
     folder = tiny_checkpoints["llama"][0]
-    kw = _kw(attention_workers=2, pipeline_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=0.0, **POOL)
+    ray_pp2 = dict(attention_workers=2, pipeline_parallel_size=2, distributed_executor="ray")
+    kw = _kw(**ray_pp2, pool_idle_timeout_s=0.0, **POOL)
     with LLM(folder, **kw) as llm:
         engine = llm.engine
         runner = engine.executor.runner
@@ -224,7 +225,8 @@ def test_killed_ray_actor_beside_pipeline_stages_requests_are_recomputed(tiny_ch
     exchanges with it fail on both stages (the stage-1 leader reports it to the driver), its
     requests are recomputed, and the other actor keeps serving both stages."""
     folder = tiny_checkpoints["llama"][0]
-    kw = _kw(attention_workers=2, pipeline_parallel_size=2, distributed_executor="ray", pool_idle_timeout_s=None, **POOL)
+    ray_pp2 = dict(attention_workers=2, pipeline_parallel_size=2, distributed_executor="ray")
+    kw = _kw(**ray_pp2, pool_idle_timeout_s=None, **POOL)
     with LLM(folder, **kw) as llm:
         engine = llm.engine
         pool = engine.executor.runner.ray_pool
