@@ -22,13 +22,11 @@ stage-2 pass and per-program costs (`unsplit_one_wave`; benchmarks/RESULTS.md, d
 An FP8 (e4m3) cache is read as is and widened in registers, to fp16 for a 16-bit query (e4m3
 converts to fp16 natively, and P in [0, 1] and the query fit fp16 well) or to the float32
 query's dtype: the K scale folds into the softmax scale and the V scale into the output, so the
-loop reads half the bytes. K widens in the dot operand's layout, as Triton places it (ldmatrix
-on the e4m3 bytes, then the pair conversion). V cannot (its reduction axis, the tokens, is not
-the contiguous one, and no ldmatrix transposes 8-bit elements: Triton read it from shared memory
-one byte at a time), so an e4m3 V tile is loaded one tile ahead into registers, widened there
-at the end of the tile before, and reaches the MMA through one fp16 pass over shared memory and
-a transposing ldmatrix; it skips the async-copy buffer, whose extra shared-memory round trip
-cost more than the prefetch gained.
+loop reads half the bytes. K widens in the dot operand's layout, where Triton places it
+(ldmatrix on the e4m3 bytes, then the pair conversion). V must not: its reduction axis, the
+tokens, is not the contiguous one, no ldmatrix transposes 8-bit elements, and there Triton read
+it from shared memory one byte at a time. It widens in its load layout instead (`_e4m3_to_f16`)
+and reaches the MMA as fp16 through shared memory and a transposing ldmatrix, as a bf16 V does.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -54,9 +52,9 @@ LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
-# An FP8 cache: 64-token tiles, K buffered two tiles ahead (3 stages), V one tile ahead in
-# registers; 154 registers and 37 KB: 3 programs an SM.
-FP8_BLOCK_N = 64
+# An FP8 cache: 128-token tiles (the bytes of a 64-token bf16 tile), 3 stages: 104 KB, 2
+# programs an SM; fastest in the H200 probe at 32K context (benchmarks/RESULTS.md).
+FP8_BLOCK_N = 128
 FP8_NUM_STAGES = 3
 ONE_WAVE_STAGES = 3  # stages of the unsplit one-wave launch (unsplit_one_wave)
 ONE_WAVE_MIN_PAIRS_PER_SM = 1.5
@@ -94,14 +92,11 @@ def _e4m3_to_f16(x):
 
 
 @triton.jit
-def _v_tile(v_base, page, t, tile_hi, offs_n, d_mask, n_kv, stride_vb, stride_vt, PAGE: tl.constexpr,
-            BLOCK_N: tl.constexpr, FULL_D: tl.constexpr):
-    """V rows of tile t as stored (zeros past the sequence or past the split's last tile)."""
-    pos = t * BLOCK_N + offs_n
-    rows = page * stride_vb + (pos % PAGE) * stride_vt
-    n_mask = (pos < n_kv) & (t < tile_hi)
-    mask = n_mask[:, None] if FULL_D else n_mask[:, None] & d_mask[None, :]
-    return tl.load(v_base + rows[:, None], mask=mask, other=0.0)
+def _widen(x, dtype: tl.constexpr):
+    """A V tile in the dtype of the dots: e4m3 under fp16 dots widens where it was loaded."""
+    if x.dtype == tl.float8e4nv and dtype == tl.float16:
+        return _e4m3_to_f16(x)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -187,24 +182,15 @@ def _decode_split_kernel(
     # The page ids of tile t+1 are read during tile t: the K/V loads then hang off a loop-carried
     # value rather than a load of the same iteration, so the pipeliner buffers them
     # num_stages - 1 tiles deep (with the table load in the loop, it spent a stage on it).
-    V_AHEAD: tl.constexpr = FP16_DOT and V.dtype.element_ty == tl.float8e4nv  # see the docstring
-    FULL_D: tl.constexpr = BLOCK_D == HEAD_DIM
     page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)
-    if V_AHEAD:
-        v16 = _e4m3_to_f16(
-            _v_tile(v_base, page_next, tile_lo, tile_hi, offs_n, d_mask, n_kv, stride_vb, stride_vt, PAGE, BLOCK_N, FULL_D)
-        )
     for t in range(tile_lo, tile_hi):
         page = page_next
         page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
-        if V_AHEAD:
-            v_next = _v_tile(
-                v_base, page_next, t + 1, tile_hi, offs_n, d_mask, n_kv, stride_vb, stride_vt, PAGE, BLOCK_N, FULL_D
-            )
         pos = t * BLOCK_N + offs_n
         n_mask = pos < n_kv
         k_rows = page * stride_kb + (pos % PAGE) * stride_kt
-        kv_mask = n_mask[:, None] if FULL_D else n_mask[:, None] & d_mask[None, :]
+        v_rows = page * stride_vb + (pos % PAGE) * stride_vt
+        kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
@@ -212,15 +198,9 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_AHEAD:
-            v = v16
-        else:
-            v_rows = page * stride_vb + (pos % PAGE) * stride_vt
-            v = tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        v = _widen(tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0), q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
-        if V_AHEAD:
-            v16 = _e4m3_to_f16(v_next)  # after the dots, so the load has the tile's time to land
     launch_dependents(USE_PDL)
 
     seen = l_i > 0.0
@@ -303,17 +283,13 @@ def resident_programs_per_sm(
 ) -> int:
     """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiles for
     sm_90 (ptxas -v; the bench JSON's "compiled"): num_stages - 1 buffered K and V tiles plus
-    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages), and about 40 + BLOCK_N * D / 128
-    registers a thread (105 at BLOCK_N 64, 72 at 32, 165 at 128, head dim 128). An FP8 cache
-    buffers only K tiles and stages one fp16 V tile, and holds V's next tile in registers, raw
-    and widened (36 KB and 154 registers at BLOCK_N 64, 3 stages)."""
-    tile = block_n * block_d
-    if elem_size == 1:
-        smem = max(1, num_stages - 1) * tile + 2 * tile + 7168
-        regs = min(255, 40 + tile // 128 + 3 * tile // (128 * num_warps)) * 32 * num_warps
-    else:
-        smem = max(1, num_stages - 1) * 2 * tile * elem_size + 7168
-        regs = (40 + tile // 128) * 32 * num_warps
+    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages), with an FP8 cache one more fp16
+    tile (where the widened V is staged for ldmatrix; 104 KB at BLOCK_N 128, 3 stages), and
+    about 40 + BLOCK_N * D / 128 registers a thread (105 at BLOCK_N 64, 72 at 32, 165 at 128,
+    head dim 128; 143 for an FP8 cache at 128)."""
+    staged = 2 * block_n * block_d if elem_size == 1 else 0
+    smem = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + staged + 7168
+    regs = (40 + block_n * block_d // 128) * 32 * num_warps
     return max(1, min(SMEM_PER_SM // smem, REGS_PER_SM // regs, 64 // num_warps))
 
 
