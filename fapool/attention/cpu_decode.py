@@ -1,7 +1,7 @@
 """CPU paged decode attention in C (cpu_decode.c), built and loaded by fapool.native. aten's
 CPU flash kernel pays a fixed cost per (sequence, KV head) and needs the keys gathered out of
-the pages first; this reads the pages in place. Where the build fails, `load()` returns None
-and the caller keeps the aten path."""
+the pages first; this reads the pages in place. Where the build fails or the CPU lacks AVX-512,
+`load()` returns None and the caller keeps the aten path."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ MAX_PARTS = 64  # as in cpu_decode.c
 @functools.cache
 def load() -> ctypes.CDLL | None:
     lib = native.build(SOURCE)
-    if lib is None:
+    if lib is None or not lib.fapool_decode_supported():
         return None
     fn = lib.fapool_decode_attention
     fn.restype = ctypes.c_int
@@ -38,9 +38,8 @@ def supports(k_cache: torch.Tensor, num_query_per_kv: int) -> bool:
         and k_cache.dtype in (torch.bfloat16, torch.float32)
         and k_cache.is_contiguous()
         and head_dim <= 256
-        and kv_heads * num_query_per_kv <= 64
-        and kv_heads * head_dim <= 2048
-        and block_size <= 64
+        and num_query_per_kv <= 16
+        and block_size <= 16
     )
 
 

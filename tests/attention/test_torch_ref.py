@@ -9,7 +9,7 @@ from paged_cases import shard_metadata
 
 from fapool.attention import AttentionMetadata, TorchReferenceBackend, cpu_decode, merge_partials, merge_tree
 
-needs_cc = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler to build cpu_decode.c")
+needs_cc = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler or no AVX-512 for cpu_decode.c")
 
 
 def _decode_path(meta) -> str:
@@ -23,7 +23,7 @@ def decode_kernel(request, monkeypatch):
     """CPU decode rows through cpu_decode's C kernel, or (as without a C compiler) aten's flash paths."""
     if request.param == "c":
         if cpu_decode.load() is None:
-            pytest.skip("no C compiler to build cpu_decode.c")
+            pytest.skip("no C compiler or no AVX-512 for cpu_decode.c")
     else:
         monkeypatch.setattr(cpu_decode, "load", lambda: None)
     return request.param
@@ -245,10 +245,13 @@ def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, 
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 16), (6, 2, 24, 8)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 2, 64, 16), (4, 4, 32, 4), (8, 2, 128, 16), (16, 2, 128, 16), (6, 2, 24, 8)]
+)
 def test_c_decode_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, head_dim, block_size):
-    """cpu_decode's kernel (constant head sizes 64 and 128, any other size generic) reads the
-    shuffled pages in place: ragged lengths, one partial block, many blocks, GQA and MHA."""
+    """cpu_decode's kernel (head and group sizes 64 x 3, 64 x 4, 128 x 4, 128 x 8 as constants, any
+    other generic) reads the shuffled pages in place: ragged lengths, one partial block, many
+    blocks, GQA and MHA."""
     specs = [(0, 1), (block_size - 1, 1), (block_size, 1), (5 * block_size + 3, 1), (200, 1)]
     q, kc, vc, meta, dense, queries = _paged_case(
         specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size
@@ -287,8 +290,8 @@ def test_c_decode_kernel_refuses_what_it_was_not_built_for():
     assert cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16), 3)
     assert not cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.float8_e4m3fn), 3)
     assert not cpu_decode.supports(torch.zeros(2, 16, 1, 512), 1)  # head size
-    assert not cpu_decode.supports(torch.zeros(2, 128, 1, 64), 1)  # block size
-    assert not cpu_decode.supports(torch.zeros(2, 16, 8, 64), 16)  # query heads of a token
+    assert not cpu_decode.supports(torch.zeros(2, 32, 1, 64), 1)  # block size: one vector of scores
+    assert not cpu_decode.supports(torch.zeros(2, 16, 1, 64), 17)  # query heads per KV head
 
 
 def _math_cudnn_attention(q, k, v, bias, compute_lse, dropout_p, is_causal, debug_mask, scale=None):
