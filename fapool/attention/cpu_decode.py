@@ -32,7 +32,7 @@ def load() -> ctypes.CDLL | None:
 
 def supports(k_cache: torch.Tensor, num_query_per_kv: int) -> bool:
     """The cache layouts and sizes the C kernel was written for."""
-    _, block_size, kv_heads, head_dim = k_cache.shape
+    _, block_size, _, head_dim = k_cache.shape
     return (
         k_cache.device.type == "cpu"
         and k_cache.dtype in (torch.bfloat16, torch.float32)
