@@ -62,8 +62,12 @@ class Attention(nn.Module):
         num_tokens, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         nq, nk = (size // d for size in self.qkv_proj.output_sizes[:2])
-        qk = apply_rotary(qkv[:, : (nq + nk) * d].view(num_tokens, nq + nk, d), cos, sin)
+        qk = self.rotate(qkv[:, : (nq + nk) * d].view(num_tokens, nq + nk, d), cos, sin)
         return qk[:, :nq], qk[:, nq:], qkv[:, (nq + nk) * d :].view(num_tokens, nk, d)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [T, heads, D] (a fused subclass may replace it)."""
+        return apply_rotary(x, cos, sin)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """Attention result [T, H, D] -> [T, hidden]."""
@@ -118,9 +122,13 @@ class MLP(nn.Module):
     def activated(self, x: torch.Tensor) -> torch.Tensor:
         """The down projection's input."""
         if self.gated:
-            gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-            return self.act(gate) * up
+            return self.act_and_mul(self.gate_up_proj(x))
         return self.act(self.up_proj(x))
+
+    def act_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up from the merged projection's output (a fused subclass may replace it)."""
+        gate, up = self.gate_up_proj.split(gate_up)
+        return self.act(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -62,7 +62,8 @@ def test_quantized_engines_keep_kv_in_bf16_where_the_cpu_has_bf16(grid_checkpoin
     the bytes attention gathers); greedy decode stays that of a float32 cache."""
     import torch
 
-    from fapool.layers import cpu_quant
+    from fapool.layers import cpu_fused, cpu_quant
+    from fapool.layers.cpu_fused import CpuFusedMLP
 
     prompts = random_prompts([30, 50, 70], seed=5)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -70,6 +71,9 @@ def test_quantized_engines_keep_kv_in_bf16_where_the_cpu_has_bf16(grid_checkpoin
     want = torch.bfloat16 if cpu_quant.bf16_supported() else torch.float32
     with LLM(folder, device="cpu", quantization="int4", num_kv_blocks=64) as llm:
         assert llm.engine.executor.runner.kv_caches[0][0].dtype == want
+        # The fused CPU kernels run where they build (cpu_fused.c; tests/layers/test_cpu_fused.py).
+        layer = llm.engine.executor.runner.model.model.layers[0]
+        assert (type(layer.mlp) is CpuFusedMLP) == (cpu_fused.load() is not None)
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     monkeypatch.setattr(cpu_quant, "quantized_kv_dtype", lambda dtype: dtype)
     with LLM(folder, device="cpu", quantization="int4", num_kv_blocks=64) as llm:
