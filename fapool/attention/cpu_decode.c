@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_KERNEL 1
 #else
@@ -32,6 +32,9 @@ static inline __attribute__((always_inline)) __m512 load16(const void *cache, in
     }
     return _mm512_maskz_loadu_ps(mask, (const float *)cache + offset);
 }
+
+/* The first n of 16 lanes (none for n <= 0). */
+static inline __mmask16 tail_of(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
 /* Lane i = the sum of v[i]'s lanes: a transpose-and-add tree, 45 instructions for 16 sums. */
 static inline __m512 reduce16(const __m512 *v) {
@@ -130,6 +133,261 @@ static inline __attribute__((always_inline)) void attend_head(
     }
 }
 #endif
+
+#if HAVE_KERNEL
+#define QT 16 /* query tokens per prefill item */
+
+/* r[i] lane j <- r[j] lane i: a 16 x 16 transpose in 64 shuffles. */
+static inline void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* Query tokens [t0, t1) of one sequence for KV head h (rows of G query heads each, q [T, H, G,
+ * D] already scaled) over its keys at positions kv_start.. (causal: a key is seen from its own
+ * position on), for a float32 cache, in float32. Per 16-key block: K widened and transposed
+ * once (a vector per head-dim element, the block's keys in its lanes) and V widened, then for
+ * each row the block's 16 scores as D FMAs with q's elements broadcast, an online softmax
+ * update and P @ V. */
+static inline __attribute__((always_inline)) void prefill_tile_f32(
+    const float *q, const void *k_cache, const void *v_cache, int bf16, const int32_t *table, int kv_len,
+    int kv_start, int q_pos0, int t0, int t1, int H, int h, int G, int D, int bs, float *out, float *lse) {
+    const int nc = (D + 15) / 16;
+    const __mmask16 tail = (D % 16) ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
+    const int R = (t1 - t0) * G;
+    float acc[QT * MAX_G][MAX_D] __attribute__((aligned(64)));
+    float m[QT * MAX_G];
+    __m512 lsum[QT * MAX_G];
+    __m512 kt[MAX_D], vb[MAX_BS][CHUNKS];
+    for (int r = 0; r < R; r++) {
+        m[r] = -INFINITY;
+        lsum[r] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc[r] + c * 16, _mm512_setzero_ps());
+    }
+    int last = q_pos0 + t1 - kv_start; /* keys up to the last query's position */
+    int nkeys = last < kv_len ? last : kv_len;
+    for (int b = 0; b * bs < nkeys; b++) {
+        const int64_t base = (int64_t)table[b] * bs;
+        const int ntok = nkeys - b * bs < bs ? nkeys - b * bs : bs;
+        for (int c = 0; c < nc; c++) {
+            __mmask16 cm = c == nc - 1 ? tail : 0xffff;
+            for (int j = 0; j < MAX_BS; j++) {
+                const int64_t row = ((base + j) * H + h) * D + c * 16;
+                kt[c * 16 + j] = j < ntok ? load16(k_cache, bf16, row, cm) : _mm512_setzero_ps();
+                vb[j][c] = j < ntok ? load16(v_cache, bf16, row, cm) : _mm512_setzero_ps();
+            }
+            transpose16(kt + c * 16);
+        }
+        const int key0 = kv_start + b * bs; /* position of the block's first key */
+        for (int t = t0; t < t1; t++) {
+            int seen = q_pos0 + t - key0 + 1; /* keys of this block the token sees */
+            if (seen <= 0) continue;
+            const __mmask16 valid = (__mmask16)((1u << (seen < ntok ? seen : ntok)) - 1);
+            for (int g = 0; g < G; g++) {
+                const int r = (t - t0) * G + g;
+                const float *qr = q + (((int64_t)t * H + h) * G + g) * D;
+                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                for (int d = 0; d + 1 < D; d += 2) {
+                    s0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[d]), kt[d], s0);
+                    s1 = _mm512_fmadd_ps(_mm512_set1_ps(qr[d + 1]), kt[d + 1], s1);
+                }
+                if (D % 2) s0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[D - 1]), kt[D - 1], s0);
+                __m512 s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(s0, s1));
+                float mx = fmaxf(m[r], _mm512_reduce_max_ps(s));
+                float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
+                __m512 p = _mm512_maskz_mov_ps(valid, exp_nonpos(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
+                m[r] = mx;
+                lsum[r] = _mm512_fmadd_ps(lsum[r], _mm512_set1_ps(corr), p);
+                float pj[MAX_BS];
+                _mm512_storeu_ps(pj, p);
+                for (int c = 0; c < nc; c++) {
+                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), _mm512_set1_ps(corr));
+                    for (int j = 0; j < ntok; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(pj[j]), vb[j][c], a);
+                    _mm512_storeu_ps(acc[r] + c * 16, a);
+                }
+            }
+        }
+    }
+    for (int t = t0; t < t1; t++)
+        for (int g = 0; g < G; g++) {
+            const int r = (t - t0) * G + g;
+            const int64_t o = ((int64_t)t * H + h) * G + g;
+            float l = _mm512_reduce_add_ps(lsum[r]);
+            __m512 inv = _mm512_set1_ps(1.0f / l);
+            for (int c = 0; c < nc; c++)
+                _mm512_mask_storeu_ps(out + o * D + c * 16, c == nc - 1 ? tail : 0xffff,
+                                      _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), inv));
+            lse[o] = m[r] + logf(l);
+        }
+}
+/* prefill_tile_f32 for a bf16 cache with bf16 dot products (vdpbf16ps, twice the float32
+ * FMA's multiplies): q and P are rounded to bf16 for them, as aten's CPU flash kernel rounds
+ * them for a bf16 cache, and the sums stay float32. K goes in as pairs of head-dim elements
+ * transposed (the block's keys in the lanes), V as pairs of keys interleaved (head-dim elements
+ * in the lanes). D even. */
+static inline __attribute__((always_inline)) void prefill_tile_bf16(
+    const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int kv_len,
+    int kv_start, int q_pos0, int t0, int t1, int H, int h, int G, int D, int bs, float *out, float *lse) {
+    const int nc = (D + 15) / 16, np = D / 2, npc = (np + 15) / 16;
+    float acc[QT * MAX_G][MAX_D] __attribute__((aligned(64)));
+    uint32_t qb[QT * MAX_G][MAX_D / 2] __attribute__((aligned(64)));
+    float m[QT * MAX_G];
+    __m512 lsum[QT * MAX_G];
+    __m512i kt[MAX_D / 2], vi[MAX_BS / 2][CHUNKS];
+    __m512i lo_idx, hi_idx;
+    {
+        uint16_t lo[32], hi[32];
+        for (int i = 0; i < 16; i++) {
+            lo[2 * i] = (uint16_t)i, lo[2 * i + 1] = (uint16_t)(32 + i);
+            hi[2 * i] = (uint16_t)(16 + i), hi[2 * i + 1] = (uint16_t)(48 + i);
+        }
+        lo_idx = _mm512_loadu_si512(lo), hi_idx = _mm512_loadu_si512(hi);
+    }
+    for (int t = t0; t < t1; t++)
+        for (int g = 0; g < G; g++) {
+            const int r = (t - t0) * G + g;
+            const float *qr = q + (((int64_t)t * H + h) * G + g) * D;
+            for (int c = 0; c < D; c += 32) {
+                __m512 a = _mm512_maskz_loadu_ps(tail_of(D - c), qr + c);
+                __m512 b = _mm512_maskz_loadu_ps(tail_of(D - c - 16), qr + c + 16);
+                _mm512_storeu_si512(qb[r] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            }
+            m[r] = -INFINITY;
+            lsum[r] = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc[r] + c * 16, _mm512_setzero_ps());
+        }
+    int last = q_pos0 + t1 - kv_start; /* keys up to the last query's position */
+    int nkeys = last < kv_len ? last : kv_len;
+    for (int b = 0; b * bs < nkeys; b++) {
+        const int64_t base = (int64_t)table[b] * bs;
+        const int ntok = nkeys - b * bs < bs ? nkeys - b * bs : bs;
+        const uint32_t *k32 = (const uint32_t *)k_cache;
+        for (int pc = 0; pc < npc; pc++) {
+            __mmask16 cm = tail_of(np - pc * 16);
+            for (int j = 0; j < MAX_BS; j++)
+                kt[pc * 16 + j] = j < ntok ? _mm512_maskz_loadu_epi32(cm, k32 + (((base + j) * H + h) * D) / 2 + pc * 16)
+                                           : _mm512_setzero_si512();
+            transpose16((__m512 *)(kt + pc * 16));
+        }
+        for (int jp = 0; jp < (ntok + 1) / 2; jp++) {
+            const uint16_t *v0 = v_cache + ((base + 2 * jp) * H + h) * D, *v1 = v0 + (int64_t)H * D;
+            for (int c = 0; c < D; c += 32) {
+                __mmask32 cm = D - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (D - c)) - 1);
+                __m512i a = _mm512_maskz_loadu_epi16(cm, v0 + c);
+                __m512i bb = 2 * jp + 1 < ntok ? _mm512_maskz_loadu_epi16(cm, v1 + c) : _mm512_setzero_si512();
+                vi[jp][c / 16] = _mm512_permutex2var_epi16(a, lo_idx, bb);
+                if (c / 16 + 1 < nc) vi[jp][c / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, bb);
+            }
+        }
+        const int key0 = kv_start + b * bs, npairs = (ntok + 1) / 2;
+        for (int t = t0; t < t1; t++) {
+            int seen = q_pos0 + t - key0 + 1;
+            if (seen <= 0) continue;
+            const __mmask16 valid = (__mmask16)((1u << (seen < ntok ? seen : ntok)) - 1);
+            const int r0 = (t - t0) * G;
+            /* A token's G rows side by side: 2G independent dot-product chains, then G of P @ V. */
+            __m512 sa[MAX_G], sb[MAX_G], corr[MAX_G];
+            uint32_t pj[MAX_G][MAX_BS / 2];
+            for (int g = 0; g < G; g++) sa[g] = sb[g] = _mm512_setzero_ps();
+            int dp = 0;
+            for (; dp + 1 < np; dp += 2)
+                for (int g = 0; g < G; g++) {
+                    sa[g] = _mm512_dpbf16_ps(sa[g], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32((int)qb[r0 + g][dp]));
+                    sb[g] = _mm512_dpbf16_ps(sb[g], (__m512bh)kt[dp + 1], (__m512bh)_mm512_set1_epi32((int)qb[r0 + g][dp + 1]));
+                }
+            for (int g = 0; g < G; g++) {
+                const int r = r0 + g;
+                if (dp < np) sa[g] = _mm512_dpbf16_ps(sa[g], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32((int)qb[r][dp]));
+                __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(sa[g], sb[g]));
+                float mx = fmaxf(m[r], _mm512_reduce_max_ps(sc));
+                float cf = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
+                __m512 p = _mm512_maskz_mov_ps(valid, exp_nonpos(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
+                m[r] = mx;
+                corr[g] = _mm512_set1_ps(cf);
+                lsum[r] = _mm512_fmadd_ps(lsum[r], corr[g], p);
+                _mm256_storeu_si256((__m256i *)pj[g], (__m256i)_mm512_cvtneps_pbh(p));
+            }
+            for (int c = 0; c < nc; c++) {
+                __m512 a[MAX_G];
+                for (int g = 0; g < G; g++) a[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[r0 + g] + c * 16), corr[g]);
+                for (int jp = 0; jp < npairs; jp++)
+                    for (int g = 0; g < G; g++)
+                        a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)vi[jp][c], (__m512bh)_mm512_set1_epi32((int)pj[g][jp]));
+                for (int g = 0; g < G; g++) _mm512_storeu_ps(acc[r0 + g] + c * 16, a[g]);
+            }
+        }
+    }
+    for (int t = t0; t < t1; t++)
+        for (int g = 0; g < G; g++) {
+            const int r = (t - t0) * G + g;
+            const int64_t o = ((int64_t)t * H + h) * G + g;
+            float l = _mm512_reduce_add_ps(lsum[r]);
+            __m512 inv = _mm512_set1_ps(1.0f / l);
+            for (int c = 0; c < nc; c++)
+                _mm512_mask_storeu_ps(out + o * D + c * 16, tail_of(D - c * 16), _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), inv));
+            lse[o] = m[r] + logf(l);
+        }
+}
+#endif
+
+/* Multi-token rows (prefill chunks) of n sequences, every key causal: sequence s's q_len[s]
+ * query tokens are rows q_start[s].. of q/out [T, H, G, D] float32 (q already scaled), at
+ * positions q_pos0[s]..; its kv_len[s] keys sit at positions kv_start[s].. of its block table.
+ * Every token must see at least one key. lse [T, H, G]. Returns 0, or -1 for sizes it was not
+ * built for (or no AVX-512). */
+int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_cache, int bf16,
+                             const int32_t *tables, int table_stride, int n, const int32_t *q_start,
+                             const int32_t *q_len, const int32_t *q_pos0, const int32_t *kv_start,
+                             const int32_t *kv_len, int H, int G, int D, int bs, float *out, float *lse) {
+#if HAVE_KERNEL
+    if (D > MAX_D || G > MAX_G || bs > MAX_BS || (bf16 && D % 2)) return -1;
+    int items = 0;
+    for (int s = 0; s < n; s++) items += (q_len[s] + QT - 1) / QT * H;
+    /* (sequence, query tile, KV head) items, the longest tiles (the last ones) first. */
+#pragma omp parallel for schedule(dynamic, 1) if (items > 1)
+    for (int item = 0; item < items; item++) {
+        int s = 0, rest = item;
+        while (rest >= (q_len[s] + QT - 1) / QT * H) rest -= (q_len[s++] + QT - 1) / QT * H;
+        int tiles = (q_len[s] + QT - 1) / QT, h = rest % H, tile = tiles - 1 - rest / H;
+        int t0 = q_start[s] + tile * QT, t1 = t0 + QT < q_start[s] + q_len[s] ? t0 + QT : q_start[s] + q_len[s];
+        const int32_t *table = tables + (int64_t)s * table_stride;
+        /* positions are of the sequence's own tokens: shift q_pos0 so row t sits at q_pos0 + (t - q_start). */
+        int pos0 = q_pos0[s] - q_start[s];
+        const uint16_t *kb = (const uint16_t *)k_cache, *vb = (const uint16_t *)v_cache;
+        if (bf16 && D == 64 && G == 3)
+            prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, 3, 64, bs, out, lse);
+        else if (bf16)
+            prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, G, D, bs, out, lse);
+        else
+            prefill_tile_f32(q, k_cache, v_cache, 0, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, G, D, bs, out,
+                             lse);
+    }
+    return 0;
+#else
+    (void)q; (void)k_cache; (void)v_cache; (void)bf16; (void)tables; (void)table_stride; (void)n; (void)q_start;
+    (void)q_len; (void)q_pos0; (void)kv_start; (void)kv_len; (void)H; (void)G; (void)D; (void)bs; (void)out; (void)lse;
+    return -1;
+#endif
+}
 
 /* q/out [n, H, G, D] float32, lse [n, H, G]; caches [num_blocks, bs, H, D] bf16 (bf16 != 0)
  * or float32; tables int32 [n, table_stride]; lens int32 [n], each > 0. Each sequence's blocks

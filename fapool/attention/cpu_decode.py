@@ -27,6 +27,10 @@ def load() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.fapool_prefill_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -38,6 +42,7 @@ def supports(k_cache: torch.Tensor, num_query_per_kv: int) -> bool:
         and k_cache.dtype in (torch.bfloat16, torch.float32)
         and k_cache.is_contiguous()
         and head_dim <= 256
+        and head_dim % 2 == 0  # the bf16 prefill kernel takes head-dim elements in pairs
         and num_query_per_kv <= 16
         and block_size <= 16
     )
@@ -69,3 +74,25 @@ def decode_attention(
     if rc != 0:
         raise ValueError(f"cpu_decode: sizes out of range (D {dim}, {heads} x {group} heads, block size {k_cache.shape[1]})")
     return out, lse
+
+
+def prefill_attention(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,  # [T, Hkv, G, D] float32, contiguous, already times the softmax scale
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,  # [n, width] int32, contiguous: the multi-token sequences' tables
+    rows: torch.Tensor,  # [5, n] int32: q_start, q_len, q_pos0, kv_start, kv_len per sequence
+    out: torch.Tensor,  # [T, Hkv * G, D] float32, contiguous: the sequences' rows are written
+    lse: torch.Tensor,  # [T, Hkv * G] float32
+) -> None:
+    """Causal attention of each sequence's query tokens over its paged keys (the first token
+    seeing at least the first key), written into its rows of out and lse."""
+    _, heads, group, dim = q.shape
+    rc = lib.fapool_prefill_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        tables.data_ptr(), tables.shape[1], rows.shape[1], *(rows[i].data_ptr() for i in range(5)),
+        heads, group, dim, k_cache.shape[1], out.data_ptr(), lse.data_ptr(),
+    )
+    if rc != 0:
+        raise ValueError(f"cpu_decode: sizes out of range (D {dim}, {heads} x {group} heads, block size {k_cache.shape[1]})")

@@ -2,11 +2,12 @@
 
 Computes in float32, except that aten's CPU flash kernel reads a bf16 cache as bf16 (it
 accumulates in float32). On the CPU, decode tokens (one query per sequence, every key of its
-table visible) go through the C kernel of cpu_decode, which reads the pages in place. Where it
-cannot run (no C compiler, an FP8 cache), or off the CPU, they are batched together over a
+table visible) and prefill chunks (causal, each query seeing at least its sequence's first key)
+go through the C kernels of cpu_decode, which read the pages in place. Where they
+cannot run (no C compiler or AVX-512, an FP8 cache), or off the CPU, decode tokens are batched together over a
 padded gather of their blocks; with long contexts on the CPU each goes through PyTorch's CPU
 flash attention over its own gathered blocks instead (its query heads of a KV head as the
-query rows). Sequences with several queries (prefill chunks) go one by one
+query rows). Sequences with several queries (prefill chunks) then go one by one
 through PyTorch's own flash attention for the CPU, which returns the logsumexp too: a chunk
 whose keys end at its last query is its cached prefix (every key visible) plus the chunk
 itself (causal), merged by lse; keys wholly before the queries need no mask. Other layouts
@@ -106,11 +107,21 @@ class _Plan:
         self.kv_start = meta.kv_start.tolist()
         self.decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1 and meta.kv_lens_cpu[s] > 0]
         self.multi = [s for s, n in enumerate(meta.query_lens_cpu) if n > 1 and meta.kv_lens_cpu[s] > 0]
+        self.cpu = str(device).startswith("cpu")
+        # The C kernel takes the prefill chunks too where each one's first query sees its first key.
+        self.native_multi = (
+            native_kernel and self.cpu and bool(self.multi) and all(self.kv_start[s] <= self.q_pos0[s] for s in self.multi)
+        )
+        if self.native_multi:
+            idx = torch.tensor(self.multi)
+            self.multi_tables32 = meta.block_tables[idx].to(torch.int32).contiguous()
+            self.multi_rows32 = torch.tensor(
+                [[self.starts[s], meta.query_lens_cpu[s], self.q_pos0[s], self.kv_start[s], meta.kv_lens_cpu[s]]
+                 for s in self.multi], dtype=torch.int32).t().contiguous()
         if not self.decode:
             return
         idx = torch.tensor(self.decode, device=device)
         self.max_len = max(meta.kv_lens_cpu[s] for s in self.decode)
-        self.cpu = str(device).startswith("cpu")
         self.tok = [self.starts[s] for s in self.decode]
         # Decode rows that are the whole batch, in order: their result is the output as is.
         self.all_decode = self.tok == list(range(meta.num_tokens))
@@ -261,6 +272,12 @@ class TorchReferenceBackend(AttentionBackend):
         if plan.decode:
             out[plan.tok_index], lse[plan.tok_index] = o.to(out.dtype), l
 
+        if plan.native_multi:
+            qs = (query.float() * scale).view(num_tokens, num_kv_heads, group, head_dim).contiguous()
+            cpu_decode.prefill_attention(
+                cpu_decode.load(), qs, k_cache, v_cache, plan.multi_tables32, plan.multi_rows32, out, lse
+            )
+            return out.to(query.dtype), lse
         starts, q_pos0, kv_start = plan.starts, plan.q_pos0, plan.kv_start
         for s in plan.multi:
             a, b = starts[s], starts[s + 1]

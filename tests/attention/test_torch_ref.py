@@ -285,11 +285,39 @@ def test_c_decode_kernel_splits_long_sequences_over_idle_threads(threads, specs)
         torch.testing.assert_close(lse[row : row + 1], want_l, atol=1e-5, rtol=1e-5)
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 24, 4), (8, 2, 128, 8)])
+def test_c_prefill_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, head_dim, block_size):
+    """Prefill chunks through cpu_decode's C kernel: whole prompts (causal), chunks over a
+    cached prefix, query tiles of 16 and a ragged last tile, partial blocks, decode rows in the
+    same batch; every row against the oracle. A bf16 cache takes bf16 dot products, q and P
+    rounded to bf16 (as aten's flash kernel rounds them): the oracle gets q so rounded, and the
+    output may differ by P's rounding (2^-8 of the values, which lie within +-4 here)."""
+    specs = [(0, 37), (21, 16), (0, 2), (5, 1), (block_size * 3, 19), (200, 1)]
+    q, kc, vc, meta, dense, queries = _paged_case(
+        specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, seed=3
+    )
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, head_dim**-0.5)
+    assert meta.host_plans["torch"].native_multi
+    starts = meta.query_start_loc.tolist()
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (4 * 2**-8, 2**-8)
+    for s, ((ctx, ql), (k, v), qs) in enumerate(zip(specs, dense, queries)):
+        qs = qs * head_dim**-0.5  # the kernels take q already scaled
+        if ql > 1:  # decode rows (ql 1) keep float32 q in the decode kernel
+            qs = qs.to(dtype).float()
+        want_o, want_l = _sdpa_oracle(qs, k.to(dtype).float(), v.to(dtype).float(), ctx, 1.0)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], want_o, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse[starts[s] : starts[s + 1]], want_l, atol=1e-5, rtol=1e-5)
+
+
 def test_c_decode_kernel_refuses_what_it_was_not_built_for():
     """supports() keeps FP8 and oversized layouts on the aten paths."""
     assert cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16), 3)
     assert not cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.float8_e4m3fn), 3)
     assert not cpu_decode.supports(torch.zeros(2, 16, 1, 512), 1)  # head size
+    assert not cpu_decode.supports(torch.zeros(2, 16, 1, 63), 1)  # odd head size
     assert not cpu_decode.supports(torch.zeros(2, 32, 1, 64), 1)  # block size: one vector of scores
     assert not cpu_decode.supports(torch.zeros(2, 16, 1, 64), 17)  # query heads per KV head
 
