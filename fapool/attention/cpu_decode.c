@@ -33,6 +33,19 @@ static inline __attribute__((always_inline)) __m512 load16(const void *cache, in
     return _mm512_maskz_loadu_ps(mask, (const float *)cache + offset);
 }
 
+/* acc += w . (the bf16 pair at x, broadcast) and acc += (the float at x, broadcast) * w, the
+ * broadcast folded into the instruction ({1to16}): as a separate vpbroadcastd, which the
+ * compiler emits for _mm512_set1_*, it takes a vector pipe from the multiplies. */
+static inline __attribute__((always_inline)) __m512 dot_bcast(__m512 acc, __m512bh w, const uint32_t *x) {
+    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+    return acc;
+}
+
+static inline __attribute__((always_inline)) __m512 fma_bcast(__m512 acc, __m512 w, const float *x) {
+    __asm__("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+    return acc;
+}
+
 /* The first n of 16 lanes (none for n <= 0). */
 static inline __mmask16 tail_of(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
@@ -207,10 +220,10 @@ static inline __attribute__((always_inline)) void prefill_tile_f32(
                 const float *qr = q + (((int64_t)t * H + h) * G + g) * D;
                 __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
                 for (int d = 0; d + 1 < D; d += 2) {
-                    s0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[d]), kt[d], s0);
-                    s1 = _mm512_fmadd_ps(_mm512_set1_ps(qr[d + 1]), kt[d + 1], s1);
+                    s0 = fma_bcast(s0, kt[d], qr + d);
+                    s1 = fma_bcast(s1, kt[d + 1], qr + d + 1);
                 }
-                if (D % 2) s0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[D - 1]), kt[D - 1], s0);
+                if (D % 2) s0 = fma_bcast(s0, kt[D - 1], qr + D - 1);
                 __m512 s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(s0, s1));
                 float mx = fmaxf(m[r], _mm512_reduce_max_ps(s));
                 float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
@@ -221,7 +234,7 @@ static inline __attribute__((always_inline)) void prefill_tile_f32(
                 _mm512_storeu_ps(pj, p);
                 for (int c = 0; c < nc; c++) {
                     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), _mm512_set1_ps(corr));
-                    for (int j = 0; j < ntok; j++) a = _mm512_fmadd_ps(_mm512_set1_ps(pj[j]), vb[j][c], a);
+                    for (int j = 0; j < ntok; j++) a = fma_bcast(a, vb[j][c], pj + j);
                     _mm512_storeu_ps(acc[r] + c * 16, a);
                 }
             }
@@ -311,12 +324,12 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
             int dp = 0;
             for (; dp + 1 < np; dp += 2)
                 for (int g = 0; g < G; g++) {
-                    sa[g] = _mm512_dpbf16_ps(sa[g], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32((int)qb[r0 + g][dp]));
-                    sb[g] = _mm512_dpbf16_ps(sb[g], (__m512bh)kt[dp + 1], (__m512bh)_mm512_set1_epi32((int)qb[r0 + g][dp + 1]));
+                    sa[g] = dot_bcast(sa[g], (__m512bh)kt[dp], &qb[r0 + g][dp]);
+                    sb[g] = dot_bcast(sb[g], (__m512bh)kt[dp + 1], &qb[r0 + g][dp + 1]);
                 }
             for (int g = 0; g < G; g++) {
                 const int r = r0 + g;
-                if (dp < np) sa[g] = _mm512_dpbf16_ps(sa[g], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32((int)qb[r][dp]));
+                if (dp < np) sa[g] = dot_bcast(sa[g], (__m512bh)kt[dp], &qb[r][dp]);
                 __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(sa[g], sb[g]));
                 float mx = fmaxf(m[r], _mm512_reduce_max_ps(sc));
                 float cf = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
@@ -331,7 +344,7 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
                 for (int g = 0; g < G; g++) a[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[r0 + g] + c * 16), corr[g]);
                 for (int jp = 0; jp < npairs; jp++)
                     for (int g = 0; g < G; g++)
-                        a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)vi[jp][c], (__m512bh)_mm512_set1_epi32((int)pj[g][jp]));
+                        a[g] = dot_bcast(a[g], (__m512bh)vi[jp][c], &pj[g][jp]);
                 for (int g = 0; g < G; g++) _mm512_storeu_ps(acc[r0 + g] + c * 16, a[g]);
             }
         }

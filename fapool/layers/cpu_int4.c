@@ -21,6 +21,13 @@
 int fapool_int4_supported(void) { return HAVE_KERNEL; }
 
 #if HAVE_KERNEL
+/* acc += w . (x's bf16 pair, broadcast): the broadcast folded into the instruction ({1to16});
+ * as a separate vpbroadcastd (what the compiler emits) it takes a vector pipe from the dots. */
+static inline __attribute__((always_inline)) __m512 dot_bcast(__m512 acc, __m512bh w, const uint32_t *x) {
+    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+    return acc;
+}
+
 /* One tile of `mc` rows over all G groups. packed: [G][8][32] bytes of this tile, byte 2c + h of
  * pair p holding q[c][2p + h] (low nibble) and q[c][16 + 2p + h] (high); scale, offset: [G][16]. */
 static inline __attribute__((always_inline)) void tile_rows(
@@ -47,8 +54,8 @@ static inline __attribute__((always_inline)) void tile_rows(
             for (int i = 0; i < MC; i++) {
                 if (i < mc) {
                     const uint32_t *xr = x + (int64_t)i * ldx_pairs + g * 16;
-                    t[i] = _mm512_dpbf16_ps(t[i], lo, (__m512bh)_mm512_set1_epi32((int)xr[p]));
-                    t[i] = _mm512_dpbf16_ps(t[i], hi, (__m512bh)_mm512_set1_epi32((int)xr[p + 8]));
+                    t[i] = dot_bcast(t[i], lo, xr + p);
+                    t[i] = dot_bcast(t[i], hi, xr + p + 8);
                 }
             }
         }
