@@ -36,7 +36,7 @@ GROUP_SIZE = 32  # int4 group: llama.cpp's Q4_0 / Q4_1 block
 RESCORE_TOP_K = 16  # LM head: tokens per row whose logits are recomputed from the float weight
 # Rows up to which the quantized kernel beats the packed bf16 copy (benchmarks/RESULTS.md, cpu_quant_kernels).
 MAX_QUANTIZED_ROWS = 8  # aten's int8 and int4 kernels
-MAX_NATIVE_INT4_ROWS = 16  # cpu_int4.c
+MAX_NATIVE_INT4_ROWS = 64  # cpu_int4.c
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
