@@ -5,6 +5,7 @@
  * + offset * sum(x). Rows go in chunks of 8 held in registers; output tiles of 16 columns are
  * spread over torch's OpenMP threads. Built by cpu_int4.py with -O3 -march=native -fopenmp. */
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -74,16 +75,27 @@ static inline __attribute__((always_inline)) void tile_rows(
 }
 #endif
 
-/* x [M, K] bf16, packed [N/16][K/32][8][32] bytes, scale / offset [N/16][K/32][16] float32,
- * y [M, N] bf16. Returns 0, or -1 where the kernel is not built or the sizes are out of range. */
-int fapool_int4_matmul(const uint16_t *x, int M, int K, const uint8_t *packed, const float *scale,
+/* x [M, K] bf16 (or float32 where x_f32, rounded to bf16 here), packed [N/16][K/32][8][32]
+ * bytes, scale / offset [N/16][K/32][16] float32, y [M, N] bf16. Returns 0, or -1 where the
+ * kernel is not built or the sizes are out of range, -2 out of memory. */
+int fapool_int4_matmul(const void *x_in, int x_f32, int M, int K, const uint8_t *packed, const float *scale,
                        const float *offset, int N, uint16_t *y) {
 #if HAVE_KERNEL
     if (M < 1 || M > MAX_M || K % GROUP || N % TILE) return -1;
     const int G = K / GROUP, tiles = N / TILE;
+    if ((int64_t)M * G > MAX_M * 512) return -1;
+    const uint16_t *x = (const uint16_t *)x_in;
+    uint16_t *rounded = NULL;
+    if (x_f32) { /* one pass to bf16 (round to nearest even, as torch's .to(bfloat16)) */
+        rounded = malloc(sizeof(uint16_t) * (size_t)M * K);
+        if (!rounded) return -2;
+        const float *xf = (const float *)x_in;
+        for (int64_t i = 0; i < (int64_t)M * K; i += 16)
+            _mm256_storeu_si256((__m256i *)(rounded + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xf + i)));
+        x = rounded;
+    }
     /* Each row's sum over each group, for the offsets; bf16 widens to float32 by a shift. */
     float xsum[MAX_M * 512];
-    if ((int64_t)M * G > MAX_M * 512) return -1;
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
             __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -114,9 +126,10 @@ int fapool_int4_matmul(const uint16_t *x, int M, int K, const uint8_t *packed, c
             }
         }
     }
+    free(rounded);
     return 0;
 #else
-    (void)x; (void)M; (void)K; (void)packed; (void)scale; (void)offset; (void)N; (void)y;
+    (void)x_in; (void)x_f32; (void)M; (void)K; (void)packed; (void)scale; (void)offset; (void)N; (void)y;
     return -1;
 #endif
 }

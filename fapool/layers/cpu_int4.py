@@ -27,7 +27,7 @@ def load() -> ctypes.CDLL | None:
         return None
     fn = lib.fapool_int4_matmul
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return lib
 
@@ -63,13 +63,20 @@ def pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> PackedIn
 
 
 def matmul(lib: ctypes.CDLL, x: torch.Tensor, w: PackedInt4) -> torch.Tensor:
-    """x [M, K] bf16 -> x @ W^T [M, N] bf16, summed in float32 (MAX_ROWS rows a call)."""
+    """x [M, K] -> x @ W^T [M, N] bf16: x rounded to bf16 (a float32 x in the kernel), the
+    products summed in float32, MAX_ROWS rows a call."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.to(torch.bfloat16)
     x = x.contiguous()
+    f32 = int(x.dtype == torch.float32)
     y = torch.empty(x.shape[0], w.out_features, dtype=torch.bfloat16)
+    data, scale, offset = w.data.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr()
     for start in range(0, x.shape[0], MAX_ROWS):
         xs, ys = x[start : start + MAX_ROWS], y[start : start + MAX_ROWS]
-        rc = lib.fapool_int4_matmul(xs.data_ptr(), xs.shape[0], w.in_features, w.data.data_ptr(),
-                                    w.scale.data_ptr(), w.offset.data_ptr(), w.out_features, ys.data_ptr())
+        rc = lib.fapool_int4_matmul(xs.data_ptr(), f32, xs.shape[0], w.in_features, data, scale, offset,
+                                    w.out_features, ys.data_ptr())
+        if rc == -2:
+            raise MemoryError("cpu_int4: no memory to round the input to bf16")
         if rc != 0:
             raise ValueError(f"cpu_int4: sizes out of range ({xs.shape[0]} rows, {w.out_features}x{w.in_features})")
     return y

@@ -79,16 +79,18 @@ class _Quantized:
     max_quantized_rows = MAX_QUANTIZED_ROWS
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        rows = x.reshape(-1, x.shape[-1])
         many = rows.shape[0] > self.max_quantized_rows
-        if self.bf16_weight is not None and (many or (self.qweight is None and self.native_int4 is None)):
-            y = packed_linear(rows, self.bf16_weight)
-        elif self.native_int4 is not None:
-            y = cpu_int4.matmul(cpu_int4.load(), rows, self.native_int4)
-        elif self.scheme == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
+        if self.native_int4 is not None and (not many or self.bf16_weight is None):
+            y = cpu_int4.matmul(cpu_int4.load(), rows, self.native_int4)  # rounds a float32 x itself
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP_SIZE, self.qscale)
+            rows = rows.to(torch.bfloat16)
+            if self.bf16_weight is not None and (many or self.qweight is None):
+                y = packed_linear(rows, self.bf16_weight)
+            elif self.scheme == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.qscale)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, GROUP_SIZE, self.qscale)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 

@@ -44,6 +44,13 @@ def test_matmul_equals_the_rounded_exact_product(n, k, m):
     assert (got == exact.bfloat16()).float().mean() > 0.97
 
 
+def test_float32_input_is_rounded_to_bf16_in_the_kernel():
+    torch.manual_seed(5)
+    p = cpu_int4.pack(*quantize_int4(torch.randn(64, 96)))
+    x = torch.randn(5, 96)
+    assert torch.equal(cpu_int4.matmul(cpu_int4.load(), x, p), cpu_int4.matmul(cpu_int4.load(), x.bfloat16(), p))
+
+
 def test_sizes_it_was_not_built_for_are_refused():
     with pytest.raises(ValueError, match="out features a multiple of 16"):
         cpu_int4.pack(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 2), torch.zeros(40, 2))
