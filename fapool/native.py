@@ -45,7 +45,9 @@ def build(source: Path) -> ctypes.CDLL | None:
     if cc is None:
         logger.info("no C compiler found: %s is not used", source.name)
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    # The package's headers (simd.h) are part of every kernel's build.
+    headers = b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.rglob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     lib_path = cache_dir() / f"{source.stem}-{digest}.so"
     if not lib_path.exists():
         try:

@@ -8,7 +8,6 @@
 #include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #define HAVE_KERNEL 1
 #else
 #define HAVE_KERNEL 0
@@ -22,32 +21,14 @@
 int fapool_decode_supported(void) { return HAVE_KERNEL; }
 
 #if HAVE_KERNEL
+#include "../simd.h"
+
 #define CHUNKS (MAX_D / 16)
 
 /* 16 elements (fewer where `mask` says) of a bf16 or float32 cache row, as float32. */
 static inline __attribute__((always_inline)) __m512 load16(const void *cache, int bf16, int64_t offset, __mmask16 mask) {
-    if (bf16) {
-        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)cache + offset);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(mask, (const float *)cache + offset);
+    return bf16 ? load_bf16((const uint16_t *)cache + offset, mask) : _mm512_maskz_loadu_ps(mask, (const float *)cache + offset);
 }
-
-/* acc += w . (the bf16 pair at x, broadcast) and acc += (the float at x, broadcast) * w, the
- * broadcast folded into the instruction ({1to16}): as a separate vpbroadcastd, which the
- * compiler emits for _mm512_set1_*, it takes a vector pipe from the multiplies. */
-static inline __attribute__((always_inline)) __m512 dot_bcast(__m512 acc, __m512bh w, const uint32_t *x) {
-    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
-    return acc;
-}
-
-static inline __attribute__((always_inline)) __m512 fma_bcast(__m512 acc, __m512 w, const float *x) {
-    __asm__("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
-    return acc;
-}
-
-/* The first n of 16 lanes (none for n <= 0). */
-static inline __mmask16 tail_of(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
 /* Lane i = the sum of v[i]'s lanes: a transpose-and-add tree, 45 instructions for 16 sums. */
 static inline __m512 reduce16(const __m512 *v) {
@@ -61,25 +42,6 @@ static inline __m512 reduce16(const __m512 *v) {
     __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
     __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
     return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xdd));
-}
-
-/* exp(x) for x <= 0 (scores minus their running max), 16 at a time: 2^t = 2^round(t) * 2^f
- * with |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (relative error ~1e-8). */
-static inline __m512 exp_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, r), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
 /* Blocks [b0, b1) of one sequence for KV head h: q [G, D] float32 already scaled, out [G, D],
@@ -122,7 +84,7 @@ static inline __attribute__((always_inline)) void attend_head(
             __m512 s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), reduce16(part[g]));
             float mx = fmaxf(m[g], _mm512_reduce_max_ps(s));
             float corr = m[g] == -INFINITY ? 0.0f : expf(m[g] - mx);
-            p[g] = _mm512_maskz_mov_ps(valid, exp_nonpos(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
+            p[g] = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
             l[g] = l[g] * corr + _mm512_reduce_add_ps(p[g]);
             m[g] = mx;
             if (corr != 1.0f)
@@ -177,86 +139,12 @@ static inline void transpose16(__m512 *r) {
 
 /* Query tokens [t0, t1) of one sequence for KV head h (rows of G query heads each, q [T, H, G,
  * D] already scaled) over its keys at positions kv_start.. (causal: a key is seen from its own
- * position on), for a float32 cache, in float32. Per 16-key block: K widened and transposed
- * once (a vector per head-dim element, the block's keys in its lanes) and V widened, then for
- * each row the block's 16 scores as D FMAs with q's elements broadcast, an online softmax
- * update and P @ V. */
-static inline __attribute__((always_inline)) void prefill_tile_f32(
-    const float *q, const void *k_cache, const void *v_cache, int bf16, const int32_t *table, int kv_len,
-    int kv_start, int q_pos0, int t0, int t1, int H, int h, int G, int D, int bs, float *out, float *lse) {
-    const int nc = (D + 15) / 16;
-    const __mmask16 tail = (D % 16) ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
-    const int R = (t1 - t0) * G;
-    float acc[QT * MAX_G][MAX_D] __attribute__((aligned(64)));
-    float m[QT * MAX_G];
-    __m512 lsum[QT * MAX_G];
-    __m512 kt[MAX_D], vb[MAX_BS][CHUNKS];
-    for (int r = 0; r < R; r++) {
-        m[r] = -INFINITY;
-        lsum[r] = _mm512_setzero_ps();
-        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc[r] + c * 16, _mm512_setzero_ps());
-    }
-    int last = q_pos0 + t1 - kv_start; /* keys up to the last query's position */
-    int nkeys = last < kv_len ? last : kv_len;
-    for (int b = 0; b * bs < nkeys; b++) {
-        const int64_t base = (int64_t)table[b] * bs;
-        const int ntok = nkeys - b * bs < bs ? nkeys - b * bs : bs;
-        for (int c = 0; c < nc; c++) {
-            __mmask16 cm = c == nc - 1 ? tail : 0xffff;
-            for (int j = 0; j < MAX_BS; j++) {
-                const int64_t row = ((base + j) * H + h) * D + c * 16;
-                kt[c * 16 + j] = j < ntok ? load16(k_cache, bf16, row, cm) : _mm512_setzero_ps();
-                vb[j][c] = j < ntok ? load16(v_cache, bf16, row, cm) : _mm512_setzero_ps();
-            }
-            transpose16(kt + c * 16);
-        }
-        const int key0 = kv_start + b * bs; /* position of the block's first key */
-        for (int t = t0; t < t1; t++) {
-            int seen = q_pos0 + t - key0 + 1; /* keys of this block the token sees */
-            if (seen <= 0) continue;
-            const __mmask16 valid = (__mmask16)((1u << (seen < ntok ? seen : ntok)) - 1);
-            for (int g = 0; g < G; g++) {
-                const int r = (t - t0) * G + g;
-                const float *qr = q + (((int64_t)t * H + h) * G + g) * D;
-                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-                for (int d = 0; d + 1 < D; d += 2) {
-                    s0 = fma_bcast(s0, kt[d], qr + d);
-                    s1 = fma_bcast(s1, kt[d + 1], qr + d + 1);
-                }
-                if (D % 2) s0 = fma_bcast(s0, kt[D - 1], qr + D - 1);
-                __m512 s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(s0, s1));
-                float mx = fmaxf(m[r], _mm512_reduce_max_ps(s));
-                float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
-                __m512 p = _mm512_maskz_mov_ps(valid, exp_nonpos(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
-                m[r] = mx;
-                lsum[r] = _mm512_fmadd_ps(lsum[r], _mm512_set1_ps(corr), p);
-                float pj[MAX_BS];
-                _mm512_storeu_ps(pj, p);
-                for (int c = 0; c < nc; c++) {
-                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), _mm512_set1_ps(corr));
-                    for (int j = 0; j < ntok; j++) a = fma_bcast(a, vb[j][c], pj + j);
-                    _mm512_storeu_ps(acc[r] + c * 16, a);
-                }
-            }
-        }
-    }
-    for (int t = t0; t < t1; t++)
-        for (int g = 0; g < G; g++) {
-            const int r = (t - t0) * G + g;
-            const int64_t o = ((int64_t)t * H + h) * G + g;
-            float l = _mm512_reduce_add_ps(lsum[r]);
-            __m512 inv = _mm512_set1_ps(1.0f / l);
-            for (int c = 0; c < nc; c++)
-                _mm512_mask_storeu_ps(out + o * D + c * 16, c == nc - 1 ? tail : 0xffff,
-                                      _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), inv));
-            lse[o] = m[r] + logf(l);
-        }
-}
-/* prefill_tile_f32 for a bf16 cache with bf16 dot products (vdpbf16ps, twice the float32
- * FMA's multiplies): q and P are rounded to bf16 for them, as aten's CPU flash kernel rounds
- * them for a bf16 cache, and the sums stay float32. K goes in as pairs of head-dim elements
- * transposed (the block's keys in the lanes), V as pairs of keys interleaved (head-dim elements
- * in the lanes). D even. */
+ * position on), bf16 cache. Per 16-key block, K goes in as pairs of head-dim elements
+ * transposed once (the block's keys in the lanes: scores need no horizontal sums) and V as pairs
+ * of keys interleaved (head-dim elements in the lanes); then for each token its G rows side by
+ * side: scores, an online softmax update, P @ V. The products are bf16 dot products
+ * (vdpbf16ps, twice the float32 FMA's multiplies), q and P rounded to bf16 for them as aten's
+ * CPU flash kernel rounds them for a bf16 cache; sums stay float32. D even. */
 static inline __attribute__((always_inline)) void prefill_tile_bf16(
     const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int kv_len,
     int kv_start, int q_pos0, int t0, int t1, int H, int h, int G, int D, int bs, float *out, float *lse) {
@@ -280,8 +168,8 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
             const int r = (t - t0) * G + g;
             const float *qr = q + (((int64_t)t * H + h) * G + g) * D;
             for (int c = 0; c < D; c += 32) {
-                __m512 a = _mm512_maskz_loadu_ps(tail_of(D - c), qr + c);
-                __m512 b = _mm512_maskz_loadu_ps(tail_of(D - c - 16), qr + c + 16);
+                __m512 a = _mm512_maskz_loadu_ps(tail_mask(D - c), qr + c);
+                __m512 b = _mm512_maskz_loadu_ps(tail_mask(D - c - 16), qr + c + 16);
                 _mm512_storeu_si512(qb[r] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(b, a));
             }
             m[r] = -INFINITY;
@@ -295,7 +183,7 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
         const int ntok = nkeys - b * bs < bs ? nkeys - b * bs : bs;
         const uint32_t *k32 = (const uint32_t *)k_cache;
         for (int pc = 0; pc < npc; pc++) {
-            __mmask16 cm = tail_of(np - pc * 16);
+            __mmask16 cm = tail_mask(np - pc * 16);
             for (int j = 0; j < MAX_BS; j++)
                 kt[pc * 16 + j] = j < ntok ? _mm512_maskz_loadu_epi32(cm, k32 + (((base + j) * H + h) * D) / 2 + pc * 16)
                                            : _mm512_setzero_si512();
@@ -333,7 +221,7 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
                 __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(sa[g], sb[g]));
                 float mx = fmaxf(m[r], _mm512_reduce_max_ps(sc));
                 float cf = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
-                __m512 p = _mm512_maskz_mov_ps(valid, exp_nonpos(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
+                __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
                 m[r] = mx;
                 corr[g] = _mm512_set1_ps(cf);
                 lsum[r] = _mm512_fmadd_ps(lsum[r], corr[g], p);
@@ -356,13 +244,13 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
             float l = _mm512_reduce_add_ps(lsum[r]);
             __m512 inv = _mm512_set1_ps(1.0f / l);
             for (int c = 0; c < nc; c++)
-                _mm512_mask_storeu_ps(out + o * D + c * 16, tail_of(D - c * 16), _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), inv));
+                _mm512_mask_storeu_ps(out + o * D + c * 16, tail_mask(D - c * 16), _mm512_mul_ps(_mm512_loadu_ps(acc[r] + c * 16), inv));
             lse[o] = m[r] + logf(l);
         }
 }
 #endif
 
-/* Multi-token rows (prefill chunks) of n sequences, every key causal: sequence s's q_len[s]
+/* Multi-token rows (prefill chunks) of n sequences over a bf16 cache, every key causal: sequence s's q_len[s]
  * query tokens are rows q_start[s].. of q/out [T, H, G, D] float32 (q already scaled), at
  * positions q_pos0[s]..; its kv_len[s] keys sit at positions kv_start[s].. of its block table.
  * Every token must see at least one key. lse [T, H, G]. Returns 0, or -1 for sizes it was not
@@ -372,7 +260,7 @@ int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_
                              const int32_t *q_len, const int32_t *q_pos0, const int32_t *kv_start,
                              const int32_t *kv_len, int H, int G, int D, int bs, float *out, float *lse) {
 #if HAVE_KERNEL
-    if (D > MAX_D || G > MAX_G || bs > MAX_BS || (bf16 && D % 2)) return -1;
+    if (!bf16 || D > MAX_D || D % 2 || G > MAX_G || bs > MAX_BS) return -1;
     int items = 0;
     for (int s = 0; s < n; s++) items += (q_len[s] + QT - 1) / QT * H;
     /* (sequence, query tile, KV head) items, the longest tiles (the last ones) first. */
@@ -386,13 +274,10 @@ int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_
         /* positions are of the sequence's own tokens: shift q_pos0 so row t sits at q_pos0 + (t - q_start). */
         int pos0 = q_pos0[s] - q_start[s];
         const uint16_t *kb = (const uint16_t *)k_cache, *vb = (const uint16_t *)v_cache;
-        if (bf16 && D == 64 && G == 3)
+        if (D == 64 && G == 3)
             prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, 3, 64, bs, out, lse);
-        else if (bf16)
-            prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, G, D, bs, out, lse);
         else
-            prefill_tile_f32(q, k_cache, v_cache, 0, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, G, D, bs, out,
-                             lse);
+            prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, G, D, bs, out, lse);
     }
     return 0;
 #else

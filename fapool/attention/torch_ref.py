@@ -2,8 +2,8 @@
 
 Computes in float32, except that aten's CPU flash kernel reads a bf16 cache as bf16 (it
 accumulates in float32). On the CPU, decode tokens (one query per sequence, every key of its
-table visible) and prefill chunks (causal, each query seeing at least its sequence's first key)
-go through the C kernels of cpu_decode, which read the pages in place. Where they
+table visible) and, over a bf16 cache, prefill chunks (causal, each query seeing at least its
+sequence's first key) go through the C kernels of cpu_decode, which read the pages in place. Where they
 cannot run (no C compiler or AVX-512, an FP8 cache), or off the CPU, decode tokens are batched together over a
 padded gather of their blocks; with long contexts on the CPU each goes through PyTorch's CPU
 flash attention over its own gathered blocks instead (its query heads of a KV head as the
@@ -108,9 +108,11 @@ class _Plan:
         self.decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1 and meta.kv_lens_cpu[s] > 0]
         self.multi = [s for s, n in enumerate(meta.query_lens_cpu) if n > 1 and meta.kv_lens_cpu[s] > 0]
         self.cpu = str(device).startswith("cpu")
-        # The C kernel takes the prefill chunks too where each one's first query sees its first key.
+        # The C kernel takes the prefill chunks of a bf16 cache too, where each one's first query
+        # sees its first key (a float32 cache keeps aten's float32 flash kernel: exact HF parity).
         self.native_multi = (
-            native_kernel and self.cpu and bool(self.multi) and all(self.kv_start[s] <= self.q_pos0[s] for s in self.multi)
+            native_kernel and self.cpu and flash_dtype == torch.bfloat16 and bool(self.multi)
+            and all(self.kv_start[s] <= self.q_pos0[s] for s in self.multi)
         )
         if self.native_multi:
             idx = torch.tensor(self.multi)

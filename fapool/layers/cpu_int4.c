@@ -8,7 +8,6 @@
 #include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #define HAVE_KERNEL 1
 #else
 #define HAVE_KERNEL 0
@@ -22,12 +21,7 @@
 int fapool_int4_supported(void) { return HAVE_KERNEL; }
 
 #if HAVE_KERNEL
-/* acc += w . (x's bf16 pair, broadcast): the broadcast folded into the instruction ({1to16});
- * as a separate vpbroadcastd (what the compiler emits) it takes a vector pipe from the dots. */
-static inline __attribute__((always_inline)) __m512 dot_bcast(__m512 acc, __m512bh w, const uint32_t *x) {
-    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
-    return acc;
-}
+#include "../simd.h"
 
 /* One tile of `mc` rows over all G groups. packed: [G][8][32] bytes of this tile, byte 2c + h of
  * pair p holding q[c][2p + h] (low nibble) and q[c][16 + 2p + h] (high); scale, offset: [G][16]. */
