@@ -62,10 +62,19 @@ static inline __attribute__((always_inline)) void attend_head(
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
+    const int row_bytes = D * (bf16 ? 2 : 4);
     for (int b = b0; b < b1; b++) {
         const int64_t base = (int64_t)table[b] * bs;
         const int ntok = len - b * bs < bs ? len - b * bs : bs;
         const __mmask16 valid = (__mmask16)((1u << ntok) - 1);
+        if (b + 1 < b1) { /* the next block's rows of this head: its page is elsewhere in memory */
+            const int64_t next = ((int64_t)table[b + 1] * bs * H + h) * D;
+            for (int j = 0; j < bs; j++)
+                for (int off = 0; off < row_bytes; off += 64) {
+                    _mm_prefetch((const char *)k_cache + (next + (int64_t)j * H * D) * (row_bytes / D) + off, _MM_HINT_T0);
+                    _mm_prefetch((const char *)v_cache + (next + (int64_t)j * H * D) * (row_bytes / D) + off, _MM_HINT_T0);
+                }
+        }
         for (int j = 0; j < MAX_BS; j++) {
             if (j >= ntok) {
                 for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps();
