@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define HAVE_KERNEL 1
@@ -376,4 +377,17 @@ int fapool_decode_attention(const float *q, const void *k_cache, const void *v_c
     (void)n; (void)H; (void)G; (void)D; (void)bs; (void)out; (void)lse; (void)parts;
     return -1;
 #endif
+}
+
+/* The step's new K and V rows into the paged caches: token i's row (row_bytes, its KV heads
+ * side by side) from key / value (token strides key_stride / value_stride bytes) to slot
+ * slots[i] of each cache; slots < 0 are skipped. Plain copies: the caller checked that the
+ * rows are already in the cache's dtype. */
+void fapool_write_kv(char *k_cache, char *v_cache, const char *key, int64_t key_stride, const char *value,
+                     int64_t value_stride, const int64_t *slots, int n, int64_t row_bytes) {
+    for (int i = 0; i < n; i++) {
+        if (slots[i] < 0) continue;
+        memcpy(k_cache + slots[i] * row_bytes, key + i * key_stride, (size_t)row_bytes);
+        memcpy(v_cache + slots[i] * row_bytes, value + i * value_stride, (size_t)row_bytes);
+    }
 }

@@ -27,6 +27,10 @@ def load() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.fapool_write_kv
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     fn = lib.fapool_prefill_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -96,3 +100,21 @@ def prefill_attention(
     )
     if rc != 0:
         raise ValueError(f"cpu_decode: sizes out of range (D {dim}, {heads} x {group} heads, block size {k_cache.shape[1]})")
+
+
+def write_kv(lib: ctypes.CDLL, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Copy the step's K / V rows [T, Hkv, D] into the caches' slots (slots < 0 skipped) where
+    one C call can (CPU, the cache's dtype, each token's heads contiguous, int64 slots); False
+    where it cannot and the caller's path must."""
+    ok = (
+        key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and key.stride()[1:] == value.stride()[1:] == (key.shape[2], 1)
+        and slots.dtype == torch.int64 and slots.is_contiguous() and slots.device.type == "cpu"
+    )
+    if ok:
+        lib.fapool_write_kv(k_cache.data_ptr(), v_cache.data_ptr(), key.data_ptr(), key.stride(0) * key.element_size(),
+                            value.data_ptr(), value.stride(0) * value.element_size(), slots.data_ptr(), key.shape[0],
+                            key.shape[1] * key.shape[2] * key.element_size())
+    return ok

@@ -246,7 +246,10 @@ class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
-        write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales)
+        # One C call for the step's rows on the CPU (scales apply to FP8 caches only, which it leaves alone).
+        lib = cpu_decode.load() if k_cache.device.type == "cpu" else None
+        if lib is None or not cpu_decode.write_kv(lib, k_cache, v_cache, key, value, slot_mapping):
+            write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales)
 
     def forward(
         self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None, new_kv=None

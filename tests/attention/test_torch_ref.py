@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from paged_cases import shard_metadata
 
 from fapool.attention import AttentionMetadata, TorchReferenceBackend, cpu_decode, merge_partials, merge_tree
+from fapool.attention.torch_ref import write_kv_torch
 
 needs_cc = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler or no AVX-512 for cpu_decode.c")
 
@@ -311,6 +312,26 @@ def test_c_prefill_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, he
         want_o, want_l = _sdpa_oracle(qs, k.to(dtype).float(), v.to(dtype).float(), ctx, 1.0)
         torch.testing.assert_close(out[starts[s] : starts[s + 1]], want_o, atol=atol, rtol=rtol)
         torch.testing.assert_close(lse[starts[s] : starts[s + 1]], want_l, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_kv_write_equals_the_torch_write(dtype):
+    """The backend's KV write through cpu_decode's one C call: rows straight from a strided
+    projection output (value a view of it, as the model hands them over), slot -1 skipped;
+    the same caches as write_kv_torch's."""
+    torch.manual_seed(0)
+    qkv = torch.randn(5, 3 * 2 * 8).to(dtype)
+    key, value = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
+    slots = torch.tensor([7, -1, 0, 12, 3])
+    got = [torch.zeros(4, 4, 2, 8, dtype=dtype) for _ in range(2)]
+    want = [torch.zeros(4, 4, 2, 8, dtype=dtype) for _ in range(2)]
+    assert cpu_decode.write_kv(cpu_decode.load(), *got, key, value, slots)
+    TorchReferenceBackend().write_kv(*got, key, value, slots)  # again, through the backend: same rows
+    write_kv_torch(*want, key, value, slots)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[0].abs().sum() > 0
+    if dtype == torch.bfloat16:  # rows in another dtype than the cache's: left to write_kv_torch
+        assert not cpu_decode.write_kv(cpu_decode.load(), *got, key.float(), value, slots)
 
 
 def test_c_decode_kernel_refuses_what_it_was_not_built_for():
