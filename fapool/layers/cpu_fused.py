@@ -20,6 +20,7 @@ from torch import nn
 
 from fapool import native
 from fapool.layers.norm import RMSNorm
+from fapool.layers.swap import swap_classes
 from fapool.models.llama import MLP, Attention
 
 SOURCE = Path(__file__).with_name("cpu_fused.c")
@@ -117,12 +118,4 @@ _FUSED = {RMSNorm: CpuFusedRMSNorm, Attention: CpuFusedAttention, MLP: CpuFusedM
 def fuse_cpu_model(model: nn.Module) -> int:
     """Switch the model's RMSNorm, Attention and MLP instances to their fused twins where the
     kernels run here; returns how many were switched."""
-    if load() is None:
-        return 0
-    n = 0
-    for module in model.modules():
-        cls = _FUSED.get(type(module))
-        if cls is not None:
-            module.__class__ = cls
-            n += 1
-    return n
+    return 0 if load() is None else swap_classes(model, _FUSED)

@@ -29,6 +29,7 @@ from torch import nn
 from fapool.layers.linear import MergedLinear
 from fapool.layers.norm import RMSNorm
 from fapool.layers.rotary import RotaryEmbedding, apply_rotary
+from fapool.layers.swap import swap_classes
 from fapool.layers.triton_linear import MAX_ROWS, SkinnyConfig, activation, pick_config, skinny_linear
 from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 from fapool.models.llama import MLP, Attention
@@ -405,18 +406,8 @@ _PLAIN_CLASSES = {v: k for k, v in _FUSED_CLASSES.items()}
 def fuse_model(model: torch.nn.Module) -> int:
     """Switch RMSNorm, Attention and MLP modules to their fused subclasses (same parameters,
     same state; the subclasses add only a forward). Returns how many modules changed."""
-    return _swap(model, _FUSED_CLASSES)
+    return swap_classes(model, _FUSED_CLASSES)
 
 
 def unfuse_model(model: torch.nn.Module) -> int:
-    return _swap(model, _PLAIN_CLASSES)
-
-
-def _swap(model: torch.nn.Module, table: dict[type, type]) -> int:
-    n = 0
-    for m in model.modules():
-        new = table.get(type(m))
-        if new is not None:
-            m.__class__ = new
-            n += 1
-    return n
+    return swap_classes(model, _PLAIN_CLASSES)
