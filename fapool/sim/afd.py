@@ -1,5 +1,5 @@
-"""Closed-form sizing of AFD rA-1F bundles (seed 002): the r maximising r b / (E[step(r)] (r + f_tp)),
-and the balance and sqrt-rule landmarks around it; derivation in docs/afd_ratio.md.
+"""Closed-form sizing of AFD rA-1F bundles (seed 002): the r maximising r b / (E[step(r)] (r + f_tp));
+derivation in docs/afd_ratio.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ class AFDPlan:
     best: AFDPoint
     b: int
     f_tp: int
-    balance_ratio: float  # r where the mean attention total equals the FFN total
-    ffn_bound_ratio: float  # optimum if the FFN side bound from r = 1 (sqrt rule)
     curve: list[AFDPoint]
 
 
@@ -63,12 +61,6 @@ class AFDModel:
             self._a_cache[key] = (a0, (a_side(s0 + ds) - a0) / ds, net)
         return self._a_cache[key]
 
-    def _f_total(self, r: int) -> float:
-        """The FFN side's total for the landmarks: compute, a micro-batch's two transfers, LM head."""
-        c, ar, net = self._bundle(r).ffn_layer(self.cost, r * self.b)
-        side = c + ar + 2 * net if self.overlap else c + ar
-        return self.L * side + float(self.cost.lm_head(r * self.b, self.f_tp))
-
     def point(self, r: int) -> AFDPoint:
         # E[step] over the distribution of the slowest attention GPU (the step is a max of terms).
         s_max, w = max_of_sums_distribution(self.m, self.b, r)
@@ -82,23 +74,6 @@ class AFDModel:
         thr = n / (step * (r + self.f_tp))
         return AFDPoint(r, step, thr)
 
-    def balance_ratio(self) -> float:
-        """r solving L * mean attention layer = F_total(r) ~ beta + gamma * r (fitted where the FFN side
-        is compute-bound)."""
-        r1 = max(1, 4096 // self.b)
-        f1, f2 = self._f_total(r1), self._f_total(2 * r1)
-        gamma = (f2 - f1) / r1
-        beta = f1 - gamma * r1
-        a_mean = self._a_terms(64)[0]  # large bundles: attention GPUs reach the FFN over the NIC
-        return max(0.0, (self.L * a_mean - beta) / gamma) if gamma > 0 else math.inf
-
-    def ffn_bound_ratio(self) -> float:
-        """Maximiser of r / ((r + f_tp)(beta + gamma r)), sqrt(f_tp beta / gamma), fitted at small r."""
-        f1, f2 = self._f_total(1), self._f_total(2)
-        gamma = max(f2 - f1, 1e-15)
-        beta = max(f1 - gamma, 0.0)
-        return math.sqrt(self.f_tp * beta / gamma)
-
     def optimise(self, r_max: int = 4096) -> AFDPlan:
         curve: list[AFDPoint] = []
         best: AFDPoint | None = None
@@ -110,8 +85,7 @@ class AFDModel:
             elif r > 2 * best.r + 8 and p.throughput_per_gpu < 0.8 * best.throughput_per_gpu:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
-        ratios = (self.balance_ratio(), self.ffn_bound_ratio())
-        return AFDPlan(best, self.b, self.f_tp, *ratios, curve)
+        return AFDPlan(best, self.b, self.f_tp, curve)
 
 
 def length_moments(prompt, output, seed: int = 0) -> ContextMoments:

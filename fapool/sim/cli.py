@@ -179,13 +179,6 @@ def cmd_plan(args) -> int:
         f"{(rec.sim.throughput_per_gpu if rec.sim else rec.throughput_per_gpu):,.0f} tok/s/GPU at "
         f"TPOT {rec.tpot * 1e3:.1f} ms (SLO {args.tpot_slo:g} ms)"
     )
-    if plan.afd is not None:
-        a = plan.afd
-        console.print(
-            f"AFD closed form: optimal r = {a.best.r} attention GPUs per FFN instance (TP{a.f_tp}) at "
-            f"b = {a.b}; balance point {a.balance_ratio:.1f}, FFN-bound sqrt rule {a.ffn_bound_ratio:.1f} "
-            f"(docs/afd_ratio.md)"
-        )
     if args.json:
         rows = [{"kind": r.kind, "strategy": r.strategy.describe(), "gpus": r.gpus, "batch": r.batch,
                  "tpot_s": r.tpot, "throughput_per_gpu": r.throughput_per_gpu,

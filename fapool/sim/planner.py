@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fapool.sim.afd import AFDModel, AFDPlan
+from fapool.sim.afd import AFDModel
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 from fapool.sim.queueing import ContextMoments, context_moments, stationary_context_sample
@@ -46,7 +46,6 @@ class Plan:
     recommended: int  # index into rows
     tpot_slo: float
     moments: ContextMoments
-    afd: AFDPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,6 @@ class _PoolMeanField:
         local = float(cost.attention(B * e_loc, B * e_loc, B, 1.0 / tp)) if e_loc > 0 else 0.0
         pool_path = merge = driver_extra = step_extra = 0.0
         if P and e_pool > 0:
-            same = s.same_node(cost)
             # With calibrated pool terms each micro-batch is its own call on a worker (as the
             # simulator prices it); the terms and contention come from FAPool.machinery.
             n_mb = 2 if s.overlap and cost.hw.pool is not None else 1
@@ -147,14 +145,9 @@ class _PoolMeanField:
             attn = n_mb * float(cost.attention(kv_w / n_mb, kv_w / n_mb, queries / n_mb, share))
             q_w = float(cost.query_bytes(queries, share)) + new_kv
             r_w = float(cost.partial_bytes(queries, share))
-            attn_w, driver_extra, step_extra = s.machinery(
-                cost, np.full(P, attn), np.full(P, float(n_mb)), np.full(P, queries), n_mb * P, n_mb, n_mb
-            )
-            attn = float(attn_w.max())
-            send = max(float(cost.p2p(P * q_w / tp, same)), float(cost.p2p(q_w, same)))
-            back = max(float(cost.p2p(P * r_w / tp, same)), float(cost.p2p(r_w, same)))
-            pool_path = send + attn + back
-            merge = float(cost.elementwise(3 * P * r_w / tp))
+            counts = (np.full(P, float(n_mb)), np.full(P, queries), n_mb * P, n_mb, n_mb)
+            pool_path, merge, driver_extra, step_extra, _, _ = s.remote_layer(
+                cost, np.full(P, attn), np.full(P, q_w), np.full(P, r_w), counts)
         elif P and cost.hw.pool is not None:
             driver_extra = cost.hw.pool.driver_layer(1, 0, 0)
         kv = B * (e_loc + e_pool)
@@ -231,9 +224,9 @@ def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> 
     return row
 
 
-def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFDPlan | None]:
+def plan_afd(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
     cost, target = inp.cost, inp.tpot_slo * inp.headroom
-    best: tuple[AFDPlan, PlanRow] | None = None
+    best: PlanRow | None = None
     for f_tp in _tp_options(inp):
         probe = AFD(r=1, f_tp=f_tp)
         try:
@@ -252,12 +245,12 @@ def plan_afd(inp: PlannerInputs, m: ContextMoments) -> tuple[PlanRow | None, AFD
             if not ok:
                 continue
             pt = max(ok, key=lambda p: p.throughput_per_gpu)
-            note = f"r*={plan.best.r} (balance {plan.balance_ratio:.1f}), b={b}"
+            note = f"r*={plan.best.r} (unconstrained), b={b}"
             row = PlanRow("afd", AFD(r=pt.r, f_tp=f_tp, max_batch_per_attn=b), pt.r * b, pt.step_time,
                           pt.throughput_per_gpu, note)
-            if best is None or row.throughput_per_gpu > best[1].throughput_per_gpu:
-                best = (plan, row)
-    return (best[1], best[0]) if best else (None, None)
+            if best is None or row.throughput_per_gpu > best.throughput_per_gpu:
+                best = row
+    return best
 
 
 def verify(row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int,
@@ -277,8 +270,7 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
     static = plan_static(inp, m)
     pool = plan_fapool(inp, m, x)
     head = plan_head_parallel(inp, m, x)
-    afd_row, afd_plan = plan_afd(inp, m)
-    rows = [r for r in (static, pool, head, afd_row) if r is not None]
+    rows = [r for r in (static, pool, head, plan_afd(inp, m)) if r is not None]
     if not rows:
         fastest = StaticTPPP(tp=_tp_options(inp)[-1], pp=1)
         t1 = fastest.timing(inp.cost, 1, 1, m.mean, m.mean)[0]
@@ -299,7 +291,7 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
         return (meets, thr)
 
     rec = max(range(len(rows)), key=lambda i: score(rows[i]))
-    return Plan(rows, rec, inp.tpot_slo, m, afd_plan)
+    return Plan(rows, rec, inp.tpot_slo, m)
 
 
 def plan_table(plan: Plan):

@@ -300,18 +300,12 @@ class FAPool(Strategy):
                 ret_bytes_w = cost.partial_bytes(queries_w)
                 new_kv_w = ledger.placed
             q_bytes_w = q_bytes_w + new_kv_w * cost.kv_bytes_per_token_layer()
-        same = self.same_node(cost)
         driver_extra = step_extra = send_base = recv_base = pool_path = merge = 0.0
         recv_w = send_w = np.zeros(P)
         if attn_w.any():
             counts = self.pool_calls(b, ledger) if overheads is not None else (None, None, 0, 0, 0)
-            attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, *counts)
-            send_base = float(cost.p2p(q_bytes_w.sum() / tp, same))
-            recv_base = float(cost.p2p(ret_bytes_w.sum() / tp, same))
-            recv_w = np.asarray(cost.p2p(q_bytes_w, same))
-            send_w = np.asarray(cost.p2p(ret_bytes_w, same))
-            pool_path = max(send_base, recv_w.max()) + attn_w.max() + max(recv_base, send_w.max())
-            merge = float(cost.elementwise(3 * ret_bytes_w.sum() / tp))
+            pool_path, merge, driver_extra, step_extra, attn_w, (send_base, recv_base, recv_w, send_w) = \
+                self.remote_layer(cost, attn_w, q_bytes_w, ret_bytes_w, counts)
         elif overheads is not None and P:
             driver_extra = overheads.driver_layer(1, 0, 0)  # the engine's pool path, nothing remote
         duration, dense_c, dense_ar = self.step_time(
@@ -323,6 +317,20 @@ class FAPool(Strategy):
         busy = np.concatenate([np.full(tp, base), L * attn_w])
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
+
+    def remote_layer(self, cost: CostModel, attn_w, q_bytes_w, ret_bytes_w, counts):
+        """One layer's pool path (queries out, the slowest worker's attention, partials back), the LSE
+        merge, the machinery's driver extras and the workers' seconds, and the transfers (base send,
+        base receive, per worker receive and send) from each worker's roofline attention, bytes in
+        and out, and pool_calls' counts. Shared with the planner."""
+        tp, same = self.base_tp, self.same_node(cost)
+        attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, *counts)
+        send_base = float(cost.p2p(np.sum(q_bytes_w) / tp, same))
+        recv_base = float(cost.p2p(np.sum(ret_bytes_w) / tp, same))
+        recv_w, send_w = np.asarray(cost.p2p(q_bytes_w, same)), np.asarray(cost.p2p(ret_bytes_w, same))
+        pool_path = max(send_base, recv_w.max()) + attn_w.max() + max(recv_base, send_w.max())
+        merge = float(cost.elementwise(3 * np.sum(ret_bytes_w) / tp))
+        return pool_path, merge, driver_extra, step_extra, attn_w, (send_base, recv_base, recv_w, send_w)
 
     def step_time(self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float,
                   merge: float, kv_tokens: float = 0.0, driver_extra: float = 0.0, step_extra: float = 0.0):

@@ -11,11 +11,6 @@ from fapool.sim.ledger import PoolLedger
 from fapool.sim.strategies import FAPool, StaticTPPP, StepBatch, StepCost, Strategy
 
 
-def predict_tpot(cost: CostModel, batch: int, context: int, tp: int = 1, pp: int = 1) -> float:
-    """Decode step time of `batch` sequences of `context` cached tokens under TP x PP."""
-    return predict_step(cost, StaticTPPP(tp=tp, pp=pp), batch, context).duration
-
-
 def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) -> StepCost:
     """One decode step of `batch` sequences of `context` cached tokens under any strategy (pool KV placed
     as the engine places it, AFD's requests spread evenly)."""
@@ -46,14 +41,14 @@ def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) ->
     return step, ledger
 
 
-def tpot_error_table(rows: Iterable[tuple[int, int, float]], cost: CostModel, tp: int = 1,
-                     pp: int = 1) -> list[dict]:
-    """Per measured row: batch, context, measured_s, predicted_s, rel_error (predicted / measured - 1)."""
+def tpot_error_table(rows: Iterable[tuple[int, int, float]], cost: CostModel) -> list[dict]:
+    """Per measured single-process row: batch, context, measured_s, predicted_s, rel_error (predicted /
+    measured - 1)."""
     out = []
     for batch, context, measured in rows:
         if batch < 1 or context < 0 or measured <= 0:
             raise ValueError(f"bad measurement row {(batch, context, measured)!r}")
-        pred = predict_tpot(cost, batch, context, tp, pp)
+        pred = predict_step(cost, StaticTPPP(tp=1, pp=1), batch, context).duration
         out.append({"batch": batch, "context": context, "measured_s": measured, "predicted_s": pred,
                     "rel_error": (pred - measured) / measured})
     return out

@@ -1,6 +1,11 @@
 import pytest
 
-from fapool.sim.validate import error_summary, predict_tpot, tpot_error_table
+from fapool.sim.strategies import StaticTPPP
+from fapool.sim.validate import error_summary, predict_step, tpot_error_table
+
+
+def predict_tpot(cost, batch, context):
+    return predict_step(cost, StaticTPPP(tp=1, pp=1), batch, context).duration
 
 
 def test_error_table(h100_cost):
