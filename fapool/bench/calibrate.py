@@ -685,25 +685,36 @@ def calibrate_ranks(hw: HardwareProfile, model: ModelConfig, twin: str, cores: i
                            "worker_kv_blocks": blocks})
                 for mode, n in grid.get("pools", RANK_POOLS) if mode != "head" or n <= m.num_key_value_heads]
     samples = []
-    for kind, n, args in configs:
-        # One multi-rank engine a process: the depths alternate, `rounds` times each, so drifting load
-        # falls on both alike.
-        times: dict[int, list[float]] = {d: [] for d in grid["layers"]}
-        ctx_mean = []
-        for _, d in itertools.product(range(grid["rounds"]), grid["layers"]):
-            with engines_of([engine_twin(model, d, twin)], "cpu", b, blocks, **args) as (engine,):
-                for _ in range(grid["repeats"]):
-                    with decoding(engine, b, ctx, steps + warmup + 8, warmup) as reqs:
-                        ctx_mean.append(reqs[0].num_computed_tokens + (steps - 1) / 2)
-                        times[d] += step_times(engine, steps)
-        # The median, not the 20th percentile: the ranks' wake-ups spread a multi-process step's times
-        # (median/p20 1.05-1.16 against the single process's 1.04), and the median is what is predicted.
-        for d in grid["layers"]:
-            row = {"kind": kind, "n": n, "layers": d, "batch": b, "context": round(float(np.mean(ctx_mean))),
-                   "step_s": float(np.median(times[d]))}
-            samples.append(row)
-            if progress:
-                progress(f"ranks {kind} {n} L={d}: step {row['step_s'] * 1e3:.2f} ms")
+    # A single process of each depth is timed in turn with every multi-rank engine: the fit reads each
+    # rank engine's step against it, so the host's speed while that engine ran (shared memory bandwidth
+    # moves it by tens of percent on a shared VM) does not land in the rank terms.
+    singles = [engine_twin(model, d, twin) for d in grid["layers"]]
+    with engines_of(singles, "cpu", b, blocks) as single_engines:
+        single_of = dict(zip(grid["layers"], single_engines, strict=True))
+        for kind, n, args in configs:
+            # One multi-rank engine a process: the depths alternate, `rounds` times each, so drifting load
+            # falls on both alike.
+            times: dict[int, list[float]] = {d: [] for d in grid["layers"]}
+            beside: dict[int, list[float]] = {d: [] for d in grid["layers"]}
+            ctx_mean = []
+            for _, d in itertools.product(range(grid["rounds"]), grid["layers"]):
+                with engines_of([engine_twin(model, d, twin)], "cpu", b, blocks, **args) as (engine,):
+                    for _ in range(grid["repeats"]):
+                        with decoding(engine, b, ctx, steps + warmup + 8, warmup) as reqs:
+                            ctx_mean.append(reqs[0].num_computed_tokens + (steps - 1) / 2)
+                            times[d] += step_times(engine, steps)
+                        with decoding(single_of[d], b, ctx, steps + warmup + 8, warmup):
+                            beside[d] += step_times(single_of[d], steps)
+            # The median, not the 20th percentile: the ranks' wake-ups spread a multi-process step's times
+            # (median/p20 1.05-1.16 against the single process's 1.04), and the median is what is predicted.
+            for d in grid["layers"]:
+                row = {"kind": kind, "n": n, "layers": d, "batch": b,
+                       "context": round(float(np.mean(ctx_mean))), "step_s": float(np.median(times[d])),
+                       "single_s": float(np.median(beside[d]))}
+                samples.append(row)
+                if progress:
+                    progress(f"ranks {kind} {n} L={d}: step {row['step_s'] * 1e3:.2f} ms, single process "
+                             f"beside it {row['single_s'] * 1e3:.2f} ms")
     fit = fit_rank_terms(samples, CostModel(engine_twin(model, 1, twin), hw))
     return {"model": f"{twin} twin, layers {grid['layers']}", **fit, "samples": samples,
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -192,7 +192,8 @@ def rank_strategy(kind: str, n: int, batch: int):
 
 
 def fit_rank_terms(samples: list[dict], cost) -> dict:
-    """RankOverheads from samples {kind, n, layers, batch, context, step_s}; `cost` has no rank terms.
+    """RankOverheads from samples {kind, n, layers, batch, context, step_s[, single_s: a single process
+    measured beside it]}; `cost` has no rank terms.
     In turn, each from the slope over depth of (measured - modelled) step: AFD with one micro-batch
     (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
     concurrent_stretch; TP at n ranks its two all-reduces a layer; the intercepts a step's extra by
@@ -200,6 +201,7 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     from dataclasses import replace
 
     from fapool.sim.hardware import RankOverheads
+    from fapool.sim.strategies import StaticTPPP
     from fapool.sim.validate import predict_step
 
     def line(kind: str, n: int, ranks: RankOverheads) -> tuple[float, float]:
@@ -209,8 +211,11 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
         res = []
         for s in rows:
             c = CostModel(cost.model.replace(num_hidden_layers=s["layers"]), cost.hw.replace(ranks=ranks))
-            res.append(s["step_s"] - predict_step(c, rank_strategy(kind, n, s["batch"]), s["batch"],
-                                                  s["context"]).duration)
+            # Measured in the single process's units: scaled by its modelled / measured step beside it.
+            single = predict_step(c, StaticTPPP(tp=1, pp=1), s["batch"], s["context"]).duration
+            scale = single / s["single_s"] if "single_s" in s else 1.0
+            res.append(scale * s["step_s"] - predict_step(c, rank_strategy(kind, n, s["batch"]), s["batch"],
+                                                          s["context"]).duration)
         slope, intercept = np.polyfit([s["layers"] for s in rows], res, 1)
         return float(slope), float(intercept)
 

@@ -103,6 +103,24 @@ def test_fit_rank_terms_recovers_known_terms():
         fit_rank_terms([s for s in _samples(TERMS) if s["layers"] == 2], _cpu_cost(cores=2))
 
 
+def test_fit_reads_each_rank_engine_against_the_single_process_beside_it():
+    """A host that ran each engine 1.0-1.6x slower (the single process timed beside it slowed alike)
+    gives the terms of a steady host; without the single process's times it does not."""
+    samples = _samples(TERMS)
+    for i, s in enumerate(samples):
+        c = _cpu_cost(TERMS, cores=2, layers=s["layers"])
+        slow = 1.0 + 0.1 * (i % 7)
+        s["single_s"] = slow * predict_step(c, StaticTPPP(tp=1, pp=1), 4, 70).duration
+        s["step_s"] *= slow
+    fit = fit_rank_terms(samples, _cpu_cost(cores=2))
+    assert fit["exchange_s"] == pytest.approx(TERMS.exchange_s, rel=1e-6)
+    assert fit["concurrent_stretch"] == pytest.approx(TERMS.concurrent_stretch, rel=1e-6)
+    assert fit["step_extra_s"] == [[2, pytest.approx(6e-4, rel=1e-6)]]
+    drifted = fit_rank_terms([{k: v for k, v in s.items() if k != "single_s"} for s in samples],
+                             _cpu_cost(cores=2))
+    assert drifted["exchange_s"] != pytest.approx(TERMS.exchange_s, rel=0.05)
+
+
 def test_calibration_json_carries_rank_terms(tmp_path):
     cal = {"schema": 3, "device_kind": "cpu", "device_name": "test", "dtype_bytes": 4,
            "gemm": {"flops_per_s": 5e10, "bytes_per_s": 4e9, "overhead_s": 1e-5},
