@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -59,13 +59,3 @@ def error_summary(table: list[dict]) -> dict:
     return {"rows": len(errs), "max_abs_rel_error": max(errs, default=0.0),
             "mean_abs_rel_error": sum(errs) / len(errs) if errs else 0.0,
             "within_10pct": sum(e <= 0.10 for e in errs)}
-
-
-def checkerboard_split(points: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Indices of (fit, validate) rows of a (batch, context) grid split like a checkerboard."""
-    batches = sorted({b for b, _ in points})
-    contexts = sorted({c for _, c in points})
-    fit, val = [], []
-    for i, (b, c) in enumerate(points):
-        (fit if (batches.index(b) + contexts.index(c)) % 2 == 0 else val).append(i)
-    return fit, val

@@ -22,7 +22,7 @@ from fapool.sim.cost_model import CostModel, load_model_config
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HostProfile, get_hardware
 from fapool.sim.strategies import FAPool, StaticTPPP
-from fapool.sim.validate import checkerboard_split, predict_step
+from fapool.sim.validate import predict_step
 
 
 def predict_tpot(cost, batch, context):
@@ -137,15 +137,6 @@ def test_attention_table_interpolates_and_extrapolates():
     kv = 1e8 / cost.kv_bytes_per_token_layer()
     assert cost.decode_attention(kv, 0) == pytest.approx(1e-2, rel=1e-6)
     assert float(cost.decode_attention(np.array([kv]), np.array([0.0]))[0]) == pytest.approx(1e-2, rel=1e-6)
-
-
-def test_checkerboard_split_covers_every_batch_and_context():
-    points = [(b, c) for c in (512, 2048, 8192) for b in (8, 16, 32, 64)]
-    fit, val = checkerboard_split(points)
-    assert sorted(fit + val) == list(range(len(points))) and not set(fit) & set(val)
-    for half in (fit, val):
-        assert {points[i][0] for i in half} == {8, 16, 32, 64}
-        assert {points[i][1] for i in half} == {512, 2048, 8192}
 
 
 def test_pool_step_prediction_uses_the_pool_only_past_the_threshold():
