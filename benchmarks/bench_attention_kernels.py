@@ -44,13 +44,10 @@ DECODE_SWEEP_CONFIGS = (  # block_n, num_warps, num_stages
 )
 DECODE_SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 16)
 FP8_SWEEP_SHAPES = ((8, 32768), (16, 32768), (64, 32768), (64, 2048))
-FP8_SWEEP_CONFIGS = tuple(  # block_n, num_warps, num_stages, dots in fp16 (else the query's bf16)
-    (bn, 4, ns, dot16)
-    for bn, ns in ((32, 4), (32, 6), (64, 3), (64, 4), (64, 5), (128, 3), (128, 4))
-    for dot16 in (True, False)
-) + tuple(  # more warps and longer tiles (fp16 dots, which won every earlier pairing)
-    (bn, nw, ns, True) for bn, nw, ns in ((64, 8, 4), (128, 8, 3), (128, 8, 4), (256, 4, 3), (256, 8, 2), (256, 8, 3))
-)
+FP8_SWEEP_CONFIGS = tuple(  # block_n, num_warps, num_stages, dots in fp16 (else the query's bf16), warp split
+    (bn, nw, ns, True, True)  # the warp-split kernel: each warp block_n // num_warps tokens of a tile (>= 16)
+    for bn, nw, ns in ((32, 2, 3), (32, 2, 4), (32, 2, 5), (64, 2, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3))
+) + ((32, 2, 3, False, True), (128, 4, 3, True, False), (128, 4, 4, True, False), (64, 4, 3, True, False))
 PREFILL_SWEEP_CONFIGS = (  # block_m, block_n, num_warps, num_stages
     (128, 128, 8, 3),
     (128, 128, 8, 4),
@@ -278,11 +275,11 @@ def fp8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_byt
     del graph
     if sweep is None:
         return
-    for bn, nw, ns, dot16 in FP8_SWEEP_CONFIGS:
-        auto = td.auto_num_splits(q.shape[0], NUM_KV_HEADS, meta.max_kv_len, HEAD_DIM, 1, q.device, bn, nw, ns)
-        tuned = partial(fn, block_n=bn, num_warps=nw, num_stages=ns, num_splits=auto, dot_fp16=dot16)
+    for bn, nw, ns, dot16, ws in FP8_SWEEP_CONFIGS:
+        auto = td.auto_num_splits(q.shape[0], NUM_KV_HEADS, meta.max_kv_len, HEAD_DIM, 1, q.device, bn, nw, ns, ws)
+        tuned = partial(fn, block_n=bn, num_warps=nw, num_stages=ns, num_splits=auto, dot_fp16=dot16, warp_split=ws)
         r = {"batch": q.shape[0], "context": meta.max_kv_len, "block_n": bn, "num_warps": nw, "num_stages": ns,
-             "dot_fp16": dot16, "num_splits": auto}
+             "dot_fp16": dot16, "warp_split": ws, "num_splits": auto}
         graph, err = _try(graphed, tuned)
         ms, err = (None, err) if err else _try(bench, graph.replay)
         r.update({"error": err} if err else {"fp8_TBps": kv_bytes / 2 / ms / 1e9,
@@ -589,6 +586,7 @@ def compiled_kernels() -> list[dict]:
     found = []
     for fn in (
         triton_decode._decode_split_kernel,
+        triton_decode._decode_split_kernel_warps,
         triton_decode._decode_reduce_kernel,
         triton_prefill._prefill_kernel,
         triton_kv_write._write_kv_kernel,

@@ -122,7 +122,7 @@ class SparseAttentionBackend(AttentionBackend):
     def graph_safe(self) -> bool:
         return bool(getattr(self.dense, "graph_safe", False)) and self.triton
 
-    # The decode split count of the dense backend, pinned by CUDA graph capture
+    # The decode split count and kernel of the dense backend, pinned by CUDA graph capture
     # (fapool.worker.cuda_graphs.pinned_splits); every layer's wrapper shares one dense backend.
     @property
     def num_splits(self) -> int | None:
@@ -131,6 +131,14 @@ class SparseAttentionBackend(AttentionBackend):
     @num_splits.setter
     def num_splits(self, value: int | None) -> None:
         self.dense.num_splits = value
+
+    @property
+    def warp_split(self) -> bool | None:
+        return getattr(self.dense, "warp_split", None)
+
+    @warp_split.setter
+    def warp_split(self, value: bool | None) -> None:
+        self.dense.warp_split = value
 
     # --- KV write and block summaries ------------------------------------------------
 

@@ -42,10 +42,11 @@ class TritonBackend(AttentionBackend):
         cudnn_min_query_len: int | None = CUDNN_MIN_QUERY_LEN,
         cudnn_min_pairs: int = CUDNN_MIN_PAIRS,
     ) -> None:
-        # num_splits pins the decode split count (CUDA graphs need a fixed grid); None chooses
-        # it per call from the batch and the longest context. cudnn_min_query_len None keeps
-        # every prefill on the Triton kernel.
+        # num_splits pins the decode split count (CUDA graphs need a fixed grid), warp_split the
+        # decode kernel (triton_decode.fp8_warp_split); None chooses them per call from the batch
+        # and the longest context. cudnn_min_query_len None keeps every prefill on the Triton kernel.
         self.num_splits = num_splits
+        self.warp_split: bool | None = None
         self.cudnn_min_query_len = cudnn_min_query_len
         self.cudnn_min_pairs = cudnn_min_pairs
 
@@ -73,11 +74,15 @@ class TritonBackend(AttentionBackend):
         kv = {"k_scale": scales.k, "v_scale": scales.v} if scales else {}
         if meta.is_decode_only:
             return paged_decode(
-                query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv
+                query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits,
+                warp_split=self.warp_split, **kv
             )
         has_decode = any(n == 1 for n in meta.query_lens_cpu)
         if has_decode:
-            paged_decode(query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits, **kv)
+            paged_decode(
+                query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits,
+                warp_split=self.warp_split, **kv
+            )
         if to_cudnn:
             cudnn_prefill.prefill(query, k_cache, v_cache, meta, scale, to_cudnn, out, lse, new_kv)
         if rest_max > 1:

@@ -27,6 +27,12 @@ loop reads half the bytes. K widens in the dot operand's layout, where Triton pl
 tokens, is not the contiguous one, no ldmatrix transposes 8-bit elements, and there Triton read
 it from shared memory one byte at a time. It widens in its load layout instead (`_e4m3_to_f16`)
 and reaches the MMA as fp16 through shared memory and a transposing ldmatrix, as a bf16 V does.
+With half the bytes a token, the FP8 loop handles twice the tokens per byte, and the per-tile
+exchange between warps (the row max and sum of the scores, P moved to the other warps for P@V)
+holds it back. From FP8_WARP_SPLIT_MIN_KV keys on, an FP8 cache takes the warp-split kernel
+(`_decode_split_kernel_warps`): each warp a slice of every tile's tokens with its own online
+softmax (3-D dots, batch = warps), the warps' states merged once after the loop. Below that, a
+program's few tiles make that kernel's smaller tiles and final merge cost more than they save.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -52,10 +58,13 @@ LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels read it
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
-# An FP8 cache: 128-token tiles (the bytes of a 64-token bf16 tile), 3 stages: 104 KB, 2
-# programs an SM; fastest in the H200 probe at 32K context (benchmarks/RESULTS.md).
-FP8_BLOCK_N = 128
-FP8_NUM_STAGES = 3
+# An FP8 cache: 128-token tiles (the bytes of a 64-token bf16 tile), 4 warps, 3 stages: 104 KB,
+# 2 programs an SM. From FP8_WARP_SPLIT_MIN_KV keys on, the warp-split kernel: 2 warps of 16
+# tokens each a tile, 3 stages: 24 KB and 168 registers, 6 programs an SM. Each the fastest in
+# the H200 probes and sweeps on its side of 8K keys (benchmarks/RESULTS.md).
+FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 128, 4, 3
+FP8_WS_BLOCK_N, FP8_WS_NUM_WARPS, FP8_WS_NUM_STAGES = 32, 2, 3
+FP8_WARP_SPLIT_MIN_KV = 8192
 ONE_WAVE_STAGES = 3  # stages of the unsplit one-wave launch (unsplit_one_wave)
 ONE_WAVE_MIN_PAIRS_PER_SM = 1.5
 PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
@@ -67,7 +76,8 @@ REGS_PER_SM = 65536
 
 @triton.jit
 def _tile_pages(table, t, offs_n, n_kv, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page id of each row of KV tile t (int64 for the address arithmetic); 0 past the end."""
+    """Page id of each row of KV tile t, offs_n its rows' offsets in the tile (any shape; int64
+    for the address arithmetic); 0 past the end."""
     pos = t * BLOCK_N + offs_n
     if BLOCK_N <= PAGE:  # the whole tile lies in one page: one table read
         page = tl.load(table + (t * BLOCK_N) // PAGE, mask=t * BLOCK_N < n_kv, other=0)
@@ -202,7 +212,20 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     launch_dependents(USE_PDL)
+    _store_split(
+        acc, m_i, l_i, v_scale, OUT, LSE, MID_O, MID_LSE, seq, tok, split, heads, h_mask, offs_d, d_mask,
+        stride_ot, stride_oh, stride_lt, stride_ms, stride_mh, stride_mk, BLOCK_D, SINGLE_SPLIT,
+    )
 
+
+@triton.jit
+def _store_split(
+    acc, m_i, l_i, v_scale, OUT, LSE, MID_O, MID_LSE, seq, tok, split, heads, h_mask, offs_d, d_mask,
+    stride_ot, stride_oh, stride_lt, stride_ms, stride_mh, stride_mk,
+    BLOCK_D: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+):
+    """A split's normalised output and lse (log2 units in, natural log out): the final result
+    with one split, else its partial for the reduce kernel."""
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc * (v_scale / l_safe[:, None])
@@ -218,6 +241,123 @@ def _decode_split_kernel(
         mid = seq * stride_ms + heads * stride_mh + split * stride_mk
         tl.store(MID_O + mid[:, None] + offs_d[None, :], o, mask=h_mask[:, None] & d_mask[None, :])
         tl.store(MID_LSE + mid // BLOCK_D, lse2, mask=h_mask)
+
+
+@triton.jit
+def _decode_split_kernel_warps(
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    MID_O,
+    MID_LSE,
+    query_start_loc,
+    query_pos_start,
+    kv_lens,
+    kv_start,
+    block_tables,
+    qk_scale,
+    v_scale,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    FP16_DOT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    WARPS: tl.constexpr,
+):
+    """_decode_split_kernel with each of the WARPS warps running its own online softmax over
+    BLOCK_N // WARPS tokens of every tile (3-D dots with the warps as the batch, so
+    no row max, sum or P crosses warps inside the loop); the warps' states merge after it."""
+    NW: tl.constexpr = BLOCK_N // WARPS  # tokens of a tile per warp
+    wait_predecessor(USE_PDL)
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = tl.load(query_start_loc + seq)
+    if tl.load(query_start_loc + seq + 1) - tok != 1:
+        return  # not a decode sequence (mixed batch): the prefill kernel owns it
+
+    q_pos = tl.load(query_pos_start + seq)
+    n_kv = tl.minimum(tl.load(kv_lens + seq), q_pos - tl.load(kv_start + seq) + 1)
+    n_kv = tl.maximum(n_kv, 0)
+    num_tiles = tl.cdiv(n_kv, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, WARPS)[:, None] * NW + tl.arange(0, NW)[None, :]  # [WARPS, NW] of the tile
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + tok * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if FP16_DOT:
+        q = q.to(tl.float16)
+    q = tl.broadcast_to(q[None, :, :], (WARPS, BLOCK_H, BLOCK_D))
+
+    m_i = tl.full([WARPS, BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([WARPS, BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([WARPS, BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table = block_tables + seq * stride_bt
+    k_base = K + kvh * stride_kh + offs_d[None, None, :]
+    v_base = V + kvh * stride_vh + offs_d[None, None, :]
+    kv_dmask = d_mask[None, None, :]
+
+    page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)  # a tile ahead, as above
+    for t in range(tile_lo, tile_hi):
+        page = page_next
+        page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
+        pos = t * BLOCK_N + offs_n
+        n_mask = pos < n_kv
+        k_rows = page * stride_kb + (pos % PAGE) * stride_kt
+        v_rows = page * stride_vb + (pos % PAGE) * stride_vt
+        kv_mask = n_mask[:, :, None] if BLOCK_D == HEAD_DIM else n_mask[:, :, None] & kv_dmask
+        k = tl.load(k_base + k_rows[:, :, None], mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale  # [WARPS, BLOCK_H, NW], log2 units
+        qk = tl.where(n_mask[:, None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 2))
+        p = tl.exp2(qk - m_new[:, :, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 2)
+        v = _widen(tl.load(v_base + v_rows[:, :, None], mask=kv_mask, other=0.0), q.dtype)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
+        m_i = m_new
+    launch_dependents(USE_PDL)
+
+    # A warp that saw no key keeps m = -1e30 and l = 0: its weight is 0 beside any that did.
+    m = tl.max(m_i, 0)
+    w = tl.exp2(m_i - m[None, :])
+    _store_split(
+        tl.sum(acc * w[:, :, None], 0), m, tl.sum(l_i * w, 0), v_scale, OUT, LSE, MID_O, MID_LSE, seq, tok,
+        split, heads, h_mask, offs_d, d_mask, stride_ot, stride_oh, stride_lt, stride_ms, stride_mh, stride_mk,
+        BLOCK_D, SINGLE_SPLIT,
+    )
 
 
 @triton.jit
@@ -279,17 +419,23 @@ def _num_sms(device: torch.device) -> int:
 
 
 def resident_programs_per_sm(
-    block_n: int, block_d: int, num_stages: int, num_warps: int, elem_size: int
+    block_n: int, block_d: int, num_stages: int, num_warps: int, elem_size: int, warp_split: bool = False
 ) -> int:
     """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiles for
     sm_90 (ptxas -v; the bench JSON's "compiled"): num_stages - 1 buffered K and V tiles plus
-    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages), with an FP8 cache one more fp16
-    tile (where the widened V is staged for ldmatrix; 104 KB at BLOCK_N 128, 3 stages), and
-    about 40 + BLOCK_N * D / 128 registers a thread (105 at BLOCK_N 64, 72 at 32, 165 at 128,
-    head dim 128; 143 for an FP8 cache at 128)."""
+    ~7 KB of shared memory (71.7 KB at BLOCK_N 64, 3 stages) and about 40 + BLOCK_N * D / 128
+    registers a thread (105 at BLOCK_N 64, 72 at 32, 165 at 128, head dim 128), with an FP8
+    cache one more fp16 tile (where the widened V is staged for ldmatrix; 104 KB at BLOCK_N 128,
+    3 stages; 143 registers). The warp-split kernel exchanges nothing between warps: its
+    buffered tiles, the FP8 staging tile and the SM's 1 KB a program (24 KB + 1 KB at BLOCK_N
+    32, 3 stages), and about 40 + D registers a thread (each warp holds a [16, D] accumulator;
+    168 at head dim 128)."""
     staged = 2 * block_n * block_d if elem_size == 1 else 0
-    smem = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + staged + 7168
-    regs = (40 + block_n * block_d // 128) * 32 * num_warps
+    tiles = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + staged
+    if warp_split:
+        smem, regs = tiles + 1024, (40 + block_d) * 32 * num_warps
+    else:
+        smem, regs = tiles + 7168, (40 + block_n * block_d // 128) * 32 * num_warps
     return max(1, min(SMEM_PER_SM // smem, REGS_PER_SM // regs, 64 // num_warps))
 
 
@@ -319,10 +465,17 @@ def unsplit_one_wave(num_pairs: int, block_d: int, num_sms: int) -> bool:
     return ONE_WAVE_MIN_PAIRS_PER_SM * num_sms <= num_pairs <= per_sm * num_sms
 
 
-def decode_config(elem_size: int) -> tuple[int, int, int]:
+def fp8_warp_split(max_kv_len: int) -> bool:
+    """Whether an FP8 cache's decode runs the warp-split kernel, for a batch's longest context."""
+    return max_kv_len >= FP8_WARP_SPLIT_MIN_KV
+
+
+def decode_config(elem_size: int, warp_split: bool = False) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) of the decode kernel for a cache of `elem_size` bytes."""
     if elem_size == 1:
-        return FP8_BLOCK_N, DEFAULT_NUM_WARPS, FP8_NUM_STAGES
+        if warp_split:
+            return FP8_WS_BLOCK_N, FP8_WS_NUM_WARPS, FP8_WS_NUM_STAGES
+        return FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES
     return DEFAULT_BLOCK_N, DEFAULT_NUM_WARPS, DEFAULT_NUM_STAGES
 
 
@@ -336,16 +489,20 @@ def auto_num_splits(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    warp_split: bool | None = None,
 ) -> int:
-    """The split count paged_decode picks when none is given (the cache's own tile settings
-    where none are given)."""
+    """The split count paged_decode picks when none is given (the cache's own kernel and tile
+    settings where none are given)."""
     block_d = triton.next_power_of_2(head_dim)
     pairs = max(1, num_seqs * num_kv_heads)
-    if elem_size == 2 and block_n is num_warps is num_stages is None and unsplit_one_wave(pairs, block_d, _num_sms(device)):
+    if warp_split is None:
+        warp_split = elem_size == 1 and fp8_warp_split(max_kv_len)
+    default_tiles = block_n is num_warps is num_stages is None
+    if elem_size == 2 and default_tiles and not warp_split and unsplit_one_wave(pairs, block_d, _num_sms(device)):
         return 1
-    dflt = decode_config(elem_size)
+    dflt = decode_config(elem_size, warp_split)
     block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
-    per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size)
+    per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size, warp_split)
     return choose_num_splits(pairs, max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device))
 
 
@@ -391,19 +548,24 @@ def paged_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     dot_fp16: bool | None = None,
+    warp_split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over paged KV -> (out [T,H,D], lse [T,H] float32, natural log).
 
     Only sequences with exactly one query token are computed; the rows of the others are left
     untouched in `out`/`lse` (in a mixed batch the prefill kernel writes them). `k_scale` and
-    `v_scale` multiply what an FP8 cache holds (kv_quant).
+    `v_scale` multiply what an FP8 cache holds (kv_quant). `warp_split` picks the warp-split
+    kernel (None: for an FP8 cache from FP8_WARP_SPLIT_MIN_KV keys in meta.max_kv_len on; CUDA
+    graphs pin it with num_splits).
     """
     _check(query, k_cache, v_cache, meta)
     num_tokens, num_heads, head_dim = query.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_seqs = meta.num_seqs
-    dflt = decode_config(k_cache.element_size())
+    if warp_split is None:
+        warp_split = k_cache.element_size() == 1 and fp8_warp_split(meta.max_kv_len)
+    dflt = decode_config(k_cache.element_size(), warp_split)
     default_tiles = block_n is num_warps is num_stages is None
     block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
     if out is None:
@@ -425,12 +587,14 @@ def paged_decode(
             block_n,
             num_warps,
             num_stages,
+            warp_split,
         )
     single = num_splits == 1
     if (
         single
         and default_tiles
         and k_cache.element_size() == 2
+        and not warp_split
         and unsplit_one_wave(num_seqs * num_kv_heads, block_d, _num_sms(query.device))
     ):
         num_stages = ONE_WAVE_STAGES
@@ -446,7 +610,10 @@ def paged_decode(
         strides_m = mid_o.stride()[:3]
     grid = (num_seqs, num_kv_heads, num_splits)
     pdl = pdl_enabled(query)
-    _decode_split_kernel[grid](
+    if warp_split and (block_n % num_warps or block_n // num_warps < 16):
+        raise ValueError(f"the warp-split kernel needs block_n a multiple of 16 * num_warps, got {block_n}, {num_warps}")
+    kernel, extra = (_decode_split_kernel_warps, {"WARPS": num_warps}) if warp_split else (_decode_split_kernel, {})
+    kernel[grid](
         query,
         k_cache,
         v_cache,
@@ -486,6 +653,7 @@ def paged_decode(
         USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **extra,
         **pdl_launch(pdl),
     )
     if not single:

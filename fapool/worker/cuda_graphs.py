@@ -32,7 +32,8 @@ concatenates the whole sequence.
 
 The split count of the decode kernel is a launch argument frozen into the graph, so each graph
 is captured with the split count `auto_num_splits` picks for its padded batch and the step's
-longest context; a step whose choice differs uses (or captures) the graph of that count. Graphs
+longest context (and, for an FP8 cache, the kernel `fp8_warp_split` picks for that context); a
+step whose choice differs uses (or captures) the graph of that count and kernel. Graphs
 are captured lazily, on first use, into one shared memory pool (they never run concurrently).
 """
 
@@ -179,14 +180,14 @@ class RowBuffers:
 
 
 @contextlib.contextmanager
-def pinned_splits(backend, num_splits: int):
-    """Fix the Triton backend's decode split count while a graph is captured."""
-    old = backend.num_splits
-    backend.num_splits = num_splits
+def pinned_splits(backend, num_splits: int, warp_split: bool = False):
+    """Fix the Triton backend's decode split count and kernel while a graph is captured."""
+    old = backend.num_splits, backend.warp_split
+    backend.num_splits, backend.warp_split = num_splits, warp_split
     try:
         yield
     finally:
-        backend.num_splits = old
+        backend.num_splits, backend.warp_split = old
 
 
 @contextlib.contextmanager
@@ -209,9 +210,10 @@ class DecodeGraphs:
     def __init__(
         self, model, backend, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int
     ) -> None:
-        from fapool.attention.triton_decode import auto_num_splits
+        from fapool.attention.triton_decode import auto_num_splits, fp8_warp_split
 
         self._auto_num_splits = auto_num_splits
+        self._fp8_warp_split = fp8_warp_split
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
@@ -244,9 +246,9 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         # A sparse backend's gate (None for a dense one): sparse and dense steps are separate graphs.
         self.gate = getattr(backend, "gate", None)
-        self.graphs: dict[tuple[int, int, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # (padded batch, splits, sparse gate choice or None) of the last run
-        self.last_key: tuple[int, int, bool | None] | None = None
+        self.graphs: dict[tuple[int, int, bool, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (padded batch, splits, warp-split kernel, sparse gate choice or None) of the last run
+        self.last_key: tuple[int, int, bool, bool | None] | None = None
 
     def padded_size(self, num_seqs: int) -> int | None:
         if num_seqs > self.max_batch:
@@ -288,10 +290,11 @@ class DecodeGraphs:
             else:
                 src = self._vec[DecodeInputs.SRC, :n]
                 ids.copy_(torch.where(src >= 0, prev_tokens.index_select(0, src.clamp(min=0)), ids))
+        warp_split = self.elem_size == 1 and self._fp8_warp_split(max_kv)
         splits = self._auto_num_splits(
-            padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device
+            padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device, warp_split=warp_split
         )
-        key = (padded, splits, None if self.gate is None else self.gate.active(max_kv))
+        key = (padded, splits, warp_split, None if self.gate is None else self.gate.active(max_kv))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
@@ -323,10 +326,12 @@ class DecodeGraphs:
         self.sampled[:batch].copy_(sample_tokens(logits, sampling))
         return logits
 
-    def _capture(self, batch: int, splits: int, sparse: bool | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(
+        self, batch: int, splits: int, warp_split: bool, sparse: bool | None
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The buffers already hold this step's batch: the warm-up run computes it (compiling
         # kernels, creating cuBLAS workspaces) and writes the same K/V the replay will write.
-        with pinned_splits(self.backend, splits), pinned_gate(self.gate, sparse):
+        with pinned_splits(self.backend, splits, warp_split), pinned_gate(self.gate, sparse):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -337,13 +342,16 @@ class DecodeGraphs:
                 logits = self._forward(batch)
         return graph, logits
 
-    def time_replay(self, batch: int, splits: int, sparse: bool | None = None, iters: int = 20) -> float:
+    def time_replay(
+        self, batch: int, splits: int, warp_split: bool = False, sparse: bool | None = None, iters: int = 20
+    ) -> float:
         """Median GPU time (ms) of one replay of a captured graph (benchmarks). Replaying
         recomputes the batch in the buffers and rewrites its K/V: call it only right after a
         step of that very graph (`last_key`), while the batch's blocks are still its own."""
-        if (batch, splits, sparse) != self.last_key:
-            raise ValueError(f"time_replay of {(batch, splits, sparse)} after a step of {self.last_key}")
-        graph, _ = self.graphs[(batch, splits, sparse)]
+        key = (batch, splits, warp_split, sparse)
+        if key != self.last_key:
+            raise ValueError(f"time_replay of {key} after a step of {self.last_key}")
+        graph, _ = self.graphs[key]
         times = []
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

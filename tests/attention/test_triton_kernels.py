@@ -146,9 +146,14 @@ def test_decode_unsplit_one_wave():
     cpu = torch.device("cpu")  # counted as 132 SMs
     assert td.auto_num_splits(32, 8, 2048, 128, 2, cpu) == 1  # 256 pairs
     assert td.auto_num_splits(16, 8, 2048, 128, 2, cpu) > 1  # 128 pairs: split
-    fp8_capacity = td.resident_programs_per_sm(td.FP8_BLOCK_N, 128, td.FP8_NUM_STAGES, 4, 1) * 132
+    fp8_capacity = td.resident_programs_per_sm(td.FP8_BLOCK_N, 128, td.FP8_NUM_STAGES, td.FP8_NUM_WARPS, 1) * 132
     fp8_model = td.choose_num_splits(256, 2048 // td.FP8_BLOCK_N, fp8_capacity)
     assert td.auto_num_splits(32, 8, 2048, 128, 1, cpu) == fp8_model  # an FP8 cache: its own model
+    # From FP8_WARP_SPLIT_MIN_KV keys an FP8 cache takes the warp-split kernel and its model.
+    assert [td.fp8_warp_split(n) for n in (2048, 8191, 8192, 32768)] == [False, False, True, True]
+    ws_config = (td.FP8_WS_BLOCK_N, 128, td.FP8_WS_NUM_STAGES, td.FP8_WS_NUM_WARPS, 1, True)
+    ws_model = td.choose_num_splits(128, 32768 // td.FP8_WS_BLOCK_N, td.resident_programs_per_sm(*ws_config) * 132)
+    assert td.auto_num_splits(16, 8, 32768, 128, 1, cpu) == ws_model
     specs = [(50 + 61 * i, 1) for i in range(32)]  # 32 sequences x 8 KV heads = 256 pairs
     q, kc, vc, meta = _paged_case(specs, 32, 8, 128, 16, BF16, seed=11)
     out, lse = TritonBackend().forward(q, kc, vc, meta, 0.1)
@@ -371,7 +376,7 @@ def test_fp8_cache_matches_reference_over_its_values(block_size, heads):
 
     num_heads, num_kv_heads, head_dim = heads
     mixed = [(0, 7), (0, 129), (37, 64), (200, 301), (15, 1), (1000, 1), (block_size - 1, 1)]
-    decode = [(n, 1) for n in (0, 15, 1000, 4100, block_size - 1)]
+    decode = [(n, 1) for n in (0, 15, 1000, 9000, block_size - 1)]  # 9000: the warp-split kernel
     scales = KVScales(k=0.011, v=0.007)
     scale = head_dim**-0.5
     for specs in (mixed, decode):
@@ -383,6 +388,39 @@ def test_fp8_cache_matches_reference_over_its_values(block_size, heads):
         _assert_matches_reference(
             out, lse, q, k8.float() * scales.k, v8.float() * scales.v, meta, scale, BF16
         )
+
+
+@needs_gpu
+@pytest.mark.parametrize("tiles", [(32, 2, 4), (64, 4, 3), (128, 8, 2), (64, 2, 2)], ids=str)
+@pytest.mark.parametrize("num_splits", [1, 3, 200])
+@pytest.mark.parametrize("heads", [(8, 1, 64), (32, 8, 128)], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_fp8_decode_warp_slices_and_splits(tiles, num_splits, heads):
+    """The warp-split kernel's warps each take block_n // num_warps tokens of a tile: tiles of 2
+    to 8 warps, one split, uneven splits and empty ones, past page and tile boundaries, equal
+    the reference over the dequantized values."""
+    from fapool.attention.kv_quant import FP8_DTYPE, quantize
+    from fapool.attention.triton_decode import paged_decode
+
+    block_n, num_warps, num_stages = tiles
+    num_heads, num_kv_heads, head_dim = heads
+    specs = [(0, 1), (16, 1), (block_n - 1, 1), (block_n + 16, 1), (999, 1), (4100, 1)]
+    q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, 16, BF16, seed=num_splits)
+    k8, v8 = quantize(kc, 0.013, FP8_DTYPE), quantize(vc, 0.009, FP8_DTYPE)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    paged_decode(q, k8, v8, meta, 0.1, out, lse, k_scale=0.013, v_scale=0.009, num_splits=num_splits,
+                 block_n=block_n, num_warps=num_warps, num_stages=num_stages, warp_split=True)
+    _assert_matches_reference(out, lse, q, k8.float() * 0.013, v8.float() * 0.009, meta, 0.1, BF16)
+
+
+@needs_gpu
+def test_fp8_decode_refuses_slices_under_16_tokens():
+    from fapool.attention.kv_quant import FP8_DTYPE
+    from fapool.attention.triton_decode import paged_decode
+
+    q, kc, vc, meta = _paged_case([(40, 1)], 8, 2, 128, 16, BF16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        paged_decode(q, kc.to(FP8_DTYPE), vc.to(FP8_DTYPE), meta, 0.1, block_n=32, num_warps=4, warp_split=True)
 
 
 @needs_gpu

@@ -174,10 +174,16 @@ def test_graphs_match_eager_and_unfused(tiny_checkpoints, arch):
 
 
 @needs_gpu
-def test_fp8_kv_cache_graphs_match_eager(tiny_checkpoints):
+@pytest.mark.parametrize("warp_split_min_kv", [None, 100])
+def test_fp8_kv_cache_graphs_match_eager(tiny_checkpoints, monkeypatch, warp_split_min_kv):
     """An FP8 cache through the Triton KV write, prefill and decode kernels: graphs, eager and
     unfused give the same greedy tokens (they read the same quantized KV). float32 activations,
-    as the other graph tests: in bf16 the graphs' pinned split count rounds differently."""
+    as the other graph tests: in bf16 the graphs' pinned split count rounds differently. With
+    the warp-split kernel from 100 keys on, steps on both sides of it pin their own kernel."""
+    if warp_split_min_kv is not None:
+        from fapool.attention import triton_decode
+
+        monkeypatch.setattr(triton_decode, "FP8_WARP_SPLIT_MIN_KV", warp_split_min_kv)
     folder = tiny_checkpoints["llama"][0]
     prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=9)
     max_tokens = [40, 12, 25, 33, 5, 40, 18]
@@ -186,6 +192,8 @@ def test_fp8_kv_cache_graphs_match_eager(tiny_checkpoints):
     assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
     with_graphs = _greedy_tokens(llm, prompts, max_tokens)
     assert runner.decode_graphs is not None and runner.decode_graphs.graphs
+    kernels = {warp_split for _, _, warp_split, _ in runner.decode_graphs.graphs}
+    assert kernels == ({False} if warp_split_min_kv is None else {False, True})
     eager = _greedy_tokens(_run(folder, graphs=False, **kw)[0], prompts, max_tokens)
     unfused = _greedy_tokens(_run(folder, graphs=False, fused=False, **kw)[0], prompts, max_tokens)
     assert with_graphs == eager == unfused
