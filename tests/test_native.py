@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 def test_build_all_compiles_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FAPOOL_CACHE_DIR", str(tmp_path))
-    assert native.build_all() == {"cpu_decode.c": True, "cpu_fused.c": True, "cpu_int4.c": True}
+    assert native.build_all() == {"cpu_decode.c": True, "cpu_fused.c": True, "cpu_int4.c": True, "cpu_stack.c": True}
     libs = sorted(tmp_path.glob("*.so"))
-    assert [p.name.split("-")[0] for p in libs] == ["cpu_decode", "cpu_fused", "cpu_int4"]
+    assert [p.name.split("-")[0] for p in libs] == ["cpu_decode", "cpu_fused", "cpu_int4", "cpu_stack"]
     stamps = [p.stat().st_mtime_ns for p in libs]
     native.build_all()
     assert [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("*.so"))] == stamps  # reused, not rebuilt

@@ -242,6 +242,15 @@ def _attend_chunk(q, k, v, q_pos0: int, kv_start: int, scale: float):
     return None
 
 
+def decode_plan(backend: AttentionBackend, meta: AttentionMetadata, k_cache: torch.Tensor, group: int) -> _Plan:
+    """The step's plan, made by the first layer that asks and kept in the metadata."""
+    plan = meta.host_plans.get(backend.name)
+    if plan is None:
+        native = cpu_decode.supports(k_cache, group) and cpu_decode.load() is not None
+        plan = meta.host_plans[backend.name] = _Plan(meta, k_cache.device, _flash_dtype(k_cache), native)
+    return plan
+
+
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
@@ -258,10 +267,7 @@ class TorchReferenceBackend(AttentionBackend):
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
-        plan = meta.host_plans.get(self.name)
-        if plan is None:
-            native = cpu_decode.supports(k_cache, group) and cpu_decode.load() is not None
-            plan = meta.host_plans[self.name] = _Plan(meta, query.device, _flash_dtype(k_cache), native)
+        plan = decode_plan(self, meta, k_cache, group)
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
         if plan.decode:
             if plan.native:

@@ -147,6 +147,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # A quantized CPU model's decode steps in one C call, where one was attached (cpu_stack.DecodeStack).
+    decode_stack = None
+
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -157,6 +160,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
+        stack = self.decode_stack
+        if stack is not None and stack.runs(meta, kv_caches):
+            return stack(self.embed_tokens(input_ids), *self.rotary_emb(positions), kv_caches, meta)
         return run_steps(self.forward_steps(input_ids, positions, kv_caches, LocalAttend(self.layers, meta)))
 
     def forward_steps(

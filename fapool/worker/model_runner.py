@@ -127,9 +127,11 @@ class ModelRunner:
         elif config.quantization is not None:
             from fapool.layers.cpu_fused import fuse_cpu_model
             from fapool.layers.cpu_quant import quantize_linears, quantized_kv_dtype
+            from fapool.layers.cpu_stack import DecodeStack
 
             quantize_linears(model, config.quantization)
             fuse_cpu_model(model)
+            DecodeStack.attach(model)
             if config.cache.kv_cache_dtype == "auto":
                 self.kv_dtype = quantized_kv_dtype(self.dtype)
         elif self.pack_cpu_linears:
