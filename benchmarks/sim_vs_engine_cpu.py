@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -144,6 +145,16 @@ def gemm_probe(model_config, m: int = 4):
     return {"m": m, "n": n, "k": k, "s": time_op(_cycle(lambda w: w(a), ws), torch.device("cpu"))}
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU-seconds the machine has been busy since boot, CPU-seconds of this process and its reaped
+    children): their growth over the measurement, less ours, is what other processes took."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = (sum(ticks[:3]) + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
+    return busy, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _merge(runs: list[dict]) -> dict:
     """One configuration's rounds as one measurement (all timed steps pooled)."""
     times = [t for r in runs for t in r["steps_s"]]
@@ -236,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {}
     beside: dict[str, list[dict]] = {}
     probes = [gemm_probe(model_config)]
+    cpu0, t_measure = cpu_seconds(), time.perf_counter()
     with LLM(ns.model, device="cpu", dtype="float32", kv_cache_memory=256 << 20) as single:
         torch.set_num_threads(1)
         for key in keys[1:]:
@@ -247,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault(key, []).append(measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup))
         if len(keys) == 1:
             runs["single"] = [measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup) for _ in range(ns.repeats)]
+    # Every engine process has exited (and been reaped) here, so its CPU time is ours.
+    (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t_measure
+    others_s = max(0.0, (busy1 - cpu0[0]) - (own1 - cpu0[1]))
+    others = {"cpu_s": others_s, "share_of_machine": others_s / (wall * (os.cpu_count() or 1)), "wall_s": wall}
     if len(keys) > 1:
         runs["single"] = [r for rs in beside.values() for r in rs]
     for key in keys:
@@ -313,12 +329,15 @@ def main(argv: list[str] | None = None) -> int:
               f"(range x{min(drift['during_measurement_s']) / cal_probe[0]:.2f}..x{max(drift['during_measurement_s']) / cal_probe[0]:.2f})")
     s = error_summary(rows)
     s_p20 = error_summary([{**r, "rel_error": r["rel_error_vs_p20"]} for r in rows])
+    print(f"other processes: {others['cpu_s']:.1f} CPU-s over {others['wall_s']:.0f} s, "
+          f"{others['share_of_machine']:.1%} of the machine")
     print("vs median step:", s)
     print("vs p20 step:", s_p20)
     result = {
         "env": environment("cpu"),
         "load_average": os.getloadavg(),
         "load_average_start": load_start,
+        "other_processes": others,
         "gemm_drift_probe": drift,
         "shapes": {
             "model": ns.model or "embedded SmolLM2-135M (float32)",
@@ -342,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     summary = (
         f"simulated vs measured decode step, CPU engine topologies (SmolLM2, batch {ns.batch}, "
-        f"ctx ~{rows[0]['context_mean']:.0f}, 1 thread/process, load avg {load:.1f}): within 10% on "
+        f"ctx ~{rows[0]['context_mean']:.0f}, 1 thread/process, load avg {load:.1f}, other processes "
+        f"{others['share_of_machine']:.1%} of the machine): within 10% on "
         f"{s['within_10pct']}/{s['rows']} (max {s['max_abs_rel_error']:.0%}); "
         + ", ".join(f"{r['topology']} {r['measured_s'] * 1e3:.0f}->{r['predicted_s'] * 1e3:.0f} ms" for r in rows)
         + "; x single measured / predicted "
