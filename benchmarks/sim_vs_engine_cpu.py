@@ -219,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         cal_path = ns.calibration
         cal = load_calibration(cal_path)
     else:
+        cpu0, t_cal = cpu_seconds(), time.perf_counter()
         cal = calibrate(
             device="cpu", threads=1, model=model_config, pool=True, twin=ns.twin,
             progress=lambda s: print(s, flush=True),
         )
+        (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t_cal
+        others_s = max(0.0, (busy1 - cpu0[0]) - (own1 - cpu0[1]))
+        cal["other_processes"] = {"cpu_s": others_s, "share_of_machine": others_s / (wall * (os.cpu_count() or 1))}
+        print(f"other processes during the calibration: {others_s:.1f} CPU-s, "
+              f"{cal['other_processes']['share_of_machine']:.1%} of the machine")
         cal_path = os.path.join(out_dir, f"sim_calibration_cpu-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
         write_calibration(cal, cal_path)
         cal = load_calibration(cal_path)
