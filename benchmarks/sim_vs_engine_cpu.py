@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t_cal
         others_s = max(0.0, (busy1 - cpu0[0]) - (own1 - cpu0[1]))
-        cal["other_processes"] = {"cpu_s": others_s, "share_of_machine": others_s / (wall * (os.cpu_count() or 1))}
+        share = others_s / (wall * (os.cpu_count() or 1))
+        cal["other_processes"] = {"cpu_s": others_s, "share_of_machine": share}
         print(f"other processes during the calibration: {others_s:.1f} CPU-s, "
               f"{cal['other_processes']['share_of_machine']:.1%} of the machine")
         cal_path = os.path.join(out_dir, f"sim_calibration_cpu-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json")
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every engine process has exited (and been reaped) here, so its CPU time is ours.
     (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t_measure
     others_s = max(0.0, (busy1 - cpu0[0]) - (own1 - cpu0[1]))
-    others = {"cpu_s": others_s, "share_of_machine": others_s / (wall * (os.cpu_count() or 1)), "wall_s": wall}
+    share = others_s / (wall * (os.cpu_count() or 1))
+    others = {"cpu_s": others_s, "share_of_machine": share, "wall_s": wall}
     if len(keys) > 1:
         runs["single"] = [r for rs in beside.values() for r in rs]
     for key in keys:
