@@ -18,7 +18,6 @@ host time per call matters at small batch. One case the model misjudges: from ab
 KV head) pairs per SM up to what one wave of 3-stage programs holds, one unsplit program per
 pair with a third stage in flight already keeps the memory busy, and splitting only adds the
 stage-2 pass and per-program costs (`unsplit_one_wave`; benchmarks/RESULTS.md, decode_peer_sweep).
-The FP8 warp-split kernel runs the same model with its own occupancy target and costs (FP8_WS_*).
 
 An FP8 (e4m3) cache is read as is and widened in registers, to fp16 for a 16-bit query (e4m3
 converts to fp16 natively, and P in [0, 1] and the query fit fp16 well) or to the float32
@@ -66,12 +65,6 @@ DEFAULT_NUM_STAGES = 2
 FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 128, 4, 3
 FP8_WS_BLOCK_N, FP8_WS_NUM_WARPS, FP8_WS_NUM_STAGES = 32, 2, 3
 FP8_WARP_SPLIT_MIN_KV = 8192
-# The warp-split kernel's own split model: programs an SM its launch aims at (at most what fits),
-# and a program's fixed cost and stage 2's in its 32-token tiles, a quarter of a bf16 tile's bytes
-# (fitted to an H200 sweep of split counts and stages; benchmarks/RESULTS.md).
-FP8_WS_PROGRAMS_PER_SM = 6
-FP8_WS_PROGRAM_COST_TILES = 2
-FP8_WS_REDUCE_COST_TILES = 1
 ONE_WAVE_STAGES = 3  # stages of the unsplit one-wave launch (unsplit_one_wave)
 ONE_WAVE_MIN_PAIRS_PER_SM = 1.5
 PROGRAM_COST_TILES = 2  # fixed cost of one program, in KV tiles' worth of time
@@ -447,23 +440,18 @@ def resident_programs_per_sm(
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_num_splits(
-    num_pairs: int,
-    num_tiles: int,
-    capacity: int,
-    program_cost: int = PROGRAM_COST_TILES,
-    reduce_cost: int = REDUCE_COST_TILES,
-) -> int:
+def choose_num_splits(num_pairs: int, num_tiles: int, capacity: int) -> int:
     """Splits for `num_pairs` (sequence, KV head) pairs of up to `num_tiles` KV tiles, with
-    `capacity` programs resident on the GPU and the per-program and stage-2 costs in tiles. For
-    w waves the best count is the largest that still fits in w waves, so only those candidates
-    are costed."""
+    `capacity` programs resident on the GPU. For w waves the best count is the largest that
+    still fits in w waves, so only those candidates are costed."""
     limit = max(1, min(MAX_SPLITS, num_tiles))
     candidates = {1} | {max(1, min(limit, w * capacity // num_pairs)) for w in range(1, 9)}
     best, best_cost = 1, None
     for splits in sorted(candidates):
         waves = triton.cdiv(num_pairs * splits, capacity)
-        cost = waves * (triton.cdiv(num_tiles, splits) + program_cost) + reduce_cost * (splits > 1)
+        cost = waves * (triton.cdiv(num_tiles, splits) + PROGRAM_COST_TILES) + REDUCE_COST_TILES * (
+            splits > 1
+        )
         if best_cost is None or cost < best_cost:
             best, best_cost = splits, cost
     return best
@@ -515,11 +503,7 @@ def auto_num_splits(
     dflt = decode_config(elem_size, warp_split)
     block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
     per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size, warp_split)
-    tiles = max(1, triton.cdiv(max_kv_len, block_n))
-    if warp_split:
-        capacity = min(per_sm, FP8_WS_PROGRAMS_PER_SM) * _num_sms(device)
-        return choose_num_splits(pairs, tiles, capacity, FP8_WS_PROGRAM_COST_TILES, FP8_WS_REDUCE_COST_TILES)
-    return choose_num_splits(pairs, tiles, per_sm * _num_sms(device))
+    return choose_num_splits(pairs, max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device))
 
 
 def fp16_dot(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
