@@ -332,8 +332,13 @@ int fapool_decode_attention(const float *q, const void *k_cache, const void *v_c
         float *o = part_out + po * D, *l = part_lse + po;
         /* Common head sizes and group sizes as constants: the loops over them unroll into registers. */
 #define ATTEND(DD, GG) attend_head(qh, k_cache, v_cache, 1, table, lens[seq], b0, b1, H, h, GG, DD, bs, o, l)
+#define ATTEND32(DD, GG) attend_head(qh, k_cache, v_cache, 0, table, lens[seq], b0, b1, H, h, GG, DD, bs, o, l)
         if (bf16 && D == 64 && G == 3)
             ATTEND(64, 3);
+        else if (!bf16 && D == 64 && G == 3)
+            ATTEND32(64, 3);
+        else if (!bf16 && D == 64 && G == 4)
+            ATTEND32(64, 4);
         else if (bf16 && D == 64 && G == 4)
             ATTEND(64, 4);
         else if (bf16 && D == 128 && G == 4)
@@ -343,6 +348,7 @@ int fapool_decode_attention(const float *q, const void *k_cache, const void *v_c
         else
             attend_head(qh, k_cache, v_cache, bf16, table, lens[seq], b0, b1, H, h, G, D, bs, o, l);
 #undef ATTEND
+#undef ATTEND32
     }
     if (parts == 1) return 0;
     for (int seq = 0; seq < n; seq++) {

@@ -250,7 +250,7 @@ def test_decode_rows_go_one_at_a_time_only_when_the_padded_batch_is_large(rows, 
     "heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 2, 64, 16), (4, 4, 32, 4), (8, 2, 128, 16), (16, 2, 128, 16), (6, 2, 24, 8)]
 )
 def test_c_decode_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, head_dim, block_size):
-    """cpu_decode's kernel (head and group sizes 64 x 3, 64 x 4, 128 x 4, 128 x 8 as constants, any
+    """cpu_decode's kernel (head and group sizes 64 x 3, 64 x 4 in bf16 and float32, 128 x 4, 128 x 8 in bf16 as constants, any
     other generic) reads the shuffled pages in place: ragged lengths, one partial block, many
     blocks, GQA and MHA."""
     specs = [(0, 1), (block_size - 1, 1), (block_size, 1), (5 * block_size + 3, 1), (200, 1)]
