@@ -111,7 +111,6 @@ class DecodeStack:
                 type(attn) is not CpuFusedAttention or type(attn.backend) is not TorchReferenceBackend
                 or len(weights) < 4 or None in weights or None in norms
                 or attn.num_heads % attn.num_kv_heads or attn.head_dim % 2
-                or norms != [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
                 or layer.input_layernorm.eps != layer.post_attention_layernorm.eps
             ):
                 return None
