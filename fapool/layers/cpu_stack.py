@@ -85,7 +85,7 @@ class DecodeStack:
         self.spec = _Model(
             num_layers=len(layers), hidden=config.hidden_size, num_heads=attn.num_heads,
             num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, intermediate=config.intermediate_size,
-            block_size=0, eps=inner.layers[0].input_layernorm.eps, scale=attn.scale, layers=self.layers,
+            block_size=0, eps=inner.norm.eps, scale=attn.scale, layers=self.layers,
             final_norm=inner.norm.weight.data_ptr(), int4_matmul=_address(cpu_int4.load().fapool_int4_matmul),
             add_rms_norm=_address(cpu_fused.load().fapool_add_rms_norm), rotary=_address(cpu_fused.load().fapool_rotary_bf16),
             silu_mul=_address(cpu_fused.load().fapool_silu_mul_bf16),
@@ -111,13 +111,13 @@ class DecodeStack:
                 type(attn) is not CpuFusedAttention or type(attn.backend) is not TorchReferenceBackend
                 or len(weights) < 4 or None in weights or None in norms
                 or attn.num_heads % attn.num_kv_heads or attn.head_dim % 2
-                or layer.input_layernorm.eps != layer.post_attention_layernorm.eps
+                or {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {inner.norm.eps}
             ):
                 return None
             layers.append(_Layer(*norms, *weights))
         float32 = (inner.norm.weight, inner.embed_tokens.weight, inner.rotary_emb.cos_sin_cache)
         if (
-            _norm_weight(inner.norm) is None or inner.norm.eps != inner.layers[0].input_layernorm.eps
+            _norm_weight(inner.norm) is None
             or any(t.dtype != torch.float32 for t in float32)
         ):
             return None
