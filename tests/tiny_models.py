@@ -63,13 +63,16 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise / math.sqrt(p.shape[-1]) * 1.5)
 
 
-def make_checkpoint(folder: str, arch: str, seed: int = 0):
+def make_checkpoint(folder: str, arch: str, seed: int = 0, num_hidden_layers: int | None = None):
     """Save a tiny random model of `arch` to `folder` (config.json + model.safetensors) and
-    return the transformers model, in float32 eval mode."""
+    return the transformers model, in float32 eval mode. num_hidden_layers: instead of 2."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), attn_implementation="sdpa")
+    config = hf_config(arch)
+    if num_hidden_layers is not None:
+        config.num_hidden_layers = num_hidden_layers
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     randomize(model, seed)
     model.eval()
     os.makedirs(folder, exist_ok=True)

@@ -72,6 +72,38 @@ def test_parallel_matches_single_process(tiny_checkpoints, reference, arch, tp, 
     assert assert_pairs_mirror(str(tmp_path), tp * pp) > 0
 
 
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    from tiny_models import make_checkpoint
+
+    folder = str(tmp_path_factory.mktemp("llama4"))
+    make_checkpoint(folder, "llama", seed=7, num_hidden_layers=4)
+    return folder
+
+
+POOLED = dict(attention_workers=1, pool_threshold=32, tokens_per_pool_worker=16)
+
+
+@pytest.mark.parametrize("extra", [{}, POOLED], ids=["pp3", "pp3-pool"])
+def test_three_pipeline_stages_match_single_process(four_layers, extra, tmp_path, monkeypatch):
+    """Four layers over three stages (2 / 1 / 1): every stage's activations travel on to the
+    next, the last returns the logits; beside an attention pool, each stage leader exchanges
+    with the worker for its own layers. Tokens equal the single process, with preemption."""
+    with LLM(four_layers, **ENGINE) as llm:
+        reference = [o.token_ids for o in llm.generate(_prompts(), PARAMS)]
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path))
+    with LLM(four_layers, pipeline_parallel_size=3, **ENGINE, **extra) as llm:
+        outs = llm.generate(_prompts(), PARAMS)
+        assert [o.token_ids for o in outs] == reference
+        assert len(llm.engine.executor.runner.kv_caches) == 2  # the driver's stage: layers 0 and 1
+        stats = llm.engine.executor.reports
+        assert all({0, 1, 2} <= set(s.ranks) for s in stats)
+        assert max(s.num_micro_batches for s in stats) == 3
+        if extra:
+            assert sum(w.q_rows for s in stats for w in s.workers.values()) > 0
+    assert assert_pairs_mirror(str(tmp_path), 3 + (1 if extra else 0)) > 0
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_async_scheduling_gives_the_sync_tokens(tiny_checkpoints, reference, tp, pp):
     """Async scheduling with TP / PP: steps run on the runner's thread while the engine
