@@ -25,8 +25,6 @@ class AFDPoint:
 @dataclass(frozen=True)
 class AFDPlan:
     best: AFDPoint
-    b: int
-    f_tp: int
     curve: list[AFDPoint]
 
 
@@ -37,7 +35,6 @@ class AFDModel:
         if b < 1 or f_tp < 1:
             raise SimInputError("AFD needs b >= 1 sequences per attention GPU and f_tp >= 1")
         self.cost, self.m, self.b, self.f_tp, self.overlap = cost, moments, b, f_tp, overlap
-        self.L = cost.model.num_hidden_layers
         self.sum_sd = moments.sd * math.sqrt(b)
         self._a_cache: dict[bool, tuple[float, float, float]] = {}
 
@@ -85,7 +82,7 @@ class AFDModel:
             elif r > 2 * best.r + 8 and p.throughput_per_gpu < 0.8 * best.throughput_per_gpu:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
-        return AFDPlan(best, self.b, self.f_tp, curve)
+        return AFDPlan(best, curve)
 
 
 def length_moments(prompt, output, seed: int = 0) -> ContextMoments:
