@@ -1,4 +1,5 @@
-"""CLI for the simulator: `plan`, `simulate`, `calibrate` (`register` adds them to `fapool`'s CLI)."""
+"""The simulator's `fapool` subcommands `plan`, `simulate`, `calibrate` (`register` adds them; `fapool`'s
+main turns bad input, SimInputError, into one line and exit code 2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import math
 import sys
 from pathlib import Path
 
-from fapool.config import ConfigError
 from fapool.sim.errors import SimInputError
 from fapool.sim.workload import (
     DEFAULT_OUTPUT,
@@ -107,21 +107,6 @@ def _write_json(console, path: str, data) -> None:
     console.print(f"wrote {path}")
 
 
-def _guard(fn):
-    """Run a subcommand; bad input becomes one line on stderr and exit code 2."""
-
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except (SimInputError, ConfigError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    run.__name__ = fn.__name__
-    return run
-
-
-@_guard
 def cmd_simulate(args) -> int:
     from fapool.sim.results import results_table
     from fapool.sim.simulator import SimConfig, simulate
@@ -144,7 +129,6 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-@_guard
 def cmd_plan(args) -> int:
     import numpy as np
 
@@ -192,7 +176,6 @@ def cmd_plan(args) -> int:
     return 0
 
 
-@_guard
 def cmd_calibrate(args) -> int:
     from fapool.bench.calibrate import calibrate
     from fapool.sim.calibrate import summary_lines, write_calibration
@@ -270,14 +253,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     p.add_argument("--out", default="fapool_calibration.json")
     p.set_defaults(func=cmd_calibrate)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fapool-sim", description=__doc__.splitlines()[0])
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
