@@ -9,7 +9,10 @@ ahead of need (the default), in one run. Per cycle:
                 decode step against the median one
     leave       from the driver's stop to the actor's process gone, and to Ray's CPUs free again
 
-    PYTHONPATH=. python benchmarks/ray_elasticity.py [--cycles 3] [--no-save]
+    PYTHONPATH=. python benchmarks/ray_elasticity.py [--cycles 3] [--pipeline-parallel-size 2] [--no-save]
+
+With --pipeline-parallel-size, the dense side is that many stages (Ray actors too) and a
+joining worker pairs with every stage's leader.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _cycle(llm: LLM, seed: int, ns: argparse.Namespace) -> dict:
     waits = pool.join_wait_seconds[waits_before:]
     # Leave: the workers idle now; the engine stops them once idle past the timeout.
     pids = {w: live.pid for w, live in pool.live.items()}
-    cpus = ray.cluster_resources().get("CPU", 0.0)
+    cpus = ray.cluster_resources().get("CPU", 0.0) - (ns.pipeline_parallel_size - 1)  # the stages keep theirs
     t_idle = time.perf_counter()
     stopped_before = pool.num_stopped
     while pool.num_stopped - stopped_before < len(pids):
@@ -86,10 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-len", type=int, default=160, help="tokens decoded per request (crossing the threshold after 96)")
     ap.add_argument("--idle-timeout-s", type=float, default=1.0)
     ap.add_argument("--pool-prestart-tokens", type=int, nargs="+", default=[0, 128])
+    ap.add_argument("--pipeline-parallel-size", type=int, default=1, help="dense stages beside the pool")
     ap.add_argument("--no-save", action="store_true")
     ns = ap.parse_args(argv)
     torch.set_num_threads(1)
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    # A CPU for each pool worker and each stage past the driver's (both Ray actors).
+    ray.init(num_cpus=WORKERS + ns.pipeline_parallel_size - 1, include_dashboard=False, log_to_driver=False)
     runs = {}
     try:
         for ahead in ns.pool_prestart_tokens:
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens_per_pool_worker=THRESHOLD,
                 pool_idle_timeout_s=ns.idle_timeout_s,
                 pool_prestart_tokens=ahead,
+                pipeline_parallel_size=ns.pipeline_parallel_size,
             )
             with LLM(**kw) as llm:
                 cycles = runs[ahead] = []
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{min(free) * 1e3:.0f}-{max(free) * 1e3:.0f} ms"
         )
     summary = (
-        f"Ray elastic pool, embedded model, {WORKERS} workers, {ns.cycles} cycles of {ns.batch_size} requests "
+        f"Ray elastic pool, embedded model, {WORKERS} workers beside {ns.pipeline_parallel_size} dense stage(s), {ns.cycles} cycles of {ns.batch_size} requests "
         f"crossing the {THRESHOLD}-token threshold while decoding: " + "; ".join(parts)
     )
     print(summary)
