@@ -52,6 +52,13 @@ def supports(k_cache: torch.Tensor, num_query_per_kv: int) -> bool:
     )
 
 
+def split_parts(num_seqs: int, max_len: int) -> int:
+    """Ranges each sequence's blocks are split into: fewer long sequences than threads leave
+    threads idle, so each sequence's blocks are spread over them (flash-decoding)."""
+    threads = torch.get_num_threads()
+    return min(threads // num_seqs, MAX_PARTS) if num_seqs < threads and max_len >= SPLIT_MIN_KEYS else 1
+
+
 def decode_attention(
     lib: ctypes.CDLL,
     q: torch.Tensor,  # [n, Hkv, G, D] float32, contiguous, already times the softmax scale
@@ -63,9 +70,7 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [n, Hkv, G, D] float32, lse [n, Hkv, G] float32) over every key of each row's table."""
     n, heads, group, dim = q.shape
-    threads = torch.get_num_threads()
-    # Fewer long sequences than threads: each sequence's blocks split over the idle threads.
-    parts = min(threads // n, MAX_PARTS) if n < threads and max_len >= SPLIT_MIN_KEYS else 1
+    parts = split_parts(n, max_len)
     out = torch.empty_like(q)
     lse = torch.empty(n, heads, group, dtype=torch.float32)
     rc = lib.fapool_decode_attention(

@@ -91,7 +91,6 @@ class DecodeStack:
             silu_mul=_address(cpu_fused.load().fapool_silu_mul_bf16),
             decode=_address(cpu_decode.load().fapool_decode_attention), write_kv=_address(cpu_decode.load().fapool_write_kv),
         )
-        self._caches: tuple | None = None  # (the caches' first pointer, k pointer array, v pointer array)
 
     @classmethod
     def attach(cls, model) -> DecodeStack | None:
@@ -116,10 +115,7 @@ class DecodeStack:
                 return None
             layers.append(_Layer(*norms, *weights))
         float32 = (inner.norm.weight, inner.embed_tokens.weight, inner.rotary_emb.cos_sin_cache)
-        if (
-            _norm_weight(inner.norm) is None
-            or any(t.dtype != torch.float32 for t in float32)
-        ):
+        if _norm_weight(inner.norm) is None or any(t.dtype != torch.float32 for t in float32):
             return None
         stack = cls(model, layers)
         inner.decode_stack = stack
@@ -144,21 +140,16 @@ class DecodeStack:
         step's K and V into the caches."""
         attn = self.model.layers[0].self_attn
         plan = decode_plan(attn.backend, meta, kv_caches[0][0], attn.num_heads // attn.num_kv_heads)
-        first = kv_caches[0][0].data_ptr()
-        if self._caches is None or self._caches[0] != first:
-            ks = (ctypes.c_void_p * len(kv_caches))(*(k.data_ptr() for k, _ in kv_caches))
-            vs = (ctypes.c_void_p * len(kv_caches))(*(v.data_ptr() for _, v in kv_caches))
-            self._caches = (first, ks, vs)
+        k_caches = (ctypes.c_void_p * len(kv_caches))(*(k.data_ptr() for k, _ in kv_caches))
+        v_caches = (ctypes.c_void_p * len(kv_caches))(*(v.data_ptr() for _, v in kv_caches))
         self.spec.block_size = kv_caches[0][0].shape[1]
-        x = x.contiguous()
+        x, slots = x.contiguous(), meta.slot_mapping.contiguous()
         out = torch.empty_like(x)
-        threads = torch.get_num_threads()
         n = x.shape[0]
-        parts = min(threads // n, cpu_decode.MAX_PARTS) if n < threads and plan.max_len >= cpu_decode.SPLIT_MIN_KEYS else 1
         rc = self.lib.fapool_stack_decode(
-            ctypes.byref(self.spec), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), cos.stride(0),
-            self._caches[1], self._caches[2], meta.slot_mapping.data_ptr(), plan.tables32.data_ptr(),
-            plan.tables32.shape[1], plan.lens32.data_ptr(), parts, out.data_ptr(),
+            ctypes.byref(self.spec), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), cos.stride(0), k_caches,
+            v_caches, slots.data_ptr(), plan.tables32.data_ptr(), plan.tables32.shape[1], plan.lens32.data_ptr(),
+            cpu_decode.split_parts(n, plan.max_len), out.data_ptr(),
         )
         if rc == -2:
             raise MemoryError("cpu_stack: no memory for the step's buffers")
