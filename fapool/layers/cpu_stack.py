@@ -130,10 +130,8 @@ class DecodeStack:
         attn = self.model.layers[0].self_attn
         if k_cache.dtype != torch.bfloat16 or attn.kv_scales is not None:
             return False
-        if not cpu_decode.supports(k_cache, attn.num_heads // attn.num_kv_heads):
-            return False
         plan = decode_plan(attn.backend, meta, k_cache, attn.num_heads // attn.num_kv_heads)
-        return plan.native and plan.all_decode and not plan.multi
+        return plan.native and plan.all_decode and not plan.multi  # native: the C decode takes this cache
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches, meta: AttentionMetadata):
         """Embedded tokens x [T, hidden] float32 -> final-normed hidden [T, hidden]; writes the
