@@ -273,6 +273,7 @@ def fp8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_byt
     row["ours_paged_fp8_TBps"] = kv_bytes / 2 / ms / 1e9  # bytes it really reads
     row["fp8_speedup_vs_bf16"] = (kv_bytes / ms / 1e9) / row["ours_paged_TBps"]  # t_bf16 / t_fp8
     del graph
+    int8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_bytes)
     if sweep is None:
         return
     for bn, nw, ns, dot16, ws in FP8_SWEEP_CONFIGS:
@@ -287,6 +288,24 @@ def fp8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_byt
         sweep.append(r)
         print("fp8 sweep", r, flush=True)
         del graph
+
+
+def int8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_bytes) -> None:
+    """The same paged decode over an int8 copy of the cache with a scale a token and KV head (the
+    engine's --kv-cache-dtype int8): speed-up over the bf16 cache (it reads half the bytes plus
+    4 of scales a token and KV head) and error against SDPA's flash."""
+    from fapool.attention import triton_decode as td
+    from fapool.attention.kv_quant import quantize_int8_rows
+
+    (k8, ks), (v8, vs) = (quantize_int8_rows(c) for c in cache)
+    fn = partial(td.paged_decode, q, k8, v8, meta, scale, out, lse, k_pages=ks, v_pages=vs)
+    fn()
+    row["ours_paged_int8_rel_err_vs_flash"] = rel_err(out, ref)
+    graph = graphed(fn)
+    ms = bench(graph.replay)
+    row["ours_paged_int8_TBps"] = kv_bytes * (HEAD_DIM + 4) / (2 * HEAD_DIM) / ms / 1e9  # bytes it reads
+    row["int8_speedup_vs_bf16"] = (kv_bytes / ms / 1e9) / row["ours_paged_TBps"]
+    del graph
 
 
 def decode_section(args, res, bench, rel_err, sdpa, decode_case, scale) -> dict:
@@ -640,6 +659,9 @@ def plot(res: dict, out_dir: str) -> None:
         fp8 = [r["ours_paged_TBps"] * r["fp8_speedup_vs_bf16"] if "fp8_speedup_vs_bf16" in r else None for r in rs]
         if any(y is not None for y in fp8):  # bf16 bytes over the FP8 kernel's time: above copy = faster than bf16 can be
             ax.plot(ctx, fp8, "-D", color="C3", label="fapool Triton, FP8 cache (bf16-equivalent bytes)")
+        int8 = [r["ours_paged_TBps"] * r["int8_speedup_vs_bf16"] if "int8_speedup_vs_bf16" in r else None for r in rs]
+        if any(y is not None for y in int8):
+            ax.plot(ctx, int8, "-P", color="C4", label="fapool Triton, int8 cache (bf16-equivalent bytes)")
         ax.axhline(res["copy_TBps"], color="gray", ls=":", label=f"device copy {res['copy_TBps']:.2f} TB/s")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ctx, [f"{c // 1024}K" for c in ctx])
@@ -669,7 +691,7 @@ def summary(res: dict) -> None:
         print("decode TB/s (graph replay; eager in the last two columns)")
         print(
             "   B   L      paged  ident  contig flash  cudnn  x_flash x_copy paging splits  eager: ours flash"
-            "  fp8: TB/s x_bf16"
+            "  fp8: TB/s x_bf16  int8: TB/s x_bf16"
         )
         keys = (
             "ours_paged_TBps",
@@ -685,7 +707,8 @@ def summary(res: dict) -> None:
                 f"{r['ratio_vs_copy']:.3f}  {r['paging_overhead']:+.3f}  {r['num_splits']:<3}        "
                 f"{_fmt(r.get('ours_paged_eager_TBps'), '5.2f')} "
                 f"{_fmt(r.get('sdpa_flash_eager_TBps'), '5.2f')}  "
-                f"{_fmt(r.get('ours_paged_fp8_TBps'), '5.2f')} {_fmt(r.get('fp8_speedup_vs_bf16'), '.2f')}"
+                f"{_fmt(r.get('ours_paged_fp8_TBps'), '5.2f')} {_fmt(r.get('fp8_speedup_vs_bf16'), '.2f')}  "
+                f"{_fmt(r.get('ours_paged_int8_TBps'), '5.2f')} {_fmt(r.get('int8_speedup_vs_bf16'), '.2f')}"
             )
         if "host_overhead" in res["decode"]:
             print("   host us/call:", {k: round(v, 1) for k, v in res["decode"]["host_overhead"].items()})

@@ -115,7 +115,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "int8")
 QUANTIZATIONS = ("int8", "int4")  # weight-only, CPU (fapool.layers.cpu_quant)
 
 
@@ -129,8 +129,8 @@ class CacheConfig:
     num_blocks: int | None = None  # explicit override, mostly for tests
     enable_prefix_caching: bool = True
     # "auto": the model's dtype (bf16 under CPU quantization, cpu_quant.quantized_kv_dtype);
-    # "fp8" (= "fp8_e4m3"): e4m3 with per-layer scales
-    # (fapool.attention.kv_quant), half the bytes of bf16 per token.
+    # "fp8" (= "fp8_e4m3"): e4m3 with per-layer scales; "int8": int8 with a scale per token and
+    # KV head (fapool.attention.kv_quant). Each about half the bytes of bf16 per token.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -311,7 +311,7 @@ class EngineConfig:
             multi = self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size > 1 or self.parallel.afd
             if multi or self.pool.attention_workers or self.sparse_attention:
                 raise ConfigError(
-                    "kv_cache_dtype fp8 runs in a single process with dense attention for now: "
+                    f"kv_cache_dtype {self.cache.kv_cache_dtype} runs in a single process with dense attention for now: "
                     "drop tensor/pipeline parallelism, the attention pool or sparse attention"
                 )
         if self.sparse_min_context < 0:

@@ -24,10 +24,14 @@ from fapool.attention.metadata import AttentionMetadata
 
 @dataclass(frozen=True)
 class KVScales:
-    """A layer's FP8 cache scales: the cache holds K / k and V / v."""
+    """A layer's 8-bit cache scales (kv_quant). FP8: the cache holds K / k and V / v. INT8: each
+    token's row of a KV head is divided by its own scale, kept in k_pages / v_pages
+    [blocks, block_size, kv heads] float32 beside the cache."""
 
     k: float = 1.0
     v: float = 1.0
+    k_pages: torch.Tensor | None = None
+    v_pages: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):

@@ -1,11 +1,18 @@
-"""FP8 (e4m3) KV cache: the cache dtype, per-layer scales, and their calibration.
+"""8-bit KV caches: the cache dtype, the scales, and the FP8 scales' calibration.
 
-As vLLM's `kv_cache_dtype="fp8"`: each layer stores K / scale_k and V / scale_v as e4m3
+FP8, as vLLM's `kv_cache_dtype="fp8"`: each layer stores K / scale_k and V / scale_v as e4m3
 (saturated at +-448) and readers multiply back. A scale is one float per layer and tensor, so
 it folds into the softmax scale (K) and the output (V) at no cost in the kernels. Scales are
 calibrated once at start-up from a forward pass in the model's own dtype: the layer's largest
 |K| and |V| map to FP8_MAX / HEADROOM, so later tokens up to HEADROOM times larger still fit,
 while the smallest values that matter stay in e4m3's normal range (max / 2^15 and up).
+
+INT8, as LMDeploy's and TensorRT-LLM's int8 KV: each token's K and V rows of a KV head are
+stored as round(x / s) with s = max|x| / 127 of that row, the float32 s in scale pages beside
+the cache ([blocks, block_size, kv heads], `KVScales.k_pages` / `v_pages`). e4m3 keeps 3
+mantissa bits per element, which on small models costs the logits' ranking (K's error); int8
+over a row's own range keeps the large elements, which dominate q.k, to 1/254 of the row's
+largest. Readers multiply each token's logit by its K scale and its probability by its V scale.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from fapool.attention.backend import AttentionBackend, KVScales
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 HEADROOM = 4.0
+INT8_MAX = 127.0
 
 
 def is_fp8(kv_cache_dtype: str) -> bool:
@@ -24,7 +32,9 @@ def is_fp8(kv_cache_dtype: str) -> bool:
 
 
 def cache_dtype(model_dtype: torch.dtype, kv_cache_dtype: str) -> torch.dtype:
-    """The dtype the KV cache is allocated in: the model's ("auto") or e4m3."""
+    """The dtype the KV cache is allocated in: the model's ("auto"), e4m3 or int8."""
+    if kv_cache_dtype == "int8":
+        return torch.int8
     return FP8_DTYPE if is_fp8(kv_cache_dtype) else model_dtype
 
 
@@ -33,6 +43,16 @@ def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     if dtype != FP8_DTYPE:
         return x.to(dtype)
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 rows, float32 scales [...]): each row over its own max |x| / 127,
+    rounded half up (as the Triton write kernel rounds); an all-zero row gets scale 0."""
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    q = torch.floor(xf * inv[..., None] + 0.5).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, amax / INT8_MAX
 
 
 class _AmaxObserver(AttentionBackend):

@@ -20,7 +20,7 @@ import torch
 
 from fapool.attention import cpu_decode
 from fapool.attention.backend import AttentionBackend, merge_partials
-from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize
+from fapool.attention.kv_quant import FP8_DTYPE, KVScales, quantize, quantize_int8_rows
 from fapool.attention.metadata import AttentionMetadata
 
 _UNIT = KVScales()
@@ -41,8 +41,12 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales 
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    for cache, x, s in ((k_cache, key, scales.k), (v_cache, value, scales.v)):
-        rows = quantize(x, s, cache.dtype)
+    for cache, x, s, pages in ((k_cache, key, scales.k, scales.k_pages), (v_cache, value, scales.v, scales.v_pages)):
+        if cache.dtype == torch.int8:
+            rows, row_scales = quantize_int8_rows(x)
+            pages.view(-1, pages.shape[2]).index_copy_(0, slot_mapping, row_scales)
+        else:
+            rows = quantize(x, s, cache.dtype)
         if cache.dtype == FP8_DTYPE:  # no index_copy_ for e4m3 on CPU: copy the bytes
             cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
         flat = cache.view(-1, *cache.shape[2:])
@@ -57,15 +61,21 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales 
             flat.index_copy_(0, slot_mapping[i : i + step], rows[i : i + step])
 
 
-def _gather(cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float = 1.0) -> torch.Tensor:
+def _gather(
+    cache: torch.Tensor, table: torch.Tensor, kv_len: int, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """[num_blocks, bs, H, D] gathered through `table` ([..., nb]) -> [..., kv_len, H, D]
-    (float32 times `scale` from an FP8 cache). index_select over whole blocks as rows: several
-    times faster on CPU than advanced indexing of the 4-d cache."""
+    (float32 times `scale` from an FP8 cache, times each token's scale from an int8 cache's
+    scale pages). index_select over whole blocks as rows: several times faster on CPU than
+    advanced indexing of the 4-d cache."""
     num_blocks, block_size, heads, dim = cache.shape
     nb = (kv_len + block_size - 1) // block_size
     idx = table[..., :nb].long()
     rows = cache.view(num_blocks, -1).index_select(0, idx.reshape(-1))
     g = rows.view(*idx.shape[:-1], nb * block_size, heads, dim)[..., :kv_len, :, :]
+    if cache.dtype == torch.int8:
+        s = scale.view(num_blocks, -1).index_select(0, idx.reshape(-1))
+        return g.float().mul_(s.view(*idx.shape[:-1], nb * block_size, heads, 1)[..., :kv_len, :, :])
     return g.float().mul_(scale) if cache.dtype == FP8_DTYPE else g
 
 
@@ -255,7 +265,7 @@ class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
-        # One C call for the step's rows on the CPU (scales apply to FP8 caches only, which it leaves alone).
+        # One C call for the step's rows on the CPU (it leaves 8-bit caches, which need scales, alone).
         lib = cpu_decode.load() if k_cache.device.type == "cpu" else None
         if lib is None or not cpu_decode.write_kv(lib, k_cache, v_cache, key, value, slot_mapping):
             write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales)
@@ -263,7 +273,9 @@ class TorchReferenceBackend(AttentionBackend):
     def forward(
         self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float, scales=None, new_kv=None
     ):
-        sk, sv = (scales or _UNIT).k, (scales or _UNIT).v
+        scales = scales or _UNIT
+        int8 = k_cache.dtype == torch.int8  # per-token scales: the pages go where a float would
+        sk, sv = (scales.k_pages, scales.v_pages) if int8 else (scales.k, scales.v)
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads

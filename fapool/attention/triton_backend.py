@@ -71,7 +71,7 @@ class TritonBackend(AttentionBackend):
         lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)
         if num_tokens == 0:
             return out, lse
-        kv = {"k_scale": scales.k, "v_scale": scales.v} if scales else {}
+        kv = {"k_scale": scales.k, "v_scale": scales.v, "k_pages": scales.k_pages, "v_pages": scales.v_pages} if scales else {}
         if meta.is_decode_only:
             return paged_decode(
                 query, k_cache, v_cache, meta, scale, out, lse, num_splits=self.num_splits,

@@ -126,6 +126,10 @@ def _decode_split_kernel(
     qk_scale,
     v_scale,
     num_splits,
+    K_SCALES,
+    V_SCALES,
+    stride_sb,
+    stride_st,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -149,6 +153,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    INT8: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_predecessor(USE_PDL)  # before the early return too: see fapool.layers.triton_pdl
@@ -188,6 +193,8 @@ def _decode_split_kernel(
     table = block_tables + seq * stride_bt
     v_base = V + kvh * stride_vh + offs_d[None, :]
     k_base = K + kvh * stride_kh + offs_d[None, :]
+    K_SCALES += kvh
+    V_SCALES += kvh
 
     # The page ids of tile t+1 are read during tile t: the K/V loads then hang off a loop-carried
     # value rather than a load of the same iteration, so the pipeliner buffers them
@@ -203,12 +210,17 @@ def _decode_split_kernel(
         kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        if INT8:  # each token's K scale, then its V scale on its probability
+            s_rows = page * stride_sb + (pos % PAGE) * stride_st
+            qk = qk * tl.load(K_SCALES + s_rows, mask=n_mask, other=0.0)[None, :]
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _widen(tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0), q.dtype)
+        if INT8:
+            p = p * tl.load(V_SCALES + s_rows, mask=n_mask, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     launch_dependents(USE_PDL)
@@ -260,6 +272,10 @@ def _decode_split_kernel_warps(
     qk_scale,
     v_scale,
     num_splits,
+    K_SCALES,
+    V_SCALES,
+    stride_sb,
+    stride_st,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -283,6 +299,7 @@ def _decode_split_kernel_warps(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    INT8: tl.constexpr,
     USE_PDL: tl.constexpr,
     WARPS: tl.constexpr,
 ):
@@ -328,6 +345,8 @@ def _decode_split_kernel_warps(
     k_base = K + kvh * stride_kh + offs_d[None, None, :]
     v_base = V + kvh * stride_vh + offs_d[None, None, :]
     kv_dmask = d_mask[None, None, :]
+    K_SCALES += kvh
+    V_SCALES += kvh
 
     page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)  # a tile ahead, as above
     for t in range(tile_lo, tile_hi):
@@ -340,12 +359,17 @@ def _decode_split_kernel_warps(
         kv_mask = n_mask[:, :, None] if BLOCK_D == HEAD_DIM else n_mask[:, :, None] & kv_dmask
         k = tl.load(k_base + k_rows[:, :, None], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale  # [WARPS, BLOCK_H, NW], log2 units
+        if INT8:
+            s_rows = page * stride_sb + (pos % PAGE) * stride_st
+            qk = qk * tl.load(K_SCALES + s_rows, mask=n_mask, other=0.0)[:, None, :]
         qk = tl.where(n_mask[:, None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 2))
         p = tl.exp2(qk - m_new[:, :, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 2)
         v = _widen(tl.load(v_base + v_rows[:, :, None], mask=kv_mask, other=0.0), q.dtype)
+        if INT8:
+            p = p * tl.load(V_SCALES + s_rows, mask=n_mask, other=0.0)[:, None, :]
         acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     launch_dependents(USE_PDL)
@@ -525,11 +549,24 @@ def _check(query, k_cache, v_cache, meta) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {page}")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the head dimension of query and caches must be contiguous")
-    fp8_cache = k_cache.dtype == torch.float8_e4m3fn  # read in the query's dtype
-    if (query.dtype != k_cache.dtype and not fp8_cache) or k_cache.dtype != v_cache.dtype:
+    byte_cache = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)  # read in the query's dtype
+    if (query.dtype != k_cache.dtype and not byte_cache) or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"dtype mismatch: {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if meta.block_tables.dtype != torch.int32 or meta.query_start_loc.dtype != torch.int32:
         raise ValueError("block_tables and query_start_loc must be int32")
+
+
+def _check_int8(k_cache, k_pages, v_pages) -> bool:
+    """Whether the cache is int8; its scale pages must then be given, contiguous, one a token and
+    KV head (both with the same strides: the kernels address them alike)."""
+    if k_cache.dtype != torch.int8:
+        return False
+    want = k_cache.shape[:3]
+    if k_pages is None or v_pages is None or k_pages.shape != want or v_pages.shape != want:
+        raise ValueError(f"an int8 cache needs k_pages and v_pages of shape {tuple(want)}")
+    if not (k_pages.is_contiguous() and v_pages.is_contiguous()) or k_pages.dtype != torch.float32:
+        raise ValueError("the scale pages must be contiguous float32")
+    return True
 
 
 def paged_decode(
@@ -543,6 +580,8 @@ def paged_decode(
     *,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    k_pages: torch.Tensor | None = None,
+    v_pages: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -554,11 +593,12 @@ def paged_decode(
 
     Only sequences with exactly one query token are computed; the rows of the others are left
     untouched in `out`/`lse` (in a mixed batch the prefill kernel writes them). `k_scale` and
-    `v_scale` multiply what an FP8 cache holds (kv_quant). `warp_split` picks the warp-split
-    kernel (None: for an FP8 cache from FP8_WARP_SPLIT_MIN_KV keys in meta.max_kv_len on; CUDA
-    graphs pin it with num_splits).
+    `v_scale` multiply what an FP8 cache holds, `k_pages` / `v_pages` each token's row of an
+    int8 cache (kv_quant). `warp_split` picks the warp-split kernel (None: for an 8-bit cache
+    from FP8_WARP_SPLIT_MIN_KV keys in meta.max_kv_len on; CUDA graphs pin it with num_splits).
     """
     _check(query, k_cache, v_cache, meta)
+    int8 = _check_int8(k_cache, k_pages, v_pages)
     num_tokens, num_heads, head_dim = query.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -629,6 +669,10 @@ def paged_decode(
         scale * k_scale * LOG2E,
         v_scale,
         num_splits,
+        k_pages if int8 else k_cache,
+        v_pages if int8 else v_cache,
+        k_pages.stride(0) if int8 else 0,
+        k_pages.stride(1) if int8 else 0,
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
@@ -650,6 +694,7 @@ def paged_decode(
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
         FP16_DOT=fp16_dot(query, k_cache) if dot_fp16 is None else dot_fp16,
+        INT8=int8,
         USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,

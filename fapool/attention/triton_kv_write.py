@@ -4,7 +4,8 @@ One program per token moves that token's K and V rows ([num_kv_heads, head_dim] 
 launch; slot -1 (stored on another worker) is skipped inside the kernel, so unlike the torch
 reference (`write_kv_torch`, which filters the -1 slots on the host) nothing syncs with the host
 and the call can be captured in a CUDA graph. Into an FP8 cache the rows go divided by the
-layer's scales and saturated to e4m3's range (fapool.attention.kv_quant).
+layer's scales and saturated to e4m3's range; into an int8 cache each KV head's row goes over
+its own max |x| / 127, that scale stored in the scale pages (fapool.attention.kv_quant).
 
 Reference: `fapool.attention.torch_ref.write_kv_torch`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -16,10 +17,22 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, KVScales
+from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, KVScales
 from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
+INT8_MAX_C = tl.constexpr(INT8_MAX)
+
+
+@triton.jit
+def _int8_rows(x, SCALES, slot, offs_h, h_mask, NUM_KV_HEADS: tl.constexpr):
+    """x [heads, D] -> each row over its own max |x| / 127, rounded half up (kv_quant's
+    quantize_int8_rows); the scales go to SCALES[slot, head]."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), 1)
+    inv = tl.where(amax > 0.0, INT8_MAX_C / amax, 0.0)
+    tl.store(SCALES + slot * NUM_KV_HEADS + offs_h, amax / INT8_MAX_C, mask=h_mask)
+    return tl.clamp(tl.floor(xf * inv[:, None] + 0.5), -INT8_MAX_C, INT8_MAX_C)
 
 
 @triton.jit
@@ -31,6 +44,8 @@ def _write_kv_kernel(
     slot_mapping,
     k_inv_scale,
     v_inv_scale,
+    K_SCALES,
+    V_SCALES,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -43,9 +58,10 @@ def _write_kv_kernel(
     stride_dh,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     PAGE: tl.constexpr,
     FP8: tl.constexpr,
+    INT8: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     launch_dependents(USE_PDL)
@@ -56,22 +72,25 @@ def _write_kv_kernel(
         return
     page = slot // PAGE
     off = slot % PAGE
-    offs = tl.arange(0, BLOCK)
-    h = offs // HEAD_DIM
-    d = offs % HEAD_DIM
-    mask = h < NUM_KV_HEADS
-    k = tl.load(KEY + t * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(VALUE + t * stride_vt + h * stride_vh + d, mask=mask)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    h_mask = h < NUM_KV_HEADS
+    mask = h_mask[:, None]
+    k = tl.load(KEY + t * stride_kt + h[:, None] * stride_kh + d, mask=mask)
+    v = tl.load(VALUE + t * stride_vt + h[:, None] * stride_vh + d, mask=mask)
     if FP8:
         k = tl.clamp(k.to(tl.float32) * k_inv_scale, -FP8_MAX_C, FP8_MAX_C)
         v = tl.clamp(v.to(tl.float32) * v_inv_scale, -FP8_MAX_C, FP8_MAX_C)
+    if INT8:
+        k = _int8_rows(k, K_SCALES, slot, h, h_mask, NUM_KV_HEADS)
+        v = _int8_rows(v, V_SCALES, slot, h, h_mask, NUM_KV_HEADS)
     tl.store(
-        K_CACHE + page * stride_cb + off * stride_ct + h * stride_ch + d,
+        K_CACHE + page * stride_cb + off * stride_ct + h[:, None] * stride_ch + d,
         k.to(K_CACHE.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        V_CACHE + page * stride_db + off * stride_dt + h * stride_dh + d,
+        V_CACHE + page * stride_db + off * stride_dt + h[:, None] * stride_dh + d,
         v.to(V_CACHE.dtype.element_ty),
         mask=mask,
     )
@@ -83,7 +102,7 @@ def write_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
-    scales: KVScales | None = None,  # an FP8 cache's (kv_quant)
+    scales: KVScales | None = None,  # an 8-bit cache's (kv_quant)
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     if value.shape != key.shape or k_cache.shape[2:] != key.shape[1:] or v_cache.shape != k_cache.shape:
@@ -96,9 +115,12 @@ def write_kv(
         )
     if key.stride(2) != 1 or value.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("head_dim must be the contiguous dimension of key, value and caches")
+    int8 = k_cache.dtype == torch.int8
+    if int8 and (scales is None or scales.k_pages is None or not scales.k_pages.is_contiguous()
+                 or scales.k_pages.shape != k_cache.shape[:3] or scales.v_pages.shape != k_cache.shape[:3]):
+        raise ValueError("an int8 cache needs contiguous scale pages [blocks, block_size, kv heads] in `scales`")
     if num_tokens == 0:
         return
-    block = triton.next_power_of_2(num_kv_heads * triton.next_power_of_2(head_dim))
     if head_dim & (head_dim - 1):
         raise ValueError(f"write_kv needs a power-of-two head_dim, got {head_dim}")
     pdl = pdl_enabled(key)
@@ -110,6 +132,8 @@ def write_kv(
         slot_mapping,
         1.0 / scales.k if scales else 1.0,
         1.0 / scales.v if scales else 1.0,
+        scales.k_pages if int8 else k_cache,
+        scales.v_pages if int8 else v_cache,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -122,9 +146,10 @@ def write_kv(
         v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK=block,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
         PAGE=k_cache.shape[1],
         FP8=k_cache.dtype == FP8_DTYPE,
+        INT8=int8,
         USE_PDL=pdl,
         num_warps=4,
         **pdl_launch(pdl),

@@ -7,7 +7,8 @@ The KV loop has two phases: tiles every row of the query tile sees (no mask), th
 on the causal diagonal and at the end of the KV (masked). Query tiles run heaviest-first so the
 long causal rows do not trail at the end of the launch. An FP8 cache is widened to the query's
 dtype (fp16 under a 16-bit query) as it is loaded, its scales folded into the softmax scale (K)
-and the output (V).
+and the output (V); an int8 cache is widened to the query's dtype, each token's K scale
+multiplying its logits and its V scale its probabilities.
 
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.attention.triton_decode import LN2, LOG2E, _check, fp16_dot
+from fapool.attention.triton_decode import LN2, LOG2E, _check, _check_int8, fp16_dot
 
 # Chosen by sweep (benchmarks/bench_attention_kernels.py --sweep; figures in
 # benchmarks/RESULTS.md): 128 x 128 tiles, 8 warps, 3 stages were the fastest over 4K and 16K
@@ -35,6 +36,8 @@ SMALL_CONFIG = dict(block_m=64, block_n=64, num_warps=4, num_stages=4)
 def _kv_tile(
     K,
     V,
+    K_SCALES,
+    V_SCALES,
     table,
     start,
     offs_n,
@@ -44,10 +47,14 @@ def _kv_tile(
     stride_kt,
     stride_vb,
     stride_vt,
+    stride_sb,
+    stride_st,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    INT8: tl.constexpr,
 ):
+    """A KV tile's K and V rows, and with INT8 their tokens' K and V scales (else 1)."""
     pos = start + offs_n
     if BLOCK_N <= PAGE:
         page = tl.load(table + start // PAGE).to(tl.int64)
@@ -64,7 +71,12 @@ def _kv_tile(
     else:
         k = tl.load(k_ptr)
         v = tl.load(v_ptr)
-    return k, v
+    ks = vs = 1.0
+    if INT8:
+        s_rows = page * stride_sb + (pos % PAGE) * stride_st
+        ks = tl.load(K_SCALES + s_rows, mask=pos < kv_len, other=0.0)
+        vs = tl.load(V_SCALES + s_rows, mask=pos < kv_len, other=0.0)
+    return k, v, ks, vs
 
 
 @triton.jit
@@ -82,6 +94,10 @@ def _prefill_kernel(
     skip,
     qk_scale,
     v_scale,
+    K_SCALES,
+    V_SCALES,
+    stride_sb,
+    stride_st,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -102,6 +118,7 @@ def _prefill_kernel(
     SKIP_DECODE: tl.constexpr,
     HAS_SKIP: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    INT8: tl.constexpr,
 ):
     head = tl.program_id(0)
     m_blk = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest query tiles first
@@ -139,56 +156,40 @@ def _prefill_kernel(
     kvh = head // GROUP
     K = K + kvh * stride_kh
     V = V + kvh * stride_vh
+    K_SCALES += kvh
+    V_SCALES += kvh
     table = block_tables + seq * stride_bt
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     for start in range(0, full, BLOCK_N):
-        k, v = _kv_tile(
-            K,
-            V,
-            table,
-            start,
-            offs_n,
-            offs_d,
-            kv_len,
-            stride_kb,
-            stride_kt,
-            stride_vb,
-            stride_vt,
-            PAGE,
-            BLOCK_N,
-            False,
+        k, v, ks, vs = _kv_tile(
+            K, V, K_SCALES, V_SCALES, table, start, offs_n, offs_d, kv_len, stride_kb, stride_kt, stride_vb,
+            stride_vt, stride_sb, stride_st, PAGE, BLOCK_N, False, INT8,
         )
-        k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache widens here
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an 8-bit cache widens here
         qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if INT8:
+            qk = qk * ks[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if INT8:
+            p = p * vs[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     for start in range(full, hi, BLOCK_N):
-        k, v = _kv_tile(
-            K,
-            V,
-            table,
-            start,
-            offs_n,
-            offs_d,
-            kv_len,
-            stride_kb,
-            stride_kt,
-            stride_vb,
-            stride_vt,
-            PAGE,
-            BLOCK_N,
-            True,
+        k, v, ks, vs = _kv_tile(
+            K, V, K_SCALES, V_SCALES, table, start, offs_n, offs_d, kv_len, stride_kb, stride_kt, stride_vb,
+            stride_vt, stride_sb, stride_st, PAGE, BLOCK_N, True, INT8,
         )
         k, v = k.to(q.dtype), v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if INT8:
+            qk = qk * ks[None, :]
         pos = start + offs_n
         visible = (pos[None, :] <= (diag + offs_m)[:, None]) & (pos < kv_len)[None, :]
         qk = tl.where(visible, qk, float("-inf"))
@@ -196,6 +197,8 @@ def _prefill_kernel(
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if INT8:
+            p = p * vs[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -223,6 +226,8 @@ def paged_prefill(
     *,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    k_pages: torch.Tensor | None = None,
+    v_pages: torch.Tensor | None = None,
     skip_decode: bool = False,
     skip: torch.Tensor | None = None,
     max_query_len: int | None = None,
@@ -236,8 +241,10 @@ def paged_prefill(
     With `skip_decode`, sequences with a single query token are left untouched (the decode
     kernel handles them in a mixed batch); so are those where `skip` ([num_seqs] int8 on the
     device) is nonzero. `max_query_len` bounds the chunks left to this kernel (default: all).
+    Scales as in paged_decode.
     """
     _check(query, k_cache, v_cache, meta)
+    int8 = _check_int8(k_cache, k_pages, v_pages)
     num_tokens, num_heads, head_dim = query.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if head_dim & (head_dim - 1) or head_dim < 16:
@@ -274,6 +281,10 @@ def paged_prefill(
         skip if skip is not None else meta.kv_lens,
         scale * k_scale * LOG2E,
         v_scale,
+        k_pages if int8 else k_cache,
+        v_pages if int8 else v_cache,
+        k_pages.stride(0) if int8 else 0,
+        k_pages.stride(1) if int8 else 0,
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
@@ -294,6 +305,7 @@ def paged_prefill(
         SKIP_DECODE=skip_decode,
         HAS_SKIP=skip is not None,
         FP16_DOT=fp16_dot(query, k_cache),
+        INT8=int8,
         num_warps=num_warps,
         num_stages=num_stages,
     )

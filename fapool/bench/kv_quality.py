@@ -1,4 +1,4 @@
-"""What an FP8 KV cache (`fapool bench kv-quality`) or quantized weights (`fapool bench
+"""What an 8-bit KV cache (`fapool bench kv-quality`) or quantized weights (`fapool bench
 quant-quality`) cost in quality: the same model with and without, on real text
 (teacher-forced) and on free-running greedy generation from a fixed prompt set.
 
@@ -134,8 +134,8 @@ def run(ns: argparse.Namespace, option: str, tested: str) -> dict[str, Any]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    kv = sub.add_parser("kv-quality", help="FP8 KV cache against the model's dtype: agreement and perplexity")
-    kv.add_argument("--kv-cache-dtype-test", default="fp8", choices=["fp8", "fp8_e4m3"], help="the cache compared")
+    kv = sub.add_parser("kv-quality", help="an 8-bit KV cache against the model's dtype: agreement and perplexity")
+    kv.add_argument("--kv-cache-dtype-test", default="fp8", choices=["fp8", "fp8_e4m3", "int8"], help="the cache compared")
     kv.set_defaults(func=lambda ns: (run(ns, "kv_cache_dtype", ns.kv_cache_dtype_test), 0)[1])
     quant = sub.add_parser(
         "quant-quality", help="quantized weights (--quantization-test) against the model's dtype: agreement, perplexity"

@@ -56,7 +56,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8" (e4m3, per-layer scales)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8" (e4m3, per-layer scales) | "int8" (per token)
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -189,8 +189,9 @@ class EngineArgs:
         )
         g.add_argument(
             "--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-            help="KV cache dtype: auto (the model's) or fp8 (e4m3 with per-layer scales: twice the tokens, "
-            "half the bytes read per decode step) (default: %(default)s)",
+            help="KV cache dtype: auto (the model's), fp8 (e4m3 with per-layer scales) or int8 (a scale per "
+            "token and KV head: closer to the model's dtype than fp8); either 8-bit cache holds about twice "
+            "the tokens and reads about half the bytes per decode step (default: %(default)s)",
         )
         g.add_argument("--max-num-seqs", type=int, default=128, help="requests running at once (default: %(default)s)")
         g.add_argument(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fapool.attention.backend import AttentionBackend
+from fapool.attention.backend import AttentionBackend, KVScales
 from fapool.attention.kv_quant import cache_dtype, calibrate_kv_scales, is_fp8
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import EngineConfig
@@ -25,7 +25,7 @@ from fapool.layers.sampling_batch import SamplingBatch
 from fapool.outputs import Logprob
 from fapool.request import Request
 from fapool.worker.cuda_graphs import DecodeGraphs
-from fapool.worker.kv_tensors import allocate_kv, copy_kv_blocks
+from fapool.worker.kv_tensors import allocate_kv, allocate_scale_pages, copy_kv_blocks
 from fapool.worker.step_plan import plan_micro_batch
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,10 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         m = self.config.model
         extra = getattr(self.backend, "summary_tokens_per_block", 0)  # sparse: key min/max per block
-        return m.kv_bytes_per_token(self.kv_dtype.itemsize) * (self.block_size + extra)
+        scales = 2 * m.num_hidden_layers * m.num_key_value_heads * 4 if self.kv_dtype == torch.int8 else 0
+        return (m.kv_bytes_per_token(self.kv_dtype.itemsize) + scales) * self.block_size + (
+            m.kv_bytes_per_token(self.kv_dtype.itemsize) * extra
+        )
 
     def determine_num_blocks(self, bytes_per_block: int | None = None) -> int:
         """Blocks that fit the KV budget: an explicit count, kv_cache_memory bytes, or (GPU)
@@ -213,7 +216,12 @@ class ModelRunner:
         self.decode_graphs = None  # captured over the old cache tensors
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
-        self.kv_caches = allocate_kv(m.num_hidden_layers, shape, dtype or self.kv_dtype, self.device)
+        dtype = dtype or self.kv_dtype
+        self.kv_caches = allocate_kv(m.num_hidden_layers, shape, dtype, self.device)
+        if dtype == torch.int8:  # per-token scales beside the cache, read through the layers' kv_scales
+            pages = allocate_scale_pages(m.num_hidden_layers, shape, self.device)
+            for layer, (kp, vp) in zip(self.model.model.layers, pages):
+                layer.self_attn.kv_scales = KVScales(k_pages=kp, v_pages=vp)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer."""
@@ -222,6 +230,10 @@ class ModelRunner:
             return
         src, dst = copied
         for layer in getattr(getattr(self.model, "model", None), "layers", ()):
+            scales = layer.self_attn.kv_scales
+            if scales is not None and scales.k_pages is not None:  # an int8 cache's per-token scales
+                scales.k_pages[dst] = scales.k_pages[src]
+                scales.v_pages[dst] = scales.v_pages[src]
             # State a backend keeps per block beside the cache (sparse decode's key summaries).
             copy = getattr(layer.self_attn.backend, "copy_block_state", None)
             if copy is not None:

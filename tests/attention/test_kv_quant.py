@@ -1,5 +1,5 @@
-"""FP8 (e4m3) KV cache on the CPU: the quantizer, the torch reference reading an FP8 cache, the
-per-layer scale calibration, and the engine with `kv_cache_dtype="fp8"`."""
+"""8-bit KV caches on the CPU: the quantizers, the torch reference reading an FP8 or int8 cache,
+the FP8 per-layer scale calibration, and the engine with `kv_cache_dtype="fp8"` / `"int8"`."""
 
 import pytest
 import torch
@@ -7,7 +7,15 @@ from tiny_models import random_prompts
 
 from fapool import LLM, SamplingParams
 from fapool.attention import AttentionMetadata, TorchReferenceBackend
-from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, HEADROOM, KVScales, calibrate_kv_scales, quantize
+from fapool.attention.kv_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    HEADROOM,
+    KVScales,
+    calibrate_kv_scales,
+    quantize,
+    quantize_int8_rows,
+)
 from fapool.attention.torch_ref import write_kv_torch
 from fapool.config import ConfigError
 
@@ -23,13 +31,26 @@ def test_quantize_saturates_and_rounds_to_e4m3():
     assert quantize(x, 0.5, torch.bfloat16).dtype == torch.bfloat16  # non-FP8 caches: a plain cast
 
 
+def test_int8_rows_keep_each_rows_range():
+    x = torch.tensor([[[127.0, -63.5, 0.2, 0.0]], [[0.0, 0.0, 0.0, 0.0]], [[1e-3, -2e-3, 5e-4, 0.0]]])
+    q, s = quantize_int8_rows(x)
+    assert q.dtype == torch.int8 and s.shape == (3, 1)
+    assert q[0, 0].tolist() == [127, -63, 0, 0]  # half up: -63.5 -> -63
+    assert s[1, 0] == 0 and not q[1].any()  # a zero row: scale 0, no NaN
+    assert q[2, 0, 1] == -127  # a tiny row uses the whole range
+    assert torch.all((q.float() * s[..., None] - x).abs() <= s[..., None] / 2 + 1e-12)
+
+
 def _write_case(dtype, scales, seed=0):
     """Two sequences (a prompt chunk over a cached prefix, and a decode token) written through
-    write_kv_torch into a cache of `dtype`."""
+    write_kv_torch into a cache of `dtype` (int8: with scale pages in `scales`, made here when
+    None)."""
     g = torch.Generator().manual_seed(seed)
     heads, kv_heads, dim, bs, blocks = 4, 2, 16, 4, 12
     k_cache = torch.zeros(blocks, bs, kv_heads, dim, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
+    if dtype == torch.int8 and scales is None:
+        scales = KVScales(k_pages=torch.zeros(blocks, bs, kv_heads), v_pages=torch.zeros(blocks, bs, kv_heads))
     n = 9 + 6
     key = 3 * torch.randn(n, kv_heads, dim, generator=g)
     value = torch.randn(n, kv_heads, dim, generator=g)
@@ -38,12 +59,12 @@ def _write_case(dtype, scales, seed=0):
     # Sequence 0: 9 tokens (5 cached + a 4-token chunk); sequence 1: 6 tokens, the last decoding.
     meta = AttentionMetadata.build([4, 1], [5, 5], [9, 6], [[0, 1, 2], [5, 6]], [5, 6, 7, 8, 25])
     q = torch.randn(5, heads, dim, generator=g)
-    return q, k_cache, v_cache, meta, key, value
+    return q, k_cache, v_cache, meta, key, value, scales
 
 
 def test_reference_over_fp8_cache_equals_attention_over_the_dequantized_values():
     scales = KVScales(k=0.02, v=0.01)
-    q, kc, vc, meta, _, _ = _write_case(FP8_DTYPE, scales)
+    q, kc, vc, meta, _, _, _ = _write_case(FP8_DTYPE, scales)
     assert kc.dtype == FP8_DTYPE and kc.float().abs().max() > 0
     deq_k, deq_v = kc.float() * scales.k, vc.float() * scales.v
     out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
@@ -56,12 +77,42 @@ def test_fp8_cache_is_close_to_the_float_cache():
     """What e4m3 costs on random data: outputs within a few percent of the float32 cache's."""
     key_amax = 3 * 5.0  # |N(0, 3)| stays below 15 for these 15 x 32 draws
     scales = KVScales(k=key_amax * HEADROOM / FP8_MAX, v=5.0 * HEADROOM / FP8_MAX)
-    q, kc, vc, meta, _, _ = _write_case(FP8_DTYPE, scales, seed=1)
+    q, kc, vc, meta, _, _, _ = _write_case(FP8_DTYPE, scales, seed=1)
     out, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
-    q, kc, vc, meta, _, _ = _write_case(torch.float32, None, seed=1)
+    q, kc, vc, meta, _, _, _ = _write_case(torch.float32, None, seed=1)
     exact, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25)
     rel = (out - exact).norm() / exact.norm()
     assert 0 < rel < 0.06
+
+
+def test_reference_over_int8_cache_equals_attention_over_the_dequantized_values():
+    q, kc, vc, meta, key, _, scales = _write_case(torch.int8, None)
+    assert kc.dtype == torch.int8 and kc.abs().max() == 127  # every written row reaches +-127
+    # Written slots got their rows' scales, the others none.
+    written = torch.tensor(list(range(9)) + list(range(20, 26)))
+    kp = scales.k_pages.view(-1, 2)
+    assert torch.equal(kp[written], key.abs().amax(-1) / 127)
+    assert not kp[torch.tensor([9, 19, 26])].any()
+    deq_k = kc.float() * scales.k_pages[..., None]
+    deq_v = vc.float() * scales.v_pages[..., None]
+    out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
+    ref_out, ref_lse = TorchReferenceBackend().forward(q, deq_k, deq_v, meta, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_int8_cache_is_closer_to_the_float_cache_than_fp8():
+    """On the same data, per-token int8 rows are several times closer to the float32 cache's
+    outputs than e4m3 with a per-layer scale."""
+    fp8_scales = KVScales(k=3 * 5.0 * HEADROOM / FP8_MAX, v=5.0 * HEADROOM / FP8_MAX)
+    errs = {}
+    q, kc, vc, meta, _, _, _ = _write_case(torch.float32, None, seed=1)
+    exact, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25)
+    for dtype, scales in ((FP8_DTYPE, fp8_scales), (torch.int8, None)):
+        q, kc, vc, meta, _, _, scales = _write_case(dtype, scales, seed=1)
+        out, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
+        errs[dtype] = float((out - exact).norm() / exact.norm())
+    assert 0 < errs[torch.int8] < errs[FP8_DTYPE] / 3
 
 
 class _Layer:
@@ -119,10 +170,45 @@ def test_engine_with_fp8_cache(llama_folder):
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, GREEDY)] == whole
 
 
+def test_engine_with_int8_cache(llama_folder):
+    """Scale pages on every layer; 1.6 times the blocks of a bf16 cache in the same bytes (at
+    this model's head_dim 16 the scale takes 4 of a token's 16 + 4 bytes a KV head, 3% at 128);
+    the same greedy tokens
+    whether prompts are prefilled whole, in chunks, from the prefix cache or forked (n=2: the
+    copy-on-write copies the tail block's scales too); and the float32 cache's tokens on most
+    positions."""
+    budget = 1 << 20
+    bf16 = LLM(llama_folder, device="cpu", dtype="bfloat16", block_size=4, kv_cache_memory=budget)
+    int8 = LLM(llama_folder, device="cpu", block_size=4, kv_cache_memory=budget, kv_cache_dtype="int8")
+    runner = int8.engine.executor.runner
+    m = runner.config.model
+    per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * (m.head_dim + 4)
+    assert int8.engine.stats().kv_blocks_total == budget // (4 * per_token)
+    assert int8.engine.stats().kv_blocks_total >= 1.59 * bf16.engine.stats().kv_blocks_total
+    assert runner.kv_caches[0][0].dtype == torch.int8
+    scales = [layer.self_attn.kv_scales for layer in runner.model.model.layers]
+    assert all(s.k_pages.shape == runner.kv_caches[0][0].shape[:3] for s in scales)
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([40, 7, 33], seed=5)]
+    whole = [o.outputs[0].token_ids for o in int8.generate(prompts, GREEDY)]
+    again = [o.outputs[0].token_ids for o in int8.generate(prompts, GREEDY)]  # prefix-cache hits
+    assert again == whole
+    chunked = LLM(llama_folder, device="cpu", block_size=4, kv_cache_memory=budget, kv_cache_dtype="int8",
+                  max_num_batched_tokens=8, enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in chunked.generate(prompts, GREEDY)] == whole
+    forked = int8.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2))[0]
+    assert [c.token_ids for c in forked.outputs] == [whole[0], whole[0]]
+    f32 = LLM(llama_folder, device="cpu", block_size=4, kv_cache_memory=budget)
+    exact = [o.outputs[0].token_ids for o in f32.generate(prompts, GREEDY)]
+    same = sum(a == b for x, y in zip(whole, exact) for a, b in zip(x, y))
+    assert same >= 0.75 * sum(map(len, exact))
+
+
 @pytest.mark.parametrize(
     "kw", [{"tensor_parallel_size": 2}, {"attention_workers": 1}, {"kv_cache_dtype": "int4"}], ids=str
 )
-def test_fp8_cache_refuses_what_it_does_not_support(llama_folder, kw):
-    kw = {"kv_cache_dtype": "fp8", **kw}
+@pytest.mark.parametrize("cache", ["fp8", "int8"])
+def test_8bit_cache_refuses_what_it_does_not_support(llama_folder, kw, cache):
+    kw = {"kv_cache_dtype": cache, **kw}
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         LLM(llama_folder, device="cpu", **kw)

@@ -390,14 +390,23 @@ def test_fp8_cache_matches_reference_over_its_values(block_size, heads):
         )
 
 
+def _int8_cache(kc, vc):
+    """(k8, v8, their KVScales, dequantized K, dequantized V) of float caches, one scale a row."""
+    from fapool.attention.kv_quant import KVScales, quantize_int8_rows
+
+    (k8, ks), (v8, vs) = quantize_int8_rows(kc), quantize_int8_rows(vc)
+    return k8, v8, KVScales(k_pages=ks, v_pages=vs), k8.float() * ks[..., None], v8.float() * vs[..., None]
+
+
 @needs_gpu
 @pytest.mark.parametrize("tiles", [(32, 2, 4), (64, 4, 3), (128, 8, 2), (64, 2, 2)], ids=str)
 @pytest.mark.parametrize("num_splits", [1, 3, 200])
 @pytest.mark.parametrize("heads", [(8, 1, 64), (32, 8, 128)], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
-def test_fp8_decode_warp_slices_and_splits(tiles, num_splits, heads):
+@pytest.mark.parametrize("cache", ["fp8", "int8"])
+def test_8bit_decode_warp_slices_and_splits(tiles, num_splits, heads, cache):
     """The warp-split kernel's warps each take block_n // num_warps tokens of a tile: tiles of 2
     to 8 warps, one split, uneven splits and empty ones, past page and tile boundaries, equal
-    the reference over the dequantized values."""
+    the reference over the dequantized values, over an FP8 and an int8 cache."""
     from fapool.attention.kv_quant import FP8_DTYPE, quantize
     from fapool.attention.triton_decode import paged_decode
 
@@ -405,12 +414,76 @@ def test_fp8_decode_warp_slices_and_splits(tiles, num_splits, heads):
     num_heads, num_kv_heads, head_dim = heads
     specs = [(0, 1), (16, 1), (block_n - 1, 1), (block_n + 16, 1), (999, 1), (4100, 1)]
     q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, 16, BF16, seed=num_splits)
-    k8, v8 = quantize(kc, 0.013, FP8_DTYPE), quantize(vc, 0.009, FP8_DTYPE)
+    if cache == "fp8":
+        k8, v8 = quantize(kc, 0.013, FP8_DTYPE), quantize(vc, 0.009, FP8_DTYPE)
+        kw, deq_k, deq_v = {"k_scale": 0.013, "v_scale": 0.009}, k8.float() * 0.013, v8.float() * 0.009
+    else:
+        k8, v8, scales, deq_k, deq_v = _int8_cache(kc, vc)
+        kw = {"k_pages": scales.k_pages, "v_pages": scales.v_pages}
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
-    paged_decode(q, k8, v8, meta, 0.1, out, lse, k_scale=0.013, v_scale=0.009, num_splits=num_splits,
-                 block_n=block_n, num_warps=num_warps, num_stages=num_stages, warp_split=True)
-    _assert_matches_reference(out, lse, q, k8.float() * 0.013, v8.float() * 0.009, meta, 0.1, BF16)
+    paged_decode(q, k8, v8, meta, 0.1, out, lse, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                 num_stages=num_stages, warp_split=True, **kw)
+    _assert_matches_reference(out, lse, q, deq_k, deq_v, meta, 0.1, BF16)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("heads", [HEADS[2], HEADS[3]], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_int8_cache_matches_reference_over_its_values(block_size, heads):
+    """Decode (both kernels), prefill and prefix-cached chunks over an int8 cache with a scale a
+    token and KV head equal the reference over the dequantized values."""
+    from fapool.attention.triton_backend import TritonBackend
+
+    num_heads, num_kv_heads, head_dim = heads
+    mixed = [(0, 7), (0, 129), (37, 64), (200, 301), (15, 1), (1000, 1), (block_size - 1, 1)]
+    decode = [(n, 1) for n in (0, 15, 1000, 9000, block_size - 1)]  # 9000: the warp-split kernel
+    scale = head_dim**-0.5
+    for specs in (mixed, decode):
+        q, kc, vc, meta = _paged_case(specs, num_heads, num_kv_heads, head_dim, block_size, BF16, seed=block_size)
+        k8, v8, scales, deq_k, deq_v = _int8_cache(kc, vc)
+        out, lse = TritonBackend().forward(q, k8, v8, meta, scale, scales)
+        _assert_matches_reference(out, lse, q, deq_k, deq_v, meta, scale, BF16)
+    with pytest.raises(ValueError, match="k_pages"):
+        TritonBackend().forward(q, k8, v8, meta, scale)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_write_kv_int8_matches_torch(block_size):
+    """The Triton write's int8 rows and scales are the torch reference's (a rounding tie may land
+    one step apart where the GPU fuses the multiply-add)."""
+    from fapool.attention.kv_quant import KVScales
+
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, num_kv_heads, head_dim, num_tokens = 9, 8, 128, 37
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens].to(DEVICE)
+    slots[::5] = -1
+    key = (4 * torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)).to(DEVICE, BF16)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, BF16)
+    key[1, 2] = 0  # an all-zero row: scale 0
+    value[3, 0, :] = 1e-6  # a tiny row still spans the int8 range
+
+    def caches():
+        kv = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.int8, device=DEVICE)
+              for _ in "kv"]
+        pages = [torch.zeros(num_blocks, block_size, num_kv_heads, device=DEVICE) for _ in "kv"]
+        return kv, KVScales(k_pages=pages[0], v_pages=pages[1])
+
+    (kc, vc), got = caches()
+    (ek, ev), want = caches()
+    from fapool.attention.triton_backend import TritonBackend
+
+    TritonBackend().write_kv(kc, vc, key, value, slots, got)
+    write_kv_torch(ek, ev, key, value, slots, want)
+    for a, b in ((kc, ek), (vc, ev)):
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    torch.testing.assert_close(got.k_pages, want.k_pages, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.v_pages, want.v_pages, rtol=1e-6, atol=0)
+    kept = slots[slots >= 0]
+    assert (got.k_pages.view(-1, num_kv_heads)[kept] > 0).sum() == kept.numel() * num_kv_heads - 1
+    assert kc.view(-1, num_kv_heads, head_dim)[slots[3]].abs().amax(-1).min() == 127 or slots[3] < 0
 
 
 @needs_gpu

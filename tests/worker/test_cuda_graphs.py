@@ -175,11 +175,13 @@ def test_graphs_match_eager_and_unfused(tiny_checkpoints, arch):
 
 @needs_gpu
 @pytest.mark.parametrize("warp_split_min_kv", [None, 100])
-def test_fp8_kv_cache_graphs_match_eager(tiny_checkpoints, monkeypatch, warp_split_min_kv):
-    """An FP8 cache through the Triton KV write, prefill and decode kernels: graphs, eager and
-    unfused give the same greedy tokens (they read the same quantized KV). float32 activations,
-    as the other graph tests: in bf16 the graphs' pinned split count rounds differently. With
-    the warp-split kernel from 100 keys on, steps on both sides of it pin their own kernel."""
+@pytest.mark.parametrize("cache", ["fp8", "int8"])
+def test_8bit_kv_cache_graphs_match_eager(tiny_checkpoints, monkeypatch, warp_split_min_kv, cache):
+    """An FP8 or int8 cache through the Triton KV write, prefill and decode kernels: graphs, eager
+    and unfused give the same greedy tokens (they read the same quantized KV). float32
+    activations, as the other graph tests: in bf16 the graphs' pinned split count rounds
+    differently. With the warp-split kernel from 100 keys on, steps on both sides of it pin
+    their own kernel."""
     if warp_split_min_kv is not None:
         from fapool.attention import triton_decode
 
@@ -187,9 +189,9 @@ def test_fp8_kv_cache_graphs_match_eager(tiny_checkpoints, monkeypatch, warp_spl
     folder = tiny_checkpoints["llama"][0]
     prompts = random_prompts([37, 3, 120, 9, 64, 1, 200], seed=9)
     max_tokens = [40, 12, 25, 33, 5, 40, 18]
-    kw = {"kv_cache_dtype": "fp8"}
+    kw = {"kv_cache_dtype": cache}
     llm, runner = _run(folder, **kw)
-    assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert runner.kv_caches[0][0].dtype == (torch.float8_e4m3fn if cache == "fp8" else torch.int8)
     with_graphs = _greedy_tokens(llm, prompts, max_tokens)
     assert runner.decode_graphs is not None and runner.decode_graphs.graphs
     kernels = {warp_split for _, _, warp_split, _ in runner.decode_graphs.graphs}
