@@ -295,9 +295,9 @@ def int8_decode(row, q, cache, meta, scale, out, lse, ref, bench, rel_err, kv_by
     engine's --kv-cache-dtype int8): speed-up over the bf16 cache (it reads half the bytes plus
     4 of scales a token and KV head) and error against SDPA's flash."""
     from fapool.attention import triton_decode as td
-    from fapool.attention.kv_quant import quantize_int8_rows
+    from fapool.attention.kv_quant import quantize_int8_cache
 
-    (k8, ks), (v8, vs) = (quantize_int8_rows(c) for c in cache)
+    (k8, ks), (v8, vs) = (quantize_int8_cache(c) for c in cache)
     fn = partial(td.paged_decode, q, k8, v8, meta, scale, out, lse, k_pages=ks, v_pages=vs)
     fn()
     row["ours_paged_int8_rel_err_vs_flash"] = rel_err(out, ref)

@@ -26,7 +26,7 @@ from fapool.attention.metadata import AttentionMetadata
 class KVScales:
     """A layer's 8-bit cache scales (kv_quant). FP8: the cache holds K / k and V / v. INT8: each
     token's row of a KV head is divided by its own scale, kept in k_pages / v_pages
-    [blocks, block_size, kv heads] float32 beside the cache."""
+    [blocks, kv heads, block_size] float32 beside the cache."""
 
     k: float = 1.0
     v: float = 1.0

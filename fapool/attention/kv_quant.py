@@ -9,7 +9,8 @@ while the smallest values that matter stay in e4m3's normal range (max / 2^15 an
 
 INT8, as LMDeploy's and TensorRT-LLM's int8 KV: each token's K and V rows of a KV head are
 stored as round(x / s) with s = max|x| / 127 of that row, the float32 s in scale pages beside
-the cache ([blocks, block_size, kv heads], `KVScales.k_pages` / `v_pages`). e4m3 keeps 3
+the cache ([blocks, kv heads, block_size]: a KV head's tokens of a page side by side, so a decode
+tile reads its scales in one or two sectors; `KVScales.k_pages` / `v_pages`). e4m3 keeps 3
 mantissa bits per element, which on small models costs the logits' ranking (K's error); int8
 over a row's own range keeps the large elements, which dominate q.k, to 1/254 of the row's
 largest. Readers multiply each token's logit by its K scale and its probability by its V scale.
@@ -53,6 +54,31 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
     q = torch.floor(xf * inv[..., None] + 0.5).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, amax / INT8_MAX
+
+
+def scale_pages(cache_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+    """The scale pages' shape for an int8 cache of [blocks, block_size, kv heads, head_dim]."""
+    return (cache_shape[0], cache_shape[2], cache_shape[1])
+
+
+def check_scale_pages(cache: torch.Tensor, k_pages: torch.Tensor | None, v_pages: torch.Tensor | None) -> None:
+    """An int8 cache's scale pages are given, contiguous float32 of scale_pages' shape (the
+    kernels address both alike)."""
+    want = scale_pages(cache.shape)
+    for pages in (k_pages, v_pages):
+        if pages is None or tuple(pages.shape) != want or pages.dtype != torch.float32 or not pages.is_contiguous():
+            raise ValueError(f"an int8 cache needs k_pages and v_pages: contiguous float32 of shape {want}")
+
+
+def quantize_int8_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole float cache as an int8 cache and its scale pages (tests, benchmarks)."""
+    q, s = quantize_int8_rows(cache)
+    return q, s.transpose(1, 2).contiguous()
+
+
+def dequantize_int8_cache(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """An int8 cache's values in float32: each row times its token's scale."""
+    return cache.float() * pages.transpose(1, 2)[..., None]
 
 
 class _AmaxObserver(AttentionBackend):

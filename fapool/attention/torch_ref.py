@@ -44,7 +44,8 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales 
     for cache, x, s, pages in ((k_cache, key, scales.k, scales.k_pages), (v_cache, value, scales.v, scales.v_pages)):
         if cache.dtype == torch.int8:
             rows, row_scales = quantize_int8_rows(x)
-            pages.view(-1, pages.shape[2]).index_copy_(0, slot_mapping, row_scales)
+            block_size = cache.shape[1]
+            pages[slot_mapping // block_size, :, slot_mapping % block_size] = row_scales
         else:
             rows = quantize(x, s, cache.dtype)
         if cache.dtype == FP8_DTYPE:  # no index_copy_ for e4m3 on CPU: copy the bytes
@@ -73,9 +74,10 @@ def _gather(
     idx = table[..., :nb].long()
     rows = cache.view(num_blocks, -1).index_select(0, idx.reshape(-1))
     g = rows.view(*idx.shape[:-1], nb * block_size, heads, dim)[..., :kv_len, :, :]
-    if cache.dtype == torch.int8:
-        s = scale.view(num_blocks, -1).index_select(0, idx.reshape(-1))
-        return g.float().mul_(s.view(*idx.shape[:-1], nb * block_size, heads, 1)[..., :kv_len, :, :])
+    if cache.dtype == torch.int8:  # scale pages [num_blocks, H, bs]
+        s = scale.view(num_blocks, -1).index_select(0, idx.reshape(-1)).view(*idx.shape, heads, block_size)
+        s = s.transpose(-1, -2).reshape(*idx.shape[:-1], nb * block_size, heads, 1)
+        return g.float().mul_(s[..., :kv_len, :, :])
     return g.float().mul_(scale) if cache.dtype == FP8_DTYPE else g
 
 

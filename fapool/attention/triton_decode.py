@@ -34,6 +34,11 @@ holds it back. From FP8_WARP_SPLIT_MIN_KV keys on, an FP8 cache takes the warp-s
 softmax (3-D dots, batch = warps), the warps' states merged once after the loop. Below that, a
 program's few tiles make that kernel's smaller tiles and final merge cost more than they save.
 
+An int8 cache (per-token scales, kv_quant) runs the same kernels and tiles: K and V widen to
+fp16 by integer tricks (`_int8_to_f16`), each token's K scale multiplies its logits and its V
+scale its probability before P@V, taken over the tile's largest V scale so that P stays in
+fp16's range, the product multiplied back; the scales are loaded a tile ahead, as the page ids.
+
 Reference: `fapool.attention.torch_ref.TorchReferenceBackend`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
 """
@@ -46,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fapool.attention.kv_quant import check_scale_pages
 from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 
 LOG2E = 1.4426950408889634
@@ -87,6 +93,14 @@ def _tile_pages(table, t, offs_n, n_kv, PAGE: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _tile_scales(K_SCALES, V_SCALES, page, t, offs_n, n_kv, stride_sb, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An int8 cache's K and V scales of tile t's tokens (0 past the end)."""
+    pos = t * BLOCK_N + offs_n
+    rows = page * stride_sb + pos % PAGE
+    return tl.load(K_SCALES + rows, mask=pos < n_kv, other=0.0), tl.load(V_SCALES + rows, mask=pos < n_kv, other=0.0)
+
+
+@triton.jit
 def _e4m3_to_f16(x):
     """e4m3 -> fp16, four elements per call with the native pair conversion. Not pure, so Triton
     keeps it where it stands (in the load's layout) instead of moving it into the dot operand's
@@ -102,10 +116,40 @@ def _e4m3_to_f16(x):
 
 
 @triton.jit
+def _int8_to_f16(x, PINNED: tl.constexpr):
+    """int8 -> fp16, four elements per call in full-rate ALU instructions (the int-to-float
+    conversion runs at a quarter rate): each byte, its sign bit flipped, becomes the low byte of
+    the fp16 1024 + (x + 128); subtracting 1152 leaves x, exactly. PINNED keeps it where it
+    stands, as _e4m3_to_f16 (V); unpinned, Triton places it, as the e4m3 K conversion (K: 6%
+    faster than pinned on the H200)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 u, c; xor.b32 u, $2, 0x80808080; mov.b32 c, 0x64806480;"
+        " prmt.b32 $0, u, 0x64646464, 0x5140; prmt.b32 $1, u, 0x64646464, 0x7362;"
+        " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
+        "=r,=r,r",
+        [x.to(tl.uint8, bitcast=True)],
+        dtype=tl.float16,
+        is_pure=not PINNED,
+        pack=4,
+    )
+
+
+@triton.jit
 def _widen(x, dtype: tl.constexpr):
-    """A V tile in the dtype of the dots: e4m3 under fp16 dots widens where it was loaded."""
+    """A V tile in the dtype of the dots: e4m3 or int8 under fp16 dots widens where it was
+    loaded."""
     if x.dtype == tl.float8e4nv and dtype == tl.float16:
         return _e4m3_to_f16(x)
+    if x.dtype == tl.int8 and dtype == tl.float16:
+        return _int8_to_f16(x, True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _widen_k(x, dtype: tl.constexpr):
+    """A K tile in the dtype of the dots, converted where Triton places it."""
+    if x.dtype == tl.int8 and dtype == tl.float16:
+        return _int8_to_f16(x, False)
     return x.to(dtype)
 
 
@@ -129,7 +173,7 @@ def _decode_split_kernel(
     K_SCALES,
     V_SCALES,
     stride_sb,
-    stride_st,
+    stride_sh,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -193,35 +237,44 @@ def _decode_split_kernel(
     table = block_tables + seq * stride_bt
     v_base = V + kvh * stride_vh + offs_d[None, :]
     k_base = K + kvh * stride_kh + offs_d[None, :]
-    K_SCALES += kvh
-    V_SCALES += kvh
+    K_SCALES += kvh * stride_sh
+    V_SCALES += kvh * stride_sh
 
     # The page ids of tile t+1 are read during tile t: the K/V loads then hang off a loop-carried
     # value rather than a load of the same iteration, so the pipeliner buffers them
     # num_stages - 1 tiles deep (with the table load in the loop, it spent a stage on it).
     page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)
+    if INT8:  # the scales a tile ahead too: loaded where used, they stalled every tile
+        ks_next, vs_next = _tile_scales(K_SCALES, V_SCALES, page_next, tile_lo, offs_n, n_kv, stride_sb, PAGE, BLOCK_N)
     for t in range(tile_lo, tile_hi):
         page = page_next
         page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
+        if INT8:
+            ks, vs = ks_next, vs_next
+            ks_next, vs_next = _tile_scales(
+                K_SCALES, V_SCALES, page_next, t + 1, offs_n, n_kv, stride_sb, PAGE, BLOCK_N
+            )
         pos = t * BLOCK_N + offs_n
         n_mask = pos < n_kv
         k_rows = page * stride_kb + (pos % PAGE) * stride_kt
         v_rows = page * stride_vb + (pos % PAGE) * stride_vt
         kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_base + k_rows[:, None], mask=kv_mask, other=0.0)
+        k = _widen_k(k, q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
-        if INT8:  # each token's K scale, then its V scale on its probability
-            s_rows = page * stride_sb + (pos % PAGE) * stride_st
-            qk = qk * tl.load(K_SCALES + s_rows, mask=n_mask, other=0.0)[None, :]
+        if INT8:  # each token's K scale
+            qk = qk * ks[None, :]
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _widen(tl.load(v_base + v_rows[:, None], mask=kv_mask, other=0.0), q.dtype)
-        if INT8:
-            p = p * tl.load(V_SCALES + s_rows, mask=n_mask, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        if INT8:  # each token's V scale on its probability, over the tile's largest (fp16's range)
+            v_top = tl.maximum(tl.max(vs, 0), 1e-30)
+            acc = acc * alpha[:, None] + tl.dot((p * (vs / v_top)[None, :]).to(q.dtype), v) * v_top
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     launch_dependents(USE_PDL)
     _store_split(
@@ -275,7 +328,7 @@ def _decode_split_kernel_warps(
     K_SCALES,
     V_SCALES,
     stride_sb,
-    stride_st,
+    stride_sh,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -345,32 +398,42 @@ def _decode_split_kernel_warps(
     k_base = K + kvh * stride_kh + offs_d[None, None, :]
     v_base = V + kvh * stride_vh + offs_d[None, None, :]
     kv_dmask = d_mask[None, None, :]
-    K_SCALES += kvh
-    V_SCALES += kvh
+    K_SCALES += kvh * stride_sh
+    V_SCALES += kvh * stride_sh
 
     page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)  # a tile ahead, as above
+    if INT8:
+        ks_next, vs_next = _tile_scales(K_SCALES, V_SCALES, page_next, tile_lo, offs_n, n_kv, stride_sb, PAGE, BLOCK_N)
     for t in range(tile_lo, tile_hi):
         page = page_next
         page_next = _tile_pages(table, t + 1, offs_n, n_kv, PAGE, BLOCK_N)
+        if INT8:
+            ks, vs = ks_next, vs_next
+            ks_next, vs_next = _tile_scales(
+                K_SCALES, V_SCALES, page_next, t + 1, offs_n, n_kv, stride_sb, PAGE, BLOCK_N
+            )
         pos = t * BLOCK_N + offs_n
         n_mask = pos < n_kv
         k_rows = page * stride_kb + (pos % PAGE) * stride_kt
         v_rows = page * stride_vb + (pos % PAGE) * stride_vt
         kv_mask = n_mask[:, :, None] if BLOCK_D == HEAD_DIM else n_mask[:, :, None] & kv_dmask
-        k = tl.load(k_base + k_rows[:, :, None], mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_base + k_rows[:, :, None], mask=kv_mask, other=0.0)
+        k = _widen_k(k, q.dtype)
         qk = tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale  # [WARPS, BLOCK_H, NW], log2 units
         if INT8:
-            s_rows = page * stride_sb + (pos % PAGE) * stride_st
-            qk = qk * tl.load(K_SCALES + s_rows, mask=n_mask, other=0.0)[:, None, :]
+            qk = qk * ks[:, None, :]
         qk = tl.where(n_mask[:, None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 2))
         p = tl.exp2(qk - m_new[:, :, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 2)
         v = _widen(tl.load(v_base + v_rows[:, :, None], mask=kv_mask, other=0.0), q.dtype)
-        if INT8:
-            p = p * tl.load(V_SCALES + s_rows, mask=n_mask, other=0.0)[:, None, :]
-        acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
+        if INT8:  # as in _decode_split_kernel, each warp over its own slice's largest V scale
+            v_top = tl.maximum(tl.max(vs, 1), 1e-30)
+            pv = tl.dot((p * (vs / v_top[:, None])[:, None, :]).to(q.dtype), v)
+            acc = acc * alpha[:, :, None] + pv * v_top[:, None, None]
+        else:
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     launch_dependents(USE_PDL)
 
@@ -443,7 +506,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def resident_programs_per_sm(
-    block_n: int, block_d: int, num_stages: int, num_warps: int, elem_size: int, warp_split: bool = False
+    block_n: int,
+    block_d: int,
+    num_stages: int,
+    num_warps: int,
+    elem_size: int,
+    warp_split: bool = False,
+    int8: bool = False,
 ) -> int:
     """Programs of the split kernel an SM holds at once. Fitted to what Triton 3.6 compiles for
     sm_90 (ptxas -v; the bench JSON's "compiled"): num_stages - 1 buffered K and V tiles plus
@@ -453,13 +522,15 @@ def resident_programs_per_sm(
     3 stages; 143 registers). The warp-split kernel exchanges nothing between warps: its
     buffered tiles, the FP8 staging tile and the SM's 1 KB a program (24 KB + 1 KB at BLOCK_N
     32, 3 stages), and about 40 + D registers a thread (each warp holds a [16, D] accumulator;
-    168 at head dim 128)."""
+    168 at head dim 128). An int8 cache's per-token scales (prefetched a tile ahead, in the
+    layouts of the logits and of P) take 66 registers more in the warp-split kernel (234) and 48
+    in the other (191)."""
     staged = 2 * block_n * block_d if elem_size == 1 else 0
     tiles = max(1, num_stages - 1) * 2 * block_n * block_d * elem_size + staged
     if warp_split:
-        smem, regs = tiles + 1024, (40 + block_d) * 32 * num_warps
+        smem, regs = tiles + 1024, (40 + block_d + 66 * int8) * 32 * num_warps
     else:
-        smem, regs = tiles + 7168, (40 + block_n * block_d // 128) * 32 * num_warps
+        smem, regs = tiles + 7168, (40 + block_n * block_d // 128 + 48 * int8) * 32 * num_warps
     return max(1, min(SMEM_PER_SM // smem, REGS_PER_SM // regs, 64 // num_warps))
 
 
@@ -514,9 +585,10 @@ def auto_num_splits(
     num_warps: int | None = None,
     num_stages: int | None = None,
     warp_split: bool | None = None,
+    int8: bool = False,
 ) -> int:
     """The split count paged_decode picks when none is given (the cache's own kernel and tile
-    settings where none are given)."""
+    settings where none are given; `int8`: an int8 cache, whose scales cost registers)."""
     block_d = triton.next_power_of_2(head_dim)
     pairs = max(1, num_seqs * num_kv_heads)
     if warp_split is None:
@@ -526,13 +598,13 @@ def auto_num_splits(
         return 1
     dflt = decode_config(elem_size, warp_split)
     block_n, num_warps, num_stages = block_n or dflt[0], num_warps or dflt[1], num_stages or dflt[2]
-    per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size, warp_split)
+    per_sm = resident_programs_per_sm(block_n, block_d, num_stages, num_warps, elem_size, warp_split, int8)
     return choose_num_splits(pairs, max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device))
 
 
 def fp16_dot(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """An FP8 cache under a 16-bit query: the kernels compute its dots in fp16."""
-    return k_cache.dtype == torch.float8_e4m3fn and query.dtype in (torch.float16, torch.bfloat16)
+    """An 8-bit cache under a 16-bit query: the kernels compute its dots in fp16."""
+    return k_cache.dtype in (torch.float8_e4m3fn, torch.int8) and query.dtype in (torch.float16, torch.bfloat16)
 
 
 def _check(query, k_cache, v_cache, meta) -> None:
@@ -557,15 +629,10 @@ def _check(query, k_cache, v_cache, meta) -> None:
 
 
 def _check_int8(k_cache, k_pages, v_pages) -> bool:
-    """Whether the cache is int8; its scale pages must then be given, contiguous, one a token and
-    KV head (both with the same strides: the kernels address them alike)."""
+    """Whether the cache is int8 (then with its scale pages, kv_quant.check_scale_pages)."""
     if k_cache.dtype != torch.int8:
         return False
-    want = k_cache.shape[:3]
-    if k_pages is None or v_pages is None or k_pages.shape != want or v_pages.shape != want:
-        raise ValueError(f"an int8 cache needs k_pages and v_pages of shape {tuple(want)}")
-    if not (k_pages.is_contiguous() and v_pages.is_contiguous()) or k_pages.dtype != torch.float32:
-        raise ValueError("the scale pages must be contiguous float32")
+    check_scale_pages(k_cache, k_pages, v_pages)
     return True
 
 
@@ -628,6 +695,7 @@ def paged_decode(
             num_warps,
             num_stages,
             warp_split,
+            int8,
         )
     single = num_splits == 1
     if (

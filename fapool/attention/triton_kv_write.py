@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, KVScales
+from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, KVScales, check_scale_pages
 from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
@@ -25,13 +25,13 @@ INT8_MAX_C = tl.constexpr(INT8_MAX)
 
 
 @triton.jit
-def _int8_rows(x, SCALES, slot, offs_h, h_mask, NUM_KV_HEADS: tl.constexpr):
+def _int8_rows(x, SCALES, page, off, offs_h, h_mask, NUM_KV_HEADS: tl.constexpr, PAGE: tl.constexpr):
     """x [heads, D] -> each row over its own max |x| / 127, rounded half up (kv_quant's
-    quantize_int8_rows); the scales go to SCALES[slot, head]."""
+    quantize_int8_rows); the scales go to SCALES[page, head, off]."""
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), 1)
     inv = tl.where(amax > 0.0, INT8_MAX_C / amax, 0.0)
-    tl.store(SCALES + slot * NUM_KV_HEADS + offs_h, amax / INT8_MAX_C, mask=h_mask)
+    tl.store(SCALES + (page * NUM_KV_HEADS + offs_h) * PAGE + off, amax / INT8_MAX_C, mask=h_mask)
     return tl.clamp(tl.floor(xf * inv[:, None] + 0.5), -INT8_MAX_C, INT8_MAX_C)
 
 
@@ -82,8 +82,8 @@ def _write_kv_kernel(
         k = tl.clamp(k.to(tl.float32) * k_inv_scale, -FP8_MAX_C, FP8_MAX_C)
         v = tl.clamp(v.to(tl.float32) * v_inv_scale, -FP8_MAX_C, FP8_MAX_C)
     if INT8:
-        k = _int8_rows(k, K_SCALES, slot, h, h_mask, NUM_KV_HEADS)
-        v = _int8_rows(v, V_SCALES, slot, h, h_mask, NUM_KV_HEADS)
+        k = _int8_rows(k, K_SCALES, page, off, h, h_mask, NUM_KV_HEADS, PAGE)
+        v = _int8_rows(v, V_SCALES, page, off, h, h_mask, NUM_KV_HEADS, PAGE)
     tl.store(
         K_CACHE + page * stride_cb + off * stride_ct + h[:, None] * stride_ch + d,
         k.to(K_CACHE.dtype.element_ty),
@@ -116,9 +116,8 @@ def write_kv(
     if key.stride(2) != 1 or value.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("head_dim must be the contiguous dimension of key, value and caches")
     int8 = k_cache.dtype == torch.int8
-    if int8 and (scales is None or scales.k_pages is None or not scales.k_pages.is_contiguous()
-                 or scales.k_pages.shape != k_cache.shape[:3] or scales.v_pages.shape != k_cache.shape[:3]):
-        raise ValueError("an int8 cache needs contiguous scale pages [blocks, block_size, kv heads] in `scales`")
+    if int8:
+        check_scale_pages(k_cache, scales and scales.k_pages, scales and scales.v_pages)
     if num_tokens == 0:
         return
     if head_dim & (head_dim - 1):

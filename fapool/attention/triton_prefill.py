@@ -48,7 +48,6 @@ def _kv_tile(
     stride_vb,
     stride_vt,
     stride_sb,
-    stride_st,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
@@ -71,9 +70,10 @@ def _kv_tile(
     else:
         k = tl.load(k_ptr)
         v = tl.load(v_ptr)
-    ks = vs = 1.0
+    ks = 1.0
+    vs = 1.0
     if INT8:
-        s_rows = page * stride_sb + (pos % PAGE) * stride_st
+        s_rows = page * stride_sb + pos % PAGE
         ks = tl.load(K_SCALES + s_rows, mask=pos < kv_len, other=0.0)
         vs = tl.load(V_SCALES + s_rows, mask=pos < kv_len, other=0.0)
     return k, v, ks, vs
@@ -97,7 +97,7 @@ def _prefill_kernel(
     K_SCALES,
     V_SCALES,
     stride_sb,
-    stride_st,
+    stride_sh,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -156,8 +156,8 @@ def _prefill_kernel(
     kvh = head // GROUP
     K = K + kvh * stride_kh
     V = V + kvh * stride_vh
-    K_SCALES += kvh
-    V_SCALES += kvh
+    K_SCALES += kvh * stride_sh
+    V_SCALES += kvh * stride_sh
     table = block_tables + seq * stride_bt
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -166,7 +166,7 @@ def _prefill_kernel(
     for start in range(0, full, BLOCK_N):
         k, v, ks, vs = _kv_tile(
             K, V, K_SCALES, V_SCALES, table, start, offs_n, offs_d, kv_len, stride_kb, stride_kt, stride_vb,
-            stride_vt, stride_sb, stride_st, PAGE, BLOCK_N, False, INT8,
+            stride_vt, stride_sb, PAGE, BLOCK_N, False, INT8,
         )
         k, v = k.to(q.dtype), v.to(q.dtype)  # an 8-bit cache widens here
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -184,7 +184,7 @@ def _prefill_kernel(
     for start in range(full, hi, BLOCK_N):
         k, v, ks, vs = _kv_tile(
             K, V, K_SCALES, V_SCALES, table, start, offs_n, offs_d, kv_len, stride_kb, stride_kt, stride_vb,
-            stride_vt, stride_sb, stride_st, PAGE, BLOCK_N, True, INT8,
+            stride_vt, stride_sb, PAGE, BLOCK_N, True, INT8,
         )
         k, v = k.to(q.dtype), v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -304,7 +304,7 @@ def paged_prefill(
         BLOCK_N=block_n,
         SKIP_DECODE=skip_decode,
         HAS_SKIP=skip is not None,
-        FP16_DOT=fp16_dot(query, k_cache),
+        FP16_DOT=fp16_dot(query, k_cache) and not int8,  # int8: bf16 dots (see triton_decode)
         INT8=int8,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -32,7 +32,7 @@ concatenates the whole sequence.
 
 The split count of the decode kernel is a launch argument frozen into the graph, so each graph
 is captured with the split count `auto_num_splits` picks for its padded batch and the step's
-longest context (and, for an FP8 cache, the kernel `fp8_warp_split` picks for that context); a
+longest context (and, for an 8-bit cache, the kernel `fp8_warp_split` picks for that context); a
 step whose choice differs uses (or captures) the graph of that count and kernel. Graphs
 are captured lazily, on first use, into one shared memory pool (they never run concurrently).
 """
@@ -224,6 +224,7 @@ class DecodeGraphs:
         self.device = k_cache.device
         self.num_kv_heads, self.head_dim = k_cache.shape[2], k_cache.shape[3]
         self.elem_size = k_cache.element_size()
+        self.int8 = k_cache.dtype == torch.int8
         max_blocks = -(-max_model_len // block_size)
         # The per-row inputs (DecodeInputs.vec) and sampling parameters (SamplingBatch's layout)
         # share one pinned buffer and one static device copy: one H2D copy a step for both.
@@ -292,7 +293,8 @@ class DecodeGraphs:
                 ids.copy_(torch.where(src >= 0, prev_tokens.index_select(0, src.clamp(min=0)), ids))
         warp_split = self.elem_size == 1 and self._fp8_warp_split(max_kv)
         splits = self._auto_num_splits(
-            padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device, warp_split=warp_split
+            padded, self.num_kv_heads, max_kv, self.head_dim, self.elem_size, self.device, warp_split=warp_split,
+            int8=self.int8,
         )
         key = (padded, splits, warp_split, None if self.gate is None else self.gate.active(max_kv))
         entry = self.graphs.get(key)

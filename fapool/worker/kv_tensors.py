@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from fapool.attention.kv_quant import scale_pages
+
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -33,14 +35,13 @@ def allocate_kv(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, dev
 
 
 def allocate_scale_pages(num_layers: int, shape: tuple[int, ...], device: torch.device) -> KVCaches:
-    """An int8 cache's per-token (K, V) scales, [blocks, block_size, kv heads] float32 a layer
-    (fapool.attention.kv_quant)."""
+    """An int8 cache's per-token (K, V) scales for a cache of `shape`, float32 a layer
+    (fapool.attention.kv_quant.scale_pages)."""
+    pages = scale_pages(shape)
     if device.type == "cpu":
-        flat = lazy_zeros(2 * num_layers, shape[:3], torch.float32)
+        flat = lazy_zeros(2 * num_layers, pages, torch.float32)
         return [(flat[2 * i], flat[2 * i + 1]) for i in range(num_layers)]
-    return [
-        (torch.zeros(shape[:3], device=device), torch.zeros(shape[:3], device=device)) for _ in range(num_layers)
-    ]
+    return [(torch.zeros(pages, device=device), torch.zeros(pages, device=device)) for _ in range(num_layers)]
 
 
 def copy_kv_blocks(

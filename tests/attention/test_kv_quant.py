@@ -13,8 +13,10 @@ from fapool.attention.kv_quant import (
     HEADROOM,
     KVScales,
     calibrate_kv_scales,
+    dequantize_int8_cache,
     quantize,
     quantize_int8_rows,
+    scale_pages,
 )
 from fapool.attention.torch_ref import write_kv_torch
 from fapool.config import ConfigError
@@ -50,7 +52,7 @@ def _write_case(dtype, scales, seed=0):
     k_cache = torch.zeros(blocks, bs, kv_heads, dim, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     if dtype == torch.int8 and scales is None:
-        scales = KVScales(k_pages=torch.zeros(blocks, bs, kv_heads), v_pages=torch.zeros(blocks, bs, kv_heads))
+        scales = KVScales(k_pages=torch.zeros(blocks, kv_heads, bs), v_pages=torch.zeros(blocks, kv_heads, bs))
     n = 9 + 6
     key = 3 * torch.randn(n, kv_heads, dim, generator=g)
     value = torch.randn(n, kv_heads, dim, generator=g)
@@ -90,11 +92,10 @@ def test_reference_over_int8_cache_equals_attention_over_the_dequantized_values(
     assert kc.dtype == torch.int8 and kc.abs().max() == 127  # every written row reaches +-127
     # Written slots got their rows' scales, the others none.
     written = torch.tensor(list(range(9)) + list(range(20, 26)))
-    kp = scales.k_pages.view(-1, 2)
+    kp = scales.k_pages.transpose(1, 2).reshape(-1, 2)  # [slot, kv head]
     assert torch.equal(kp[written], key.abs().amax(-1) / 127)
     assert not kp[torch.tensor([9, 19, 26])].any()
-    deq_k = kc.float() * scales.k_pages[..., None]
-    deq_v = vc.float() * scales.v_pages[..., None]
+    deq_k, deq_v = dequantize_int8_cache(kc, scales.k_pages), dequantize_int8_cache(vc, scales.v_pages)
     out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
     ref_out, ref_lse = TorchReferenceBackend().forward(q, deq_k, deq_v, meta, 0.25)
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
@@ -187,7 +188,7 @@ def test_engine_with_int8_cache(llama_folder):
     assert int8.engine.stats().kv_blocks_total >= 1.59 * bf16.engine.stats().kv_blocks_total
     assert runner.kv_caches[0][0].dtype == torch.int8
     scales = [layer.self_attn.kv_scales for layer in runner.model.model.layers]
-    assert all(s.k_pages.shape == runner.kv_caches[0][0].shape[:3] for s in scales)
+    assert all(s.k_pages.shape == scale_pages(runner.kv_caches[0][0].shape) for s in scales)
 
     prompts = [{"prompt_token_ids": p} for p in random_prompts([40, 7, 33], seed=5)]
     whole = [o.outputs[0].token_ids for o in int8.generate(prompts, GREEDY)]
