@@ -244,7 +244,7 @@ def _decode_split_kernel(
     # value rather than a load of the same iteration, so the pipeliner buffers them
     # num_stages - 1 tiles deep (with the table load in the loop, it spent a stage on it).
     page_next = _tile_pages(table, tile_lo, offs_n, n_kv, PAGE, BLOCK_N)
-    if INT8:  # the scales a tile ahead too: loaded where used, they stalled every tile
+    if INT8:  # the scales a tile ahead too, as the page ids
         ks_next, vs_next = _tile_scales(K_SCALES, V_SCALES, page_next, tile_lo, offs_n, n_kv, stride_sb, PAGE, BLOCK_N)
     for t in range(tile_lo, tile_hi):
         page = page_next
