@@ -453,6 +453,18 @@ def test_int8_cache_matches_reference_over_its_values(block_size, heads):
         TritonBackend().forward(q, k8, v8, meta, scale)
 
 
+def _write_inputs(block_size: int):
+    """(slots with every fifth -1, key, value) for the 8-bit KV write tests: 37 tokens, 8 KV heads
+    of 128 over 9 blocks."""
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, num_kv_heads, head_dim, num_tokens = 9, 8, 128, 37
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens].to(DEVICE)
+    slots[::5] = -1
+    key = (4 * torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)).to(DEVICE, BF16)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, BF16)
+    return slots, key, value
+
+
 @needs_gpu
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_write_kv_int8_matches_torch(block_size):
@@ -460,12 +472,8 @@ def test_write_kv_int8_matches_torch(block_size):
     one step apart where the GPU fuses the multiply-add)."""
     from fapool.attention.kv_quant import KVScales
 
-    g = torch.Generator().manual_seed(block_size)
-    num_blocks, num_kv_heads, head_dim, num_tokens = 9, 8, 128, 37
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens].to(DEVICE)
-    slots[::5] = -1
-    key = (4 * torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)).to(DEVICE, BF16)
-    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, BF16)
+    num_blocks, num_kv_heads, head_dim = 9, 8, 128
+    slots, key, value = _write_inputs(block_size)
     key[1, 2] = 0  # an all-zero row: scale 0
     value[3, 0, :] = 1e-6  # a tiny row still spans the int8 range
 
@@ -507,12 +515,8 @@ def test_write_kv_fp8_matches_torch(block_size):
     from fapool.attention.kv_quant import FP8_DTYPE, KVScales
     from fapool.attention.triton_backend import TritonBackend
 
-    g = torch.Generator().manual_seed(block_size)
-    num_blocks, num_kv_heads, head_dim, num_tokens = 9, 8, 128, 37
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens].to(DEVICE)
-    slots[::5] = -1
-    key = (4 * torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)).to(DEVICE, BF16)
-    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, BF16)
+    num_blocks, num_kv_heads, head_dim = 9, 8, 128
+    slots, key, value = _write_inputs(block_size)
     key[0, 0, :4] = torch.tensor([1e4, -1e4, 0.0, 1e-6])  # saturated both ways, zero, tiny
     scales = KVScales(k=0.05, v=0.01)
     caches = [
