@@ -120,8 +120,8 @@ def _int8_to_f16(x, PINNED: tl.constexpr):
     """int8 -> fp16, four elements per call in full-rate ALU instructions (the int-to-float
     conversion runs at a quarter rate): each byte, its sign bit flipped, becomes the low byte of
     the fp16 1024 + (x + 128); subtracting 1152 leaves x, exactly. PINNED keeps it where it
-    stands, as _e4m3_to_f16 (V); unpinned, Triton places it, as the e4m3 K conversion (K: 6%
-    faster than pinned on the H200)."""
+    stands, as _e4m3_to_f16 (V); unpinned, Triton places it, as it places the e4m3 K conversion
+    (K: the faster of the two in the H200 probes, benchmarks/RESULTS.md)."""
     return tl.inline_asm_elementwise(
         "{ .reg .b32 u, c; xor.b32 u, $2, 0x80808080; mov.b32 c, 0x64806480;"
         " prmt.b32 $0, u, 0x64646464, 0x5140; prmt.b32 $1, u, 0x64646464, 0x7362;"
