@@ -26,9 +26,15 @@ int fapool_decode_supported(void) { return HAVE_KERNEL; }
 
 #define CHUNKS (MAX_D / 16)
 
-/* 16 elements (fewer where `mask` says) of a bf16 or float32 cache row, as float32. */
-static inline __attribute__((always_inline)) __m512 load16(const void *cache, int bf16, int64_t offset, __mmask16 mask) {
-    return bf16 ? load_bf16((const uint16_t *)cache + offset, mask) : _mm512_maskz_loadu_ps(mask, (const float *)cache + offset);
+enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 }; /* cache element kinds */
+
+/* 16 elements (fewer where `mask` says) of a float32, bf16 or int8 cache row, as float32 (an
+ * int8 row unscaled: its token's scale applies to the score or the probability). */
+static inline __attribute__((always_inline)) __m512 load16(const void *cache, int kind, int64_t offset, __mmask16 mask) {
+    if (kind == KV_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, (const int8_t *)cache + offset)));
+    return kind == KV_BF16 ? load_bf16((const uint16_t *)cache + offset, mask)
+                           : _mm512_maskz_loadu_ps(mask, (const float *)cache + offset);
 }
 
 /* Lane i = the sum of v[i]'s lanes: a transpose-and-add tree, 45 instructions for 16 sums. */
@@ -47,10 +53,12 @@ static inline __m512 reduce16(const __m512 *v) {
 
 /* Blocks [b0, b1) of one sequence for KV head h: q [G, D] float32 already scaled, out [G, D],
  * lse [G]. Per block of <= 16 keys: each key's G partial dot products as vectors, summed 16 keys
- * at a time by reduce16; an online softmax over the block's scores; then P @ V. */
+ * at a time by reduce16; an online softmax over the block's scores; then P @ V. An int8 cache's
+ * per-token scales (ks / vs: [num_blocks, H, bs] float32, a block's keys of a head side by side)
+ * multiply the block's scores and, for P @ V only, its probabilities. */
 static inline __attribute__((always_inline)) void attend_head(
-    const float *q, const void *k_cache, const void *v_cache, int bf16, const int32_t *table, int len, int b0,
-    int b1, int H, int h, int G, int D, int bs, float *out, float *lse) {
+    const float *q, const void *k_cache, const void *v_cache, int kind, const float *ks, const float *vs,
+    const int32_t *table, int len, int b0, int b1, int H, int h, int G, int D, int bs, float *out, float *lse) {
     const int nc = (D + 15) / 16;
     const __mmask16 tail = (D % 16) ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
     __m512 qv[MAX_G][CHUNKS], acc[MAX_G][CHUNKS], part[MAX_G][MAX_BS];
@@ -63,7 +71,7 @@ static inline __attribute__((always_inline)) void attend_head(
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    const int row_bytes = D * (bf16 ? 2 : 4);
+    const int row_bytes = D * (kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1);
     for (int b = b0; b < b1; b++) {
         const int64_t base = (int64_t)table[b] * bs;
         const int ntok = len - b * bs < bs ? len - b * bs : bs;
@@ -84,14 +92,21 @@ static inline __attribute__((always_inline)) void attend_head(
             const int64_t row = ((base + j) * H + h) * D;
             __m512 dot[MAX_G];
             for (int c = 0; c < nc; c++) {
-                __m512 k = load16(k_cache, bf16, row + c * 16, c == nc - 1 ? tail : 0xffff);
+                __m512 k = load16(k_cache, kind, row + c * 16, c == nc - 1 ? tail : 0xffff);
                 for (int g = 0; g < G; g++) dot[g] = c ? _mm512_fmadd_ps(qv[g][c], k, dot[g]) : _mm512_mul_ps(qv[g][c], k);
             }
             for (int g = 0; g < G; g++) part[g][j] = dot[g];
         }
-        __m512 p[MAX_G];
+        __m512 p[MAX_G], ksv = _mm512_set1_ps(1.0f), vsv = ksv;
+        if (kind == KV_INT8) {
+            const int64_t at = ((int64_t)table[b] * H + h) * bs;
+            ksv = _mm512_maskz_loadu_ps(valid, ks + at);
+            vsv = _mm512_maskz_loadu_ps(valid, vs + at);
+        }
         for (int g = 0; g < G; g++) {
-            __m512 s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), reduce16(part[g]));
+            __m512 dots = reduce16(part[g]);
+            if (kind == KV_INT8) dots = _mm512_mul_ps(dots, ksv);
+            __m512 s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), dots);
             float mx = fmaxf(m[g], _mm512_reduce_max_ps(s));
             float corr = m[g] == -INFINITY ? 0.0f : expf(m[g] - mx);
             p[g] = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
@@ -101,11 +116,11 @@ static inline __attribute__((always_inline)) void attend_head(
                 for (int c = 0; c < nc; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], _mm512_set1_ps(corr));
         }
         float pj[MAX_G][MAX_BS];
-        for (int g = 0; g < G; g++) _mm512_storeu_ps(pj[g], p[g]);
+        for (int g = 0; g < G; g++) _mm512_storeu_ps(pj[g], kind == KV_INT8 ? _mm512_mul_ps(p[g], vsv) : p[g]);
         for (int j = 0; j < ntok; j++) {
             const int64_t row = ((base + j) * H + h) * D;
             for (int c = 0; c < nc; c++) {
-                __m512 v = load16(v_cache, bf16, row + c * 16, c == nc - 1 ? tail : 0xffff);
+                __m512 v = load16(v_cache, kind, row + c * 16, c == nc - 1 ? tail : 0xffff);
                 for (int g = 0; g < G; g++) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g][j]), v, acc[g][c]);
             }
         }
@@ -297,6 +312,10 @@ int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_
 #endif
 }
 
+static int decode_impl(const float *q, const void *k_cache, const void *v_cache, int kind, const float *ks,
+                       const float *vs, const int32_t *tables, int table_stride, const int32_t *lens,
+                       int n, int H, int G, int D, int bs, float *out, float *lse, int parts);
+
 /* q/out [n, H, G, D] float32, lse [n, H, G]; caches [num_blocks, bs, H, D] bf16 (bf16 != 0)
  * or float32; tables int32 [n, table_stride]; lens int32 [n], each > 0. Each sequence's blocks
  * are split into up to `parts` ranges (flash-decoding: fewer sequences than threads), merged by
@@ -304,6 +323,22 @@ int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_
 int fapool_decode_attention(const float *q, const void *k_cache, const void *v_cache, int bf16,
                             const int32_t *tables, int table_stride, const int32_t *lens,
                             int n, int H, int G, int D, int bs, float *out, float *lse, int parts) {
+    return decode_impl(q, k_cache, v_cache, bf16 ? KV_BF16 : KV_F32, NULL, NULL, tables, table_stride, lens, n, H, G,
+                       D, bs, out, lse, parts);
+}
+
+/* fapool_decode_attention over an int8 cache, each token's K and V rows of a head scaled by
+ * ks / vs [num_blocks, H, bs] float32 (fapool.attention.kv_quant). */
+int fapool_decode_attention_int8(const float *q, const int8_t *k_cache, const int8_t *v_cache, const float *ks,
+                                 const float *vs, const int32_t *tables, int table_stride, const int32_t *lens,
+                                 int n, int H, int G, int D, int bs, float *out, float *lse, int parts) {
+    return decode_impl(q, k_cache, v_cache, KV_INT8, ks, vs, tables, table_stride, lens, n, H, G, D, bs, out, lse,
+                       parts);
+}
+
+static int decode_impl(const float *q, const void *k_cache, const void *v_cache, int kind, const float *ks,
+                       const float *vs, const int32_t *tables, int table_stride, const int32_t *lens,
+                       int n, int H, int G, int D, int bs, float *out, float *lse, int parts) {
 #if HAVE_KERNEL
     if (D > MAX_D || G > MAX_G || bs > MAX_BS) return -1;
     const int R = H * G;
@@ -330,25 +365,25 @@ int fapool_decode_attention(const float *q, const void *k_cache, const void *v_c
         int64_t po = (int64_t)sp * R + h * G;
         const int32_t *table = tables + (int64_t)seq * table_stride;
         float *o = part_out + po * D, *l = part_lse + po;
-        /* Common head sizes and group sizes as constants: the loops over them unroll into registers. */
-#define ATTEND(DD, GG) attend_head(qh, k_cache, v_cache, 1, table, lens[seq], b0, b1, H, h, GG, DD, bs, o, l)
-#define ATTEND32(DD, GG) attend_head(qh, k_cache, v_cache, 0, table, lens[seq], b0, b1, H, h, GG, DD, bs, o, l)
-        if (bf16 && D == 64 && G == 3)
-            ATTEND(64, 3);
-        else if (!bf16 && D == 64 && G == 3)
-            ATTEND32(64, 3);
-        else if (!bf16 && D == 64 && G == 4)
-            ATTEND32(64, 4);
-        else if (bf16 && D == 64 && G == 4)
-            ATTEND(64, 4);
-        else if (bf16 && D == 128 && G == 4)
-            ATTEND(128, 4);
-        else if (bf16 && D == 128 && G == 8)
-            ATTEND(128, 8);
+        /* Common kinds, head sizes and group sizes as constants: the loops over them unroll into registers. */
+#define ATTEND(KK, DD, GG) attend_head(qh, k_cache, v_cache, KK, ks, vs, table, lens[seq], b0, b1, H, h, GG, DD, bs, o, l)
+        if (kind == KV_BF16 && D == 64 && G == 3)
+            ATTEND(KV_BF16, 64, 3);
+        else if (kind == KV_F32 && D == 64 && G == 3)
+            ATTEND(KV_F32, 64, 3);
+        else if (kind == KV_INT8 && D == 64 && G == 3)
+            ATTEND(KV_INT8, 64, 3);
+        else if (kind == KV_F32 && D == 64 && G == 4)
+            ATTEND(KV_F32, 64, 4);
+        else if (kind == KV_BF16 && D == 64 && G == 4)
+            ATTEND(KV_BF16, 64, 4);
+        else if (kind == KV_BF16 && D == 128 && G == 4)
+            ATTEND(KV_BF16, 128, 4);
+        else if (kind == KV_BF16 && D == 128 && G == 8)
+            ATTEND(KV_BF16, 128, 8);
         else
-            attend_head(qh, k_cache, v_cache, bf16, table, lens[seq], b0, b1, H, h, G, D, bs, o, l);
+            attend_head(qh, k_cache, v_cache, kind, ks, vs, table, lens[seq], b0, b1, H, h, G, D, bs, o, l);
 #undef ATTEND
-#undef ATTEND32
     }
     if (parts == 1) return 0;
     for (int seq = 0; seq < n; seq++) {
@@ -379,8 +414,8 @@ int fapool_decode_attention(const float *q, const void *k_cache, const void *v_c
     free(part_lse);
     return 0;
 #else
-    (void)q; (void)k_cache; (void)v_cache; (void)bf16; (void)tables; (void)table_stride; (void)lens;
-    (void)n; (void)H; (void)G; (void)D; (void)bs; (void)out; (void)lse; (void)parts;
+    (void)q; (void)k_cache; (void)v_cache; (void)kind; (void)ks; (void)vs; (void)tables; (void)table_stride;
+    (void)lens; (void)n; (void)H; (void)G; (void)D; (void)bs; (void)out; (void)lse; (void)parts;
     return -1;
 #endif
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fapool import native
+from fapool.attention.kv_quant import check_scale_pages
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 SPLIT_MIN_KEYS = 512  # shorter sequences are not worth a partial result and a merge
@@ -27,6 +28,10 @@ def load() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.fapool_decode_attention_int8
+    fn.restype = ctypes.c_int
+    fn.argtypes = [*[ctypes.c_void_p] * 6, ctypes.c_int, ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int]
     fn = lib.fapool_write_kv
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -43,7 +48,7 @@ def supports(k_cache: torch.Tensor, num_query_per_kv: int) -> bool:
     _, block_size, _, head_dim = k_cache.shape
     return (
         k_cache.device.type == "cpu"
-        and k_cache.dtype in (torch.bfloat16, torch.float32)
+        and k_cache.dtype in (torch.bfloat16, torch.float32, torch.int8)
         and k_cache.is_contiguous()
         and head_dim <= 256
         and head_dim % 2 == 0  # the bf16 prefill kernel takes head-dim elements in pairs
@@ -67,17 +72,24 @@ def decode_attention(
     tables: torch.Tensor,  # [n, width] int32, contiguous
     lens: torch.Tensor,  # [n] int32, each > 0
     max_len: int,
+    pages: tuple[torch.Tensor, torch.Tensor] | None = None,  # an int8 cache's (K, V) scale pages
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [n, Hkv, G, D] float32, lse [n, Hkv, G] float32) over every key of each row's table."""
     n, heads, group, dim = q.shape
     parts = split_parts(n, max_len)
     out = torch.empty_like(q)
     lse = torch.empty(n, heads, group, dtype=torch.float32)
-    rc = lib.fapool_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        tables.data_ptr(), tables.shape[1], lens.data_ptr(), n, heads, group, dim, k_cache.shape[1],
-        out.data_ptr(), lse.data_ptr(), parts,
-    )
+    rest = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), n, heads, group, dim, k_cache.shape[1],
+            out.data_ptr(), lse.data_ptr(), parts)
+    if k_cache.dtype == torch.int8:
+        check_scale_pages(k_cache, *pages)
+        rc = lib.fapool_decode_attention_int8(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pages[0].data_ptr(), pages[1].data_ptr(), *rest
+        )
+    else:
+        rc = lib.fapool_decode_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), *rest
+        )
     if rc == -2:
         raise MemoryError("cpu_decode: no memory for the split sequences' partial results")
     if rc != 0:

@@ -170,13 +170,14 @@ class _Plan:
             self.seq_lens = lens
 
 
-def _decode_native(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float):
+def _decode_native(q: torch.Tensor, k_cache, v_cache, plan: _Plan, scale: float, pages=None):
     """Decode rows through cpu_decode's C kernel: q [T, Hkv, G, D] -> (out [n, Hkv*G, D] float32,
-    lse [n, Hkv*G]), reading the paged cache in place."""
+    lse [n, Hkv*G]), reading the paged cache in place (an int8 cache with its scale `pages`)."""
     n = len(plan.decode)
     qd = q if plan.all_decode else q[plan.tok_index]
     o, lse = cpu_decode.decode_attention(
-        cpu_decode.load(), (qd.float() * scale).contiguous(), k_cache, v_cache, plan.tables32, plan.lens32, plan.max_len
+        cpu_decode.load(), (qd.float() * scale).contiguous(), k_cache, v_cache, plan.tables32, plan.lens32,
+        plan.max_len, pages,
     )
     return o.view(n, -1, o.shape[-1]), lse.view(n, -1)
 
@@ -285,7 +286,7 @@ class TorchReferenceBackend(AttentionBackend):
         q = query.view(num_tokens, num_kv_heads, group, head_dim)
         if plan.decode:
             if plan.native:
-                o, l = _decode_native(q, k_cache, v_cache, plan, scale)
+                o, l = _decode_native(q, k_cache, v_cache, plan, scale, (sk, sv) if int8 else None)
             elif plan.per_seq:
                 o, l = _decode_each(q, k_cache, v_cache, plan, scale, sk, sv)
             else:

@@ -287,6 +287,35 @@ def test_c_decode_kernel_splits_long_sequences_over_idle_threads(threads, specs)
 
 
 @needs_cc
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 2, 128, 16), (6, 2, 24, 8)])
+def test_c_decode_kernel_over_an_int8_cache(threads, heads, kv_heads, head_dim, block_size):
+    """An int8 cache (kv_quant's per-token rows) through the C kernel (64 x 3 as constants,
+    others generic; long sequences split over threads) equals the oracle over its dequantized
+    values, and differs from the float cache it was made from."""
+    from fapool.attention.kv_quant import KVScales, dequantize_int8_cache, quantize_int8_cache
+
+    specs = [(0, 1), (block_size - 1, 1), (5 * block_size + 3, 1), (700, 1)]
+    q, kc, vc, meta, dense, queries = _paged_case(
+        specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, seed=5
+    )
+    (k8, ks), (v8, vs) = quantize_int8_cache(kc), quantize_int8_cache(vc)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = TorchReferenceBackend().forward(q, k8, v8, meta, head_dim**-0.5, KVScales(k_pages=ks, v_pages=vs))
+    finally:
+        torch.set_num_threads(before)
+    assert meta.host_plans["torch"].native
+    deq = dequantize_int8_cache(k8, ks), dequantize_int8_cache(v8, vs)
+    want = TorchReferenceBackend().forward(q, *deq, meta, head_dim**-0.5)
+    torch.testing.assert_close(out, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=1e-5)
+    exact, _ = TorchReferenceBackend().forward(q, kc, vc, meta, head_dim**-0.5)
+    assert 1e-4 < float((out - exact).norm() / exact.norm()) < 2e-2
+
+
+@needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 24, 4), (8, 2, 128, 8)])
 def test_c_prefill_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, head_dim, block_size):
@@ -337,6 +366,7 @@ def test_c_kv_write_equals_the_torch_write(dtype):
 def test_c_decode_kernel_refuses_what_it_was_not_built_for():
     """supports() keeps FP8 and oversized layouts on the aten paths."""
     assert cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.bfloat16), 3)
+    assert cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.int8), 3)
     assert not cpu_decode.supports(torch.zeros(2, 16, 3, 64, dtype=torch.float8_e4m3fn), 3)
     assert not cpu_decode.supports(torch.zeros(2, 16, 1, 512), 1)  # head size
     assert not cpu_decode.supports(torch.zeros(2, 16, 1, 63), 1)  # odd head size
