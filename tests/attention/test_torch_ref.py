@@ -296,7 +296,7 @@ def test_c_decode_kernel_over_an_int8_cache(threads, heads, kv_heads, head_dim, 
     from fapool.attention.kv_quant import KVScales, dequantize_int8_cache, quantize_int8_cache
 
     specs = [(0, 1), (block_size - 1, 1), (5 * block_size + 3, 1), (700, 1)]
-    q, kc, vc, meta, dense, queries = _paged_case(
+    q, kc, vc, meta, _, _ = _paged_case(
         specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, seed=5
     )
     (k8, ks), (v8, vs) = quantize_int8_cache(kc), quantize_int8_cache(vc)
