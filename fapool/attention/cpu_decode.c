@@ -162,23 +162,36 @@ static inline void transpose16(__m512 *r) {
     }
 }
 
+/* An int8 cache row of D elements as bf16 (exact: |x| <= 127). */
+static inline void widen_int8_row(uint16_t *dst, const int8_t *src, int D) {
+    for (int c = 0; c < D; c += 16) {
+        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail_mask(D - c), src + c)));
+        _mm256_mask_storeu_epi16(dst + c, tail_mask(D - c), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+}
+
 /* Query tokens [t0, t1) of one sequence for KV head h (rows of G query heads each, q [T, H, G,
  * D] already scaled) over its keys at positions kv_start.. (causal: a key is seen from its own
- * position on), bf16 cache. Per 16-key block, K goes in as pairs of head-dim elements
+ * position on), bf16 or int8 cache (an int8 block's rows are widened to bf16 first, its keys'
+ * K scales multiply the scores and their V scales P for P @ V; ks / vs as in attend_head).
+ * Per 16-key block, K goes in as pairs of head-dim elements
  * transposed once (the block's keys in the lanes: scores need no horizontal sums) and V as pairs
  * of keys interleaved (head-dim elements in the lanes); then for each token its G rows side by
  * side: scores, an online softmax update, P @ V. The products are bf16 dot products
  * (vdpbf16ps, twice the float32 FMA's multiplies), q and P rounded to bf16 for them as aten's
  * CPU flash kernel rounds them for a bf16 cache; sums stay float32. D even. */
 static inline __attribute__((always_inline)) void prefill_tile_bf16(
-    const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int kv_len,
-    int kv_start, int q_pos0, int t0, int t1, int H, int h, int G, int D, int bs, float *out, float *lse) {
+    const float *q, const void *k_cache, const void *v_cache, int int8, const float *ks, const float *vs,
+    const int32_t *table, int kv_len, int kv_start, int q_pos0, int t0, int t1, int H, int h, int G, int D, int bs,
+    float *out, float *lse) {
     const int nc = (D + 15) / 16, np = D / 2, npc = (np + 15) / 16;
     float acc[QT * MAX_G][MAX_D] __attribute__((aligned(64)));
     uint32_t qb[QT * MAX_G][MAX_D / 2] __attribute__((aligned(64)));
     float m[QT * MAX_G];
     __m512 lsum[QT * MAX_G];
     __m512i kt[MAX_D / 2], vi[MAX_BS / 2][CHUNKS];
+    uint16_t kbuf[MAX_BS][MAX_D] __attribute__((aligned(64))), vbuf[MAX_BS][MAX_D] __attribute__((aligned(64)));
+    const uint16_t *krow[MAX_BS], *vrow[MAX_BS];
     __m512i lo_idx, hi_idx;
     {
         uint16_t lo[32], hi[32];
@@ -206,16 +219,31 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
     for (int b = 0; b * bs < nkeys; b++) {
         const int64_t base = (int64_t)table[b] * bs;
         const int ntok = nkeys - b * bs < bs ? nkeys - b * bs : bs;
-        const uint32_t *k32 = (const uint32_t *)k_cache;
+        __m512 ksv = _mm512_set1_ps(1.0f), vsv = ksv;
+        for (int j = 0; j < ntok; j++) {
+            const int64_t row = ((base + j) * H + h) * D;
+            if (int8) {
+                widen_int8_row(kbuf[j], (const int8_t *)k_cache + row, D);
+                widen_int8_row(vbuf[j], (const int8_t *)v_cache + row, D);
+                krow[j] = kbuf[j], vrow[j] = vbuf[j];
+            } else {
+                krow[j] = (const uint16_t *)k_cache + row, vrow[j] = (const uint16_t *)v_cache + row;
+            }
+        }
+        if (int8) {
+            const int64_t at = ((int64_t)table[b] * H + h) * bs;
+            ksv = _mm512_maskz_loadu_ps(tail_mask(ntok), ks + at);
+            vsv = _mm512_maskz_loadu_ps(tail_mask(ntok), vs + at);
+        }
         for (int pc = 0; pc < npc; pc++) {
             __mmask16 cm = tail_mask(np - pc * 16);
             for (int j = 0; j < MAX_BS; j++)
-                kt[pc * 16 + j] = j < ntok ? _mm512_maskz_loadu_epi32(cm, k32 + (((base + j) * H + h) * D) / 2 + pc * 16)
+                kt[pc * 16 + j] = j < ntok ? _mm512_maskz_loadu_epi32(cm, (const uint32_t *)krow[j] + pc * 16)
                                            : _mm512_setzero_si512();
             transpose16((__m512 *)(kt + pc * 16));
         }
         for (int jp = 0; jp < (ntok + 1) / 2; jp++) {
-            const uint16_t *v0 = v_cache + ((base + 2 * jp) * H + h) * D, *v1 = v0 + (int64_t)H * D;
+            const uint16_t *v0 = vrow[2 * jp], *v1 = 2 * jp + 1 < ntok ? vrow[2 * jp + 1] : v0;
             for (int c = 0; c < D; c += 32) {
                 __mmask32 cm = D - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (D - c)) - 1);
                 __m512i a = _mm512_maskz_loadu_epi16(cm, v0 + c);
@@ -243,14 +271,16 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
             for (int g = 0; g < G; g++) {
                 const int r = r0 + g;
                 if (dp < np) sa[g] = dot_bcast(sa[g], (__m512bh)kt[dp], &qb[r][dp]);
-                __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), _mm512_add_ps(sa[g], sb[g]));
+                __m512 dots = _mm512_add_ps(sa[g], sb[g]);
+                if (int8) dots = _mm512_mul_ps(dots, ksv);
+                __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), dots);
                 float mx = fmaxf(m[r], _mm512_reduce_max_ps(sc));
                 float cf = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
                 __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
                 m[r] = mx;
                 corr[g] = _mm512_set1_ps(cf);
                 lsum[r] = _mm512_fmadd_ps(lsum[r], corr[g], p);
-                _mm256_storeu_si256((__m256i *)pj[g], (__m256i)_mm512_cvtneps_pbh(p));
+                _mm256_storeu_si256((__m256i *)pj[g], (__m256i)_mm512_cvtneps_pbh(int8 ? _mm512_mul_ps(p, vsv) : p));
             }
             for (int c = 0; c < nc; c++) {
                 __m512 a[MAX_G];
@@ -280,12 +310,36 @@ static inline __attribute__((always_inline)) void prefill_tile_bf16(
  * positions q_pos0[s]..; its kv_len[s] keys sit at positions kv_start[s].. of its block table.
  * Every token must see at least one key. lse [T, H, G]. Returns 0, or -1 for sizes it was not
  * built for (or no AVX-512). */
+static int prefill_impl(const float *q, const void *k_cache, const void *v_cache, int int8, const float *ks,
+                        const float *vs, const int32_t *tables, int table_stride, int n, const int32_t *q_start,
+                        const int32_t *q_len, const int32_t *q_pos0, const int32_t *kv_start, const int32_t *kv_len,
+                        int H, int G, int D, int bs, float *out, float *lse);
+
 int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_cache, int bf16,
                              const int32_t *tables, int table_stride, int n, const int32_t *q_start,
                              const int32_t *q_len, const int32_t *q_pos0, const int32_t *kv_start,
                              const int32_t *kv_len, int H, int G, int D, int bs, float *out, float *lse) {
+    if (!bf16) return -1;
+    return prefill_impl(q, k_cache, v_cache, 0, NULL, NULL, tables, table_stride, n, q_start, q_len, q_pos0,
+                        kv_start, kv_len, H, G, D, bs, out, lse);
+}
+
+/* fapool_prefill_attention over an int8 cache with its per-token scales ks / vs [num_blocks, H, bs]. */
+int fapool_prefill_attention_int8(const float *q, const int8_t *k_cache, const int8_t *v_cache, const float *ks,
+                                  const float *vs, const int32_t *tables, int table_stride, int n,
+                                  const int32_t *q_start, const int32_t *q_len, const int32_t *q_pos0,
+                                  const int32_t *kv_start, const int32_t *kv_len, int H, int G, int D, int bs,
+                                  float *out, float *lse) {
+    return prefill_impl(q, k_cache, v_cache, 1, ks, vs, tables, table_stride, n, q_start, q_len, q_pos0,
+                        kv_start, kv_len, H, G, D, bs, out, lse);
+}
+
+static int prefill_impl(const float *q, const void *k_cache, const void *v_cache, int int8, const float *ks,
+                        const float *vs, const int32_t *tables, int table_stride, int n, const int32_t *q_start,
+                        const int32_t *q_len, const int32_t *q_pos0, const int32_t *kv_start, const int32_t *kv_len,
+                        int H, int G, int D, int bs, float *out, float *lse) {
 #if HAVE_KERNEL
-    if (!bf16 || D > MAX_D || D % 2 || G > MAX_G || bs > MAX_BS) return -1;
+    if (D > MAX_D || D % 2 || G > MAX_G || bs > MAX_BS) return -1;
     int items = 0;
     for (int s = 0; s < n; s++) items += (q_len[s] + QT - 1) / QT * H;
     /* (sequence, query tile, KV head) items, the longest tiles (the last ones) first. */
@@ -298,16 +352,23 @@ int fapool_prefill_attention(const float *q, const void *k_cache, const void *v_
         const int32_t *table = tables + (int64_t)s * table_stride;
         /* positions are of the sequence's own tokens: shift q_pos0 so row t sits at q_pos0 + (t - q_start). */
         int pos0 = q_pos0[s] - q_start[s];
-        const uint16_t *kb = (const uint16_t *)k_cache, *vb = (const uint16_t *)v_cache;
-        if (D == 64 && G == 3)
-            prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, 3, 64, bs, out, lse);
+#define TILE(I8, GG, DD) \
+    prefill_tile_bf16(q, k_cache, v_cache, I8, ks, vs, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, GG, DD, bs, out, lse)
+        if (D == 64 && G == 3 && !int8)
+            TILE(0, 3, 64);
+        else if (D == 64 && G == 3)
+            TILE(1, 3, 64);
+        else if (!int8)
+            TILE(0, G, D);
         else
-            prefill_tile_bf16(q, kb, vb, table, kv_len[s], kv_start[s], pos0, t0, t1, H, h, G, D, bs, out, lse);
+            TILE(1, G, D);
+#undef TILE
     }
     return 0;
 #else
-    (void)q; (void)k_cache; (void)v_cache; (void)bf16; (void)tables; (void)table_stride; (void)n; (void)q_start;
-    (void)q_len; (void)q_pos0; (void)kv_start; (void)kv_len; (void)H; (void)G; (void)D; (void)bs; (void)out; (void)lse;
+    (void)q; (void)k_cache; (void)v_cache; (void)int8; (void)ks; (void)vs; (void)tables; (void)table_stride; (void)n;
+    (void)q_start; (void)q_len; (void)q_pos0; (void)kv_start; (void)kv_len; (void)H; (void)G; (void)D; (void)bs;
+    (void)out; (void)lse;
     return -1;
 #endif
 }

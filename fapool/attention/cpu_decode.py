@@ -40,6 +40,10 @@ def load() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4, ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.fapool_prefill_attention_int8
+    fn.restype = ctypes.c_int
+    fn.argtypes = [*[ctypes.c_void_p] * 6, ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4,
+                   ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -106,15 +110,23 @@ def prefill_attention(
     rows: torch.Tensor,  # [5, n] int32: q_start, q_len, q_pos0, kv_start, kv_len per sequence
     out: torch.Tensor,  # [T, Hkv * G, D] float32, contiguous: the sequences' rows are written
     lse: torch.Tensor,  # [T, Hkv * G] float32
+    pages: tuple[torch.Tensor, torch.Tensor] | None = None,  # an int8 cache's (K, V) scale pages
 ) -> None:
     """Causal attention of each sequence's query tokens over its paged keys (the first token
-    seeing at least the first key), written into its rows of out and lse."""
+    seeing at least the first key), written into its rows of out and lse. bf16 dot products:
+    q and P rounded to bf16, an int8 cache's rows widened to bf16 (exactly)."""
     _, heads, group, dim = q.shape
-    rc = lib.fapool_prefill_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        tables.data_ptr(), tables.shape[1], rows.shape[1], *(rows[i].data_ptr() for i in range(5)),
-        heads, group, dim, k_cache.shape[1], out.data_ptr(), lse.data_ptr(),
-    )
+    rest = (tables.data_ptr(), tables.shape[1], rows.shape[1], *(rows[i].data_ptr() for i in range(5)),
+            heads, group, dim, k_cache.shape[1], out.data_ptr(), lse.data_ptr())
+    if k_cache.dtype == torch.int8:
+        check_scale_pages(k_cache, *pages)
+        rc = lib.fapool_prefill_attention_int8(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pages[0].data_ptr(), pages[1].data_ptr(), *rest
+        )
+    else:
+        rc = lib.fapool_prefill_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), *rest
+        )
     if rc != 0:
         raise ValueError(f"cpu_decode: sizes out of range (D {dim}, {heads} x {group} heads, block size {k_cache.shape[1]})")
 

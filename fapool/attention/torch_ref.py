@@ -113,17 +113,19 @@ def _causal_mask(q_pos, k_pos, valid):
 class _Plan:
     """What forward derives from the batch alone, once per step instead of once per layer."""
 
-    def __init__(self, meta: AttentionMetadata, device, flash_dtype: torch.dtype, native_kernel: bool) -> None:
+    def __init__(
+        self, meta: AttentionMetadata, device, flash_dtype: torch.dtype, native_kernel: bool, cache_dtype: torch.dtype
+    ) -> None:
         self.starts = meta.query_start_loc.tolist()
         self.q_pos0 = meta.query_pos_start.tolist()
         self.kv_start = meta.kv_start.tolist()
         self.decode = [s for s, n in enumerate(meta.query_lens_cpu) if n == 1 and meta.kv_lens_cpu[s] > 0]
         self.multi = [s for s, n in enumerate(meta.query_lens_cpu) if n > 1 and meta.kv_lens_cpu[s] > 0]
         self.cpu = str(device).startswith("cpu")
-        # The C kernel takes the prefill chunks of a bf16 cache too, where each one's first query
-        # sees its first key (a float32 cache keeps aten's float32 flash kernel: exact HF parity).
+        # The C kernel takes the prefill chunks of a bf16 or int8 cache too, where each one's first
+        # query sees its first key (a float32 cache keeps aten's float32 flash kernel: exact HF parity).
         self.native_multi = (
-            native_kernel and self.cpu and flash_dtype == torch.bfloat16 and bool(self.multi)
+            native_kernel and self.cpu and cache_dtype in (torch.bfloat16, torch.int8) and bool(self.multi)
             and all(self.kv_start[s] <= self.q_pos0[s] for s in self.multi)
         )
         if self.native_multi:
@@ -260,7 +262,7 @@ def decode_plan(backend: AttentionBackend, meta: AttentionMetadata, k_cache: tor
     plan = meta.host_plans.get(backend.name)
     if plan is None:
         native = cpu_decode.supports(k_cache, group) and cpu_decode.load() is not None
-        plan = meta.host_plans[backend.name] = _Plan(meta, k_cache.device, _flash_dtype(k_cache), native)
+        plan = meta.host_plans[backend.name] = _Plan(meta, k_cache.device, _flash_dtype(k_cache), native, k_cache.dtype)
     return plan
 
 
@@ -301,7 +303,8 @@ class TorchReferenceBackend(AttentionBackend):
         if plan.native_multi:
             qs = (query.float() * scale).view(num_tokens, num_kv_heads, group, head_dim).contiguous()
             cpu_decode.prefill_attention(
-                cpu_decode.load(), qs, k_cache, v_cache, plan.multi_tables32, plan.multi_rows32, out, lse
+                cpu_decode.load(), qs, k_cache, v_cache, plan.multi_tables32, plan.multi_rows32, out, lse,
+                (sk, sv) if int8 else None,
             )
             return out.to(query.dtype), lse
         starts, q_pos0, kv_start = plan.starts, plan.q_pos0, plan.kv_start

@@ -97,9 +97,14 @@ def test_reference_over_int8_cache_equals_attention_over_the_dequantized_values(
     assert not kp[torch.tensor([9, 19, 26])].any()
     deq_k, deq_v = dequantize_int8_cache(kc, scales.k_pages), dequantize_int8_cache(vc, scales.v_pages)
     out, lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25, scales)
+    meta.host_plans.clear()  # the step's plan is made for one cache dtype
     ref_out, ref_lse = TorchReferenceBackend().forward(q, deq_k, deq_v, meta, 0.25)
-    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+    # The decode row in float32 either way; the chunk, on the CPU's C kernel, in bf16 dot products
+    # (q and P rounded to bf16) where the float32 cache takes aten's float32 kernel.
+    torch.testing.assert_close(out[4:], ref_out[4:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse[4:], ref_lse[4:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[:4], ref_out[:4], atol=4 * 2**-8, rtol=2**-8)
+    torch.testing.assert_close(lse[:4], ref_lse[:4], atol=2e-2, rtol=2**-8)
 
 
 def test_int8_cache_is_closer_to_the_float_cache_than_fp8():

@@ -344,6 +344,38 @@ def test_c_prefill_kernel_matches_sdpa_over_the_pages(dtype, heads, kv_heads, he
 
 
 @needs_cc
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 24, 4), (8, 2, 128, 8)])
+def test_c_prefill_kernel_over_an_int8_cache(heads, kv_heads, head_dim, block_size):
+    """Prefill chunks over an int8 cache through the C kernel (its rows widened to bf16, each
+    key's scales on its score and probability): the oracle over the dequantized values with q
+    rounded to bf16, within P's bf16 rounding, as the bf16 cache's test; decode rows in the
+    same batch through the C decode."""
+    from fapool.attention.kv_quant import KVScales, dequantize_int8_cache, quantize_int8_cache
+
+    specs = [(0, 37), (21, 16), (0, 2), (5, 1), (block_size * 3, 19), (200, 1)]
+    q, kc, vc, meta, _, queries = _paged_case(
+        specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, seed=7
+    )
+    (k8, ks), (v8, vs) = quantize_int8_cache(kc), quantize_int8_cache(vc)
+    out, lse = TorchReferenceBackend().forward(q, k8, v8, meta, head_dim**-0.5, KVScales(k_pages=ks, v_pages=vs))
+    assert meta.host_plans["torch"].native_multi and meta.host_plans["torch"].native
+    deq_k, deq_v = dequantize_int8_cache(k8, ks), dequantize_int8_cache(v8, vs)
+    tables, starts = meta.block_tables.tolist(), meta.query_start_loc.tolist()
+    for s, ((ctx, ql), qs) in enumerate(zip(specs, queries)):
+        n = ctx + ql
+        pos = torch.arange(n)
+        slots = torch.tensor(tables[s])[pos // block_size] * block_size + pos % block_size
+        k = deq_k.view(-1, kv_heads, head_dim)[slots]
+        v = deq_v.view(-1, kv_heads, head_dim)[slots]
+        qs = qs * head_dim**-0.5
+        if ql > 1:
+            qs = qs.bfloat16().float()
+        want_o, want_l = _sdpa_oracle(qs, k, v, ctx, 1.0)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], want_o, atol=4 * 2**-8, rtol=2**-8)
+        torch.testing.assert_close(lse[starts[s] : starts[s + 1]], want_l, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_c_kv_write_equals_the_torch_write(dtype):
     """The backend's KV write through cpu_decode's one C call: rows straight from a strided
