@@ -23,8 +23,10 @@ Nothing here is fitted to the engine rows. With --twin model (default) the engin
 calibration decodes SmolLM2's own layer shapes cut to 1, 4 and 8 layers (random weights).
 The measured step is reported as median and 20th percentile (the machine may be shared:
 other processes only ever add time); errors are against the median. Each engine process has
-one thread; a topology of n ranks runs n processes on the machine's cores. Sparse attention
-is not simulated (no row).
+one thread; a topology of n ranks runs n processes on the machine's cores. The sparse row
+(`sparse`) runs the single process with a uniform sparse profile (every KV head reads
+`--sparse-share` of its blocks, from the first step) at `--sparse-input-len`: its step and
+the dense single process's beside it at that length.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -41,7 +44,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fapool
 
 
-def topologies(ns) -> dict[str, tuple[str, dict, object]]:
+def sparse_profile(model_config, share: float, path: str) -> str:
+    """A profile JSON in which every KV head of every layer reads `share` of its blocks."""
+    from fapool.sparse.profile import SparseProfile
+
+    m = model_config
+    SparseProfile(model="uniform (sim_vs_engine_cpu)", block_size=16, target_recall=0.0, min_blocks=4,
+                  num_layers=m.num_hidden_layers, num_heads=m.num_attention_heads,
+                  num_kv_heads=m.num_key_value_heads,
+                  kv_budget=[[share] * m.num_key_value_heads] * m.num_hidden_layers).save(path)
+    return path
+
+
+def topologies(ns, model_config=None) -> dict[str, tuple[str, dict, object]]:
     """key -> (label, EngineArgs for the engine, the simulator's strategy)."""
     from fapool.sim.strategies import AFD, FAPool, StaticTPPP
 
@@ -51,6 +66,11 @@ def topologies(ns) -> dict[str, tuple[str, dict, object]]:
         "tp3": ("TP 3 (3 ranks on the cores)", {"tensor_parallel_size": 3}, StaticTPPP(tp=3, pp=1, max_batch=B)),
         "pp2": ("PP 2", {"pipeline_parallel_size": 2}, StaticTPPP(tp=1, pp=2, max_batch=B)),
     }
+    if model_config is not None:
+        path = sparse_profile(model_config, ns.sparse_share, os.path.join(ns.tmp_dir, "uniform_sparse_profile.json"))
+        out["sparse"] = (f"sparse, {ns.sparse_share:g} of the blocks, ctx {ns.sparse_input_len}",
+                         {"sparse_attention": path, "sparse_min_context": 0},
+                         StaticTPPP(tp=1, pp=1, max_batch=B, kv_share=ns.sparse_share))
 
     def pool(mode: str, workers: int, mb: int, threshold: int) -> tuple[dict, FAPool]:
         args = {"attention_workers": workers, "micro_batches": mb, "pool_threshold": threshold,
@@ -76,7 +96,7 @@ def topologies(ns) -> dict[str, tuple[str, dict, object]]:
 
 
 DEFAULT_TOPOLOGIES = ("single", "tp3", "pp2", "pool-shard-x1", "pool-shard-x2-mb2", "pool-replicate-x2",
-                      "pool-head-x2", "lamina-head-x2", "afd-1-1", "afd-1-1-mb2")
+                      "pool-head-x2", "lamina-head-x2", "afd-1-1", "afd-1-1-mb2", "sparse")
 
 
 def measure(llm, batch: int, input_len: int, steps: int, warmup: int) -> dict:
@@ -189,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-pool-worker", type=int, default=32)
     p.add_argument("--topologies", nargs="+", default=list(DEFAULT_TOPOLOGIES),
                    help="keys of topologies(): single, tp3, pp2, pool-MODE-xN[-mb2], lamina-MODE-x2, lamina-shard-x1, afd-1-1[-mb2]")
+    p.add_argument("--sparse-share", type=float, default=0.25, help="sparse row: share of each KV head's blocks")
+    p.add_argument("--sparse-input-len", type=int, default=1024, help="sparse row (and its dense beside it): prompt")
     p.add_argument("--calibration", default=None, help="reuse this CPU calibration instead of running one")
     p.add_argument(
         "--twin", choices=("tiny", "model"), default="model",
@@ -245,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     # process stays up and is measured in turn with each, `repeats` rounds: drifting load from
     # other processes then falls on both alike, and the ratio to the single process at the same
     # time is a load-robust check beside the absolute times.
-    table = topologies(ns)
+    ns.tmp_dir = tempfile.mkdtemp(prefix="sim_vs_engine_")
+    table = topologies(ns, model_config)
+    input_len = {k: ns.sparse_input_len if k == "sparse" else ns.input_len for k in table}
     unknown = [k for k in ns.topologies if k not in table]
     if unknown:
         p.error(f"unknown topologies {unknown}; known: {sorted(table)}")
@@ -262,17 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(1)
                 for _ in range(ns.repeats):
                     probes.append(gemm_probe(model_config))
-                    beside.setdefault(key, []).append(measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup))
-                    runs.setdefault(key, []).append(measure(llm, ns.batch, ns.input_len, ns.steps, ns.warmup))
-        if len(keys) == 1:
+                    beside.setdefault(key, []).append(measure(single, ns.batch, input_len[key], ns.steps, ns.warmup))
+                    runs.setdefault(key, []).append(measure(llm, ns.batch, input_len[key], ns.steps, ns.warmup))
+        if all(input_len[k] != ns.input_len for k in keys[1:]):  # nothing beside it at this length
             runs["single"] = [measure(single, ns.batch, ns.input_len, ns.steps, ns.warmup) for _ in range(ns.repeats)]
     # Every engine process has exited (and been reaped) here, so its CPU time is ours.
     (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t_measure
     others_s = max(0.0, (busy1 - cpu0[0]) - (own1 - cpu0[1]))
     share = others_s / (wall * (os.cpu_count() or 1))
     others = {"cpu_s": others_s, "share_of_machine": share, "wall_s": wall}
-    if len(keys) > 1:
-        runs["single"] = [r for rs in beside.values() for r in rs]
+    if "single" not in runs:
+        runs["single"] = [r for k, rs in beside.items() for r in rs if input_len[k] == ns.input_len]
     for key in keys:
         name, extra, strategy = table[key]
         m = _merge(runs[key])
@@ -285,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": name,
             "topology": key,
             **extra,
-            "tokens_equal_single_process": m["tokens"] == reference,
+            # the sparse row against the dense single process at its own prompt length
+            "tokens_equal_single_process": m["tokens"] == (_merge(beside[key])["tokens"] if key == "sparse" else reference),
             "context_mean": m["context_mean"],
             "measured_s": m["step_median_s"],
             "measured_p20_s": m["step_p20_s"],

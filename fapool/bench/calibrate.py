@@ -27,9 +27,10 @@ from fapool.sim.calibrate import (
     fit_linear,
     fit_pool_terms,
     fit_rank_terms,
+    fit_sparse,
     rank_strategy,
 )
-from fapool.sim.cost_model import CostModel
+from fapool.sim.cost_model import CostModel, sparse_terms
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HardwareProfile, PoolOverheads, get_hardware
 
@@ -229,6 +230,50 @@ def _attention_samples(device, dtype, grid) -> tuple[list[dict], list[dict], str
     return decode, prefill, f"{backend.name} backend (paged decode)"
 
 
+# Sparse decode (CPU): (batch, context, budget share of blocks) at the model's head layout, block 16.
+SPARSE_GRID = [(b, c, f) for b in (1, 4) for c in (256, 1024, 2048) for f in (0.125, 0.5)]
+
+
+def _sparse_samples(device, dtype, model: ModelConfig, grid=SPARSE_GRID) -> list[dict]:
+    """The engine's sparse backend (fapool.attention.sparse, a uniform budget) over the model's
+    heads: one layer's decode call plus its summary update for the new tokens, as a step runs it."""
+    import torch
+
+    from fapool.attention.metadata import AttentionMetadata
+    from fapool.attention.selector import make_backend
+    from fapool.attention.sparse import SparseAttentionBackend
+
+    dense = make_backend(None, str(device))
+    hq, hkv, hd, bs = model.num_attention_heads, model.num_key_value_heads, model.head_dim, 16
+    out = []
+    for bsz, ctx, frac in grid:
+        per_seq = -(-(ctx + 1) // bs)
+        order = torch.randperm(bsz * per_seq, generator=torch.Generator().manual_seed(ctx + bsz)).tolist()
+        tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(bsz)]
+        shape = (bsz * per_seq, bs, hkv, hd)
+        slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
+        meta = AttentionMetadata.build(query_lens=[1] * bsz, query_pos_start=[ctx] * bsz, kv_lens=[ctx + 1] * bsz,
+                                       block_tables=tables, slot_mapping=slots, device=device)
+        q = torch.randn(bsz, hq, hd, device=device, dtype=dtype)
+        new = torch.tensor(slots, device=device)
+        copies = []
+        for _ in range(_copies(2 * np.prod(shape) * dtype.itemsize)):
+            k, v = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+            be = SparseAttentionBackend(dense, [frac] * hkv)
+            be.update_summaries(k, torch.arange(k.shape[0] * bs, device=device))
+            copies.append((be, k, v))
+
+        def call(c):
+            be, k, v = c
+            be.update_summaries(k, new)
+            return be.forward(q, k, v, meta, hd**-0.5)
+
+        rows, blocks, tokens = sparse_terms(bsz, ctx + 1, frac, hkv, bs)
+        out.append({"batch": bsz, "ctx": ctx + 1, "frac": frac, "rows": rows, "blocks": blocks,
+                    "tokens": tokens, "s": time_op(_cycle(call, copies), device, min_time=0.2, max_reps=400)})
+    return out
+
+
 def _comm_worker(rank: int, port: int, sizes: list[int], queue) -> None:
     """Time the engine's own exchanges (fapool.worker.comm) between two one-thread ranks: a sum and a
     one-way message, per size."""
@@ -391,6 +436,8 @@ def calibrate(
         hw = apply_calibration(get_hardware("cpu"), out).replace(pool=PoolOverheads(), cpu_cores=None)
         run = lambda: calibrate_pool(hw, model, None, progress)
         _add_section(out, "pool", run, t0, progress, checkpoint, "no pool terms")
+        if model is not None:  # the sparse backend at the target's heads
+            out["sparse"] = fit_sparse(_sparse_samples(dev, dtype, model))
         if model is not None:  # TP, AFD and pool engines of the target, priced with contention
             hw = apply_calibration(get_hardware("cpu"), out)
             run = lambda: calibrate_ranks(hw, model, twin, out["cpu_cores"], None, progress)

@@ -245,6 +245,17 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
             "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
+def fit_sparse(samples: list[dict]) -> dict:
+    """Sparse decode seconds of one layer's call = call_s + per_row_s x rows + per_block_s x summary
+    blocks scored + per_token_s x KV tokens read (non-negative least squares)."""
+    x = np.array([[1.0, s["rows"], s["blocks"], s["tokens"]] for s in samples])
+    y = np.array([s["s"] for s in samples])
+    c = fit_nonneg(x, y)
+    err = float(np.mean(np.abs(x @ c / y - 1)))
+    return {**dict(zip(("call_s", "per_row_s", "per_block_s", "per_token_s"), map(float, c), strict=True)),
+            "mean_abs_rel_err": err, "samples": samples}
+
+
 def write_calibration(cal: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(cal, indent=2) + "\n")
@@ -317,6 +328,8 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
                                          pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"))
+    if sp := cal.get("sparse"):
+        changes["sparse_decode"] = (sp["call_s"], sp["per_row_s"], sp["per_block_s"], sp["per_token_s"])
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
         changes["cpu_cores"] = int(cal["cpu_cores"])
     if cal.get("comm"):
@@ -383,6 +396,10 @@ def summary_lines(cal: dict) -> list[str]:
                      f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term")
                      + "".join(f"; a 1-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
                                f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_extra_s", ())))
+    if sp := cal.get("sparse"):
+        lines.append(f"sparse decode: {sp['call_s'] * 1e6:.0f} us a call + {sp['per_row_s'] * 1e6:.1f} us a row + "
+                     f"{sp['per_block_s'] * 1e9:.0f} ns a summary block + {sp['per_token_s'] * 1e9:.1f} ns a KV "
+                     f"token read (fit error {sp['mean_abs_rel_err']:.0%})")
     if cal.get("cpu_cores"):
         lines.append(f"cores shared by the engine's processes: {cal['cpu_cores']}")
     return lines

@@ -172,6 +172,17 @@ class CostModel:
     def decode_attention(self, kv_tokens, num_seqs, head_fraction: float = 1.0):
         return self.attention(kv_tokens, kv_tokens, num_seqs, head_fraction)
 
+    def sparse_attention(self, context: float, num_seqs: float, share: float, min_blocks: int = 4,
+                         block_size: int = 16, head_fraction: float = 1.0) -> float:
+        """A layer's sparse decode of `num_seqs` rows of `context` tokens, each KV head reading
+        `share` of its blocks (at least min_blocks) after scoring all their summaries (calibrated)."""
+        if not self.hw.sparse_decode:
+            raise SimInputError("sparse attention needs a calibration with the sparse section (fapool calibrate --pool)")
+        _, blocks, tokens = sparse_terms(num_seqs, context, share, self.model.num_key_value_heads * head_fraction,
+                                         block_size, min_blocks)
+        call, row, block, token = self.hw.sparse_decode
+        return call + num_seqs * row + blocks * block + tokens * token
+
     def lm_head(self, num_seqs, tp: int = 1):
         m = self.model
         return self.gemm(num_seqs, _ceil_div(m.vocab_size, tp), m.hidden_size)
@@ -239,6 +250,14 @@ class CostModel:
         if host.launch_overlaps_device:
             return serial + np.maximum(t, launch)
         return serial + t + launch
+
+
+def sparse_terms(rows, context, share: float, kv_heads, block_size: int = 16, min_blocks: int = 4):
+    """(rows, summary blocks scored, KV tokens read) of a sparse decode call over rows of `context`
+    tokens: each KV head scores all of a row's blocks and reads ceil(share x blocks) (>= min_blocks)."""
+    nb = math.ceil(context / block_size)
+    sel = min(nb, max(min_blocks, math.ceil(share * nb - 1e-6)))
+    return rows, rows * kv_heads * nb, rows * kv_heads * sel * block_size
 
 
 def kv_capacity_tokens(free_bytes: float, kv_bytes_per_token: float) -> int:

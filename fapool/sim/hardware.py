@@ -133,6 +133,8 @@ class HardwareProfile:
     pool: PoolOverheads | None = None  # None: the pool's machinery costs nothing beyond its parts
     cpu_cores: int | None = None  # CPU: the cores the engine's processes share (contention_stretch)
     ranks: RankOverheads | None = None  # None: exchanges cost what the link model says
+    # Calibrated sparse decode of a layer: (s a call, a row, a summary block scored, a KV token read)
+    sparse_decode: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "gemm_flops", "gemm_bandwidth", "attn_flops", "attn_bandwidth"):

@@ -84,12 +84,13 @@ class StaticTPPP(Strategy):
     pp: int = 1
     replicas: int = 1
     max_batch: int = 256
+    kv_share: float = 1.0  # sparse decode: the share of each KV head's blocks read (1: dense)
     name: str = "static"
 
     def validate(self, cost: CostModel) -> None:
         m = cost.model
-        if self.tp < 1 or self.pp < 1 or self.replicas < 1 or self.max_batch < 1:
-            raise SimInputError("static strategy needs tp, pp, replicas, max_batch >= 1")
+        if self.tp < 1 or self.pp < 1 or self.replicas < 1 or self.max_batch < 1 or not 0 < self.kv_share <= 1:
+            raise SimInputError("static strategy needs tp, pp, replicas, max_batch >= 1 and 0 < kv_share <= 1")
         if self.pp > m.num_hidden_layers:
             raise SimInputError(f"pp={self.pp} exceeds the model's {m.num_hidden_layers} layers")
         if self.tp > m.num_attention_heads:
@@ -126,7 +127,10 @@ class StaticTPPP(Strategy):
         pp_same = all((s * self.tp) // gpn == ((s + 1) * self.tp) // gpn for s in range(self.pp - 1))
         t_mb = tokens / n_mb
         dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
-        attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
+        if self.kv_share < 1 and tokens <= n_seqs:  # a decode step, sparse
+            attn = cost.sparse_attention(kv / n_seqs, n_seqs / n_mb, self.kv_share, head_fraction=1.0 / self.tp)
+        else:
+            attn = float(cost.attention(kv / n_mb, pairs / n_mb, t_mb, 1.0 / self.tp))
         # CPU ranks: a stage's tp ranks compute at once, and in the pipeline's middle those of every
         # stage; the first stage time (fill) and the last (drain) run alone.
         segs = n_mb + self.pp - 1
