@@ -726,6 +726,7 @@ def calibrate_ranks(hw: HardwareProfile, model: ModelConfig, twin: str, cores: i
     configs = [("afd", mb, {**rank_strategy("afd", mb, 1).engine_args(), "micro_batches": mb})
                for mb in (1, 2)]
     configs += [("tp", n, rank_strategy("tp", n, 1).engine_args()) for n in tps]
+    configs += [("pp", 2, rank_strategy("pp", 2, 1).engine_args())]
     b, ctx, steps, warmup = grid["batch"], grid["context"], grid["steps"], grid["warmup"]
     blocks = kv_blocks(b, ctx + steps + warmup + 24)
     configs += [(mode, n, {**rank_strategy(mode, n, 1).engine_args(), "micro_batches": 1,

@@ -179,12 +179,12 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
 
 
 def rank_strategy(kind: str, n: int, batch: int):
-    """The simulator's strategy for a calibration engine: ("tp", ranks), ("afd", micro-batches) or
+    """The simulator's strategy for a calibration engine: ("tp", ranks), ("pp", stages), ("afd", micro-batches) or
     (a pool mode, workers) with one micro-batch, the pool holding the KV past 32 tokens."""
     from fapool.sim.strategies import AFD, FAPool, StaticTPPP
 
-    if kind == "tp":
-        return StaticTPPP(tp=n, pp=1, max_batch=batch)
+    if kind in ("tp", "pp"):
+        return StaticTPPP(tp=n if kind == "tp" else 1, pp=n if kind == "pp" else 1, max_batch=batch)
     if kind in POOL_MODES:
         return FAPool(base_tp=1, pool_size=n, threshold=32, tokens_per_worker=32, mode=kind, overlap=False,
                       max_batch=batch)
@@ -235,13 +235,16 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     for (kind, n), fit in fits.items():
         if kind in POOL_MODES:
             by_workers.setdefault(n, []).append(fit)
-        else:
+        elif kind != "pp":
             by_procs.setdefault(n if kind == "tp" else 2, []).append(fit[1])
     pool = [[n, *(max(0.0, float(v)) for v in np.mean(f, axis=0))] for n, f in sorted(by_workers.items())]
+    steps = [[p, max(0.0, float(np.mean(v)))] for p, v in sorted(by_procs.items())]
+    # PP at n stages: what its step leaves beyond everything above, a layer and a step.
+    ranks = replace(ranks, step_extra_s=tuple((p, v) for p, v in steps))
+    pp = [[n, *(max(0.0, v) for v in line("pp", n, ranks))] for k, n in sorted(fits) if k == "pp"]
     return {"exchange_s": ranks.exchange_s, "concurrent_stretch": ranks.concurrent_stretch,
             "allreduce_extra_s": [list(e) for e in ranks.allreduce_extra_s],
-            "step_extra_s": [[p, max(0.0, float(np.mean(v)))] for p, v in sorted(by_procs.items())],
-            "pool_extra_s": pool,
+            "step_extra_s": steps, "pool_extra_s": pool, "pp_extra_s": pp,
             "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
@@ -327,7 +330,8 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         r = cal["ranks"]
         pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
-                                         pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"))
+                                         pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"),
+                                         pairs("pp_extra_s"))
     if sp := cal.get("sparse"):
         changes["sparse_decode"] = (sp["call_s"], sp["per_row_s"], sp["per_block_s"], sp["per_token_s"])
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
@@ -395,7 +399,9 @@ def summary_lines(cal: dict) -> list[str]:
                      f"micro-batch; ranks computing at once x{r['concurrent_stretch']:.2f}; all-reduce "
                      f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term")
                      + "".join(f"; a 1-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
-                               f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_extra_s", ())))
+                               f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_extra_s", ()))
+                     + "".join(f"; a PP {int(n)} step +{a * 1e6:.0f} us a layer +{s * 1e6:.0f} us"
+                               for n, a, s in r.get("pp_extra_s", ())))
     if sp := cal.get("sparse"):
         lines.append(f"sparse decode: {sp['call_s'] * 1e6:.0f} us a call + {sp['per_row_s'] * 1e6:.1f} us a row + "
                      f"{sp['per_block_s'] * 1e9:.0f} ns a summary block + {sp['per_token_s'] * 1e9:.1f} ns a KV "

@@ -205,6 +205,12 @@ class CostModel:
         """Seconds a step of `processes` ranks adds beyond their layers (0 unless calibrated)."""
         return dict(self.hw.ranks.step_extra_s).get(processes, 0.0) if self.hw.ranks is not None else 0.0
 
+    def pp_extra(self, stages: int, layers: int) -> float:
+        """Seconds a step of `stages` pipeline stages over `layers` layers adds beyond its parts (0 unless calibrated)."""
+        terms = {n: (a, s) for n, a, s in self.hw.ranks.pp_extra_s} if self.hw.ranks is not None else {}
+        a, s = terms.get(stages, (0.0, 0.0))
+        return a * layers + s
+
     def concurrency(self, busy: int) -> float:
         """How much slower each of `busy` ranks computing at once runs: core sharing past the cores
         times the calibrated stretch of sharing the host (1 where not measured)."""

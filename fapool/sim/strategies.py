@@ -145,6 +145,8 @@ class StaticTPPP(Strategy):
         # The engine replays CUDA graphs only for single-device, decode-only steps.
         graphs = self.tp * self.pp == 1 and tokens <= n_seqs
         chain = compute + segs * stage_comm + n_mb * lm + cost.rank_step(self.num_gpus())
+        if self.tp == 1 and self.pp > 1:  # calibrated at TP 1 only
+            chain += cost.pp_extra(self.pp, m.num_hidden_layers)
         period = float(cost.finish_step(chain, n_seqs, kv, graphs, lps * n_mb))
         return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
 

@@ -21,7 +21,8 @@ from fapool.sim.strategies import AFD, FAPool, StaticTPPP
 from fapool.sim.validate import predict_step
 
 TERMS = RankOverheads(exchange_s=1.2e-4, concurrent_stretch=1.3, allreduce_extra_s=((2, 3e-4),),
-                      step_extra_s=((2, 6e-4),), pool_extra_s=((1, 5e-5, 1e-3), (2, 2e-4, 3e-3)))
+                      step_extra_s=((2, 6e-4),), pool_extra_s=((1, 5e-5, 1e-3), (2, 2e-4, 3e-3)),
+                      pp_extra_s=((2, 1e-4, 2e-3),))
 
 
 def _cpu_cost(ranks=None, cores=None, layers=4) -> CostModel:
@@ -62,6 +63,11 @@ def test_rank_terms_add_exactly_what_they_say():
     grown = predict_step(stepped, tp2, 4, 50).duration - predict_step(base, tp2, 4, 50).duration
     assert grown == pytest.approx(2e-3)
     assert predict_step(stepped, single, 4, 50).duration == predict_step(base, single, 4, 50).duration
+    # PP's own extra at its stage count, a layer and a step; not at other counts, nor for TP.
+    piped = _cpu_cost(RankOverheads(pp_extra_s=((2, 1e-4, 2e-3),)))
+    grown = lambda s: predict_step(piped, s, 4, 50).duration - predict_step(base, s, 4, 50).duration
+    assert grown(StaticTPPP(tp=1, pp=2, max_batch=4)) == pytest.approx(L * 1e-4 + 2e-3)
+    assert grown(StaticTPPP(tp=1, pp=4, max_batch=4)) == 0.0 and grown(tp2) == 0.0
 
 
 def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_batch():
@@ -83,7 +89,7 @@ def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_b
 
 def _samples(terms: RankOverheads) -> list[dict]:
     out = []
-    kinds = (("afd", 1), ("afd", 2), ("tp", 2), ("shard", 1), ("replicate", 2), ("head", 2))
+    kinds = (("afd", 1), ("afd", 2), ("tp", 2), ("pp", 2), ("shard", 1), ("replicate", 2), ("head", 2))
     for (kind, n), layers in itertools.product(kinds, (2, 12)):
         c = _cpu_cost(terms, cores=2, layers=layers)
         step = predict_step(c, rank_strategy(kind, n, 4), 4, 70).duration
@@ -99,6 +105,7 @@ def test_fit_rank_terms_recovers_known_terms():
     assert fit["step_extra_s"] == [[2, pytest.approx(6e-4, rel=1e-6)]]
     assert fit["pool_extra_s"] == [[1, pytest.approx(5e-5, rel=1e-6), pytest.approx(1e-3, rel=1e-6)],
                                    [2, pytest.approx(2e-4, rel=1e-6), pytest.approx(3e-3, rel=1e-6)]]
+    assert fit["pp_extra_s"] == [[2, pytest.approx(1e-4, rel=1e-6), pytest.approx(2e-3, rel=1e-6)]]
     with pytest.raises(SimInputError, match="two depths"):
         fit_rank_terms([s for s in _samples(TERMS) if s["layers"] == 2], _cpu_cost(cores=2))
 
@@ -129,7 +136,8 @@ def test_calibration_json_carries_rank_terms(tmp_path):
     path = tmp_path / "c.json"
     write_calibration({**cal, "ranks": {"exchange_s": 1.2e-4, "concurrent_stretch": 1.3,
                                         "allreduce_extra_s": [[2, 3e-4]], "step_extra_s": [[2, 6e-4]],
-                                        "pool_extra_s": [[1, 5e-5, 1e-3], [2, 2e-4, 3e-3]]}}, path)
+                                        "pool_extra_s": [[1, 5e-5, 1e-3], [2, 2e-4, 3e-3]],
+                                        "pp_extra_s": [[2, 1e-4, 2e-3]]}}, path)
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks == TERMS
     write_calibration(cal, path)  # made before the rank terms: none
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks is None
