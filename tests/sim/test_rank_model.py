@@ -128,11 +128,8 @@ def test_fit_reads_each_rank_engine_against_the_single_process_beside_it():
     assert drifted["exchange_s"] != pytest.approx(TERMS.exchange_s, rel=0.05)
 
 
-def test_calibration_json_carries_rank_terms(tmp_path):
-    cal = {"schema": 3, "device_kind": "cpu", "device_name": "test", "dtype_bytes": 4,
-           "gemm": {"flops_per_s": 5e10, "bytes_per_s": 4e9, "overhead_s": 1e-5},
-           "attention": {"flops_per_s": 1e9, "bytes_per_s": 1e9, "overhead_s": 4e-4},
-           "engine": None, "pool": None, "cpu_cores": 2}
+def test_calibration_json_carries_rank_terms(tmp_path, cpu_calibration):
+    cal = cpu_calibration
     path = tmp_path / "c.json"
     write_calibration({**cal, "ranks": {"exchange_s": 1.2e-4, "concurrent_stretch": 1.3,
                                         "allreduce_extra_s": [[2, 3e-4]], "step_extra_s": [[2, 6e-4]],

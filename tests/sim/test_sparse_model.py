@@ -41,11 +41,8 @@ def test_fit_sparse_recovers_known_terms():
     assert fit["mean_abs_rel_err"] < 1e-9
 
 
-def test_calibration_json_carries_sparse_terms(tmp_path):
-    cal = {"schema": 3, "device_kind": "cpu", "device_name": "test", "dtype_bytes": 4,
-           "gemm": {"flops_per_s": 5e10, "bytes_per_s": 4e9, "overhead_s": 1e-5},
-           "attention": {"flops_per_s": 1e9, "bytes_per_s": 1e9, "overhead_s": 4e-4},
-           "engine": None, "pool": None, "cpu_cores": 2}
+def test_calibration_json_carries_sparse_terms(tmp_path, cpu_calibration):
+    cal = cpu_calibration
     path = tmp_path / "c.json"
     write_calibration({**cal, "sparse": dict(zip(("call_s", "per_row_s", "per_block_s", "per_token_s"), TERMS,
                                                  strict=True))}, path)
