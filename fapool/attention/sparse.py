@@ -51,6 +51,7 @@ from fapool.attention.backend import AttentionBackend, empty_partial
 from fapool.attention.metadata import AttentionMetadata
 from fapool.config import DEFAULT_SPARSE_MIN_CONTEXT
 from fapool.sparse.selection import (
+    DEFAULT_MIN_BLOCKS,
     BudgetRule,
     budget_blocks_batched,
     max_budget_blocks,
@@ -89,7 +90,7 @@ class SparseAttentionBackend(AttentionBackend):
         self,
         dense: AttentionBackend,
         kv_budget: list[float] | BudgetRule | None,
-        min_blocks: int = 4,
+        min_blocks: int = DEFAULT_MIN_BLOCKS,
         gate: SparseGate | None = None,
     ) -> None:
         self.dense = dense

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fapool.config import PRESETS, ModelConfig
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HardwareProfile, contention_stretch
+from fapool.sparse.selection import DEFAULT_MIN_BLOCKS, budget_blocks
 
 
 def load_model_config(spec: str) -> ModelConfig:
@@ -172,7 +174,7 @@ class CostModel:
     def decode_attention(self, kv_tokens, num_seqs, head_fraction: float = 1.0):
         return self.attention(kv_tokens, kv_tokens, num_seqs, head_fraction)
 
-    def sparse_attention(self, context: float, num_seqs: float, share: float, min_blocks: int = 4,
+    def sparse_attention(self, context: float, num_seqs: float, share: float, min_blocks: int = DEFAULT_MIN_BLOCKS,
                          block_size: int = 16, head_fraction: float = 1.0) -> float:
         """A layer's sparse decode of `num_seqs` rows of `context` tokens, each KV head reading
         `share` of its blocks (at least min_blocks) after scoring all their summaries (calibrated)."""
@@ -258,11 +260,12 @@ class CostModel:
         return serial + t + launch
 
 
-def sparse_terms(rows, context, share: float, kv_heads, block_size: int = 16, min_blocks: int = 4):
+def sparse_terms(rows, context, share: float, kv_heads, block_size: int = 16, min_blocks: int = DEFAULT_MIN_BLOCKS):
     """(rows, summary blocks scored, KV tokens read) of a sparse decode call over rows of `context`
-    tokens: each KV head scores all of a row's blocks and reads ceil(share x blocks) (>= min_blocks)."""
+    tokens: each KV head scores all of a row's blocks and reads what the engine's budget rule
+    (fapool.sparse.selection.budget_blocks) gives a `share` of them."""
     nb = math.ceil(context / block_size)
-    sel = min(nb, max(min_blocks, math.ceil(share * nb - 1e-6)))
+    sel = int(budget_blocks(torch.tensor([share]), nb, min_blocks)[0])
     return rows, rows * kv_heads * nb, rows * kv_heads * sel * block_size
 
 

@@ -28,7 +28,7 @@ from fapool.attention.backend import AttentionBackend
 from fapool.attention.metadata import AttentionMetadata
 from fapool.attention.torch_ref import TorchReferenceBackend, _gather
 from fapool.sparse.profile import SparseProfile, choose_budgets
-from fapool.sparse.selection import block_order, budget_blocks
+from fapool.sparse.selection import DEFAULT_MIN_BLOCKS, block_order, budget_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def calibrate(
     windows: list[list[int]],
     block_size: int = 16,
     grid: list[float] | None = None,
-    min_blocks: int = 4,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
     min_pos: int = 256,
     stride: int = 8,
     chunk: int = 1024,
@@ -431,7 +431,7 @@ def run_calibration(
     length: int = 2048,
     block_size: int = 16,
     target: float = 0.95,
-    min_blocks: int = 4,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
     min_pos: int = 256,
     stride: int = 8,
     out: str | None = None,

@@ -103,6 +103,10 @@ class BudgetRule:
         return BudgetRule(*(t.to(device) for t in (self.frac, self.knot_nb, self.knot_k, self.slope)))
 
 
+# Blocks a head reads at the least, whatever its budget (the sink and the recent window need them).
+DEFAULT_MIN_BLOCKS = 4
+
+
 def _as_rule(budget) -> BudgetRule:
     return budget if isinstance(budget, BudgetRule) else BudgetRule.fractions(budget)
 

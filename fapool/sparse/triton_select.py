@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.sparse.selection import BudgetRule
+from fapool.sparse.selection import DEFAULT_MIN_BLOCKS, BudgetRule
 
 SCORE_TILE = 64  # blocks per stage-1 program: 2 x 64 x D summaries (32 KB at D 128, bf16)
 SCORE_WARPS = 4
@@ -268,7 +268,7 @@ def select_blocks_triton(
     budgets: torch.Tensor | BudgetRule,  # [B, Hkv] int blocks, [Hkv] float64 fractions, or a rule
     block_size: int,
     max_pages: int | None = None,
-    min_blocks: int = 4,
+    min_blocks: int = DEFAULT_MIN_BLOCKS,
     query_pos_start: torch.Tensor | None = None,  # [B] int32, with kv_start: clip n_kv causally
     kv_start: torch.Tensor | None = None,
     page_tables: torch.Tensor | None = None,  # [B, W] int32: what pages holds (default block_tables)
