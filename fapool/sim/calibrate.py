@@ -6,11 +6,11 @@ fapool/bench/calibrate.py's. Method: docs/simulator.md.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,8 @@ import numpy as np
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 from fapool.sim.hardware import HardwareProfile, HostProfile, LinkProfile, PoolOverheads, RankOverheads
+from fapool.sim.strategies import AFD, FAPool, StaticTPPP
+from fapool.sim.validate import pool_step_inputs, predict_step
 
 SCHEMA = 3  # the one schema read; older files in benchmarks/results were converted once
 REQUIRED = ("gemm", "attention", "engine", "pool", "cpu_cores")  # engine / pool may be null
@@ -95,8 +97,7 @@ def fit_host(n_seqs: Sequence[float], kv_tokens: Sequence[float], host_s: Sequen
         raise SimInputError(f"the host fit needs at least 3 measured steps, got {len(y)}")
     x = np.stack([np.ones_like(n), n, kv], axis=1)
     c = fit_nonneg(x, y)
-    pred = x @ c
-    err = float(np.mean(np.abs(pred - y) / y))
+    err = float(np.mean(np.abs(x @ c - y) / y))
     return {**{name: float(v) for name, v in zip(HOST_TERMS, c)}, "mean_abs_rel_err": err}
 
 
@@ -119,7 +120,7 @@ def fit_device_fixed(samples: list[dict], cost: CostModel, depths: Sequence[int]
     for (batch, _), pair in sorted(by_point.items()):
         kv = pair[lo]["kv_tokens"]
         dense_c, _ = cost.dense_layer(batch)
-        modelled_layer = dense_c + float(cost.decode_attention(kv, batch))
+        modelled_layer = dense_c + float(cost.attention(kv, kv, batch))
         # Device time over depth by least squares (with two depths: the line through both).
         slope, intercept = np.polyfit(depths, [pair[d]["device_s"] for d in depths], 1)
         layer_res.append(float(slope) - modelled_layer)
@@ -135,9 +136,6 @@ def fit_device_fixed(samples: list[dict], cost: CostModel, depths: Sequence[int]
 def _modelled(cost, sample: dict):
     """(driver busy, per-worker busy, calls, seqs, routes, pool micro-batches, micro-batches) of a
     sample priced with zero pool terms and no contention."""
-    from fapool.sim.strategies import FAPool
-    from fapool.sim.validate import pool_step_inputs
-
     pool = FAPool(base_tp=1, pool_size=sample["workers"], threshold=sample["threshold"], mode="shard",
                   tokens_per_worker=sample["tokens_per_worker"], overlap=sample["micro_batches"] > 1,
                   max_batch=sample["batch"])
@@ -181,8 +179,6 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
 def rank_strategy(kind: str, n: int, batch: int):
     """The simulator's strategy for a calibration engine: ("tp", ranks), ("pp", stages), ("afd", micro-batches) or
     (a pool mode, workers) with one micro-batch, the pool holding the KV past 32 tokens."""
-    from fapool.sim.strategies import AFD, FAPool, StaticTPPP
-
     if kind in ("tp", "pp"):
         return StaticTPPP(tp=n if kind == "tp" else 1, pp=n if kind == "pp" else 1, max_batch=batch)
     if kind in POOL_MODES:
@@ -198,12 +194,6 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
     concurrent_stretch; TP at n ranks its two all-reduces a layer; the intercepts a step's extra by
     processes; a pool engine's slope and intercept, averaged over its modes, pool_extra_s by workers."""
-    from dataclasses import replace
-
-    from fapool.sim.hardware import RankOverheads
-    from fapool.sim.strategies import StaticTPPP
-    from fapool.sim.validate import predict_step
-
     def line(kind: str, n: int, ranks: RankOverheads) -> tuple[float, float]:
         rows = [s for s in samples if (s["kind"], s["n"]) == (kind, n)]
         if len({s["layers"] for s in rows}) < 2:
@@ -298,7 +288,7 @@ def attn_table(samples: list[dict]) -> tuple[tuple[float, float], ...]:
 
 def _fields(cls, section: dict) -> dict:
     """A dataclass's fields from a calibration section, cast to the field's type."""
-    return {f.name: type(f.default)(section[f.name]) for f in dataclasses.fields(cls)}
+    return {f.name: type(f.default)(section[f.name]) for f in fields(cls)}
 
 
 def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
@@ -360,11 +350,9 @@ def summary_lines(cal: dict) -> list[str]:
                      "threads than free cores) is the usual cause -- rerun, or try --threads 1")
     if cal.get("comm"):
         ar, p2p = cal["comm"]["all_reduce"], cal["comm"]["p2p"]
-        lines.append(
-            f"comm ({cal['comm_note']}): p2p {p2p['bytes_per_s'] / 1e9:.2f} GB/s + "
-            f"{p2p['latency_s'] * 1e6:.0f} us; all-reduce {ar['bytes_per_s'] / 1e9:.2f} GB/s + "
-            f"{ar['latency_s'] * 1e6:.0f} us"
-        )
+        lines.append(f"comm ({cal['comm_note']}): p2p {p2p['bytes_per_s'] / 1e9:.2f} GB/s + "
+                     f"{p2p['latency_s'] * 1e6:.0f} us; all-reduce {ar['bytes_per_s'] / 1e9:.2f} GB/s + "
+                     f"{ar['latency_s'] * 1e6:.0f} us")
     else:
         lines.append(f"comm: {cal['comm_note']}")
     if cal.get("engine_error"):
@@ -385,13 +373,12 @@ def summary_lines(cal: dict) -> list[str]:
     if cal.get("pool_error"):
         lines.append(f"pool: not calibrated ({cal['pool_error']})")
     if pool := cal.get("pool"):
-        lines.append(
-            f"pool ({pool['seconds']} s): worker {pool['worker_call_s'] * 1e6:.0f} us a call + "
-            f"{pool['worker_per_seq_s'] * 1e6:.1f} us a sequence; driver {pool['driver_mb_s'] * 1e6:.0f} us a "
-            f"layer and micro-batch + {pool['driver_pool_mb_s'] * 1e6:.0f} us a layer and pool micro-batch + "
-            f"{pool['driver_route_s'] * 1e6:.0f} us a layer and route + "
-            f"{pool['driver_step_s'] * 1e6:.0f} us a step"
-        )
+        lines.append(f"pool ({pool['seconds']} s): worker {pool['worker_call_s'] * 1e6:.0f} us a call + "
+                     f"{pool['worker_per_seq_s'] * 1e6:.1f} us a sequence; driver "
+                     f"{pool['driver_mb_s'] * 1e6:.0f} us a layer and micro-batch + "
+                     f"{pool['driver_pool_mb_s'] * 1e6:.0f} us a layer and pool "
+                     f"micro-batch + {pool['driver_route_s'] * 1e6:.0f} us a layer and route + "
+                     f"{pool['driver_step_s'] * 1e6:.0f} us a step")
     if r := cal.get("ranks"):
         ar = ", ".join(f"{int(n)} ranks +{v * 1e6:.0f} us" for n, v in r["allreduce_extra_s"])
         steps = ", ".join(f"{int(n)} processes +{v * 1e6:.0f} us" for n, v in r.get("step_extra_s", ()))

@@ -70,8 +70,7 @@ class CostModel:
         return self.hw.dtype_bytes
 
     def kv_bytes_per_token_layer(self) -> int:
-        m = self.model
-        return 2 * m.num_key_value_heads * m.head_dim * self.dtype_bytes
+        return 2 * self.model.num_key_value_heads * self.model.head_dim * self.dtype_bytes
 
     def kv_bytes_per_token(self) -> int:
         return self.model.kv_bytes_per_token(self.dtype_bytes)
@@ -171,17 +170,13 @@ class CostModel:
             t = hw.attn_overhead + _max(flops / hw.attn_flops, nbytes / hw.attn_bandwidth)
         return t if scalar else np.where((kv_read > 0) | (nq > 0), t, 0.0)[()]
 
-    def decode_attention(self, kv_tokens, num_seqs, head_fraction: float = 1.0):
-        return self.attention(kv_tokens, kv_tokens, num_seqs, head_fraction)
-
-    def sparse_attention(self, context: float, num_seqs: float, share: float, min_blocks: int = DEFAULT_MIN_BLOCKS,
-                         block_size: int = 16, head_fraction: float = 1.0) -> float:
+    def sparse_attention(self, context: float, num_seqs: float, share: float,
+                         head_fraction: float = 1.0) -> float:
         """A layer's sparse decode of `num_seqs` rows of `context` tokens, each KV head reading
-        `share` of its blocks (at least min_blocks) after scoring all their summaries (calibrated)."""
+        `share` of its blocks (at least DEFAULT_MIN_BLOCKS) after scoring all their summaries (calibrated)."""
         if not self.hw.sparse_decode:
             raise SimInputError("sparse attention needs a calibration with the sparse section (fapool calibrate --pool)")
-        _, blocks, tokens = sparse_terms(num_seqs, context, share, self.model.num_key_value_heads * head_fraction,
-                                         block_size, min_blocks)
+        _, blocks, tokens = sparse_terms(num_seqs, context, share, self.model.num_key_value_heads * head_fraction)
         call, row, block, token = self.hw.sparse_decode
         return call + num_seqs * row + blocks * block + tokens * token
 
@@ -227,15 +222,12 @@ class CostModel:
     def dense_layer(self, tokens, tp: int = 1, same_node: bool = True) -> tuple[float, float]:
         """(compute, all-reduce) seconds of one layer's non-attention work on one TP rank."""
         compute = self.qkv_proj(tokens, tp) + self.o_proj(tokens, tp) + self.ffn(tokens, tp)
-        compute = compute + self.layer_misc(tokens, tp)
         comm = 2 * self.allreduce(self.hidden_bytes(tokens), tp, same_node)
-        return float(compute), float(comm)
+        return float(compute + self.layer_misc(tokens, tp)), float(comm)
 
     def step_overhead(self) -> float:
         """Fixed device work of a step outside the layers: calibrated, or 20 kernel overheads."""
-        if self.hw.step_fixed_s is not None:
-            return self.hw.step_fixed_s
-        return 20 * self.hw.kernel_overhead
+        return self.hw.step_fixed_s if self.hw.step_fixed_s is not None else 20 * self.hw.kernel_overhead
 
     def host_serial(self, n_seqs=0.0, kv_tokens=0.0):
         """Host seconds of a step outside the device's work (0 without a host model)."""

@@ -27,12 +27,12 @@ def test_gemm_roofline_regimes(h100_cost):
 
 
 def test_decode_attention_is_linear_in_kv_and_split_by_heads(h100_cost):
-    a = h100_cost.decode_attention(1_000_000, 64)
-    b = h100_cost.decode_attention(2_000_000, 64)
+    a = h100_cost.attention(1_000_000, 1_000_000, 64)
+    b = h100_cost.attention(2_000_000, 2_000_000, 64)
     o = h100_cost.hw.attn_overhead
     assert (b - o) / (a - o) == pytest.approx(2.0, rel=0.01)
     # One TP rank of eight reads an eighth of the KV.
-    assert h100_cost.decode_attention(1_000_000, 64, 1 / 8) - o == pytest.approx((a - o) / 8, rel=1e-6)
+    assert h100_cost.attention(1_000_000, 1_000_000, 64, 1 / 8) - o == pytest.approx((a - o) / 8, rel=1e-6)
     # KV bytes: seed000 is MHA, 32 heads x 128 x 2 (K, V) x 2 bytes per layer.
     assert h100_cost.kv_bytes_per_token_layer() == 32 * 128 * 2 * 2
     assert h100_cost.kv_bytes_per_token() == 4 * 32 * 128 * 2 * 2

@@ -135,8 +135,8 @@ def test_attention_table_interpolates_and_extrapolates():
     assert cost._attn_table(np.sqrt(1e6 * 1e7)) == pytest.approx(np.sqrt(1e-3 * 3e-3))
     assert cost._attn_table(4e8) == pytest.approx(4e-2)  # the largest sample's rate beyond it
     kv = 1e8 / cost.kv_bytes_per_token_layer()
-    assert cost.decode_attention(kv, 0) == pytest.approx(1e-2, rel=1e-6)
-    assert float(cost.decode_attention(np.array([kv]), np.array([0.0]))[0]) == pytest.approx(1e-2, rel=1e-6)
+    assert cost.attention(kv, kv, 0) == pytest.approx(1e-2, rel=1e-6)
+    assert float(cost.attention(np.array([kv]), np.array([kv]), np.array([0.0]))[0]) == pytest.approx(1e-2, rel=1e-6)
 
 
 def test_pool_step_prediction_uses_the_pool_only_past_the_threshold():
