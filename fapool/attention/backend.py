@@ -26,12 +26,14 @@ from fapool.attention.metadata import AttentionMetadata
 class KVScales:
     """A layer's 8-bit cache scales (kv_quant). FP8: the cache holds K / k and V / v. INT8: each
     token's row of a KV head is divided by its own scale, kept in k_pages / v_pages
-    [blocks, kv heads, block_size] float32 beside the cache."""
+    [blocks, kv heads, block_size] float32 beside the cache, after K's channel means `k_shift`
+    [kv heads, head_dim] float32 are subtracted (softmax does not see the shift; lse does)."""
 
     k: float = 1.0
     v: float = 1.0
     k_pages: torch.Tensor | None = None
     v_pages: torch.Tensor | None = None
+    k_shift: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):

@@ -14,6 +14,12 @@ tile reads its scales in one or two sectors; `KVScales.k_pages` / `v_pages`). e4
 mantissa bits per element, which on small models costs the logits' ranking (K's error); int8
 over a row's own range keeps the large elements, which dominate q.k, to 1/254 of the row's
 largest. Readers multiply each token's logit by its K scale and its probability by its V scale.
+Before K is quantized, each channel's mean over tokens (`KVScales.k_shift`, per layer and KV
+head, from the start-up calibration pass) is subtracted, as SageAttention smooths K: q.(k - mu)
+differs from q.k by the same q.mu for every key of a query, so softmax and the output are
+unchanged, while the channels whose sign and size hold across tokens no longer set every
+row's range. The kernels need no change; the lse they return is that of the shifted logits,
+which still merges with any other part read from the same cache.
 """
 
 from __future__ import annotations
@@ -61,18 +67,30 @@ def scale_pages(cache_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, in
     return (cache_shape[0], cache_shape[2], cache_shape[1])
 
 
-def check_scale_pages(cache: torch.Tensor, k_pages: torch.Tensor | None, v_pages: torch.Tensor | None) -> None:
+def _is_f32(x: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    return tuple(x.shape) == shape and x.dtype == torch.float32 and x.is_contiguous()
+
+
+def check_scale_pages(
+    cache: torch.Tensor,
+    k_pages: torch.Tensor | None,
+    v_pages: torch.Tensor | None,
+    k_shift: torch.Tensor | None = None,
+) -> None:
     """An int8 cache's scale pages are given, contiguous float32 of scale_pages' shape (the
-    kernels address both alike)."""
+    kernels address both alike); K's shift, when there is one, is contiguous float32
+    [kv heads, head_dim]."""
     want = scale_pages(cache.shape)
-    for pages in (k_pages, v_pages):
-        if pages is None or tuple(pages.shape) != want or pages.dtype != torch.float32 or not pages.is_contiguous():
-            raise ValueError(f"an int8 cache needs k_pages and v_pages: contiguous float32 of shape {want}")
+    if any(pages is None or not _is_f32(pages, want) for pages in (k_pages, v_pages)):
+        raise ValueError(f"an int8 cache needs k_pages and v_pages: contiguous float32 of shape {want}")
+    if k_shift is not None and not _is_f32(k_shift, tuple(cache.shape[2:])):
+        raise ValueError(f"k_shift must be contiguous float32 of shape {tuple(cache.shape[2:])}, got {tuple(k_shift.shape)}")
 
 
-def quantize_int8_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole float cache as an int8 cache and its scale pages (tests, benchmarks)."""
-    q, s = quantize_int8_rows(cache)
+def quantize_int8_cache(cache: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole float cache (less `shift` [kv heads, head_dim], as K is written) as an int8 cache
+    and its scale pages (tests, benchmarks)."""
+    q, s = quantize_int8_rows(cache if shift is None else cache.float() - shift)
     return q, s.transpose(1, 2).contiguous()
 
 
@@ -81,17 +99,23 @@ def dequantize_int8_cache(cache: torch.Tensor, pages: torch.Tensor) -> torch.Ten
     return cache.float() * pages.transpose(1, 2)[..., None]
 
 
-class _AmaxObserver(AttentionBackend):
-    """Wraps a layer's backend during calibration: records the largest |K| and |V| it writes."""
+class _KVObserver(AttentionBackend):
+    """Wraps a layer's backend during calibration: records the largest |K| and |V| it writes,
+    and the sum of K over tokens per KV head and channel."""
 
     def __init__(self, inner: AttentionBackend) -> None:
         self.inner = inner
         self.k_amax = 0.0
         self.v_amax = 0.0
+        self.k_sum: torch.Tensor | None = None
+        self.tokens = 0
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         self.k_amax = max(self.k_amax, float(key.abs().max()))
         self.v_amax = max(self.v_amax, float(value.abs().max()))
+        k_sum = key.float().sum(0)
+        self.k_sum = k_sum if self.k_sum is None else self.k_sum + k_sum
+        self.tokens += key.shape[0]
         self.inner.write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
     def forward(self, query, k_cache, v_cache, meta, scale, scales=None, new_kv=None):
@@ -102,20 +126,24 @@ def scale_for(amax: float) -> float:
     return max(amax, 1e-6) * HEADROOM / FP8_MAX
 
 
-def calibrate_kv_scales(attention_layers: list, run_forward) -> list[KVScales]:
+def calibrate_kv_scales(attention_layers: list, run_forward, kv_cache_dtype: str = "fp8") -> list[KVScales]:
     """Per-layer scales from one forward: `run_forward()` runs the model over calibration
-    tokens with a full-precision cache while each layer's backend is observed. The layers'
+    tokens with a full-precision cache while each layer's backend is observed. FP8: the layers'
+    K and V scales; int8: K's channel means (the scale pages come with the cache). The layers'
     `kv_scales` are set and returned."""
     observers = []
     for attn in attention_layers:
-        observers.append(_AmaxObserver(attn.backend))
+        observers.append(_KVObserver(attn.backend))
         attn.backend = observers[-1]
     try:
         run_forward()
     finally:
         for attn, obs in zip(attention_layers, observers):
             attn.backend = obs.inner
-    scales = [KVScales(scale_for(o.k_amax), scale_for(o.v_amax)) for o in observers]
+    if kv_cache_dtype == "int8":
+        scales = [KVScales(k_shift=(o.k_sum / max(o.tokens, 1)).contiguous()) for o in observers]
+    else:
+        scales = [KVScales(scale_for(o.k_amax), scale_for(o.v_amax)) for o in observers]
     for attn, s in zip(attention_layers, scales):
         attn.kv_scales = s
     return scales

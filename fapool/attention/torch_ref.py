@@ -41,9 +41,12 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales 
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    for cache, x, s, pages in ((k_cache, key, scales.k, scales.k_pages), (v_cache, value, scales.v, scales.v_pages)):
+    for cache, x, s, pages, shift in (
+        (k_cache, key, scales.k, scales.k_pages, scales.k_shift),
+        (v_cache, value, scales.v, scales.v_pages, None),
+    ):
         if cache.dtype == torch.int8:
-            rows, row_scales = quantize_int8_rows(x)
+            rows, row_scales = quantize_int8_rows(x if shift is None else x.float() - shift)
             block_size = cache.shape[1]
             pages[slot_mapping // block_size, :, slot_mapping % block_size] = row_scales
         else:

@@ -5,7 +5,8 @@ launch; slot -1 (stored on another worker) is skipped inside the kernel, so unli
 reference (`write_kv_torch`, which filters the -1 slots on the host) nothing syncs with the host
 and the call can be captured in a CUDA graph. Into an FP8 cache the rows go divided by the
 layer's scales and saturated to e4m3's range; into an int8 cache each KV head's row goes over
-its own max |x| / 127, that scale stored in the scale pages (fapool.attention.kv_quant).
+its own max |x| / 127 (K less its channel means first), that scale stored in the scale pages
+(fapool.attention.kv_quant).
 
 Reference: `fapool.attention.torch_ref.write_kv_torch`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -46,6 +47,7 @@ def _write_kv_kernel(
     v_inv_scale,
     K_SCALES,
     V_SCALES,
+    K_SHIFT,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -62,6 +64,7 @@ def _write_kv_kernel(
     PAGE: tl.constexpr,
     FP8: tl.constexpr,
     INT8: tl.constexpr,
+    SHIFT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     launch_dependents(USE_PDL)
@@ -81,6 +84,8 @@ def _write_kv_kernel(
     if FP8:
         k = tl.clamp(k.to(tl.float32) * k_inv_scale, -FP8_MAX_C, FP8_MAX_C)
         v = tl.clamp(v.to(tl.float32) * v_inv_scale, -FP8_MAX_C, FP8_MAX_C)
+    if SHIFT:
+        k = k.to(tl.float32) - tl.load(K_SHIFT + h[:, None] * HEAD_DIM + d, mask=mask, other=0.0)
     if INT8:
         k = _int8_rows(k, K_SCALES, page, off, h, h_mask, NUM_KV_HEADS, PAGE)
         v = _int8_rows(v, V_SCALES, page, off, h, h_mask, NUM_KV_HEADS, PAGE)
@@ -116,8 +121,9 @@ def write_kv(
     if key.stride(2) != 1 or value.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("head_dim must be the contiguous dimension of key, value and caches")
     int8 = k_cache.dtype == torch.int8
+    shift = scales.k_shift if int8 and scales else None
     if int8:
-        check_scale_pages(k_cache, scales and scales.k_pages, scales and scales.v_pages)
+        check_scale_pages(k_cache, scales and scales.k_pages, scales and scales.v_pages, shift)
     if num_tokens == 0:
         return
     if head_dim & (head_dim - 1):
@@ -133,6 +139,7 @@ def write_kv(
         1.0 / scales.v if scales else 1.0,
         scales.k_pages if int8 else k_cache,
         scales.v_pages if int8 else v_cache,
+        shift if shift is not None else k_cache,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -149,6 +156,7 @@ def write_kv(
         PAGE=k_cache.shape[1],
         FP8=k_cache.dtype == FP8_DTYPE,
         INT8=int8,
+        SHIFT=shift is not None,
         USE_PDL=pdl,
         num_warps=4,
         **pdl_launch(pdl),

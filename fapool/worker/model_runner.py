@@ -138,7 +138,7 @@ class ModelRunner:
             from fapool.layers.cpu_linear import pack_linears
 
             pack_linears(model)
-        if is_fp8(config.cache.kv_cache_dtype):
+        if is_fp8(config.cache.kv_cache_dtype) or config.cache.kv_cache_dtype == "int8":
             self.calibrate_kv_scales()
 
     # KV cache -----------------------------------------------------------------------------
@@ -201,16 +201,19 @@ class ModelRunner:
         self.kv_caches = []
 
     def calibrate_kv_scales(self) -> None:
-        """FP8 KV: per-layer scales from the K/V of one prefill in the model's dtype, over
-        seeded random tokens after BOS (a fixed input, so every start gets the same scales)."""
+        """8-bit KV: per-layer FP8 scales, or int8's K channel means, from the K/V of one prefill
+        in the model's dtype over seeded random tokens after BOS (a fixed input, so every start
+        gets the same values)."""
         m = self.config.model
         n = min(KV_CALIBRATION_TOKENS, self.config.max_model_len)
         ids = torch.randint(0, m.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
         if m.bos_token_id is not None:
             ids[0] = m.bos_token_id
         layers = [layer.self_attn for layer in self.model.model.layers]
-        scales = calibrate_kv_scales(layers, lambda: self._forward_once(ids, self.dtype))
-        logger.info("FP8 KV scales (k, v) per layer: %s", [(round(s.k, 5), round(s.v, 5)) for s in scales])
+        kv_cache_dtype = self.config.cache.kv_cache_dtype
+        scales = calibrate_kv_scales(layers, lambda: self._forward_once(ids, self.dtype), kv_cache_dtype)
+        if kv_cache_dtype != "int8":
+            logger.info("FP8 KV scales (k, v) per layer: %s", [(round(s.k, 5), round(s.v, 5)) for s in scales])
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> None:
         self.decode_graphs = None  # captured over the old cache tensors
@@ -221,7 +224,8 @@ class ModelRunner:
         if dtype == torch.int8:  # per-token scales beside the cache, read through the layers' kv_scales
             pages = allocate_scale_pages(m.num_hidden_layers, shape, self.device)
             for layer, (kp, vp) in zip(self.model.model.layers, pages):
-                layer.self_attn.kv_scales = KVScales(k_pages=kp, v_pages=vp)
+                shift = layer.self_attn.kv_scales.k_shift if layer.self_attn.kv_scales else None
+                layer.self_attn.kv_scales = KVScales(k_pages=kp, v_pages=vp, k_shift=shift)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer."""

@@ -121,6 +121,39 @@ def test_int8_cache_is_closer_to_the_float_cache_than_fp8():
     assert 0 < errs[torch.int8] < errs[FP8_DTYPE] / 3
 
 
+def test_int8_k_shift_leaves_softmax_and_keeps_an_offset_channel_out_of_the_rows_range():
+    """K with a channel far from zero in every token (as real models' K has): subtracting the
+    channel means before the rows are quantized leaves attention's output as it was (lse moves
+    by scale * q.mu) and takes most of the int8 error away."""
+    q, kc, vc, meta, key, value, _ = _write_case(torch.float32, None, seed=2)
+    offset = torch.zeros(key.shape[1:])
+    offset[:, 3] = 40.0
+    shifted_key = key + offset
+    slots = torch.tensor(list(range(9)) + list(range(20, 26)))
+    write_kv_torch(kc, vc, shifted_key, value, slots)
+    exact, exact_lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25)
+    mu = shifted_key.mean(0)
+    write_kv_torch(kc, vc, shifted_key - mu, value, slots)
+    meta.host_plans.clear()
+    moved, moved_lse = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25)
+    torch.testing.assert_close(moved, exact, atol=1e-5, rtol=1e-5)
+    qmu = torch.einsum("tkgd,kd->tkg", q.view(5, 2, 2, -1), mu).reshape(5, 4)
+    torch.testing.assert_close(moved_lse, exact_lse - 0.25 * qmu, atol=1e-4, rtol=1e-5)
+
+    errs = {}
+    for shift in (None, mu.contiguous()):
+        _, kc8, vc8, _, _, _, scales = _write_case(torch.int8, None, seed=2)
+        scales = KVScales(k_pages=scales.k_pages, v_pages=scales.v_pages, k_shift=shift)
+        write_kv_torch(kc8, vc8, shifted_key, value, slots, scales)
+        back = dequantize_int8_cache(kc8, scales.k_pages).view(-1, *key.shape[1:])[slots]
+        assert torch.all((back + (0 if shift is None else shift) - shifted_key).abs()
+                         <= scales.k_pages.transpose(1, 2).reshape(-1, 2)[slots, :, None] / 2 + 1e-5)
+        meta.host_plans.clear()
+        out, _ = TorchReferenceBackend().forward(q, kc8, vc8, meta, 0.25, scales)
+        errs[shift is None] = float((out - exact).norm() / exact.norm())
+    assert 0 < errs[False] < errs[True] / 3
+
+
 class _Layer:
     def __init__(self, backend):
         self.backend = backend
@@ -144,6 +177,23 @@ def test_calibration_sets_each_layers_scales_from_its_amax():
     assert scales[0] == KVScales(7.0 * HEADROOM / FP8_MAX, 0.5 * HEADROOM / FP8_MAX)
     assert scales[1].k == pytest.approx(14.0 * HEADROOM / FP8_MAX)
     assert all(isinstance(layer.backend, TorchReferenceBackend) for layer in layers)  # unwrapped
+
+
+def test_int8_calibration_gives_each_layer_its_k_channel_means():
+    layers = [_Layer(TorchReferenceBackend()) for _ in range(2)]
+    cache = torch.zeros(4, 4, 2, 8)
+    keys = [torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(i)) + i for i in range(2)]
+
+    def forward():
+        for layer, k in zip(layers, keys):
+            layer.backend.write_kv(cache, cache.clone(), k[:2], k[:2], torch.arange(2))
+            layer.backend.write_kv(cache, cache.clone(), k[2:], k[2:], torch.arange(1))  # a second chunk
+
+    scales = calibrate_kv_scales(layers, forward, "int8")
+    assert [layer.kv_scales for layer in layers] == scales
+    for s, k in zip(scales, keys):
+        torch.testing.assert_close(s.k_shift, k.mean(0))
+        assert s.k_pages is None and s.k == 1.0  # the pages come with the cache; no FP8 scale
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +244,7 @@ def test_engine_with_int8_cache(llama_folder):
     assert runner.kv_caches[0][0].dtype == torch.int8
     scales = [layer.self_attn.kv_scales for layer in runner.model.model.layers]
     assert all(s.k_pages.shape == scale_pages(runner.kv_caches[0][0].shape) for s in scales)
+    assert all(s.k_shift.shape == (m.num_key_value_heads, m.head_dim) and s.k_shift.abs().sum() > 0 for s in scales)
 
     prompts = [{"prompt_token_ids": p} for p in random_prompts([40, 7, 33], seed=5)]
     whole = [o.outputs[0].token_ids for o in int8.generate(prompts, GREEDY)]

@@ -467,21 +467,26 @@ def _write_inputs(block_size: int):
 
 @needs_gpu
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_write_kv_int8_matches_torch(block_size):
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "k_shift"])
+def test_write_kv_int8_matches_torch(block_size, shifted):
     """The Triton write's int8 rows and scales are the torch reference's (a rounding tie may land
-    one step apart where the GPU fuses the multiply-add)."""
+    one step apart where the GPU fuses the multiply-add), with and without K's channel shift."""
     from fapool.attention.kv_quant import KVScales
 
     num_blocks, num_kv_heads, head_dim = 9, 8, 128
     slots, key, value = _write_inputs(block_size)
-    key[1, 2] = 0  # an all-zero row: scale 0
+    shift = None
+    if shifted:
+        key[:, :, 5] += 30.0  # an offset channel, which the shift takes out
+        shift = key.float().mean(0).to(BF16).float().contiguous()  # bf16 values: a row can equal it
+    key[1, 2] = 0 if shift is None else shift[2]  # a row that is all zero once shifted: scale 0
     value[3, 0, :] = 1e-6  # a tiny row still spans the int8 range
 
     def caches():
         kv = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.int8, device=DEVICE)
               for _ in "kv"]
         pages = [torch.zeros(num_blocks, num_kv_heads, block_size, device=DEVICE) for _ in "kv"]
-        return kv, KVScales(k_pages=pages[0], v_pages=pages[1])
+        return kv, KVScales(k_pages=pages[0], v_pages=pages[1], k_shift=shift)
 
     (kc, vc), got = caches()
     (ek, ev), want = caches()
