@@ -27,17 +27,14 @@ class GroupLedger:
 
     # A round of admissions: usage of the tokens held or promised is cached, then O(1) a request.
     def begin_admission(self, committed: np.ndarray) -> None:
-        self._used = self.usage(committed)
-
-    def group_usage(self) -> np.ndarray:
-        return self._used
+        self.used = self.usage(committed)  # per group (the simulator admits to the least used)
 
     def can_admit(self, group: int, tokens: int) -> bool:
-        return self._used[group] + tokens <= self.capacity
+        return self.used[group] + tokens <= self.capacity
 
     def admit(self, slot: int, group: int, now: int, later: int) -> bool:
         """Reserve a new request's tokens: `now` placed at once (prefilled), `later` promised."""
-        self._used[group] += now + later
+        self.used[group] += now + later
         return True
 
     def try_allocate(self, ctx: np.ndarray, new: np.ndarray) -> Domain | None:
@@ -88,10 +85,6 @@ class PoolLedger:
         self._placing = np.zeros(num_workers)  # placed by calls since the last that succeeded
 
     @property
-    def load(self) -> np.ndarray:
-        return self.owned.sum(axis=0).astype(np.float64)
-
-    @property
     def pool_tokens(self) -> np.ndarray:
         """Pool tokens per slot (every worker holds a share of each in head mode)."""
         return self.owned.max(axis=1) if self.mode != "shard" else self.owned.sum(axis=1)
@@ -103,9 +96,6 @@ class PoolLedger:
         self._base_used = self.base_usage(committed)
         promised = float(np.maximum(committed - self.pool_start, 0).sum())
         self._pending_pool = promised - float(self.pool_tokens.sum())
-
-    def group_usage(self) -> np.ndarray:
-        return np.array([self._base_used])
 
     def can_admit(self, group: int, tokens: int) -> bool:
         if self._base_used + min(tokens, self.pool_start) > self.base_capacity:

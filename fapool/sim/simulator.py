@@ -41,8 +41,7 @@ class _Requests:
     """Column store of every request the run has seen (grows for closed loops)."""
 
     def __init__(self, batch):
-        n = len(batch)
-        self.n = n
+        self.n = n = len(batch)
         self.arrival = batch.arrival.astype(np.float64).copy()
         self.prompt = batch.prompt_len.astype(np.int64).copy()
         self.output = batch.output_len.astype(np.int64).copy()
@@ -99,10 +98,7 @@ class _Instance:
 class Simulator:
     def __init__(self, strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None):
         strategy.validate(cost)
-        self.strategy = strategy
-        self.cost = cost
-        self.workload = workload
-        self.config = config or SimConfig()
+        self.strategy, self.cost, self.workload, self.config = strategy, cost, workload, config or SimConfig()
 
     def run(self) -> SimResult:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -115,9 +111,7 @@ class Simulator:
         self.insts = [_Instance(i, self.strategy, self.cost) for i in range(self.strategy.replicas)]
         self.client_inst: dict[int, int] = {}
         self.events: list[tuple[float, int, int]] = []
-        self.seq = 0
-        self.tokens_window = 0
-        self._finished_count = 0
+        self.seq = self.tokens_window = self._finished_count = 0
         self.now = 0.0
         order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
         self.arrivals = deque(int(i) for i in order)
@@ -180,8 +174,7 @@ class Simulator:
             groups = [g for g in range(inst.num_groups) if inst.free_slots[g]]
             if not groups:
                 return
-            usage = inst.ledger.group_usage()
-            g = min(groups, key=lambda x: (usage[x], x))
+            g = groups[0] if len(groups) == 1 else min(groups, key=lambda x: (inst.ledger.used[x], x))
             need = int(self.reqs.prompt[rid] + self.reqs.generated[rid])
             if not inst.ledger.can_admit(g, need + 1):
                 return
@@ -266,8 +259,6 @@ class Simulator:
     def _macro_k(self, inst: _Instance, new: np.ndarray, decode: np.ndarray, step: float) -> int:
         """How many identical decode steps may run as one event (1 = just this step)."""
         cfg = self.config
-        if cfg.max_macro_steps <= 1:
-            return 1
         active = inst.req >= 0
         if (new != decode).any() or (inst.fresh & active).any():
             return 1  # prefill chunks, or a first token whose time must be exact

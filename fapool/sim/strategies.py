@@ -35,11 +35,9 @@ class StepCost:
 
 def _attn_terms(b: StepBatch, cap: float | None = None):
     """(kv_read, qk_pairs, queries) summed over slots; `cap` limits each slot's context (FA Pool's base)."""
-    end = b.ctx + b.new
-    mid = b.ctx + (b.new + 1) / 2.0
+    end, mid = b.ctx + b.new, b.ctx + (b.new + 1) / 2.0
     if cap is not None:
-        end = np.minimum(end, cap)
-        mid = np.minimum(mid, cap)
+        end, mid = np.minimum(end, cap), np.minimum(mid, cap)
     return float(end[b.active].sum()), float((b.new * mid).sum()), float(b.new.sum())
 
 
@@ -185,10 +183,8 @@ class FAPool(Strategy):
         if self.threshold < 0 or self.tokens_per_worker < 1:
             raise SimInputError("fapool needs threshold >= 0 and tokens_per_worker >= 1")
         if self.mode == "head" and self.pool_size > m.num_key_value_heads:
-            raise SimInputError(
-                f"head mode over {self.pool_size} workers needs at least that many KV heads "
-                f"(model has {m.num_key_value_heads})"
-            )
+            raise SimInputError(f"head mode over {self.pool_size} workers needs at least that many KV heads "
+                                f"(model has {m.num_key_value_heads})")
         if self.threshold == 0 and self.pool_size == 0:
             raise SimInputError("threshold 0 needs a pool (pool_size >= 1)")
         if self.base_capacity(cost) < 1:
@@ -268,8 +264,7 @@ class FAPool(Strategy):
         return attn_w, driver_extra, step_extra
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger: PoolLedger) -> StepCost:
-        m = cost.model
-        L, tp = m.num_hidden_layers, self.base_tp
+        L, tp = cost.model.num_hidden_layers, self.base_tp
         n_seqs = int(b.active.sum())
         kv_loc, pairs_loc, tokens = _attn_terms(b, cap=self.threshold)
         local = float(cost.attention(kv_loc, pairs_loc, tokens, 1.0 / tp))
@@ -297,11 +292,9 @@ class FAPool(Strategy):
                 if overheads is None:
                     attn_w = np.asarray(cost.attention(att.sum(axis=0), pool_q @ att, queries_w))
                 else:  # one call per micro-batch, each over its own sequences' KV
-                    attn_w = sum(
-                        np.asarray(cost.attention(att[i].sum(axis=0), pool_q[i] @ att[i], pool_q[i] @ holds[i]),
-                                   dtype=np.float64)
-                        for i in self.micro_batches(b)
-                    )
+                    attn_w = sum(np.asarray(cost.attention(att[i].sum(axis=0), pool_q[i] @ att[i],
+                                                           pool_q[i] @ holds[i]), dtype=np.float64)
+                                 for i in self.micro_batches(b))
                 q_bytes_w = cost.query_bytes(queries_w)
                 ret_bytes_w = cost.partial_bytes(queries_w)
                 new_kv_w = ledger.placed
@@ -314,10 +307,9 @@ class FAPool(Strategy):
                 self.remote_layer(cost, attn_w, q_bytes_w, ret_bytes_w, counts)
         elif overheads is not None and P:
             driver_extra = overheads.driver_layer(1, 0, 0)  # the engine's pool path, nothing remote
-        duration, dense_c, dense_ar = self.step_time(
-            cost, tokens, n_seqs, local, pool_path, merge, float((b.ctx + b.new)[b.active].sum()),
-            driver_extra, step_extra,
-        )
+        kv = float((b.ctx + b.new)[b.active].sum())
+        duration, dense_c, dense_ar = self.step_time(cost, tokens, n_seqs, local, pool_path, merge, kv,
+                                                     driver_extra, step_extra)
         lm = float(cost.lm_head(n_seqs, tp))
         base = L * (dense_c + local + merge + driver_extra) + lm + step_extra
         busy = np.concatenate([np.full(tp, base), L * attn_w])
@@ -368,13 +360,9 @@ class FAPool(Strategy):
                 f"{self.mode}{self._tail(self.overlap)}")
 
     def engine_args(self) -> dict:
-        return {
-            "tensor_parallel_size": self.base_tp,
-            "attention_workers": self.pool_size,
-            "pool_threshold": self.threshold,
-            "tokens_per_pool_worker": self.tokens_per_worker,
-            "pool_mode": self.mode,
-        }
+        return {"tensor_parallel_size": self.base_tp, "attention_workers": self.pool_size,
+                "pool_threshold": self.threshold, "tokens_per_pool_worker": self.tokens_per_worker,
+                "pool_mode": self.mode}
 
 
 def head_parallel(dense_tp: int = 8, attn_workers: int = 8, overlap: bool = True, **kw) -> FAPool:
@@ -470,8 +458,7 @@ class AFD(Strategy):
         kv_a = np.bincount(b.group, weights=end, minlength=self.r)
         pairs_a = np.bincount(b.group, weights=mid, minlength=self.r)
         tok_a = np.bincount(b.group, weights=b.new, minlength=self.r)
-        a_compute, a_net = self.attn_layer(cost, tok_a, kv_a, pairs_a)
-        a_compute, a_net = np.asarray(a_compute), np.asarray(a_net)
+        a_compute, a_net = map(np.asarray, self.attn_layer(cost, tok_a, kv_a, pairs_a))
         tokens = float(tok_a.sum())
         f = self.ffn_layer(cost, tokens)
         a_max = np.max(np.maximum(a_compute, a_net) if self.overlap else a_compute)

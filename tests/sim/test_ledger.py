@@ -40,7 +40,7 @@ def test_shard_places_segments_as_the_engines_pool_manager():
     assert led.owned[1, empty] == 13
     assert led.owned[0].sum() == 303 and led.placed.sum() == 2
     led.free(0)
-    assert led.load.sum() == 13 and led.owned[0].sum() == 0 and led.pm.workers_of("0") == []
+    assert led.owned.sum() == 13 and led.owned[0].sum() == 0 and led.pm.workers_of("0") == []
 
 
 def test_a_retried_step_does_not_count_tokens_twice():
@@ -68,9 +68,9 @@ def test_replicate_holds_every_pool_token_on_every_worker_and_splits_queries():
 def test_head_mode_splits_every_pool_token():
     led = _pool("head", threshold=0)
     assert led.try_allocate(np.zeros(3, np.int64), np.array([40, 0, 8])) is None
-    assert led.load.tolist() == [48, 48, 48, 48]  # whole-token units: each worker holds 1/4 of each
+    assert led.owned.sum(0).tolist() == [48, 48, 48, 48]  # whole-token units: each worker holds 1/4 of each
     led.free(0)
-    assert led.load.tolist() == [8, 8, 8, 8]
+    assert led.owned.sum(0).tolist() == [8, 8, 8, 8]
 
 
 def test_pool_admission_counts_promised_tokens():
@@ -81,7 +81,7 @@ def test_pool_admission_counts_promised_tokens():
     assert led.admit(0, 0, 0, 200)  # promised for a later prefill: 150 pool tokens
     assert not led.can_admit(0, 120)  # 70 more pool tokens, only 50 left
     assert led.admit(1, 0, 90, 0)  # placed now: 40 pool tokens
-    assert led.load.sum() == 40 and not led.can_admit(0, 61)
+    assert led.owned.sum() == 40 and not led.can_admit(0, 61)
 
 
 def test_base_overflow():
