@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fapool.sim.afd import AFDModel
+from fapool.sim.afd import AFDModel, ContextMoments, context_moments, stationary_context_sample
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
-from fapool.sim.queueing import ContextMoments, context_moments, stationary_context_sample
 from fapool.sim.results import SimResult
 from fapool.sim.simulator import SimConfig, simulate
 from fapool.sim.strategies import AFD, FAPool, StaticTPPP, Strategy, head_parallel

@@ -7,9 +7,8 @@ workloads with realistic batch sizes are in benchmarks/sim_validation.py."""
 import numpy as np
 import pytest
 
-from fapool.sim.afd import AFDModel
+from fapool.sim.afd import AFDModel, context_moments
 from fapool.sim.afd_events import _fifo_done, regret_sweep, simulate_bundle
-from fapool.sim.queueing import context_moments
 from fapool.sim.simulator import SimConfig, simulate
 from fapool.sim.strategies import AFD
 from fapool.sim.workload import ClosedLoopWorkload, LengthDist

@@ -3,7 +3,7 @@ import pytest
 
 from fapool.sim.errors import SimInputError
 from fapool.sim.planner import PlannerInputs, _kv_batch_limit, _PoolMeanField, make_plan, pool_balance_size
-from fapool.sim.queueing import ContextMoments
+from fapool.sim.afd import ContextMoments
 from fapool.sim.workload import LengthDist
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fapool.sim.queueing import (
+from fapool.sim.afd import (
     ContextMoments,
     context_moments,
     max_of_sums_distribution,
