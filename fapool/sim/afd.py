@@ -138,16 +138,13 @@ class AFDModel:
 
     def point(self, r: int) -> AFDPoint:
         # E[step] over the distribution of the slowest attention GPU (the step is a max of terms).
+        n, bundle = r * self.b, self._bundle(r)
         s_max, w = max_of_sums_distribution(self.m, self.b, r)
         a_mean, alpha, a_net = self._a_terms(r)
         a_max = a_mean + alpha * (s_max - self.b * self.m.mean)
-        bundle = self._bundle(r)
-        f_parts = bundle.ffn_layer(self.cost, r * self.b)
-        steps = bundle.combine(self.cost, a_max, a_net, f_parts, r * self.b, r * self.b * self.m.mean)
+        steps = bundle.combine(self.cost, a_max, a_net, bundle.ffn_layer(self.cost, n), n, n * self.m.mean)
         step = float((np.asarray(steps) * w).sum())
-        n = r * self.b
-        thr = n / (step * (r + self.f_tp))
-        return AFDPoint(r, step, thr)
+        return AFDPoint(r, step, n / (step * (r + self.f_tp)))
 
     def optimise(self, r_max: int = 4096) -> AFDPlan:
         curve: list[AFDPoint] = []

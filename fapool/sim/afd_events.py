@@ -32,11 +32,8 @@ class _Slots:
     def __init__(self, n: int, prompt: LengthDist, output: LengthDist, seed: int):
         self.prompt_dist, self.output_dist = prompt, output
         self.rngs = [np.random.default_rng([seed, 11, s]) for s in range(n)]
-        self.prompt = np.empty(n, np.int64)
-        self.output = np.empty(n, np.int64)
-        self.age = np.empty(n, np.int64)
-        for s, rng in enumerate(self.rngs):
-            self.prompt[s], self.output[s], self.age[s] = steady_state_draw(prompt, output, rng)
+        draws = [steady_state_draw(prompt, output, rng) for rng in self.rngs]
+        self.prompt, self.output, self.age = (np.array(col, np.int64) for col in zip(*draws, strict=True))
 
     def context(self) -> np.ndarray:
         return self.prompt + self.age + 1  # cached tokens and the new one

@@ -189,8 +189,7 @@ def cmd_calibrate(args) -> int:
         checkpoint=lambda partial: write_calibration(partial, args.out),
     )
     write_calibration(cal, args.out)
-    for line in summary_lines(cal):
-        print(line)
+    print("\n".join(summary_lines(cal)))
     print(f"wrote {args.out}")
     return 0
 

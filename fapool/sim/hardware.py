@@ -102,9 +102,7 @@ class RankOverheads:
 
 def contention_stretch(busy_processes: int, cores: int | None) -> float:
     """Processor sharing: how much longer work takes when `busy_processes` share `cores` (None: no limit)."""
-    if cores is None or busy_processes <= cores:
-        return 1.0
-    return busy_processes / cores
+    return 1.0 if cores is None or busy_processes <= cores else busy_processes / cores
 
 
 @dataclass(frozen=True)

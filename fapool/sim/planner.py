@@ -266,10 +266,8 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
         raise SimInputError(f"TPOT SLO must be a positive number of seconds, got {inp.tpot_slo}")
     m = context_moments(inp.prompt, inp.output)
     x = stationary_context_sample(inp.prompt, inp.output, 50_000, seed)
-    static = plan_static(inp, m)
-    pool = plan_fapool(inp, m, x)
-    head = plan_head_parallel(inp, m, x)
-    rows = [r for r in (static, pool, head, plan_afd(inp, m)) if r is not None]
+    rows = [plan_static(inp, m), plan_fapool(inp, m, x), plan_head_parallel(inp, m, x), plan_afd(inp, m)]
+    rows = [r for r in rows if r is not None]
     if not rows:
         fastest = StaticTPPP(tp=_tp_options(inp)[-1], pp=1)
         t1 = fastest.timing(inp.cost, 1, 1, m.mean, m.mean)[0]

@@ -32,8 +32,7 @@ class LengthDist:
 
     @classmethod
     def parse(cls, spec: str, lo: int = 1, hi: int = 1 << 20) -> LengthDist:
-        text = str(spec).strip()
-        kind, _, rest = text.partition(":")
+        kind, _, rest = str(spec).strip().partition(":")
         if not rest:
             kind, rest = "fixed", kind
         kind = kind.lower()
@@ -116,9 +115,8 @@ def load_azure_trace(path: str | Path) -> RequestBatch:
         names = [h.strip() for h in next(reader, [])]
         missing = [c for c in TRACE_COLUMNS if c not in names]
         if missing:
-            raise SimInputError(
-                f"{path}: header lacks column(s) {', '.join(missing)}; expected {', '.join(TRACE_COLUMNS)}"
-            )
+            raise SimInputError(f"{path}: header lacks column(s) {', '.join(missing)}; "
+                                f"expected {', '.join(TRACE_COLUMNS)}")
         idx = [names.index(c) for c in TRACE_COLUMNS]
         for lineno, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
@@ -240,7 +238,5 @@ class ClosedLoopWorkload(Workload):
         return buf.pop()
 
     def describe(self) -> str:
-        return (
-            f"closed loop, {self.concurrency} in flight, {self.num_requests} requests, "
-            f"prompt {self.prompt}, output {self.output}"
-        )
+        return (f"closed loop, {self.concurrency} in flight, {self.num_requests} requests, "
+                f"prompt {self.prompt}, output {self.output}")
