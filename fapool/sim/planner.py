@@ -5,7 +5,6 @@ steps priced by the simulator's formulas), check each by a short simulation, and
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -88,22 +87,26 @@ def _tp_options(inp: PlannerInputs) -> list[int]:
     return [t for t in (1, 2, 4, 8, 16) if t <= min(m.num_attention_heads, hw.gpus_per_node, inp.max_gpus)]
 
 
-def plan_static(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
-    cost, target = inp.cost, inp.tpot_slo * inp.headroom
-    L = cost.model.num_hidden_layers
-    best = None
-    for tp in _tp_options(inp):
-        for pp in [p for p in range(1, min(L, 8) + 1) if L % p == 0 and tp * p <= inp.max_gpus]:
-            s = StaticTPPP(tp=tp, pp=pp)
-            limit = _kv_batch_limit(m, s.kv_capacity(cost), inp.kv_sigmas, inp.max_batch)
-            tpot = lambda B, s=s: s.timing(cost, B, B, B * m.mean, B * m.mean)[0]
-            B = _largest(lambda b, tpot=tpot: tpot(b) <= target, limit)
-            if B < 1:
-                continue
-            thr = B / (tpot(B) * s.num_gpus())
-            if best is None or thr > best.throughput_per_gpu:
-                best = PlanRow("static", StaticTPPP(tp=tp, pp=pp, max_batch=B), B, tpot(B), thr)
+def _best_row(inp: PlannerInputs, options) -> PlanRow | None:
+    """The row of the most tokens/s/GPU over `options` (strategy, the most sequences its KV holds, its
+    TPOT at a batch), each at the largest batch within the SLO."""
+    target, best = inp.tpot_slo * inp.headroom, None
+    for s, limit, tpot in options:
+        B = _largest(lambda b, tpot=tpot: tpot(b) <= target, limit)
+        if B < 1:
+            continue
+        row = PlanRow(s.name, dataclasses.replace(s, max_batch=B), B, tpot(B), B / (tpot(B) * s.num_gpus()))
+        if best is None or row.throughput_per_gpu > best.throughput_per_gpu:
+            best = row
     return best
+
+
+def plan_static(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
+    cost, L = inp.cost, inp.cost.model.num_hidden_layers
+    grid = [StaticTPPP(tp=tp, pp=pp) for tp in _tp_options(inp) for pp in range(1, min(L, 8) + 1)
+            if L % pp == 0 and tp * pp <= inp.max_gpus]
+    return _best_row(inp, [(s, _kv_batch_limit(m, s.kv_capacity(cost), inp.kv_sigmas, inp.max_batch),
+                            lambda B, s=s: s.timing(cost, B, B, B * m.mean, B * m.mean)[0]) for s in grid])
 
 
 class _PoolMeanField:
@@ -161,28 +164,11 @@ class _PoolMeanField:
         return B * e_pool + (z if e_pool else 0) <= pool_cap
 
 
-def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make, thresholds,
-                 sizes) -> PlanRow | None:
-    """The row of the best make(tp, threshold, P) over base TP >= 2 (tokens/s/GPU within the SLO)."""
-    target = inp.tpot_slo * inp.headroom
-    best = None
-    for tp, th in itertools.product([t for t in _tp_options(inp) if t >= 2], thresholds):
-        for P in sizes(tp):
-            s = make(tp, th, P)
-            if s.num_gpus() > inp.max_gpus:
-                continue
-            limit = _largest(lambda b, s=s: mf.fits(s, b, m.sd), inp.max_batch)  # fits KV memory
-            B = _largest(lambda b, s=s: mf.step(s, b) <= target, limit)
-            if B < 1:
-                continue
-            tpot = mf.step(s, B)
-            thr = B / (tpot * s.num_gpus())
-            if best is None or thr > best[2]:
-                best = (s, B, thr, tpot)
-    if best is None:
-        return None
-    s, B, thr, tpot = best
-    return PlanRow(s.name, dataclasses.replace(s, max_batch=B), B, tpot, thr)
+def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make) -> PlanRow | None:
+    """The best of the pools make(tp) gives for each base TP >= 2 (tokens/s/GPU within the SLO)."""
+    pools = [s for tp in _tp_options(inp) if tp >= 2 for s in make(tp) if s.num_gpus() <= inp.max_gpus]
+    return _best_row(inp, [(s, _largest(lambda b, s=s: mf.fits(s, b, m.sd), inp.max_batch),
+                            lambda b, s=s: mf.step(s, b)) for s in pools])
 
 
 def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_per_worker: int, B: int,
@@ -203,9 +189,9 @@ def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow
     top = int(np.percentile(x, 99))
     thresholds = sorted({t for t in (512, 1024, 2048, 4096, 8192, 16384, 32768) if t < top}
                         | {inp.tokens_per_worker})
-    make = lambda tp, th, P: FAPool(base_tp=tp, pool_size=P, threshold=th,
-                                    tokens_per_worker=inp.tokens_per_worker)
-    row = _pool_search(inp, mf, m, make, thresholds, lambda tp: range(1, inp.max_gpus - tp + 1))
+    make = lambda tp: [FAPool(base_tp=tp, pool_size=P, threshold=th, tokens_per_worker=inp.tokens_per_worker)
+                       for th in thresholds for P in range(1, inp.max_gpus - tp + 1)]
+    row = _pool_search(inp, mf, m, make)
     if row is not None:
         s, B = row.strategy, row.batch
         p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
@@ -215,9 +201,8 @@ def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow
 
 def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow | None:
     kvh = inp.cost.model.num_key_value_heads
-    sizes = [p for p in range(1, kvh + 1) if kvh % p == 0]
-    make = lambda tp, th, P: head_parallel(dense_tp=tp, attn_workers=P)
-    row = _pool_search(inp, _PoolMeanField(inp, x), m, make, [0], lambda tp: sizes)
+    make = lambda tp: [head_parallel(dense_tp=tp, attn_workers=P) for P in range(1, kvh + 1) if kvh % P == 0]
+    row = _pool_search(inp, _PoolMeanField(inp, x), m, make)
     if row is not None:
         row.notes = "all KV on attention GPUs, split by head"
     return row
