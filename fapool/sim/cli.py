@@ -119,10 +119,8 @@ def cmd_simulate(args) -> int:
     results = [simulate(s, cost, _workload(args), config) for s in strategies]
     slo = args.tpot_slo / 1e3 if args.tpot_slo else None
     console = _console()
-    console.print(
-        f"[bold]simulated[/bold] {cost.model.architecture} {cost.model.num_hidden_layers} layers on "
-        f"{cost.hw.name} ({cost.hw.source}); workload: {results[0].workload}"
-    )
+    console.print(f"[bold]simulated[/bold] {cost.model.architecture} {cost.model.num_hidden_layers} layers "
+                  f"on {cost.hw.name} ({cost.hw.source}); workload: {results[0].workload}")
     console.print(results_table(results, "simulated", slo))
     if args.json:
         _write_json(console, args.json, [r.summary(slo) for r in results])
@@ -152,17 +150,14 @@ def cmd_plan(args) -> int:
     plan = make_plan(inp, prompt_d, output_d, verify_steps=args.verify_steps, seed=args.seed)
     console = _console()
     m = plan.moments
-    console.print(
-        f"model {args.model} on {cost.hw.name}; decode context at a random step: mean {m.mean:,.0f}, "
-        f"sd {m.sd:,.0f} tokens (prompt mean {m.mean_prompt:,.0f}, output mean {m.mean_output:,.0f})"
-    )
+    console.print(f"model {args.model} on {cost.hw.name}; decode context at a random step: mean "
+                  f"{m.mean:,.0f}, sd {m.sd:,.0f} tokens (prompt mean {m.mean_prompt:,.0f}, output mean "
+                  f"{m.mean_output:,.0f})")
     console.print(plan_table(plan))
     rec = plan.rows[plan.recommended]
-    console.print(
-        f"[bold]recommend:[/bold] {rec.strategy.describe()} -- "
-        f"{(rec.sim.throughput_per_gpu if rec.sim else rec.throughput_per_gpu):,.0f} tok/s/GPU at "
-        f"TPOT {rec.tpot * 1e3:.1f} ms (SLO {args.tpot_slo:g} ms)"
-    )
+    console.print(f"[bold]recommend:[/bold] {rec.strategy.describe()} -- "
+                  f"{(rec.sim.throughput_per_gpu if rec.sim else rec.throughput_per_gpu):,.0f} tok/s/GPU at "
+                  f"TPOT {rec.tpot * 1e3:.1f} ms (SLO {args.tpot_slo:g} ms)")
     if args.json:
         rows = [{"kind": r.kind, "strategy": r.strategy.describe(), "gpus": r.gpus, "batch": r.batch,
                  "tpot_s": r.tpot, "throughput_per_gpu": r.throughput_per_gpu,
