@@ -154,6 +154,32 @@ def _widen_k(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _split_tiles(query_pos_start, kv_lens, kv_start, seq, split, num_splits, BLOCK_N: tl.constexpr):
+    """(visible keys, first tile, end tile) of this split: entry i is visible when i < kv_len
+    and kv_start + i <= q_pos, i.e. i < n_kv."""
+    q_pos = tl.load(query_pos_start + seq)
+    n_kv = tl.minimum(tl.load(kv_lens + seq), q_pos - tl.load(kv_start + seq) + 1)
+    n_kv = tl.maximum(n_kv, 0)
+    num_tiles = tl.cdiv(n_kv, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    return n_kv, tile_lo, tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+
+@triton.jit
+def _load_q(Q, tok, heads, h_mask, offs_d, d_mask, stride_qt, stride_qh, FP16_DOT: tl.constexpr):
+    """A KV head's query rows [BLOCK_H, BLOCK_D] (fp16 when an 8-bit cache's dots run in fp16)."""
+    q = tl.load(
+        Q + tok * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if FP16_DOT:
+        q = q.to(tl.float16)
+    return q
+
+
+@triton.jit
 def _decode_split_kernel(
     Q,
     K,
@@ -208,14 +234,7 @@ def _decode_split_kernel(
     if tl.load(query_start_loc + seq + 1) - tok != 1:
         return  # not a decode sequence (mixed batch): the prefill kernel owns it
 
-    # Visible KV entries: i < kv_len and kv_start + i <= q_pos  ->  i < n_kv.
-    q_pos = tl.load(query_pos_start + seq)
-    n_kv = tl.minimum(tl.load(kv_lens + seq), q_pos - tl.load(kv_start + seq) + 1)
-    n_kv = tl.maximum(n_kv, 0)
-    num_tiles = tl.cdiv(n_kv, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    n_kv, tile_lo, tile_hi = _split_tiles(query_pos_start, kv_lens, kv_start, seq, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -223,13 +242,7 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_h
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + tok * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if FP16_DOT:
-        q = q.to(tl.float16)
+    q = _load_q(Q, tok, heads, h_mask, offs_d, d_mask, stride_qt, stride_qh, FP16_DOT)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -368,13 +381,7 @@ def _decode_split_kernel_warps(
     if tl.load(query_start_loc + seq + 1) - tok != 1:
         return  # not a decode sequence (mixed batch): the prefill kernel owns it
 
-    q_pos = tl.load(query_pos_start + seq)
-    n_kv = tl.minimum(tl.load(kv_lens + seq), q_pos - tl.load(kv_start + seq) + 1)
-    n_kv = tl.maximum(n_kv, 0)
-    num_tiles = tl.cdiv(n_kv, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    n_kv, tile_lo, tile_hi = _split_tiles(query_pos_start, kv_lens, kv_start, seq, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -382,13 +389,7 @@ def _decode_split_kernel_warps(
     heads = kvh * GROUP + offs_h
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + tok * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if FP16_DOT:
-        q = q.to(tl.float16)
+    q = _load_q(Q, tok, heads, h_mask, offs_d, d_mask, stride_qt, stride_qh, FP16_DOT)
     q = tl.broadcast_to(q[None, :, :], (WARPS, BLOCK_H, BLOCK_D))
 
     m_i = tl.full([WARPS, BLOCK_H], -1.0e30, dtype=tl.float32)
@@ -602,6 +603,25 @@ def auto_num_splits(
     return choose_num_splits(pairs, max(1, triton.cdiv(max_kv_len, block_n)), per_sm * _num_sms(device))
 
 
+def paged_args(query, k_cache, v_cache, k_pages, v_pages, meta, out, lse) -> tuple:
+    """The decode and prefill kernels' shared arguments, in their order: an int8 cache's scale
+    pages and their strides (the caches in their place, strides 0, without), then the strides of
+    the query, the caches, the block table, the output and the lse."""
+    int8 = k_pages is not None
+    return (
+        k_pages if int8 else k_cache,
+        v_pages if int8 else v_cache,
+        k_pages.stride(0) if int8 else 0,
+        k_pages.stride(1) if int8 else 0,
+        *query.stride()[:2],
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        meta.block_tables.stride(0),
+        *out.stride()[:2],
+        lse.stride(0),
+    )
+
+
 def fp16_dot(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """An 8-bit cache under a 16-bit query: the kernels compute its dots in fp16."""
     return k_cache.dtype in (torch.float8_e4m3fn, torch.int8) and query.dtype in (torch.float16, torch.bfloat16)
@@ -737,22 +757,7 @@ def paged_decode(
         scale * k_scale * LOG2E,
         v_scale,
         num_splits,
-        k_pages if int8 else k_cache,
-        v_pages if int8 else v_cache,
-        k_pages.stride(0) if int8 else 0,
-        k_pages.stride(1) if int8 else 0,
-        query.stride(0),
-        query.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        meta.block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
+        *paged_args(query, k_cache, v_cache, k_pages if int8 else None, v_pages, meta, out, lse),
         *strides_m,
         GROUP=group,
         BLOCK_H=block_h,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.attention.triton_decode import LN2, LOG2E, _check, _check_int8, fp16_dot
+from fapool.attention.triton_decode import LN2, LOG2E, _check, _check_int8, fp16_dot, paged_args
 
 # Chosen by sweep (benchmarks/bench_attention_kernels.py --sweep; figures in
 # benchmarks/RESULTS.md): 128 x 128 tiles, 8 warps, 3 stages were the fastest over 4K and 16K
@@ -281,22 +281,7 @@ def paged_prefill(
         skip if skip is not None else meta.kv_lens,
         scale * k_scale * LOG2E,
         v_scale,
-        k_pages if int8 else k_cache,
-        v_pages if int8 else v_cache,
-        k_pages.stride(0) if int8 else 0,
-        k_pages.stride(1) if int8 else 0,
-        query.stride(0),
-        query.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        meta.block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
+        *paged_args(query, k_cache, v_cache, k_pages if int8 else None, v_pages, meta, out, lse),
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         PAGE=page,
