@@ -135,7 +135,7 @@ class _PoolMeanField:
         pool_path = merge = driver_extra = step_extra = 0.0
         if P and e_pool > 0:
             # With calibrated pool terms each micro-batch is its own call on a worker (as the
-            # simulator prices it); the terms and contention come from FAPool.machinery.
+            # simulator prices it); the terms and contention come from FAPool.remote_layer.
             n_mb = 2 if s.overlap and cost.hw.pool is not None else 1
             # Per worker: the KV it reads, its queries, its share of the heads, the new tokens' KV.
             if s.mode == "head":  # every pool sequence, 1/P of the heads (P divides the KV heads here)

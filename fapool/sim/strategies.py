@@ -239,10 +239,13 @@ class FAPool(Strategy):
             pool_mbs += bool(on.any())
         return calls, seqs, int(calls.sum()), pool_mbs, len(mbs)
 
-    def machinery(self, cost: CostModel, attn_w, calls, seqs, routes: float, pool_mbs: float, n_mb: float):
-        """(worker seconds a layer, driver extra a layer, driver extra a step): roofline attention `attn_w`
-        plus the calibrated PoolOverheads, RankOverheads.pool_extra_s and CPU core contention. Shared
-        with the planner."""
+    def remote_layer(self, cost: CostModel, attn_w, q_bytes_w, ret_bytes_w, counts):
+        """One layer's pool path (queries out, the slowest worker's attention, partials back), the LSE
+        merge, the driver's extras a layer and a step, the workers' seconds and the transfers (base send,
+        base receive, per worker receive and send) from each worker's roofline attention, bytes in and
+        out, and pool_calls' counts; a worker's seconds add the calibrated PoolOverheads,
+        RankOverheads.pool_extra_s and CPU core contention. Shared with the planner."""
+        calls, seqs, routes, pool_mbs, n_mb = counts
         attn_w = np.asarray(attn_w, dtype=np.float64)
         overheads = cost.hw.pool
         driver_extra = step_extra = 0.0
@@ -261,7 +264,13 @@ class FAPool(Strategy):
             if self.overlap:
                 driver_extra += (stretch - 1) * float(attn_w.max())
             attn_w = attn_w * stretch
-        return attn_w, driver_extra, step_extra
+        tp, same = self.base_tp, self.same_node(cost)
+        send_base = float(cost.p2p(np.sum(q_bytes_w) / tp, same))
+        recv_base = float(cost.p2p(np.sum(ret_bytes_w) / tp, same))
+        recv_w, send_w = np.asarray(cost.p2p(q_bytes_w, same)), np.asarray(cost.p2p(ret_bytes_w, same))
+        pool_path = max(send_base, recv_w.max()) + attn_w.max() + max(recv_base, send_w.max())
+        merge = float(cost.elementwise(3 * np.sum(ret_bytes_w) / tp))
+        return pool_path, merge, driver_extra, step_extra, attn_w, (send_base, recv_base, recv_w, send_w)
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger: PoolLedger) -> StepCost:
         L, tp = cost.model.num_hidden_layers, self.base_tp
@@ -315,20 +324,6 @@ class FAPool(Strategy):
         busy = np.concatenate([np.full(tp, base), L * attn_w])
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
-
-    def remote_layer(self, cost: CostModel, attn_w, q_bytes_w, ret_bytes_w, counts):
-        """One layer's pool path (queries out, the slowest worker's attention, partials back), the LSE
-        merge, the machinery's driver extras and the workers' seconds, and the transfers (base send,
-        base receive, per worker receive and send) from each worker's roofline attention, bytes in
-        and out, and pool_calls' counts. Shared with the planner."""
-        tp, same = self.base_tp, self.same_node(cost)
-        attn_w, driver_extra, step_extra = self.machinery(cost, attn_w, *counts)
-        send_base = float(cost.p2p(np.sum(q_bytes_w) / tp, same))
-        recv_base = float(cost.p2p(np.sum(ret_bytes_w) / tp, same))
-        recv_w, send_w = np.asarray(cost.p2p(q_bytes_w, same)), np.asarray(cost.p2p(ret_bytes_w, same))
-        pool_path = max(send_base, recv_w.max()) + attn_w.max() + max(recv_base, send_w.max())
-        merge = float(cost.elementwise(3 * np.sum(ret_bytes_w) / tp))
-        return pool_path, merge, driver_extra, step_extra, attn_w, (send_base, recv_base, recv_w, send_w)
 
     def step_time(self, cost: CostModel, tokens: float, n_seqs: float, local: float, pool_path: float,
                   merge: float, kv_tokens: float = 0.0, driver_extra: float = 0.0, step_extra: float = 0.0):
