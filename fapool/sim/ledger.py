@@ -19,8 +19,7 @@ MAX_BLOCKS_PER_WORKER = 1 << 13
 class GroupLedger:
     def __init__(self, capacity: int, num_groups: int, group_of_slot: np.ndarray):
         self.capacity = capacity  # tokens per group
-        self.num_groups = num_groups
-        self.group = group_of_slot
+        self.num_groups, self.group = num_groups, group_of_slot
 
     def usage(self, tokens: np.ndarray) -> np.ndarray:
         return np.bincount(self.group, weights=tokens, minlength=self.num_groups)
@@ -54,9 +53,7 @@ class PoolLedger:
     def __init__(self, num_slots: int, base_capacity: int, worker_capacity: float, num_workers: int,
                  threshold: int, tokens_per_worker: int, mode: str, head_share: np.ndarray | None = None,
                  max_slot_tokens: int | None = None):
-        self.base_capacity = base_capacity
-        self.mode = mode
-        self.num_workers = num_workers
+        self.base_capacity, self.mode, self.num_workers = base_capacity, mode, num_workers
         # head: every worker holds its heads of every pool token, so the fullest share binds.
         per_worker = worker_capacity / float(head_share.max()) if mode == "head" else worker_capacity
         # `max_slot_tokens`: the most a slot will ever hold (pricing one step needs no more).

@@ -113,8 +113,7 @@ class _PoolMeanField:
     """FA Pool step time for B sequences with contexts ~ X, loads spread evenly."""
 
     def __init__(self, inp: PlannerInputs, x: np.ndarray):
-        self.inp, self.cost = inp, inp.cost
-        self.x = x
+        self.inp, self.cost, self.x = inp, inp.cost, x
         self._cache: dict[tuple[int, int], tuple[float, float, float, float]] = {}
 
     def stats(self, threshold: int, P: int) -> tuple[float, float, float, float]:

@@ -87,9 +87,7 @@ class _Instance:
         self.waiting: deque[int] = deque()
         self.busy = False
         self.pending: tuple | None = None  # (tokens added per slot, start time) of the step in flight
-        g = strategy.num_gpus()
-        self.gpu_busy = np.zeros(g)
-        self.gpu_comm = np.zeros(g)
+        self.gpu_busy, self.gpu_comm = np.zeros(strategy.num_gpus()), np.zeros(strategy.num_gpus())
         self.steps = 0
         self.timeline: list[tuple[float, int, float, float]] = []
         self.stride = 1
@@ -278,8 +276,7 @@ class Simulator:
 
     def _finish_step(self, inst: _Instance) -> None:
         new, started = inst.pending
-        inst.pending = None
-        inst.busy = False
+        inst.pending, inst.busy = None, False
         now = self.now
         active = new > 0
         was_prefill = inst.pre_left > 0
