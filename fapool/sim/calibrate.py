@@ -336,15 +336,13 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
 
 def summary_lines(cal: dict) -> list[str]:
     g, a = cal["gemm"], cal["attention"]
-    lines = [
-        (f"device: {cal['device_kind']} ({cal['device_name']}), torch {cal['torch']}, {cal['dtype']}, "
-        f"{cal['threads']} threads, {cal['seconds']} s"),
-        (f"GEMM: {g['flops_per_s'] / 1e9:,.1f} GFLOP/s, {g['bytes_per_s'] / 1e9:,.2f} GB/s, "
-        f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})"),
-        (f"attention: decode ({a.get('decode_kernel', 'SDPA')}) {a['bytes_per_s'] / 1e9:,.2f} GB/s, prefill "
-        f"{a['prefill_flops_per_s'] / 1e9:,.1f} GFLOP/s, overhead {a['overhead_s'] * 1e6:.1f} us "
-        f"(fit error {math.expm1(a['mean_abs_log_err']):.0%})"),
-    ]
+    lines = [f"device: {cal['device_kind']} ({cal['device_name']}), torch {cal['torch']}, {cal['dtype']}, "
+             f"{cal['threads']} threads, {cal['seconds']} s",
+             f"GEMM: {g['flops_per_s'] / 1e9:,.1f} GFLOP/s, {g['bytes_per_s'] / 1e9:,.2f} GB/s, "
+             f"overhead {g['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(g['mean_abs_log_err']):.0%})",
+             f"attention: decode ({a.get('decode_kernel', 'SDPA')}) {a['bytes_per_s'] / 1e9:,.2f} GB/s, "
+             f"prefill {a['prefill_flops_per_s'] / 1e9:,.1f} GFLOP/s, "
+             f"overhead {a['overhead_s'] * 1e6:.1f} us (fit error {math.expm1(a['mean_abs_log_err']):.0%})"]
     if max(g["mean_abs_log_err"], a["mean_abs_log_err"]) > 0.4:
         lines.append("warning: the roofline fits these timings badly; a busy machine (other processes, more "
                      "threads than free cores) is the usual cause -- rerun, or try --threads 1")
@@ -363,13 +361,11 @@ def summary_lines(cal: dict) -> list[str]:
         if h["launch_overlaps_device"]:
             launch = (f"eager launch {h['launch_layer_s'] * 1e6:.1f} us a layer + "
                       f"{h['launch_step_s'] * 1e6:.1f} us a step")
-        lines += [
-            (f"engine ({eng['model']}, {eng['seconds']} s): device fixed {f['layer_fixed_s'] * 1e6:.1f} us a "
-            f"layer, {f['step_fixed_s'] * 1e6:.1f} us a step"),
-            (f"host: {h['step_s'] * 1e6:.1f} us a step + {h['per_seq_s'] * 1e6:.2f} us a sequence + "
-            f"{h['per_kv_token_s'] * 1e9:.2f} ns a cached token "
-            f"(fit error {h['mean_abs_rel_err']:.0%}); {launch}"),
-        ]
+        lines += [f"engine ({eng['model']}, {eng['seconds']} s): device fixed {f['layer_fixed_s'] * 1e6:.1f} "
+                  f"us a layer, {f['step_fixed_s'] * 1e6:.1f} us a step",
+                  f"host: {h['step_s'] * 1e6:.1f} us a step + {h['per_seq_s'] * 1e6:.2f} us a sequence + "
+                  f"{h['per_kv_token_s'] * 1e9:.2f} ns a cached token "
+                  f"(fit error {h['mean_abs_rel_err']:.0%}); {launch}"]
     if cal.get("pool_error"):
         lines.append(f"pool: not calibrated ({cal['pool_error']})")
     if pool := cal.get("pool"):

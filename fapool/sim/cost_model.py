@@ -36,10 +36,6 @@ def load_model_config(spec: str) -> ModelConfig:
         raise SimInputError(f"{path}: {exc}") from exc
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _f64(x):
     """Scalars as they are (a fast path: the simulator prices thousands of steps), else float64 arrays."""
     return x if np.isscalar(x) else np.asarray(x, dtype=np.float64)
@@ -122,16 +118,16 @@ class CostModel:
 
     def qkv_proj(self, tokens, tp: int = 1):
         m = self.model
-        n = (_ceil_div(m.num_attention_heads, tp) + 2 * _ceil_div(m.num_key_value_heads, tp)) * m.head_dim
+        n = (math.ceil(m.num_attention_heads / tp) + 2 * math.ceil(m.num_key_value_heads / tp)) * m.head_dim
         return self.gemm(tokens, n, m.hidden_size)
 
     def o_proj(self, tokens, tp: int = 1):
         m = self.model
-        return self.gemm(tokens, m.hidden_size, _ceil_div(m.num_attention_heads, tp) * m.head_dim)
+        return self.gemm(tokens, m.hidden_size, math.ceil(m.num_attention_heads / tp) * m.head_dim)
 
     def ffn(self, tokens, tp: int = 1):
         m = self.model
-        f = _ceil_div(m.intermediate_size, tp)
+        f = math.ceil(m.intermediate_size / tp)
         up = self.gemm(tokens, f, m.hidden_size) * (2 if m.gated_mlp else 1)
         return up + self.gemm(tokens, m.hidden_size, f)
 
@@ -182,7 +178,7 @@ class CostModel:
 
     def lm_head(self, num_seqs, tp: int = 1):
         m = self.model
-        return self.gemm(num_seqs, _ceil_div(m.vocab_size, tp), m.hidden_size)
+        return self.gemm(num_seqs, math.ceil(m.vocab_size / tp), m.hidden_size)
 
     def allreduce(self, nbytes, n: int, same_node: bool = True):
         """Ring all-reduce of `nbytes` over n ranks: one launch latency, 2(n-1) ring steps."""

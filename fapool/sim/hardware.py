@@ -173,8 +173,9 @@ def _gpu(name: str, peak_flops: float, hbm: float, memory: float, cost: float) -
     )
 
 
-def _presets() -> dict[str, HardwareProfile]:
-    return {
+def get_hardware(name: str) -> HardwareProfile:
+    """A preset by name (h100, h200, cpu); SimInputError names the choices otherwise."""
+    presets = {
         "h100": _gpu("h100", 989e12, 3.35e12, 80e9, cost=2.50),
         "h200": _gpu("h200", 989e12, 4.8e12, 141e9, cost=3.20),
         # A CPU "device" = one engine worker process: float32, the same-host transport (Unix sockets).
@@ -187,12 +188,6 @@ def _presets() -> dict[str, HardwareProfile]:
             inter_node=LinkProfile(bandwidth=1e9, latency=2e-4, hop_latency=5e-5),
         ),
     }
-
-
-def get_hardware(name: str) -> HardwareProfile:
-    """A preset by name (h100, h200, cpu); SimInputError names the choices otherwise."""
-    key = name.lower()
-    presets = _presets()
-    if key not in presets:
+    if name.lower() not in presets:
         raise SimInputError(f"unknown hardware {name!r}; choose one of: {', '.join(sorted(presets))}")
-    return presets[key]
+    return presets[name.lower()]
