@@ -15,20 +15,6 @@ from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 from fapool.sim.strategies import AFD
 
-_SQRT2 = math.sqrt(2.0)
-_erf = np.frompyfunc(math.erf, 1, 1)
-
-
-def norm_cdf(x):
-    out = np.asarray(_erf(np.asarray(x, dtype=np.float64) / _SQRT2), dtype=np.float64)
-    return ((1.0 + out) / 2.0)[()]
-
-
-def norm_pdf(x):
-    x = np.asarray(x, dtype=np.float64)
-    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
 @dataclass(frozen=True)
 class ContextMoments:
     """Moments of X, the KV tokens one decode slot's attention reads at a random step."""
@@ -73,11 +59,13 @@ def stationary_context_sample(prompt: np.ndarray, output: np.ndarray, n: int, se
 
 
 _Z = np.linspace(-8.0, 9.0, 1201)
+_PDF = np.exp(-0.5 * _Z * _Z) / math.sqrt(2 * math.pi)  # the standard normal's density and CDF on _Z
+_CDF = (1.0 + np.array([math.erf(z / math.sqrt(2.0)) for z in _Z])) / 2.0
 
 
 @lru_cache(maxsize=4096)
 def _max_weights(r: int) -> np.ndarray:
-    dens = r * norm_pdf(_Z) * norm_cdf(_Z) ** (r - 1)
+    dens = r * _PDF * _CDF ** (r - 1)
     return dens / dens.sum()
 
 

@@ -81,23 +81,22 @@ class PoolLedger:
         self.placed = np.zeros(num_workers)  # tokens placed on each worker by the last allocation
         self._placing = np.zeros(num_workers)  # placed by calls since the last that succeeded
 
-    @property
-    def pool_tokens(self) -> np.ndarray:
-        """Pool tokens per slot (every worker holds a share of each in head mode)."""
-        return self.owned.max(axis=1) if self.mode != "shard" else self.owned.sum(axis=1)
-
     def base_usage(self, tokens: np.ndarray) -> float:
         return float(np.minimum(tokens, self.pool_start).sum())
 
     def begin_admission(self, committed: np.ndarray) -> None:
         self._base_used = self.base_usage(committed)
         promised = float(np.maximum(committed - self.pool_start, 0).sum())
-        self._pending_pool = promised - float(self.pool_tokens.sum())
+        # Pool tokens per slot: outside shard mode every worker holds (its share of) each token.
+        held = self.owned.sum(axis=1) if self.mode == "shard" else self.owned.max(axis=1)
+        self._pending_pool = promised - float(held.sum())
 
     def can_admit(self, group: int, tokens: int) -> bool:
         if self._base_used + min(tokens, self.pool_start) > self.base_capacity:
             return False
-        return self.free_pool_tokens() - self._pending_pool >= max(0, tokens - self.pool_start)
+        free = [p.num_free_blocks * self.block_size for p in self.pm.pools.values()] if self.pm else [0]
+        room = float(sum(free) if self.mode == "shard" else min(free))
+        return room - self._pending_pool >= max(0, tokens - self.pool_start)
 
     def admit(self, slot: int, group: int, now: int, later: int) -> bool:
         if now:
@@ -110,12 +109,6 @@ class PoolLedger:
         self._base_used += min(total, self.pool_start)
         self._pending_pool += max(0, total - self.pool_start) - max(0, now - self.pool_start)
         return True
-
-    def free_pool_tokens(self) -> float:
-        if self.pm is None:
-            return 0.0
-        free = [p.num_free_blocks * self.block_size for p in self.pm.pools.values()]
-        return float(sum(free) if self.mode == "shard" else min(free))
 
     def holds(self, domain: Domain) -> np.ndarray:
         if domain[0] == "base":
