@@ -61,28 +61,24 @@ class CostModel:
     def device_only(self) -> CostModel:
         return CostModel(self.model, self.hw, include_host=False)
 
-    @property
-    def dtype_bytes(self) -> int:
-        return self.hw.dtype_bytes
-
     def kv_bytes_per_token_layer(self) -> int:
-        return 2 * self.model.num_key_value_heads * self.model.head_dim * self.dtype_bytes
+        return 2 * self.model.num_key_value_heads * self.model.head_dim * self.hw.dtype_bytes
 
     def kv_bytes_per_token(self) -> int:
-        return self.model.kv_bytes_per_token(self.dtype_bytes)
+        return self.model.kv_bytes_per_token(self.hw.dtype_bytes)
 
     def hidden_bytes(self, tokens) -> float:
-        return tokens * self.model.hidden_size * self.dtype_bytes
+        return tokens * self.model.hidden_size * self.hw.dtype_bytes
 
     def query_bytes(self, tokens, head_fraction: float = 1.0):
         """One layer's queries for `tokens`, as sent to a remote attention worker."""
         m = self.model
-        return tokens * m.num_attention_heads * m.head_dim * self.dtype_bytes * head_fraction
+        return tokens * m.num_attention_heads * m.head_dim * self.hw.dtype_bytes * head_fraction
 
     def partial_bytes(self, tokens, head_fraction: float = 1.0):
         """One layer's partial attention result (out + float32 lse) coming back."""
         m = self.model
-        return tokens * m.num_attention_heads * (m.head_dim * self.dtype_bytes + 4) * head_fraction
+        return tokens * m.num_attention_heads * (m.head_dim * self.hw.dtype_bytes + 4) * head_fraction
 
     def weight_bytes(self, part: str = "all") -> float:
         """'attn' (qkv + o, all layers), 'ffn' (all layers), 'embed' (embedding + lm head), 'all'."""
@@ -94,7 +90,7 @@ class CostModel:
         parts = {"attn": attn, "ffn": ffn, "embed": embed, "all": attn + ffn + embed}
         if part not in parts:
             raise ValueError(f"unknown weight part {part!r}")
-        return parts[part] * self.dtype_bytes
+        return parts[part] * self.hw.dtype_bytes
 
     def gemm_rates(self, m):
         """(FLOP/s, bytes/s) of a GEMM of m rows: calibrated per-m rates interpolated in log m, or the
@@ -111,7 +107,7 @@ class CostModel:
         """[m, k] @ [k, n]; zero when m == 0."""
         if np.isscalar(m) and m <= 0:  # no rate lookup for the many steps without such rows
             return 0.0
-        m, d = _f64(m), self.dtype_bytes
+        m, d = _f64(m), self.hw.dtype_bytes
         f, b = self.gemm_rates(m)
         t = self.hw.kernel_overhead + _max(2.0 * m * n * k / f, (m * k + k * n + m * n) * d / b)
         return _if_positive(m, t)

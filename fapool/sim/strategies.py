@@ -121,10 +121,9 @@ class StaticTPPP(Strategy):
         n_mb = max(1, min(self.pp, math.ceil(n_seqs)))
         lps = math.ceil(m.num_hidden_layers / self.pp)
         gpn = cost.hw.gpus_per_node
-        tp_same = self.tp <= gpn
         pp_same = all((s * self.tp) // gpn == ((s + 1) * self.tp) // gpn for s in range(self.pp - 1))
         t_mb = tokens / n_mb
-        dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, tp_same)
+        dense_c, dense_ar = cost.dense_layer(t_mb, self.tp, self.tp <= gpn)
         if self.kv_share < 1 and tokens <= n_seqs:  # a decode step, sparse
             attn = cost.sparse_attention(kv / n_seqs, n_seqs / n_mb, self.kv_share, head_fraction=1.0 / self.tp)
         else:
@@ -450,9 +449,7 @@ class AFD(Strategy):
         act = b.active
         end = (b.ctx + b.new) * act
         mid = b.new * (b.ctx + (b.new + 1) / 2.0)
-        kv_a = np.bincount(b.group, weights=end, minlength=self.r)
-        pairs_a = np.bincount(b.group, weights=mid, minlength=self.r)
-        tok_a = np.bincount(b.group, weights=b.new, minlength=self.r)
+        kv_a, pairs_a, tok_a = (np.bincount(b.group, weights=w, minlength=self.r) for w in (end, mid, b.new))
         a_compute, a_net = map(np.asarray, self.attn_layer(cost, tok_a, kv_a, pairs_a))
         tokens = float(tok_a.sum())
         f = self.ffn_layer(cost, tokens)
