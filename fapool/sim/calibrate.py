@@ -194,6 +194,7 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
     concurrent_stretch; TP at n ranks its two all-reduces a layer; the intercepts a step's extra by
     processes; a pool engine's slope and intercept, averaged over its modes, pool_extra_s by workers."""
+
     def line(kind: str, n: int, ranks: RankOverheads) -> tuple[float, float]:
         rows = [s for s in samples if (s["kind"], s["n"]) == (kind, n)]
         if len({s["layers"] for s in rows}) < 2:
@@ -264,11 +265,9 @@ def load_calibration(path: str | Path) -> dict:
         raise SimInputError(f"{path}: not JSON ({exc})") from exc
     missing = [k for k in REQUIRED if k not in cal]
     if cal.get("schema") != SCHEMA or missing:
-        raise SimInputError(
-            f"{path}: not a fapool calibration of schema {SCHEMA}"
-            + (f" (missing {', '.join(missing)})" if missing else f" (schema {cal.get('schema')!r})")
-            + "; rerun `fapool calibrate`"
-        )
+        why = f"missing {', '.join(missing)}" if missing else f"schema {cal.get('schema')!r}"
+        raise SimInputError(f"{path}: not a fapool calibration of schema {SCHEMA} ({why}); "
+                            "rerun `fapool calibrate`")
     cal["_path"] = str(path)
     return cal
 
@@ -296,16 +295,13 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
     the interconnect stay the preset's), and the engine's fixed costs, host and pool terms."""
     g, a = cal["gemm"], cal["attention"]
     changes = {
-        "gemm_flops": g["flops_per_s"],
-        "gemm_bandwidth": g["bytes_per_s"],
-        "kernel_overhead": g["overhead_s"],
+        "gemm_flops": g["flops_per_s"], "gemm_bandwidth": g["bytes_per_s"],
+        "kernel_overhead": g["overhead_s"], "attn_overhead": a["overhead_s"],
         "attn_by_bytes": attn_table(cal.get("samples", {}).get("decode") or [])
         if a.get("decode_kernel") else (),
         "gemm_by_m": tuple((int(r["m"]), float(r["flops_per_s"]), float(r["bytes_per_s"]))
                            for r in g.get("by_m", [])),
-        "attn_flops": a.get("prefill_flops_per_s", a["flops_per_s"]),
-        "attn_bandwidth": a["bytes_per_s"],
-        "attn_overhead": a["overhead_s"],
+        "attn_flops": a.get("prefill_flops_per_s", a["flops_per_s"]), "attn_bandwidth": a["bytes_per_s"],
         "dtype_bytes": int(cal.get("dtype_bytes", hw.dtype_bytes)),
         "source": f"calibration {cal.get('_path', '')} ({cal.get('device_name', '?')})",
     }
