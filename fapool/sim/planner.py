@@ -210,27 +210,21 @@ def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> 
 def plan_afd(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
     cost, target = inp.cost, inp.tpot_slo * inp.headroom
     best: PlanRow | None = None
-    for f_tp in _tp_options(inp):
+    for f_tp in [t for t in _tp_options(inp) if t < inp.max_gpus]:  # room for an attention GPU
         probe = AFD(r=1, f_tp=f_tp)
         try:
             probe.validate(cost)
         except SimInputError:
             continue
-        cap = probe.attn_capacity(cost)
-        b_kv = _kv_batch_limit(m, cap, inp.kv_sigmas, inp.max_batch_per_attn)
-        r_cap = inp.max_gpus - f_tp
-        if r_cap < 1:
-            continue
-        batches = {x for x in (8, 16, 32, 64, 128, 256, 512) if x <= b_kv} | ({b_kv} if b_kv else set())
-        for b in sorted(batches):
-            plan = AFDModel(cost, m, b, f_tp).optimise(r_max=r_cap)
+        b_kv = _kv_batch_limit(m, probe.attn_capacity(cost), inp.kv_sigmas, inp.max_batch_per_attn)
+        for b in sorted({x for x in (8, 16, 32, 64, 128, 256, 512, b_kv) if 0 < x <= b_kv}):
+            plan = AFDModel(cost, m, b, f_tp).optimise(r_max=inp.max_gpus - f_tp)
             ok = [p for p in plan.curve if p.step_time <= target]
             if not ok:
                 continue
             pt = max(ok, key=lambda p: p.throughput_per_gpu)
-            note = f"r*={plan.best.r} (unconstrained), b={b}"
             row = PlanRow("afd", AFD(r=pt.r, f_tp=f_tp, max_batch_per_attn=b), pt.r * b, pt.step_time,
-                          pt.throughput_per_gpu, note)
+                          pt.throughput_per_gpu, f"r*={plan.best.r} (unconstrained), b={b}")
             if best is None or row.throughput_per_gpu > best.throughput_per_gpu:
                 best = row
     return best
