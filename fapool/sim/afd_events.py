@@ -62,16 +62,15 @@ def simulate_bundle(cost: CostModel, prompt: LengthDist, output: LengthDist, r: 
     n_mb = 2 if overlap and b >= 2 else 1
     L = cost.model.num_hidden_layers
     link = cost.hw.link(r + f_tp <= cost.hw.gpus_per_node)
-    hb = cost.hidden_bytes(1)
     cuts = np.linspace(0, b, n_mb + 1).round().astype(int)
     slots = _Slots(r * b, prompt, output, seed)
     # What does not change from step to step: [r, n_mb] micro-batch tokens, the projections
     # and small kernels on them, the bytes each GPU sends (and gets back) per layer, the FFN.
     tok = np.stack([np.full(r, float(hi - lo)) for lo, hi in itertools.pairwise(cuts)], axis=1)
     dense = cost.qkv_proj(tok) + cost.o_proj(tok) + cost.layer_misc(tok)
-    sent = tok * hb
-    ffn_tok = tok.sum(axis=0)
-    ffn = [float(cost.ffn(t, f_tp)) + float(cost.allreduce(cost.hidden_bytes(t), f_tp)) for t in ffn_tok]
+    sent = tok * cost.hidden_bytes(1)
+    ffn = [float(cost.ffn(t, f_tp)) + float(cost.allreduce(cost.hidden_bytes(t), f_tp))
+           for t in tok.sum(axis=0)]
     lm = float(cost.lm_head(r * b, f_tp))
     total_s = attn_busy = ffn_busy = 0.0
     for _ in range(steps):
@@ -83,8 +82,7 @@ def simulate_bundle(cost: CostModel, prompt: LengthDist, output: LengthDist, r: 
         ffn_free = in_free = out_free = 0.0
         for layer in range(L):
             for m in range(n_mb):
-                done = np.maximum(gpu_free, back[m]) + attn[:, m]
-                gpu_free = done
+                gpu_free = done = np.maximum(gpu_free, back[m]) + attn[:, m]
                 # Each sender's own NIC, then the FFN instance's f_tp NICs in arrival order.
                 own = done + sent[:, m] / link.bandwidth
                 arrived = max(float(own.max()), _fifo_done(done, sent[:, m] / (f_tp * link.bandwidth), in_free))
@@ -96,8 +94,7 @@ def simulate_bundle(cost: CostModel, prompt: LengthDist, output: LengthDist, r: 
                 shared = start + np.cumsum(sent[:, m]) / (f_tp * link.bandwidth)
                 out_free = float(shared[-1])
                 back[m] = np.maximum(shared, start + sent[:, m] / link.bandwidth) + link.latency
-        end = ffn_free + lm
-        step = float(cost.finish_step(end, r * b, float(ctx.sum())))
+        step = float(cost.finish_step(ffn_free + lm, r * b, float(ctx.sum())))
         total_s += step
         attn_busy += L * float(attn.sum()) / r / step
         ffn_busy += (L * sum(ffn) + lm) / step
