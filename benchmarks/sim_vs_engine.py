@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     step = _table(rows, cost, "tpot_ms")
     for row, r in zip(step, rows):
         row["measured_host_s"] = serial_host_s(r)
-        row["predicted_host_s"] = float(cost.host_serial(r["batch"], r["kv_tokens_read"]))
+        row["predicted_host_s"] = float(cost.hw.host.serial(r["batch"], r["kv_tokens_read"]))
 
     for line in notes:
         print("note:", line)

@@ -221,13 +221,6 @@ class CostModel:
         """Fixed device work of a step outside the layers: calibrated, or 20 kernel overheads."""
         return self.hw.step_fixed_s if self.hw.step_fixed_s is not None else 20 * self.hw.kernel_overhead
 
-    def host_serial(self, n_seqs=0.0, kv_tokens=0.0):
-        """Host seconds of a step outside the device's work (0 without a host model)."""
-        host = self.hw.host
-        if host is None or not self.include_host:
-            return 0.0
-        return host.serial(n_seqs, kv_tokens)
-
     def finish_step(self, device_s, n_seqs=0.0, kv_tokens=0.0, graphs: bool = False, layers: int | None = None):
         """Wall seconds of a step whose layers and LM head take `device_s`: plus the fixed step
         cost, the host's serial work and the launches of `layers` layers (or one graph replay)."""

@@ -91,10 +91,10 @@ def test_finish_step_composes_host_launch_and_device():
     assert overlap.finish_step(1e-5, 8, 8000, graphs=True) == pytest.approx(serial)  # host-bound
     # Device only: no host at all; the fixed step cost stays (it is device time).
     assert cost.device_only().finish_step(dev, 8, 8000, graphs=True) == pytest.approx(dev + 30e-6)
-    assert cost.device_only().host_serial(8, 8000) == 0.0
+    assert cost.device_only().finish_step(dev, 8, 8000) == pytest.approx(dev + 30e-6)  # nor launches
     # The decode prediction: whole = device + host for a single-GPU graph step.
     whole, gpu = predict_tpot(cost, 8, 1000), predict_tpot(cost.device_only(), 8, 1000)
-    assert whole - gpu == pytest.approx(cost.host_serial(8, 8 * 1001))
+    assert whole - gpu == pytest.approx(cost.hw.host.serial(8, 8 * 1001))
     # layer_fixed_s is paid once per layer (and per micro-batch).
     plain = CostModel(cost.model, cost.hw.replace(layer_fixed_s=0.0), include_host=False)
     assert gpu - predict_tpot(plain, 8, 1000) == pytest.approx(4 * 10e-6)
