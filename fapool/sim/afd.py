@@ -146,9 +146,3 @@ class AFDModel:
                 break  # well past the peak: Theta only falls from here
         assert best is not None
         return AFDPlan(best, curve)
-
-
-def length_moments(prompt, output, seed: int = 0) -> ContextMoments:
-    """The context moments of a (prompt, output) length distribution, from 200,000 draws."""
-    rng = np.random.default_rng([seed, 17])
-    return context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fapool.sim.afd import AFDModel, context_moments
 from fapool.sim.cost_model import CostModel
 from fapool.sim.errors import SimInputError
 from fapool.sim.workload import LengthDist, steady_state_draw
@@ -108,9 +109,9 @@ def regret_sweep(cost: CostModel, prompt: LengthDist, output: LengthDist, b: int
                  seed: int = 0) -> dict:
     """The closed form's r* against this simulation's best r over about r*(1 +- span) (widened while the
     best sits on an edge): the throughput lost at r*."""
-    from fapool.sim.afd import AFDModel, length_moments
-
-    plan = AFDModel(cost, length_moments(prompt, output, seed), b, f_tp, overlap).optimise()
+    rng = np.random.default_rng([seed, 17])  # the closed form's moments from 200,000 draws
+    moments = context_moments(prompt.sample(rng, 200_000), output.sample(rng, 200_000))
+    plan = AFDModel(cost, moments, b, f_tp, overlap).optimise()
     r0 = plan.best.r
     lo, hi = max(1, int(r0 * (1 - span))), max(r0 + 1, math.ceil(r0 * (1 + span)))
     rs = set(np.unique(np.linspace(lo, hi, max_points).round().astype(int)).tolist())
