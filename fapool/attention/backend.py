@@ -26,8 +26,8 @@ from fapool.attention.metadata import AttentionMetadata
 class KVScales:
     """A layer's 8-bit cache scales (kv_quant). FP8: the cache holds K / k and V / v. INT8: each
     token's row of a KV head is divided by its own scale, kept in k_pages / v_pages
-    [blocks, kv heads, block_size] float32 beside the cache, after K's channel means `k_shift`
-    [kv heads, head_dim] float32 are subtracted (softmax does not see the shift; lse does)."""
+    [blocks, kv heads, block_size] float32 beside the cache. Either: K's channel means `k_shift`
+    [kv heads, head_dim] float32 are subtracted first (softmax does not see the shift; lse does)."""
 
     k: float = 1.0
     v: float = 1.0

@@ -14,8 +14,9 @@ tile reads its scales in one or two sectors; `KVScales.k_pages` / `v_pages`). e4
 mantissa bits per element, which on small models costs the logits' ranking (K's error); int8
 over a row's own range keeps the large elements, which dominate q.k, to 1/254 of the row's
 largest. Readers multiply each token's logit by its K scale and its probability by its V scale.
-Before K is quantized, each channel's mean over tokens (`KVScales.k_shift`, per layer and KV
-head, from the start-up calibration pass) is subtracted, as SageAttention smooths K: q.(k - mu)
+Before K is quantized (int8 or FP8), each channel's mean over tokens (`KVScales.k_shift`, per
+layer and KV head, from the start-up calibration pass; FP8's K scale is then set over the shifted
+range) is subtracted, as SageAttention smooths K: q.(k - mu)
 differs from q.k by the same q.mu for every key of a query, so softmax and the output are
 unchanged, while the channels whose sign and size hold across tokens no longer set every
 row's range. The kernels need no change; the lse they return is that of the shifted logits,
@@ -71,18 +72,16 @@ def _is_f32(x: torch.Tensor, shape: tuple[int, ...]) -> bool:
     return tuple(x.shape) == shape and x.dtype == torch.float32 and x.is_contiguous()
 
 
-def check_scale_pages(
-    cache: torch.Tensor,
-    k_pages: torch.Tensor | None,
-    v_pages: torch.Tensor | None,
-    k_shift: torch.Tensor | None = None,
-) -> None:
+def check_scale_pages(cache: torch.Tensor, k_pages: torch.Tensor | None, v_pages: torch.Tensor | None) -> None:
     """An int8 cache's scale pages are given, contiguous float32 of scale_pages' shape (the
-    kernels address both alike); K's shift, when there is one, is contiguous float32
-    [kv heads, head_dim]."""
+    kernels address both alike)."""
     want = scale_pages(cache.shape)
     if any(pages is None or not _is_f32(pages, want) for pages in (k_pages, v_pages)):
         raise ValueError(f"an int8 cache needs k_pages and v_pages: contiguous float32 of shape {want}")
+
+
+def check_shift(cache: torch.Tensor, k_shift: torch.Tensor | None) -> None:
+    """K's shift, when there is one, is contiguous float32 [kv heads, head_dim]."""
     if k_shift is not None and not _is_f32(k_shift, tuple(cache.shape[2:])):
         raise ValueError(f"k_shift must be contiguous float32 of shape {tuple(cache.shape[2:])}, got {tuple(k_shift.shape)}")
 
@@ -108,13 +107,18 @@ class _KVObserver(AttentionBackend):
         self.k_amax = 0.0
         self.v_amax = 0.0
         self.k_sum: torch.Tensor | None = None
+        self.k_min: torch.Tensor | None = None
+        self.k_max: torch.Tensor | None = None
         self.tokens = 0
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
         self.k_amax = max(self.k_amax, float(key.abs().max()))
         self.v_amax = max(self.v_amax, float(value.abs().max()))
-        k_sum = key.float().sum(0)
-        self.k_sum = k_sum if self.k_sum is None else self.k_sum + k_sum
+        k = key.float()
+        k_sum, k_min, k_max = k.sum(0), k.amin(0), k.amax(0)
+        if self.k_sum is not None:
+            k_sum, k_min, k_max = self.k_sum + k_sum, torch.minimum(self.k_min, k_min), torch.maximum(self.k_max, k_max)
+        self.k_sum, self.k_min, self.k_max = k_sum, k_min, k_max
         self.tokens += key.shape[0]
         self.inner.write_kv(k_cache, v_cache, key, value, slot_mapping, scales)
 
@@ -140,10 +144,14 @@ def calibrate_kv_scales(attention_layers: list, run_forward, kv_cache_dtype: str
     finally:
         for attn, obs in zip(attention_layers, observers):
             attn.backend = obs.inner
-    if kv_cache_dtype == "int8":
-        scales = [KVScales(k_shift=(o.k_sum / max(o.tokens, 1)).contiguous()) for o in observers]
-    else:
-        scales = [KVScales(scale_for(o.k_amax), scale_for(o.v_amax)) for o in observers]
+    scales = []
+    for o in observers:
+        shift = (o.k_sum / max(o.tokens, 1)).contiguous()
+        if kv_cache_dtype == "int8":
+            scales.append(KVScales(k_shift=shift))
+        else:  # K's scale over the shifted range
+            k_amax = float(torch.maximum(o.k_max - shift, shift - o.k_min).max())
+            scales.append(KVScales(scale_for(k_amax), scale_for(o.v_amax), k_shift=shift))
     for attn, s in zip(attention_layers, scales):
         attn.kv_scales = s
     return scales

@@ -45,8 +45,10 @@ def write_kv_torch(k_cache, v_cache, key, value, slot_mapping, scales: KVScales 
         (k_cache, key, scales.k, scales.k_pages, scales.k_shift),
         (v_cache, value, scales.v, scales.v_pages, None),
     ):
+        if shift is not None:
+            x = x.float() - shift
         if cache.dtype == torch.int8:
-            rows, row_scales = quantize_int8_rows(x if shift is None else x.float() - shift)
+            rows, row_scales = quantize_int8_rows(x)
             block_size = cache.shape[1]
             pages[slot_mapping // block_size, :, slot_mapping % block_size] = row_scales
         else:

@@ -5,8 +5,8 @@ launch; slot -1 (stored on another worker) is skipped inside the kernel, so unli
 reference (`write_kv_torch`, which filters the -1 slots on the host) nothing syncs with the host
 and the call can be captured in a CUDA graph. Into an FP8 cache the rows go divided by the
 layer's scales and saturated to e4m3's range; into an int8 cache each KV head's row goes over
-its own max |x| / 127 (K less its channel means first), that scale stored in the scale pages
-(fapool.attention.kv_quant).
+its own max |x| / 127, that scale stored in the scale pages; into either, K less its
+channel means first (fapool.attention.kv_quant).
 
 Reference: `fapool.attention.torch_ref.write_kv_torch`; test:
 tests/attention/test_triton_kernels.py; benchmark: benchmarks/bench_attention_kernels.py.
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, KVScales, check_scale_pages
+from fapool.attention.kv_quant import FP8_DTYPE, FP8_MAX, INT8_MAX, KVScales, check_scale_pages, check_shift
 from fapool.layers.triton_pdl import launch_dependents, pdl_enabled, pdl_launch, wait_predecessor
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
@@ -81,11 +81,11 @@ def _write_kv_kernel(
     mask = h_mask[:, None]
     k = tl.load(KEY + t * stride_kt + h[:, None] * stride_kh + d, mask=mask)
     v = tl.load(VALUE + t * stride_vt + h[:, None] * stride_vh + d, mask=mask)
+    if SHIFT:
+        k = k.to(tl.float32) - tl.load(K_SHIFT + h[:, None] * HEAD_DIM + d, mask=mask, other=0.0)
     if FP8:
         k = tl.clamp(k.to(tl.float32) * k_inv_scale, -FP8_MAX_C, FP8_MAX_C)
         v = tl.clamp(v.to(tl.float32) * v_inv_scale, -FP8_MAX_C, FP8_MAX_C)
-    if SHIFT:
-        k = k.to(tl.float32) - tl.load(K_SHIFT + h[:, None] * HEAD_DIM + d, mask=mask, other=0.0)
     if INT8:
         k = _int8_rows(k, K_SCALES, page, off, h, h_mask, NUM_KV_HEADS, PAGE)
         v = _int8_rows(v, V_SCALES, page, off, h, h_mask, NUM_KV_HEADS, PAGE)
@@ -121,9 +121,10 @@ def write_kv(
     if key.stride(2) != 1 or value.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("head_dim must be the contiguous dimension of key, value and caches")
     int8 = k_cache.dtype == torch.int8
-    shift = scales.k_shift if int8 and scales else None
+    shift = scales.k_shift if scales is not None else None
+    check_shift(k_cache, shift)
     if int8:
-        check_scale_pages(k_cache, scales and scales.k_pages, scales and scales.v_pages, shift)
+        check_scale_pages(k_cache, scales and scales.k_pages, scales and scales.v_pages)
     if num_tokens == 0:
         return
     if head_dim & (head_dim - 1):

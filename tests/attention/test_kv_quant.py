@@ -154,6 +154,28 @@ def test_int8_k_shift_leaves_softmax_and_keeps_an_offset_channel_out_of_the_rows
     assert 0 < errs[False] < errs[True] / 3
 
 
+def test_fp8_k_shift_keeps_an_offset_channel_out_of_the_scale():
+    """The same offset channel in an FP8 cache: with the shift, K's scale covers only the spread
+    around the means, and the output moves closer to the float cache's."""
+    q, kc, vc, meta, key, value, _ = _write_case(torch.float32, None, seed=3)
+    key = key.clone()
+    key[:, :, 3] += 40.0
+    slots = torch.tensor(list(range(9)) + list(range(20, 26)))
+    write_kv_torch(kc, vc, key, value, slots)
+    exact, _ = TorchReferenceBackend().forward(q, kc, vc, meta, 0.25)
+    mu = key.mean(0).contiguous()
+    errs = {}
+    for shift in (None, mu):
+        k_amax = float((key - (0 if shift is None else shift)).abs().max())
+        scales = KVScales(k=k_amax * HEADROOM / FP8_MAX, v=5.0 * HEADROOM / FP8_MAX, k_shift=shift)
+        k8, v8 = torch.zeros_like(kc, dtype=FP8_DTYPE), torch.zeros_like(vc, dtype=FP8_DTYPE)
+        write_kv_torch(k8, v8, key, value, slots, scales)
+        meta.host_plans.clear()
+        out, _ = TorchReferenceBackend().forward(q, k8, v8, meta, 0.25, scales)
+        errs[shift is None] = float((out - exact).norm() / exact.norm())
+    assert 0 < errs[False] < 0.75 * errs[True]  # 4.7% against 7.0%: V and the other channels keep theirs
+
+
 class _Layer:
     def __init__(self, backend):
         self.backend = backend
@@ -173,9 +195,15 @@ def test_calibration_sets_each_layers_scales_from_its_amax():
             layer.backend.write_kv(cache, cache.clone(), k, v, torch.arange(3))
 
     scales = calibrate_kv_scales(layers, forward)
-    assert [layer.kv_scales for layer in layers] == scales
-    assert scales[0] == KVScales(7.0 * HEADROOM / FP8_MAX, 0.5 * HEADROOM / FP8_MAX)
-    assert scales[1].k == pytest.approx(14.0 * HEADROOM / FP8_MAX)
+    assert [layer.kv_scales is s for layer, s in zip(layers, scales)] == [True, True]
+    for i, s in enumerate(scales):
+        # K's channel means come off first; its scale covers what is left: -7(i+1) against the
+        # channel's mean (1 - 7 + 1)(i+1) / 3 is the largest distance, 16/3 (i+1).
+        mean = torch.ones(2, 8) * (i + 1)
+        mean[0, 3] = (i + 1) * (1 - 7 + 1) / 3
+        torch.testing.assert_close(s.k_shift, mean)
+        assert s.k == pytest.approx(16 / 3 * (i + 1) * HEADROOM / FP8_MAX)
+        assert s.v == pytest.approx(0.5 * HEADROOM / FP8_MAX)
     assert all(isinstance(layer.backend, TorchReferenceBackend) for layer in layers)  # unwrapped
 
 
@@ -215,7 +243,9 @@ def test_engine_with_fp8_cache(llama_folder):
     runner = fp8.engine.executor.runner
     assert runner.kv_caches[0][0].dtype == FP8_DTYPE
     scales = [layer.self_attn.kv_scales for layer in runner.model.model.layers]
+    m = runner.config.model
     assert all(s is not None and s.k > 0 and s.v > 0 for s in scales)
+    assert all(s.k_shift.shape == (m.num_key_value_heads, m.head_dim) for s in scales)
 
     prompts = [{"prompt_token_ids": p} for p in random_prompts([40, 7, 33], seed=5)]
     whole = [o.outputs[0].token_ids for o in fp8.generate(prompts, GREEDY)]

@@ -516,14 +516,16 @@ def test_fp8_decode_refuses_slices_under_16_tokens():
 
 @needs_gpu
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_write_kv_fp8_matches_torch(block_size):
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "k_shift"])
+def test_write_kv_fp8_matches_torch(block_size, shifted):
     from fapool.attention.kv_quant import FP8_DTYPE, KVScales
     from fapool.attention.triton_backend import TritonBackend
 
     num_blocks, num_kv_heads, head_dim = 9, 8, 128
     slots, key, value = _write_inputs(block_size)
     key[0, 0, :4] = torch.tensor([1e4, -1e4, 0.0, 1e-6])  # saturated both ways, zero, tiny
-    scales = KVScales(k=0.05, v=0.01)
+    shift = (torch.arange(num_kv_heads * head_dim, device=DEVICE).view(num_kv_heads, head_dim) % 7 - 3.0) if shifted else None
+    scales = KVScales(k=0.05, v=0.01, k_shift=shift)
     caches = [
         torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=FP8_DTYPE, device=DEVICE)
         for _ in "kv"
