@@ -54,8 +54,7 @@ def stationary_context_sample(prompt: np.ndarray, output: np.ndarray, n: int, se
     p = np.asarray(prompt)
     d = np.asarray(output, dtype=np.float64)
     idx = rng.choice(len(d), size=n, p=d / d.sum())
-    age = np.floor(rng.random(n) * d[idx]).astype(np.int64)
-    return p[idx] + age + 1
+    return p[idx] + np.floor(rng.random(n) * d[idx]).astype(np.int64) + 1
 
 
 _Z = np.linspace(-8.0, 9.0, 1201)

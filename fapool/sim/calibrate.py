@@ -50,8 +50,7 @@ def fit_roofline(flops, nbytes, seconds, overheads=None) -> dict:
 
 
 def _fit_samples(samples: list[dict], overheads=None) -> dict:
-    cols = ([s[k] for s in samples] for k in ("flops", "bytes", "s"))
-    return fit_roofline(*cols, overheads)
+    return fit_roofline(*([s[k] for s in samples] for k in ("flops", "bytes", "s")), overheads)
 
 
 def fit_gemm_by_m(samples: list[dict], overhead: float) -> list[dict]:
@@ -119,8 +118,7 @@ def fit_device_fixed(samples: list[dict], cost: CostModel, depths: Sequence[int]
         by_point.setdefault((s["batch"], s["context"]), {})[s["layers"]] = s
     for (batch, _), pair in sorted(by_point.items()):
         kv = pair[lo]["kv_tokens"]
-        dense_c, _ = cost.dense_layer(batch)
-        modelled_layer = dense_c + float(cost.attention(kv, kv, batch))
+        modelled_layer = cost.dense_layer(batch)[0] + float(cost.attention(kv, kv, batch))
         # Device time over depth by least squares (with two depths: the line through both).
         slope, intercept = np.polyfit(depths, [pair[d]["device_s"] for d in depths], 1)
         layer_res.append(float(slope) - modelled_layer)

@@ -60,8 +60,7 @@ def _workload(args):
     if args.trace:
         if args.speedup <= 0:
             raise SimInputError("--speedup must be > 0")
-        trace = load_azure_trace(args.trace)
-        return TraceWorkload(trace, args.speedup, Path(args.trace).name)
+        return TraceWorkload(load_azure_trace(args.trace), args.speedup, Path(args.trace).name)
     prompt, output = _lengths(args)
     if args.concurrency:
         n = max(args.num_requests, args.concurrency)

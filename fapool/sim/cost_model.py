@@ -168,7 +168,8 @@ class CostModel:
         `share` of its blocks (at least DEFAULT_MIN_BLOCKS) after scoring all their summaries (calibrated)."""
         if not self.hw.sparse_decode:
             raise SimInputError("sparse attention needs a calibration with the sparse section (fapool calibrate --pool)")
-        _, blocks, tokens = sparse_terms(num_seqs, context, share, self.model.num_key_value_heads * head_fraction)
+        kv_heads = self.model.num_key_value_heads * head_fraction
+        _, blocks, tokens = sparse_terms(num_seqs, context, share, kv_heads)
         call, row, block, token = self.hw.sparse_decode
         return call + num_seqs * row + blocks * block + tokens * token
 

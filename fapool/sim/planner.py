@@ -234,8 +234,7 @@ def verify(row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthD
            seed: int) -> SimResult:
     """Simulate the row's configuration at its planned concurrency, steady state from t=0."""
     wl = ClosedLoopWorkload(prompt, output, concurrency=row.batch, num_requests=10**9, seed=seed)
-    cfg = SimConfig(prefill="skip", max_sim_time=steps * row.tpot)
-    return simulate(row.strategy, inp.cost, wl, cfg)
+    return simulate(row.strategy, inp.cost, wl, SimConfig(prefill="skip", max_sim_time=steps * row.tpot))
 
 
 def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
@@ -262,11 +261,9 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
 
     def score(r: PlanRow) -> tuple:
         meets = r.sim.slo_attainment(inp.tpot_slo) >= 0.9 if r.sim is not None else r.tpot <= inp.tpot_slo
-        thr = r.sim.throughput_per_gpu if r.sim is not None else r.throughput_per_gpu
-        return (meets, thr)
+        return meets, (r.sim.throughput_per_gpu if r.sim is not None else r.throughput_per_gpu)
 
-    rec = max(range(len(rows)), key=lambda i: score(rows[i]))
-    return Plan(rows, rec, inp.tpot_slo, m)
+    return Plan(rows, max(range(len(rows)), key=lambda i: score(rows[i])), inp.tpot_slo, m)
 
 
 def plan_table(plan: Plan):

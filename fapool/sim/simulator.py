@@ -282,8 +282,7 @@ class Simulator:
         was_prefill = inst.pre_left > 0
         inst.ctx += new
         inst.pre_left -= np.where(was_prefill, new, 0)
-        emit = active & (inst.pre_left == 0)
-        slots = np.flatnonzero(emit)
+        slots = np.flatnonzero(active & (inst.pre_left == 0))
         if not len(slots):
             return
         # A decode slot emits one token a step (k in a macro step); a finished prefill, one.
@@ -307,8 +306,7 @@ class Simulator:
             if self.workload.closed_loop and client >= 0:
                 nxt = self.workload.replenish(client, now)
                 if nxt is not None:
-                    new_rid = r.append(now, nxt[0], nxt[1], client)
-                    inst.waiting.append(new_rid)
+                    inst.waiting.append(r.append(now, nxt[0], nxt[1], client))
 
 
 def simulate(strategy: Strategy, cost: CostModel, workload: Workload, config: SimConfig | None = None) -> SimResult:

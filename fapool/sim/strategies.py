@@ -318,8 +318,7 @@ class FAPool(Strategy):
         kv = float((b.ctx + b.new)[b.active].sum())
         duration, dense_c, dense_ar = self.step_time(cost, tokens, n_seqs, local, pool_path, merge, kv,
                                                      driver_extra, step_extra)
-        lm = float(cost.lm_head(n_seqs, tp))
-        base = L * (dense_c + local + merge + driver_extra) + lm + step_extra
+        base = L * (dense_c + local + merge + driver_extra) + float(cost.lm_head(n_seqs, tp)) + step_extra
         busy = np.concatenate([np.full(tp, base), L * attn_w])
         comm = np.concatenate([np.full(tp, L * (dense_ar + send_base + recv_base)), L * (recv_w + send_w)])
         return StepCost(duration, busy, comm)
@@ -334,8 +333,7 @@ class FAPool(Strategy):
         if self.overlap and pool_path > 0:
             layers = 2 * L  # each micro-batch launches every layer
             # Ping-pong: the step is the busier side's total, or one micro-batch's own chain.
-            dc, dar = cost.dense_layer(tokens / 2, tp)
-            dense_c, dense_ar = 2 * dc, 2 * dar
+            dense_c, dense_ar = (2 * x for x in cost.dense_layer(tokens / 2, tp))
             base_total = L * (dense_c + dense_ar + local + merge + driver_extra) + lm
             chain = (L * (dense_c + dense_ar + merge + driver_extra + max(local, pool_path)) + lm) / 2
             step = max(base_total, L * pool_path, chain)
@@ -410,8 +408,7 @@ class AFD(Strategy):
         compute = gemm + cost.attention(kv_read, pairs, tokens) + cost.layer_misc(tokens)
         # Its send and receive each micro-batch; with overlap the FFN side computes beside it.
         compute = (compute + split * cost.exchange()) * cost.concurrency(self.r + self.f_tp * (split - 1))
-        net = cost.p2p(cost.hidden_bytes(tokens), self.same_node(cost))
-        return compute, net
+        return compute, cost.p2p(cost.hidden_bytes(tokens), self.same_node(cost))
 
     def ffn_layer(self, cost: CostModel, tokens: float) -> tuple[float, float, float]:
         """The FFN instance, one layer: (compute, all-reduce, network) seconds; its f_tp NICs share
@@ -451,8 +448,7 @@ class AFD(Strategy):
         mid = b.new * (b.ctx + (b.new + 1) / 2.0)
         kv_a, pairs_a, tok_a = (np.bincount(b.group, weights=w, minlength=self.r) for w in (end, mid, b.new))
         a_compute, a_net = map(np.asarray, self.attn_layer(cost, tok_a, kv_a, pairs_a))
-        tokens = float(tok_a.sum())
-        f = self.ffn_layer(cost, tokens)
+        f = self.ffn_layer(cost, float(tok_a.sum()))
         a_max = np.max(np.maximum(a_compute, a_net) if self.overlap else a_compute)
         duration = float(self.combine(cost, a_max, a_net.max(), f, float(act.sum()), float(kv_a.sum())))
         lm = float(cost.lm_head(float(act.sum()), self.f_tp))

@@ -15,8 +15,7 @@ def predict_step(cost: CostModel, strategy: Strategy, batch: int, context: int) 
     """One decode step of `batch` sequences of `context` cached tokens under any strategy (pool KV placed
     as the engine places it, AFD's requests spread evenly)."""
     if isinstance(strategy, FAPool):
-        step, ledger = pool_step_inputs(cost, strategy, batch, context)
-        return strategy.step_cost(cost, step, ledger)
+        return strategy.step_cost(cost, *pool_step_inputs(cost, strategy, batch, context))
     group = np.arange(batch) * strategy.num_groups() // batch
     step = StepBatch(np.full(batch, context, np.int64), np.ones(batch, np.int64), group)
     return strategy.step_cost(cost, step, None)
