@@ -233,9 +233,7 @@ class CostModel:
         if graphs and host.cuda_graphs:
             return np.maximum(t, serial) if host.async_scheduling else t + serial
         launch = host.launches(self.model.num_hidden_layers if layers is None else layers)
-        if host.launch_overlaps_device:
-            return serial + np.maximum(t, launch)
-        return serial + t + launch
+        return serial + np.maximum(t, launch) if host.launch_overlaps_device else serial + t + launch
 
 
 def sparse_terms(rows, context, share: float, kv_heads, block_size: int = 16, min_blocks: int = DEFAULT_MIN_BLOCKS):

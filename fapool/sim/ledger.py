@@ -38,9 +38,7 @@ class GroupLedger:
 
     def try_allocate(self, ctx: np.ndarray, new: np.ndarray) -> Domain | None:
         over = self.usage(ctx + new) - self.capacity
-        if over.max(initial=0) <= 0:
-            return None
-        return ("group", int(over.argmax()))
+        return None if over.max(initial=0) <= 0 else ("group", int(over.argmax()))
 
     def holds(self, domain: Domain) -> np.ndarray:
         return self.group == domain[1]
@@ -111,9 +109,7 @@ class PoolLedger:
         return True
 
     def holds(self, domain: Domain) -> np.ndarray:
-        if domain[0] == "base":
-            return np.ones(len(self.room), bool)
-        return self.owned[:, domain[1]] > 0
+        return np.ones(len(self.room), bool) if domain[0] == "base" else self.owned[:, domain[1]] > 0
 
     def attend(self, slots: np.ndarray, micro_batch: int = 0) -> np.ndarray:
         """[len(slots), workers]: the pool tokens each worker attends to; replicate mode routes position i

@@ -290,8 +290,7 @@ class Simulator:
         rids = inst.req[slots]
         r = self.reqs
         r.generated[rids] += n_emit
-        first = np.isnan(r.first_token[rids])
-        r.first_token[rids[first]] = now
+        r.first_token[rids[np.isnan(r.first_token[rids])]] = now
         inst.fresh[slots] = False
         inst.out_left[slots] -= n_emit
         n = int(n_emit.sum())

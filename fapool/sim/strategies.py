@@ -431,8 +431,7 @@ class AFD(Strategy):
             # Ping-pong: the busier side's total plus the pipeline's fill or drain, or one
             # micro-batch's own chain (half of each side plus two transfers a layer).
             a_tot = L * np.asarray(a_side)
-            f_layer = max(f_compute + f_ar, f_net)
-            f_tot = L * f_layer + lm
+            f_tot = L * max(f_compute + f_ar, f_net) + lm
             drain = (f_compute + f_ar + f_net) / 2 + lm
             fill = np.asarray(a_side) / 2 + f_net / 2
             chain = (a_tot + L * (f_compute + f_ar + 2 * f_net) + lm) / 2
