@@ -14,13 +14,13 @@ tile reads its scales in one or two sectors; `KVScales.k_pages` / `v_pages`). e4
 mantissa bits per element, which on small models costs the logits' ranking (K's error); int8
 over a row's own range keeps the large elements, which dominate q.k, to 1/254 of the row's
 largest. Readers multiply each token's logit by its K scale and its probability by its V scale.
+
 Before K is quantized (int8 or FP8), each channel's mean over tokens (`KVScales.k_shift`, per
-layer and KV head, from the start-up calibration pass; FP8's K scale is then set over the shifted
-range) is subtracted, as SageAttention smooths K: q.(k - mu)
-differs from q.k by the same q.mu for every key of a query, so softmax and the output are
-unchanged, while the channels whose sign and size hold across tokens no longer set every
-row's range. The kernels need no change; the lse they return is that of the shifted logits,
-which still merges with any other part read from the same cache.
+layer and KV head, from the start-up calibration pass) is subtracted, as SageAttention smooths
+K, and FP8's K scale covers the shifted range: q.(k - mu) differs from q.k by the same q.mu for
+every key of a query, so softmax and the output are unchanged, while the channels whose sign
+and size hold across tokens no longer set the range. Readers need no change; the lse they return
+is that of the shifted logits, which still merges with any other part read from the same cache.
 """
 
 from __future__ import annotations
@@ -99,12 +99,11 @@ def dequantize_int8_cache(cache: torch.Tensor, pages: torch.Tensor) -> torch.Ten
 
 
 class _KVObserver(AttentionBackend):
-    """Wraps a layer's backend during calibration: records the largest |K| and |V| it writes,
-    and the sum of K over tokens per KV head and channel."""
+    """Wraps a layer's backend during calibration: records the largest |V| it writes, and K's
+    sum, min and max over tokens per KV head and channel."""
 
     def __init__(self, inner: AttentionBackend) -> None:
         self.inner = inner
-        self.k_amax = 0.0
         self.v_amax = 0.0
         self.k_sum: torch.Tensor | None = None
         self.k_min: torch.Tensor | None = None
@@ -112,7 +111,6 @@ class _KVObserver(AttentionBackend):
         self.tokens = 0
 
     def write_kv(self, k_cache, v_cache, key, value, slot_mapping, scales=None) -> None:
-        self.k_amax = max(self.k_amax, float(key.abs().max()))
         self.v_amax = max(self.v_amax, float(value.abs().max()))
         k = key.float()
         k_sum, k_min, k_max = k.sum(0), k.amin(0), k.amax(0)
