@@ -303,8 +303,7 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         "dtype_bytes": int(cal.get("dtype_bytes", hw.dtype_bytes)),
         "source": f"calibration {cal.get('_path', '')} ({cal.get('device_name', '?')})",
     }
-    eng = cal.get("engine")
-    if eng:
+    if eng := cal.get("engine"):
         changes["layer_fixed_s"] = eng["device_fixed"]["layer_fixed_s"]
         changes["step_fixed_s"] = eng["device_fixed"]["step_fixed_s"]
         changes["host"] = HostProfile(**_fields(HostProfile, eng["host"]))

@@ -190,8 +190,7 @@ def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow
                         | {inp.tokens_per_worker})
     make = lambda tp: [FAPool(base_tp=tp, pool_size=P, threshold=th, tokens_per_worker=inp.tokens_per_worker)
                        for th in thresholds for P in range(1, inp.max_gpus - tp + 1)]
-    row = _pool_search(inp, mf, m, make)
-    if row is not None:
+    if (row := _pool_search(inp, mf, m, make)) is not None:
         s, B = row.strategy, row.batch
         p_star = pool_balance_size(mf, s.base_tp, s.threshold, s.tokens_per_worker, B, inp.max_gpus * 4)
         row.notes = f"threshold {s.threshold}, balance pool size P*={p_star}"
@@ -201,8 +200,7 @@ def plan_fapool(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow
 def plan_head_parallel(inp: PlannerInputs, m: ContextMoments, x: np.ndarray) -> PlanRow | None:
     kvh = inp.cost.model.num_key_value_heads
     make = lambda tp: [head_parallel(dense_tp=tp, attn_workers=P) for P in range(1, kvh + 1) if kvh % P == 0]
-    row = _pool_search(inp, _PoolMeanField(inp, x), m, make)
-    if row is not None:
+    if (row := _pool_search(inp, _PoolMeanField(inp, x), m, make)) is not None:
         row.notes = "all KV on attention GPUs, split by head"
     return row
 

@@ -214,8 +214,7 @@ class Simulator:
             if not new.any():
                 inst.busy = False
                 return
-            domain = inst.ledger.try_allocate(inst.ctx, new)
-            if domain is None:
+            if (domain := inst.ledger.try_allocate(inst.ctx, new)) is None:
                 break
             held = inst.ledger.holds(domain) & (inst.req >= 0)
             if not held.any():
@@ -303,8 +302,7 @@ class Simulator:
             self._free(inst, int(s))
             client = int(r.client[rid])
             if self.workload.closed_loop and client >= 0:
-                nxt = self.workload.replenish(client, now)
-                if nxt is not None:
+                if (nxt := self.workload.replenish(client, now)) is not None:
                     inst.waiting.append(r.append(now, nxt[0], nxt[1], client))
 
 

@@ -30,8 +30,7 @@ def pool_step_inputs(cost: CostModel, pool: FAPool, batch: int, context: int) ->
     for s in range(batch):
         new = np.zeros(batch, np.int64)
         new[s] = context
-        over = ledger.try_allocate(np.where(np.arange(batch) < s, ctx, 0), new)
-        if over is not None:
+        if (over := ledger.try_allocate(np.where(np.arange(batch) < s, ctx, 0), new)) is not None:
             raise ValueError(f"{batch} x {context} tokens do not fit {pool.describe()} ({over})")
     one = np.ones(batch, np.int64)
     step = StepBatch(ctx=ctx, new=one, group=np.zeros(batch, np.int64))

@@ -113,8 +113,7 @@ def load_azure_trace(path: str | Path) -> RequestBatch:
     with path.open(newline="") as f:
         reader = csv.reader(f)
         names = [h.strip() for h in next(reader, [])]
-        missing = [c for c in TRACE_COLUMNS if c not in names]
-        if missing:
+        if missing := [c for c in TRACE_COLUMNS if c not in names]:
             raise SimInputError(f"{path}: header lacks column(s) {', '.join(missing)}; "
                                 f"expected {', '.join(TRACE_COLUMNS)}")
         idx = [names.index(c) for c in TRACE_COLUMNS]
