@@ -309,8 +309,7 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         changes["host"] = HostProfile(**_fields(HostProfile, eng["host"]))
     if cal["pool"]:
         changes["pool"] = PoolOverheads(**_fields(PoolOverheads, cal["pool"]))
-    if cal.get("ranks"):  # absent from calibrations made before the rank terms
-        r = cal["ranks"]
+    if r := cal.get("ranks"):  # absent from calibrations made before the rank terms
         pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
                                          pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"),
@@ -350,10 +349,8 @@ def summary_lines(cal: dict) -> list[str]:
         lines.append(f"engine: not calibrated ({cal['engine_error']})")
     if eng := cal.get("engine"):
         f, h = eng["device_fixed"], eng["host"]
-        launch = "launch: in the device's fixed costs (CPU)"
-        if h["launch_overlaps_device"]:
-            launch = (f"eager launch {h['launch_layer_s'] * 1e6:.1f} us a layer + "
-                      f"{h['launch_step_s'] * 1e6:.1f} us a step")
+        launch = (f"eager launch {h['launch_layer_s'] * 1e6:.1f} us a layer + {h['launch_step_s'] * 1e6:.1f} "
+                  "us a step" if h["launch_overlaps_device"] else "launch: in the device's fixed costs (CPU)")
         lines += [f"engine ({eng['model']}, {eng['seconds']} s): device fixed {f['layer_fixed_s'] * 1e6:.1f} "
                   f"us a layer, {f['step_fixed_s'] * 1e6:.1f} us a step",
                   f"host: {h['step_s'] * 1e6:.1f} us a step + {h['per_seq_s'] * 1e6:.2f} us a sequence + "

@@ -82,8 +82,7 @@ class SimResult:
                         for lab, u, c, i in zip(self.gpu_labels, util, self.gpu_comm, idle, strict=True)},
         }
         if tpot_slo is not None:
-            out["tpot_slo_s"] = tpot_slo
-            out["slo_attainment"] = self.slo_attainment(tpot_slo)
+            out.update(tpot_slo_s=tpot_slo, slo_attainment=self.slo_attainment(tpot_slo))
         return out
 
 

@@ -216,8 +216,7 @@ class ClosedLoopWorkload(Workload):
 
     def initial(self) -> RequestBatch:
         self._rngs = [np.random.default_rng([self.seed, 3, c]) for c in range(self.concurrency)]
-        self._buffers = {}
-        self._sent = self.concurrency
+        self._buffers, self._sent = {}, self.concurrency
         c = self.concurrency
         draws = [steady_state_draw(self.prompt, self.output, rng) for rng in self._rngs]
         prompt, output, generated = (np.array(col, np.int64) for col in zip(*draws, strict=True))
@@ -231,9 +230,7 @@ class ClosedLoopWorkload(Workload):
         if not buf:  # draw a block at a time from the client's own stream (same for every run)
             rng = self._rngs[client]
             prompt, output = self.prompt.sample(rng, 64).tolist(), self.output.sample(rng, 64).tolist()
-            buf = list(zip(prompt, output, strict=True))
-            buf.reverse()
-            self._buffers[client] = buf
+            self._buffers[client] = buf = list(zip(prompt, output, strict=True))[::-1]
         return buf.pop()
 
     def describe(self) -> str:
