@@ -111,16 +111,10 @@ class AFDModel:
         bundle = self._bundle(r)
         key = bundle.same_node(self.cost)  # NVLink inside one node, the NIC otherwise
         if key not in self._a_cache:
-            s0 = self.b * self.m.mean
-            ds = max(self.sum_sd, 1.0)
-
-            def a_side(s: float) -> float:
-                compute, net = bundle.attn_layer(self.cost, self.b, s, s)
-                return float(max(compute, net) if self.overlap else compute)
-
-            a0 = a_side(s0)
-            net = float(bundle.attn_layer(self.cost, self.b, s0, s0)[1])
-            self._a_cache[key] = (a0, (a_side(s0 + ds) - a0) / ds, net)
+            s0, ds = self.b * self.m.mean, max(self.sum_sd, 1.0)
+            at = [bundle.attn_layer(self.cost, self.b, s, s) for s in (s0, s0 + ds)]  # (compute, network)
+            a0, a1 = (float(max(c, n) if self.overlap else c) for c, n in at)
+            self._a_cache[key] = (a0, (a1 - a0) / ds, float(at[0][1]))
         return self._a_cache[key]
 
     def point(self, r: int) -> AFDPoint:
