@@ -197,6 +197,36 @@ def _merge(runs: list[dict]) -> dict:
     }
 
 
+def best_within(measured: list[float], tol: float = 0.10) -> int:
+    """How many of a row's measured steps one prediction p can have within `tol` (|p / m - 1| <=
+    tol): the most a perfect, constant prediction could reach over runs of a noisy engine."""
+    edges = [e for m in measured for e in (m * (1 - tol), m * (1 + tol))]
+    return max(sum(abs(p / m - 1) <= tol + 1e-12 for m in measured) for p in edges)
+
+
+def across_runs(paths: list[str]) -> int:
+    """Each topology over result files of one calibration: measured medians, their spread, the
+    simulator's runs within 10%, and best_within (what the engine's own spread allows)."""
+    import json
+    from pathlib import Path
+
+    runs = [{r["config"]: r for r in json.loads(Path(path).read_text())["rows"]} for path in paths]
+    totals = [0, 0, 0, 0]  # row-runs: simulator within 10%, best possible; rows: all runs, best possible
+    for name in runs[0]:
+        rows = [run[name] for run in runs if name in run]
+        measured = [r["measured_s"] for r in rows]
+        sim = sum(abs(r["rel_error"]) <= 0.10 for r in rows)
+        best = best_within(measured)
+        totals = [totals[0] + sim, totals[1] + best, totals[2] + (sim == len(rows)), totals[3] + (best == len(rows))]
+        print(f"{name:46s} measured {' / '.join(f'{m * 1e3:.1f}' for m in measured)} ms "
+              f"(spread x{max(measured) / min(measured):.2f}), predicted {rows[0]['predicted_s'] * 1e3:.1f} ms: "
+              f"simulator within 10% on {sim}/{len(rows)}, best possible {best}/{len(rows)}")
+    n = sum(len(run) for run in runs)
+    print(f"row-runs within 10%: simulator {totals[0]}/{n}, best possible {totals[1]}/{n}; "
+          f"rows within 10% in every run: simulator {totals[2]}/{len(runs[0])}, best possible {totals[3]}/{len(runs[0])}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M GGUF")
@@ -218,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out-dir", default=None, help="JSON folder (default benchmarks/results)")
     p.add_argument("--calibrate-only", action="store_true", help="write the calibration and stop")
+    p.add_argument("--across", nargs="+", default=None, metavar="JSON",
+                   help="no run: each topology over these result files (one calibration's runs) against "
+                        "what the engine's own spread allows")
     ns = p.parse_args(argv)
+    if ns.across:
+        return across_runs(ns.across)
 
     import torch
 
