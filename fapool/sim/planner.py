@@ -174,11 +174,8 @@ def pool_balance_size(mf: _PoolMeanField, base_tp: int, threshold: int, tokens_p
                       p_max: int, tolerance: float = 0.02) -> int | None:
     """The smallest pool whose mean-field step is within `tolerance` of an unbounded pool's (past it the
     base GPUs set the pace: the seed's plateau)."""
-
-    def step(P: int) -> float:
-        pool = FAPool(base_tp=base_tp, pool_size=P, threshold=threshold, tokens_per_worker=tokens_per_worker)
-        return mf.step(pool, B)
-
+    step = lambda P: mf.step(FAPool(base_tp=base_tp, pool_size=P, threshold=threshold,
+                                    tokens_per_worker=tokens_per_worker), B)
     ref = step(p_max)
     return next((P for P in range(1, p_max + 1) if step(P) <= (1 + tolerance) * ref), None)
 
@@ -228,13 +225,6 @@ def plan_afd(inp: PlannerInputs, m: ContextMoments) -> PlanRow | None:
     return best
 
 
-def verify(row: PlanRow, inp: PlannerInputs, prompt: LengthDist, output: LengthDist, steps: int,
-           seed: int) -> SimResult:
-    """Simulate the row's configuration at its planned concurrency, steady state from t=0."""
-    wl = ClosedLoopWorkload(prompt, output, concurrency=row.batch, num_requests=10**9, seed=seed)
-    return simulate(row.strategy, inp.cost, wl, SimConfig(prefill="skip", max_sim_time=steps * row.tpot))
-
-
 def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
               output_dist: LengthDist | None = None, verify_steps: int = 300, seed: int = 0) -> Plan:
     if inp.tpot_slo <= 0 or not math.isfinite(inp.tpot_slo):
@@ -254,8 +244,10 @@ def make_plan(inp: PlannerInputs, prompt_dist: LengthDist | None = None,
     if verify_steps > 0:
         if prompt_dist is None or output_dist is None:
             raise ValueError("verification needs the length distributions")
-        for row in rows:
-            row.sim = verify(row, inp, prompt_dist, output_dist, verify_steps, seed)
+        for row in rows:  # simulated at its planned concurrency, steady state from t=0
+            wl = ClosedLoopWorkload(prompt_dist, output_dist, row.batch, num_requests=10**9, seed=seed)
+            cfg = SimConfig(prefill="skip", max_sim_time=verify_steps * row.tpot)
+            row.sim = simulate(row.strategy, inp.cost, wl, cfg)
 
     def score(r: PlanRow) -> tuple:
         meets = r.sim.slo_attainment(inp.tpot_slo) >= 0.9 if r.sim is not None else r.tpot <= inp.tpot_slo
