@@ -71,8 +71,7 @@ class _Requests:
 
 class _Instance:
     def __init__(self, idx: int, strategy: Strategy, cost: CostModel):
-        self.idx = idx
-        self.num_groups = strategy.num_groups()
+        self.idx, self.num_groups = idx, strategy.num_groups()
         spg = strategy.slots_per_group()
         n = self.num_groups * spg
         self.group = np.repeat(np.arange(self.num_groups), spg)
@@ -88,9 +87,8 @@ class _Instance:
         self.busy = False
         self.pending: tuple | None = None  # (tokens added per slot, start time) of the step in flight
         self.gpu_busy, self.gpu_comm = np.zeros(strategy.num_gpus()), np.zeros(strategy.num_gpus())
-        self.steps = 0
         self.timeline: list[tuple[float, int, float, float]] = []
-        self.stride = 1
+        self.steps, self.stride = 0, 1  # steps run; the timeline keeps every stride-th
 
 
 class Simulator:
@@ -111,8 +109,7 @@ class Simulator:
         self.events: list[tuple[float, int, int]] = []
         self.seq = self.tokens_window = self._finished_count = 0
         self.now = 0.0
-        order = np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable")
-        self.arrivals = deque(int(i) for i in order)
+        self.arrivals = deque(int(i) for i in np.argsort(self.reqs.arrival[: self.reqs.n], kind="stable"))
         total = int(getattr(self.workload, "num_requests", self.reqs.n))
         cols = TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
         with Progress(*cols, transient=True, disable=not cfg.progress) as bar:
@@ -292,9 +289,8 @@ class Simulator:
         r.first_token[rids[np.isnan(r.first_token[rids])]] = now
         inst.fresh[slots] = False
         inst.out_left[slots] -= n_emit
-        n = int(n_emit.sum())
         if started >= self.config.warmup:
-            self.tokens_window += n
+            self.tokens_window += int(n_emit.sum())
         for s in slots[inst.out_left[slots] <= 0]:
             rid = int(inst.req[s])
             r.finish[rid] = now
