@@ -112,8 +112,7 @@ def fit_device_fixed(samples: list[dict], cost: CostModel, depths: Sequence[int]
     `depths`: per (batch, context) the slope and intercept of device time over depth, less what `cost`
     (the shallowest engine model, kernel fits alone, no host) prices."""
     lo = depths[0]
-    layer_res, step_res = [], []
-    by_point = {}
+    layer_res, step_res, by_point = [], [], {}
     for s in samples:
         by_point.setdefault((s["batch"], s["context"]), {})[s["layers"]] = s
     for (batch, _), pair in sorted(by_point.items()):

@@ -174,8 +174,7 @@ class CostModel:
         return call + num_seqs * row + blocks * block + tokens * token
 
     def lm_head(self, num_seqs, tp: int = 1):
-        m = self.model
-        return self.gemm(num_seqs, math.ceil(m.vocab_size / tp), m.hidden_size)
+        return self.gemm(num_seqs, math.ceil(self.model.vocab_size / tp), self.model.hidden_size)
 
     def allreduce(self, nbytes, n: int, same_node: bool = True):
         """Ring all-reduce of `nbytes` over n ranks: one launch latency, 2(n-1) ring steps."""
@@ -225,8 +224,7 @@ class CostModel:
     def finish_step(self, device_s, n_seqs=0.0, kv_tokens=0.0, graphs: bool = False, layers: int | None = None):
         """Wall seconds of a step whose layers and LM head take `device_s`: plus the fixed step
         cost, the host's serial work and the launches of `layers` layers (or one graph replay)."""
-        t = device_s + self.step_overhead()
-        host = self.hw.host
+        t, host = device_s + self.step_overhead(), self.hw.host
         if host is None or not self.include_host:
             return t
         serial = host.serial(n_seqs, kv_tokens)

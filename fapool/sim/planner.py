@@ -159,8 +159,7 @@ class _PoolMeanField:
         z = self.inp.kv_sigmas * m_sd * math.sqrt(B)
         if B * e_loc + (z if e_loc else 0) > s.base_capacity(self.cost):
             return False
-        pool_cap = s.pool_size * s.worker_capacity(self.cost) * 0.95
-        return B * e_pool + (z if e_pool else 0) <= pool_cap
+        return B * e_pool + (z if e_pool else 0) <= s.pool_size * s.worker_capacity(self.cost) * 0.95
 
 
 def _pool_search(inp: PlannerInputs, mf: _PoolMeanField, m: ContextMoments, make) -> PlanRow | None:

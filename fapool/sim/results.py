@@ -94,7 +94,6 @@ def build_result(sim, end: float) -> SimResult:
     decode_tokens = r.output[:n] - r.start_generated[:n] - 1
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot_all = (r.finish[:n] - r.first_token[:n]) / decode_tokens
-    tpot_mask = measured & (decode_tokens > 0)
     labels, util, comm = [], [], []
     for inst in sim.insts:
         prefix = f"i{inst.idx}." if len(sim.insts) > 1 else ""
@@ -104,7 +103,7 @@ def build_result(sim, end: float) -> SimResult:
     return SimResult(
         sim.strategy.describe(), sim.workload.describe(), sim.cost.hw.name, sim.strategy.total_gpus(), window,
         n, int(done.sum()), int(sim.tokens_window), int(r.preemptions[:n].sum()),
-        ttft=(r.first_token[:n] - r.arrival[:n])[measured], tpot=tpot_all[tpot_mask],
+        ttft=(r.first_token[:n] - r.arrival[:n])[measured], tpot=tpot_all[measured & (decode_tokens > 0)],
         e2e=(r.finish[:n] - r.arrival[:n])[measured], gpu_labels=labels, gpu_util=np.concatenate(util),
         gpu_comm=np.concatenate(comm),
         cost_per_hour=sim.cost.hw.cost_per_hour, timeline=[inst.timeline for inst in sim.insts],

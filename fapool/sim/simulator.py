@@ -197,8 +197,7 @@ class Simulator:
         for s in prefilling[np.argsort(inst.order[prefilling], kind="stable")]:
             if budget <= 0:
                 break
-            c = int(min(inst.pre_left[s], budget))
-            new[s] = c
+            new[s] = c = int(min(inst.pre_left[s], budget))
             budget -= c
         return new, decode
 
@@ -245,8 +244,7 @@ class Simulator:
             if len(inst.timeline) >= 2 * self.config.timeline_points:
                 inst.timeline = inst.timeline[::2]
                 inst.stride *= 2
-        inst.pending = (new, self.now)
-        inst.busy = True
+        inst.pending, inst.busy = (new, self.now), True
         self.seq += 1
         heapq.heappush(self.events, (self.now + sc.duration, self.seq, inst.idx))
 
