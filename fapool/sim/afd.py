@@ -32,8 +32,7 @@ class ContextMoments:
 
 def context_moments(prompt: np.ndarray, output: np.ndarray) -> ContextMoments:
     """Exact length-biased moments for the empirical (prompt, output) distribution."""
-    p = np.asarray(prompt, dtype=np.float64)
-    d = np.asarray(output, dtype=np.float64)
+    p, d = (np.asarray(v, dtype=np.float64) for v in (prompt, output))
     ed = d.mean()
     # Power sums over the request's steps j = 1..D of (P + j)^k.
     s1 = d * (d + 1) / 2
@@ -51,8 +50,7 @@ def context_moments(prompt: np.ndarray, output: np.ndarray) -> ContextMoments:
 def stationary_context_sample(prompt: np.ndarray, output: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """n draws of X (for planners that need a distribution, not just moments)."""
     rng = np.random.default_rng(seed)
-    p = np.asarray(prompt)
-    d = np.asarray(output, dtype=np.float64)
+    p, d = np.asarray(prompt), np.asarray(output, dtype=np.float64)
     idx = rng.choice(len(d), size=n, p=d / d.sum())
     return p[idx] + np.floor(rng.random(n) * d[idx]).astype(np.int64) + 1
 
@@ -70,8 +68,7 @@ def _max_weights(r: int) -> np.ndarray:
 
 def max_of_sums_distribution(m: ContextMoments, b: int, r: int) -> tuple[np.ndarray, np.ndarray]:
     """(values, weights): a discretised distribution of max over r GPUs of the sum of b slots' X."""
-    g = m.skew / math.sqrt(b)
-    if g > 0.02:
+    if (g := m.skew / math.sqrt(b)) > 0.02:
         k = 4.0 / (g * g)
         cube = np.maximum(1.0 - 1.0 / (9.0 * k) + _Z / (3.0 * math.sqrt(k)), 0.0) ** 3
         z = math.sqrt(k) * (cube - 1.0)  # standardised: (Gamma(k) - k) / sqrt(k)

@@ -222,8 +222,7 @@ class FAPool(Strategy):
         worker) routes, micro-batches with a route, micro-batches."""
         P = self.pool_size
         mbs = self.micro_batches(b)
-        calls, seqs = np.zeros(P), np.zeros(P)
-        pool_mbs = 0
+        calls, seqs, pool_mbs = np.zeros(P), np.zeros(P), 0
         pool_tok = np.maximum(b.ctx + b.new - self.threshold, 0)
         for k, idx in enumerate(mbs):
             if self.mode == "head":
@@ -443,8 +442,7 @@ class AFD(Strategy):
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
         L = cost.model.num_hidden_layers
         act = b.active
-        end = (b.ctx + b.new) * act
-        mid = b.new * (b.ctx + (b.new + 1) / 2.0)
+        end, mid = (b.ctx + b.new) * act, b.new * (b.ctx + (b.new + 1) / 2.0)
         kv_a, pairs_a, tok_a = (np.bincount(b.group, weights=w, minlength=self.r) for w in (end, mid, b.new))
         a_compute, a_net = map(np.asarray, self.attn_layer(cost, tok_a, kv_a, pairs_a))
         f = self.ffn_layer(cost, float(tok_a.sum()))
