@@ -134,7 +134,6 @@ class StaticTPPP(Strategy):
         alone = min(segs, 2)
         stage = lps * (dense_c + attn)
         both = cost.concurrency(self.tp * n_mb)
-        stage_c = stage * both
         compute = stage * (alone * cost.concurrency(self.tp) + (segs - alone) * both)
         boundary = float(cost.p2p(cost.hidden_bytes(t_mb), pp_same)) + cost.exchange()
         stage_comm = lps * dense_ar + (boundary if self.pp > 1 else 0.0)
@@ -145,7 +144,7 @@ class StaticTPPP(Strategy):
         if self.tp == 1 and self.pp > 1:  # calibrated at TP 1 only
             chain += cost.pp_extra(self.pp, m.num_hidden_layers)
         period = float(cost.finish_step(chain, n_seqs, kv, graphs, lps * n_mb))
-        return period, n_mb * stage_c, n_mb * stage_comm, n_mb * lm
+        return period, n_mb * (stage * both), n_mb * stage_comm, n_mb * lm
 
     def step_cost(self, cost: CostModel, b: StepBatch, ledger) -> StepCost:
         kv, pairs, tokens = _attn_terms(b)
@@ -284,8 +283,7 @@ class FAPool(Strategy):
             pool_q = np.minimum(b.new, pool_tok)
             if self.mode == "head":
                 share = self.head_share(cost)
-                queries = float(pool_q.sum())
-                pairs = float((pool_q * pool_tok).sum())
+                queries, pairs = float(pool_q.sum()), float((pool_q * pool_tok).sum())
                 attn_w = np.array([float(cost.attention(pool_tok.sum(), pairs, queries, s)) for s in share])
                 q_bytes_w = cost.query_bytes(queries, 1.0) * share
                 ret_bytes_w = cost.partial_bytes(queries, 1.0) * share
@@ -302,8 +300,7 @@ class FAPool(Strategy):
                     attn_w = sum(np.asarray(cost.attention(att[i].sum(axis=0), pool_q[i] @ att[i],
                                                            pool_q[i] @ holds[i]), dtype=np.float64)
                                  for i in self.micro_batches(b))
-                q_bytes_w = cost.query_bytes(queries_w)
-                ret_bytes_w = cost.partial_bytes(queries_w)
+                q_bytes_w, ret_bytes_w = cost.query_bytes(queries_w), cost.partial_bytes(queries_w)
                 new_kv_w = ledger.placed
             q_bytes_w = q_bytes_w + new_kv_w * cost.kv_bytes_per_token_layer()
         driver_extra = step_extra = send_base = recv_base = pool_path = merge = 0.0
