@@ -221,8 +221,7 @@ class Simulator:
             self.reqs.preemptions[rid] += 1
             self._free(inst, slot)
             inst.waiting.appendleft(rid)
-        batch = StepBatch(inst.ctx.copy(), new, inst.group)
-        sc = self.strategy.step_cost(self.cost, batch, inst.ledger)
+        sc = self.strategy.step_cost(self.cost, StepBatch(inst.ctx.copy(), new, inst.group), inst.ledger)
         if not sc.duration > 0 or not math.isfinite(sc.duration):
             raise RuntimeError(f"non-positive step time {sc.duration} from {self.strategy.describe()}")
         k = self._macro_k(inst, new, decode, sc.duration)
@@ -272,11 +271,10 @@ class Simulator:
         new, started = inst.pending
         inst.pending, inst.busy = None, False
         now = self.now
-        active = new > 0
         was_prefill = inst.pre_left > 0
         inst.ctx += new
         inst.pre_left -= np.where(was_prefill, new, 0)
-        slots = np.flatnonzero(active & (inst.pre_left == 0))
+        slots = np.flatnonzero((new > 0) & (inst.pre_left == 0))
         if not len(slots):
             return
         # A decode slot emits one token a step (k in a macro step); a finished prefill, one.
