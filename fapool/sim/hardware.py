@@ -88,8 +88,7 @@ class RankOverheads:
     concurrent_stretch: float = 1.0  # how much slower a rank computes while another computes beside it
     allreduce_extra_s: tuple[tuple[int, float], ...] = ()  # (ranks, seconds an all-reduce adds)
     step_extra_s: tuple[tuple[int, float], ...] = ()  # (processes, seconds a step adds: plans, reports)
-    # (pool workers, seconds a layer, seconds a step) a one-micro-batch pool step adds beyond its parts;
-    # the driver pays the layer term for each micro-batch it routes to the pool
+    # (pool workers, seconds a layer, seconds a step) a one-micro-batch pool step adds beyond its parts
     pool_extra_s: tuple[tuple[int, float, float], ...] = ()
     # (stages, seconds a layer, seconds a step) a PP step adds beyond its parts and step_extra_s
     pp_extra_s: tuple[tuple[int, float, float], ...] = ()

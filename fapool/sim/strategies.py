@@ -250,9 +250,9 @@ class FAPool(Strategy):
             attn_w = attn_w + overheads.worker_calls(calls, seqs)
             driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
             step_extra = overheads.driver_step_s
-        if cost.hw.ranks is not None:  # the whole step's calibrated rest, a layer for each micro-batch it routes
+        if cost.hw.ranks is not None and not self.overlap:  # the whole step's calibrated rest
             extra = {n: (a, s) for n, a, s in cost.hw.ranks.pool_extra_s}.get(self.pool_size, (0.0, 0.0))
-            driver_extra, step_extra = driver_extra + max(pool_mbs, 1) * extra[0], step_extra + extra[1]
+            driver_extra, step_extra = driver_extra + extra[0], step_extra + extra[1]
         # CPU: processes busy at once beyond the cores share them; with overlap the driver
         # computes beside the workers and loses (s - 1) x the busiest worker's time.
         busy_at_once = int((attn_w > 0).sum()) + (self.base_tp if self.overlap else 0)

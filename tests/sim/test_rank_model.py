@@ -4,7 +4,6 @@ recovers known terms, and the calibration JSON carries them."""
 
 import itertools
 
-import numpy as np
 import pytest
 
 from fapool.bench.calibrate import tiny_twin
@@ -71,7 +70,7 @@ def test_rank_terms_add_exactly_what_they_say():
     assert grown(StaticTPPP(tp=1, pp=4, max_batch=4)) == 0.0 and grown(tp2) == 0.0
 
 
-def test_pool_extra_adds_per_layer_and_micro_batch_and_per_step_at_its_worker_count():
+def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_batch():
     base, pooled = _cpu_cost(), _cpu_cost(RankOverheads(pool_extra_s=((2, 2e-4, 3e-3),)))
     L = base.model.num_hidden_layers
 
@@ -82,18 +81,7 @@ def test_pool_extra_adds_per_layer_and_micro_batch_and_per_step_at_its_worker_co
 
     for mode in ("shard", "replicate", "head"):
         assert grown(2, mode, False) == pytest.approx(L * 2e-4 + 3e-3)
-    assert grown(1, "shard", False) == 0.0  # not calibrated there
-    # Two micro-batches: the driver's machinery runs a layer for each one routed to the pool.
-    pool = FAPool(base_tp=1, pool_size=2, threshold=32, tokens_per_worker=32, mode="head", overlap=True, max_batch=4)
-    counts = (np.ones(2), np.ones(2), 2, 2, 2)  # calls, sequences, routes, routed micro-batches, micro-batches
-
-    def extra(cost):
-        _, _, driver_extra, step_extra, *_ = pool.remote_layer(cost, np.full(2, 1e-4), np.ones(2), np.ones(2), counts)
-        return driver_extra, step_extra
-
-    (d0, s0), (d1, s1) = extra(base), extra(pooled)
-    assert d1 - d0 == pytest.approx(2 * 2e-4) and s1 - s0 == pytest.approx(3e-3)
-    assert grown(2, "head", True) > grown(2, "head", False) - 3e-3 > 0  # the overlapped step pays it too
+    assert grown(1, "shard", False) == 0.0 and grown(2, "shard", True) == 0.0  # not calibrated there
     # Below the threshold the pool is idle: nothing added.
     idle = FAPool(base_tp=1, pool_size=2, threshold=32, tokens_per_worker=32, mode="head", overlap=False, max_batch=4)
     assert predict_step(pooled, idle, 4, 16).duration == predict_step(base, idle, 4, 16).duration
