@@ -28,6 +28,7 @@ from fapool.sim.calibrate import (
     fit_pool_terms,
     fit_rank_terms,
     fit_sparse,
+    pool_kind,
     rank_strategy,
 )
 from fapool.sim.cost_model import CostModel, sparse_terms
@@ -75,8 +76,9 @@ QUICK_POOL = {"layers": (4, 12), "pools": ((1, 1), (1, 2), (2, 1)), "batches": (
 # layer costs more in a deeper step (docs/simulator.md).
 QUICK_RANKS = {"layers": (2, 16), "batch": 4, "context": 64, "steps": 8, "warmup": 2, "repeats": 2,
                "rounds": 2}
-# Pool engines of one micro-batch, (mode, workers): each mode the engine runs, at 1 and 2 workers.
-RANK_POOLS = (("shard", 1), ("replicate", 2), ("head", 2))
+# Pool engines, (mode, workers): each mode the engine runs, at 1 and 2 workers, with one micro-batch;
+# "-mb2": two micro-batches, whose rest is fitted on its own (fapool.sim.calibrate.pool_kind).
+RANK_POOLS = (("shard", 1), ("replicate", 2), ("head", 2), ("shard-mb2", 2), ("head-mb2", 2))
 # Operands rotate over copies that together exceed the last-level cache, so every call reads
 # them from memory, as the engine's step does.
 COLD_BYTES = 256 << 20
@@ -729,9 +731,10 @@ def calibrate_ranks(hw: HardwareProfile, model: ModelConfig, twin: str, cores: i
     configs += [("pp", 2, rank_strategy("pp", 2, 1).engine_args())]
     b, ctx, steps, warmup = grid["batch"], grid["context"], grid["steps"], grid["warmup"]
     blocks = kv_blocks(b, ctx + steps + warmup + 24)
-    configs += [(mode, n, {**rank_strategy(mode, n, 1).engine_args(), "micro_batches": 1,
+    configs += [(kind, n, {**rank_strategy(kind, n, 1).engine_args(), "micro_batches": pool_kind(kind)[1],
                            "worker_kv_blocks": blocks})
-                for mode, n in grid.get("pools", RANK_POOLS) if mode != "head" or n <= m.num_key_value_heads]
+                for kind, n in grid.get("pools", RANK_POOLS)
+                if pool_kind(kind)[0] != "head" or n <= m.num_key_value_heads]
     samples = []
     # A single process of each depth is timed in turn with every multi-rank engine: the fit reads each
     # rank engine's step against it, so the host's speed while that engine ran (shared memory bandwidth

@@ -173,13 +173,19 @@ def fit_pool_terms(samples: list[dict], cost) -> dict:
     return out
 
 
+def pool_kind(kind: str) -> tuple[str, int] | None:
+    """A calibration pool engine's (mode, micro-batches) from its kind ("shard", "head-mb2"), else None."""
+    mode, mb2 = kind.removesuffix("-mb2"), kind.endswith("-mb2")
+    return (mode, 2 if mb2 else 1) if mode in POOL_MODES else None
+
+
 def rank_strategy(kind: str, n: int, batch: int):
     """The simulator's strategy for a calibration engine: ("tp", ranks), ("pp", stages), ("afd", micro-batches) or
-    (a pool mode, workers) with one micro-batch, the pool holding the KV past 32 tokens."""
+    (a pool mode, workers) with one micro-batch ("MODE-mb2": two), the pool holding the KV past 32 tokens."""
     if kind in ("tp", "pp"):
         return StaticTPPP(tp=n if kind == "tp" else 1, pp=n if kind == "pp" else 1, max_batch=batch)
-    if kind in POOL_MODES:
-        return FAPool(base_tp=1, pool_size=n, threshold=32, tokens_per_worker=32, mode=kind, overlap=False,
+    if pool := pool_kind(kind):
+        return FAPool(base_tp=1, pool_size=n, threshold=32, tokens_per_worker=32, mode=pool[0], overlap=pool[1] > 1,
                       max_batch=batch)
     return AFD(r=1, f_tp=1, max_batch_per_attn=batch, overlap=n > 1)
 
@@ -190,7 +196,8 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     In turn, each from the slope over depth of (measured - modelled) step: AFD with one micro-batch
     (a serial chain: two exchanges a layer) gives exchange_s; AFD with two (both sides compute at once)
     concurrent_stretch; TP at n ranks its two all-reduces a layer; the intercepts a step's extra by
-    processes; a pool engine's slope and intercept, averaged over its modes, pool_extra_s by workers."""
+    processes; a pool engine's slope and intercept, averaged over its modes, pool_extra_s by workers
+    (pool_mb2_extra_s from the engines of two micro-batches)."""
 
     def line(kind: str, n: int, ranks: RankOverheads) -> tuple[float, float]:
         rows = [s for s in samples if (s["kind"], s["n"]) == (kind, n)]
@@ -219,20 +226,22 @@ def fit_rank_terms(samples: list[dict], cost) -> dict:
     # What is left at zero depth, per step, by the number of processes (TP: n; AFD 1:1: 2).
     fits = {(k, n): line(k, n, ranks) for k, n in sorted({(s["kind"], s["n"]) for s in samples})}
     by_procs: dict[int, list[float]] = {}
-    by_workers: dict[int, list[tuple[float, float]]] = {}  # a pool step's whole rest: slope and intercept
+    # a pool step's whole rest, slope and intercept, by (micro-batches, workers)
+    by_workers: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for (kind, n), fit in fits.items():
-        if kind in POOL_MODES:
-            by_workers.setdefault(n, []).append(fit)
+        if pool_ := pool_kind(kind):
+            by_workers.setdefault((pool_[1], n), []).append(fit)
         elif kind != "pp":
             by_procs.setdefault(n if kind == "tp" else 2, []).append(fit[1])
-    pool = [[n, *(max(0.0, float(v)) for v in np.mean(f, axis=0))] for n, f in sorted(by_workers.items())]
+    pool = {mb: [[n, *(max(0.0, float(v)) for v in np.mean(f, axis=0))] for (m, n), f in sorted(by_workers.items())
+                 if m == mb] for mb in (1, 2)}
     steps = [[p, max(0.0, float(np.mean(v)))] for p, v in sorted(by_procs.items())]
     # PP at n stages: what its step leaves beyond everything above, a layer and a step.
     ranks = replace(ranks, step_extra_s=tuple((p, v) for p, v in steps))
     pp = [[n, *(max(0.0, v) for v in line("pp", n, ranks))] for k, n in sorted(fits) if k == "pp"]
     return {"exchange_s": ranks.exchange_s, "concurrent_stretch": ranks.concurrent_stretch,
             "allreduce_extra_s": [list(e) for e in ranks.allreduce_extra_s],
-            "step_extra_s": steps, "pool_extra_s": pool, "pp_extra_s": pp,
+            "step_extra_s": steps, "pool_extra_s": pool[1], "pool_mb2_extra_s": pool[2], "pp_extra_s": pp,
             "layer_residuals_s": {f"{k}{n}": v[0] for (k, n), v in fits.items()}}
 
 
@@ -312,7 +321,7 @@ def apply_calibration(hw: HardwareProfile, cal: dict) -> HardwareProfile:
         pairs = lambda key: tuple((int(n), *map(float, v)) for n, *v in r.get(key, ()))
         changes["ranks"] = RankOverheads(float(r["exchange_s"]), float(r["concurrent_stretch"]),
                                          pairs("allreduce_extra_s"), pairs("step_extra_s"), pairs("pool_extra_s"),
-                                         pairs("pp_extra_s"))
+                                         pairs("pp_extra_s"), pairs("pool_mb2_extra_s"))
     if sp := cal.get("sparse"):
         changes["sparse_decode"] = (sp["call_s"], sp["per_row_s"], sp["per_block_s"], sp["per_token_s"])
     if cal.get("device_kind") == "cpu" and cal.get("cpu_cores"):
@@ -372,6 +381,8 @@ def summary_lines(cal: dict) -> list[str]:
                      f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term")
                      + "".join(f"; a 1-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
                                f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_extra_s", ()))
+                     + "".join(f"; a 2-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
+                               f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_mb2_extra_s", ()))
                      + "".join(f"; a PP {int(n)} step +{a * 1e6:.0f} us a layer +{s * 1e6:.0f} us"
                                for n, a, s in r.get("pp_extra_s", ())))
     if sp := cal.get("sparse"):

@@ -92,10 +92,13 @@ class RankOverheads:
     pool_extra_s: tuple[tuple[int, float, float], ...] = ()
     # (stages, seconds a layer, seconds a step) a PP step adds beyond its parts and step_extra_s
     pp_extra_s: tuple[tuple[int, float, float], ...] = ()
+    # pool_extra_s for a pool step of two micro-batches (its own engines: the driver's machinery runs per
+    # micro-batch, and which other term absorbs it moves between calibrations)
+    pool_mb2_extra_s: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         bad_ar = any(n < 2 or s < 0 for n, s in self.allreduce_extra_s + self.step_extra_s)
-        bad_ar |= any(n < 1 or a < 0 or s < 0 for n, a, s in self.pool_extra_s + self.pp_extra_s)
+        bad_ar |= any(n < 1 or a < 0 or s < 0 for n, a, s in self.pool_extra_s + self.pool_mb2_extra_s + self.pp_extra_s)
         if self.exchange_s < 0 or self.concurrent_stretch < 1 or bad_ar:
             raise SimInputError(f"rank overheads must be >= 0 over >= 2 ranks (stretch >= 1), got {self}")
 

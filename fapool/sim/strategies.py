@@ -240,8 +240,9 @@ class FAPool(Strategy):
         """One layer's pool path (queries out, the slowest worker's attention, partials back), the LSE
         merge, the driver's extras a layer and a step, the workers' seconds and the transfers (base send,
         base receive, per worker receive and send) from each worker's roofline attention, bytes in and
-        out, and pool_calls' counts; a worker's seconds add the calibrated PoolOverheads,
-        RankOverheads.pool_extra_s and CPU core contention. Shared with the planner."""
+        out, and pool_calls' counts; a worker's seconds add the calibrated PoolOverheads, the driver's
+        RankOverheads.pool_extra_s (two micro-batches: pool_mb2_extra_s) and CPU core contention.
+        Shared with the planner."""
         calls, seqs, routes, pool_mbs, n_mb = counts
         attn_w = np.asarray(attn_w, dtype=np.float64)
         overheads = cost.hw.pool
@@ -250,9 +251,13 @@ class FAPool(Strategy):
             attn_w = attn_w + overheads.worker_calls(calls, seqs)
             driver_extra = overheads.driver_layer(n_mb, pool_mbs, routes)
             step_extra = overheads.driver_step_s
-        if cost.hw.ranks is not None and not self.overlap:  # the whole step's calibrated rest
-            extra = {n: (a, s) for n, a, s in cost.hw.ranks.pool_extra_s}.get(self.pool_size, (0.0, 0.0))
-            driver_extra, step_extra = driver_extra + extra[0], step_extra + extra[1]
+        if cost.hw.ranks is not None:  # the whole step's calibrated rest, a layer and a step
+            rests = cost.hw.ranks.pool_mb2_extra_s if self.overlap else cost.hw.ranks.pool_extra_s
+            a, s = {n: (a, s) for n, a, s in rests}.get(self.pool_size, (0.0, 0.0))
+            if self.overlap:  # two micro-batches: on the step as fitted, their layers overlapping
+                step_extra += cost.model.num_hidden_layers * a + s
+            else:
+                driver_extra, step_extra = driver_extra + a, step_extra + s
         # CPU: processes busy at once beyond the cores share them; with overlap the driver
         # computes beside the workers and loses (s - 1) x the busiest worker's time.
         busy_at_once = int((attn_w > 0).sum()) + (self.base_tp if self.overlap else 0)

@@ -22,7 +22,7 @@ from fapool.sim.validate import predict_step
 
 TERMS = RankOverheads(exchange_s=1.2e-4, concurrent_stretch=1.3, allreduce_extra_s=((2, 3e-4),),
                       step_extra_s=((2, 6e-4),), pool_extra_s=((1, 5e-5, 1e-3), (2, 2e-4, 3e-3)),
-                      pp_extra_s=((2, 1e-4, 2e-3),))
+                      pp_extra_s=((2, 1e-4, 2e-3),), pool_mb2_extra_s=((2, 4e-4, 5e-3),))
 
 
 def _cpu_cost(ranks=None, cores=None, layers=4) -> CostModel:
@@ -70,7 +70,7 @@ def test_rank_terms_add_exactly_what_they_say():
     assert grown(StaticTPPP(tp=1, pp=4, max_batch=4)) == 0.0 and grown(tp2) == 0.0
 
 
-def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_batch():
+def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_and_micro_batches():
     base, pooled = _cpu_cost(), _cpu_cost(RankOverheads(pool_extra_s=((2, 2e-4, 3e-3),)))
     L = base.model.num_hidden_layers
 
@@ -82,6 +82,10 @@ def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_b
     for mode in ("shard", "replicate", "head"):
         assert grown(2, mode, False) == pytest.approx(L * 2e-4 + 3e-3)
     assert grown(1, "shard", False) == 0.0 and grown(2, "shard", True) == 0.0  # not calibrated there
+    # Two micro-batches have their own rest, on the whole step.
+    pooled = _cpu_cost(RankOverheads(pool_mb2_extra_s=((2, 3e-4, 1e-3),)))
+    for mode in ("shard", "head"):
+        assert grown(2, mode, True) == pytest.approx(L * 3e-4 + 1e-3) and grown(2, mode, False) == 0.0
     # Below the threshold the pool is idle: nothing added.
     idle = FAPool(base_tp=1, pool_size=2, threshold=32, tokens_per_worker=32, mode="head", overlap=False, max_batch=4)
     assert predict_step(pooled, idle, 4, 16).duration == predict_step(base, idle, 4, 16).duration
@@ -89,7 +93,8 @@ def test_pool_extra_adds_per_layer_and_step_at_its_worker_count_with_one_micro_b
 
 def _samples(terms: RankOverheads) -> list[dict]:
     out = []
-    kinds = (("afd", 1), ("afd", 2), ("tp", 2), ("pp", 2), ("shard", 1), ("replicate", 2), ("head", 2))
+    kinds = (("afd", 1), ("afd", 2), ("tp", 2), ("pp", 2), ("shard", 1), ("replicate", 2), ("head", 2),
+             ("shard-mb2", 2), ("head-mb2", 2))
     for (kind, n), layers in itertools.product(kinds, (2, 12)):
         c = _cpu_cost(terms, cores=2, layers=layers)
         step = predict_step(c, rank_strategy(kind, n, 4), 4, 70).duration
@@ -106,6 +111,7 @@ def test_fit_rank_terms_recovers_known_terms():
     assert fit["pool_extra_s"] == [[1, pytest.approx(5e-5, rel=1e-6), pytest.approx(1e-3, rel=1e-6)],
                                    [2, pytest.approx(2e-4, rel=1e-6), pytest.approx(3e-3, rel=1e-6)]]
     assert fit["pp_extra_s"] == [[2, pytest.approx(1e-4, rel=1e-6), pytest.approx(2e-3, rel=1e-6)]]
+    assert fit["pool_mb2_extra_s"] == [[2, pytest.approx(4e-4, rel=1e-6), pytest.approx(5e-3, rel=1e-6)]]
     with pytest.raises(SimInputError, match="two depths"):
         fit_rank_terms([s for s in _samples(TERMS) if s["layers"] == 2], _cpu_cost(cores=2))
 
@@ -134,7 +140,8 @@ def test_calibration_json_carries_rank_terms(tmp_path, cpu_calibration):
     write_calibration({**cal, "ranks": {"exchange_s": 1.2e-4, "concurrent_stretch": 1.3,
                                         "allreduce_extra_s": [[2, 3e-4]], "step_extra_s": [[2, 6e-4]],
                                         "pool_extra_s": [[1, 5e-5, 1e-3], [2, 2e-4, 3e-3]],
-                                        "pp_extra_s": [[2, 1e-4, 2e-3]]}}, path)
+                                        "pp_extra_s": [[2, 1e-4, 2e-3]], "pool_mb2_extra_s": [[2, 4e-4, 5e-3]]}},
+                     path)
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks == TERMS
     write_calibration(cal, path)  # made before the rank terms: none
     assert apply_calibration(get_hardware("cpu"), load_calibration(path)).ranks is None
