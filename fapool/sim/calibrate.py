@@ -379,10 +379,9 @@ def summary_lines(cal: dict) -> list[str]:
         lines.append(f"ranks ({r['seconds']} s): exchange {r['exchange_s'] * 1e6:.0f} us a side, layer and "
                      f"micro-batch; ranks computing at once x{r['concurrent_stretch']:.2f}; all-reduce "
                      f"{ar or 'not measured'}; " + (f"a step of {steps}" if steps else "no step term")
-                     + "".join(f"; a 1-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
-                               f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_extra_s", ()))
-                     + "".join(f"; a 2-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
-                               f"+{s * 1e6:.0f} us" for n, a, s in r.get("pool_mb2_extra_s", ()))
+                     + "".join(f"; a {mb}-micro-batch pool step of {int(n)} worker(s) +{a * 1e6:.0f} us a layer "
+                               f"+{s * 1e6:.0f} us" for mb, key in ((1, "pool_extra_s"), (2, "pool_mb2_extra_s"))
+                               for n, a, s in r.get(key, ()))
                      + "".join(f"; a PP {int(n)} step +{a * 1e6:.0f} us a layer +{s * 1e6:.0f} us"
                                for n, a, s in r.get("pp_extra_s", ())))
     if sp := cal.get("sparse"):
