@@ -98,7 +98,8 @@ class RankOverheads:
 
     def __post_init__(self) -> None:
         bad_ar = any(n < 2 or s < 0 for n, s in self.allreduce_extra_s + self.step_extra_s)
-        bad_ar |= any(n < 1 or a < 0 or s < 0 for n, a, s in self.pool_extra_s + self.pool_mb2_extra_s + self.pp_extra_s)
+        rests = self.pool_extra_s + self.pool_mb2_extra_s + self.pp_extra_s
+        bad_ar |= any(n < 1 or a < 0 or s < 0 for n, a, s in rests)
         if self.exchange_s < 0 or self.concurrent_stretch < 1 or bad_ar:
             raise SimInputError(f"rank overheads must be >= 0 over >= 2 ranks (stretch >= 1), got {self}")
 
