@@ -68,6 +68,18 @@ def split_parts(num_seqs: int, max_len: int) -> int:
     return min(threads // num_seqs, MAX_PARTS) if num_seqs < threads and max_len >= SPLIT_MIN_KEYS else 1
 
 
+def _call(lib: ctypes.CDLL, name: str, q, k_cache, v_cache, pages, *rest) -> int:
+    """The C kernel `name` over a bf16 / float32 cache, or `name`_int8 with an int8 cache's (K, V)
+    scale pages; `rest` are the arguments after the caches."""
+    if k_cache.dtype == torch.int8:
+        check_scale_pages(k_cache, *pages)
+        k, v = pages
+        return getattr(lib, name + "_int8")(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(),
+                                            v.data_ptr(), *rest)
+    return getattr(lib, name)(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+                              *rest)
+
+
 def decode_attention(
     lib: ctypes.CDLL,
     q: torch.Tensor,  # [n, Hkv, G, D] float32, contiguous, already times the softmax scale
@@ -83,17 +95,8 @@ def decode_attention(
     parts = split_parts(n, max_len)
     out = torch.empty_like(q)
     lse = torch.empty(n, heads, group, dtype=torch.float32)
-    rest = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), n, heads, group, dim, k_cache.shape[1],
-            out.data_ptr(), lse.data_ptr(), parts)
-    if k_cache.dtype == torch.int8:
-        check_scale_pages(k_cache, *pages)
-        rc = lib.fapool_decode_attention_int8(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pages[0].data_ptr(), pages[1].data_ptr(), *rest
-        )
-    else:
-        rc = lib.fapool_decode_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), *rest
-        )
+    rc = _call(lib, "fapool_decode_attention", q, k_cache, v_cache, pages, tables.data_ptr(), tables.shape[1],
+               lens.data_ptr(), n, heads, group, dim, k_cache.shape[1], out.data_ptr(), lse.data_ptr(), parts)
     if rc == -2:
         raise MemoryError("cpu_decode: no memory for the split sequences' partial results")
     if rc != 0:
@@ -116,17 +119,9 @@ def prefill_attention(
     seeing at least the first key), written into its rows of out and lse. bf16 dot products:
     q and P rounded to bf16, an int8 cache's rows widened to bf16 (exactly)."""
     _, heads, group, dim = q.shape
-    rest = (tables.data_ptr(), tables.shape[1], rows.shape[1], *(rows[i].data_ptr() for i in range(5)),
-            heads, group, dim, k_cache.shape[1], out.data_ptr(), lse.data_ptr())
-    if k_cache.dtype == torch.int8:
-        check_scale_pages(k_cache, *pages)
-        rc = lib.fapool_prefill_attention_int8(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pages[0].data_ptr(), pages[1].data_ptr(), *rest
-        )
-    else:
-        rc = lib.fapool_prefill_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), *rest
-        )
+    rc = _call(lib, "fapool_prefill_attention", q, k_cache, v_cache, pages, tables.data_ptr(), tables.shape[1],
+               rows.shape[1], *(rows[i].data_ptr() for i in range(5)), heads, group, dim, k_cache.shape[1],
+               out.data_ptr(), lse.data_ptr())
     if rc != 0:
         raise ValueError(f"cpu_decode: sizes out of range (D {dim}, {heads} x {group} heads, block size {k_cache.shape[1]})")
 

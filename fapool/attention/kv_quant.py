@@ -86,10 +86,9 @@ def check_shift(cache: torch.Tensor, k_shift: torch.Tensor | None) -> None:
         raise ValueError(f"k_shift must be contiguous float32 of shape {tuple(cache.shape[2:])}, got {tuple(k_shift.shape)}")
 
 
-def quantize_int8_cache(cache: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole float cache (less `shift` [kv heads, head_dim], as K is written) as an int8 cache
-    and its scale pages (tests, benchmarks)."""
-    q, s = quantize_int8_rows(cache if shift is None else cache.float() - shift)
+def quantize_int8_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole float cache as an int8 cache and its scale pages (tests, benchmarks)."""
+    q, s = quantize_int8_rows(cache)
     return q, s.transpose(1, 2).contiguous()
 
 

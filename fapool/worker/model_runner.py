@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -223,9 +223,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv(m.num_hidden_layers, shape, dtype, self.device)
         if dtype == torch.int8:  # per-token scales beside the cache, read through the layers' kv_scales
             pages = allocate_scale_pages(m.num_hidden_layers, shape, self.device)
-            for layer, (kp, vp) in zip(self.model.model.layers, pages):
-                shift = layer.self_attn.kv_scales.k_shift if layer.self_attn.kv_scales else None
-                layer.self_attn.kv_scales = KVScales(k_pages=kp, v_pages=vp, k_shift=shift)
+            for layer, (kp, vp) in zip(self.model.model.layers, pages):  # the calibrated shift kept
+                layer.self_attn.kv_scales = replace(layer.self_attn.kv_scales or KVScales(), k_pages=kp, v_pages=vp)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks in every layer."""
